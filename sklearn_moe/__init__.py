@@ -1,0 +1,8 @@
+"""sklearn-moe: scikit-learn compatible Mixture-of-Experts neural networks for tabular data."""
+
+from ._classifier import MoEClassifier
+from ._regressor import MoERegressor
+
+__version__ = "0.1.0"
+
+__all__ = ["MoEClassifier", "MoERegressor", "__version__"]

@@ -1,0 +1,357 @@
+"""BaseMoE: hyperparameters, validation and the fit/predict plumbing shared by the estimators."""
+
+from __future__ import annotations
+
+from numbers import Integral, Real
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, ProgressBar
+
+from ._data import TensorTable
+from ._net import MoENet, module_device
+from ._scaling import fit_standardizer, scale_features
+from .callbacks import RoutingMetrics
+from .diagnostics import expert_utilization
+from .nn import ACTIVATIONS, ROUTERS, MixtureOfExperts
+from .nn.losses import BALANCE_LOSSES
+
+_PREDICT_BATCH_SIZE = 8192
+_MIN_VALIDATION_ROWS = 2
+
+
+def _silent(*args, **kwargs):
+    pass
+
+
+class BaseMoE(BaseEstimator):
+    """Shared implementation of :class:`MoERegressor` and :class:`MoEClassifier`.
+
+    Subclasses provide ``_encode_targets``, ``_criterion``, ``_n_outputs`` and the public
+    prediction methods.
+    """
+
+    _parameter_constraints: dict = {
+        "n_experts": [Interval(Integral, 1, None, closed="left")],
+        "top_k": [Interval(Integral, 1, None, closed="left")],
+        "router": [StrOptions(set(ROUTERS))],
+        "temperature": [Interval(Real, 0, None, closed="neither")],
+        "capacity_factor": [None, Interval(Real, 1, None, closed="left")],
+        "balance_loss": [StrOptions(set(BALANCE_LOSSES)), None],
+        "balance_coef": [Interval(Real, 0, None, closed="left")],
+        "z_loss_coef": [Interval(Real, 0, None, closed="left")],
+        "expert_hidden": [tuple, list],
+        "activation": [StrOptions(set(ACTIVATIONS))],
+        "dropout": [Interval(Real, 0, 1, closed="left")],
+        "layer_norm": ["boolean"],
+        "skip_connections": ["boolean"],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "weight_decay": [Interval(Real, 0, None, closed="left")],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "max_grad_norm": [None, Interval(Real, 0, None, closed="neither")],
+        "device": [StrOptions({"auto", "cpu", "cuda"}), str],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "warm_start": ["boolean"],
+    }
+
+    def __init__(
+        self,
+        *,
+        n_experts=8,
+        top_k=2,
+        router="topk",
+        temperature=1.0,
+        capacity_factor=None,
+        balance_loss="switch",
+        balance_coef=1e-2,
+        z_loss_coef=1e-3,
+        expert_hidden=(128, 128),
+        activation="relu",
+        dropout=0.0,
+        layer_norm=False,
+        skip_connections=True,
+        max_epochs=200,
+        batch_size=256,
+        learning_rate=1e-3,
+        weight_decay=1e-4,
+        early_stopping=True,
+        validation_fraction=0.1,
+        n_iter_no_change=20,
+        tol=1e-4,
+        max_grad_norm=1.0,
+        device="auto",
+        random_state=None,
+        verbose=0,
+        warm_start=False,
+    ):
+        self.n_experts = n_experts
+        self.top_k = top_k
+        self.router = router
+        self.temperature = temperature
+        self.capacity_factor = capacity_factor
+        self.balance_loss = balance_loss
+        self.balance_coef = balance_coef
+        self.z_loss_coef = z_loss_coef
+        self.expert_hidden = expert_hidden
+        self.activation = activation
+        self.dropout = dropout
+        self.layer_norm = layer_norm
+        self.skip_connections = skip_connections
+        self.max_epochs = max_epochs
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.n_iter_no_change = n_iter_no_change
+        self.tol = tol
+        self.max_grad_norm = max_grad_norm
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+        self.warm_start = warm_start
+
+    # ------------------------------------------------------------------ validation
+    def _check_hyperparameters(self) -> str:
+        """Checks beyond ``_parameter_constraints``; returns the resolved torch device."""
+        self._validate_params()
+        if self.top_k > self.n_experts:
+            raise ValueError(
+                f"The 'top_k' parameter of {type(self).__name__} must be <= n_experts "
+                f"({self.n_experts}). Got {self.top_k} instead."
+            )
+        hidden = self.expert_hidden
+        if not all(isinstance(h, Integral) and not isinstance(h, bool) and h >= 1 for h in hidden):
+            raise ValueError(
+                f"The 'expert_hidden' parameter of {type(self).__name__} must be a tuple of "
+                f"positive ints (hidden layer sizes, e.g. (128, 128)). Got {hidden!r} instead."
+            )
+        device = module_device(self.device)
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise ValueError(
+                f"The 'device' parameter of {type(self).__name__} must be 'cpu', 'cuda', "
+                f"'cuda:N' or 'auto'. Got {self.device!r} instead."
+            )
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"device={self.device!r} was requested but CUDA is not available on this "
+                "machine; use device='cpu' or device='auto'."
+            )
+        return device
+
+    def _validate_X(self, X, y=None, reset=False, **kwargs):
+        """``validate_data`` with a clearer error for string columns."""
+        try:
+            return validate_data(self, X, y if y is not None else "no_validation", reset=reset,
+                                 dtype=np.float64, **kwargs)
+        except ValueError as error:
+            if "convert" not in str(error) or "float" not in str(error):
+                raise
+            columns = ""
+            if isinstance(X, pd.DataFrame):
+                names = list(X.select_dtypes(exclude=["number", "bool"]).columns)
+                columns = f" Non-numeric columns: {names}."
+            raise ValueError(
+                f"{type(self).__name__} needs numeric features, but X contains strings "
+                f"({error}).{columns} Encode categorical columns first, for example with "
+                "sklearn.compose.ColumnTransformer and a OneHotEncoder in a Pipeline."
+            ) from error
+
+    # ------------------------------------------------------------------ fitting
+    def _fit(self, X, y, sample_weight=None):
+        device = self._check_hyperparameters()
+        reuse = self.warm_start and self.__sklearn_is_fitted__()
+        X, y = self._validate_X(X, y, reset=not reuse, **self._target_validation_kwargs())
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+            if not sample_weight.sum() > 0:
+                raise ValueError("sample_weight must contain at least one positive weight.")
+        targets = self._encode_targets(y, sample_weight, reset=not reuse)
+        if reuse:
+            x_mean, x_scale = self._x_mean, self._x_scale
+        else:
+            x_mean, x_scale = fit_standardizer(X, sample_weight)
+        X_scaled = scale_features(X, x_mean, x_scale)
+
+        rng = check_random_state(self.random_state)
+        init_seed, shuffle_seed, split_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=3))
+        weights = None
+        if sample_weight is not None:
+            weights = torch.as_tensor(sample_weight / sample_weight.mean(), dtype=torch.float32, device=device)
+        table = TensorTable(torch.as_tensor(X_scaled, device=device), torch.as_tensor(targets, device=device), weights)
+        train_table, valid_table = self._split(table, targets, split_seed)
+
+        generator = torch.Generator()
+        generator.manual_seed(shuffle_seed)
+        fork_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+        try:
+            with torch.random.fork_rng(devices=fork_devices):
+                torch.manual_seed(init_seed)
+                module = self.module_ if reuse else self._build_module(X.shape[1], device)
+                net = self._build_net(module, device, train_table, valid_table, generator)
+                net.initialize()
+                net.fit(train_table, y=None)
+        except BaseException:
+            if not reuse:
+                self._clear_fitted_state()
+            raise
+        module.eval()
+        net.train_split = None  # don't keep (and pickle) the validation rows
+        for _, callback in net.callbacks_:
+            if isinstance(callback, EarlyStopping):
+                callback.best_model_weights_ = None
+
+        self._x_mean, self._x_scale = x_mean, x_scale
+        self.net_ = net
+        self.n_iter_ = len(net.history)
+        self.history_ = self._history_frame(net.history)
+        self.expert_load_ = self._expert_load(table.X)
+        return self
+
+    def _split(self, table, targets, seed):
+        """Hold out ``validation_fraction`` of the rows for early stopping, when enough."""
+        n = len(table)
+        n_valid = int(self.validation_fraction * n)
+        if not self.early_stopping or n_valid < _MIN_VALIDATION_ROWS or n - n_valid < 1:
+            return table, None
+        order = self._split_order(targets, n_valid, np.random.RandomState(seed))
+        index = torch.as_tensor(order, device=table.X.device)
+        return table.subset(index[n_valid:]), table.subset(index[:n_valid])
+
+    def _split_order(self, targets, n_valid, rng):
+        """A permutation whose first ``n_valid`` rows form the validation set."""
+        return rng.permutation(len(targets))
+
+    def _build_module(self, n_features, device):
+        return MixtureOfExperts(
+            n_features=n_features,
+            n_outputs=self._n_outputs,
+            n_experts=self.n_experts,
+            top_k=self.top_k,
+            router=self.router,
+            expert_hidden=tuple(self.expert_hidden),
+            activation=self.activation,
+            dropout=self.dropout,
+            layer_norm=self.layer_norm,
+            skip_connections=self.skip_connections,
+            temperature=self.temperature,
+            capacity_factor=self.capacity_factor,
+            balance_loss=self.balance_loss,
+        ).to(device)
+
+    def _build_net(self, module, device, train_table, valid_table, generator):
+        has_valid = valid_table is not None
+        monitor = "valid_loss" if has_valid else "train_loss"
+        sink = print if self.verbose else _silent
+        callbacks = [
+            ("routing", RoutingMetrics()),
+            ("lr_scheduler", LRScheduler(
+                policy="ReduceLROnPlateau", monitor=monitor, mode="min", factor=0.3,
+                patience=max(1, self.n_iter_no_change // 3), threshold=self.tol)),
+            ("early_stopping", EarlyStopping(
+                monitor=monitor, patience=self.n_iter_no_change, threshold=self.tol,
+                threshold_mode="rel", load_best=self.early_stopping, sink=sink)),
+        ]
+        if self.max_grad_norm is not None:
+            callbacks.append(("gradient_clipping", GradientNormClipping(self.max_grad_norm)))
+        if self.verbose:
+            callbacks.append(("progress_bar", ProgressBar()))
+        return MoENet(
+            module,
+            criterion=self._criterion(),
+            optimizer=torch.optim.AdamW,
+            lr=self.learning_rate,
+            optimizer__weight_decay=self.weight_decay,
+            optimizer__fused=True,
+            max_epochs=self.max_epochs,
+            batch_size=min(self.batch_size, len(train_table)),
+            train_split=_PredefinedSplit(valid_table) if has_valid else None,
+            callbacks=callbacks,
+            device=device,
+            verbose=int(self.verbose),
+            warm_start=True,
+            balance_coef=self.balance_coef,
+            z_loss_coef=self.z_loss_coef,
+            shuffle_generator=generator,
+        )
+
+    def _history_frame(self, history) -> pd.DataFrame:
+        rows = [{key: value for key, value in epoch.items() if key != "batches"} for epoch in history]
+        frame = pd.DataFrame(rows)
+        return frame.set_index("epoch", drop=False) if "epoch" in frame else frame
+
+    def _expert_load(self, X_scaled: torch.Tensor) -> np.ndarray:
+        gates = self._gates(X_scaled)
+        if self.router == "softmax" or self.top_k == self.n_experts:
+            return gates.mean(axis=0)
+        return expert_utilization((gates > 0).sum(axis=0))
+
+    def _clear_fitted_state(self):
+        for name in ("net_", "n_iter_", "history_", "expert_load_", "n_features_in_",
+                     "feature_names_in_", "classes_", "_x_mean", "_x_scale", "_y_mean", "_y_scale"):
+            self.__dict__.pop(name, None)
+
+    # ------------------------------------------------------------------ prediction
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "net_")
+
+    @property
+    def module_(self) -> MixtureOfExperts:
+        """The fitted :class:`~sklearn_moe.nn.MixtureOfExperts` (``net_.module_``)."""
+        return self.net_.module_
+
+    def _scaled_input(self, X) -> torch.Tensor:
+        check_is_fitted(self)
+        X = self._validate_X(X, reset=False)
+        return torch.as_tensor(scale_features(X, self._x_mean, self._x_scale), device=self.net_.device)
+
+    def _forward(self, X_scaled: torch.Tensor, field: str) -> np.ndarray:
+        """One field of ``MoEOutput`` for every row, in eval mode, as float64."""
+        module = self.module_
+        chunks = []
+        with torch.inference_mode():
+            for start in range(0, X_scaled.shape[0], _PREDICT_BATCH_SIZE):
+                out = getattr(module(X_scaled[start:start + _PREDICT_BATCH_SIZE]), field)
+                chunks.append(out.double().cpu().numpy())
+        return np.concatenate(chunks, axis=0)
+
+    def _raw_output(self, X) -> np.ndarray:
+        return self._forward(self._scaled_input(X), "output")
+
+    def _gates(self, X_scaled: torch.Tensor) -> np.ndarray:
+        return self._forward(X_scaled, "gates")
+
+    def route(self, X) -> np.ndarray:
+        """Gate weights of every expert for every row.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_experts)
+            Rows sum to 1; experts not chosen for a row have weight 0.
+        """
+        return self._gates(self._scaled_input(X))
+
+
+class _PredefinedSplit:
+    """skorch ``train_split`` that returns a fixed validation table."""
+
+    def __init__(self, valid_table):
+        self.valid_table = valid_table
+
+    def __call__(self, dataset, y=None, **fit_params):
+        return dataset, self.valid_table

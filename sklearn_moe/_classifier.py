@@ -1,0 +1,148 @@
+"""MoEClassifier: a Mixture-of-Experts classifier (binary and multiclass)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import softmax
+from sklearn.base import ClassifierMixin, _fit_context
+from sklearn.utils.multiclass import check_classification_targets
+from torch import nn
+
+from ._base import BaseMoE
+from ._regressor import MoERegressor
+
+
+class MoEClassifier(ClassifierMixin, BaseMoE):
+    __doc__ = (
+        """Mixture-of-Experts neural network classifier.
+
+    Rows are routed by a learned gate to ``top_k`` of ``n_experts`` MLP experts whose class
+    logits are mixed by the gate weights; trained with (sample-weighted) cross-entropy.
+    Labels may be integers or strings; binary and multiclass problems are supported.
+
+    Parameters
+    ----------"""
+        + MoERegressor.__doc__.split("Parameters\n    ----------", 1)[1].split("Attributes\n", 1)[0]
+        .replace("target scaling of the first fit", "classes of the first fit")
+        + """Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        Class labels.
+    net_ : skorch.NeuralNet
+    module_ : sklearn_moe.nn.MixtureOfExperts
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+    n_iter_ : int
+    history_ : pandas.DataFrame
+        One row per epoch of losses and routing metrics (see :class:`MoERegressor`).
+    expert_load_ : ndarray of shape (n_experts,)
+        Share of the training rows' routing per expert (sums to 1).
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_iris
+    >>> from sklearn_moe import MoEClassifier
+    >>> X, y = load_iris(return_X_y=True)
+    >>> clf = MoEClassifier(n_experts=4, max_epochs=5, random_state=0).fit(X, y)
+    >>> clf.predict_proba(X[:2]).shape
+    (2, 3)
+    """
+    )
+
+    def _target_validation_kwargs(self):
+        return {}
+
+    def _encode_targets(self, y, sample_weight, reset):
+        check_classification_targets(y)
+        classes, encoded = np.unique(y, return_inverse=True)
+        if reset:
+            if classes.shape[0] < 2:
+                raise ValueError(
+                    f"{type(self).__name__} needs samples of at least 2 classes in y, but y "
+                    f"contains only one class: {classes[0]!r}."
+                )
+            self.classes_ = classes
+        else:
+            unknown = np.setdiff1d(classes, self.classes_)
+            if unknown.size:
+                raise ValueError(
+                    f"warm_start: y has classes {unknown.tolist()} not seen in the first fit "
+                    f"(classes_={self.classes_.tolist()}); set warm_start=False to start afresh."
+                )
+            encoded = np.searchsorted(self.classes_, y)
+        if sample_weight is not None and np.unique(encoded[sample_weight > 0]).shape[0] < 2:
+            raise ValueError(
+                "Only one class has a positive sample_weight; a classifier needs at least 2 "
+                "classes with positive weight."
+            )
+        self._n_outputs = self.classes_.shape[0]
+        return encoded.astype(np.int64)
+
+    def _split_order(self, targets, n_valid, rng):
+        """Stratified when every class can appear on both sides, else a plain shuffle."""
+        counts = np.bincount(targets)
+        present = counts[counts > 0]
+        if present.min() < 2 or n_valid < present.size or len(targets) - n_valid < present.size:
+            return rng.permutation(len(targets))
+        from sklearn.model_selection import StratifiedShuffleSplit
+
+        split = StratifiedShuffleSplit(n_splits=1, test_size=n_valid, random_state=rng)
+        train, valid = next(split.split(np.zeros(len(targets)), targets))
+        return np.concatenate([valid, train])
+
+    def _criterion(self):
+        return nn.CrossEntropyLoss(reduction="none")
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Numeric features (encode categorical columns first, e.g. with a
+            ``ColumnTransformer``).
+        y : array-like of shape (n_samples,)
+            Class labels (integers or strings), at least two classes.
+        sample_weight : array-like of shape (n_samples,), optional
+            Non-negative weights of the rows in the loss (not in the routing losses, where
+            zero-weight rows are left out).
+
+        Returns
+        -------
+        self : MoEClassifier
+        """
+        return self._fit(X, y, sample_weight)
+
+    def predict_proba(self, X):
+        """Class probabilities.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes), float64
+            Columns follow ``classes_``.
+        """
+        return softmax(self._raw_output(X), axis=1)
+
+    def predict_log_proba(self, X):
+        """Logarithm of :meth:`predict_proba`."""
+        from scipy.special import log_softmax
+
+        return log_softmax(self._raw_output(X), axis=1)
+
+    def predict(self, X):
+        """Predict class labels.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,)
+        """
+        return self.classes_[np.argmax(self._raw_output(X), axis=1)]

@@ -1,0 +1,68 @@
+"""The private skorch net that trains a :class:`~sklearn_moe.nn.MixtureOfExperts`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from skorch import NeuralNet
+
+from ._data import BatchIterator
+
+
+class MoENet(NeuralNet):
+    """skorch ``NeuralNet`` whose loss adds the weighted auxiliary routing losses.
+
+    The criterion must use ``reduction="none"``: :meth:`get_loss` averages the per-row task
+    loss itself, weighted by the batch's ``sample_weight`` (normalised by the estimator to
+    mean 1 over the training set). The balance and z losses are added in training only, and
+    recorded per batch as ``task_loss``, ``balance_loss`` and ``z_loss``; validation loss is
+    the task loss alone, so early stopping watches what the user cares about.
+
+    Parameters
+    ----------
+    balance_coef : float
+        Weight of ``MoEOutput.balance_loss``.
+    z_loss_coef : float
+        Weight of ``MoEOutput.z_loss``.
+    shuffle_generator : torch.Generator
+        Source of the training-batch shuffling.
+    **kwargs
+        Passed to :class:`skorch.NeuralNet`.
+    """
+
+    def __init__(self, *args, balance_coef=0.0, z_loss_coef=0.0, shuffle_generator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.balance_coef = balance_coef
+        self.z_loss_coef = z_loss_coef
+        self.shuffle_generator = shuffle_generator
+
+    def get_iterator(self, dataset, training=False):
+        return BatchIterator(dataset, self.batch_size, shuffle=training, generator=self.shuffle_generator)
+
+    def get_loss(self, y_pred, y_true, X=None, training=False):
+        per_row = self.criterion_(y_pred.output, y_true)
+        if per_row.ndim > 1:
+            per_row = per_row.mean(dim=tuple(range(1, per_row.ndim)))
+        sample_weight = X.get("sample_weight") if isinstance(X, Mapping) else None
+        task_loss = per_row.mean() if sample_weight is None else (per_row * sample_weight).mean()
+        if not training:
+            return task_loss
+        loss = task_loss + self.balance_coef * y_pred.balance_loss + self.z_loss_coef * y_pred.z_loss
+        self.history.record_batch("task_loss", task_loss.item())
+        self.history.record_batch("balance_loss", y_pred.balance_loss.item())
+        self.history.record_batch("z_loss", y_pred.z_loss.item())
+        return loss
+
+    def infer(self, x, **fit_params):
+        # Batches come from TensorTable already as tensors on the right device.
+        if isinstance(x, Mapping):
+            return self.module_(**x, **fit_params)
+        return self.module_(x, **fit_params)
+
+
+def module_device(device: str) -> str:
+    """Resolve ``"auto"`` to ``"cuda"`` when available, else ``"cpu"``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -1,0 +1,166 @@
+"""MoERegressor: a Mixture-of-Experts regressor (single or multi-output)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import RegressorMixin, _fit_context
+from torch import nn
+
+from ._base import BaseMoE
+from ._scaling import fit_standardizer
+
+
+class MoERegressor(RegressorMixin, BaseMoE):
+    """Mixture-of-Experts neural network regressor.
+
+    Rows are routed by a learned gate to ``top_k`` of ``n_experts`` MLP experts whose
+    outputs are mixed by the gate weights. Inputs and targets are standardised inside the
+    estimator; training uses AdamW with gradient clipping, a plateau learning-rate schedule
+    and early stopping on an internal validation split with the best weights restored.
+
+    Parameters
+    ----------
+    n_experts : int, default=8
+        Number of experts. ``n_experts=1`` is a plain MLP (the non-MoE ablation).
+    top_k : int, default=2
+        Experts per row, ``1 <= top_k <= n_experts``. Unused by ``router="softmax"``.
+    router : {"topk", "softmax"}, default="topk"
+        ``"topk"``: each row goes to its ``top_k`` highest-scoring experts, gate weights
+        renormalised over them. ``"softmax"``: dense soft mixture, every expert on every row.
+    temperature : float, default=1.0
+        Router softmax temperature (> 0); lower is sharper.
+    capacity_factor : float or None, default=None
+        In training only, cap each expert at ``ceil(capacity_factor * batch * top_k /
+        n_experts)`` rows per batch (>= 1); ``None`` is dropless. Prediction is always
+        dropless and independent of the batch.
+    balance_loss : {"switch"} or None, default="switch"
+        Load-balancing loss (Switch Transformer, 1 at perfect balance for any ``top_k``).
+    balance_coef : float, default=0.01
+        Weight of the balance loss.
+    z_loss_coef : float, default=0.001
+        Weight of the router z-loss ``mean(logsumexp(logits)^2)``.
+    expert_hidden : tuple of int, default=(128, 128)
+        Hidden layer sizes of each expert.
+    activation : {"relu", "gelu", "silu", "tanh", "leaky_relu", "elu"}, default="relu"
+    dropout : float, default=0.0
+        Dropout after every hidden activation, in [0, 1).
+    layer_norm : bool, default=False
+        Layer normalisation before every expert layer after the first.
+    skip_connections : bool, default=True
+        Residual connections between expert hidden layers of equal width.
+    max_epochs : int, default=200
+    batch_size : int, default=256
+    learning_rate : float, default=0.001
+        AdamW learning rate.
+    weight_decay : float, default=0.0001
+        AdamW (decoupled) weight decay.
+    early_stopping : bool, default=True
+        Hold out ``validation_fraction`` of the training rows, stop when the validation loss
+        has not improved by ``tol`` (relative) for ``n_iter_no_change`` epochs, and restore the
+        best weights. With too few rows for a split the training loss is monitored. When False,
+        training stops once the training loss stalls, as in scikit-learn's MLP.
+    validation_fraction : float, default=0.1
+    n_iter_no_change : int, default=20
+    tol : float, default=0.0001
+    max_grad_norm : float or None, default=1.0
+        Gradient norm clipping; None disables it.
+    device : {"auto", "cpu", "cuda"} or str, default="auto"
+        ``"auto"`` uses CUDA when available. ``"cuda:N"`` picks a GPU.
+    random_state : int, RandomState instance or None, default=None
+        Seeds initialisation, shuffling and the validation split. With an int, two fits on
+        the same data and CPU give identical predictions.
+    verbose : int, default=0
+        0 is silent; 1 shows a progress bar and a per-epoch log.
+    warm_start : bool, default=False
+        Continue training the fitted model instead of starting afresh; the input and
+        target scaling of the first fit are kept.
+
+    Attributes
+    ----------
+    net_ : skorch.NeuralNet
+        The training engine.
+    module_ : sklearn_moe.nn.MixtureOfExperts
+        The fitted network.
+    n_features_in_ : int
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Defined only when X has string feature names.
+    n_iter_ : int
+        Epochs run.
+    history_ : pandas.DataFrame
+        One row per epoch: ``train_loss`` (with aux losses), ``task_loss``, ``valid_loss``,
+        ``balance_loss``, ``z_loss``, ``load_imbalance``, ``routing_entropy``,
+        ``dropped_fraction``, ``dur`` and more.
+    expert_load_ : ndarray of shape (n_experts,)
+        Share of the training rows' routing per expert (sums to 1): fraction of routing
+        assignments for sparse routers, mean gate weight for the dense router.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_diabetes
+    >>> from sklearn_moe import MoERegressor
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> model = MoERegressor(n_experts=4, max_epochs=5, random_state=0).fit(X, y)
+    >>> model.predict(X[:2]).shape
+    (2,)
+    """
+
+    def _target_validation_kwargs(self):
+        return {"multi_output": True, "y_numeric": True}
+
+    def _encode_targets(self, y, sample_weight, reset):
+        y = np.asarray(y, dtype=np.float64)
+        if reset:
+            self._y_ndim = y.ndim
+        y2d = y.reshape(len(y), -1)
+        if reset:
+            self._y_mean, self._y_scale = fit_standardizer(y2d, sample_weight)
+        elif y2d.shape[1] != self._y_mean.shape[0]:
+            raise ValueError(
+                f"warm_start: y has {y2d.shape[1]} targets but the fitted model predicts "
+                f"{self._y_mean.shape[0]}; set warm_start=False to start afresh."
+            )
+        self._n_outputs = y2d.shape[1]
+        return ((y2d - self._y_mean) / self._y_scale).astype(np.float32)
+
+    def _criterion(self):
+        return nn.MSELoss(reduction="none")
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Numeric features (encode categorical columns first, e.g. with a
+            ``ColumnTransformer``).
+        y : array-like of shape (n_samples,) or (n_samples, n_targets)
+        sample_weight : array-like of shape (n_samples,), optional
+            Non-negative weights of the rows in the task loss (not in the routing losses,
+            where zero-weight rows are left out).
+
+        Returns
+        -------
+        self : MoERegressor
+        """
+        return self._fit(X, y, sample_weight)
+
+    def predict(self, X):
+        """Predict targets.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_targets), float64
+            Same dimensionality as the ``y`` given to ``fit``.
+        """
+        y = self._raw_output(X) * self._y_scale + self._y_mean
+        return y.ravel() if self._y_ndim == 1 else y
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        return tags

@@ -1,0 +1,52 @@
+"""skorch callbacks that carry the training behaviour of the MoE estimators."""
+
+from __future__ import annotations
+
+import torch
+from skorch.callbacks import Callback
+
+from .diagnostics import load_imbalance
+
+
+class RoutingMetrics(Callback):
+    """Record per-epoch routing metrics of the training batches in the net's history.
+
+    Columns added each epoch: the batch-size-weighted means of the batch keys
+    ``task_loss``, ``balance_loss`` and ``z_loss`` (recorded by the net's ``get_loss``),
+    ``load_imbalance`` (busiest expert's share over the mean
+    share, 1 = perfect balance), ``routing_entropy`` (mean per-row gate entropy, nats) and
+    ``dropped_fraction`` (share of assignments dropped by the capacity cap).
+    """
+
+    def on_epoch_begin(self, net, **kwargs):
+        self._counts = None
+        self._entropy_sum = 0.0
+        self._rows = 0
+        self._dropped = 0
+
+    def on_batch_end(self, net, batch=None, training=None, y_pred=None, **kwargs):
+        if not training or y_pred is None:
+            return
+        counts = y_pred.expert_counts.detach()
+        self._counts = counts if self._counts is None else self._counts + counts
+        gates = y_pred.gates.detach()
+        entropy = -torch.where(gates > 0, gates * gates.clamp_min(1e-30).log(), 0.0).sum(dim=1)
+        self._entropy_sum += float(entropy.sum())
+        self._rows += gates.shape[0]
+        self._dropped += int(y_pred.n_dropped)
+
+    averaged_keys = ("task_loss", "balance_loss", "z_loss")
+
+    def on_epoch_end(self, net, **kwargs):
+        if self._counts is None:
+            return
+        batches = [b for b in net.history[-1, "batches"] if "train_batch_size" in b]
+        sizes = [b["train_batch_size"] for b in batches]
+        for key in self.averaged_keys:
+            values = [b[key] for b in batches if key in b]
+            if len(values) == len(sizes):
+                net.history.record(key, sum(v * s for v, s in zip(values, sizes)) / sum(sizes))
+        total = int(self._counts.sum())
+        net.history.record("load_imbalance", load_imbalance(self._counts))
+        net.history.record("routing_entropy", self._entropy_sum / max(self._rows, 1))
+        net.history.record("dropped_fraction", self._dropped / max(total, 1))

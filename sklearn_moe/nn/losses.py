@@ -1,0 +1,67 @@
+"""Auxiliary routing losses as pure functions.
+
+Every function takes an optional boolean ``mask`` of shape ``(n,)``: rows where it is False
+(e.g. rows with zero sample weight, or padding) do not count.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _masked_rows(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return tensor if mask is None else tensor[mask]
+
+
+def switch_balance_loss(
+    probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch Transformer load-balancing loss, normalised so that perfect balance is 1.
+
+    ``loss = E * sum_e f_e * P_e`` where ``f_e`` is the fraction of the ``n * k`` routing
+    assignments that went to expert ``e`` and ``P_e`` the mean router probability of ``e``
+    over the full softmax. Both sum to 1, so uniform routing gives exactly 1 for every
+    ``k``; total collapse onto one expert gives ``E``. Gradients flow through ``P_e`` only.
+
+    Parameters
+    ----------
+    probs : Tensor of shape (n, n_experts)
+        Full softmax of the router.
+    indices : Tensor of shape (n, k)
+        Chosen experts.
+    mask : Tensor of shape (n,), bool, optional
+
+    Returns
+    -------
+    Tensor, scalar
+    """
+    probs = _masked_rows(probs, mask)
+    indices = _masked_rows(indices, mask)
+    n_experts = probs.shape[-1]
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    counts = torch.bincount(indices.reshape(-1), minlength=n_experts).to(probs.dtype)
+    fraction_routed = counts / counts.sum()
+    mean_prob = probs.mean(dim=0)
+    return n_experts * torch.dot(fraction_routed, mean_prob)
+
+
+def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean(logsumexp(logits)^2)``: keeps router logits small.
+
+    Parameters
+    ----------
+    logits : Tensor of shape (n, n_experts)
+    mask : Tensor of shape (n,), bool, optional
+
+    Returns
+    -------
+    Tensor, scalar
+    """
+    logits = _masked_rows(logits, mask)
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+BALANCE_LOSSES = {"switch": switch_balance_loss}
