@@ -150,11 +150,10 @@ class BaseMoE(BaseEstimator):
             )
         return device
 
-    def _validate_X(self, X, y=None, reset=False, **kwargs):
+    def _validate_X(self, X, y="no_validation", reset=False, **kwargs):
         """``validate_data`` with a clearer error for string columns."""
         try:
-            return validate_data(self, X, y if y is not None else "no_validation", reset=reset,
-                                 dtype=np.float64, **kwargs)
+            return validate_data(self, X, y, reset=reset, dtype=np.float64, **kwargs)
         except ValueError as error:
             if "convert" not in str(error) or "float" not in str(error):
                 raise
@@ -170,8 +169,17 @@ class BaseMoE(BaseEstimator):
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, X, y, sample_weight=None):
-        device = self._check_hyperparameters()
         reuse = self.warm_start and self.__sklearn_is_fitted__()
+        try:
+            return self._fit_unguarded(X, y, sample_weight, reuse)
+        except BaseException:
+            # A failed fit leaves the estimator unfitted, never half fitted.
+            if not reuse:
+                self._clear_fitted_state()
+            raise
+
+    def _fit_unguarded(self, X, y, sample_weight, reuse):
+        device = self._check_hyperparameters()
         X, y = self._validate_X(X, y, reset=not reuse, **self._target_validation_kwargs())
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
@@ -195,17 +203,12 @@ class BaseMoE(BaseEstimator):
         generator = torch.Generator()
         generator.manual_seed(shuffle_seed)
         fork_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
-        try:
-            with torch.random.fork_rng(devices=fork_devices):
-                torch.manual_seed(init_seed)
-                module = self.module_ if reuse else self._build_module(X.shape[1], device)
-                net = self._build_net(module, device, train_table, valid_table, generator)
-                net.initialize()
-                net.fit(train_table, y=None)
-        except BaseException:
-            if not reuse:
-                self._clear_fitted_state()
-            raise
+        with torch.random.fork_rng(devices=fork_devices):
+            torch.manual_seed(init_seed)
+            module = self.module_ if reuse else self._build_module(X.shape[1], device)
+            net = self._build_net(module, device, train_table, valid_table, generator)
+            net.initialize()
+            net.fit(train_table, y=None)
         module.eval()
         net.train_split = None  # don't keep (and pickle) the validation rows
         for _, callback in net.callbacks_:

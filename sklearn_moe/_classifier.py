@@ -145,4 +145,5 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         -------
         ndarray of shape (n_samples,)
         """
-        return self.classes_[np.argmax(self._raw_output(X), axis=1)]
+        logits = self._raw_output(X)
+        return self.classes_[np.argmax(logits, axis=1)]
