@@ -78,7 +78,8 @@ def plan_dispatch(
     keep = slots < capacity
     rows, experts, slots, expert_weights = rows[keep], experts[keep], slots[keep], expert_weights[keep]
     row_totals = expert_weights.new_zeros(n).index_add(0, rows, expert_weights)
-    expert_weights = expert_weights / row_totals[rows]
+    # A row whose kept experts all have underflowed (zero) weights would divide 0 by 0.
+    expert_weights = expert_weights / row_totals[rows].clamp_min(torch.finfo(expert_weights.dtype).tiny)
     return DispatchPlan(rows, experts, slots, expert_weights, counts, capacity)
 
 

@@ -82,14 +82,22 @@ class TopKRouter(Router):
     """Sparse routing: the ``top_k`` largest logits, weights renormalised over them.
 
     The renormalised weights equal ``softmax(logits[chosen])``, i.e. the full softmax
-    restricted to the chosen experts and rescaled to sum to 1.
+    restricted to the chosen experts and rescaled to sum to 1. With ``top_k=1`` that weight
+    is the constant 1, which would give the router no gradient from the task loss; there
+    the weight is ``p / stop_gradient(p)``: still exactly 1, but with the gradient of
+    ``log p`` (the direction of the Switch Transformer's ``p * expert(x)`` without scaling
+    the output by ``p``).
     """
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         top_logits, indices = logits.topk(self.top_k, dim=-1)
-        weights = top_logits.softmax(dim=-1)
+        if self.top_k == 1:
+            chosen = probs.gather(1, indices)
+            weights = chosen / chosen.detach()
+        else:
+            weights = top_logits.softmax(dim=-1)
         return Routing(logits, probs, indices, weights, dense=self.top_k == self.n_experts)
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks of sklearn-moe: accuracy against non-MoE baselines, and speed."""

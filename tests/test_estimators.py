@@ -1,0 +1,540 @@
+"""Behaviour of MoERegressor and MoEClassifier as scikit-learn estimators."""
+
+import pickle
+
+import joblib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.compose import ColumnTransformer
+from sklearn.metrics import r2_score
+from sklearn.model_selection import GridSearchCV, cross_validate
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from sklearn_moe import MoEClassifier, MoERegressor
+from sklearn_moe.nn import MixtureOfExperts
+
+from .conftest import FAST
+
+# Fewer epochs where only the mechanics matter, not the quality of the fit.
+SHORT = dict(FAST, max_epochs=5)
+
+ESTIMATORS = [MoERegressor, MoEClassifier]
+HISTORY_COLUMNS = ["train_loss", "valid_loss", "balance_loss", "z_loss", "load_imbalance"]
+
+
+def _regression(n=200, n_features=5, seed=0):
+    rng = np.random.RandomState(seed)
+    X = rng.normal(size=(n, n_features))
+    y = X[:, 0] * 2 + np.sin(3 * X[:, 1]) + 0.1 * rng.normal(size=n)
+    return X, y
+
+
+def _classification(n=200, n_features=4, seed=0):
+    rng = np.random.RandomState(seed)
+    X = rng.normal(size=(n, n_features))
+    y = np.where(X[:, 0] + X[:, 1] ** 2 > 1, "yes", "no")
+    return X, y
+
+
+def _data_for(estimator_class, **kwargs):
+    return _regression(**kwargs) if estimator_class is MoERegressor else _classification(**kwargs)
+
+
+def _predictions(model, X):
+    """Every prediction-like output of a fitted model, by name."""
+    out = {"predict": model.predict(X), "route": model.route(X)}
+    if isinstance(model, MoEClassifier):
+        out["predict_proba"] = model.predict_proba(X)
+        out["predict_log_proba"] = model.predict_log_proba(X)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted_regressor():
+    X, y = _regression()
+    return MoERegressor(**FAST).fit(X, y), X, y
+
+
+@pytest.fixture(scope="module")
+def fitted_classifier():
+    X, y = _classification()
+    return MoEClassifier(**FAST).fit(X, y), X, y
+
+
+@pytest.fixture(params=ESTIMATORS, ids=lambda c: c.__name__)
+def fitted(request):
+    """A fitted model (shared within the module; do not mutate it), X and y."""
+    name = "fitted_regressor" if request.param is MoERegressor else "fitted_classifier"
+    return request.getfixturevalue(name)
+
+
+# ---------------------------------------------------------------------------- pipelines
+
+
+def _mixed_frame(n=240, seed=0):
+    rng = np.random.RandomState(seed)
+    colour = rng.choice(["red", "green", "blue"], size=n)
+    frame = pd.DataFrame({
+        "colour": colour,
+        "a": rng.normal(size=n) * 10 + 50,
+        "b": rng.normal(size=n),
+    })
+    offset = pd.Series(colour).map({"red": -3.0, "green": 0.0, "blue": 3.0}).to_numpy()
+    y_reg = offset + 0.1 * (frame["a"].to_numpy() - 50) + 0.1 * rng.normal(size=n)
+    y_clf = np.where(colour == "blue", "hot", np.where(colour == "red", "cold", "mild"))
+    return frame, y_reg, y_clf
+
+
+@pytest.mark.parametrize("numeric", ["passthrough", "scaler"])
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_pipeline_with_column_transformer(estimator_class, numeric):
+    frame, y_reg, y_clf = _mixed_frame()
+    y = y_reg if estimator_class is MoERegressor else y_clf
+    pre = ColumnTransformer([
+        ("cat", OneHotEncoder(), ["colour"]),
+        ("num", StandardScaler() if numeric == "scaler" else "passthrough", ["a", "b"]),
+    ])
+    pipe = Pipeline([("pre", pre), ("model", estimator_class(**FAST))])
+    pipe.fit(frame, y)
+    pred = pipe.predict(frame)
+    assert pred.shape == (len(frame),)
+    model = pipe.named_steps["model"]
+    assert model.n_features_in_ == 5  # 3 one-hot columns + 2 numeric
+    if estimator_class is MoERegressor:
+        # The colour (only visible through the encoder) explains most of y.
+        assert r2_score(y, pred) > 0.8
+    else:
+        assert set(np.unique(pred)) <= set(model.classes_)
+        assert pipe.score(frame, y) > 0.9
+        assert pipe.predict_proba(frame).shape == (len(frame), 3)
+
+
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_feature_names_in_from_dataframe(estimator_class):
+    X, y = _data_for(estimator_class)
+    columns = [f"f{i}" for i in range(X.shape[1])]
+    frame = pd.DataFrame(X, columns=columns)
+    model = estimator_class(**SHORT).fit(frame, y)
+    np.testing.assert_array_equal(model.feature_names_in_, columns)
+    assert model.n_features_in_ == X.shape[1]
+    np.testing.assert_array_equal(model.predict(frame), model.predict(X))
+
+
+def test_no_feature_names_in_from_ndarray(fitted):
+    model, _, _ = fitted
+    assert not hasattr(model, "feature_names_in_")
+
+
+# ---------------------------------------------------------------------------- model selection
+
+
+def test_grid_search_over_experts_and_top_k():
+    X, y = _regression(n=120)
+    grid = {"n_experts": [2, 4], "top_k": [1, 2]}
+    search = GridSearchCV(MoERegressor(**dict(FAST, max_epochs=3)), grid, cv=2)
+    search.fit(X, y)
+    points = [{"n_experts": e, "top_k": k} for e in grid["n_experts"] for k in grid["top_k"]]
+    assert search.best_params_ in points
+    assert np.all(np.isfinite(search.cv_results_["mean_test_score"]))
+    assert search.best_estimator_.n_experts == search.best_params_["n_experts"]
+    assert search.best_estimator_.module_.n_experts == search.best_params_["n_experts"]
+    assert search.best_estimator_.route(X).shape == (len(X), search.best_params_["n_experts"])
+
+
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_cross_validate_gives_finite_scores(estimator_class):
+    X, y = _data_for(estimator_class, n=150)
+    result = cross_validate(estimator_class(**dict(FAST, max_epochs=3)), X, y, cv=3)
+    assert result["test_score"].shape == (3,)
+    assert np.all(np.isfinite(result["test_score"]))
+
+
+def test_clone_is_unfitted_with_equal_params(fitted):
+    model, _, _ = fitted
+    copy = clone(model)
+    assert type(copy) is type(model)
+    assert copy.get_params() == model.get_params()
+    assert not hasattr(copy, "net_")
+    assert not hasattr(copy, "n_features_in_")
+    assert not copy.__sklearn_is_fitted__()
+
+
+# ---------------------------------------------------------------------------- persistence
+
+
+def test_pickle_round_trip(fitted):
+    model, X, _ = fitted
+    restored = pickle.loads(pickle.dumps(model))
+    expected = _predictions(model, X)
+    for name, values in _predictions(restored, X).items():
+        np.testing.assert_array_equal(values, expected[name], err_msg=name)
+
+
+def test_joblib_round_trip(fitted, tmp_path):
+    model, X, _ = fitted
+    path = tmp_path / "model.joblib"
+    joblib.dump(model, path)
+    restored = joblib.load(path)
+    expected = _predictions(model, X)
+    for name, values in _predictions(restored, X).items():
+        np.testing.assert_array_equal(values, expected[name], err_msg=name)
+    np.testing.assert_array_equal(restored.expert_load_, model.expert_load_)
+    assert restored.n_iter_ == model.n_iter_
+
+
+# ---------------------------------------------------------------------------- batch independence
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"capacity_factor": 1.0}, {"router": "softmax"}],
+    ids=["topk", "capacity_factor=1", "softmax"],
+)
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_predictions_do_not_depend_on_the_batch(estimator_class, extra):
+    X, y = _data_for(estimator_class)
+    model = estimator_class(**dict(SHORT, **extra)).fit(X, y)
+    X_test = X[:60]
+
+    all_at_once = _predictions(model, X_test)
+    one_at_a_time = [_predictions(model, X_test[i:i + 1]) for i in range(len(X_test))]
+    order = np.random.RandomState(1).permutation(len(X_test))
+    shuffled = _predictions(model, X_test[order])
+    inverse = np.argsort(order)
+
+    for name, expected in all_at_once.items():
+        single = np.concatenate([p[name] for p in one_at_a_time])
+        if name == "predict" and isinstance(model, MoEClassifier):
+            np.testing.assert_array_equal(single, expected)
+            np.testing.assert_array_equal(shuffled[name][inverse], expected)
+            continue
+        np.testing.assert_allclose(single, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(shuffled[name][inverse], expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------------------- reproducibility
+
+
+def test_same_random_state_gives_identical_predictions(fitted):
+    model, X, y = fitted
+    again = clone(model).fit(X, y)
+    assert again.n_iter_ == model.n_iter_
+    np.testing.assert_array_equal(again.predict(X), model.predict(X))
+    np.testing.assert_array_equal(again.route(X), model.route(X))
+    if isinstance(model, MoEClassifier):
+        np.testing.assert_array_equal(again.predict_proba(X), model.predict_proba(X))
+
+
+def test_different_random_state_gives_different_weights(fitted):
+    model, X, y = fitted
+    other = clone(model).set_params(random_state=1, max_epochs=2).fit(X, y)
+    ours = model.module_.state_dict()
+    theirs = other.module_.state_dict()
+    assert ours.keys() == theirs.keys()
+    differs = [name for name in ours if not torch.equal(ours[name], theirs[name])]
+    # Every parameter tensor is randomly initialised, so each should differ.
+    assert len(differs) == len(ours)
+
+
+# ---------------------------------------------------------------------------- regressor targets
+
+
+def test_regressor_1d_target_gives_1d_predictions(fitted_regressor):
+    model, X, _ = fitted_regressor
+    pred = model.predict(X)
+    assert pred.shape == (len(X),)
+    assert pred.dtype == np.float64
+
+
+def test_regressor_column_target_gives_column_predictions():
+    X, y = _regression()
+    model = MoERegressor(**SHORT).fit(X, y.reshape(-1, 1))
+    pred = model.predict(X)
+    assert pred.shape == (len(X), 1)
+    assert pred.dtype == np.float64
+
+
+def test_regressor_multi_output_fits_easy_linear_problem():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(200, 4))
+    W = rng.normal(size=(4, 3))
+    Y = X @ W + np.array([10.0, -5.0, 0.0]) + 0.05 * rng.normal(size=(200, 3))
+    Y[:, 1] *= 100  # targets on very different scales
+    model = MoERegressor(**FAST).fit(X, Y)
+    pred = model.predict(X)
+    assert pred.shape == (200, 3)
+    assert pred.dtype == np.float64
+    assert model.score(X, Y) > 0.8
+    for j in range(3):
+        assert r2_score(Y[:, j], pred[:, j]) > 0.8, f"target {j}"
+
+
+# ---------------------------------------------------------------------------- classifier labels
+
+
+def _blobs(labels, n_per_class=60, seed=0):
+    """Well separated Gaussian blobs, one per label, rows shuffled."""
+    rng = np.random.RandomState(seed)
+    centres = rng.normal(size=(len(labels), 3)) * 6
+    X = np.concatenate([c + rng.normal(size=(n_per_class, 3)) * 0.5 for c in centres])
+    y = np.repeat(np.asarray(labels), n_per_class)
+    order = rng.permutation(len(y))
+    return X[order], y[order]
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ["yes", "no"],
+        [1, -1],
+        ["zebra", "apple", "mango"],
+        [9, 2, 5],
+    ],
+    ids=["binary-str", "binary-int", "3class-str", "3class-int"],
+)
+def test_classifier_labels_and_probabilities(labels):
+    X, y = _blobs(labels)
+    model = MoEClassifier(**FAST).fit(X, y)
+    np.testing.assert_array_equal(model.classes_, np.sort(labels))
+    assert model.classes_.dtype.kind == np.asarray(labels).dtype.kind
+
+    proba = model.predict_proba(X)
+    assert proba.shape == (len(X), len(labels))
+    assert proba.dtype == np.float64
+    assert np.all(proba >= 0)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-10)
+    np.testing.assert_allclose(np.exp(model.predict_log_proba(X)), proba, rtol=1e-10, atol=1e-12)
+
+    pred = model.predict(X)
+    assert pred.shape == (len(X),)
+    assert set(np.unique(pred)) <= set(model.classes_)
+    np.testing.assert_array_equal(pred, model.classes_[proba.argmax(axis=1)])
+
+    # Columns follow classes_: the column of each row's true class carries its probability.
+    true_column = np.searchsorted(model.classes_, y)
+    assert proba[np.arange(len(y)), true_column].mean() > 0.8
+    assert model.score(X, y) > 0.9
+
+
+def test_classifier_good_score_on_fixture_data(fitted_classifier):
+    model, X, y = fitted_classifier
+    np.testing.assert_array_equal(model.classes_, ["no", "yes"])
+    assert model.score(X, y) > 0.8
+
+
+# ---------------------------------------------------------------------------- sample weights
+
+
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_unit_and_constant_sample_weights_change_nothing(estimator_class):
+    X, y = _data_for(estimator_class)
+    unweighted = estimator_class(**SHORT).fit(X, y)
+    ones = estimator_class(**SHORT).fit(X, y, sample_weight=np.ones(len(y)))
+    threes = estimator_class(**SHORT).fit(X, y, sample_weight=np.full(len(y), 3.0))
+
+    expected = _predictions(unweighted, X)
+    for name, values in _predictions(ones, X).items():
+        np.testing.assert_array_equal(values, expected[name], err_msg=name)
+    for name, values in _predictions(threes, X).items():
+        if values.dtype.kind in "fc":
+            np.testing.assert_allclose(values, expected[name], rtol=1e-6, atol=1e-9, err_msg=name)
+        else:
+            np.testing.assert_array_equal(values, expected[name], err_msg=name)
+
+
+def _conflicting_groups(n=200, seed=0):
+    """Two groups with the same feature distribution and contradictory targets."""
+    rng = np.random.RandomState(seed)
+    X = rng.normal(size=(n, 3))
+    in_b = rng.permutation(np.arange(n) % 2 == 1)
+    return X, in_b
+
+
+def test_upweighted_group_pulls_regression_predictions():
+    X, in_b = _conflicting_groups()
+    y = np.where(in_b, 10.0, 0.0)  # group A: 0, group B: 10; X cannot tell them apart
+    heavy_b = MoERegressor(**SHORT).fit(X, y, sample_weight=np.where(in_b, 50.0, 1.0))
+    heavy_a = MoERegressor(**SHORT).fit(X, y, sample_weight=np.where(in_b, 1.0, 50.0))
+    # Unweighted, the best prediction would be about 5; the weighted optimum is 50/51 of the way.
+    assert heavy_b.predict(X).mean() > 8.0
+    assert heavy_a.predict(X).mean() < 2.0
+
+
+def test_upweighted_class_pulls_classifier_predictions():
+    X, in_b = _conflicting_groups()
+    y = np.where(in_b, "b", "a")
+    heavy_b = MoEClassifier(**FAST).fit(X, y, sample_weight=np.where(in_b, 20.0, 1.0))
+    heavy_a = MoEClassifier(**FAST).fit(X, y, sample_weight=np.where(in_b, 1.0, 20.0))
+    assert heavy_b.predict_proba(X)[:, 1].mean() > 0.8
+    assert heavy_a.predict_proba(X)[:, 0].mean() > 0.8
+    assert np.mean(heavy_b.predict(X) == "b") > 0.9
+    assert np.mean(heavy_a.predict(X) == "a") > 0.9
+
+
+# ---------------------------------------------------------------------------- fitted attributes
+
+
+def test_fitted_attributes(fitted):
+    model, X, _ = fitted
+    assert isinstance(model.n_iter_, int)
+    assert 1 <= model.n_iter_ <= model.max_epochs
+
+    history = model.history_
+    assert isinstance(history, pd.DataFrame)
+    assert len(history) == model.n_iter_
+    for column in HISTORY_COLUMNS:
+        assert column in history.columns, column
+        assert np.all(np.isfinite(history[column].to_numpy(dtype=float))), column
+    assert np.all(history["load_imbalance"] >= 1.0 - 1e-9)
+    assert np.all(history["load_imbalance"] <= model.n_experts + 1e-9)
+
+    load = model.expert_load_
+    assert load.shape == (model.n_experts,)
+    assert np.all(load >= 0)
+    np.testing.assert_allclose(load.sum(), 1.0, rtol=1e-9)
+
+    gates = model.route(X)
+    assert gates.shape == (len(X), model.n_experts)
+    assert np.all(gates >= 0)
+    np.testing.assert_allclose(gates.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal((gates > 0).sum(axis=1), model.top_k)
+
+    assert isinstance(model.module_, MixtureOfExperts)
+    assert model.module_.n_experts == model.n_experts
+    assert model.n_features_in_ == X.shape[1]
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_route_has_top_k_nonzeros(top_k):
+    X, y = _regression(n=120)
+    model = MoERegressor(**dict(SHORT, max_epochs=2, top_k=top_k)).fit(X, y)
+    gates = model.route(X)
+    np.testing.assert_array_equal((gates > 0).sum(axis=1), top_k)
+    np.testing.assert_allclose(gates.sum(axis=1), 1.0, rtol=1e-5)
+    # For sparse routing expert_load_ is the share of routing assignments.
+    counts = (gates > 0).sum(axis=0)
+    np.testing.assert_allclose(model.expert_load_, counts / counts.sum(), rtol=1e-9)
+
+
+def test_softmax_router_routes_to_every_expert():
+    X, y = _regression(n=120)
+    model = MoERegressor(**dict(SHORT, max_epochs=2, router="softmax")).fit(X, y)
+    gates = model.route(X)
+    assert gates.shape == (len(X), model.n_experts)
+    assert np.all(gates > 0)
+    np.testing.assert_allclose(gates.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(model.expert_load_, gates.mean(axis=0), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- early stopping
+
+
+def test_early_stopping_stops_before_max_epochs():
+    X, y = _regression()
+    model = MoERegressor(**dict(FAST, max_epochs=1000, n_iter_no_change=3, tol=1e-2)).fit(X, y)
+    assert model.n_iter_ < 1000
+    assert len(model.history_) == model.n_iter_
+    assert "valid_loss" in model.history_.columns
+    assert np.all(np.isfinite(model.history_["valid_loss"]))
+
+
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_no_validation_loss_without_early_stopping(estimator_class):
+    X, y = _data_for(estimator_class)
+    model = estimator_class(**dict(SHORT, max_epochs=3, early_stopping=False)).fit(X, y)
+    assert "valid_loss" not in model.history_.columns
+    assert "train_loss" in model.history_.columns
+    assert model.n_iter_ == 3
+
+
+# ---------------------------------------------------------------------------- warm start
+
+
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_warm_start_continues_training(estimator_class):
+    X, y = _data_for(estimator_class)
+    model = estimator_class(**dict(FAST, warm_start=True, max_epochs=15)).fit(X, y)
+    first_fit_start = model.history_["train_loss"].iloc[0]
+    first_fit_end = model.history_["train_loss"].iloc[-1]
+    assert first_fit_end < 0.7 * first_fit_start  # the first fit did learn something
+
+    model.fit(X, y)
+    second_fit_start = model.history_["train_loss"].iloc[0]
+    assert second_fit_start < 0.7 * first_fit_start
+
+    # Without warm_start a second fit starts afresh.
+    cold = estimator_class(**dict(FAST, max_epochs=15)).fit(X, y)
+    cold.fit(X, y)
+    np.testing.assert_allclose(cold.history_["train_loss"].iloc[0], first_fit_start, rtol=1e-6)
+
+
+def test_warm_start_with_different_number_of_features_raises(fitted_regressor):
+    _, X, y = fitted_regressor
+    model = MoERegressor(**dict(SHORT, max_epochs=2, warm_start=True)).fit(X, y)
+    before = model.predict(X)
+    with pytest.raises(ValueError, match="features"):
+        model.fit(X[:, :3], y)
+    # The fitted model is untouched by the rejected fit.
+    np.testing.assert_array_equal(model.predict(X), before)
+
+
+def test_warm_start_classifier_rejects_new_classes():
+    X, y = _classification()
+    model = MoEClassifier(**dict(SHORT, max_epochs=2, warm_start=True)).fit(X, y)
+    y_new = np.where(np.arange(len(y)) < 20, "maybe", y)
+    with pytest.raises(ValueError, match="maybe"):
+        model.fit(X, y_new)
+
+
+# ---------------------------------------------------------------------------- verbosity
+
+
+def test_verbose_prints_progress(capsys):
+    X, y = _regression(n=100)
+    MoERegressor(**dict(SHORT, max_epochs=2, verbose=1)).fit(X, y)
+    captured = capsys.readouterr()
+    assert "train_loss" in captured.out + captured.err
+
+
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_silent_by_default(estimator_class, capsys):
+    X, y = _data_for(estimator_class, n=100)
+    # Quick to stop early, so that the early-stopping message would have been printed too.
+    model = estimator_class(**dict(FAST, verbose=0, n_iter_no_change=2, tol=0.1)).fit(X, y)
+    assert model.n_iter_ < model.max_epochs
+    model.predict(X)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ""
+
+
+# ---------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_fit_predict_on_cuda(estimator_class):
+    X, y = _data_for(estimator_class)
+    model = estimator_class(**dict(SHORT, device="cuda")).fit(X, y)
+    assert model.module_.router.gate.weight.device.type == "cuda"
+    pred = model.predict(X)
+    assert pred.shape == (len(X),)
+    gates = model.route(X)
+    assert gates.shape == (len(X), model.n_experts)
+    assert np.all(np.isfinite(gates))
+    if estimator_class is MoERegressor:
+        assert np.all(np.isfinite(pred))
+    else:
+        proba = model.predict_proba(X)
+        assert np.all(np.isfinite(proba))
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-6)
+        assert set(np.unique(pred)) <= set(model.classes_)
+
+    restored = pickle.loads(pickle.dumps(model))
+    expected = _predictions(model, X)
+    for name, values in _predictions(restored, X).items():
+        np.testing.assert_array_equal(values, expected[name], err_msg=name)

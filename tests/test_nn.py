@@ -1,0 +1,668 @@
+"""Unit tests of the pure-PyTorch Mixture-of-Experts engine (``sklearn_moe.nn``)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sklearn_moe.nn import (
+    ACTIVATIONS,
+    MixtureOfExperts,
+    MoEOutput,
+    StackedExperts,
+    TopKRouter,
+    dense_combine,
+    dispatch_combine,
+    expert_capacity,
+    make_router,
+    plan_dispatch,
+    router_z_loss,
+    switch_balance_loss,
+)
+
+
+def make_moe(seed=0, **kwargs):
+    params = dict(n_features=5, n_outputs=2, n_experts=4, top_k=2, expert_hidden=(8,))
+    params.update(kwargs)
+    torch.manual_seed(seed)
+    return MixtureOfExperts(**params)
+
+
+def inputs(n, n_features=5, seed=1):
+    return torch.randn(n, n_features, generator=torch.Generator().manual_seed(seed))
+
+
+def skew_router(module, expert=0, bias=10.0):
+    """Make every row pick ``expert`` first (small weights, one large bias)."""
+    with torch.no_grad():
+        module.router.gate.weight.mul_(0.01)
+        module.router.gate.bias.zero_()
+        module.router.gate.bias[expert] = bias
+
+
+def reference_plan(indices, weights, capacity):
+    """Slow, obvious implementation of plan_dispatch's drop rule: {(row, expert): weight}."""
+    n, k = indices.shape
+    used, kept = {}, {}
+    for choice in range(k):  # choice-major: every first choice before any second choice
+        for row in range(n):
+            e = int(indices[row, choice])
+            slot = used.get(e, 0)
+            used[e] = slot + 1
+            if capacity is None or slot < capacity:
+                kept[(row, e)] = (slot, float(weights[row, choice]))
+    totals = {}
+    for (row, _), (_, w) in kept.items():
+        totals[row] = totals.get(row, 0.0) + w
+    return {key: (slot, w / totals[key[0]]) for key, (slot, w) in kept.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# 1. dense router == top-k with k = n_experts; sparse dispatch == dense combine
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("expert_hidden", [(), (8,), (8, 8)])
+def test_softmax_router_equals_topk_with_all_experts(expert_hidden):
+    dense = make_moe(router="softmax", expert_hidden=expert_hidden).eval()
+    full_topk = make_moe(seed=7, router="topk", top_k=4, expert_hidden=expert_hidden).eval()
+    full_topk.load_state_dict(dense.state_dict())
+    x = inputs(20)
+    a, b = dense(x), full_topk(x)
+    torch.testing.assert_close(a.output, b.output, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.gates, b.gates, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.gates.sum(1), torch.ones(20))
+    assert bool((a.gates > 0).all())
+    torch.testing.assert_close(a.balance_loss, b.balance_loss)
+    torch.testing.assert_close(a.z_loss, b.z_loss)
+    assert a.expert_counts.tolist() == [20] * 4 == b.expert_counts.tolist()
+
+
+@pytest.mark.parametrize("expert_hidden", [(), (8,)])
+def test_sparse_dispatch_with_all_experts_matches_dense_combine(expert_hidden):
+    module = make_moe(top_k=4, expert_hidden=expert_hidden)
+    x = inputs(13)
+    routing = module.router(x)
+    assert routing.dense
+    plan = plan_dispatch(routing.indices, routing.weights, 4)
+    assert plan.n_slots == 13
+    assert plan.counts.tolist() == [13] * 4
+    sparse = dispatch_combine(x, module.experts, plan, 2)
+    dense = dense_combine(x, module.experts, routing.probs)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_dispatch_matches_dense_combine_with_zero_gates():
+    """top-k dispatch == dense combine with the unchosen experts' gates set to zero."""
+    module = make_moe(n_experts=6, top_k=2)
+    x = inputs(17)
+    routing = module.router(x)
+    plan = plan_dispatch(routing.indices, routing.weights, 6)
+    gates = torch.zeros(17, 6).scatter(1, routing.indices, routing.weights)
+    torch.testing.assert_close(
+        dispatch_combine(x, module.experts, plan, 2),
+        dense_combine(x, module.experts, gates),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# 2. top-k router
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_experts, top_k", [(4, 1), (4, 2), (6, 3), (5, 4)])
+def test_topk_router_choices_and_weights(n_experts, top_k):
+    module = make_moe(n_experts=n_experts, top_k=top_k).eval()
+    x = inputs(25)
+    routing = module.router(x)
+    gates = module(x).gates
+    assert gates.shape == (25, n_experts)
+    assert ((gates != 0).sum(1) == top_k).all()
+    torch.testing.assert_close(gates.sum(1), torch.ones(25))
+    torch.testing.assert_close(routing.weights.sum(1), torch.ones(25))
+
+    chosen = gates != 0
+    # the chosen experts are the k largest logits
+    assert (routing.logits.masked_fill(~chosen, math.inf).min(1).values
+            > routing.logits.masked_fill(chosen, -math.inf).max(1).values).all()
+    # best first
+    assert (routing.weights[:, :-1] >= routing.weights[:, 1:]).all()
+    # the weights are the full softmax restricted to the chosen experts, renormalised
+    probs = torch.softmax(routing.logits.double(), dim=1)
+    expected = torch.where(chosen, probs, 0.0)
+    expected = expected / expected.sum(1, keepdim=True)
+    torch.testing.assert_close(gates.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(routing.probs.double(), probs, rtol=1e-5, atol=1e-7)
+    assert routing.dense == (top_k == n_experts)
+
+
+def test_topk_router_on_explicit_logits():
+    router = TopKRouter(n_features=3, n_experts=4, top_k=2)
+    with torch.no_grad():
+        router.gate.weight.copy_(torch.eye(4, 3))
+        router.gate.bias.zero_()
+    x = torch.tensor([[1.0, 3.0, 2.0], [-1.0, -2.0, -3.0]])  # logits [1, 3, 2, 0], [-1, -2, -3, 0]
+    routing = router(x)
+    assert routing.indices.tolist() == [[1, 2], [3, 0]]
+    e = math.e
+    torch.testing.assert_close(routing.weights, torch.tensor([[e / (e + 1), 1 / (e + 1)]] * 2))
+
+
+# ---------------------------------------------------------------------------------------
+# 3. switch balance loss
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_experts", [3, 4, 8])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_switch_balance_loss_uniform_is_one(n_experts, top_k):
+    n = 2 * n_experts
+    probs = torch.full((n, n_experts), 1.0 / n_experts)
+    indices = (torch.arange(n)[:, None] + torch.arange(top_k)[None, :]) % n_experts
+    assert torch.bincount(indices.reshape(-1)).tolist() == [n * top_k // n_experts] * n_experts
+    torch.testing.assert_close(switch_balance_loss(probs, indices), torch.tensor(1.0), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("n_experts", [2, 4, 7])
+@pytest.mark.parametrize("expert", [0, 1])
+def test_switch_balance_loss_collapse_is_n_experts(n_experts, expert):
+    n = 10
+    probs = torch.zeros(n, n_experts)
+    probs[:, expert] = 1.0
+    indices = torch.full((n, 1), expert)
+    assert switch_balance_loss(probs, indices).item() == pytest.approx(n_experts, rel=1e-6)
+    # nearly one-hot probabilities give nearly n_experts
+    logits = torch.zeros(n, n_experts)
+    logits[:, expert] = 30.0
+    assert switch_balance_loss(logits.softmax(1), indices).item() == pytest.approx(n_experts, rel=1e-5)
+
+
+def test_switch_balance_loss_ignores_masked_rows():
+    torch.manual_seed(0)
+    probs = torch.randn(12, 5).softmax(1)
+    indices = torch.randn(12, 5).topk(2, dim=1).indices
+    garbage_probs = torch.zeros(7, 5)
+    garbage_probs[:, 3] = 1.0
+    garbage_indices = torch.full((7, 2), 3)
+    all_probs = torch.cat([garbage_probs[:3], probs, garbage_probs[3:]])
+    all_indices = torch.cat([garbage_indices[:3], indices, garbage_indices[3:]])
+    mask = torch.ones(19, dtype=torch.bool)
+    mask[:3] = False
+    mask[15:] = False
+    expected = switch_balance_loss(probs, indices)
+    torch.testing.assert_close(switch_balance_loss(all_probs, all_indices, mask), expected)
+    assert not torch.isclose(switch_balance_loss(all_probs, all_indices), expected)
+    # by hand: E * sum_e f_e P_e
+    f = torch.bincount(indices.reshape(-1), minlength=5).double() / 24
+    torch.testing.assert_close(switch_balance_loss(probs.double(), indices), 5 * (f * probs.double().mean(0)).sum())
+    # no row left: zero
+    assert switch_balance_loss(all_probs, all_indices, torch.zeros(19, dtype=torch.bool)).item() == 0.0
+
+
+def test_switch_balance_loss_gradient_goes_through_probs():
+    torch.manual_seed(0)
+    probs = torch.randn(6, 4).softmax(1).requires_grad_()
+    indices = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0], [1, 0], [2, 0]])
+    switch_balance_loss(probs, indices).backward()
+    fraction = torch.tensor([6.0, 3.0, 2.0, 1.0]) / 12
+    torch.testing.assert_close(probs.grad, (4 * fraction / 6).expand(6, 4))
+
+
+def test_moe_balance_loss_uses_sample_weight_mask():
+    module = make_moe().eval()
+    x = inputs(10)
+    garbage = 50 * inputs(4, seed=3)
+    weight = torch.tensor([1.0] * 10 + [0.0] * 4)
+    clean = module(x)
+    masked = module(torch.cat([x, garbage]), sample_weight=weight)
+    torch.testing.assert_close(masked.balance_loss, clean.balance_loss)
+    torch.testing.assert_close(masked.z_loss, clean.z_loss)
+    routing = module.router(x)
+    torch.testing.assert_close(clean.balance_loss, switch_balance_loss(routing.probs, routing.indices))
+    assert make_moe(balance_loss=None)(x).balance_loss.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# 4. router z-loss
+# ---------------------------------------------------------------------------------------
+
+
+def test_router_z_loss_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [1.0, 2.0], [-3.0, 4.0], [5.0, 5.0]])
+    by_hand = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 4
+    assert router_z_loss(logits).item() == pytest.approx(by_hand, rel=1e-6)
+    assert router_z_loss(torch.zeros(3, 4)).item() == pytest.approx(math.log(4) ** 2, rel=1e-6)
+    mask = torch.tensor([True, False, True, False])
+    masked_by_hand = (math.log(2) ** 2 + math.log(math.exp(-3) + math.exp(4)) ** 2) / 2
+    assert router_z_loss(logits, mask).item() == pytest.approx(masked_by_hand, rel=1e-6)
+    garbage = torch.cat([logits, torch.full((3, 2), 1e3)])
+    mask = torch.tensor([True] * 4 + [False] * 3)
+    torch.testing.assert_close(router_z_loss(garbage, mask), router_z_loss(logits))
+    assert router_z_loss(logits, torch.zeros(4, dtype=torch.bool)).item() == 0.0
+
+
+def test_moe_z_loss_is_z_loss_of_router_logits():
+    module = make_moe(temperature=0.5).eval()
+    x = inputs(9)
+    logits = module.router.gate(x) / 0.5
+    torch.testing.assert_close(module(x).z_loss, torch.logsumexp(logits, 1).square().mean())
+
+
+# ---------------------------------------------------------------------------------------
+# 5. capacity
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "capacity_factor, n_rows, top_k, n_experts, expected",
+    [(1.0, 10, 2, 4, 5), (1.25, 10, 2, 4, 7), (1.0, 8, 2, 4, 4), (2.0, 3, 1, 8, 1), (1.0, 0, 2, 4, 1),
+     (1.5, 7, 3, 5, 7)],
+)
+def test_expert_capacity_formula(capacity_factor, n_rows, top_k, n_experts, expected):
+    assert expert_capacity(capacity_factor, n_rows, top_k, n_experts) == expected
+    assert expected == max(1, math.ceil(capacity_factor * n_rows * top_k / n_experts))
+
+
+def test_capacity_first_choices_outrank_second_choices():
+    # rows 0 and 1 want expert 0 second; rows 2 and 3 want it first
+    indices = torch.tensor([[1, 0], [2, 0], [0, 1], [0, 2]])
+    weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.8, 0.2], [0.9, 0.1]])
+    plan = plan_dispatch(indices, weights, 3, capacity=2)
+    kept = {(int(r), int(e)): float(w) for r, e, w in zip(plan.rows, plan.experts, plan.weights)}
+    assert kept == pytest.approx({(2, 0): 0.8, (3, 0): 0.9, (0, 1): 1.0, (2, 1): 0.2, (1, 2): 1.0, (3, 2): 0.1})
+    assert plan.counts.tolist() == [4, 2, 2]
+    assert plan.n_slots == 2
+
+
+def test_capacity_same_choice_ranked_by_row():
+    indices = torch.zeros(5, 1, dtype=torch.long)
+    plan = plan_dispatch(indices, torch.ones(5, 1), 2, capacity=2)
+    assert plan.rows.tolist() == [0, 1]
+    assert plan.slots.tolist() == [0, 1]
+    out = dispatch_combine(torch.randn(5, 3), StackedExperts(2, 3, 2, ()), plan, 2)
+    assert (out[2:] == 0).all()
+    assert (out[:2] != 0).all()
+
+
+def test_capacity_on_skewed_routing():
+    torch.manual_seed(0)
+    n, n_experts, k, capacity = 40, 5, 2, 9
+    logits = torch.randn(n, n_experts)
+    logits[:34, 0] += 10.0  # most rows choose expert 0 first
+    top, indices = logits.topk(k, dim=1)
+    weights = top.softmax(1)
+    plan = plan_dispatch(indices, weights, n_experts, capacity)
+    kept_per_expert = torch.bincount(plan.experts, minlength=n_experts)
+    assert kept_per_expert.max().item() <= capacity
+    assert kept_per_expert.tolist() == torch.clamp(plan.counts, max=capacity).tolist()
+    assert plan.counts[0].item() >= 34
+    # every row that kept an expert has weights summing to 1
+    totals = torch.zeros(n).index_add(0, plan.rows, plan.weights)
+    kept_rows = torch.unique(plan.rows)
+    torch.testing.assert_close(totals[kept_rows], torch.ones(len(kept_rows)))
+    # (expert, slot) pairs are distinct and inside the buffer
+    assert len(set(zip(plan.experts.tolist(), plan.slots.tolist()))) == len(plan.rows)
+    assert int(plan.slots.max()) < plan.n_slots == capacity
+    assert (plan.experts[1:] >= plan.experts[:-1]).all()
+    # exactly the reference drop rule
+    ref = reference_plan(indices, weights, capacity)
+    got = {(int(r), int(e)): (int(s), float(w)) for r, e, s, w in
+           zip(plan.rows, plan.experts, plan.slots, plan.weights)}
+    assert got.keys() == ref.keys()
+    for key in ref:
+        assert got[key][0] == ref[key][0]
+        assert got[key][1] == pytest.approx(ref[key][1], rel=1e-5)
+
+
+@st.composite
+def routings(draw):
+    n_experts = draw(st.integers(1, 5))
+    top_k = draw(st.integers(1, n_experts))
+    n = draw(st.integers(0, 9))
+    rows = [draw(st.permutations(range(n_experts)))[:top_k] for _ in range(n)]
+    raw = [[draw(st.floats(0.05, 1.0)) for _ in range(top_k)] for _ in range(n)]
+    indices = torch.tensor(rows, dtype=torch.long).reshape(n, top_k)
+    weights = torch.tensor(raw, dtype=torch.float64).reshape(n, top_k)
+    if n:
+        weights = weights / weights.sum(1, keepdim=True)
+    capacity = draw(st.one_of(st.none(), st.integers(1, max(1, n * top_k))))
+    return indices, weights, n_experts, capacity
+
+
+@settings(max_examples=80, deadline=None, database=None, derandomize=True)
+@given(routings())
+def test_plan_dispatch_matches_reference(routing):
+    indices, weights, n_experts, capacity = routing
+    plan = plan_dispatch(indices, weights, n_experts, capacity)
+    ref = reference_plan(indices, weights, capacity)
+    got = {(int(r), int(e)): (int(s), float(w)) for r, e, s, w in
+           zip(plan.rows, plan.experts, plan.slots, plan.weights)}
+    assert got.keys() == ref.keys()
+    for key in ref:
+        assert got[key][0] == ref[key][0]
+        assert got[key][1] == pytest.approx(ref[key][1], rel=1e-9)
+    assert plan.counts.tolist() == torch.bincount(indices.reshape(-1), minlength=n_experts).tolist()
+    assert all(s < plan.n_slots for s, _ in got.values())
+    if capacity is not None:
+        assert plan.n_slots <= capacity
+
+
+def test_moe_capacity_drops_in_training_only():
+    capped = make_moe(n_experts=4, top_k=2, capacity_factor=1.0)
+    skew_router(capped)
+    dropless = make_moe(seed=5, n_experts=4, top_k=2, capacity_factor=None)
+    dropless.load_state_dict(capped.state_dict())
+    x = inputs(32)
+
+    out = capped.train()(x)
+    capacity = expert_capacity(1.0, 32, 2, 4)
+    assert capacity == 16
+    assert out.expert_counts[0].item() == 32
+    assert out.expert_counts.sum().item() == 64
+    assert out.n_dropped.item() == torch.clamp(out.expert_counts - capacity, min=0).sum().item() > 0
+    assert dropless.train()(x).n_dropped.item() == 0
+
+    capped.eval()
+    dropless.eval()
+    out_eval = capped(x)
+    assert out_eval.n_dropped.item() == 0
+    torch.testing.assert_close(out_eval.output, dropless(x).output, rtol=0, atol=0)
+    torch.testing.assert_close(out_eval.gates, dropless(x).gates, rtol=0, atol=0)
+
+
+def test_moe_capacity_top1_dropped_rows_are_zero():
+    module = make_moe(n_experts=4, top_k=1, capacity_factor=1.0)
+    skew_router(module, expert=2)
+    x = inputs(16)
+    full = module.eval()(x)
+    out = module.train()(x)
+    assert out.expert_counts.tolist() == [0, 0, 16, 0]
+    assert out.n_dropped.item() == 12  # capacity ceil(16 / 4) = 4
+    assert (out.output[4:] == 0).all()
+    torch.testing.assert_close(out.output[:4], full.output[:4])
+    # the gates report the routing decision, before the cap
+    assert out.gates[:, 2].tolist() == [1.0] * 16
+
+
+def test_capacity_renormalisation_with_zero_kept_weight_is_finite():
+    # row 1 loses its first choice (weight 1) and keeps only a second choice whose gate
+    # weight underflowed to 0 in float32: its output must stay finite, not NaN
+    indices = torch.tensor([[0, 1], [0, 2]])
+    weights = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    plan = plan_dispatch(indices, weights, 3, capacity=1)
+    assert torch.isfinite(plan.weights).all()
+
+
+def test_moe_capacity_with_sharp_router_is_finite():
+    module = make_moe(n_experts=4, top_k=2, capacity_factor=1.0, temperature=0.01)
+    skew_router(module, expert=0, bias=3.0)  # logit gap 3 / 0.01 = 300: exp(-300) == 0 in float32
+    out = module.train()(inputs(8))
+    assert out.n_dropped.item() > 0
+    assert torch.isfinite(out.output).all()
+
+
+# ---------------------------------------------------------------------------------------
+# 6. gradients
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+def test_gradients_reach_exactly_the_chosen_experts(capacity_factor):
+    module = make_moe(n_features=3, n_experts=6, top_k=2, capacity_factor=capacity_factor).train()
+    with torch.no_grad():
+        module.router.gate.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -100.0, -100.0, -100.0]))
+    x = inputs(16, n_features=3)
+    out = module(x)
+    chosen = set(torch.unique(module.router(x).indices).tolist())
+    assert chosen == {0, 1, 2}
+    assert out.expert_counts.tolist()[3:] == [0, 0, 0]
+    out.output.sum().backward()
+    for param in (module.experts.hidden[0].weight, module.experts.hidden[0].bias,
+                  module.experts.output.weight, module.experts.output.bias):
+        per_expert = param.grad.reshape(6, -1).abs().sum(1)
+        assert (per_expert[:3] > 0).all()
+        assert (per_expert[3:] == 0).all()
+    gate = module.router.gate
+    assert (gate.weight.grad[:3].abs().sum(1) > 0).all()
+    assert (gate.bias.grad[:3] != 0).all()
+    # the output depends on the logits of the chosen experts only
+    assert (gate.weight.grad[3:] == 0).all()
+    assert (gate.bias.grad[3:] == 0).all()
+
+
+def test_dense_router_gradients_reach_every_expert():
+    module = make_moe(router="softmax", n_experts=5)
+    module(inputs(8)).output.sum().backward()
+    assert (module.experts.hidden[0].weight.grad.reshape(5, -1).abs().sum(1) > 0).all()
+    assert (module.router.gate.weight.grad.abs().sum(1) > 0).all()
+
+
+def test_balance_loss_gradient_reaches_router():
+    module = make_moe()
+    module(inputs(8)).balance_loss.backward()
+    assert module.router.gate.weight.grad.abs().sum() > 0
+    assert module.experts.output.weight.grad is None
+
+
+# ---------------------------------------------------------------------------------------
+# 7. batch independence in eval mode
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router", ["topk", "softmax"])
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_eval_is_batch_independent(router, capacity_factor):
+    module = make_moe(router=router, n_experts=5, top_k=2, capacity_factor=capacity_factor,
+                      expert_hidden=(8, 8), layer_norm=True, dropout=0.3)
+    skew_router(module, bias=0.5)  # uneven counts, which matter if capacity leaked into eval
+    with torch.no_grad():
+        module.router.gate.weight.mul_(100)
+    module.eval()
+    x = inputs(24)
+    full = module(x)
+    assert full.n_dropped.item() == 0
+    for i in range(24):
+        alone = module(x[i:i + 1])
+        torch.testing.assert_close(alone.output, full.output[i:i + 1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(alone.gates, full.gates[i:i + 1], rtol=1e-5, atol=1e-6)
+    perm = torch.randperm(24, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(module(x[perm]).output, full.output[perm], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. experts and argument validation
+# ---------------------------------------------------------------------------------------
+
+
+def test_linear_experts_are_one_linear_map_each():
+    torch.manual_seed(0)
+    experts = StackedExperts(3, 4, 2, expert_hidden=())
+    assert len(experts.hidden) == 0
+    x = torch.randn(3, 6, 4)
+    expected = torch.stack([x[e] @ experts.output.weight[e] + experts.output.bias[e] for e in range(3)])
+    torch.testing.assert_close(experts(x), expected)
+    # affine: f(a) - f(b) is linear in a - b
+    y = torch.randn(3, 6, 4)
+    torch.testing.assert_close(experts(x) - experts(y), torch.bmm(x - y, experts.output.weight))
+
+
+@pytest.mark.parametrize("expert_hidden", [(), (6,), (6, 6)])
+def test_expert_slices_are_independent(expert_hidden):
+    torch.manual_seed(0)
+    experts = StackedExperts(3, 4, 2, expert_hidden=expert_hidden, layer_norm=True)
+    x = torch.randn(3, 5, 4)
+    before = experts(x)
+    x2 = x.clone()
+    x2[1] = torch.randn(5, 4) * 10
+    after = experts(x2)
+    assert torch.equal(after[0], before[0])
+    assert torch.equal(after[2], before[2])
+    assert not torch.allclose(after[1], before[1])
+    # expert e on slice e equals expert e's parameters applied alone
+    single = StackedExperts(1, 4, 2, expert_hidden=expert_hidden, layer_norm=True)
+    single.load_state_dict({k: v[2:3] for k, v in experts.state_dict().items()})
+    torch.testing.assert_close(single(x[2:3])[0], before[2], rtol=1e-6, atol=1e-6)
+
+
+def test_residual_only_between_equal_widths():
+    assert StackedExperts(2, 8, 1, expert_hidden=(8, 8, 4, 4, 6)).residual == [False, True, False, True, False]
+    assert StackedExperts(2, 3, 1, expert_hidden=(5, 5)).residual == [False, True]
+    assert StackedExperts(2, 3, 1, expert_hidden=(5, 5), skip_connections=False).residual == [False, False]
+    assert StackedExperts(2, 3, 1, expert_hidden=(5,)).residual == [False]
+
+
+@pytest.mark.parametrize("skip_connections", [True, False])
+def test_residual_connection_behaviour(skip_connections):
+    torch.manual_seed(0)
+    experts = StackedExperts(2, 3, 2, expert_hidden=(4, 4), skip_connections=skip_connections)
+    with torch.no_grad():
+        experts.hidden[1].weight.zero_()
+        experts.hidden[1].bias.zero_()  # second hidden layer outputs relu(0) = 0
+    x = torch.randn(2, 5, 3)
+    h1 = torch.relu(torch.bmm(x, experts.hidden[0].weight) + experts.hidden[0].bias[:, None])
+    h2 = h1 if skip_connections else torch.zeros_like(h1)
+    expected = torch.bmm(h2, experts.output.weight) + experts.output.bias[:, None]
+    torch.testing.assert_close(experts(x), expected)
+
+
+def test_layer_norm_before_output_removes_hidden_scale():
+    torch.manual_seed(0)
+    experts = StackedExperts(3, 4, 2, expert_hidden=(16,), layer_norm=True)
+    x = torch.randn(3, 7, 4)
+    before = experts(x)
+    with torch.no_grad():  # relu is positively homogeneous: scales h by 10, which the norm removes
+        experts.hidden[0].weight.mul_(10)
+        experts.hidden[0].bias.mul_(10)
+    torch.testing.assert_close(experts(x), before, rtol=1e-3, atol=1e-4)
+    plain = StackedExperts(3, 4, 2, expert_hidden=(16,), layer_norm=False)
+    assert len(list(plain.norms.parameters())) == 0
+    assert len(list(experts.norms.parameters())) == 2
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    experts = StackedExperts(2, 4, 3, expert_hidden=(32, 32), dropout=0.5, layer_norm=True)
+    x = torch.randn(2, 9, 4)
+    experts.train()
+    a, b = experts(x), experts(x)
+    assert not torch.equal(a, b)
+    experts.eval()
+    c, d = experts(x), experts(x)
+    assert torch.equal(c, d)
+    no_dropout = StackedExperts(2, 4, 3, expert_hidden=(32, 32), dropout=0.0, layer_norm=True)
+    no_dropout.load_state_dict(experts.state_dict())
+    torch.testing.assert_close(no_dropout.train()(x), c)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_every_activation_runs(activation):
+    torch.manual_seed(0)
+    experts = StackedExperts(2, 3, 1, expert_hidden=(4,), activation=activation)
+    x = torch.randn(2, 5, 3)
+    h = ACTIVATIONS[activation](torch.bmm(x, experts.hidden[0].weight) + experts.hidden[0].bias[:, None])
+    torch.testing.assert_close(experts(x), torch.bmm(h, experts.output.weight) + experts.output.bias[:, None])
+
+
+def test_invalid_activation_names_allowed_values():
+    with pytest.raises(ValueError, match="activation") as info:
+        StackedExperts(2, 3, 1, activation="sigmoidish")
+    for name in ACTIVATIONS:
+        assert name in str(info.value)
+    with pytest.raises(ValueError, match="activation"):
+        MixtureOfExperts(3, 1, activation="swish")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(top_k=0), "top_k"),
+        (dict(top_k=5), "top_k"),
+        (dict(top_k=-1), "top_k"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(capacity_factor=0.5), "capacity_factor"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(capacity_factor=float("nan")), "capacity_factor"),
+        (dict(router="hash"), "router"),
+        (dict(balance_loss="zloss"), "balance_loss"),
+    ],
+)
+def test_invalid_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MixtureOfExperts(3, 1, n_experts=4, **kwargs)
+
+
+def test_valid_edge_arguments():
+    MixtureOfExperts(3, 1, n_experts=4, top_k=4, capacity_factor=1.0)
+    MixtureOfExperts(3, 1, n_experts=4, top_k=1, temperature=1e-3)
+    with pytest.raises(ValueError, match="top_k"):
+        make_router("topk", 3, 4, 0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# 9. temperature
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["topk", "softmax"])
+def test_temperature_divides_logits(name):
+    torch.manual_seed(0)
+    cold = make_router(name, 5, 4, 2, 1.0)
+    hot = make_router(name, 5, 4, 2, 2.0)
+    hot.load_state_dict(cold.state_dict())
+    x = inputs(11)
+    a, b = cold(x), hot(x)
+    torch.testing.assert_close(b.logits, a.logits / 2, rtol=0, atol=0)
+    torch.testing.assert_close(a.logits, cold.gate(x), rtol=0, atol=0)
+    torch.testing.assert_close(b.probs, torch.softmax(a.logits / 2, 1))
+    # flatter: the largest probability shrinks
+    assert (b.probs.max(1).values < a.probs.max(1).values).all()
+    assert torch.equal(a.indices, b.indices)  # monotone: same ranking
+
+
+# ---------------------------------------------------------------------------------------
+# 10. MoEOutput
+# ---------------------------------------------------------------------------------------
+
+
+def test_moe_output_fields():
+    assert MoEOutput._fields == ("output", "gates", "balance_loss", "z_loss", "expert_counts", "n_dropped")
+    module = make_moe().eval()
+    out = module(inputs(6))
+    assert out[0] is out.output
+    assert out.output.shape == (6, 2)
+
+
+@pytest.mark.parametrize("n_experts, top_k", [(4, 1), (4, 2), (6, 3)])
+def test_expert_counts_sum_to_n_times_k(n_experts, top_k):
+    module = make_moe(n_experts=n_experts, top_k=top_k, capacity_factor=1.0).train()
+    skew_router(module, bias=1.0)
+    out = module(inputs(15))
+    assert out.expert_counts.dtype == torch.int64
+    assert out.expert_counts.sum().item() == 15 * top_k
+    assert out.expert_counts.tolist() == torch.bincount(module.router(inputs(15)).indices.reshape(-1),
+                                                        minlength=n_experts).tolist()
+    assert out.n_dropped.dtype == torch.int64
+
+
+def test_empty_batch():
+    module = make_moe().eval()
+    out = module(torch.zeros(0, 5))
+    assert out.output.shape == (0, 2)
+    assert out.expert_counts.tolist() == [0, 0, 0, 0]
+    assert out.balance_loss.item() == 0.0
+    assert out.z_loss.item() == 0.0
+
+
+def test_top1_router_gets_task_gradient_with_unit_weight():
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 1, n_experts=3, top_k=1, expert_hidden=(8,))
+    out = module(torch.randn(16, 4))
+    torch.testing.assert_close(out.gates.sum(dim=1), torch.ones(16))
+    out.output.sum().backward()
+    assert module.router.gate.weight.grad.abs().sum() > 0

@@ -1,0 +1,369 @@
+"""Bad input and bad hyperparameters get a clear error."""
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.exceptions import NotFittedError
+
+from sklearn_moe import MoEClassifier, MoERegressor
+
+from .conftest import FAST
+
+TINY = dict(FAST, max_epochs=1)
+ESTIMATORS = [MoERegressor, MoEClassifier]
+by_name = pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+
+PREDICT_METHODS = {
+    MoERegressor: ["predict", "route", "score"],
+    MoEClassifier: ["predict", "predict_proba", "predict_log_proba", "route", "score"],
+}
+# (estimator class, prediction method taking only X)
+X_METHODS = [(cls, m) for cls, methods in PREDICT_METHODS.items() for m in methods if m != "score"]
+by_method = pytest.mark.parametrize(
+    ("estimator_class", "method"), X_METHODS, ids=[f"{cls.__name__}.{m}" for cls, m in X_METHODS]
+)
+
+
+def _data(estimator_class, n=100, seed=0):
+    rng = np.random.RandomState(seed)
+    X = rng.normal(size=(n, 3))
+    if estimator_class is MoERegressor:
+        return X, X[:, 0] - X[:, 1]
+    return X, np.where(X[:, 0] > 0, "pos", "neg")
+
+
+@pytest.fixture(scope="module")
+def fitted_models():
+    models = {}
+    for estimator_class in ESTIMATORS:
+        X, y = _data(estimator_class)
+        models[estimator_class] = estimator_class(**TINY).fit(X, y)
+    return models
+
+
+def _with_value(X, value, row=3, col=1):
+    X = X.copy()
+    X[row, col] = value
+    return X
+
+
+# ---------------------------------------------------------------------------- non-finite values
+
+
+@by_name
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(np.nan, "Input X contains NaN"), (np.inf, "Input X contains infinity"), (-np.inf, "Input X contains infinity")],
+    ids=["nan", "inf", "-inf"],
+)
+def test_non_finite_X_in_fit(estimator_class, value, message):
+    X, y = _data(estimator_class)
+    with pytest.raises(ValueError, match=message):
+        estimator_class(**TINY).fit(_with_value(X, value), y)
+
+
+@by_method
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(np.nan, "Input X contains NaN"), (np.inf, "Input X contains infinity")],
+    ids=["nan", "inf"],
+)
+def test_non_finite_X_in_predict(fitted_models, estimator_class, method, value, message):
+    model = fitted_models[estimator_class]
+    X, _ = _data(estimator_class)
+    with pytest.raises(ValueError, match=message):
+        getattr(model, method)(_with_value(X, value))
+
+
+def test_nan_in_y_regressor():
+    X, y = _data(MoERegressor)
+    y = y.copy()
+    y[5] = np.nan
+    with pytest.raises(ValueError, match="Input y contains NaN"):
+        MoERegressor(**TINY).fit(X, y)
+
+
+def test_inf_in_y_regressor():
+    X, y = _data(MoERegressor)
+    y = y.copy()
+    y[5] = np.inf
+    with pytest.raises(ValueError, match="Input y contains infinity"):
+        MoERegressor(**TINY).fit(X, y)
+
+
+def test_nan_in_y_classifier():
+    X, _ = _data(MoEClassifier)
+    y = np.where(X[:, 0] > 0, 1.0, 0.0)
+    y[5] = np.nan
+    with pytest.raises(ValueError, match="Input y contains NaN"):
+        MoEClassifier(**TINY).fit(X, y)
+
+
+# ---------------------------------------------------------------------------- shapes
+
+
+@by_method
+def test_wrong_number_of_features_at_predict(fitted_models, estimator_class, method):
+    model = fitted_models[estimator_class]
+    X, _ = _data(estimator_class)
+    with pytest.raises(ValueError, match=r"X has 2 features, but \w+ is expecting 3 features"):
+        getattr(model, method)(X[:, :2])
+    with pytest.raises(ValueError, match=r"X has 4 features, but \w+ is expecting 3 features"):
+        getattr(model, method)(np.hstack([X, X[:, :1]]))
+
+
+@by_name
+def test_empty_X_in_fit(estimator_class):
+    X, y = _data(estimator_class)
+    with pytest.raises(ValueError, match=r"0 sample\(s\)"):
+        estimator_class(**TINY).fit(X[:0], y[:0])
+
+
+@by_name
+def test_empty_X_in_predict(fitted_models, estimator_class):
+    X, _ = _data(estimator_class)
+    with pytest.raises(ValueError, match=r"0 sample\(s\)"):
+        fitted_models[estimator_class].predict(X[:0])
+
+
+@by_name
+def test_1d_X_in_fit(estimator_class):
+    X, y = _data(estimator_class)
+    with pytest.raises(ValueError, match="Expected 2D array, got 1D array"):
+        estimator_class(**TINY).fit(X[:, 0], y)
+
+
+@by_name
+def test_1d_X_in_predict(fitted_models, estimator_class):
+    X, _ = _data(estimator_class)
+    with pytest.raises(ValueError, match="Expected 2D array, got 1D array"):
+        fitted_models[estimator_class].predict(X[0])
+
+
+@by_name
+def test_y_of_wrong_length(estimator_class):
+    X, y = _data(estimator_class)
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        estimator_class(**TINY).fit(X, y[:-1])
+
+
+# ---------------------------------------------------------------------------- strings and classes
+
+
+def _frame_with_strings(n=100, seed=0):
+    rng = np.random.RandomState(seed)
+    return pd.DataFrame({
+        "age": rng.normal(size=n),
+        "city": rng.choice(["Paris", "Oslo"], size=n),
+        "income": rng.normal(size=n),
+    })
+
+
+@by_name
+def test_string_column_without_encoder_in_fit(estimator_class):
+    frame = _frame_with_strings()
+    _, y = _data(estimator_class)
+    with pytest.raises(ValueError, match="ColumnTransformer") as excinfo:
+        estimator_class(**TINY).fit(frame, y)
+    message = str(excinfo.value)
+    assert "'city'" in message
+    assert "'age'" not in message and "'income'" not in message
+
+
+@by_name
+def test_string_column_without_encoder_in_predict(estimator_class):
+    frame = _frame_with_strings()
+    _, y = _data(estimator_class)
+    model = estimator_class(**TINY).fit(frame.drop(columns="city").assign(city=0.0), y)
+    with pytest.raises(ValueError, match="ColumnTransformer") as excinfo:
+        model.predict(frame[["age", "income", "city"]])
+    assert "'city'" in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    "y",
+    [np.array(["only"] * 100), np.zeros(100, dtype=int)],
+    ids=["str", "int"],
+)
+def test_classifier_with_one_class(y):
+    X, _ = _data(MoEClassifier)
+    with pytest.raises(ValueError, match="class") as excinfo:
+        MoEClassifier(**TINY).fit(X, y)
+    assert "one class" in str(excinfo.value)
+
+
+def test_classifier_with_continuous_target():
+    X, _ = _data(MoEClassifier)
+    with pytest.raises(ValueError, match="Unknown label type"):
+        MoEClassifier(**TINY).fit(X, X[:, 0])
+
+
+def test_classifier_with_one_positively_weighted_class():
+    X, y = _data(MoEClassifier)
+    with pytest.raises(ValueError, match="class") as excinfo:
+        MoEClassifier(**TINY).fit(X, y, sample_weight=(y == "pos").astype(float))
+    assert "sample_weight" in str(excinfo.value)
+
+
+# ---------------------------------------------------------------------------- sample weights
+
+
+@by_name
+def test_negative_sample_weight(estimator_class):
+    X, y = _data(estimator_class)
+    weights = np.ones(len(y))
+    weights[7] = -1.0
+    with pytest.raises(ValueError, match="Negative values in data passed to `sample_weight`"):
+        estimator_class(**TINY).fit(X, y, sample_weight=weights)
+
+
+@by_name
+def test_all_zero_sample_weight(estimator_class):
+    X, y = _data(estimator_class)
+    with pytest.raises(ValueError, match=r"(?i)sample.?weights? must contain at least one (non-zero|positive)"):
+        estimator_class(**TINY).fit(X, y, sample_weight=np.zeros(len(y)))
+
+
+@by_name
+def test_non_finite_sample_weight(estimator_class):
+    X, y = _data(estimator_class)
+    weights = np.ones(len(y))
+    weights[2] = np.nan
+    with pytest.raises(ValueError, match="sample_weight contains NaN"):
+        estimator_class(**TINY).fit(X, y, sample_weight=weights)
+
+
+@by_name
+def test_sample_weight_of_wrong_length(estimator_class):
+    X, y = _data(estimator_class)
+    with pytest.raises(ValueError, match=r"sample_weight\.shape == \(99,\), expected \(100,\)"):
+        estimator_class(**TINY).fit(X, y, sample_weight=np.ones(len(y) - 1))
+
+
+# ---------------------------------------------------------------------------- not fitted
+
+
+ALL_METHODS = [(cls, m) for cls, methods in PREDICT_METHODS.items() for m in methods]
+
+
+@pytest.mark.parametrize(
+    ("estimator_class", "method"), ALL_METHODS, ids=[f"{cls.__name__}.{m}" for cls, m in ALL_METHODS]
+)
+def test_predict_before_fit(estimator_class, method):
+    model = estimator_class(**TINY)
+    X, y = _data(estimator_class)
+    args = (X, y) if method == "score" else (X,)
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        getattr(model, method)(*args)
+
+
+@by_name
+def test_module_before_fit(estimator_class):
+    # module_ is a property over net_; unfitted it must not look like a fitted attribute.
+    with pytest.raises(AttributeError):
+        estimator_class(**TINY).module_  # noqa: B018
+
+
+# ---------------------------------------------------------------------------- hyperparameters
+
+ACTIVATIONS = ["relu", "gelu", "silu", "tanh", "leaky_relu", "elu"]
+
+# (parameter, bad value, substrings that state the allowed values)
+BAD_HYPERPARAMETERS = [
+    ("n_experts", 0, ["[1, inf)"]),
+    ("n_experts", 2.5, ["int"]),
+    ("top_k", 0, ["[1, inf)"]),
+    ("top_k", 5, ["<= n_experts (4)"]),
+    ("router", "nope", ["'topk'", "'softmax'"]),
+    ("temperature", 0, ["(0.0, inf)"]),
+    ("temperature", -1.0, ["(0.0, inf)"]),
+    ("capacity_factor", 0.5, ["None", "[1.0, inf)"]),
+    ("balance_loss", "nope", ["'switch'", "None"]),
+    ("expert_hidden", (0,), ["positive ints"]),
+    ("expert_hidden", ("a",), ["positive ints"]),
+    ("expert_hidden", (16, -3), ["positive ints"]),
+    ("expert_hidden", 16, ["tuple", "list"]),
+    ("activation", "nope", [f"'{name}'" for name in ACTIVATIONS]),
+    ("dropout", 1.0, ["[0.0, 1.0)"]),
+    ("dropout", -0.1, ["[0.0, 1.0)"]),
+    ("batch_size", 0, ["[1, inf)"]),
+    ("learning_rate", 0, ["(0.0, inf)"]),
+    ("validation_fraction", 1.0, ["(0.0, 1.0)"]),
+    ("validation_fraction", 0.0, ["(0.0, 1.0)"]),
+    ("max_epochs", 0, ["[1, inf)"]),
+    ("n_iter_no_change", 0, ["[1, inf)"]),
+    ("weight_decay", -1.0, ["[0.0, inf)"]),
+    ("max_grad_norm", 0.0, ["None", "(0.0, inf)"]),
+    ("device", "tpu", ["'cpu'", "'cuda'", "'auto'"]),
+]
+
+
+@by_name
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    BAD_HYPERPARAMETERS,
+    ids=[f"{name}={value!r}" for name, value, _ in BAD_HYPERPARAMETERS],
+)
+def test_invalid_hyperparameter(estimator_class, name, value, allowed):
+    X, y = _data(estimator_class)
+    model = estimator_class(**dict(TINY, **{name: value}))
+    with pytest.raises(ValueError, match=re.escape(f"'{name}' parameter of {estimator_class.__name__}")) as excinfo:
+        model.fit(X, y)
+    message = str(excinfo.value)
+    for text in allowed:
+        assert text in message, f"{text!r} not in {message!r}"
+    assert f"Got {value!r}" in message
+    assert not model.__sklearn_is_fitted__()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+@by_name
+def test_cuda_requested_without_cuda(estimator_class):
+    X, y = _data(estimator_class)
+    with pytest.raises(ValueError, match="CUDA is not available") as excinfo:
+        estimator_class(**dict(TINY, device="cuda")).fit(X, y)
+    assert "device='cpu'" in str(excinfo.value)
+
+
+@by_name
+def test_router_topk_accepts_top_k_equal_to_n_experts(estimator_class):
+    # The boundary of the top_k <= n_experts check is allowed.
+    X, y = _data(estimator_class)
+    model = estimator_class(**dict(TINY, n_experts=3, top_k=3)).fit(X, y)
+    assert model.route(X).shape == (len(X), 3)
+
+
+# ---------------------------------------------------------------------------- failed fits
+
+
+@by_name
+def test_failed_fit_leaves_estimator_unfitted(estimator_class):
+    X, y = _data(estimator_class)
+    frame = pd.DataFrame(X, columns=["a", "b", "c"])
+    model = estimator_class(**TINY).fit(frame, y)
+    model.predict(frame)
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        model.fit(_with_value(X, np.nan), y)
+    with pytest.raises(NotFittedError):
+        model.predict(X)
+    for attribute in ("net_", "n_iter_", "history_", "expert_load_", "n_features_in_", "feature_names_in_"):
+        assert not hasattr(model, attribute), attribute
+    if estimator_class is MoEClassifier:
+        assert not hasattr(model, "classes_")
+    # And a later good fit works again.
+    model.fit(X, y)
+    assert model.predict(X).shape == (len(X),)
+
+
+@by_name
+def test_fit_failing_on_hyperparameter_leaves_estimator_unfitted(estimator_class):
+    X, y = _data(estimator_class)
+    model = estimator_class(**TINY).fit(X, y)
+    model.set_params(top_k=model.n_experts + 1)
+    with pytest.raises(ValueError, match="'top_k' parameter"):
+        model.fit(X, y)
+    with pytest.raises(NotFittedError):
+        model.predict(X)
