@@ -28,7 +28,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) -m benchmarks.regression_cv
+	$(PY) -m benchmarks.accuracy --suite foundation
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

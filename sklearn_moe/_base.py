@@ -6,6 +6,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
@@ -25,8 +26,26 @@ _PREDICT_BATCH_SIZE = 8192
 _MIN_VALIDATION_ROWS = 2
 
 
+# Sparse X (e.g. one-hot output of a ColumnTransformer) is densified up to this many cells
+# (2 GiB as float64); beyond it densifying would exhaust memory, so it is an error.
+_MAX_DENSE_CELLS = 2**28
+
+
 def _silent(*args, **kwargs):
     pass
+
+
+def _densify(X):
+    if not sp.issparse(X):
+        return X
+    n_cells = X.shape[0] * X.shape[1]
+    if n_cells > _MAX_DENSE_CELLS:
+        raise ValueError(
+            f"Sparse X of shape {X.shape} is too large to densify ({n_cells} cells > "
+            f"{_MAX_DENSE_CELLS}). Reduce the number of one-hot columns (e.g. "
+            "OneHotEncoder(max_categories=...) or min_frequency) or use fewer rows."
+        )
+    return X.toarray()
 
 
 class BaseMoE(BaseEstimator):
@@ -51,7 +70,7 @@ class BaseMoE(BaseEstimator):
         "layer_norm": ["boolean"],
         "skip_connections": ["boolean"],
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "early_stopping": ["boolean"],
@@ -82,8 +101,8 @@ class BaseMoE(BaseEstimator):
         layer_norm=False,
         skip_connections=True,
         max_epochs=200,
-        batch_size=256,
-        learning_rate=1e-3,
+        batch_size="auto",
+        learning_rate=3e-3,
         weight_decay=1e-4,
         early_stopping=True,
         validation_fraction=0.1,
@@ -126,11 +145,6 @@ class BaseMoE(BaseEstimator):
     def _check_hyperparameters(self) -> str:
         """Checks beyond ``_parameter_constraints``; returns the resolved torch device."""
         self._validate_params()
-        if self.top_k > self.n_experts:
-            raise ValueError(
-                f"The 'top_k' parameter of {type(self).__name__} must be <= n_experts "
-                f"({self.n_experts}). Got {self.top_k} instead."
-            )
         hidden = self.expert_hidden
         if not all(isinstance(h, Integral) and not isinstance(h, bool) and h >= 1 for h in hidden):
             raise ValueError(
@@ -153,19 +167,25 @@ class BaseMoE(BaseEstimator):
     def _validate_X(self, X, y="no_validation", reset=False, **kwargs):
         """``validate_data`` with a clearer error for string columns."""
         try:
-            return validate_data(self, X, y, reset=reset, dtype=np.float64, **kwargs)
+            validated = validate_data(self, X, y, reset=reset, dtype=np.float64, accept_sparse=True, **kwargs)
         except ValueError as error:
-            if "convert" not in str(error) or "float" not in str(error):
-                raise
-            columns = ""
-            if isinstance(X, pd.DataFrame):
-                names = list(X.select_dtypes(exclude=["number", "bool"]).columns)
-                columns = f" Non-numeric columns: {names}."
-            raise ValueError(
-                f"{type(self).__name__} needs numeric features, but X contains strings "
-                f"({error}).{columns} Encode categorical columns first, for example with "
-                "sklearn.compose.ColumnTransformer and a OneHotEncoder in a Pipeline."
-            ) from error
+            if "convert" in str(error) and "float" in str(error):
+                raise self._string_features_error(error, X) from error
+            raise
+        if isinstance(validated, tuple):
+            return (_densify(validated[0]), *validated[1:])
+        return _densify(validated)
+
+    def _string_features_error(self, error: ValueError, X) -> ValueError:
+        columns = ""
+        if isinstance(X, pd.DataFrame):
+            names = list(X.select_dtypes(exclude=["number", "bool"]).columns)
+            columns = f" Non-numeric columns: {names}."
+        return ValueError(
+            f"{type(self).__name__} needs numeric features, but X contains strings "
+            f"({error}).{columns} Encode categorical columns first, for example with "
+            "sklearn.compose.ColumnTransformer and a OneHotEncoder in a Pipeline."
+        )
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, X, y, sample_weight=None):
@@ -241,7 +261,7 @@ class BaseMoE(BaseEstimator):
             n_features=n_features,
             n_outputs=self._n_outputs,
             n_experts=self.n_experts,
-            top_k=self.top_k,
+            top_k=self._top_k,
             router=self.router,
             expert_hidden=tuple(self.expert_hidden),
             activation=self.activation,
@@ -278,7 +298,7 @@ class BaseMoE(BaseEstimator):
             optimizer__weight_decay=self.weight_decay,
             optimizer__fused=True,
             max_epochs=self.max_epochs,
-            batch_size=min(self.batch_size, len(train_table)),
+            batch_size=self._batch_size(len(train_table)),
             train_split=_PredefinedSplit(valid_table) if has_valid else None,
             callbacks=callbacks,
             device=device,
@@ -289,6 +309,20 @@ class BaseMoE(BaseEstimator):
             shuffle_generator=generator,
         )
 
+    @property
+    def _top_k(self) -> int:
+        """Experts per row: ``top_k``, at most ``n_experts`` (so ``n_experts=1`` needs no
+        ``top_k=1`` alongside it)."""
+        return min(self.top_k, self.n_experts)
+
+    def _batch_size(self, n_train: int) -> int:
+        """``"auto"``: about n/32 rounded down to a power of 2, within [32, 256], so that small
+        data sets still get enough optimizer steps per epoch."""
+        if self.batch_size == "auto":
+            size = 2 ** int(np.floor(np.log2(max(n_train / 32, 1))))
+            return int(min(n_train, min(256, max(32, size))))
+        return min(self.batch_size, n_train)
+
     def _history_frame(self, history) -> pd.DataFrame:
         rows = [{key: value for key, value in epoch.items() if key != "batches"} for epoch in history]
         frame = pd.DataFrame(rows)
@@ -296,7 +330,7 @@ class BaseMoE(BaseEstimator):
 
     def _expert_load(self, X_scaled: torch.Tensor) -> np.ndarray:
         gates = self._gates(X_scaled)
-        if self.router == "softmax" or self.top_k == self.n_experts:
+        if self.router == "softmax" or self._top_k == self.n_experts:
             return gates.mean(axis=0)
         return expert_utilization((gates > 0).sum(axis=0))
 
@@ -304,6 +338,11 @@ class BaseMoE(BaseEstimator):
         for name in ("net_", "n_iter_", "history_", "expert_load_", "n_features_in_",
                      "feature_names_in_", "classes_", "_x_mean", "_x_scale", "_y_mean", "_y_scale"):
             self.__dict__.pop(name, None)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True  # densified, up to a size limit
+        return tags
 
     # ------------------------------------------------------------------ prediction
     def __sklearn_is_fitted__(self) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.special import softmax
-from sklearn.base import ClassifierMixin, _fit_context
+from sklearn.base import ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from torch import nn
 
@@ -93,7 +93,6 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     def _criterion(self):
         return nn.CrossEntropyLoss(reduction="none")
 
-    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
         """Fit the model.
 

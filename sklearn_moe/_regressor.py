@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.base import RegressorMixin, _fit_context
+from sklearn.base import RegressorMixin
 from torch import nn
 
 from ._base import BaseMoE
@@ -49,8 +49,10 @@ class MoERegressor(RegressorMixin, BaseMoE):
     skip_connections : bool, default=True
         Residual connections between expert hidden layers of equal width.
     max_epochs : int, default=200
-    batch_size : int, default=256
-    learning_rate : float, default=0.001
+    batch_size : int or "auto", default="auto"
+        Rows per optimizer step. ``"auto"`` is about ``n_train / 32`` rounded down to a power
+        of 2 and kept within [32, 256]: small data sets get enough steps per epoch.
+    learning_rate : float, default=0.003
         AdamW learning rate.
     weight_decay : float, default=0.0001
         AdamW (decoupled) weight decay.
@@ -125,7 +127,6 @@ class MoERegressor(RegressorMixin, BaseMoE):
     def _criterion(self):
         return nn.MSELoss(reduction="none")
 
-    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
         """Fit the model.
 

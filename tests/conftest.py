@@ -37,6 +37,12 @@ def classification_data():
     return X, y
 
 
+def pytest_configure(config):
+    # The test models are tiny: one thread is fastest, and with pytest-xdist workers sharing
+    # the cores, more threads oversubscribe them (OpenMP spinning makes that ~10x slower).
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -114,6 +114,25 @@ def test_pipeline_with_column_transformer(estimator_class, numeric):
 
 
 @pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_pipeline_with_many_categories(estimator_class):
+    rng = np.random.RandomState(0)
+    n = 200
+    frame = pd.DataFrame({
+        "city": rng.choice([f"city{i}" for i in range(12)], size=n),
+        "a": rng.normal(size=n),
+        "b": rng.normal(size=n),
+    })
+    y = frame["a"].to_numpy() if estimator_class is MoERegressor else np.where(frame["a"] > 0, "up", "down")
+    # 12 one-hot columns + 2 numeric: density 3/14 < sparse_threshold=0.3, so the output is sparse.
+    pipe = Pipeline([
+        ("pre", ColumnTransformer([("cat", OneHotEncoder(), ["city"])], remainder="passthrough")),
+        ("model", estimator_class(**SHORT)),
+    ])
+    pipe.fit(frame, y)
+    assert pipe.predict(frame).shape == (n,)
+
+
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
 def test_feature_names_in_from_dataframe(estimator_class):
     X, y = _data_for(estimator_class)
     columns = [f"f{i}" for i in range(X.shape[1])]
@@ -121,7 +140,14 @@ def test_feature_names_in_from_dataframe(estimator_class):
     model = estimator_class(**SHORT).fit(frame, y)
     np.testing.assert_array_equal(model.feature_names_in_, columns)
     assert model.n_features_in_ == X.shape[1]
-    np.testing.assert_array_equal(model.predict(frame), model.predict(X))
+    # Fitting on the DataFrame is fitting on its values.
+    from_array = estimator_class(**SHORT).fit(X, y)
+    ours, theirs = _predictions(model, frame), _predictions(from_array, X)
+    for name, values in ours.items():
+        if values.dtype.kind == "f":
+            np.testing.assert_allclose(values, theirs[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(values, theirs[name], err_msg=name)
 
 
 def test_no_feature_names_in_from_ndarray(fitted):
@@ -216,6 +242,20 @@ def test_predictions_do_not_depend_on_the_batch(estimator_class, extra):
         np.testing.assert_allclose(shuffled[name][inverse], expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_predictions_beyond_one_internal_chunk(fitted):
+    # Prediction runs in chunks of 8192 rows; more rows than that must not change anything.
+    model, X, _ = fitted
+    index = np.arange(9000) % len(X)
+    big = _predictions(model, X[index])
+    small = _predictions(model, X)
+    for name, values in big.items():
+        assert len(values) == 9000
+        if values.dtype.kind == "f":
+            np.testing.assert_allclose(values, small[name][index], rtol=1e-5, atol=1e-6, err_msg=name)
+        else:
+            np.testing.assert_array_equal(values, small[name][index], err_msg=name)
+
+
 # ---------------------------------------------------------------------------- reproducibility
 
 
@@ -229,15 +269,18 @@ def test_same_random_state_gives_identical_predictions(fitted):
         np.testing.assert_array_equal(again.predict_proba(X), model.predict_proba(X))
 
 
-def test_different_random_state_gives_different_weights(fitted):
-    model, X, y = fitted
-    other = clone(model).set_params(random_state=1, max_epochs=2).fit(X, y)
-    ours = model.module_.state_dict()
-    theirs = other.module_.state_dict()
-    assert ours.keys() == theirs.keys()
-    differs = [name for name in ours if not torch.equal(ours[name], theirs[name])]
-    # Every parameter tensor is randomly initialised, so each should differ.
-    assert len(differs) == len(ours)
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_different_random_state_gives_different_weights(estimator_class):
+    X, y = _data_for(estimator_class, n=120)
+    params = dict(SHORT, max_epochs=2, early_stopping=False)
+    seed0 = estimator_class(**dict(params, random_state=0)).fit(X, y).module_.state_dict()
+    seed0_again = estimator_class(**dict(params, random_state=0)).fit(X, y).module_.state_dict()
+    seed1 = estimator_class(**dict(params, random_state=1)).fit(X, y).module_.state_dict()
+    assert seed0.keys() == seed1.keys() == seed0_again.keys()
+    for name in seed0:
+        assert torch.equal(seed0[name], seed0_again[name]), name
+        # Every parameter tensor is randomly initialised, so each one should differ.
+        assert not torch.equal(seed0[name], seed1[name]), name
 
 
 # ---------------------------------------------------------------------------- regressor targets
@@ -250,9 +293,9 @@ def test_regressor_1d_target_gives_1d_predictions(fitted_regressor):
     assert pred.dtype == np.float64
 
 
-def test_regressor_column_target_gives_column_predictions():
-    X, y = _regression()
-    model = MoERegressor(**SHORT).fit(X, y.reshape(-1, 1))
+def test_regressor_column_target_gives_column_predictions(regression_data, fast_params):
+    X, y = regression_data
+    model = MoERegressor(**dict(fast_params, max_epochs=5)).fit(X, y.reshape(-1, 1))
     pred = model.predict(X)
     assert pred.shape == (len(X), 1)
     assert pred.dtype == np.float64
@@ -350,18 +393,24 @@ def _conflicting_groups(n=200, seed=0):
     """Two groups with the same feature distribution and contradictory targets."""
     rng = np.random.RandomState(seed)
     X = rng.normal(size=(n, 3))
+    X[:, 0] += np.sign(X[:, 0])  # a clear gap between x0 < 0 and x0 > 0
     in_b = rng.permutation(np.arange(n) % 2 == 1)
     return X, in_b
 
 
 def test_upweighted_group_pulls_regression_predictions():
     X, in_b = _conflicting_groups()
-    y = np.where(in_b, 10.0, 0.0)  # group A: 0, group B: 10; X cannot tell them apart
-    heavy_b = MoERegressor(**SHORT).fit(X, y, sample_weight=np.where(in_b, 50.0, 1.0))
-    heavy_a = MoERegressor(**SHORT).fit(X, y, sample_weight=np.where(in_b, 1.0, 50.0))
-    # Unweighted, the best prediction would be about 5; the weighted optimum is 50/51 of the way.
-    assert heavy_b.predict(X).mean() > 8.0
-    assert heavy_a.predict(X).mean() < 2.0
+    right = X[:, 0] > 0
+    # Group B's target is +10 on the right and -10 on the left, group A's the opposite; the
+    # features cannot tell the groups apart, and the weighted target mean is about 0 either way,
+    # so only the weighted loss can move the predictions to the heavy group's targets.
+    y = np.where(in_b, 10.0, -10.0) * np.where(right, 1.0, -1.0)
+    heavy_b = MoERegressor(**FAST).fit(X, y, sample_weight=np.where(in_b, 50.0, 1.0))
+    heavy_a = MoERegressor(**FAST).fit(X, y, sample_weight=np.where(in_b, 1.0, 50.0))
+    pred_b, pred_a = heavy_b.predict(X), heavy_a.predict(X)
+    # Unweighted, the best prediction is 0 everywhere; weighted, it is +-10 * 49/51.
+    assert pred_b[right].mean() > 5.0 and pred_b[~right].mean() < -5.0
+    assert pred_a[right].mean() < -5.0 and pred_a[~right].mean() > 5.0
 
 
 def test_upweighted_class_pulls_classifier_predictions():
@@ -433,9 +482,9 @@ def test_softmax_router_routes_to_every_expert():
 # ---------------------------------------------------------------------------- early stopping
 
 
-def test_early_stopping_stops_before_max_epochs():
-    X, y = _regression()
-    model = MoERegressor(**dict(FAST, max_epochs=1000, n_iter_no_change=3, tol=1e-2)).fit(X, y)
+def test_early_stopping_stops_before_max_epochs(regression_data, fast_params):
+    X, y = regression_data
+    model = MoERegressor(**dict(fast_params, max_epochs=1000, n_iter_no_change=3, tol=1e-2)).fit(X, y)
     assert model.n_iter_ < 1000
     assert len(model.history_) == model.n_iter_
     assert "valid_loss" in model.history_.columns
@@ -464,7 +513,7 @@ def test_warm_start_continues_training(estimator_class):
 
     model.fit(X, y)
     second_fit_start = model.history_["train_loss"].iloc[0]
-    assert second_fit_start < 0.7 * first_fit_start
+    assert second_fit_start < 0.5 * first_fit_start
 
     # Without warm_start a second fit starts afresh.
     cold = estimator_class(**dict(FAST, max_epochs=15)).fit(X, y)
@@ -472,8 +521,8 @@ def test_warm_start_continues_training(estimator_class):
     np.testing.assert_allclose(cold.history_["train_loss"].iloc[0], first_fit_start, rtol=1e-6)
 
 
-def test_warm_start_with_different_number_of_features_raises(fitted_regressor):
-    _, X, y = fitted_regressor
+def test_warm_start_with_different_number_of_features_raises(regression_data):
+    X, y = regression_data
     model = MoERegressor(**dict(SHORT, max_epochs=2, warm_start=True)).fit(X, y)
     before = model.predict(X)
     with pytest.raises(ValueError, match="features"):
@@ -482,8 +531,8 @@ def test_warm_start_with_different_number_of_features_raises(fitted_regressor):
     np.testing.assert_array_equal(model.predict(X), before)
 
 
-def test_warm_start_classifier_rejects_new_classes():
-    X, y = _classification()
+def test_warm_start_classifier_rejects_new_classes(classification_data):
+    X, y = classification_data
     model = MoEClassifier(**dict(SHORT, max_epochs=2, warm_start=True)).fit(X, y)
     y_new = np.where(np.arange(len(y)) < 20, "maybe", y)
     with pytest.raises(ValueError, match="maybe"):
