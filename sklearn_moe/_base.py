@@ -106,7 +106,7 @@ class BaseMoE(BaseEstimator):
         weight_decay=1e-4,
         early_stopping=True,
         validation_fraction=0.1,
-        n_iter_no_change=20,
+        n_iter_no_change=30,
         tol=1e-4,
         max_grad_norm=1.0,
         device="auto",
@@ -167,7 +167,9 @@ class BaseMoE(BaseEstimator):
     def _validate_X(self, X, y="no_validation", reset=False, **kwargs):
         """``validate_data`` with a clearer error for string columns."""
         try:
-            validated = validate_data(self, X, y, reset=reset, dtype=np.float64, accept_sparse=True, **kwargs)
+            validated = validate_data(
+                self, X, y, reset=reset, dtype=np.float64, accept_sparse=("csr", "csc", "coo"), **kwargs
+            )
         except ValueError as error:
             if "convert" in str(error) and "float" in str(error):
                 raise self._string_features_error(error, X) from error
@@ -336,7 +338,8 @@ class BaseMoE(BaseEstimator):
 
     def _clear_fitted_state(self):
         for name in ("net_", "n_iter_", "history_", "expert_load_", "n_features_in_",
-                     "feature_names_in_", "classes_", "_x_mean", "_x_scale", "_y_mean", "_y_scale"):
+                     "feature_names_in_", "classes_", "_x_mean", "_x_scale", "_y_mean", "_y_scale",
+                     "_y_ndim", "_n_outputs"):
             self.__dict__.pop(name, None)
 
     def __sklearn_tags__(self):

@@ -62,7 +62,7 @@ class MoERegressor(RegressorMixin, BaseMoE):
         best weights. With too few rows for a split the training loss is monitored. When False,
         training stops once the training loss stalls, as in scikit-learn's MLP.
     validation_fraction : float, default=0.1
-    n_iter_no_change : int, default=20
+    n_iter_no_change : int, default=30
     tol : float, default=0.0001
     max_grad_norm : float or None, default=1.0
         Gradient norm clipping; None disables it.

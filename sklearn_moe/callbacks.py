@@ -19,6 +19,7 @@ class RoutingMetrics(Callback):
     """
 
     def on_epoch_begin(self, net, **kwargs):
+        # Accumulated on the model's device: no host synchronisation per batch.
         self._counts = None
         self._entropy_sum = 0.0
         self._rows = 0
@@ -30,10 +31,10 @@ class RoutingMetrics(Callback):
         counts = y_pred.expert_counts.detach()
         self._counts = counts if self._counts is None else self._counts + counts
         gates = y_pred.gates.detach()
-        entropy = -torch.where(gates > 0, gates * gates.clamp_min(1e-30).log(), 0.0).sum(dim=1)
-        self._entropy_sum += float(entropy.sum())
+        entropy = -torch.where(gates > 0, gates * gates.clamp_min(1e-30).log(), 0.0).sum()
+        self._entropy_sum = self._entropy_sum + entropy
         self._rows += gates.shape[0]
-        self._dropped += int(y_pred.n_dropped)
+        self._dropped = self._dropped + y_pred.n_dropped.detach()
 
     averaged_keys = ("task_loss", "balance_loss", "z_loss")
 
@@ -48,5 +49,5 @@ class RoutingMetrics(Callback):
                 net.history.record(key, sum(v * s for v, s in zip(values, sizes)) / sum(sizes))
         total = int(self._counts.sum())
         net.history.record("load_imbalance", load_imbalance(self._counts))
-        net.history.record("routing_entropy", self._entropy_sum / max(self._rows, 1))
-        net.history.record("dropped_fraction", self._dropped / max(total, 1))
+        net.history.record("routing_entropy", float(self._entropy_sum) / max(self._rows, 1))
+        net.history.record("dropped_fraction", int(self._dropped) / max(total, 1))
