@@ -5,7 +5,6 @@ import re
 import pytest
 
 
-
 @pytest.mark.slow
 def test_demo_prints_a_table_of_all_models(capsys):
     from examples.demo import main
