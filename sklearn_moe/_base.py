@@ -16,7 +16,7 @@ from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, P
 
 from ._data import TensorTable
 from ._net import MoENet, module_device
-from ._scaling import fit_standardizer, scale_features
+from ._scaling import fit_robust_scaler, scale_features
 from .callbacks import RoutingMetrics
 from .diagnostics import expert_utilization
 from .nn import ACTIVATIONS, ROUTERS, MixtureOfExperts
@@ -211,7 +211,7 @@ class BaseMoE(BaseEstimator):
         if reuse:
             x_mean, x_scale = self._x_mean, self._x_scale
         else:
-            x_mean, x_scale = fit_standardizer(X, sample_weight)
+            x_mean, x_scale = fit_robust_scaler(X, sample_weight)
         X_scaled = scale_features(X, x_mean, x_scale)
 
         rng = check_random_state(self.random_state)

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
-# Standardised inputs pass through x / sqrt(1 + (x / SMOOTH_CLIP)^2): close to the identity
+# Robustly standardised inputs pass through x / sqrt(1 + (x / SMOOTH_CLIP)^2): close to the identity
 # within +-2, bounded by +-SMOOTH_CLIP, so outliers (even 1e30) cannot blow up the network
 # (the smooth clipping of RealMLP, Holzmueller et al. 2024).
 SMOOTH_CLIP = 3.0
+
+
+# The interquartile range of a normal distribution is 1.349 standard deviations.
+_IQR_PER_STD = 1.349
+
+
+def _negligible(spread: np.ndarray, center: np.ndarray) -> np.ndarray:
+    return ~np.isfinite(spread) | (spread <= 1e-12 * np.maximum(np.abs(center), 1.0))
 
 
 def fit_standardizer(values: np.ndarray, sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -18,15 +26,55 @@ def fit_standardizer(values: np.ndarray, sample_weight: np.ndarray | None = None
     """
     values = np.asarray(values, dtype=np.float64)
     weights = np.ones(values.shape[0]) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    mean = np.average(values, axis=0, weights=weights)
-    # Subtract the mean before squaring so that huge magnitudes (1e30) don't overflow.
-    spread = np.sqrt(np.average((values - mean) ** 2, axis=0, weights=weights))
-    tiny = ~np.isfinite(spread) | (spread <= 1e-12 * np.maximum(np.abs(mean), 1.0))
-    scale = np.where(tiny, 1.0, spread)
-    return mean, scale
+    # Work on values divided by each column's magnitude, so that sums and squares of huge
+    # values (1e300) cannot overflow.
+    magnitude = np.abs(values).max(axis=0, initial=0.0)
+    magnitude = np.where(magnitude > 0, magnitude, 1.0)
+    unit = values / magnitude
+    unit_mean = np.average(unit, axis=0, weights=weights)
+    unit_spread = np.sqrt(np.average((unit - unit_mean) ** 2, axis=0, weights=weights))
+    mean, spread = unit_mean * magnitude, unit_spread * magnitude
+    return mean, np.where(_negligible(spread, mean), 1.0, spread)
+
+
+def weighted_quantiles(values: np.ndarray, quantiles, sample_weight: np.ndarray | None = None) -> np.ndarray:
+    """Column-wise quantiles (inverted CDF), shape (len(quantiles), n_columns).
+
+    Rows with zero weight do not count.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if sample_weight is not None:
+        keep = np.asarray(sample_weight) > 0
+        values, weights = values[keep], np.asarray(sample_weight, dtype=np.float64)[keep]
+    else:
+        weights = np.ones(values.shape[0])
+    order = np.argsort(values, axis=0, kind="stable")
+    cumulative = np.cumsum(weights[order], axis=0)
+    cumulative /= cumulative[-1]
+    columns = np.arange(values.shape[1])
+    result = []
+    for q in np.atleast_1d(quantiles):
+        position = np.minimum((cumulative < q).sum(axis=0), values.shape[0] - 1)
+        result.append(values[order[position, columns], columns])
+    return np.array(result)
+
+
+def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Column centres and scales for the inputs: median and interquartile range / 1.349.
+
+    Robust to outliers and skew, and equal to mean and standard deviation for normal data.
+    Columns whose interquartile range is zero (e.g. rare one-hot columns) fall back to mean
+    and standard deviation, and constant columns to a scale of 1.
+    """
+    median, q25, q75 = weighted_quantiles(values, (0.5, 0.25, 0.75), sample_weight)
+    spread = (q75 - q25) / _IQR_PER_STD
+    mean, std = fit_standardizer(values, sample_weight)
+    robust = ~_negligible(spread, median)
+    return np.where(robust, median, mean), np.where(robust, spread, std)
 
 
 def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Standardise then smoothly clip ``X``; returns float32."""
-    z = (np.asarray(X, dtype=np.float64) - mean) / scale
-    return (z / np.sqrt(1.0 + (z / SMOOTH_CLIP) ** 2)).astype(np.float32)
+    """Centre, scale, then smoothly clip ``X``; returns float32."""
+    t = (np.asarray(X, dtype=np.float64) - mean) / (scale * SMOOTH_CLIP)
+    # hypot instead of sqrt(1 + t^2): no overflow for huge t, which maps to +-SMOOTH_CLIP.
+    return (SMOOTH_CLIP * t / np.hypot(1.0, t)).astype(np.float32)

@@ -1,0 +1,53 @@
+"""The estimators' internal input and target scaling."""
+
+import numpy as np
+import pytest
+
+from sklearn_moe._scaling import (
+    SMOOTH_CLIP,
+    fit_robust_scaler,
+    fit_standardizer,
+    scale_features,
+    weighted_quantiles,
+)
+
+
+def test_weighted_quantiles_match_numpy_and_ignore_zero_weights():
+    X = np.random.RandomState(0).normal(size=(1001, 3))
+    expected = np.quantile(X, [0.25, 0.5, 0.75], axis=0, method="inverted_cdf")
+    np.testing.assert_array_equal(weighted_quantiles(X, (0.25, 0.5, 0.75)), expected)
+    weights = np.r_[np.zeros(500), np.ones(501)]
+    np.testing.assert_array_equal(weighted_quantiles(X, (0.5,), weights), weighted_quantiles(X[500:], (0.5,)))
+    # An integer weight equals repeating the row.
+    doubled = weighted_quantiles(np.r_[X, X[:10]], (0.5,))
+    np.testing.assert_array_equal(weighted_quantiles(X, (0.5,), np.r_[2 * np.ones(10), np.ones(991)]), doubled)
+
+
+def test_robust_scaler_is_median_and_iqr_with_fallbacks():
+    rng = np.random.RandomState(0)
+    column = rng.normal(size=1000)
+    rare_binary = (np.arange(1000) < 100).astype(float)  # IQR 0: falls back to mean/std
+    constant = np.full(1000, 7.0)
+    X = np.c_[column, rare_binary, constant]
+    center, scale = fit_robust_scaler(X)
+    q25, q50, q75 = np.quantile(column, [0.25, 0.5, 0.75], method="inverted_cdf")
+    assert center[0] == q50 and scale[0] == pytest.approx((q75 - q25) / 1.349)
+    assert center[1] == pytest.approx(0.1) and scale[1] == pytest.approx(0.3)
+    assert center[2] == 7.0 and scale[2] == 1.0
+
+
+def test_outliers_are_bounded_by_smooth_clipping():
+    X = np.r_[np.random.RandomState(0).normal(size=(100, 1)), [[1e30]], [[-1e300]]]
+    center, scale = fit_robust_scaler(X)
+    Z = scale_features(X, center, scale)
+    assert np.isfinite(Z).all() and np.abs(Z).max() <= SMOOTH_CLIP
+    assert Z[-2, 0] == pytest.approx(SMOOTH_CLIP) and Z[-1, 0] == pytest.approx(-SMOOTH_CLIP)
+    assert np.abs(Z[:-2]).max() < SMOOTH_CLIP
+    # Close to the identity near the centre.
+    one_scale_up = scale_features(np.array([[center[0] + scale[0]]]), center, scale)[0, 0]
+    assert one_scale_up == pytest.approx(1 / np.sqrt(1 + 1 / 9))
+
+
+def test_standardizer_handles_huge_magnitudes():
+    mean, scale = fit_standardizer(np.array([[1e30], [-1e30], [0.0]]))
+    assert np.isfinite(mean).all() and np.isfinite(scale).all() and scale[0] > 0
