@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import softmax
+from scipy.special import log_softmax, softmax
 from sklearn.base import ClassifierMixin
+from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.utils.multiclass import check_classification_targets
 from torch import nn
 
@@ -84,8 +85,6 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         present = counts[counts > 0]
         if present.min() < 2 or n_valid < present.size or len(targets) - n_valid < present.size:
             return rng.permutation(len(targets))
-        from sklearn.model_selection import StratifiedShuffleSplit
-
         split = StratifiedShuffleSplit(n_splits=1, test_size=n_valid, random_state=rng)
         train, valid = next(split.split(np.zeros(len(targets)), targets))
         return np.concatenate([valid, train])
@@ -129,8 +128,6 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
 
     def predict_log_proba(self, X):
         """Logarithm of :meth:`predict_proba`."""
-        from scipy.special import log_softmax
-
         return log_softmax(self._raw_output(X), axis=1)
 
     def predict(self, X):
