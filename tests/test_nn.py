@@ -59,6 +59,18 @@ def reference_plan(indices, weights, capacity):
     return {key: (slot, w / totals[key[0]]) for key, (slot, w) in kept.items()}
 
 
+def assert_plan_matches_reference(plan, indices, weights, capacity, rel):
+    """Same kept (row, expert) pairs, slots and weights as the slow reference."""
+    ref = reference_plan(indices, weights, capacity)
+    got = {(int(r), int(e)): (int(s), float(w)) for r, e, s, w in
+           zip(plan.rows, plan.experts, plan.slots, plan.weights)}
+    assert got.keys() == ref.keys()
+    for key in ref:
+        assert got[key][0] == ref[key][0]
+        assert got[key][1] == pytest.approx(ref[key][1], rel=rel)
+    return got
+
+
 # ---------------------------------------------------------------------------------------
 # 1. dense router == top-k with k = n_experts; sparse dispatch == dense combine
 # ---------------------------------------------------------------------------------------
@@ -309,13 +321,7 @@ def test_capacity_on_skewed_routing():
     assert int(plan.slots.max()) < plan.n_slots == capacity
     assert (plan.experts[1:] >= plan.experts[:-1]).all()
     # exactly the reference drop rule
-    ref = reference_plan(indices, weights, capacity)
-    got = {(int(r), int(e)): (int(s), float(w)) for r, e, s, w in
-           zip(plan.rows, plan.experts, plan.slots, plan.weights)}
-    assert got.keys() == ref.keys()
-    for key in ref:
-        assert got[key][0] == ref[key][0]
-        assert got[key][1] == pytest.approx(ref[key][1], rel=1e-5)
+    assert_plan_matches_reference(plan, indices, weights, capacity, rel=1e-5)
 
 
 @st.composite
@@ -338,13 +344,7 @@ def routings(draw):
 def test_plan_dispatch_matches_reference(routing):
     indices, weights, n_experts, capacity = routing
     plan = plan_dispatch(indices, weights, n_experts, capacity)
-    ref = reference_plan(indices, weights, capacity)
-    got = {(int(r), int(e)): (int(s), float(w)) for r, e, s, w in
-           zip(plan.rows, plan.experts, plan.slots, plan.weights)}
-    assert got.keys() == ref.keys()
-    for key in ref:
-        assert got[key][0] == ref[key][0]
-        assert got[key][1] == pytest.approx(ref[key][1], rel=1e-9)
+    got = assert_plan_matches_reference(plan, indices, weights, capacity, rel=1e-9)
     assert plan.counts.tolist() == torch.bincount(indices.reshape(-1), minlength=n_experts).tolist()
     assert all(s < plan.n_slots for s, _ in got.values())
     if capacity is not None:
