@@ -314,7 +314,7 @@ class BaseMoE(BaseEstimator):
     @property
     def _top_k(self) -> int:
         """Experts per row: ``top_k``, at most ``n_experts`` (so ``n_experts=1`` needs no
-        ``top_k=1`` alongside it)."""
+        ``top_k=1`` alongside it). The switch router always uses 1."""
         return min(self.top_k, self.n_experts)
 
     def _batch_size(self, n_train: int) -> int:
@@ -332,7 +332,7 @@ class BaseMoE(BaseEstimator):
 
     def _expert_load(self, X_scaled: torch.Tensor) -> np.ndarray:
         gates = self._gates(X_scaled)
-        if self.router == "softmax" or self._top_k == self.n_experts:
+        if self.module_.router.is_dense:
             return gates.mean(axis=0)
         return expert_utilization((gates > 0).sum(axis=0))
 

@@ -24,17 +24,23 @@ class MoERegressor(RegressorMixin, BaseMoE):
         Number of experts. ``n_experts=1`` is a plain MLP (the non-MoE ablation).
     top_k : int, default=2
         Experts per row, ``1 <= top_k <= n_experts``. Unused by ``router="softmax"``.
-    router : {"topk", "softmax"}, default="topk"
+    router : {"topk", "softmax", "noisy_topk", "switch"}, default="topk"
         ``"topk"``: each row goes to its ``top_k`` highest-scoring experts, gate weights
         renormalised over them. ``"softmax"``: dense soft mixture, every expert on every row.
+        ``"noisy_topk"``: top-k with learned Gaussian noise on the ranking in training
+        (Shazeer et al. 2017). ``"switch"``: top-1 with multiplicative input jitter in
+        training (Fedus et al. 2021). Prediction is noise-free for every router.
     temperature : float, default=1.0
         Router softmax temperature (> 0); lower is sharper.
     capacity_factor : float or None, default=None
         In training only, cap each expert at ``ceil(capacity_factor * batch * top_k /
         n_experts)`` rows per batch (>= 1); ``None`` is dropless. Prediction is always
         dropless and independent of the batch.
-    balance_loss : {"switch"} or None, default="switch"
-        Load-balancing loss (Switch Transformer, 1 at perfect balance for any ``top_k``).
+    balance_loss : {"switch", "cv2"} or None, default="switch"
+        Load-balancing loss: ``"switch"`` (Switch Transformer, 1 at perfect balance for any
+        ``top_k``) or ``"cv2"`` (Shazeer et al.'s importance + load squared coefficient of
+        variation, 0 at perfect balance; with ``"noisy_topk"`` its load term is the smooth,
+        differentiable estimate).
     balance_coef : float, default=0.01
         Weight of the balance loss.
     z_loss_coef : float, default=0.001

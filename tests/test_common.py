@@ -20,7 +20,12 @@ def expected_failed_checks(estimator):
 
 
 @parametrize_with_checks(
-    [MoERegressor(**FAST), MoEClassifier(**FAST)],
+    [
+        MoERegressor(**FAST),
+        MoEClassifier(**FAST),
+        MoERegressor(**dict(FAST, router="noisy_topk", balance_loss="cv2", capacity_factor=1.25)),
+        MoEClassifier(**dict(FAST, router="switch")),
+    ],
     expected_failed_checks=expected_failed_checks,
 )
 def test_sklearn_compatible(estimator, check):

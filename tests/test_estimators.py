@@ -217,8 +217,9 @@ def test_joblib_round_trip(fitted, tmp_path):
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"capacity_factor": 1.0}, {"router": "softmax"}],
-    ids=["topk", "capacity_factor=1", "softmax"],
+    [{}, {"capacity_factor": 1.0}, {"router": "softmax"},
+     {"router": "noisy_topk", "capacity_factor": 1.0, "balance_loss": "cv2"}, {"router": "switch"}],
+    ids=["topk", "capacity_factor=1", "softmax", "noisy_topk", "switch"],
 )
 @pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
 def test_predictions_do_not_depend_on_the_batch(estimator_class, extra):

@@ -13,6 +13,7 @@ from sklearn_moe.nn import (
     MoEOutput,
     StackedExperts,
     TopKRouter,
+    cv2_balance_loss,
     dense_combine,
     dispatch_combine,
     expert_capacity,
@@ -665,4 +666,90 @@ def test_top1_router_gets_task_gradient_with_unit_weight():
     out = module(torch.randn(16, 4))
     torch.testing.assert_close(out.gates.sum(dim=1), torch.ones(16))
     out.output.sum().backward()
+    assert module.router.gate.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- noisy top-k, switch, cv2
+
+
+def test_noisy_topk_selects_by_noisy_scores_and_estimates_selection_probability():
+    torch.manual_seed(0)
+    router = make_router("noisy_topk", 5, 6, 2, 1.0)
+    torch.nn.init.normal_(router.noise.weight)
+    x = torch.randn(40, 5)
+    torch.manual_seed(123)
+    routing = router(x)
+    with torch.no_grad():
+        logits = router.compute_logits(x)
+        noise_std = torch.nn.functional.softplus(router.noise(x)) + 1e-6
+    torch.manual_seed(123)
+    noisy = logits + torch.randn_like(logits) * noise_std
+    torch.testing.assert_close(routing.indices, noisy.topk(2, dim=-1).indices)
+    torch.testing.assert_close(routing.weights, noisy.topk(2, dim=-1).values.softmax(dim=-1))
+    # selection probability: P(clean + noise > 2nd largest noisy score among the others)
+    expected = torch.empty_like(logits)
+    for row in range(40):
+        for expert in range(6):
+            others = torch.cat([noisy[row, :expert], noisy[row, expert + 1:]])
+            threshold = others.topk(2).values[-1]
+            z = (logits[row, expert] - threshold) / noise_std[row, expert]
+            expected[row, expert] = 0.5 * (1 + math.erf(float(z) / math.sqrt(2)))
+    torch.testing.assert_close(routing.selection_probs, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_noisy_topk_is_noise_free_at_prediction():
+    torch.manual_seed(0)
+    noisy = make_router("noisy_topk", 5, 6, 2, 1.0)
+    plain = make_router("topk", 5, 6, 2, 1.0)
+    plain.gate.load_state_dict(noisy.gate.state_dict())
+    noisy.eval()
+    x = torch.randn(30, 5)
+    a, b = noisy(x), plain(x)
+    torch.testing.assert_close(a.indices, b.indices)
+    torch.testing.assert_close(a.weights, b.weights)
+    assert a.selection_probs is None
+
+
+def test_switch_router_is_top1_with_training_jitter_only():
+    torch.manual_seed(0)
+    switch = make_router("switch", 5, 4, 3, 1.0)  # top_k is not used
+    x = torch.randn(50, 5)
+    routing = switch(x)
+    assert routing.indices.shape == (50, 1)
+    torch.testing.assert_close(routing.weights, torch.ones(50, 1))
+    assert not torch.equal(routing.logits, switch.gate(x))  # jittered input in training
+    switch.eval()
+    torch.testing.assert_close(switch(x).logits, switch.gate(x))
+
+
+def test_cv2_loss_is_zero_with_zero_gradient_at_perfect_balance():
+    gates = torch.full((8, 4), 0.25, requires_grad=True)
+    load = torch.full((8, 4), 0.5, requires_grad=True)
+    loss = cv2_balance_loss(gates, load)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(gates.grad).all() and gates.grad.abs().max() == 0
+    assert torch.isfinite(load.grad).all()
+
+
+def test_cv2_loss_is_importance_plus_load_squared_cv():
+    gates = torch.tensor([[0.7, 0.3, 0.0], [0.6, 0.0, 0.4], [0.0, 0.0, 1.0]])
+    load = (gates > 0).float()
+    importance, counts = gates.sum(0), load.sum(0)
+    expected = importance.var(unbiased=False) / importance.mean() ** 2 + counts.var(unbiased=False) / counts.mean() ** 2
+    torch.testing.assert_close(cv2_balance_loss(gates, load), expected)
+    # masked rows do not count
+    mask = torch.tensor([True, True, True, False])
+    padded = cv2_balance_loss(torch.cat([gates, torch.tensor([[1.0, 0, 0]])]),
+                              torch.cat([load, torch.tensor([[1.0, 0, 0]])]), mask)
+    torch.testing.assert_close(padded, expected)
+
+
+@pytest.mark.parametrize("router", ["noisy_topk", "switch"])
+def test_new_routers_train_a_module_end_to_end(router):
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 1, n_experts=4, top_k=2, router=router, balance_loss="cv2", expert_hidden=(8,))
+    out = module(torch.randn(32, 4))
+    (out.output.sum() + out.balance_loss).backward()
+    assert torch.isfinite(out.balance_loss)
     assert module.router.gate.weight.grad.abs().sum() > 0

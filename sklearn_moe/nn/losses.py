@@ -64,4 +64,41 @@ def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-BALANCE_LOSSES = {"switch": switch_balance_loss}
+def squared_cv(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation ``var / mean^2`` (population variance).
+
+    Computed from the variance, never from a standard deviation: the gradient of ``std``
+    at perfect balance (std = 0) is NaN, that of the variance is 0.
+    """
+    if values.numel() < 2:
+        return values.new_zeros(())
+    return values.var(unbiased=False) / (values.mean().square() + eps)
+
+
+def cv2_balance_loss(
+    gates: torch.Tensor, load: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Shazeer et al. (2017) importance + load loss: ``CV^2(importance) + CV^2(load)``.
+
+    0 at perfect balance, with finite (zero) gradients there.
+
+    Parameters
+    ----------
+    gates : Tensor of shape (n, n_experts)
+        Gate weights (zero for experts not chosen); importance is their column sum.
+    load : Tensor of shape (n, n_experts)
+        Per-row probability (or indicator) that each expert was chosen; the load is its
+        column sum. The noisy top-k router's smooth estimate makes this term differentiable.
+    mask : Tensor of shape (n,), bool, optional
+
+    Returns
+    -------
+    Tensor, scalar
+    """
+    gates, load = _masked_rows(gates, mask), _masked_rows(load, mask)
+    if gates.shape[0] == 0:
+        return gates.new_zeros(())
+    return squared_cv(gates.sum(dim=0)) + squared_cv(load.sum(dim=0))
+
+
+BALANCE_LOSSES = {"switch": switch_balance_loss, "cv2": cv2_balance_loss}

@@ -9,7 +9,7 @@ from torch import nn
 
 from .dispatch import dense_combine, dispatch_combine, expert_capacity, plan_dispatch
 from .experts import StackedExperts
-from .losses import BALANCE_LOSSES, router_z_loss
+from .losses import BALANCE_LOSSES, cv2_balance_loss, router_z_loss, switch_balance_loss
 from .routers import make_router
 
 
@@ -52,10 +52,12 @@ class MixtureOfExperts(nn.Module):
     n_experts : int, default=8
     top_k : int, default=2
         Experts per row for sparse routers.
-    router : {"softmax", "topk"}, default="topk"
+    router : {"softmax", "topk", "noisy_topk", "switch"}, default="topk"
         ``"softmax"`` is the dense soft mixture (every expert on every row, ``top_k``
         unused); ``"topk"`` routes each row to its ``top_k`` best experts with gate weights
-        renormalised over them.
+        renormalised over them; ``"noisy_topk"`` adds learned Gaussian noise to the ranking
+        in training (Shazeer et al. 2017); ``"switch"`` is top-1 with input jitter in
+        training (Fedus et al. 2021). See :mod:`sklearn_moe.nn.routers`.
     expert_hidden : tuple of int, default=(128,)
         Hidden layer sizes of every expert.
     activation : str, default="relu"
@@ -68,8 +70,10 @@ class MixtureOfExperts(nn.Module):
         In training only, caps each expert at ``ceil(capacity_factor * n * top_k /
         n_experts)`` rows per batch; ``None`` is dropless. Evaluation is always dropless, so a
         row's prediction never depends on the other rows of its batch.
-    balance_loss : {"switch"} or None, default="switch"
-        Which load-balancing loss :class:`MoEOutput` carries (weighting is the trainer's).
+    balance_loss : {"switch", "cv2"} or None, default="switch"
+        Which load-balancing loss :class:`MoEOutput` carries (weighting is the trainer's):
+        the Switch loss (1 at perfect balance) or Shazeer's importance + load ``CV^2``
+        (0 at perfect balance).
     output_init_scale : float, default=0.1
         Scale of the experts' output-layer initialisation.
     """
@@ -134,9 +138,14 @@ class MixtureOfExperts(nn.Module):
             counts = plan.counts
             n_dropped = counts.sum() - plan.rows.shape[0]
         mask = None if sample_weight is None else sample_weight > 0
-        if self.balance_loss is None:
-            balance = routing.probs.new_zeros(())
-        else:
-            balance = BALANCE_LOSSES[self.balance_loss](routing.probs, routing.indices, mask)
+        balance = self._balance_loss(routing, gates, mask)
         z_loss = router_z_loss(routing.logits, mask)
         return MoEOutput(output, gates, balance, z_loss, counts, n_dropped)
+
+    def _balance_loss(self, routing, gates: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.balance_loss == "switch":
+            return switch_balance_loss(routing.probs, routing.indices, mask)
+        if self.balance_loss == "cv2":
+            load = routing.selection_probs if routing.selection_probs is not None else (gates > 0).to(gates.dtype)
+            return cv2_balance_loss(gates, load, mask)
+        return routing.probs.new_zeros(())

@@ -27,6 +27,9 @@ class Routing(NamedTuple):
         Gate weights of the chosen experts; each row sums to 1.
     dense : bool
         True when every row uses every expert (``k == n_experts``).
+    selection_probs : Tensor of shape (n, n_experts) or None
+        Differentiable probability that each expert is selected for each row (the noisy
+        top-k router's smooth load estimate); None where selection is deterministic.
     """
 
     logits: torch.Tensor
@@ -34,6 +37,7 @@ class Routing(NamedTuple):
     indices: torch.Tensor
     weights: torch.Tensor
     dense: bool
+    selection_probs: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -60,6 +64,11 @@ class Router(nn.Module):
         self.temperature = float(temperature)
         self.gate = nn.Linear(n_features, n_experts)
 
+    @property
+    def is_dense(self) -> bool:
+        """Whether every row uses every expert."""
+        return self.top_k == self.n_experts
+
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.gate(x.float()) / self.temperature
@@ -70,6 +79,8 @@ class Router(nn.Module):
 
 class SoftmaxRouter(Router):
     """Dense soft mixture: every expert gets its softmax weight; ``top_k`` is not used."""
+
+    is_dense = True
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.compute_logits(x)
@@ -89,21 +100,84 @@ class TopKRouter(Router):
     the output by ``p``).
     """
 
+    def selection_scores(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The scores that pick (and weigh) the experts, and ``Routing.selection_probs``.
+
+        Here the clean logits, and None: selection is deterministic.
+        """
+        return logits, None
+
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
-        top_logits, indices = logits.topk(self.top_k, dim=-1)
+        scores, selection_probs = self.selection_scores(x, logits)
+        top_scores, indices = scores.topk(self.top_k, dim=-1)
         if self.top_k == 1:
             chosen = probs.gather(1, indices)
             weights = chosen / chosen.detach()
         else:
-            weights = top_logits.softmax(dim=-1)
-        return Routing(logits, probs, indices, weights, dense=self.top_k == self.n_experts)
+            weights = top_scores.softmax(dim=-1)
+        return Routing(logits, probs, indices, weights, self.top_k == self.n_experts, selection_probs)
+
+
+class NoisyTopKRouter(TopKRouter):
+    """Noisy top-k gating (Shazeer et al., 2017).
+
+    In training the experts are ranked and weighted by ``logits + eps * softplus(x W_noise)
+    / temperature`` with ``eps ~ N(0, 1)``: a learned, per-expert amount of noise that
+    spreads rows over experts. At prediction there is no noise. ``selection_probs`` is the
+    paper's smooth load estimate ``P(expert e is chosen) = Phi((logit_e - threshold_e) /
+    noise_std_e)``, where ``threshold_e`` is the k-th largest noisy score among the other
+    experts; the ``"cv2"`` balance loss uses it.
+    """
+
+    def __init__(self, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0):
+        super().__init__(n_features, n_experts, top_k, temperature)
+        self.noise = nn.Linear(n_features, n_experts)
+        nn.init.zeros_(self.noise.weight)
+        nn.init.zeros_(self.noise.bias)
+
+    def _noise_std(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return nn.functional.softplus(self.noise(x.float())) / self.temperature + 1e-6
+
+    def selection_scores(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.training:
+            return logits, None
+        noise_std = self._noise_std(x)
+        noisy = logits + torch.randn_like(logits) * noise_std
+        if self.top_k == self.n_experts:
+            return noisy, None
+        # Threshold for expert e: the k-th largest noisy score among the other experts,
+        # which is the (k+1)-th overall if e is in the top k, else the k-th.
+        top = noisy.topk(self.top_k + 1, dim=-1).values
+        kth, next_after_kth = top[:, self.top_k - 1:self.top_k], top[:, self.top_k:]
+        threshold = torch.where(noisy > next_after_kth, next_after_kth, kth)
+        selection_probs = torch.special.ndtr((logits - threshold) / noise_std)
+        return noisy, selection_probs
+
+
+class SwitchRouter(TopKRouter):
+    """Switch Transformer routing (Fedus et al., 2021): top-1, with the router input
+    multiplied by uniform noise in ``[1 - jitter, 1 + jitter]`` in training. ``top_k`` is
+    not used."""
+
+    jitter = 1e-2
+
+    def __init__(self, n_features: int, n_experts: int, top_k: int = 1, temperature: float = 1.0):
+        super().__init__(n_features, n_experts, 1, temperature)
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        return super().compute_logits(x)
 
 
 ROUTERS: dict[str, type[Router]] = {
     "softmax": SoftmaxRouter,
     "topk": TopKRouter,
+    "noisy_topk": NoisyTopKRouter,
+    "switch": SwitchRouter,
 }
 
 
