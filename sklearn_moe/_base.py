@@ -17,7 +17,7 @@ from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, P
 from ._data import TensorTable
 from ._net import MoENet, module_device
 from ._scaling import fit_robust_scaler, scale_features
-from .callbacks import RoutingMetrics
+from .callbacks import AuxFreeBalancing, RoutingMetrics
 from .diagnostics import expert_utilization
 from .nn import ACTIVATIONS, ROUTERS, MixtureOfExperts
 from .nn.losses import BALANCE_LOSSES
@@ -290,6 +290,8 @@ class BaseMoE(BaseEstimator):
         ]
         if self.max_grad_norm is not None:
             callbacks.append(("gradient_clipping", GradientNormClipping(self.max_grad_norm)))
+        if self.balance_loss == "aux_free":
+            callbacks.append(("aux_free_balancing", AuxFreeBalancing(self.balance_coef)))
         if self.verbose:
             callbacks.append(("progress_bar", ProgressBar()))
         return MoENet(

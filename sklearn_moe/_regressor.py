@@ -36,13 +36,15 @@ class MoERegressor(RegressorMixin, BaseMoE):
         In training only, cap each expert at ``ceil(capacity_factor * batch * top_k /
         n_experts)`` rows per batch (>= 1); ``None`` is dropless. Prediction is always
         dropless and independent of the batch.
-    balance_loss : {"switch", "cv2"} or None, default="switch"
+    balance_loss : {"switch", "cv2", "aux_free"} or None, default="switch"
         Load-balancing loss: ``"switch"`` (Switch Transformer, 1 at perfect balance for any
         ``top_k``) or ``"cv2"`` (Shazeer et al.'s importance + load squared coefficient of
         variation, 0 at perfect balance; with ``"noisy_topk"`` its load term is the smooth,
-        differentiable estimate).
+        differentiable estimate) or ``"aux_free"`` (DeepSeek-V3: no loss; a per-expert bias
+        on expert *selection* moves by ``balance_coef`` after every optimizer step toward
+        the under-loaded experts; gate weights are unaffected).
     balance_coef : float, default=0.01
-        Weight of the balance loss.
+        Weight of the balance loss (for ``"aux_free"``: the bias step).
     z_loss_coef : float, default=0.001
         Weight of the router z-loss ``mean(logsumexp(logits)^2)``.
     expert_hidden : tuple of int, default=(128, 128)

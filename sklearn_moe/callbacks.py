@@ -51,3 +51,25 @@ class RoutingMetrics(Callback):
         net.history.record("load_imbalance", load_imbalance(self._counts))
         net.history.record("routing_entropy", float(self._entropy_sum) / max(self._rows, 1))
         net.history.record("dropped_fraction", int(self._dropped) / max(total, 1))
+
+
+class AuxFreeBalancing(Callback):
+    """DeepSeek-V3's auxiliary-loss-free load balancing.
+
+    After every optimizer step, nudge each expert's selection bias by ``rate`` toward
+    balance: ``b_e += rate * sign(mean_load - load_e)`` from the batch's routing counts
+    (rows with zero sample weight not counted). The bias changes which experts are chosen,
+    never the gate weights, so no gradient interferes with the task loss.
+
+    Parameters
+    ----------
+    rate : float
+        Bias step per optimizer step (the estimators pass ``balance_coef``).
+    """
+
+    def __init__(self, rate: float = 1e-2):
+        self.rate = rate
+
+    def on_batch_end(self, net, batch=None, training=None, y_pred=None, **kwargs):
+        if training and y_pred is not None:
+            net.module_.router.update_selection_bias(y_pred.expert_counts, self.rate)

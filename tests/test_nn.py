@@ -753,3 +753,48 @@ def test_new_routers_train_a_module_end_to_end(router):
     (out.output.sum() + out.balance_loss).backward()
     assert torch.isfinite(out.balance_loss)
     assert module.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_aux_free_bias_moves_load_toward_uniform_on_a_skewed_router():
+    torch.manual_seed(0)
+    router = make_router("topk", 4, 4, 1, 1.0)
+    with torch.no_grad():
+        router.gate.bias.copy_(torch.tensor([2.0, 0.5, 0.0, -0.5]))
+    x = torch.randn(512, 4)
+
+    def imbalance():
+        counts = torch.bincount(router(x).indices.reshape(-1), minlength=4).float()
+        return (counts.max() / counts.mean()).item(), counts
+
+    before, counts = imbalance()
+    weights_before = router(x).weights
+    for _ in range(300):
+        router.update_selection_bias(torch.bincount(router(x).indices.reshape(-1), minlength=4), 0.01)
+    after, _ = imbalance()
+    assert before > 2.0 and after < 1.3
+    # the bias selects, it never weights: top-1 weights stay exactly 1
+    torch.testing.assert_close(router(x).weights, weights_before)
+    # the update is the sign rule: the busiest expert's bias went down, the idlest up
+    assert router.selection_bias[0] < 0 < router.selection_bias[3]
+
+
+def test_aux_free_bias_does_not_change_gate_weights_of_chosen_experts():
+    torch.manual_seed(0)
+    router = make_router("topk", 4, 5, 2, 1.0)
+    x = torch.randn(64, 4)
+    with torch.no_grad():
+        router.selection_bias.copy_(torch.tensor([3.0, 0.0, 0.0, 0.0, -3.0]))
+    routing = router(x)
+    assert (routing.indices == 0).any(dim=1).all()  # bias forces expert 0 into every row
+    expected = routing.logits.gather(1, routing.indices).softmax(dim=-1)
+    torch.testing.assert_close(routing.weights, expected)
+
+
+def test_expert_counts_leave_out_zero_weight_rows():
+    torch.manual_seed(0)
+    module = MixtureOfExperts(3, 1, n_experts=4, top_k=2, expert_hidden=(4,))
+    x = torch.randn(10, 3)
+    weight = torch.tensor([1.0] * 6 + [0.0] * 4)
+    counts = module(x, sample_weight=weight).expert_counts
+    assert counts.sum() == 6 * 2
+    torch.testing.assert_close(counts, module(x[:6]).expert_counts)

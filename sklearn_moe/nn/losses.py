@@ -101,4 +101,5 @@ def cv2_balance_loss(
     return squared_cv(gates.sum(dim=0)) + squared_cv(load.sum(dim=0))
 
 
-BALANCE_LOSSES = {"switch": switch_balance_loss, "cv2": cv2_balance_loss}
+BALANCE_LOSSES = {"switch": switch_balance_loss, "cv2": cv2_balance_loss, "aux_free": None}
+"""The ``balance_loss`` names; ``"aux_free"`` is a selection-bias update, not a loss."""

@@ -27,7 +27,8 @@ class MoEOutput(NamedTuple):
     z_loss : Tensor, scalar
         Router z-loss.
     expert_counts : Tensor of shape (n_experts,), int64
-        Routing assignments per expert in this batch, before any capacity cap.
+        Routing assignments per expert in this batch, before any capacity cap, counting
+        only rows with positive ``sample_weight`` when one is given.
     n_dropped : Tensor, scalar int64
         Assignments dropped by the capacity cap (always 0 outside training).
     """
@@ -70,10 +71,11 @@ class MixtureOfExperts(nn.Module):
         In training only, caps each expert at ``ceil(capacity_factor * n * top_k /
         n_experts)`` rows per batch; ``None`` is dropless. Evaluation is always dropless, so a
         row's prediction never depends on the other rows of its batch.
-    balance_loss : {"switch", "cv2"} or None, default="switch"
+    balance_loss : {"switch", "cv2", "aux_free"} or None, default="switch"
         Which load-balancing loss :class:`MoEOutput` carries (weighting is the trainer's):
         the Switch loss (1 at perfect balance) or Shazeer's importance + load ``CV^2``
-        (0 at perfect balance).
+        (0 at perfect balance). ``"aux_free"`` carries no loss: the trainer calls
+        ``router.update_selection_bias(expert_counts, rate)`` after each optimizer step.
     output_init_scale : float, default=0.1
         Scale of the experts' output-layer initialisation.
     """
@@ -123,6 +125,7 @@ class MixtureOfExperts(nn.Module):
         """
         routing = self.router(x)
         n = x.shape[0]
+        mask = None if sample_weight is None else sample_weight > 0
         if routing.dense:
             output = dense_combine(x, self.experts, routing.probs)
             gates = routing.probs
@@ -137,7 +140,8 @@ class MixtureOfExperts(nn.Module):
             gates = routing.probs.new_zeros(n, self.n_experts).scatter(1, routing.indices, routing.weights)
             counts = plan.counts
             n_dropped = counts.sum() - plan.rows.shape[0]
-        mask = None if sample_weight is None else sample_weight > 0
+        if mask is not None:  # routing statistics count only rows with positive weight
+            counts = torch.bincount(routing.indices[mask].reshape(-1), minlength=self.n_experts)
         balance = self._balance_loss(routing, gates, mask)
         z_loss = router_z_loss(routing.logits, mask)
         return MoEOutput(output, gates, balance, z_loss, counts, n_dropped)
@@ -148,4 +152,4 @@ class MixtureOfExperts(nn.Module):
         if self.balance_loss == "cv2":
             load = routing.selection_probs if routing.selection_probs is not None else (gates > 0).to(gates.dtype)
             return cv2_balance_loss(gates, load, mask)
-        return routing.probs.new_zeros(())
+        return routing.probs.new_zeros(())  # None, or "aux_free" (a bias update, not a loss)

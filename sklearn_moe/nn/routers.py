@@ -63,6 +63,15 @@ class Router(nn.Module):
         self.top_k = top_k
         self.temperature = float(temperature)
         self.gate = nn.Linear(n_features, n_experts)
+        # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores that
+        # *select* experts, never to the gate weights. Zero unless a trainer updates it.
+        self.register_buffer("selection_bias", torch.zeros(n_experts))
+
+    @torch.no_grad()
+    def update_selection_bias(self, expert_counts: torch.Tensor, rate: float) -> None:
+        """``b_e += rate * sign(mean_load - load_e)``: favour under-loaded experts."""
+        load = expert_counts.to(self.selection_bias.dtype)
+        self.selection_bias += rate * torch.sign(load.mean() - load)
 
     @property
     def is_dense(self) -> bool:
@@ -111,7 +120,8 @@ class TopKRouter(Router):
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         scores, selection_probs = self.selection_scores(x, logits)
-        top_scores, indices = scores.topk(self.top_k, dim=-1)
+        indices = (scores + self.selection_bias).topk(self.top_k, dim=-1).indices
+        top_scores = scores.gather(1, indices)
         if self.top_k == 1:
             chosen = probs.gather(1, indices)
             weights = chosen / chosen.detach()
