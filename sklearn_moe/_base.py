@@ -65,6 +65,8 @@ class BaseMoE(BaseEstimator):
         "balance_coef": [Interval(Real, 0, None, closed="left")],
         "z_loss_coef": [Interval(Real, 0, None, closed="left")],
         "expert_hidden": [tuple, list],
+        "shared_expert": ["boolean"],
+        "gate_hidden": [tuple, list],
         "activation": [StrOptions(set(ACTIVATIONS))],
         "dropout": [Interval(Real, 0, 1, closed="left")],
         "layer_norm": ["boolean"],
@@ -100,6 +102,8 @@ class BaseMoE(BaseEstimator):
         dropout=0.0,
         layer_norm=False,
         skip_connections=True,
+        shared_expert=False,
+        gate_hidden=(),
         max_epochs=200,
         batch_size="auto",
         learning_rate=3e-3,
@@ -127,6 +131,8 @@ class BaseMoE(BaseEstimator):
         self.dropout = dropout
         self.layer_norm = layer_norm
         self.skip_connections = skip_connections
+        self.shared_expert = shared_expert
+        self.gate_hidden = gate_hidden
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -145,12 +151,13 @@ class BaseMoE(BaseEstimator):
     def _check_hyperparameters(self) -> str:
         """Checks beyond ``_parameter_constraints``; returns the resolved torch device."""
         self._validate_params()
-        hidden = self.expert_hidden
-        if not all(isinstance(h, Integral) and not isinstance(h, bool) and h >= 1 for h in hidden):
-            raise ValueError(
-                f"The 'expert_hidden' parameter of {type(self).__name__} must be a tuple of "
-                f"positive ints (hidden layer sizes, e.g. (128, 128)). Got {hidden!r} instead."
-            )
+        for name in ("expert_hidden", "gate_hidden"):
+            hidden = getattr(self, name)
+            if not all(isinstance(h, Integral) and not isinstance(h, bool) and h >= 1 for h in hidden):
+                raise ValueError(
+                    f"The '{name}' parameter of {type(self).__name__} must be a tuple of "
+                    f"positive ints (hidden layer sizes, e.g. (128, 128)). Got {hidden!r} instead."
+                )
         device = module_device(self.device)
         if not (device == "cpu" or device.startswith("cuda")):
             raise ValueError(
@@ -273,6 +280,8 @@ class BaseMoE(BaseEstimator):
             temperature=self.temperature,
             capacity_factor=self.capacity_factor,
             balance_loss=self.balance_loss,
+            shared_expert=self.shared_expert,
+            gate_hidden=tuple(self.gate_hidden),
         ).to(device)
 
     def _build_net(self, module, device, train_table, valid_table, generator):

@@ -56,6 +56,10 @@ class MoERegressor(RegressorMixin, BaseMoE):
         Layer normalisation before every expert layer after the first.
     skip_connections : bool, default=True
         Residual connections between expert hidden layers of equal width.
+    shared_expert : bool, default=False
+        Add an always-on expert of the same architecture to every row (DeepSeekMoE).
+    gate_hidden : tuple of int, default=()
+        Hidden layer sizes of an MLP router; ``()`` is a linear router.
     max_epochs : int, default=200
     batch_size : int or "auto", default="auto"
         Rows per optimizer step. ``"auto"`` is about ``n_train / 32`` rounded down to a power

@@ -218,7 +218,8 @@ def test_joblib_round_trip(fitted, tmp_path):
 @pytest.mark.parametrize(
     "extra",
     [{}, {"capacity_factor": 1.0}, {"router": "softmax"},
-     {"router": "noisy_topk", "capacity_factor": 1.0, "balance_loss": "cv2"},
+     {"router": "noisy_topk", "capacity_factor": 1.0, "balance_loss": "cv2", "shared_expert": True,
+      "gate_hidden": (8,)},
      {"router": "switch", "balance_loss": "aux_free"}],
     ids=["topk", "capacity_factor=1", "softmax", "noisy_topk", "switch"],
 )

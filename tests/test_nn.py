@@ -798,3 +798,26 @@ def test_expert_counts_leave_out_zero_weight_rows():
     counts = module(x, sample_weight=weight).expert_counts
     assert counts.sum() == 6 * 2
     torch.testing.assert_close(counts, module(x[:6]).expert_counts)
+
+
+def test_shared_expert_adds_an_always_on_expert():
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 2, n_experts=3, top_k=1, expert_hidden=(8,), shared_expert=True)
+    plain = MixtureOfExperts(4, 2, n_experts=3, top_k=1, expert_hidden=(8,))
+    plain.load_state_dict({k: v for k, v in module.state_dict().items() if not k.startswith("shared_expert.")})
+    module.eval()
+    plain.eval()
+    x = torch.randn(12, 4)
+    shared = module.shared_expert(x.unsqueeze(0))[0]
+    torch.testing.assert_close(module(x).output, plain(x).output + shared)
+    module.train()
+    module(x).output.sum().backward()
+    assert module.shared_expert.output.weight.grad.abs().sum() > 0
+
+
+def test_mlp_gate():
+    torch.manual_seed(0)
+    router = make_router("topk", 4, 5, 2, 1.0, gate_hidden=(16, 8))
+    assert [m.out_features for m in router.gate if isinstance(m, torch.nn.Linear)] == [16, 8, 5]
+    routing = router(torch.randn(7, 4))
+    torch.testing.assert_close(routing.weights.sum(dim=1), torch.ones(7))

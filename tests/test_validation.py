@@ -283,6 +283,8 @@ BAD_HYPERPARAMETERS = [
     ("capacity_factor", 0.5, ["None", "[1.0, inf)"]),
     ("balance_loss", "nope", ["'switch'", "None"]),
     ("expert_hidden", (0,), ["positive ints"]),
+    ("gate_hidden", (0,), ["positive ints"]),
+    ("gate_hidden", 8, ["tuple", "list"]),
     ("expert_hidden", ("a",), ["positive ints"]),
     ("expert_hidden", (16, -3), ["positive ints"]),
     ("expert_hidden", 16, ["tuple", "list"]),

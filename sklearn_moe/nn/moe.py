@@ -78,6 +78,11 @@ class MixtureOfExperts(nn.Module):
         ``router.update_selection_bias(expert_counts, rate)`` after each optimizer step.
     output_init_scale : float, default=0.1
         Scale of the experts' output-layer initialisation.
+    shared_expert : bool, default=False
+        Add an always-on expert, of the same architecture, to every row's output
+        (DeepSeekMoE): it learns what all rows share, the routed experts what differs.
+    gate_hidden : tuple of int, default=()
+        Hidden layer sizes of an MLP router; ``()`` is a linear router.
     """
 
     def __init__(
@@ -96,6 +101,8 @@ class MixtureOfExperts(nn.Module):
         capacity_factor: float | None = None,
         balance_loss: str | None = "switch",
         output_init_scale: float = 0.1,
+        shared_expert: bool = False,
+        gate_hidden: tuple[int, ...] = (),
     ):
         super().__init__()
         if balance_loss is not None and balance_loss not in BALANCE_LOSSES:
@@ -108,11 +115,11 @@ class MixtureOfExperts(nn.Module):
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.balance_loss = balance_loss
-        self.router = make_router(router, n_features, n_experts, top_k, temperature)
-        self.experts = StackedExperts(
-            n_experts, n_features, n_outputs, tuple(expert_hidden), activation, dropout,
-            layer_norm, skip_connections, output_init_scale,
-        )
+        self.router = make_router(router, n_features, n_experts, top_k, temperature, tuple(gate_hidden))
+        expert_args = (n_features, n_outputs, tuple(expert_hidden), activation, dropout, layer_norm,
+                       skip_connections, output_init_scale)
+        self.experts = StackedExperts(n_experts, *expert_args)
+        self.shared_expert = StackedExperts(1, *expert_args) if shared_expert else None
 
     def forward(self, x: torch.Tensor, sample_weight: torch.Tensor | None = None) -> MoEOutput:
         """Route and mix.
@@ -140,6 +147,8 @@ class MixtureOfExperts(nn.Module):
             gates = routing.probs.new_zeros(n, self.n_experts).scatter(1, routing.indices, routing.weights)
             counts = plan.counts
             n_dropped = counts.sum() - plan.rows.shape[0]
+        if self.shared_expert is not None:
+            output = output + self.shared_expert(x.unsqueeze(0))[0]
         if mask is not None:  # routing statistics count only rows with positive weight
             counts = torch.bincount(routing.indices[mask].reshape(-1), minlength=self.n_experts)
         balance = self._balance_loss(routing, gates, mask)

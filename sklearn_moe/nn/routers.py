@@ -40,6 +40,16 @@ class Routing(NamedTuple):
     selection_probs: torch.Tensor | None = None
 
 
+def _make_gate(n_features: int, n_experts: int, hidden: tuple[int, ...]) -> nn.Module:
+    if not hidden:
+        return nn.Linear(n_features, n_experts)
+    widths = (n_features, *hidden)
+    layers: list[nn.Module] = []
+    for w_in, w_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(w_in, w_out), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], n_experts))
+
+
 class Router(nn.Module):
     """Base class: a linear gate ``x -> logits`` with a softmax temperature.
 
@@ -51,9 +61,12 @@ class Router(nn.Module):
         Experts per row (ignored by dense routers).
     temperature : float, default=1.0
         Logits are divided by it: below 1 sharpens the routing, above 1 flattens it.
+    gate_hidden : tuple of int, default=()
+        Hidden layer sizes of an MLP gate (ReLU); ``()`` is a linear gate.
     """
 
-    def __init__(self, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0):
+    def __init__(self, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0,
+                 gate_hidden: tuple[int, ...] = ()):
         super().__init__()
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
@@ -62,7 +75,7 @@ class Router(nn.Module):
         self.n_experts = n_experts
         self.top_k = top_k
         self.temperature = float(temperature)
-        self.gate = nn.Linear(n_features, n_experts)
+        self.gate = _make_gate(n_features, n_experts, tuple(gate_hidden))
         # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores that
         # *select* experts, never to the gate weights. Zero unless a trainer updates it.
         self.register_buffer("selection_bias", torch.zeros(n_experts))
@@ -141,8 +154,9 @@ class NoisyTopKRouter(TopKRouter):
     experts; the ``"cv2"`` balance loss uses it.
     """
 
-    def __init__(self, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0):
-        super().__init__(n_features, n_experts, top_k, temperature)
+    def __init__(self, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0,
+                 gate_hidden: tuple[int, ...] = ()):
+        super().__init__(n_features, n_experts, top_k, temperature, gate_hidden)
         self.noise = nn.Linear(n_features, n_experts)
         nn.init.zeros_(self.noise.weight)
         nn.init.zeros_(self.noise.bias)
@@ -174,8 +188,9 @@ class SwitchRouter(TopKRouter):
 
     jitter = 1e-2
 
-    def __init__(self, n_features: int, n_experts: int, top_k: int = 1, temperature: float = 1.0):
-        super().__init__(n_features, n_experts, 1, temperature)
+    def __init__(self, n_features: int, n_experts: int, top_k: int = 1, temperature: float = 1.0,
+                 gate_hidden: tuple[int, ...] = ()):
+        super().__init__(n_features, n_experts, 1, temperature, gate_hidden)
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter > 0:
@@ -191,10 +206,11 @@ ROUTERS: dict[str, type[Router]] = {
 }
 
 
-def make_router(name: str, n_features: int, n_experts: int, top_k: int, temperature: float) -> Router:
+def make_router(name: str, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0,
+                gate_hidden: tuple[int, ...] = ()) -> Router:
     """Build the router registered under ``name``."""
     try:
         router_cls = ROUTERS[name]
     except KeyError:
         raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {name!r}") from None
-    return router_cls(n_features, n_experts, top_k, temperature)
+    return router_cls(n_features, n_experts, top_k, temperature, gate_hidden)
