@@ -821,3 +821,23 @@ def test_mlp_gate():
     assert [m.out_features for m in router.gate if isinstance(m, torch.nn.Linear)] == [16, 8, 5]
     routing = router(torch.randn(7, 4))
     torch.testing.assert_close(routing.weights.sum(dim=1), torch.ones(7))
+
+
+@pytest.mark.parametrize("router,top_k", [("topk", 2), ("softmax", 3)])
+def test_an_expert_with_non_finite_output_is_masked_with_a_warning(router, top_k):
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 1, n_experts=3, top_k=top_k, router=router, expert_hidden=(8,)).eval()
+    x = torch.randn(20, 4)
+    before = module(x)
+    with torch.no_grad():
+        module.experts.output.bias[1] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"Expert\(s\) \[1\]"):
+        after = module(x)
+    assert torch.isfinite(after.output).all()
+    # Equal to a mixture of the healthy experts alone, their weights renormalised.
+    healthy = torch.tensor([0, 2])
+    outputs = module.experts(x.unsqueeze(0).expand(3, -1, -1))[healthy]  # (2, n, 1)
+    gates = before.gates[:, healthy]
+    keep = gates.sum(dim=1) > 0
+    expected = torch.einsum("eno,ne->no", outputs, gates / gates.sum(dim=1, keepdim=True).clamp_min(1e-30))
+    torch.testing.assert_close(after.output[keep], expected[keep])

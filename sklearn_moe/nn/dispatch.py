@@ -7,6 +7,10 @@ with ``index_add_``. The buffer holds ``max_e count_e`` slots per expert (``n * 
 under balanced routing), so the work grows with ``top_k``, not with ``n_experts``. No
 one-hot ``(n, n_experts, capacity)`` tensor is ever built.
 
+An expert output that is not finite (a diverged expert) is masked: the (row, expert)
+assignment gets weight 0, the row's other weights are renormalised, and a
+``RuntimeWarning`` names the expert.
+
 A ``capacity`` (training only) caps the slots per expert. Assignments are ranked
 choice-major: every row's first choice outranks any row's second choice, then by row order.
 Assignments past the cap are dropped and the row's remaining gate weights are renormalised
@@ -16,6 +20,7 @@ Assignments past the cap are dropped and the row's remaining gate weights are re
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -101,7 +106,15 @@ def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPl
     buffer = x.new_zeros(n_experts, plan.n_slots, x.shape[1])
     buffer = buffer.index_put((plan.experts, plan.slots), x[plan.rows])
     expert_out = experts(buffer)[plan.experts, plan.slots]
-    weighted = expert_out * plan.weights.unsqueeze(1).to(expert_out.dtype)
+    weights = plan.weights.to(expert_out.dtype)
+    finite = torch.isfinite(expert_out).all(dim=1)
+    if not bool(finite.all()):
+        _warn_failed_experts(plan.experts[~finite])
+        expert_out = torch.where(finite.unsqueeze(1), expert_out, 0.0)
+        weights = torch.where(finite, weights, 0.0)
+        totals = weights.new_zeros(x.shape[0]).index_add(0, plan.rows, weights)
+        weights = weights / totals[plan.rows].clamp_min(torch.finfo(weights.dtype).tiny)
+    weighted = expert_out * weights.unsqueeze(1)
     return expert_out.new_zeros(x.shape[0], n_outputs).index_add(0, plan.rows, weighted)
 
 
@@ -109,4 +122,21 @@ def dense_combine(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor
     """Every expert on every row, mixed by ``gates`` of shape (n, n_experts)."""
     n_experts = gates.shape[1]
     expert_out = experts(x.unsqueeze(0).expand(n_experts, -1, -1))  # (E, n, out)
-    return torch.einsum("eno,ne->no", expert_out, gates.to(expert_out.dtype))
+    gates = gates.to(expert_out.dtype)
+    finite = torch.isfinite(expert_out).all(dim=2)  # (E, n)
+    if not bool(finite.all()):
+        _warn_failed_experts(torch.nonzero(~finite)[:, 0])
+        expert_out = torch.where(finite.unsqueeze(2), expert_out, 0.0)
+        gates = torch.where(finite.t(), gates, 0.0)
+        gates = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+    return torch.einsum("eno,ne->no", expert_out, gates)
+
+
+def _warn_failed_experts(failed_experts: torch.Tensor) -> None:
+    experts = sorted(set(failed_experts.tolist()))
+    warnings.warn(
+        f"Expert(s) {experts} produced non-finite output for {failed_experts.numel()} routed "
+        "row(s); those outputs were masked and the rows' remaining gate weights renormalised.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
