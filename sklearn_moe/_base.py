@@ -67,6 +67,7 @@ class BaseMoE(BaseEstimator):
         "expert_hidden": [tuple, list],
         "shared_expert": ["boolean"],
         "gate_hidden": [tuple, list],
+        "expert_dropout": [Interval(Real, 0, 1, closed="left")],
         "activation": [StrOptions(set(ACTIVATIONS))],
         "dropout": [Interval(Real, 0, 1, closed="left")],
         "layer_norm": ["boolean"],
@@ -104,6 +105,7 @@ class BaseMoE(BaseEstimator):
         skip_connections=True,
         shared_expert=False,
         gate_hidden=(),
+        expert_dropout=0.0,
         max_epochs=200,
         batch_size="auto",
         learning_rate=3e-3,
@@ -133,6 +135,7 @@ class BaseMoE(BaseEstimator):
         self.skip_connections = skip_connections
         self.shared_expert = shared_expert
         self.gate_hidden = gate_hidden
+        self.expert_dropout = expert_dropout
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -282,6 +285,7 @@ class BaseMoE(BaseEstimator):
             balance_loss=self.balance_loss,
             shared_expert=self.shared_expert,
             gate_hidden=tuple(self.gate_hidden),
+            expert_dropout=self.expert_dropout,
         ).to(device)
 
     def _build_net(self, module, device, train_table, valid_table, generator):

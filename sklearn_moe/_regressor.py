@@ -60,6 +60,9 @@ class MoERegressor(RegressorMixin, BaseMoE):
         Add an always-on expert of the same architecture to every row (DeepSeekMoE).
     gate_hidden : tuple of int, default=()
         Hidden layer sizes of an MLP router; ``()`` is a linear router.
+    expert_dropout : float, default=0.0
+        In training, drop each of a row's chosen experts with this probability (keeping at
+        least one) and renormalise its gate weights; in [0, 1).
     max_epochs : int, default=200
     batch_size : int or "auto", default="auto"
         Rows per optimizer step. ``"auto"`` is about ``n_train / 32`` rounded down to a power

@@ -24,7 +24,7 @@ def expected_failed_checks(estimator):
         MoERegressor(**FAST),
         MoEClassifier(**FAST),
         MoERegressor(**dict(FAST, router="noisy_topk", balance_loss="cv2", capacity_factor=1.25,
-                            shared_expert=True, gate_hidden=(8,))),
+                            shared_expert=True, gate_hidden=(8,), expert_dropout=0.2)),
         MoEClassifier(**dict(FAST, router="switch", balance_loss="aux_free")),
     ],
     expected_failed_checks=expected_failed_checks,

@@ -219,7 +219,7 @@ def test_joblib_round_trip(fitted, tmp_path):
     "extra",
     [{}, {"capacity_factor": 1.0}, {"router": "softmax"},
      {"router": "noisy_topk", "capacity_factor": 1.0, "balance_loss": "cv2", "shared_expert": True,
-      "gate_hidden": (8,)},
+      "gate_hidden": (8,), "expert_dropout": 0.2},
      {"router": "switch", "balance_loss": "aux_free"}],
     ids=["topk", "capacity_factor=1", "softmax", "noisy_topk", "switch"],
 )

@@ -841,3 +841,20 @@ def test_an_expert_with_non_finite_output_is_masked_with_a_warning(router, top_k
     keep = gates.sum(dim=1) > 0
     expected = torch.einsum("eno,ne->no", outputs, gates / gates.sum(dim=1, keepdim=True).clamp_min(1e-30))
     torch.testing.assert_close(after.output[keep], expected[keep])
+
+
+def test_expert_dropout_drops_chosen_experts_in_training_only():
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 1, n_experts=6, top_k=3, expert_hidden=(8,), expert_dropout=0.5)
+    x = torch.randn(400, 4)
+    out = module(x)
+    active = (out.gates > 0).sum(dim=1)
+    assert active.min() >= 1 and active.max() <= 3 and active.float().mean() < 2.5
+    torch.testing.assert_close(out.gates.sum(dim=1), torch.ones(400))
+    assert out.expert_counts.sum() == active.sum()  # dropped assignments are not dispatched
+    module.eval()
+    reference = MixtureOfExperts(4, 1, n_experts=6, top_k=3, expert_hidden=(8,))
+    reference.load_state_dict(module.state_dict())
+    torch.testing.assert_close(module(x).output, reference.eval()(x).output)
+    with pytest.raises(ValueError, match="expert_dropout"):
+        MixtureOfExperts(4, 1, expert_dropout=1.0)

@@ -285,6 +285,7 @@ BAD_HYPERPARAMETERS = [
     ("expert_hidden", (0,), ["positive ints"]),
     ("gate_hidden", (0,), ["positive ints"]),
     ("gate_hidden", 8, ["tuple", "list"]),
+    ("expert_dropout", 1.0, ["[0.0, 1.0)"]),
     ("expert_hidden", ("a",), ["positive ints"]),
     ("expert_hidden", (16, -3), ["positive ints"]),
     ("expert_hidden", 16, ["tuple", "list"]),

@@ -55,7 +55,8 @@ def expert_capacity(capacity_factor: float, n_rows: int, top_k: int, n_experts: 
 
 
 def plan_dispatch(
-    indices: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity: int | None = None
+    indices: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity: int | None = None,
+    active: torch.Tensor | None = None,
 ) -> DispatchPlan:
     """Sort the assignments of ``indices`` (n, k) by expert and give each a buffer slot.
 
@@ -66,18 +67,25 @@ def plan_dispatch(
     n_experts : int
     capacity : int, optional
         Maximum slots per expert; ``None`` keeps every assignment (dropless).
+    active : Tensor of shape (n, k), bool, optional
+        Assignments to dispatch at all (expert dropout); the others are left out entirely,
+        counts included. The caller renormalises ``weights`` over the active ones.
     """
     n, k = indices.shape
     flat_experts = indices.t().reshape(-1)  # choice-major: priority to first choices
     flat_rows = torch.arange(n, device=indices.device).repeat(k)
     flat_weights = weights.t().reshape(-1)
+    if active is not None:
+        flat_active = active.t().reshape(-1)
+        flat_experts, flat_rows = flat_experts[flat_active], flat_rows[flat_active]
+        flat_weights = flat_weights[flat_active]
     order = torch.argsort(flat_experts, stable=True)
     experts = flat_experts[order]
     counts = torch.bincount(flat_experts, minlength=n_experts)
     starts = torch.cumsum(counts, 0) - counts
-    slots = torch.arange(n * k, device=indices.device) - starts[experts]
+    slots = torch.arange(flat_experts.shape[0], device=indices.device) - starts[experts]
     rows, expert_weights = flat_rows[order], flat_weights[order]
-    max_count = int(counts.max()) if n else 0
+    max_count = int(counts.max()) if flat_experts.numel() else 0
     if capacity is None or capacity >= max_count:
         return DispatchPlan(rows, experts, slots, expert_weights, counts, max_count)
     keep = slots < capacity

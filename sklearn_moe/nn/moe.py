@@ -83,6 +83,11 @@ class MixtureOfExperts(nn.Module):
         (DeepSeekMoE): it learns what all rows share, the routed experts what differs.
     gate_hidden : tuple of int, default=()
         Hidden layer sizes of an MLP router; ``()`` is a linear router.
+    expert_dropout : float, default=0.0
+        In training only, each of a row's chosen experts is dropped with this probability
+        (never all of them: the first choice stays if every one was drawn), and the row's
+        remaining gate weights are renormalised. A regulariser against rows leaning on one
+        expert.
     """
 
     def __init__(
@@ -103,10 +108,13 @@ class MixtureOfExperts(nn.Module):
         output_init_scale: float = 0.1,
         shared_expert: bool = False,
         gate_hidden: tuple[int, ...] = (),
+        expert_dropout: float = 0.0,
     ):
         super().__init__()
         if balance_loss is not None and balance_loss not in BALANCE_LOSSES:
             raise ValueError(f"balance_loss must be one of {sorted(BALANCE_LOSSES)} or None, got {balance_loss!r}")
+        if not 0 <= expert_dropout < 1:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
         if capacity_factor is not None and not capacity_factor >= 1:
             raise ValueError(f"capacity_factor must be None or >= 1, got {capacity_factor}")
         self.n_features = n_features
@@ -115,6 +123,7 @@ class MixtureOfExperts(nn.Module):
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.balance_loss = balance_loss
+        self.expert_dropout = expert_dropout
         self.router = make_router(router, n_features, n_experts, top_k, temperature, tuple(gate_hidden))
         expert_args = (n_features, n_outputs, tuple(expert_hidden), activation, dropout, layer_norm,
                        skip_connections, output_init_scale)
@@ -133,18 +142,26 @@ class MixtureOfExperts(nn.Module):
         routing = self.router(x)
         n = x.shape[0]
         mask = None if sample_weight is None else sample_weight > 0
+        active = self._expert_dropout_mask(routing.indices) if self.training and self.expert_dropout > 0 else None
         if routing.dense:
-            output = dense_combine(x, self.experts, routing.probs)
             gates = routing.probs
+            if active is not None:
+                gates = torch.zeros_like(gates).scatter(1, routing.indices, active.to(gates.dtype)) * gates
+                gates = gates / gates.sum(dim=1, keepdim=True)
+            output = dense_combine(x, self.experts, gates)
             counts = torch.full((self.n_experts,), n, dtype=torch.long, device=x.device)
             n_dropped = counts.new_zeros(())
         else:
             capacity = None
             if self.training and self.capacity_factor is not None:
                 capacity = expert_capacity(self.capacity_factor, n, routing.indices.shape[1], self.n_experts)
-            plan = plan_dispatch(routing.indices, routing.weights, self.n_experts, capacity)
+            weights = routing.weights
+            if active is not None:
+                weights = weights * active
+                weights = weights / weights.sum(dim=1, keepdim=True)
+            plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active)
             output = dispatch_combine(x, self.experts, plan, self.n_outputs)
-            gates = routing.probs.new_zeros(n, self.n_experts).scatter(1, routing.indices, routing.weights)
+            gates = routing.probs.new_zeros(n, self.n_experts).scatter(1, routing.indices, weights)
             counts = plan.counts
             n_dropped = counts.sum() - plan.rows.shape[0]
         if self.shared_expert is not None:
@@ -154,6 +171,12 @@ class MixtureOfExperts(nn.Module):
         balance = self._balance_loss(routing, gates, mask)
         z_loss = router_z_loss(routing.logits, mask)
         return MoEOutput(output, gates, balance, z_loss, counts, n_dropped)
+
+    def _expert_dropout_mask(self, indices: torch.Tensor) -> torch.Tensor:
+        """(n, k) bool: which chosen experts survive; at least the first choice of each row."""
+        active = torch.rand(indices.shape, device=indices.device) >= self.expert_dropout
+        active[:, 0] |= ~active.any(dim=1)
+        return active
 
     def _balance_loss(self, routing, gates: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.balance_loss == "switch":
