@@ -79,19 +79,12 @@ def test_non_finite_X_in_predict(fitted_models, estimator_class, method, value, 
         getattr(model, method)(_with_value(X, value))
 
 
-def test_nan_in_y_regressor():
+@pytest.mark.parametrize("value,message", [(np.nan, "Input y contains NaN"), (np.inf, "Input y contains infinity")])
+def test_non_finite_y_regressor(value, message):
     X, y = _data(MoERegressor)
     y = y.copy()
-    y[5] = np.nan
-    with pytest.raises(ValueError, match="Input y contains NaN"):
-        MoERegressor(**TINY).fit(X, y)
-
-
-def test_inf_in_y_regressor():
-    X, y = _data(MoERegressor)
-    y = y.copy()
-    y[5] = np.inf
-    with pytest.raises(ValueError, match="Input y contains infinity"):
+    y[5] = value
+    with pytest.raises(ValueError, match=message):
         MoERegressor(**TINY).fit(X, y)
 
 
