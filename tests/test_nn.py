@@ -858,3 +858,12 @@ def test_expert_dropout_drops_chosen_experts_in_training_only():
     torch.testing.assert_close(module(x).output, reference.eval()(x).output)
     with pytest.raises(ValueError, match="expert_dropout"):
         MixtureOfExperts(4, 1, expert_dropout=1.0)
+
+
+@pytest.mark.parametrize("router", ["topk", "softmax"])
+def test_counts_with_expert_dropout_and_sample_weight_count_only_live_assignments(router):
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 1, n_experts=4, top_k=2, router=router, expert_hidden=(8,), expert_dropout=0.5)
+    weight = torch.tensor([1.0] * 30 + [0.0] * 10)
+    out = module(torch.randn(40, 4), sample_weight=weight)
+    assert out.expert_counts.sum() == (out.gates[:30] > 0).sum()

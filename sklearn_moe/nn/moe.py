@@ -166,8 +166,11 @@ class MixtureOfExperts(nn.Module):
             n_dropped = counts.sum() - plan.rows.shape[0]
         if self.shared_expert is not None:
             output = output + self.shared_expert(x.unsqueeze(0))[0]
-        if mask is not None:  # routing statistics count only rows with positive weight
-            counts = torch.bincount(routing.indices[mask].reshape(-1), minlength=self.n_experts)
+        counted = active  # routing counts leave out dropped experts and zero-weight rows
+        if mask is not None:
+            counted = mask.unsqueeze(1).expand_as(routing.indices) if counted is None else counted & mask.unsqueeze(1)
+        if counted is not None:
+            counts = torch.bincount(routing.indices[counted], minlength=self.n_experts)
         balance = self._balance_loss(routing, gates, mask)
         z_loss = router_z_loss(routing.logits, mask)
         return MoEOutput(output, gates, balance, z_loss, counts, n_dropped)
