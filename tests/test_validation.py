@@ -206,11 +206,15 @@ def test_classifier_with_one_positively_weighted_class():
 
 
 @by_name
-def test_negative_sample_weight(estimator_class):
+@pytest.mark.parametrize("bad,message", [
+    (-1.0, "Negative values in data passed to `sample_weight`"),
+    (np.nan, "sample_weight contains NaN"),
+])
+def test_bad_sample_weight_value(estimator_class, bad, message):
     X, y = _data(estimator_class)
     weights = np.ones(len(y))
-    weights[7] = -1.0
-    with pytest.raises(ValueError, match="Negative values in data passed to `sample_weight`"):
+    weights[7] = bad
+    with pytest.raises(ValueError, match=message):
         estimator_class(**TINY).fit(X, y, sample_weight=weights)
 
 
@@ -219,15 +223,6 @@ def test_all_zero_sample_weight(estimator_class):
     X, y = _data(estimator_class)
     with pytest.raises(ValueError, match=r"(?i)sample.?weights? must contain at least one (non-zero|positive)"):
         estimator_class(**TINY).fit(X, y, sample_weight=np.zeros(len(y)))
-
-
-@by_name
-def test_non_finite_sample_weight(estimator_class):
-    X, y = _data(estimator_class)
-    weights = np.ones(len(y))
-    weights[2] = np.nan
-    with pytest.raises(ValueError, match="sample_weight contains NaN"):
-        estimator_class(**TINY).fit(X, y, sample_weight=weights)
 
 
 @by_name
