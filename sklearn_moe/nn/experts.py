@@ -5,6 +5,11 @@ leading expert axis: a linear layer holds ``weight`` of shape ``(n_experts, in, 
 ``bias`` of shape ``(n_experts, out)``. :meth:`StackedExperts.forward` takes a padded
 input of shape ``(n_experts, rows, in)`` (row ``r`` of slice ``e`` goes through expert
 ``e``) and runs each layer as a single :func:`torch.baddbmm`.
+
+Dispatch can also pass a list of blocks, each with the experts it holds (``None``: all of
+them, weights used in place; else an index tensor, weights gathered): each block runs as
+its own batched matmul. Topping up the busiest experts in extra blocks needs less padding
+than one block padded to the busiest expert.
 """
 
 from __future__ import annotations
@@ -46,9 +51,45 @@ class StackedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``x`` of shape ``(n_experts, rows, in)`` to ``(n_experts, rows, out)``."""
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
+    def forward(self, blocks: list[torch.Tensor], block_experts: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        """Map each block ``(n_j, rows_j, in)`` to ``(n_j, rows_j, out)`` (see the module docstring)."""
+        weights = select_experts(self.weight, block_experts)
+        biases = select_experts(self.bias, block_experts)
+        return [torch.baddbmm(b.unsqueeze(1), x, w) for x, w, b in zip(blocks, weights, biases)]
+
+
+class _SelectExperts(torch.autograd.Function):
+    """``[stacked if ids is None else stacked[ids] for ids in block_experts]``, whose
+    backward adds the blocks' gradients into one tensor, where ``index_select``'s would
+    scatter each into a zero tensor of the full size."""
+
+    @staticmethod
+    def forward(ctx, stacked, *block_experts):
+        ctx.block_experts = block_experts
+        ctx.n_experts = stacked.shape[0]
+        return tuple(stacked if ids is None else stacked.index_select(0, ids) for ids in block_experts)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # Block 0's gradient is a fresh tensor that nothing else holds (the matmul's weight
+        # gradient): adding the other blocks into it in place saves a full-size copy, which
+        # at 64 experts costs as much as the blocks' matmuls.
+        total = None
+        for ids, grad in zip(ctx.block_experts, grads):
+            if total is None:
+                total = grad if ids is None else grad.new_zeros(ctx.n_experts, *grad.shape[1:]).index_add_(0, ids, grad)
+            elif ids is None:
+                total = total + grad
+            else:
+                total.index_add_(0, ids, grad)
+        return (total, *(None for _ in ctx.block_experts))
+
+
+def select_experts(stacked: torch.Tensor, block_experts: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The slices of ``stacked`` (experts on axis 0) that go with each block."""
+    if all(ids is None for ids in block_experts):
+        return [stacked] * len(block_experts)
+    return list(_SelectExperts.apply(stacked, *block_experts))
 
 
 class StackedLayerNorm(nn.Module):
@@ -59,8 +100,10 @@ class StackedLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_experts, 1, width))
         self.bias = nn.Parameter(torch.zeros(n_experts, 1, width))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
+    def forward(self, blocks: list[torch.Tensor], block_experts: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        weights = select_experts(self.weight, block_experts)
+        biases = select_experts(self.bias, block_experts)
+        return [torch.addcmul(b, F.layer_norm(x, x.shape[-1:]), w) for x, w, b in zip(blocks, weights, biases)]
 
 
 class StackedExperts(nn.Module):
@@ -116,27 +159,38 @@ class StackedExperts(nn.Module):
         self.residual = [skip_connections and i > 0 and w_in == w_out
                          for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:]))]
         # No norm before the first layer: the estimators standardise the inputs already.
-        self.norms = nn.ModuleList(
-            StackedLayerNorm(n_experts, w) if layer_norm else nn.Identity() for w in widths[1:]
-        )
+        self.norms = nn.ModuleList(StackedLayerNorm(n_experts, w) for w in widths[1:] if layer_norm)
         self.output = StackedLinear(n_experts, widths[-1], out_features, init_scale=output_init_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run expert ``e`` on ``x[e]``.
+    def forward(self, x: torch.Tensor | list[torch.Tensor],
+                block_experts: list[torch.Tensor | None] | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Run expert ``e`` on ``x[e]``; or, for a list of blocks, the experts of each block.
 
         Parameters
         ----------
-        x : Tensor of shape (n_experts, rows, in_features)
+        x : Tensor of shape (n_experts, rows, in_features), or list of blocks
+            Block ``j`` has shape ``(n_j, rows_j, in_features)``: its slice ``i`` goes through
+            expert ``block_experts[j][i]``.
+        block_experts : list of (Tensor of shape (n_j,), int64, or None)
+            Required with a list of blocks; None stands for every expert in index order.
 
         Returns
         -------
-        Tensor of shape (n_experts, rows, out_features)
+        Tensor of shape (n_experts, rows, out_features), or a list of blocks ``(n_j, rows_j,
+        out_features)``.
         """
-        h = x
+        if isinstance(x, torch.Tensor):
+            h, block_experts = [x], [None]
+        else:
+            h = list(x)
         for i, layer in enumerate(self.hidden):
-            z = self._act(layer(self.norms[i - 1](h) if i > 0 else h))
-            z = F.dropout(z, self.dropout, self.training)
-            h = h + z if self.residual[i] else z
+            z = layer(self._norm(i - 1, h, block_experts) if i > 0 else h, block_experts)
+            z = [F.dropout(self._act(block), self.dropout, self.training) for block in z]
+            h = [a + b for a, b in zip(h, z)] if self.residual[i] else z
         if self.hidden:
-            h = self.norms[-1](h)
-        return self.output(h)
+            h = self._norm(-1, h, block_experts)
+        out = self.output(h, block_experts)
+        return out[0] if isinstance(x, torch.Tensor) else out
+
+    def _norm(self, index: int, h: list[torch.Tensor], block_experts) -> list[torch.Tensor]:
+        return self.norms[index](h, block_experts) if len(self.norms) else h
