@@ -19,7 +19,7 @@ from ._net import MoENet, module_device
 from ._scaling import fit_robust_scaler, scale_features
 from .callbacks import AuxFreeBalancing, RoutingMetrics
 from .diagnostics import expert_utilization
-from .nn import ACTIVATIONS, ROUTERS, MixtureOfExperts
+from .nn import ACTIVATIONS, OVERFLOW_POLICIES, ROUTERS, MixtureOfExperts
 from .nn.losses import BALANCE_LOSSES
 
 _PREDICT_BATCH_SIZE = 8192
@@ -68,6 +68,12 @@ class BaseMoE(BaseEstimator):
         "shared_expert": ["boolean"],
         "gate_hidden": [tuple, list],
         "expert_dropout": [Interval(Real, 0, 1, closed="left")],
+        "capacity_overflow": [StrOptions(set(OVERFLOW_POLICIES))],
+        "top_p": [Interval(Real, 0, 1, closed="right")],
+        "learned_threshold": ["boolean"],
+        "n_groups": [Interval(Integral, 1, None, closed="left")],
+        "diversity_coef": [Interval(Real, 0, None, closed="left")],
+        "expert_grad_scaling": ["boolean"],
         "activation": [StrOptions(set(ACTIVATIONS))],
         "dropout": [Interval(Real, 0, 1, closed="left")],
         "layer_norm": ["boolean"],
@@ -106,6 +112,12 @@ class BaseMoE(BaseEstimator):
         shared_expert=False,
         gate_hidden=(),
         expert_dropout=0.0,
+        capacity_overflow="drop",
+        top_p=0.5,
+        learned_threshold=False,
+        n_groups=2,
+        diversity_coef=0.0,
+        expert_grad_scaling=False,
         max_epochs=200,
         batch_size="auto",
         learning_rate=3e-3,
@@ -136,6 +148,12 @@ class BaseMoE(BaseEstimator):
         self.shared_expert = shared_expert
         self.gate_hidden = gate_hidden
         self.expert_dropout = expert_dropout
+        self.capacity_overflow = capacity_overflow
+        self.top_p = top_p
+        self.learned_threshold = learned_threshold
+        self.n_groups = n_groups
+        self.diversity_coef = diversity_coef
+        self.expert_grad_scaling = expert_grad_scaling
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
@@ -286,6 +304,12 @@ class BaseMoE(BaseEstimator):
             shared_expert=self.shared_expert,
             gate_hidden=tuple(self.gate_hidden),
             expert_dropout=self.expert_dropout,
+            capacity_overflow=self.capacity_overflow,
+            top_p=self.top_p,
+            learned_threshold=self.learned_threshold,
+            n_groups=min(self.n_groups, self.n_experts),
+            diversity_loss=self.diversity_coef > 0,
+            expert_grad_scaling=self.expert_grad_scaling,
         ).to(device)
 
     def _build_net(self, module, device, train_table, valid_table, generator):
@@ -323,6 +347,7 @@ class BaseMoE(BaseEstimator):
             warm_start=True,
             balance_coef=self.balance_coef,
             z_loss_coef=self.z_loss_coef,
+            diversity_coef=self.diversity_coef,
             shuffle_generator=generator,
         )
 

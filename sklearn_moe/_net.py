@@ -15,8 +15,9 @@ class MoENet(NeuralNet):
 
     The criterion must use ``reduction="none"``: :meth:`get_loss` averages the per-row task
     loss itself, weighted by the batch's ``sample_weight`` (normalised by the estimator to
-    mean 1 over the training set). The balance and z losses are added in training only, and
-    recorded per batch as ``task_loss``, ``balance_loss`` and ``z_loss``; validation loss is
+    mean 1 over the training set). The balance, z and diversity losses are added in training
+    only, and recorded per batch as ``task_loss``, ``balance_loss``, ``z_loss`` (and
+    ``diversity_loss``); validation loss is
     the task loss alone, so early stopping watches what the user cares about.
 
     Parameters
@@ -25,16 +26,20 @@ class MoENet(NeuralNet):
         Weight of ``MoEOutput.balance_loss``.
     z_loss_coef : float
         Weight of ``MoEOutput.z_loss``.
+    diversity_coef : float
+        Weight of ``MoEOutput.diversity_loss`` (recorded as ``diversity_loss`` when > 0).
     shuffle_generator : torch.Generator
         Source of the training-batch shuffling.
     **kwargs
         Passed to :class:`skorch.NeuralNet`.
     """
 
-    def __init__(self, *args, balance_coef=0.0, z_loss_coef=0.0, shuffle_generator=None, **kwargs):
+    def __init__(self, *args, balance_coef=0.0, z_loss_coef=0.0, diversity_coef=0.0, shuffle_generator=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.balance_coef = balance_coef
         self.z_loss_coef = z_loss_coef
+        self.diversity_coef = diversity_coef
         self.shuffle_generator = shuffle_generator
 
     def get_iterator(self, dataset, training=False):
@@ -52,6 +57,9 @@ class MoENet(NeuralNet):
         self.history.record_batch("task_loss", task_loss.item())
         self.history.record_batch("balance_loss", y_pred.balance_loss.item())
         self.history.record_batch("z_loss", y_pred.z_loss.item())
+        if self.diversity_coef > 0:
+            loss = loss + self.diversity_coef * y_pred.diversity_loss
+            self.history.record_batch("diversity_loss", y_pred.diversity_loss.item())
         return loss
 
     def infer(self, x, **fit_params):

@@ -24,18 +24,27 @@ class MoERegressor(RegressorMixin, BaseMoE):
         Number of experts. ``n_experts=1`` is a plain MLP (the non-MoE ablation).
     top_k : int, default=2
         Experts per row, ``1 <= top_k <= n_experts``. Unused by ``router="softmax"``.
-    router : {"topk", "softmax", "noisy_topk", "switch"}, default="topk"
+    router : {"topk", "softmax", "noisy_topk", "switch", "top_p", "hierarchical"}, default="topk"
         ``"topk"``: each row goes to its ``top_k`` highest-scoring experts, gate weights
         renormalised over them. ``"softmax"``: dense soft mixture, every expert on every row.
         ``"noisy_topk"``: top-k with learned Gaussian noise on the ranking in training
         (Shazeer et al. 2017). ``"switch"``: top-1 with multiplicative input jitter in
-        training (Fedus et al. 2021). Prediction is noise-free for every router.
+        training (Fedus et al. 2021). ``"top_p"``: dynamic k, a row's best experts until
+        their probabilities reach ``top_p`` (at most ``top_k``). ``"hierarchical"``: a gate
+        over ``n_groups`` groups of experts, then the ``top_k`` best experts of the chosen
+        group (at most a group's size); leaf probabilities are products of the two levels'.
+        Prediction is noise-free for every router.
     temperature : float, default=1.0
         Router softmax temperature (> 0); lower is sharper.
     capacity_factor : float or None, default=None
         In training only, cap each expert at ``ceil(capacity_factor * batch * top_k /
         n_experts)`` rows per batch (>= 1); ``None`` is dropless. Prediction is always
         dropless and independent of the batch.
+    capacity_overflow : {"drop", "reroute"}, default="drop"
+        A row's assignment past an expert's capacity: ``"drop"`` falls back to the row's
+        other experts (and the shared expert; a row left with none has a zero routed
+        output for that step); ``"reroute"`` moves it, with its gate weight, to the row's
+        next-ranked expert that still has room.
     balance_loss : {"switch", "cv2", "aux_free"} or None, default="switch"
         Load-balancing loss: ``"switch"`` (Switch Transformer, 1 at perfect balance for any
         ``top_k``) or ``"cv2"`` (Shazeer et al.'s importance + load squared coefficient of
@@ -63,6 +72,20 @@ class MoERegressor(RegressorMixin, BaseMoE):
     expert_dropout : float, default=0.0
         In training, drop each of a row's chosen experts with this probability (keeping at
         least one) and renormalise its gate weights; in [0, 1).
+    top_p : float, default=0.5
+        ``router="top_p"``: the probability mass a row's experts must reach, in (0, 1].
+    learned_threshold : bool, default=False
+        ``router="top_p"``: instead of ``top_p``, learn a per-expert probability threshold
+        (straight-through), so how many experts a row uses is learned.
+    n_groups : int, default=2
+        ``router="hierarchical"``: number of expert groups (at most ``n_experts``).
+    diversity_coef : float, default=0.0
+        Weight of a diversity loss: the mean squared cosine similarity between the experts'
+        centred outputs on the first 64 rows of each batch (every expert is run on them).
+        Above 0 it pushes experts to respond differently to the same inputs.
+    expert_grad_scaling : bool, default=False
+        Multiply each expert's gradient by ``mean_load / load_e`` of the batch (at most
+        ``n_experts``), so rarely chosen experts learn as fast as busy ones.
     max_epochs : int, default=200
     batch_size : int or "auto", default="auto"
         Rows per optimizer step. ``"auto"`` is about ``n_train / 32`` rounded down to a power

@@ -12,7 +12,8 @@ class RoutingMetrics(Callback):
     """Record per-epoch routing metrics of the training batches in the net's history.
 
     Columns added each epoch: the batch-size-weighted means of the batch keys
-    ``task_loss``, ``balance_loss`` and ``z_loss`` (recorded by the net's ``get_loss``),
+    ``task_loss``, ``balance_loss``, ``z_loss`` and ``diversity_loss`` (those recorded by the
+    net's ``get_loss``),
     ``load_imbalance`` (busiest expert's share over the mean
     share, 1 = perfect balance), ``routing_entropy`` (mean per-row gate entropy, nats) and
     ``dropped_fraction`` (share of assignments dropped by the capacity cap).
@@ -36,7 +37,7 @@ class RoutingMetrics(Callback):
         self._rows += gates.shape[0]
         self._dropped = self._dropped + y_pred.n_dropped.detach()
 
-    averaged_keys = ("task_loss", "balance_loss", "z_loss")
+    averaged_keys = ("task_loss", "balance_loss", "z_loss", "diversity_loss")
 
     def on_epoch_end(self, net, **kwargs):
         if self._counts is None:

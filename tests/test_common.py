@@ -26,6 +26,11 @@ def expected_failed_checks(estimator):
         MoERegressor(**dict(FAST, router="noisy_topk", balance_loss="cv2", capacity_factor=1.25,
                             shared_expert=True, gate_hidden=(8,), expert_dropout=0.2)),
         MoEClassifier(**dict(FAST, router="switch", balance_loss="aux_free")),
+        MoERegressor(**dict(FAST, router="top_p", learned_threshold=True, capacity_factor=1.0,
+                            capacity_overflow="reroute", diversity_coef=0.1)),
+        MoEClassifier(**dict(FAST, router="top_p", top_p=0.7, expert_grad_scaling=True)),
+        MoERegressor(**dict(FAST, router="hierarchical", n_groups=2, expert_grad_scaling=True)),
+        MoEClassifier(**dict(FAST, router="softmax", layer_norm=True)),
     ],
     expected_failed_checks=expected_failed_checks,
 )

@@ -220,8 +220,11 @@ def test_joblib_round_trip(fitted, tmp_path):
     [{}, {"capacity_factor": 1.0}, {"router": "softmax"},
      {"router": "noisy_topk", "capacity_factor": 1.0, "balance_loss": "cv2", "shared_expert": True,
       "gate_hidden": (8,), "expert_dropout": 0.2},
-     {"router": "switch", "balance_loss": "aux_free"}],
-    ids=["topk", "capacity_factor=1", "softmax", "noisy_topk", "switch"],
+     {"router": "switch", "balance_loss": "aux_free"},
+     {"router": "top_p", "capacity_factor": 1.0, "capacity_overflow": "reroute"},
+     {"router": "top_p", "learned_threshold": True, "diversity_coef": 0.1},
+     {"router": "hierarchical", "n_groups": 2, "capacity_factor": 1.0, "expert_grad_scaling": True}],
+    ids=["topk", "capacity_factor=1", "softmax", "noisy_topk", "switch", "top_p", "top_p_learned", "hierarchical"],
 )
 @pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
 def test_predictions_do_not_depend_on_the_batch(estimator_class, extra):

@@ -454,11 +454,11 @@ def test_balance_loss_gradient_reaches_router():
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("router", ["topk", "softmax"])
+@pytest.mark.parametrize("router", ["topk", "softmax", "top_p", "hierarchical"])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0])
 def test_eval_is_batch_independent(router, capacity_factor):
     module = make_moe(router=router, n_experts=5, top_k=2, capacity_factor=capacity_factor,
-                      expert_hidden=(8, 8), layer_norm=True, dropout=0.3)
+                      expert_hidden=(8, 8), layer_norm=True, dropout=0.3, capacity_overflow="reroute")
     skew_router(module, bias=0.5)  # uneven counts, which matter if capacity leaked into eval
     with torch.no_grad():
         module.router.gate.weight.mul_(100)
@@ -632,7 +632,8 @@ def test_temperature_divides_logits(name):
 
 
 def test_moe_output_fields():
-    assert MoEOutput._fields == ("output", "gates", "balance_loss", "z_loss", "expert_counts", "n_dropped")
+    assert MoEOutput._fields == ("output", "gates", "balance_loss", "z_loss", "expert_counts", "n_dropped",
+                                "diversity_loss")
     module = make_moe().eval()
     out = module(inputs(6))
     assert out[0] is out.output

@@ -1,14 +1,36 @@
 """Pure-PyTorch Mixture-of-Experts engine (no scikit-learn imports)."""
 
-from .dispatch import DispatchPlan, dense_combine, dispatch_combine, expert_capacity, plan_dispatch
+from .dispatch import (
+    OVERFLOW_POLICIES,
+    DispatchPlan,
+    dense_combine,
+    dispatch_combine,
+    expert_capacity,
+    plan_dispatch,
+    plan_layout,
+    scale_gradient,
+)
 from .experts import ACTIVATIONS, StackedExperts, StackedLinear
-from .losses import cv2_balance_loss, router_z_loss, squared_cv, switch_balance_loss
+from .losses import cv2_balance_loss, expert_diversity_loss, router_z_loss, squared_cv, switch_balance_loss
 from .moe import MixtureOfExperts, MoEOutput
-from .routers import ROUTERS, NoisyTopKRouter, Router, Routing, SoftmaxRouter, SwitchRouter, TopKRouter, make_router
+from .routers import (
+    ROUTERS,
+    HierarchicalRouter,
+    NoisyTopKRouter,
+    Router,
+    Routing,
+    SoftmaxRouter,
+    SwitchRouter,
+    TopKRouter,
+    TopPRouter,
+    make_router,
+)
 
 __all__ = [
     "ACTIVATIONS",
+    "OVERFLOW_POLICIES",
     "DispatchPlan",
+    "HierarchicalRouter",
     "MixtureOfExperts",
     "MoEOutput",
     "NoisyTopKRouter",
@@ -20,13 +42,17 @@ __all__ = [
     "StackedLinear",
     "SwitchRouter",
     "TopKRouter",
+    "TopPRouter",
     "cv2_balance_loss",
     "dense_combine",
     "dispatch_combine",
     "expert_capacity",
+    "expert_diversity_loss",
     "make_router",
     "plan_dispatch",
+    "plan_layout",
     "router_z_loss",
+    "scale_gradient",
     "squared_cv",
     "switch_balance_loss",
 ]

@@ -6,10 +6,12 @@ weights, and the outputs are gathered back and summed per row with ``index_add_`
 one-hot ``(n, n_experts, capacity)`` tensor is ever built.
 
 Buffer layout. Padding every expert to the busiest one's count wastes work when routing is
-uneven (at initialisation the busiest of 64 experts can get 2.5x the mean). The buffer is
-therefore a staircase of at most :data:`MAX_GROUPS` blocks (:func:`plan_layout`): the first
-holds the first ``t_1`` slots of every expert, with the weights used in place; each further
-block tops up only the experts that have more assignments, over their gathered weights.
+uneven (at initialisation the busiest of 64 experts can get 2.5x the mean). In training the
+buffer is therefore a staircase of at most :data:`MAX_GROUPS` blocks (:func:`plan_layout`):
+the first holds the first ``t_1`` slots of every expert, with the weights used in place;
+each further block tops up only the experts that have more assignments, over their gathered
+weights. Evaluation uses one block padded to the busiest expert, which keeps every row's
+output bit-for-bit independent of its batch.
 
 An expert output that is not finite (a diverged expert) is masked: the (row, expert)
 assignment gets weight 0, the row's other weights are renormalised, and a
@@ -150,6 +152,7 @@ def plan_dispatch(
     active: torch.Tensor | None = None,
     overflow: str = "drop",
     ranking: torch.Tensor | None = None,
+    staircase: bool = True,
 ) -> DispatchPlan:
     """Sort the assignments of ``indices`` (n, k) by expert and give each a buffer row.
 
@@ -167,6 +170,11 @@ def plan_dispatch(
         What happens to assignments past ``capacity`` (see the module docstring).
     ranking : Tensor of shape (n, n_experts), int64, optional
         Every row's experts, best first; required by ``overflow="reroute"``.
+    staircase : bool, default=True
+        Lay the buffer out as :func:`plan_layout`'s blocks; False pads every expert to the
+        busiest one in one block. Matmuls of other shapes round differently in the last
+        bits, so only the single block makes a row's output exactly independent of the
+        rows beside it (what prediction needs).
     """
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
@@ -200,7 +208,10 @@ def plan_dispatch(
     kept_counts = torch.bincount(experts, minlength=n_experts)
     slots = _rank_in_sorted(experts, kept_counts)
     kept = kept_counts.cpu().numpy()
-    thresholds = plan_layout(kept)
+    if staircase:
+        thresholds = plan_layout(kept)
+    else:
+        thresholds = [int(kept.max(initial=0))] if kept.max(initial=0) > 0 else []
     device = indices.device
     groups, bases, offset, first_slot = [], [], 0, 0
     for level, threshold in enumerate(thresholds):

@@ -14,7 +14,8 @@ def _masked_rows(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
 
 
 def switch_balance_loss(
-    probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None
+    probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch Transformer load-balancing loss, normalised so that perfect balance is 1.
 
@@ -30,6 +31,8 @@ def switch_balance_loss(
     indices : Tensor of shape (n, k)
         Chosen experts.
     mask : Tensor of shape (n,), bool, optional
+    active : Tensor of shape (n, k), bool, optional
+        Which assignments count (dynamic-k routing); all when None.
 
     Returns
     -------
@@ -40,7 +43,8 @@ def switch_balance_loss(
     n_experts = probs.shape[-1]
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    counts = torch.bincount(indices.reshape(-1), minlength=n_experts).to(probs.dtype)
+    chosen = indices.reshape(-1) if active is None else indices[_masked_rows(active, mask)]
+    counts = torch.bincount(chosen, minlength=n_experts).to(probs.dtype)
     fraction_routed = counts / counts.sum()
     mean_prob = probs.mean(dim=0)
     return n_experts * torch.dot(fraction_routed, mean_prob)
@@ -103,3 +107,31 @@ def cv2_balance_loss(
 
 BALANCE_LOSSES = {"switch": switch_balance_loss, "cv2": cv2_balance_loss, "aux_free": None}
 """The ``balance_loss`` names; ``"aux_free"`` is a selection-bias update, not a loss."""
+
+
+def expert_diversity_loss(expert_outputs: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine similarity between the experts' centred outputs on shared rows.
+
+    ``expert_outputs[e]`` is expert ``e``'s output on the same ``m`` rows. Each expert's
+    outputs are centred over the rows (a constant offset is not a behaviour) and flattened
+    to a vector ``v_e`` of length ``m * n_outputs``; the loss is the mean of
+    ``cos(v_i, v_j)^2`` over pairs ``i != j``. It is 0 when every pair of experts varies
+    across the rows in uncorrelated ways, and 1 when all experts are scaled copies of one
+    another, so it pushes experts to respond differently to the same inputs.
+
+    Parameters
+    ----------
+    expert_outputs : Tensor of shape (n_experts, m, n_outputs)
+
+    Returns
+    -------
+    Tensor, scalar (0 with fewer than 2 experts or 2 rows)
+    """
+    n_experts, m = expert_outputs.shape[:2]
+    if n_experts < 2 or m < 2:
+        return expert_outputs.new_zeros(())
+    centred = (expert_outputs - expert_outputs.mean(dim=1, keepdim=True)).reshape(n_experts, -1).float()
+    unit = centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cosine = unit @ unit.t()
+    off_diagonal = cosine.square().sum() - cosine.diagonal().square().sum()
+    return off_diagonal / (n_experts * (n_experts - 1))

@@ -7,9 +7,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .dispatch import dense_combine, dispatch_combine, expert_capacity, plan_dispatch
+from .dispatch import OVERFLOW_POLICIES, dense_combine, dispatch_combine, expert_capacity, plan_dispatch
 from .experts import StackedExperts
-from .losses import BALANCE_LOSSES, cv2_balance_loss, router_z_loss, switch_balance_loss
+from .losses import BALANCE_LOSSES, cv2_balance_loss, expert_diversity_loss, router_z_loss, switch_balance_loss
 from .routers import make_router
 
 
@@ -31,6 +31,9 @@ class MoEOutput(NamedTuple):
         only rows with positive ``sample_weight`` when one is given.
     n_dropped : Tensor, scalar int64
         Assignments dropped by the capacity cap (always 0 outside training).
+    diversity_loss : Tensor, scalar
+        :func:`~sklearn_moe.nn.losses.expert_diversity_loss` of the experts' outputs on the
+        first rows of the batch; 0 unless ``diversity_loss=True`` and training.
     """
 
     output: torch.Tensor
@@ -39,6 +42,7 @@ class MoEOutput(NamedTuple):
     z_loss: torch.Tensor
     expert_counts: torch.Tensor
     n_dropped: torch.Tensor
+    diversity_loss: torch.Tensor
 
 
 class MixtureOfExperts(nn.Module):
@@ -53,12 +57,15 @@ class MixtureOfExperts(nn.Module):
     n_experts : int, default=8
     top_k : int, default=2
         Experts per row for sparse routers.
-    router : {"softmax", "topk", "noisy_topk", "switch"}, default="topk"
+    router : {"softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical"}, default="topk"
         ``"softmax"`` is the dense soft mixture (every expert on every row, ``top_k``
         unused); ``"topk"`` routes each row to its ``top_k`` best experts with gate weights
         renormalised over them; ``"noisy_topk"`` adds learned Gaussian noise to the ranking
         in training (Shazeer et al. 2017); ``"switch"`` is top-1 with input jitter in
-        training (Fedus et al. 2021). See :mod:`sklearn_moe.nn.routers`.
+        training (Fedus et al. 2021); ``"top_p"`` takes a row's best experts until their
+        probability reaches ``top_p`` (dynamic k, at most ``top_k``); ``"hierarchical"`` is
+        a group gate over ``n_groups`` groups, then a gate within the best group. See
+        :mod:`sklearn_moe.nn.routers`.
     expert_hidden : tuple of int, default=(128,)
         Hidden layer sizes of every expert.
     activation : str, default="relu"
@@ -71,6 +78,11 @@ class MixtureOfExperts(nn.Module):
         In training only, caps each expert at ``ceil(capacity_factor * n * top_k /
         n_experts)`` rows per batch; ``None`` is dropless. Evaluation is always dropless, so a
         row's prediction never depends on the other rows of its batch.
+    capacity_overflow : {"drop", "reroute"}, default="drop"
+        What happens to a row's assignment past an expert's capacity: ``"drop"`` falls back
+        to the row's other experts (and the shared expert); ``"reroute"`` sends it, with its
+        gate weight, to the row's next-ranked expert that has room. See
+        :mod:`sklearn_moe.nn.dispatch`.
     balance_loss : {"switch", "cv2", "aux_free"} or None, default="switch"
         Which load-balancing loss :class:`MoEOutput` carries (weighting is the trainer's):
         the Switch loss (1 at perfect balance) or Shazeer's importance + load ``CV^2``
@@ -88,6 +100,21 @@ class MixtureOfExperts(nn.Module):
         (never all of them: the first choice stays if every one was drawn), and the row's
         remaining gate weights are renormalised. A regulariser against rows leaning on one
         expert.
+    top_p : float, default=0.5
+        Probability mass threshold of ``router="top_p"``.
+    learned_threshold : bool, default=False
+        ``router="top_p"``: learn a per-expert probability threshold instead.
+    n_groups : int, default=2
+        Expert groups of ``router="hierarchical"`` (at most ``n_experts``).
+    diversity_loss : bool, default=False
+        Compute :attr:`MoEOutput.diversity_loss` in training: every expert is also run on the
+        first ``diversity_rows`` rows of the batch.
+    diversity_rows : int, default=64
+    expert_grad_scaling : bool, default=False
+        In training, multiply the gradient reaching each expert by ``mean_count / count_e``
+        (clipped to ``[0, n_experts]``), where ``count_e`` is the number of rows routed to it
+        in the batch: every expert then learns at the pace of an average-load one, so a
+        rarely-chosen expert is not starved into staying rarely chosen. Sparse routing only.
     """
 
     def __init__(
@@ -109,6 +136,13 @@ class MixtureOfExperts(nn.Module):
         shared_expert: bool = False,
         gate_hidden: tuple[int, ...] = (),
         expert_dropout: float = 0.0,
+        capacity_overflow: str = "drop",
+        top_p: float = 0.5,
+        learned_threshold: bool = False,
+        n_groups: int = 2,
+        diversity_loss: bool = False,
+        diversity_rows: int = 64,
+        expert_grad_scaling: bool = False,
     ):
         super().__init__()
         if balance_loss is not None and balance_loss not in BALANCE_LOSSES:
@@ -117,6 +151,8 @@ class MixtureOfExperts(nn.Module):
             raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
         if capacity_factor is not None and not capacity_factor >= 1:
             raise ValueError(f"capacity_factor must be None or >= 1, got {capacity_factor}")
+        if capacity_overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"capacity_overflow must be one of {OVERFLOW_POLICIES}, got {capacity_overflow!r}")
         self.n_features = n_features
         self.n_outputs = n_outputs
         self.n_experts = n_experts
@@ -124,7 +160,12 @@ class MixtureOfExperts(nn.Module):
         self.capacity_factor = capacity_factor
         self.balance_loss = balance_loss
         self.expert_dropout = expert_dropout
-        self.router = make_router(router, n_features, n_experts, top_k, temperature, tuple(gate_hidden))
+        self.capacity_overflow = capacity_overflow
+        self.diversity_loss = diversity_loss
+        self.diversity_rows = diversity_rows
+        self.expert_grad_scaling = expert_grad_scaling
+        self.router = make_router(router, n_features, n_experts, top_k, temperature, tuple(gate_hidden),
+                                  top_p=top_p, learned_threshold=learned_threshold, n_groups=n_groups)
         expert_args = (n_features, n_outputs, tuple(expert_hidden), activation, dropout, layer_norm,
                        skip_connections, output_init_scale)
         self.experts = StackedExperts(n_experts, *expert_args)
@@ -142,48 +183,72 @@ class MixtureOfExperts(nn.Module):
         routing = self.router(x)
         n = x.shape[0]
         mask = None if sample_weight is None else sample_weight > 0
-        active = self._expert_dropout_mask(routing.indices) if self.training and self.expert_dropout > 0 else None
+        active = routing.active
+        if self.training and self.expert_dropout > 0:
+            active = self._expert_dropout_mask(routing.indices, active)
+        weights = routing.weights
+        if active is not None and active is not routing.active:
+            weights = weights * active
+            weights = weights / weights.sum(dim=1, keepdim=True)
         if routing.dense:
-            gates = routing.probs
-            if active is not None:
-                gates = torch.zeros_like(gates).scatter(1, routing.indices, active.to(gates.dtype)) * gates
-                gates = gates / gates.sum(dim=1, keepdim=True)
+            gates = routing.probs if active is None else weights
             output = dense_combine(x, self.experts, gates)
-            counts = torch.full((self.n_experts,), n, dtype=torch.long, device=x.device)
-            n_dropped = counts.new_zeros(())
+            n_dropped = torch.zeros((), dtype=torch.long, device=x.device)
+            plan_counts = None
         else:
             capacity = None
             if self.training and self.capacity_factor is not None:
                 capacity = expert_capacity(self.capacity_factor, n, routing.indices.shape[1], self.n_experts)
-            weights = routing.weights
-            if active is not None:
-                weights = weights * active
-                weights = weights / weights.sum(dim=1, keepdim=True)
-            plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active)
-            output = dispatch_combine(x, self.experts, plan, self.n_outputs)
+            ranking = None
+            if capacity is not None and self.capacity_overflow == "reroute":
+                ranking = routing.scores.argsort(dim=1, descending=True)
+            plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active,
+                                 self.capacity_overflow, ranking, staircase=self.training)
+            grad_scale = self._grad_scale(plan.counts) if self.training and self.expert_grad_scaling else None
+            output = dispatch_combine(x, self.experts, plan, self.n_outputs, grad_scale)
             gates = routing.probs.new_zeros(n, self.n_experts).scatter(1, routing.indices, weights)
-            counts = plan.counts
-            n_dropped = counts.sum() - plan.rows.shape[0]
+            plan_counts = plan.counts
+            n_dropped = plan.counts.sum() - plan.rows.shape[0]
         if self.shared_expert is not None:
             output = output + self.shared_expert(x.unsqueeze(0))[0]
-        counted = active  # routing counts leave out dropped experts and zero-weight rows
-        if mask is not None:
-            counted = mask.unsqueeze(1).expand_as(routing.indices) if counted is None else counted & mask.unsqueeze(1)
-        if counted is not None:
-            counts = torch.bincount(routing.indices[counted], minlength=self.n_experts)
-        balance = self._balance_loss(routing, gates, mask)
+        counts = self._routing_counts(routing, active, mask, plan_counts)
+        balance = self._balance_loss(routing, gates, mask, active)
         z_loss = router_z_loss(routing.logits, mask)
-        return MoEOutput(output, gates, balance, z_loss, counts, n_dropped)
+        diversity = self._diversity_loss(x, mask) if self.training and self.diversity_loss else output.new_zeros(())
+        return MoEOutput(output, gates, balance, z_loss, counts, n_dropped, diversity)
 
-    def _expert_dropout_mask(self, indices: torch.Tensor) -> torch.Tensor:
-        """(n, k) bool: which chosen experts survive; at least the first choice of each row."""
-        active = torch.rand(indices.shape, device=indices.device) >= self.expert_dropout
-        active[:, 0] |= ~active.any(dim=1)
-        return active
+    def _routing_counts(self, routing, active, mask, plan_counts) -> torch.Tensor:
+        """Assignments per expert, leaving out inactive ones and zero-weight rows."""
+        counted = active
+        if mask is not None:
+            rows = mask.unsqueeze(1).expand_as(routing.indices)
+            counted = rows if counted is None else counted & rows
+        if counted is not None:
+            return torch.bincount(routing.indices[counted], minlength=self.n_experts)
+        if plan_counts is not None:
+            return plan_counts
+        return torch.bincount(routing.indices.reshape(-1), minlength=self.n_experts)
 
-    def _balance_loss(self, routing, gates: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def _grad_scale(self, counts: torch.Tensor) -> torch.Tensor:
+        mean_count = counts.sum().float() / self.n_experts
+        return (mean_count / counts.float().clamp_min(1)).clamp(max=float(self.n_experts))
+
+    def _diversity_loss(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        rows = x if mask is None else x[mask]
+        rows = rows[: self.diversity_rows]
+        return expert_diversity_loss(self.experts(rows.unsqueeze(0).expand(self.n_experts, -1, -1)))
+
+    def _expert_dropout_mask(self, indices: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        """(n, k) bool: which chosen (active) experts survive; at least each row's first choice."""
+        kept = torch.rand(indices.shape, device=indices.device) >= self.expert_dropout
+        if active is not None:
+            kept &= active
+        kept[:, 0] |= ~kept.any(dim=1)
+        return kept
+
+    def _balance_loss(self, routing, gates: torch.Tensor, mask: torch.Tensor | None, active) -> torch.Tensor:
         if self.balance_loss == "switch":
-            return switch_balance_loss(routing.probs, routing.indices, mask)
+            return switch_balance_loss(routing.probs, routing.indices, mask, active)
         if self.balance_loss == "cv2":
             load = routing.selection_probs if routing.selection_probs is not None else (gates > 0).to(gates.dtype)
             return cv2_balance_loss(gates, load, mask)

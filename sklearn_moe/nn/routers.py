@@ -30,6 +30,12 @@ class Routing(NamedTuple):
     selection_probs : Tensor of shape (n, n_experts) or None
         Differentiable probability that each expert is selected for each row (the noisy
         top-k router's smooth load estimate); None where selection is deterministic.
+    active : Tensor of shape (n, k), bool, or None
+        Which of the ``k`` candidate columns a row really uses (dynamic-k routers: the
+        others have weight 0); None when all are used.
+    scores : Tensor of shape (n, n_experts) or None
+        The scores that ranked the experts (with any selection bias and noise): a row's
+        next choices, for rerouting capacity overflow. None for dense routing.
     """
 
     logits: torch.Tensor
@@ -38,6 +44,8 @@ class Routing(NamedTuple):
     weights: torch.Tensor
     dense: bool
     selection_probs: torch.Tensor | None = None
+    active: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
 
 def _make_gate(n_features: int, n_experts: int, hidden: tuple[int, ...]) -> nn.Module:
@@ -48,6 +56,11 @@ def _make_gate(n_features: int, n_experts: int, hidden: tuple[int, ...]) -> nn.M
     for w_in, w_out in zip(widths[:-1], widths[1:]):
         layers += [nn.Linear(w_in, w_out), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(widths[-1], n_experts))
+
+
+def _unit_weight(p: torch.Tensor) -> torch.Tensor:
+    """``p / stop_gradient(p)``: the value 1, with the gradient of ``log p``."""
+    return p / p.detach()
 
 
 class Router(nn.Module):
@@ -133,14 +146,14 @@ class TopKRouter(Router):
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         scores, selection_probs = self.selection_scores(x, logits)
-        indices = (scores + self.selection_bias).topk(self.top_k, dim=-1).indices
-        top_scores = scores.gather(1, indices)
+        ranking_scores = scores + self.selection_bias
+        indices = ranking_scores.topk(self.top_k, dim=-1).indices
         if self.top_k == 1:
-            chosen = probs.gather(1, indices)
-            weights = chosen / chosen.detach()
+            weights = _unit_weight(probs.gather(1, indices))
         else:
-            weights = top_scores.softmax(dim=-1)
-        return Routing(logits, probs, indices, weights, self.top_k == self.n_experts, selection_probs)
+            weights = scores.gather(1, indices).softmax(dim=-1)
+        return Routing(logits, probs, indices, weights, self.top_k == self.n_experts, selection_probs,
+                       scores=ranking_scores)
 
 
 class NoisyTopKRouter(TopKRouter):
@@ -198,19 +211,136 @@ class SwitchRouter(TopKRouter):
         return super().compute_logits(x)
 
 
+class TopPRouter(Router):
+    """Dynamic k (top-p routing, Huang et al. 2024): each row takes its most probable experts
+    until their probabilities add up to ``top_p``, at most ``top_k`` of them.
+
+    Confident rows use one expert, uncertain rows several. With ``learned_threshold=True``
+    the rule is per expert instead: a row also uses expert ``e`` (among its ``top_k`` best)
+    when ``p_e >= sigmoid(theta_e)``, with ``theta_e`` a trained parameter (initialised to
+    a threshold of ``1 / n_experts``), so how many experts a row uses is learned. The hard
+    keep/skip decision passes the gradient of ``sigmoid((p_e - threshold_e) / 0.1)`` to
+    the threshold (straight-through). A row always keeps its best expert. Gate weights are
+    the kept experts' probabilities, renormalised.
+    """
+
+    threshold_sharpness = 0.1
+
+    def __init__(self, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0,
+                 gate_hidden: tuple[int, ...] = (), top_p: float = 0.5, learned_threshold: bool = False):
+        super().__init__(n_features, n_experts, top_k, temperature, gate_hidden)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.top_p = float(top_p)
+        self.threshold_logit = None
+        if learned_threshold:
+            initial = torch.logit(torch.tensor(1.0 / n_experts)) if n_experts > 1 else torch.tensor(0.0)
+            self.threshold_logit = nn.Parameter(initial.expand(n_experts).clone())
+
+    @property
+    def is_dense(self) -> bool:
+        return False
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = self.compute_logits(x)
+        probs = logits.softmax(dim=-1)
+        ranking_scores = logits + self.selection_bias
+        indices = ranking_scores.topk(self.top_k, dim=-1).indices
+        chosen = probs.gather(1, indices)
+        if self.threshold_logit is None:
+            mass_before = chosen.cumsum(dim=1) - chosen
+            keep = (mass_before < self.top_p).to(chosen.dtype)
+        else:
+            threshold = torch.sigmoid(self.threshold_logit)[indices]
+            soft = torch.sigmoid((chosen - threshold) / self.threshold_sharpness)
+            keep = (chosen >= threshold).to(chosen.dtype)
+            keep = keep + soft - soft.detach()
+        keep = torch.cat((torch.ones_like(keep[:, :1]), keep[:, 1:]), dim=1)  # the best expert always
+        active = keep.detach() > 0
+        kept = chosen * keep
+        weights = kept / kept.sum(dim=1, keepdim=True)
+        # A lone expert's weight is 1 whatever p is: give it the gradient of log p, as top-1 does.
+        single = active.sum(dim=1, keepdim=True) == 1
+        weights = torch.where(single, weights * _unit_weight(chosen[:, :1]), weights)
+        return Routing(logits, probs, indices, weights, False, active=active, scores=ranking_scores)
+
+
+class HierarchicalRouter(Router):
+    """A two-level tree of gates (hierarchical MoE, Jordan & Jacobs 1994; Shazeer et al. 2017).
+
+    The experts are split into ``n_groups`` contiguous groups of near-equal size. A group
+    gate gives ``q_g = softmax(x W_group)_g``; a gate within each group gives
+    ``w_e = softmax over the group's experts of (x W_expert)_e``. Leaf probabilities are
+    the products ``p_e = q_g(e) * w_e``, which sum to 1 (``Routing.probs``).
+
+    Sparse (``top_k < n_experts``): each row goes to its best group, and there to its
+    ``top_k`` best experts (at most the smallest group's size); gate weights are the
+    within-group weights renormalised over the chosen experts, times the chosen group's
+    renormalised weight (1, carrying the gradient of ``log q_g``). Dense (``top_k ==
+    n_experts``): every expert, weighted by ``p_e`` (the soft hierarchical mixture).
+    ``Routing.logits`` (for the z-loss) is the sum of the two levels' logits.
+    """
+
+    def __init__(self, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0,
+                 gate_hidden: tuple[int, ...] = (), n_groups: int = 2):
+        super().__init__(n_features, n_experts, top_k, temperature, gate_hidden)
+        if not 1 <= n_groups <= n_experts:
+            raise ValueError(f"n_groups must be in [1, n_experts={n_experts}], got {n_groups}")
+        self.n_groups = n_groups
+        self.register_buffer("group_of_expert", torch.arange(n_experts) * n_groups // n_experts)
+        self.group_gate = _make_gate(n_features, n_groups, tuple(gate_hidden))
+        self.experts_per_row = min(top_k, n_experts // n_groups)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        expert_logits = self.compute_logits(x)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            group_logits = self.group_gate(x.float()) / self.temperature
+        in_group = self.group_of_expert.unsqueeze(0) == torch.arange(self.n_groups, device=x.device).unsqueeze(1)
+        masked = expert_logits.unsqueeze(1).masked_fill(~in_group, float("-inf"))  # (n, G, E)
+        log_within = expert_logits - masked.logsumexp(dim=2)[:, self.group_of_expert]
+        log_group = group_logits.log_softmax(dim=1)
+        probs = (log_group[:, self.group_of_expert] + log_within).exp()
+        logits = expert_logits + group_logits[:, self.group_of_expert]
+        if self.is_dense:
+            indices = torch.arange(self.n_experts, device=x.device).expand(x.shape[0], -1)
+            return Routing(logits, probs, indices, probs, True)
+        best_group = group_logits.argmax(dim=1, keepdim=True)
+        outside = self.group_of_expert.unsqueeze(0) != best_group
+        ranking_scores = (expert_logits + self.selection_bias).masked_fill(outside, float("-inf"))
+        indices = ranking_scores.topk(self.experts_per_row, dim=1).indices
+        group_weight = _unit_weight(log_group.gather(1, best_group).exp())
+        if self.experts_per_row == 1:
+            weights = _unit_weight(log_within.gather(1, indices).exp())
+        else:
+            weights = log_within.gather(1, indices).softmax(dim=1)
+        # Rerouting goes to the rest of the best group first, then to the other experts.
+        ranking_scores = torch.where(outside, probs - 2.0, probs + self.selection_bias)
+        return Routing(logits, probs, indices, weights * group_weight, False, scores=ranking_scores)
+
+
 ROUTERS: dict[str, type[Router]] = {
     "softmax": SoftmaxRouter,
     "topk": TopKRouter,
     "noisy_topk": NoisyTopKRouter,
     "switch": SwitchRouter,
+    "top_p": TopPRouter,
+    "hierarchical": HierarchicalRouter,
 }
+
+ROUTER_OPTIONS = {"top_p": ("top_p", "learned_threshold"), "hierarchical": ("n_groups",)}
 
 
 def make_router(name: str, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0,
-                gate_hidden: tuple[int, ...] = ()) -> Router:
-    """Build the router registered under ``name``."""
+                gate_hidden: tuple[int, ...] = (), **options) -> Router:
+    """Build the router registered under ``name``.
+
+    ``options`` are router-specific settings (``top_p`` and ``learned_threshold`` for
+    ``"top_p"``, ``n_groups`` for ``"hierarchical"``); the ones another router takes are
+    ignored, so callers can pass every setting whatever the router.
+    """
     try:
         router_cls = ROUTERS[name]
     except KeyError:
         raise ValueError(f"router must be one of {sorted(ROUTERS)}, got {name!r}") from None
-    return router_cls(n_features, n_experts, top_k, temperature, gate_hidden)
+    own = {key: value for key, value in options.items() if key in ROUTER_OPTIONS.get(name, ())}
+    return router_cls(n_features, n_experts, top_k, temperature, gate_hidden, **own)
