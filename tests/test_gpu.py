@@ -1,0 +1,85 @@
+"""CUDA tests: the engine and the estimators on a GPU. Skipped where CUDA is unavailable."""
+
+import numpy as np
+import pytest
+import torch
+
+from sklearn_moe import MoEClassifier, MoERegressor
+from sklearn_moe.nn import MixtureOfExperts
+
+from .conftest import FAST
+
+pytestmark = pytest.mark.gpu
+
+ROUTER_OPTIONS = [
+    {"router": "topk"},
+    {"router": "softmax"},
+    {"router": "noisy_topk", "balance_loss": "cv2"},
+    {"router": "switch", "balance_loss": "aux_free"},
+    {"router": "top_p", "learned_threshold": True},
+    {"router": "hierarchical", "n_groups": 2},
+]
+TRAINING_OPTIONS = [
+    {},
+    {"capacity_factor": 1.0, "capacity_overflow": "reroute"},
+    {"capacity_factor": 1.0, "capacity_overflow": "drop", "shared_expert": True},
+    {"expert_grad_scaling": True, "diversity_loss": True, "expert_dropout": 0.2},
+]
+
+
+def _module_pair(**options):
+    torch.manual_seed(0)
+    balance = options.pop("balance_loss", "switch")
+    cpu = MixtureOfExperts(6, 2, n_experts=8, top_k=2, expert_hidden=(16, 16), layer_norm=True,
+                           balance_loss=balance, **options)
+    cuda = MixtureOfExperts(6, 2, n_experts=8, top_k=2, expert_hidden=(16, 16), layer_norm=True,
+                            balance_loss=balance, **options).cuda()
+    cuda.load_state_dict(cpu.state_dict())
+    return cpu, cuda
+
+
+@pytest.mark.parametrize("options", ROUTER_OPTIONS, ids=lambda o: o["router"])
+def test_cuda_eval_matches_cpu(options):
+    cpu, cuda = _module_pair(**options)
+    x = torch.randn(300, 6)
+    expected = cpu.eval()(x)
+    got = cuda.eval()(x.cuda())
+    torch.testing.assert_close(got.output.cpu(), expected.output, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.gates.cpu(), expected.gates, rtol=1e-4, atol=1e-5)
+    assert got.expert_counts.cpu().tolist() == expected.expert_counts.tolist()
+
+
+@pytest.mark.parametrize("training", TRAINING_OPTIONS, ids=["plain", "reroute", "drop+shared", "scaling+diversity"])
+@pytest.mark.parametrize("options", ROUTER_OPTIONS, ids=lambda o: o["router"])
+def test_cuda_training_step(options, training):
+    _, module = _module_pair(**options, **training)
+    module.train()
+    x = torch.randn(512, 6, device="cuda")
+    weight = (torch.arange(512, device="cuda") % 7 != 0).float()  # some zero-weight rows
+    out = module(x, sample_weight=weight)
+    loss = out.output.square().mean() + 1e-2 * out.balance_loss + 1e-3 * out.z_loss + 0.1 * out.diversity_loss
+    loss.backward()
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    assert out.expert_counts.device.type == "cuda"
+    assert int(out.expert_counts.sum()) <= 2 * int((weight > 0).sum())
+
+
+@pytest.mark.parametrize("options", ROUTER_OPTIONS, ids=lambda o: o["router"])
+@pytest.mark.parametrize("estimator_class", [MoERegressor, MoEClassifier], ids=lambda c: c.__name__)
+def test_estimators_fit_on_cuda(estimator_class, options):
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(300, 5))
+    y = X[:, 0] + np.sin(2 * X[:, 1])
+    if estimator_class is MoEClassifier:
+        y = np.digitize(y, [-0.5, 0.5])
+    model = estimator_class(**dict(FAST, device="cuda", **options)).fit(X, y)
+    assert next(model.module_.parameters()).device.type == "cuda"
+    pred = model.predict(X)
+    assert pred.shape == (300,)
+    if estimator_class is MoERegressor:
+        assert np.isfinite(pred).all()
+        assert model.score(X, y) > 0.5
+    else:
+        np.testing.assert_allclose(model.predict_proba(X).sum(axis=1), 1.0, rtol=1e-6)
+        assert model.score(X, y) > 0.6
