@@ -52,6 +52,9 @@ class RoutingMetrics(Callback):
         net.history.record("load_imbalance", load_imbalance(self._counts))
         net.history.record("routing_entropy", float(self._entropy_sum) / max(self._rows, 1))
         net.history.record("dropped_fraction", int(self._dropped) / max(total, 1))
+        # Device tensors must not outlive the epoch: a pickled CUDA tensor left here would
+        # make a CUDA-trained model impossible to unpickle on a machine without CUDA.
+        self.on_epoch_begin(net)
 
 
 class AuxFreeBalancing(Callback):

@@ -192,6 +192,16 @@ def test_clone_is_unfitted_with_equal_params(fitted):
 # ---------------------------------------------------------------------------- persistence
 
 
+def test_training_state_keeps_no_tensors_outside_the_module(fitted):
+    """A model trained on CUDA must unpickle on a CPU-only machine: skorch maps the module and
+    optimizer to the CPU there, but a tensor pickled anywhere else would still name CUDA."""
+    model, _, _ = fitted
+    for name, callback in model.net_.callbacks_:
+        for attribute, value in vars(callback).items():
+            assert not isinstance(value, torch.Tensor), f"callback {name!r} keeps tensor {attribute!r}"
+    assert not any(isinstance(value, torch.Tensor) for value in vars(model).values())
+
+
 def test_pickle_round_trip(fitted):
     model, X, _ = fitted
     restored = pickle.loads(pickle.dumps(model))

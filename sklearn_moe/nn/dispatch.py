@@ -11,7 +11,8 @@ buffer is therefore a staircase of at most :data:`MAX_GROUPS` blocks (:func:`pla
 the first holds the first ``t_1`` slots of every expert, with the weights used in place;
 each further block tops up only the experts that have more assignments, over their gathered
 weights. Evaluation uses one block padded to the busiest expert, which keeps every row's
-output bit-for-bit independent of its batch.
+output bit-for-bit independent of its batch; so does training on a GPU, where the extra
+blocks' kernel launches cost more than the padding's arithmetic.
 
 An expert output that is not finite (a diverged expert) is masked: the (row, expert)
 assignment gets weight 0, the row's other weights are renormalised, and a

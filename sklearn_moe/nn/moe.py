@@ -203,7 +203,7 @@ class MixtureOfExperts(nn.Module):
             if capacity is not None and self.capacity_overflow == "reroute":
                 ranking = routing.scores.argsort(dim=1, descending=True)
             plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active,
-                                 self.capacity_overflow, ranking, staircase=self.training)
+                                 self.capacity_overflow, ranking, staircase=self.training and x.device.type == "cpu")
             grad_scale = self._grad_scale(plan.counts) if self.training and self.expert_grad_scaling else None
             output = dispatch_combine(x, self.experts, plan, self.n_outputs, grad_scale)
             gates = routing.probs.new_zeros(n, self.n_experts).scatter(1, routing.indices, weights)
