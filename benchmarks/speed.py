@@ -1,10 +1,18 @@
 """Speed benchmarks, reported as ratios measured in one run.
 
-``python -m benchmarks.speed --part experts``: the forward+backward time of one
-:class:`~sklearn_moe.nn.MixtureOfExperts` training step at ``top_k=2`` over
-``n_experts`` in {2, 4, ..., 128}, relative to ``n_experts=2``, and the router's share of it.
-Sparse routing should make an extra expert cost little: the work per row grows with
-``top_k``, not with ``n_experts``.
+``python -m benchmarks.speed --part PART`` with PART one of:
+
+- ``experts``: the forward+backward time of one :class:`~sklearn_moe.nn.MixtureOfExperts`
+  training step at ``top_k=2`` over ``n_experts`` in {2, 4, ..., 128}, relative to
+  ``n_experts=2``, the same for a full optimizer step, and the router's share. Sparse
+  routing should make an extra expert cost little: the work per row grows with ``top_k``,
+  not with ``n_experts``.
+- ``overhead``: seconds per epoch of ``MoERegressor.fit`` against a plain PyTorch loop
+  training the same module with the same batches, losses, clipping and optimizer.
+- ``predict``: single-row latency and 100k-row throughput of ``MoERegressor.predict``
+  against scikit-learn's ``MLPRegressor`` with the same hidden sizes.
+- ``memory``: peak resident memory of a fit, each in a fresh process.
+- ``all``: every part.
 
 Timing protocol: every configuration is built first; then rounds of (one timed step per
 configuration, in shuffled order) are repeated, and each configuration reports its median.
@@ -17,13 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import random
 import statistics
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from sklearn_moe import MoERegressor
 from sklearn_moe.nn import MixtureOfExperts
 
 from .machine import describe_machine
@@ -58,49 +70,59 @@ def _interleaved_medians(steps: dict, rounds: int, warmup: int, device: torch.de
 
 def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: tuple[int, ...] = (128, 128),
                    top_k: int = 2, expert_counts=EXPERT_COUNTS, rounds: int = 30, device: str = "cpu") -> dict:
-    """Forward+backward seconds of a MixtureOfExperts step, and of its router alone, per n_experts.
+    """Seconds per training step of a MixtureOfExperts, per n_experts.
 
-    The modules are freshly initialised (routing as uneven as at the start of training)
-    and in training mode, with the Switch balance and z-loss terms in the loss.
+    Three timings each: forward+backward, the full step (with zeroing gradients and a
+    fused AdamW update) and the router's forward+backward alone. The modules are freshly
+    initialised (routing as uneven as at the start of training) and in training mode, with
+    the Switch balance and z-loss terms in the loss.
     """
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, n_features, generator=generator).to(device)
     y = torch.randn(batch_size, 1, generator=generator).to(device)
-    steps, router_steps, counts = {}, {}, {}
+    steps, counts = {}, {}
     for n_experts in expert_counts:
         torch.manual_seed(n_experts)
         module = MixtureOfExperts(n_features, 1, n_experts=n_experts, top_k=top_k,
                                   expert_hidden=expert_hidden).to(device).train()
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
 
-        def step(module=module):
+        def forward_backward(module=module):
             out = module(x)
             loss = (out.output - y).square().mean() + 1e-2 * out.balance_loss + 1e-3 * out.z_loss
             loss.backward()
+
+        def full_step(module=module, optimizer=optimizer, forward_backward=forward_backward):
+            optimizer.zero_grad(set_to_none=True)
+            forward_backward()
+            optimizer.step()
 
         def router_step(module=module):
             routing = module.router(x)
             (routing.weights.sum() + routing.probs.square().sum()).backward()
 
-        steps[n_experts] = step
-        router_steps[n_experts] = router_step
+        steps["forward_backward", n_experts] = forward_backward
+        steps["full_step", n_experts] = full_step
+        steps["router", n_experts] = router_step
         counts[n_experts] = module(x).expert_counts.cpu()
-    medians = _interleaved_medians({**{("moe", e): s for e, s in steps.items()},
-                                    **{("router", e): s for e, s in router_steps.items()}},
-                                   rounds=rounds, warmup=3, device=device)
-    base = medians[("moe", expert_counts[0])]
+    medians = _interleaved_medians(steps, rounds=rounds, warmup=3, device=device)
+    first = expert_counts[0]
     rows = []
     for n_experts in expert_counts:
         load = counts[n_experts].float()
         rows.append({
             "n_experts": n_experts,
-            "step_ms": 1e3 * medians[("moe", n_experts)],
-            "ratio_to_first": medians[("moe", n_experts)] / base,
-            "router_ms": 1e3 * medians[("router", n_experts)],
+            "forward_backward_ms": 1e3 * medians["forward_backward", n_experts],
+            "forward_backward_ratio": medians["forward_backward", n_experts] / medians["forward_backward", first],
+            "full_step_ms": 1e3 * medians["full_step", n_experts],
+            "full_step_ratio": medians["full_step", n_experts] / medians["full_step", first],
+            "router_ms": 1e3 * medians["router", n_experts],
             "busiest_expert_over_mean": float(load.max() / load.mean()),
         })
     return {
         "benchmark": "expert_scaling",
+        "command": "python -m benchmarks.speed --part experts",
         "machine": describe_machine(),
         "device": str(device),
         "config": {"batch_size": batch_size, "n_features": n_features, "expert_hidden": list(expert_hidden),
@@ -111,19 +133,161 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
 
 def _print_scaling(result: dict) -> None:
     config = result["config"]
-    print(f"# MixtureOfExperts forward+backward, top_k={config['top_k']}, batch {config['batch_size']}, "
+    print(f"# MixtureOfExperts training step, top_k={config['top_k']}, batch {config['batch_size']}, "
           f"{config['n_features']} features, expert_hidden={tuple(config['expert_hidden'])}, {result['device']}")
     print(f"# {result['machine']}")
-    print("| n_experts | step (ms) | ratio to n_experts=2 | router alone (ms) | busiest expert / mean load |")
-    print("|---|---|---|---|---|")
+    print("| n_experts | forward+backward (ms) | ratio | full step (ms) | ratio | router alone (ms) | "
+          "busiest expert / mean |")
+    print("|---|---|---|---|---|---|---|")
     for row in result["rows"]:
-        print(f"| {row['n_experts']} | {row['step_ms']:.2f} | {row['ratio_to_first']:.2f}x | "
-              f"{row['router_ms']:.2f} | {row['busiest_expert_over_mean']:.2f} |")
+        print(f"| {row['n_experts']} | {row['forward_backward_ms']:.2f} | {row['forward_backward_ratio']:.2f}x | "
+              f"{row['full_step_ms']:.2f} | {row['full_step_ratio']:.2f}x | {row['router_ms']:.2f} | "
+              f"{row['busiest_expert_over_mean']:.2f} |")
+
+
+def _regression_data(n_rows: int, n_features: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_rows, n_features)).astype(np.float32)
+    y = np.sin(X[:, 0]) + X[:, 1] * X[:, 2] + 0.1 * rng.normal(size=n_rows)
+    return X, y
+
+
+def wrapper_overhead(n_rows: int = 20_000, n_features: int = 32, epochs: int = 4, repeats: int = 3,
+                     batch_size: int = 256, device: str = "cpu") -> dict:
+    """Seconds per epoch: ``MoERegressor.fit`` against a plain loop over the same module.
+
+    The estimator trains without a validation split (``early_stopping=False``), so both
+    see every row once per epoch. The plain loop does what the estimator's training does
+    per batch: forward, task + balance + z loss, backward, gradient clipping and a fused
+    AdamW step, over shuffled in-memory batches. Fits and loops alternate ``repeats`` times.
+    """
+    X, y = _regression_data(n_rows, n_features)
+    params = dict(max_epochs=epochs, batch_size=batch_size, early_stopping=False, n_iter_no_change=epochs + 1,
+                  random_state=0, device=device)
+    estimator_epochs, plain_epochs = [], []
+    for repeat in range(repeats):
+        model = MoERegressor(**params).fit(X, y)
+        estimator_epochs += list(model.history_["dur"])
+        plain_epochs += _plain_loop_epochs(model, X, y, epochs, batch_size, device, seed=repeat)
+    estimator, plain = statistics.median(estimator_epochs), statistics.median(plain_epochs)
+    return {
+        "benchmark": "wrapper_overhead",
+        "command": "python -m benchmarks.speed --part overhead",
+        "machine": describe_machine(),
+        "config": {"n_rows": n_rows, "n_features": n_features, "epochs": epochs, "repeats": repeats,
+                   "batch_size": batch_size, "device": device},
+        "estimator_epoch_s": estimator,
+        "plain_loop_epoch_s": plain,
+        "ratio": estimator / plain,
+    }
+
+
+def _plain_loop_epochs(model, X, y, epochs, batch_size, device, seed) -> list[float]:
+    """Train a fresh copy of ``model``'s architecture with a hand-written loop."""
+    torch.manual_seed(seed)
+    module = model._build_module(X.shape[1], device)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=model.learning_rate, weight_decay=model.weight_decay,
+                                  fused=True)
+    x_all = torch.as_tensor((X - X.mean(0)) / X.std(0), dtype=torch.float32, device=device)
+    y_all = torch.as_tensor(((y - y.mean()) / y.std())[:, None], dtype=torch.float32, device=device)
+    generator = torch.Generator().manual_seed(seed)
+    durations = []
+    module.train()
+    for _ in range(epochs):
+        start = time.perf_counter()
+        order = torch.randperm(len(x_all), generator=generator).to(device)
+        for first in range(0, len(order), batch_size):
+            rows = order[first:first + batch_size]
+            out = module(x_all[rows])
+            loss = (out.output - y_all[rows]).square().mean()
+            loss = loss + model.balance_coef * out.balance_loss + model.z_loss_coef * out.z_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(module.parameters(), model.max_grad_norm)
+            optimizer.step()
+        _sync(torch.device(device))
+        durations.append(time.perf_counter() - start)
+    return durations
+
+
+def predict_speed(n_features: int = 32, hidden: tuple[int, ...] = (128, 128), n_fit: int = 5000,
+                  n_throughput: int = 100_000, n_latency: int = 300) -> dict:
+    """Single-row predict latency and 100k-row throughput, MoERegressor against MLPRegressor."""
+    from sklearn.neural_network import MLPRegressor
+
+    X, y = _regression_data(max(n_fit, n_throughput), n_features)
+    moe = MoERegressor(expert_hidden=hidden, max_epochs=3, random_state=0, device="cpu").fit(X[:n_fit], y[:n_fit])
+    mlp = MLPRegressor(hidden_layer_sizes=hidden, max_iter=3, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning: 3 iterations are enough to time predict
+        mlp.fit(X[:n_fit], y[:n_fit])
+    models = {"MoERegressor": moe, "MLPRegressor": mlp}
+    single = {(name, i): (lambda model=model, i=i: model.predict(X[i:i + 1]))
+              for name, model in models.items() for i in range(n_latency)}
+    latency = _interleaved_medians(single, rounds=1, warmup=1, device=torch.device("cpu"))
+    per_model = {name: statistics.median(latency[name, i] for i in range(n_latency)) for name in models}
+    bulk = _interleaved_medians({name: (lambda model=model: model.predict(X[:n_throughput]))
+                                 for name, model in models.items()}, rounds=5, warmup=1, device=torch.device("cpu"))
+    return {
+        "benchmark": "predict",
+        "command": "python -m benchmarks.speed --part predict",
+        "machine": describe_machine(),
+        "config": {"n_features": n_features, "hidden": list(hidden), "moe": "n_experts=8, top_k=2",
+                   "n_throughput": n_throughput},
+        "single_row_latency_ms": {name: 1e3 * value for name, value in per_model.items()},
+        "latency_ratio": per_model["MoERegressor"] / per_model["MLPRegressor"],
+        "rows_per_s": {name: n_throughput / bulk[name] for name in models},
+        "throughput_ratio": bulk["MLPRegressor"] / bulk["MoERegressor"],
+    }
+
+
+def _peak_memory_child(kind: str, n_rows: int, n_features: int, queue) -> None:
+    import resource
+
+    X, y = _regression_data(n_rows, n_features)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if kind == "MoERegressor":
+        MoERegressor(max_epochs=2, random_state=0, device="cpu").fit(X, y)
+    elif kind == "MLPRegressor":
+        from sklearn.neural_network import MLPRegressor
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            MLPRegressor(hidden_layer_sizes=(128, 128), max_iter=2, random_state=0).fit(X, y)
+    queue.put((before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
+def peak_memory(n_rows: int = 100_000, n_features: int = 32) -> dict:
+    """Peak resident memory (MiB) of a 2-epoch fit, each model in a fresh process."""
+    context = multiprocessing.get_context("spawn")
+    result = {}
+    for kind in ("MoERegressor", "MLPRegressor"):
+        queue = context.Queue()
+        process = context.Process(target=_peak_memory_child, args=(kind, n_rows, n_features, queue))
+        process.start()
+        before, after = queue.get()
+        process.join()
+        result[kind] = {"peak_mib": after / 1024, "added_by_fit_mib": (after - before) / 1024}
+    return {
+        "benchmark": "memory",
+        "command": "python -m benchmarks.speed --part memory",
+        "machine": describe_machine(),
+        "config": {"n_rows": n_rows, "n_features": n_features, "epochs": 2},
+        "models": result,
+    }
+
+
+PARTS = {
+    "experts": lambda args: expert_scaling(rounds=args.rounds, device=args.device),
+    "overhead": lambda args: wrapper_overhead(device=args.device),
+    "predict": lambda args: predict_speed(),
+    "memory": lambda args: peak_memory(),
+}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("experts",), default="experts")
+    parser.add_argument("--part", choices=(*PARTS, "all"), default="all")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--rounds", type=int, default=30)
@@ -131,14 +295,20 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = expert_scaling(rounds=args.rounds, device=args.device)
-    _print_scaling(result)
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
-    path = args.out / f"speed_experts{suffix}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
-    return result
+    results = {}
+    for part in PARTS if args.part == "all" else (args.part,):
+        result = PARTS[part](args)
+        if part == "experts":
+            _print_scaling(result)
+        else:
+            print(json.dumps(result, indent=2))
+        path = args.out / f"speed_{part}{suffix}.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+        results[part] = result
+    return results
 
 
 if __name__ == "__main__":
