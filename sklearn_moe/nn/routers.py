@@ -313,8 +313,14 @@ class HierarchicalRouter(Router):
             weights = _unit_weight(log_within.gather(1, indices).exp())
         else:
             weights = log_within.gather(1, indices).softmax(dim=1)
-        # Rerouting goes to the rest of the best group first, then to the other experts.
-        ranking_scores = torch.where(outside, probs - 2.0, probs + self.selection_bias)
+        # Rerouting goes to the rest of the best group first (in selection order), then to the
+        # other experts by leaf probability: their scores are shifted below the group's lowest.
+        with torch.no_grad():
+            inside = expert_logits + self.selection_bias
+            others = probs.log() + self.selection_bias
+            shift = (others.masked_fill(~outside, float("-inf")).amax(dim=1, keepdim=True)
+                     - inside.masked_fill(outside, float("inf")).amin(dim=1, keepdim=True) + 1.0)
+            ranking_scores = torch.where(outside, others - shift, inside)
         return Routing(logits, probs, indices, weights * group_weight, False, scores=ranking_scores)
 
 
