@@ -103,7 +103,7 @@ def plan_layout(counts: np.ndarray, gather_cost: int = 8, block_cost: int | None
     holds slots ``[t_(l-1), t_l)`` of the experts with more than ``t_(l-1)`` assignments
     (weights gathered); ``t_L`` is the largest count. Chosen to minimise the buffer rows
     plus ``gather_cost`` rows per gathered expert plus ``block_cost`` rows per block, over
-    at most :data:`MAX_GROUPS` blocks. ``block_cost`` defaults to 1/64 of the assignments,
+    at most :data:`MAX_GROUPS` blocks. ``block_cost`` defaults to 1/16 of the assignments,
     and at least 8 rows.
 
     Parameters
@@ -117,7 +117,7 @@ def plan_layout(counts: np.ndarray, gather_cost: int = 8, block_cost: int | None
     if counts.size == 0 or counts.max() == 0:
         return []
     if block_cost is None:
-        block_cost = max(8, int(counts.sum()) // 64)
+        block_cost = max(8, int(counts.sum()) // 16)
     desc = np.sort(counts)[::-1]
     n = desc.shape[0]
     big = np.iinfo(np.int64).max // 4
