@@ -564,9 +564,8 @@ def staircase_rows(counts, thresholds):
     return total
 
 
-def layout_cost(counts, thresholds, gather_cost=8):
+def layout_cost(counts, thresholds, gather_cost=8, block_cost=20):
     """plan_layout's objective: buffer rows + gather_cost per gathered expert-block + block_cost per block."""
-    block_cost = max(8, int(np.sum(counts)) // 64)
     level = [next(i for i, t in enumerate(thresholds) if t >= c) for c in counts]
     return staircase_rows(counts, thresholds) + gather_cost * sum(level) + block_cost * len(thresholds)
 
@@ -589,7 +588,7 @@ def test_plan_layout_by_hand():
 @given(st.lists(st.integers(0, 300), min_size=1, max_size=7))
 def test_plan_layout_is_the_optimal_staircase(counts):
     counts = np.array(counts)
-    thresholds = plan_layout(counts)
+    thresholds = plan_layout(counts, gather_cost=8, block_cost=20)
     if counts.max() == 0:
         assert thresholds == []
         return
