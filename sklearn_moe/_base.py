@@ -401,21 +401,20 @@ class BaseMoE(BaseEstimator):
         X = self._validate_X(X, reset=False)
         return torch.as_tensor(scale_features(X, self._x_mean, self._x_scale), device=self.net_.device)
 
-    def _forward(self, X_scaled: torch.Tensor, field: str) -> np.ndarray:
-        """One field of ``MoEOutput`` for every row, in eval mode, as float64."""
-        module = self.module_
+    def _forward(self, X_scaled: torch.Tensor, method: str) -> np.ndarray:
+        """``module_.predict`` or ``module_.route`` on every row, in eval mode, as float64."""
+        compute = getattr(self.module_, method)
         chunks = []
         with torch.inference_mode():
             for start in range(0, X_scaled.shape[0], _PREDICT_BATCH_SIZE):
-                out = getattr(module(X_scaled[start:start + _PREDICT_BATCH_SIZE]), field)
-                chunks.append(out.double().cpu().numpy())
-        return np.concatenate(chunks, axis=0)
+                chunks.append(compute(X_scaled[start:start + _PREDICT_BATCH_SIZE]).double().cpu().numpy())
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
 
     def _raw_output(self, X) -> np.ndarray:
-        return self._forward(self._scaled_input(X), "output")
+        return self._forward(self._scaled_input(X), "predict")
 
     def _gates(self, X_scaled: torch.Tensor) -> np.ndarray:
-        return self._forward(X_scaled, "gates")
+        return self._forward(X_scaled, "route")
 
     def route(self, X) -> np.ndarray:
         """Gate weights of every expert for every row.

@@ -208,12 +208,21 @@ def plan_dispatch(
     rows, experts, expert_weights = flat_rows[order], flat_experts[order], flat_weights[order]
     kept_counts = torch.bincount(experts, minlength=n_experts)
     slots = _rank_in_sorted(experts, kept_counts)
+    if not staircase:
+        n_slots = int(kept_counts.max()) if experts.numel() else 0
+        groups = (ExpertGroup(None, n_experts, 0, n_slots, 0),) if n_slots else ()
+        return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, experts * n_slots + slots, groups)
+    thresholds = plan_layout(kept_counts.cpu().numpy())
+    positions, groups = _staircase_positions(thresholds, kept_counts, experts, slots)
+    n_slots = thresholds[-1] if thresholds else 0
+    return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, positions, groups)
+
+
+def _staircase_positions(thresholds: list[int], kept_counts: torch.Tensor, experts: torch.Tensor,
+                         slots: torch.Tensor) -> tuple[torch.Tensor, tuple[ExpertGroup, ...]]:
+    """Buffer rows of the assignments, and the blocks, of :func:`plan_layout`'s staircase."""
     kept = kept_counts.cpu().numpy()
-    if staircase:
-        thresholds = plan_layout(kept)
-    else:
-        thresholds = [int(kept.max(initial=0))] if kept.max(initial=0) > 0 else []
-    device = indices.device
+    n_experts, device = kept.shape[0], experts.device
     groups, bases, offset, first_slot = [], [], 0, 0
     for level, threshold in enumerate(thresholds):
         members = np.arange(n_experts) if level == 0 else np.flatnonzero(kept > first_slot)
@@ -225,13 +234,10 @@ def plan_dispatch(
         if width > 0:  # the first block is empty when gathering the busy experts beats padding
             groups.append(ExpertGroup(ids, members.shape[0], first_slot, width, offset))
         offset, first_slot = offset + members.shape[0] * width, threshold
-    if thresholds:
-        level = torch.searchsorted(torch.as_tensor(thresholds, device=device), slots, right=True)
-        positions = torch.as_tensor(np.stack(bases), device=device)[level, experts] + slots
-    else:
-        positions = slots
-    n_slots = thresholds[-1] if thresholds else 0
-    return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, positions, tuple(groups))
+    if not thresholds:
+        return slots, ()
+    level = torch.searchsorted(torch.as_tensor(thresholds, device=device), slots, right=True)
+    return torch.as_tensor(np.stack(bases), device=device)[level, experts] + slots, tuple(groups)
 
 
 def _rank_within_expert(experts: torch.Tensor, n_experts: int) -> torch.Tensor:

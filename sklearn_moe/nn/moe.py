@@ -45,6 +45,15 @@ class MoEOutput(NamedTuple):
     diversity_loss: torch.Tensor
 
 
+class _Mixed(NamedTuple):
+    output: torch.Tensor
+    gates: torch.Tensor
+    routing: object
+    active: torch.Tensor | None
+    plan_counts: torch.Tensor | None
+    n_dropped: torch.Tensor
+
+
 class MixtureOfExperts(nn.Module):
     """A mixture of MLP experts for tabular data.
 
@@ -180,9 +189,35 @@ class MixtureOfExperts(nn.Module):
         sample_weight : Tensor of shape (n,), optional
             Rows with zero weight are left out of the auxiliary losses.
         """
-        routing = self.router(x)
-        n = x.shape[0]
+        mixed = self._mix(x)
+        routing, active = mixed.routing, mixed.active
         mask = None if sample_weight is None else sample_weight > 0
+        counts = self._routing_counts(routing, active, mask, mixed.plan_counts)
+        balance = self._balance_loss(routing, mixed.gates, mask, active)
+        z_loss = router_z_loss(routing.logits, mask)
+        diversity = self._diversity_loss(x, mask) if self.training and self.diversity_loss else x.new_zeros(())
+        return MoEOutput(mixed.output, mixed.gates, balance, z_loss, counts, mixed.n_dropped, diversity)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """The mixture's output alone, without the auxiliary terms (for inference).
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+
+        Returns
+        -------
+        Tensor of shape (n, n_outputs)
+        """
+        return self._mix(x).output
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate weights alone: Tensor of shape (n, n_experts), zero for experts not chosen."""
+        routing = self.router(x)
+        return self._gates(routing, *self._active_weights(routing))
+
+    def _active_weights(self, routing):
+        """Which chosen experts take part (dynamic k, expert dropout) and their gate weights."""
         active = routing.active
         if self.training and self.expert_dropout > 0:
             active = self._expert_dropout_mask(routing.indices, active)
@@ -190,15 +225,26 @@ class MixtureOfExperts(nn.Module):
         if active is not None and active is not routing.active:
             weights = weights * active
             weights = weights / weights.sum(dim=1, keepdim=True)
+        return active, weights
+
+    @staticmethod
+    def _gates(routing, active: torch.Tensor | None, weights: torch.Tensor) -> torch.Tensor:
+        if routing.dense and active is None:
+            return routing.probs
+        return routing.probs.new_zeros(routing.probs.shape).scatter(1, routing.indices, weights)
+
+    def _mix(self, x: torch.Tensor) -> _Mixed:
+        routing = self.router(x)
+        active, weights = self._active_weights(routing)
+        gates = self._gates(routing, active, weights)
         if routing.dense:
-            gates = routing.probs if active is None else weights
             output = dense_combine(x, self.experts, gates)
             n_dropped = torch.zeros((), dtype=torch.long, device=x.device)
             plan_counts = None
         else:
             capacity = None
             if self.training and self.capacity_factor is not None:
-                capacity = expert_capacity(self.capacity_factor, n, routing.indices.shape[1], self.n_experts)
+                capacity = expert_capacity(self.capacity_factor, x.shape[0], routing.indices.shape[1], self.n_experts)
             ranking = None
             if capacity is not None and self.capacity_overflow == "reroute":
                 ranking = routing.scores.argsort(dim=1, descending=True)
@@ -206,16 +252,11 @@ class MixtureOfExperts(nn.Module):
                                  self.capacity_overflow, ranking, staircase=self.training and x.device.type == "cpu")
             grad_scale = self._grad_scale(plan.counts) if self.training and self.expert_grad_scaling else None
             output = dispatch_combine(x, self.experts, plan, self.n_outputs, grad_scale)
-            gates = routing.probs.new_zeros(n, self.n_experts).scatter(1, routing.indices, weights)
             plan_counts = plan.counts
             n_dropped = plan.counts.sum() - plan.rows.shape[0]
         if self.shared_expert is not None:
             output = output + self.shared_expert(x.unsqueeze(0))[0]
-        counts = self._routing_counts(routing, active, mask, plan_counts)
-        balance = self._balance_loss(routing, gates, mask, active)
-        z_loss = router_z_loss(routing.logits, mask)
-        diversity = self._diversity_loss(x, mask) if self.training and self.diversity_loss else output.new_zeros(())
-        return MoEOutput(output, gates, balance, z_loss, counts, n_dropped, diversity)
+        return _Mixed(output, gates, routing, active, plan_counts, n_dropped)
 
     def _routing_counts(self, routing, active, mask, plan_counts) -> torch.Tensor:
         """Assignments per expert, leaving out inactive ones and zero-weight rows."""
