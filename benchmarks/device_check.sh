@@ -15,6 +15,7 @@ python3 -c "import torch, sklearn, skorch; print('torch', torch.__version__, 'sk
 python3 -m pytest tests/test_gpu.py tests/test_estimators.py -m gpu -q -p no:cacheprovider -x 2>&1 | tee "$OUT/gpu_tests.log"
 status=$?
 python3 -m benchmarks.speed --part experts --device cuda --rounds 30 --out "$OUT" 2>&1 | tee "$OUT/gpu_speed.log"
+python3 -m benchmarks.speed --part overhead --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/gpu_speed.log"
 python3 - "$OUT" <<'PY'
 import pickle, sys
 import numpy as np

@@ -88,6 +88,7 @@ class BaseMoE(BaseEstimator):
         "tol": [Interval(Real, 0, None, closed="left")],
         "max_grad_norm": [None, Interval(Real, 0, None, closed="neither")],
         "device": [StrOptions({"auto", "cpu", "cuda"}), str],
+        "precision": [StrOptions({"float32", "bf16"})],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "warm_start": ["boolean"],
@@ -128,6 +129,7 @@ class BaseMoE(BaseEstimator):
         tol=1e-4,
         max_grad_norm=1.0,
         device="auto",
+        precision="float32",
         random_state=None,
         verbose=0,
         warm_start=False,
@@ -164,6 +166,7 @@ class BaseMoE(BaseEstimator):
         self.tol = tol
         self.max_grad_norm = max_grad_norm
         self.device = device
+        self.precision = precision
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
@@ -348,6 +351,7 @@ class BaseMoE(BaseEstimator):
             balance_coef=self.balance_coef,
             z_loss_coef=self.z_loss_coef,
             diversity_coef=self.diversity_coef,
+            autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None,
             shuffle_generator=generator,
         )
 
@@ -405,7 +409,7 @@ class BaseMoE(BaseEstimator):
         """``module_.predict`` or ``module_.route`` on every row, in eval mode, as float64."""
         compute = getattr(self.module_, method)
         chunks = []
-        with torch.inference_mode():
+        with torch.inference_mode(), self.net_.autocast(X_scaled.device):
             for start in range(0, X_scaled.shape[0], _PREDICT_BATCH_SIZE):
                 chunks.append(compute(X_scaled[start:start + _PREDICT_BATCH_SIZE]).double().cpu().numpy())
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)

@@ -28,15 +28,19 @@ class MoENet(NeuralNet):
         Weight of ``MoEOutput.z_loss``.
     diversity_coef : float
         Weight of ``MoEOutput.diversity_loss`` (recorded as ``diversity_loss`` when > 0).
+    autocast_dtype : torch.dtype or None
+        Run the module's forward under ``torch.autocast`` with this dtype (bf16 mixed
+        precision); the router stays in float32 and losses are computed in float32.
     shuffle_generator : torch.Generator
         Source of the training-batch shuffling.
     **kwargs
         Passed to :class:`skorch.NeuralNet`.
     """
 
-    def __init__(self, *args, balance_coef=0.0, z_loss_coef=0.0, diversity_coef=0.0, shuffle_generator=None,
-                 **kwargs):
+    def __init__(self, *args, balance_coef=0.0, z_loss_coef=0.0, diversity_coef=0.0, autocast_dtype=None,
+                 shuffle_generator=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.autocast_dtype = autocast_dtype
         self.balance_coef = balance_coef
         self.z_loss_coef = z_loss_coef
         self.diversity_coef = diversity_coef
@@ -45,8 +49,14 @@ class MoENet(NeuralNet):
     def get_iterator(self, dataset, training=False):
         return BatchIterator(dataset, self.batch_size, shuffle=training, generator=self.shuffle_generator)
 
+    def autocast(self, device: torch.device):
+        """The mixed-precision context of the forward pass (a no-op in float32)."""
+        device_type = torch.device(device).type
+        return torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
     def get_loss(self, y_pred, y_true, X=None, training=False):
-        per_row = self.criterion_(y_pred.output, y_true)
+        per_row = self.criterion_(y_pred.output.float(), y_true)
         if per_row.ndim > 1:
             per_row = per_row.mean(dim=tuple(range(1, per_row.ndim)))
         sample_weight = X.get("sample_weight") if isinstance(X, Mapping) else None
@@ -64,9 +74,9 @@ class MoENet(NeuralNet):
 
     def infer(self, x, **fit_params):
         # Batches come from TensorTable already as tensors on the right device.
-        if isinstance(x, Mapping):
-            return self.module_(**x, **fit_params)
-        return self.module_(x, **fit_params)
+        inputs = x if isinstance(x, Mapping) else {"x": x}
+        with self.autocast(inputs["x"].device):
+            return self.module_(**inputs, **fit_params)
 
 
 def module_device(device: str) -> str:

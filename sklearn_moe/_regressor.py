@@ -106,6 +106,10 @@ class MoERegressor(RegressorMixin, BaseMoE):
         Gradient norm clipping; None disables it.
     device : {"auto", "cpu", "cuda"} or str, default="auto"
         ``"auto"`` uses CUDA when available. ``"cuda:N"`` picks a GPU.
+    precision : {"float32", "bf16"}, default="float32"
+        ``"bf16"`` runs the experts under bfloat16 autocast in training and prediction
+        (mixed precision: weights, router, losses and optimizer stay float32). Worth it on
+        GPUs with bf16 tensor cores; on most CPUs it is slower.
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation, shuffling and the validation split. With an int, two fits on
         the same data and CPU give identical predictions.

@@ -614,3 +614,28 @@ def test_aux_free_balancing_trains_the_selection_bias():
     bias = model.module_.router.selection_bias
     assert bias.abs().sum() > 0
     assert (model.history_["balance_loss"] == 0).all()  # a bias update, not a loss
+
+
+# ---------------------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_bf16_precision_trains_and_predicts_in_float64(estimator_class):
+    X, y = _data_for(estimator_class)
+    model = estimator_class(**dict(SHORT, precision="bf16")).fit(X, y)
+    reference = estimator_class(**SHORT).fit(X, y)
+    assert all(p.dtype == torch.float32 for p in model.module_.parameters())
+    pred = model.predict(X)
+    assert pred.dtype == reference.predict(X).dtype
+    if estimator_class is MoERegressor:
+        assert np.isfinite(pred).all()
+        assert model.score(X, y) > reference.score(X, y) - 0.1  # bf16 rounding, not a different model
+    else:
+        np.testing.assert_allclose(model.predict_proba(X).sum(axis=1), 1.0, rtol=1e-6)
+        assert model.score(X, y) > reference.score(X, y) - 0.1
+
+
+def test_unknown_precision_is_rejected():
+    X, y = _data_for(MoERegressor)
+    with pytest.raises(ValueError, match="precision"):
+        MoERegressor(**dict(SHORT, precision="fp8")).fit(X, y)

@@ -84,3 +84,26 @@ def test_estimators_fit_on_cuda(estimator_class, options):
     else:
         np.testing.assert_allclose(model.predict_proba(X).sum(axis=1), 1.0, rtol=1e-6)
         assert model.score(X, y) > 0.6
+
+
+@pytest.mark.parametrize("estimator_class", [MoERegressor, MoEClassifier], ids=lambda c: c.__name__)
+def test_bf16_fit_on_cuda(estimator_class):
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(300, 5))
+    y = X[:, 0] + np.sin(2 * X[:, 1])
+    if estimator_class is MoEClassifier:
+        y = np.digitize(y, [-0.5, 0.5])
+    model = estimator_class(**dict(FAST, device="cuda", precision="bf16")).fit(X, y)
+    assert all(p.dtype == torch.float32 for p in model.module_.parameters())
+    pred = model.predict(X)
+    assert pred.dtype == (np.float64 if estimator_class is MoERegressor else y.dtype)
+    assert model.score(X, y) > 0.5
+
+
+def test_cuda_trained_model_pickles_without_cuda_tensors_outside_the_net():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(200, 5))
+    model = MoERegressor(**dict(FAST, device="cuda")).fit(X, X[:, 0])
+    for name, callback in model.net_.callbacks_:
+        for attribute, value in vars(callback).items():
+            assert not isinstance(value, torch.Tensor), f"callback {name!r} keeps tensor {attribute!r}"
