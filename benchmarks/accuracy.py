@@ -1,31 +1,64 @@
 """Cross-validated accuracy of the MoE estimators against non-MoE baselines.
 
+    python -m benchmarks.accuracy --suite quick     # 11 data sets, 3-fold CV, <= 2000 rows: ~17 min, 2 cores
+    python -m benchmarks.accuracy --suite full      # 14 data sets, 5-fold x 2 repeats, <= 20000 rows: hours
     python -m benchmarks.accuracy --suite foundation
+    python -m benchmarks.accuracy --suite quick --datasets concrete --models ridge hgb --folds 2 --out /tmp/x
 
-Every model gets the same preprocessing (one-hot + standard scaling) and the same folds.
-Writes ``<out>/accuracy_<suite>.md`` (table and machine) and ``.csv``.
+Every model gets the same preprocessing (one-hot + standard scaling, imputation where data
+are missing) and the same folds.
+
+``foundation`` and ``demo`` (the README's tables and ``examples/demo.py``) run plain 5-fold
+CV of the MoE at its defaults, scikit-learn's MLP and HistGradientBoosting, and write
+``<out>/accuracy_<suite>.md`` (table and machine) and ``.csv``.
+
+``quick`` and ``full`` run repeated (stratified, for classification) K-fold CV of the models
+in ``benchmarks/models.py``: the MoE at its defaults, a fixed tuned MoE, the ``n_experts=1``
+ablation, scikit-learn's MLP (``early_stopping=True``), Ridge / LogisticRegression,
+HistGradientBoosting and LightGBM where it is installed. Scores: R^2 (regression), accuracy
+and log loss (classification), mean +- std over all folds, rank per data set, fit time per
+fold. They write ``<out>/accuracy_<suite>.md`` (tables, summary, machine, command),
+``.csv`` (every fold) and ``.png`` (score against HistGradientBoosting, average ranks).
+A run narrowed by ``--datasets``, ``--models``, ``--folds``, ``--repeats``, ``--max-rows`` or
+``--max-epochs`` writes ``accuracy_<suite>_custom.*`` instead, so it never overwrites the
+suite's committed results. PyTorch and the BLAS/OpenMP pools get ``--threads`` threads
+(default 1): the models are small, and on a shared 2-core machine two threads per process
+were several times slower than one.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.base import clone
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import KFold, StratifiedKFold, cross_validate
+from sklearn.metrics import accuracy_score, log_loss, r2_score
+from sklearn.model_selection import (
+    KFold,
+    RepeatedKFold,
+    RepeatedStratifiedKFold,
+    StratifiedKFold,
+    cross_validate,
+)
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import make_pipeline
 
 from sklearn_moe import MoEClassifier, MoERegressor
 
-from .datasets import DATASETS, preprocessor
+from .datasets import DATASETS, preprocessor, subsample
 from .machine import describe_machine
+from .models import MODEL_SPECS, resolve_models
 
+# The models of the `foundation` and `demo` suites (the README's tables), unchanged.
 MODELS = {
     "regression": {
         "MoERegressor (defaults)": lambda seed: MoERegressor(random_state=seed),
@@ -45,11 +78,60 @@ SCORING = {"regression": "r2", "classification": "accuracy"}
 SUITES = {
     "foundation": ["concrete", "diamonds"],
     "demo": ["diabetes", "breast_cancer"],
+    "quick": ["concrete", "diamonds", "ames", "computers", "boston", "regime",
+              "wa_churn", "credit_data", "hpc_data", "attrition", "breast_cancer"],
+    "full": ["concrete", "diamonds", "ames", "computers", "boston", "sacramento", "diabetes", "regime",
+             "wa_churn", "credit_data", "hpc_data", "attrition", "breast_cancer", "wine"],
+}
+LEGACY_SUITES = ("foundation", "demo")
+
+
+@dataclass(frozen=True)
+class CVSuite:
+    """Protocol of a repeated-CV suite.
+
+    Attributes
+    ----------
+    folds, repeats : int
+        ``RepeatedKFold`` / ``RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats)``.
+    max_rows : int or None
+        Larger data sets are subsampled to this many rows (fixed seed; stratified for
+        classification) before the folds are drawn.
+    moe_params : dict
+        Parameters set on every MoE model of the suite on top of its own (e.g. an epoch cap).
+    """
+
+    folds: int
+    repeats: int
+    max_rows: int | None
+    moe_params: dict = field(default_factory=dict)
+
+
+CV_SUITES = {
+    # quick: the MoE models stop after at most 50 epochs (defaults: 200, patience 30) to
+    # keep the suite near 15 minutes on 2 cores.
+    "quick": CVSuite(folds=3, repeats=1, max_rows=2000, moe_params={"max_epochs": 50}),
+    "full": CVSuite(folds=5, repeats=2, max_rows=20000),
 }
 
 
 def evaluate(dataset_name: str, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:
-    """Cross-validate every model of the dataset's task; one row per model."""
+    """Cross-validate every model of the ``foundation``/``demo`` suites on one data set.
+
+    Parameters
+    ----------
+    dataset_name : str
+        Key of :data:`benchmarks.datasets.DATASETS`.
+    n_folds : int, default=5
+        Shuffled (stratified for classification) K-fold.
+    seed : int, default=0
+        Seed of the folds and of every model.
+
+    Returns
+    -------
+    DataFrame
+        One row per model: dataset, model, metric, mean, std, fit_time_s, wall_time_s.
+    """
     dataset = DATASETS[dataset_name]
     X, y = dataset.load()
     splitter = (KFold if dataset.task == "regression" else StratifiedKFold)(n_folds, shuffle=True, random_state=seed)
@@ -74,6 +156,18 @@ def evaluate(dataset_name: str, n_folds: int = 5, seed: int = 0) -> pd.DataFrame
 
 
 def to_markdown(results: pd.DataFrame) -> str:
+    """The ``foundation``/``demo`` table: one row per data set and model.
+
+    Parameters
+    ----------
+    results : DataFrame
+        Output of :func:`evaluate`, possibly concatenated over data sets.
+
+    Returns
+    -------
+    str
+        A markdown table.
+    """
     table = results.assign(
         score=[f"{m:.4f} ± {s:.4f}" for m, s in zip(results["mean"], results["std"])],
         fit_time=[f"{t:.1f} s" for t in results["fit_time_s"]],
@@ -82,20 +176,112 @@ def to_markdown(results: pd.DataFrame) -> str:
     return header + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=sorted(SUITES), default="foundation")
-    parser.add_argument("--datasets", nargs="*", help="override the suite's datasets")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args(argv)
+def _short(message: str, limit: int = 160) -> str:
+    message = " ".join(str(message).split())
+    return message if len(message) <= limit else message[: limit - 3] + "..."
 
+
+def _iterations(estimator) -> dict:
+    """Epochs or iterations run (``n_iter_``) and, for the MoE, the best validation epoch."""
+    n_iter = getattr(estimator, "n_iter_", None)
+    result = {"n_iter": float(np.max(n_iter)) if n_iter is not None else np.nan}
+    history = getattr(estimator, "history_", None)
+    if isinstance(history, pd.DataFrame) and {"epoch", "valid_loss_best"} <= set(history.columns):
+        best = history.loc[history["valid_loss_best"].astype(bool), "epoch"]
+        result["best_epoch"] = float(best.max()) if len(best) else np.nan
+    return result
+
+
+def _score_fold(task, model, X_test, y_test):
+    started = time.perf_counter()
+    if task == "regression":
+        scores = {"r2": r2_score(y_test, model.predict(X_test))}
+    else:
+        scores = {"accuracy": accuracy_score(y_test, model.predict(X_test))}
+        if hasattr(model, "predict_proba"):
+            scores["log_loss"] = log_loss(y_test, model.predict_proba(X_test), labels=model.classes_)
+    scores["predict_time_s"] = time.perf_counter() - started
+    return scores
+
+
+def cross_validate_models(dataset_name, model_keys, folds=3, repeats=1, max_rows=None, seed=0, moe_params=None,
+                          log=None) -> pd.DataFrame:
+    """Repeated K-fold CV of the suite models on one data set; one row per model and fold.
+
+    Every model sees the same subsample, the same folds and the same preprocessing. A fold
+    that raises is recorded (``error``, scores NaN) rather than stopping the run; warnings
+    are recorded per fold (``warnings``) rather than printed.
+
+    Parameters
+    ----------
+    dataset_name : str
+        Key of :data:`benchmarks.datasets.DATASETS`.
+    model_keys : list of str
+        Keys of :data:`benchmarks.models.MODEL_SPECS`.
+    folds, repeats : int
+        ``RepeatedKFold`` (regression) or ``RepeatedStratifiedKFold`` (classification).
+    max_rows : int or None
+        Row cap; larger data sets are subsampled with ``seed`` first.
+    seed : int, default=0
+        Seed of the subsample, the folds and every model.
+    moe_params : dict or None
+        Extra parameters of the MoE models (e.g. ``{"max_epochs": 60}``).
+    log : callable or None
+        Called with one progress line per model.
+
+    Returns
+    -------
+    DataFrame
+        Columns: dataset, task, model_key, model, repeat, fold, n_train, n_test, the
+        scores (``r2``, or ``accuracy`` and ``log_loss``), fit_time_s, predict_time_s,
+        n_iter (epochs or iterations of the fitted model, where it has ``n_iter_``),
+        best_epoch (the MoE's epoch of lowest validation loss), error, warnings.
+    """
+    dataset = DATASETS[dataset_name]
+    X, y = subsample(*dataset.load(), max_rows, dataset.task, seed)
+    splitter_class = RepeatedKFold if dataset.task == "regression" else RepeatedStratifiedKFold
+    splits = list(splitter_class(n_splits=folds, n_repeats=repeats, random_state=seed).split(X, y))
+    transformer = preprocessor(X)
+    rows = []
+    for key in model_keys:
+        spec = MODEL_SPECS[key]
+        estimator = spec.build(dataset.task, seed, dict(moe_params or {}) if spec.is_moe else {})
+        for index, (train, test) in enumerate(splits):
+            model = make_pipeline(clone(transformer), clone(estimator))
+            row = {"dataset": dataset_name, "task": dataset.task, "model_key": key, "model": spec.names[dataset.task],
+                   "repeat": index // folds, "fold": index % folds, "n_train": len(train), "n_test": len(test),
+                   "fit_time_s": np.nan, "predict_time_s": np.nan, "n_iter": np.nan, "best_epoch": np.nan,
+                   "error": "", "warnings": ""}
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    started = time.perf_counter()
+                    model.fit(X.iloc[train], y[train])
+                    row["fit_time_s"] = time.perf_counter() - started
+                    row.update(_iterations(model[-1]))
+                    row.update(_score_fold(dataset.task, model, X.iloc[test], y[test]))
+                except Exception as error:  # noqa: BLE001 - recorded in the results, the run goes on
+                    row["error"] = _short(f"{type(error).__name__}: {error}")
+            messages = dict.fromkeys(_short(f"{w.category.__name__}: {w.message}", 120) for w in caught)
+            row["warnings"] = " | ".join(messages)
+            rows.append(row)
+        if log is not None:
+            done = pd.DataFrame(rows[-len(splits):])
+            metric = "r2" if dataset.task == "regression" else "accuracy"
+            scores = done[metric] if metric in done else pd.Series([np.nan])
+            failed = f", {int((done['error'] != '').sum())} failed folds" if (done["error"] != "").any() else ""
+            log(f"{dataset_name:>14} | {spec.names[dataset.task]:<22} {metric} {scores.mean():.4f} ± "
+                f"{scores.std(ddof=0):.4f}, fit {done['fit_time_s'].mean():.1f} s/fold{failed}")
+    return pd.DataFrame(rows)
+
+
+def _legacy_main(args, argv):
+    folds = args.folds or 5
     names = args.datasets or SUITES[args.suite]
-    results = pd.concat([evaluate(name, args.folds, args.seed) for name in names], ignore_index=True)
-    command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    results = pd.concat([evaluate(name, folds, args.seed) for name in names], ignore_index=True)
+    command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     report = (
-        f"# Accuracy: suite `{args.suite}`\n\n{args.folds}-fold cross-validation (shuffled, seed {args.seed}), "
+        f"# Accuracy: suite `{args.suite}`\n\n{folds}-fold cross-validation (shuffled, seed {args.seed}), "
         f"same preprocessing for every model (one-hot + standard scaling); fit time is the mean per fold.\n\n"
         f"{to_markdown(results)}\n\nDatasets:\n"
         + "".join(f"- {DATASETS[n].description}\n" for n in names)
@@ -105,6 +291,140 @@ def main(argv=None):
     results.to_csv(args.out / f"accuracy_{args.suite}.csv", index=False)
     (args.out / f"accuracy_{args.suite}.md").write_text(report)
     print(report)
+
+
+def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_rows=-1, max_epochs=None, seed=0,
+              log=None) -> tuple[pd.DataFrame, dict]:
+    """Run a repeated-CV suite (``quick`` or ``full``), possibly narrowed.
+
+    Parameters
+    ----------
+    suite : {"quick", "full"}
+        The protocol (:data:`CV_SUITES`) and the default data sets (:data:`SUITES`).
+    datasets, models : list of str or None
+        Subsets of the data sets and models; ``None`` runs all of them.
+    folds, repeats : int or None
+        Override the suite's folds and repeats.
+    max_rows : int or None, default=-1
+        Row cap; -1 keeps the suite's, ``None`` or 0 removes it.
+    max_epochs : int or None
+        Override the MoE models' ``max_epochs``.
+    seed : int, default=0
+        Seed of the subsamples, folds and models.
+    log : callable or None
+        Progress lines go here.
+
+    Returns
+    -------
+    folds : DataFrame
+        Every fold of every model (see :func:`cross_validate_models`).
+    settings : dict
+        The protocol that ran: suite, datasets, models, folds, repeats, max_rows,
+        moe_params, seed, rows (used and available per data set), wall_time_s.
+    """
+    config = CV_SUITES[suite]
+    names = list(datasets or SUITES[suite])
+    unknown = [name for name in names if name not in DATASETS]
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
+    model_keys = resolve_models(models)
+    moe_params = dict(config.moe_params)
+    if max_epochs is not None:
+        moe_params["max_epochs"] = max_epochs
+    settings = {
+        "suite": suite, "datasets": names, "models": model_keys, "folds": folds or config.folds,
+        "repeats": repeats or config.repeats, "max_rows": config.max_rows if max_rows == -1 else (max_rows or None),
+        "moe_params": moe_params, "seed": seed,
+    }
+    started = time.perf_counter()
+    results = [
+        cross_validate_models(name, model_keys, settings["folds"], settings["repeats"], settings["max_rows"], seed,
+                              moe_params, log=log)
+        for name in names
+    ]
+    settings["wall_time_s"] = time.perf_counter() - started
+    settings["rows"] = {name: int(frame.loc[0, "n_train"] + frame.loc[0, "n_test"]) for name, frame in
+                        zip(names, results) if len(frame)}
+    return pd.concat(results, ignore_index=True), settings
+
+
+@contextmanager
+def limit_threads(threads: int):
+    """Run the block with ``threads`` threads in PyTorch and in the BLAS/OpenMP pools.
+
+    Parameters
+    ----------
+    threads : int
+        Threads per pool; restored on exit.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def main(argv=None):
+    """Command-line entry point; see the module docstring and ``--help``.
+
+    Parameters
+    ----------
+    argv : list of str or None
+        Arguments; ``None`` reads ``sys.argv``.
+    """
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="foundation")
+    parser.add_argument("--datasets", nargs="*", help=f"override the suite's datasets; from {sorted(DATASETS)}")
+    parser.add_argument("--models", nargs="*", help="quick/full only: a subset of "
+                        f"{list(MODEL_SPECS)} (aliases: ridge, logreg, moe1, lgbm)")
+    parser.add_argument("--folds", type=int, help="folds per repeat (default: quick 3, others 5)")
+    parser.add_argument("--repeats", type=int, help="quick/full only: CV repeats (default: quick 1, full 2)")
+    parser.add_argument("--max-rows", type=int, default=-1,
+                        help="quick/full only: subsample larger data sets (default: quick 2000, full 20000; 0: no cap)")
+    parser.add_argument("--max-epochs", type=int, help="quick/full only: max_epochs of the MoE models "
+                        "(default: quick 50, full the estimator's default)")
+    parser.add_argument("--threads", type=int, help="threads of PyTorch and the BLAS/OpenMP pools "
+                        "(default: quick/full 1; foundation/demo: left as they are)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+
+    if args.suite in LEGACY_SUITES:
+        extra = [flag for flag, value in [("--models", args.models), ("--repeats", args.repeats),
+                                          ("--max-rows", None if args.max_rows == -1 else args.max_rows),
+                                          ("--max-epochs", args.max_epochs)] if value is not None]
+        if extra:
+            parser.error(f"{', '.join(extra)} apply to the quick and full suites only")
+        if args.threads:
+            with limit_threads(args.threads):
+                return _legacy_main(args, argv)
+        return _legacy_main(args, argv)
+
+    from .accuracy_report import write_report
+
+    try:
+        resolve_models(args.models)
+    except ValueError as error:
+        parser.error(str(error))
+    unknown = [name for name in args.datasets or [] if name not in DATASETS]
+    if unknown:
+        parser.error(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
+    custom = any([args.datasets, args.models, args.folds, args.repeats, args.max_rows != -1, args.max_epochs])
+    stem = f"accuracy_{args.suite}" + ("_custom" if custom else "")
+    command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
+    with limit_threads(args.threads or 1):
+        results, settings = run_suite(args.suite, args.datasets, args.models, args.folds, args.repeats,
+                                      args.max_rows, args.max_epochs, args.seed,
+                                      log=lambda line: print(line, file=sys.stderr, flush=True))
+        settings["threads"] = args.threads or 1
+        paths = write_report(results, settings, args.out, stem, command.strip(), describe_machine())
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(path) for path in paths.values()), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""The accuracy benchmark: its data sets, preprocessing, models, report and command line."""
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks.accuracy import CV_SUITES, SUITES, cross_validate_models, main
+from benchmarks.accuracy_report import aggregate
+from benchmarks.datasets import DATASETS, column_kinds, preprocessor, subsample
+from benchmarks.models import MODEL_SPECS, lightgbm_available, resolve_models
+
+TASKS = ("regression", "classification")
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return {name: dataset.load() for name, dataset in DATASETS.items()}
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_dataset_loads_with_its_task_and_finite_targets(name, loaded):
+    dataset = DATASETS[name]
+    X, y = loaded[name]
+    assert dataset.task in TASKS
+    assert isinstance(X, pd.DataFrame) and isinstance(y, np.ndarray)
+    assert y.ndim == 1 and len(y) == len(X) > 100
+    if dataset.task == "regression":
+        assert np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all()
+        assert np.std(y) > 0
+    else:
+        assert not pd.isna(y).any()
+        counts = pd.Series(y).value_counts()
+        assert 2 <= len(counts) <= 10 and counts.min() >= 20
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_description_matches_the_data(name, loaded):
+    X, _ = loaded[name]
+    categorical, numeric = column_kinds(X)
+    description = DATASETS[name].description
+    rows = int(re.search(r"(\d+) rows", description).group(1))
+    kinds = re.search(r"(\d+) numeric(?: \+ (\d+) categorical)? columns", description)
+    assert rows == len(X)
+    assert int(kinds.group(1)) == len(numeric)
+    assert int(kinds.group(2) or 0) == len(categorical)
+    assert ("missing" in description) == bool(X.isna().any().any())
+
+
+@pytest.mark.parametrize("name", sorted(DATASETS))
+def test_preprocessor_handles_every_dataset(name, loaded):
+    X, y = loaded[name]
+    X, y = subsample(X, y, 400, DATASETS[name].task, seed=0)
+    train, test = np.arange(len(X)) % 4 != 0, np.arange(len(X)) % 4 == 0
+    transformer = preprocessor(X).fit(X[train])
+    Z = transformer.transform(X[test])  # categories unseen in training become all-zero rows
+    categorical, numeric = column_kinds(X)
+    assert isinstance(Z, np.ndarray) and Z.shape[0] == test.sum()
+    assert Z.shape[1] >= len(numeric) + len(categorical)
+    assert np.isfinite(Z).all()
+
+
+def test_preprocessor_imputes_mixed_columns_with_missing_values():
+    X = pd.DataFrame({
+        "number": [1.0, np.nan, 3.0, 4.0],
+        "count": [1, 2, 3, 4],
+        "colour": ["red", None, "blue", "red"],
+        "flag": [True, False, True, False],
+    })
+    Z = preprocessor(X).fit_transform(X)
+    # colour: blue, missing, red (3 one-hot columns) + 3 scaled numeric columns (bool counts as numeric).
+    assert Z.shape == (4, 6) and np.isfinite(Z).all()
+    np.testing.assert_allclose(Z[:, :3].sum(axis=1), 1)
+    assert Z[1, 1] == 1  # the row with the missing colour has its own category
+    X_object = X.astype({"colour": object})  # None rather than NaN in an object column
+    np.testing.assert_array_equal(preprocessor(X_object).fit_transform(X_object), Z)
+    text = str(preprocessor(X.dropna())).lower()
+    assert "imputer" not in text and "function" not in text  # nothing added where nothing is missing
+
+
+def test_subsample_is_seeded_capped_and_stratified():
+    X = pd.DataFrame({"a": np.arange(1000)})
+    y = np.where(np.arange(1000) < 100, "rare", "common")
+    Xs, ys = subsample(X, y, 200, "classification", seed=0)
+    assert len(Xs) == len(ys) == 200 and (ys == "rare").sum() == 20
+    assert list(Xs.index) == list(range(200)) and Xs["a"].is_monotonic_increasing
+    Xs2, _ = subsample(X, y, 200, "classification", seed=0)
+    pd.testing.assert_frame_equal(Xs, Xs2)
+    Xr, yr = subsample(X, np.arange(1000.0), 300, "regression", seed=1)
+    np.testing.assert_array_equal(Xr["a"].to_numpy(), yr)
+    assert subsample(X, y, None, "classification")[0] is X and subsample(X, y, 5000, "classification")[0] is X
+
+
+def test_suites_and_models_are_consistent():
+    for suite in ("quick", "full"):
+        names = SUITES[suite]
+        assert set(names) <= set(DATASETS)
+        for task in TASKS:
+            real = [n for n in names if DATASETS[n].task == task and n != "regime"]
+            assert len(real) >= 5, (suite, task)
+    assert "regime" in SUITES["quick"]
+    assert CV_SUITES["quick"].folds == 3 and CV_SUITES["quick"].repeats == 1
+    assert CV_SUITES["full"].folds == 5 and CV_SUITES["full"].repeats == 2
+    assert SUITES["foundation"] == ["concrete", "diamonds"] and SUITES["demo"] == ["diabetes", "breast_cancer"]
+
+    assert resolve_models(["hgb", "ridge"]) == ["linear", "hgb"]
+    assert resolve_models(["logreg", "moe1"]) == ["moe_1expert", "linear"]
+    assert ("lightgbm" in resolve_models()) == lightgbm_available()
+    with pytest.raises(ValueError, match="unknown model"):
+        resolve_models(["xgboost"])
+    for spec in MODEL_SPECS.values():
+        if spec.key == "lightgbm" and not lightgbm_available():
+            continue
+        for task in TASKS:
+            assert spec.build(task, 0, {"max_epochs": 5}).get_params()  # builds for both tasks
+
+
+def test_aggregate_means_and_ranks():
+    folds = pd.DataFrame({
+        "dataset": ["d"] * 6, "task": ["regression"] * 6, "model_key": ["a", "a", "b", "b", "c", "c"],
+        "model": ["A", "A", "B", "B", "C", "C"], "repeat": 0, "fold": [0, 1] * 3,
+        "r2": [0.5, 0.7, 0.6, 0.6, 0.1, np.nan], "fit_time_s": 1.0, "predict_time_s": 0.1,
+        "error": ["", "", "", "", "", "ValueError: boom"],
+    })
+    summary = aggregate(folds).set_index("model_key")
+    np.testing.assert_allclose(summary["mean"], [0.6, 0.6, 0.1])
+    np.testing.assert_allclose(summary["std"], [0.1, 0.0, 0.0])
+    assert list(summary["rank"]) == [1, 1, 3]  # ties share the better rank
+    assert list(summary["n_failed"]) == [0, 0, 1]
+
+
+def test_cli_smoke_run_writes_markdown_csv_and_png(tmp_path, capsys):
+    main(["--suite", "quick", "--datasets", "boston", "wine", "--models", "ridge", "hgb", "--folds", "2",
+          "--out", str(tmp_path)])
+    stem = tmp_path / "accuracy_quick_custom"  # a narrowed run never overwrites the suite's files
+    md, csv, png = (stem.with_suffix(ext) for ext in (".md", ".csv", ".png"))
+    assert md.exists() and csv.exists() and png.stat().st_size > 10_000
+
+    folds = pd.read_csv(csv)
+    assert len(folds) == 2 * 2 * 2  # data sets x models x folds
+    assert set(folds["model"]) == {"Ridge", "LogisticRegression", "HistGradientBoosting"}
+    assert (folds["error"].isna()).all()
+    assert folds.loc[folds["dataset"] == "boston", "r2"].between(0.5, 1).all()
+    assert folds.loc[folds["dataset"] == "wine", "accuracy"].between(0.8, 1).all()
+    assert folds.loc[folds["dataset"] == "wine", "log_loss"].gt(0).all()
+
+    text = md.read_text()
+    for needle in ("## Regression: R^2", "## Classification: accuracy", "Log loss", "Fit time per fold",
+                   "Average rank", "Gap to HistGradientBoosting", "Machine:", "Command: `python -m benchmarks.accuracy",
+                   "accuracy_quick_custom.png", "| boston |", "| wine |"):
+        assert needle in text, needle
+    assert re.search(r"\| boston \| \*?\*?\d\.\d{4} ± \d\.\d{4} \([12]\)", text)
+    assert "## Regression" in capsys.readouterr().out
+
+
+def test_cli_rejects_options_the_legacy_suites_do_not_have(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--suite", "foundation", "--models", "ridge", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["--suite", "quick", "--models", "xgboost", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["--suite", "quick", "--datasets", "nope", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_moe_models_cross_validate_on_a_small_dataset():
+    folds = cross_validate_models("boston", ["moe", "moe_tuned", "moe_1expert"], folds=2, max_rows=300,
+                                  moe_params={"max_epochs": 30})
+    assert len(folds) == 6
+    assert (folds["error"] == "").all()
+    assert folds["r2"].gt(0.5).all()
+    assert folds["n_iter"].between(1, 30).all()
