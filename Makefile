@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench bench-quick speed clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ lint: setup
 
 bench: setup
 	$(PY) -m benchmarks.accuracy --suite foundation
+
+bench-quick: setup
+	$(PY) -m benchmarks.accuracy --suite quick
+
+speed: setup
+	$(PY) -m benchmarks.speed --part all
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -604,7 +604,7 @@ def test_plan_layout_is_the_optimal_staircase(counts):
     assert layout_cost(counts, thresholds) == best
 
 
-def skewed_routing(n=200, n_experts=8, seed=0):
+def skewed_routing(n=400, n_experts=8, seed=0):
     module = make_moe(seed=seed, n_experts=n_experts, top_k=2)
     with torch.no_grad():
         module.router.gate.bias.copy_(torch.linspace(4.0, -1.0, n_experts))

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 MAX_GROUPS = 4
+STAIRCASE_MIN_ASSIGNMENTS = 512
 OVERFLOW_POLICIES = ("drop", "reroute")
 
 
@@ -172,10 +173,11 @@ def plan_dispatch(
     ranking : Tensor of shape (n, n_experts), int64, optional
         Every row's experts, best first; required by ``overflow="reroute"``.
     staircase : bool, default=True
-        Lay the buffer out as :func:`plan_layout`'s blocks; False pads every expert to the
-        busiest one in one block. Matmuls of other shapes round differently in the last
-        bits, so only the single block makes a row's output exactly independent of the
-        rows beside it (what prediction needs).
+        Lay the buffer out as :func:`plan_layout`'s blocks when there are at least
+        :data:`STAIRCASE_MIN_ASSIGNMENTS` assignments and one block would pad them by more
+        than 25%; False always pads every expert to the busiest one in one block. Matmuls
+        of other shapes round differently in the last bits, so only the single block makes
+        a row's output exactly independent of the rows beside it (what prediction needs).
     """
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
@@ -208,8 +210,11 @@ def plan_dispatch(
     rows, experts, expert_weights = flat_rows[order], flat_experts[order], flat_weights[order]
     kept_counts = torch.bincount(experts, minlength=n_experts)
     slots = _rank_in_sorted(experts, kept_counts)
-    if not staircase:
-        n_slots = int(kept_counts.max()) if experts.numel() else 0
+    n_slots = int(kept_counts.max()) if experts.numel() else 0
+    n_kept = experts.shape[0]
+    # Planning a staircase costs host time every step: worth it only for large batches
+    # with much padding to save.
+    if not staircase or n_kept < STAIRCASE_MIN_ASSIGNMENTS or n_experts * n_slots <= 1.25 * n_kept:
         groups = (ExpertGroup(None, n_experts, 0, n_slots, 0),) if n_slots else ()
         return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, experts * n_slots + slots, groups)
     thresholds = plan_layout(kept_counts.cpu().numpy())
