@@ -868,3 +868,13 @@ def test_counts_with_expert_dropout_and_sample_weight_count_only_live_assignment
     weight = torch.tensor([1.0] * 30 + [0.0] * 10)
     out = module(torch.randn(40, 4), sample_weight=weight)
     assert out.expert_counts.sum() == (out.gates[:30] > 0).sum()
+
+
+@pytest.mark.parametrize("router", ["topk", "softmax", "noisy_topk", "switch", "top_p", "hierarchical"])
+def test_inference_methods_match_forward_in_eval(router):
+    module = make_moe(router=router, n_experts=4, top_k=2, shared_expert=True, expert_dropout=0.3).eval()
+    x = inputs(30)
+    full = module(x)
+    torch.testing.assert_close(module.predict(x), full.output, rtol=0, atol=0)
+    torch.testing.assert_close(module.route(x), full.gates, rtol=0, atol=0)
+    torch.testing.assert_close(module.route(x).sum(dim=1), torch.ones(30))
