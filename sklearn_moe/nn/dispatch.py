@@ -217,16 +217,15 @@ def plan_dispatch(
     if not staircase or n_kept < STAIRCASE_MIN_ASSIGNMENTS or n_experts * n_slots <= 1.25 * n_kept:
         groups = (ExpertGroup(None, n_experts, 0, n_slots, 0),) if n_slots else ()
         return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, experts * n_slots + slots, groups)
-    thresholds = plan_layout(kept_counts.cpu().numpy())
-    positions, groups = _staircase_positions(thresholds, kept_counts, experts, slots)
-    n_slots = thresholds[-1] if thresholds else 0
+    kept = kept_counts.cpu().numpy()
+    positions, groups = _staircase_positions(plan_layout(kept), kept, experts, slots)
     return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, positions, groups)
 
 
-def _staircase_positions(thresholds: list[int], kept_counts: torch.Tensor, experts: torch.Tensor,
+def _staircase_positions(thresholds: list[int], kept: np.ndarray, experts: torch.Tensor,
                          slots: torch.Tensor) -> tuple[torch.Tensor, tuple[ExpertGroup, ...]]:
-    """Buffer rows of the assignments, and the blocks, of :func:`plan_layout`'s staircase."""
-    kept = kept_counts.cpu().numpy()
+    """Buffer rows of the assignments, and the blocks, of :func:`plan_layout`'s staircase
+    over the kept counts per expert ``kept``."""
     n_experts, device = kept.shape[0], experts.device
     groups, bases, offset, first_slot = [], [], 0, 0
     for level, threshold in enumerate(thresholds):

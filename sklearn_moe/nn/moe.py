@@ -47,9 +47,9 @@ class MoEOutput(NamedTuple):
 
 class _Mixed(NamedTuple):
     output: torch.Tensor
-    gates: torch.Tensor
     routing: object
     active: torch.Tensor | None
+    weights: torch.Tensor
     plan_counts: torch.Tensor | None
     n_dropped: torch.Tensor
 
@@ -192,11 +192,12 @@ class MixtureOfExperts(nn.Module):
         mixed = self._mix(x)
         routing, active = mixed.routing, mixed.active
         mask = None if sample_weight is None else sample_weight > 0
+        gates = self._gates(routing, active, mixed.weights)
         counts = self._routing_counts(routing, active, mask, mixed.plan_counts)
-        balance = self._balance_loss(routing, mixed.gates, mask, active)
+        balance = self._balance_loss(routing, gates, mask, active)
         z_loss = router_z_loss(routing.logits, mask)
         diversity = self._diversity_loss(x, mask) if self.training and self.diversity_loss else x.new_zeros(())
-        return MoEOutput(mixed.output, mixed.gates, balance, z_loss, counts, mixed.n_dropped, diversity)
+        return MoEOutput(mixed.output, gates, balance, z_loss, counts, mixed.n_dropped, diversity)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The mixture's output alone, without the auxiliary terms (for inference).
@@ -236,9 +237,8 @@ class MixtureOfExperts(nn.Module):
     def _mix(self, x: torch.Tensor) -> _Mixed:
         routing = self.router(x)
         active, weights = self._active_weights(routing)
-        gates = self._gates(routing, active, weights)
         if routing.dense:
-            output = dense_combine(x, self.experts, gates)
+            output = dense_combine(x, self.experts, self._gates(routing, active, weights))
             n_dropped = torch.zeros((), dtype=torch.long, device=x.device)
             plan_counts = None
         else:
@@ -256,7 +256,7 @@ class MixtureOfExperts(nn.Module):
             n_dropped = plan.counts.sum() - plan.rows.shape[0]
         if self.shared_expert is not None:
             output = output + self.shared_expert(x.unsqueeze(0))[0]
-        return _Mixed(output, gates, routing, active, plan_counts, n_dropped)
+        return _Mixed(output, routing, active, weights, plan_counts, n_dropped)
 
     def _routing_counts(self, routing, active, mask, plan_counts) -> torch.Tensor:
         """Assignments per expert, leaving out inactive ones and zero-weight rows."""
