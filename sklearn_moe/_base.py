@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from numbers import Integral, Real
 
 import numpy as np
@@ -12,7 +13,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
-from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, ProgressBar
+from skorch.callbacks import Callback, EarlyStopping, GradientNormClipping, LRScheduler, ProgressBar
 
 from ._data import TensorTable
 from ._net import MoENet, module_device
@@ -221,17 +222,18 @@ class BaseMoE(BaseEstimator):
         )
 
     # ------------------------------------------------------------------ fitting
-    def _fit(self, X, y, sample_weight=None):
+    def _fit(self, X, y, sample_weight=None, callbacks=None):
         reuse = self.warm_start and self.__sklearn_is_fitted__()
+        extra_callbacks = _named_callbacks(callbacks)
         try:
-            return self._fit_unguarded(X, y, sample_weight, reuse)
+            return self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks)
         except BaseException:
             # A failed fit leaves the estimator unfitted, never half fitted.
             if not reuse:
                 self._clear_fitted_state()
             raise
 
-    def _fit_unguarded(self, X, y, sample_weight, reuse):
+    def _fit_unguarded(self, X, y, sample_weight, reuse, extra_callbacks=()):
         device = self._check_hyperparameters()
         X, y = self._validate_X(X, y, reset=not reuse, **self._target_validation_kwargs())
         if sample_weight is not None:
@@ -259,10 +261,11 @@ class BaseMoE(BaseEstimator):
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(init_seed)
             module = self.module_ if reuse else self._build_module(X.shape[1], device)
-            net = self._build_net(module, device, train_table, valid_table, generator)
+            net = self._build_net(module, device, train_table, valid_table, generator, extra_callbacks)
             net.initialize()
             net.fit(train_table, y=None)
         module.eval()
+        _drop_callbacks(net, {name for name, _ in extra_callbacks})
         net.train_split = None  # don't keep (and pickle) the validation rows
         for _, callback in net.callbacks_:
             if isinstance(callback, EarlyStopping):
@@ -315,7 +318,7 @@ class BaseMoE(BaseEstimator):
             expert_grad_scaling=self.expert_grad_scaling,
         ).to(device)
 
-    def _build_net(self, module, device, train_table, valid_table, generator):
+    def _build_net(self, module, device, train_table, valid_table, generator, extra_callbacks=()):
         has_valid = valid_table is not None
         monitor = "valid_loss" if has_valid else "train_loss"
         sink = print if self.verbose else _silent
@@ -334,6 +337,7 @@ class BaseMoE(BaseEstimator):
             callbacks.append(("aux_free_balancing", AuxFreeBalancing(self.balance_coef)))
         if self.verbose:
             callbacks.append(("progress_bar", ProgressBar()))
+        callbacks.extend(extra_callbacks)
         return MoENet(
             module,
             criterion=self._criterion(),
@@ -420,6 +424,21 @@ class BaseMoE(BaseEstimator):
     def _gates(self, X_scaled: torch.Tensor) -> np.ndarray:
         return self._forward(X_scaled, "route")
 
+    def save(self, path) -> None:
+        """Save the fitted estimator in the safe format read by :func:`sklearn_moe.load`.
+
+        Weights go to safetensors and everything else (hyperparameters, scaling, classes,
+        history) to JSON; nothing is pickled, so loading a file never runs code from it.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            Destination file.
+        """
+        from .persistence import save
+
+        save(self, path)
+
     def route(self, X) -> np.ndarray:
         """Gate weights of every expert for every row.
 
@@ -433,6 +452,31 @@ class BaseMoE(BaseEstimator):
             Rows sum to 1; experts not chosen for a row have weight 0.
         """
         return self._gates(self._scaled_input(X))
+
+
+def _named_callbacks(callbacks) -> list[tuple[str, Callback]]:
+    """Validate ``fit(..., callbacks=...)``: skorch callbacks or ``(name, callback)`` pairs."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"callbacks must be a list of skorch Callback instances; got {callbacks!r}.")
+    named = []
+    for position, item in enumerate(callbacks):
+        name, callback = item if isinstance(item, tuple) and len(item) == 2 else (f"fit_callback_{position}", item)
+        if not isinstance(callback, Callback):
+            raise TypeError(
+                f"callbacks[{position}] is {callback!r}, not a skorch.callbacks.Callback instance "
+                "(subclass Callback and implement on_epoch_end, for example)."
+            )
+        named.append((str(name), callback))
+    return named
+
+
+def _drop_callbacks(net, names: set[str]) -> None:
+    """Forget the per-fit callbacks so the fitted estimator neither keeps nor pickles them."""
+    if names:
+        net.callbacks = [c for c in net.callbacks if c[0] not in names]
+        net.callbacks_ = [c for c in net.callbacks_ if c[0] not in names]
 
 
 class _PredefinedSplit:

@@ -92,7 +92,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     def _criterion(self):
         return nn.CrossEntropyLoss(reduction="none")
 
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y, sample_weight=None, callbacks=None):
         """Fit the model.
 
         Parameters
@@ -106,11 +106,16 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             Non-negative weights of the rows in the loss (not in the routing losses, where
             zero-weight rows are left out).
 
+        callbacks : list of skorch.callbacks.Callback, optional
+            Extra skorch callbacks for this fit only (plain instances or ``(name, callback)``
+            pairs), e.g. to report per-epoch validation losses to an Optuna trial. They run
+            after the built-in ones and are not kept on the fitted estimator.
+
         Returns
         -------
         self : MoEClassifier
         """
-        return self._fit(X, y, sample_weight)
+        return self._fit(X, y, sample_weight, callbacks)
 
     def predict_proba(self, X):
         """Class probabilities.
