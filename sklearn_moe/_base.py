@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from numbers import Integral, Real
 
@@ -266,6 +267,8 @@ class BaseMoE(BaseEstimator):
             net.fit(train_table, y=None)
         module.eval()
         _drop_callbacks(net, {name for name, _ in extra_callbacks})
+        if net.interrupted_:
+            _report_interruption(net)
         net.train_split = None  # don't keep (and pickle) the validation rows
         for _, callback in net.callbacks_:
             if isinstance(callback, EarlyStopping):
@@ -470,6 +473,24 @@ def _named_callbacks(callbacks) -> list[tuple[str, Callback]]:
             )
         named.append((str(name), callback))
     return named
+
+
+def _report_interruption(net) -> None:
+    """After a KeyboardInterrupt: forget the unfinished epoch and say which weights were kept."""
+    if net.history and "train_loss" not in net.history[-1]:
+        del net.history[-1]
+    best = next((cb for _, cb in net.callbacks_ if isinstance(cb, EarlyStopping)), None)
+    if not net.history:
+        kept = "its initial weights (no epoch completed)"
+    elif best is not None and best.load_best and best.best_model_weights_ is not None:
+        kept = f"the best weights so far (epoch {best.best_epoch_})"
+    else:
+        kept = "the weights of the last completed epoch"
+    warnings.warn(
+        f"Training was interrupted after {len(net.history)} complete epoch(s); the model keeps {kept}.",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
 def _drop_callbacks(net, names: set[str]) -> None:

@@ -8,6 +8,7 @@ import torch
 from skorch import NeuralNet
 
 from ._data import BatchIterator
+from ._guard import NonFiniteLoss, TrainingGuard, check_finite_loss
 
 
 class MoENet(NeuralNet):
@@ -64,13 +65,57 @@ class MoENet(NeuralNet):
         if not training:
             return task_loss
         loss = task_loss + self.balance_coef * y_pred.balance_loss + self.z_loss_coef * y_pred.z_loss
-        self.history.record_batch("task_loss", task_loss.item())
-        self.history.record_batch("balance_loss", y_pred.balance_loss.item())
-        self.history.record_batch("z_loss", y_pred.z_loss.item())
+        terms = [loss, task_loss, y_pred.balance_loss, y_pred.z_loss]
+        names = ("loss", "task_loss", "balance_loss", "z_loss")
         if self.diversity_coef > 0:
             loss = loss + self.diversity_coef * y_pred.diversity_loss
-            self.history.record_batch("diversity_loss", y_pred.diversity_loss.item())
+            terms[0] = loss
+            terms.append(y_pred.diversity_loss)
+            names += ("diversity_loss",)
+        # One host synchronisation for every term; a non-finite one stops the step before
+        # backward, and fit_loop rolls the epoch back.
+        values = check_finite_loss(torch.stack([t.detach().float() for t in terms]), names)
+        for name, value in zip(names[1:], values[1:]):
+            self.history.record_batch(name, value)
         return loss
+
+    def fit_loop(self, X, y=None, epochs=None, **fit_params):
+        """skorch's epoch loop, guarded against numerical faults and interruptions.
+
+        An epoch whose loss or weights become non-finite is rolled back and run again with a
+        lower learning rate (see :mod:`sklearn_moe._guard`); a KeyboardInterrupt that is not
+        early stopping's restores the last completed epoch and sets ``interrupted_``.
+        """
+        fit_params.pop("_routing_method", None)
+        self.check_data(X, y)
+        self.check_training_readiness()
+        epochs = epochs if epochs is not None else self.max_epochs
+        dataset_train, dataset_valid = self.get_split_datasets(X, y, **fit_params)
+        on_epoch_kwargs = {"dataset_train": dataset_train, "dataset_valid": dataset_valid}
+        iterator_train = self.get_iterator(dataset_train, training=True)
+        iterator_valid = None if dataset_valid is None else self.get_iterator(dataset_valid, training=False)
+        guard = TrainingGuard(self)
+        self.interrupted_ = False
+        completed = 0
+        while completed < epochs:
+            self.notify("on_epoch_begin", **on_epoch_kwargs)
+            try:
+                self.run_single_epoch(iterator_train, training=True, prefix="train",
+                                      step_fn=self.train_step, **fit_params)
+                self.run_single_epoch(iterator_valid, training=False, prefix="valid",
+                                      step_fn=self.validation_step, **fit_params)
+                guard.check_epoch()
+            except NonFiniteLoss as fault:
+                guard.roll_back(fault)
+                continue
+            except KeyboardInterrupt:
+                guard.restore()
+                self.interrupted_ = True
+                raise
+            self.notify("on_epoch_end", **on_epoch_kwargs)
+            guard.snapshot()
+            completed += 1
+        return self
 
     def infer(self, x, **fit_params):
         # Batches come from TensorTable already as tensors on the right device.

@@ -1,0 +1,101 @@
+"""Recovery from numerical faults and interruptions during training.
+
+A non-finite loss (or non-finite weights at the end of an epoch) does not end a fit: the
+net rolls back to the weights and optimizer state of the last good epoch, lowers the
+learning rate and runs the epoch again, a bounded number of times. A KeyboardInterrupt
+rolls back to the last completed epoch, so the model never keeps the weights of half a
+step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import torch
+
+MAX_ROLLBACKS = 3
+LR_FACTOR_AFTER_ROLLBACK = 0.1
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training kept producing non-finite losses or weights after every rollback."""
+
+
+class NonFiniteLoss(Exception):
+    """Raised inside an epoch when the loss or the weights stop being finite."""
+
+
+def check_finite_loss(values: torch.Tensor, names: tuple[str, ...]) -> list[float]:
+    """Host copy of the loss terms ``values`` (one synchronisation); raise on a non-finite one."""
+    host = values.tolist()
+    bad = [f"{name}={value}" for name, value in zip(names, host) if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteLoss(f"non-finite training loss ({', '.join(bad)})")
+    return host
+
+
+class TrainingGuard:
+    """Snapshots of the last good epoch and the rollback to them.
+
+    Parameters
+    ----------
+    net : skorch.NeuralNet
+        An initialised net whose ``module_`` and ``optimizer_`` are guarded.
+    """
+
+    def __init__(self, net):
+        self.net = net
+        self.rollbacks = 0
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        """Remember the current weights and optimizer state as the last good ones."""
+        self._module_state = {k: v.detach().clone() for k, v in self.net.module_.state_dict().items()}
+        self._optimizer_state = copy.deepcopy(self.net.optimizer_.state_dict())
+
+    def restore(self) -> None:
+        """Put back the last good weights and optimizer state."""
+        self.net.module_.load_state_dict(self._module_state)
+        self.net.optimizer_.load_state_dict(self._optimizer_state)
+
+    def check_epoch(self) -> None:
+        """Raise :class:`NonFiniteLoss` if the finished epoch's losses or weights are not finite."""
+        row = self.net.history[-1]
+        for key in ("train_loss", "valid_loss"):
+            if key in row and not math.isfinite(row[key]):
+                raise NonFiniteLoss(f"non-finite {key} ({row[key]})")
+        for name, parameter in self.net.module_.named_parameters():
+            if not torch.isfinite(parameter).all():
+                raise NonFiniteLoss(f"non-finite weights in {name}")
+
+    def roll_back(self, fault: NonFiniteLoss) -> None:
+        """Undo the failed epoch: last good weights, a lower learning rate, its history row gone.
+
+        Raises
+        ------
+        TrainingDivergedError
+            After :data:`MAX_ROLLBACKS` rollbacks in one fit.
+        """
+        epoch = self.net.history[-1, "epoch"]
+        del self.net.history[-1]
+        self.restore()
+        if self.rollbacks == MAX_ROLLBACKS:
+            lr = self.net.optimizer_.param_groups[0]["lr"]
+            raise TrainingDivergedError(
+                f"Training diverged: {fault} in epoch {epoch}, after {MAX_ROLLBACKS} rollbacks to the "
+                f"last good weights, each lowering the learning rate {1 / LR_FACTOR_AFTER_ROLLBACK:g}x "
+                f"(it reached {lr:.3g}). Try a lower learning_rate, gradient clipping (max_grad_norm), "
+                "precision='float32', a larger temperature, or check X and y for extreme values."
+            ) from fault
+        self.rollbacks += 1
+        for group in self.net.optimizer_.param_groups:
+            group["lr"] *= LR_FACTOR_AFTER_ROLLBACK
+        warnings.warn(
+            f"{fault} in epoch {epoch}: rolled back to the weights of the last good epoch and lowered "
+            f"the learning rate to {self.net.optimizer_.param_groups[0]['lr']:.3g} "
+            f"(rollback {self.rollbacks} of at most {MAX_ROLLBACKS}).",
+            RuntimeWarning,
+            stacklevel=2,
+        )

@@ -1,0 +1,206 @@
+"""Training faults: non-finite losses roll back, divergence raises, Ctrl-C keeps a usable model."""
+
+import numpy as np
+import pytest
+import torch
+from skorch.callbacks import Callback
+
+from sklearn_moe import MoEClassifier, MoERegressor
+from sklearn_moe._guard import MAX_ROLLBACKS, TrainingDivergedError
+
+# 200 rows, 10% validation, batch 32: 6 training batches per epoch.
+BATCHES_PER_EPOCH = 6
+PARAMS = dict(n_experts=3, top_k=2, expert_hidden=(8,), batch_size=32, max_epochs=6, learning_rate=1e-2,
+              n_iter_no_change=50, device="cpu", random_state=0)
+
+
+class TrainingBatchCounter(Callback):
+    """Counts training batches over the whole fit (rollbacks included)."""
+
+    def initialize(self):
+        self.count = -1
+        return super().initialize()
+
+    def on_batch_begin(self, net, training=None, **kwargs):
+        if training:
+            self.count += 1
+
+
+class PoisonOutput(TrainingBatchCounter):
+    """Make the module's output NaN on the given training batches (counted over the fit)."""
+
+    def __init__(self, batches):
+        self.batches = set(batches)
+
+    def on_train_begin(self, net, **kwargs):
+        def hook(module, args, output):
+            if module.training and self.count in self.batches:
+                return output._replace(output=output.output * float("nan"))
+            return output
+
+        self.handle = net.module_.register_forward_hook(hook)
+
+    def on_train_end(self, net, **kwargs):
+        self.handle.remove()
+
+
+class CorruptRouterAfter(TrainingBatchCounter):
+    """Fill the router's weight with inf after the given training batch's optimizer step."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def on_batch_end(self, net, training=None, **kwargs):
+        if training and self.count == self.batch:
+            with torch.no_grad():
+                net.module_.router.gate.weight.fill_(float("inf"))
+
+
+class InterruptAt(TrainingBatchCounter):
+    """Raise KeyboardInterrupt (as Ctrl-C would) at the given training batch."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def on_batch_end(self, net, training=None, **kwargs):
+        if training and self.count == self.batch:
+            raise KeyboardInterrupt
+
+
+class RecordEpochs(Callback):
+    """Weights and validation loss after every completed epoch, and the initial weights."""
+
+    def on_train_begin(self, net, **kwargs):
+        self.initial = _weights(net.module_)
+        self.weights, self.valid_losses = [], []
+
+    def on_epoch_end(self, net, **kwargs):
+        self.weights.append(_weights(net.module_))
+        self.valid_losses.append(net.history[-1].get("valid_loss"))
+
+
+def _weights(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _assert_weights_equal(module, expected):
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_nan_loss_rolls_back_and_training_recovers(regression_data):
+    X, y = regression_data
+    poison = PoisonOutput({BATCHES_PER_EPOCH * 2 + 3})  # fourth batch of the third epoch
+    model = MoERegressor(**PARAMS)
+    with pytest.warns(RuntimeWarning, match="non-finite training loss .* epoch 3: rolled back") as record:
+        model.fit(X, y, callbacks=[poison])
+    assert len([w for w in record if "rolled back" in str(w.message)]) == 1
+    assert model.n_iter_ == PARAMS["max_epochs"]
+    assert list(model.history_["epoch"]) == list(range(1, PARAMS["max_epochs"] + 1))
+    assert np.isfinite(model.history_["train_loss"]).all()
+    assert model.net_.optimizer_.param_groups[0]["lr"] == pytest.approx(PARAMS["learning_rate"] * 0.1)
+    assert np.isfinite(model.predict(X)).all()
+    assert model.history_["train_loss"].iloc[-1] < model.history_["train_loss"].iloc[0]
+
+
+def test_the_rolled_back_epoch_restarts_from_the_last_good_weights(regression_data):
+    """Poisoning the first batch of epoch 2 must leave epoch 2 starting from epoch 1's weights."""
+    X, y = regression_data
+    epochs = RecordEpochs()
+    starts = []
+
+    class RecordEpochStart(Callback):
+        def on_epoch_begin(self, net, **kwargs):
+            starts.append(_weights(net.module_))
+
+    poison = PoisonOutput({BATCHES_PER_EPOCH})
+    with pytest.warns(RuntimeWarning, match="rolled back"):
+        MoERegressor(**PARAMS).fit(X, y, callbacks=[poison, epochs, RecordEpochStart()])
+    # epoch 1, the failed epoch 2, the retried epoch 2: both attempts start from epoch 1's end.
+    for expected in (starts[1], starts[2]):
+        for key, value in epochs.weights[0].items():
+            torch.testing.assert_close(expected[key], value, rtol=0, atol=0)
+
+
+def test_non_finite_weights_at_the_end_of_an_epoch_roll_back(regression_data):
+    X, y = regression_data
+    corrupt = CorruptRouterAfter(BATCHES_PER_EPOCH - 1)  # the last step of epoch 1
+    model = MoERegressor(**PARAMS)
+    with pytest.warns(RuntimeWarning, match="epoch 1: rolled back"):
+        model.fit(X, y, callbacks=[corrupt])
+    assert torch.isfinite(model.module_.router.gate.weight).all()
+    assert np.isfinite(model.predict(X)).all()
+
+
+@pytest.mark.parametrize("estimator_class", [MoERegressor, MoEClassifier])
+def test_persistent_divergence_raises_and_leaves_the_estimator_unfitted(
+        estimator_class, regression_data, classification_data):
+    X, y = regression_data if estimator_class is MoERegressor else classification_data
+    poison = PoisonOutput(range(10_000))
+    model = estimator_class(**PARAMS)
+    with pytest.warns(RuntimeWarning, match="rolled back") as record:
+        with pytest.raises(TrainingDivergedError, match="Training diverged.*Try a lower learning_rate"):
+            model.fit(X, y, callbacks=[poison])
+    assert len([w for w in record if "rolled back" in str(w.message)]) == MAX_ROLLBACKS
+    assert not hasattr(model, "net_")
+    with pytest.raises(Exception, match="not fitted"):
+        model.predict(X)
+
+
+def test_divergence_error_is_a_runtime_error():
+    assert issubclass(TrainingDivergedError, RuntimeError)
+
+
+def test_keyboard_interrupt_keeps_the_best_weights_so_far(regression_data):
+    X, y = regression_data
+    epochs = RecordEpochs()
+    interrupted_in_epoch = 5
+    model = MoERegressor(**PARAMS)
+    with pytest.warns(UserWarning, match="interrupted after 4 complete epoch.*best weights so far"):
+        model.fit(X, y, callbacks=[epochs, InterruptAt(BATCHES_PER_EPOCH * (interrupted_in_epoch - 1) + 2)])
+    assert model.n_iter_ == interrupted_in_epoch - 1
+    assert list(model.history_["epoch"]) == [1, 2, 3, 4]
+    assert "train_loss" in model.history_ and np.isfinite(model.history_["train_loss"]).all()
+    best = int(np.argmin(epochs.valid_losses))
+    _assert_weights_equal(model.module_, epochs.weights[best])
+    assert np.isfinite(model.predict(X)).all()
+
+
+def test_keyboard_interrupt_without_early_stopping_keeps_the_last_completed_epoch(regression_data):
+    X, y = regression_data
+    epochs = RecordEpochs()
+    model = MoERegressor(**{**PARAMS, "early_stopping": False})
+    with pytest.warns(UserWarning, match="interrupted after 2 complete epoch.*last completed epoch"):
+        model.fit(X, y, callbacks=[epochs, InterruptAt(int(BATCHES_PER_EPOCH * 2.5))])
+    _assert_weights_equal(model.module_, epochs.weights[1])
+
+
+def test_keyboard_interrupt_in_the_first_epoch_keeps_the_initial_weights(classification_data):
+    X, y = classification_data
+    epochs = RecordEpochs()
+    model = MoEClassifier(**PARAMS)
+    with pytest.warns(UserWarning, match="no epoch completed"):
+        model.fit(X, y, callbacks=[epochs, InterruptAt(1)])
+    assert model.n_iter_ == 0
+    _assert_weights_equal(model.module_, epochs.initial)
+    assert set(model.predict(X)) <= set(model.classes_)
+
+
+def test_keyboard_interrupt_outside_training_leaves_the_estimator_unfitted(regression_data, monkeypatch):
+    X, y = regression_data
+    model = MoERegressor(**PARAMS)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "_expert_load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(X, y)
+    assert not hasattr(model, "net_")
+
+
+def test_early_stopping_is_not_reported_as_an_interruption(regression_data, recwarn):
+    X, y = regression_data
+    model = MoERegressor(**{**PARAMS, "max_epochs": 200, "n_iter_no_change": 2}).fit(X, y)
+    assert model.n_iter_ < 200
+    assert not [w for w in recwarn if "interrupted" in str(w.message)]
