@@ -1,0 +1,188 @@
+"""select_n_experts(): cross-validation over the number of experts, with the one-SE rule."""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone, is_classifier
+from sklearn.model_selection import check_cv, cross_validate
+
+from ._space import find_moe_step
+
+RULES = ("one_se", "best")
+
+
+def one_standard_error_rule(cv_results: pd.DataFrame, rule: str = "one_se") -> int:
+    """The chosen expert count from a table of cross-validated scores.
+
+    Parameters
+    ----------
+    cv_results : pandas.DataFrame
+        Columns ``n_experts``, ``mean_score`` and ``sem_score`` (standard error of the mean
+        score, ``std / sqrt(n_folds)``); scores are greater-is-better.
+    rule : {"one_se", "best"}, default="one_se"
+        ``"best"``: the count with the highest mean score (the smaller count on a tie).
+        ``"one_se"``: the smallest count whose mean score is at least the best mean minus
+        the best count's standard error (Hastie, Tibshirani and Friedman's one-standard-error
+        rule: the simplest model statistically indistinguishable from the best).
+
+    Returns
+    -------
+    int
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}; got {rule!r}.")
+    missing = {"n_experts", "mean_score", "sem_score"} - set(cv_results.columns)
+    if missing:
+        raise ValueError(f"cv_results lacks the columns {sorted(missing)}.")
+    table = cv_results.sort_values("n_experts")
+    if table.empty or table["mean_score"].isna().all():
+        raise ValueError("cv_results has no finite mean score to choose from.")
+    best = table.loc[table["mean_score"].idxmax()]
+    if rule == "best":
+        return int(best["n_experts"])
+    threshold = best["mean_score"] - (0.0 if np.isnan(best["sem_score"]) else best["sem_score"])
+    return int(table.loc[table["mean_score"] >= threshold, "n_experts"].min())
+
+
+class NExpertsSelection:
+    """The result of :func:`select_n_experts`.
+
+    Attributes
+    ----------
+    cv_results_ : pandas.DataFrame
+        One row per candidate, indexed by ``n_experts``: ``mean_score``, ``std_score``,
+        ``sem_score``, ``mean_fit_time``, ``std_fit_time`` and ``split<i>_score``.
+    best_n_experts_ : int
+        The count chosen by ``rule``.
+    best_estimator_ : estimator or None
+        The estimator with ``n_experts=best_n_experts_``, refitted on all data (``None``
+        with ``refit=False``).
+    rule : str
+    scoring : str, callable or None
+    """
+
+    def __init__(self, cv_results, best_n_experts, best_estimator, rule, scoring):
+        self.cv_results_ = cv_results
+        self.best_n_experts_ = best_n_experts
+        self.best_estimator_ = best_estimator
+        self.rule = rule
+        self.scoring = scoring
+
+    def __repr__(self):
+        return (f"NExpertsSelection(best_n_experts_={self.best_n_experts_}, rule={self.rule!r}, "
+                f"candidates={list(self.cv_results_.index)})")
+
+    def plot(self, ax=None):
+        """Mean cross-validated score ± std per candidate, the chosen count marked.
+
+        The dotted line is the one-standard-error threshold (best mean minus its standard
+        error). Needs matplotlib (``pip install 'sklearn-moe[plot]'``).
+
+        Parameters
+        ----------
+        ax : matplotlib.axes.Axes, optional
+            Axes to draw on; a new figure otherwise.
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+        """
+        try:
+            import matplotlib.pyplot as plt
+        except ImportError as error:
+            raise ImportError("NExpertsSelection.plot needs matplotlib: pip install 'sklearn-moe[plot]'") from error
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 4))
+        table = self.cv_results_
+        counts = table.index.to_numpy()
+        ax.errorbar(counts, table["mean_score"], yerr=table["std_score"], fmt="o-", capsize=4,
+                    label="mean ± std over folds")
+        best = table["mean_score"].idxmax()
+        ax.axhline(table.loc[best, "mean_score"] - table.loc[best, "sem_score"], color="grey", ls=":",
+                   label="best − 1 standard error")
+        chosen = table.loc[self.best_n_experts_]
+        ax.plot([self.best_n_experts_], [chosen["mean_score"]], marker="*", ms=16, color="C3", ls="none",
+                label=f"chosen ({self.rule}): {self.best_n_experts_}")
+        if counts.min() > 0 and counts.max() / counts.min() >= 4:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.set_xlabel("n_experts (1 = no mixture)")
+        ax.set_ylabel(f"cross-validated {self.scoring or 'score'}")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        return ax
+
+
+def _check_candidates(candidates):
+    candidates = list(candidates) if candidates is not None else []
+    if not candidates:
+        raise ValueError("candidates must contain at least one expert count.")
+    for count in candidates:
+        if isinstance(count, bool) or not isinstance(count, Integral) or count < 1:
+            raise ValueError(f"Every candidate must be an int >= 1 (1 is the non-MoE ablation); got {count!r}.")
+    if len(set(candidates)) != len(candidates):
+        raise ValueError(f"candidates has duplicates: {candidates}.")
+    return sorted(int(count) for count in candidates)
+
+
+def select_n_experts(estimator, X, y, candidates=(1, 2, 4, 8, 16), cv=5, rule="one_se", *, scoring=None,
+                     groups=None, refit=True, n_jobs=None):
+    """Choose the number of experts by cross-validation.
+
+    Every candidate count is scored on the same folds (the estimator's other parameters
+    unchanged; ``top_k`` is "at most", so ``n_experts=1`` runs the single expert: the
+    non-MoE ablation). ``rule="one_se"`` then picks the smallest count within one standard
+    error of the best mean score, ``rule="best"`` the best mean.
+
+    Parameters
+    ----------
+    estimator : estimator
+        A MoE estimator or a Pipeline (or other meta-estimator) holding exactly one.
+    X : array-like of shape (n_samples, n_features)
+    y : array-like of shape (n_samples,) or (n_samples, n_targets)
+    candidates : sequence of int, default=(1, 2, 4, 8, 16)
+    cv : int, cross-validation generator or iterable, default=5
+    rule : {"one_se", "best"}, default="one_se"
+        See :func:`one_standard_error_rule`.
+    scoring : str or callable, optional
+        A scikit-learn scorer (greater is better); ``None`` is the estimator's ``score``.
+    groups : array-like, optional
+    refit : bool, default=True
+        Refit the chosen count on all of X, y as ``best_estimator_``.
+    n_jobs : int, optional
+        Folds fitted in parallel (``cross_validate``'s ``n_jobs``).
+
+    Returns
+    -------
+    NExpertsSelection
+        With ``cv_results_``, ``best_n_experts_``, ``best_estimator_`` and ``plot()``.
+
+    Raises
+    ------
+    ValueError
+        Empty or invalid candidates, an unknown rule, or no MoE step in ``estimator``.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}; got {rule!r}.")
+    candidates = _check_candidates(candidates)
+    prefix, _ = find_moe_step(estimator)
+    key = prefix + "n_experts"
+    splits = list(check_cv(cv, y, classifier=is_classifier(estimator)).split(X, y, groups))
+    rows = []
+    for count in candidates:
+        scores = cross_validate(clone(estimator).set_params(**{key: count}), X, y, cv=splits, scoring=scoring,
+                                n_jobs=n_jobs, return_train_score=False, error_score="raise")
+        test, fit_time = scores["test_score"], scores["fit_time"]
+        row = {"n_experts": count, "mean_score": test.mean(), "std_score": test.std(),
+               "sem_score": test.std() / np.sqrt(len(test)), "mean_fit_time": fit_time.mean(),
+               "std_fit_time": fit_time.std()}
+        row.update({f"split{i}_score": value for i, value in enumerate(test)})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    best = one_standard_error_rule(table, rule)
+    table.index = pd.Index(table["n_experts"].to_numpy())
+    best_estimator = clone(estimator).set_params(**{key: best}).fit(X, y) if refit else None
+    return NExpertsSelection(table, best, best_estimator, rule, scoring)

@@ -1,0 +1,273 @@
+"""Optuna search spaces over the MoE hyperparameters, keyed for the MoE inside any Pipeline."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from numbers import Integral
+
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from sklearn.pipeline import Pipeline
+
+from .._base import BaseMoE
+
+#: Routers of the default space: the ones whose behaviour the space's parameters fully
+#: describe. ``"top_p"`` and ``"hierarchical"`` need ``top_p`` / ``n_groups`` as well; add
+#: them with ``routers=`` and your own distributions for those.
+DEFAULT_ROUTERS = ("topk", "noisy_topk", "softmax", "switch")
+DEFAULT_EXPERT_WIDTHS = (16, 32, 64, 128)
+DEFAULT_EXPERT_DEPTHS = (1, 2)
+
+
+def find_moe_step(estimator):
+    """The MoE estimator inside ``estimator`` and the parameter prefix that reaches it.
+
+    Parameters
+    ----------
+    estimator : estimator
+        A :class:`~sklearn_moe.MoERegressor` / :class:`~sklearn_moe.MoEClassifier`, or a
+        meta-estimator (e.g. a :class:`~sklearn.pipeline.Pipeline`, nested or not) holding
+        exactly one of them.
+
+    Returns
+    -------
+    prefix : str
+        ``""`` for the MoE itself, else the ``get_params`` path to it followed by ``"__"``
+        (``"moeregressor__"`` for ``make_pipeline(scaler, MoERegressor())``).
+    moe : BaseMoE
+        The MoE estimator object found at that path.
+
+    Raises
+    ------
+    ValueError
+        When ``estimator`` holds no MoE estimator, or more than one.
+    """
+    if isinstance(estimator, BaseMoE):
+        return "", estimator
+    if not hasattr(estimator, "get_params"):
+        raise ValueError(f"Expected a scikit-learn estimator holding a MoE estimator; got {estimator!r}.")
+    found = [(key, value) for key, value in estimator.get_params(deep=True).items() if isinstance(value, BaseMoE)]
+    if not found:
+        raise ValueError(
+            f"{type(estimator).__name__} holds no MoERegressor or MoEClassifier step; tuning and "
+            "select_n_experts need one (e.g. make_pipeline(StandardScaler(), MoERegressor()))."
+        )
+    if len(found) > 1:
+        raise ValueError(
+            f"{type(estimator).__name__} holds several MoE estimators ({[key for key, _ in found]}); "
+            "tune one at a time (build the search space for it by hand)."
+        )
+    key, moe = found[0]
+    return key + "__", moe
+
+
+def fit_param_name(estimator, prefix: str, name: str) -> str:
+    """The ``fit`` keyword that passes ``name`` to the MoE step at ``prefix``.
+
+    Pipelines route ``step__name`` to their step; other meta-estimators have no such rule, so
+    they are refused with a clear error.
+    """
+    if not prefix:
+        return name
+    node = estimator
+    for part in prefix[:-2].split("__"):
+        if not isinstance(node, Pipeline):
+            raise ValueError(
+                f"Cannot pass fit parameters through {type(node).__name__} to the MoE step "
+                f"{prefix[:-2]!r}; per-epoch pruning needs the MoE estimator itself or Pipelines "
+                "around it (use pruning=False otherwise)."
+            )
+        node = node.named_steps[part]
+    return prefix + name
+
+
+def _check_positive_int(name, value):
+    if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+
+
+def base_space(
+    max_experts: int = 16,
+    max_top_k: int = 2,
+    routers=DEFAULT_ROUTERS,
+    expert_widths=DEFAULT_EXPERT_WIDTHS,
+    expert_depths=DEFAULT_EXPERT_DEPTHS,
+) -> dict[str, BaseDistribution]:
+    """The unprefixed default space; see :func:`search_space`."""
+    _check_positive_int("max_experts", max_experts)
+    _check_positive_int("max_top_k", max_top_k)
+    if max_top_k > max_experts:
+        raise ValueError(f"max_top_k={max_top_k} must not exceed max_experts={max_experts}.")
+    for name, values in (("routers", routers), ("expert_widths", expert_widths), ("expert_depths", expert_depths)):
+        if len(values) == 0:
+            raise ValueError(f"{name} must not be empty.")
+    for value in (*expert_widths, *expert_depths):
+        _check_positive_int("expert widths and depths", value)
+    architectures = tuple((width,) * depth for depth in expert_depths for width in expert_widths)
+    with warnings.catch_warnings():
+        # Tuples are fine in memory; tune() stores them as strings (see suggest()).
+        warnings.filterwarnings("ignore", message="Choices for a categorical distribution")
+        expert_hidden = CategoricalDistribution(architectures)
+    return {
+        # Every combination is valid: top_k <= max_top_k <= n_experts.
+        "n_experts": IntDistribution(max_top_k, max_experts, log=True),
+        "top_k": IntDistribution(1, max_top_k),
+        "router": CategoricalDistribution(tuple(routers)),
+        "temperature": FloatDistribution(0.05, 2.0, log=True),
+        "capacity_factor": CategoricalDistribution((None, 1.25, 2.0)),
+        "balance_loss": CategoricalDistribution(("switch", "cv2", "aux_free", None)),
+        "balance_coef": FloatDistribution(1e-4, 1e-1, log=True),
+        "z_loss_coef": FloatDistribution(1e-5, 1e-2, log=True),
+        "expert_hidden": expert_hidden,
+        "learning_rate": FloatDistribution(1e-4, 3e-2, log=True),
+        "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+        "dropout": FloatDistribution(0.0, 0.3),
+    }
+
+
+def search_space(
+    estimator,
+    *,
+    max_experts: int = 16,
+    max_top_k: int = 2,
+    routers=DEFAULT_ROUTERS,
+    expert_widths=DEFAULT_EXPERT_WIDTHS,
+    expert_depths=DEFAULT_EXPERT_DEPTHS,
+    include=None,
+    exclude=(),
+) -> dict[str, BaseDistribution]:
+    """Optuna distributions over the MoE hyperparameters of ``estimator``.
+
+    The space is static (the same distributions for every trial), as
+    ``optuna_integration.OptunaSearchCV`` needs, and every combination of its values is a
+    valid configuration: ``top_k`` is drawn from ``1..max_top_k`` and ``n_experts`` from
+    ``max_top_k..max_experts`` (log scale), so ``top_k <= n_experts`` always holds.
+
+    ========================  ==========================================================
+    parameter                 distribution
+    ========================  ==========================================================
+    ``n_experts``             int in [max_top_k, max_experts], log scale
+    ``top_k``                 int in [1, max_top_k] (unused by "softmax"; "switch" uses 1)
+    ``router``                one of ``routers`` (default topk, noisy_topk, softmax, switch)
+    ``temperature``           float in [0.05, 2], log
+    ``capacity_factor``       None (dropless), 1.25 or 2.0
+    ``balance_loss``          "switch", "cv2", "aux_free" or None
+    ``balance_coef``          float in [1e-4, 0.1], log (for "aux_free": the bias step)
+    ``z_loss_coef``           float in [1e-5, 0.01], log
+    ``expert_hidden``         ``(width,) * depth`` for every width and depth given
+    ``learning_rate``         float in [1e-4, 0.03], log
+    ``weight_decay``          float in [1e-6, 0.01], log
+    ``dropout``               float in [0, 0.3]
+    ========================  ==========================================================
+
+    ``"top_p"`` and ``"hierarchical"`` routers are left out by default because their own
+    parameters (``top_p``, ``learned_threshold``, ``n_groups``) would make the space
+    conditional; pass them in ``routers`` and add distributions for those parameters to
+    the returned dict to search them too. The number of epochs is not searched: early
+    stopping picks it.
+
+    Parameters
+    ----------
+    estimator : estimator
+        A MoE estimator or a Pipeline (or other meta-estimator) holding exactly one.
+    max_experts : int, default=16
+    max_top_k : int, default=2
+        Largest ``top_k``; also the smallest ``n_experts``.
+    routers : sequence of str, default=("topk", "noisy_topk", "softmax", "switch")
+    expert_widths : sequence of int, default=(16, 32, 64, 128)
+    expert_depths : sequence of int, default=(1, 2)
+    include : sequence of str, optional
+        Keep only these parameters (unprefixed names).
+    exclude : sequence of str, default=()
+        Leave these parameters out, e.g. the ones you fix on the estimator.
+
+    Returns
+    -------
+    dict of str to optuna.distributions.BaseDistribution
+        Keys are prefixed with the path to the MoE step (``"moeregressor__n_experts"``).
+
+    Raises
+    ------
+    ValueError
+        No (or several) MoE estimators in ``estimator``, an unknown name in ``include`` or
+        ``exclude``, or bad bounds.
+
+    Examples
+    --------
+    >>> from optuna_integration import OptunaSearchCV
+    >>> from sklearn.pipeline import make_pipeline
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from sklearn_moe import MoERegressor
+    >>> pipe = make_pipeline(StandardScaler(), MoERegressor(max_epochs=20))
+    >>> space = search_space(pipe, include=["n_experts", "top_k", "learning_rate"])
+    >>> sorted(space)
+    ['moeregressor__learning_rate', 'moeregressor__n_experts', 'moeregressor__top_k']
+    >>> search = OptunaSearchCV(pipe, space, n_trials=5, cv=3)  # doctest: +SKIP
+    """
+    prefix, _ = find_moe_step(estimator)
+    space = base_space(max_experts, max_top_k, routers, expert_widths, expert_depths)
+    for label, names in (("include", include), ("exclude", exclude)):
+        if isinstance(names, str):
+            raise ValueError(f"{label} must be a sequence of parameter names, not a string; got {names!r}.")
+        unknown = sorted(set(names or ()) - set(space))
+        if unknown:
+            raise ValueError(f"Unknown parameters in {label}: {unknown}; choose among {sorted(space)}.")
+    keep = set(space) if include is None else set(include)
+    keep -= set(exclude)
+    return {prefix + name: dist for name, dist in space.items() if name in keep}
+
+
+def _is_plain(choice) -> bool:
+    return choice is None or isinstance(choice, (bool, int, float, str))
+
+
+def suggest(trial, name: str, distribution: BaseDistribution):
+    """Draw ``name`` from ``distribution`` through the public ``trial.suggest_*`` API.
+
+    Categorical choices that storages cannot hold (tuples such as ``expert_hidden``) are
+    suggested as their ``repr`` strings and mapped back, so the study stays valid on
+    journal and RDB storages shared by several processes.
+    """
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
+                                 log=distribution.log)
+    if isinstance(distribution, FloatDistribution):
+        return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step,
+                                   log=distribution.log)
+    if isinstance(distribution, CategoricalDistribution):
+        choices = distribution.choices
+        if all(_is_plain(choice) for choice in choices):
+            return trial.suggest_categorical(name, choices)
+        labels = [repr(choice) for choice in choices]
+        return choices[labels.index(trial.suggest_categorical(name, labels))]
+    raise ValueError(f"Unsupported distribution for {name!r}: {distribution!r}.")
+
+
+def decode_params(params: Mapping, space: Mapping[str, BaseDistribution]) -> dict:
+    """Map a trial's stored params back to estimator values (undo :func:`suggest`'s strings)."""
+    decoded = {}
+    for name, value in params.items():
+        distribution = space.get(name)
+        if isinstance(distribution, CategoricalDistribution) and not all(map(_is_plain, distribution.choices)):
+            labels = [repr(choice) for choice in distribution.choices]
+            value = distribution.choices[labels.index(value)] if value in labels else value
+        decoded[name] = value
+    return decoded
+
+
+def check_space(space) -> dict[str, BaseDistribution]:
+    """Validate a user-given ``param_distributions`` mapping."""
+    if not isinstance(space, Mapping) or not space:
+        raise ValueError(f"param_distributions must be a non-empty dict of Optuna distributions; got {space!r}.")
+    for name, distribution in space.items():
+        if not isinstance(distribution, BaseDistribution):
+            raise ValueError(
+                f"param_distributions[{name!r}] is {distribution!r}, not an Optuna distribution "
+                "(e.g. optuna.distributions.IntDistribution(1, 8))."
+            )
+    return dict(space)

@@ -1,0 +1,199 @@
+"""Optuna storages for one or several workers, with heartbeats so a killed worker's trial fails.
+
+Optuna's own heartbeat covers RDB storages only (in Optuna 5.0 ``JournalStorage`` has none), so
+:class:`HeartbeatJournalStorage` adds it to the journal file: a running trial's worker writes a
+time stamp into the trial's system attributes every ``heartbeat_interval`` seconds, and any
+worker fails the running trials whose last stamp is older than ``grace_period``, through
+Optuna's own :func:`optuna.storages.fail_stale_trials`.
+
+A study made by :func:`~sklearn_moe.tuning.tune` holds its trials as *tickets*: the worker that
+creates the study enqueues ``n_trials`` empty trials (``study.enqueue_trial({})``), and every
+worker pops them atomically (the storage lets exactly one worker move a WAITING trial to
+RUNNING). No trial is created any other way, so however many workers share the study, it ends
+with exactly ``n_trials`` trials, none run twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from datetime import datetime
+
+import optuna
+from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import BaseStorage, InMemoryStorage, JournalStorage, RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+logger = logging.getLogger("sklearn_moe.tuning")
+
+N_TRIALS_KEY = "sklearn_moe:n_trials"
+HEARTBEAT_KEY = "sklearn_moe:heartbeat"
+JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """A :class:`optuna.storages.JournalStorage` with Optuna's heartbeat protocol.
+
+    Parameters
+    ----------
+    backend : optuna.storages.journal.BaseJournalBackend
+        E.g. ``JournalFileBackend("study.log")``.
+    heartbeat_interval : int or None
+        Seconds between two heartbeats of a running trial; ``None`` disables heartbeats.
+    grace_period : int or None
+        Seconds without a heartbeat after which a running trial is failed; ``None`` is
+        ``2 * heartbeat_interval`` (as for Optuna's RDB storage).
+    heartbeat_stale_trial_callback : callable, optional
+        Called with ``(study, trial)`` for each trial failed for lack of heartbeats, e.g.
+        :class:`optuna.storages.RetryFailedTrialCallback`.
+    """
+
+    def __init__(self, backend, heartbeat_interval=None, grace_period=None, heartbeat_stale_trial_callback=None):
+        super().__init__(backend)
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
+        except (UpdateFinishedTrialError, KeyError):
+            pass  # the trial just finished (or was failed by another worker)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
+        now = time.time()
+        stale = []
+        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            beat = trial.system_attrs.get(HEARTBEAT_KEY)
+            if beat is None and isinstance(trial.datetime_start, datetime):
+                beat = trial.datetime_start.timestamp()  # popped, killed before its first beat
+            if beat is not None and now - beat > grace:
+                stale.append(trial._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self.heartbeat_stale_trial_callback
+
+
+def make_storage(storage=None, *, heartbeat_interval=10, grace_period=60):
+    """An Optuna storage from what :func:`~sklearn_moe.tuning.tune` accepts as ``storage``.
+
+    Parameters
+    ----------
+    storage : None, str, os.PathLike or optuna.storages.BaseStorage
+        ``None``: in memory (one process). A path ending in ``.log``, ``.journal`` or
+        ``.jsonl``: a journal file that several worker processes on one host (or on a shared
+        file system) append to. A database URL (``"postgresql+psycopg2://user@host/db"``,
+        ``"sqlite:///study.db"``): an RDB storage, for workers on several machines. A storage
+        object is used as it is (its own heartbeat settings apply).
+    heartbeat_interval : int or None, default=10
+        Seconds between heartbeats of a running trial (journal and RDB storages); ``None``
+        disables them, and a killed worker's trial then stays RUNNING.
+    grace_period : int or None, default=60
+        Seconds without a heartbeat after which another worker fails the trial.
+
+    Returns
+    -------
+    optuna.storages.BaseStorage
+
+    Raises
+    ------
+    ValueError
+        For anything else (a string that is neither a URL nor a journal path, bad intervals).
+    """
+    for name, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be None or a positive int (seconds); got {value!r}.")
+    if storage is None:
+        return InMemoryStorage()
+    if isinstance(storage, BaseStorage):
+        return storage
+    if isinstance(storage, os.PathLike):
+        storage = os.fspath(storage)
+    if not isinstance(storage, str):
+        raise ValueError(f"storage must be None, a URL, a journal file path or an Optuna storage; got {storage!r}.")
+    if "://" in storage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return RDBStorage(storage, engine_kwargs={"pool_pre_ping": True},
+                              heartbeat_interval=heartbeat_interval,
+                              grace_period=grace_period if heartbeat_interval else None)
+    if storage.endswith(JOURNAL_SUFFIXES):
+        return HeartbeatJournalStorage(JournalFileBackend(storage), heartbeat_interval, grace_period)
+    raise ValueError(
+        f"storage={storage!r} is neither a database URL (e.g. 'postgresql+psycopg2://user@host/db', "
+        f"'sqlite:///study.db') nor a journal file path ending in {JOURNAL_SUFFIXES}."
+    )
+
+
+def heartbeat_enabled(storage) -> bool:
+    return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
+
+
+def fail_stale_trials(study, storage) -> None:
+    """Fail the running trials of workers that stopped sending heartbeats."""
+    if heartbeat_enabled(storage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+
+
+def open_study(storage, study_name, n_trials, sampler, pruner, wait_s=60.0):
+    """Create the study with ``n_trials`` tickets, or join it when it exists.
+
+    Returns
+    -------
+    study : optuna.Study
+    n_trials : int
+        The study's total, set by the worker that created it.
+    """
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, direction="maximize",
+                                    sampler=sampler, pruner=pruner)
+    except DuplicatedStudyError:
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+    else:
+        study.set_user_attr(N_TRIALS_KEY, n_trials)
+        for _ in range(n_trials):
+            study.enqueue_trial({})
+        return study, n_trials
+    deadline = time.monotonic() + wait_s
+    while N_TRIALS_KEY not in study.user_attrs:  # the creator writes it right after creating
+        if time.monotonic() > deadline:
+            raise ValueError(
+                f"Study {study_name!r} exists but was not created by sklearn_moe.tuning.tune (no "
+                f"{N_TRIALS_KEY!r} attribute); use a new study_name."
+            )
+        time.sleep(0.2)
+    total = study.user_attrs[N_TRIALS_KEY]
+    if total != n_trials:
+        logger.warning("Study %r was created with n_trials=%d; this worker's n_trials=%d is ignored.",
+                       study_name, total, n_trials)
+    return study, total
+
+
+def pop_ticket(storage, study_id, n_trials, wait_s=60.0):
+    """Atomically claim a WAITING trial of the study; ``None`` when all are claimed.
+
+    While the creating worker is still enqueueing (fewer than ``n_trials`` trials exist and
+    none waits), wait for it, up to ``wait_s`` seconds.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+            try:
+                if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                    return trial._trial_id
+            except UpdateFinishedTrialError:
+                continue
+        if len(storage.get_all_trials(study_id, deepcopy=False)) >= n_trials or time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
