@@ -2,7 +2,8 @@
 
 from ._classifier import MoEClassifier
 from ._regressor import MoERegressor
+from .persistence import load
 
 __version__ = "0.1.0"
 
-__all__ = ["MoEClassifier", "MoERegressor", "__version__"]
+__all__ = ["MoEClassifier", "MoERegressor", "__version__", "load"]

@@ -1,0 +1,378 @@
+"""Safe persistence of fitted estimators: safetensors weights + JSON metadata, no pickle.
+
+A saved model is ONE `safetensors <https://github.com/huggingface/safetensors>`_ file:
+
+* the tensors are the network's ``state_dict()`` (parameters and buffers, such as the
+  aux-loss-free selection bias), on the CPU;
+* the safetensors header's ``metadata`` holds, under the key ``"sklearn-moe"``, one JSON
+  document: ``format`` (``"sklearn-moe"``), ``format_version``, ``library_version``,
+  ``kind`` (``"MoERegressor"`` or ``"MoEClassifier"``), ``params`` (``get_params()``),
+  ``fitted`` (``n_features_in_``, ``feature_names_in_``, ``classes_``, ``n_iter_``,
+  ``expert_load_`` and the input/target scaling; arrays as ``{"dtype", "shape", "data"}``
+  with the data as JSON numbers or strings, which round-trip float64 exactly), ``history``
+  (the per-epoch records of ``net_.history``, without the per-batch entries) and ``net``
+  (the training net's batch size).
+
+Why not pickle: unpickling a file runs whatever code the file names (``__reduce__``), so
+``pickle.load``/``joblib.load`` of a file from someone else can take over the machine.
+:func:`load` never unpickles and never imports or calls anything named in the file: the
+estimator class comes from a fixed whitelist, every value is checked (hyperparameters by the
+estimator's own validation, tensor names, shapes and dtypes against the network those
+hyperparameters build) before anything is built, and any mismatch is a ``ValueError``.
+Pickle remains fine for your own files, and is what scikit-learn's tools use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+
+import numpy as np
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+from sklearn.utils.validation import check_is_fitted
+from skorch.history import History
+
+from ._classifier import MoEClassifier
+from ._data import TensorTable
+from ._regressor import MoERegressor
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
+
+FORMAT_NAME = "sklearn-moe"
+FORMAT_VERSION = 1
+_METADATA_KEY = "sklearn-moe"
+_KINDS = {"MoERegressor": MoERegressor, "MoEClassifier": MoEClassifier}
+_TUPLE_PARAMS = ("expert_hidden", "gate_hidden")
+_DOCUMENT_KEYS = {"format", "format_version", "library_version", "kind", "params", "fitted", "history", "net"}
+_COMMON_FITTED = ("n_features_in_", "n_iter_", "expert_load_", "_x_mean", "_x_scale", "_n_outputs")
+_REQUIRED_FITTED = {
+    "MoERegressor": _COMMON_FITTED + ("_y_mean", "_y_scale", "_y_ndim"),
+    "MoEClassifier": _COMMON_FITTED + ("classes_",),
+}
+_OPTIONAL_FITTED = ("feature_names_in_",)
+_INT_FITTED = ("n_features_in_", "n_iter_", "_n_outputs", "_y_ndim")
+_SCALARS = (bool, int, float, str)
+
+
+# ---------------------------------------------------------------------------- save
+def save(estimator, path) -> None:
+    """Save a fitted :class:`MoERegressor` or :class:`MoEClassifier` to one safe file.
+
+    The file is a safetensors file (the network's weights) whose metadata carries a JSON
+    document with the hyperparameters and the fitted state; nothing is pickled. The file is
+    written to a temporary file next to ``path`` and then moved into place, so an
+    interrupted save never leaves a half-written file behind.
+
+    Parameters
+    ----------
+    estimator : MoERegressor or MoEClassifier
+        A fitted estimator (exactly one of these classes, not a subclass).
+    path : str or os.PathLike
+        Destination file, conventionally ending in ``.moe``.
+
+    Raises
+    ------
+    sklearn.exceptions.NotFittedError
+        If the estimator is not fitted.
+    ValueError
+        If a hyperparameter cannot be stored as JSON (e.g. a ``RandomState`` instance as
+        ``random_state``).
+
+    See Also
+    --------
+    load : Read the file back.
+    """
+    from . import __version__
+
+    kind = next((name for name, cls in _KINDS.items() if type(estimator) is cls), None)
+    if kind is None:
+        raise TypeError(f"save() stores MoERegressor and MoEClassifier estimators, not {type(estimator).__name__}.")
+    check_is_fitted(estimator)
+    fitted = {}
+    for name in _REQUIRED_FITTED[kind] + _OPTIONAL_FITTED:
+        if hasattr(estimator, name):
+            value = getattr(estimator, name)
+            fitted[name] = int(value) if name in _INT_FITTED else _encode_array(name, value)
+    document = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "kind": kind,
+        "params": {name: _encode_param(name, value) for name, value in estimator.get_params(deep=False).items()},
+        "fitted": fitted,
+        "history": [{k: v for k, v in epoch.items() if k != "batches"} for epoch in estimator.net_.history],
+        "net": {"batch_size": int(estimator.net_.batch_size)},
+    }
+    text = json.dumps(document, default=_json_default)
+    # .cpu() so that a model trained on a GPU saves (and later loads) anywhere.
+    tensors = {name: t.detach().cpu().contiguous() for name, t in estimator.module_.state_dict().items()}
+    _write_atomic(path, safetensors.torch.save(tensors, metadata={_METADATA_KEY: text, "format": "pt"}))
+
+
+def _encode_param(name, value):
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, (tuple, list)):
+        return [_encode_param(name, item) for item in value]
+    if value is None or isinstance(value, _SCALARS):
+        return value
+    hint = (" Set random_state to an int (or None) before saving, e.g. model.set_params(random_state=0);"
+            " the fitted weights do not change." if name == "random_state" else "")
+    raise ValueError(
+        f"Cannot save parameter {name}={value!r}: the safe format stores only ints, floats, strings, "
+        f"booleans, None and tuples of them.{hint}"
+    )
+
+
+def _encode_array(name, value) -> dict:
+    array = np.asarray(value)
+    if array.dtype.kind not in "biufUO":
+        raise ValueError(f"Cannot save {name} of dtype {array.dtype}: not a numeric, string or object array.")
+    data = array.ravel().tolist()
+    if array.dtype.kind == "O":
+        data = [item.item() if isinstance(item, np.generic) else item for item in data]
+        if not all(isinstance(item, _SCALARS) for item in data):
+            raise ValueError(f"Cannot save {name}: its elements must be strings, numbers or booleans.")
+    return {"dtype": array.dtype.str, "shape": list(array.shape), "data": data}
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _write_atomic(path, data: bytes) -> None:
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
+    # O_EXCL: never clobber someone else's file; mode 0o666 lets the umask apply as usual.
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+# ---------------------------------------------------------------------------- load
+def load(path, device="cpu"):
+    """Load an estimator saved by :func:`save` (or ``estimator.save(path)``).
+
+    Nothing in the file is unpickled, imported or executed. The whole file is validated
+    before anything is built: its format and version, the estimator kind (one of a fixed
+    whitelist), the hyperparameters (by the estimator's own validation), the fitted state,
+    and every tensor's name, shape and dtype against the network the hyperparameters
+    describe.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A file written by :func:`save`.
+    device : {"cpu", "cuda", "auto"} or str, default="cpu"
+        Where the loaded model runs; replaces the saved ``device`` parameter, so a model
+        trained on a GPU loads on a machine without one.
+
+    Returns
+    -------
+    MoERegressor or MoEClassifier
+        The fitted estimator, predicting exactly as the saved one did on the same device.
+
+    Raises
+    ------
+    ValueError
+        If the file is not a valid sklearn-moe file (truncated, corrupt, a pickle, ...), was
+        written by a newer sklearn-moe, or was tampered with (unknown estimator kind,
+        unknown or invalid hyperparameters, missing, extra or misshapen tensors).
+    """
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            document = _parse_document(handle.metadata() or {})
+            estimator, resolved_device = _new_estimator(document, device)
+            expected = _expected_state(estimator)
+            _check_tensors(handle, expected)
+            state = {name: handle.get_tensor(name) for name in expected}
+    except SafetensorError as error:
+        raise ValueError(f"{os.fspath(path)!r} is not a valid sklearn-moe file: {error}") from error
+    for name, tensor in state.items():
+        if tensor.dtype != expected[name].dtype:
+            raise ValueError(f"Tensor {name!r} has dtype {tensor.dtype}, expected {expected[name].dtype}.")
+    return _assemble(estimator, document, state, resolved_device)
+
+
+def _invalid(message: str) -> ValueError:
+    return ValueError(f"Not a valid sklearn-moe file: {message}")
+
+
+def _parse_document(metadata: dict) -> dict:
+    text = metadata.get(_METADATA_KEY)
+    if text is None:
+        raise _invalid(f"no {_METADATA_KEY!r} metadata (a plain safetensors file?).")
+    try:
+        document = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise _invalid(f"its metadata is not valid JSON ({error}).") from error
+    if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
+        raise _invalid(f"its format is not {FORMAT_NAME!r}.")
+    version = document.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise _invalid(f"format_version {version!r} is not a positive int.")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"This file was written by a newer sklearn-moe ({str(document.get('library_version'))[:40]!r}, format "
+            f"version {version}); this version reads format versions up to {FORMAT_VERSION}. "
+            "Upgrade sklearn-moe to load it."
+        )
+    if set(document) != _DOCUMENT_KEYS:
+        raise _invalid(f"expected the keys {sorted(_DOCUMENT_KEYS)}, got {sorted(document)}.")
+    kind = document["kind"]
+    if not isinstance(kind, str) or kind not in _KINDS:
+        raise _invalid(f"unknown estimator kind {str(kind)[:100]!r}; expected one of {sorted(_KINDS)}.")
+    for key, kind_of_value in (("params", dict), ("fitted", dict), ("history", list), ("net", dict)):
+        if not isinstance(document[key], kind_of_value):
+            raise _invalid(f"{key!r} must be a JSON {'object' if kind_of_value is dict else 'array'}.")
+    if not all(isinstance(epoch, dict) for epoch in document["history"]):
+        raise _invalid("'history' must be a list of per-epoch records.")
+    batch_size = document["net"].get("batch_size")
+    if set(document["net"]) != {"batch_size"} or not _is_int(batch_size, minimum=1):
+        raise _invalid("'net' must be {'batch_size': positive int}.")
+    return document
+
+
+def _new_estimator(document: dict, device):
+    cls = _KINDS[document["kind"]]
+    params = dict(document["params"])
+    names = set(cls().get_params(deep=False))
+    unknown, missing = sorted(set(params) - names), sorted(names - set(params))
+    if unknown or missing:
+        raise _invalid(f"parameters do not match {cls.__name__}'s: unknown {unknown}, missing {missing}.")
+    for name in _TUPLE_PARAMS:
+        if isinstance(params[name], list):
+            params[name] = tuple(params[name])
+    estimator = cls(**{**params, "device": "cpu"})
+    try:
+        estimator._check_hyperparameters()
+    except (ValueError, TypeError) as error:
+        raise _invalid(f"invalid parameters: {error}") from error
+    estimator.set_params(device=device)
+    resolved_device = estimator._check_hyperparameters()  # errors here are about `device`, not the file
+    _restore_fitted(estimator, document)
+    return estimator, resolved_device
+
+
+def _restore_fitted(estimator, document: dict) -> None:
+    fitted, kind = document["fitted"], document["kind"]
+    required = set(_REQUIRED_FITTED[kind])
+    unknown = sorted(set(fitted) - required - set(_OPTIONAL_FITTED))
+    missing = sorted(required - set(fitted))
+    if unknown or missing:
+        raise _invalid(f"fitted attributes do not match: unknown {unknown}, missing {missing}.")
+    values = {name: fitted[name] if name in _INT_FITTED else _decode_array(name, fitted[name]) for name in fitted}
+    n_features, n_outputs = values["n_features_in_"], values["_n_outputs"]
+    expected = {
+        "n_features_in_": ("int", None), "n_iter_": ("int", None), "_n_outputs": ("int", None),
+        "_y_ndim": ("int", None),
+        "_x_mean": ("f8", (n_features,)), "_x_scale": ("f8", (n_features,)),
+        "_y_mean": ("f8", (n_outputs,)), "_y_scale": ("f8", (n_outputs,)),
+        "expert_load_": ("f8", (estimator.n_experts,)),
+        "feature_names_in_": ("OU", (n_features,)), "classes_": ("biufUO", None),
+    }
+    for name, value in values.items():
+        kinds, shape = expected[name]
+        if kinds == "int":
+            ok = _is_int(value, minimum=1 if name != "n_iter_" else 0)
+        else:
+            ok = (value.dtype == np.float64 if kinds == "f8" else value.dtype.kind in kinds) and (
+                shape is None or value.shape == shape)
+        if not ok:
+            raise _invalid(f"fitted attribute {name} is malformed.")
+    if values["n_iter_"] != len(document["history"]):
+        raise _invalid("n_iter_ differs from the number of history records.")
+    if kind == "MoEClassifier":
+        classes = values["classes_"]
+        if classes.ndim != 1 or classes.shape[0] < 2 or classes.shape[0] != n_outputs:
+            raise _invalid("classes_ must list at least 2 classes, one per output.")
+    elif values["_y_ndim"] not in (1, 2) or (values["_y_ndim"] == 1 and n_outputs != 1):
+        raise _invalid("_y_ndim does not match the number of outputs.")
+    for name, value in values.items():
+        setattr(estimator, name, value)
+
+
+def _decode_array(name: str, spec) -> np.ndarray:
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data"}:
+        raise _invalid(f"fitted attribute {name} must be {{'dtype', 'shape', 'data'}}.")
+    shape, data = spec["shape"], spec["data"]
+    if not (isinstance(shape, list) and all(_is_int(s, minimum=0) for s in shape) and isinstance(data, list)
+            and len(data) == math.prod(shape)):
+        raise _invalid(f"fitted attribute {name} has a malformed shape or data.")
+    try:
+        dtype = np.dtype(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+    except (TypeError, ValueError, SyntaxError):
+        dtype = None
+    allowed = {"b": (bool,), "U": (str,), "O": _SCALARS}.get(getattr(dtype, "kind", None), (int, float))
+    if dtype is None or dtype.kind not in "biufUO" or not all(
+            isinstance(item, allowed) and (dtype.kind in "bO" or not isinstance(item, bool)) for item in data):
+        raise _invalid(f"fitted attribute {name} has an unsupported dtype or values.")
+    # A string width far beyond the longest string would only serve to exhaust memory.
+    if dtype.kind == "U" and dtype.itemsize // 4 > max(map(len, data), default=0) + 256:
+        raise _invalid(f"fitted attribute {name} declares an implausible string width.")
+    if dtype.kind == "O":
+        array = np.empty(len(data), dtype=object)
+        array[:] = data
+        return array.reshape(shape)
+    try:
+        return np.array(data, dtype=dtype).reshape(shape)
+    except (ValueError, OverflowError, TypeError) as error:
+        raise _invalid(f"fitted attribute {name} does not fit its dtype ({error}).") from error
+
+
+def _is_int(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _expected_state(estimator) -> dict:
+    """The state_dict the saved hyperparameters describe, built on the meta device (no memory)."""
+    try:
+        with torch.device("meta"):
+            skeleton = estimator._build_module(estimator.n_features_in_, "meta")
+    except (RuntimeError, ValueError, OverflowError) as error:  # e.g. sizes whose storage overflows
+        raise _invalid(f"its parameters describe no buildable network ({error}).") from error
+    return skeleton.state_dict()
+
+
+def _check_tensors(handle, expected: dict) -> None:
+    stored = set(handle.keys())
+    missing, extra = sorted(set(expected) - stored), sorted(stored - set(expected))
+    if missing or extra:
+        raise ValueError(f"The file's tensors do not match the model: missing {missing}, unexpected {extra}.")
+    for name, tensor in expected.items():
+        shape = tuple(handle.get_slice(name).get_shape())
+        if shape != tuple(tensor.shape):
+            raise ValueError(f"Tensor {name!r} has shape {shape}, expected {tuple(tensor.shape)}.")
+
+
+def _assemble(estimator, document: dict, state: dict, device: str):
+    with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
+        module = estimator._build_module(estimator.n_features_in_, device)
+    module.load_state_dict(state, strict=True)
+    module.eval()
+    batch_size = document["net"]["batch_size"]
+    has_valid = any("valid_loss" in epoch for epoch in document["history"])
+    placeholder = TensorTable(torch.empty(batch_size, 0))  # only its length is read
+    net = estimator._build_net(module, device, placeholder, placeholder if has_valid else None, torch.Generator())
+    net.initialize()  # keeps the given module instance: its loaded weights stay
+    net.batch_size = batch_size
+    net.train_split = None
+    net.history = History([{"batches": [], **epoch} for epoch in document["history"]])
+    estimator.net_ = net
+    estimator.history_ = estimator._history_frame(net.history)
+    return estimator
