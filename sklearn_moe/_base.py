@@ -11,6 +11,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import DataConversionWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
@@ -37,7 +38,7 @@ def _silent(*args, **kwargs):
     pass
 
 
-def _densify(X):
+def _densify(X, warn: bool):
     if not sp.issparse(X):
         return X
     n_cells = X.shape[0] * X.shape[1]
@@ -47,7 +48,29 @@ def _densify(X):
             f"{_MAX_DENSE_CELLS}). Reduce the number of one-hot columns (e.g. "
             "OneHotEncoder(max_categories=...) or min_frequency) or use fewer rows."
         )
+    if warn:
+        warnings.warn(
+            f"X is a sparse matrix; the experts need dense input, so X was densified "
+            f"({X.shape[0]} x {X.shape[1]}, {n_cells * 4 / 2**20:.1f} MiB as float32). Pass dense input to "
+            "silence this, e.g. OneHotEncoder(sparse_output=False) or ColumnTransformer(sparse_threshold=0).",
+            DataConversionWarning,
+            stacklevel=4,
+        )
     return X.toarray()
+
+
+def _non_finite_columns(X) -> list:
+    """Names (DataFrame) or indices of the columns of X holding NaN or infinity."""
+    try:
+        if sp.issparse(X):
+            coo = sp.coo_matrix(X)
+            return np.unique(coo.col[~np.isfinite(coo.data.astype(np.float64))]).tolist()
+        values = X.to_numpy(dtype=np.float64, na_value=np.nan) if isinstance(X, pd.DataFrame) else X
+        bad = ~np.isfinite(np.asarray(values, dtype=np.float64)).all(axis=0)
+    except (TypeError, ValueError):
+        return []
+    names = X.columns if isinstance(X, pd.DataFrame) else np.arange(bad.shape[0])
+    return [name.item() if hasattr(name, "item") else name for name in names[bad]]
 
 
 class BaseMoE(BaseEstimator):
@@ -206,10 +229,22 @@ class BaseMoE(BaseEstimator):
         except ValueError as error:
             if "convert" in str(error) and "float" in str(error):
                 raise self._string_features_error(error, X) from error
+            if str(error).startswith("Input X contains"):
+                raise self._non_finite_error(error, X) from error
             raise
         if isinstance(validated, tuple):
-            return (_densify(validated[0]), *validated[1:])
-        return _densify(validated)
+            return (_densify(validated[0], warn=reset), *validated[1:])
+        return _densify(validated, warn=reset)
+
+    def _non_finite_error(self, error: ValueError, X) -> ValueError:
+        columns = _non_finite_columns(X)
+        shown = ", ".join(repr(c) for c in columns[:10]) + (", ..." if len(columns) > 10 else "")
+        where = f" NaN or infinity in column(s) {shown}." if columns else ""
+        return ValueError(
+            f"{str(error).splitlines()[0]}{where} {type(self).__name__} needs finite inputs: impute "
+            "missing values first (e.g. sklearn.impute.SimpleImputer in a Pipeline) or drop those rows; "
+            "HistGradientBoosting handles NaN natively."
+        )
 
     def _string_features_error(self, error: ValueError, X) -> ValueError:
         columns = ""

@@ -7,6 +7,7 @@ from scipy.special import log_softmax, softmax
 from sklearn.base import ClassifierMixin
 from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 
 from ._base import BaseMoE
@@ -116,6 +117,37 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         self : MoEClassifier
         """
         return self._fit(X, y, sample_weight, callbacks)
+
+    def score(self, X, y, sample_weight=None):
+        """Mean accuracy on ``X`` and ``y``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,)
+            True labels, all of them among ``classes_``.
+        sample_weight : array-like of shape (n_samples,), optional
+
+        Returns
+        -------
+        float
+
+        Raises
+        ------
+        ValueError
+            If ``y`` holds labels the model was not fitted on: it can never predict them,
+            so the score would silently count them as errors.
+        """
+        check_is_fitted(self)
+        labels = np.unique(column_or_1d(y, warn=True))
+        unseen = labels[~np.isin(labels, self.classes_)]
+        if unseen.size:
+            raise ValueError(
+                f"y contains label(s) {unseen.tolist()[:10]} not seen in fit (classes_="
+                f"{self.classes_.tolist()[:20]}); the model can never predict them. Score on rows with "
+                "known labels, or refit on data that includes every class."
+            )
+        return super().score(X, y, sample_weight=sample_weight)
 
     def predict_proba(self, X):
         """Class probabilities.

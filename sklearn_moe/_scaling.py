@@ -14,8 +14,13 @@ SMOOTH_CLIP = 3.0
 _IQR_PER_STD = 1.349
 
 
+# Spreads below this are treated as zero: dividing by them would overflow.
+_TINY_SPREAD = np.finfo(np.float64).tiny / np.finfo(np.float64).eps
+
+
 def _negligible(spread: np.ndarray, center: np.ndarray) -> np.ndarray:
-    return ~np.isfinite(spread) | (spread <= 1e-12 * np.maximum(np.abs(center), 1.0))
+    """Spreads that are rounding noise relative to the centre (constant columns), at any scale."""
+    return ~np.isfinite(spread) | (spread <= np.maximum(1e-12 * np.abs(center), _TINY_SPREAD))
 
 
 def fit_standardizer(values: np.ndarray, sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

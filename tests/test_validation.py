@@ -370,3 +370,144 @@ def test_fit_failing_on_hyperparameter_leaves_estimator_unfitted(estimator_class
         model.fit(X, y)
     with pytest.raises(NotFittedError):
         model.predict(X)
+
+
+# ---------------------------------------------------------------------------- issue 5: every kind of input
+
+
+def test_non_finite_error_names_the_dataframe_columns():
+    X, y = _data(MoERegressor)
+    frame = pd.DataFrame(X, columns=["age", "income", "height"])
+    frame.loc[4, "income"] = np.nan
+    frame.loc[7, "height"] = np.inf
+    with pytest.raises(ValueError, match=r"column\(s\) 'income', 'height'.*SimpleImputer"):
+        MoERegressor(**TINY).fit(frame, y)
+
+
+@by_method
+def test_non_finite_error_names_the_column_index_at_predict(fitted_models, estimator_class, method):
+    X, _ = _data(estimator_class)
+    with pytest.raises(ValueError, match=r"Input X contains NaN.*column\(s\) 2\b"):
+        getattr(fitted_models[estimator_class], method)(_with_value(X, np.nan, col=2))
+
+
+@by_name
+def test_wrong_feature_names_at_predict(estimator_class):
+    X, y = _data(estimator_class)
+    model = estimator_class(**TINY).fit(pd.DataFrame(X, columns=["a", "b", "c"]), y)
+    with pytest.raises(ValueError, match="feature names should match"):
+        model.predict(pd.DataFrame(X, columns=["a", "b", "z"]))
+
+
+def test_unseen_classes_in_score_are_named(fitted_models):
+    model = fitted_models[MoEClassifier]
+    X, y = _data(MoEClassifier)
+    y = y.astype(object)
+    y[:3] = "maybe"
+    with pytest.raises(ValueError, match=r"label\(s\) \['maybe'\] not seen in fit"):
+        model.score(X, y)
+    assert 0 <= model.score(*_data(MoEClassifier)) <= 1
+
+
+@by_name
+def test_sparse_input_is_densified_with_a_warning_in_fit(estimator_class):
+    import scipy.sparse as sp
+    from sklearn.exceptions import DataConversionWarning
+
+    X, y = _data(estimator_class)
+    X_sparse = sp.csr_matrix(np.where(np.abs(X) > 1, X, 0.0))
+    with pytest.warns(DataConversionWarning, match="densified"):
+        sparse_model = estimator_class(**TINY).fit(X_sparse, y)
+    dense_model = estimator_class(**TINY).fit(X_sparse.toarray(), y)
+    np.testing.assert_array_equal(sparse_model.predict(X_sparse), dense_model.predict(X_sparse.toarray()))
+
+
+def test_too_large_sparse_input_is_rejected(monkeypatch):
+    import scipy.sparse as sp
+
+    import sklearn_moe._base as base
+
+    monkeypatch.setattr(base, "_MAX_DENSE_CELLS", 100)
+    X, y = _data(MoERegressor)
+    with pytest.raises(ValueError, match="too large to densify"):
+        MoERegressor(**TINY).fit(sp.csr_matrix(X), y)
+
+
+DTYPES = [np.bool_, np.int8, np.int64, np.uint16, np.float16, np.float32, np.float64]
+
+
+@by_name
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_every_numeric_dtype_of_X(estimator_class, dtype):
+    X, y = _data(estimator_class)
+    X = (X > 0) if dtype is np.bool_ else (X * 10).astype(dtype)
+    model = estimator_class(**TINY).fit(X, y)
+    expected = estimator_class(**TINY).fit(X.astype(np.float64), y).predict(X.astype(np.float64))
+    np.testing.assert_array_equal(model.predict(X), expected)
+
+
+@by_name
+def test_read_only_and_non_contiguous_arrays(estimator_class):
+    X, y = _data(estimator_class)
+    wide = np.repeat(X, 2, axis=1)
+    strided = wide[:, ::2]  # non-contiguous view equal to X
+    assert not strided.flags.c_contiguous
+    read_only_X, read_only_y = X.copy(), y.copy()
+    read_only_X.flags.writeable = False
+    read_only_y.flags.writeable = False
+    reference = estimator_class(**TINY).fit(X, y).predict(X)
+    np.testing.assert_array_equal(estimator_class(**TINY).fit(strided, y).predict(strided), reference)
+    np.testing.assert_array_equal(
+        estimator_class(**TINY).fit(read_only_X, read_only_y).predict(read_only_X), reference)
+    np.testing.assert_array_equal(estimator_class(**TINY).fit(np.asfortranarray(X), y).predict(X), reference)
+
+
+@by_name
+@pytest.mark.parametrize("n_samples", [1, 2, 5])
+def test_fewer_samples_than_the_batch_and_the_validation_split_need(estimator_class, n_samples):
+    X, y = _data(estimator_class, n=40)
+    if estimator_class is MoEClassifier:
+        y = np.array(["neg", "pos"] * 20)
+    if n_samples == 1 and estimator_class is MoEClassifier:
+        with pytest.raises(ValueError, match="at least 2 classes"):
+            estimator_class(**TINY).fit(X[:1], y[:1])
+        return
+    model = estimator_class(**dict(TINY, batch_size=256)).fit(X[:n_samples], y[:n_samples])
+    assert "valid_loss" not in model.history_  # too few rows for an internal validation split
+    assert np.isfinite(model.predict(X)).all() if estimator_class is MoERegressor else True
+    assert model.predict(X[:1]).shape == (1,)
+
+
+def test_constant_features_and_constant_target():
+    X, _ = _data(MoERegressor)
+    X[:, 1] = 7.0
+    model = MoERegressor(**TINY).fit(X, np.full(len(X), 3.5))
+    np.testing.assert_array_equal(model.predict(X), 3.5)
+    constant_X = np.ones((50, 3))
+    assert np.isfinite(MoERegressor(**TINY).fit(constant_X, np.arange(50.0)).predict(constant_X)).all()
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e30, 1e300])
+def test_extreme_magnitudes_are_handled_by_the_internal_scaling(magnitude):
+    """Scaling X and y by a huge or tiny constant gives the same fit, scaled."""
+    X, y = _data(MoERegressor)
+    reference = MoERegressor(**TINY).fit(X, y).predict(X)
+    scaled = MoERegressor(**TINY).fit(X * magnitude, y * magnitude).predict(X * magnitude)
+    assert np.isfinite(scaled).all()
+    np.testing.assert_allclose(scaled / magnitude, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_outliers_of_1e30_in_X_do_not_break_the_fit():
+    X, y = _data(MoERegressor)
+    X = _with_value(X, 1e30)
+    model = MoERegressor(**FAST).fit(X, y)
+    assert np.isfinite(model.predict(X)).all()
+    assert model.score(X, y) > 0.9
+
+
+def test_values_beyond_the_float32_range_are_scaled_before_the_cast():
+    X, y = _data(MoERegressor)
+    X[:, 2] *= 1e39  # float32 tops out at 3.4e38
+    model = MoERegressor(**TINY).fit(X, y)
+    assert np.isfinite(model.predict(X)).all()
+    np.testing.assert_array_equal(model.predict(X), MoERegressor(**TINY).fit(X / 1e39, y).predict(X / 1e39))
