@@ -107,3 +107,26 @@ def test_cuda_trained_model_pickles_without_cuda_tensors_outside_the_net():
     for name, callback in model.net_.callbacks_:
         for attribute, value in vars(callback).items():
             assert not isinstance(value, torch.Tensor), f"callback {name!r} keeps tensor {attribute!r}"
+
+
+def test_cuda_model_saves_and_loads_on_cpu(tmp_path):
+    from sklearn_moe import load
+
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(300, 5))
+    y = X[:, 0] + np.sin(2 * X[:, 1])
+    for estimator_class, target in [(MoERegressor, y), (MoEClassifier, np.digitize(y, [-0.5, 0.5]))]:
+        options = dict(FAST, device="cuda", router="topk", balance_loss="aux_free", shared_expert=True)
+        model = estimator_class(**options).fit(X, target)
+        path = tmp_path / f"{estimator_class.__name__}.moe"
+        model.save(path)
+        loaded = load(path, device="cpu")
+        assert next(loaded.module_.parameters()).device.type == "cpu"
+        np.testing.assert_allclose(loaded.route(X), model.route(X), rtol=1e-5, atol=1e-5)
+        if estimator_class is MoERegressor:
+            np.testing.assert_allclose(loaded.predict(X), model.predict(X), rtol=1e-5, atol=1e-5)
+        else:
+            np.testing.assert_allclose(loaded.predict_proba(X), model.predict_proba(X), rtol=1e-5, atol=1e-5)
+        on_cuda = load(path, device="cuda")
+        assert next(on_cuda.module_.parameters()).device.type == "cuda"
+        np.testing.assert_allclose(on_cuda.route(X), model.route(X), rtol=1e-6, atol=1e-6)

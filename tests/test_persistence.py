@@ -14,6 +14,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 import sklearn_moe
@@ -84,6 +85,8 @@ CONFIGS = {
     "gate-hidden": (MoEClassifier, {"gate_hidden": (8,)}, "int"),
     "aux-free": (MoERegressor, {"balance_loss": "aux_free", "balance_coef": 0.05}, "1d"),
     "no-early-stopping": (MoERegressor, {"early_stopping": False, "batch_size": "auto"}, "1d"),
+    "bf16-capacity-diversity": (MoEClassifier, {"precision": "bf16", "capacity_factor": 1.0, "diversity_coef": 0.1,
+                                                "expert_dropout": 0.2, "verbose": 0}, "int"),
 }
 
 
@@ -111,6 +114,20 @@ def test_round_trip_predicts_identically(name, tmp_path):
         assert model.module_.router.selection_bias.abs().sum() > 0  # the buffer really was trained
     if target_kind == "2d":
         assert loaded.predict(X).shape == (len(X), 2)
+
+
+def test_loaded_model_pickles_clones_and_resaves_the_same(tmp_path):
+    X, y = _data()
+    model = MoEClassifier(**QUICK).fit(X, np.digitize(y, [0.0]))
+    model.save(tmp_path / "a.moe")
+    loaded = load(tmp_path / "a.moe")
+    _assert_same_model(pickle.loads(pickle.dumps(loaded)), model, X)
+    assert clone(loaded).get_params() == loaded.get_params()
+    loaded.save(tmp_path / "b.moe")
+    first, second = (_read(tmp_path / name) for name in ("a.moe", "b.moe"))
+    assert first[0] == second[0]
+    assert first[1].keys() == second[1].keys()
+    assert all(torch.equal(first[1][name], second[1][name]) for name in first[1])
 
 
 def test_feature_names_survive_and_are_checked(tmp_path):
@@ -259,17 +276,18 @@ def saved(tmp_path_factory):
     return path
 
 
+def _read(path):
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()[KEY]), {name: handle.get_tensor(name) for name in handle.keys()}
+
+
 def _rewrite(source, target, edit_document=None, edit_tensors=None):
-    with safetensors.safe_open(str(source), framework="pt") as handle:
-        metadata = handle.metadata()
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    document = json.loads(metadata[KEY])
+    document, tensors = _read(source)
     if edit_document is not None:
         edit_document(document)
     if edit_tensors is not None:
         edit_tensors(tensors)
-    metadata[KEY] = json.dumps(document)
-    safetensors.torch.save_file(tensors, str(target), metadata=metadata)
+    safetensors.torch.save_file(tensors, str(target), metadata={KEY: json.dumps(document)})
     return target
 
 
