@@ -121,17 +121,33 @@ def make_storage(storage=None, *, heartbeat_interval=10, grace_period=60):
     if not isinstance(storage, str):
         raise ValueError(f"storage must be None, a URL, a journal file path or an Optuna storage; got {storage!r}.")
     if "://" in storage:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return RDBStorage(storage, engine_kwargs={"pool_pre_ping": True},
-                              heartbeat_interval=heartbeat_interval,
-                              grace_period=grace_period if heartbeat_interval else None)
+        return _rdb_storage(storage, heartbeat_interval, grace_period if heartbeat_interval else None)
     if storage.endswith(JOURNAL_SUFFIXES):
         return HeartbeatJournalStorage(JournalFileBackend(storage), heartbeat_interval, grace_period)
     raise ValueError(
         f"storage={storage!r} is neither a database URL (e.g. 'postgresql+psycopg2://user@host/db', "
         f"'sqlite:///study.db') nor a journal file path ending in {JOURNAL_SUFFIXES}."
     )
+
+
+def _rdb_storage(url, heartbeat_interval, grace_period, attempts=5):
+    """``RDBStorage``, retried while another worker is creating the same schema.
+
+    Workers starting together on a fresh database race to create Optuna's tables (and, on
+    PostgreSQL, its enum types); the loser gets a duplicate-object error and simply retries.
+    """
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_interval,
+                                  grace_period=grace_period)
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def heartbeat_enabled(storage) -> bool:
