@@ -27,6 +27,7 @@ from .nn.losses import BALANCE_LOSSES
 
 _PREDICT_BATCH_SIZE = 8192
 _MIN_VALIDATION_ROWS = 2
+_NEGLIGIBLE_WEIGHT = 1e-30
 
 
 # Sparse X (e.g. one-hot output of a ColumnTransformer) is densified up to this many cells
@@ -274,8 +275,13 @@ class BaseMoE(BaseEstimator):
         X, y = self._validate_X(X, y, reset=not reuse, **self._target_validation_kwargs())
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
-            if not sample_weight.sum() > 0:
+            if not sample_weight.max() > 0:
                 raise ValueError("sample_weight must contain at least one positive weight.")
+            # Only relative weights matter; this keeps sums and means of tiny (subnormal) or
+            # huge weights from underflowing or overflowing. Weights below 1e-30 of the
+            # largest vanish in float32 training anyway: they count as 0 everywhere.
+            sample_weight = sample_weight / sample_weight.max()
+            sample_weight[sample_weight < _NEGLIGIBLE_WEIGHT] = 0.0
         targets = self._encode_targets(y, sample_weight, reset=not reuse)
         if reuse:
             x_mean, x_scale = self._x_mean, self._x_scale

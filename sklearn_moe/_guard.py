@@ -80,9 +80,12 @@ class TrainingGuard:
         """
         epoch = self.net.history[-1, "epoch"]
         del self.net.history[-1]
+        # Restoring the optimizer state would also restore its learning rates: keep the
+        # lowered ones of earlier rollbacks.
+        rates = [group["lr"] for group in self.net.optimizer_.param_groups]
         self.restore()
         if self.rollbacks == MAX_ROLLBACKS:
-            lr = self.net.optimizer_.param_groups[0]["lr"]
+            lr = rates[0]
             raise TrainingDivergedError(
                 f"Training diverged: {fault} in epoch {epoch}, after {MAX_ROLLBACKS} rollbacks to the "
                 f"last good weights, each lowering the learning rate {1 / LR_FACTOR_AFTER_ROLLBACK:g}x "
@@ -90,8 +93,8 @@ class TrainingGuard:
                 "precision='float32', a larger temperature, or check X and y for extreme values."
             ) from fault
         self.rollbacks += 1
-        for group in self.net.optimizer_.param_groups:
-            group["lr"] *= LR_FACTOR_AFTER_ROLLBACK
+        for group, rate in zip(self.net.optimizer_.param_groups, rates):
+            group["lr"] = rate * LR_FACTOR_AFTER_ROLLBACK
         warnings.warn(
             f"{fault} in epoch {epoch}: rolled back to the weights of the last good epoch and lowered "
             f"the learning rate to {self.net.optimizer_.param_groups[0]['lr']:.3g} "

@@ -30,7 +30,11 @@ def fit_standardizer(values: np.ndarray, sample_weight: np.ndarray | None = None
     leaving it out.
     """
     values = np.asarray(values, dtype=np.float64)
-    weights = np.ones(values.shape[0]) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    if sample_weight is None:
+        weights = np.ones(values.shape[0])
+    else:
+        counted = np.asarray(sample_weight) > 0
+        values, weights = values[counted], np.asarray(sample_weight, dtype=np.float64)[counted]
     # Work on values divided by each column's magnitude, so that sums and squares of huge
     # values (1e300) cannot overflow.
     magnitude = np.abs(values).max(axis=0, initial=0.0)
@@ -80,6 +84,13 @@ def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = Non
 
 def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Centre, scale, then smoothly clip ``X``; returns float32."""
-    t = (np.asarray(X, dtype=np.float64) - mean) / (scale * SMOOTH_CLIP)
-    # hypot instead of sqrt(1 + t^2): no overflow for huge t, which maps to +-SMOOTH_CLIP.
-    return (SMOOTH_CLIP * t / np.hypot(1.0, t)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        # Far outliers over tiny scales overflow to +-inf here, which maps to +-SMOOTH_CLIP.
+        t = (np.asarray(X, dtype=np.float64) - mean) / (scale * SMOOTH_CLIP)
+    # t / sqrt(1 + t^2), written so that neither a huge nor an infinite t overflows.
+    large = np.abs(t) > 1
+    with np.errstate(divide="ignore"):
+        inverse = np.where(large, 1.0 / np.where(large, t, 1.0), 0.0)
+    small = np.where(large, 0.0, t)
+    clipped = np.where(large, np.sign(t) / np.hypot(1.0, inverse), small / np.hypot(1.0, small))
+    return (SMOOTH_CLIP * clipped).astype(np.float32)

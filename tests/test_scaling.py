@@ -51,3 +51,9 @@ def test_outliers_are_bounded_by_smooth_clipping():
 def test_standardizer_handles_huge_magnitudes():
     mean, scale = fit_standardizer(np.array([[1e30], [-1e30], [0.0]]))
     assert np.isfinite(mean).all() and np.isfinite(scale).all() and scale[0] > 0
+
+
+def test_scale_features_maps_overflowing_outliers_to_the_clip_bound():
+    X = np.array([[-2e142], [1e308], [0.0], [1e-300]])
+    scaled = scale_features(X, np.zeros(1), np.array([1e-180]))  # (x - 0) / 1e-180 overflows
+    np.testing.assert_array_equal(scaled.ravel(), [-SMOOTH_CLIP, SMOOTH_CLIP, 0.0, 0.0])

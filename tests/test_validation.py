@@ -511,3 +511,25 @@ def test_values_beyond_the_float32_range_are_scaled_before_the_cast():
     model = MoERegressor(**TINY).fit(X, y)
     assert np.isfinite(model.predict(X)).all()
     np.testing.assert_array_equal(model.predict(X), MoERegressor(**TINY).fit(X / 1e39, y).predict(X / 1e39))
+
+
+def test_huge_target_on_a_zero_weight_row_does_not_break_training():
+    """Found by the property tests: 0 * inf in the float32 loss was nan."""
+    X, y = _data(MoERegressor)
+    y = y.copy()
+    y[0] = 3e38
+    weights = np.ones(len(y))
+    weights[0] = 0.0
+    model = MoERegressor(**TINY).fit(X, y, sample_weight=weights)
+    reference = MoERegressor(**TINY).fit(X, np.where(weights > 0, y, 0.0), sample_weight=weights)
+    np.testing.assert_allclose(model.predict(X), reference.predict(X), rtol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [5e-324, 1e-300, 1e300])
+def test_only_relative_sample_weights_matter(scale):
+    """Found by the property tests: subnormal weights underflowed to a zero mean."""
+    X, y = _data(MoERegressor)
+    weights = np.random.RandomState(0).uniform(size=len(y)) > 0.3
+    model = MoERegressor(**TINY).fit(X, y, sample_weight=weights * scale)
+    reference = MoERegressor(**TINY).fit(X, y, sample_weight=weights.astype(float))
+    np.testing.assert_array_equal(model.predict(X), reference.predict(X))

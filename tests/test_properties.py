@@ -1,0 +1,118 @@
+"""Property-based tests: whatever the shapes, dtypes and values of the input, fit/predict
+either give a fitted model with finite predictions or a clear ValueError/TypeError."""
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from sklearn.exceptions import DataConversionWarning
+
+from sklearn_moe import MoEClassifier, MoERegressor
+
+# Derandomised in CI so that a run is reproducible; random (with the example database) locally.
+PROPERTY_SETTINGS = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=os.environ.get("CI") == "true",
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+DTYPES = [np.float64, np.float32, np.float16, np.int64, np.int32, np.uint8, np.bool_]
+ROUTERS = ["topk", "softmax", "noisy_topk", "switch", "top_p", "hierarchical"]
+
+
+def _elements(dtype, allow_nonfinite):
+    if np.dtype(dtype).kind == "f":
+        return st.floats(allow_nan=allow_nonfinite, allow_infinity=allow_nonfinite, width=np.dtype(dtype).itemsize * 8)
+    return None  # hypothesis' default for the dtype: its whole range
+
+
+@st.composite
+def datasets(draw, classification):
+    n_samples = draw(st.integers(1, 40))
+    n_features = draw(st.integers(1, 5))
+    dtype = draw(st.sampled_from(DTYPES))
+    allow_nonfinite = draw(st.booleans())
+    X = draw(hnp.arrays(dtype, (n_samples, n_features), elements=_elements(dtype, allow_nonfinite)))
+    if classification:
+        labels = draw(st.sampled_from([[0, 1], [0, 1, 2], ["a", "b"], [True, False], [-1.5, 2.5]]))
+        y = np.array(draw(st.lists(st.sampled_from(labels), min_size=n_samples, max_size=n_samples)))
+    else:
+        y = draw(hnp.arrays(np.float64, n_samples, elements=st.floats(
+            allow_nan=allow_nonfinite, allow_infinity=allow_nonfinite, min_value=None if allow_nonfinite else -1e300,
+            max_value=None if allow_nonfinite else 1e300)))
+    sample_weight = None
+    if draw(st.booleans()):
+        sample_weight = draw(hnp.arrays(np.float64, n_samples, elements=st.floats(0, 10)))
+    return X, y, sample_weight
+
+
+hyperparameters = st.fixed_dictionaries({
+    "n_experts": st.integers(1, 3),
+    "top_k": st.integers(1, 3),
+    "router": st.sampled_from(ROUTERS),
+    "batch_size": st.sampled_from(["auto", 1, 7, 64]),
+    "capacity_factor": st.sampled_from([None, 1.0]),
+    "early_stopping": st.booleans(),
+})
+
+
+def _fit_or_clear_error(estimator, X, y, sample_weight):
+    with warnings.catch_warnings():
+        # Densifying sparse input is the only warning expected here; anything else (e.g. a
+        # numerical RuntimeWarning) stays an error (see pyproject's filterwarnings).
+        warnings.simplefilter("ignore", DataConversionWarning)
+        try:
+            estimator.fit(X, y, sample_weight=sample_weight)
+        except (ValueError, TypeError) as error:
+            assert len(str(error)) > 20, f"unhelpful error message: {error!r}"
+            assert not hasattr(estimator, "net_"), "a failed fit left the estimator fitted"
+            return False
+    return True
+
+
+def _check_predictions(estimator, X, n_outputs_shape):
+    try:
+        prediction = estimator.predict(X)
+    except ValueError as error:
+        # Only non-finite X may be refused at predict time, after a successful fit.
+        assert "Input X contains" in str(error), error
+        assert not np.isfinite(np.asarray(X, dtype=np.float64)).all()
+        return
+    assert prediction.shape == n_outputs_shape
+    return prediction
+
+
+@pytest.mark.slow
+@PROPERTY_SETTINGS
+@given(data=datasets(classification=False), params=hyperparameters)
+def test_regressor_fits_with_finite_predictions_or_raises_clearly(data, params):
+    X, y, sample_weight = data
+    model = MoERegressor(**params, expert_hidden=(4,), max_epochs=2, device="cpu", random_state=0)
+    if not _fit_or_clear_error(model, X, y, sample_weight):
+        return
+    prediction = _check_predictions(model, X, (X.shape[0],))
+    if prediction is not None:
+        assert prediction.dtype == np.float64
+        assert np.isfinite(prediction).all()
+    assert np.isfinite(model.predict(np.zeros((3, X.shape[1])))).all()
+
+
+@pytest.mark.slow
+@PROPERTY_SETTINGS
+@given(data=datasets(classification=True), params=hyperparameters)
+def test_classifier_fits_with_valid_predictions_or_raises_clearly(data, params):
+    X, y, sample_weight = data
+    model = MoEClassifier(**params, expert_hidden=(4,), max_epochs=2, device="cpu", random_state=0)
+    if not _fit_or_clear_error(model, X, y, sample_weight):
+        return
+    prediction = _check_predictions(model, X, (X.shape[0],))
+    if prediction is not None:
+        assert set(np.unique(prediction)) <= set(model.classes_)
+    proba = model.predict_proba(np.zeros((3, X.shape[1])))
+    assert np.isfinite(proba).all()
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
