@@ -1,9 +1,10 @@
 """sklearn-moe: scikit-learn compatible Mixture-of-Experts neural networks for tabular data."""
 
 from ._classifier import MoEClassifier
+from ._guard import TrainingDivergedError
 from ._regressor import MoERegressor
 from .persistence import load
 
 __version__ = "0.1.0"
 
-__all__ = ["MoEClassifier", "MoERegressor", "__version__", "load"]
+__all__ = ["MoEClassifier", "MoERegressor", "TrainingDivergedError", "__version__", "load"]

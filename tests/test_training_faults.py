@@ -5,8 +5,8 @@ import pytest
 import torch
 from skorch.callbacks import Callback
 
-from sklearn_moe import MoEClassifier, MoERegressor
-from sklearn_moe._guard import MAX_ROLLBACKS, TrainingDivergedError
+from sklearn_moe import MoEClassifier, MoERegressor, TrainingDivergedError
+from sklearn_moe._guard import MAX_ROLLBACKS
 
 # 200 rows, 10% validation, batch 32: 6 training batches per epoch.
 BATCHES_PER_EPOCH = 6
