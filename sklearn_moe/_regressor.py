@@ -167,12 +167,11 @@ class MoERegressor(RegressorMixin, BaseMoE):
                 f"{self._y_mean.shape[0]}; set warm_start=False to start afresh."
             )
         self._n_outputs = y2d.shape[1]
-        encoded = (y2d - self._y_mean) / np.where(self._y_scale > 0, self._y_scale, 1.0)
         if sample_weight is not None:
-            # Rows of weight 0 do not count, but a huge target there would still overflow the
-            # float32 loss (0 * inf = nan).
-            encoded[sample_weight == 0] = 0.0
-        return encoded.astype(np.float32)
+            # Rows of weight 0 do not count, but a huge target there would still overflow
+            # the scaling or the float32 loss (0 * inf = nan): they get the mean.
+            y2d = np.where((sample_weight > 0)[:, None], y2d, self._y_mean)
+        return ((y2d - self._y_mean) / np.where(self._y_scale > 0, self._y_scale, 1.0)).astype(np.float32)
 
     def _criterion(self):
         return nn.MSELoss(reduction="none")

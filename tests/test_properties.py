@@ -88,31 +88,21 @@ def _check_predictions(estimator, X, n_outputs_shape):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("estimator_class", [MoERegressor, MoEClassifier], ids=["regressor", "classifier"])
 @PROPERTY_SETTINGS
-@given(data=datasets(classification=False), params=hyperparameters)
-def test_regressor_fits_with_finite_predictions_or_raises_clearly(data, params):
-    X, y, sample_weight = data
-    model = MoERegressor(**params, expert_hidden=(4,), max_epochs=2, device="cpu", random_state=0)
+@given(draw=st.data(), params=hyperparameters)
+def test_fit_gives_valid_predictions_or_a_clear_error(estimator_class, draw, params):
+    X, y, sample_weight = draw.draw(datasets(classification=estimator_class is MoEClassifier))
+    model = estimator_class(**params, expert_hidden=(4,), max_epochs=2, device="cpu", random_state=0)
     if not _fit_or_clear_error(model, X, y, sample_weight):
         return
     prediction = _check_predictions(model, X, (X.shape[0],))
-    if prediction is not None:
-        assert prediction.dtype == np.float64
-        assert np.isfinite(prediction).all()
-    assert np.isfinite(model.predict(np.zeros((3, X.shape[1])))).all()
-
-
-@pytest.mark.slow
-@PROPERTY_SETTINGS
-@given(data=datasets(classification=True), params=hyperparameters)
-def test_classifier_fits_with_valid_predictions_or_raises_clearly(data, params):
-    X, y, sample_weight = data
-    model = MoEClassifier(**params, expert_hidden=(4,), max_epochs=2, device="cpu", random_state=0)
-    if not _fit_or_clear_error(model, X, y, sample_weight):
-        return
-    prediction = _check_predictions(model, X, (X.shape[0],))
-    if prediction is not None:
-        assert set(np.unique(prediction)) <= set(model.classes_)
-    proba = model.predict_proba(np.zeros((3, X.shape[1])))
-    assert np.isfinite(proba).all()
-    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    zeros = np.zeros((3, X.shape[1]))
+    if estimator_class is MoERegressor:
+        assert prediction is None or (prediction.dtype == np.float64 and np.isfinite(prediction).all())
+        assert np.isfinite(model.predict(zeros)).all()
+    else:
+        assert prediction is None or set(np.unique(prediction)) <= set(model.classes_)
+        proba = model.predict_proba(zeros)
+        assert np.isfinite(proba).all()
+        np.testing.assert_allclose(proba.sum(axis=1), 1.0)
