@@ -57,7 +57,7 @@ def main(argv=None):
     results = pd.DataFrame(search.cv_results_)
     table = pd.DataFrame({
         "router": results["param_moeregressor__router"],
-        "top_k": [str(k) if router != "softmax" else "all" for router, k in
+        "top_k": [str(int(k)) if router != "softmax" else "all" for router, k in
                   zip(results["param_moeregressor__router"], results["param_moeregressor__top_k"])],
         "r2_mean": results["mean_test_score"],
         "r2_std": results["std_test_score"],

@@ -58,6 +58,11 @@ def save_figures(study, out):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             ax = plot(study)
+        if name == "intermediate":  # one line per trial: a legend of 30 trials hides the plot
+            ax.get_legend().remove()
+            ax.set_xlabel("step = fold * max_epochs + epoch")
+            ax.set_ylabel("- mean validation loss over the folds so far")
+            ax.set_title("Reported values (pruned trials stop early)")
         ax.figure.set_size_inches(8, 5)
         ax.figure.tight_layout()
         path = out / f"tune_optuna_{name}.png"

@@ -259,7 +259,9 @@ def tune(
     n_jobs : int, default=1
         Trials run in parallel threads of this process.
     timeout : float, optional
-        Seconds after which this worker claims no more trials.
+        Seconds after which this worker claims no more trials (the running ones finish).
+        Unclaimed trials stay WAITING in the study; running ``tune`` again on the same
+        storage and study claims them.
     param_distributions : dict, optional
         Optuna distributions keyed like ``estimator.get_params()``; default
         ``search_space(estimator)``. Tuple-valued categorical choices (``expert_hidden``)
