@@ -205,7 +205,7 @@ def postgres_url():
         result = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, f"{args[0]} failed:\n{result.stdout}\n{result.stderr}"
 
-    pg(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+    pg(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C", "--no-sync")
     pg(pg_ctl, "-D", str(data), "-l", str(base / "server.log"), "-w", "-t", "60", "-o",
        f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
     try:
