@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, run on a lent CUDA machine (see README "GPU"): the CUDA tests, the
-# expert-scaling benchmark on the GPU, and a CUDA-trained model pickled for the CPU
-# loading test. Needs skorch importable (wheels in .whl/ when the machine has no index).
+# expert-scaling benchmark on the GPU, and a CUDA-trained model pickled and saved for the
+# CPU loading test. Needs skorch importable (wheels in .whl/ when the machine has no index).
 # Results go to ${OUT:-benchmarks/results}.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -25,6 +25,8 @@ X = rng.normal(size=(400, 5)); y = X[:, 0] + np.sin(2 * X[:, 1])
 model = MoERegressor(n_experts=4, expert_hidden=(16,), max_epochs=20, device="cuda", random_state=0).fit(X, y)
 with open(f"{sys.argv[1]}/cuda_model.pkl", "wb") as f:
     pickle.dump({"model": model, "X": X[:20], "pred": model.predict(X[:20])}, f)
-print("pickled a CUDA-trained MoERegressor")
+model.save(f"{sys.argv[1]}/cuda_model.moe")
+np.save(f"{sys.argv[1]}/cuda_model_pred.npy", model.predict(X[:20]))
+print("pickled and saved (safe format) a CUDA-trained MoERegressor")
 PY
 exit $status
