@@ -449,18 +449,30 @@ class BaseMoE(BaseEstimator):
         return self.net_.module_
 
     def _scaled_input(self, X) -> torch.Tensor:
-        check_is_fitted(self)
-        X = self._validate_X(X, reset=False)
+        if not self.__sklearn_is_fitted__():
+            check_is_fitted(self)  # raises NotFittedError with scikit-learn's message
+        if not self._is_plain_valid_input(X):
+            X = self._validate_X(X, reset=False)
         return torch.as_tensor(scale_features(X, self._x_mean, self._x_scale), device=self.net_.device)
+
+    def _is_plain_valid_input(self, X) -> bool:
+        """The common prediction input that needs no conversion: a finite 2-d float ndarray
+        of the fitted width, for a model fitted without feature names. Checking it here
+        takes microseconds, where ``validate_data`` takes about 0.3 ms (a third of a 1-row
+        predict); any other input goes through ``validate_data`` and its errors."""
+        return (type(X) is np.ndarray and X.ndim == 2 and X.dtype.kind == "f" and X.shape[0] > 0
+                and X.shape[1] == self.n_features_in_ and not hasattr(self, "feature_names_in_")
+                and bool(np.isfinite(X).all()))
 
     def _forward(self, X_scaled: torch.Tensor, method: str) -> np.ndarray:
         """``module_.predict`` or ``module_.route`` on every row, in eval mode, as float64."""
         compute = getattr(self.module_, method)
-        chunks = []
         with torch.inference_mode(), self.net_.autocast(X_scaled.device):
-            for start in range(0, X_scaled.shape[0], _PREDICT_BATCH_SIZE):
-                chunks.append(compute(X_scaled[start:start + _PREDICT_BATCH_SIZE]).double().cpu().numpy())
-        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
+            if X_scaled.shape[0] <= _PREDICT_BATCH_SIZE:
+                return compute(X_scaled).double().cpu().numpy()
+            chunks = [compute(X_scaled[start:start + _PREDICT_BATCH_SIZE]).double().cpu().numpy()
+                      for start in range(0, X_scaled.shape[0], _PREDICT_BATCH_SIZE)]
+        return np.concatenate(chunks, axis=0)
 
     def _raw_output(self, X) -> np.ndarray:
         return self._forward(self._scaled_input(X), "predict")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import torch
@@ -52,9 +53,9 @@ class MoENet(NeuralNet):
 
     def autocast(self, device: torch.device):
         """The mixed-precision context of the forward pass (a no-op in float32)."""
-        device_type = torch.device(device).type
-        return torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=self.autocast_dtype)
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
         per_row = self.criterion_(y_pred.output.float(), y_true)

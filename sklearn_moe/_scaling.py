@@ -84,13 +84,10 @@ def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = Non
 
 def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Centre, scale, then smoothly clip ``X``; returns float32."""
-    with np.errstate(over="ignore"):
-        # Far outliers over tiny scales overflow to +-inf here, which maps to +-SMOOTH_CLIP.
+    with np.errstate(over="ignore", invalid="ignore"):
+        # Far outliers over tiny scales overflow to t = +-inf, which maps to +-SMOOTH_CLIP;
+        # hypot instead of sqrt(1 + t^2) keeps huge finite t from overflowing.
         t = (np.asarray(X, dtype=np.float64) - mean) / (scale * SMOOTH_CLIP)
-    # t / sqrt(1 + t^2), written so that neither a huge nor an infinite t overflows.
-    large = np.abs(t) > 1
-    with np.errstate(divide="ignore"):
-        inverse = np.where(large, 1.0 / np.where(large, t, 1.0), 0.0)
-    small = np.where(large, 0.0, t)
-    clipped = np.where(large, np.sign(t) / np.hypot(1.0, inverse), small / np.hypot(1.0, small))
+        clipped = t / np.hypot(1.0, t)
+    clipped = np.where(np.isinf(t), np.sign(t), clipped)
     return (SMOOTH_CLIP * clipped).astype(np.float32)

@@ -122,6 +122,37 @@ def test_sparse_dispatch_matches_dense_combine_with_zero_gates():
     )
 
 
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "switch", "top_p", "hierarchical"])
+def test_tiny_eval_batches_take_the_dense_path_with_the_same_result(router):
+    """Batches of at most DENSE_EVAL_MAX_ROWS rows run every expert (unchosen ones weighted 0):
+    the dispatch path's mixture, up to float32 rounding (matmuls of other shapes)."""
+    from sklearn_moe.nn.moe import DENSE_EVAL_MAX_ROWS
+
+    module = make_moe(n_experts=6, top_k=2, router=router, expert_hidden=(8, 8)).eval()
+    x = inputs(40)
+    with torch.inference_mode():
+        batch = module.predict(x)
+        one_by_one = torch.cat([module.predict(x[i:i + 1]) for i in range(40)])
+        in_fours = torch.cat([module.predict(x[i:i + DENSE_EVAL_MAX_ROWS]) for i in range(0, 40, DENSE_EVAL_MAX_ROWS)])
+    torch.testing.assert_close(one_by_one, batch, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(in_fours, batch, rtol=1e-5, atol=1e-7)
+
+
+def test_dense_combine_ignores_non_finite_output_of_experts_with_zero_gate(recwarn):
+    module = make_moe(n_experts=4, top_k=2)
+    x = inputs(3)
+    with torch.no_grad():
+        module.experts.output.bias[3].fill_(float("inf"))  # expert 3: infinite everywhere
+    gates = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.3, 0.7, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    out = dense_combine(x, module.experts, gates)
+    assert torch.isfinite(out).all()
+    assert not [w for w in recwarn if "non-finite" in str(w.message)]
+    with pytest.warns(RuntimeWarning, match=r"Expert\(s\) \[3\]"):
+        out = dense_combine(x, module.experts, torch.tensor([[0.5, 0.0, 0.0, 0.5]] * 3))
+    expected = module.experts(x.unsqueeze(0).expand(4, -1, -1))[0]
+    torch.testing.assert_close(out, expected)
+
+
 # ---------------------------------------------------------------------------------------
 # 2. top-k router
 # ---------------------------------------------------------------------------------------

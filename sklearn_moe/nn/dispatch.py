@@ -356,17 +356,23 @@ def scale_gradient(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def dense_combine(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor) -> torch.Tensor:
-    """Every expert on every row, mixed by ``gates`` of shape (n, n_experts)."""
+    """Every expert on every row, mixed by ``gates`` of shape (n, n_experts).
+
+    An expert whose gate is 0 for a row does not count for it, even if its output there is
+    not finite; so with a sparse router's gates this is the same mixture as
+    :func:`dispatch_combine` (up to the rounding of matmuls of other shapes).
+    """
     n_experts = gates.shape[1]
     expert_out = experts(x.unsqueeze(0).expand(n_experts, -1, -1))  # (E, n, out)
-    gates = gates.to(expert_out.dtype)
-    finite = torch.isfinite(expert_out).all(dim=2)  # (E, n)
+    gates = gates.t().unsqueeze(2).to(expert_out.dtype)  # (E, n, 1)
+    used = gates > 0
+    finite = torch.isfinite(expert_out).all(dim=2, keepdim=True) | ~used
     if not bool(finite.all()):
-        _warn_failed_experts(torch.nonzero(~finite)[:, 0])
-        expert_out = torch.where(finite.unsqueeze(2), expert_out, 0.0)
-        gates = torch.where(finite.t(), gates, 0.0)
-        gates = gates / gates.sum(dim=1, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
-    return torch.einsum("eno,ne->no", expert_out, gates)
+        _warn_failed_experts(torch.nonzero(~finite[..., 0])[:, 0])
+        gates = torch.where(finite, gates, 0.0)
+        gates = gates / gates.sum(dim=0, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
+        used = gates > 0
+    return torch.where(used, expert_out * gates, 0.0).sum(dim=0)
 
 
 def _warn_failed_experts(failed_experts: torch.Tensor) -> None:

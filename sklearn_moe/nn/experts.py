@@ -185,7 +185,9 @@ class StackedExperts(nn.Module):
             h = list(x)
         for i, layer in enumerate(self.hidden):
             z = layer(self._norm(i - 1, h, block_experts) if i > 0 else h, block_experts)
-            z = [F.dropout(self._act(block), self.dropout, self.training) for block in z]
+            z = [self._act(block) for block in z]
+            if self.training and self.dropout > 0:
+                z = [F.dropout(block, self.dropout, training=True) for block in z]
             h = [a + b for a, b in zip(h, z)] if self.residual[i] else z
         if self.hidden:
             h = self._norm(-1, h, block_experts)

@@ -12,6 +12,11 @@ from .experts import StackedExperts
 from .losses import BALANCE_LOSSES, cv2_balance_loss, expert_diversity_loss, router_z_loss, switch_balance_loss
 from .routers import make_router
 
+# In evaluation, batches of at most this many rows run every expert on every row (unchosen
+# experts weighted 0): a padded dispatch block has a slot per expert anyway, and skipping
+# the sort-based dispatch takes about a third off a 1-row prediction.
+DENSE_EVAL_MAX_ROWS = 4
+
 
 class MoEOutput(NamedTuple):
     """What :meth:`MixtureOfExperts.forward` returns.
@@ -237,7 +242,7 @@ class MixtureOfExperts(nn.Module):
     def _mix(self, x: torch.Tensor) -> _Mixed:
         routing = self.router(x)
         active, weights = self._active_weights(routing)
-        if routing.dense:
+        if routing.dense or (not self.training and x.shape[0] <= DENSE_EVAL_MAX_ROWS):
             output = dense_combine(x, self.experts, self._gates(routing, active, weights))
             n_dropped = torch.zeros((), dtype=torch.long, device=x.device)
             plan_counts = None

@@ -105,6 +105,9 @@ class Router(nn.Module):
         return self.top_k == self.n_experts
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Router logits, always in float32 (also under mixed-precision autocast)."""
+        if not torch.is_autocast_enabled(x.device.type):
+            return self.gate(x.float()) / self.temperature
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self.gate(x.float()) / self.temperature
 
