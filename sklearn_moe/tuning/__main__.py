@@ -11,8 +11,8 @@ with a database URL; they share the study and together run ``--n-trials`` trials
 
 ``--data`` is a CSV or parquet file (with ``--target`` naming the target column;
 non-numeric columns are one-hot encoded in a Pipeline before the MoE) or the name of a
-scikit-learn toy data set: diabetes, california_housing (downloads once), breast_cancer,
-iris, wine.
+scikit-learn data set bundled with the package (nothing is downloaded): diabetes,
+breast_cancer, iris, wine.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import pandas as pd
 
 BUILTIN = {
     "diabetes": ("load_diabetes", "regressor"),
-    "california_housing": ("fetch_california_housing", "regressor"),
     "breast_cancer": ("load_breast_cancer", "classifier"),
     "iris": ("load_iris", "classifier"),
     "wine": ("load_wine", "classifier"),
