@@ -420,6 +420,9 @@ class BaseMoE(BaseEstimator):
     def _history_frame(self, history) -> pd.DataFrame:
         rows = [{key: value for key, value in epoch.items() if key != "batches"} for epoch in history]
         frame = pd.DataFrame(rows)
+        # Plain object column labels: pandas' default string dtype is pyarrow-backed where
+        # pyarrow is installed, and a pickle holding it would not load where it is not.
+        frame.columns = pd.Index(frame.columns.tolist(), dtype=object)
         return frame.set_index("epoch", drop=False) if "epoch" in frame else frame
 
     def _expert_load(self, X_scaled: torch.Tensor) -> np.ndarray:

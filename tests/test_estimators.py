@@ -210,6 +210,18 @@ def test_pickle_round_trip(fitted):
         np.testing.assert_array_equal(values, expected[name], err_msg=name)
 
 
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_pickle_needs_no_optional_packages(estimator_class):
+    """A pickle must load where pyarrow is absent: pandas' default string dtype is
+    pyarrow-backed where it is installed (history_ column labels, DataFrame feature names,
+    string labels in a Series)."""
+    X, y = _data_for(estimator_class)
+    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(X.shape[1])])
+    target = pd.Series(y.astype(str)) if estimator_class is MoEClassifier else pd.Series(y)
+    model = estimator_class(**dict(SHORT, max_epochs=2)).fit(frame, target)
+    assert b"arrow" not in pickle.dumps(model).lower()
+
+
 def test_joblib_round_trip(fitted, tmp_path):
     model, X, _ = fitted
     path = tmp_path / "model.joblib"
