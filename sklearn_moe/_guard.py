@@ -66,9 +66,10 @@ class TrainingGuard:
         for key in ("train_loss", "valid_loss"):
             if key in row and not math.isfinite(row[key]):
                 raise NonFiniteLoss(f"non-finite {key} ({row[key]})")
-        for name, parameter in self.net.module_.named_parameters():
-            if not torch.isfinite(parameter).all():
-                raise NonFiniteLoss(f"non-finite weights in {name}")
+        names, parameters = zip(*self.net.module_.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for p in parameters]).tolist()  # one synchronisation
+        if not all(finite):
+            raise NonFiniteLoss(f"non-finite weights in {names[finite.index(False)]}")
 
     def roll_back(self, fault: NonFiniteLoss) -> None:
         """Undo the failed epoch: last good weights, a lower learning rate, its history row gone.

@@ -66,17 +66,15 @@ class MoENet(NeuralNet):
         if not training:
             return task_loss
         loss = task_loss + self.balance_coef * y_pred.balance_loss + self.z_loss_coef * y_pred.z_loss
-        terms = [loss, task_loss, y_pred.balance_loss, y_pred.z_loss]
-        names = ("loss", "task_loss", "balance_loss", "z_loss")
+        terms = {"task_loss": task_loss, "balance_loss": y_pred.balance_loss, "z_loss": y_pred.z_loss}
         if self.diversity_coef > 0:
             loss = loss + self.diversity_coef * y_pred.diversity_loss
-            terms[0] = loss
-            terms.append(y_pred.diversity_loss)
-            names += ("diversity_loss",)
+            terms["diversity_loss"] = y_pred.diversity_loss
         # One host synchronisation for every term; a non-finite one stops the step before
         # backward, and fit_loop rolls the epoch back.
-        values = check_finite_loss(torch.stack([t.detach().float() for t in terms]), names)
-        for name, value in zip(names[1:], values[1:]):
+        values = check_finite_loss(torch.stack([t.detach().float() for t in (loss, *terms.values())]),
+                                   ("loss", *terms))
+        for name, value in zip(terms, values[1:]):
             self.history.record_batch(name, value)
         return loss
 

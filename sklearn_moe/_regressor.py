@@ -157,10 +157,8 @@ class MoERegressor(RegressorMixin, BaseMoE):
             self._y_ndim = y.ndim
         y2d = y.reshape(len(y), -1)
         if reset:
-            self._y_mean, scale = fit_standardizer(y2d, sample_weight)
             # A constant target gets scale 0, so that it is predicted exactly.
-            counted = y2d if sample_weight is None else y2d[sample_weight > 0]
-            self._y_scale = np.where(np.ptp(counted, axis=0) == 0, 0.0, scale)
+            self._y_mean, self._y_scale = fit_standardizer(y2d, sample_weight, constant_scale=0.0)
         elif y2d.shape[1] != self._y_mean.shape[0]:
             raise ValueError(
                 f"warm_start: y has {y2d.shape[1]} targets but the fitted model predicts "

@@ -23,8 +23,10 @@ def _negligible(spread: np.ndarray, center: np.ndarray) -> np.ndarray:
     return ~np.isfinite(spread) | (spread <= np.maximum(1e-12 * np.abs(center), _TINY_SPREAD))
 
 
-def fit_standardizer(values: np.ndarray, sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and scales (weighted standard deviations; 1 for constant columns).
+def fit_standardizer(values: np.ndarray, sample_weight: np.ndarray | None = None,
+                     constant_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and scales (weighted standard deviations; ``constant_scale`` for constant
+    columns).
 
     Rows with zero ``sample_weight`` do not count, so weighting a row 0 is the same as
     leaving it out.
@@ -43,7 +45,7 @@ def fit_standardizer(values: np.ndarray, sample_weight: np.ndarray | None = None
     unit_mean = np.average(unit, axis=0, weights=weights)
     unit_spread = np.sqrt(np.average((unit - unit_mean) ** 2, axis=0, weights=weights))
     mean, spread = unit_mean * magnitude, unit_spread * magnitude
-    return mean, np.where(_negligible(spread, mean), 1.0, spread)
+    return mean, np.where(_negligible(spread, mean), constant_scale, spread)
 
 
 def weighted_quantiles(values: np.ndarray, quantiles, sample_weight: np.ndarray | None = None) -> np.ndarray:
