@@ -119,31 +119,30 @@ def plan_layout(counts: np.ndarray, gather_cost: int = 8, block_cost: int | None
         return []
     if block_cost is None:
         block_cost = max(8, int(counts.sum()) // 16)
-    desc = np.sort(counts)[::-1]
-    n = desc.shape[0]
-    big = np.iinfo(np.int64).max // 4
-    i, j = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
-    # Sorted busiest first, the experts split into runs [i, j), each padded to its first count.
-    # In an L-block layout the r-th run from the top is gathered into the L-1-r upper blocks.
-    best_cost, best_runs = big, None
-    for n_blocks in range(1, MAX_GROUPS + 1):
-        cost = np.full(n + 1, big)
-        cost[0] = 0
-        splits = []
-        for r in range(n_blocks):
-            run = np.where(i < j, (j - i) * (np.append(desc, 0)[:, None] + gather_cost * (n_blocks - 1 - r)), big)
-            candidates = cost[:, None] + run
-            split = candidates.argmin(axis=0)
-            cost = np.minimum(candidates[split, np.arange(n + 1)], big)
-            splits.append(split)
-        total = int(cost[n]) + block_cost * n_blocks
-        if total < best_cost:
-            runs, end = [], n
-            for split in reversed(splits):
-                runs.append((int(split[end]), end))
-                end = runs[-1][0]
-            best_cost, best_runs = total, runs  # bottom run first
-    return [int(desc[start]) for start, _ in best_runs]
+    n = counts.shape[0]
+    # Thresholds are taken from the counts themselves: values[j], ascending, the last the max.
+    values = np.unique(counts)
+    above = n - np.searchsorted(np.sort(counts), values, side="right")  # experts with more than values[j]
+    # step[j, j2]: cost of an upper block from threshold values[j] to values[j2] (j < j2):
+    # its rows, plus gathering the weights of the experts it holds, plus the block itself.
+    step = above[:, None] * (values[None, :] - values[:, None] + gather_cost) + block_cost
+    step = np.where(np.arange(values.shape[0])[:, None] < np.arange(values.shape[0])[None, :], step, np.inf)
+    # to_top[k][j]: cheapest cost from threshold values[j] up to the max in exactly k upper
+    # blocks; choices[k][j] is the next threshold on that route.
+    to_top = [np.where(np.arange(values.shape[0]) == values.shape[0] - 1, 0.0, np.inf)]
+    choices = [None]
+    for _ in range(1, MAX_GROUPS):
+        candidates = step + to_top[-1][None, :]
+        choices.append(candidates.argmin(axis=1))
+        to_top.append(candidates[np.arange(values.shape[0]), choices[-1]])
+    first = n * values + block_cost  # the bottom block: every expert, weights in place
+    totals = np.stack([first + cost for cost in to_top])
+    n_upper, j = np.unravel_index(int(totals.argmin()), totals.shape)
+    thresholds = [int(values[j])]
+    for k in range(n_upper, 0, -1):
+        j = choices[k][j]
+        thresholds.append(int(values[j]))
+    return thresholds
 
 
 def plan_dispatch(
@@ -240,8 +239,11 @@ def _staircase_positions(thresholds: list[int], kept: np.ndarray, experts: torch
         offset, first_slot = offset + members.shape[0] * width, threshold
     if not thresholds:
         return slots, ()
-    level = torch.searchsorted(torch.as_tensor(thresholds, device=device), slots, right=True)
-    return torch.as_tensor(np.stack(bases), device=device)[level, experts] + slots, tuple(groups)
+    # Host arithmetic: the staircase is a CPU layout, and numpy indexes 1-d arrays faster.
+    slots_host = slots.cpu().numpy()
+    level = np.searchsorted(np.asarray(thresholds), slots_host, side="right")
+    positions = np.stack(bases)[level, experts.cpu().numpy()] + slots_host
+    return torch.from_numpy(positions).to(device), tuple(groups)
 
 
 def _rank_within_expert(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
