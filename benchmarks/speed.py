@@ -68,6 +68,25 @@ def _interleaved_medians(steps: dict, rounds: int, warmup: int, device: torch.de
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _block_medians(steps: dict, blocks: int, calls: int) -> dict:
+    """Median seconds per call of each ``steps[name]()``, timed in alternating blocks.
+
+    Each block is one untimed call then ``calls`` timed ones of the same step. Multi-threaded
+    libraries keep their threads spinning for a while after a call (torch's OpenMP pool,
+    numpy's OpenBLAS pool): on a machine with few cores, a call right after the other
+    library's would time the two pools fighting for the cores, which no user sees.
+    """
+    times = {name: [] for name in steps}
+    for _ in range(blocks):
+        for name, step in steps.items():
+            step()
+            for _ in range(calls):
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: tuple[int, ...] = (128, 128),
                    top_k: int = 2, expert_counts=EXPERT_COUNTS, rounds: int = 30, device: str = "cpu") -> dict:
     """Seconds per training step of a MixtureOfExperts, per n_experts.
@@ -229,8 +248,8 @@ def predict_speed(n_features: int = 32, hidden: tuple[int, ...] = (128, 128), n_
               for name, model in models.items() for i in range(n_latency)}
     latency = _interleaved_medians(single, rounds=1, warmup=1, device=torch.device("cpu"))
     per_model = {name: statistics.median(latency[name, i] for i in range(n_latency)) for name in models}
-    bulk = _interleaved_medians({name: (lambda model=model: model.predict(X[:n_throughput]))
-                                 for name, model in models.items()}, rounds=5, warmup=1, device=torch.device("cpu"))
+    bulk = _block_medians({name: (lambda model=model: model.predict(X[:n_throughput]))
+                           for name, model in models.items()}, blocks=3, calls=3)
     return {
         "benchmark": "predict",
         "command": "python -m benchmarks.speed --part predict",

@@ -25,7 +25,7 @@ from .diagnostics import expert_utilization
 from .nn import ACTIVATIONS, OVERFLOW_POLICIES, ROUTERS, MixtureOfExperts
 from .nn.losses import BALANCE_LOSSES
 
-_PREDICT_BATCH_SIZE = 8192
+_PREDICT_BATCH_SIZE = 16384
 _MIN_VALIDATION_ROWS = 2
 _NEGLIGIBLE_WEIGHT = 1e-30
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import torch
 
 # Robustly standardised inputs pass through x / sqrt(1 + (x / SMOOTH_CLIP)^2): close to the identity
 # within +-2, bounded by +-SMOOTH_CLIP, so outliers (even 1e30) cannot blow up the network
 # (the smooth clipping of RealMLP, Holzmueller et al. 2024).
 SMOOTH_CLIP = 3.0
+# From here on t / sqrt(1 + t^2) is 1 in float32.
+_CLIP_SATURATED = 1e8
+# Inputs with at least this many values are scaled with torch's threaded kernels.
+_THREADED_MIN_SIZE = 1 << 15
 
 
 # The interquartile range of a normal distribution is 1.349 standard deviations.
@@ -85,11 +92,32 @@ def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = Non
 
 
 def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Centre, scale, then smoothly clip ``X``; returns float32."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        # Far outliers over tiny scales overflow to t = +-inf, which maps to +-SMOOTH_CLIP;
-        # hypot instead of sqrt(1 + t^2) keeps huge finite t from overflowing.
-        t = (np.asarray(X, dtype=np.float64) - mean) / (scale * SMOOTH_CLIP)
-        clipped = t / np.hypot(1.0, t)
-    clipped = np.where(np.isinf(t), np.sign(t), clipped)
-    return (SMOOTH_CLIP * clipped).astype(np.float32)
+    """Centre, scale, then smoothly clip ``X``; returns float32.
+
+    Centring and scaling are float64 (columns far from float32's range stay exact); the
+    clip ``t / sqrt(1 + t^2)`` runs in float32, which holds its result, with ``|t| >= 1e8``
+    (where it is 1 to float32 precision, and ``t^2`` could overflow) mapped to ``sign(t)``.
+    Large inputs go through torch's threaded kernels (numpy's single-threaded passes were
+    most of a large prediction's time), small ones through numpy (a few microseconds,
+    where each torch call costs more). Both run the same operations in the same order;
+    torch's vectorised square root can differ from numpy's in the last bit.
+    """
+    inverse = 1.0 / (np.asarray(scale, dtype=np.float64) * SMOOTH_CLIP)
+    mean = np.asarray(mean, dtype=np.float64)
+    if np.size(X) < _THREADED_MIN_SIZE:
+        with np.errstate(over="ignore", invalid="ignore"):
+            t = ((np.asarray(X, dtype=np.float64) - mean) * inverse).astype(np.float32)
+            clipped = t / np.sqrt(t * t + np.float32(1.0))
+        saturated = np.abs(t) >= _CLIP_SATURATED
+        if saturated.any():
+            clipped = np.where(saturated, np.sign(t), clipped)
+        return clipped * np.float32(SMOOTH_CLIP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only input: it is only read
+        x = torch.as_tensor(np.asarray(X))
+    t = x.to(torch.float64, copy=True).sub_(torch.from_numpy(mean)).mul_(torch.from_numpy(inverse)).float()
+    clipped = torch.div(t, t.square().add_(1.0).sqrt_())
+    saturated = t.abs() >= _CLIP_SATURATED
+    if bool(saturated.any()):
+        clipped = torch.where(saturated, torch.sign(t), clipped)
+    return clipped.mul_(SMOOTH_CLIP).numpy()

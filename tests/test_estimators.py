@@ -15,6 +15,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from sklearn_moe import MoEClassifier, MoERegressor
+from sklearn_moe._base import _PREDICT_BATCH_SIZE
 from sklearn_moe.nn import MixtureOfExperts
 
 from .conftest import FAST
@@ -271,13 +272,14 @@ def test_predictions_do_not_depend_on_the_batch(estimator_class, extra):
 
 
 def test_predictions_beyond_one_internal_chunk(fitted):
-    # Prediction runs in chunks of 8192 rows; more rows than that must not change anything.
+    # Prediction runs in chunks of _PREDICT_BATCH_SIZE rows; more rows must not change anything.
     model, X, _ = fitted
-    index = np.arange(9000) % len(X)
+    n_rows = _PREDICT_BATCH_SIZE + 808
+    index = np.arange(n_rows) % len(X)
     big = _predictions(model, X[index])
     small = _predictions(model, X)
     for name, values in big.items():
-        assert len(values) == 9000
+        assert len(values) == n_rows
         if values.dtype.kind == "f":
             np.testing.assert_allclose(values, small[name][index], rtol=1e-5, atol=1e-6, err_msg=name)
         else:

@@ -909,3 +909,70 @@ def test_inference_methods_match_forward_in_eval(router):
     torch.testing.assert_close(module.predict(x), full.output, rtol=0, atol=0)
     torch.testing.assert_close(module.route(x), full.gates, rtol=0, atol=0)
     torch.testing.assert_close(module.route(x).sum(dim=1), torch.ones(30))
+
+
+# ---------------------------------------------------------------------------------------
+# unpadded evaluation: each expert on its own contiguous rows
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
+@pytest.mark.parametrize("expert_hidden,layer_norm", [((), False), ((6,), False), ((6, 6), True), ((6, 6, 4), False)])
+def test_forward_sorted_equals_each_expert_alone(expert_hidden, layer_norm, activation):
+    torch.manual_seed(0)
+    experts = StackedExperts(3, 4, 2, expert_hidden=expert_hidden, layer_norm=layer_norm, activation=activation)
+    counts = [5, 0, 7]
+    x = torch.randn(sum(counts), 4)
+    by_expert = [experts(x[start:start + c].unsqueeze(0).expand(3, -1, -1))[e]
+                 for e, (start, c) in enumerate(zip((0, 5, 5), counts))]
+    expected = torch.cat(by_expert)
+    with_grad = experts.forward_sorted(x, counts)
+    with torch.no_grad():  # the in-place path
+        without_grad = experts.forward_sorted(x, counts)
+    torch.testing.assert_close(with_grad, expected)
+    torch.testing.assert_close(without_grad, expected)
+    assert experts.forward_sorted(x[:0], [0, 0, 0]).shape == (0, 2)
+
+
+def test_forward_sorted_trains_the_experts_it_uses():
+    torch.manual_seed(0)
+    experts = StackedExperts(3, 4, 1, expert_hidden=(6,))
+    experts.forward_sorted(torch.randn(4, 4), [4, 0, 0]).sum().backward()
+    assert experts.output.weight.grad[0].abs().sum() > 0
+    assert experts.output.weight.grad[1:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("router", ["topk", "top_p", "hierarchical"])
+def test_unpadded_dispatch_equals_padded(router):
+    module = make_moe(router=router, n_experts=4, top_k=2, expert_hidden=(8, 8), layer_norm=True).eval()
+    skew_router(module, bias=0.5)  # uneven counts: padding has something to pad
+    x = inputs(300)
+    routing = module.router(x)
+    plan = plan_dispatch(routing.indices, routing.weights, 4, active=routing.active, staircase=False)
+    padded = dispatch_combine(x, module.experts, plan, 2)
+    unpadded = dispatch_combine(x, module.experts, plan, 2, unpadded=True)
+    torch.testing.assert_close(unpadded, padded)
+
+
+def test_large_eval_batches_run_unpadded_with_the_same_predictions(monkeypatch):
+    import sklearn_moe.nn.moe as moe_module
+
+    module = make_moe(n_experts=3, top_k=2, expert_hidden=(8, 8)).eval()
+    x = inputs(moe_module.UNPADDED_EVAL_MIN_ROWS * 3)  # exactly at the threshold
+    calls = []
+    original = StackedExperts.forward_sorted
+    monkeypatch.setattr(StackedExperts, "forward_sorted",
+                        lambda self, *args: calls.append(1) or original(self, *args))
+    with torch.inference_mode():
+        large = module.predict(x)
+    assert calls, "a batch with enough rows per expert must take the unpadded path"
+    calls.clear()
+    with torch.inference_mode():
+        small = torch.cat([module.predict(x[i:i + 16]) for i in range(0, len(x), 16)])
+    assert not calls
+    torch.testing.assert_close(large, small, rtol=1e-5, atol=1e-6)
+    with pytest.warns(RuntimeWarning, match=r"Expert\(s\) \[1\]"):  # failure masking holds here too
+        with torch.no_grad():
+            module.experts.output.bias[1] = float("nan")
+            masked = module.predict(x)
+    assert torch.isfinite(masked).all()

@@ -10,9 +10,12 @@ uneven (at initialisation the busiest of 64 experts can get 2.5x the mean). In t
 buffer is therefore a staircase of at most :data:`MAX_GROUPS` blocks (:func:`plan_layout`):
 the first holds the first ``t_1`` slots of every expert, with the weights used in place;
 each further block tops up only the experts that have more assignments, over their gathered
-weights. Evaluation uses one block padded to the busiest expert, which keeps every row's
-output bit-for-bit independent of its batch; so does training on a GPU, where the extra
-blocks' kernel launches cost more than the padding's arithmetic.
+weights. Training on a GPU uses one block padded to the busiest expert, where the extra
+blocks' kernel launches cost more than the padding's arithmetic. Evaluation pads in one
+block too when the experts have few rows each; with many (large prediction batches) each
+expert runs on its own contiguous rows with no padding at all (``unpadded=True`` of
+:func:`dispatch_combine`). Either way a row's output does not depend on the rows beside
+it, up to float rounding: matmuls of other shapes can round differently in the last bit.
 
 An expert output that is not finite (a diverged expert) is masked: the (row, expert)
 assignment gets weight 0, the row's other weights are renormalised, and a
@@ -174,9 +177,7 @@ def plan_dispatch(
     staircase : bool, default=True
         Lay the buffer out as :func:`plan_layout`'s blocks when there are at least
         :data:`STAIRCASE_MIN_ASSIGNMENTS` assignments and one block would pad them by more
-        than 25%; False always pads every expert to the busiest one in one block. Matmuls
-        of other shapes round differently in the last bits, so only the single block makes
-        a row's output exactly independent of the rows beside it (what prediction needs).
+        than 25%; False always pads every expert to the busiest one in one block.
     """
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
@@ -206,7 +207,8 @@ def plan_dispatch(
         # A row whose kept experts all have underflowed (zero) weights would divide 0 by 0.
         flat_weights = flat_weights / totals[flat_rows].clamp_min(torch.finfo(flat_weights.dtype).tiny)
     order = torch.argsort(flat_experts, stable=True)
-    rows, experts, expert_weights = flat_rows[order], flat_experts[order], flat_weights[order]
+    rows, experts = flat_rows.index_select(0, order), flat_experts.index_select(0, order)
+    expert_weights = flat_weights.index_select(0, order)
     kept_counts = torch.bincount(experts, minlength=n_experts)
     slots = _rank_in_sorted(experts, kept_counts)
     n_slots = int(kept_counts.max()) if experts.numel() else 0
@@ -299,7 +301,7 @@ def _reroute(rows, weights, indices, active, ranking, room):
 
 
 def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
-                     grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+                     grad_scale: torch.Tensor | None = None, unpadded: bool = False) -> torch.Tensor:
     """Run the experts on their assigned rows and return the gate-weighted sum per row.
 
     Parameters
@@ -312,20 +314,20 @@ def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPl
     grad_scale : Tensor of shape (n_experts,), optional
         Multiplies the gradient reaching each expert's output (hence its parameters);
         the forward value is unchanged.
+    unpadded : bool, default=False
+        Ignore the plan's buffer layout and run each expert on its contiguous run of the
+        expert-sorted rows (:meth:`StackedExperts.forward_sorted`): no padding, one call per
+        expert. For evaluation with many rows per expert.
 
     Returns
     -------
     Tensor of shape (n, n_outputs)
     """
-    buffer = x.new_zeros(sum(g.n_experts * g.n_slots for g in plan.groups), x.shape[1])
-    buffer = buffer.index_put((plan.positions,), x[plan.rows])
-    blocks = [buffer[g.offset:g.offset + g.n_experts * g.n_slots].view(g.n_experts, g.n_slots, -1)
-              for g in plan.groups]
-    if blocks:
-        outputs = [block.reshape(-1, block.shape[-1]) for block in experts(blocks, [g.experts for g in plan.groups])]
-        expert_out = (torch.cat(outputs) if len(outputs) > 1 else outputs[0])[plan.positions]
+    if unpadded:
+        kept_counts = torch.bincount(plan.experts, minlength=plan.counts.shape[0])
+        expert_out = experts.forward_sorted(x.index_select(0, plan.rows), kept_counts.tolist())
     else:
-        expert_out = x.new_zeros(0, n_outputs)
+        expert_out = _run_blocks(x, experts, plan, n_outputs)
     if grad_scale is not None:
         expert_out = scale_gradient(expert_out, grad_scale[plan.experts].unsqueeze(1))
     weights = plan.weights.to(expert_out.dtype)
@@ -338,6 +340,18 @@ def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPl
         weights = weights / totals[plan.rows].clamp_min(torch.finfo(weights.dtype).tiny)
     weighted = expert_out * weights.unsqueeze(1)
     return expert_out.new_zeros(x.shape[0], n_outputs).index_add(0, plan.rows, weighted)
+
+
+def _run_blocks(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int) -> torch.Tensor:
+    """The experts' outputs for the plan's assignments, in plan order, through its padded blocks."""
+    buffer = x.new_zeros(sum(g.n_experts * g.n_slots for g in plan.groups), x.shape[1])
+    buffer = buffer.index_put((plan.positions,), x.index_select(0, plan.rows))
+    blocks = [buffer[g.offset:g.offset + g.n_experts * g.n_slots].view(g.n_experts, g.n_slots, -1)
+              for g in plan.groups]
+    if not blocks:
+        return x.new_zeros(0, n_outputs)
+    outputs = [block.reshape(-1, block.shape[-1]) for block in experts(blocks, [g.experts for g in plan.groups])]
+    return (torch.cat(outputs) if len(outputs) > 1 else outputs[0])[plan.positions]
 
 
 class _ScaleGradient(torch.autograd.Function):
