@@ -228,14 +228,19 @@ def _staircase_positions(thresholds: list[int], kept: np.ndarray, experts: torch
     """Buffer rows of the assignments, and the blocks, of :func:`plan_layout`'s staircase
     over the kept counts per expert ``kept``."""
     n_experts, device = kept.shape[0], experts.device
+    # The upper blocks hold the experts busiest first, so that each block's experts are the
+    # leading ones of the block below: their weights are gathered once, as one tensor.
+    busiest_first = np.argsort(-kept, kind="stable")
+    upper_ids = torch.as_tensor(busiest_first, device=device)
     groups, bases, offset, first_slot = [], [], 0, 0
     for level, threshold in enumerate(thresholds):
-        members = np.arange(n_experts) if level == 0 else np.flatnonzero(kept > first_slot)
+        n_members = n_experts if level == 0 else int((kept > first_slot).sum())
+        members = np.arange(n_experts) if level == 0 else busiest_first[:n_members]
         width = threshold - first_slot
         base = np.zeros(n_experts, dtype=np.int64)
-        base[members] = offset + np.arange(members.shape[0]) * width - first_slot
+        base[members] = offset + np.arange(n_members) * width - first_slot
         bases.append(base)
-        ids = None if level == 0 else torch.as_tensor(members, device=device)
+        ids = None if level == 0 else upper_ids[:n_members]
         if width > 0:  # the first block is empty when gathering the busy experts beats padding
             groups.append(ExpertGroup(ids, members.shape[0], first_slot, width, offset))
         offset, first_slot = offset + members.shape[0] * width, threshold

@@ -69,21 +69,42 @@ class StackedLinear(nn.Module):
 class _SelectExperts(torch.autograd.Function):
     """``[stacked if ids is None else stacked[ids] for ids in block_experts]``, whose
     backward adds the blocks' gradients into one tensor, where ``index_select``'s would
-    scatter each into a zero tensor of the full size."""
+    scatter each into a zero tensor of the full size.
+
+    Index tensors that are prefixes of an earlier one (views of its first entries, as the
+    staircase's nested blocks are) share its gathered copy instead of copying again.
+    """
 
     @staticmethod
     def forward(ctx, stacked, *block_experts):
         ctx.block_experts = block_experts
         ctx.n_experts = stacked.shape[0]
-        return tuple(stacked if ids is None else stacked.index_select(0, ids) for ids in block_experts)
+        ctx.prefix_of = _prefix_sources(block_experts)
+        selected = []
+        for ids, source in zip(block_experts, ctx.prefix_of):
+            if ids is None:
+                selected.append(stacked)
+            elif source is None:
+                selected.append(stacked.index_select(0, ids))
+            else:
+                selected.append(selected[source].narrow(0, 0, ids.shape[0]))
+        return tuple(selected)
 
     @staticmethod
     def backward(ctx, *grads):
+        grads = list(grads)
+        # Fold a prefix block's gradient into its source's (a fresh matmul gradient) first.
+        for index in reversed(range(len(grads))):
+            source = ctx.prefix_of[index]
+            if source is not None:
+                grads[source][:grads[index].shape[0]] += grads[index]
         # Block 0's gradient is a fresh tensor that nothing else holds (the matmul's weight
         # gradient): adding the other blocks into it in place saves a full-size copy, which
         # at 64 experts costs as much as the blocks' matmuls.
         total = None
-        for ids, grad in zip(ctx.block_experts, grads):
+        for ids, grad, source in zip(ctx.block_experts, grads, ctx.prefix_of):
+            if source is not None:
+                continue
             if total is None:
                 total = grad if ids is None else grad.new_zeros(ctx.n_experts, *grad.shape[1:]).index_add_(0, ids, grad)
             elif ids is None:
@@ -91,6 +112,22 @@ class _SelectExperts(torch.autograd.Function):
             else:
                 total.index_add_(0, ids, grad)
         return (total, *(None for _ in ctx.block_experts))
+
+
+def _prefix_sources(block_experts) -> list[int | None]:
+    """For each index tensor, the earlier block whose index tensor it is a leading view of."""
+    sources: list[int | None] = []
+    for i, ids in enumerate(block_experts):
+        source = None
+        if ids is not None:
+            for j in range(i):
+                earlier = block_experts[j]
+                if (earlier is not None and sources[j] is None and ids.shape[0] <= earlier.shape[0]
+                        and ids.data_ptr() == earlier.data_ptr() and ids.stride() == earlier.stride()):
+                    source = j
+                    break
+        sources.append(source)
+    return sources
 
 
 def select_experts(stacked: torch.Tensor, block_experts: list[torch.Tensor | None]) -> list[torch.Tensor]:
