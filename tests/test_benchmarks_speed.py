@@ -1,0 +1,52 @@
+"""The speed benchmark's measuring code (not its numbers: no timing is asserted)."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import speed
+
+
+def test_expert_scaling_reports_every_count_relative_to_the_first():
+    result = speed.expert_scaling(batch_size=64, n_features=4, expert_hidden=(8,), expert_counts=(2, 4),
+                                  rounds=2)
+    rows = result["rows"]
+    assert [row["n_experts"] for row in rows] == [2, 4]
+    assert rows[0]["forward_backward_ratio"] == 1.0 and rows[0]["full_step_ratio"] == 1.0
+    for row in rows:
+        assert row["forward_backward_ms"] > 0 and row["full_step_ms"] > 0 and row["router_ms"] > 0
+        assert row["busiest_expert_over_mean"] >= 1.0
+
+
+def test_block_medians_times_each_step_in_blocks_after_an_untimed_call():
+    calls = {"a": 0, "b": 0}
+    order = []
+
+    def step(name):
+        def run():
+            calls[name] += 1
+            order.append(name)
+        return run
+
+    medians = speed._block_medians({"a": step("a"), "b": step("b")}, blocks=2, calls=3)
+    assert set(medians) == {"a", "b"} and all(value >= 0 for value in medians.values())
+    assert calls == {"a": 8, "b": 8}  # 2 blocks x (1 untimed + 3 timed)
+    assert order == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4
+
+
+def test_predict_speed_compares_both_models():
+    result = speed.predict_speed(n_features=4, hidden=(8,), n_fit=200, n_throughput=500, n_latency=3)
+    assert set(result["single_row_latency_ms"]) == {"MoERegressor", "MLPRegressor"}
+    assert result["latency_ratio"] > 0 and result["throughput_ratio"] > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS restart is Linux's /proc")
+def test_peak_memory_counts_what_is_allocated_after_the_restart():
+    if not speed._reset_peak_rss():
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    before = speed._status_kib("VmRSS")
+    block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched
+    added_mib = (speed._status_kib("VmHWM") - before) / 1024
+    del block
+    assert 60 <= added_mib < 200
