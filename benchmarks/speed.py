@@ -91,10 +91,12 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
                    top_k: int = 2, expert_counts=EXPERT_COUNTS, rounds: int = 30, device: str = "cpu") -> dict:
     """Seconds per training step of a MixtureOfExperts, per n_experts.
 
-    Three timings each: forward+backward, the full step (with zeroing gradients and a
-    fused AdamW update) and the router's forward+backward alone. The modules are freshly
-    initialised (routing as uneven as at the start of training) and in training mode, with
-    the Switch balance and z-loss terms in the loss.
+    Four timings each: forward+backward, the full step (with a fused AdamW update) and the
+    router's forward+backward alone; and, as the floor that dispatch cannot beat, the
+    experts' forward+backward alone on a perfectly balanced buffer (every expert
+    ``batch_size * top_k / n_experts`` rows, no routing, no dispatch). The modules are
+    freshly initialised (routing as uneven as at the start of training) and in training
+    mode, with the Switch balance and z-loss terms in the loss.
     """
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
@@ -124,9 +126,17 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
             routing = module.router(x)
             (routing.weights.sum() + routing.probs.square().sum()).backward()
 
+        balanced = torch.randn(n_experts, batch_size * top_k // n_experts, n_features, generator=generator).to(device)
+        balanced_grad = torch.randn(n_experts, balanced.shape[1], 1, generator=generator).to(device)
+
+        def balanced_experts_step(module=module, balanced=balanced, balanced_grad=balanced_grad):
+            module.zero_grad(set_to_none=True)
+            module.experts(balanced).backward(balanced_grad)
+
         steps["forward_backward", n_experts] = forward_backward
         steps["full_step", n_experts] = full_step
         steps["router", n_experts] = router_step
+        steps["balanced_experts", n_experts] = balanced_experts_step
         counts[n_experts] = module(x).expert_counts.cpu()
     medians = _interleaved_medians(steps, rounds=rounds, warmup=3, device=device)
     first = expert_counts[0]
@@ -140,6 +150,8 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
             "full_step_ms": 1e3 * medians["full_step", n_experts],
             "full_step_ratio": medians["full_step", n_experts] / medians["full_step", first],
             "router_ms": 1e3 * medians["router", n_experts],
+            "balanced_experts_alone_ms": 1e3 * medians["balanced_experts", n_experts],
+            "balanced_experts_alone_ratio": medians["balanced_experts", n_experts] / medians["balanced_experts", first],
             "busiest_expert_over_mean": float(load.max() / load.mean()),
         })
     return {
@@ -159,11 +171,12 @@ def _print_scaling(result: dict) -> None:
           f"{config['n_features']} features, expert_hidden={tuple(config['expert_hidden'])}, {result['device']}")
     print(f"# {result['machine']}")
     print("| n_experts | forward+backward (ms) | ratio | full step (ms) | ratio | router alone (ms) | "
-          "busiest expert / mean |")
-    print("|---|---|---|---|---|---|---|")
+          "balanced experts alone (ms) | ratio | busiest expert / mean |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         print(f"| {row['n_experts']} | {row['forward_backward_ms']:.2f} | {row['forward_backward_ratio']:.2f}x | "
               f"{row['full_step_ms']:.2f} | {row['full_step_ratio']:.2f}x | {row['router_ms']:.2f} | "
+              f"{row['balanced_experts_alone_ms']:.2f} | {row['balanced_experts_alone_ratio']:.2f}x | "
               f"{row['busiest_expert_over_mean']:.2f} |")
 
 

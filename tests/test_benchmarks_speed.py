@@ -16,7 +16,8 @@ def test_expert_scaling_reports_every_count_relative_to_the_first():
     assert rows[0]["forward_backward_ratio"] == 1.0 and rows[0]["full_step_ratio"] == 1.0
     for row in rows:
         assert row["forward_backward_ms"] > 0 and row["full_step_ms"] > 0 and row["router_ms"] > 0
-        assert row["busiest_expert_over_mean"] >= 1.0
+        assert row["busiest_expert_over_mean"] >= 1.0 and row["balanced_experts_alone_ms"] > 0
+    assert rows[0]["balanced_experts_alone_ratio"] == 1.0
 
 
 def test_block_medians_times_each_step_in_blocks_after_an_untimed_call():
