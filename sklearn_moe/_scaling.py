@@ -120,4 +120,4 @@ def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.nda
     saturated = t.abs() >= _CLIP_SATURATED
     if bool(saturated.any()):
         clipped = torch.where(saturated, torch.sign(t), clipped)
-    return clipped.mul_(SMOOTH_CLIP).numpy()
+    return clipped.mul_(SMOOTH_CLIP).contiguous().numpy()

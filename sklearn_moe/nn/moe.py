@@ -16,10 +16,11 @@ from .routers import make_router
 # experts weighted 0): a padded dispatch block has a slot per expert anyway, and skipping
 # the sort-based dispatch takes about a third off a 1-row prediction.
 DENSE_EVAL_MAX_ROWS = 4
-# In evaluation, when the experts average at least this many assignments, each runs on its
-# own rows with no padding (one matmul per expert and layer): padding every expert to the
-# busiest one can double the work or worse, while the per-expert calls cost little next to
-# matmuls this tall (at 8 experts, 16k rows predict 3.7x faster; see benchmarks/speed.py).
+# In evaluation on the CPU, when the experts average at least this many assignments, each
+# runs on its own rows with no padding (one matmul per expert and layer): padding every
+# expert to the busiest one can double the work or worse, while the per-expert calls cost
+# little next to matmuls this tall (at 8 experts, 16k rows predict 3.7x faster). A GPU keeps
+# the padded batched matmul, where each extra call is a kernel launch.
 UNPADDED_EVAL_MIN_ROWS = 64
 
 
@@ -261,7 +262,8 @@ class MixtureOfExperts(nn.Module):
             plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active,
                                  self.capacity_overflow, ranking, staircase=self.training and x.device.type == "cpu")
             grad_scale = self._grad_scale(plan.counts) if self.training and self.expert_grad_scaling else None
-            unpadded = not self.training and plan.rows.shape[0] >= UNPADDED_EVAL_MIN_ROWS * self.n_experts
+            unpadded = (not self.training and x.device.type == "cpu"
+                        and plan.rows.shape[0] >= UNPADDED_EVAL_MIN_ROWS * self.n_experts)
             output = dispatch_combine(x, self.experts, plan, self.n_outputs, grad_scale, unpadded)
             plan_counts = plan.counts
             n_dropped = plan.counts.sum() - plan.rows.shape[0]
