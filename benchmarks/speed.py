@@ -298,20 +298,24 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _peak_kib() -> int:
+    """This process's peak resident memory so far, in KiB (``VmHWM`` where Linux has it)."""
+    peak = _status_kib("VmHWM")
+    if peak is not None:
+        return peak
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def _peak_memory_child(kind: str, n_rows: int, n_features: int, queue) -> None:
     X, y = _regression_data(n_rows, n_features)
     # The peak of the fit alone: imports and data generation can pass through a higher
-    # transient peak than the fit reaches, so the count restarts here. getrusage's
+    # transient peak than the fit reaches, so the count restarts here where it can (else
+    # the fit's "added" memory is what it adds above that earlier peak). getrusage's
     # ru_maxrss cannot be restarted and even carries the parent's peak over into a
     # spawned child.
-    if _reset_peak_rss() and _status_kib("VmHWM") is not None:
-        before = _status_kib("VmRSS")
-        peak = lambda: _status_kib("VmHWM")  # noqa: E731
-    else:
-        import resource
-
-        peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # noqa: E731
-        before = peak()
+    before = _status_kib("VmRSS") if _reset_peak_rss() else _peak_kib()
     if kind == "MoERegressor":
         MoERegressor(max_epochs=2, random_state=0, device="cpu").fit(X, y)
     elif kind == "MLPRegressor":
@@ -320,7 +324,7 @@ def _peak_memory_child(kind: str, n_rows: int, n_features: int, queue) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             MLPRegressor(hidden_layer_sizes=(128, 128), max_iter=2, random_state=0).fit(X, y)
-    queue.put((before, peak()))
+    queue.put((before, _peak_kib()))
 
 
 def peak_memory(n_rows: int = 100_000, n_features: int = 32) -> dict:

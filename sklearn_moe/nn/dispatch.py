@@ -83,6 +83,9 @@ class DispatchPlan(NamedTuple):
         Row of the assignment in the flat dispatch buffer.
     groups : tuple of ExpertGroup
         The buffer's blocks, in buffer order.
+    kept_counts : Tensor of shape (n_experts,), int64
+        Assignments per expert after the capacity cap: the lengths of the expert runs of
+        ``rows``.
     """
 
     rows: torch.Tensor
@@ -93,6 +96,7 @@ class DispatchPlan(NamedTuple):
     n_slots: int
     positions: torch.Tensor
     groups: tuple[ExpertGroup, ...]
+    kept_counts: torch.Tensor
 
 
 def expert_capacity(capacity_factor: float, n_rows: int, top_k: int, n_experts: int) -> int:
@@ -220,10 +224,11 @@ def plan_dispatch(
     # with much padding to save.
     if not staircase or n_kept < STAIRCASE_MIN_ASSIGNMENTS or n_experts * n_slots <= 1.25 * n_kept:
         groups = (ExpertGroup(None, n_experts, 0, n_slots, 0),) if n_slots else ()
-        return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, experts * n_slots + slots, groups)
+        return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, experts * n_slots + slots, groups,
+                            kept_counts)
     kept = kept_counts.cpu().numpy()
     positions, groups = _staircase_positions(plan_layout(kept), kept, experts, slots)
-    return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, positions, groups)
+    return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, positions, groups, kept_counts)
 
 
 def _staircase_positions(thresholds: list[int], kept: np.ndarray, experts: torch.Tensor,
@@ -332,8 +337,7 @@ def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPl
     Tensor of shape (n, n_outputs)
     """
     if unpadded:
-        kept_counts = torch.bincount(plan.experts, minlength=plan.counts.shape[0])
-        expert_out = experts.forward_sorted(x.index_select(0, plan.rows), kept_counts.tolist())
+        expert_out = experts.forward_sorted(x.index_select(0, plan.rows), plan.kept_counts.tolist())
     else:
         expert_out = _run_blocks(x, experts, plan, n_outputs)
     if grad_scale is not None:
