@@ -4,7 +4,9 @@ All ``n_experts`` experts share one architecture. Their parameters are stacked a
 leading expert axis: a linear layer holds ``weight`` of shape ``(n_experts, in, out)`` and
 ``bias`` of shape ``(n_experts, out)``. :meth:`StackedExperts.forward` takes a padded
 input of shape ``(n_experts, rows, in)`` (row ``r`` of slice ``e`` goes through expert
-``e``) and runs each layer as a single :func:`torch.baddbmm`.
+``e``) and runs each layer as a single :func:`torch.baddbmm`. A layer with fewer than
+:data:`NARROW_MAX_OUTPUTS` outputs (a regression output, a few classes) runs its products
+transposed, so that the rows are the matmuls' long side (see :func:`batched_linear`).
 
 Dispatch can also pass a list of blocks, each with the experts it holds (``None``: all of
 them, weights used in place; else an index tensor, weights gathered): each block runs as
@@ -38,6 +40,45 @@ IN_PLACE_ACTIVATIONS = {
 }
 
 
+NARROW_MAX_OUTPUTS = 16
+
+
+def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``baddbmm(bias.unsqueeze(1), x, weight)``: ``(n, rows, in) -> (n, rows, out)``.
+
+    With fewer than :data:`NARROW_MAX_OUTPUTS` outputs, a batched matmul whose result is
+    a thin column block runs several times slower than its arithmetic on CPU (at one
+    output and 128 inputs, a forward and backward cost as much as a 32x128 layer's). Such
+    layers compute the same products transposed instead, with the rows as the long side:
+    ``weight^T x^T`` forward, ``grad^T x`` for the weight gradient, and for one output the
+    input gradient as an outer product.
+    """
+    if weight.shape[-1] >= NARROW_MAX_OUTPUTS:
+        return torch.baddbmm(bias.unsqueeze(1), x, weight)
+    return _NarrowBatchedLinear.apply(x, weight, bias)
+
+
+class _NarrowBatchedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        out = torch.baddbmm(bias.unsqueeze(2), weight.transpose(1, 2), x.transpose(1, 2))
+        return out.transpose(1, 2).contiguous()  # a no-op copy at one output
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight_t = weight.transpose(1, 2)
+            grad_x = grad * weight_t if weight.shape[2] == 1 else torch.bmm(grad, weight_t)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.bmm(grad.transpose(1, 2), x).transpose(1, 2).contiguous()
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=1)
+        return grad_x, grad_weight, grad_bias
+
+
 class StackedLinear(nn.Module):
     """``n_experts`` independent linear layers applied as one batched matmul.
 
@@ -63,7 +104,7 @@ class StackedLinear(nn.Module):
         """Map each block ``(n_j, rows_j, in)`` to ``(n_j, rows_j, out)`` (see the module docstring)."""
         weights = select_experts(self.weight, block_experts)
         biases = select_experts(self.bias, block_experts)
-        return [torch.baddbmm(b.unsqueeze(1), x, w) for x, w, b in zip(blocks, weights, biases)]
+        return [batched_linear(x, w, b) for x, w, b in zip(blocks, weights, biases)]
 
 
 class _SelectExperts(torch.autograd.Function):
