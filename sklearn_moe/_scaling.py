@@ -15,6 +15,7 @@ SMOOTH_CLIP = 3.0
 _CLIP_SATURATED = 1e8
 # Inputs with at least this many values are scaled with torch's threaded kernels.
 _THREADED_MIN_SIZE = 1 << 15
+_BLOCK_VALUES = 1 << 18
 
 
 # The interquartile range of a normal distribution is 1.349 standard deviations.
@@ -115,9 +116,16 @@ def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.nda
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only input: it is only read
         x = torch.as_tensor(np.asarray(X))
-    t = x.to(torch.float64, copy=True).sub_(torch.from_numpy(mean)).mul_(torch.from_numpy(inverse)).float()
-    clipped = torch.div(t, t.square().add_(1.0).sqrt_())
-    saturated = t.abs() >= _CLIP_SATURATED
-    if bool(saturated.any()):
-        clipped = torch.where(saturated, torch.sign(t), clipped)
-    return clipped.mul_(SMOOTH_CLIP).contiguous().numpy()
+    mean, inverse = torch.from_numpy(mean), torch.from_numpy(inverse)
+    scaled = torch.empty(x.shape, dtype=torch.float32)
+    # Row blocks of ~1 MiB: the six passes over a block then run in cache (a third faster
+    # than over the whole array at 100k x 32).
+    rows = max(1, _BLOCK_VALUES // max(1, x.shape[1]))
+    for start in range(0, x.shape[0], rows):
+        t = x[start:start + rows].to(torch.float64, copy=True).sub_(mean).mul_(inverse).float()
+        clipped = torch.div(t, t.square().add_(1.0).sqrt_())
+        saturated = t.abs() >= _CLIP_SATURATED
+        if bool(saturated.any()):
+            clipped = torch.where(saturated, torch.sign(t), clipped)
+        torch.mul(clipped, SMOOTH_CLIP, out=scaled[start:start + rows])
+    return scaled.numpy()

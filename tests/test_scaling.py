@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from sklearn_moe._scaling import (
+    _BLOCK_VALUES,
     SMOOTH_CLIP,
     fit_robust_scaler,
     fit_standardizer,
@@ -61,17 +62,19 @@ def test_scale_features_maps_overflowing_outliers_to_the_clip_bound():
 
 @pytest.mark.parametrize("layout", ["C", "F", "strided", "read-only", "float32"])
 def test_large_inputs_scale_with_torch_like_small_ones_with_numpy(layout):
-    # At least _THREADED_MIN_SIZE values go through torch; fewer through numpy. Same formula,
-    # the same to the last float32 bit up to torch's vectorised square root.
+    # At least _THREADED_MIN_SIZE values go through torch, in row blocks of _BLOCK_VALUES
+    # (this input spans three); fewer through numpy. Same formula, the same to the last
+    # float32 bit up to torch's vectorised square root.
     rng = np.random.RandomState(0)
-    X = rng.normal(size=(4000, 16)) * np.logspace(-3, 6, 16) + 7.0
-    X[0, :3] = [1e300, -1e30, 3e38]  # saturated: exactly +-SMOOTH_CLIP on both paths
-    center, scale = np.median(X, axis=0), np.std(X[1:], axis=0)
-    in_pieces = np.concatenate([scale_features(X[i:i + 500], center, scale) for i in range(0, 4000, 500)])
+    n_rows = 2 * _BLOCK_VALUES // 16 + 500
+    X = rng.normal(size=(n_rows, 16)) * np.logspace(-3, 6, 16) + 7.0
+    X[0, :3] = X[-1, :3] = [1e300, -1e30, 3e38]  # saturated: exactly +-SMOOTH_CLIP on both paths
+    center, scale = np.median(X, axis=0), np.std(X[1:-1], axis=0)
+    in_pieces = np.concatenate([scale_features(X[i:i + 500], center, scale) for i in range(0, n_rows, 500)])
     if layout == "float32":
-        X[0, 0] = 3e38  # float32's range
+        X[0, 0] = X[-1, 0] = 3e38  # float32's range
         A = X.astype(np.float32)
-        in_pieces = np.concatenate([scale_features(A[i:i + 500], center, scale) for i in range(0, 4000, 500)])
+        in_pieces = np.concatenate([scale_features(A[i:i + 500], center, scale) for i in range(0, n_rows, 500)])
     else:
         A = {"C": X, "F": np.asfortranarray(X), "strided": np.repeat(X, 2, axis=0)[::2], "read-only": X.copy()}[layout]
     if layout == "read-only":
@@ -79,5 +82,5 @@ def test_large_inputs_scale_with_torch_like_small_ones_with_numpy(layout):
     whole = scale_features(A, center, scale)
     assert whole.dtype == np.float32 and whole.flags["C_CONTIGUOUS"]
     np.testing.assert_allclose(whole, in_pieces, rtol=2e-7, atol=1e-7)
-    np.testing.assert_array_equal(whole[0, :2], [SMOOTH_CLIP, -SMOOTH_CLIP])
+    np.testing.assert_array_equal(whole[[0, -1], :2], [[SMOOTH_CLIP, -SMOOTH_CLIP]] * 2)
     assert np.abs(whole).max() <= SMOOTH_CLIP
