@@ -41,6 +41,7 @@ IN_PLACE_ACTIVATIONS = {
 
 
 NARROW_MAX_OUTPUTS = 16
+NARROW_MIN_ROWS = 256
 
 
 def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -51,19 +52,26 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     output and 128 inputs, a forward and backward cost as much as a 32x128 layer's). Such
     layers compute the same products transposed instead, with the rows as the long side:
     ``weight^T x^T`` forward, ``grad^T x`` for the weight gradient, and for one output the
-    input gradient as an outer product.
+    input gradient as an outer product. Below :data:`NARROW_MIN_ROWS` rows in all (a
+    one-row prediction) the plain call is cheaper than the rearrangement.
     """
-    if weight.shape[-1] >= NARROW_MAX_OUTPUTS:
+    if weight.shape[-1] >= NARROW_MAX_OUTPUTS or x.shape[0] * x.shape[1] < NARROW_MIN_ROWS:
         return torch.baddbmm(bias.unsqueeze(1), x, weight)
-    return _NarrowBatchedLinear.apply(x, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return _NarrowBatchedLinear.apply(x, weight, bias)
+    return _narrow_forward(x, weight, bias)
+
+
+def _narrow_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    out = torch.baddbmm(bias.unsqueeze(2), weight.transpose(1, 2), x.transpose(1, 2))
+    return out.transpose(1, 2).contiguous()  # a no-op copy at one output
 
 
 class _NarrowBatchedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
-        out = torch.baddbmm(bias.unsqueeze(2), weight.transpose(1, 2), x.transpose(1, 2))
-        return out.transpose(1, 2).contiguous()  # a no-op copy at one output
+        return _narrow_forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
