@@ -545,6 +545,25 @@ def test_batched_linear_value_and_gradients_match_baddbmm(n_outputs, n_rows):
         torch.testing.assert_close(batched_linear(x, weight, bias), expected)
 
 
+@pytest.mark.parametrize("n_outputs", [1, 3])
+def test_batched_linear_narrow_under_bf16_autocast_matches_baddbmm(n_outputs):
+    # Autocast runs the products in bfloat16; the gradients come back in float32, as
+    # autocast's own casts around baddbmm return them.
+    torch.manual_seed(0)
+    leaves = [torch.randn(2, NARROW_MIN_ROWS, 8), torch.randn(2, 8, n_outputs), torch.randn(2, n_outputs)]
+    grad = torch.randn(2, NARROW_MIN_ROWS, n_outputs)
+    results = []
+    for linear in (batched_linear, lambda x, w, b: torch.baddbmm(b.unsqueeze(1), x, w)):
+        x, weight, bias = (leaf.clone().requires_grad_() for leaf in leaves)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = linear(x, weight, bias)
+        out.backward(grad.to(out.dtype))
+        results.append((out, x.grad, weight.grad, bias.grad))
+    for ours, reference in zip(*results):
+        assert ours.dtype == reference.dtype
+        torch.testing.assert_close(ours, reference, rtol=2e-2, atol=5e-2)
+
+
 def test_batched_linear_narrow_weight_gradient_alone():
     # Only the weight needs a gradient (frozen input and bias): x^T grad, per slice.
     x = torch.randn(2, NARROW_MIN_ROWS, 3)

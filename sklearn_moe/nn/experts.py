@@ -71,19 +71,23 @@ class _NarrowBatchedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
+        ctx.bias_dtype = bias.dtype
         return _narrow_forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        # Under autocast the products ran in grad's (lower) precision; each gradient goes
+        # back in its input's own dtype, as autocast's casts would return it.
+        x_low, weight_low = x.to(grad.dtype), weight.to(grad.dtype)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight_t = weight.transpose(1, 2)
-            grad_x = grad * weight_t if weight.shape[2] == 1 else torch.bmm(grad, weight_t)
+            weight_t = weight_low.transpose(1, 2)
+            grad_x = (grad * weight_t if weight.shape[2] == 1 else torch.bmm(grad, weight_t)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = torch.bmm(grad.transpose(1, 2), x).transpose(1, 2).contiguous()
+            grad_weight = torch.bmm(grad.transpose(1, 2), x_low).transpose(1, 2).to(weight.dtype).contiguous()
         if ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(dim=1)
+            grad_bias = grad.sum(dim=1, dtype=ctx.bias_dtype)
         return grad_x, grad_weight, grad_bias
 
 
