@@ -21,7 +21,10 @@ fold. They write ``<out>/accuracy_<suite>.md`` (tables, summary, machine, comman
 ``.csv`` (every fold) and ``.png`` (score against HistGradientBoosting, average ranks).
 A run narrowed by ``--datasets``, ``--models``, ``--folds``, ``--repeats``, ``--max-rows`` or
 ``--max-epochs`` writes ``accuracy_<suite>_custom.*`` instead, so it never overwrites the
-suite's committed results. PyTorch and the BLAS/OpenMP pools get ``--threads`` threads
+suite's committed results. The report is rewritten after every model of every data set, with
+the protocol in ``.json``, so an interrupted run leaves a partial report; ``--resume`` continues
+it (same protocol required), skipping the (data set, model) pairs already done. That is how
+the many-hour ``full`` suite can run in pieces. PyTorch and the BLAS/OpenMP pools get ``--threads`` threads
 (default 1): the models are small, and on a shared 2-core machine two threads per process
 were several times slower than one.
 """
@@ -29,6 +32,7 @@ were several times slower than one.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -294,7 +298,7 @@ def _legacy_main(args, argv):
 
 
 def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_rows=-1, max_epochs=None, seed=0,
-              log=None) -> tuple[pd.DataFrame, dict]:
+              log=None, done=None, on_progress=None) -> tuple[pd.DataFrame, dict]:
     """Run a repeated-CV suite (``quick`` or ``full``), possibly narrowed.
 
     Parameters
@@ -313,6 +317,12 @@ def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_r
         Seed of the subsamples, folds and models.
     log : callable or None
         Progress lines go here.
+    done : DataFrame or None
+        Folds of an earlier, interrupted run of the same protocol: its (data set, model)
+        pairs are kept as they are and not run again.
+    on_progress : callable or None
+        Called as ``on_progress(folds, settings)`` after each (data set, model) pair, with
+        every fold so far; ``settings["pending"]`` lists the pairs still to run.
 
     Returns
     -------
@@ -320,7 +330,8 @@ def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_r
         Every fold of every model (see :func:`cross_validate_models`).
     settings : dict
         The protocol that ran: suite, datasets, models, folds, repeats, max_rows,
-        moe_params, seed, rows (used and available per data set), wall_time_s.
+        moe_params, seed, rows (used and available per data set), wall_time_s (of this
+        call) and pending (empty once every pair has run).
     """
     config = CV_SUITES[suite]
     names = list(datasets or SUITES[suite])
@@ -337,15 +348,33 @@ def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_r
         "moe_params": moe_params, "seed": seed,
     }
     started = time.perf_counter()
-    results = [
-        cross_validate_models(name, model_keys, settings["folds"], settings["repeats"], settings["max_rows"], seed,
-                              moe_params, log=log)
-        for name in names
-    ]
-    settings["wall_time_s"] = time.perf_counter() - started
-    settings["rows"] = {name: int(frame.loc[0, "n_train"] + frame.loc[0, "n_test"]) for name, frame in
-                        zip(names, results) if len(frame)}
-    return pd.concat(results, ignore_index=True), settings
+    pairs = [(name, key) for name in names for key in model_keys]
+    finished = set() if done is None or not len(done) else set(zip(done["dataset"], done["model_key"]))
+    results = [] if done is None or not len(done) else [done[[pair in finished for pair in
+                                                              zip(done["dataset"], done["model_key"])]]]
+    for name, key in pairs:
+        if (name, key) in finished:
+            continue
+        results.append(cross_validate_models(name, [key], settings["folds"], settings["repeats"],
+                                             settings["max_rows"], seed, moe_params, log=log))
+        finished.add((name, key))
+        if on_progress is not None:
+            on_progress(*_collect(results, names, model_keys, settings, pairs, finished, started))
+    return _collect(results, names, model_keys, settings, pairs, finished, started)
+
+
+def _collect(results, names, model_keys, settings, pairs, finished, started) -> tuple[pd.DataFrame, dict]:
+    """The folds so far in suite order, and the settings with rows, wall time and pending pairs."""
+    folds = pd.concat(results, ignore_index=True) if results else pd.DataFrame(columns=["dataset", "model_key"])
+    order = {pair: i for i, pair in enumerate(pairs)}
+    if len(folds):
+        folds = folds.iloc[np.argsort([order[pair] for pair in zip(folds["dataset"], folds["model_key"])],
+                                      kind="stable")].reset_index(drop=True)
+    settings = dict(settings, wall_time_s=time.perf_counter() - started,
+                    pending=[list(pair) for pair in pairs if pair not in finished])
+    first = folds.drop_duplicates("dataset") if len(folds) else folds
+    settings["rows"] = {row.dataset: int(row.n_train + row.n_test) for row in first.itertuples()}
+    return folds, settings
 
 
 @contextmanager
@@ -391,13 +420,16 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, help="threads of PyTorch and the BLAS/OpenMP pools "
                         "(default: quick/full 1; foundation/demo: left as they are)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="quick/full only: continue the interrupted run "
+                        "whose report is in --out (same options), skipping the (data set, model) pairs it has")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
 
     if args.suite in LEGACY_SUITES:
         extra = [flag for flag, value in [("--models", args.models), ("--repeats", args.repeats),
                                           ("--max-rows", None if args.max_rows == -1 else args.max_rows),
-                                          ("--max-epochs", args.max_epochs)] if value is not None]
+                                          ("--max-epochs", args.max_epochs),
+                                          ("--resume", args.resume or None)] if value is not None]
         if extra:
             parser.error(f"{', '.join(extra)} apply to the quick and full suites only")
         if args.threads:
@@ -417,14 +449,74 @@ def main(argv=None):
     custom = any([args.datasets, args.models, args.folds, args.repeats, args.max_rows != -1, args.max_epochs])
     stem = f"accuracy_{args.suite}" + ("_custom" if custom else "")
     command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
-    with limit_threads(args.threads or 1):
+    threads = args.threads or 1
+    done, earlier_wall_time = None, 0.0
+    if args.resume:
+        try:
+            done, earlier_wall_time = load_progress(args.out, stem, _protocol(args, threads))
+        except ValueError as error:
+            parser.error(str(error))
+
+    def report(folds, settings):
+        settings = dict(settings, threads=threads, wall_time_s=earlier_wall_time + settings["wall_time_s"])
+        paths = write_report(folds, settings, args.out, stem, command.strip(), describe_machine())
+        save_progress(args.out, stem, _protocol(args, threads), settings)
+        return paths
+
+    with limit_threads(threads):
         results, settings = run_suite(args.suite, args.datasets, args.models, args.folds, args.repeats,
                                       args.max_rows, args.max_epochs, args.seed,
-                                      log=lambda line: print(line, file=sys.stderr, flush=True))
-        settings["threads"] = args.threads or 1
-        paths = write_report(results, settings, args.out, stem, command.strip(), describe_machine())
+                                      log=lambda line: print(line, file=sys.stderr, flush=True),
+                                      done=done, on_progress=report)
+        paths = report(results, settings)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(path) for path in paths.values()), file=sys.stderr)
+
+
+def _protocol(args, threads: int) -> dict:
+    """What must match for ``--resume`` to continue a run: every option that changes a result."""
+    return {"suite": args.suite, "datasets": args.datasets, "models": resolve_models(args.models),
+            "folds": args.folds, "repeats": args.repeats, "max_rows": args.max_rows, "max_epochs": args.max_epochs,
+            "seed": args.seed, "threads": threads}
+
+
+def save_progress(out: Path, stem: str, protocol: dict, settings: dict) -> Path:
+    """Write ``<stem>.json``: the protocol of the run, its wall time and the pairs still pending."""
+    path = Path(out) / f"{stem}.json"
+    path.write_text(json.dumps({"protocol": protocol, "wall_time_s": settings["wall_time_s"],
+                                "pending": settings["pending"]}, indent=2) + "\n")
+    return path
+
+
+def load_progress(out: Path, stem: str, protocol: dict) -> tuple[pd.DataFrame, float]:
+    """The folds and wall time of the run in ``out`` to resume; ValueError if it used another protocol.
+
+    Parameters
+    ----------
+    out : Path
+        Folder of the run's ``<stem>.json`` and ``<stem>.csv``.
+    stem : str
+    protocol : dict
+        The resuming run's :func:`_protocol`.
+
+    Returns
+    -------
+    folds : DataFrame
+    wall_time_s : float
+        Wall time the earlier run(s) took.
+    """
+    meta_path, csv_path = Path(out) / f"{stem}.json", Path(out) / f"{stem}.csv"
+    if not meta_path.exists() or not csv_path.exists():
+        raise ValueError(f"nothing to resume: {meta_path} or {csv_path} is missing (run without --resume first)")
+    meta = json.loads(meta_path.read_text())
+    if meta["protocol"] != protocol:
+        changed = sorted(key for key in set(meta["protocol"]) | set(protocol)
+                         if meta["protocol"].get(key) != protocol.get(key))
+        raise ValueError(f"cannot resume: the run in {out} used other settings ({', '.join(changed)}): "
+                         f"{ {key: meta['protocol'].get(key) for key in changed} }")
+    # As strings: read_csv would turn the empty error and warning fields into NaN.
+    folds = pd.read_csv(csv_path, converters={column: str for column in ("error", "warnings")})
+    return folds, float(meta["wall_time_s"])
 
 
 if __name__ == "__main__":

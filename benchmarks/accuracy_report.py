@@ -370,6 +370,13 @@ def write_report(folds: pd.DataFrame, settings: dict, out: Path, stem: str, comm
         + "\n",
         f"Total wall time: {s['wall_time_s'] / 60:.1f} min.\n",
     ]
+    if s.get("pending"):
+        pending = {}
+        for dataset, key in s["pending"]:
+            pending.setdefault(dataset, []).append(MODEL_SPECS[key].label)
+        parts.append(f"**Partial results**: {len(s['pending'])} of {len(s['datasets']) * len(s['models'])} "
+                     "(data set, model) runs still to do (`--resume` continues): "
+                     + "; ".join(f"{dataset}: {', '.join(labels)}" for dataset, labels in pending.items()) + ".\n")
     for task in TASKS:
         if not (summary["task"] == task).any():
             continue

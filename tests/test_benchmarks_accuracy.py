@@ -1,5 +1,6 @@
 """The accuracy benchmark: its data sets, preprocessing, models, report and command line."""
 
+import json
 import re
 
 import numpy as np
@@ -154,9 +155,50 @@ def test_cli_smoke_run_writes_markdown_csv_and_png(tmp_path, capsys):
     assert "## Regression" in capsys.readouterr().out
 
 
+def test_cli_resume_continues_an_interrupted_run_with_the_same_results(tmp_path, monkeypatch):
+    import benchmarks.accuracy as accuracy
+
+    args = ["--suite", "quick", "--datasets", "boston", "wine", "--models", "ridge", "hgb", "--folds", "2"]
+    real, calls, interrupt = accuracy.cross_validate_models, [], [True]
+
+    def interrupted_at_the_third_pair(dataset, models, *rest, **kwargs):
+        calls.append((dataset, *models))
+        if interrupt[0] and len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(dataset, models, *rest, **kwargs)
+
+    monkeypatch.setattr(accuracy, "cross_validate_models", interrupted_at_the_third_pair)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(tmp_path / "run")])
+    stem = tmp_path / "run" / "accuracy_quick_custom"
+    assert len(pd.read_csv(stem.with_suffix(".csv"))) == 2 * 2  # boston: ridge and hgb, 2 folds each
+    assert "Partial results**: 2 of 4" in stem.with_suffix(".md").read_text()
+
+    calls.clear()
+    interrupt[0] = False
+    main([*args, "--out", str(tmp_path / "run"), "--resume"])
+    assert [call[0] for call in calls] == ["wine", "wine"]  # only the pairs still pending
+    resumed = pd.read_csv(stem.with_suffix(".csv"))
+    assert "Partial results" not in stem.with_suffix(".md").read_text()
+    assert json.loads(stem.with_suffix(".json").read_text())["pending"] == []
+
+    main([*args, "--out", str(tmp_path / "fresh")])
+    fresh = pd.read_csv(tmp_path / "fresh" / "accuracy_quick_custom.csv")
+    scores = ["dataset", "model_key", "repeat", "fold", "r2", "accuracy", "log_loss"]
+    pd.testing.assert_frame_equal(resumed[scores], fresh[scores])
+
+    with pytest.raises(SystemExit):  # another protocol: refused, nothing overwritten
+        main([*args[:-1], "3", "--out", str(tmp_path / "run"), "--resume"])
+    with pytest.raises(SystemExit):  # nothing to resume
+        main([*args, "--out", str(tmp_path / "empty"), "--resume"])
+    pd.testing.assert_frame_equal(pd.read_csv(stem.with_suffix(".csv")), resumed)
+
+
 def test_cli_rejects_options_the_legacy_suites_do_not_have(tmp_path):
     with pytest.raises(SystemExit):
         main(["--suite", "foundation", "--models", "ridge", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["--suite", "foundation", "--resume", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         main(["--suite", "quick", "--models", "xgboost", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
