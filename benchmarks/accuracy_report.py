@@ -324,6 +324,24 @@ def plot(summary: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def _pending_text(pending, datasets, models) -> str:
+    """What an interrupted run has still to do: data sets not started, and the models left
+    on data sets in progress."""
+    left = {}
+    for dataset, key in pending:
+        left.setdefault(dataset, []).append(MODEL_SPECS[key].label)
+    untouched = [dataset for dataset in datasets if len(left.get(dataset, ())) == len(models)]
+    text = (f"**Partial results**: {len(pending)} of {len(datasets) * len(models)} (data set, model) runs "
+            "still to do (`--resume` continues).")
+    in_progress = {dataset: labels for dataset, labels in left.items() if dataset not in untouched}
+    if in_progress:
+        text += " Still to run on " + "; ".join(f"{dataset}: {', '.join(labels)}"
+                                                for dataset, labels in in_progress.items()) + "."
+    if untouched:
+        text += f" Not started: {', '.join(untouched)}."
+    return text + "\n"
+
+
 def write_report(folds: pd.DataFrame, settings: dict, out: Path, stem: str, command: str, machine: str) -> dict:
     """Write ``<stem>.md``, ``<stem>.csv`` and ``<stem>.png`` under ``out``.
 
@@ -371,12 +389,7 @@ def write_report(folds: pd.DataFrame, settings: dict, out: Path, stem: str, comm
         f"Total wall time: {s['wall_time_s'] / 60:.1f} min.\n",
     ]
     if s.get("pending"):
-        pending = {}
-        for dataset, key in s["pending"]:
-            pending.setdefault(dataset, []).append(MODEL_SPECS[key].label)
-        parts.append(f"**Partial results**: {len(s['pending'])} of {len(s['datasets']) * len(s['models'])} "
-                     "(data set, model) runs still to do (`--resume` continues): "
-                     + "; ".join(f"{dataset}: {', '.join(labels)}" for dataset, labels in pending.items()) + ".\n")
+        parts.append(_pending_text(s["pending"], s["datasets"], s["models"]))
     for task in TASKS:
         if not (summary["task"] == task).any():
             continue

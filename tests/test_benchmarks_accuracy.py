@@ -172,7 +172,8 @@ def test_cli_resume_continues_an_interrupted_run_with_the_same_results(tmp_path,
         main([*args, "--out", str(tmp_path / "run")])
     stem = tmp_path / "run" / "accuracy_quick_custom"
     assert len(pd.read_csv(stem.with_suffix(".csv"))) == 2 * 2  # boston: ridge and hgb, 2 folds each
-    assert "Partial results**: 2 of 4" in stem.with_suffix(".md").read_text()
+    assert ("Partial results**: 2 of 4 (data set, model) runs still to do (`--resume` continues). "
+            "Not started: wine.") in stem.with_suffix(".md").read_text()
 
     calls.clear()
     interrupt[0] = False
@@ -192,6 +193,16 @@ def test_cli_resume_continues_an_interrupted_run_with_the_same_results(tmp_path,
     with pytest.raises(SystemExit):  # nothing to resume
         main([*args, "--out", str(tmp_path / "empty"), "--resume"])
     pd.testing.assert_frame_equal(pd.read_csv(stem.with_suffix(".csv")), resumed)
+
+
+def test_pending_text_names_datasets_not_started_and_models_left_in_progress():
+    from benchmarks.accuracy_report import _pending_text
+
+    text = _pending_text([["boston", "hgb"], ["wine", "linear"], ["wine", "hgb"]], ["boston", "wine"],
+                         ["linear", "hgb"])
+    assert text.startswith("**Partial results**: 3 of 4 (data set, model) runs still to do")
+    assert "Still to run on boston: HistGradientBoosting." in text
+    assert text.rstrip().endswith("Not started: wine.")
 
 
 def test_cli_rejects_options_the_legacy_suites_do_not_have(tmp_path):
