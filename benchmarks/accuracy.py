@@ -349,9 +349,9 @@ def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_r
     }
     started = time.perf_counter()
     pairs = [(name, key) for name in names for key in model_keys]
-    finished = set() if done is None or not len(done) else set(zip(done["dataset"], done["model_key"]))
-    results = [] if done is None or not len(done) else [done[[pair in finished for pair in
-                                                              zip(done["dataset"], done["model_key"])]]]
+    earlier = done is not None and len(done) > 0
+    finished = set(zip(done["dataset"], done["model_key"])) if earlier else set()
+    results = [done] if earlier else []
     for name, key in pairs:
         if (name, key) in finished:
             continue
@@ -359,11 +359,11 @@ def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_r
                                              settings["max_rows"], seed, moe_params, log=log))
         finished.add((name, key))
         if on_progress is not None:
-            on_progress(*_collect(results, names, model_keys, settings, pairs, finished, started))
-    return _collect(results, names, model_keys, settings, pairs, finished, started)
+            on_progress(*_collect(results, settings, pairs, finished, started))
+    return _collect(results, settings, pairs, finished, started)
 
 
-def _collect(results, names, model_keys, settings, pairs, finished, started) -> tuple[pd.DataFrame, dict]:
+def _collect(results, settings, pairs, finished, started) -> tuple[pd.DataFrame, dict]:
     """The folds so far in suite order, and the settings with rows, wall time and pending pairs."""
     folds = pd.concat(results, ignore_index=True) if results else pd.DataFrame(columns=["dataset", "model_key"])
     order = {pair: i for i, pair in enumerate(pairs)}
@@ -450,17 +450,18 @@ def main(argv=None):
     stem = f"accuracy_{args.suite}" + ("_custom" if custom else "")
     command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
     threads = args.threads or 1
+    protocol = _protocol(args, threads)
     done, earlier_wall_time = None, 0.0
     if args.resume:
         try:
-            done, earlier_wall_time = load_progress(args.out, stem, _protocol(args, threads))
+            done, earlier_wall_time = load_progress(args.out, stem, protocol)
         except ValueError as error:
             parser.error(str(error))
 
     def report(folds, settings):
         settings = dict(settings, threads=threads, wall_time_s=earlier_wall_time + settings["wall_time_s"])
         paths = write_report(folds, settings, args.out, stem, command.strip(), describe_machine())
-        save_progress(args.out, stem, _protocol(args, threads), settings)
+        save_progress(args.out, stem, protocol, settings)
         return paths
 
     with limit_threads(threads):
