@@ -515,8 +515,9 @@ def load_progress(out: Path, stem: str, protocol: dict) -> tuple[pd.DataFrame, f
                          if meta["protocol"].get(key) != protocol.get(key))
         raise ValueError(f"cannot resume: the run in {out} used other settings ({', '.join(changed)}): "
                          f"{ {key: meta['protocol'].get(key) for key in changed} }")
-    # As strings: read_csv would turn the empty error and warning fields into NaN.
-    folds = pd.read_csv(csv_path, converters={column: str for column in ("error", "warnings")})
+    folds = pd.read_csv(csv_path)
+    for column in ("error", "warnings"):  # empty strings, which read_csv turns into NaN
+        folds[column] = folds[column].astype(object).where(folds[column].notna(), "")
     return folds, float(meta["wall_time_s"])
 
 

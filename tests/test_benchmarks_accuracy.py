@@ -187,6 +187,9 @@ def test_cli_resume_continues_an_interrupted_run_with_the_same_results(tmp_path,
     fresh = pd.read_csv(tmp_path / "fresh" / "accuracy_quick_custom.csv")
     scores = ["dataset", "model_key", "repeat", "fold", "r2", "accuracy", "log_loss"]
     pd.testing.assert_frame_equal(resumed[scores], fresh[scores])
+    earlier, _ = accuracy.load_progress(tmp_path / "run", "accuracy_quick_custom",
+                                        json.loads(stem.with_suffix(".json").read_text())["protocol"])
+    assert (earlier["error"] == "").all() and (earlier["warnings"] == "").all()
 
     with pytest.raises(SystemExit):  # another protocol: refused, nothing overwritten
         main([*args[:-1], "3", "--out", str(tmp_path / "run"), "--resume"])
