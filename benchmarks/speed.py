@@ -257,6 +257,7 @@ def predict_speed(n_features: int = 32, hidden: tuple[int, ...] = (128, 128), n_
         warnings.simplefilter("ignore")  # ConvergenceWarning: 3 iterations are enough to time predict
         mlp.fit(X[:n_fit], y[:n_fit])
     models = {"MoERegressor": moe, "MLPRegressor": mlp}
+    multiply_adds = {name: multiply_adds_per_row(model) for name, model in models.items()}
     single = {(name, i): (lambda model=model, i=i: model.predict(X[i:i + 1]))
               for name, model in models.items() for i in range(n_latency)}
     latency = _interleaved_medians(single, rounds=1, warmup=1, device=torch.device("cpu"))
@@ -273,7 +274,26 @@ def predict_speed(n_features: int = 32, hidden: tuple[int, ...] = (128, 128), n_
         "latency_ratio": per_model["MoERegressor"] / per_model["MLPRegressor"],
         "rows_per_s": {name: n_throughput / bulk[name] for name in models},
         "throughput_ratio": bulk["MLPRegressor"] / bulk["MoERegressor"],
+        # Throughput ratio = (MoE's arithmetic rate / MLP's) / arithmetic_ratio: with twice
+        # the MLP's work per row, parity needs twice its rate.
+        "multiply_adds_per_row": multiply_adds,
+        "arithmetic_ratio": multiply_adds["MoERegressor"] / multiply_adds["MLPRegressor"],
+        "gflop_per_s": {name: 2 * multiply_adds[name] * n_throughput / bulk[name] / 1e9 for name in models},
     }
+
+
+def multiply_adds_per_row(model) -> int:
+    """Multiply-adds of one row's prediction in the weight layers: a fitted
+    ``MLPRegressor``'s, or a fitted MoE estimator's (router plus ``top_k`` experts)."""
+    if hasattr(model, "coefs_"):
+        return int(sum(coef.size for coef in model.coefs_))
+    module = model.module_
+    experts = module.experts
+    per_expert = sum(layer.weight[0].numel() for layer in (*experts.hidden, experts.output))
+    # The noise layer of a noisy router is used in training only.
+    router = sum(layer.weight.numel() for name, layer in module.router.named_modules()
+                 if isinstance(layer, torch.nn.Linear) and not name.startswith("noise"))
+    return int(router + module.top_k * per_expert)
 
 
 def _status_kib(field: str) -> int | None:

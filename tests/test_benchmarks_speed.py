@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks import speed
+from sklearn_moe import MoERegressor
 
 
 def test_expert_scaling_reports_every_count_relative_to_the_first():
@@ -40,6 +41,20 @@ def test_predict_speed_compares_both_models():
     result = speed.predict_speed(n_features=4, hidden=(8,), n_fit=200, n_throughput=500, n_latency=3)
     assert set(result["single_row_latency_ms"]) == {"MoERegressor", "MLPRegressor"}
     assert result["latency_ratio"] > 0 and result["throughput_ratio"] > 0
+    # MLP 4 -> 8 -> 1: 40 multiply-adds; MoE: a 4 -> 8 router plus 2 experts of the MLP's size.
+    assert result["multiply_adds_per_row"] == {"MoERegressor": 32 + 2 * 40, "MLPRegressor": 40}
+    assert result["arithmetic_ratio"] == pytest.approx(112 / 40)
+    rates = result["gflop_per_s"]
+    assert rates["MoERegressor"] / rates["MLPRegressor"] == pytest.approx(
+        result["throughput_ratio"] * result["arithmetic_ratio"])
+
+
+def test_multiply_adds_leave_out_the_training_only_noise_layer():
+    X = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
+    model = MoERegressor(router="noisy_topk", n_experts=4, top_k=1, expert_hidden=(5, 5), gate_hidden=(6,),
+                         max_epochs=1, random_state=0).fit(X, X[:, 0])
+    # router 3 -> 6 -> 4, one expert 3 -> 5 -> 5 -> 1
+    assert speed.multiply_adds_per_row(model) == (3 * 6 + 6 * 4) + (3 * 5 + 5 * 5 + 5 * 1)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS restart is Linux's /proc")
