@@ -37,6 +37,7 @@ import torch
 
 from sklearn_moe import MoERegressor
 from sklearn_moe.nn import MixtureOfExperts
+from sklearn_moe.nn.dispatch import plan_dispatch
 
 from .machine import describe_machine
 
@@ -91,10 +92,12 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
                    top_k: int = 2, expert_counts=EXPERT_COUNTS, rounds: int = 30, device: str = "cpu") -> dict:
     """Seconds per training step of a MixtureOfExperts, per n_experts.
 
-    Four timings each: forward+backward, the full step (with a fused AdamW update) and the
-    router's forward+backward alone; and, as the floor that dispatch cannot beat, the
-    experts' forward+backward alone on a perfectly balanced buffer (every expert
-    ``batch_size * top_k / n_experts`` rows, no routing, no dispatch). The modules are
+    Five timings each: forward+backward, the full step (with a fused AdamW update) and the
+    router's forward+backward alone; as the floor that dispatch cannot beat, the experts'
+    forward+backward alone on a perfectly balanced buffer (every expert
+    ``batch_size * top_k / n_experts`` rows, no routing, no dispatch); and the experts alone
+    on the blocks that dispatch lays out for the actual routing (its padding and gathered
+    weights, without the routing, the rows' gathers and the combine). The modules are
     freshly initialised (routing as uneven as at the start of training) and in training
     mode, with the Switch balance and z-loss terms in the loss.
     """
@@ -133,10 +136,17 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
             module.zero_grad(set_to_none=True)
             module.experts(balanced).backward(balanced_grad)
 
+        routed_blocks, routed_experts, routed_grads = _routed_layout(module, x)
+
+        def routed_experts_step(module=module, blocks=routed_blocks, experts=routed_experts, grads=routed_grads):
+            module.zero_grad(set_to_none=True)
+            torch.autograd.backward(module.experts(blocks, experts), grads)
+
         steps["forward_backward", n_experts] = forward_backward
         steps["full_step", n_experts] = full_step
         steps["router", n_experts] = router_step
         steps["balanced_experts", n_experts] = balanced_experts_step
+        steps["routed_experts", n_experts] = routed_experts_step
         counts[n_experts] = module(x).expert_counts.cpu()
     medians = _interleaved_medians(steps, rounds=rounds, warmup=3, device=device)
     first = expert_counts[0]
@@ -152,6 +162,8 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
             "router_ms": 1e3 * medians["router", n_experts],
             "balanced_experts_alone_ms": 1e3 * medians["balanced_experts", n_experts],
             "balanced_experts_alone_ratio": medians["balanced_experts", n_experts] / medians["balanced_experts", first],
+            "routed_experts_alone_ms": 1e3 * medians["routed_experts", n_experts],
+            "routed_experts_alone_ratio": medians["routed_experts", n_experts] / medians["routed_experts", first],
             "busiest_expert_over_mean": float(load.max() / load.mean()),
         })
     return {
@@ -165,18 +177,35 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
     }
 
 
+def _routed_layout(module: MixtureOfExperts, x: torch.Tensor):
+    """The blocks that dispatch lays out for ``module``'s routing of ``x`` in training
+    (padding and gathered expert weights included), filled with random rows, and random
+    output gradients: timing the experts on them leaves out routing, the rows' gathers and
+    the combine."""
+    with torch.no_grad():
+        routing = module.router(x)
+    plan = plan_dispatch(routing.indices, routing.weights, module.n_experts, staircase=x.device.type == "cpu")
+    generator = torch.Generator().manual_seed(1)
+    blocks = [torch.randn(g.n_experts, g.n_slots, x.shape[1], generator=generator).to(x.device)
+              for g in plan.groups]
+    grads = [torch.randn(g.n_experts, g.n_slots, module.n_outputs, generator=generator).to(x.device)
+             for g in plan.groups]
+    return blocks, [g.experts for g in plan.groups], grads
+
+
 def _print_scaling(result: dict) -> None:
     config = result["config"]
     print(f"# MixtureOfExperts training step, top_k={config['top_k']}, batch {config['batch_size']}, "
           f"{config['n_features']} features, expert_hidden={tuple(config['expert_hidden'])}, {result['device']}")
     print(f"# {result['machine']}")
     print("| n_experts | forward+backward (ms) | ratio | full step (ms) | ratio | router alone (ms) | "
-          "balanced experts alone (ms) | ratio | busiest expert / mean |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "balanced experts alone (ms) | ratio | routed experts alone (ms) | ratio | busiest expert / mean |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in result["rows"]:
         print(f"| {row['n_experts']} | {row['forward_backward_ms']:.2f} | {row['forward_backward_ratio']:.2f}x | "
               f"{row['full_step_ms']:.2f} | {row['full_step_ratio']:.2f}x | {row['router_ms']:.2f} | "
               f"{row['balanced_experts_alone_ms']:.2f} | {row['balanced_experts_alone_ratio']:.2f}x | "
+              f"{row['routed_experts_alone_ms']:.2f} | {row['routed_experts_alone_ratio']:.2f}x | "
               f"{row['busiest_expert_over_mean']:.2f} |")
 
 

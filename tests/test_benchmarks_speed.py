@@ -4,9 +4,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from benchmarks import speed
 from sklearn_moe import MoERegressor
+from sklearn_moe.nn import MixtureOfExperts
 
 
 def test_expert_scaling_reports_every_count_relative_to_the_first():
@@ -19,6 +21,21 @@ def test_expert_scaling_reports_every_count_relative_to_the_first():
         assert row["forward_backward_ms"] > 0 and row["full_step_ms"] > 0 and row["router_ms"] > 0
         assert row["busiest_expert_over_mean"] >= 1.0 and row["balanced_experts_alone_ms"] > 0
     assert rows[0]["balanced_experts_alone_ratio"] == 1.0
+    assert rows[0]["routed_experts_alone_ratio"] == 1.0 and rows[1]["routed_experts_alone_ms"] > 0
+
+
+def test_routed_layout_holds_every_assignment_of_the_routing():
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 1, n_experts=16, top_k=2, expert_hidden=(8,)).train()
+    x = torch.randn(512, 4)
+    blocks, block_experts, grads = speed._routed_layout(module, x)
+    slots = torch.zeros(16, dtype=torch.long)
+    for block, experts, grad in zip(blocks, block_experts, grads):
+        assert block.shape[-1] == 4 and grad.shape == (*block.shape[:2], 1)
+        slots[torch.arange(16) if experts is None else experts] += block.shape[1]
+    counts = torch.bincount(module.router(x).indices.reshape(-1), minlength=16)
+    assert (slots >= counts).all() and int(slots.max()) == int(counts.max())
+    assert len(blocks) > 1  # the fresh router's uneven load makes a staircase at 1024 assignments
 
 
 def test_block_medians_times_each_step_in_blocks_after_an_untimed_call():
