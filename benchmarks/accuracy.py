@@ -1,7 +1,7 @@
 """Cross-validated accuracy of the MoE estimators against non-MoE baselines.
 
     python -m benchmarks.accuracy --suite quick     # 11 data sets, 3-fold CV, <= 2000 rows: ~17 min, 2 cores
-    python -m benchmarks.accuracy --suite full      # 14 data sets, 5-fold x 2 repeats, <= 20000 rows: hours
+    python -m benchmarks.accuracy --suite full      # 14 data sets, 5-fold x 2 repeats, <= 20000 rows: ~2 h, 2 cores
     python -m benchmarks.accuracy --suite foundation
     python -m benchmarks.accuracy --suite quick --datasets concrete --models ridge hgb --folds 2 --out /tmp/x
 
