@@ -111,8 +111,8 @@ def plan_layout(counts: np.ndarray, gather_cost: int = 24, block_cost: int | Non
     holds slots ``[t_(l-1), t_l)`` of the experts with more than ``t_(l-1)`` assignments
     (weights gathered); ``t_L`` is the largest count. Chosen to minimise the buffer rows
     plus ``gather_cost`` rows per gathered expert plus ``block_cost`` rows per block, over
-    at most :data:`MAX_GROUPS` blocks. ``block_cost`` defaults to 1/16 of the assignments,
-    and at least 8 rows.
+    at most :data:`MAX_GROUPS` blocks. ``block_cost`` defaults to a quarter of the
+    assignments, and at least 8 rows.
 
     Parameters
     ----------
@@ -122,13 +122,15 @@ def plan_layout(counts: np.ndarray, gather_cost: int = 24, block_cost: int | Non
         Costs, in buffer rows, of one more expert in an upper block and of one more block.
         An expert's matrix in a batched matmul costs about 20 rows on its own (measured on
         2 EPYC cores with 128-wide layers: the library packs each matrix), plus the copy of
-        its gathered weights.
+        its gathered weights. A block costs every layer's extra calls forward and backward:
+        at 4 to 16 experts and batches of 256 rows, a two-block staircase that saved a
+        quarter of the rows was 10-18% slower per step than one padded block.
     """
     counts = np.asarray(counts, dtype=np.int64)
     if counts.size == 0 or counts.max() == 0:
         return []
     if block_cost is None:
-        block_cost = max(8, int(counts.sum()) // 16)
+        block_cost = max(8, int(counts.sum()) // 4)
     n = counts.shape[0]
     # Thresholds are taken from the counts themselves: values[j], ascending, the last the max.
     values = np.unique(counts)
