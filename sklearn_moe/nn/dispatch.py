@@ -224,13 +224,15 @@ def plan_dispatch(
     n_kept = experts.shape[0]
     # Planning a staircase costs host time every step: worth it only for large batches
     # with much padding to save.
-    if not staircase or n_kept < STAIRCASE_MIN_ASSIGNMENTS or n_experts * n_slots <= 1.25 * n_kept:
-        groups = (ExpertGroup(None, n_experts, 0, n_slots, 0),) if n_slots else ()
-        return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, experts * n_slots + slots, groups,
-                            kept_counts)
-    kept = kept_counts.cpu().numpy()
-    positions, groups = _staircase_positions(plan_layout(kept), kept, experts, slots)
-    return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, positions, groups, kept_counts)
+    if staircase and n_kept >= STAIRCASE_MIN_ASSIGNMENTS and n_experts * n_slots > 1.25 * n_kept:
+        kept = kept_counts.cpu().numpy()
+        thresholds = plan_layout(kept)
+        if len(thresholds) > 1:  # one threshold is the single padded block below
+            positions, groups = _staircase_positions(thresholds, kept, experts, slots)
+            return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, positions, groups, kept_counts)
+    groups = (ExpertGroup(None, n_experts, 0, n_slots, 0),) if n_slots else ()
+    return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, experts * n_slots + slots, groups,
+                        kept_counts)
 
 
 def _staircase_positions(thresholds: list[int], kept: np.ndarray, experts: torch.Tensor,
