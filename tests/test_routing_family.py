@@ -23,6 +23,7 @@ from sklearn_moe.nn import (
     scale_gradient,
     switch_balance_loss,
 )
+from sklearn_moe.nn.dispatch import ExpertGroup
 
 from .conftest import FAST
 from .test_nn import inputs, make_moe, skew_router
@@ -611,6 +612,17 @@ def skewed_routing(n=400, n_experts=8, seed=0):
     x = inputs(n)
     routing = module.router(x)
     return module, x, routing
+
+
+def test_staircase_planner_choosing_one_block_gives_the_flat_layout():
+    # Padding to the busiest expert wastes 200 of 720 rows (over the 25% that triggers the
+    # planner), but topping up four experts in a second block costs more than it saves.
+    counts = np.array([90, 90, 90, 90, 40, 40, 40, 40])
+    assert plan_layout(counts) == [90]
+    indices = torch.repeat_interleave(torch.arange(8), torch.as_tensor(counts))[torch.randperm(520)].unsqueeze(1)
+    plan = plan_dispatch(indices, torch.ones(520, 1), 8, staircase=True)
+    assert plan.groups == (ExpertGroup(None, 8, 0, 90, 0),)
+    assert torch.equal(plan.positions, plan.experts * 90 + plan.slots)
 
 
 def test_staircase_plan_positions_and_layout():
