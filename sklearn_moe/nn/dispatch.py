@@ -256,8 +256,6 @@ def _staircase_positions(thresholds: list[int], kept: np.ndarray, experts: torch
         if width > 0:  # the first block is empty when gathering the busy experts beats padding
             groups.append(ExpertGroup(ids, members.shape[0], first_slot, width, offset))
         offset, first_slot = offset + members.shape[0] * width, threshold
-    if not thresholds:
-        return slots, ()
     # Host arithmetic: the staircase is a CPU layout, and numpy indexes 1-d arrays faster.
     slots_host = slots.cpu().numpy()
     level = np.searchsorted(np.asarray(thresholds), slots_host, side="right")
