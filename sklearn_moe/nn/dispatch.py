@@ -238,7 +238,8 @@ def plan_dispatch(
 def _staircase_positions(thresholds: list[int], kept: np.ndarray, experts: torch.Tensor,
                          slots: torch.Tensor) -> tuple[torch.Tensor, tuple[ExpertGroup, ...]]:
     """Buffer rows of the assignments, and the blocks, of :func:`plan_layout`'s staircase
-    over the kept counts per expert ``kept``."""
+    over the kept counts per expert ``kept``, for two or more ``thresholds`` (one is the flat
+    layout, which :func:`plan_dispatch` builds directly)."""
     n_experts, device = kept.shape[0], experts.device
     # The upper blocks hold the experts busiest first, so that each block's experts are the
     # leading ones of the block below: their weights are gathered once, as one tensor.
