@@ -20,10 +20,12 @@ from skorch.callbacks import Callback, EarlyStopping, GradientNormClipping, LRSc
 from ._data import TensorTable
 from ._net import MoENet, module_device
 from ._scaling import fit_robust_scaler, scale_features
-from .callbacks import AuxFreeBalancing, RoutingMetrics
+from .callbacks import LR_SCHEDULES, AuxFreeBalancing, LearningRateShape, RoutingMetrics
 from .diagnostics import expert_utilization
 from .nn import ACTIVATIONS, OVERFLOW_POLICIES, ROUTERS, MixtureOfExperts
-from .nn.losses import BALANCE_LOSSES
+from .nn.embeddings import NUMERIC_EMBEDDINGS, embedded_columns, quantile_bins
+from .nn.losses import BALANCE_LOSSES, EXPERT_LOSSES
+from .nn.moe import EXPERT_TYPES
 
 _PREDICT_BATCH_SIZE = 16384
 _MIN_VALIDATION_ROWS = 2
@@ -100,6 +102,9 @@ class BaseMoE(BaseEstimator):
         "n_groups": [Interval(Integral, 1, None, closed="left")],
         "diversity_coef": [Interval(Real, 0, None, closed="left")],
         "expert_grad_scaling": ["boolean"],
+        "expert_type": [StrOptions(set(EXPERT_TYPES))],
+        "expert_loss": [StrOptions(set(EXPERT_LOSSES))],
+        "numeric_embedding": [StrOptions(set(NUMERIC_EMBEDDINGS)), None],
         "activation": [StrOptions(set(ACTIVATIONS))],
         "dropout": [Interval(Real, 0, 1, closed="left")],
         "layer_norm": ["boolean"],
@@ -107,6 +112,7 @@ class BaseMoE(BaseEstimator):
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "lr_schedule": [StrOptions(set(LR_SCHEDULES))],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
@@ -145,9 +151,13 @@ class BaseMoE(BaseEstimator):
         n_groups=2,
         diversity_coef=0.0,
         expert_grad_scaling=False,
+        expert_type="independent",
+        expert_loss="mixture",
+        numeric_embedding=None,
         max_epochs=200,
         batch_size="auto",
         learning_rate=3e-3,
+        lr_schedule="plateau",
         weight_decay=1e-4,
         early_stopping=True,
         validation_fraction=0.1,
@@ -182,9 +192,13 @@ class BaseMoE(BaseEstimator):
         self.n_groups = n_groups
         self.diversity_coef = diversity_coef
         self.expert_grad_scaling = expert_grad_scaling
+        self.expert_type = expert_type
+        self.expert_loss = expert_loss
+        self.numeric_embedding = numeric_embedding
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
+        self.lr_schedule = lr_schedule
         self.weight_decay = weight_decay
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
@@ -291,6 +305,9 @@ class BaseMoE(BaseEstimator):
 
         rng = check_random_state(self.random_state)
         init_seed, shuffle_seed, split_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=3))
+        bins = None
+        if not reuse:
+            layout, bins = self._embedding_layout(X_scaled, init_seed)
         weights = None
         if sample_weight is not None:
             weights = torch.as_tensor(sample_weight / sample_weight.mean(), dtype=torch.float32, device=device)
@@ -302,7 +319,7 @@ class BaseMoE(BaseEstimator):
         fork_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(init_seed)
-            module = self.module_ if reuse else self._build_module(X.shape[1], device)
+            module = self.module_ if reuse else self._build_module(X.shape[1], device, layout, bins)
             net = self._build_net(module, device, train_table, valid_table, generator, extra_callbacks)
             net.initialize()
             net.fit(train_table, y=None)
@@ -316,6 +333,8 @@ class BaseMoE(BaseEstimator):
                 callback.best_model_weights_ = None
 
         self._x_mean, self._x_scale = x_mean, x_scale
+        if not reuse:
+            self._embedding_columns, self._embedding_n_bins = layout
         self.net_ = net
         self.n_iter_ = len(net.history)
         self.history_ = self._history_frame(net.history)
@@ -336,7 +355,30 @@ class BaseMoE(BaseEstimator):
         """A permutation whose first ``n_valid`` rows form the validation set."""
         return rng.permutation(len(targets))
 
-    def _build_module(self, n_features, device):
+    def _embedding_layout(self, X_scaled: np.ndarray, seed: int):
+        """Which columns the numeric embedding takes, the bins per column and their edges.
+
+        Returns ``((columns, n_bins), bins)``: int arrays (empty without an embedding, or
+        when no column has more than two distinct values) and the piecewise-linear bin
+        edges (None for other embeddings).
+        """
+        empty = np.zeros(0, dtype=np.int64)
+        if self.numeric_embedding is None:
+            return (empty, empty), None
+        X = torch.from_numpy(np.ascontiguousarray(X_scaled, dtype=np.float32))
+        columns = embedded_columns(X)
+        if not columns or self.numeric_embedding != "piecewise_linear":
+            return (np.asarray(columns, dtype=np.int64), empty), None
+        bins = quantile_bins(X[:, columns], generator=torch.Generator().manual_seed(seed))
+        n_bins = np.array([edges.shape[0] - 1 for edges in bins], dtype=np.int64)
+        return (np.asarray(columns, dtype=np.int64), n_bins), bins
+
+    def _build_module(self, n_features, device, layout=None, bins=None):
+        """The network the hyperparameters describe; ``layout`` is ``(columns, n_bins)`` of
+        the numeric embedding (default: the fitted one), ``bins`` its edges (default:
+        placeholders, for ``load_state_dict``)."""
+        columns, n_bins = layout if layout is not None else (self._embedding_columns, self._embedding_n_bins)
+        embedding = self.numeric_embedding if len(columns) else None
         return MixtureOfExperts(
             n_features=n_features,
             n_outputs=self._n_outputs,
@@ -360,6 +402,11 @@ class BaseMoE(BaseEstimator):
             n_groups=min(self.n_groups, self.n_experts),
             diversity_loss=self.diversity_coef > 0,
             expert_grad_scaling=self.expert_grad_scaling,
+            expert_type=self.expert_type,
+            numeric_embedding=embedding,
+            embedding_columns=columns.tolist() if embedding else None,
+            embedding_bins=bins,
+            embedding_n_bins=n_bins.tolist() if embedding == "piecewise_linear" and bins is None else None,
         ).to(device)
 
     def _build_net(self, module, device, train_table, valid_table, generator, extra_callbacks=()):
@@ -368,9 +415,7 @@ class BaseMoE(BaseEstimator):
         sink = print if self.verbose else _silent
         callbacks = [
             ("routing", RoutingMetrics()),
-            ("lr_scheduler", LRScheduler(
-                policy="ReduceLROnPlateau", monitor=monitor, mode="min", factor=0.3,
-                patience=max(1, self.n_iter_no_change // 3), threshold=self.tol)),
+            ("lr_scheduler", self._lr_scheduler(monitor, len(train_table))),
             ("early_stopping", EarlyStopping(
                 monitor=monitor, patience=self.n_iter_no_change, threshold=self.tol,
                 threshold_mode="rel", load_best=self.early_stopping, sink=sink)),
@@ -401,7 +446,16 @@ class BaseMoE(BaseEstimator):
             diversity_coef=self.diversity_coef,
             autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None,
             shuffle_generator=generator,
+            expert_loss=self.expert_loss,
         )
+
+    def _lr_scheduler(self, monitor: str, n_train: int) -> LRScheduler:
+        if self.lr_schedule == "plateau":
+            return LRScheduler(policy="ReduceLROnPlateau", monitor=monitor, mode="min", factor=0.3,
+                               patience=max(1, self.n_iter_no_change // 3), threshold=self.tol)
+        steps = self.max_epochs * max(1, -(-n_train // self._batch_size(n_train)))
+        return LRScheduler(policy=torch.optim.lr_scheduler.LambdaLR, step_every="batch",
+                           lr_lambda=LearningRateShape(self.lr_schedule, steps))
 
     @property
     def _top_k(self) -> int:
@@ -434,7 +488,7 @@ class BaseMoE(BaseEstimator):
     def _clear_fitted_state(self):
         for name in ("net_", "n_iter_", "history_", "expert_load_", "n_features_in_",
                      "feature_names_in_", "classes_", "_x_mean", "_x_scale", "_y_mean", "_y_scale",
-                     "_y_ndim", "_n_outputs"):
+                     "_y_ndim", "_n_outputs", "_embedding_columns", "_embedding_n_bins"):
             self.__dict__.pop(name, None)
 
     def __sklearn_tags__(self):

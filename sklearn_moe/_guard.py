@@ -96,6 +96,12 @@ class TrainingGuard:
         self.rollbacks += 1
         for group, rate in zip(self.net.optimizer_.param_groups, rates):
             group["lr"] = rate * LR_FACTOR_AFTER_ROLLBACK
+        for _, callback in self.net.callbacks_:
+            # A schedule that recomputes the rate from its base every step (LambdaLR) would
+            # undo the lowering at the next step: lower its base too.
+            scheduler = getattr(callback, "lr_scheduler_", None)
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                scheduler.base_lrs = [rate * LR_FACTOR_AFTER_ROLLBACK for rate in scheduler.base_lrs]
         warnings.warn(
             f"{fault} in epoch {epoch}: rolled back to the weights of the last good epoch and lowered "
             f"the learning rate to {self.net.optimizer_.param_groups[0]['lr']:.3g} "

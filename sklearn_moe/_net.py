@@ -10,6 +10,7 @@ from skorch import NeuralNet
 
 from ._data import BatchIterator
 from ._guard import NonFiniteLoss, TrainingGuard, check_finite_loss
+from .nn.losses import per_expert_loss
 
 
 class MoENet(NeuralNet):
@@ -19,8 +20,11 @@ class MoENet(NeuralNet):
     loss itself, weighted by the batch's ``sample_weight`` (normalised by the estimator to
     mean 1 over the training set). The balance, z and diversity losses are added in training
     only, and recorded per batch as ``task_loss``, ``balance_loss``, ``z_loss`` (and
-    ``diversity_loss``); validation loss is
-    the task loss alone, so early stopping watches what the user cares about.
+    ``diversity_loss``); validation loss is the task loss of the mixture alone, so early
+    stopping watches what the user cares about. With ``expert_loss="per_expert"`` the
+    training loss trains every chosen expert on its own loss and the gate on the mixture's
+    (:func:`~sklearn_moe.nn.losses.per_expert_loss`); ``task_loss`` still records the
+    mixture's loss.
 
     Parameters
     ----------
@@ -30,6 +34,8 @@ class MoENet(NeuralNet):
         Weight of ``MoEOutput.z_loss``.
     diversity_coef : float
         Weight of ``MoEOutput.diversity_loss`` (recorded as ``diversity_loss`` when > 0).
+    expert_loss : {"mixture", "per_expert"}
+        What the experts are trained on in training.
     autocast_dtype : torch.dtype or None
         Run the module's forward under ``torch.autocast`` with this dtype (bf16 mixed
         precision); the router stays in float32 and losses are computed in float32.
@@ -40,8 +46,9 @@ class MoENet(NeuralNet):
     """
 
     def __init__(self, *args, balance_coef=0.0, z_loss_coef=0.0, diversity_coef=0.0, autocast_dtype=None,
-                 shuffle_generator=None, **kwargs):
+                 shuffle_generator=None, expert_loss="mixture", **kwargs):
         super().__init__(*args, **kwargs)
+        self.expert_loss = expert_loss
         self.autocast_dtype = autocast_dtype
         self.balance_coef = balance_coef
         self.z_loss_coef = z_loss_coef
@@ -58,14 +65,22 @@ class MoENet(NeuralNet):
         return torch.autocast(torch.device(device).type, dtype=self.autocast_dtype)
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
-        per_row = self.criterion_(y_pred.output.float(), y_true)
+        output = y_pred.output.float()
+        if training and self.expert_loss == "per_expert":
+            output = output.detach()  # recorded only; the objective is per_expert_loss
+        per_row = self.criterion_(output, y_true)
         if per_row.ndim > 1:
             per_row = per_row.mean(dim=tuple(range(1, per_row.ndim)))
         sample_weight = X.get("sample_weight") if isinstance(X, Mapping) else None
         task_loss = per_row.mean() if sample_weight is None else (per_row * sample_weight).mean()
         if not training:
             return task_loss
-        loss = task_loss + self.balance_coef * y_pred.balance_loss + self.z_loss_coef * y_pred.z_loss
+        objective = task_loss
+        if self.expert_loss == "per_expert":
+            assignments = y_pred.assignments
+            objective = per_expert_loss(self.criterion_, assignments.outputs, assignments.rows, assignments.weights,
+                                        y_true, sample_weight)
+        loss = objective + self.balance_coef * y_pred.balance_loss + self.z_loss_coef * y_pred.z_loss
         terms = {"task_loss": task_loss, "balance_loss": y_pred.balance_loss, "z_loss": y_pred.z_loss}
         if self.diversity_coef > 0:
             loss = loss + self.diversity_coef * y_pred.diversity_loss

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from skorch.callbacks import Callback
 
@@ -77,3 +79,41 @@ class AuxFreeBalancing(Callback):
     def on_batch_end(self, net, batch=None, training=None, y_pred=None, **kwargs):
         if training and y_pred is not None:
             net.module_.router.update_selection_bias(y_pred.expert_counts, self.rate)
+
+
+LR_SCHEDULES = ("plateau", "cosine", "flat_cosine", "constant")
+
+
+class LearningRateShape:
+    """The learning-rate multiplier at optimizer step ``step`` of ``total_steps``.
+
+    A picklable ``lr_lambda`` for ``torch.optim.lr_scheduler.LambdaLR`` (stepped every
+    batch), so that a fitted estimator that keeps its scheduler still pickles.
+
+    Parameters
+    ----------
+    kind : {"cosine", "flat_cosine", "constant"}
+        ``"cosine"``: ``(1 + cos(pi * t)) / 2`` over the training progress ``t`` in [0, 1];
+        ``"flat_cosine"``: 1 for the first ``flat_fraction`` of training, then a cosine
+        decay to 0 over the rest; ``"constant"``: always 1.
+    total_steps : int
+        Optimizer steps of ``max_epochs`` epochs.
+    flat_fraction : float, default=0.5
+    """
+
+    def __init__(self, kind: str, total_steps: int, flat_fraction: float = 0.5):
+        if kind not in ("cosine", "flat_cosine", "constant"):
+            raise ValueError(f"kind must be 'cosine', 'flat_cosine' or 'constant', got {kind!r}")
+        self.kind = kind
+        self.total_steps = max(1, int(total_steps))
+        self.flat_fraction = flat_fraction
+
+    def __call__(self, step: int) -> float:
+        progress = min(step / self.total_steps, 1.0)
+        if self.kind == "constant":
+            return 1.0
+        if self.kind == "flat_cosine":
+            if progress <= self.flat_fraction:
+                return 1.0
+            progress = (progress - self.flat_fraction) / (1.0 - self.flat_fraction)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -43,12 +43,16 @@ from ._regressor import MoERegressor
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
 FORMAT_NAME = "sklearn-moe"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Parameters that format version 1 did not store, with the behaviour those files had.
+_VERSION_1_PARAMS = {"expert_type": "independent", "expert_loss": "mixture", "numeric_embedding": None,
+                     "lr_schedule": "plateau"}
 _METADATA_KEY = "sklearn-moe"
 _KINDS = {"MoERegressor": MoERegressor, "MoEClassifier": MoEClassifier}
 _TUPLE_PARAMS = ("expert_hidden", "gate_hidden")
 _DOCUMENT_KEYS = {"format", "format_version", "library_version", "kind", "params", "fitted", "history", "net"}
-_COMMON_FITTED = ("n_features_in_", "n_iter_", "expert_load_", "_x_mean", "_x_scale", "_n_outputs")
+_COMMON_FITTED = ("n_features_in_", "n_iter_", "expert_load_", "_x_mean", "_x_scale", "_n_outputs",
+                  "_embedding_columns", "_embedding_n_bins")
 _REQUIRED_FITTED = {
     "MoERegressor": _COMMON_FITTED + ("_y_mean", "_y_scale", "_y_ndim"),
     "MoEClassifier": _COMMON_FITTED + ("classes_",),
@@ -251,6 +255,8 @@ def _parse_document(metadata: dict) -> dict:
 def _new_estimator(document: dict, device):
     cls = _KINDS[document["kind"]]
     params = dict(document["params"])
+    if document["format_version"] == 1:
+        params = {**_VERSION_1_PARAMS, **params}
     names = set(cls().get_params(deep=False))
     unknown, missing = sorted(set(params) - names), sorted(names - set(params))
     if unknown or missing:
@@ -271,6 +277,9 @@ def _new_estimator(document: dict, device):
 
 def _restore_fitted(estimator, document: dict) -> None:
     fitted, kind = document["fitted"], document["kind"]
+    if document["format_version"] == 1:  # no numeric embeddings then
+        empty = _encode_array("", np.zeros(0, dtype=np.int64))
+        fitted = {"_embedding_columns": empty, "_embedding_n_bins": empty, **fitted}
     required = set(_REQUIRED_FITTED[kind])
     unknown = sorted(set(fitted) - required - set(_OPTIONAL_FITTED))
     missing = sorted(required - set(fitted))
@@ -285,16 +294,20 @@ def _restore_fitted(estimator, document: dict) -> None:
         "_y_mean": ("f8", (n_outputs,)), "_y_scale": ("f8", (n_outputs,)),
         "expert_load_": ("f8", (estimator.n_experts,)),
         "feature_names_in_": ("OU", (n_features,)), "classes_": ("biufUO", None),
+        "_embedding_columns": ("i", None), "_embedding_n_bins": ("i", None),
     }
     for name, value in values.items():
         kinds, shape = expected[name]
         if kinds == "int":
             ok = _is_int(value, minimum=1 if name != "n_iter_" else 0)
+        elif kinds == "i":
+            ok = value.dtype == np.int64 and value.ndim == 1
         else:
             ok = (value.dtype == np.float64 if kinds == "f8" else value.dtype.kind in kinds) and (
                 shape is None or value.shape == shape)
         if not ok:
             raise _invalid(f"fitted attribute {name} is malformed.")
+    _check_embedding_layout(estimator, values["_embedding_columns"], values["_embedding_n_bins"], n_features)
     if values["n_iter_"] != len(document["history"]):
         raise _invalid("n_iter_ differs from the number of history records.")
     if kind == "MoEClassifier":
@@ -305,6 +318,17 @@ def _restore_fitted(estimator, document: dict) -> None:
         raise _invalid("_y_ndim does not match the number of outputs.")
     for name, value in values.items():
         setattr(estimator, name, value)
+
+
+def _check_embedding_layout(estimator, columns: np.ndarray, n_bins: np.ndarray, n_features: int) -> None:
+    """The embedded columns are distinct inputs, with a bin count each for piecewise-linear."""
+    if len(columns) and estimator.numeric_embedding is None:
+        raise _invalid("embedded columns are stored, but numeric_embedding is None.")
+    if len(np.unique(columns)) != len(columns) or not all(0 <= c < n_features for c in columns):
+        raise _invalid("the embedded columns must be distinct feature indices.")
+    expected_bins = len(columns) if estimator.numeric_embedding == "piecewise_linear" else 0
+    if len(n_bins) != expected_bins or not all(1 <= b <= 100_000 for b in n_bins):
+        raise _invalid("the piecewise-linear bin counts do not match the embedded columns.")
 
 
 def _decode_array(name: str, spec) -> np.ndarray:

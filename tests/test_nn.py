@@ -715,7 +715,7 @@ def test_temperature_divides_logits(name):
 
 def test_moe_output_fields():
     assert MoEOutput._fields == ("output", "gates", "balance_loss", "z_loss", "expert_counts", "n_dropped",
-                                "diversity_loss")
+                                "diversity_loss", "assignments")
     module = make_moe().eval()
     out = module(inputs(6))
     assert out[0] is out.output

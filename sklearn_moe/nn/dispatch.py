@@ -190,14 +190,8 @@ def plan_dispatch(
     """
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
-    n, k = indices.shape
-    flat_experts = _choice_major(indices)  # priority to first choices
-    flat_rows = torch.arange(n, device=indices.device).repeat(k)
-    flat_weights = _choice_major(weights)
-    if active is not None:
-        flat_active = _choice_major(active)
-        flat_experts, flat_rows = flat_experts[flat_active], flat_rows[flat_active]
-        flat_weights = flat_weights[flat_active]
+    n = indices.shape[0]
+    flat_rows, flat_experts, flat_weights = flat_assignments(indices, weights, active)
     counts = torch.bincount(flat_experts, minlength=n_experts)
     if capacity is not None and flat_experts.numel() and capacity < int(counts.max()):
         keep = _rank_within_expert(flat_experts, n_experts) < capacity
@@ -233,6 +227,31 @@ def plan_dispatch(
     groups = (ExpertGroup(None, n_experts, 0, n_slots, 0),) if n_slots else ()
     return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, experts * n_slots + slots, groups,
                         kept_counts)
+
+
+def flat_assignments(indices: torch.Tensor, weights: torch.Tensor, active: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (row, expert, weight) assignments of a routing, choice-major: every row's first
+    choice, then every row's second choice, ... (the priority order of the capacity cap).
+
+    Parameters
+    ----------
+    indices : Tensor of shape (n, k), int64
+    weights : Tensor of shape (n, k)
+    active : Tensor of shape (n, k), bool, optional
+        Assignments to keep; all when None.
+
+    Returns
+    -------
+    rows, experts, weights : Tensors of shape (m,)
+    """
+    n, k = indices.shape
+    rows = torch.arange(n, device=indices.device).repeat(k)
+    experts, weights = _choice_major(indices), _choice_major(weights)
+    if active is not None:
+        keep = _choice_major(active)
+        rows, experts, weights = rows[keep], experts[keep], weights[keep]
+    return rows, experts, weights
 
 
 def _staircase_positions(thresholds: list[int], kept: np.ndarray, experts: torch.Tensor,
@@ -327,9 +346,59 @@ def _reroute(rows, weights, indices, active, ranking, room):
     return torch.cat(placed_rows), torch.cat(placed_experts), torch.cat(placed_weights)
 
 
-def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
-                     grad_scale: torch.Tensor | None = None, unpadded: bool = False) -> torch.Tensor:
-    """Run the experts on their assigned rows and return the gate-weighted sum per row.
+class ExpertAssignments(NamedTuple):
+    """The experts' own outputs for the (row, expert) pairs a batch was routed to.
+
+    Attributes
+    ----------
+    rows : Tensor of shape (m,), int64
+        Source row of each assignment.
+    experts : Tensor of shape (m,), int64
+        Expert of each assignment.
+    weights : Tensor of shape (m,)
+        Gate weight of each assignment; a row's weights sum to 1 (0 for a row whose every
+        assignment was dropped).
+    outputs : Tensor of shape (m, n_outputs)
+        The expert's output for its row (plus the shared expert's, when there is one).
+    """
+
+    rows: torch.Tensor
+    experts: torch.Tensor
+    weights: torch.Tensor
+    outputs: torch.Tensor
+
+
+def combine(assignments: ExpertAssignments, n_rows: int) -> torch.Tensor:
+    """The gate-weighted sum of the assignments' outputs per row: Tensor (n_rows, n_outputs)."""
+    weighted = assignments.outputs * assignments.weights.to(assignments.outputs.dtype).unsqueeze(1)
+    return weighted.new_zeros(n_rows, weighted.shape[1]).index_add(0, assignments.rows, weighted)
+
+
+def mask_failed_experts(assignments: ExpertAssignments, n_rows: int) -> ExpertAssignments:
+    """Mask non-finite expert outputs (a diverged expert).
+
+    Such an output gets weight 0 and its row's other weights are renormalised, with a
+    ``RuntimeWarning`` naming the experts; an assignment that already had weight 0 (an
+    expert not chosen for the row) does not count, and is silently zeroed. Nothing changes
+    (and nothing is copied) when every output is finite.
+    """
+    finite = torch.isfinite(assignments.outputs).all(dim=1)
+    if bool(finite.all()):
+        return assignments
+    failed = ~finite & (assignments.weights != 0)
+    outputs = torch.where(finite.unsqueeze(1), assignments.outputs, 0.0)
+    weights = assignments.weights
+    if bool(failed.any()):
+        _warn_failed_experts(assignments.experts[failed])
+        weights = torch.where(finite, weights, 0.0)
+        totals = weights.new_zeros(n_rows).index_add(0, assignments.rows, weights)
+        weights = weights / totals[assignments.rows].clamp_min(torch.finfo(weights.dtype).tiny)
+    return assignments._replace(weights=weights, outputs=outputs)
+
+
+def dispatch_assignments(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
+                         grad_scale: torch.Tensor | None = None, unpadded: bool = False) -> ExpertAssignments:
+    """Run independent experts on their assigned rows.
 
     Parameters
     ----------
@@ -348,7 +417,8 @@ def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPl
 
     Returns
     -------
-    Tensor of shape (n, n_outputs)
+    ExpertAssignments
+        In plan order, non-finite outputs masked (:func:`mask_failed_experts`).
     """
     if unpadded:
         expert_out = experts.forward_sorted(x.index_select(0, plan.rows), plan.kept_counts.tolist())
@@ -356,16 +426,20 @@ def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPl
         expert_out = _run_blocks(x, experts, plan, n_outputs)
     if grad_scale is not None:
         expert_out = scale_gradient(expert_out, grad_scale[plan.experts].unsqueeze(1))
-    weights = plan.weights.to(expert_out.dtype)
-    finite = torch.isfinite(expert_out).all(dim=1)
-    if not bool(finite.all()):
-        _warn_failed_experts(plan.experts[~finite])
-        expert_out = torch.where(finite.unsqueeze(1), expert_out, 0.0)
-        weights = torch.where(finite, weights, 0.0)
-        totals = weights.new_zeros(x.shape[0]).index_add(0, plan.rows, weights)
-        weights = weights / totals[plan.rows].clamp_min(torch.finfo(weights.dtype).tiny)
-    weighted = expert_out * weights.unsqueeze(1)
-    return expert_out.new_zeros(x.shape[0], n_outputs).index_add(0, plan.rows, weighted)
+    return mask_failed_experts(ExpertAssignments(plan.rows, plan.experts, plan.weights, expert_out), x.shape[0])
+
+
+def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
+                     grad_scale: torch.Tensor | None = None, unpadded: bool = False) -> torch.Tensor:
+    """Run the experts on their assigned rows and return the gate-weighted sum per row.
+
+    The parameters are those of :func:`dispatch_assignments`.
+
+    Returns
+    -------
+    Tensor of shape (n, n_outputs)
+    """
+    return combine(dispatch_assignments(x, experts, plan, n_outputs, grad_scale, unpadded), x.shape[0])
 
 
 def _run_blocks(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int) -> torch.Tensor:
@@ -397,24 +471,29 @@ def scale_gradient(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _ScaleGradient.apply(tensor, scale.detach())
 
 
+def dense_assignments(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor) -> ExpertAssignments:
+    """Every expert on every row, weighted by ``gates`` of shape (n, n_experts).
+
+    ``experts.all_experts(x)`` gives the outputs; the assignments are expert-major (all
+    rows of expert 0, then of expert 1, ...). An expert whose gate is 0 for a row does not
+    count for it, even if its output there is not finite (:func:`mask_failed_experts`).
+    """
+    n, n_experts = gates.shape
+    expert_out = experts.all_experts(x)  # (E, n, out)
+    rows = torch.arange(n, device=x.device).repeat(n_experts)
+    expert_ids = torch.arange(n_experts, device=x.device).repeat_interleave(n)
+    assignments = ExpertAssignments(rows, expert_ids, gates.t().reshape(-1),
+                                     expert_out.reshape(n_experts * n, expert_out.shape[-1]))
+    return mask_failed_experts(assignments, n)
+
+
 def dense_combine(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor) -> torch.Tensor:
     """Every expert on every row, mixed by ``gates`` of shape (n, n_experts).
 
-    An expert whose gate is 0 for a row does not count for it, even if its output there is
-    not finite; so with a sparse router's gates this is the same mixture as
-    :func:`dispatch_combine` (up to the rounding of matmuls of other shapes).
+    With a sparse router's gates this is the same mixture as :func:`dispatch_combine` (up
+    to the rounding of matmuls of other shapes); see :func:`dense_assignments`.
     """
-    n_experts = gates.shape[1]
-    expert_out = experts(x.unsqueeze(0).expand(n_experts, -1, -1))  # (E, n, out)
-    gates = gates.t().unsqueeze(2).to(expert_out.dtype)  # (E, n, 1)
-    used = gates > 0
-    finite = torch.isfinite(expert_out).all(dim=2, keepdim=True) | ~used
-    if not bool(finite.all()):
-        _warn_failed_experts(torch.nonzero(~finite[..., 0])[:, 0])
-        gates = torch.where(finite, gates, 0.0)
-        gates = gates / gates.sum(dim=0, keepdim=True).clamp_min(torch.finfo(gates.dtype).tiny)
-        used = gates > 0
-    return torch.where(used, expert_out * gates, 0.0).sum(dim=0)
+    return combine(dense_assignments(x, experts, gates), x.shape[0])
 
 
 def _warn_failed_experts(failed_experts: torch.Tensor) -> None:

@@ -292,6 +292,10 @@ class StackedExperts(nn.Module):
         out = self.output(h, block_experts)
         return out[0] if isinstance(x, torch.Tensor) else out
 
+    def all_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row: Tensor of shape (n_experts, n, out_features)."""
+        return self(x.unsqueeze(0).expand(self.n_experts, -1, -1))
+
     def forward_sorted(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Run the experts on rows sorted by expert, without padding.
 
@@ -341,3 +345,149 @@ class StackedExperts(nn.Module):
 
     def _norm(self, index: int, h: list[torch.Tensor], block_experts) -> list[torch.Tensor]:
         return self.norms[index](h, block_experts) if len(self.norms) else h
+
+
+ADAPTER_INITS = ("random_signs", "normal")
+
+
+class AdapterExperts(nn.Module):
+    """Experts that share one MLP's weights and differ by elementwise adapters (BatchEnsemble).
+
+    Expert ``e`` computes every hidden layer as ``act(((h * r_e) @ W) * s_e + b_e)``: the
+    weight ``W`` is shared by all experts, the input scaling ``r_e``, output scaling
+    ``s_e`` and bias ``b_e`` are the expert's own, and so is its output head ``(W_e, c_e)``.
+    This is the TabM recipe (Gorishniy et al., ICLR 2025): weight sharing regularises, and
+    a row routed to ``k`` experts runs as ``k`` rows through the shared weights, one matmul
+    over all routed rows, so the cost grows with ``top_k`` and not with ``n_experts``, with
+    no per-expert weight matrices and no padding.
+
+    Initialisation as in TabM: the first layer's input scaling ``r_e`` is random (signs,
+    or normal values constant within each input chunk, e.g. each embedded feature) so that
+    the experts differ before the first matmul mixes the features; every other scaling is
+    1, and every expert starts with the same biases. Residual connections, layer norm (a
+    per-expert affine map) and dropout follow :class:`StackedExperts`.
+
+    Parameters
+    ----------
+    n_experts : int
+    in_features, out_features : int
+    expert_hidden : tuple of int
+        Hidden layer sizes of the shared MLP; ``()`` makes each expert a linear model with
+        its own weights.
+    activation : str, default="relu"
+    dropout : float, default=0.0
+    layer_norm : bool, default=False
+    skip_connections : bool, default=True
+    output_init_scale : float, default=0.1
+        Scale of the output heads' initialisation.
+    first_scaling : {"random_signs", "normal"}, default="random_signs"
+        Initialisation of the first layer's input scalings.
+    input_chunks : sequence of int, optional
+        Widths of the input's pieces (summing to ``in_features``) that share one random
+        first-layer scaling per expert; ``None`` is one value per input column.
+    """
+
+    def __init__(
+        self,
+        n_experts: int,
+        in_features: int,
+        out_features: int,
+        expert_hidden: tuple[int, ...] = (128,),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        layer_norm: bool = False,
+        skip_connections: bool = True,
+        output_init_scale: float = 0.1,
+        first_scaling: str = "random_signs",
+        input_chunks=None,
+    ):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if first_scaling not in ADAPTER_INITS:
+            raise ValueError(f"first_scaling must be one of {ADAPTER_INITS}, got {first_scaling!r}")
+        self.n_experts = n_experts
+        self.in_features = in_features
+        self.out_features = out_features
+        self._act = ACTIVATIONS[activation]
+        self.dropout = dropout
+        widths = (in_features, *expert_hidden)
+        self.weights = nn.ParameterList()
+        self.in_scales = nn.ParameterList()
+        self.out_scales = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            bound = 1 / math.sqrt(w_in)
+            self.weights.append(nn.Parameter(torch.empty(w_in, w_out).uniform_(-bound, bound)))
+            self.in_scales.append(nn.Parameter(torch.ones(n_experts, w_in)))
+            self.out_scales.append(nn.Parameter(torch.ones(n_experts, w_out)))
+            self.biases.append(nn.Parameter(torch.empty(w_out).uniform_(-bound, bound).expand(n_experts, -1).clone()))
+        if expert_hidden:
+            _init_scaling(self.in_scales[0], first_scaling, input_chunks)
+        self.residual = [skip_connections and i > 0 and w_in == w_out
+                         for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:]))]
+        self.norm_weights = nn.ParameterList(nn.Parameter(torch.ones(n_experts, w)) for w in widths[1:] if layer_norm)
+        self.norm_biases = nn.ParameterList(nn.Parameter(torch.zeros(n_experts, w)) for w in widths[1:] if layer_norm)
+        bound = output_init_scale / math.sqrt(widths[-1])
+        self.head_weight = nn.Parameter(torch.empty(n_experts, widths[-1], out_features).uniform_(-bound, bound))
+        self.head_bias = nn.Parameter(torch.empty(n_experts, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Run row ``i`` of ``x`` through expert ``experts[i]``.
+
+        Parameters
+        ----------
+        x : Tensor of shape (m, in_features)
+        experts : Tensor of shape (m,), int64
+
+        Returns
+        -------
+        Tensor of shape (m, out_features)
+        """
+        h = x
+        for i, weight in enumerate(self.weights):
+            inputs = self._norm(i - 1, h, experts) if i > 0 else h
+            z = (inputs * F.embedding(experts, self.in_scales[i])) @ weight.to(inputs.dtype)
+            z = torch.addcmul(F.embedding(experts, self.biases[i]).to(z.dtype), z,
+                              F.embedding(experts, self.out_scales[i]).to(z.dtype))
+            z = self._act(z)
+            if self.training and self.dropout > 0:
+                z = F.dropout(z, self.dropout, training=True)
+            h = h + z if self.residual[i] else z
+        if len(self.weights):
+            h = self._norm(-1, h, experts)
+        return self._heads(h, experts)
+
+    def all_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row: Tensor of shape (n_experts, n, out_features)."""
+        n = x.shape[0]
+        experts = torch.arange(self.n_experts, device=x.device).repeat_interleave(n)
+        return self(x.repeat(self.n_experts, 1), experts).view(self.n_experts, n, -1)
+
+    def _heads(self, h: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        bias = F.embedding(experts, self.head_bias).to(h.dtype)
+        if self.out_features == 1:
+            weight = F.embedding(experts, self.head_weight[:, :, 0]).to(h.dtype)
+            return (h * weight).sum(dim=1, keepdim=True) + bias
+        return torch.baddbmm(bias.unsqueeze(1), h.unsqueeze(1), self.head_weight[experts].to(h.dtype)).squeeze(1)
+
+    def _norm(self, index: int, h: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        if not len(self.norm_weights):
+            return h
+        weight = F.embedding(experts, self.norm_weights[index]).to(h.dtype)
+        bias = F.embedding(experts, self.norm_biases[index]).to(h.dtype)
+        return torch.addcmul(bias, F.layer_norm(h, h.shape[-1:]), weight)
+
+
+@torch.no_grad()
+def _init_scaling(scale: torch.Tensor, kind: str, chunks=None) -> None:
+    """Random first-layer scalings: ``kind`` values, one per expert and input chunk."""
+    n_experts, width = scale.shape
+    chunks = [1] * width if chunks is None else [int(c) for c in chunks]
+    if sum(chunks) != width:
+        raise ValueError(f"input_chunks sum to {sum(chunks)}, expected {width}")
+    if kind == "random_signs":
+        values = torch.where(torch.rand(n_experts, len(chunks)) < 0.5, -1.0, 1.0)
+    else:
+        values = torch.randn(n_experts, len(chunks))
+    scale.copy_(values.repeat_interleave(torch.tensor(chunks), dim=1))

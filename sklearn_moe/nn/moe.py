@@ -7,8 +7,20 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .dispatch import OVERFLOW_POLICIES, dense_combine, dispatch_combine, expert_capacity, plan_dispatch
-from .experts import StackedExperts
+from .dispatch import (
+    OVERFLOW_POLICIES,
+    ExpertAssignments,
+    combine,
+    dense_assignments,
+    dispatch_assignments,
+    expert_capacity,
+    flat_assignments,
+    mask_failed_experts,
+    plan_dispatch,
+    scale_gradient,
+)
+from .embeddings import NumericEmbedding
+from .experts import AdapterExperts, StackedExperts
 from .losses import BALANCE_LOSSES, cv2_balance_loss, expert_diversity_loss, router_z_loss, switch_balance_loss
 from .routers import make_router
 
@@ -22,6 +34,7 @@ DENSE_EVAL_MAX_ROWS = 4
 # little next to matmuls this tall (at 8 experts, 16k rows predict 3.7x faster). A GPU keeps
 # the padded batched matmul, where each extra call is a kernel launch.
 UNPADDED_EVAL_MIN_ROWS = 64
+EXPERT_TYPES = ("independent", "adapter")
 
 
 class MoEOutput(NamedTuple):
@@ -45,6 +58,9 @@ class MoEOutput(NamedTuple):
     diversity_loss : Tensor, scalar
         :func:`~sklearn_moe.nn.losses.expert_diversity_loss` of the experts' outputs on the
         first rows of the batch; 0 unless ``diversity_loss=True`` and training.
+    assignments : ExpertAssignments
+        Every chosen expert's own output for its row, with its gate weight: what a
+        per-expert loss (:func:`~sklearn_moe.nn.losses.per_expert_loss`) trains on.
     """
 
     output: torch.Tensor
@@ -54,6 +70,7 @@ class MoEOutput(NamedTuple):
     expert_counts: torch.Tensor
     n_dropped: torch.Tensor
     diversity_loss: torch.Tensor
+    assignments: ExpertAssignments | None = None
 
 
 class _Mixed(NamedTuple):
@@ -63,6 +80,7 @@ class _Mixed(NamedTuple):
     weights: torch.Tensor
     plan_counts: torch.Tensor | None
     n_dropped: torch.Tensor
+    assignments: ExpertAssignments
 
 
 class MixtureOfExperts(nn.Module):
@@ -77,14 +95,15 @@ class MixtureOfExperts(nn.Module):
     n_experts : int, default=8
     top_k : int, default=2
         Experts per row for sparse routers.
-    router : {"softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical"}, default="topk"
+    router : {"softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"}, default="topk"
         ``"softmax"`` is the dense soft mixture (every expert on every row, ``top_k``
         unused); ``"topk"`` routes each row to its ``top_k`` best experts with gate weights
         renormalised over them; ``"noisy_topk"`` adds learned Gaussian noise to the ranking
         in training (Shazeer et al. 2017); ``"switch"`` is top-1 with input jitter in
         training (Fedus et al. 2021); ``"top_p"`` takes a row's best experts until their
         probability reaches ``top_p`` (dynamic k, at most ``top_k``); ``"hierarchical"`` is
-        a group gate over ``n_groups`` groups, then a gate within the best group. See
+        a group gate over ``n_groups`` groups, then a gate within the best group;
+        ``"uniform"`` weighs every expert equally (an ensemble, no gate). See
         :mod:`sklearn_moe.nn.routers`.
     expert_hidden : tuple of int, default=(128,)
         Hidden layer sizes of every expert.
@@ -135,6 +154,21 @@ class MixtureOfExperts(nn.Module):
         (clipped to ``[0, n_experts]``), where ``count_e`` is the number of rows routed to it
         in the batch: every expert then learns at the pace of an average-load one, so a
         rarely-chosen expert is not starved into staying rarely chosen. Sparse routing only.
+    expert_type : {"independent", "adapter"}, default="independent"
+        ``"independent"``: every expert has its own weights (:class:`StackedExperts`).
+        ``"adapter"``: the experts share one MLP and differ by elementwise adapters, biases
+        and output heads (:class:`AdapterExperts`); a row's ``top_k`` experts run as
+        ``top_k`` rows through the shared weights.
+    numeric_embedding : {"periodic", "piecewise_linear"} or None, default=None
+        Embed the ``embedding_columns`` of the input (:class:`NumericEmbedding`) before the
+        router and the experts, which both see the embedded input.
+    embedding_columns : sequence of int, optional
+        Columns to embed; required with ``numeric_embedding``.
+    embedding_bins : list of Tensor, optional
+        ``"piecewise_linear"``: bin edges of every embedded column.
+    embedding_n_bins : sequence of int, optional
+        ``"piecewise_linear"`` without ``embedding_bins``: bins per column, the edges to be
+        loaded with ``load_state_dict``.
     """
 
     def __init__(
@@ -163,8 +197,15 @@ class MixtureOfExperts(nn.Module):
         diversity_loss: bool = False,
         diversity_rows: int = 64,
         expert_grad_scaling: bool = False,
+        expert_type: str = "independent",
+        numeric_embedding: str | None = None,
+        embedding_columns=None,
+        embedding_bins=None,
+        embedding_n_bins=None,
     ):
         super().__init__()
+        if expert_type not in EXPERT_TYPES:
+            raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {expert_type!r}")
         if balance_loss is not None and balance_loss not in BALANCE_LOSSES:
             raise ValueError(f"balance_loss must be one of {sorted(BALANCE_LOSSES)} or None, got {balance_loss!r}")
         if not 0 <= expert_dropout < 1:
@@ -184,11 +225,25 @@ class MixtureOfExperts(nn.Module):
         self.diversity_loss = diversity_loss
         self.diversity_rows = diversity_rows
         self.expert_grad_scaling = expert_grad_scaling
-        self.router = make_router(router, n_features, n_experts, top_k, temperature, tuple(gate_hidden),
+        self.expert_type = expert_type
+        self.embedding = None
+        width = n_features
+        if numeric_embedding is not None:
+            if embedding_columns is None:
+                raise ValueError("numeric_embedding needs embedding_columns")
+            self.embedding = NumericEmbedding(numeric_embedding, n_features, embedding_columns, embedding_bins,
+                                              embedding_n_bins)
+            width = self.embedding.out_features
+        self.router = make_router(router, width, n_experts, top_k, temperature, tuple(gate_hidden),
                                   top_p=top_p, learned_threshold=learned_threshold, n_groups=n_groups)
-        expert_args = (n_features, n_outputs, tuple(expert_hidden), activation, dropout, layer_norm,
+        expert_args = (width, n_outputs, tuple(expert_hidden), activation, dropout, layer_norm,
                        skip_connections, output_init_scale)
-        self.experts = StackedExperts(n_experts, *expert_args)
+        if expert_type == "adapter":
+            first_scaling = "random_signs" if self.embedding is None else "normal"
+            chunks = None if self.embedding is None else self.embedding.chunks
+            self.experts = AdapterExperts(n_experts, *expert_args, first_scaling=first_scaling, input_chunks=chunks)
+        else:
+            self.experts = StackedExperts(n_experts, *expert_args)
         self.shared_expert = StackedExperts(1, *expert_args) if shared_expert else None
 
     def forward(self, x: torch.Tensor, sample_weight: torch.Tensor | None = None) -> MoEOutput:
@@ -200,15 +255,16 @@ class MixtureOfExperts(nn.Module):
         sample_weight : Tensor of shape (n,), optional
             Rows with zero weight are left out of the auxiliary losses.
         """
+        x = self._embed(x)
         mixed = self._mix(x)
         routing, active = mixed.routing, mixed.active
         mask = None if sample_weight is None else sample_weight > 0
         gates = self._gates(routing, active, mixed.weights)
         counts = self._routing_counts(routing, active, mask, mixed.plan_counts)
         balance = self._balance_loss(routing, gates, mask, active)
-        z_loss = router_z_loss(routing.logits, mask)
+        z_loss = router_z_loss(routing.logits, mask) if self.router.learned else x.new_zeros((), dtype=torch.float32)
         diversity = self._diversity_loss(x, mask) if self.training and self.diversity_loss else x.new_zeros(())
-        return MoEOutput(mixed.output, gates, balance, z_loss, counts, mixed.n_dropped, diversity)
+        return MoEOutput(mixed.output, gates, balance, z_loss, counts, mixed.n_dropped, diversity, mixed.assignments)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The mixture's output alone, without the auxiliary terms (for inference).
@@ -221,11 +277,11 @@ class MixtureOfExperts(nn.Module):
         -------
         Tensor of shape (n, n_outputs)
         """
-        return self._mix(x).output
+        return self._mix(self._embed(x)).output
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """The gate weights alone: Tensor of shape (n, n_experts), zero for experts not chosen."""
-        routing = self.router(x)
+        routing = self.router(self._embed(x))
         return self._gates(routing, *self._active_weights(routing))
 
     def _active_weights(self, routing):
@@ -245,31 +301,62 @@ class MixtureOfExperts(nn.Module):
             return routing.probs
         return routing.probs.new_zeros(routing.probs.shape).scatter(1, routing.indices, weights)
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.embedding is None else self.embedding(x)
+
     def _mix(self, x: torch.Tensor) -> _Mixed:
         routing = self.router(x)
         active, weights = self._active_weights(routing)
-        if routing.dense or (not self.training and x.shape[0] <= DENSE_EVAL_MAX_ROWS):
-            output = dense_combine(x, self.experts, self._gates(routing, active, weights))
-            n_dropped = torch.zeros((), dtype=torch.long, device=x.device)
-            plan_counts = None
+        n = x.shape[0]
+        small_eval = self.expert_type == "independent" and not self.training and n <= DENSE_EVAL_MAX_ROWS
+        if routing.dense or small_eval:
+            assignments = dense_assignments(x, self.experts, self._gates(routing, active, weights))
+            plan_counts, n_dropped = None, torch.zeros((), dtype=torch.long, device=x.device)
         else:
-            capacity = None
-            if self.training and self.capacity_factor is not None:
-                capacity = expert_capacity(self.capacity_factor, x.shape[0], routing.indices.shape[1], self.n_experts)
+            assignments, plan_counts, n_dropped = self._dispatch(x, routing, active, weights)
+        output = combine(assignments, n)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x.unsqueeze(0))[0]
+            output = output + shared
+            assignments = assignments._replace(outputs=assignments.outputs + shared.index_select(0, assignments.rows))
+        return _Mixed(output, routing, active, weights, plan_counts, n_dropped, assignments)
+
+    def _dispatch(self, x: torch.Tensor, routing, active, weights):
+        """Sparse routing: the experts' outputs for the chosen (row, expert) pairs, the counts
+        per expert as routed (None: count ``routing.indices``) and the number dropped."""
+        n = x.shape[0]
+        independent = self.expert_type == "independent"
+        capacity = None
+        if self.training and self.capacity_factor is not None:
+            capacity = expert_capacity(self.capacity_factor, n, routing.indices.shape[1], self.n_experts)
+        n_dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        plan = plan_counts = None
+        if independent or capacity is not None:
             ranking = None
             if capacity is not None and self.capacity_overflow == "reroute":
                 ranking = routing.scores.argsort(dim=1, descending=True)
-            plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active,
-                                 self.capacity_overflow, ranking, staircase=self.training and x.device.type == "cpu")
-            grad_scale = self._grad_scale(plan.counts) if self.training and self.expert_grad_scaling else None
+            plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active, self.capacity_overflow,
+                                 ranking, staircase=independent and self.training and x.device.type == "cpu")
+            rows, experts, flat_weights = plan.rows, plan.experts, plan.weights
+            plan_counts, n_dropped = plan.counts, plan.counts.sum() - plan.rows.shape[0]
+        else:
+            # Adapter experts need no expert-sorted layout: every routed row goes through
+            # the shared weights as it is.
+            rows, experts, flat_weights = flat_assignments(routing.indices, weights, active)
+        grad_scale = None
+        if self.training and self.expert_grad_scaling:
+            counts = plan_counts if plan_counts is not None else torch.bincount(experts, minlength=self.n_experts)
+            grad_scale = self._grad_scale(counts)
+        if independent:
             unpadded = (not self.training and x.device.type == "cpu"
                         and plan.rows.shape[0] >= UNPADDED_EVAL_MIN_ROWS * self.n_experts)
-            output = dispatch_combine(x, self.experts, plan, self.n_outputs, grad_scale, unpadded)
-            plan_counts = plan.counts
-            n_dropped = plan.counts.sum() - plan.rows.shape[0]
-        if self.shared_expert is not None:
-            output = output + self.shared_expert(x.unsqueeze(0))[0]
-        return _Mixed(output, routing, active, weights, plan_counts, n_dropped)
+            return dispatch_assignments(x, self.experts, plan, self.n_outputs, grad_scale, unpadded), plan_counts, \
+                n_dropped
+        expert_out = self.experts(x.index_select(0, rows), experts)
+        if grad_scale is not None:
+            expert_out = scale_gradient(expert_out, grad_scale[experts].unsqueeze(1))
+        assignments = mask_failed_experts(ExpertAssignments(rows, experts, flat_weights, expert_out), n)
+        return assignments, plan_counts, n_dropped
 
     def _routing_counts(self, routing, active, mask, plan_counts) -> torch.Tensor:
         """Assignments per expert, leaving out inactive ones and zero-weight rows."""
@@ -290,7 +377,7 @@ class MixtureOfExperts(nn.Module):
     def _diversity_loss(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         rows = x if mask is None else x[mask]
         rows = rows[: self.diversity_rows]
-        return expert_diversity_loss(self.experts(rows.unsqueeze(0).expand(self.n_experts, -1, -1)))
+        return expert_diversity_loss(self.experts.all_experts(rows))
 
     def _expert_dropout_mask(self, indices: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
         """(n, k) bool: which chosen (active) experts survive; at least each row's first choice."""

@@ -94,6 +94,9 @@ class Router(nn.Module):
         # *select* experts, never to the gate weights. Zero unless a trainer updates it.
         self.register_buffer("selection_bias", torch.zeros(n_experts))
 
+    #: Whether the router has a gate that training updates (False: fixed weights).
+    learned = True
+
     @torch.no_grad()
     def update_selection_bias(self, expert_counts: torch.Tensor, rate: float) -> None:
         """``b_e += rate * sign(mean_load - load_e)``: favour under-loaded experts."""
@@ -121,6 +124,31 @@ class SoftmaxRouter(Router):
     """Dense soft mixture: every expert gets its softmax weight; ``top_k`` is not used."""
 
     is_dense = True
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        logits = self.compute_logits(x)
+        probs = logits.softmax(dim=-1)
+        indices = torch.arange(self.n_experts, device=x.device).expand(x.shape[0], -1)
+        return Routing(logits, probs, indices, probs, dense=True)
+
+
+class UniformRouter(Router):
+    """No gate: every expert weighs ``1 / n_experts`` on every row (``top_k`` is not used).
+
+    The mixture is then a plain ensemble of its experts, the baseline that shows what a
+    learned gate adds. The router has no parameters; its logits are zeros.
+    """
+
+    is_dense = True
+    learned = False
+
+    def __init__(self, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0,
+                 gate_hidden: tuple[int, ...] = ()):
+        super().__init__(n_features, n_experts, top_k, temperature, ())
+        self.gate = None
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[0], self.n_experts, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.compute_logits(x)
@@ -336,6 +364,7 @@ ROUTERS: dict[str, type[Router]] = {
     "switch": SwitchRouter,
     "top_p": TopPRouter,
     "hierarchical": HierarchicalRouter,
+    "uniform": UniformRouter,
 }
 
 ROUTER_OPTIONS = {"top_p": ("top_p", "learned_threshold"), "hierarchical": ("n_groups",)}

@@ -1,0 +1,167 @@
+"""Numeric feature embeddings, shared by the router and every expert.
+
+Each embedded column becomes a small vector instead of one number (Gorishniy et al.,
+NeurIPS 2022, "On Embeddings for Numerical Features in Tabular Deep Learning"), which lets
+the first linear layer learn a piecewise or periodic function of every feature, the kind
+of axis-aligned structure that trees find easily and plain MLPs do not:
+
+- ``"piecewise_linear"``: the column's quantile bins (computed from the training data,
+  :func:`quantile_bins`), encoded as ``[1, ..., 1, fraction of the current bin, 0, ..., 0]``
+  and mapped linearly to ``d_embedding`` values, plus a linear term (the "B" variant used
+  by TabM, which starts as a plain linear embedding).
+- ``"periodic"``: ``cos`` and ``sin`` of learned frequencies, then a shared linear layer
+  and ReLU (PLR "lite").
+
+The encodings come from the ``rtdl_num_embeddings`` package, written by the papers'
+authors. Columns with two or fewer distinct values (one-hot indicators, flags, constants)
+gain nothing from an embedding and pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+NUMERIC_EMBEDDINGS = ("periodic", "piecewise_linear")
+#: Quantile bins per column of the piecewise-linear embedding (fewer with few rows or values).
+N_BINS = 48
+#: Embedding width per column.
+D_EMBEDDING = {"piecewise_linear": 16, "periodic": 24}
+#: Frequencies per column of the periodic embedding, and the scale of their initialisation.
+N_FREQUENCIES = 48
+FREQUENCY_INIT_SCALE = 0.01
+#: Columns with at most this many distinct values are not embedded.
+MAX_PASSTHROUGH_VALUES = 2
+#: Bins are computed from at most this many rows (quantiles of a random subsample).
+MAX_BIN_ROWS = 200_000
+
+
+def embedded_columns(X: torch.Tensor) -> list[int]:
+    """Indices of the columns of ``X`` worth embedding: more than two distinct values.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n, n_features)
+        Training features.
+
+    Returns
+    -------
+    list of int
+    """
+    columns = []
+    for j in range(X.shape[1]):
+        values = X[:, j].unique()
+        if values.shape[0] > MAX_PASSTHROUGH_VALUES:
+            columns.append(j)
+    return columns
+
+
+def quantile_bins(X: torch.Tensor, n_bins: int = N_BINS, generator: torch.Generator | None = None
+                  ) -> list[torch.Tensor]:
+    """Bin edges of every column of ``X`` at its quantiles, duplicates removed.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n, n_columns)
+        Training values of the embedded columns, each with at least two distinct values.
+    n_bins : int, default=48
+        At most this many bins per column (and fewer than ``n``).
+    generator : torch.Generator, optional
+        Draws the subsample when ``n`` exceeds :data:`MAX_BIN_ROWS`.
+
+    Returns
+    -------
+    list of Tensor
+        Per column, the increasing bin edges (at least two).
+    """
+    from rtdl_num_embeddings import compute_bins
+
+    if X.shape[0] > MAX_BIN_ROWS:
+        X = X[torch.randperm(X.shape[0], generator=generator)[:MAX_BIN_ROWS].to(X.device)]
+    n_bins = max(2, min(n_bins, X.shape[0] - 1))
+    with warnings.catch_warnings():
+        # A column whose quantiles collapse to two edges has one bin: that is min-max scaling,
+        # which rtdl_num_embeddings warns about; it is what a 3-valued column should get.
+        warnings.filterwarnings("ignore", message=".*just two bin edges.*")
+        return compute_bins(X.float(), n_bins=n_bins)
+
+
+class NumericEmbedding(nn.Module):
+    """Embed some columns of the input and pass the others through.
+
+    ``forward(x)`` returns ``cat(embedding(x[:, columns]).flatten(1), x[:, others])``, of
+    width ``len(columns) * d_embedding + len(others)``.
+
+    Parameters
+    ----------
+    kind : {"periodic", "piecewise_linear"}
+    n_features : int
+        Input width.
+    columns : sequence of int
+        The columns to embed (at least one).
+    bins : list of Tensor, optional
+        ``"piecewise_linear"``: the bin edges of every embedded column
+        (:func:`quantile_bins`).
+    n_bins : sequence of int, optional
+        ``"piecewise_linear"`` without ``bins``: the number of bins of every embedded
+        column. The edges are then placeholders, to be replaced by ``load_state_dict`` (this
+        is how a saved model is rebuilt).
+    """
+
+    def __init__(self, kind: str, n_features: int, columns, bins: list[torch.Tensor] | None = None,
+                 n_bins=None):
+        super().__init__()
+        import rtdl_num_embeddings
+
+        if kind not in NUMERIC_EMBEDDINGS:
+            raise ValueError(f"numeric_embedding must be one of {NUMERIC_EMBEDDINGS} or None, got {kind!r}")
+        columns = [int(c) for c in columns]
+        if not columns or not all(0 <= c < n_features for c in columns) or len(set(columns)) != len(columns):
+            raise ValueError(f"columns must be distinct indices in [0, {n_features}), at least one; got {columns}")
+        self.kind = kind
+        self.n_features = n_features
+        self.d_embedding = D_EMBEDDING[kind]
+        others = [c for c in range(n_features) if c not in set(columns)]
+        self.register_buffer("columns", torch.tensor(columns, dtype=torch.long), persistent=False)
+        self.register_buffer("others", torch.tensor(others, dtype=torch.long), persistent=False)
+        if kind == "periodic":
+            self.embedding = rtdl_num_embeddings.PeriodicEmbeddings(
+                len(columns), self.d_embedding, n_frequencies=N_FREQUENCIES,
+                frequency_init_scale=FREQUENCY_INIT_SCALE, lite=True)
+            self.n_bins = None
+        else:
+            if bins is None:
+                if n_bins is None:
+                    raise ValueError("piecewise_linear needs bins (or n_bins, to be loaded)")
+                bins = [torch.linspace(0.0, 1.0, int(count) + 1) for count in n_bins]
+            if len(bins) != len(columns):
+                raise ValueError(f"got bins for {len(bins)} columns, expected {len(columns)}")
+            self.n_bins = [int(edges.shape[0]) - 1 for edges in bins]
+            self.embedding = rtdl_num_embeddings.PiecewiseLinearEmbeddings(
+                [edges.float().cpu() for edges in bins], self.d_embedding, activation=False, version="B")
+
+    @property
+    def out_features(self) -> int:
+        """Width of the output."""
+        return self.columns.shape[0] * self.d_embedding + self.others.shape[0]
+
+    @property
+    def chunks(self) -> list[int]:
+        """Widths of the output's per-column pieces, in output order."""
+        return [self.d_embedding] * self.columns.shape[0] + [1] * self.others.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+
+        Returns
+        -------
+        Tensor of shape (n, out_features)
+        """
+        embedded = self.embedding(x.index_select(1, self.columns).float()).flatten(1)
+        if self.others.shape[0] == 0:
+            return embedded
+        return torch.cat((embedded, x.index_select(1, self.others).to(embedded.dtype)), dim=1)
