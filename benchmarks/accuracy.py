@@ -36,13 +36,14 @@ import json
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.base import clone
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, log_loss, r2_score
@@ -103,12 +104,16 @@ class CVSuite:
         classification) before the folds are drawn.
     moe_params : dict
         Parameters set on every MoE model of the suite on top of its own (e.g. an epoch cap).
+    model_max_rows : dict
+        Models that run only on data sets of at most this many rows (after the row cap),
+        because their fits would take hours beyond it; the report says where they did not run.
     """
 
     folds: int
     repeats: int
     max_rows: int | None
     moe_params: dict = field(default_factory=dict)
+    model_max_rows: dict = field(default_factory=dict)
 
 
 CV_SUITES = {
@@ -208,6 +213,47 @@ def _score_fold(task, model, X_test, y_test):
     return scores
 
 
+@lru_cache(maxsize=4)
+def _suite_data(dataset_name: str, folds: int, repeats: int, max_rows: int | None, seed: int):
+    """The subsampled data set and its folds (cached: every fold of a worker reuses them)."""
+    dataset = DATASETS[dataset_name]
+    X, y = subsample(*dataset.load(), max_rows, dataset.task, seed)
+    splitter_class = RepeatedKFold if dataset.task == "regression" else RepeatedStratifiedKFold
+    splits = list(splitter_class(n_splits=folds, n_repeats=repeats, random_state=seed).split(X, y))
+    return X, y, splits
+
+
+def cross_validate_fold(dataset_name, key, index, folds=3, repeats=1, max_rows=None, seed=0, moe_params=None) -> dict:
+    """Fit and score one model on one fold; the row of :func:`cross_validate_models`.
+
+    A fold that raises is recorded (``error``, scores NaN) rather than raised; warnings are
+    recorded (``warnings``) rather than printed.
+    """
+    dataset = DATASETS[dataset_name]
+    X, y, splits = _suite_data(dataset_name, folds, repeats, max_rows, seed)
+    train, test = splits[index]
+    spec = MODEL_SPECS[key]
+    estimator = spec.build(dataset.task, seed, dict(moe_params or {}) if spec.is_moe else {})
+    model = make_pipeline(preprocessor(X), estimator)
+    row = {"dataset": dataset_name, "task": dataset.task, "model_key": key, "model": spec.names[dataset.task],
+           "repeat": index // folds, "fold": index % folds, "n_train": len(train), "n_test": len(test),
+           "fit_time_s": np.nan, "predict_time_s": np.nan, "n_iter": np.nan, "best_epoch": np.nan,
+           "error": "", "warnings": ""}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            started = time.perf_counter()
+            model.fit(X.iloc[train], y[train])
+            row["fit_time_s"] = time.perf_counter() - started
+            row.update(_iterations(model[-1]))
+            row.update(_score_fold(dataset.task, model, X.iloc[test], y[test]))
+        except Exception as error:  # noqa: BLE001 - recorded in the results, the run goes on
+            row["error"] = _short(f"{type(error).__name__}: {error}")
+    messages = dict.fromkeys(_short(f"{w.category.__name__}: {w.message}", 120) for w in caught)
+    row["warnings"] = " | ".join(messages)
+    return row
+
+
 def cross_validate_models(dataset_name, model_keys, folds=3, repeats=1, max_rows=None, seed=0, moe_params=None,
                           log=None) -> pd.DataFrame:
     """Repeated K-fold CV of the suite models on one data set; one row per model and fold.
@@ -241,42 +287,23 @@ def cross_validate_models(dataset_name, model_keys, folds=3, repeats=1, max_rows
         n_iter (epochs or iterations of the fitted model, where it has ``n_iter_``),
         best_epoch (the MoE's epoch of lowest validation loss), error, warnings.
     """
-    dataset = DATASETS[dataset_name]
-    X, y = subsample(*dataset.load(), max_rows, dataset.task, seed)
-    splitter_class = RepeatedKFold if dataset.task == "regression" else RepeatedStratifiedKFold
-    splits = list(splitter_class(n_splits=folds, n_repeats=repeats, random_state=seed).split(X, y))
-    transformer = preprocessor(X)
     rows = []
     for key in model_keys:
-        spec = MODEL_SPECS[key]
-        estimator = spec.build(dataset.task, seed, dict(moe_params or {}) if spec.is_moe else {})
-        for index, (train, test) in enumerate(splits):
-            model = make_pipeline(clone(transformer), clone(estimator))
-            row = {"dataset": dataset_name, "task": dataset.task, "model_key": key, "model": spec.names[dataset.task],
-                   "repeat": index // folds, "fold": index % folds, "n_train": len(train), "n_test": len(test),
-                   "fit_time_s": np.nan, "predict_time_s": np.nan, "n_iter": np.nan, "best_epoch": np.nan,
-                   "error": "", "warnings": ""}
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    started = time.perf_counter()
-                    model.fit(X.iloc[train], y[train])
-                    row["fit_time_s"] = time.perf_counter() - started
-                    row.update(_iterations(model[-1]))
-                    row.update(_score_fold(dataset.task, model, X.iloc[test], y[test]))
-                except Exception as error:  # noqa: BLE001 - recorded in the results, the run goes on
-                    row["error"] = _short(f"{type(error).__name__}: {error}")
-            messages = dict.fromkeys(_short(f"{w.category.__name__}: {w.message}", 120) for w in caught)
-            row["warnings"] = " | ".join(messages)
-            rows.append(row)
+        done = [cross_validate_fold(dataset_name, key, index, folds, repeats, max_rows, seed, moe_params)
+                for index in range(folds * repeats)]
+        rows.extend(done)
         if log is not None:
-            done = pd.DataFrame(rows[-len(splits):])
-            metric = "r2" if dataset.task == "regression" else "accuracy"
-            scores = done[metric] if metric in done else pd.Series([np.nan])
-            failed = f", {int((done['error'] != '').sum())} failed folds" if (done["error"] != "").any() else ""
-            log(f"{dataset_name:>14} | {spec.names[dataset.task]:<22} {metric} {scores.mean():.4f} ± "
-                f"{scores.std(ddof=0):.4f}, fit {done['fit_time_s'].mean():.1f} s/fold{failed}")
+            log(_progress_line(pd.DataFrame(done)))
     return pd.DataFrame(rows)
+
+
+def _progress_line(done: pd.DataFrame) -> str:
+    first = done.iloc[0]
+    metric = "r2" if first["task"] == "regression" else "accuracy"
+    scores = done[metric] if metric in done else pd.Series([np.nan])
+    failed = f", {int((done['error'] != '').sum())} failed folds" if (done["error"] != "").any() else ""
+    return (f"{first['dataset']:>14} | {first['model']:<24} {metric} {scores.mean():.4f} ± "
+            f"{scores.std(ddof=0):.4f}, fit {done['fit_time_s'].mean():.1f} s/fold{failed}")
 
 
 def _legacy_main(args, argv):
@@ -298,7 +325,7 @@ def _legacy_main(args, argv):
 
 
 def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_rows=-1, max_epochs=None, seed=0,
-              log=None, done=None, on_progress=None) -> tuple[pd.DataFrame, dict]:
+              log=None, done=None, on_progress=None, jobs=1, threads=1) -> tuple[pd.DataFrame, dict]:
     """Run a repeated-CV suite (``quick`` or ``full``), possibly narrowed.
 
     Parameters
@@ -323,6 +350,11 @@ def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_r
     on_progress : callable or None
         Called as ``on_progress(folds, settings)`` after each (data set, model) pair, with
         every fold so far; ``settings["pending"]`` lists the pairs still to run.
+    jobs : int, default=1
+        Folds run in this many worker processes at once, each with ``threads`` threads.
+    threads : int, default=1
+        Threads of each worker's PyTorch and BLAS/OpenMP pools (``jobs > 1``; the caller
+        sets its own otherwise).
 
     Returns
     -------
@@ -330,8 +362,9 @@ def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_r
         Every fold of every model (see :func:`cross_validate_models`).
     settings : dict
         The protocol that ran: suite, datasets, models, folds, repeats, max_rows,
-        moe_params, seed, rows (used and available per data set), wall_time_s (of this
-        call) and pending (empty once every pair has run).
+        moe_params, seed, jobs, rows (used and available per data set), skipped (the
+        (data set, model, row limit) triples left out by ``model_max_rows``), wall_time_s
+        (of this call) and pending (empty once every pair has run).
     """
     config = CV_SUITES[suite]
     names = list(datasets or SUITES[suite])
@@ -345,22 +378,57 @@ def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_r
     settings = {
         "suite": suite, "datasets": names, "models": model_keys, "folds": folds or config.folds,
         "repeats": repeats or config.repeats, "max_rows": config.max_rows if max_rows == -1 else (max_rows or None),
-        "moe_params": moe_params, "seed": seed,
+        "moe_params": moe_params, "seed": seed, "jobs": jobs,
     }
+    n_folds = settings["folds"] * settings["repeats"]
+    protocol = (settings["folds"], settings["repeats"], settings["max_rows"], seed)
+    rows = {name: len(_suite_data(name, *protocol)[1]) for name in names}
+    pairs, skipped = [], []
+    for name in names:
+        for key in model_keys:
+            limit = config.model_max_rows.get(key)
+            (skipped.append([name, key, limit]) if limit is not None and rows[name] > limit
+             else pairs.append((name, key)))
+    settings["skipped"] = skipped
     started = time.perf_counter()
-    pairs = [(name, key) for name in names for key in model_keys]
     earlier = done is not None and len(done) > 0
     finished = set(zip(done["dataset"], done["model_key"])) if earlier else set()
     results = [done] if earlier else []
-    for name, key in pairs:
-        if (name, key) in finished:
-            continue
-        results.append(cross_validate_models(name, [key], settings["folds"], settings["repeats"],
-                                             settings["max_rows"], seed, moe_params, log=log))
-        finished.add((name, key))
+    todo = [pair for pair in pairs if pair not in finished]
+
+    def pair_done(pair, frame):
+        results.append(frame)
+        finished.add(pair)
+        if log is not None:
+            log(_progress_line(frame))
         if on_progress is not None:
             on_progress(*_collect(results, settings, pairs, finished, started))
+
+    if jobs == 1:
+        for name, key in todo:
+            frame = cross_validate_models(name, [key], settings["folds"], settings["repeats"], settings["max_rows"],
+                                          seed, moe_params)
+            pair_done((name, key), frame)
+        return _collect(results, settings, pairs, finished, started)
+    with ProcessPoolExecutor(jobs, initializer=_limit_worker_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(cross_validate_fold, name, key, index, *protocol[:3], seed, moe_params): (name, key)
+                   for name, key in todo for index in range(n_folds)}
+        pending_rows = {pair: [] for pair in todo}
+        for future in as_completed(futures):
+            pair = futures[future]
+            pending_rows[pair].append(future.result())
+            if len(pending_rows[pair]) == n_folds:
+                frame = pd.DataFrame(pending_rows.pop(pair)).sort_values(["repeat", "fold"], ignore_index=True)
+                pair_done(pair, frame)
     return _collect(results, settings, pairs, finished, started)
+
+
+def _limit_worker_threads(threads: int) -> None:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads)
 
 
 def _collect(results, settings, pairs, finished, started) -> tuple[pd.DataFrame, dict]:
@@ -419,6 +487,8 @@ def main(argv=None):
                         "(default: quick 50, full the estimator's default)")
     parser.add_argument("--threads", type=int, help="threads of PyTorch and the BLAS/OpenMP pools "
                         "(default: quick/full 1; foundation/demo: left as they are)")
+    parser.add_argument("--jobs", type=int, default=1, help="quick/full only: folds run in this many processes "
+                        "at once, each with --threads threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="quick/full only: continue the interrupted run "
                         "whose report is in --out (same options), skipping the (data set, model) pairs it has")
@@ -468,7 +538,7 @@ def main(argv=None):
         results, settings = run_suite(args.suite, args.datasets, args.models, args.folds, args.repeats,
                                       args.max_rows, args.max_epochs, args.seed,
                                       log=lambda line: print(line, file=sys.stderr, flush=True),
-                                      done=done, on_progress=report)
+                                      done=done, on_progress=report, jobs=args.jobs, threads=threads)
         paths = report(results, settings)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(path) for path in paths.values()), file=sys.stderr)

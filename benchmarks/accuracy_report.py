@@ -20,13 +20,34 @@ METRIC_LABEL = {"r2": "R^2", "accuracy": "accuracy", "log_loss": "log loss"}
 TASKS = ("regression", "classification")
 
 
-def aggregate(folds: pd.DataFrame) -> pd.DataFrame:
+def ranked_models(keys, skipped=()) -> list[str]:
+    """The models ranked against one another: not ablations, and run on every data set.
+
+    Parameters
+    ----------
+    keys : iterable of str
+        Model keys of the run.
+    skipped : iterable of (dataset, key, limit)
+        Pairs left out by a suite's ``model_max_rows``.
+
+    Returns
+    -------
+    list of str
+    """
+    partial = {key for _, key, _ in skipped}
+    return [key for key in keys if key not in partial
+            and not (key in MODEL_SPECS and MODEL_SPECS[key].role == "ablation")]
+
+
+def aggregate(folds: pd.DataFrame, ranked=None) -> pd.DataFrame:
     """Mean and std over folds, fit time and ranks; one row per data set and model.
 
     Parameters
     ----------
     folds : DataFrame
         Per-fold results (dataset, task, model_key, model, the scores, fit_time_s, error).
+    ranked : list of str, optional
+        The models that get ranks (the others' ranks are NaN); all when None.
 
     Returns
     -------
@@ -54,9 +75,11 @@ def aggregate(folds: pd.DataFrame) -> pd.DataFrame:
     summary = pd.DataFrame(rows)
     if summary.empty:
         return summary
-    summary["rank"] = summary.groupby("dataset")["mean"].rank(ascending=False, method="min")
+    among = summary["model_key"].isin(summary["model_key"] if ranked is None else ranked)
+    summary["rank"] = summary["mean"].where(among).groupby(summary["dataset"]).rank(ascending=False, method="min")
     if "log_loss_mean" in summary:
-        summary["log_loss_rank"] = summary.groupby("dataset")["log_loss_mean"].rank(ascending=True, method="min")
+        losses = summary["log_loss_mean"].where(among)
+        summary["log_loss_rank"] = losses.groupby(summary["dataset"]).rank(ascending=True, method="min")
     return summary
 
 
@@ -69,6 +92,8 @@ def _markdown(header, rows) -> str:
 def _cell(mean, std, rank, digits=4):
     if not np.isfinite(mean):
         return "failed"
+    if not np.isfinite(rank):
+        return f"{mean:.{digits}f} ± {std:.{digits}f}"
     text = f"{mean:.{digits}f} ± {std:.{digits}f} ({rank:.0f})"
     return f"**{text}**" if rank == 1 else text
 
@@ -140,11 +165,12 @@ def average_ranks(summary: pd.DataFrame) -> pd.DataFrame:
         Index: model key; columns: display name, ``regression``, ``classification``,
         ``all`` (NaN where a model has no data set of that task).
     """
-    table = pd.DataFrame(index=list(dict.fromkeys(summary["model_key"])))
+    ranked = summary[summary["rank"].notna()]
+    table = pd.DataFrame(index=list(dict.fromkeys(ranked["model_key"])))
     table["model"] = [MODEL_SPECS[key].label if key in MODEL_SPECS else key for key in table.index]
     for task in TASKS:
-        table[task] = summary[summary["task"] == task].groupby("model_key")["rank"].mean()
-    table["all"] = summary.groupby("model_key")["rank"].mean()
+        table[task] = ranked[ranked["task"] == task].groupby("model_key")["rank"].mean()
+    table["all"] = ranked.groupby("model_key")["rank"].mean()
     return table
 
 
@@ -160,8 +186,17 @@ def _pairwise(folds: pd.DataFrame, summary: pd.DataFrame, dataset: str, a: str, 
     return part.loc[a, "mean"] - part.loc[b, "mean"], int((both[a] > both[b]).sum()), len(both)
 
 
+def _wins(folds, summary, datasets, a, b):
+    """Data sets (among ``datasets``) where ``a``'s mean score beats ``b``'s, folds won, folds compared."""
+    pairs = {d: _pairwise(folds, summary, d, a, b) for d in datasets}
+    pairs = {d: p for d, p in pairs.items() if p is not None and np.isfinite(p[0])}
+    return [d for d, p in pairs.items() if p[0] > 0], len(pairs), sum(p[1] for p in pairs.values()), \
+        sum(p[2] for p in pairs.values())
+
+
 def summary_text(folds: pd.DataFrame, summary: pd.DataFrame, max_epochs: int | None = None) -> str:
-    """The auto-generated summary: MoE against the MLP, average ranks, gaps to boosting.
+    """The auto-generated summary: the default MoE against its ablations and every other
+    model, average ranks, fit times and the gaps to boosting.
 
     Parameters
     ----------
@@ -176,36 +211,45 @@ def summary_text(folds: pd.DataFrame, summary: pd.DataFrame, max_epochs: int | N
     Returns
     -------
     str
-        Markdown: bullet points and two tables.
+        Markdown: bullet points and tables.
     """
     datasets = list(dict.fromkeys(summary["dataset"]))
-    keys = set(summary["model_key"])
+    keys = list(dict.fromkeys(summary["model_key"]))
+    label = {key: MODEL_SPECS[key].label if key in MODEL_SPECS else key for key in keys}
     lines = []
-    if {"moe", "mlp"} <= keys:
-        pairs = {d: _pairwise(folds, summary, d, "moe", "mlp") for d in datasets}
-        wins = [d for d, p in pairs.items() if p is not None and p[0] > 0]
-        fold_wins = sum(p[1] for p in pairs.values() if p)
-        n_folds = sum(p[2] for p in pairs.values() if p)
-        per_task = ", ".join(
-            f"{task} {sum(DATASETS[d].task == task for d in wins)}/{sum(DATASETS[d].task == task for d in datasets)}"
-            for task in TASKS if any(DATASETS[d].task == task for d in datasets))
-        lines.append(f"- The default MoE beats scikit-learn's MLP on {len(wins)} of {len(datasets)} data sets by mean "
-                     f"score ({per_task}), and on {fold_wins} of {n_folds} folds (same folds).")
-    for other, label in [("moe_1expert", "its `n_experts=1` ablation (routing off)"),
-                         ("moe_tuned", "the tuned MoE")]:
-        if {"moe", other} <= keys:
-            pairs = [_pairwise(folds, summary, d, "moe", other) for d in datasets]
-            wins = sum(p is not None and p[0] > 0 for p in pairs)
-            lines.append(f"- The default MoE beats {label} on {wins} of {len(datasets)} data sets.")
+    if "moe" in keys:
+        for other in keys:
+            if other == "moe":
+                continue
+            wins, n_sets, fold_wins, n_folds = _wins(folds, summary, datasets, "moe", other)
+            if not n_sets:
+                continue
+            where = "" if n_sets == len(datasets) else " where it ran"
+            lines.append(f"- The default MoE beats {label[other]} on {len(wins)} of {n_sets} data sets{where} "
+                         f"by mean score, and on {fold_wins} of {n_folds} folds.")
+        times = folds.loc[folds["model_key"] == "moe", "fit_time_s"].dropna()
+        if len(times):
+            per_set = summary.loc[summary["model_key"] == "moe", "fit_time_s"]
+            lines.append(f"- The default MoE's fit time per fold: median {times.median():.1f} s over all folds "
+                         f"(median of the data sets' means {per_set.median():.1f} s; "
+                         f"{per_set.min():.1f} to {per_set.max():.1f} s).")
+        if "tabm" in keys:
+            times = summary.pivot_table(index="dataset", columns="model_key", values="fit_time_s")
+            both = times[["moe", "tabm"]].dropna()
+            if len(both):
+                ratio = both["moe"] / both["tabm"]
+                lines.append(f"- Where TabM ran, the default MoE's fit time was {ratio.min():.3f} to "
+                             f"{ratio.max():.3f} of TabM's (data set means).")
     ranks = average_ranks(summary)
     if "moe" in ranks.index:
         moe = ranks.loc["moe"]
         parts = [f"{task} {moe[task]:.2f}" for task in TASKS if np.isfinite(moe[task])]
-        lines.append(f"- Average rank of the default MoE among {len(ranks)} models: {moe['all']:.2f} "
+        lines.append(f"- Average rank of the default MoE among the {len(ranks)} ranked models: {moe['all']:.2f} "
                      f"({', '.join(parts)}; 1 = best).")
-    best = summary.loc[summary.groupby("dataset")["mean"].idxmax()].set_index("dataset")["model"]
+    ranked = summary[summary["rank"].notna()]
+    best = ranked.loc[ranked.groupby("dataset")["mean"].idxmax()].set_index("dataset")["model"]
     counts = best.value_counts()
-    lines.append("- Best model per data set: " + ", ".join(f"{m} {n}" for m, n in counts.items()) + ".")
+    lines.append("- Best ranked model per data set: " + ", ".join(f"{m} {n}" for m, n in counts.items()) + ".")
     if max_epochs and "n_iter" in folds:
         cap = max_epochs
         moe = folds[folds["model_key"].isin([k for k, spec in MODEL_SPECS.items() if spec.is_moe])]
@@ -226,11 +270,13 @@ def summary_text(folds: pd.DataFrame, summary: pd.DataFrame, max_epochs: int | N
 
     rank_rows = [[row.model] + [f"{row[t]:.2f}" if np.isfinite(row[t]) else "" for t in (*TASKS, "all")]
                  for _, row in ranks.sort_values("all").iterrows()]
-    text += "\n\nAverage rank (1 = best mean score on a data set):\n\n"
+    text += ("\n\nAverage rank among the ranked models (1 = best mean score on a data set; ablations and models "
+             "that did not run on every data set are compared pairwise above instead):\n\n")
     text += _markdown(["model", "regression", "classification", "all"], rank_rows)
 
     if "hgb" in keys:
-        compared = [k for k in ("moe", "moe_tuned", "moe_1expert", "mlp") if k in keys]
+        compared = [k for k in keys if k in MODEL_SPECS and MODEL_SPECS[k].is_moe]
+        compared += [k for k in ("mlp", "realmlp", "tabm") if k in keys]
         rows = []
         for dataset in datasets:
             metric = summary.loc[summary["dataset"] == dataset, "metric"].iloc[0]
@@ -239,11 +285,11 @@ def summary_text(folds: pd.DataFrame, summary: pd.DataFrame, max_epochs: int | N
                 pair = _pairwise(folds, summary, dataset, key, "hgb")
                 cells.append("" if pair is None or not np.isfinite(pair[0])
                              else f"{pair[0]:+.4f} ({pair[1]}/{pair[2]})")
-            rows.append([dataset, METRIC_LABEL[metric], *cells, best[dataset]])
-        names = [MODEL_SPECS[k].label for k in compared]
+            rows.append([dataset, METRIC_LABEL[metric], *cells, best.get(dataset, "")])
+        names = [label[k] for k in compared]
         text += ("\n\nGap to HistGradientBoosting (mean score minus HistGradientBoosting's; in brackets the folds "
                  "where the model scores higher):\n\n")
-        text += _markdown(["dataset", "metric", *names, "best model"], rows)
+        text += _markdown(["dataset", "metric", *names, "best ranked model"], rows)
     return text
 
 
@@ -369,7 +415,8 @@ def write_report(folds: pd.DataFrame, settings: dict, out: Path, stem: str, comm
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / f"{stem}.md", "csv": out / f"{stem}.csv", "png": out / f"{stem}.png"}
     folds.to_csv(paths["csv"], index=False)
-    summary = aggregate(folds)
+    skipped = settings.get("skipped", [])
+    summary = aggregate(folds, ranked_models(dict.fromkeys(folds["model_key"]), skipped) if len(folds) else None)
     plot(summary, paths["png"])
 
     s = settings
@@ -390,6 +437,13 @@ def write_report(folds: pd.DataFrame, settings: dict, out: Path, stem: str, comm
     ]
     if s.get("pending"):
         parts.append(_pending_text(s["pending"], s["datasets"], s["models"]))
+    if skipped:
+        by_model = {}
+        for dataset, key, limit in skipped:
+            by_model.setdefault((key, limit), []).append(dataset)
+        parts.append("Not run, to keep the suite's time in bounds: " + "; ".join(
+            f"{MODEL_SPECS[key].label} on data sets over {limit} rows ({', '.join(names)})"
+            for (key, limit), names in by_model.items()) + ".\n")
     for task in TASKS:
         if not (summary["task"] == task).any():
             continue

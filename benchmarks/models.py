@@ -3,25 +3,18 @@
 Every model is put behind the same :func:`benchmarks.datasets.preprocessor` in a pipeline,
 so they all see the same one-hot + standard-scaled features and the same folds.
 
-The tuned MoE
--------------
-``MoE (tuned)`` is one fixed configuration, chosen by reasoning before any suite was run,
-not by searching on the benchmark's folds:
+Roles
+-----
+- ``moe``: the MoE estimators at their defaults.
+- ``ablation``: the default MoE with one ingredient switched off (the ``n_experts=1``
+  network, the gate replaced by equal weights, independent experts, the mixture's loss,
+  no numeric embedding, the previous training recipe, the previous defaults). They are
+  compared with the default pairwise, not ranked among the other models.
+- ``baseline`` and ``peer``: the other models, at their own defaults; peers are the
+  strongest tabular networks (TabM, RealMLP from pytabkit) and CatBoost.
 
-- ``shared_expert=True``: an always-on expert next to the routed ones (DeepSeekMoE). Real
-  tabular data rarely fall into clean regimes; the shared expert learns the common part of
-  the function and the routed experts only correct it, so the model starts from a dense
-  MLP rather than from a random partition of the rows.
-- ``dropout=0.1``: most data sets here have 10^2..10^4 training rows while eight (128, 128)
-  experts hold 0.14M-0.46M weights (8 to 314 input columns); RealMLP and TabM both
-  regularise their MLPs with dropout around 0.1.
-- ``temperature=0.5``: a sharper router, halfway to the 0.1 that
-  ``examples/regime_switching.py`` needed for the experts to find the regimes before they
-  specialise on a random split. That example uses the same generator as the ``regime``
-  data set, so the tuned MoE's score there is not independent of this choice.
-
-Everything else (8 experts, top-2, (128, 128) experts, the training loop) stays at the
-estimator's defaults.
+Every model runs on one thread. TabM's CPU fits take minutes per fold, so a suite can limit
+it to data sets up to a number of rows (:data:`benchmarks.accuracy.CV_SUITES`).
 """
 
 from __future__ import annotations
@@ -35,8 +28,41 @@ from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 from sklearn_moe import MoEClassifier, MoERegressor
 
-#: The tuned MoE's parameters on top of the defaults (see the module docstring).
-TUNED_MOE = {"shared_expert": True, "dropout": 0.1, "temperature": 0.5}
+#: The ablations: each switches one ingredient of the default MoE off.
+ABLATIONS = {
+    "moe_1expert": {"n_experts": 1},
+    "moe_uniform": {"router": "uniform"},
+    "moe_independent": {"expert_type": "independent"},
+    "moe_mixture_loss": {"expert_loss": "mixture"},
+    "moe_no_embedding": {"numeric_embedding": None},
+    "moe_plateau": {"lr_schedule": "plateau"},
+}
+#: The estimators' previous defaults: independent (128, 128) experts, top-2 of 8, trained
+#: on the mixture's loss, no embedding, a plateau schedule.
+PREVIOUS_DEFAULTS = {
+    "n_experts": 8, "top_k": 2, "router": "topk", "expert_type": "independent", "expert_loss": "mixture",
+    "numeric_embedding": None, "expert_hidden": (128, 128), "dropout": 0.0, "learning_rate": 3e-3,
+    "weight_decay": 1e-4, "lr_schedule": "plateau", "max_epochs": 200, "n_iter_no_change": 30,
+}
+
+#: Optional packages of the peer models (extra ``bench``); a model whose package is missing is skipped.
+PACKAGES = {"lightgbm": "lightgbm", "catboost": "catboost", "realmlp": "pytabkit", "tabm": "pytabkit"}
+
+
+def package_available(name: str) -> bool:
+    """Whether the package ``name`` can be imported.
+
+    Parameters
+    ----------
+    name : str
+
+    Returns
+    -------
+    bool
+    """
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def lightgbm_available() -> bool:
@@ -46,11 +72,7 @@ def lightgbm_available() -> bool:
     -------
     bool
     """
-    try:
-        import lightgbm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return package_available("lightgbm")
 
 
 @dataclass(frozen=True)
@@ -70,6 +92,8 @@ class ModelSpec:
         Whether the suite's MoE parameters apply.
     aliases : tuple of str
         Other names accepted by ``--models``.
+    role : {"moe", "ablation", "baseline", "peer"}
+        See the module docstring.
     """
 
     key: str
@@ -77,6 +101,7 @@ class ModelSpec:
     build: Callable
     is_moe: bool = False
     aliases: tuple = field(default_factory=tuple)
+    role: str = "baseline"
 
     @property
     def label(self) -> str:
@@ -110,34 +135,75 @@ def _lightgbm(task, seed, moe_params):
     return estimator(random_state=seed, verbose=-1, n_jobs=1)
 
 
+def _catboost(task, seed, moe_params):
+    import catboost
+
+    estimator = catboost.CatBoostRegressor if task == "regression" else catboost.CatBoostClassifier
+    return estimator(random_seed=seed, verbose=0, thread_count=1, allow_writing_files=False)
+
+
+def _pytabkit(name):
+    def build(task, seed, moe_params):
+        import pytabkit
+
+        estimator = getattr(pytabkit, f"{name}_{'Regressor' if task == 'regression' else 'Classifier'}")
+        return estimator(device="cpu", n_threads=1, random_state=seed)
+    return build
+
+
+def _names(label):
+    return {"regression": label, "classification": label}
+
+
+_ABLATION_LABELS = {
+    "moe_1expert": "MoE n_experts=1", "moe_uniform": "MoE router=uniform",
+    "moe_independent": "MoE independent experts", "moe_mixture_loss": "MoE mixture loss",
+    "moe_no_embedding": "MoE no embedding", "moe_plateau": "MoE plateau schedule",
+}
+
 MODEL_SPECS = {
     spec.key: spec
     for spec in [
-        ModelSpec("moe", {"regression": "MoE (defaults)", "classification": "MoE (defaults)"},
-                  lambda task, seed, p: _moe(task, seed, p), is_moe=True),
-        ModelSpec("moe_tuned", {"regression": "MoE (tuned)", "classification": "MoE (tuned)"},
-                  lambda task, seed, p: _moe(task, seed, p, **TUNED_MOE), is_moe=True),
-        ModelSpec("moe_1expert", {"regression": "MoE n_experts=1", "classification": "MoE n_experts=1"},
-                  lambda task, seed, p: _moe(task, seed, p, n_experts=1), is_moe=True, aliases=("moe1",)),
+        ModelSpec("moe", _names("MoE (defaults)"), lambda task, seed, p: _moe(task, seed, p), is_moe=True, role="moe"),
+        *(ModelSpec(key, _names(_ABLATION_LABELS[key]),
+                    lambda task, seed, p, params=params: _moe(task, seed, p, **params),
+                    is_moe=True, role="ablation", aliases=("moe1",) if key == "moe_1expert" else ())
+          for key, params in ABLATIONS.items()),
+        ModelSpec("moe_previous", _names("MoE previous defaults"),
+                  lambda task, seed, p: _moe(task, seed, p, **PREVIOUS_DEFAULTS), is_moe=True, role="ablation"),
         ModelSpec("mlp", {"regression": "MLPRegressor", "classification": "MLPClassifier"}, _mlp),
         ModelSpec("linear", {"regression": "Ridge", "classification": "LogisticRegression"}, _linear,
                   aliases=("ridge", "logreg", "logistic")),
-        ModelSpec("hgb", {"regression": "HistGradientBoosting", "classification": "HistGradientBoosting"}, _hgb),
-        ModelSpec("lightgbm", {"regression": "LightGBM", "classification": "LightGBM"}, _lightgbm,
-                  aliases=("lgbm",)),
+        ModelSpec("hgb", _names("HistGradientBoosting"), _hgb),
+        ModelSpec("lightgbm", _names("LightGBM"), _lightgbm, aliases=("lgbm",)),
+        ModelSpec("catboost", _names("CatBoost"), _catboost, role="peer"),
+        ModelSpec("realmlp", _names("RealMLP"), _pytabkit("RealMLP_TD"), role="peer"),
+        ModelSpec("tabm", _names("TabM"), _pytabkit("TabM_D"), role="peer"),
     ]
 }
 
+#: The models a suite runs when ``--models`` is not given: everything but the ablations
+#: beyond the two that the acceptance of a mixture needs (one expert, no gate).
+DEFAULT_MODELS = ("moe", "moe_1expert", "moe_uniform", "mlp", "linear", "hgb", "lightgbm", "catboost", "realmlp",
+                  "tabm")
+
 #: One line per model for the report.
 MODEL_NOTES = {
-    "moe": "MoERegressor / MoEClassifier at their defaults (8 experts, top-2, (128, 128) experts)",
-    "moe_tuned": "MoE with " + ", ".join(f"{k}={v!r}" for k, v in TUNED_MOE.items())
-                 + " (chosen by reasoning, not on these folds: see benchmarks/models.py)",
-    "moe_1expert": "MoE with n_experts=1: the same network and training loop without routing (ablation)",
+    "moe": "MoERegressor / MoEClassifier at their defaults",
+    "moe_1expert": "the default MoE with n_experts=1: the same network and training, one expert (no mixture)",
+    "moe_uniform": "the default MoE with router='uniform': the same experts weighted equally (no gate)",
+    "moe_independent": "the default MoE with expert_type='independent': every expert its own weights",
+    "moe_mixture_loss": "the default MoE with expert_loss='mixture': experts trained on the mixture's loss only",
+    "moe_no_embedding": "the default MoE with numeric_embedding=None",
+    "moe_plateau": "the default MoE with lr_schedule='plateau' (learning rate cut on validation plateaus)",
+    "moe_previous": "the previous defaults: " + ", ".join(f"{k}={v!r}" for k, v in PREVIOUS_DEFAULTS.items()),
     "mlp": "scikit-learn MLPRegressor / MLPClassifier(max_iter=2000, early_stopping=True)",
     "linear": "Ridge() / LogisticRegression(max_iter=2000)",
     "hgb": "HistGradientBoostingRegressor / Classifier at their defaults",
     "lightgbm": "LightGBM LGBMRegressor / LGBMClassifier at their defaults (n_jobs=1)",
+    "catboost": "CatBoostRegressor / CatBoostClassifier at their defaults (thread_count=1)",
+    "realmlp": "pytabkit RealMLP_TD_Regressor / Classifier at their defaults (CPU, n_threads=1)",
+    "tabm": "pytabkit TabM_D_Regressor / Classifier at their defaults (CPU, n_threads=1; k=32 members)",
 }
 
 
@@ -147,8 +213,8 @@ def resolve_models(names=None) -> list[str]:
     Parameters
     ----------
     names : list of str or None
-        Keys or aliases from ``--models``; ``None`` means every model. LightGBM is dropped
-        silently when it is not installed.
+        Keys or aliases from ``--models``; ``None`` means :data:`DEFAULT_MODELS`. Models
+        whose package is not installed (:data:`PACKAGES`) are dropped silently.
 
     Returns
     -------
@@ -163,12 +229,11 @@ def resolve_models(names=None) -> list[str]:
     lookup = {key: key for key in MODEL_SPECS}
     lookup.update({alias: spec.key for spec in MODEL_SPECS.values() for alias in spec.aliases})
     if names is None:
-        wanted = set(MODEL_SPECS)
+        wanted = set(DEFAULT_MODELS)
     else:
         unknown = [name for name in names if name not in lookup]
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(lookup)}")
         wanted = {lookup[name] for name in names}
-    if not lightgbm_available():
-        wanted.discard("lightgbm")
+    wanted = {key for key in wanted if key not in PACKAGES or package_available(PACKAGES[key])}
     return [key for key in MODEL_SPECS if key in wanted]

@@ -6,7 +6,10 @@
   training step at ``top_k=2`` over ``n_experts`` in {2, 4, ..., 128}, relative to
   ``n_experts=2``, the same for a full optimizer step, and the router's share. Sparse
   routing should make an extra expert cost little: the work per row grows with ``top_k``,
-  not with ``n_experts``.
+  not with ``n_experts``. ``--expert-type adapter`` times shared-backbone experts instead,
+  and beside them, in the same run, the PyPI ``mixture-of-experts`` layer (top-2 gating
+  over one-hidden-layer experts) and this library's layer in the same configuration
+  (one hidden layer of the same width, as many outputs as inputs).
 - ``overhead``: seconds per epoch of ``MoERegressor.fit`` against a plain PyTorch loop
   training the same module with the same batches, losses, clipping and optimizer.
 - ``predict``: single-row latency and 100k-row throughput of ``MoERegressor.predict``
@@ -89,38 +92,37 @@ def _block_medians(steps: dict, blocks: int, calls: int) -> dict:
 
 
 def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: tuple[int, ...] = (128, 128),
-                   top_k: int = 2, expert_counts=EXPERT_COUNTS, rounds: int = 30, device: str = "cpu") -> dict:
+                   top_k: int = 2, expert_counts=EXPERT_COUNTS, rounds: int = 30, device: str = "cpu",
+                   expert_type: str = "independent") -> dict:
     """Seconds per training step of a MixtureOfExperts, per n_experts.
 
-    Five timings each: forward+backward, the full step (with a fused AdamW update) and the
-    router's forward+backward alone; as the floor that dispatch cannot beat, the experts'
-    forward+backward alone on a perfectly balanced buffer (every expert
-    ``batch_size * top_k / n_experts`` rows, no routing, no dispatch); and the experts alone
-    on the blocks that dispatch lays out for the actual routing (its padding and gathered
-    weights, without the routing, the rows' gathers and the combine). The modules are
-    freshly initialised (routing as uneven as at the start of training) and in training
-    mode, with the Switch balance and z-loss terms in the loss.
+    Three timings each: forward+backward, the full step (with a fused AdamW update) and the
+    router's forward+backward alone. For independent experts, two more: as the floor that
+    dispatch cannot beat, the experts' forward+backward alone on a perfectly balanced
+    buffer (every expert ``batch_size * top_k / n_experts`` rows, no routing, no
+    dispatch); and the experts alone on the blocks that dispatch lays out for the actual
+    routing (its padding and gathered weights, without the routing, the rows' gathers and
+    the combine). For adapter experts, the PyPI ``mixture-of-experts`` layer's
+    forward+backward and this library's in the same configuration (see
+    :func:`_pypi_steps`). The modules are freshly initialised (routing as uneven as at the
+    start of training) and in training mode, with the Switch balance and z-loss terms in
+    the loss.
     """
     device = torch.device(device)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, n_features, generator=generator).to(device)
     y = torch.randn(batch_size, 1, generator=generator).to(device)
     steps, counts = {}, {}
+    independent = expert_type == "independent"
+    pypi = not independent and _pypi_moe_available()
     for n_experts in expert_counts:
         torch.manual_seed(n_experts)
-        module = MixtureOfExperts(n_features, 1, n_experts=n_experts, top_k=top_k,
-                                  expert_hidden=expert_hidden).to(device).train()
+        module = MixtureOfExperts(n_features, 1, n_experts=n_experts, top_k=top_k, expert_hidden=expert_hidden,
+                                  expert_type=expert_type).to(device).train()
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
+        forward_backward = _training_step(module, x, y)
 
-        def forward_backward(module=module):
-            # From no gradients, as in a training step: accumulating into existing ones would
-            # time a read-modify-write of every parameter, 32x more of them at 64 experts.
-            module.zero_grad(set_to_none=True)
-            out = module(x)
-            loss = (out.output - y).square().mean() + 1e-2 * out.balance_loss + 1e-3 * out.z_loss
-            loss.backward()
-
-        def full_step(module=module, optimizer=optimizer, forward_backward=forward_backward):
+        def full_step(optimizer=optimizer, forward_backward=forward_backward):
             forward_backward()
             optimizer.step()
 
@@ -129,52 +131,100 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
             routing = module.router(x)
             (routing.weights.sum() + routing.probs.square().sum()).backward()
 
-        balanced = torch.randn(n_experts, batch_size * top_k // n_experts, n_features, generator=generator).to(device)
-        balanced_grad = torch.randn(n_experts, balanced.shape[1], 1, generator=generator).to(device)
-
-        def balanced_experts_step(module=module, balanced=balanced, balanced_grad=balanced_grad):
-            module.zero_grad(set_to_none=True)
-            module.experts(balanced).backward(balanced_grad)
-
-        routed_blocks, routed_experts, routed_grads = _routed_layout(module, x)
-
-        def routed_experts_step(module=module, blocks=routed_blocks, experts=routed_experts, grads=routed_grads):
-            module.zero_grad(set_to_none=True)
-            torch.autograd.backward(module.experts(blocks, experts), grads)
-
         steps["forward_backward", n_experts] = forward_backward
         steps["full_step", n_experts] = full_step
         steps["router", n_experts] = router_step
-        steps["balanced_experts", n_experts] = balanced_experts_step
-        steps["routed_experts", n_experts] = routed_experts_step
+        if independent:
+            steps["balanced_experts", n_experts], steps["routed_experts", n_experts] = _experts_alone_steps(
+                module, x, n_experts, batch_size, top_k, n_features, generator)
+        if pypi:
+            steps["pypi", n_experts], steps["matched", n_experts] = _pypi_steps(
+                n_experts, x, expert_hidden[0], top_k, expert_type)
         counts[n_experts] = module(x).expert_counts.cpu()
     medians = _interleaved_medians(steps, rounds=rounds, warmup=3, device=device)
     first = expert_counts[0]
     rows = []
     for n_experts in expert_counts:
         load = counts[n_experts].float()
-        rows.append({
-            "n_experts": n_experts,
-            "forward_backward_ms": 1e3 * medians["forward_backward", n_experts],
-            "forward_backward_ratio": medians["forward_backward", n_experts] / medians["forward_backward", first],
-            "full_step_ms": 1e3 * medians["full_step", n_experts],
-            "full_step_ratio": medians["full_step", n_experts] / medians["full_step", first],
-            "router_ms": 1e3 * medians["router", n_experts],
-            "balanced_experts_alone_ms": 1e3 * medians["balanced_experts", n_experts],
-            "balanced_experts_alone_ratio": medians["balanced_experts", n_experts] / medians["balanced_experts", first],
-            "routed_experts_alone_ms": 1e3 * medians["routed_experts", n_experts],
-            "routed_experts_alone_ratio": medians["routed_experts", n_experts] / medians["routed_experts", first],
-            "busiest_expert_over_mean": float(load.max() / load.mean()),
-        })
+        row = {"n_experts": n_experts, "busiest_expert_over_mean": float(load.max() / load.mean()),
+               "router_ms": 1e3 * medians["router", n_experts]}
+        for name, label in (("forward_backward", "forward_backward"), ("full_step", "full_step"),
+                            ("balanced_experts", "balanced_experts_alone"),
+                            ("routed_experts", "routed_experts_alone"), ("pypi", "pypi_forward_backward"),
+                            ("matched", "matched_forward_backward")):
+            if (name, n_experts) in medians:
+                row[f"{label}_ms"] = 1e3 * medians[name, n_experts]
+                row[f"{label}_ratio"] = medians[name, n_experts] / medians[name, first]
+        if pypi:
+            row["matched_over_pypi"] = medians["matched", n_experts] / medians["pypi", n_experts]
+        rows.append(row)
+    suffix = "" if independent else f" --expert-type {expert_type}"
     return {
         "benchmark": "expert_scaling",
-        "command": "python -m benchmarks.speed --part experts",
+        "command": f"python -m benchmarks.speed --part experts{suffix}",
         "machine": describe_machine(),
         "device": str(device),
         "config": {"batch_size": batch_size, "n_features": n_features, "expert_hidden": list(expert_hidden),
-                   "top_k": top_k, "rounds": rounds},
+                   "top_k": top_k, "rounds": rounds, "expert_type": expert_type},
         "rows": rows,
     }
+
+
+def _training_step(module, x, y):
+    """A training step's forward and backward of ``module`` on ``(x, y)``, from no gradients."""
+    def forward_backward():
+        # From no gradients, as in a training step: accumulating into existing ones would
+        # time a read-modify-write of every parameter, 32x more of them at 64 experts.
+        module.zero_grad(set_to_none=True)
+        out = module(x)
+        loss = (out.output - y).square().mean() + 1e-2 * out.balance_loss + 1e-3 * out.z_loss
+        loss.backward()
+    return forward_backward
+
+
+def _experts_alone_steps(module, x, n_experts, batch_size, top_k, n_features, generator):
+    device = x.device
+    balanced = torch.randn(n_experts, batch_size * top_k // n_experts, n_features, generator=generator).to(device)
+    balanced_grad = torch.randn(n_experts, balanced.shape[1], 1, generator=generator).to(device)
+
+    def balanced_experts_step():
+        module.zero_grad(set_to_none=True)
+        module.experts(balanced).backward(balanced_grad)
+
+    routed_blocks, routed_experts, routed_grads = _routed_layout(module, x)
+
+    def routed_experts_step():
+        module.zero_grad(set_to_none=True)
+        torch.autograd.backward(module.experts(routed_blocks, routed_experts), routed_grads)
+
+    return balanced_experts_step, routed_experts_step
+
+
+def _pypi_moe_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mixture_of_experts") is not None
+
+
+def _pypi_steps(n_experts: int, x: torch.Tensor, hidden: int, top_k: int, expert_type: str):
+    """Forward+backward of the PyPI ``mixture-of-experts`` layer (``MoE(dim, n_experts,
+    hidden)``: top-2 gating, one-hidden-layer ReLU experts mapping ``dim`` to ``dim``, its
+    auxiliary loss in the loss) and of this library's layer configured alike: one hidden
+    layer of width ``hidden``, ``dim`` outputs, ``top_k`` of ``n_experts``."""
+    from mixture_of_experts import MoE
+
+    dim = x.shape[1]
+    theirs = MoE(dim=dim, num_experts=n_experts, hidden_dim=hidden).to(x.device).train()
+    batch = x.unsqueeze(0)
+
+    def pypi_step():
+        theirs.zero_grad(set_to_none=True)
+        out, aux = theirs(batch)
+        (out.square().mean() + aux).backward()
+
+    ours = MixtureOfExperts(dim, dim, n_experts=n_experts, top_k=top_k, expert_hidden=(hidden,),
+                            expert_type=expert_type).to(x.device).train()
+    return pypi_step, _training_step(ours, x, torch.zeros(x.shape[0], dim, device=x.device))
 
 
 def _routed_layout(module: MixtureOfExperts, x: torch.Tensor):
@@ -195,18 +245,28 @@ def _routed_layout(module: MixtureOfExperts, x: torch.Tensor):
 
 def _print_scaling(result: dict) -> None:
     config = result["config"]
-    print(f"# MixtureOfExperts training step, top_k={config['top_k']}, batch {config['batch_size']}, "
-          f"{config['n_features']} features, expert_hidden={tuple(config['expert_hidden'])}, {result['device']}")
+    print(f"# MixtureOfExperts training step, {config['expert_type']} experts, top_k={config['top_k']}, "
+          f"batch {config['batch_size']}, {config['n_features']} features, "
+          f"expert_hidden={tuple(config['expert_hidden'])}, {result['device']}")
     print(f"# {result['machine']}")
-    print("| n_experts | forward+backward (ms) | ratio | full step (ms) | ratio | router alone (ms) | "
-          "balanced experts alone (ms) | ratio | routed experts alone (ms) | ratio | busiest expert / mean |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    columns = [("forward_backward", "forward+backward"), ("full_step", "full step"),
+               ("balanced_experts_alone", "balanced experts alone"), ("routed_experts_alone", "routed experts alone"),
+               ("pypi_forward_backward", "PyPI mixture-of-experts fwd+bwd"),
+               ("matched_forward_backward", "this library, same config, fwd+bwd")]
+    columns = [(key, label) for key, label in columns if f"{key}_ms" in result["rows"][0]]
+    header = ["n_experts"] + [f"{label} (ms) | ratio" for _, label in columns] + ["router alone (ms)",
+                                                                                  "busiest expert / mean"]
+    if "matched_over_pypi" in result["rows"][0]:
+        header.append("this library / PyPI")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * (1 + 2 * len(columns) + 2 + ("matched_over_pypi" in result["rows"][0])))
     for row in result["rows"]:
-        print(f"| {row['n_experts']} | {row['forward_backward_ms']:.2f} | {row['forward_backward_ratio']:.2f}x | "
-              f"{row['full_step_ms']:.2f} | {row['full_step_ratio']:.2f}x | {row['router_ms']:.2f} | "
-              f"{row['balanced_experts_alone_ms']:.2f} | {row['balanced_experts_alone_ratio']:.2f}x | "
-              f"{row['routed_experts_alone_ms']:.2f} | {row['routed_experts_alone_ratio']:.2f}x | "
-              f"{row['busiest_expert_over_mean']:.2f} |")
+        cells = [str(row["n_experts"])]
+        cells += [f"{row[key + '_ms']:.2f} | {row[key + '_ratio']:.2f}x" for key, _ in columns]
+        cells += [f"{row['router_ms']:.2f}", f"{row['busiest_expert_over_mean']:.2f}"]
+        if "matched_over_pypi" in row:
+            cells.append(f"{row['matched_over_pypi']:.2f}x")
+        print("| " + " | ".join(cells) + " |")
 
 
 def _regression_data(n_rows: int, n_features: int, seed: int = 0):
@@ -318,7 +378,10 @@ def multiply_adds_per_row(model) -> int:
         return int(sum(coef.size for coef in model.coefs_))
     module = model.module_
     experts = module.experts
-    per_expert = sum(layer.weight[0].numel() for layer in (*experts.hidden, experts.output))
+    if hasattr(experts, "hidden"):  # independent experts: stacked weights, one slice per expert
+        per_expert = sum(layer.weight[0].numel() for layer in (*experts.hidden, experts.output))
+    else:  # adapter experts: the shared weights, and one expert's head
+        per_expert = sum(weight.numel() for weight in experts.weights) + experts.head_weight[0].numel()
     # The noise layer of a noisy router is used in training only.
     router = sum(layer.weight.numel() for name, layer in module.router.named_modules()
                  if isinstance(layer, torch.nn.Linear) and not name.startswith("noise"))
@@ -398,7 +461,7 @@ def peak_memory(n_rows: int = 100_000, n_features: int = 32) -> dict:
 
 
 PARTS = {
-    "experts": lambda args: expert_scaling(rounds=args.rounds, device=args.device),
+    "experts": lambda args: expert_scaling(rounds=args.rounds, device=args.device, expert_type=args.expert_type),
     "overhead": lambda args: wrapper_overhead(device=args.device),
     "predict": lambda args: predict_speed(),
     "memory": lambda args: peak_memory(),
@@ -411,6 +474,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--expert-type", choices=("independent", "adapter"), default="independent",
+                        help="experts part: the experts timed (default: independent)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results")
     args = parser.parse_args(argv)
     if args.threads:
@@ -424,7 +489,8 @@ def main(argv: list[str] | None = None) -> dict:
             _print_scaling(result)
         else:
             print(json.dumps(result, indent=2))
-        path = args.out / f"speed_{part}{suffix}.json"
+        kind = f"_{args.expert_type}" if part == "experts" and args.expert_type != "independent" else ""
+        path = args.out / f"speed_{part}{kind}{suffix}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
         results[part] = result

@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.accuracy import CV_SUITES, SUITES, cross_validate_models, main
-from benchmarks.accuracy_report import aggregate
+from benchmarks.accuracy import CV_SUITES, SUITES, CVSuite, cross_validate_models, main, run_suite
+from benchmarks.accuracy_report import aggregate, average_ranks, ranked_models, summary_text
 from benchmarks.datasets import DATASETS, column_kinds, preprocessor, subsample
-from benchmarks.models import MODEL_SPECS, lightgbm_available, resolve_models
+from benchmarks.models import MODEL_SPECS, PACKAGES, lightgbm_available, package_available, resolve_models
 
 TASKS = ("regression", "classification")
 
@@ -111,7 +111,7 @@ def test_suites_and_models_are_consistent():
     with pytest.raises(ValueError, match="unknown model"):
         resolve_models(["xgboost"])
     for spec in MODEL_SPECS.values():
-        if spec.key == "lightgbm" and not lightgbm_available():
+        if spec.key in PACKAGES and not package_available(PACKAGES[spec.key]):
             continue
         for task in TASKS:
             assert spec.build(task, 0, {"max_epochs": 5}).get_params()  # builds for both tasks
@@ -222,9 +222,62 @@ def test_cli_rejects_options_the_legacy_suites_do_not_have(tmp_path):
 
 @pytest.mark.slow
 def test_moe_models_cross_validate_on_a_small_dataset():
-    folds = cross_validate_models("boston", ["moe", "moe_tuned", "moe_1expert"], folds=2, max_rows=300,
+    folds = cross_validate_models("boston", ["moe", "moe_uniform", "moe_1expert"], folds=2, max_rows=300,
                                   moe_params={"max_epochs": 30})
     assert len(folds) == 6
     assert (folds["error"] == "").all()
     assert folds["r2"].gt(0.5).all()
     assert folds["n_iter"].between(1, 30).all()
+
+
+def test_parallel_jobs_give_the_same_folds_as_one_process(monkeypatch):
+    import benchmarks.accuracy as accuracy
+
+    monkeypatch.setitem(accuracy.CV_SUITES, "quick", CVSuite(folds=2, repeats=1, max_rows=200))
+    serial, _ = run_suite("quick", ["boston", "wine"], ["ridge", "hgb"], jobs=1)
+    parallel, settings = run_suite("quick", ["boston", "wine"], ["ridge", "hgb"], jobs=2)
+    columns = ["dataset", "model_key", "repeat", "fold", "r2", "accuracy", "log_loss"]
+    pd.testing.assert_frame_equal(serial[columns], parallel[columns])
+    assert settings["jobs"] == 2 and settings["pending"] == [] and settings["skipped"] == []
+
+
+def test_model_row_limits_skip_large_data_sets_and_leave_them_unranked(monkeypatch):
+    import benchmarks.accuracy as accuracy
+
+    suite = CVSuite(folds=2, repeats=1, max_rows=None, model_max_rows={"hgb": 300})
+    monkeypatch.setitem(accuracy.CV_SUITES, "quick", suite)
+    folds, settings = run_suite("quick", ["wine", "breast_cancer"], ["logreg", "hgb"])
+    assert settings["skipped"] == [["breast_cancer", "hgb", 300]]  # 569 rows > 300; wine has 178
+    assert set(zip(folds["dataset"], folds["model_key"])) == {("wine", "linear"), ("wine", "hgb"),
+                                                              ("breast_cancer", "linear")}
+    assert ranked_models(["moe", "moe_uniform", "linear", "hgb"], settings["skipped"]) == ["moe", "linear"]
+
+
+def _fake_folds(scores: dict, times=None) -> pd.DataFrame:
+    """Per-fold rows for model keys -> {dataset: [fold scores]} (regression, r2)."""
+    rows = []
+    for key, per_set in scores.items():
+        for dataset, values in per_set.items():
+            for fold, value in enumerate(values):
+                rows.append({"dataset": dataset, "task": "regression", "model_key": key,
+                             "model": MODEL_SPECS[key].names["regression"], "repeat": 0, "fold": fold, "r2": value,
+                             "fit_time_s": (times or {}).get(key, 1.0), "predict_time_s": 0.1, "error": ""})
+    return pd.DataFrame(rows)
+
+
+def test_summary_compares_the_default_with_ablations_and_partial_peers_pairwise():
+    folds = _fake_folds({
+        "moe": {"a": [0.9, 0.8], "b": [0.5, 0.5]},
+        "moe_uniform": {"a": [0.7, 0.9], "b": [0.6, 0.6]},
+        "hgb": {"a": [0.85, 0.85], "b": [0.4, 0.4]},
+        "tabm": {"a": [0.8, 0.8]},
+    }, times={"moe": 2.0, "tabm": 40.0})
+    skipped = [["b", "tabm", 100]]
+    summary = aggregate(folds, ranked_models(["moe", "moe_uniform", "hgb", "tabm"], skipped))
+    ranks = average_ranks(summary)
+    assert list(ranks.index) == ["moe", "hgb"]  # the ablation and the partial peer are not ranked
+    assert ranks.loc["moe", "all"] == 1.0
+    text = summary_text(folds, summary)
+    assert "beats MoE router=uniform on 1 of 2 data sets by mean score, and on 1 of 4 folds" in text
+    assert "beats TabM on 1 of 1 data sets where it ran" in text
+    assert "0.050 to 0.050 of TabM's" in text

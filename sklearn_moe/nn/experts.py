@@ -465,11 +465,29 @@ class AdapterExperts(nn.Module):
         return self(x.repeat(self.n_experts, 1), experts).view(self.n_experts, n, -1)
 
     def _heads(self, h: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        bias = F.embedding(experts, self.head_bias).to(h.dtype)
+        """Row ``i`` through expert ``experts[i]``'s output head.
+
+        One output: a gathered weight row per row, multiplied elementwise. More outputs:
+        the rows are laid out by expert in a buffer padded to the busiest expert, and every
+        head runs as one batched matmul (gathering a weight matrix per row would move
+        ``rows * width * outputs`` values).
+        """
         if self.out_features == 1:
             weight = F.embedding(experts, self.head_weight[:, :, 0]).to(h.dtype)
+            bias = F.embedding(experts, self.head_bias).to(h.dtype)
             return (h * weight).sum(dim=1, keepdim=True) + bias
-        return torch.baddbmm(bias.unsqueeze(1), h.unsqueeze(1), self.head_weight[experts].to(h.dtype)).squeeze(1)
+        if h.shape[0] == 0:
+            return h.new_zeros(0, self.out_features)
+        counts = torch.bincount(experts, minlength=self.n_experts)
+        n_slots = int(counts.max())
+        order = torch.argsort(experts.to(torch.int32), stable=True)
+        first = torch.cumsum(counts, 0) - counts
+        slots = torch.empty_like(order).scatter_(0, order, torch.arange(h.shape[0], device=h.device)) - first[experts]
+        positions = experts * n_slots + slots
+        buffer = h.new_zeros(self.n_experts * n_slots, h.shape[1]).index_put((positions,), h)
+        out = batched_linear(buffer.view(self.n_experts, n_slots, -1), self.head_weight.to(h.dtype),
+                             self.head_bias.to(h.dtype))
+        return out.reshape(-1, self.out_features).index_select(0, positions)
 
     def _norm(self, index: int, h: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         if not len(self.norm_weights):
