@@ -61,7 +61,8 @@ def test_import_without_optuna_says_how_to_install(monkeypatch):
 def test_space_covers_the_moe_hyperparameters():
     space = search_space(MoERegressor())
     assert set(space) == {"n_experts", "top_k", "router", "temperature", "capacity_factor", "balance_loss",
-                          "balance_coef", "z_loss_coef", "expert_hidden", "learning_rate", "weight_decay", "dropout"}
+                          "balance_coef", "z_loss_coef", "expert_hidden", "learning_rate", "weight_decay", "dropout",
+                          "expert_type", "expert_loss", "numeric_embedding", "lr_schedule"}
     assert space["top_k"].high <= space["n_experts"].low  # every combination valid
     assert (16, 16) in space["expert_hidden"].choices and (128,) in space["expert_hidden"].choices
 

@@ -135,12 +135,15 @@ class NumericEmbedding(nn.Module):
             if bins is None:
                 if n_bins is None:
                     raise ValueError("piecewise_linear needs bins (or n_bins, to be loaded)")
-                bins = [torch.linspace(0.0, 1.0, int(count) + 1) for count in n_bins]
+                bins = [torch.linspace(0.0, 1.0, int(count) + 1, device="cpu") for count in n_bins]
             if len(bins) != len(columns):
                 raise ValueError(f"got bins for {len(bins)} columns, expected {len(columns)}")
             self.n_bins = [int(edges.shape[0]) - 1 for edges in bins]
-            self.embedding = rtdl_num_embeddings.PiecewiseLinearEmbeddings(
-                [edges.float().cpu() for edges in bins], self.d_embedding, activation=False, version="B")
+            # Built on the CPU even under a meta-device context (a saved model's skeleton):
+            # rtdl_num_embeddings reads the edges' values while building.
+            with torch.device("cpu"):
+                self.embedding = rtdl_num_embeddings.PiecewiseLinearEmbeddings(
+                    [edges.float().cpu() for edges in bins], self.d_embedding, activation=False, version="B")
 
     @property
     def out_features(self) -> int:

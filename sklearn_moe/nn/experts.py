@@ -508,4 +508,5 @@ def _init_scaling(scale: torch.Tensor, kind: str, chunks=None) -> None:
         values = torch.where(torch.rand(n_experts, len(chunks)) < 0.5, -1.0, 1.0)
     else:
         values = torch.randn(n_experts, len(chunks))
-    scale.copy_(values.repeat_interleave(torch.tensor(chunks), dim=1))
+    repeats = torch.tensor(chunks, device=values.device)
+    scale.copy_(values.repeat_interleave(repeats, dim=1, output_size=width))

@@ -127,6 +127,10 @@ def base_space(
         "learning_rate": FloatDistribution(1e-4, 3e-2, log=True),
         "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
         "dropout": FloatDistribution(0.0, 0.3),
+        "expert_type": CategoricalDistribution(("adapter", "independent")),
+        "expert_loss": CategoricalDistribution(("per_expert", "mixture")),
+        "numeric_embedding": CategoricalDistribution(("piecewise_linear", "periodic", None)),
+        "lr_schedule": CategoricalDistribution(("flat_cosine", "cosine", "plateau")),
     }
 
 
@@ -163,6 +167,10 @@ def search_space(
     ``learning_rate``         float in [1e-4, 0.03], log
     ``weight_decay``          float in [1e-6, 0.01], log
     ``dropout``               float in [0, 0.3]
+    ``expert_type``           "adapter" or "independent"
+    ``expert_loss``           "per_expert" or "mixture"
+    ``numeric_embedding``     "piecewise_linear", "periodic" or None
+    ``lr_schedule``           "flat_cosine", "cosine" or "plateau"
     ========================  ==========================================================
 
     ``"top_p"`` and ``"hierarchical"`` routers are left out by default because their own
