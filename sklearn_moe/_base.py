@@ -28,6 +28,10 @@ from .nn.losses import BALANCE_LOSSES, EXPERT_LOSSES
 from .nn.moe import EXPERT_TYPES
 
 _PREDICT_BATCH_SIZE = 16384
+# Matrix products of one or two rows take other kernels (matrix-vector paths) than taller
+# ones, which round differently: prediction pads its batches to at least this many rows,
+# so that a row's prediction does not depend on the batch that holds it.
+_MIN_PREDICT_ROWS = 4
 _MIN_VALIDATION_ROWS = 2
 _NEGLIGIBLE_WEIGHT = 1e-30
 
@@ -104,6 +108,7 @@ class BaseMoE(BaseEstimator):
         "expert_grad_scaling": ["boolean"],
         "expert_type": [StrOptions(set(EXPERT_TYPES))],
         "expert_loss": [StrOptions(set(EXPERT_LOSSES))],
+        "bagging": [None, Interval(Real, 0, 1, closed="neither")],
         "numeric_embedding": [StrOptions(set(NUMERIC_EMBEDDINGS)), None],
         "activation": [StrOptions(set(ACTIVATIONS))],
         "dropout": [Interval(Real, 0, 1, closed="left")],
@@ -153,6 +158,7 @@ class BaseMoE(BaseEstimator):
         expert_grad_scaling=False,
         expert_type="independent",
         expert_loss="mixture",
+        bagging=None,
         numeric_embedding=None,
         max_epochs=200,
         batch_size="auto",
@@ -194,6 +200,7 @@ class BaseMoE(BaseEstimator):
         self.expert_grad_scaling = expert_grad_scaling
         self.expert_type = expert_type
         self.expert_loss = expert_loss
+        self.bagging = bagging
         self.numeric_embedding = numeric_embedding
         self.max_epochs = max_epochs
         self.batch_size = batch_size
@@ -222,6 +229,11 @@ class BaseMoE(BaseEstimator):
                     f"The '{name}' parameter of {type(self).__name__} must be a tuple of "
                     f"positive ints (hidden layer sizes, e.g. (128, 128)). Got {hidden!r} instead."
                 )
+        if self.bagging is not None and self.expert_loss != "per_expert":
+            raise ValueError(
+                f"bagging={self.bagging} needs expert_loss='per_expert': bagging trains every expert on its own "
+                "share of the rows and the gate on the others, which the mixture's loss cannot do."
+            )
         device = module_device(self.device)
         if not (device == "cpu" or device.startswith("cuda")):
             raise ValueError(
@@ -311,7 +323,12 @@ class BaseMoE(BaseEstimator):
         weights = None
         if sample_weight is not None:
             weights = torch.as_tensor(sample_weight / sample_weight.mean(), dtype=torch.float32, device=device)
-        table = TensorTable(torch.as_tensor(X_scaled, device=device), torch.as_tensor(targets, device=device), weights)
+        in_bag = None
+        if self.bagging is not None and self.n_experts > 1:
+            bag_rng = np.random.RandomState(int(rng.randint(0, 2**31 - 1)))
+            in_bag = torch.as_tensor(bag_rng.random_sample((X.shape[0], self.n_experts)) < self.bagging, device=device)
+        table = TensorTable(torch.as_tensor(X_scaled, device=device), torch.as_tensor(targets, device=device), weights,
+                            in_bag)
         train_table, valid_table = self._split(table, targets, split_seed)
 
         generator = torch.Generator()
@@ -523,11 +540,18 @@ class BaseMoE(BaseEstimator):
 
     def _forward(self, X_scaled: torch.Tensor, method: str) -> np.ndarray:
         """``module_.predict`` or ``module_.route`` on every row, in eval mode, as float64."""
-        compute = getattr(self.module_, method)
+        module_method = getattr(self.module_, method)
+
+        def compute(x):
+            n = x.shape[0]
+            if n < _MIN_PREDICT_ROWS:
+                x = torch.cat((x, x.new_zeros(_MIN_PREDICT_ROWS - n, x.shape[1])))
+            return module_method(x)[:n].double().cpu().numpy()
+
         with torch.inference_mode(), self.net_.autocast(X_scaled.device):
             if X_scaled.shape[0] <= _PREDICT_BATCH_SIZE:
-                return compute(X_scaled).double().cpu().numpy()
-            chunks = [compute(X_scaled[start:start + _PREDICT_BATCH_SIZE]).double().cpu().numpy()
+                return compute(X_scaled)
+            chunks = [compute(X_scaled[start:start + _PREDICT_BATCH_SIZE])
                       for start in range(0, X_scaled.shape[0], _PREDICT_BATCH_SIZE)]
         return np.concatenate(chunks, axis=0)
 

@@ -24,7 +24,7 @@ class MoERegressor(RegressorMixin, BaseMoE):
         Number of experts. ``n_experts=1`` is a plain MLP (the non-MoE ablation).
     top_k : int, default=2
         Experts per row, ``1 <= top_k <= n_experts``. Unused by ``router="softmax"``.
-    router : {"topk", "softmax", "noisy_topk", "switch", "top_p", "hierarchical"}, default="topk"
+    router : {"topk", "softmax", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"}, default="topk"
         ``"topk"``: each row goes to its ``top_k`` highest-scoring experts, gate weights
         renormalised over them. ``"softmax"``: dense soft mixture, every expert on every row.
         ``"noisy_topk"``: top-k with learned Gaussian noise on the ranking in training
@@ -33,7 +33,9 @@ class MoERegressor(RegressorMixin, BaseMoE):
         their probabilities reach ``top_p`` (at most ``top_k``). ``"hierarchical"``: a gate
         over ``n_groups`` groups of experts, then the ``top_k`` best experts of the chosen
         group (at most a group's size); leaf probabilities are products of the two levels'.
-        Prediction is noise-free for every router.
+        ``"uniform"``: no gate, every expert weighted ``1 / n_experts`` on every row (an
+        ensemble; what the gate adds is measured against it). Prediction is noise-free for
+        every router.
     temperature : float, default=1.0
         Router softmax temperature (> 0); lower is sharper.
     capacity_factor : float or None, default=None
@@ -86,12 +88,38 @@ class MoERegressor(RegressorMixin, BaseMoE):
     expert_grad_scaling : bool, default=False
         Multiply each expert's gradient by ``mean_load / load_e`` of the batch (at most
         ``n_experts``), so rarely chosen experts learn as fast as busy ones.
+    expert_type : {"independent", "adapter"}, default="independent"
+        ``"independent"``: every expert is an MLP with its own weights. ``"adapter"``: the
+        experts share one MLP's weights and differ by their own elementwise scaling of
+        every layer's input and output, their own biases and output heads (TabM's
+        BatchEnsemble adapters); a row's experts run as extra rows through the shared
+        weights, so the cost grows with ``top_k`` (or ``n_experts`` for dense routers)
+        but the parameters barely grow with ``n_experts``.
+    expert_loss : {"mixture", "per_expert"}, default="mixture"
+        ``"mixture"``: train on the loss of the gated mixture. ``"per_expert"``: every
+        chosen expert is trained on its own loss, weighted by its gate weight, and the gate
+        on the mixture's loss; prediction is always the gated mixture. Experts trained on
+        the loss of their mixture can learn to cancel one another's errors instead of each
+        being a good model.
+    numeric_embedding : {"piecewise_linear", "periodic"} or None, default=None
+        Embed every input column with more than two distinct values before the router
+        and the experts (Gorishniy et al., 2022): ``"piecewise_linear"`` encodes the
+        column's quantile bins (48, computed from the training data) and maps them to 16
+        values; ``"periodic"`` maps 48 learned frequencies to 24 values. Lets the first
+        layer learn step- and wave-like functions of each feature. Binary columns
+        (one-hot indicators) pass through unchanged.
     max_epochs : int, default=200
     batch_size : int or "auto", default="auto"
         Rows per optimizer step. ``"auto"`` is about ``n_train / 32`` rounded down to a power
         of 2 and kept within [32, 256]: small data sets get enough steps per epoch.
     learning_rate : float, default=0.003
         AdamW learning rate.
+    lr_schedule : {"plateau", "cosine", "flat_cosine", "constant"}, default="plateau"
+        ``"plateau"``: cut the learning rate 3x when the monitored loss has not improved
+        for ``n_iter_no_change // 3`` epochs. ``"cosine"``: decay it to 0 along a cosine
+        over ``max_epochs`` (per batch). ``"flat_cosine"``: constant for the first half of
+        ``max_epochs``, then the cosine decay. ``"constant"``: never change it. Early
+        stopping may end training before the schedule does.
     weight_decay : float, default=0.0001
         AdamW (decoupled) weight decay.
     early_stopping : bool, default=True

@@ -31,6 +31,13 @@ def expected_failed_checks(estimator):
         MoEClassifier(**dict(FAST, router="top_p", top_p=0.7, expert_grad_scaling=True)),
         MoERegressor(**dict(FAST, router="hierarchical", n_groups=2, expert_grad_scaling=True)),
         MoEClassifier(**dict(FAST, router="softmax", layer_norm=True)),
+        MoERegressor(**dict(FAST, expert_type="adapter", expert_loss="per_expert", numeric_embedding="piecewise_linear",
+                            router="softmax", lr_schedule="flat_cosine")),
+        MoEClassifier(**dict(FAST, expert_type="adapter", expert_loss="per_expert", numeric_embedding="periodic",
+                             router="topk", capacity_factor=1.25, layer_norm=True, lr_schedule="cosine")),
+        MoERegressor(**dict(FAST, expert_type="adapter", router="uniform", shared_expert=True)),
+        MoEClassifier(**dict(FAST, expert_type="independent", expert_loss="per_expert", router="noisy_topk",
+                             numeric_embedding="piecewise_linear")),
     ],
     expected_failed_checks=expected_failed_checks,
 )
