@@ -334,13 +334,15 @@ def _plain_loop_epochs(model, X, y, epochs, batch_size, device, seed) -> list[fl
     return durations
 
 
-def predict_speed(n_features: int = 32, hidden: tuple[int, ...] = (128, 128), n_fit: int = 5000,
-                  n_throughput: int = 100_000, n_latency: int = 300) -> dict:
-    """Single-row predict latency and 100k-row throughput, MoERegressor against MLPRegressor."""
+def predict_speed(n_features: int = 32, hidden: tuple[int, ...] = (256, 256), n_fit: int = 5000,
+                  n_throughput: int = 100_000, n_latency: int = 300, moe_params=None) -> dict:
+    """Single-row predict latency and 100k-row throughput, MoERegressor (its defaults, or
+    ``moe_params``) against MLPRegressor with the same hidden sizes."""
     from sklearn.neural_network import MLPRegressor
 
     X, y = _regression_data(max(n_fit, n_throughput), n_features)
-    moe = MoERegressor(expert_hidden=hidden, max_epochs=3, random_state=0, device="cpu").fit(X[:n_fit], y[:n_fit])
+    moe = MoERegressor(expert_hidden=hidden, max_epochs=3, random_state=0, device="cpu", **(moe_params or {}))
+    moe.fit(X[:n_fit], y[:n_fit])
     mlp = MLPRegressor(hidden_layer_sizes=hidden, max_iter=3, random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning: 3 iterations are enough to time predict
@@ -357,8 +359,9 @@ def predict_speed(n_features: int = 32, hidden: tuple[int, ...] = (128, 128), n_
         "benchmark": "predict",
         "command": "python -m benchmarks.speed --part predict",
         "machine": describe_machine(),
-        "config": {"n_features": n_features, "hidden": list(hidden), "moe": "n_experts=8, top_k=2",
-                   "n_throughput": n_throughput},
+        "config": {"n_features": n_features, "hidden": list(hidden), "n_throughput": n_throughput,
+                   "moe": {key: value for key, value in moe.get_params().items()
+                           if key in ("n_experts", "top_k", "router", "expert_type", "numeric_embedding")}},
         "single_row_latency_ms": {name: 1e3 * value for name, value in per_model.items()},
         "latency_ratio": per_model["MoERegressor"] / per_model["MLPRegressor"],
         "rows_per_s": {name: n_throughput / bulk[name] for name in models},
@@ -373,10 +376,15 @@ def predict_speed(n_features: int = 32, hidden: tuple[int, ...] = (128, 128), n_
 
 def multiply_adds_per_row(model) -> int:
     """Multiply-adds of one row's prediction in the weight layers: a fitted
-    ``MLPRegressor``'s, or a fitted MoE estimator's (router plus ``top_k`` experts)."""
+    ``MLPRegressor``'s, or a fitted MoE estimator's (numeric embedding, router, and the
+    experts a row runs through: ``top_k``, or all of them for a dense router)."""
     if hasattr(model, "coefs_"):
         return int(sum(coef.size for coef in model.coefs_))
     module = model.module_
+    embedding = 0
+    if module.embedding is not None:  # every embedding weight multiplies once per row
+        embedding = sum(p.numel() for name, p in module.embedding.named_parameters() if name.endswith("weight"))
+    experts_per_row = module.n_experts if module.router.is_dense else module.top_k
     experts = module.experts
     if hasattr(experts, "hidden"):  # independent experts: stacked weights, one slice per expert
         per_expert = sum(layer.weight[0].numel() for layer in (*experts.hidden, experts.output))
@@ -385,7 +393,7 @@ def multiply_adds_per_row(model) -> int:
     # The noise layer of a noisy router is used in training only.
     router = sum(layer.weight.numel() for name, layer in module.router.named_modules()
                  if isinstance(layer, torch.nn.Linear) and not name.startswith("noise"))
-    return int(router + module.top_k * per_expert)
+    return int(embedding + router + experts_per_row * per_expert)
 
 
 def _status_kib(field: str) -> int | None:

@@ -108,7 +108,6 @@ class BaseMoE(BaseEstimator):
         "expert_grad_scaling": ["boolean"],
         "expert_type": [StrOptions(set(EXPERT_TYPES))],
         "expert_loss": [StrOptions(set(EXPERT_LOSSES))],
-        "bagging": [None, Interval(Real, 0, 1, closed="neither")],
         "numeric_embedding": [StrOptions(set(NUMERIC_EMBEDDINGS)), None],
         "activation": [StrOptions(set(ACTIVATIONS))],
         "dropout": [Interval(Real, 0, 1, closed="left")],
@@ -117,6 +116,7 @@ class BaseMoE(BaseEstimator):
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "learning_rate": [Interval(Real, 0, None, closed="neither")],
+        "router_lr_scale": [Interval(Real, 0, None, closed="left")],
         "lr_schedule": [StrOptions(set(LR_SCHEDULES))],
         "weight_decay": [Interval(Real, 0, None, closed="left")],
         "early_stopping": ["boolean"],
@@ -136,15 +136,15 @@ class BaseMoE(BaseEstimator):
         *,
         n_experts=8,
         top_k=2,
-        router="topk",
+        router="softmax",
         temperature=1.0,
         capacity_factor=None,
         balance_loss="switch",
         balance_coef=1e-2,
         z_loss_coef=1e-3,
-        expert_hidden=(128, 128),
+        expert_hidden=(256, 256),
         activation="relu",
-        dropout=0.0,
+        dropout=0.1,
         layer_norm=False,
         skip_connections=True,
         shared_expert=False,
@@ -156,18 +156,18 @@ class BaseMoE(BaseEstimator):
         n_groups=2,
         diversity_coef=0.0,
         expert_grad_scaling=False,
-        expert_type="independent",
-        expert_loss="mixture",
-        bagging=None,
-        numeric_embedding=None,
-        max_epochs=200,
+        expert_type="adapter",
+        expert_loss="per_expert",
+        numeric_embedding="piecewise_linear",
+        max_epochs=60,
         batch_size="auto",
-        learning_rate=3e-3,
-        lr_schedule="plateau",
-        weight_decay=1e-4,
+        learning_rate=2e-3,
+        router_lr_scale=0.1,
+        lr_schedule="flat_cosine",
+        weight_decay=3e-4,
         early_stopping=True,
         validation_fraction=0.1,
-        n_iter_no_change=30,
+        n_iter_no_change=16,
         tol=1e-4,
         max_grad_norm=1.0,
         device="auto",
@@ -200,11 +200,11 @@ class BaseMoE(BaseEstimator):
         self.expert_grad_scaling = expert_grad_scaling
         self.expert_type = expert_type
         self.expert_loss = expert_loss
-        self.bagging = bagging
         self.numeric_embedding = numeric_embedding
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.learning_rate = learning_rate
+        self.router_lr_scale = router_lr_scale
         self.lr_schedule = lr_schedule
         self.weight_decay = weight_decay
         self.early_stopping = early_stopping
@@ -229,11 +229,6 @@ class BaseMoE(BaseEstimator):
                     f"The '{name}' parameter of {type(self).__name__} must be a tuple of "
                     f"positive ints (hidden layer sizes, e.g. (128, 128)). Got {hidden!r} instead."
                 )
-        if self.bagging is not None and self.expert_loss != "per_expert":
-            raise ValueError(
-                f"bagging={self.bagging} needs expert_loss='per_expert': bagging trains every expert on its own "
-                "share of the rows and the gate on the others, which the mixture's loss cannot do."
-            )
         device = module_device(self.device)
         if not (device == "cpu" or device.startswith("cuda")):
             raise ValueError(
@@ -323,12 +318,7 @@ class BaseMoE(BaseEstimator):
         weights = None
         if sample_weight is not None:
             weights = torch.as_tensor(sample_weight / sample_weight.mean(), dtype=torch.float32, device=device)
-        in_bag = None
-        if self.bagging is not None and self.n_experts > 1:
-            bag_rng = np.random.RandomState(int(rng.randint(0, 2**31 - 1)))
-            in_bag = torch.as_tensor(bag_rng.random_sample((X.shape[0], self.n_experts)) < self.bagging, device=device)
-        table = TensorTable(torch.as_tensor(X_scaled, device=device), torch.as_tensor(targets, device=device), weights,
-                            in_bag)
+        table = TensorTable(torch.as_tensor(X_scaled, device=device), torch.as_tensor(targets, device=device), weights)
         train_table, valid_table = self._split(table, targets, split_seed)
 
         generator = torch.Generator()
@@ -451,6 +441,7 @@ class BaseMoE(BaseEstimator):
             lr=self.learning_rate,
             optimizer__weight_decay=self.weight_decay,
             optimizer__fused=True,
+            optimizer__param_groups=[("router.*", {"lr": self.learning_rate * self.router_lr_scale})],
             max_epochs=self.max_epochs,
             batch_size=self._batch_size(len(train_table)),
             train_split=_PredefinedSplit(valid_table) if has_valid else None,
@@ -499,7 +490,8 @@ class BaseMoE(BaseEstimator):
     def _expert_load(self, X_scaled: torch.Tensor) -> np.ndarray:
         gates = self._gates(X_scaled)
         if self.module_.router.is_dense:
-            return gates.mean(axis=0)
+            load = gates.mean(axis=0)
+            return load / load.sum()  # exactly 1 in float64, not up to float32 rounding
         return expert_utilization((gates > 0).sum(axis=0))
 
     def _clear_fitted_state(self):

@@ -18,9 +18,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     __doc__ = (
         """Mixture-of-Experts neural network classifier.
 
-    Rows are routed by a learned gate to ``top_k`` of ``n_experts`` MLP experts whose class
-    logits are mixed by the gate weights; trained with (sample-weighted) cross-entropy.
-    Labels may be integers or strings; binary and multiclass problems are supported.
+    A learned gate weighs ``n_experts`` MLP experts for every row and mixes their class
+    logits (see :class:`MoERegressor` for the experts, their training and the gate); trained
+    with (sample-weighted) cross-entropy. Labels may be integers or strings; binary and
+    multiclass problems are supported.
 
     Parameters
     ----------"""

@@ -14,17 +14,14 @@ from torch.utils.data import Dataset
 class TensorTable(Dataset):
     """Features, optional targets and optional sample weights as aligned tensors.
 
-    Batches are ``({"x": X[idx], "sample_weight": w[idx], "in_bag": b[idx]}, y[idx])``; ``x``
-    and ``sample_weight`` are the keyword arguments of :meth:`MixtureOfExperts.forward`,
-    ``in_bag`` (n, n_experts) marks the (row, expert) pairs an expert trains on (bagging).
+    Batches are ``({"x": X[idx], "sample_weight": w[idx]}, y[idx])``; the dict keys are the
+    keyword arguments of :meth:`MixtureOfExperts.forward`.
     """
 
-    def __init__(self, X: torch.Tensor, y: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None,
-                 in_bag: torch.Tensor | None = None):
+    def __init__(self, X: torch.Tensor, y: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None):
         self.X = X
         self.y = y
         self.sample_weight = sample_weight
-        self.in_bag = in_bag
 
     def __len__(self) -> int:
         return self.X.shape[0]
@@ -33,14 +30,12 @@ class TensorTable(Dataset):
         inputs = {"x": self.X[index]}
         if self.sample_weight is not None:
             inputs["sample_weight"] = self.sample_weight[index]
-        if self.in_bag is not None:
-            inputs["in_bag"] = self.in_bag[index]
         return inputs, (self.y[index] if self.y is not None else torch.zeros(0))
 
     def subset(self, index: torch.Tensor) -> TensorTable:
         """The rows at ``index``."""
         pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return TensorTable(self.X[index], pick(self.y), pick(self.sample_weight), pick(self.in_bag))
+        return TensorTable(self.X[index], pick(self.y), pick(self.sample_weight))
 
 
 class BatchIterator:

@@ -86,7 +86,7 @@ class TrainingGuard:
         rates = [group["lr"] for group in self.net.optimizer_.param_groups]
         self.restore()
         if self.rollbacks == MAX_ROLLBACKS:
-            lr = rates[0]
+            lr = max(rates)  # the experts' rate (a router group may run slower)
             raise TrainingDivergedError(
                 f"Training diverged: {fault} in epoch {epoch}, after {MAX_ROLLBACKS} rollbacks to the "
                 f"last good weights, each lowering the learning rate {1 / LR_FACTOR_AFTER_ROLLBACK:g}x "
@@ -104,7 +104,7 @@ class TrainingGuard:
                 scheduler.base_lrs = [rate * LR_FACTOR_AFTER_ROLLBACK for rate in scheduler.base_lrs]
         warnings.warn(
             f"{fault} in epoch {epoch}: rolled back to the weights of the last good epoch and lowered "
-            f"the learning rate to {self.net.optimizer_.param_groups[0]['lr']:.3g} "
+            f"the learning rate to {max(group['lr'] for group in self.net.optimizer_.param_groups):.3g} "
             f"(rollback {self.rollbacks} of at most {MAX_ROLLBACKS}).",
             RuntimeWarning,
             stacklevel=2,

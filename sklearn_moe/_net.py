@@ -78,11 +78,8 @@ class MoENet(NeuralNet):
         objective = task_loss
         if self.expert_loss == "per_expert":
             assignments = y_pred.assignments
-            in_bag = X.get("in_bag") if isinstance(X, Mapping) else None
-            if in_bag is not None:
-                in_bag = in_bag[assignments.rows, assignments.experts]
             objective = per_expert_loss(self.criterion_, assignments.outputs, assignments.rows, assignments.weights,
-                                        y_true, sample_weight, in_bag)
+                                        y_true, sample_weight)
         loss = objective + self.balance_coef * y_pred.balance_loss + self.z_loss_coef * y_pred.z_loss
         terms = {"task_loss": task_loss, "balance_loss": y_pred.balance_loss, "z_loss": y_pred.z_loss}
         if self.diversity_coef > 0:
@@ -137,7 +134,6 @@ class MoENet(NeuralNet):
     def infer(self, x, **fit_params):
         # Batches come from TensorTable already as tensors on the right device.
         inputs = x if isinstance(x, Mapping) else {"x": x}
-        inputs = {key: value for key, value in inputs.items() if key != "in_bag"}  # the loss's, not the module's
         with self.autocast(inputs["x"].device):
             return self.module_(**inputs, **fit_params)
 

@@ -13,18 +13,23 @@ from ._scaling import fit_standardizer
 class MoERegressor(RegressorMixin, BaseMoE):
     """Mixture-of-Experts neural network regressor.
 
-    Rows are routed by a learned gate to ``top_k`` of ``n_experts`` MLP experts whose
-    outputs are mixed by the gate weights. Inputs and targets are standardised inside the
-    estimator; training uses AdamW with gradient clipping, a plateau learning-rate schedule
-    and early stopping on an internal validation split with the best weights restored.
+    A learned gate weighs ``n_experts`` MLP experts for every row and mixes their
+    outputs. By default the experts share one MLP's weights and differ by their own
+    elementwise adapters, biases and output heads; every expert is trained on its own loss,
+    weighted by its gate, and the gate, which learns ten times slower than the experts, on
+    the mixture's loss; numeric columns enter through piecewise-linear embeddings. Inputs
+    and targets are standardised inside the estimator; training uses AdamW with gradient
+    clipping, a flat-then-cosine learning-rate schedule and early stopping on an internal
+    validation split with the best weights restored.
 
     Parameters
     ----------
     n_experts : int, default=8
         Number of experts. ``n_experts=1`` is a plain MLP (the non-MoE ablation).
     top_k : int, default=2
-        Experts per row, ``1 <= top_k <= n_experts``. Unused by ``router="softmax"``.
-    router : {"topk", "softmax", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"}, default="topk"
+        Experts per row for the sparse routers, ``1 <= top_k <= n_experts``. Unused by
+        ``router="softmax"`` and ``"uniform"``.
+    router : {"softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"}, default="softmax"
         ``"topk"``: each row goes to its ``top_k`` highest-scoring experts, gate weights
         renormalised over them. ``"softmax"``: dense soft mixture, every expert on every row.
         ``"noisy_topk"``: top-k with learned Gaussian noise on the ranking in training
@@ -58,10 +63,10 @@ class MoERegressor(RegressorMixin, BaseMoE):
         Weight of the balance loss (for ``"aux_free"``: the bias step).
     z_loss_coef : float, default=0.001
         Weight of the router z-loss ``mean(logsumexp(logits)^2)``.
-    expert_hidden : tuple of int, default=(128, 128)
+    expert_hidden : tuple of int, default=(256, 256)
         Hidden layer sizes of each expert.
     activation : {"relu", "gelu", "silu", "tanh", "leaky_relu", "elu"}, default="relu"
-    dropout : float, default=0.0
+    dropout : float, default=0.1
         Dropout after every hidden activation, in [0, 1).
     layer_norm : bool, default=False
         Layer normalisation before every expert layer after the first.
@@ -88,39 +93,44 @@ class MoERegressor(RegressorMixin, BaseMoE):
     expert_grad_scaling : bool, default=False
         Multiply each expert's gradient by ``mean_load / load_e`` of the batch (at most
         ``n_experts``), so rarely chosen experts learn as fast as busy ones.
-    expert_type : {"independent", "adapter"}, default="independent"
+    expert_type : {"adapter", "independent"}, default="adapter"
         ``"independent"``: every expert is an MLP with its own weights. ``"adapter"``: the
         experts share one MLP's weights and differ by their own elementwise scaling of
         every layer's input and output, their own biases and output heads (TabM's
         BatchEnsemble adapters); a row's experts run as extra rows through the shared
         weights, so the cost grows with ``top_k`` (or ``n_experts`` for dense routers)
         but the parameters barely grow with ``n_experts``.
-    expert_loss : {"mixture", "per_expert"}, default="mixture"
+    expert_loss : {"per_expert", "mixture"}, default="per_expert"
         ``"mixture"``: train on the loss of the gated mixture. ``"per_expert"``: every
         chosen expert is trained on its own loss, weighted by its gate weight, and the gate
         on the mixture's loss; prediction is always the gated mixture. Experts trained on
         the loss of their mixture can learn to cancel one another's errors instead of each
         being a good model.
-    numeric_embedding : {"piecewise_linear", "periodic"} or None, default=None
+    numeric_embedding : {"piecewise_linear", "periodic"} or None, default="piecewise_linear"
         Embed every input column with more than two distinct values before the router
         and the experts (Gorishniy et al., 2022): ``"piecewise_linear"`` encodes the
         column's quantile bins (48, computed from the training data) and maps them to 16
         values; ``"periodic"`` maps 48 learned frequencies to 24 values. Lets the first
         layer learn step- and wave-like functions of each feature. Binary columns
         (one-hot indicators) pass through unchanged.
-    max_epochs : int, default=200
+    max_epochs : int, default=60
     batch_size : int or "auto", default="auto"
         Rows per optimizer step. ``"auto"`` is about ``n_train / 32`` rounded down to a power
         of 2 and kept within [32, 256]: small data sets get enough steps per epoch.
-    learning_rate : float, default=0.003
+    learning_rate : float, default=0.002
         AdamW learning rate.
-    lr_schedule : {"plateau", "cosine", "flat_cosine", "constant"}, default="plateau"
+    router_lr_scale : float, default=0.1
+        The router's learning rate as a multiple of ``learning_rate`` (>= 0). Below 1 the
+        gate moves slower than the experts, so that it learns to weigh experts that are
+        already trained instead of committing early to the small differences between
+        freshly initialised ones.
+    lr_schedule : {"flat_cosine", "cosine", "plateau", "constant"}, default="flat_cosine"
         ``"plateau"``: cut the learning rate 3x when the monitored loss has not improved
         for ``n_iter_no_change // 3`` epochs. ``"cosine"``: decay it to 0 along a cosine
         over ``max_epochs`` (per batch). ``"flat_cosine"``: constant for the first half of
         ``max_epochs``, then the cosine decay. ``"constant"``: never change it. Early
         stopping may end training before the schedule does.
-    weight_decay : float, default=0.0001
+    weight_decay : float, default=0.0003
         AdamW (decoupled) weight decay.
     early_stopping : bool, default=True
         Hold out ``validation_fraction`` of the training rows, stop when the validation loss
@@ -128,7 +138,7 @@ class MoERegressor(RegressorMixin, BaseMoE):
         best weights. With too few rows for a split the training loss is monitored. When False,
         training stops once the training loss stalls, as in scikit-learn's MLP.
     validation_fraction : float, default=0.1
-    n_iter_no_change : int, default=30
+    n_iter_no_change : int, default=16
     tol : float, default=0.0001
     max_grad_norm : float or None, default=1.0
         Gradient norm clipping; None disables it.

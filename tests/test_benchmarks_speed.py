@@ -55,7 +55,9 @@ def test_block_medians_times_each_step_in_blocks_after_an_untimed_call():
 
 
 def test_predict_speed_compares_both_models():
-    result = speed.predict_speed(n_features=4, hidden=(8,), n_fit=200, n_throughput=500, n_latency=3)
+    sparse = dict(router="topk", expert_type="independent", numeric_embedding=None)
+    result = speed.predict_speed(n_features=4, hidden=(8,), n_fit=200, n_throughput=500, n_latency=3,
+                                 moe_params=sparse)
     assert set(result["single_row_latency_ms"]) == {"MoERegressor", "MLPRegressor"}
     assert result["latency_ratio"] > 0 and result["throughput_ratio"] > 0
     # MLP 4 -> 8 -> 1: 40 multiply-adds; MoE: a 4 -> 8 router plus 2 experts of the MLP's size.
@@ -69,7 +71,7 @@ def test_predict_speed_compares_both_models():
 def test_multiply_adds_leave_out_the_training_only_noise_layer():
     X = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
     model = MoERegressor(router="noisy_topk", n_experts=4, top_k=1, expert_hidden=(5, 5), gate_hidden=(6,),
-                         max_epochs=1, random_state=0).fit(X, X[:, 0])
+                         max_epochs=1, random_state=0, numeric_embedding=None).fit(X, X[:, 0])
     # router 3 -> 6 -> 4, one expert 3 -> 5 -> 5 -> 1
     assert speed.multiply_adds_per_row(model) == (3 * 6 + 6 * 4) + (3 * 5 + 5 * 5 + 5 * 1)
 
@@ -83,3 +85,14 @@ def test_peak_memory_counts_what_is_allocated_after_the_restart():
     added_mib = (speed._status_kib("VmHWM") - before) / 1024
     del block
     assert 60 <= added_mib < 200
+
+
+def test_multiply_adds_of_dense_adapter_experts_count_every_expert_and_the_embedding():
+    X = np.random.default_rng(0).normal(size=(80, 3)).astype(np.float32)
+    model = MoERegressor(n_experts=4, expert_hidden=(5, 5), max_epochs=1, random_state=0).fit(X, X[:, 0])
+    embedding = model.module_.embedding  # piecewise-linear: 3 columns, d=16, linear0 3 x 16 + bins x 16 each
+    bins = embedding.embedding.linear.weight.shape[1]  # the widest column's bin count
+    expected_embedding = 3 * 16 + 3 * bins * 16
+    width = 3 * 16
+    # dense router on the embedded input, then all 4 experts: shared 48 -> 5 -> 5 and a 5 -> 1 head
+    assert speed.multiply_adds_per_row(model) == expected_embedding + width * 4 + 4 * (width * 5 + 5 * 5 + 5)

@@ -483,7 +483,8 @@ def test_fitted_attributes(fitted):
     assert gates.shape == (len(X), model.n_experts)
     assert np.all(gates >= 0)
     np.testing.assert_allclose(gates.sum(axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_array_equal((gates > 0).sum(axis=1), model.top_k)
+    # The default router is dense: every expert weighs in on every row.
+    np.testing.assert_array_equal((gates > 0).sum(axis=1), model.n_experts)
 
     assert isinstance(model.module_, MixtureOfExperts)
     assert model.module_.n_experts == model.n_experts
@@ -493,7 +494,7 @@ def test_fitted_attributes(fitted):
 @pytest.mark.parametrize("top_k", [1, 3])
 def test_route_has_top_k_nonzeros(top_k):
     X, y = _regression(n=120)
-    model = MoERegressor(**dict(SHORT, max_epochs=2, top_k=top_k)).fit(X, y)
+    model = MoERegressor(**dict(SHORT, max_epochs=2, top_k=top_k, router="topk")).fit(X, y)
     gates = model.route(X)
     np.testing.assert_array_equal((gates > 0).sum(axis=1), top_k)
     np.testing.assert_allclose(gates.sum(axis=1), 1.0, rtol=1e-5)
@@ -624,7 +625,7 @@ def test_fit_predict_on_cuda(estimator_class):
 
 def test_aux_free_balancing_trains_the_selection_bias():
     X, y = _regression()
-    model = MoERegressor(**dict(FAST, balance_loss="aux_free", max_epochs=5)).fit(X, y)
+    model = MoERegressor(**dict(FAST, router="topk", balance_loss="aux_free", max_epochs=5)).fit(X, y)
     bias = model.module_.router.selection_bias
     assert bias.abs().sum() > 0
     assert (model.history_["balance_loss"] == 0).all()  # a bias update, not a loss

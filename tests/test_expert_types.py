@@ -812,7 +812,7 @@ def rewrite_metadata(source, target, edit):
 
 def as_version_1(document):
     document["format_version"] = 1
-    for name in ("expert_type", "expert_loss", "numeric_embedding", "lr_schedule"):
+    for name in ("expert_type", "expert_loss", "numeric_embedding", "lr_schedule", "router_lr_scale"):
         del document["params"][name]
     for name in ("_embedding_columns", "_embedding_n_bins"):
         del document["fitted"][name]
@@ -824,9 +824,9 @@ def test_version_1_file_loads_with_the_old_behaviour(tmp_path, classification_da
         X, y = regression_data(120)
     else:
         X, y = classification_data
-    model = estimator(**dict(FAST, expert_hidden=(8,), max_epochs=3)).fit(X, y)
-    assert (model.expert_type, model.expert_loss, model.numeric_embedding, model.lr_schedule) == (
-        "independent", "mixture", None, "plateau")
+    old_behaviour = dict(expert_type="independent", expert_loss="mixture", numeric_embedding=None,
+                         lr_schedule="plateau", router_lr_scale=1.0)
+    model = estimator(**dict(FAST, expert_hidden=(8,), max_epochs=3, **old_behaviour)).fit(X, y)
     model.save(tmp_path / "v2.moe")
     old = rewrite_metadata(tmp_path / "v2.moe", tmp_path / "v1.moe", as_version_1)
     loaded = sklearn_moe.load(old)
@@ -894,8 +894,9 @@ def test_learning_rate_shape_flat_fraction_and_errors():
 @pytest.mark.parametrize("lr_schedule", ["cosine", "flat_cosine", "constant"])
 def test_lr_schedule_follows_the_shape_every_batch(lr_schedule):
     X, y = regression_data(100)
+    # router_lr_scale=1: skorch records the first parameter group's rate, the router's
     params = dict(ADAPTER, max_epochs=4, batch_size=32, learning_rate=1e-2, early_stopping=False,
-                  lr_schedule=lr_schedule)
+                  lr_schedule=lr_schedule, router_lr_scale=1.0)
     model = MoERegressor(**params).fit(X, y)
     assert model.n_iter_ == 4
     lrs = [lr for epoch in model.net_.history[:, "batches", :, "event_lr"] for lr in epoch]
@@ -917,35 +918,3 @@ def test_plateau_schedule_fits():
     assert "event_lr" not in model.net_.history[-1, "batches", -1]
     assert np.isfinite(model.predict(X)).all()
 
-
-def test_per_expert_loss_with_bagging_by_hand():
-    criterion = nn.MSELoss(reduction="none")
-    outputs = torch.tensor([[1.0], [3.0], [4.0], [0.0], [2.0]], requires_grad=True)
-    rows = torch.tensor([0, 0, 0, 1, 1])
-    weights = torch.tensor([0.5, 0.25, 0.25, 0.5, 0.5], requires_grad=True)
-    target = torch.tensor([[2.0], [1.0]])
-    in_bag = torch.tensor([True, False, False, True, True])
-    loss = per_expert_loss(criterion, outputs, rows, weights, target, in_bag=in_bag)
-    # experts, in-bag only, weights renormalised per row: row 0 expert 0 (1.0 * 1), row 1 both (0.5 * 1 + 0.5 * 1)
-    # -> (1 + 1) / 2 = 1; gate: row 0 over its out-of-bag experts 1 and 2 (weights 0.5, 0.5): mixture 3.5 -> 2.25;
-    # row 1 has no out-of-bag expert and does not count: mean over 2 rows = 1.125
-    assert loss.item() == pytest.approx(2.125)
-    output_grad, weight_grad = torch.autograd.grad(loss, (outputs, weights))
-    assert output_grad[1:3].abs().sum() == 0  # out-of-bag outputs train nothing
-    assert weight_grad[[0, 3, 4]].abs().sum() == 0  # in-bag pairs teach the gate nothing
-    assert weight_grad[1] != 0 and weight_grad[2] != 0
-
-
-def test_bagging_needs_the_per_expert_loss_and_leaves_one_expert_alone(regression_data):
-    X, y = regression_data
-    with pytest.raises(ValueError, match="bagging=0.5 needs expert_loss='per_expert'"):
-        MoERegressor(bagging=0.5, max_epochs=2).fit(X, y)
-    with pytest.raises(ValueError, match="bagging"):
-        MoERegressor(bagging=1.0, expert_loss="per_expert", max_epochs=2).fit(X, y)
-    one = dict(FAST, n_experts=1, expert_type="adapter", expert_loss="per_expert", max_epochs=3)
-    bagged = MoERegressor(**one, bagging=0.5).fit(X, y)
-    plain = MoERegressor(**one).fit(X, y)
-    np.testing.assert_array_equal(bagged.predict(X), plain.predict(X))  # nothing to stack with one expert
-    several = dict(one, n_experts=4)
-    assert not np.array_equal(MoERegressor(**several, bagging=0.5).fit(X, y).predict(X),
-                              MoERegressor(**several).fit(X, y).predict(X))

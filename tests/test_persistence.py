@@ -83,7 +83,7 @@ CONFIGS = {
     "hierarchical": (MoERegressor, {"router": "hierarchical", "n_groups": 2}, "2d"),
     "shared-expert": (MoERegressor, {"shared_expert": True, "layer_norm": True, "expert_hidden": (16, 16)}, "1d"),
     "gate-hidden": (MoEClassifier, {"gate_hidden": (8,)}, "int"),
-    "aux-free": (MoERegressor, {"balance_loss": "aux_free", "balance_coef": 0.05}, "1d"),
+    "aux-free": (MoERegressor, {"router": "topk", "balance_loss": "aux_free", "balance_coef": 0.05}, "1d"),
     "no-early-stopping": (MoERegressor, {"early_stopping": False, "batch_size": "auto"}, "1d"),
     "bf16-capacity-diversity": (MoEClassifier, {"precision": "bf16", "capacity_factor": 1.0, "diversity_coef": 0.1,
                                                 "expert_dropout": 0.2, "verbose": 0}, "int"),
@@ -326,7 +326,7 @@ def test_tampered_kind_imports_and_runs_nothing(saved, tmp_path, monkeypatch, ki
     (lambda d: d["params"].update(expert_hidden=[0]), "expert_hidden"),
     (lambda d: d["params"].update(expert_hidden="16"), "expert_hidden"),
     (lambda d: d["params"].update(random_state="numpy.random.RandomState"), "random_state"),
-    (lambda d: d["params"].update(expert_hidden=[10**9, 10**9]), "no buildable network"),
+    (lambda d: d["params"].update(expert_hidden=[2**40, 2**40]), "no buildable network"),
     (lambda d: d["fitted"].update(_x_mean={"dtype": "<f8", "shape": [2], "data": [0.0, 1.0]}), "_x_mean"),
     (lambda d: d["fitted"].update(_x_scale={"dtype": "<f8", "shape": [5], "data": ["1"] * 5}), "_x_scale"),
     (lambda d: d["fitted"].update(_y_mean={"dtype": "|V8", "shape": [1], "data": [0]}), "_y_mean"),
@@ -364,17 +364,17 @@ def test_extra_tensor(saved, tmp_path):
 
 def test_wrong_shape_tensor(saved, tmp_path):
     def edit(tensors):
-        tensors["experts.output.bias"] = torch.zeros(4, 7)
+        tensors["experts.head_bias"] = torch.zeros(4, 7)
 
-    with pytest.raises(ValueError, match="'experts.output.bias' has shape"):
+    with pytest.raises(ValueError, match="'experts.head_bias' has shape"):
         load(_rewrite(saved, tmp_path / "t.moe", edit_tensors=edit))
 
 
 def test_wrong_dtype_tensor(saved, tmp_path):
     def edit(tensors):
-        tensors["experts.output.bias"] = tensors["experts.output.bias"].double()
+        tensors["experts.head_bias"] = tensors["experts.head_bias"].double()
 
-    with pytest.raises(ValueError, match="'experts.output.bias' has dtype torch.float64"):
+    with pytest.raises(ValueError, match="'experts.head_bias' has dtype torch.float64"):
         load(_rewrite(saved, tmp_path / "t.moe", edit_tensors=edit))
 
 

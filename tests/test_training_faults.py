@@ -10,8 +10,9 @@ from sklearn_moe._guard import MAX_ROLLBACKS
 
 # 200 rows, 10% validation, batch 32: 6 training batches per epoch.
 BATCHES_PER_EPOCH = 6
+# A constant learning rate and one for the router too: a rollback's 10x cut is then the rate at the end.
 PARAMS = dict(n_experts=3, top_k=2, expert_hidden=(8,), batch_size=32, max_epochs=6, learning_rate=1e-2,
-              n_iter_no_change=50, device="cpu", random_state=0)
+              lr_schedule="constant", router_lr_scale=1.0, n_iter_no_change=50, device="cpu", random_state=0)
 
 
 class TrainingBatchCounter(Callback):

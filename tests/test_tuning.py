@@ -79,7 +79,7 @@ def test_space_is_prefixed_for_the_moe_step(make, prefix):
     estimator = make(MoERegressor())
     assert find_moe_step(estimator)[0] == prefix
     space = search_space(estimator)
-    assert all(key.startswith(prefix) for key in space) and len(space) == 12
+    assert all(key.startswith(prefix) for key in space) and len(space) == 16
     estimator.set_params(**{key: dist.choices[0] if hasattr(dist, "choices") else dist.low
                             for key, dist in space.items()})  # every key is a real parameter
 
@@ -452,8 +452,11 @@ def test_select_n_experts_finds_the_number_of_regimes(n_regimes, n_samples, cand
     """Linear experts under a sharp dense router: the one-SE rule must settle on one expert per
     regime, not on the single expert (far worse) nor on the largest count (no better)."""
     X, y = make_switching_linear_data(n_samples, n_regimes)
+    # The mixture's loss and a gate that learns as fast as the experts: a sharp router
+    # that must find the regimes, not the default's ensemble-like gate.
     model = MoERegressor(router="softmax", temperature=0.1, expert_hidden=(), balance_coef=0.1, max_epochs=80,
-                         learning_rate=3e-2, batch_size=32, n_iter_no_change=20, device="cpu", random_state=0)
+                         learning_rate=3e-2, batch_size=32, n_iter_no_change=20, device="cpu", random_state=0,
+                         expert_loss="mixture", router_lr_scale=1.0, numeric_embedding=None, lr_schedule="plateau")
     result = select_n_experts(model, X, y, candidates=candidates, cv=3, refit=False)
     table = result.cv_results_
     assert table.loc[1, "mean_score"] < 0.1 < 0.85 < table.loc[n_regimes, "mean_score"]

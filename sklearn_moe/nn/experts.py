@@ -444,25 +444,33 @@ class AdapterExperts(nn.Module):
         -------
         Tensor of shape (m, out_features)
         """
-        h = x
+        return self._heads(self._hidden(x, lambda p: F.embedding(experts, p)), experts)
+
+    def all_experts(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on every row: Tensor of shape (n_experts, n, out_features).
+
+        The adapters broadcast over an expert axis instead of being gathered per row, and
+        the heads run as one batched matmul.
+        """
+        h = self._hidden(x.unsqueeze(0), lambda p: p.unsqueeze(1))
+        if h.shape[0] == 1:  # no hidden layers: the same input for every expert
+            h = h.expand(self.n_experts, -1, -1)
+        return batched_linear(h, self.head_weight.to(h.dtype), self.head_bias.to(h.dtype))
+
+    def _hidden(self, h: torch.Tensor, select) -> torch.Tensor:
+        """The shared hidden layers with each row's adapters, ``select(per_expert_param)``:
+        gathered per row (rows of shape (m, width)) or broadcast over an expert axis."""
         for i, weight in enumerate(self.weights):
-            inputs = self._norm(i - 1, h, experts) if i > 0 else h
-            z = (inputs * F.embedding(experts, self.in_scales[i])) @ weight.to(inputs.dtype)
-            z = torch.addcmul(F.embedding(experts, self.biases[i]).to(z.dtype), z,
-                              F.embedding(experts, self.out_scales[i]).to(z.dtype))
+            inputs = self._norm(i - 1, h, select) if i > 0 else h
+            z = (inputs * select(self.in_scales[i]).to(inputs.dtype)) @ weight.to(inputs.dtype)
+            z = torch.addcmul(select(self.biases[i]).to(z.dtype), z, select(self.out_scales[i]).to(z.dtype))
             z = self._act(z)
             if self.training and self.dropout > 0:
                 z = F.dropout(z, self.dropout, training=True)
             h = h + z if self.residual[i] else z
         if len(self.weights):
-            h = self._norm(-1, h, experts)
-        return self._heads(h, experts)
-
-    def all_experts(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on every row: Tensor of shape (n_experts, n, out_features)."""
-        n = x.shape[0]
-        experts = torch.arange(self.n_experts, device=x.device).repeat_interleave(n)
-        return self(x.repeat(self.n_experts, 1), experts).view(self.n_experts, n, -1)
+            h = self._norm(-1, h, select)
+        return h
 
     def _heads(self, h: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Row ``i`` through expert ``experts[i]``'s output head.
@@ -489,11 +497,11 @@ class AdapterExperts(nn.Module):
                              self.head_bias.to(h.dtype))
         return out.reshape(-1, self.out_features).index_select(0, positions)
 
-    def _norm(self, index: int, h: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def _norm(self, index: int, h: torch.Tensor, select) -> torch.Tensor:
         if not len(self.norm_weights):
             return h
-        weight = F.embedding(experts, self.norm_weights[index]).to(h.dtype)
-        bias = F.embedding(experts, self.norm_biases[index]).to(h.dtype)
+        weight = select(self.norm_weights[index]).to(h.dtype)
+        bias = select(self.norm_biases[index]).to(h.dtype)
         return torch.addcmul(bias, F.layer_norm(h, h.shape[-1:]), weight)
 
 

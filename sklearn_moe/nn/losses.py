@@ -142,7 +142,7 @@ EXPERT_LOSSES = ("mixture", "per_expert")
 
 def per_expert_loss(
     criterion, outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, target: torch.Tensor,
-    sample_weight: torch.Tensor | None = None, in_bag: torch.Tensor | None = None,
+    sample_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each chosen expert trained on its own loss; the gate on the mixture's.
 
@@ -154,12 +154,6 @@ def per_expert_loss(
     experts as they are. Trained on the loss of their mixture alone, experts that share
     rows can learn to cancel one another's errors, one ensemble member rather than several
     (TabM's finding for uniformly mixed members).
-
-    With ``in_bag`` (bagging), an expert trains only on its in-bag assignments, and the
-    gate only on the out-of-bag ones: row ``i``'s mixture for the gate is taken over the
-    experts that did not train on it, its weights renormalised, so the gate learns which
-    experts predict well on rows they have not seen (as stacking fits its weights on
-    out-of-fold predictions), not which ones fit their training rows best.
 
     Parameters
     ----------
@@ -175,8 +169,6 @@ def per_expert_loss(
     target : Tensor of shape (n, ...)
     sample_weight : Tensor of shape (n,), optional
         Row weights (mean 1 over the training set).
-    in_bag : Tensor of shape (m,), bool, optional
-        Whether each assignment's expert trains on its row.
 
     Returns
     -------
@@ -184,27 +176,14 @@ def per_expert_loss(
     """
     n = target.shape[0]
     weights = weights.float()
-    expert_weights, gate_weights = weights.detach(), weights
-    if in_bag is not None:
-        in_bag = in_bag.to(weights.dtype)
-        expert_weights = _renormalise(expert_weights * in_bag, rows, n)
-        gate_weights = _renormalise(weights * (1 - in_bag), rows, n)
     mixture_for_gate = outputs.new_zeros(n, outputs.shape[1], dtype=torch.float32).index_add(
-        0, rows, outputs.detach().float() * gate_weights.unsqueeze(1))
-    expert_terms = _per_row(criterion(outputs.float(), target.index_select(0, rows))) * expert_weights
+        0, rows, outputs.detach().float() * weights.unsqueeze(1))
+    expert_terms = _per_row(criterion(outputs.float(), target.index_select(0, rows))) * weights.detach()
     gate_terms = _per_row(criterion(mixture_for_gate, target))
-    if in_bag is not None:  # rows with no out-of-bag expert teach the gate nothing
-        gate_terms = gate_terms * (weights.new_zeros(n).index_add(0, rows, 1 - in_bag) > 0)
     if sample_weight is not None:
         expert_terms = expert_terms * sample_weight.index_select(0, rows)
         gate_terms = gate_terms * sample_weight
     return expert_terms.sum() / n + gate_terms.mean()
-
-
-def _renormalise(weights: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """``weights`` divided by their row's sum (0 where the sum is 0)."""
-    totals = weights.new_zeros(n).index_add(0, rows, weights)
-    return weights / totals.index_select(0, rows).clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 def _per_row(loss: torch.Tensor) -> torch.Tensor:

@@ -202,12 +202,8 @@ class MixtureOfExperts(nn.Module):
         embedding_columns=None,
         embedding_bins=None,
         embedding_n_bins=None,
-        router_input: str = "embedded",
     ):
         super().__init__()
-        if router_input not in ("embedded", "raw"):
-            raise ValueError(f"router_input must be 'embedded' or 'raw', got {router_input!r}")
-        self.router_input = router_input
         if expert_type not in EXPERT_TYPES:
             raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {expert_type!r}")
         if balance_loss is not None and balance_loss not in BALANCE_LOSSES:
@@ -238,8 +234,7 @@ class MixtureOfExperts(nn.Module):
             self.embedding = NumericEmbedding(numeric_embedding, n_features, embedding_columns, embedding_bins,
                                               embedding_n_bins)
             width = self.embedding.out_features
-        router_width = n_features if router_input == "raw" else width
-        self.router = make_router(router, router_width, n_experts, top_k, temperature, tuple(gate_hidden),
+        self.router = make_router(router, width, n_experts, top_k, temperature, tuple(gate_hidden),
                                   top_p=top_p, learned_threshold=learned_threshold, n_groups=n_groups)
         expert_args = (width, n_outputs, tuple(expert_hidden), activation, dropout, layer_norm,
                        skip_connections, output_init_scale)
@@ -260,8 +255,8 @@ class MixtureOfExperts(nn.Module):
         sample_weight : Tensor of shape (n,), optional
             Rows with zero weight are left out of the auxiliary losses.
         """
-        raw, x = x, self._embed(x)
-        mixed = self._mix(x, raw)
+        x = self._embed(x)
+        mixed = self._mix(x)
         routing, active = mixed.routing, mixed.active
         mask = None if sample_weight is None else sample_weight > 0
         gates = self._gates(routing, active, mixed.weights)
@@ -282,11 +277,11 @@ class MixtureOfExperts(nn.Module):
         -------
         Tensor of shape (n, n_outputs)
         """
-        return self._mix(self._embed(x), x).output
+        return self._mix(self._embed(x)).output
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
         """The gate weights alone: Tensor of shape (n, n_experts), zero for experts not chosen."""
-        routing = self.router(x if self.router_input == "raw" else self._embed(x))
+        routing = self.router(self._embed(x))
         return self._gates(routing, *self._active_weights(routing))
 
     def _active_weights(self, routing):
@@ -309,8 +304,8 @@ class MixtureOfExperts(nn.Module):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.embedding is None else self.embedding(x)
 
-    def _mix(self, x: torch.Tensor, raw: torch.Tensor) -> _Mixed:
-        routing = self.router(raw if self.router_input == "raw" else x)
+    def _mix(self, x: torch.Tensor) -> _Mixed:
+        routing = self.router(x)
         active, weights = self._active_weights(routing)
         n = x.shape[0]
         small_eval = self.expert_type == "independent" and not self.training and n <= DENSE_EVAL_MAX_ROWS
