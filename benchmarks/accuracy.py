@@ -107,6 +107,9 @@ class CVSuite:
     model_max_rows : dict
         Models that run only on data sets of at most this many rows (after the row cap),
         because their fits would take hours beyond it; the report says where they did not run.
+    models : tuple of str or None
+        The models run when ``--models`` is not given; None is
+        :data:`benchmarks.models.DEFAULT_MODELS`.
     """
 
     folds: int
@@ -114,13 +117,14 @@ class CVSuite:
     max_rows: int | None
     moe_params: dict = field(default_factory=dict)
     model_max_rows: dict = field(default_factory=dict)
+    models: tuple | None = None
 
 
 CV_SUITES = {
-    # quick: the MoE models stop after at most 50 epochs (defaults: 200, patience 30) to
-    # keep the suite near 15 minutes on 2 cores.
-    "quick": CVSuite(folds=3, repeats=1, max_rows=2000, moe_params={"max_epochs": 50}),
-    "full": CVSuite(folds=5, repeats=2, max_rows=20000),
+    # quick: every model, the default MoE's ablations and TabM included.
+    "quick": CVSuite(folds=3, repeats=1, max_rows=2000, models=tuple(MODEL_SPECS)),
+    # full: TabM's CPU fits take minutes per fold: it runs on the data sets of up to 1100 rows.
+    "full": CVSuite(folds=5, repeats=2, max_rows=20000, model_max_rows={"tabm": 1100}),
 }
 
 
@@ -371,7 +375,7 @@ def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_r
     unknown = [name for name in names if name not in DATASETS]
     if unknown:
         raise ValueError(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
-    model_keys = resolve_models(models)
+    model_keys = resolve_models(models or config.models)
     moe_params = dict(config.moe_params)
     if max_epochs is not None:
         moe_params["max_epochs"] = max_epochs
@@ -546,7 +550,8 @@ def main(argv=None):
 
 def _protocol(args, threads: int) -> dict:
     """What must match for ``--resume`` to continue a run: every option that changes a result."""
-    return {"suite": args.suite, "datasets": args.datasets, "models": resolve_models(args.models),
+    return {"suite": args.suite, "datasets": args.datasets,
+            "models": resolve_models(args.models or CV_SUITES[args.suite].models),
             "folds": args.folds, "repeats": args.repeats, "max_rows": args.max_rows, "max_epochs": args.max_epochs,
             "seed": args.seed, "threads": threads}
 

@@ -36,6 +36,7 @@ ABLATIONS = {
     "moe_mixture_loss": {"expert_loss": "mixture"},
     "moe_no_embedding": {"numeric_embedding": None},
     "moe_plateau": {"lr_schedule": "plateau"},
+    "moe_fast_gate": {"router_lr_scale": 1.0},
 }
 #: The estimators' previous defaults: independent (128, 128) experts, top-2 of 8, trained
 #: on the mixture's loss, no embedding, a plateau schedule.
@@ -159,6 +160,7 @@ _ABLATION_LABELS = {
     "moe_1expert": "MoE n_experts=1", "moe_uniform": "MoE router=uniform",
     "moe_independent": "MoE independent experts", "moe_mixture_loss": "MoE mixture loss",
     "moe_no_embedding": "MoE no embedding", "moe_plateau": "MoE plateau schedule",
+    "moe_fast_gate": "MoE fast gate",
 }
 
 MODEL_SPECS = {
@@ -196,6 +198,7 @@ MODEL_NOTES = {
     "moe_mixture_loss": "the default MoE with expert_loss='mixture': experts trained on the mixture's loss only",
     "moe_no_embedding": "the default MoE with numeric_embedding=None",
     "moe_plateau": "the default MoE with lr_schedule='plateau' (learning rate cut on validation plateaus)",
+    "moe_fast_gate": "the default MoE with router_lr_scale=1: the gate learns as fast as the experts",
     "moe_previous": "the previous defaults: " + ", ".join(f"{k}={v!r}" for k, v in PREVIOUS_DEFAULTS.items()),
     "mlp": "scikit-learn MLPRegressor / MLPClassifier(max_iter=2000, early_stopping=True)",
     "linear": "Ridge() / LogisticRegression(max_iter=2000)",
