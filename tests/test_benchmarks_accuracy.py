@@ -103,7 +103,7 @@ def test_suites_and_models_are_consistent():
     assert "regime" in SUITES["quick"]
     assert CV_SUITES["quick"].folds == 3 and CV_SUITES["quick"].repeats == 1
     assert CV_SUITES["full"].folds == 5 and CV_SUITES["full"].repeats == 2
-    assert SUITES["foundation"] == ["concrete", "diamonds"] and SUITES["demo"] == ["diabetes", "breast_cancer"]
+    assert SUITES["foundation"] == ["concrete", "diamonds"] and SUITES["demo"] == ["regime", "concrete"]
 
     assert resolve_models(["hgb", "ridge"]) == ["linear", "hgb"]
     assert resolve_models(["logreg", "moe1"]) == ["moe_1expert", "linear"]
