@@ -204,7 +204,27 @@ class StackedLayerNorm(nn.Module):
         return [torch.addcmul(b, F.layer_norm(x, x.shape[-1:]), w) for x, w, b in zip(blocks, weights, biases)]
 
 
-class StackedExperts(nn.Module):
+class _ExpertMLP(nn.Module):
+    """What every kind of expert shares: the MLP's shape and activation, its dropout and
+    which hidden layers are residual (equal widths after the first, with skip connections)."""
+
+    def __init__(self, n_experts: int, in_features: int, out_features: int, expert_hidden: tuple[int, ...],
+                 activation: str, dropout: float, skip_connections: bool):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.n_experts = n_experts
+        self.in_features = in_features
+        self.out_features = out_features
+        self.activation = activation
+        self._act = ACTIVATIONS[activation]
+        self.dropout = dropout
+        self.widths = (in_features, *expert_hidden)
+        self.residual = [skip_connections and i > 0 and w_in == w_out
+                         for i, (w_in, w_out) in enumerate(zip(self.widths[:-1], self.widths[1:]))]
+
+
+class StackedExperts(_ExpertMLP):
     """The experts of a mixture: ``n_experts`` MLPs with identical architecture.
 
     Each expert maps ``in_features -> expert_hidden[0] -> ... -> out_features``. A hidden
@@ -241,21 +261,11 @@ class StackedExperts(nn.Module):
         skip_connections: bool = True,
         output_init_scale: float = 0.1,
     ):
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.n_experts = n_experts
-        self.in_features = in_features
-        self.out_features = out_features
-        self.activation = activation
-        self._act = ACTIVATIONS[activation]
-        self.dropout = dropout
-        widths = (in_features, *expert_hidden)
+        super().__init__(n_experts, in_features, out_features, expert_hidden, activation, dropout, skip_connections)
+        widths = self.widths
         self.hidden = nn.ModuleList(
             StackedLinear(n_experts, w_in, w_out) for w_in, w_out in zip(widths[:-1], widths[1:])
         )
-        self.residual = [skip_connections and i > 0 and w_in == w_out
-                         for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:]))]
         # No norm before the first layer: the estimators standardise the inputs already.
         self.norms = nn.ModuleList(StackedLayerNorm(n_experts, w) for w in widths[1:] if layer_norm)
         self.output = StackedLinear(n_experts, widths[-1], out_features, init_scale=output_init_scale)
@@ -350,7 +360,7 @@ class StackedExperts(nn.Module):
 ADAPTER_INITS = ("random_signs", "normal")
 
 
-class AdapterExperts(nn.Module):
+class AdapterExperts(_ExpertMLP):
     """Experts that share one MLP's weights and differ by elementwise adapters (BatchEnsemble).
 
     Expert ``e`` computes every hidden layer as ``act(((h * r_e) @ W) * s_e + b_e)``: the
@@ -401,17 +411,10 @@ class AdapterExperts(nn.Module):
         first_scaling: str = "random_signs",
         input_chunks=None,
     ):
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        super().__init__(n_experts, in_features, out_features, expert_hidden, activation, dropout, skip_connections)
         if first_scaling not in ADAPTER_INITS:
             raise ValueError(f"first_scaling must be one of {ADAPTER_INITS}, got {first_scaling!r}")
-        self.n_experts = n_experts
-        self.in_features = in_features
-        self.out_features = out_features
-        self._act = ACTIVATIONS[activation]
-        self.dropout = dropout
-        widths = (in_features, *expert_hidden)
+        widths = self.widths
         self.weights = nn.ParameterList()
         self.in_scales = nn.ParameterList()
         self.out_scales = nn.ParameterList()
@@ -424,8 +427,6 @@ class AdapterExperts(nn.Module):
             self.biases.append(nn.Parameter(torch.empty(w_out).uniform_(-bound, bound).expand(n_experts, -1).clone()))
         if expert_hidden:
             _init_scaling(self.in_scales[0], first_scaling, input_chunks)
-        self.residual = [skip_connections and i > 0 and w_in == w_out
-                         for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:]))]
         self.norm_weights = nn.ParameterList(nn.Parameter(torch.ones(n_experts, w)) for w in widths[1:] if layer_norm)
         self.norm_biases = nn.ParameterList(nn.Parameter(torch.zeros(n_experts, w)) for w in widths[1:] if layer_norm)
         bound = output_init_scale / math.sqrt(widths[-1])
