@@ -41,6 +41,7 @@ import torch
 from sklearn_moe import MoERegressor
 from sklearn_moe.nn import MixtureOfExperts
 from sklearn_moe.nn.dispatch import plan_dispatch
+from sklearn_moe.nn.losses import per_expert_loss
 
 from .machine import describe_machine
 
@@ -283,7 +284,9 @@ def wrapper_overhead(n_rows: int = 20_000, n_features: int = 32, epochs: int = 4
     The estimator trains without a validation split (``early_stopping=False``), so both
     see every row once per epoch. The plain loop does what the estimator's training does
     per batch: forward, task + balance + z loss, backward, gradient clipping and a fused
-    AdamW step, over shuffled in-memory batches. Fits and loops alternate ``repeats`` times.
+    AdamW step, over shuffled in-memory batches, with the estimator's objective (the
+    per-expert loss of :func:`~sklearn_moe.nn.losses.per_expert_loss` by default). Fits and
+    loops alternate ``repeats`` times.
     """
     X, y = _regression_data(n_rows, n_features)
     params = dict(max_epochs=epochs, batch_size=batch_size, early_stopping=False, n_iter_no_change=epochs + 1,
@@ -306,6 +309,11 @@ def wrapper_overhead(n_rows: int = 20_000, n_features: int = 32, epochs: int = 4
     }
 
 
+def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row squared error (``MSELoss(reduction="none")``)."""
+    return (prediction - target).square()
+
+
 def _plain_loop_epochs(model, X, y, epochs, batch_size, device, seed) -> list[float]:
     """Train a fresh copy of ``model``'s architecture with a hand-written loop."""
     torch.manual_seed(seed)
@@ -323,7 +331,11 @@ def _plain_loop_epochs(model, X, y, epochs, batch_size, device, seed) -> list[fl
         for first in range(0, len(order), batch_size):
             rows = order[first:first + batch_size]
             out = module(x_all[rows])
-            loss = (out.output - y_all[rows]).square().mean()
+            if model.expert_loss == "per_expert":
+                a = out.assignments
+                loss = per_expert_loss(squared_error, a.outputs, a.rows, a.weights, y_all[rows])
+            else:
+                loss = (out.output - y_all[rows]).square().mean()
             loss = loss + model.balance_coef * out.balance_loss + model.z_loss_coef * out.z_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
