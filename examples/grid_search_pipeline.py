@@ -20,7 +20,7 @@ from sklearn.model_selection import GridSearchCV, KFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from examples.regime_switching import make_regime_data
+from examples.regime_switching import CLASSIC_MOE, make_regime_data
 from sklearn_moe import MoERegressor
 
 PARAM_GRID = [
@@ -49,7 +49,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     X, y, _ = make_regime_data(300 if args.quick else 1500, random_state=0)
     moe = MoERegressor(n_experts=8, expert_hidden=(16, 16), temperature=0.1, learning_rate=1e-2, batch_size=128,
-                       max_epochs=5 if args.quick else 150, device="cpu", random_state=0)
+                       max_epochs=5 if args.quick else 150, device="cpu", random_state=0, router="topk",
+                       **CLASSIC_MOE)
     pipe = make_pipeline(StandardScaler(), moe)
     search = GridSearchCV(pipe, PARAM_GRID, cv=KFold(2 if args.quick else 3, shuffle=True, random_state=0),
                           scoring="r2")

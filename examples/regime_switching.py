@@ -60,6 +60,11 @@ REGIME_FUNCTIONS = {
 # The MoE of the full run and the training settings that every MoERegressor shares.
 MOE_CONFIG = {"n_experts": 8, "top_k": 2, "expert_hidden": (16, 16)}
 TRAINING = {"learning_rate": 1e-2, "batch_size": 128, "max_epochs": 200}
+# The classic sparse MoE: independent experts trained on the mixture's loss, no numeric
+# embedding, a gate that learns as fast as the experts, a plateau schedule.
+CLASSIC_MOE = {"expert_type": "independent", "expert_loss": "mixture", "numeric_embedding": None,
+               "router_lr_scale": 1.0, "lr_schedule": "plateau", "dropout": 0.0, "weight_decay": 1e-4,
+               "n_iter_no_change": 30}
 # A sharp router (low softmax temperature) gives the gate a strong gradient early in
 # training; at the default temperature of 1 the experts specialise on a random early
 # partition of the rows before the gate has learned the regimes.
@@ -234,7 +239,7 @@ def build_models(n_features, quick=False, with_total=False, random_state=0):
     moe_name = "MoE top-{top_k} of {n_experts}, experts {expert_hidden}".format(**MOE_CONFIG)
     dense_name = f"dense MLP (MoERegressor n_experts=1) {dense_hidden}"
     sk_name = f"sklearn MLPRegressor {sk_hidden}"
-    common = dict(router="topk", device="cpu", random_state=random_state, **training)
+    common = dict(CLASSIC_MOE, router="topk", device="cpu", random_state=random_state, **training)
     models = {
         moe_name: MoERegressor(temperature=TEMPERATURE, **MOE_CONFIG, **common),
         dense_name: MoERegressor(n_experts=1, top_k=1, expert_hidden=dense_hidden, **common),

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from examples.regime_switching import CLASSIC_MOE
 from sklearn_moe import MoERegressor
 from sklearn_moe.tuning import select_n_experts
 
@@ -83,9 +84,11 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     X, y = make_switching_linear_data(200 if args.quick else 600, n_regimes=args.n_regimes)
     # Linear experts (expert_hidden=()) under a sharp dense router.
+    # Linear experts under a sharp dense gate trained on the mixture's loss, as fast as the
+    # experts: the gate has to find the regimes.
     model = MoERegressor(router="softmax", temperature=0.1, expert_hidden=(), balance_coef=0.1, learning_rate=3e-2,
                          batch_size=32, max_epochs=5 if args.quick else 80, n_iter_no_change=20, device="cpu",
-                         random_state=0)
+                         random_state=0, **CLASSIC_MOE)
     candidates = (1, 2, 4) if args.quick else (1, 2, 4, 8, 16)
     result = select_n_experts(model, X, y, candidates=candidates, cv=3 if args.quick else 5, rule="one_se",
                               scoring="r2")

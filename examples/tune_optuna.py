@@ -25,7 +25,7 @@ import optuna
 import torch
 from sklearn.model_selection import KFold
 
-from examples.regime_switching import make_regime_data
+from examples.regime_switching import CLASSIC_MOE, make_regime_data
 from sklearn_moe import MoERegressor
 from sklearn_moe.tuning import search_space, tune
 
@@ -99,10 +99,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     X, y, _ = make_regime_data(300 if args.quick else 1000, random_state=0)
-    model = MoERegressor(batch_size=128, max_epochs=6 if args.quick else 60, n_iter_no_change=15, device="cpu",
-                         random_state=0)
+    model = MoERegressor(batch_size=128, max_epochs=6 if args.quick else 60, device="cpu", random_state=0,
+                         **dict(CLASSIC_MOE, n_iter_no_change=15))
+    # The classic sparse MoE's space: its training recipe fixed, the routing searched.
     space = search_space(model, max_experts=8 if args.quick else 16, expert_widths=(16, 32),
-                         expert_depths=(1, 2))
+                         expert_depths=(1, 2), exclude=["expert_type", "expert_loss", "numeric_embedding",
+                                                        "lr_schedule"])
     if args.storage:
         print("more workers can join this study with:\n  python -m sklearn_moe.tuning worker "
               f"--storage {args.storage} --study {args.study} ...  (same data and space)")
