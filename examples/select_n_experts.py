@@ -87,8 +87,8 @@ def main(argv=None):
     # Linear experts under a sharp dense gate trained on the mixture's loss, as fast as the
     # experts: the gate has to find the regimes.
     model = MoERegressor(router="softmax", temperature=0.1, expert_hidden=(), balance_coef=0.1, learning_rate=3e-2,
-                         batch_size=32, max_epochs=5 if args.quick else 80, n_iter_no_change=20, device="cpu",
-                         random_state=0, **CLASSIC_MOE)
+                         batch_size=32, max_epochs=5 if args.quick else 80, device="cpu", random_state=0,
+                         **dict(CLASSIC_MOE, n_iter_no_change=20))
     candidates = (1, 2, 4) if args.quick else (1, 2, 4, 8, 16)
     result = select_n_experts(model, X, y, candidates=candidates, cv=3 if args.quick else 5, rule="one_se",
                               scoring="r2")
