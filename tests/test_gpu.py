@@ -18,6 +18,9 @@ ROUTER_OPTIONS = [
     {"router": "switch", "balance_loss": "aux_free"},
     {"router": "top_p", "learned_threshold": True},
     {"router": "hierarchical", "n_groups": 2},
+    {"router": "softmax", "expert_type": "adapter"},
+    {"router": "topk", "expert_type": "adapter"},
+    {"router": "uniform", "expert_type": "adapter"},
 ]
 TRAINING_OPTIONS = [
     {},
@@ -38,7 +41,11 @@ def _module_pair(**options):
     return cpu, cuda
 
 
-@pytest.mark.parametrize("options", ROUTER_OPTIONS, ids=lambda o: o["router"])
+def _option_id(options):
+    return options["router"] + ("-adapter" if options.get("expert_type") == "adapter" else "")
+
+
+@pytest.mark.parametrize("options", ROUTER_OPTIONS, ids=_option_id)
 def test_cuda_eval_matches_cpu(options):
     cpu, cuda = _module_pair(**options)
     x = torch.randn(300, 6)
@@ -50,7 +57,7 @@ def test_cuda_eval_matches_cpu(options):
 
 
 @pytest.mark.parametrize("training", TRAINING_OPTIONS, ids=["plain", "reroute", "drop+shared", "scaling+diversity"])
-@pytest.mark.parametrize("options", ROUTER_OPTIONS, ids=lambda o: o["router"])
+@pytest.mark.parametrize("options", ROUTER_OPTIONS, ids=_option_id)
 def test_cuda_training_step(options, training):
     _, module = _module_pair(**options, **training)
     module.train()
@@ -66,7 +73,7 @@ def test_cuda_training_step(options, training):
     assert int(out.expert_counts.sum()) == int((out.gates[weight > 0] > 0).sum())
 
 
-@pytest.mark.parametrize("options", ROUTER_OPTIONS, ids=lambda o: o["router"])
+@pytest.mark.parametrize("options", ROUTER_OPTIONS, ids=_option_id)
 @pytest.mark.parametrize("estimator_class", [MoERegressor, MoEClassifier], ids=lambda c: c.__name__)
 def test_estimators_fit_on_cuda(estimator_class, options):
     rng = np.random.RandomState(0)
