@@ -312,9 +312,7 @@ class BaseMoE(BaseEstimator):
 
         rng = check_random_state(self.random_state)
         init_seed, shuffle_seed, split_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=3))
-        bins = None
-        if not reuse:
-            layout, bins = self._embedding_layout(X_scaled, init_seed)
+        layout, bins = (None, None) if reuse else self._embedding_layout(X_scaled, init_seed)
         weights = None
         if sample_weight is not None:
             weights = torch.as_tensor(sample_weight / sample_weight.mean(), dtype=torch.float32, device=device)
