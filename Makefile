@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint bench bench-quick speed clean
+.PHONY: setup demo test test-fast lint bench bench-full speed clean
 
 setup: $(VENV)/.installed
 
@@ -28,10 +28,10 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) -m benchmarks.accuracy --suite foundation
+	$(PY) -m benchmarks.accuracy --suite quick --jobs 2
 
-bench-quick: setup
-	$(PY) -m benchmarks.accuracy --suite quick
+bench-full: setup
+	$(PY) -m benchmarks.accuracy --suite full --jobs 2
 
 speed: setup
 	$(PY) -m benchmarks.speed --part all

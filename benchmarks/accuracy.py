@@ -1,32 +1,26 @@
-"""Cross-validated accuracy of the MoE estimators against non-MoE baselines.
+"""Cross-validated accuracy of the MoE estimators against other models.
 
-    python -m benchmarks.accuracy --suite quick     # 11 data sets, 3-fold CV, <= 2000 rows: ~17 min, 2 cores
-    python -m benchmarks.accuracy --suite full      # 14 data sets, 5-fold x 2 repeats, <= 20000 rows: ~2 h, 2 cores
-    python -m benchmarks.accuracy --suite foundation
+    python -m benchmarks.accuracy --suite quick --jobs 2   # 11 data sets, 3-fold CV, <= 2000 rows, every model
+    python -m benchmarks.accuracy --suite full --jobs 2    # 14 data sets, 5-fold x 2 repeats, <= 20000 rows
+    python -m benchmarks.accuracy --suite demo             # what examples/demo.py prints
     python -m benchmarks.accuracy --suite quick --datasets concrete --models ridge hgb --folds 2 --out /tmp/x
 
 Every model gets the same preprocessing (one-hot + standard scaling, imputation where data
-are missing) and the same folds.
-
-``foundation`` and ``demo`` (the README's tables and ``examples/demo.py``) run plain 5-fold
-CV of the MoE at its defaults, scikit-learn's MLP and HistGradientBoosting, and write
-``<out>/accuracy_<suite>.md`` (table and machine) and ``.csv``.
-
-``quick`` and ``full`` run repeated (stratified, for classification) K-fold CV of the models
-in ``benchmarks/models.py``: the MoE at its defaults, a fixed tuned MoE, the ``n_experts=1``
-ablation, scikit-learn's MLP (``early_stopping=True``), Ridge / LogisticRegression,
-HistGradientBoosting and LightGBM where it is installed. Scores: R^2 (regression), accuracy
-and log loss (classification), mean +- std over all folds, rank per data set, fit time per
-fold. They write ``<out>/accuracy_<suite>.md`` (tables, summary, machine, command),
-``.csv`` (every fold) and ``.png`` (score against HistGradientBoosting, average ranks).
-A run narrowed by ``--datasets``, ``--models``, ``--folds``, ``--repeats``, ``--max-rows`` or
+are missing) and the same folds: repeated (stratified, for classification) K-fold CV of the
+models in ``benchmarks/models.py``: the MoE at its defaults and its ablations, scikit-learn's
+MLP (``early_stopping=True``), Ridge / LogisticRegression, HistGradientBoosting, and where
+installed LightGBM, CatBoost, RealMLP and TabM. Scores: R^2 (regression), accuracy and log
+loss (classification), mean +- std over all folds, rank per data set, fit time per fold.
+A suite writes ``<out>/accuracy_<suite>.md`` (tables, summary, machine, command), ``.csv``
+(every fold) and ``.png`` (score against HistGradientBoosting, average ranks). A run
+narrowed by ``--datasets``, ``--models``, ``--folds``, ``--repeats``, ``--max-rows`` or
 ``--max-epochs`` writes ``accuracy_<suite>_custom.*`` instead, so it never overwrites the
 suite's committed results. The report is rewritten after every model of every data set, with
-the protocol in ``.json``, so an interrupted run leaves a partial report; ``--resume`` continues
-it (same protocol required), skipping the (data set, model) pairs already done. That is how
-the many-hour ``full`` suite can run in pieces. PyTorch and the BLAS/OpenMP pools get ``--threads`` threads
-(default 1): the models are small, and on a shared 2-core machine two threads per process
-were several times slower than one.
+the protocol in ``.json``, so an interrupted run leaves a partial report; ``--resume``
+continues it (same protocol required), skipping the (data set, model) pairs already done.
+``--jobs`` runs folds in that many processes. PyTorch and the BLAS/OpenMP pools of every
+process get ``--threads`` threads (default 1): the models are small, and on a shared 2-core
+machine two threads per process were several times slower than one.
 """
 
 from __future__ import annotations
@@ -44,51 +38,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, log_loss, r2_score
 from sklearn.model_selection import (
-    KFold,
     RepeatedKFold,
     RepeatedStratifiedKFold,
-    StratifiedKFold,
-    cross_validate,
 )
-from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import make_pipeline
-
-from sklearn_moe import MoEClassifier, MoERegressor
 
 from .datasets import DATASETS, preprocessor, subsample
 from .machine import describe_machine
 from .models import MODEL_SPECS, resolve_models
 
-# The models of the `foundation` and `demo` suites (the README's tables), unchanged.
-MODELS = {
-    "regression": {
-        "MoERegressor (defaults)": lambda seed: MoERegressor(random_state=seed),
-        "MLPRegressor (defaults)": lambda seed: MLPRegressor(random_state=seed),
-        # The defaults stop at max_iter=200 before converging on small data sets.
-        "MLPRegressor (max_iter=2000)": lambda seed: MLPRegressor(max_iter=2000, random_state=seed),
-        "HistGradientBoosting": lambda seed: HistGradientBoostingRegressor(random_state=seed),
-    },
-    "classification": {
-        "MoEClassifier (defaults)": lambda seed: MoEClassifier(random_state=seed),
-        "MLPClassifier (defaults)": lambda seed: MLPClassifier(random_state=seed),
-        "MLPClassifier (max_iter=2000)": lambda seed: MLPClassifier(max_iter=2000, random_state=seed),
-        "HistGradientBoosting": lambda seed: HistGradientBoostingClassifier(random_state=seed),
-    },
-}
-SCORING = {"regression": "r2", "classification": "accuracy"}
 SUITES = {
-    "foundation": ["concrete", "diamonds"],
     "demo": ["regime", "concrete"],
     "quick": ["concrete", "diamonds", "ames", "computers", "boston", "regime",
               "wa_churn", "credit_data", "hpc_data", "attrition", "breast_cancer"],
     "full": ["concrete", "diamonds", "ames", "computers", "boston", "sacramento", "diabetes", "regime",
              "wa_churn", "credit_data", "hpc_data", "attrition", "breast_cancer", "wine"],
 }
-LEGACY_SUITES = ("foundation",)
 
 
 @dataclass(frozen=True)
@@ -129,67 +96,6 @@ CV_SUITES = {
     # full: TabM's CPU fits take minutes per fold: it runs on the data sets of up to 1100 rows.
     "full": CVSuite(folds=5, repeats=2, max_rows=20000, model_max_rows={"tabm": 1100}),
 }
-
-
-def evaluate(dataset_name: str, n_folds: int = 5, seed: int = 0) -> pd.DataFrame:
-    """Cross-validate every model of the ``foundation``/``demo`` suites on one data set.
-
-    Parameters
-    ----------
-    dataset_name : str
-        Key of :data:`benchmarks.datasets.DATASETS`.
-    n_folds : int, default=5
-        Shuffled (stratified for classification) K-fold.
-    seed : int, default=0
-        Seed of the folds and of every model.
-
-    Returns
-    -------
-    DataFrame
-        One row per model: dataset, model, metric, mean, std, fit_time_s, wall_time_s.
-    """
-    dataset = DATASETS[dataset_name]
-    X, y = dataset.load()
-    splitter = (KFold if dataset.task == "regression" else StratifiedKFold)(n_folds, shuffle=True, random_state=seed)
-    rows = []
-    for model_name, make_model in MODELS[dataset.task].items():
-        pipeline = make_pipeline(preprocessor(X), make_model(seed))
-        started = time.perf_counter()
-        with warnings.catch_warnings():
-            # scikit-learn's MLP at max_iter=200 warns on every fold; the table shows the effect.
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            result = cross_validate(pipeline, X, y, cv=splitter, scoring=SCORING[dataset.task], error_score="raise")
-        rows.append({
-            "dataset": dataset_name,
-            "model": model_name,
-            "metric": SCORING[dataset.task],
-            "mean": float(np.mean(result["test_score"])),
-            "std": float(np.std(result["test_score"])),
-            "fit_time_s": float(np.mean(result["fit_time"])),
-            "wall_time_s": time.perf_counter() - started,
-        })
-    return pd.DataFrame(rows)
-
-
-def to_markdown(results: pd.DataFrame) -> str:
-    """The ``foundation``/``demo`` table: one row per data set and model.
-
-    Parameters
-    ----------
-    results : DataFrame
-        Output of :func:`evaluate`, possibly concatenated over data sets.
-
-    Returns
-    -------
-    str
-        A markdown table.
-    """
-    table = results.assign(
-        score=[f"{m:.4f} ± {s:.4f}" for m, s in zip(results["mean"], results["std"])],
-        fit_time=[f"{t:.1f} s" for t in results["fit_time_s"]],
-    )[["dataset", "model", "metric", "score", "fit_time"]]
-    header = "| " + " | ".join(table.columns) + " |\n|" + "---|" * len(table.columns) + "\n"
-    return header + "\n".join("| " + " | ".join(map(str, row)) + " |" for row in table.itertuples(index=False))
 
 
 def _short(message: str, limit: int = 160) -> str:
@@ -311,24 +217,6 @@ def _progress_line(done: pd.DataFrame) -> str:
     failed = f", {int((done['error'] != '').sum())} failed folds" if (done["error"] != "").any() else ""
     return (f"{first['dataset']:>14} | {first['model']:<24} {metric} {scores.mean():.4f} ± "
             f"{scores.std(ddof=0):.4f}, fit {done['fit_time_s'].mean():.1f} s/fold{failed}")
-
-
-def _legacy_main(args, argv):
-    folds = args.folds or 5
-    names = args.datasets or SUITES[args.suite]
-    results = pd.concat([evaluate(name, folds, args.seed) for name in names], ignore_index=True)
-    command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = (
-        f"# Accuracy: suite `{args.suite}`\n\n{folds}-fold cross-validation (shuffled, seed {args.seed}), "
-        f"same preprocessing for every model (one-hot + standard scaling); fit time is the mean per fold.\n\n"
-        f"{to_markdown(results)}\n\nDatasets:\n"
-        + "".join(f"- {DATASETS[n].description}\n" for n in names)
-        + f"\nMachine: {describe_machine()}\n\nCommand: `{command.strip()}`\n"
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    results.to_csv(args.out / f"accuracy_{args.suite}.csv", index=False)
-    (args.out / f"accuracy_{args.suite}.md").write_text(report)
-    print(report)
 
 
 def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_rows=-1, max_epochs=None, seed=0,
@@ -482,37 +370,23 @@ def main(argv=None):
         Arguments; ``None`` reads ``sys.argv``.
     """
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=sorted(SUITES), default="foundation")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--datasets", nargs="*", help=f"override the suite's datasets; from {sorted(DATASETS)}")
-    parser.add_argument("--models", nargs="*", help="quick/full only: a subset of "
+    parser.add_argument("--models", nargs="*", help="a subset of "
                         f"{list(MODEL_SPECS)} (aliases: ridge, logreg, moe1, lgbm)")
-    parser.add_argument("--folds", type=int, help="folds per repeat (default: quick 3, others 5)")
-    parser.add_argument("--repeats", type=int, help="quick/full only: CV repeats (default: quick 1, full 2)")
+    parser.add_argument("--folds", type=int, help="folds per repeat (default: full 5, others 3)")
+    parser.add_argument("--repeats", type=int, help="CV repeats (default: full 2, others 1)")
     parser.add_argument("--max-rows", type=int, default=-1,
-                        help="quick/full only: subsample larger data sets (default: quick 2000, full 20000; 0: no cap)")
-    parser.add_argument("--max-epochs", type=int, help="quick/full only: max_epochs of the MoE models "
-                        "(default: quick 50, full the estimator's default)")
-    parser.add_argument("--threads", type=int, help="threads of PyTorch and the BLAS/OpenMP pools "
-                        "(default: quick/full 1; foundation/demo: left as they are)")
-    parser.add_argument("--jobs", type=int, default=1, help="quick/full only: folds run in this many processes "
-                        "at once, each with --threads threads (default 1)")
+                        help="subsample larger data sets (default: quick 2000, full 20000, demo 1200; 0: no cap)")
+    parser.add_argument("--max-epochs", type=int, help="max_epochs of the MoE models (default: the estimator's)")
+    parser.add_argument("--threads", type=int, help="threads of PyTorch and the BLAS/OpenMP pools (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="folds run in this many processes at once, each "
+                        "with --threads threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="quick/full only: continue the interrupted run "
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted run "
                         "whose report is in --out (same options), skipping the (data set, model) pairs it has")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
-
-    if args.suite in LEGACY_SUITES:
-        extra = [flag for flag, value in [("--models", args.models), ("--repeats", args.repeats),
-                                          ("--max-rows", None if args.max_rows == -1 else args.max_rows),
-                                          ("--max-epochs", args.max_epochs),
-                                          ("--resume", args.resume or None)] if value is not None]
-        if extra:
-            parser.error(f"{', '.join(extra)} apply to the quick and full suites only")
-        if args.threads:
-            with limit_threads(args.threads):
-                return _legacy_main(args, argv)
-        return _legacy_main(args, argv)
 
     from .accuracy_report import write_report
 

@@ -103,7 +103,7 @@ def test_suites_and_models_are_consistent():
     assert "regime" in SUITES["quick"]
     assert CV_SUITES["quick"].folds == 3 and CV_SUITES["quick"].repeats == 1
     assert CV_SUITES["full"].folds == 5 and CV_SUITES["full"].repeats == 2
-    assert SUITES["foundation"] == ["concrete", "diamonds"] and SUITES["demo"] == ["regime", "concrete"]
+    assert SUITES["demo"] == ["regime", "concrete"] and "foundation" not in SUITES
 
     assert resolve_models(["hgb", "ridge"]) == ["linear", "hgb"]
     assert resolve_models(["logreg", "moe1"]) == ["moe_1expert", "linear"]
@@ -208,11 +208,11 @@ def test_pending_text_names_datasets_not_started_and_models_left_in_progress():
     assert text.rstrip().endswith("Not started: wine.")
 
 
-def test_cli_rejects_options_the_legacy_suites_do_not_have(tmp_path):
+def test_cli_rejects_unknown_suites_models_and_data_sets(tmp_path):
     with pytest.raises(SystemExit):
-        main(["--suite", "foundation", "--models", "ridge", "--out", str(tmp_path)])
+        main(["--suite", "foundation", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
-        main(["--suite", "foundation", "--resume", "--out", str(tmp_path)])
+        main(["--suite", "quick", "--resume", "--out", str(tmp_path)])  # nothing to resume
     with pytest.raises(SystemExit):
         main(["--suite", "quick", "--models", "xgboost", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
