@@ -8,8 +8,9 @@ Roles
 - ``moe``: the MoE estimators at their defaults.
 - ``ablation``: the default MoE with one ingredient switched off (the ``n_experts=1``
   network, the gate replaced by equal weights, independent experts, the mixture's loss,
-  no numeric embedding, the previous training recipe, the previous defaults). They are
-  compared with the default pairwise, not ranked among the other models.
+  no numeric embedding, the plateau schedule, a gate as fast as the experts), one option
+  added (experts trained on random halves of each batch), and the previous defaults. They
+  are compared with the default pairwise, not ranked among the other models.
 - ``baseline`` and ``peer``: the other models, at their own defaults; peers are the
   strongest tabular networks (TabM, RealMLP from pytabkit) and CatBoost.
 
@@ -171,6 +172,8 @@ MODEL_SPECS = {
                     lambda task, seed, p, params=params: _moe(task, seed, p, **params),
                     is_moe=True, role="ablation", aliases=("moe1",) if key == "moe_1expert" else ())
           for key, params in ABLATIONS.items()),
+        ModelSpec("moe_subsample", _names("MoE expert_subsample=0.5"),
+                  lambda task, seed, p: _moe(task, seed, p, expert_subsample=0.5), is_moe=True, role="ablation"),
         ModelSpec("moe_previous", _names("MoE previous defaults"),
                   lambda task, seed, p: _moe(task, seed, p, **PREVIOUS_DEFAULTS), is_moe=True, role="ablation"),
         ModelSpec("mlp", {"regression": "MLPRegressor", "classification": "MLPClassifier"}, _mlp),
@@ -199,6 +202,7 @@ MODEL_NOTES = {
     "moe_no_embedding": "the default MoE with numeric_embedding=None",
     "moe_plateau": "the default MoE with lr_schedule='plateau' (learning rate cut on validation plateaus)",
     "moe_fast_gate": "the default MoE with router_lr_scale=1: the gate learns as fast as the experts",
+    "moe_subsample": "the default MoE with expert_subsample=0.5: each expert trains on a random half of every batch",
     "moe_previous": "the previous defaults: " + ", ".join(f"{k}={v!r}" for k, v in PREVIOUS_DEFAULTS.items()),
     "mlp": "scikit-learn MLPRegressor / MLPClassifier(max_iter=2000, early_stopping=True)",
     "linear": "Ridge() / LogisticRegression(max_iter=2000)",

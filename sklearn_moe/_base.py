@@ -108,6 +108,7 @@ class BaseMoE(BaseEstimator):
         "expert_grad_scaling": ["boolean"],
         "expert_type": [StrOptions(set(EXPERT_TYPES))],
         "expert_loss": [StrOptions(set(EXPERT_LOSSES))],
+        "expert_subsample": [Interval(Real, 0, 1, closed="right")],
         "numeric_embedding": [StrOptions(set(NUMERIC_EMBEDDINGS)), None],
         "activation": [StrOptions(set(ACTIVATIONS))],
         "dropout": [Interval(Real, 0, 1, closed="left")],
@@ -158,6 +159,7 @@ class BaseMoE(BaseEstimator):
         expert_grad_scaling=False,
         expert_type="adapter",
         expert_loss="per_expert",
+        expert_subsample=1.0,
         numeric_embedding="piecewise_linear",
         max_epochs=60,
         batch_size="auto",
@@ -200,6 +202,7 @@ class BaseMoE(BaseEstimator):
         self.expert_grad_scaling = expert_grad_scaling
         self.expert_type = expert_type
         self.expert_loss = expert_loss
+        self.expert_subsample = expert_subsample
         self.numeric_embedding = numeric_embedding
         self.max_epochs = max_epochs
         self.batch_size = batch_size
@@ -453,6 +456,8 @@ class BaseMoE(BaseEstimator):
             autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None,
             shuffle_generator=generator,
             expert_loss=self.expert_loss,
+            # With one expert there is nothing to diversify: it trains on every row.
+            expert_subsample=self.expert_subsample if self.n_experts > 1 else 1.0,
         )
 
     def _lr_scheduler(self, monitor: str, n_train: int) -> LRScheduler:

@@ -36,6 +36,9 @@ class MoENet(NeuralNet):
         Weight of ``MoEOutput.diversity_loss`` (recorded as ``diversity_loss`` when > 0).
     expert_loss : {"mixture", "per_expert"}
         What the experts are trained on in training.
+    expert_subsample : float
+        ``"per_expert"``: the share of its assigned rows each expert trains on in a batch,
+        drawn afresh every step.
     autocast_dtype : torch.dtype or None
         Run the module's forward under ``torch.autocast`` with this dtype (bf16 mixed
         precision); the router stays in float32 and losses are computed in float32.
@@ -46,9 +49,10 @@ class MoENet(NeuralNet):
     """
 
     def __init__(self, *args, balance_coef=0.0, z_loss_coef=0.0, diversity_coef=0.0, autocast_dtype=None,
-                 shuffle_generator=None, expert_loss="mixture", **kwargs):
+                 shuffle_generator=None, expert_loss="mixture", expert_subsample=1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.expert_loss = expert_loss
+        self.expert_subsample = expert_subsample
         self.autocast_dtype = autocast_dtype
         self.balance_coef = balance_coef
         self.z_loss_coef = z_loss_coef
@@ -78,8 +82,11 @@ class MoENet(NeuralNet):
         objective = task_loss
         if self.expert_loss == "per_expert":
             assignments = y_pred.assignments
+            mask = None
+            if self.expert_subsample < 1:
+                mask = torch.rand(assignments.rows.shape, device=assignments.rows.device) < self.expert_subsample
             objective = per_expert_loss(self.criterion_, assignments.outputs, assignments.rows, assignments.weights,
-                                        y_true, sample_weight)
+                                        y_true, sample_weight, mask)
         loss = objective + self.balance_coef * y_pred.balance_loss + self.z_loss_coef * y_pred.z_loss
         terms = {"task_loss": task_loss, "balance_loss": y_pred.balance_loss, "z_loss": y_pred.z_loss}
         if self.diversity_coef > 0:

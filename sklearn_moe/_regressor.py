@@ -106,6 +106,11 @@ class MoERegressor(RegressorMixin, BaseMoE):
         on the mixture's loss; prediction is always the gated mixture. Experts trained on
         the loss of their mixture can learn to cancel one another's errors instead of each
         being a good model.
+    expert_subsample : float, default=1.0
+        With ``expert_loss="per_expert"`` and several experts: the share, in (0, 1], of its
+        rows of every batch that each expert trains on, drawn afresh at every step, so that
+        the experts see different data (as TabM's members see different batches); the gate
+        still learns from every row.
     numeric_embedding : {"piecewise_linear", "periodic"} or None, default="piecewise_linear"
         Embed every input column with more than two distinct values before the router
         and the experts (Gorishniy et al., 2022): ``"piecewise_linear"`` encodes the

@@ -46,7 +46,7 @@ FORMAT_NAME = "sklearn-moe"
 FORMAT_VERSION = 2
 # Parameters that format version 1 did not store, with the behaviour those files had.
 _VERSION_1_PARAMS = {"expert_type": "independent", "expert_loss": "mixture", "numeric_embedding": None,
-                     "lr_schedule": "plateau", "router_lr_scale": 1.0}
+                     "lr_schedule": "plateau", "router_lr_scale": 1.0, "expert_subsample": 1.0}
 _METADATA_KEY = "sklearn-moe"
 _KINDS = {"MoERegressor": MoERegressor, "MoEClassifier": MoEClassifier}
 _TUPLE_PARAMS = ("expert_hidden", "gate_hidden")

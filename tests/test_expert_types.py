@@ -918,3 +918,32 @@ def test_plateau_schedule_fits():
     assert "event_lr" not in model.net_.history[-1, "batches", -1]
     assert np.isfinite(model.predict(X)).all()
 
+
+
+def test_per_expert_loss_with_an_expert_mask_by_hand():
+    criterion = nn.MSELoss(reduction="none")
+    outputs = torch.tensor([[1.0], [3.0], [2.0]], requires_grad=True)
+    weights = torch.tensor([0.25, 0.75, 1.0], requires_grad=True)
+    mask = torch.tensor([False, True, False])
+    loss = per_expert_loss(criterion, outputs, ROWS, weights, TARGET, expert_mask=mask)
+    # experts: row 0 keeps only its second assignment, renormalised to weight 1: (3 - 2)^2 = 1;
+    # row 1 keeps none: 0 -> 1 / 2 rows = 0.5; the gate's mixture term is unchanged: 2.125
+    assert loss.item() == pytest.approx(2.625)
+    output_grad, weight_grad = torch.autograd.grad(loss, (outputs, weights))
+    assert output_grad[0].item() == 0 and output_grad[2].item() == 0 and output_grad[1].item() != 0
+    assert weight_grad.abs().sum() > 0  # the gate still learns from every assignment
+
+
+def test_expert_subsample_draws_per_step_and_leaves_one_expert_alone(regression_data):
+    X, y = regression_data
+    one = dict(FAST, n_experts=1, max_epochs=3)
+    np.testing.assert_array_equal(MoERegressor(**one, expert_subsample=0.5).fit(X, y).predict(X),
+                                  MoERegressor(**one).fit(X, y).predict(X))
+    several = dict(FAST, max_epochs=3)
+    subsampled = MoERegressor(**several, expert_subsample=0.5).fit(X, y)
+    assert subsampled.net_.expert_subsample == 0.5
+    assert not np.array_equal(subsampled.predict(X), MoERegressor(**several).fit(X, y).predict(X))
+    np.testing.assert_array_equal(subsampled.predict(X),
+                                  MoERegressor(**several, expert_subsample=0.5).fit(X, y).predict(X))
+    with pytest.raises(ValueError, match="expert_subsample"):
+        MoERegressor(**several, expert_subsample=0.0).fit(X, y)

@@ -142,7 +142,7 @@ EXPERT_LOSSES = ("mixture", "per_expert")
 
 def per_expert_loss(
     criterion, outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, target: torch.Tensor,
-    sample_weight: torch.Tensor | None = None,
+    sample_weight: torch.Tensor | None = None, expert_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each chosen expert trained on its own loss; the gate on the mixture's.
 
@@ -169,6 +169,10 @@ def per_expert_loss(
     target : Tensor of shape (n, ...)
     sample_weight : Tensor of shape (n,), optional
         Row weights (mean 1 over the training set).
+    expert_mask : Tensor of shape (m,), bool, optional
+        Which assignments the experts train on; a row's gate weights in the first term are
+        renormalised over its kept assignments (a row with none teaches the experts
+        nothing). The gate's term keeps every assignment.
 
     Returns
     -------
@@ -178,7 +182,12 @@ def per_expert_loss(
     weights = weights.float()
     mixture_for_gate = outputs.new_zeros(n, outputs.shape[1], dtype=torch.float32).index_add(
         0, rows, outputs.detach().float() * weights.unsqueeze(1))
-    expert_terms = _per_row(criterion(outputs.float(), target.index_select(0, rows))) * weights.detach()
+    expert_weights = weights.detach()
+    if expert_mask is not None:
+        expert_weights = expert_weights * expert_mask
+        totals = expert_weights.new_zeros(n).index_add(0, rows, expert_weights)
+        expert_weights = expert_weights / totals.index_select(0, rows).clamp_min(torch.finfo(totals.dtype).tiny)
+    expert_terms = _per_row(criterion(outputs.float(), target.index_select(0, rows))) * expert_weights
     gate_terms = _per_row(criterion(mixture_for_gate, target))
     if sample_weight is not None:
         expert_terms = expert_terms * sample_weight.index_select(0, rows)
