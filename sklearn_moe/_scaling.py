@@ -103,7 +103,8 @@ def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.nda
     where each torch call costs more). Both run the same operations in the same order;
     torch's vectorised square root can differ from numpy's in the last bit.
     """
-    inverse = 1.0 / (np.asarray(scale, dtype=np.float64) * SMOOTH_CLIP)
+    # Divided in two steps: scale * SMOOTH_CLIP can overflow for scales near float64's maximum.
+    inverse = (1.0 / np.asarray(scale, dtype=np.float64)) / SMOOTH_CLIP
     mean = np.asarray(mean, dtype=np.float64)
     if np.size(X) < _THREADED_MIN_SIZE:
         with np.errstate(over="ignore", invalid="ignore"):

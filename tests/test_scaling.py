@@ -60,6 +60,16 @@ def test_scale_features_maps_overflowing_outliers_to_the_clip_bound():
     np.testing.assert_array_equal(scaled.ravel(), [-SMOOTH_CLIP, SMOOTH_CLIP, 0.0, 0.0])
 
 
+def test_scales_near_the_float64_maximum_do_not_overflow():
+    X = np.array([[0.0], [8e307]])
+    center, scale = fit_standardizer(X)
+    with np.errstate(over="raise", invalid="raise"):
+        scaled = scale_features(X, center, scale)
+    # One scale either side of the centre, like any other column.
+    expected = scale_features(np.array([[-1.0], [1.0]]), np.zeros(1), np.ones(1))
+    np.testing.assert_allclose(scaled, expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("layout", ["C", "F", "strided", "read-only", "float32"])
 def test_large_inputs_scale_with_torch_like_small_ones_with_numpy(layout):
     # At least _THREADED_MIN_SIZE values go through torch, in row blocks of _BLOCK_VALUES
