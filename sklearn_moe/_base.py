@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
 from numbers import Integral, Real
 
 import numpy as np
@@ -15,15 +14,15 @@ from sklearn.exceptions import DataConversionWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
-from skorch.callbacks import Callback, EarlyStopping, GradientNormClipping, LRScheduler, ProgressBar
+from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, ProgressBar
 
 from ._data import TensorTable
-from ._net import MoENet, module_device
+from ._net import MoENet, PredefinedSplit, drop_callbacks, module_device, named_callbacks, report_interruption
 from ._scaling import fit_robust_scaler, scale_features
 from .callbacks import LR_SCHEDULES, AuxFreeBalancing, LearningRateShape, RoutingMetrics
 from .diagnostics import expert_utilization
 from .nn import ACTIVATIONS, OVERFLOW_POLICIES, ROUTERS, MixtureOfExperts
-from .nn.embeddings import NUMERIC_EMBEDDINGS, embedded_columns, quantile_bins
+from .nn.embeddings import NUMERIC_EMBEDDINGS, fit_embedding_layout
 from .nn.losses import BALANCE_LOSSES, EXPERT_LOSSES
 from .nn.moe import EXPERT_TYPES
 
@@ -285,7 +284,7 @@ class BaseMoE(BaseEstimator):
     # ------------------------------------------------------------------ fitting
     def _fit(self, X, y, sample_weight=None, callbacks=None):
         reuse = self.warm_start and self.__sklearn_is_fitted__()
-        extra_callbacks = _named_callbacks(callbacks)
+        extra_callbacks = named_callbacks(callbacks)
         try:
             return self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks)
         except BaseException:
@@ -332,9 +331,9 @@ class BaseMoE(BaseEstimator):
             net.initialize()
             net.fit(train_table, y=None)
         module.eval()
-        _drop_callbacks(net, {name for name, _ in extra_callbacks})
+        drop_callbacks(net, {name for name, _ in extra_callbacks})
         if net.interrupted_:
-            _report_interruption(net)
+            report_interruption(net)
         net.train_split = None  # don't keep (and pickle) the validation rows
         for _, callback in net.callbacks_:
             if isinstance(callback, EarlyStopping):
@@ -364,22 +363,10 @@ class BaseMoE(BaseEstimator):
         return rng.permutation(len(targets))
 
     def _embedding_layout(self, X_scaled: np.ndarray, seed: int):
-        """Which columns the numeric embedding takes, the bins per column and their edges.
-
-        Returns ``((columns, n_bins), bins)``: int arrays (empty without an embedding, or
-        when no column has more than two distinct values) and the piecewise-linear bin
-        edges (None for other embeddings).
-        """
-        empty = np.zeros(0, dtype=np.int64)
-        if self.numeric_embedding is None:
-            return (empty, empty), None
+        """``((columns, n_bins), bins)`` of the numeric embedding (see :func:`fit_embedding_layout`)."""
         X = torch.from_numpy(np.ascontiguousarray(X_scaled, dtype=np.float32))
-        columns = embedded_columns(X)
-        if not columns or self.numeric_embedding != "piecewise_linear":
-            return (np.asarray(columns, dtype=np.int64), empty), None
-        bins = quantile_bins(X[:, columns], generator=torch.Generator().manual_seed(seed))
-        n_bins = np.array([edges.shape[0] - 1 for edges in bins], dtype=np.int64)
-        return (np.asarray(columns, dtype=np.int64), n_bins), bins
+        columns, n_bins, bins = fit_embedding_layout(X, self.numeric_embedding, torch.Generator().manual_seed(seed))
+        return (np.asarray(columns, dtype=np.int64), np.asarray(n_bins, dtype=np.int64)), bins
 
     def _build_module(self, n_features, device, layout=None, bins=None):
         """The network the hyperparameters describe; ``layout`` is ``(columns, n_bins)`` of
@@ -445,7 +432,7 @@ class BaseMoE(BaseEstimator):
             optimizer__param_groups=[("router.*", {"lr": self.learning_rate * self.router_lr_scale})],
             max_epochs=self.max_epochs,
             batch_size=self._batch_size(len(train_table)),
-            train_split=_PredefinedSplit(valid_table) if has_valid else None,
+            train_split=PredefinedSplit(valid_table) if has_valid else None,
             callbacks=callbacks,
             device=device,
             verbose=int(self.verbose),
@@ -584,56 +571,3 @@ class BaseMoE(BaseEstimator):
             Rows sum to 1; experts not chosen for a row have weight 0.
         """
         return self._gates(self._scaled_input(X))
-
-
-def _named_callbacks(callbacks) -> list[tuple[str, Callback]]:
-    """Validate ``fit(..., callbacks=...)``: skorch callbacks or ``(name, callback)`` pairs."""
-    if callbacks is None:
-        return []
-    if isinstance(callbacks, Callback) or not isinstance(callbacks, Iterable):
-        raise TypeError(f"callbacks must be a list of skorch Callback instances; got {callbacks!r}.")
-    named = []
-    for position, item in enumerate(callbacks):
-        name, callback = item if isinstance(item, tuple) and len(item) == 2 else (f"fit_callback_{position}", item)
-        if not isinstance(callback, Callback):
-            raise TypeError(
-                f"callbacks[{position}] is {callback!r}, not a skorch.callbacks.Callback instance "
-                "(subclass Callback and implement on_epoch_end, for example)."
-            )
-        named.append((str(name), callback))
-    return named
-
-
-def _report_interruption(net) -> None:
-    """After a KeyboardInterrupt: forget the unfinished epoch and say which weights were kept."""
-    if net.history and "train_loss" not in net.history[-1]:
-        del net.history[-1]
-    best = next((cb for _, cb in net.callbacks_ if isinstance(cb, EarlyStopping)), None)
-    if not net.history:
-        kept = "its initial weights (no epoch completed)"
-    elif best is not None and best.load_best and best.best_model_weights_ is not None:
-        kept = f"the best weights so far (epoch {best.best_epoch_})"
-    else:
-        kept = "the weights of the last completed epoch"
-    warnings.warn(
-        f"Training was interrupted after {len(net.history)} complete epoch(s); the model keeps {kept}.",
-        UserWarning,
-        stacklevel=4,
-    )
-
-
-def _drop_callbacks(net, names: set[str]) -> None:
-    """Forget the per-fit callbacks so the fitted estimator neither keeps nor pickles them."""
-    if names:
-        net.callbacks = [c for c in net.callbacks if c[0] not in names]
-        net.callbacks_ = [c for c in net.callbacks_ if c[0] not in names]
-
-
-class _PredefinedSplit:
-    """skorch ``train_split`` that returns a fixed validation table."""
-
-    def __init__(self, valid_table):
-        self.valid_table = valid_table
-
-    def __call__(self, dataset, y=None, **fit_params):
-        return dataset, self.valid_table

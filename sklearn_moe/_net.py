@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterable, Mapping
 
 import torch
 from skorch import NeuralNet
+from skorch.callbacks import Callback, EarlyStopping
 
 from ._data import BatchIterator
 from ._guard import NonFiniteLoss, TrainingGuard, check_finite_loss
@@ -150,3 +152,56 @@ def module_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def named_callbacks(callbacks) -> list[tuple[str, Callback]]:
+    """Validate ``fit(..., callbacks=...)``: skorch callbacks or ``(name, callback)`` pairs."""
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, Iterable):
+        raise TypeError(f"callbacks must be a list of skorch Callback instances; got {callbacks!r}.")
+    named = []
+    for position, item in enumerate(callbacks):
+        name, callback = item if isinstance(item, tuple) and len(item) == 2 else (f"fit_callback_{position}", item)
+        if not isinstance(callback, Callback):
+            raise TypeError(
+                f"callbacks[{position}] is {callback!r}, not a skorch.callbacks.Callback instance "
+                "(subclass Callback and implement on_epoch_end, for example)."
+            )
+        named.append((str(name), callback))
+    return named
+
+
+def report_interruption(net) -> None:
+    """After a KeyboardInterrupt: forget the unfinished epoch and say which weights were kept."""
+    if net.history and "train_loss" not in net.history[-1]:
+        del net.history[-1]
+    best = next((cb for _, cb in net.callbacks_ if isinstance(cb, EarlyStopping)), None)
+    if not net.history:
+        kept = "its initial weights (no epoch completed)"
+    elif best is not None and best.load_best and best.best_model_weights_ is not None:
+        kept = f"the best weights so far (epoch {best.best_epoch_})"
+    else:
+        kept = "the weights of the last completed epoch"
+    warnings.warn(
+        f"Training was interrupted after {len(net.history)} complete epoch(s); the model keeps {kept}.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def drop_callbacks(net, names: set[str]) -> None:
+    """Forget the per-fit callbacks so the fitted estimator neither keeps nor pickles them."""
+    if names:
+        net.callbacks = [c for c in net.callbacks if c[0] not in names]
+        net.callbacks_ = [c for c in net.callbacks_ if c[0] not in names]
+
+
+class PredefinedSplit:
+    """skorch ``train_split`` that returns a fixed validation table."""
+
+    def __init__(self, valid_table):
+        self.valid_table = valid_table
+
+    def __call__(self, dataset, y=None, **fit_params):
+        return dataset, self.valid_table

@@ -88,6 +88,35 @@ def quantile_bins(X: torch.Tensor, n_bins: int = N_BINS, generator: torch.Genera
         return compute_bins(X.float(), n_bins=n_bins)
 
 
+def fit_embedding_layout(X: torch.Tensor, kind: str | None, generator: torch.Generator | None = None):
+    """Which columns an embedding of ``kind`` takes, and their bins, from training data.
+
+    Parameters
+    ----------
+    X : Tensor of shape (n, n_features)
+        Training features.
+    kind : {"periodic", "piecewise_linear"} or None
+    generator : torch.Generator, optional
+        See :func:`quantile_bins`.
+
+    Returns
+    -------
+    columns : list of int
+        :func:`embedded_columns` (none without an embedding).
+    n_bins : list of int
+        Bins per embedded column (``"piecewise_linear"`` only; else empty).
+    bins : list of Tensor or None
+        The bin edges (``"piecewise_linear"`` only).
+    """
+    if kind is None:
+        return [], [], None
+    columns = embedded_columns(X)
+    if not columns or kind != "piecewise_linear":
+        return columns, [], None
+    bins = quantile_bins(X[:, columns], generator=generator)
+    return columns, [edges.shape[0] - 1 for edges in bins], bins
+
+
 class NumericEmbedding(nn.Module):
     """Embed some columns of the input and pass the others through.
 
