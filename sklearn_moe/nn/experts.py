@@ -445,7 +445,7 @@ class AdapterExperts(_ExpertMLP):
         -------
         Tensor of shape (m, out_features)
         """
-        return self._heads(self._hidden(x, lambda p: F.embedding(experts, p)), experts)
+        return self._heads(self._hidden(x, lambda p: p.index_select(0, experts)), experts)
 
     def all_experts(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: Tensor of shape (n_experts, n, out_features).
@@ -482,8 +482,8 @@ class AdapterExperts(_ExpertMLP):
         ``rows * width * outputs`` values).
         """
         if self.out_features == 1:
-            weight = F.embedding(experts, self.head_weight[:, :, 0]).to(h.dtype)
-            bias = F.embedding(experts, self.head_bias).to(h.dtype)
+            weight = self.head_weight[:, :, 0].index_select(0, experts).to(h.dtype)
+            bias = self.head_bias.index_select(0, experts).to(h.dtype)
             return (h * weight).sum(dim=1, keepdim=True) + bias
         if h.shape[0] == 0:
             return h.new_zeros(0, self.out_features)
