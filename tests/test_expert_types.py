@@ -37,7 +37,8 @@ from sklearn_moe.nn.losses import per_expert_loss
 from sklearn_moe.nn.routers import UniformRouter
 
 from .conftest import FAST
-from .test_nn import inputs, skew_router
+from .test_nn import assert_capacity_drops_in_training_only, inputs, skew_router
+from .test_persistence import assert_same_outputs_and_weights
 
 ROUTER_NAMES = ("softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical", "uniform")
 ADAPTER = dict(FAST, expert_hidden=(8,), max_epochs=8, expert_type="adapter")
@@ -449,31 +450,16 @@ def test_adapter_moe_assignments_with_shared_expert_include_it():
 
 
 def test_adapter_moe_capacity_drops_in_training_only():
-    capped = make_adapter_moe("topk", n_experts=4, top_k=2, capacity_factor=1.0)
-    skew_router(capped)
-    dropless = make_adapter_moe("topk", seed=5, n_experts=4, top_k=2)
-    dropless.load_state_dict(capped.state_dict())
-    x = inputs(32)
-    capacity = expert_capacity(1.0, 32, 2, 4)
-    assert capacity == 16
-
-    out = capped.train()(x)
-    assert out.expert_counts[0].item() == 32
-    assert out.n_dropped.item() == torch.clamp(out.expert_counts - capacity, min=0).sum().item() > 0
+    out, _ = assert_capacity_drops_in_training_only(
+        make_adapter_moe("topk", n_experts=4, top_k=2, capacity_factor=1.0),
+        make_adapter_moe("topk", seed=5, n_experts=4, top_k=2))
     a = out.assignments
     assert a.rows.shape[0] == 64 - out.n_dropped.item()
-    assert torch.bincount(a.experts, minlength=4).max().item() <= capacity
+    assert torch.bincount(a.experts, minlength=4).max().item() <= expert_capacity(1.0, 32, 2, 4)
     torch.testing.assert_close(combine(a, 32), out.output, rtol=0, atol=1e-6)
     served = torch.unique(a.rows)
     totals = torch.zeros(32).index_add(0, a.rows, a.weights)
     torch.testing.assert_close(totals[served], torch.ones(served.shape[0]))
-    assert dropless.train()(x).n_dropped.item() == 0
-
-    capped.eval()
-    dropless.eval()
-    out_eval = capped(x)
-    assert out_eval.n_dropped.item() == 0
-    torch.testing.assert_close(out_eval.output, dropless(x).output, rtol=0, atol=0)
 
 
 def test_adapter_moe_capacity_reroute_respects_the_cap():
@@ -736,15 +722,7 @@ def test_adapter_piecewise_linear_is_reproducible():
 
 
 def assert_same_predictions(loaded, model, X):
-    assert type(loaded) is type(model)
-    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
-    np.testing.assert_array_equal(loaded.route(X), model.route(X))
-    if isinstance(model, MoEClassifier):
-        np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
-    original, restored = model.module_.state_dict(), loaded.module_.state_dict()
-    assert list(restored) == list(original)
-    for name in original:
-        assert torch.equal(restored[name].cpu(), original[name].cpu()), name
+    assert_same_outputs_and_weights(loaded, model, X)
     for name in ("expert_type", "expert_loss", "numeric_embedding", "lr_schedule"):
         assert getattr(loaded, name) == getattr(model, name)
     np.testing.assert_array_equal(loaded._embedding_columns, model._embedding_columns)

@@ -384,13 +384,13 @@ def test_plan_dispatch_matches_reference(routing):
         assert plan.n_slots <= capacity
 
 
-def test_moe_capacity_drops_in_training_only():
-    capped = make_moe(n_experts=4, top_k=2, capacity_factor=1.0)
+def assert_capacity_drops_in_training_only(capped, dropless):
+    """``capped`` (capacity factor 1, 4 experts, top-2, router skewed to expert 0) drops
+    assignments in training and none in evaluation, where it equals ``dropless`` (the same
+    weights, no capacity). Returns the capped training forward of 32 rows, and the rows."""
     skew_router(capped)
-    dropless = make_moe(seed=5, n_experts=4, top_k=2, capacity_factor=None)
     dropless.load_state_dict(capped.state_dict())
     x = inputs(32)
-
     out = capped.train()(x)
     capacity = expert_capacity(1.0, 32, 2, 4)
     assert capacity == 16
@@ -405,6 +405,12 @@ def test_moe_capacity_drops_in_training_only():
     assert out_eval.n_dropped.item() == 0
     torch.testing.assert_close(out_eval.output, dropless(x).output, rtol=0, atol=0)
     torch.testing.assert_close(out_eval.gates, dropless(x).gates, rtol=0, atol=0)
+    return out, x
+
+
+def test_moe_capacity_drops_in_training_only():
+    assert_capacity_drops_in_training_only(make_moe(n_experts=4, top_k=2, capacity_factor=1.0),
+                                           make_moe(seed=5, n_experts=4, top_k=2, capacity_factor=None))
 
 
 def test_moe_capacity_top1_dropped_rows_are_zero():

@@ -34,12 +34,22 @@ def _data(n=120, seed=0):
     return X, y
 
 
-def _assert_same_model(loaded, model, X):
+def assert_same_outputs_and_weights(loaded, model, X):
+    """The same class, predictions, routing and (on the CPU) weights, buffers included."""
     assert type(loaded) is type(model)
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
     np.testing.assert_array_equal(loaded.route(X), model.route(X))
     if isinstance(model, MoEClassifier):
         np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
+    original, restored = model.module_.state_dict(), loaded.module_.state_dict()
+    assert list(restored) == list(original)
+    for name in original:
+        assert torch.equal(restored[name].cpu(), original[name].cpu()), name
+
+
+def _assert_same_model(loaded, model, X):
+    assert_same_outputs_and_weights(loaded, model, X)
+    if isinstance(model, MoEClassifier):
         assert loaded.classes_.dtype == model.classes_.dtype
         np.testing.assert_array_equal(loaded.classes_, model.classes_)
         assert [type(c) for c in loaded.classes_] == [type(c) for c in model.classes_]
@@ -59,11 +69,7 @@ def _assert_same_model(loaded, model, X):
     pd.testing.assert_frame_equal(loaded.history_, model.history_)
     assert [{k: v for k, v in e.items() if k != "batches"} for e in loaded.net_.history] == loaded.history_.to_dict(
         "records")
-    # initialize() kept the loaded weights (buffers included) and the module is in eval mode
-    original, restored = model.module_.state_dict(), loaded.module_.state_dict()
-    assert list(restored) == list(original)
-    for name in original:
-        assert torch.equal(restored[name], original[name]), name
+    # initialize() kept the loaded weights (checked above) and the module is in eval mode
     assert not loaded.module_.training
     assert loaded.net_.train_split is None and loaded.net_.batch_size == model.net_.batch_size
 
