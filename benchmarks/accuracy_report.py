@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .datasets import DATASETS
-from .models import MODEL_NOTES, MODEL_SPECS, lightgbm_available
+from .models import DEFAULT_MODELS, MODEL_NOTES, MODEL_SPECS, lightgbm_available
 
 #: The score that ranks the models, per task; higher is better.
 PRIMARY = {"regression": "r2", "classification": "accuracy"}
@@ -297,7 +297,9 @@ def plot(summary: pd.DataFrame, path: Path) -> Path:
     """Each model's mean score relative to a reference per data set, and average ranks.
 
     The reference is HistGradientBoosting when it ran, else the best model of each data set.
-    Differences below -0.25 are drawn at -0.25 with an open marker.
+    Differences below -0.25 are drawn at -0.25 with an open marker. Of the ablations only
+    those of :data:`~benchmarks.models.DEFAULT_MODELS` are drawn (more would crowd the
+    rows); the tables hold every model.
 
     Parameters
     ----------
@@ -317,8 +319,10 @@ def plot(summary: pd.DataFrame, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tasks = [t for t in TASKS if (summary["task"] == t).any()]
-    keys = list(dict.fromkeys(summary["model_key"]))
-    colours = dict(zip(keys, plt.get_cmap("tab10").colors))
+    keys = [key for key in dict.fromkeys(summary["model_key"])
+            if key in DEFAULT_MODELS or key not in MODEL_SPECS or MODEL_SPECS[key].role != "ablation"]
+    palette = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20").colors
+    colours = {key: palette[i % len(palette)] for i, key in enumerate(keys)}
     heights = [max(2.0, 0.45 * summary.loc[summary["task"] == t, "dataset"].nunique() + 1.2) for t in tasks]
     fig, axes = plt.subplots(1, len(tasks) + 1, figsize=(5.2 * (len(tasks) + 1), max(heights) + 0.6),
                              squeeze=False)

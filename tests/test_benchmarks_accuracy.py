@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from benchmarks.accuracy import CV_SUITES, SUITES, CVSuite, cross_validate_models, main, run_suite
-from benchmarks.accuracy_report import aggregate, average_ranks, ranked_models, summary_text
+from benchmarks.accuracy_report import aggregate, average_ranks, plot, ranked_models, summary_text
 from benchmarks.datasets import DATASETS, column_kinds, preprocessor, subsample
 from benchmarks.models import MODEL_SPECS, PACKAGES, lightgbm_available, package_available, resolve_models
 
@@ -281,3 +281,10 @@ def test_summary_compares_the_default_with_ablations_and_partial_peers_pairwise(
     assert "beats MoE router=uniform on 1 of 2 data sets by mean score, and on 1 of 4 folds" in text
     assert "beats TabM on 1 of 1 data sets where it ran" in text
     assert "0.050 to 0.050 of TabM's" in text
+
+
+def test_plot_draws_a_suite_of_every_model(tmp_path):
+    keys = list(MODEL_SPECS)  # more models than one colour map has colours
+    folds = _fake_folds({key: {"a": [0.5 + i / 100, 0.6], "b": [0.4, 0.3 + i / 100]} for i, key in enumerate(keys)})
+    path = plot(aggregate(folds, ranked_models(keys)), tmp_path / "every_model.png")
+    assert path.stat().st_size > 0
