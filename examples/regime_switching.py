@@ -1,6 +1,6 @@
 """Regime switching: a top-k MoE against dense MLPs with the same active parameter count.
 
-    python -m examples.regime_switching               # 2-3 minutes on 2 CPU cores
+    python -m examples.regime_switching               # about a minute on 2 CPU cores
     python -m examples.regime_switching --quick       # a tiny configuration, seconds
     python -m examples.regime_switching --with-total  # also a dense MLP of the MoE's total size
 
