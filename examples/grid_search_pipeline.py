@@ -1,6 +1,6 @@
 """GridSearchCV over the router and top_k of a MoE inside a Pipeline.
 
-    python -m examples.grid_search_pipeline           # about 2 minutes on 2 CPU cores
+    python -m examples.grid_search_pipeline           # about 90 s on 2 CPU cores
     python -m examples.grid_search_pipeline --quick   # a tiny configuration, seconds
 
 The MoE is an ordinary scikit-learn estimator, so its routing hyperparameters are searched

@@ -1,6 +1,6 @@
 """Optuna tuning of a MoE with per-epoch pruning, and the study's visualisations.
 
-    python -m examples.tune_optuna                        # a few minutes on 2 CPU cores
+    python -m examples.tune_optuna                        # about a minute on 2 CPU cores
     python -m examples.tune_optuna --quick                # a tiny configuration, seconds
     python -m examples.tune_optuna --storage study.log    # a journal file other workers can join
 
