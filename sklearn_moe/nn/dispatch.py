@@ -206,9 +206,7 @@ def plan_dispatch(
             flat_weights = torch.cat((flat_weights[keep], extra[2]))
         else:
             flat_rows, flat_experts, flat_weights = flat_rows[keep], flat_experts[keep], flat_weights[keep]
-        totals = flat_weights.new_zeros(n).index_add(0, flat_rows, flat_weights)
-        # A row whose kept experts all have underflowed (zero) weights would divide 0 by 0.
-        flat_weights = flat_weights / totals[flat_rows].clamp_min(torch.finfo(flat_weights.dtype).tiny)
+        flat_weights = normalize_per_row(flat_weights, flat_rows, n)
     order = _stable_order(flat_experts)
     rows, experts = flat_rows.index_select(0, order), flat_experts.index_select(0, order)
     expert_weights = flat_weights.index_select(0, order)
@@ -227,6 +225,27 @@ def plan_dispatch(
     groups = (ExpertGroup(None, n_experts, 0, n_slots, 0),) if n_slots else ()
     return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, experts * n_slots + slots, groups,
                         kept_counts)
+
+
+def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Assignment ``weights`` divided by their row's total, so each row's weights sum to 1.
+
+    A row whose weights are all zero (none kept, or all underflowed) keeps zeros instead of
+    dividing 0 by 0.
+
+    Parameters
+    ----------
+    weights : Tensor of shape (m,)
+    rows : Tensor of shape (m,), int64
+        The row of each assignment, in ``[0, n_rows)``.
+    n_rows : int
+
+    Returns
+    -------
+    Tensor of shape (m,)
+    """
+    totals = weights.new_zeros(n_rows).index_add(0, rows, weights)
+    return weights / totals.index_select(0, rows).clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 def flat_assignments(indices: torch.Tensor, weights: torch.Tensor, active: torch.Tensor | None = None
@@ -391,8 +410,7 @@ def mask_failed_experts(assignments: ExpertAssignments, n_rows: int) -> ExpertAs
     if bool(failed.any()):
         _warn_failed_experts(assignments.experts[failed])
         weights = torch.where(finite, weights, 0.0)
-        totals = weights.new_zeros(n_rows).index_add(0, assignments.rows, weights)
-        weights = weights / totals[assignments.rows].clamp_min(torch.finfo(weights.dtype).tiny)
+        weights = normalize_per_row(weights, assignments.rows, n_rows)
     return assignments._replace(weights=weights, outputs=outputs)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import normalize_per_row
+
 
 def _masked_rows(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return tensor if mask is None else tensor[mask]
@@ -184,9 +186,7 @@ def per_expert_loss(
         0, rows, outputs.detach().float() * weights.unsqueeze(1))
     expert_weights = weights.detach()
     if expert_mask is not None:
-        expert_weights = expert_weights * expert_mask
-        totals = expert_weights.new_zeros(n).index_add(0, rows, expert_weights)
-        expert_weights = expert_weights / totals.index_select(0, rows).clamp_min(torch.finfo(totals.dtype).tiny)
+        expert_weights = normalize_per_row(expert_weights * expert_mask, rows, n)
     expert_terms = _per_row(criterion(outputs.float(), target.index_select(0, rows))) * expert_weights
     gate_terms = _per_row(criterion(mixture_for_gate, target))
     if sample_weight is not None:
