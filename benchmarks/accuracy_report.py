@@ -299,7 +299,7 @@ def plot(summary: pd.DataFrame, path: Path) -> Path:
     The reference is HistGradientBoosting when it ran, else the best model of each data set.
     Differences below -0.25 are drawn at -0.25 with an open marker. Of the ablations only
     those of :data:`~benchmarks.models.DEFAULT_MODELS` are drawn (more would crowd the
-    rows); the tables hold every model.
+    rows), unless the run had nothing else; the tables hold every model.
 
     Parameters
     ----------
@@ -319,8 +319,9 @@ def plot(summary: pd.DataFrame, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     tasks = [t for t in TASKS if (summary["task"] == t).any()]
-    keys = [key for key in dict.fromkeys(summary["model_key"])
-            if key in DEFAULT_MODELS or key not in MODEL_SPECS or MODEL_SPECS[key].role != "ablation"]
+    run = list(dict.fromkeys(summary["model_key"]))
+    keys = [key for key in run
+            if key in DEFAULT_MODELS or key not in MODEL_SPECS or MODEL_SPECS[key].role != "ablation"] or run
     palette = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20").colors
     colours = {key: palette[i % len(palette)] for i, key in enumerate(keys)}
     heights = [max(2.0, 0.45 * summary.loc[summary["task"] == t, "dataset"].nunique() + 1.2) for t in tasks]

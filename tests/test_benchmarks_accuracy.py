@@ -288,3 +288,9 @@ def test_plot_draws_a_suite_of_every_model(tmp_path):
     folds = _fake_folds({key: {"a": [0.5 + i / 100, 0.6], "b": [0.4, 0.3 + i / 100]} for i, key in enumerate(keys)})
     path = plot(aggregate(folds, ranked_models(keys)), tmp_path / "every_model.png")
     assert path.stat().st_size > 0
+
+
+def test_plot_draws_a_run_of_ablations_only(tmp_path):
+    keys = ["moe_plateau", "moe_fast_gate"]  # none of them among the default models
+    folds = _fake_folds({key: {"a": [0.5 + i / 10, 0.6], "b": [0.4, 0.3]} for i, key in enumerate(keys)})
+    assert plot(aggregate(folds, ranked_models(keys)), tmp_path / "ablations.png").stat().st_size > 0
