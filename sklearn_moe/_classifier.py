@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+from numbers import Real
+
 import numpy as np
 from scipy.special import log_softmax, softmax
 from sklearn.base import ClassifierMixin
 from sklearn.model_selection import StratifiedShuffleSplit
+from sklearn.utils._param_validation import Interval
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
@@ -27,7 +31,14 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     ----------"""
         + MoERegressor.__doc__.split("Parameters\n    ----------", 1)[1].split("Attributes\n", 1)[0]
         .replace("target scaling of the first fit", "classes of the first fit")
-        + """Attributes
+        + """label_smoothing : float, default=0.0
+        Train on the cross-entropy against targets smoothed towards the uniform
+        distribution: ``(1 - label_smoothing)`` on the true class plus ``label_smoothing /
+        n_classes`` on every class, in [0, 1). Early stopping monitors the same smoothed
+        loss on the validation rows. Predictions are unchanged in kind; the probabilities of
+        a smoothed model are less confident.
+
+    Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)
         Class labels.
@@ -51,6 +62,21 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     (2, 3)
     """
     )
+
+    _parameter_constraints: dict = {
+        **BaseMoE._parameter_constraints,
+        "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+    }
+
+    def __init__(self, *, label_smoothing=0.0, **params):
+        super().__init__(**params)
+        self.label_smoothing = label_smoothing
+
+    # scikit-learn reads an estimator's parameters off its constructor's signature.
+    __init__.__signature__ = inspect.signature(BaseMoE.__init__).replace(parameters=[
+        *inspect.signature(BaseMoE.__init__).parameters.values(),
+        inspect.Parameter("label_smoothing", inspect.Parameter.KEYWORD_ONLY, default=0.0),
+    ])
 
     def _target_validation_kwargs(self):
         return {}
@@ -92,7 +118,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         return np.concatenate([valid, train])
 
     def _criterion(self):
-        return nn.CrossEntropyLoss(reduction="none")
+        return nn.CrossEntropyLoss(reduction="none", label_smoothing=self.label_smoothing)
 
     def fit(self, X, y, sample_weight=None, callbacks=None):
         """Fit the model.

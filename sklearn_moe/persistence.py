@@ -43,10 +43,15 @@ from ._regressor import MoERegressor
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
 FORMAT_NAME = "sklearn-moe"
-FORMAT_VERSION = 2
-# Parameters that format version 1 did not store, with the behaviour those files had.
+FORMAT_VERSION = 3
 _VERSION_1_PARAMS = {"expert_type": "independent", "expert_loss": "mixture", "numeric_embedding": None,
                      "lr_schedule": "plateau", "router_lr_scale": 1.0, "expert_subsample": 1.0}
+# Parameters that files of a format version below the key did not store, per kind, with the
+# behaviour those files had.
+_ADDED_PARAMS = {
+    2: {"MoERegressor": _VERSION_1_PARAMS, "MoEClassifier": _VERSION_1_PARAMS},
+    3: {"MoEClassifier": {"label_smoothing": 0.0}},
+}
 _METADATA_KEY = "sklearn-moe"
 _KINDS = {"MoERegressor": MoERegressor, "MoEClassifier": MoEClassifier}
 _TUPLE_PARAMS = ("expert_hidden", "gate_hidden")
@@ -255,8 +260,9 @@ def _parse_document(metadata: dict) -> dict:
 def _new_estimator(document: dict, device):
     cls = _KINDS[document["kind"]]
     params = dict(document["params"])
-    if document["format_version"] == 1:
-        params = {**_VERSION_1_PARAMS, **params}
+    for version, added in _ADDED_PARAMS.items():
+        if document["format_version"] < version:
+            params = {**added.get(document["kind"], {}), **params}
     names = set(cls().get_params(deep=False))
     unknown, missing = sorted(set(params) - names), sorted(names - set(params))
     if unknown or missing:

@@ -654,3 +654,38 @@ def test_unknown_precision_is_rejected():
     X, y = _data_for(MoERegressor)
     with pytest.raises(ValueError, match="precision"):
         MoERegressor(**dict(SHORT, precision="fp8")).fit(X, y)
+
+
+# ---------------------------------------------------------------------------- label smoothing
+
+
+def test_label_smoothing_is_the_cross_entropy_against_smoothed_targets():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    target = torch.tensor([0, 1])
+    smoothed = torch.full((2, 3), 0.3 / 3) + 0.7 * torch.nn.functional.one_hot(target, 3)
+    expected = -(smoothed * torch.log_softmax(logits, dim=1)).sum(dim=1)
+    loss = MoEClassifier(label_smoothing=0.3)._criterion()(logits, target)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_label_smoothing_makes_probabilities_less_confident(classification_data):
+    X, y = classification_data
+    params = dict(FAST, max_epochs=60, early_stopping=False, random_state=0)
+    sharp = MoEClassifier(**params).fit(X, y).predict_proba(X).max(axis=1)
+    smooth_model = MoEClassifier(**params, label_smoothing=0.4).fit(X, y)
+    smooth = smooth_model.predict_proba(X).max(axis=1)
+    # the smoothed target puts 0.6 + 0.4 / 2 = 0.8 on the true class: the loss's optimum
+    assert smooth.max() < 0.9 < sharp.max()
+    assert smooth_model.score(X, y) > 0.8
+
+
+def test_label_smoothing_belongs_to_the_classifier_only():
+    assert MoEClassifier().get_params()["label_smoothing"] == 0.0
+    assert clone(MoEClassifier(label_smoothing=0.2)).label_smoothing == 0.2
+    assert "label_smoothing" not in MoERegressor().get_params()
+    with pytest.raises(TypeError, match="label_smoothing"):
+        MoERegressor(label_smoothing=0.1)
+    X, y = np.arange(20.0).reshape(10, 2), np.arange(10) % 2
+    for bad in (-0.1, 1.0, "0.1"):
+        with pytest.raises(ValueError, match="'label_smoothing' parameter of MoEClassifier"):
+            MoEClassifier(label_smoothing=bad, max_epochs=1).fit(X, y)

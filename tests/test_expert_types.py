@@ -35,6 +35,7 @@ from sklearn_moe.nn.embeddings import (
 from sklearn_moe.nn.experts import AdapterExperts, StackedExperts
 from sklearn_moe.nn.losses import per_expert_loss
 from sklearn_moe.nn.routers import UniformRouter
+from sklearn_moe.persistence import FORMAT_VERSION
 
 from .conftest import FAST
 from .test_nn import assert_capacity_drops_in_training_only, inputs, skew_router
@@ -763,7 +764,7 @@ def test_save_load_round_trip(tmp_path, classification_data, estimator, params):
     model.save(path)
     with safetensors.safe_open(str(path), framework="pt") as handle:
         document = json.loads(handle.metadata()[KEY])
-    assert document["format_version"] == 2
+    assert document["format_version"] == FORMAT_VERSION
     for name in ("expert_type", "expert_loss", "numeric_embedding", "lr_schedule"):
         assert document["params"][name] == params.get(name, getattr(estimator(), name))
     loaded = sklearn_moe.load(path)
@@ -788,7 +789,13 @@ def rewrite_metadata(source, target, edit):
     return target
 
 
+def as_version_2(document):
+    document["format_version"] = 2
+    document["params"].pop("label_smoothing", None)
+
+
 def as_version_1(document):
+    as_version_2(document)
     document["format_version"] = 1
     for name in ("expert_type", "expert_loss", "numeric_embedding", "lr_schedule", "router_lr_scale"):
         del document["params"][name]
@@ -815,6 +822,20 @@ def test_version_1_file_loads_with_the_old_behaviour(tmp_path, classification_da
     unversioned = rewrite_metadata(tmp_path / "v2.moe", tmp_path / "bad.moe",
                                    lambda d: (as_version_1(d), d.update(format_version=2)))
     with pytest.raises(ValueError, match="missing"):
+        sklearn_moe.load(unversioned)
+
+
+def test_version_2_classifier_file_loads_without_label_smoothing(tmp_path, classification_data):
+    X, y = classification_data
+    model = MoEClassifier(**dict(ADAPTER, max_epochs=3)).fit(X, y)
+    model.save(tmp_path / "v3.moe")
+    loaded = sklearn_moe.load(rewrite_metadata(tmp_path / "v3.moe", tmp_path / "v2.moe", as_version_2))
+    assert loaded.label_smoothing == 0.0
+    assert_same_predictions(loaded, model, X)
+    # a version-3 file must carry it
+    unversioned = rewrite_metadata(tmp_path / "v3.moe", tmp_path / "bad.moe",
+                                   lambda d: (as_version_2(d), d.update(format_version=3)))
+    with pytest.raises(ValueError, match=r"missing \['label_smoothing'\]"):
         sklearn_moe.load(unversioned)
 
 

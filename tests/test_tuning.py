@@ -65,6 +65,10 @@ def test_space_covers_the_moe_hyperparameters():
                           "expert_type", "expert_loss", "numeric_embedding", "lr_schedule"}
     assert space["top_k"].high <= space["n_experts"].low  # every combination valid
     assert (16, 16) in space["expert_hidden"].choices and (128,) in space["expert_hidden"].choices
+    classifier_space = search_space(make_pipeline(StandardScaler(), MoEClassifier()))
+    assert set(classifier_space) == {f"moeclassifier__{name}" for name in space} | {"moeclassifier__label_smoothing"}
+    assert (classifier_space["moeclassifier__label_smoothing"].low,
+            classifier_space["moeclassifier__label_smoothing"].high) == (0.0, 0.2)
 
 
 @pytest.mark.parametrize("make, prefix", [

@@ -144,7 +144,8 @@ def main(argv=None):
     kind = kind if args.estimator == "auto" else args.estimator
     settings = parse_settings(args.set)
     estimator = build_estimator(kind, X, settings)
-    fixed = [name for name in settings if name in base_space() and name not in (args.include or ())]
+    tunable = base_space(classifier=kind == "classifier")
+    fixed = [name for name in settings if name in tunable and name not in (args.include or ())]
     space = search_space(estimator, max_experts=args.max_experts, include=args.include, exclude=fixed)
     result = tune(estimator, X, np.asarray(y), n_trials=args.n_trials, cv=args.cv, scoring=args.scoring,
                   storage=args.storage, study_name=args.study, pruning=not args.no_pruning, timeout=args.timeout,

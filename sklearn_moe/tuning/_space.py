@@ -12,6 +12,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from sklearn.base import is_classifier
 from sklearn.pipeline import Pipeline
 
 from .._base import BaseMoE
@@ -97,8 +98,10 @@ def base_space(
     routers=DEFAULT_ROUTERS,
     expert_widths=DEFAULT_EXPERT_WIDTHS,
     expert_depths=DEFAULT_EXPERT_DEPTHS,
+    classifier: bool = False,
 ) -> dict[str, BaseDistribution]:
-    """The unprefixed default space; see :func:`search_space`."""
+    """The unprefixed default space (with ``label_smoothing`` for a classifier); see
+    :func:`search_space`."""
     _check_positive_int("max_experts", max_experts)
     _check_positive_int("max_top_k", max_top_k)
     if max_top_k > max_experts:
@@ -113,7 +116,7 @@ def base_space(
         # Tuples are fine in memory; tune() stores them as strings (see suggest()).
         warnings.filterwarnings("ignore", message="Choices for a categorical distribution")
         expert_hidden = CategoricalDistribution(architectures)
-    return {
+    space = {
         # Every combination is valid: top_k <= max_top_k <= n_experts.
         "n_experts": IntDistribution(max_top_k, max_experts, log=True),
         "top_k": IntDistribution(1, max_top_k),
@@ -132,6 +135,9 @@ def base_space(
         "numeric_embedding": CategoricalDistribution(("piecewise_linear", "periodic", None)),
         "lr_schedule": CategoricalDistribution(("flat_cosine", "cosine", "plateau")),
     }
+    if classifier:
+        space["label_smoothing"] = FloatDistribution(0.0, 0.2)
+    return space
 
 
 def search_space(
@@ -171,6 +177,7 @@ def search_space(
     ``expert_loss``           "per_expert" or "mixture"
     ``numeric_embedding``     "piecewise_linear", "periodic" or None
     ``lr_schedule``           "flat_cosine", "cosine" or "plateau"
+    ``label_smoothing``       float in [0, 0.2] (classifiers only)
     ========================  ==========================================================
 
     ``"top_p"`` and ``"hierarchical"`` routers are left out by default because their own
@@ -217,8 +224,8 @@ def search_space(
     ['moeregressor__learning_rate', 'moeregressor__n_experts', 'moeregressor__top_k']
     >>> search = OptunaSearchCV(pipe, space, n_trials=5, cv=3)  # doctest: +SKIP
     """
-    prefix, _ = find_moe_step(estimator)
-    space = base_space(max_experts, max_top_k, routers, expert_widths, expert_depths)
+    prefix, moe = find_moe_step(estimator)
+    space = base_space(max_experts, max_top_k, routers, expert_widths, expert_depths, is_classifier(moe))
     for label, names in (("include", include), ("exclude", exclude)):
         if isinstance(names, str):
             raise ValueError(f"{label} must be a sequence of parameter names, not a string; got {names!r}.")
