@@ -280,7 +280,7 @@ def run_suite(suite, datasets=None, models=None, folds=None, repeats=None, max_r
     rows = {name: len(_suite_data(name, *protocol)[1]) for name in names}
     pairs, skipped = [], []
     for name in names:
-        for key in model_keys:
+        for key in (k for k in model_keys if DATASETS[name].task in MODEL_SPECS[k].names):
             limit = config.model_max_rows.get(key)
             (skipped.append([name, key, limit]) if limit is not None and rows[name] > limit
              else pairs.append((name, key)))

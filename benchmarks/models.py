@@ -86,7 +86,8 @@ class ModelSpec:
     key : str
         Name on the command line (``--models``).
     names : dict
-        Display name per task (``"regression"``, ``"classification"``).
+        Display name per task (``"regression"``, ``"classification"``); a model runs on
+        the data sets of the tasks named here only.
     build : callable
         ``build(task, seed, moe_params) -> estimator``; ``moe_params`` are the suite's
         extra MoE parameters (e.g. a ``max_epochs`` cap), ignored by the other models.
@@ -174,6 +175,8 @@ MODEL_SPECS = {
           for key, params in ABLATIONS.items()),
         ModelSpec("moe_subsample", _names("MoE expert_subsample=0.5"),
                   lambda task, seed, p: _moe(task, seed, p, expert_subsample=0.5), is_moe=True, role="ablation"),
+        ModelSpec("moe_label_smoothing", {"classification": "MoE label_smoothing=0.1"},
+                  lambda task, seed, p: _moe(task, seed, p, label_smoothing=0.1), is_moe=True, role="ablation"),
         ModelSpec("moe_previous", _names("MoE previous defaults"),
                   lambda task, seed, p: _moe(task, seed, p, **PREVIOUS_DEFAULTS), is_moe=True, role="ablation"),
         ModelSpec("mlp", {"regression": "MLPRegressor", "classification": "MLPClassifier"}, _mlp),
@@ -202,6 +205,7 @@ MODEL_NOTES = {
     "moe_no_embedding": "the default MoE with numeric_embedding=None",
     "moe_plateau": "the default MoE with lr_schedule='plateau' (learning rate cut on validation plateaus)",
     "moe_fast_gate": "the default MoE with router_lr_scale=1: the gate learns as fast as the experts",
+    "moe_label_smoothing": "the default MoEClassifier with label_smoothing=0.1 (an option; classification only)",
     "moe_subsample": "the default MoE with expert_subsample=0.5: each expert trains on a random half of every batch",
     "moe_previous": "the previous defaults: " + ", ".join(f"{k}={v!r}" for k, v in PREVIOUS_DEFAULTS.items()),
     "mlp": "scikit-learn MLPRegressor / MLPClassifier(max_iter=2000, early_stopping=True)",

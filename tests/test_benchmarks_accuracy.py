@@ -241,6 +241,17 @@ def test_parallel_jobs_give_the_same_folds_as_one_process(monkeypatch):
     assert settings["jobs"] == 2 and settings["pending"] == [] and settings["skipped"] == []
 
 
+def test_a_classification_only_model_runs_on_classification_sets_only(monkeypatch):
+    import benchmarks.accuracy as accuracy
+
+    monkeypatch.setitem(accuracy.CV_SUITES, "quick", CVSuite(folds=2, repeats=1, max_rows=150))
+    folds, settings = run_suite("quick", ["diabetes", "wine"], ["ridge", "moe_label_smoothing"],
+                                max_epochs=2)
+    assert set(zip(folds["dataset"], folds["model_key"])) == {("diabetes", "linear"), ("wine", "linear"),
+                                                              ("wine", "moe_label_smoothing")}
+    assert settings["pending"] == [] and (folds["error"] == "").all()
+
+
 def test_model_row_limits_skip_large_data_sets_and_leave_them_unranked(monkeypatch):
     import benchmarks.accuracy as accuracy
 
