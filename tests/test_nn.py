@@ -834,6 +834,24 @@ def test_cv2_loss_is_importance_plus_load_squared_cv():
     torch.testing.assert_close(padded, expected)
 
 
+@pytest.mark.parametrize("balance_loss", ["switch", "cv2", "aux_free", None])
+def test_module_balance_loss_is_the_named_loss_of_its_routing(balance_loss):
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 1, n_experts=4, top_k=2, router="noisy_topk", balance_loss=balance_loss,
+                              expert_hidden=(8,)).train()
+    x = torch.randn(32, 4)
+    torch.manual_seed(1)
+    out = module(x)
+    torch.manual_seed(1)
+    routing = module.router(x)  # the same noise as inside the forward
+    expected = {
+        "switch": lambda: switch_balance_loss(routing.probs, routing.indices),
+        "cv2": lambda: cv2_balance_loss(out.gates, routing.selection_probs),
+    }.get(balance_loss, lambda: torch.zeros(()))()
+    assert expected.item() != 0 or balance_loss not in ("switch", "cv2")
+    torch.testing.assert_close(out.balance_loss, expected)
+
+
 @pytest.mark.parametrize("router", ["noisy_topk", "switch"])
 def test_new_routers_train_a_module_end_to_end(router):
     torch.manual_seed(0)

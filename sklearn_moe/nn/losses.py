@@ -107,8 +107,23 @@ def cv2_balance_loss(
     return squared_cv(gates.sum(dim=0)) + squared_cv(load.sum(dim=0))
 
 
-BALANCE_LOSSES = {"switch": switch_balance_loss, "cv2": cv2_balance_loss, "aux_free": None}
-"""The ``balance_loss`` names; ``"aux_free"`` is a selection-bias update, not a loss."""
+def routing_switch_loss(routing, gates: torch.Tensor, mask: torch.Tensor | None, active) -> torch.Tensor:
+    """:func:`switch_balance_loss` of a router's output (``Routing``): its full softmax and
+    chosen experts."""
+    return switch_balance_loss(routing.probs, routing.indices, mask, active)
+
+
+def routing_cv2_loss(routing, gates: torch.Tensor, mask: torch.Tensor | None, active) -> torch.Tensor:
+    """:func:`cv2_balance_loss` of a router's output: its gate weights ``gates`` (n,
+    n_experts), and as the load the noisy router's smooth selection probabilities, or
+    whether each expert was chosen."""
+    load = routing.selection_probs if routing.selection_probs is not None else (gates > 0).to(gates.dtype)
+    return cv2_balance_loss(gates, load, mask)
+
+
+BALANCE_LOSSES = {"switch": routing_switch_loss, "cv2": routing_cv2_loss, "aux_free": None}
+"""The ``balance_loss`` names and the loss each computes from ``(routing, gates, mask,
+active)``; ``"aux_free"`` is a selection-bias update, not a loss."""
 
 
 def expert_diversity_loss(expert_outputs: torch.Tensor) -> torch.Tensor:

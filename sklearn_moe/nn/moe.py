@@ -21,7 +21,7 @@ from .dispatch import (
 )
 from .embeddings import NumericEmbedding
 from .experts import AdapterExperts, StackedExperts
-from .losses import BALANCE_LOSSES, cv2_balance_loss, expert_diversity_loss, router_z_loss, switch_balance_loss
+from .losses import BALANCE_LOSSES, expert_diversity_loss, router_z_loss
 from .routers import make_router
 
 # In evaluation, batches of at most this many rows run every expert on every row (unchosen
@@ -388,9 +388,7 @@ class MixtureOfExperts(nn.Module):
         return kept
 
     def _balance_loss(self, routing, gates: torch.Tensor, mask: torch.Tensor | None, active) -> torch.Tensor:
-        if self.balance_loss == "switch":
-            return switch_balance_loss(routing.probs, routing.indices, mask, active)
-        if self.balance_loss == "cv2":
-            load = routing.selection_probs if routing.selection_probs is not None else (gates > 0).to(gates.dtype)
-            return cv2_balance_loss(gates, load, mask)
-        return routing.probs.new_zeros(())  # None, or "aux_free" (a bias update, not a loss)
+        loss = BALANCE_LOSSES[self.balance_loss] if self.balance_loss is not None else None
+        if loss is None:  # None, or "aux_free" (a bias update, not a loss)
+            return routing.probs.new_zeros(())
+        return loss(routing, gates, mask, active)
