@@ -15,7 +15,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 
 from ._base import BaseMoE
-from ._regressor import MoERegressor
+from ._parameters_doc import PARAMETERS
 
 
 class MoEClassifier(ClassifierMixin, BaseMoE):
@@ -28,10 +28,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     multiclass problems are supported.
 
     Parameters
-    ----------"""
-        + MoERegressor.__doc__.split("Parameters\n    ----------", 1)[1].split("Attributes\n", 1)[0]
-        .replace("target scaling of the first fit", "classes of the first fit")
-        + """label_smoothing : float, default=0.0
+    ----------
+"""
+        + PARAMETERS
+        + """    label_smoothing : float, default=0.0
         Train on the cross-entropy against targets smoothed towards the uniform
         distribution: ``(1 - label_smoothing)`` on the true class plus ``label_smoothing /
         n_classes`` on every class, in [0, 1). Early stopping monitors the same smoothed

@@ -36,9 +36,7 @@ from safetensors import SafetensorError, safe_open
 from sklearn.utils.validation import check_is_fitted
 from skorch.history import History
 
-from ._classifier import MoEClassifier
 from ._data import TensorTable
-from ._regressor import MoERegressor
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
@@ -53,8 +51,9 @@ _ADDED_PARAMS = {
     3: {"MoEClassifier": {"label_smoothing": 0.0}},
 }
 _METADATA_KEY = "sklearn-moe"
-_KINDS = {"MoERegressor": MoERegressor, "MoEClassifier": MoEClassifier}
+_KINDS = ("MoERegressor", "MoEClassifier")
 _TUPLE_PARAMS = ("expert_hidden", "gate_hidden")
+
 _DOCUMENT_KEYS = {"format", "format_version", "library_version", "kind", "params", "fitted", "history", "net"}
 _COMMON_FITTED = ("n_features_in_", "n_iter_", "expert_load_", "_x_mean", "_x_scale", "_n_outputs",
                   "_embedding_columns", "_embedding_n_bins")
@@ -65,6 +64,14 @@ _REQUIRED_FITTED = {
 _OPTIONAL_FITTED = ("feature_names_in_",)
 _INT_FITTED = ("n_features_in_", "n_iter_", "_n_outputs", "_y_ndim")
 _SCALARS = (bool, int, float, str)
+
+
+def _kind_classes() -> dict:
+    """The estimator class of each kind, from the package's public names: the estimators'
+    modules import this one (``save``), so importing theirs here would make a cycle."""
+    import sklearn_moe
+
+    return {kind: getattr(sklearn_moe, kind) for kind in _KINDS}
 
 
 # ---------------------------------------------------------------------------- save
@@ -97,7 +104,7 @@ def save(estimator, path) -> None:
     """
     from . import __version__
 
-    kind = next((name for name, cls in _KINDS.items() if type(estimator) is cls), None)
+    kind = next((name for name, cls in _kind_classes().items() if type(estimator) is cls), None)
     if kind is None:
         raise TypeError(f"save() stores MoERegressor and MoEClassifier estimators, not {type(estimator).__name__}.")
     check_is_fitted(estimator)
@@ -258,7 +265,7 @@ def _parse_document(metadata: dict) -> dict:
 
 
 def _new_estimator(document: dict, device):
-    cls = _KINDS[document["kind"]]
+    cls = _kind_classes()[document["kind"]]
     params = dict(document["params"])
     for version, added in _ADDED_PARAMS.items():
         if document["format_version"] < version:

@@ -1,0 +1,142 @@
+"""The constructor parameters shared by :class:`MoERegressor` and :class:`MoEClassifier`,
+documented once: the body of both docstrings' ``Parameters`` section."""
+
+PARAMETERS = """\
+    n_experts : int, default=8
+        Number of experts. ``n_experts=1`` is a plain MLP (the non-MoE ablation).
+    top_k : int, default=2
+        Experts per row for the sparse routers, ``1 <= top_k <= n_experts``. Unused by
+        ``router="softmax"`` and ``"uniform"``.
+    router : {"softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"}, default="softmax"
+        ``"topk"``: each row goes to its ``top_k`` highest-scoring experts, gate weights
+        renormalised over them. ``"softmax"``: dense soft mixture, every expert on every row.
+        ``"noisy_topk"``: top-k with learned Gaussian noise on the ranking in training
+        (Shazeer et al. 2017). ``"switch"``: top-1 with multiplicative input jitter in
+        training (Fedus et al. 2021). ``"top_p"``: dynamic k, a row's best experts until
+        their probabilities reach ``top_p`` (at most ``top_k``). ``"hierarchical"``: a gate
+        over ``n_groups`` groups of experts, then the ``top_k`` best experts of the chosen
+        group (at most a group's size); leaf probabilities are products of the two levels'.
+        ``"uniform"``: no gate, every expert weighted ``1 / n_experts`` on every row (an
+        ensemble; what the gate adds is measured against it). Prediction is noise-free for
+        every router.
+    temperature : float, default=1.0
+        Router softmax temperature (> 0); lower is sharper.
+    capacity_factor : float or None, default=None
+        In training only, cap each expert at ``ceil(capacity_factor * batch * top_k /
+        n_experts)`` rows per batch (>= 1); ``None`` is dropless. Prediction is always
+        dropless and independent of the batch.
+    capacity_overflow : {"drop", "reroute"}, default="drop"
+        A row's assignment past an expert's capacity: ``"drop"`` falls back to the row's
+        other experts (and the shared expert; a row left with none has a zero routed
+        output for that step); ``"reroute"`` moves it, with its gate weight, to the row's
+        next-ranked expert that still has room.
+    balance_loss : {"switch", "cv2", "aux_free"} or None, default="switch"
+        Load-balancing loss: ``"switch"`` (Switch Transformer, 1 at perfect balance for any
+        ``top_k``) or ``"cv2"`` (Shazeer et al.'s importance + load squared coefficient of
+        variation, 0 at perfect balance; with ``"noisy_topk"`` its load term is the smooth,
+        differentiable estimate) or ``"aux_free"`` (DeepSeek-V3: no loss; a per-expert bias
+        on expert *selection* moves by ``balance_coef`` after every optimizer step toward
+        the under-loaded experts; gate weights are unaffected).
+    balance_coef : float, default=0.01
+        Weight of the balance loss (for ``"aux_free"``: the bias step).
+    z_loss_coef : float, default=0.001
+        Weight of the router z-loss ``mean(logsumexp(logits)^2)``.
+    expert_hidden : tuple of int, default=(256, 256)
+        Hidden layer sizes of each expert.
+    activation : {"relu", "gelu", "silu", "tanh", "leaky_relu", "elu"}, default="relu"
+    dropout : float, default=0.1
+        Dropout after every hidden activation, in [0, 1).
+    layer_norm : bool, default=False
+        Layer normalisation before every expert layer after the first.
+    skip_connections : bool, default=True
+        Residual connections between expert hidden layers of equal width.
+    shared_expert : bool, default=False
+        Add an always-on expert of the same architecture to every row (DeepSeekMoE).
+    gate_hidden : tuple of int, default=()
+        Hidden layer sizes of an MLP router; ``()`` is a linear router.
+    expert_dropout : float, default=0.0
+        In training, drop each of a row's chosen experts with this probability (keeping at
+        least one) and renormalise its gate weights; in [0, 1).
+    top_p : float, default=0.5
+        ``router="top_p"``: the probability mass a row's experts must reach, in (0, 1].
+    learned_threshold : bool, default=False
+        ``router="top_p"``: instead of ``top_p``, learn a per-expert probability threshold
+        (straight-through), so how many experts a row uses is learned.
+    n_groups : int, default=2
+        ``router="hierarchical"``: number of expert groups (at most ``n_experts``).
+    diversity_coef : float, default=0.0
+        Weight of a diversity loss: the mean squared cosine similarity between the experts'
+        centred outputs on the first 64 rows of each batch (every expert is run on them).
+        Above 0 it pushes experts to respond differently to the same inputs.
+    expert_grad_scaling : bool, default=False
+        Multiply each expert's gradient by ``mean_load / load_e`` of the batch (at most
+        ``n_experts``), so rarely chosen experts learn as fast as busy ones.
+    expert_type : {"adapter", "independent"}, default="adapter"
+        ``"independent"``: every expert is an MLP with its own weights. ``"adapter"``: the
+        experts share one MLP's weights and differ by their own elementwise scaling of
+        every layer's input and output, their own biases and output heads (TabM's
+        BatchEnsemble adapters); a row's experts run as extra rows through the shared
+        weights, so the cost grows with ``top_k`` (or ``n_experts`` for dense routers)
+        but the parameters barely grow with ``n_experts``.
+    expert_loss : {"per_expert", "mixture"}, default="per_expert"
+        ``"mixture"``: train on the loss of the gated mixture. ``"per_expert"``: every
+        chosen expert is trained on its own loss, weighted by its gate weight, and the gate
+        on the mixture's loss; prediction is always the gated mixture. Experts trained on
+        the loss of their mixture can learn to cancel one another's errors instead of each
+        being a good model.
+    expert_subsample : float, default=1.0
+        With ``expert_loss="per_expert"`` and several experts: the share, in (0, 1], of its
+        rows of every batch that each expert trains on, drawn afresh at every step, so that
+        the experts see different data (as TabM's members see different batches); the gate
+        still learns from every row.
+    numeric_embedding : {"piecewise_linear", "periodic"} or None, default="piecewise_linear"
+        Embed every input column with more than two distinct values before the router
+        and the experts (Gorishniy et al., 2022): ``"piecewise_linear"`` encodes the
+        column's quantile bins (48, computed from the training data) and maps them to 16
+        values; ``"periodic"`` maps 48 learned frequencies to 24 values. Lets the first
+        layer learn step- and wave-like functions of each feature. Binary columns
+        (one-hot indicators) pass through unchanged.
+    max_epochs : int, default=60
+    batch_size : int or "auto", default="auto"
+        Rows per optimizer step. ``"auto"`` is about ``n_train / 32`` rounded down to a power
+        of 2 and kept within [32, 256]: small data sets get enough steps per epoch.
+    learning_rate : float, default=0.002
+        AdamW learning rate.
+    router_lr_scale : float, default=0.1
+        The router's learning rate as a multiple of ``learning_rate`` (>= 0). Below 1 the
+        gate moves slower than the experts, so that it learns to weigh experts that are
+        already trained instead of committing early to the small differences between
+        freshly initialised ones.
+    lr_schedule : {"flat_cosine", "cosine", "plateau", "constant"}, default="flat_cosine"
+        ``"plateau"``: cut the learning rate 3x when the monitored loss has not improved
+        for ``n_iter_no_change // 3`` epochs. ``"cosine"``: decay it to 0 along a cosine
+        over ``max_epochs`` (per batch). ``"flat_cosine"``: constant for the first half of
+        ``max_epochs``, then the cosine decay. ``"constant"``: never change it. Early
+        stopping may end training before the schedule does.
+    weight_decay : float, default=0.0003
+        AdamW (decoupled) weight decay.
+    early_stopping : bool, default=True
+        Hold out ``validation_fraction`` of the training rows, stop when the validation loss
+        has not improved by ``tol`` (relative) for ``n_iter_no_change`` epochs, and restore the
+        best weights. With too few rows for a split the training loss is monitored. When False,
+        training stops once the training loss stalls, as in scikit-learn's MLP.
+    validation_fraction : float, default=0.1
+    n_iter_no_change : int, default=16
+    tol : float, default=0.0001
+    max_grad_norm : float or None, default=1.0
+        Gradient norm clipping; None disables it.
+    device : {"auto", "cpu", "cuda"} or str, default="auto"
+        ``"auto"`` uses CUDA when available. ``"cuda:N"`` picks a GPU.
+    precision : {"float32", "bf16"}, default="float32"
+        ``"bf16"`` runs the experts under bfloat16 autocast in training and prediction
+        (mixed precision: weights, router, losses and optimizer stay float32). Worth it on
+        GPUs with bf16 tensor cores; on most CPUs it is slower.
+    random_state : int, RandomState instance or None, default=None
+        Seeds initialisation, shuffling and the validation split. With an int, two fits on
+        the same data and CPU give identical predictions.
+    verbose : int, default=0
+        0 is silent; 1 shows a progress bar and a per-epoch log.
+    warm_start : bool, default=False
+        Continue training the fitted model instead of starting afresh; the input scaling
+        and the target encoding (scaling, or classes) of the first fit are kept.
+"""
