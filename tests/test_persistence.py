@@ -298,7 +298,10 @@ def _rewrite(source, target, edit_document=None, edit_tensors=None):
 
 
 def test_rewrite_helper_keeps_a_valid_file(saved, tmp_path):
-    load(_rewrite(saved, tmp_path / "same.moe"))
+    # the tampering tests below edit one thing each: an unedited rewrite must load as saved
+    X, _ = _data()
+    assert_same_outputs_and_weights(load(_rewrite(saved, tmp_path / "same.moe")), load(saved), X)
+    assert _read(tmp_path / "same.moe")[0] == _read(saved)[0]
 
 
 @pytest.mark.parametrize("kind", ["evil_module_xyz", "evil_module_xyz.Evil", "os.system", "builtins.eval",

@@ -198,7 +198,12 @@ def test_tune_classifier_with_scoring_and_threads(data):
                   param_distributions=search_space(clf, include=["n_experts", "learning_rate"], max_experts=4))
     trials = result.study.trials
     assert len(trials) == 4 and sorted(t.number for t in trials) == [0, 1, 2, 3]
-    assert 0 <= result.best_score <= 1
+    best = result.study.best_trial
+    assert result.best_score == best.value == max(t.value for t in trials if t.value is not None)
+    assert best.value == pytest.approx(np.mean(best.user_attrs["fold_scores"]))
+    fold_sizes = (len(X) // 2, len(X) - len(X) // 2)
+    for score in best.user_attrs["fold_scores"]:  # accuracy: a count of a fold's rows
+        assert any(abs(score * size - round(score * size)) < 1e-9 for size in fold_sizes)
     assert set(result.best_estimator.predict(X)) <= {"high", "low"}
 
 

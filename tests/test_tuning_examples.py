@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from sklearn_moe.tuning import one_standard_error_rule
+
 
 @pytest.mark.slow
 def test_grid_search_pipeline_example_ranks_every_configuration(capsys):
@@ -32,7 +34,12 @@ def test_select_n_experts_example_writes_its_plot(tmp_path):
 
     result = main(["--quick", "--out", str(tmp_path)])
     assert list(result.cv_results_.index) == [1, 2, 4]
-    assert result.best_n_experts_ in (1, 2, 4)
+    table = result.cv_results_
+    assert result.best_n_experts_ == one_standard_error_rule(table)
+    # the one-SE rule: no smaller count is within a standard error of the best mean
+    best = table.loc[table["mean_score"].idxmax()]
+    smaller = table[table["n_experts"] < result.best_n_experts_]
+    assert (smaller["mean_score"] < best["mean_score"] - best["sem_score"]).all()
     assert result.figure.parent == tmp_path and 0 < result.figure.stat().st_size < 300_000
     with pytest.raises(ValueError, match="n_regimes"):
         make_switching_linear_data(10, n_regimes=5)
