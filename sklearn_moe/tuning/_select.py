@@ -6,8 +6,8 @@ from numbers import Integral
 
 import numpy as np
 import pandas as pd
-from sklearn.base import clone, is_classifier
-from sklearn.model_selection import check_cv, cross_validate
+from sklearn.base import is_classifier
+from sklearn.model_selection import GridSearchCV, check_cv
 
 from ._space import find_moe_step
 
@@ -134,8 +134,9 @@ def select_n_experts(estimator, X, y, candidates=(1, 2, 4, 8, 16), cv=5, rule="o
 
     Every candidate count is scored on the same folds (the estimator's other parameters
     unchanged; ``top_k`` is "at most", so ``n_experts=1`` runs the single expert: the
-    non-MoE ablation). ``rule="one_se"`` then picks the smallest count within one standard
-    error of the best mean score, ``rule="best"`` the best mean.
+    non-MoE ablation) by a :class:`~sklearn.model_selection.GridSearchCV` over
+    ``n_experts`` whose ``refit`` is the rule: ``rule="one_se"`` picks the smallest count
+    within one standard error of the best mean score, ``rule="best"`` the best mean.
 
     Parameters
     ----------
@@ -153,7 +154,7 @@ def select_n_experts(estimator, X, y, candidates=(1, 2, 4, 8, 16), cv=5, rule="o
     refit : bool, default=True
         Refit the chosen count on all of X, y as ``best_estimator_``.
     n_jobs : int, optional
-        Folds fitted in parallel (``cross_validate``'s ``n_jobs``).
+        Fits (every count on every fold) run in parallel, as ``GridSearchCV``'s ``n_jobs``.
 
     Returns
     -------
@@ -171,18 +172,31 @@ def select_n_experts(estimator, X, y, candidates=(1, 2, 4, 8, 16), cv=5, rule="o
     prefix, _ = find_moe_step(estimator)
     key = prefix + "n_experts"
     splits = list(check_cv(cv, y, classifier=is_classifier(estimator)).split(X, y, groups))
-    rows = []
-    for count in candidates:
-        scores = cross_validate(clone(estimator).set_params(**{key: count}), X, y, cv=splits, scoring=scoring,
-                                n_jobs=n_jobs, return_train_score=False, error_score="raise")
-        test, fit_time = scores["test_score"], scores["fit_time"]
-        row = {"n_experts": count, "mean_score": test.mean(), "std_score": test.std(),
-               "sem_score": test.std() / np.sqrt(len(test)), "mean_fit_time": fit_time.mean(),
-               "std_fit_time": fit_time.std()}
-        row.update({f"split{i}_score": value for i, value in enumerate(test)})
-        rows.append(row)
-    table = pd.DataFrame(rows)
+
+    def chosen_index(cv_results) -> int:
+        table = _table(cv_results, key, len(splits))
+        return int(np.flatnonzero(table["n_experts"] == one_standard_error_rule(table, rule))[0])
+
+    search = GridSearchCV(estimator, {key: candidates}, scoring=scoring, n_jobs=n_jobs, cv=splits,
+                          refit=chosen_index if refit else False, error_score="raise")
+    search.fit(X, y)
+    table = _table(search.cv_results_, key, len(splits)).sort_values("n_experts", ignore_index=True)
     best = one_standard_error_rule(table, rule)
     table.index = pd.Index(table["n_experts"].to_numpy())
-    best_estimator = clone(estimator).set_params(**{key: best}).fit(X, y) if refit else None
-    return NExpertsSelection(table, best, best_estimator, rule, scoring)
+    return NExpertsSelection(table, best, search.best_estimator_ if refit else None, rule, scoring)
+
+
+def _table(cv_results, key: str, n_splits: int) -> pd.DataFrame:
+    """:class:`NExpertsSelection`'s ``cv_results_`` from ``GridSearchCV``'s, one row per
+    count, in the search's order; ``key`` is the ``n_experts`` parameter's name."""
+    table = pd.DataFrame({
+        "n_experts": [int(params[key]) for params in cv_results["params"]],
+        "mean_score": cv_results["mean_test_score"],
+        "std_score": cv_results["std_test_score"],
+        "sem_score": np.asarray(cv_results["std_test_score"]) / np.sqrt(n_splits),
+        "mean_fit_time": cv_results["mean_fit_time"],
+        "std_fit_time": cv_results["std_fit_time"],
+    })
+    for i in range(n_splits):
+        table[f"split{i}_score"] = cv_results[f"split{i}_test_score"]
+    return table
