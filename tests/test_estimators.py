@@ -6,6 +6,7 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
+import sklearn
 import torch
 from sklearn.base import clone
 from sklearn.compose import ColumnTransformer
@@ -693,3 +694,21 @@ def test_label_smoothing_belongs_to_the_classifier_only():
     for bad in (-0.1, 1.0, "0.1"):
         with pytest.raises(ValueError, match="'label_smoothing' parameter of MoEClassifier"):
             MoEClassifier(label_smoothing=bad, max_epochs=1).fit(X, y)
+
+
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_sample_weight_reaches_fit_through_metadata_routing(estimator_class):
+    X, y = _data_for(estimator_class, n=120)
+    weights = np.random.RandomState(2).uniform(0.1, 3.0, len(y))
+    params = dict(FAST, max_epochs=3)
+    with sklearn.config_context(enable_metadata_routing=True):
+        routed = Pipeline([
+            ("scale", StandardScaler().set_fit_request(sample_weight=False)),
+            ("moe", estimator_class(**params).set_fit_request(sample_weight=True)),
+        ]).fit(X, y, sample_weight=weights)
+    X_scaled = routed["scale"].transform(X)
+    expected = estimator_class(**params).fit(X_scaled, y, sample_weight=weights)
+    np.testing.assert_array_equal(routed["moe"].predict(X_scaled), expected.predict(X_scaled))
+    np.testing.assert_array_equal(routed["moe"].route(X_scaled), expected.route(X_scaled))
+    unweighted = estimator_class(**params).fit(X_scaled, y)
+    assert not np.array_equal(unweighted.route(X_scaled), expected.route(X_scaled))  # the weights matter
