@@ -30,8 +30,9 @@ from sklearn_moe.tuning import (
     select_n_experts,
     tune,
 )
+from sklearn_moe.tuning._optuna_private import HEARTBEAT_KEY, HeartbeatJournalStorage
 from sklearn_moe.tuning._space import decode_params, suggest
-from sklearn_moe.tuning._storage import HEARTBEAT_KEY, HeartbeatJournalStorage, fail_stale_trials, pop_ticket
+from sklearn_moe.tuning._storage import fail_stale_trials, pop_ticket
 from sklearn_moe.tuning._tune import PruningCallback
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -19,68 +19,19 @@ import logging
 import os
 import time
 import warnings
-from datetime import datetime
 
 import optuna
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
-from optuna.storages import BaseStorage, InMemoryStorage, JournalStorage, RDBStorage
-from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+
+from ._optuna_private import BaseHeartbeat, HeartbeatJournalStorage, storage_trial_id
 
 logger = logging.getLogger("sklearn_moe.tuning")
 
 N_TRIALS_KEY = "sklearn_moe:n_trials"
-HEARTBEAT_KEY = "sklearn_moe:heartbeat"
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
-
-
-class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
-    """A :class:`optuna.storages.JournalStorage` with Optuna's heartbeat protocol.
-
-    Parameters
-    ----------
-    backend : optuna.storages.journal.BaseJournalBackend
-        E.g. ``JournalFileBackend("study.log")``.
-    heartbeat_interval : int or None
-        Seconds between two heartbeats of a running trial; ``None`` disables heartbeats.
-    grace_period : int or None
-        Seconds without a heartbeat after which a running trial is failed; ``None`` is
-        ``2 * heartbeat_interval`` (as for Optuna's RDB storage).
-    heartbeat_stale_trial_callback : callable, optional
-        Called with ``(study, trial)`` for each trial failed for lack of heartbeats, e.g.
-        :class:`optuna.storages.RetryFailedTrialCallback`.
-    """
-
-    def __init__(self, backend, heartbeat_interval=None, grace_period=None, heartbeat_stale_trial_callback=None):
-        super().__init__(backend)
-        self.heartbeat_interval = heartbeat_interval
-        self.grace_period = grace_period
-        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        try:
-            self.set_trial_system_attr(trial_id, HEARTBEAT_KEY, time.time())
-        except (UpdateFinishedTrialError, KeyError):
-            pass  # the trial just finished (or was failed by another worker)
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        grace = self.grace_period if self.grace_period is not None else 2 * self.heartbeat_interval
-        now = time.time()
-        stale = []
-        for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            beat = trial.system_attrs.get(HEARTBEAT_KEY)
-            if beat is None and isinstance(trial.datetime_start, datetime):
-                beat = trial.datetime_start.timestamp()  # popped, killed before its first beat
-            if beat is not None and now - beat > grace:
-                stale.append(trial._trial_id)
-        return stale
-
-    def get_heartbeat_interval(self) -> int | None:
-        return self.heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self):
-        return self.heartbeat_stale_trial_callback
 
 
 def make_storage(storage=None, *, heartbeat_interval=10, grace_period=60):
@@ -206,8 +157,8 @@ def pop_ticket(storage, study_id, n_trials, wait_s=60.0):
     while True:
         for trial in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
             try:
-                if storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
-                    return trial._trial_id
+                if storage.set_trial_state_values(storage_trial_id(trial), state=TrialState.RUNNING):
+                    return storage_trial_id(trial)
             except UpdateFinishedTrialError:
                 continue
         if len(storage.get_all_trials(study_id, deepcopy=False)) >= n_trials or time.monotonic() > deadline:

@@ -21,6 +21,7 @@ from sklearn.model_selection import check_cv
 from sklearn.utils import _safe_indexing
 from skorch.callbacks import Callback
 
+from ._optuna_private import claimed_trial
 from ._space import check_space, decode_params, find_moe_step, fit_param_name, search_space, suggest
 from ._storage import fail_stale_trials, heartbeat_enabled, logger, make_storage, open_study, pop_ticket
 
@@ -169,7 +170,7 @@ def _run_worker(storage, study_name, n_trials, objective, sampler, pruner, deadl
         trial_id = pop_ticket(storage, study_id, n_trials)
         if trial_id is None:
             break
-        trial = optuna.trial.Trial(study, trial_id)
+        trial = claimed_trial(study, trial_id)
         trial.set_user_attr(f"worker:{_worker_id()}", True)
         value, state = None, None
         with _Heartbeat(storage, trial_id):
