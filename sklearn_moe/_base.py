@@ -14,12 +14,12 @@ from sklearn.exceptions import DataConversionWarning
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
-from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, ProgressBar
 
 from ._data import TensorTable
-from ._net import MoENet, PredefinedSplit, drop_callbacks, module_device, named_callbacks, report_interruption
+from ._net import module_device, named_callbacks
 from ._scaling import fit_robust_scaler, scale_features
-from .callbacks import LR_SCHEDULES, AuxFreeBalancing, LearningRateShape, RoutingMetrics
+from ._training import train
+from .callbacks import LR_SCHEDULES
 from .diagnostics import expert_utilization
 from .nn import ACTIVATIONS, OVERFLOW_POLICIES, ROUTERS, MixtureOfExperts
 from .nn.embeddings import NUMERIC_EMBEDDINGS, fit_embedding_layout
@@ -38,10 +38,6 @@ _NEGLIGIBLE_WEIGHT = 1e-30
 # Sparse X (e.g. one-hot output of a ColumnTransformer) is densified up to this many cells
 # (2 GiB as float64); beyond it densifying would exhaust memory, so it is an error.
 _MAX_DENSE_CELLS = 2**28
-
-
-def _silent(*args, **kwargs):
-    pass
 
 
 def _densify(X, warn: bool):
@@ -327,17 +323,7 @@ class BaseMoE(BaseEstimator):
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(init_seed)
             module = self.module_ if reuse else self._build_module(X.shape[1], device, layout, bins)
-            net = self._build_net(module, device, train_table, valid_table, generator, extra_callbacks)
-            net.initialize()
-            net.fit(train_table, y=None)
-        module.eval()
-        drop_callbacks(net, {name for name, _ in extra_callbacks})
-        if net.interrupted_:
-            report_interruption(net)
-        net.train_split = None  # don't keep (and pickle) the validation rows
-        for _, callback in net.callbacks_:
-            if isinstance(callback, EarlyStopping):
-                callback.best_model_weights_ = None
+            net = train(self, module, device, train_table, valid_table, generator, extra_callbacks)
 
         self._x_mean, self._x_scale = x_mean, x_scale
         if not reuse:
@@ -404,70 +390,11 @@ class BaseMoE(BaseEstimator):
             embedding_n_bins=n_bins.tolist() if embedding == "piecewise_linear" and bins is None else None,
         ).to(device)
 
-    def _build_net(self, module, device, train_table, valid_table, generator, extra_callbacks=()):
-        has_valid = valid_table is not None
-        monitor = "valid_loss" if has_valid else "train_loss"
-        sink = print if self.verbose else _silent
-        callbacks = [
-            ("routing", RoutingMetrics()),
-            ("lr_scheduler", self._lr_scheduler(monitor, len(train_table))),
-            ("early_stopping", EarlyStopping(
-                monitor=monitor, patience=self.n_iter_no_change, threshold=self.tol,
-                threshold_mode="rel", load_best=self.early_stopping, sink=sink)),
-        ]
-        if self.max_grad_norm is not None:
-            callbacks.append(("gradient_clipping", GradientNormClipping(self.max_grad_norm)))
-        if self.balance_loss == "aux_free":
-            callbacks.append(("aux_free_balancing", AuxFreeBalancing(self.balance_coef)))
-        if self.verbose:
-            callbacks.append(("progress_bar", ProgressBar()))
-        callbacks.extend(extra_callbacks)
-        return MoENet(
-            module,
-            criterion=self._criterion(),
-            optimizer=torch.optim.AdamW,
-            lr=self.learning_rate,
-            optimizer__weight_decay=self.weight_decay,
-            optimizer__fused=True,
-            optimizer__param_groups=[("router.*", {"lr": self.learning_rate * self.router_lr_scale})],
-            max_epochs=self.max_epochs,
-            batch_size=self._batch_size(len(train_table)),
-            train_split=PredefinedSplit(valid_table) if has_valid else None,
-            callbacks=callbacks,
-            device=device,
-            verbose=int(self.verbose),
-            warm_start=True,
-            balance_coef=self.balance_coef,
-            z_loss_coef=self.z_loss_coef,
-            diversity_coef=self.diversity_coef,
-            autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None,
-            shuffle_generator=generator,
-            expert_loss=self.expert_loss,
-            # With one expert there is nothing to diversify: it trains on every row.
-            expert_subsample=self.expert_subsample if self.n_experts > 1 else 1.0,
-        )
-
-    def _lr_scheduler(self, monitor: str, n_train: int) -> LRScheduler:
-        if self.lr_schedule == "plateau":
-            return LRScheduler(policy="ReduceLROnPlateau", monitor=monitor, mode="min", factor=0.3,
-                               patience=max(1, self.n_iter_no_change // 3), threshold=self.tol)
-        steps = self.max_epochs * max(1, -(-n_train // self._batch_size(n_train)))
-        return LRScheduler(policy=torch.optim.lr_scheduler.LambdaLR, step_every="batch",
-                           lr_lambda=LearningRateShape(self.lr_schedule, steps))
-
     @property
     def _top_k(self) -> int:
         """Experts per row: ``top_k``, at most ``n_experts`` (so ``n_experts=1`` needs no
         ``top_k=1`` alongside it). The switch router always uses 1."""
         return min(self.top_k, self.n_experts)
-
-    def _batch_size(self, n_train: int) -> int:
-        """``"auto"``: about n/32 rounded down to a power of 2, within [32, 256], so that small
-        data sets still get enough optimizer steps per epoch."""
-        if self.batch_size == "auto":
-            size = 2 ** int(np.floor(np.log2(max(n_train / 32, 1))))
-            return int(min(n_train, min(256, max(32, size))))
-        return min(self.batch_size, n_train)
 
     def _history_frame(self, history) -> pd.DataFrame:
         rows = [{key: value for key, value in epoch.items() if key != "batches"} for epoch in history]

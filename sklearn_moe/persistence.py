@@ -37,6 +37,7 @@ from sklearn.utils.validation import check_is_fitted
 from skorch.history import History
 
 from ._data import TensorTable
+from ._training import build_net
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
@@ -405,7 +406,7 @@ def _assemble(estimator, document: dict, state: dict, device: str):
     batch_size = document["net"]["batch_size"]
     has_valid = any("valid_loss" in epoch for epoch in document["history"])
     placeholder = TensorTable(torch.empty(batch_size, 0))  # only its length is read
-    net = estimator._build_net(module, device, placeholder, placeholder if has_valid else None, torch.Generator())
+    net = build_net(estimator, module, device, placeholder, placeholder if has_valid else None, torch.Generator())
     net.initialize()  # keeps the given module instance: its loaded weights stay
     net.batch_size = batch_size
     net.train_split = None

@@ -1,0 +1,107 @@
+"""Training: everything skorch, apart from the estimators.
+
+:func:`train` builds the training net for a module (optimizer, callbacks, validation split),
+runs it and cleans it up; :func:`build_net` builds it alone (persistence rebuilds a fitted
+net without training). Both read the hyperparameters from ``params``, the estimator.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, ProgressBar
+
+from ._data import TensorTable
+from ._net import MoENet, PredefinedSplit, drop_callbacks, report_interruption
+from .callbacks import AuxFreeBalancing, LearningRateShape, RoutingMetrics
+
+
+def _silent(*args, **kwargs):
+    pass
+
+
+def train(params, module, device: str, train_table: TensorTable, valid_table: TensorTable | None,
+          generator: torch.Generator, extra_callbacks=()) -> MoENet:
+    """Train ``module`` on ``train_table`` (early stopping on ``valid_table`` when given).
+
+    Returns the trained net, ready to keep on a fitted estimator: the module in eval mode,
+    the fit-only ``extra_callbacks`` removed, no validation rows or early-stopping weight
+    copies kept. An interrupted fit (KeyboardInterrupt) is reported as a warning.
+    """
+    net = build_net(params, module, device, train_table, valid_table, generator, extra_callbacks)
+    net.initialize()
+    net.fit(train_table, y=None)
+    module.eval()
+    drop_callbacks(net, {name for name, _ in extra_callbacks})
+    if net.interrupted_:
+        report_interruption(net)
+    net.train_split = None  # don't keep (and pickle) the validation rows
+    for _, callback in net.callbacks_:
+        if isinstance(callback, EarlyStopping):
+            callback.best_model_weights_ = None
+    return net
+
+
+def build_net(params, module, device: str, train_table: TensorTable, valid_table: TensorTable | None,
+              generator: torch.Generator, extra_callbacks=()) -> MoENet:
+    """The skorch net that trains ``module`` with the hyperparameters of ``params``."""
+    has_valid = valid_table is not None
+    monitor = "valid_loss" if has_valid else "train_loss"
+    sink = print if params.verbose else _silent
+    callbacks = [
+        ("routing", RoutingMetrics()),
+        ("lr_scheduler", _lr_scheduler(params, monitor, len(train_table))),
+        ("early_stopping", EarlyStopping(
+            monitor=monitor, patience=params.n_iter_no_change, threshold=params.tol,
+            threshold_mode="rel", load_best=params.early_stopping, sink=sink)),
+    ]
+    if params.max_grad_norm is not None:
+        callbacks.append(("gradient_clipping", GradientNormClipping(params.max_grad_norm)))
+    if params.balance_loss == "aux_free":
+        callbacks.append(("aux_free_balancing", AuxFreeBalancing(params.balance_coef)))
+    if params.verbose:
+        callbacks.append(("progress_bar", ProgressBar()))
+    callbacks.extend(extra_callbacks)
+    return MoENet(
+        module,
+        criterion=params._criterion(),
+        optimizer=torch.optim.AdamW,
+        lr=params.learning_rate,
+        optimizer__weight_decay=params.weight_decay,
+        optimizer__fused=True,
+        optimizer__param_groups=[("router.*", {"lr": params.learning_rate * params.router_lr_scale})],
+        max_epochs=params.max_epochs,
+        batch_size=batch_size(params.batch_size, len(train_table)),
+        train_split=PredefinedSplit(valid_table) if has_valid else None,
+        callbacks=callbacks,
+        device=device,
+        verbose=int(params.verbose),
+        warm_start=True,
+        balance_coef=params.balance_coef,
+        z_loss_coef=params.z_loss_coef,
+        diversity_coef=params.diversity_coef,
+        autocast_dtype=torch.bfloat16 if params.precision == "bf16" else None,
+        shuffle_generator=generator,
+        expert_loss=params.expert_loss,
+        # With one expert there is nothing to diversify: it trains on every row.
+        expert_subsample=params.expert_subsample if params.n_experts > 1 else 1.0,
+    )
+
+
+def batch_size(setting, n_train: int) -> int:
+    """Rows per optimizer step: ``setting`` (at most ``n_train``), or for ``"auto"`` about
+    ``n_train / 32`` rounded down to a power of 2, within [32, 256], so that small data sets
+    still get enough optimizer steps per epoch."""
+    if setting == "auto":
+        size = 2 ** int(np.floor(np.log2(max(n_train / 32, 1))))
+        return int(min(n_train, min(256, max(32, size))))
+    return min(setting, n_train)
+
+
+def _lr_scheduler(params, monitor: str, n_train: int) -> LRScheduler:
+    if params.lr_schedule == "plateau":
+        return LRScheduler(policy="ReduceLROnPlateau", monitor=monitor, mode="min", factor=0.3,
+                           patience=max(1, params.n_iter_no_change // 3), threshold=params.tol)
+    steps = params.max_epochs * max(1, -(-n_train // batch_size(params.batch_size, n_train)))
+    return LRScheduler(policy=torch.optim.lr_scheduler.LambdaLR, step_every="batch",
+                       lr_lambda=LearningRateShape(params.lr_schedule, steps))
