@@ -82,6 +82,13 @@ class BaseMoE(BaseEstimator):
     prediction methods.
     """
 
+    #: Every attribute a fit sets (the subclasses add their target encoding's): clearing a
+    #: failed fit and persistence (all but ``net_``, ``history_`` and the optional
+    #: ``feature_names_in_``, which it stores its own way) use this list.
+    _fitted_attributes: tuple = ("net_", "n_iter_", "history_", "expert_load_", "n_features_in_",
+                                 "feature_names_in_", "_x_mean", "_x_scale", "_n_outputs", "_embedding_columns",
+                                 "_embedding_n_bins")
+
     _parameter_constraints: dict = {
         "n_experts": [Interval(Integral, 1, None, closed="left")],
         "top_k": [Interval(Integral, 1, None, closed="left")],
@@ -412,9 +419,7 @@ class BaseMoE(BaseEstimator):
         return expert_utilization((gates > 0).sum(axis=0))
 
     def _clear_fitted_state(self):
-        for name in ("net_", "n_iter_", "history_", "expert_load_", "n_features_in_",
-                     "feature_names_in_", "classes_", "_x_mean", "_x_scale", "_y_mean", "_y_scale",
-                     "_y_ndim", "_n_outputs", "_embedding_columns", "_embedding_n_bins"):
+        for name in self._fitted_attributes:
             self.__dict__.pop(name, None)
 
     def __sklearn_tags__(self):

@@ -63,6 +63,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     """
     )
 
+    _fitted_attributes = BaseMoE._fitted_attributes + ("classes_",)
     _parameter_constraints: dict = {
         **BaseMoE._parameter_constraints,
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],

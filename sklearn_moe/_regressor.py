@@ -59,6 +59,8 @@ class MoERegressor(RegressorMixin, BaseMoE):
     """
     )
 
+    _fitted_attributes = BaseMoE._fitted_attributes + ("_y_mean", "_y_scale", "_y_ndim")
+
     def _target_validation_kwargs(self):
         return {"multi_output": True, "y_numeric": True}
 

@@ -56,15 +56,18 @@ _KINDS = ("MoERegressor", "MoEClassifier")
 _TUPLE_PARAMS = ("expert_hidden", "gate_hidden")
 
 _DOCUMENT_KEYS = {"format", "format_version", "library_version", "kind", "params", "fitted", "history", "net"}
-_COMMON_FITTED = ("n_features_in_", "n_iter_", "expert_load_", "_x_mean", "_x_scale", "_n_outputs",
-                  "_embedding_columns", "_embedding_n_bins")
-_REQUIRED_FITTED = {
-    "MoERegressor": _COMMON_FITTED + ("_y_mean", "_y_scale", "_y_ndim"),
-    "MoEClassifier": _COMMON_FITTED + ("classes_",),
-}
+# Fitted attributes stored elsewhere in the file (the net's weights and history) or only
+# when present (feature names).
+_STORED_APART = ("net_", "history_")
 _OPTIONAL_FITTED = ("feature_names_in_",)
 _INT_FITTED = ("n_features_in_", "n_iter_", "_n_outputs", "_y_ndim")
 _SCALARS = (bool, int, float, str)
+
+
+def _required_fitted(kind: str) -> tuple:
+    """The fitted attributes a file of ``kind`` holds in its ``fitted`` section."""
+    return tuple(name for name in _kind_classes()[kind]._fitted_attributes
+                 if name not in _STORED_APART + _OPTIONAL_FITTED)
 
 
 def _kind_classes() -> dict:
@@ -110,7 +113,7 @@ def save(estimator, path) -> None:
         raise TypeError(f"save() stores MoERegressor and MoEClassifier estimators, not {type(estimator).__name__}.")
     check_is_fitted(estimator)
     fitted = {}
-    for name in _REQUIRED_FITTED[kind] + _OPTIONAL_FITTED:
+    for name in _required_fitted(kind) + _OPTIONAL_FITTED:
         if hasattr(estimator, name):
             value = getattr(estimator, name)
             fitted[name] = int(value) if name in _INT_FITTED else _encode_array(name, value)
@@ -294,7 +297,7 @@ def _restore_fitted(estimator, document: dict) -> None:
     if document["format_version"] == 1:  # no numeric embeddings then
         empty = _encode_array("", np.zeros(0, dtype=np.int64))
         fitted = {"_embedding_columns": empty, "_embedding_n_bins": empty, **fitted}
-    required = set(_REQUIRED_FITTED[kind])
+    required = set(_required_fitted(kind))
     unknown = sorted(set(fitted) - required - set(_OPTIONAL_FITTED))
     missing = sorted(required - set(fitted))
     if unknown or missing:

@@ -465,6 +465,18 @@ def test_upweighted_class_pulls_classifier_predictions():
 # ---------------------------------------------------------------------------- fitted attributes
 
 
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_a_fit_sets_exactly_the_declared_fitted_attributes(estimator_class):
+    X, y = _data_for(estimator_class, n=80)
+    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(X.shape[1])])
+    model = estimator_class(**dict(FAST, max_epochs=2))
+    before = set(vars(model))
+    model.fit(frame, y)
+    assert set(vars(model)) - before == set(estimator_class._fitted_attributes)
+    model._clear_fitted_state()
+    assert set(vars(model)) == before
+
+
 def test_fitted_attributes(fitted):
     model, X, _ = fitted
     assert isinstance(model.n_iter_, int)
