@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import warnings
-from numbers import Integral, Real
-
 import numpy as np
-import pandas as pd
-import scipy.sparse as sp
 import torch
 from sklearn.base import BaseEstimator
-from sklearn.exceptions import DataConversionWarning
 from sklearn.utils import check_random_state
-from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted
 
 from ._data import TensorTable
-from ._net import module_device, named_callbacks
+from ._net import named_callbacks
+from ._parameters import PARAMETER_CONSTRAINTS, check_hyperparameters
 from ._scaling import fit_robust_scaler, scale_features
-from ._training import train
-from .callbacks import LR_SCHEDULES
+from ._training import history_frame, train
+from ._validation import relative_sample_weight, validate_input
 from .diagnostics import expert_utilization
-from .nn import ACTIVATIONS, OVERFLOW_POLICIES, ROUTERS, MixtureOfExperts
-from .nn.embeddings import NUMERIC_EMBEDDINGS, fit_embedding_layout
-from .nn.losses import BALANCE_LOSSES, EXPERT_LOSSES
-from .nn.moe import EXPERT_TYPES
+from .nn import MixtureOfExperts
+from .nn.embeddings import fit_embedding_layout
 
 _PREDICT_BATCH_SIZE = 16384
 # Matrix products of one or two rows take other kernels (matrix-vector paths) than taller
@@ -32,47 +24,6 @@ _PREDICT_BATCH_SIZE = 16384
 # so that a row's prediction does not depend on the batch that holds it.
 _MIN_PREDICT_ROWS = 4
 _MIN_VALIDATION_ROWS = 2
-_NEGLIGIBLE_WEIGHT = 1e-30
-
-
-# Sparse X (e.g. one-hot output of a ColumnTransformer) is densified up to this many cells
-# (2 GiB as float64); beyond it densifying would exhaust memory, so it is an error.
-_MAX_DENSE_CELLS = 2**28
-
-
-def _densify(X, warn: bool):
-    if not sp.issparse(X):
-        return X
-    n_cells = X.shape[0] * X.shape[1]
-    if n_cells > _MAX_DENSE_CELLS:
-        raise ValueError(
-            f"Sparse X of shape {X.shape} is too large to densify ({n_cells} cells > "
-            f"{_MAX_DENSE_CELLS}). Reduce the number of one-hot columns (e.g. "
-            "OneHotEncoder(max_categories=...) or min_frequency) or use fewer rows."
-        )
-    if warn:
-        warnings.warn(
-            f"X is a sparse matrix; the experts need dense input, so X was densified "
-            f"({X.shape[0]} x {X.shape[1]}, {n_cells * 4 / 2**20:.1f} MiB as float32). Pass dense input to "
-            "silence this, e.g. OneHotEncoder(sparse_output=False) or ColumnTransformer(sparse_threshold=0).",
-            DataConversionWarning,
-            stacklevel=4,
-        )
-    return X.toarray()
-
-
-def _non_finite_columns(X) -> list:
-    """Names (DataFrame) or indices of the columns of X holding NaN or infinity."""
-    try:
-        if sp.issparse(X):
-            coo = sp.coo_matrix(X)
-            return np.unique(coo.col[~np.isfinite(coo.data.astype(np.float64))]).tolist()
-        values = X.to_numpy(dtype=np.float64, na_value=np.nan) if isinstance(X, pd.DataFrame) else X
-        bad = ~np.isfinite(np.asarray(values, dtype=np.float64)).all(axis=0)
-    except (TypeError, ValueError):
-        return []
-    names = X.columns if isinstance(X, pd.DataFrame) else np.arange(bad.shape[0])
-    return [name.item() if hasattr(name, "item") else name for name in names[bad]]
 
 
 class BaseMoE(BaseEstimator):
@@ -89,50 +40,7 @@ class BaseMoE(BaseEstimator):
                                  "feature_names_in_", "_x_mean", "_x_scale", "_n_outputs", "_embedding_columns",
                                  "_embedding_n_bins")
 
-    _parameter_constraints: dict = {
-        "n_experts": [Interval(Integral, 1, None, closed="left")],
-        "top_k": [Interval(Integral, 1, None, closed="left")],
-        "router": [StrOptions(set(ROUTERS))],
-        "temperature": [Interval(Real, 0, None, closed="neither")],
-        "capacity_factor": [None, Interval(Real, 1, None, closed="left")],
-        "balance_loss": [StrOptions(set(BALANCE_LOSSES)), None],
-        "balance_coef": [Interval(Real, 0, None, closed="left")],
-        "z_loss_coef": [Interval(Real, 0, None, closed="left")],
-        "expert_hidden": [tuple, list],
-        "shared_expert": ["boolean"],
-        "gate_hidden": [tuple, list],
-        "expert_dropout": [Interval(Real, 0, 1, closed="left")],
-        "capacity_overflow": [StrOptions(set(OVERFLOW_POLICIES))],
-        "top_p": [Interval(Real, 0, 1, closed="right")],
-        "learned_threshold": ["boolean"],
-        "n_groups": [Interval(Integral, 1, None, closed="left")],
-        "diversity_coef": [Interval(Real, 0, None, closed="left")],
-        "expert_grad_scaling": ["boolean"],
-        "expert_type": [StrOptions(set(EXPERT_TYPES))],
-        "expert_loss": [StrOptions(set(EXPERT_LOSSES))],
-        "expert_subsample": [Interval(Real, 0, 1, closed="right")],
-        "numeric_embedding": [StrOptions(set(NUMERIC_EMBEDDINGS)), None],
-        "activation": [StrOptions(set(ACTIVATIONS))],
-        "dropout": [Interval(Real, 0, 1, closed="left")],
-        "layer_norm": ["boolean"],
-        "skip_connections": ["boolean"],
-        "max_epochs": [Interval(Integral, 1, None, closed="left")],
-        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
-        "learning_rate": [Interval(Real, 0, None, closed="neither")],
-        "router_lr_scale": [Interval(Real, 0, None, closed="left")],
-        "lr_schedule": [StrOptions(set(LR_SCHEDULES))],
-        "weight_decay": [Interval(Real, 0, None, closed="left")],
-        "early_stopping": ["boolean"],
-        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
-        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
-        "tol": [Interval(Real, 0, None, closed="left")],
-        "max_grad_norm": [None, Interval(Real, 0, None, closed="neither")],
-        "device": [StrOptions({"auto", "cpu", "cuda"}), str],
-        "precision": [StrOptions({"float32", "bf16"})],
-        "random_state": ["random_state"],
-        "verbose": ["verbose"],
-        "warm_start": ["boolean"],
-    }
+    _parameter_constraints: dict = PARAMETER_CONSTRAINTS
 
     def __init__(
         self,
@@ -225,64 +133,12 @@ class BaseMoE(BaseEstimator):
 
     # ------------------------------------------------------------------ validation
     def _check_hyperparameters(self) -> str:
-        """Checks beyond ``_parameter_constraints``; returns the resolved torch device."""
-        self._validate_params()
-        for name in ("expert_hidden", "gate_hidden"):
-            hidden = getattr(self, name)
-            if not all(isinstance(h, Integral) and not isinstance(h, bool) and h >= 1 for h in hidden):
-                raise ValueError(
-                    f"The '{name}' parameter of {type(self).__name__} must be a tuple of "
-                    f"positive ints (hidden layer sizes, e.g. (128, 128)). Got {hidden!r} instead."
-                )
-        device = module_device(self.device)
-        if not (device == "cpu" or device.startswith("cuda")):
-            raise ValueError(
-                f"The 'device' parameter of {type(self).__name__} must be 'cpu', 'cuda', "
-                f"'cuda:N' or 'auto'. Got {self.device!r} instead."
-            )
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(
-                f"device={self.device!r} was requested but CUDA is not available on this "
-                "machine; use device='cpu' or device='auto'."
-            )
-        return device
+        """Validate the hyperparameters (see :func:`check_hyperparameters`); returns the device."""
+        return check_hyperparameters(self)
 
     def _validate_X(self, X, y="no_validation", reset=False, **kwargs):
-        """``validate_data`` with a clearer error for string columns."""
-        try:
-            validated = validate_data(
-                self, X, y, reset=reset, dtype=np.float64, accept_sparse=("csr", "csc", "coo"), **kwargs
-            )
-        except ValueError as error:
-            if "convert" in str(error) and "float" in str(error):
-                raise self._string_features_error(error, X) from error
-            if str(error).startswith("Input X contains"):
-                raise self._non_finite_error(error, X) from error
-            raise
-        if isinstance(validated, tuple):
-            return (_densify(validated[0], warn=reset), *validated[1:])
-        return _densify(validated, warn=reset)
-
-    def _non_finite_error(self, error: ValueError, X) -> ValueError:
-        columns = _non_finite_columns(X)
-        shown = ", ".join(repr(c) for c in columns[:10]) + (", ..." if len(columns) > 10 else "")
-        where = f" NaN or infinity in column(s) {shown}." if columns else ""
-        return ValueError(
-            f"{str(error).splitlines()[0]}{where} {type(self).__name__} needs finite inputs: impute "
-            "missing values first (e.g. sklearn.impute.SimpleImputer in a Pipeline) or drop those rows; "
-            "HistGradientBoosting handles NaN natively."
-        )
-
-    def _string_features_error(self, error: ValueError, X) -> ValueError:
-        columns = ""
-        if isinstance(X, pd.DataFrame):
-            names = list(X.select_dtypes(exclude=["number", "bool"]).columns)
-            columns = f" Non-numeric columns: {names}."
-        return ValueError(
-            f"{type(self).__name__} needs numeric features, but X contains strings "
-            f"({error}).{columns} Encode categorical columns first, for example with "
-            "sklearn.compose.ColumnTransformer and a OneHotEncoder in a Pipeline."
-        )
+        """``validate_data`` with clearer errors (see :func:`validate_input`)."""
+        return validate_input(self, X, y, reset=reset, **kwargs)
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, X, y, sample_weight=None, callbacks=None):
@@ -300,14 +156,7 @@ class BaseMoE(BaseEstimator):
         device = self._check_hyperparameters()
         X, y = self._validate_X(X, y, reset=not reuse, **self._target_validation_kwargs())
         if sample_weight is not None:
-            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
-            if not sample_weight.max() > 0:
-                raise ValueError("sample_weight must contain at least one positive weight.")
-            # Only relative weights matter; this keeps sums and means of tiny (subnormal) or
-            # huge weights from underflowing or overflowing. Weights below 1e-30 of the
-            # largest vanish in float32 training anyway: they count as 0 everywhere.
-            sample_weight = sample_weight / sample_weight.max()
-            sample_weight[sample_weight < _NEGLIGIBLE_WEIGHT] = 0.0
+            sample_weight = relative_sample_weight(sample_weight, X)
         targets = self._encode_targets(y, sample_weight, reset=not reuse)
         if reuse:
             x_mean, x_scale = self._x_mean, self._x_scale
@@ -337,7 +186,7 @@ class BaseMoE(BaseEstimator):
             self._embedding_columns, self._embedding_n_bins = layout
         self.net_ = net
         self.n_iter_ = len(net.history)
-        self.history_ = self._history_frame(net.history)
+        self.history_ = history_frame(net.history)
         self.expert_load_ = self._expert_load(table.X)
         return self
 
@@ -402,14 +251,6 @@ class BaseMoE(BaseEstimator):
         """Experts per row: ``top_k``, at most ``n_experts`` (so ``n_experts=1`` needs no
         ``top_k=1`` alongside it). The switch router always uses 1."""
         return min(self.top_k, self.n_experts)
-
-    def _history_frame(self, history) -> pd.DataFrame:
-        rows = [{key: value for key, value in epoch.items() if key != "batches"} for epoch in history]
-        frame = pd.DataFrame(rows)
-        # Plain object column labels: pandas' default string dtype is pyarrow-backed where
-        # pyarrow is installed, and a pickle holding it would not load where it is not.
-        frame.columns = pd.Index(frame.columns.tolist(), dtype=object)
-        return frame.set_index("epoch", drop=False) if "epoch" in frame else frame
 
     def _expert_load(self, X_scaled: torch.Tensor) -> np.ndarray:
         gates = self._gates(X_scaled)

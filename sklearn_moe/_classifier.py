@@ -15,7 +15,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 
 from ._base import BaseMoE
-from ._parameters_doc import PARAMETERS
+from ._parameters import PARAMETERS
 
 
 class MoEClassifier(ClassifierMixin, BaseMoE):

@@ -7,7 +7,7 @@ from sklearn.base import RegressorMixin
 from torch import nn
 
 from ._base import BaseMoE
-from ._parameters_doc import PARAMETERS
+from ._parameters import PARAMETERS
 from ._scaling import fit_standardizer
 
 

@@ -8,6 +8,7 @@ net without training). Both read the hyperparameters from ``params``, the estima
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, ProgressBar
 
@@ -86,6 +87,16 @@ def build_net(params, module, device: str, train_table: TensorTable, valid_table
         # With one expert there is nothing to diversify: it trains on every row.
         expert_subsample=params.expert_subsample if params.n_experts > 1 else 1.0,
     )
+
+
+def history_frame(history) -> pd.DataFrame:
+    """The net's per-epoch history as a DataFrame (without the per-batch records)."""
+    rows = [{key: value for key, value in epoch.items() if key != "batches"} for epoch in history]
+    frame = pd.DataFrame(rows)
+    # Plain object column labels: pandas' default string dtype is pyarrow-backed where
+    # pyarrow is installed, and a pickle holding it would not load where it is not.
+    frame.columns = pd.Index(frame.columns.tolist(), dtype=object)
+    return frame.set_index("epoch", drop=False) if "epoch" in frame else frame
 
 
 def batch_size(setting, n_train: int) -> int:

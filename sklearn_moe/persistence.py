@@ -37,7 +37,7 @@ from sklearn.utils.validation import check_is_fitted
 from skorch.history import History
 
 from ._data import TensorTable
-from ._training import build_net
+from ._training import build_net, history_frame
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
@@ -415,5 +415,5 @@ def _assemble(estimator, document: dict, state: dict, device: str):
     net.train_split = None
     net.history = History([{"batches": [], **epoch} for epoch in document["history"]])
     estimator.net_ = net
-    estimator.history_ = estimator._history_frame(net.history)
+    estimator.history_ = history_frame(net.history)
     return estimator

@@ -425,9 +425,9 @@ def test_sparse_input_is_densified_with_a_warning_in_fit(estimator_class):
 def test_too_large_sparse_input_is_rejected(monkeypatch):
     import scipy.sparse as sp
 
-    import sklearn_moe._base as base
+    import sklearn_moe._validation as validation
 
-    monkeypatch.setattr(base, "_MAX_DENSE_CELLS", 100)
+    monkeypatch.setattr(validation, "_MAX_DENSE_CELLS", 100)
     X, y = _data(MoERegressor)
     with pytest.raises(ValueError, match="too large to densify"):
         MoERegressor(**TINY).fit(sp.csr_matrix(X), y)

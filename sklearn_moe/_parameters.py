@@ -1,5 +1,64 @@
-"""The constructor parameters shared by :class:`MoERegressor` and :class:`MoEClassifier`,
-documented once: the body of both docstrings' ``Parameters`` section."""
+"""The constructor parameters shared by :class:`MoERegressor` and :class:`MoEClassifier`:
+their constraints (scikit-learn's parameter validation) and their documentation, the body of
+both docstrings' ``Parameters`` section."""
+
+from numbers import Integral, Real
+
+import torch
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from ._net import module_device
+from .callbacks import LR_SCHEDULES
+from .nn import ACTIVATIONS, OVERFLOW_POLICIES, ROUTERS
+from .nn.embeddings import NUMERIC_EMBEDDINGS
+from .nn.losses import BALANCE_LOSSES, EXPERT_LOSSES
+from .nn.moe import EXPERT_TYPES
+
+PARAMETER_CONSTRAINTS: dict = {
+    "n_experts": [Interval(Integral, 1, None, closed="left")],
+    "top_k": [Interval(Integral, 1, None, closed="left")],
+    "router": [StrOptions(set(ROUTERS))],
+    "temperature": [Interval(Real, 0, None, closed="neither")],
+    "capacity_factor": [None, Interval(Real, 1, None, closed="left")],
+    "balance_loss": [StrOptions(set(BALANCE_LOSSES)), None],
+    "balance_coef": [Interval(Real, 0, None, closed="left")],
+    "z_loss_coef": [Interval(Real, 0, None, closed="left")],
+    "expert_hidden": [tuple, list],
+    "shared_expert": ["boolean"],
+    "gate_hidden": [tuple, list],
+    "expert_dropout": [Interval(Real, 0, 1, closed="left")],
+    "capacity_overflow": [StrOptions(set(OVERFLOW_POLICIES))],
+    "top_p": [Interval(Real, 0, 1, closed="right")],
+    "learned_threshold": ["boolean"],
+    "n_groups": [Interval(Integral, 1, None, closed="left")],
+    "diversity_coef": [Interval(Real, 0, None, closed="left")],
+    "expert_grad_scaling": ["boolean"],
+    "expert_type": [StrOptions(set(EXPERT_TYPES))],
+    "expert_loss": [StrOptions(set(EXPERT_LOSSES))],
+    "expert_subsample": [Interval(Real, 0, 1, closed="right")],
+    "numeric_embedding": [StrOptions(set(NUMERIC_EMBEDDINGS)), None],
+    "activation": [StrOptions(set(ACTIVATIONS))],
+    "dropout": [Interval(Real, 0, 1, closed="left")],
+    "layer_norm": ["boolean"],
+    "skip_connections": ["boolean"],
+    "max_epochs": [Interval(Integral, 1, None, closed="left")],
+    "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+    "learning_rate": [Interval(Real, 0, None, closed="neither")],
+    "router_lr_scale": [Interval(Real, 0, None, closed="left")],
+    "lr_schedule": [StrOptions(set(LR_SCHEDULES))],
+    "weight_decay": [Interval(Real, 0, None, closed="left")],
+    "early_stopping": ["boolean"],
+    "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+    "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+    "tol": [Interval(Real, 0, None, closed="left")],
+    "max_grad_norm": [None, Interval(Real, 0, None, closed="neither")],
+    "device": [StrOptions({"auto", "cpu", "cuda"}), str],
+    "precision": [StrOptions({"float32", "bf16"})],
+    "random_state": ["random_state"],
+    "verbose": ["verbose"],
+    "warm_start": ["boolean"],
+}
+
 
 PARAMETERS = """\
     n_experts : int, default=8
@@ -140,3 +199,29 @@ PARAMETERS = """\
         Continue training the fitted model instead of starting afresh; the input scaling
         and the target encoding (scaling, or classes) of the first fit are kept.
 """
+
+
+def check_hyperparameters(estimator) -> str:
+    """Validate ``estimator``'s hyperparameters (its ``_parameter_constraints`` and what they
+    cannot say: hidden sizes, the device); returns the resolved torch device."""
+    estimator._validate_params()
+    name = type(estimator).__name__
+    for param in ("expert_hidden", "gate_hidden"):
+        hidden = getattr(estimator, param)
+        if not all(isinstance(h, Integral) and not isinstance(h, bool) and h >= 1 for h in hidden):
+            raise ValueError(
+                f"The '{param}' parameter of {name} must be a tuple of "
+                f"positive ints (hidden layer sizes, e.g. (128, 128)). Got {hidden!r} instead."
+            )
+    device = module_device(estimator.device)
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ValueError(
+            f"The 'device' parameter of {name} must be 'cpu', 'cuda', "
+            f"'cuda:N' or 'auto'. Got {estimator.device!r} instead."
+        )
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={estimator.device!r} was requested but CUDA is not available on this "
+            "machine; use device='cpu' or device='auto'."
+        )
+    return device
