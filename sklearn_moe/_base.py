@@ -29,8 +29,9 @@ _MIN_VALIDATION_ROWS = 2
 class BaseMoE(BaseEstimator):
     """Shared implementation of :class:`MoERegressor` and :class:`MoEClassifier`.
 
-    Subclasses provide ``_encode_targets``, ``_criterion``, ``_n_outputs`` and the public
-    prediction methods.
+    Subclasses provide ``_encode_targets`` (the training targets and the fitted target
+    encoding, ``_n_outputs`` included), ``_criterion``, their ``_fitted_attributes`` and
+    the public prediction methods.
     """
 
     #: Every attribute a fit sets (the subclasses add their target encoding's): clearing a
@@ -157,7 +158,8 @@ class BaseMoE(BaseEstimator):
         X, y = self._validate_X(X, y, reset=not reuse, **self._target_validation_kwargs())
         if sample_weight is not None:
             sample_weight = relative_sample_weight(sample_weight, X)
-        targets = self._encode_targets(y, sample_weight, reset=not reuse)
+        targets, target_encoding = self._encode_targets(y, sample_weight, reset=not reuse)
+        vars(self).update(target_encoding)
         if reuse:
             x_mean, x_scale = self._x_mean, self._x_scale
         else:

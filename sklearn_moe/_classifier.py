@@ -83,6 +83,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         return {}
 
     def _encode_targets(self, y, sample_weight, reset):
+        """Class indices into ``classes_``, and the target encoding to keep (``classes_``
+        on a first fit, and ``_n_outputs``)."""
         check_classification_targets(y)
         classes, encoded = np.unique(y, return_inverse=True)
         if reset:
@@ -91,7 +93,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                     f"{type(self).__name__} needs samples of at least 2 classes in y, but y "
                     f"contains only one class: {classes[0]!r}."
                 )
-            self.classes_ = classes
+            state = {"classes_": classes}
         else:
             unknown = np.setdiff1d(classes, self.classes_)
             if unknown.size:
@@ -99,14 +101,13 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                     f"warm_start: y has classes {unknown.tolist()} not seen in the first fit "
                     f"(classes_={self.classes_.tolist()}); set warm_start=False to start afresh."
                 )
-            encoded = np.searchsorted(self.classes_, y)
+            classes, encoded, state = self.classes_, np.searchsorted(self.classes_, y), {}
         if sample_weight is not None and np.unique(encoded[sample_weight > 0]).shape[0] < 2:
             raise ValueError(
                 "Only one class has a positive sample_weight; a classifier needs at least 2 "
                 "classes with positive weight."
             )
-        self._n_outputs = self.classes_.shape[0]
-        return encoded.astype(np.int64)
+        return encoded.astype(np.int64), {**state, "_n_outputs": classes.shape[0]}
 
     def _split_order(self, targets, n_valid, rng):
         """Stratified when every class can appear on both sides, else a plain shuffle."""

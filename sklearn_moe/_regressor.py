@@ -65,24 +65,27 @@ class MoERegressor(RegressorMixin, BaseMoE):
         return {"multi_output": True, "y_numeric": True}
 
     def _encode_targets(self, y, sample_weight, reset):
+        """Standardised float32 targets, and the target encoding to keep (``_y_ndim``,
+        ``_y_mean`` and ``_y_scale`` on a first fit, and ``_n_outputs``)."""
         y = np.asarray(y, dtype=np.float64)
-        if reset:
-            self._y_ndim = y.ndim
         y2d = y.reshape(len(y), -1)
         if reset:
             # A constant target gets scale 0, so that it is predicted exactly.
-            self._y_mean, self._y_scale = fit_standardizer(y2d, sample_weight, constant_scale=0.0)
+            y_mean, y_scale = fit_standardizer(y2d, sample_weight, constant_scale=0.0)
+            state = {"_y_ndim": y.ndim, "_y_mean": y_mean, "_y_scale": y_scale}
         elif y2d.shape[1] != self._y_mean.shape[0]:
             raise ValueError(
                 f"warm_start: y has {y2d.shape[1]} targets but the fitted model predicts "
                 f"{self._y_mean.shape[0]}; set warm_start=False to start afresh."
             )
-        self._n_outputs = y2d.shape[1]
+        else:
+            y_mean, y_scale, state = self._y_mean, self._y_scale, {}
         if sample_weight is not None:
             # Rows of weight 0 do not count, but a huge target there would still overflow
             # the scaling or the float32 loss (0 * inf = nan): they get the mean.
-            y2d = np.where((sample_weight > 0)[:, None], y2d, self._y_mean)
-        return ((y2d - self._y_mean) / np.where(self._y_scale > 0, self._y_scale, 1.0)).astype(np.float32)
+            y2d = np.where((sample_weight > 0)[:, None], y2d, y_mean)
+        targets = ((y2d - y_mean) / np.where(y_scale > 0, y_scale, 1.0)).astype(np.float32)
+        return targets, {**state, "_n_outputs": y2d.shape[1]}
 
     def _criterion(self):
         return nn.MSELoss(reduction="none")
