@@ -29,7 +29,7 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
     the fit-only ``extra_callbacks`` removed, no validation rows or early-stopping weight
     copies kept. An interrupted fit (KeyboardInterrupt) is reported as a warning.
     """
-    net = build_net(params, module, device, train_table, valid_table, generator, extra_callbacks)
+    net = build_net(params, module, device, len(train_table), valid_table, generator, extra_callbacks)
     net.initialize()
     net.fit(train_table, y=None)
     module.eval()
@@ -43,15 +43,16 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
     return net
 
 
-def build_net(params, module, device: str, train_table: TensorTable, valid_table: TensorTable | None,
-              generator: torch.Generator, extra_callbacks=()) -> MoENet:
-    """The skorch net that trains ``module`` with the hyperparameters of ``params``."""
+def build_net(params, module, device: str, n_train: int, valid_table: TensorTable | None = None,
+              generator: torch.Generator | None = None, extra_callbacks=()) -> MoENet:
+    """The skorch net that trains ``module`` on ``n_train`` rows (early stopping on
+    ``valid_table`` when given) with the hyperparameters of ``params``."""
     has_valid = valid_table is not None
     monitor = "valid_loss" if has_valid else "train_loss"
     sink = print if params.verbose else _silent
     callbacks = [
         ("routing", RoutingMetrics()),
-        ("lr_scheduler", _lr_scheduler(params, monitor, len(train_table))),
+        ("lr_scheduler", _lr_scheduler(params, monitor, n_train)),
         ("early_stopping", EarlyStopping(
             monitor=monitor, patience=params.n_iter_no_change, threshold=params.tol,
             threshold_mode="rel", load_best=params.early_stopping, sink=sink)),
@@ -72,7 +73,7 @@ def build_net(params, module, device: str, train_table: TensorTable, valid_table
         optimizer__fused=True,
         optimizer__param_groups=[("router.*", {"lr": params.learning_rate * params.router_lr_scale})],
         max_epochs=params.max_epochs,
-        batch_size=batch_size(params.batch_size, len(train_table)),
+        batch_size=batch_size(params.batch_size, n_train),
         train_split=PredefinedSplit(valid_table) if has_valid else None,
         callbacks=callbacks,
         device=device,

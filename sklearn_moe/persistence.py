@@ -36,7 +36,6 @@ from safetensors import SafetensorError, safe_open
 from sklearn.utils.validation import check_is_fitted
 from skorch.history import History
 
-from ._data import TensorTable
 from ._training import build_net, history_frame
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
@@ -407,12 +406,10 @@ def _assemble(estimator, document: dict, state: dict, device: str):
     module.load_state_dict(state, strict=True)
     module.eval()
     batch_size = document["net"]["batch_size"]
-    has_valid = any("valid_loss" in epoch for epoch in document["history"])
-    placeholder = TensorTable(torch.empty(batch_size, 0))  # only its length is read
-    net = build_net(estimator, module, device, placeholder, placeholder if has_valid else None, torch.Generator())
+    # The net of a loaded model predicts and holds the history; a warm start trains a new one.
+    net = build_net(estimator, module, device, batch_size)
     net.initialize()  # keeps the given module instance: its loaded weights stay
     net.batch_size = batch_size
-    net.train_split = None
     net.history = History([{"batches": [], **epoch} for epoch in document["history"]])
     estimator.net_ = net
     estimator.history_ = history_frame(net.history)
