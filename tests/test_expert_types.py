@@ -265,7 +265,6 @@ def test_uniform_router_weighs_every_expert_equally():
     torch.testing.assert_close(routing.probs, torch.full((5, 4), 0.25))
     torch.testing.assert_close(routing.weights, torch.full((5, 4), 0.25))
     assert torch.equal(routing.logits, torch.zeros(5, 4))
-    assert routing.dense
     assert torch.equal(routing.indices, torch.arange(4).expand(5, -1))
 
 

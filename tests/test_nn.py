@@ -99,7 +99,7 @@ def test_sparse_dispatch_with_all_experts_matches_dense_combine(expert_hidden):
     module = make_moe(top_k=4, expert_hidden=expert_hidden)
     x = inputs(13)
     routing = module.router(x)
-    assert routing.dense
+    assert module.router.is_dense
     plan = plan_dispatch(routing.indices, routing.weights, 4)
     assert plan.n_slots == 13
     assert plan.counts.tolist() == [13] * 4
@@ -182,7 +182,7 @@ def test_topk_router_choices_and_weights(n_experts, top_k):
     expected = expected / expected.sum(1, keepdim=True)
     torch.testing.assert_close(gates.double(), expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(routing.probs.double(), probs, rtol=1e-5, atol=1e-7)
-    assert routing.dense == (top_k == n_experts)
+    assert module.router.is_dense == (top_k == n_experts)
 
 
 def test_topk_router_on_explicit_logits():

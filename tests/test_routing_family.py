@@ -78,7 +78,7 @@ def test_top_p_picks_the_minimal_prefix_reaching_top_p(top_p, n_active):
     torch.testing.assert_close(routing.weights.sum(1), torch.ones(6))
     assert (routing.weights[~routing.active] == 0).all()
     torch.testing.assert_close(routing.probs, torch.tensor(PROBS).expand(6, -1))
-    assert routing.dense is False
+    assert router.is_dense is False
     # the scores rank the experts in the order they were chosen (rerouting's next choices)
     assert routing.scores.argsort(dim=1, descending=True).tolist() == [ORDER] * 6
 
@@ -206,11 +206,11 @@ def test_hierarchical_router_probabilities_and_choices(n_groups, top_k):
     torch.testing.assert_close(routing.probs.double(), leaf, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(routing.probs.sum(1), torch.ones(40))
     if top_k == 6:
-        assert routing.dense is True
+        assert router.is_dense is True
         assert routing.indices.tolist() == [list(range(6))] * 40
         torch.testing.assert_close(routing.weights, routing.probs)
         return
-    assert routing.dense is False
+    assert router.is_dense is False
     k = min(top_k, 6 // n_groups)
     assert routing.indices.shape == (40, k)
     best_group = q.argmax(dim=1)

@@ -295,9 +295,8 @@ class MixtureOfExperts(nn.Module):
             weights = weights / weights.sum(dim=1, keepdim=True)
         return active, weights
 
-    @staticmethod
-    def _gates(routing, active: torch.Tensor | None, weights: torch.Tensor) -> torch.Tensor:
-        if routing.dense and active is None:
+    def _gates(self, routing, active: torch.Tensor | None, weights: torch.Tensor) -> torch.Tensor:
+        if self.router.is_dense and active is None:
             return routing.probs
         return routing.probs.new_zeros(routing.probs.shape).scatter(1, routing.indices, weights)
 
@@ -309,7 +308,7 @@ class MixtureOfExperts(nn.Module):
         active, weights = self._active_weights(routing)
         n = x.shape[0]
         small_eval = self.expert_type == "independent" and not self.training and n <= DENSE_EVAL_MAX_ROWS
-        if routing.dense or small_eval:
+        if self.router.is_dense or small_eval:
             assignments = dense_assignments(x, self.experts, self._gates(routing, active, weights))
             plan_counts, n_dropped = None, torch.zeros((), dtype=torch.long, device=x.device)
         else:

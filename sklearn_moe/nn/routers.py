@@ -25,9 +25,8 @@ class Routing(NamedTuple):
     indices : Tensor of shape (n, k), int64
         Chosen experts per row, best first.
     weights : Tensor of shape (n, k)
-        Gate weights of the chosen experts; each row sums to 1.
-    dense : bool
-        True when every row uses every expert (``k == n_experts``).
+        Gate weights of the chosen experts; each row sums to 1. Whether every row uses
+        every expert is the router's :attr:`Router.is_dense`.
     selection_probs : Tensor of shape (n, n_experts) or None
         Differentiable probability that each expert is selected for each row (the noisy
         top-k router's smooth load estimate); None where selection is deterministic.
@@ -43,7 +42,6 @@ class Routing(NamedTuple):
     probs: torch.Tensor
     indices: torch.Tensor
     weights: torch.Tensor
-    dense: bool
     selection_probs: torch.Tensor | None = None
     active: torch.Tensor | None = None
     scores: torch.Tensor | None = None
@@ -129,7 +127,7 @@ class SoftmaxRouter(Router):
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         indices = torch.arange(self.n_experts, device=x.device).expand(x.shape[0], -1)
-        return Routing(logits, probs, indices, probs, dense=True)
+        return Routing(logits, probs, indices, probs)
 
 
 class UniformRouter(Router):
@@ -154,7 +152,7 @@ class UniformRouter(Router):
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         indices = torch.arange(self.n_experts, device=x.device).expand(x.shape[0], -1)
-        return Routing(logits, probs, indices, probs, dense=True)
+        return Routing(logits, probs, indices, probs)
 
 
 class TopKRouter(Router):
@@ -185,8 +183,7 @@ class TopKRouter(Router):
             weights = _unit_weight(probs.gather(1, indices))
         else:
             weights = scores.gather(1, indices).softmax(dim=-1)
-        return Routing(logits, probs, indices, weights, self.top_k == self.n_experts, selection_probs,
-                       scores=ranking_scores)
+        return Routing(logits, probs, indices, weights, selection_probs, scores=ranking_scores)
 
 
 class NoisyTopKRouter(TopKRouter):
@@ -295,7 +292,7 @@ class TopPRouter(Router):
         # A lone expert's weight is 1 whatever p is: give it the gradient of log p, as top-1 does.
         single = active.sum(dim=1, keepdim=True) == 1
         weights = torch.where(single, weights * _unit_weight(chosen[:, :1]), weights)
-        return Routing(logits, probs, indices, weights, False, active=active, scores=ranking_scores)
+        return Routing(logits, probs, indices, weights, active=active, scores=ranking_scores)
 
 
 class HierarchicalRouter(Router):
@@ -336,7 +333,7 @@ class HierarchicalRouter(Router):
         logits = expert_logits + group_logits[:, self.group_of_expert]
         if self.is_dense:
             indices = torch.arange(self.n_experts, device=x.device).expand(x.shape[0], -1)
-            return Routing(logits, probs, indices, probs, True)
+            return Routing(logits, probs, indices, probs)
         best_group = group_logits.argmax(dim=1, keepdim=True)
         outside = self.group_of_expert.unsqueeze(0) != best_group
         ranking_scores = (expert_logits + self.selection_bias).masked_fill(outside, float("-inf"))
@@ -354,7 +351,7 @@ class HierarchicalRouter(Router):
             shift = (others.masked_fill(~outside, float("-inf")).amax(dim=1, keepdim=True)
                      - inside.masked_fill(outside, float("inf")).amin(dim=1, keepdim=True) + 1.0)
             ranking_scores = torch.where(outside, others - shift, inside)
-        return Routing(logits, probs, indices, weights * group_weight, False, scores=ranking_scores)
+        return Routing(logits, probs, indices, weights * group_weight, scores=ranking_scores)
 
 
 ROUTERS: dict[str, type[Router]] = {
