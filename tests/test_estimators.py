@@ -14,6 +14,7 @@ from sklearn.metrics import r2_score
 from sklearn.model_selection import GridSearchCV, cross_validate
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
+from sklearn.utils.estimator_checks import check_methods_subset_invariance
 
 from sklearn_moe import MoEClassifier, MoERegressor
 from sklearn_moe._base import _PREDICT_BATCH_SIZE
@@ -724,3 +725,16 @@ def test_sample_weight_reaches_fit_through_metadata_routing(estimator_class):
     np.testing.assert_array_equal(routed["moe"].route(X_scaled), expected.route(X_scaled))
     unweighted = estimator_class(**params).fit(X_scaled, y)
     assert not np.array_equal(unweighted.route(X_scaled), expected.route(X_scaled))  # the weights matter
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expert_type", ["adapter", "independent"])
+@pytest.mark.parametrize("router", ["softmax", "topk", "noisy_topk", "switch", "top_p", "uniform"])
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_scikit_learn_subset_invariance_for_ten_seeds(estimator_class, router, expert_type):
+    # scikit-learn's own check, at its own tolerance (rtol and atol 1e-7), on fits of the
+    # default model: rows predicted in batches of 10 and all 20 at once agree.
+    for seed in range(10):
+        model = estimator_class(router=router, expert_type=expert_type, max_epochs=40, random_state=seed,
+                                device="cpu")
+        check_methods_subset_invariance(estimator_class.__name__, model)
