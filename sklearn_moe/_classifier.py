@@ -73,11 +73,14 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         super().__init__(**params)
         self.label_smoothing = label_smoothing
 
-    # scikit-learn reads an estimator's parameters off its constructor's signature.
-    __init__.__signature__ = inspect.signature(BaseMoE.__init__).replace(parameters=[
-        *inspect.signature(BaseMoE.__init__).parameters.values(),
+    # scikit-learn reads an estimator's parameters off its constructor's signature: the
+    # shared ones, then this one.
+    _shared = inspect.signature(BaseMoE.__init__)
+    __init__.__signature__ = _shared.replace(parameters=[
+        *_shared.parameters.values(),
         inspect.Parameter("label_smoothing", inspect.Parameter.KEYWORD_ONLY, default=0.0),
     ])
+    del _shared
 
     def _target_validation_kwargs(self):
         return {}

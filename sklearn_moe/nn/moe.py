@@ -387,7 +387,7 @@ class MixtureOfExperts(nn.Module):
         return kept
 
     def _balance_loss(self, routing, gates: torch.Tensor, mask: torch.Tensor | None, active) -> torch.Tensor:
-        loss = BALANCE_LOSSES[self.balance_loss] if self.balance_loss is not None else None
+        loss = BALANCE_LOSSES.get(self.balance_loss)
         if loss is None:  # None, or "aux_free" (a bias update, not a loss)
             return routing.probs.new_zeros(())
         return loss(routing, gates, mask, active)
