@@ -40,7 +40,8 @@ import torch
 
 from sklearn_moe import MoERegressor
 from sklearn_moe.nn import MixtureOfExperts
-from sklearn_moe.nn.dispatch import plan_dispatch
+from sklearn_moe.nn.dispatch import padded_layout, plan_dispatch
+from sklearn_moe.nn.layouts import choose_layout, staircase_layout
 from sklearn_moe.nn.losses import per_expert_loss
 
 from .machine import describe_machine
@@ -235,13 +236,13 @@ def _routed_layout(module: MixtureOfExperts, x: torch.Tensor):
     the combine."""
     with torch.no_grad():
         routing = module.router(x)
-    plan = plan_dispatch(routing.indices, routing.weights, module.n_experts, staircase=x.device.type == "cpu")
+    plan = plan_dispatch(routing.indices, routing.weights, module.n_experts)
+    staircase = choose_layout(plan, training=True, device_type=x.device.type) == "staircase"
+    groups = (staircase_layout(plan) if staircase else padded_layout(plan)).groups
     generator = torch.Generator().manual_seed(1)
-    blocks = [torch.randn(g.n_experts, g.n_slots, x.shape[1], generator=generator).to(x.device)
-              for g in plan.groups]
-    grads = [torch.randn(g.n_experts, g.n_slots, module.n_outputs, generator=generator).to(x.device)
-             for g in plan.groups]
-    return blocks, [g.experts for g in plan.groups], grads
+    blocks = [torch.randn(g.n_experts, g.n_slots, x.shape[1], generator=generator).to(x.device) for g in groups]
+    grads = [torch.randn(g.n_experts, g.n_slots, module.n_outputs, generator=generator).to(x.device) for g in groups]
+    return blocks, [g.experts for g in groups], grads
 
 
 def _print_scaling(result: dict) -> None:

@@ -19,10 +19,6 @@ from .nn import MixtureOfExperts
 from .nn.embeddings import fit_embedding_layout
 
 _PREDICT_BATCH_SIZE = 16384
-# Matrix products of one or two rows take other kernels (matrix-vector paths) than taller
-# ones, which round differently: prediction pads its batches to at least this many rows,
-# so that a row's prediction does not depend on the batch that holds it.
-_MIN_PREDICT_ROWS = 4
 _MIN_VALIDATION_ROWS = 2
 
 
@@ -300,10 +296,7 @@ class BaseMoE(BaseEstimator):
         module_method = getattr(self.module_, method)
 
         def compute(x):
-            n = x.shape[0]
-            if n < _MIN_PREDICT_ROWS:
-                x = torch.cat((x, x.new_zeros(_MIN_PREDICT_ROWS - n, x.shape[1])))
-            return module_method(x)[:n].double().cpu().numpy()
+            return module_method(x).double().cpu().numpy()
 
         with torch.inference_mode(), self.net_.autocast(X_scaled.device):
             if X_scaled.shape[0] <= _PREDICT_BATCH_SIZE:

@@ -22,7 +22,7 @@ from sklearn_moe.nn import (
     router_z_loss,
     switch_balance_loss,
 )
-from sklearn_moe.nn.experts import NARROW_MAX_OUTPUTS, NARROW_MIN_ROWS, batched_linear
+from sklearn_moe.nn.products import NARROW_MAX_OUTPUTS, NARROW_MIN_ROWS, batched_linear
 
 
 def make_moe(seed=0, **kwargs):
@@ -987,7 +987,7 @@ def test_inference_methods_match_forward_in_eval(router):
 
 
 # ---------------------------------------------------------------------------------------
-# unpadded evaluation: each expert on its own contiguous rows
+# forward_sorted: each expert on its own contiguous rows (the "sorted" layout)
 # ---------------------------------------------------------------------------------------
 
 
@@ -1015,39 +1015,3 @@ def test_forward_sorted_trains_the_experts_it_uses():
     experts.forward_sorted(torch.randn(4, 4), [4, 0, 0]).sum().backward()
     assert experts.output.weight.grad[0].abs().sum() > 0
     assert experts.output.weight.grad[1:].abs().sum() == 0
-
-
-@pytest.mark.parametrize("router", ["topk", "top_p", "hierarchical"])
-def test_unpadded_dispatch_equals_padded(router):
-    module = make_moe(router=router, n_experts=4, top_k=2, expert_hidden=(8, 8), layer_norm=True).eval()
-    skew_router(module, bias=0.5)  # uneven counts: padding has something to pad
-    x = inputs(300)
-    routing = module.router(x)
-    plan = plan_dispatch(routing.indices, routing.weights, 4, active=routing.active, staircase=False)
-    padded = dispatch_combine(x, module.experts, plan, 2)
-    unpadded = dispatch_combine(x, module.experts, plan, 2, unpadded=True)
-    torch.testing.assert_close(unpadded, padded)
-
-
-def test_large_eval_batches_run_unpadded_with_the_same_predictions(monkeypatch):
-    import sklearn_moe.nn.moe as moe_module
-
-    module = make_moe(n_experts=3, top_k=2, expert_hidden=(8, 8)).eval()
-    x = inputs(moe_module.UNPADDED_EVAL_MIN_ROWS * 3)  # exactly at the threshold
-    calls = []
-    original = StackedExperts.forward_sorted
-    monkeypatch.setattr(StackedExperts, "forward_sorted",
-                        lambda self, *args: calls.append(1) or original(self, *args))
-    with torch.inference_mode():
-        large = module.predict(x)
-    assert calls, "a batch with enough rows per expert must take the unpadded path"
-    calls.clear()
-    with torch.inference_mode():
-        small = torch.cat([module.predict(x[i:i + 16]) for i in range(0, len(x), 16)])
-    assert not calls
-    torch.testing.assert_close(large, small, rtol=1e-5, atol=1e-6)
-    with pytest.warns(RuntimeWarning, match=r"Expert\(s\) \[1\]"):  # failure masking holds here too
-        with torch.no_grad():
-            module.experts.output.bias[1] = float("nan")
-            masked = module.predict(x)
-    assert torch.isfinite(masked).all()

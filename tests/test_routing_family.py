@@ -23,7 +23,8 @@ from sklearn_moe.nn import (
     scale_gradient,
     switch_balance_loss,
 )
-from sklearn_moe.nn.dispatch import ExpertGroup
+from sklearn_moe.nn.dispatch import ExpertGroup, padded_layout
+from sklearn_moe.nn.layouts import staircase_layout
 
 from .conftest import FAST
 from .test_nn import inputs, make_moe, skew_router
@@ -432,8 +433,8 @@ def overflowing_routings(draw):
 def test_reroute_properties(case):
     ranking, indices, weights, active, capacity, staircase = case
     n, n_experts = ranking.shape
-    drop = plan_dispatch(indices, weights, n_experts, capacity, active, staircase=staircase)
-    plan = plan_dispatch(indices, weights, n_experts, capacity, active, "reroute", ranking, staircase=staircase)
+    drop = plan_dispatch(indices, weights, n_experts, capacity, active)
+    plan = plan_dispatch(indices, weights, n_experts, capacity, active, "reroute", ranking)
     kept = torch.bincount(plan.experts, minlength=n_experts)
     assert (kept <= capacity).all()
     pairs = plan_pairs(plan)
@@ -456,9 +457,10 @@ def test_reroute_properties(case):
             free = [e for e in range(n_experts) if (r, e) not in pairs and kept[e] < capacity]
             assert free == []
     # buffer positions stay unique and inside the buffer
-    size = sum(g.n_experts * g.n_slots for g in plan.groups)
-    assert len(set(plan.positions.tolist())) == len(plan.positions)
-    assert len(plan.positions) == 0 or 0 <= int(plan.positions.min()) <= int(plan.positions.max()) < size
+    layout = staircase_layout(plan) if staircase else padded_layout(plan)
+    size = sum(g.n_experts * g.n_slots for g in layout.groups)
+    assert len(set(layout.positions.tolist())) == len(layout.positions)
+    assert len(layout.positions) == 0 or 0 <= int(layout.positions.min()) <= int(layout.positions.max()) < size
 
 
 def test_moe_reroute_drops_fewer_in_training_and_is_unchanged_in_eval():
@@ -620,47 +622,30 @@ def test_staircase_planner_choosing_one_block_gives_the_flat_layout():
     counts = np.array([90, 90, 90, 90, 40, 40, 40, 40])
     assert plan_layout(counts) == [90]
     indices = torch.repeat_interleave(torch.arange(8), torch.as_tensor(counts))[torch.randperm(520)].unsqueeze(1)
-    plan = plan_dispatch(indices, torch.ones(520, 1), 8, staircase=True)
-    assert plan.groups == (ExpertGroup(None, 8, 0, 90, 0),)
-    assert torch.equal(plan.positions, plan.experts * 90 + plan.slots)
+    plan = plan_dispatch(indices, torch.ones(520, 1), 8)
+    layout = staircase_layout(plan)
+    assert layout.groups == (ExpertGroup(None, 8, 0, 90, 0),)
+    assert torch.equal(layout.positions, plan.experts * 90 + plan.slots)
 
 
 def test_staircase_plan_positions_and_layout():
     module, x, routing = skewed_routing()
-    plan = plan_dispatch(routing.indices, routing.weights, 8, staircase=True)
-    flat = plan_dispatch(routing.indices, routing.weights, 8, staircase=False)
+    plan = plan_dispatch(routing.indices, routing.weights, 8)
+    layout, flat = staircase_layout(plan), padded_layout(plan)
     counts = plan.counts.numpy()
-    assert len(plan.groups) > 1  # the case is skewed enough for a staircase
-    size = sum(g.n_experts * g.n_slots for g in plan.groups)
+    assert len(layout.groups) > 1  # the case is skewed enough for a staircase
+    size = sum(g.n_experts * g.n_slots for g in layout.groups)
     assert size == staircase_rows(counts, plan_layout(counts)) < 8 * counts.max()
     assert sum(g.n_experts * g.n_slots for g in flat.groups) == 8 * counts.max()
     assert len(flat.groups) == 1 and flat.groups[0].experts is None
-    assert len(set(plan.positions.tolist())) == len(plan.positions)
-    assert 0 <= int(plan.positions.min()) and int(plan.positions.max()) < size
+    assert len(set(layout.positions.tolist())) == len(layout.positions)
+    assert 0 <= int(layout.positions.min()) and int(layout.positions.max()) < size
     # every position is inside the block of its expert and slot
-    for position, expert, slot in zip(plan.positions.tolist(), plan.experts.tolist(), plan.slots.tolist()):
-        (group,) = [g for g in plan.groups if g.first_slot <= slot < g.first_slot + g.n_slots]
+    for position, expert, slot in zip(layout.positions.tolist(), plan.experts.tolist(), plan.slots.tolist()):
+        (group,) = [g for g in layout.groups if g.first_slot <= slot < g.first_slot + g.n_slots]
         members = list(range(8)) if group.experts is None else group.experts.tolist()
         local = position - group.offset
         assert members[local // group.n_slots] == expert and local % group.n_slots == slot - group.first_slot
-    # same assignments either way
-    assert plan_pairs(plan) == plan_pairs(flat)
-
-
-def test_staircase_dispatch_equals_single_block_forward_and_backward():
-    module, x, routing = skewed_routing()
-    results = []
-    for staircase in (True, False):
-        module.zero_grad()
-        plan = plan_dispatch(routing.indices, routing.weights.detach(), 8, staircase=staircase)
-        out = dispatch_combine(x, module.experts, plan, 2)
-        (out * torch.linspace(-1, 1, 2)).sum().backward()
-        results.append((out.detach(), expert_grads(module)))
-    (out_s, grad_s), (out_f, grad_f) = results
-    torch.testing.assert_close(out_s, out_f, rtol=1e-5, atol=1e-5)
-    for name in grad_f:
-        torch.testing.assert_close(grad_s[name], grad_f[name], rtol=1e-5, atol=1e-5)
-    assert any(g.abs().sum() > 0 for g in grad_s.values())
 
 
 def test_moe_uses_the_staircase_in_training_and_one_block_in_eval():

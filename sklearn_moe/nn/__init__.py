@@ -7,10 +7,10 @@ from .dispatch import (
     dispatch_combine,
     expert_capacity,
     plan_dispatch,
-    plan_layout,
     scale_gradient,
 )
 from .experts import ACTIVATIONS, StackedExperts, StackedLinear
+from .layouts import LAYOUTS, choose_layout, expert_outputs, plan_layout
 from .losses import cv2_balance_loss, expert_diversity_loss, router_z_loss, squared_cv, switch_balance_loss
 from .moe import MixtureOfExperts, MoEOutput
 from .routers import (
@@ -31,6 +31,7 @@ __all__ = [
     "OVERFLOW_POLICIES",
     "DispatchPlan",
     "HierarchicalRouter",
+    "LAYOUTS",
     "MixtureOfExperts",
     "MoEOutput",
     "NoisyTopKRouter",
@@ -43,11 +44,13 @@ __all__ = [
     "SwitchRouter",
     "TopKRouter",
     "TopPRouter",
+    "choose_layout",
     "cv2_balance_loss",
     "dense_combine",
     "dispatch_combine",
     "expert_capacity",
     "expert_diversity_loss",
+    "expert_outputs",
     "make_router",
     "plan_dispatch",
     "plan_layout",

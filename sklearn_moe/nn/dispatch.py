@@ -1,21 +1,13 @@
-"""Sort-based dispatch of rows to experts, and the weighted combine of their outputs.
+"""The reference dispatch: rows sorted by expert, one padded buffer, a weighted combine.
 
-The ``n * k`` (row, expert) assignments are sorted by expert; each assignment gets a slot
-in its expert's slice of a padded buffer, the experts run as batched matmuls over stacked
-weights, and the outputs are gathered back and summed per row with ``index_add_``. No
-one-hot ``(n, n_experts, capacity)`` tensor is ever built.
-
-Buffer layout. Padding every expert to the busiest one's count wastes work when routing is
-uneven (at initialisation the busiest of 64 experts can get 2.5x the mean). In training the
-buffer is therefore a staircase of at most :data:`MAX_GROUPS` blocks (:func:`plan_layout`):
-the first holds the first ``t_1`` slots of every expert, with the weights used in place;
-each further block tops up only the experts that have more assignments, over their gathered
-weights. Training on a GPU uses one block padded to the busiest expert, where the extra
-blocks' kernel launches cost more than the padding's arithmetic. Evaluation pads in one
-block too when the experts have few rows each; with many (large prediction batches) each
-expert runs on its own contiguous rows with no padding at all (``unpadded=True`` of
-:func:`dispatch_combine`). Either way a row's output does not depend on the rows beside
-it, up to float rounding: matmuls of other shapes can round differently in the last bit.
+The ``n * k`` (row, expert) assignments are sorted by expert (:func:`plan_dispatch`); each
+gets a slot in its expert's slice of a buffer padded to the busiest expert
+(:func:`padded_layout`), the experts run as one batched matmul over stacked weights
+(:func:`run_buffer`), and the outputs are gathered back and summed per row with
+``index_add_`` (:func:`combine`). No one-hot ``(n, n_experts, capacity)`` tensor is ever
+built. Faster layouts of the same computation (a staircase of blocks for uneven loads,
+unpadded per-expert runs for large evaluation batches) live in :mod:`.layouts`, each
+tested equal to this one.
 
 An expert output that is not finite (a diverged expert) is masked: the (row, expert)
 assignment gets weight 0, the row's other weights are renormalised, and a
@@ -36,16 +28,13 @@ import math
 import warnings
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
-MAX_GROUPS = 4
-STAIRCASE_MIN_ASSIGNMENTS = 512
 OVERFLOW_POLICIES = ("drop", "reroute")
 
 
 class ExpertGroup(NamedTuple):
-    """A block of the flat dispatch buffer, run as one batched matmul.
+    """A block of a dispatch buffer, run as one batched matmul.
 
     Attributes
     ----------
@@ -79,10 +68,6 @@ class DispatchPlan(NamedTuple):
         Assignments per expert as routed, before the capacity cap.
     n_slots : int
         Largest number of assignments kept by one expert.
-    positions : Tensor of shape (m,), int64
-        Row of the assignment in the flat dispatch buffer.
-    groups : tuple of ExpertGroup
-        The buffer's blocks, in buffer order.
     kept_counts : Tensor of shape (n_experts,), int64
         Assignments per expert after the capacity cap: the lengths of the expert runs of
         ``rows``.
@@ -94,67 +79,27 @@ class DispatchPlan(NamedTuple):
     weights: torch.Tensor
     counts: torch.Tensor
     n_slots: int
+    kept_counts: torch.Tensor
+
+
+class BufferLayout(NamedTuple):
+    """Where a plan's assignments sit in a dispatch buffer.
+
+    Attributes
+    ----------
+    positions : Tensor of shape (m,), int64
+        Buffer row of each assignment, in plan order.
+    groups : tuple of ExpertGroup
+        The buffer's blocks, in buffer order.
+    """
+
     positions: torch.Tensor
     groups: tuple[ExpertGroup, ...]
-    kept_counts: torch.Tensor
 
 
 def expert_capacity(capacity_factor: float, n_rows: int, top_k: int, n_experts: int) -> int:
     """Slots per expert: ``ceil(capacity_factor * n_rows * top_k / n_experts)``."""
     return max(1, math.ceil(capacity_factor * n_rows * top_k / n_experts))
-
-
-def plan_layout(counts: np.ndarray, gather_cost: int = 24, block_cost: int | None = None) -> list[int]:
-    """Slot thresholds of the buffer's blocks: ``[t_1, t_2, ..., t_L]``, increasing.
-
-    Block 1 holds slots ``[0, t_1)`` of every expert (weights used in place); block ``l``
-    holds slots ``[t_(l-1), t_l)`` of the experts with more than ``t_(l-1)`` assignments
-    (weights gathered); ``t_L`` is the largest count. Chosen to minimise the buffer rows
-    plus ``gather_cost`` rows per gathered expert plus ``block_cost`` rows per block, over
-    at most :data:`MAX_GROUPS` blocks. ``block_cost`` defaults to a quarter of the
-    assignments, and at least 8 rows.
-
-    Parameters
-    ----------
-    counts : array of shape (n_experts,), int
-        Assignments per expert.
-    gather_cost, block_cost : int
-        Costs, in buffer rows, of one more expert in an upper block and of one more block.
-        An expert's matrix in a batched matmul costs about 20 rows on its own (measured on
-        2 EPYC cores with 128-wide layers: the library packs each matrix), plus the copy of
-        its gathered weights. A block costs every layer's extra calls forward and backward:
-        at 4 to 16 experts and batches of 256 rows, a two-block staircase that saved a
-        quarter of the rows was 10-18% slower per step than one padded block.
-    """
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.size == 0 or counts.max() == 0:
-        return []
-    if block_cost is None:
-        block_cost = max(8, int(counts.sum()) // 4)
-    n = counts.shape[0]
-    # Thresholds are taken from the counts themselves: values[j], ascending, the last the max.
-    values = np.unique(counts)
-    above = n - np.searchsorted(np.sort(counts), values, side="right")  # experts with more than values[j]
-    # step[j, j2]: cost of an upper block from threshold values[j] to values[j2] (j < j2):
-    # its rows, plus gathering the weights of the experts it holds, plus the block itself.
-    step = above[:, None] * (values[None, :] - values[:, None] + gather_cost) + block_cost
-    step = np.where(np.arange(values.shape[0])[:, None] < np.arange(values.shape[0])[None, :], step, np.inf)
-    # to_top[k][j]: cheapest cost from threshold values[j] up to the max in exactly k upper
-    # blocks; choices[k][j] is the next threshold on that route.
-    to_top = [np.where(np.arange(values.shape[0]) == values.shape[0] - 1, 0.0, np.inf)]
-    choices = [None]
-    for _ in range(1, MAX_GROUPS):
-        candidates = step + to_top[-1][None, :]
-        choices.append(candidates.argmin(axis=1))
-        to_top.append(candidates[np.arange(values.shape[0]), choices[-1]])
-    first = n * values + block_cost  # the bottom block: every expert, weights in place
-    totals = np.stack([first + cost for cost in to_top])
-    n_upper, j = np.unravel_index(int(totals.argmin()), totals.shape)
-    thresholds = [int(values[j])]
-    for k in range(n_upper, 0, -1):
-        j = choices[k][j]
-        thresholds.append(int(values[j]))
-    return thresholds
 
 
 def plan_dispatch(
@@ -165,7 +110,6 @@ def plan_dispatch(
     active: torch.Tensor | None = None,
     overflow: str = "drop",
     ranking: torch.Tensor | None = None,
-    staircase: bool = True,
 ) -> DispatchPlan:
     """Sort the assignments of ``indices`` (n, k) by expert and give each a buffer row.
 
@@ -183,10 +127,6 @@ def plan_dispatch(
         What happens to assignments past ``capacity`` (see the module docstring).
     ranking : Tensor of shape (n, n_experts), int64, optional
         Every row's experts, best first; required by ``overflow="reroute"``.
-    staircase : bool, default=True
-        Lay the buffer out as :func:`plan_layout`'s blocks when there are at least
-        :data:`STAIRCASE_MIN_ASSIGNMENTS` assignments and one block would pad them by more
-        than 25%; False always pads every expert to the busiest one in one block.
     """
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
@@ -213,18 +153,15 @@ def plan_dispatch(
     kept_counts = torch.bincount(experts, minlength=n_experts)
     slots = _rank_in_sorted(experts, kept_counts)
     n_slots = int(kept_counts.max()) if experts.numel() else 0
-    n_kept = experts.shape[0]
-    # Planning a staircase costs host time every step: worth it only for large batches
-    # with much padding to save.
-    if staircase and n_kept >= STAIRCASE_MIN_ASSIGNMENTS and n_experts * n_slots > 1.25 * n_kept:
-        kept = kept_counts.cpu().numpy()
-        thresholds = plan_layout(kept)
-        if len(thresholds) > 1:  # one threshold is the single padded block below
-            positions, groups = _staircase_positions(thresholds, kept, experts, slots)
-            return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, positions, groups, kept_counts)
-    groups = (ExpertGroup(None, n_experts, 0, n_slots, 0),) if n_slots else ()
-    return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, experts * n_slots + slots, groups,
-                        kept_counts)
+    return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, kept_counts)
+
+
+def padded_layout(plan: DispatchPlan) -> BufferLayout:
+    """The reference buffer: one block, every expert's slice padded to the busiest expert's
+    ``plan.n_slots`` slots."""
+    n_experts = plan.kept_counts.shape[0]
+    groups = (ExpertGroup(None, n_experts, 0, plan.n_slots, 0),) if plan.n_slots else ()
+    return BufferLayout(plan.experts * plan.n_slots + plan.slots, groups)
 
 
 def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -271,35 +208,6 @@ def flat_assignments(indices: torch.Tensor, weights: torch.Tensor, active: torch
         keep = _choice_major(active)
         rows, experts, weights = rows[keep], experts[keep], weights[keep]
     return rows, experts, weights
-
-
-def _staircase_positions(thresholds: list[int], kept: np.ndarray, experts: torch.Tensor,
-                         slots: torch.Tensor) -> tuple[torch.Tensor, tuple[ExpertGroup, ...]]:
-    """Buffer rows of the assignments, and the blocks, of :func:`plan_layout`'s staircase
-    over the kept counts per expert ``kept``, for two or more ``thresholds`` (one is the flat
-    layout, which :func:`plan_dispatch` builds directly)."""
-    n_experts, device = kept.shape[0], experts.device
-    # The upper blocks hold the experts busiest first, so that each block's experts are the
-    # leading ones of the block below: their weights are gathered once, as one tensor.
-    busiest_first = np.argsort(-kept, kind="stable")
-    upper_ids = torch.as_tensor(busiest_first, device=device)
-    groups, bases, offset, first_slot = [], [], 0, 0
-    for level, threshold in enumerate(thresholds):
-        n_members = n_experts if level == 0 else int((kept > first_slot).sum())
-        members = np.arange(n_experts) if level == 0 else busiest_first[:n_members]
-        width = threshold - first_slot
-        base = np.zeros(n_experts, dtype=np.int64)
-        base[members] = offset + np.arange(n_members) * width - first_slot
-        bases.append(base)
-        ids = None if level == 0 else upper_ids[:n_members]
-        if width > 0:  # the first block is empty when gathering the busy experts beats padding
-            groups.append(ExpertGroup(ids, members.shape[0], first_slot, width, offset))
-        offset, first_slot = offset + members.shape[0] * width, threshold
-    # Host arithmetic: the staircase is a CPU layout, and numpy indexes 1-d arrays faster.
-    slots_host = slots.cpu().numpy()
-    level = np.searchsorted(np.asarray(thresholds), slots_host, side="right")
-    positions = np.stack(bases)[level, experts.cpu().numpy()] + slots_host
-    return torch.from_numpy(positions).to(device), tuple(groups)
 
 
 def _choice_major(table: torch.Tensor) -> torch.Tensor:
@@ -414,9 +322,29 @@ def mask_failed_experts(assignments: ExpertAssignments, n_rows: int) -> ExpertAs
     return assignments._replace(weights=weights, outputs=outputs)
 
 
+def assignments_with_outputs(rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
+                             outputs: torch.Tensor, n_rows: int,
+                             grad_scale: torch.Tensor | None = None) -> ExpertAssignments:
+    """The :class:`ExpertAssignments` of experts' ``outputs`` for (row, expert, weight)
+    assignments, non-finite outputs masked (:func:`mask_failed_experts`).
+
+    Parameters
+    ----------
+    rows, experts, weights : Tensor of shape (m,)
+    outputs : Tensor of shape (m, n_outputs)
+    n_rows : int
+    grad_scale : Tensor of shape (n_experts,), optional
+        Multiplies the gradient reaching each expert's output (hence its parameters);
+        the forward value is unchanged.
+    """
+    if grad_scale is not None:
+        outputs = scale_gradient(outputs, grad_scale[experts].unsqueeze(1))
+    return mask_failed_experts(ExpertAssignments(rows, experts, weights, outputs), n_rows)
+
+
 def dispatch_assignments(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
-                         grad_scale: torch.Tensor | None = None, unpadded: bool = False) -> ExpertAssignments:
-    """Run independent experts on their assigned rows.
+                         grad_scale: torch.Tensor | None = None) -> ExpertAssignments:
+    """Run independent experts on their assigned rows, in the reference padded layout.
 
     Parameters
     ----------
@@ -426,29 +354,19 @@ def dispatch_assignments(x: torch.Tensor, experts: torch.nn.Module, plan: Dispat
     plan : DispatchPlan
     n_outputs : int
     grad_scale : Tensor of shape (n_experts,), optional
-        Multiplies the gradient reaching each expert's output (hence its parameters);
-        the forward value is unchanged.
-    unpadded : bool, default=False
-        Ignore the plan's buffer layout and run each expert on its contiguous run of the
-        expert-sorted rows (:meth:`StackedExperts.forward_sorted`): no padding, one call per
-        expert. For evaluation with many rows per expert.
+        See :func:`assignments_with_outputs`.
 
     Returns
     -------
     ExpertAssignments
         In plan order, non-finite outputs masked (:func:`mask_failed_experts`).
     """
-    if unpadded:
-        expert_out = experts.forward_sorted(x.index_select(0, plan.rows), plan.kept_counts.tolist())
-    else:
-        expert_out = _run_blocks(x, experts, plan, n_outputs)
-    if grad_scale is not None:
-        expert_out = scale_gradient(expert_out, grad_scale[plan.experts].unsqueeze(1))
-    return mask_failed_experts(ExpertAssignments(plan.rows, plan.experts, plan.weights, expert_out), x.shape[0])
+    outputs = run_buffer(x, experts, plan, padded_layout(plan), n_outputs)
+    return assignments_with_outputs(plan.rows, plan.experts, plan.weights, outputs, x.shape[0], grad_scale)
 
 
 def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
-                     grad_scale: torch.Tensor | None = None, unpadded: bool = False) -> torch.Tensor:
+                     grad_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Run the experts on their assigned rows and return the gate-weighted sum per row.
 
     The parameters are those of :func:`dispatch_assignments`.
@@ -457,19 +375,21 @@ def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPl
     -------
     Tensor of shape (n, n_outputs)
     """
-    return combine(dispatch_assignments(x, experts, plan, n_outputs, grad_scale, unpadded), x.shape[0])
+    return combine(dispatch_assignments(x, experts, plan, n_outputs, grad_scale), x.shape[0])
 
 
-def _run_blocks(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int) -> torch.Tensor:
-    """The experts' outputs for the plan's assignments, in plan order, through its padded blocks."""
-    buffer = x.new_zeros(sum(g.n_experts * g.n_slots for g in plan.groups), x.shape[1])
-    buffer = buffer.index_put((plan.positions,), x.index_select(0, plan.rows))
+def run_buffer(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, layout: BufferLayout,
+               n_outputs: int) -> torch.Tensor:
+    """The experts' outputs for the plan's assignments, in plan order, through the blocks of
+    a buffer ``layout``: Tensor of shape (m, n_outputs)."""
+    buffer = x.new_zeros(sum(g.n_experts * g.n_slots for g in layout.groups), x.shape[1])
+    buffer = buffer.index_put((layout.positions,), x.index_select(0, plan.rows))
     blocks = [buffer[g.offset:g.offset + g.n_experts * g.n_slots].view(g.n_experts, g.n_slots, -1)
-              for g in plan.groups]
+              for g in layout.groups]
     if not blocks:
         return x.new_zeros(0, n_outputs)
-    outputs = [block.reshape(-1, block.shape[-1]) for block in experts(blocks, [g.experts for g in plan.groups])]
-    return (torch.cat(outputs) if len(outputs) > 1 else outputs[0])[plan.positions]
+    outputs = [block.reshape(-1, block.shape[-1]) for block in experts(blocks, [g.experts for g in layout.groups])]
+    return (torch.cat(outputs) if len(outputs) > 1 else outputs[0])[layout.positions]
 
 
 class _ScaleGradient(torch.autograd.Function):

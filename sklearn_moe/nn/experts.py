@@ -4,9 +4,8 @@ All ``n_experts`` experts share one architecture. Their parameters are stacked a
 leading expert axis: a linear layer holds ``weight`` of shape ``(n_experts, in, out)`` and
 ``bias`` of shape ``(n_experts, out)``. :meth:`StackedExperts.forward` takes a padded
 input of shape ``(n_experts, rows, in)`` (row ``r`` of slice ``e`` goes through expert
-``e``) and runs each layer as a single :func:`torch.baddbmm`. A layer with fewer than
-:data:`NARROW_MAX_OUTPUTS` outputs (a regression output, a few classes) runs its products
-transposed, so that the rows are the matmuls' long side (see :func:`batched_linear`).
+``e``) and runs each layer as a single batched product (:func:`~.products.batched_linear`,
+which in evaluation computes each row the same way in a batch of any size).
 
 Dispatch can also pass a list of blocks, each with the experts it holds (``None``: all of
 them, weights used in place; else an index tensor, weights gathered): each block runs as
@@ -21,6 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .products import batched_linear, needs_autograd, row_invariant_addmm
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -38,57 +39,6 @@ IN_PLACE_ACTIVATIONS = {
     "leaky_relu": lambda z: F.leaky_relu(z, inplace=True),
     "elu": lambda z: F.elu(z, inplace=True),
 }
-
-
-NARROW_MAX_OUTPUTS = 16
-NARROW_MIN_ROWS = 256
-
-
-def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``baddbmm(bias.unsqueeze(1), x, weight)``: ``(n, rows, in) -> (n, rows, out)``.
-
-    With fewer than :data:`NARROW_MAX_OUTPUTS` outputs, a batched matmul whose result is
-    a thin column block runs several times slower than its arithmetic on CPU (at one
-    output and 128 inputs, a forward and backward cost as much as a 32x128 layer's). Such
-    layers compute the same products transposed instead, with the rows as the long side:
-    ``weight^T x^T`` forward, ``grad^T x`` for the weight gradient, and for one output the
-    input gradient as an outer product. Below :data:`NARROW_MIN_ROWS` rows in all (a
-    one-row prediction) the plain call is cheaper than the rearrangement.
-    """
-    if weight.shape[-1] >= NARROW_MAX_OUTPUTS or x.shape[0] * x.shape[1] < NARROW_MIN_ROWS:
-        return torch.baddbmm(bias.unsqueeze(1), x, weight)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        return _NarrowBatchedLinear.apply(x, weight, bias)
-    return _narrow_forward(x, weight, bias)
-
-
-def _narrow_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    out = torch.baddbmm(bias.unsqueeze(2), weight.transpose(1, 2), x.transpose(1, 2))
-    return out.transpose(1, 2).contiguous()  # a no-op copy at one output
-
-
-class _NarrowBatchedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.bias_dtype = bias.dtype
-        return _narrow_forward(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        # Under autocast the products ran in grad's (lower) precision; each gradient goes
-        # back in its input's own dtype, as autocast's casts would return it.
-        x_low, weight_low = x.to(grad.dtype), weight.to(grad.dtype)
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            weight_t = weight_low.transpose(1, 2)
-            grad_x = (grad * weight_t if weight.shape[2] == 1 else torch.bmm(grad, weight_t)).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.bmm(grad.transpose(1, 2), x_low).transpose(1, 2).to(weight.dtype).contiguous()
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.sum(dim=1, dtype=ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias
 
 
 class StackedLinear(nn.Module):
@@ -336,7 +286,7 @@ class StackedExperts(_ExpertMLP):
         in_place = not torch.is_grad_enabled() and self.activation in IN_PLACE_ACTIVATIONS
         for i, layer in enumerate(self.hidden):
             inputs = self._norm_one(i - 1, expert, h) if i > 0 else h
-            z = torch.addmm(layer.bias[expert], inputs, layer.weight[expert])
+            z = self._addmm(layer.bias[expert], inputs, layer.weight[expert])
             if in_place:
                 z = IN_PLACE_ACTIVATIONS[self.activation](z)
                 h = z.add_(h) if self.residual[i] else z
@@ -345,7 +295,13 @@ class StackedExperts(_ExpertMLP):
                 h = h + z if self.residual[i] else z
         if self.hidden:
             h = self._norm_one(-1, expert, h)
-        return torch.addmm(self.output.bias[expert], h, self.output.weight[expert])
+        return self._addmm(self.output.bias[expert], h, self.output.weight[expert])
+
+    @staticmethod
+    def _addmm(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if needs_autograd(bias, x, weight):
+            return torch.addmm(bias, x, weight)
+        return row_invariant_addmm(bias, x, weight)
 
     def _norm_one(self, index: int, expert: int, h: torch.Tensor) -> torch.Tensor:
         if not len(self.norms):
@@ -463,7 +419,9 @@ class AdapterExperts(_ExpertMLP):
         gathered per row (rows of shape (m, width)) or broadcast over an expert axis."""
         for i, weight in enumerate(self.weights):
             inputs = self._norm(i - 1, h, select) if i > 0 else h
-            z = (inputs * select(self.in_scales[i]).to(inputs.dtype)) @ weight.to(inputs.dtype)
+            scaled = inputs * select(self.in_scales[i]).to(inputs.dtype)
+            weight = weight.to(inputs.dtype)
+            z = scaled @ weight if needs_autograd(scaled, weight) else row_invariant_addmm(None, scaled, weight)
             z = torch.addcmul(select(self.biases[i]).to(z.dtype), z, select(self.out_scales[i]).to(z.dtype))
             z = self._act(z)
             if self.training and self.dropout > 0:

@@ -10,30 +10,27 @@ from torch import nn
 from .dispatch import (
     OVERFLOW_POLICIES,
     ExpertAssignments,
+    assignments_with_outputs,
     combine,
     dense_assignments,
-    dispatch_assignments,
     expert_capacity,
     flat_assignments,
-    mask_failed_experts,
     plan_dispatch,
-    scale_gradient,
 )
 from .embeddings import NumericEmbedding
 from .experts import AdapterExperts, StackedExperts
+from .layouts import choose_layout, expert_outputs
 from .losses import BALANCE_LOSSES, expert_diversity_loss, router_z_loss
 from .routers import make_router
 
+# predict and route evaluate at least this many rows (zero rows pad smaller batches): the
+# router and the numeric embeddings run plain float32 products, which take other kernels
+# (and round differently) below about ten rows; see :mod:`.products`.
+MIN_EVAL_ROWS = 16
 # In evaluation, batches of at most this many rows run every expert on every row (unchosen
 # experts weighted 0): a padded dispatch block has a slot per expert anyway, and skipping
 # the sort-based dispatch takes about a third off a 1-row prediction.
-DENSE_EVAL_MAX_ROWS = 4
-# In evaluation on the CPU, when the experts average at least this many assignments, each
-# runs on its own rows with no padding (one matmul per expert and layer): padding every
-# expert to the busiest one can double the work or worse, while the per-expert calls cost
-# little next to matmuls this tall (at 8 experts, 16k rows predict 3.7x faster). A GPU keeps
-# the padded batched matmul, where each extra call is a kernel launch.
-UNPADDED_EVAL_MIN_ROWS = 64
+DENSE_EVAL_MAX_ROWS = MIN_EVAL_ROWS
 EXPERT_TYPES = ("independent", "adapter")
 
 
@@ -269,6 +266,9 @@ class MixtureOfExperts(nn.Module):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The mixture's output alone, without the auxiliary terms (for inference).
 
+        In evaluation mode a row's output is the same, bit for bit on the CPU, whatever
+        batch holds it (see :mod:`sklearn_moe.nn.products`).
+
         Parameters
         ----------
         x : Tensor of shape (n, n_features)
@@ -277,12 +277,25 @@ class MixtureOfExperts(nn.Module):
         -------
         Tensor of shape (n, n_outputs)
         """
-        return self._mix(self._embed(x)).output
+        return self._evaluate(x, lambda rows: self._mix(self._embed(rows)).output)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate weights alone: Tensor of shape (n, n_experts), zero for experts not chosen."""
-        routing = self.router(self._embed(x))
-        return self._gates(routing, *self._active_weights(routing))
+        """The gate weights alone: Tensor of shape (n, n_experts), zero for experts not chosen.
+
+        Batch-invariant in evaluation mode, as :meth:`predict`.
+        """
+        def gates(rows):
+            routing = self.router(self._embed(rows))
+            return self._gates(routing, *self._active_weights(routing))
+
+        return self._evaluate(x, gates)
+
+    def _evaluate(self, x: torch.Tensor, compute) -> torch.Tensor:
+        """``compute(x)``, on at least :data:`MIN_EVAL_ROWS` rows in evaluation mode."""
+        n = x.shape[0]
+        if self.training or n >= MIN_EVAL_ROWS:
+            return compute(x)
+        return compute(torch.cat((x, x.new_zeros(MIN_EVAL_ROWS - n, x.shape[1]))))[:n]
 
     def _active_weights(self, routing):
         """Which chosen experts take part (dynamic k, expert dropout) and their gate weights."""
@@ -335,7 +348,7 @@ class MixtureOfExperts(nn.Module):
             if capacity is not None and self.capacity_overflow == "reroute":
                 ranking = routing.scores.argsort(dim=1, descending=True)
             plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active, self.capacity_overflow,
-                                 ranking, staircase=independent and self.training and x.device.type == "cpu")
+                                 ranking)
             rows, experts, flat_weights = plan.rows, plan.experts, plan.weights
             plan_counts, n_dropped = plan.counts, plan.counts.sum() - plan.rows.shape[0]
         else:
@@ -347,14 +360,11 @@ class MixtureOfExperts(nn.Module):
             counts = plan_counts if plan_counts is not None else torch.bincount(experts, minlength=self.n_experts)
             grad_scale = self._grad_scale(counts)
         if independent:
-            unpadded = (not self.training and x.device.type == "cpu"
-                        and plan.rows.shape[0] >= UNPADDED_EVAL_MIN_ROWS * self.n_experts)
-            return dispatch_assignments(x, self.experts, plan, self.n_outputs, grad_scale, unpadded), plan_counts, \
-                n_dropped
-        expert_out = self.experts(x.index_select(0, rows), experts)
-        if grad_scale is not None:
-            expert_out = scale_gradient(expert_out, grad_scale[experts].unsqueeze(1))
-        assignments = mask_failed_experts(ExpertAssignments(rows, experts, flat_weights, expert_out), n)
+            layout = choose_layout(plan, self.training, x.device.type)
+            outputs = expert_outputs(x, self.experts, plan, self.n_outputs, layout)
+        else:
+            outputs = self.experts(x.index_select(0, rows), experts)
+        assignments = assignments_with_outputs(rows, experts, flat_weights, outputs, n, grad_scale)
         return assignments, plan_counts, n_dropped
 
     def _routing_counts(self, routing, active, mask, plan_counts) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""Batch-invariant prediction: a row's prediction is bitwise the same whatever batch holds it."""
+
+import numpy as np
+import pytest
+import torch
+
+from sklearn_moe import MoEClassifier, MoERegressor
+from sklearn_moe.nn import MixtureOfExperts
+from sklearn_moe.nn.products import row_invariant_addmm, row_invariant_baddbmm
+
+from .conftest import FAST
+
+ROUTERS = ["softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"]
+# Batch sizes that take every evaluation path: padded to 16 rows and dense (<= 16), the
+# padded dispatch buffer (17, 63), and the sorted layout (>= 64 assignments per expert).
+SIZES = [1, 2, 3, 15, 16, 17, 63, 300]
+# The three shapes where the CPU GEMM takes another kernel (one row, one output column,
+# a batched matrix under 400 terms) and a single input, each in and out of the regime.
+SHAPES = [(128, 1), (128, 3), (2, 16), (5, 20), (1, 8), (1, 128), (16, 128)]
+
+
+def rows_in_batches(values, sizes):
+    """Every prefix of ``values`` of each size: the rows a batch of that size holds."""
+    return [(size, values[:size]) for size in sizes if size <= values.shape[-2]]
+
+
+@pytest.mark.parametrize("n_in,n_out", SHAPES)
+def test_row_invariant_batched_product_is_the_product_and_rounds_each_row_alike(n_in, n_out):
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(3, 500, n_in, generator=generator), torch.randn(3, n_in, n_out, generator=generator)
+    bias = torch.randn(3, 1, n_out, generator=generator)
+    full = row_invariant_baddbmm(bias, x, weight)
+    torch.testing.assert_close(full, torch.baddbmm(bias, x, weight))
+    for size in (1, 2, 3, 7, 24, 100, 499):
+        for n_matrices in (1, 3):
+            assert torch.equal(row_invariant_baddbmm(bias[:n_matrices], x[:n_matrices, :size], weight[:n_matrices]),
+                               full[:n_matrices, :size]), (size, n_matrices)
+
+
+@pytest.mark.parametrize("n_in,n_out", SHAPES)
+def test_row_invariant_product_is_the_product_and_rounds_each_row_alike(n_in, n_out):
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(500, n_in, generator=generator), torch.randn(n_in, n_out, generator=generator)
+    bias = torch.randn(n_out, generator=generator)
+    full = row_invariant_addmm(bias, x, weight)
+    torch.testing.assert_close(full, torch.addmm(bias, x, weight))
+    torch.testing.assert_close(row_invariant_addmm(None, x, weight), x @ weight)
+    for size in (1, 2, 3, 7, 24, 100, 499):
+        assert torch.equal(row_invariant_addmm(bias, x[:size], weight), full[:size]), size
+    # a leading batch axis is flattened into the rows, and each matrix of a batched
+    # product gives its rows the same values as the 2-d product
+    assert torch.equal(row_invariant_addmm(bias, x.view(4, 125, n_in), weight), full.view(4, 125, n_out))
+    assert torch.equal(row_invariant_baddbmm(bias.view(1, 1, -1), x.unsqueeze(0), weight.unsqueeze(0))[0], full)
+
+
+def test_plain_products_are_not_batch_invariant_on_these_shapes():
+    # What the row-invariant products guard against: without them a single-output product
+    # rounds some rows differently in batches of other sizes.
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(500, 128, generator=generator), torch.randn(128, 1, generator=generator)
+    full = x @ weight
+    assert any(not torch.equal(x[:size] @ weight, full[:size]) for size in (1, 2, 3, 5, 7))
+
+
+def make_module(expert_type, router, variant, n_experts=8):
+    torch.manual_seed(0)
+    if variant == "plain":
+        return MixtureOfExperts(6, 1, n_experts=n_experts, router=router, expert_type=expert_type).eval()
+    return MixtureOfExperts(6, 3, n_experts=n_experts, router=router, expert_type=expert_type, shared_expert=True,
+                            layer_norm=True, gate_hidden=(16,), expert_hidden=(32, 32), numeric_embedding="periodic",
+                            embedding_columns=[0, 1, 2]).eval()
+
+
+@pytest.mark.parametrize("variant", ["plain", "embedded_shared_norm"])
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("expert_type", ["independent", "adapter"])
+def test_module_predictions_and_gates_are_bitwise_batch_invariant(expert_type, router, variant):
+    module = make_module(expert_type, router, variant)
+    x = torch.randn(1100, 6, generator=torch.Generator().manual_seed(1))
+    shuffled = x[torch.randperm(1100, generator=torch.Generator().manual_seed(2))]
+    with torch.inference_mode():
+        full, gates = module.predict(x), module.route(x)
+        full_shuffled = module.predict(shuffled)
+        for size, rows in rows_in_batches(x, SIZES):
+            assert torch.equal(module.predict(rows), full[:size]), size
+            assert torch.equal(module.route(rows), gates[:size]), size
+    order = {tuple(row.tolist()): i for i, row in enumerate(x)}
+    assert torch.equal(full_shuffled, full[[order[tuple(row.tolist())] for row in shuffled]])
+
+
+@pytest.mark.parametrize("expert_type", ["independent", "adapter"])
+@pytest.mark.parametrize("estimator_class", [MoERegressor, MoEClassifier], ids=lambda c: c.__name__)
+def test_fitted_estimators_predict_each_row_alike_alone_and_in_a_batch(estimator_class, expert_type,
+                                                                        regression_data, classification_data):
+    X, y = regression_data if estimator_class is MoERegressor else classification_data
+    model = estimator_class(**dict(FAST, expert_type=expert_type, max_epochs=5, random_state=0)).fit(X, y)
+    methods = ["predict", "route"] + (["predict_proba"] if estimator_class is MoEClassifier else [])
+    for method in methods:
+        whole = getattr(model, method)(X)
+        one_by_one = np.concatenate([getattr(model, method)(X[i:i + 1]) for i in range(30)])
+        in_sevens = np.concatenate([getattr(model, method)(X[i:i + 7]) for i in range(0, 70, 7)])
+        np.testing.assert_array_equal(one_by_one, whole[:30])
+        np.testing.assert_array_equal(in_sevens, whole[:70])

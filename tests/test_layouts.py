@@ -1,0 +1,123 @@
+"""The faster dispatch layouts (nn/layouts.py) against the reference padded layout."""
+
+import pytest
+import torch
+
+from sklearn_moe.nn import LAYOUTS, choose_layout, dispatch_combine, expert_outputs, plan_dispatch
+from sklearn_moe.nn.dispatch import ExpertAssignments, combine, padded_layout
+from sklearn_moe.nn.experts import StackedExperts
+from sklearn_moe.nn.layouts import SORTED_MIN_ROWS_PER_EXPERT, STAIRCASE_MIN_ASSIGNMENTS, staircase_layout
+
+from .test_nn import inputs, make_moe
+
+FASTER = [layout for layout in LAYOUTS if layout != "padded"]
+
+
+def skewed_plan(router="topk", n_rows=600, n_outputs=2, **kwargs):
+    """A module whose router favours the first experts (uneven loads), its input and its plan."""
+    module = make_moe(router=router, n_experts=6, top_k=2, n_outputs=n_outputs, expert_hidden=(8, 8), **kwargs)
+    for gate in (m for m in module.router.modules() if isinstance(m, torch.nn.Linear)):
+        with torch.no_grad():
+            gate.bias.copy_(torch.linspace(1.5, -1.5, gate.bias.shape[0]))
+    x = inputs(n_rows)
+    with torch.no_grad():
+        routing = module.router(x)
+    return module, x, plan_dispatch(routing.indices, routing.weights, 6, active=routing.active)
+
+
+def layout_combine(module, x, plan, layout):
+    outputs = expert_outputs(x, module.experts, plan, module.n_outputs, layout)
+    return combine(ExpertAssignments(plan.rows, plan.experts, plan.weights, outputs), x.shape[0])
+
+
+@pytest.mark.parametrize("n_outputs", [1, 3])
+@pytest.mark.parametrize("router", ["topk", "top_p", "hierarchical"])
+@pytest.mark.parametrize("layout", FASTER)
+def test_every_layout_equals_the_reference_bit_for_bit_in_evaluation(layout, router, n_outputs):
+    module, x, plan = skewed_plan(router, n_outputs=n_outputs, layer_norm=True)
+    module.eval()
+    assert len(staircase_layout(plan).groups) > 1  # uneven enough for a real staircase
+    with torch.no_grad():
+        reference = dispatch_combine(x, module.experts, plan, n_outputs)
+        ours = layout_combine(module, x, plan, layout)
+    assert torch.equal(ours, reference)
+
+
+@pytest.mark.parametrize("layout", FASTER)
+def test_every_layout_trains_like_the_reference(layout):
+    module, x, plan = skewed_plan()
+    module.train()
+    results = []
+    for name in ("padded", layout):
+        module.zero_grad()
+        out = layout_combine(module, x, plan, name)
+        (out * torch.linspace(-1, 1, 2)).sum().backward()
+        results.append((out.detach(), {n: p.grad.clone() for n, p in module.experts.named_parameters()}))
+    (reference, reference_grads), (ours, grads) = results
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6)
+    assert any(grad.abs().sum() > 0 for grad in grads.values())
+
+
+def test_expert_outputs_are_in_plan_order():
+    module, x, plan = skewed_plan(n_rows=50)
+    with torch.no_grad():
+        for layout in LAYOUTS:
+            outputs = expert_outputs(x, module.experts, plan, 2, layout)
+            each = torch.stack([module.experts(x[row].view(1, 1, -1).expand(6, 1, -1))[expert, 0]
+                                for row, expert in zip(plan.rows.tolist(), plan.experts.tolist())])
+            torch.testing.assert_close(outputs, each, rtol=1e-6, atol=1e-6)
+
+
+def test_expert_outputs_rejects_an_unknown_layout():
+    module, x, plan = skewed_plan(n_rows=10)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        expert_outputs(x, module.experts, plan, 2, "diagonal")
+
+
+def test_choose_layout():
+    module, x, skewed = skewed_plan(n_rows=STAIRCASE_MIN_ASSIGNMENTS // 2)  # exactly the minimum assignments
+    assert skewed.rows.shape[0] == STAIRCASE_MIN_ASSIGNMENTS
+    assert choose_layout(skewed, training=True, device_type="cpu") == "staircase"
+    assert choose_layout(skewed, training=True, device_type="cuda") == "padded"
+    even = plan_dispatch(torch.arange(600).remainder(6).view(300, 2), torch.full((300, 2), 0.5), 6)
+    assert choose_layout(even, training=True, device_type="cpu") == "padded"  # nothing to save
+    fewer = plan_dispatch(skewed.experts[:-2].view(-1, 1), torch.ones(skewed.rows.shape[0] - 2, 1), 6)
+    assert choose_layout(fewer, training=True, device_type="cpu") == "padded"
+    at_sorted = plan_dispatch(torch.arange(SORTED_MIN_ROWS_PER_EXPERT * 6).remainder(6).view(-1, 1),
+                              torch.ones(SORTED_MIN_ROWS_PER_EXPERT * 6, 1), 6)
+    assert choose_layout(at_sorted, training=False, device_type="cpu") == "sorted"
+    assert choose_layout(at_sorted, training=False, device_type="cuda") == "padded"
+    below = plan_dispatch(at_sorted.experts[1:].view(-1, 1), torch.ones(at_sorted.rows.shape[0] - 1, 1), 6)
+    assert choose_layout(below, training=False, device_type="cpu") == "padded"
+
+
+def test_padded_layout_pads_every_expert_to_the_busiest():
+    _, _, plan = skewed_plan(n_rows=40)
+    layout = padded_layout(plan)
+    (group,) = layout.groups
+    assert group.experts is None and group.n_experts == 6 and group.n_slots == int(plan.kept_counts.max())
+    assert torch.equal(layout.positions, plan.experts * group.n_slots + plan.slots)
+
+
+def test_large_eval_batches_take_the_sorted_layout_with_the_same_predictions(monkeypatch):
+    module = make_moe(n_experts=3, top_k=2, expert_hidden=(8, 8)).eval()
+    x = inputs(SORTED_MIN_ROWS_PER_EXPERT * 3 // 2)  # exactly at the threshold: 2 assignments a row
+    calls = []
+    original = StackedExperts.forward_sorted
+    monkeypatch.setattr(StackedExperts, "forward_sorted",
+                        lambda self, *args: calls.append(1) or original(self, *args))
+    with torch.inference_mode():
+        large = module.predict(x)
+    assert calls, "a batch with enough rows per expert must take the sorted layout"
+    calls.clear()
+    with torch.inference_mode():
+        small = torch.cat([module.predict(x[i:i + 20]) for i in range(0, len(x), 20)])
+    assert not calls
+    assert torch.equal(large, small)
+    with pytest.warns(RuntimeWarning, match=r"Expert\(s\) \[1\]"):  # failure masking holds here too
+        with torch.no_grad():
+            module.experts.output.bias[1] = float("nan")
+            masked = module.predict(x)
+    assert torch.isfinite(masked).all()
