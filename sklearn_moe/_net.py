@@ -103,42 +103,46 @@ class MoENet(NeuralNet):
         return loss
 
     def fit_loop(self, X, y=None, epochs=None, **fit_params):
-        """skorch's epoch loop, guarded against numerical faults and interruptions.
+        """skorch's epoch loop, one epoch at a time, guarded against numerical faults and
+        interruptions.
 
-        An epoch whose loss or weights become non-finite is rolled back and run again with a
-        lower learning rate (see :mod:`sklearn_moe._guard`); a KeyboardInterrupt that is not
-        early stopping's restores the last completed epoch and sets ``interrupted_``.
+        Each epoch is a call of skorch's own ``fit_loop`` (its split, metadata routing and
+        callbacks, with every argument passed on as given). An epoch whose loss or weights
+        become non-finite is rolled back and run again with a lower learning rate (see
+        :mod:`sklearn_moe._guard`); a KeyboardInterrupt that is not early stopping's
+        restores the last completed epoch and sets ``interrupted_``.
         """
-        fit_params.pop("_routing_method", None)
-        self.check_data(X, y)
-        self.check_training_readiness()
         epochs = epochs if epochs is not None else self.max_epochs
-        dataset_train, dataset_valid = self.get_split_datasets(X, y, **fit_params)
-        on_epoch_kwargs = {"dataset_train": dataset_train, "dataset_valid": dataset_valid}
-        iterator_train = self.get_iterator(dataset_train, training=True)
-        iterator_valid = None if dataset_valid is None else self.get_iterator(dataset_valid, training=False)
-        guard = TrainingGuard(self)
+        self._guard = TrainingGuard(self)
         self.interrupted_ = False
         completed = 0
-        while completed < epochs:
-            self.notify("on_epoch_begin", **on_epoch_kwargs)
-            try:
-                self.run_single_epoch(iterator_train, training=True, prefix="train",
-                                      step_fn=self.train_step, **fit_params)
-                self.run_single_epoch(iterator_valid, training=False, prefix="valid",
-                                      step_fn=self.validation_step, **fit_params)
-                guard.check_epoch()
-            except NonFiniteLoss as fault:
-                guard.roll_back(fault)
-                continue
-            except KeyboardInterrupt:
-                guard.restore()
-                self.interrupted_ = True
-                raise
-            self.notify("on_epoch_end", **on_epoch_kwargs)
-            guard.snapshot()
-            completed += 1
+        try:
+            while completed < epochs:
+                self._callbacks_running = False
+                try:
+                    super().fit_loop(X, y, epochs=1, **fit_params)
+                except NonFiniteLoss as fault:
+                    self._guard.roll_back(fault)
+                    continue
+                except KeyboardInterrupt:
+                    if not self._callbacks_running:  # the user's, not early stopping's
+                        self._guard.restore()
+                        self.interrupted_ = True
+                    raise
+                self._guard.snapshot()
+                completed += 1
+        finally:
+            del self._guard
         return self
+
+    def on_epoch_end(self, net, **kwargs):
+        """Check the finished epoch before any callback sees it (skorch notifies the net
+        first): a non-finite one raises :class:`~sklearn_moe._guard.NonFiniteLoss`."""
+        super().on_epoch_end(net, **kwargs)
+        guard = getattr(self, "_guard", None)
+        if guard is not None:
+            guard.check_epoch()
+        self._callbacks_running = True
 
     def infer(self, x, **fit_params):
         # Batches come from TensorTable already as tensors on the right device.

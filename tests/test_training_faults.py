@@ -206,3 +206,23 @@ def test_early_stopping_is_not_reported_as_an_interruption(regression_data, recw
     model = MoERegressor(**{**PARAMS, "max_epochs": 200, "n_iter_no_change": 2}).fit(X, y)
     assert model.n_iter_ < 200
     assert not [w for w in recwarn if "interrupted" in str(w.message)]
+
+
+def test_each_epoch_runs_skorchs_own_loop_with_the_arguments_as_given(regression_data, monkeypatch):
+    # The guarded loop adds nothing to skorch's and takes nothing away: skorch's fit_loop
+    # (its split, metadata routing and callbacks) runs once per epoch with every keyword
+    # skorch's fit passed, whatever skorch's version calls them.
+    from skorch import NeuralNet
+
+    from sklearn_moe._net import MoENet
+
+    received, forwarded = [], []
+    ours, skorchs = MoENet.fit_loop, NeuralNet.fit_loop
+    monkeypatch.setattr(MoENet, "fit_loop", lambda self, X, y=None, epochs=None, **kw: (
+        received.append(kw), ours(self, X, y, epochs, **kw))[1])
+    monkeypatch.setattr(NeuralNet, "fit_loop", lambda self, X, y=None, epochs=None, **kw: (
+        forwarded.append((epochs, kw)), skorchs(self, X, y, epochs, **kw))[1])
+    X, y = regression_data
+    model = MoERegressor(**dict(PARAMS, max_epochs=3)).fit(X, y)
+    assert model.n_iter_ == 3 and len(received) == 1
+    assert forwarded == [(1, received[0])] * 3
