@@ -12,7 +12,7 @@ from ._data import TensorTable
 from ._net import named_callbacks
 from ._parameters import PARAMETER_CONSTRAINTS, check_hyperparameters
 from ._scaling import fit_robust_scaler, scale_features
-from ._training import history_frame, train
+from ._training import build_module, history_frame, train
 from ._validation import relative_sample_weight, validate_input
 from .diagnostics import expert_utilization
 from .nn import MixtureOfExperts
@@ -129,10 +129,6 @@ class BaseMoE(BaseEstimator):
         self.warm_start = warm_start
 
     # ------------------------------------------------------------------ validation
-    def _check_hyperparameters(self) -> str:
-        """Validate the hyperparameters (see :func:`check_hyperparameters`); returns the device."""
-        return check_hyperparameters(self)
-
     def _validate_X(self, X, y="no_validation", reset=False, **kwargs):
         """``validate_data`` with clearer errors (see :func:`validate_input`)."""
         return validate_input(self, X, y, reset=reset, **kwargs)
@@ -150,7 +146,7 @@ class BaseMoE(BaseEstimator):
             raise
 
     def _fit_unguarded(self, X, y, sample_weight, reuse, extra_callbacks=()):
-        device = self._check_hyperparameters()
+        device = check_hyperparameters(self)
         X, y = self._validate_X(X, y, reset=not reuse, **self._target_validation_kwargs())
         if sample_weight is not None:
             sample_weight = relative_sample_weight(sample_weight, X)
@@ -176,7 +172,7 @@ class BaseMoE(BaseEstimator):
         fork_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(init_seed)
-            module = self.module_ if reuse else self._build_module(X.shape[1], device, layout, bins)
+            module = self.module_ if reuse else build_module(self, X.shape[1], device, layout, bins)
             net = train(self, module, device, train_table, valid_table, generator, extra_callbacks)
 
         self._x_mean, self._x_scale = x_mean, x_scale
@@ -207,48 +203,6 @@ class BaseMoE(BaseEstimator):
         X = torch.from_numpy(np.ascontiguousarray(X_scaled, dtype=np.float32))
         columns, n_bins, bins = fit_embedding_layout(X, self.numeric_embedding, torch.Generator().manual_seed(seed))
         return (np.asarray(columns, dtype=np.int64), np.asarray(n_bins, dtype=np.int64)), bins
-
-    def _build_module(self, n_features, device, layout=None, bins=None):
-        """The network the hyperparameters describe; ``layout`` is ``(columns, n_bins)`` of
-        the numeric embedding (default: the fitted one), ``bins`` its edges (default:
-        placeholders, for ``load_state_dict``)."""
-        columns, n_bins = layout if layout is not None else (self._embedding_columns, self._embedding_n_bins)
-        embedding = self.numeric_embedding if len(columns) else None
-        return MixtureOfExperts(
-            n_features=n_features,
-            n_outputs=self._n_outputs,
-            n_experts=self.n_experts,
-            top_k=self._top_k,
-            router=self.router,
-            expert_hidden=tuple(self.expert_hidden),
-            activation=self.activation,
-            dropout=self.dropout,
-            layer_norm=self.layer_norm,
-            skip_connections=self.skip_connections,
-            temperature=self.temperature,
-            capacity_factor=self.capacity_factor,
-            balance_loss=self.balance_loss,
-            shared_expert=self.shared_expert,
-            gate_hidden=tuple(self.gate_hidden),
-            expert_dropout=self.expert_dropout,
-            capacity_overflow=self.capacity_overflow,
-            top_p=self.top_p,
-            learned_threshold=self.learned_threshold,
-            n_groups=min(self.n_groups, self.n_experts),
-            diversity_loss=self.diversity_coef > 0,
-            expert_grad_scaling=self.expert_grad_scaling,
-            expert_type=self.expert_type,
-            numeric_embedding=embedding,
-            embedding_columns=columns.tolist() if embedding else None,
-            embedding_bins=bins,
-            embedding_n_bins=n_bins.tolist() if embedding == "piecewise_linear" and bins is None else None,
-        ).to(device)
-
-    @property
-    def _top_k(self) -> int:
-        """Experts per row: ``top_k``, at most ``n_experts`` (so ``n_experts=1`` needs no
-        ``top_k=1`` alongside it). The switch router always uses 1."""
-        return min(self.top_k, self.n_experts)
 
     def _expert_load(self, X_scaled: torch.Tensor) -> np.ndarray:
         gates = self._gates(X_scaled)

@@ -1,8 +1,10 @@
-"""Training: everything skorch, apart from the estimators.
+"""Training: the network and everything skorch, apart from the estimators.
 
-:func:`train` builds the training net for a module (optimizer, callbacks, validation split),
-runs it and cleans it up; :func:`build_net` builds it alone (persistence rebuilds a fitted
-net without training). Both read the hyperparameters from ``params``, the estimator.
+:func:`build_module` builds the network the hyperparameters describe; :func:`train` builds
+the training net for it (optimizer, callbacks, validation split), runs it and cleans it up;
+:func:`build_net` builds that net alone. A fit and a loaded model (:mod:`.persistence`)
+both go through :func:`build_module` and :func:`build_net`. Each reads the hyperparameters
+from ``params``, the estimator.
 """
 
 from __future__ import annotations
@@ -15,10 +17,60 @@ from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, P
 from ._data import TensorTable
 from ._net import MoENet, PredefinedSplit, drop_callbacks, report_interruption
 from .callbacks import AuxFreeBalancing, LearningRateShape, RoutingMetrics
+from .nn import MixtureOfExperts
 
 
 def _silent(*args, **kwargs):
     pass
+
+
+def build_module(params, n_features: int, device, layout=None, bins=None) -> MixtureOfExperts:
+    """The network the hyperparameters of ``params`` describe, for its fitted outputs.
+
+    Parameters
+    ----------
+    params : BaseMoE
+        The estimator: its hyperparameters, and ``_n_outputs`` from its target encoding.
+    n_features : int
+    device : str or torch.device
+    layout : tuple (columns, n_bins) of int arrays, optional
+        The numeric embedding's columns and bin counts; default: the fitted ones
+        (``_embedding_columns``, ``_embedding_n_bins``).
+    bins : list of Tensor, optional
+        The piecewise-linear embedding's bin edges; default: placeholders, to be loaded with
+        ``load_state_dict``.
+    """
+    columns, n_bins = layout if layout is not None else (params._embedding_columns, params._embedding_n_bins)
+    embedding = params.numeric_embedding if len(columns) else None
+    return MixtureOfExperts(
+        n_features=n_features,
+        n_outputs=params._n_outputs,
+        n_experts=params.n_experts,
+        top_k=min(params.top_k, params.n_experts),  # so n_experts=1 needs no top_k=1 beside it
+        router=params.router,
+        expert_hidden=tuple(params.expert_hidden),
+        activation=params.activation,
+        dropout=params.dropout,
+        layer_norm=params.layer_norm,
+        skip_connections=params.skip_connections,
+        temperature=params.temperature,
+        capacity_factor=params.capacity_factor,
+        balance_loss=params.balance_loss,
+        shared_expert=params.shared_expert,
+        gate_hidden=tuple(params.gate_hidden),
+        expert_dropout=params.expert_dropout,
+        capacity_overflow=params.capacity_overflow,
+        top_p=params.top_p,
+        learned_threshold=params.learned_threshold,
+        n_groups=min(params.n_groups, params.n_experts),
+        diversity_loss=params.diversity_coef > 0,
+        expert_grad_scaling=params.expert_grad_scaling,
+        expert_type=params.expert_type,
+        numeric_embedding=embedding,
+        embedding_columns=columns.tolist() if embedding else None,
+        embedding_bins=bins,
+        embedding_n_bins=n_bins.tolist() if embedding == "piecewise_linear" and bins is None else None,
+    ).to(device)
 
 
 def train(params, module, device: str, train_table: TensorTable, valid_table: TensorTable | None,

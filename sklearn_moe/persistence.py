@@ -36,7 +36,8 @@ from safetensors import SafetensorError, safe_open
 from sklearn.utils.validation import check_is_fitted
 from skorch.history import History
 
-from ._training import build_net, history_frame
+from ._parameters import check_hyperparameters
+from ._training import build_module, build_net, history_frame
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
@@ -282,11 +283,11 @@ def _new_estimator(document: dict, device):
             params[name] = tuple(params[name])
     estimator = cls(**{**params, "device": "cpu"})
     try:
-        estimator._check_hyperparameters()
+        check_hyperparameters(estimator)
     except (ValueError, TypeError) as error:
         raise _invalid(f"invalid parameters: {error}") from error
     estimator.set_params(device=device)
-    resolved_device = estimator._check_hyperparameters()  # errors here are about `device`, not the file
+    resolved_device = check_hyperparameters(estimator)  # errors here are about `device`, not the file
     _restore_fitted(estimator, document)
     return estimator, resolved_device
 
@@ -383,7 +384,7 @@ def _expected_state(estimator) -> dict:
     """The state_dict the saved hyperparameters describe, built on the meta device (no memory)."""
     try:
         with torch.device("meta"):
-            skeleton = estimator._build_module(estimator.n_features_in_, "meta")
+            skeleton = build_module(estimator, estimator.n_features_in_, "meta")
     except (RuntimeError, ValueError, OverflowError) as error:  # e.g. sizes whose storage overflows
         raise _invalid(f"its parameters describe no buildable network ({error}).") from error
     return skeleton.state_dict()
@@ -402,7 +403,7 @@ def _check_tensors(handle, expected: dict) -> None:
 
 def _assemble(estimator, document: dict, state: dict, device: str):
     with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
-        module = estimator._build_module(estimator.n_features_in_, device)
+        module = build_module(estimator, estimator.n_features_in_, device)
     module.load_state_dict(state, strict=True)
     module.eval()
     batch_size = document["net"]["batch_size"]
