@@ -11,9 +11,10 @@ from sklearn_moe.nn.products import row_invariant_addmm, row_invariant_baddbmm
 from .conftest import FAST
 
 ROUTERS = ["softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"]
-# Batch sizes that take every evaluation path: padded to 16 rows and dense (<= 16), the
-# padded dispatch buffer (17, 63), and the sorted layout (>= 64 assignments per expert).
-SIZES = [1, 2, 3, 15, 16, 17, 63, 300]
+# Batch sizes that take every evaluation path: a row padded to two, the dense path (<= 4
+# rows), the padded dispatch buffer (5, 17, 63) and the sorted layout (>= 64 assignments
+# per expert).
+SIZES = [1, 2, 3, 4, 5, 17, 63, 300]
 # The three shapes where the CPU GEMM takes another kernel (one row, one output column,
 # a batched matrix under 400 terms) and a single input, each in and out of the regime.
 SHAPES = [(128, 1), (128, 3), (2, 16), (5, 20), (1, 8), (1, 128), (16, 128)]

@@ -23,14 +23,14 @@ from .layouts import choose_layout, expert_outputs
 from .losses import BALANCE_LOSSES, expert_diversity_loss, router_z_loss
 from .routers import make_router
 
-# predict and route evaluate at least this many rows (zero rows pad smaller batches): the
-# router and the numeric embeddings run plain float32 products, which take other kernels
-# (and round differently) below about ten rows; see :mod:`.products`.
-MIN_EVAL_ROWS = 16
+# predict and route evaluate at least this many rows (a one-row batch is padded with a
+# zero row): the numeric embeddings (rtdl_num_embeddings) run plain float32 products, which
+# take a matrix-vector kernel, rounding differently, for one row; see :mod:`.products`.
+MIN_EVAL_ROWS = 2
 # In evaluation, batches of at most this many rows run every expert on every row (unchosen
 # experts weighted 0): a padded dispatch block has a slot per expert anyway, and skipping
 # the sort-based dispatch takes about a third off a 1-row prediction.
-DENSE_EVAL_MAX_ROWS = MIN_EVAL_ROWS
+DENSE_EVAL_MAX_ROWS = 4
 EXPERT_TYPES = ("independent", "adapter")
 
 

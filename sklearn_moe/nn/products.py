@@ -29,6 +29,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 MIN_ROWS = 2
 MIN_OUTPUTS = 16
@@ -103,6 +104,17 @@ def row_invariant_addmm(bias: torch.Tensor | None, x: torch.Tensor, weight: torc
     if rows < MIN_ROWS or n_out < MIN_OUTPUTS:
         out = out[:rows, :n_out]
     return out.reshape(*lead, n_out)
+
+
+class RowInvariantLinear(nn.Linear):
+    """:class:`torch.nn.Linear` (same parameters and state dict) whose forward-only product
+    is :func:`row_invariant_addmm`: ``F.linear`` multiplies by the transposed weight, which
+    takes another kernel for batches of up to about ten rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if needs_autograd(x, self.weight, self.bias):
+            return super().forward(x)
+        return row_invariant_addmm(self.bias, x, self.weight.t())
 
 
 def _narrow_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .products import RowInvariantLinear
+
 
 class Routing(NamedTuple):
     """The routing decision for one batch.
@@ -49,12 +51,12 @@ class Routing(NamedTuple):
 
 def _make_gate(n_features: int, n_experts: int, hidden: tuple[int, ...]) -> nn.Module:
     if not hidden:
-        return nn.Linear(n_features, n_experts)
+        return RowInvariantLinear(n_features, n_experts)
     widths = (n_features, *hidden)
     layers: list[nn.Module] = []
     for w_in, w_out in zip(widths[:-1], widths[1:]):
-        layers += [nn.Linear(w_in, w_out), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(widths[-1], n_experts))
+        layers += [RowInvariantLinear(w_in, w_out), nn.ReLU()]
+    return nn.Sequential(*layers, RowInvariantLinear(widths[-1], n_experts))
 
 
 def _unit_weight(p: torch.Tensor) -> torch.Tensor:
