@@ -9,7 +9,7 @@ Roles
 - ``ablation``: the default MoE with one ingredient switched off (the ``n_experts=1``
   network, the gate replaced by equal weights, independent experts, the mixture's loss,
   no numeric embedding, the plateau schedule, a gate as fast as the experts), one option
-  added (experts trained on random halves of each batch), and the previous defaults. They
+  added (experts trained on random halves of each batch), and a classic sparse MoE. They
   are compared with the default pairwise, not ranked among the other models.
 - ``baseline`` and ``peer``: the other models, at their own defaults; peers are the
   strongest tabular networks (TabM, RealMLP from pytabkit) and CatBoost.
@@ -39,9 +39,9 @@ ABLATIONS = {
     "moe_plateau": {"lr_schedule": "plateau"},
     "moe_fast_gate": {"router_lr_scale": 1.0},
 }
-#: The estimators' previous defaults: independent (128, 128) experts, top-2 of 8, trained
-#: on the mixture's loss, no embedding, a plateau schedule.
-PREVIOUS_DEFAULTS = {
+#: A classic sparse MoE: independent (128, 128) experts, top-2 of 8, trained on the
+#: mixture's loss, no embedding, a plateau schedule.
+CLASSIC_SPARSE = {
     "n_experts": 8, "top_k": 2, "router": "topk", "expert_type": "independent", "expert_loss": "mixture",
     "numeric_embedding": None, "expert_hidden": (128, 128), "dropout": 0.0, "learning_rate": 3e-3,
     "weight_decay": 1e-4, "lr_schedule": "plateau", "max_epochs": 200, "n_iter_no_change": 30,
@@ -182,8 +182,8 @@ MODEL_SPECS = {
                   role="ablation"),
         ModelSpec("moe_label_smoothing", {"classification": "MoE label_smoothing=0.1"},
                   lambda task, seed, p: _moe(task, seed, p, label_smoothing=0.1), is_moe=True, role="ablation"),
-        ModelSpec("moe_previous", _names("MoE previous defaults"),
-                  lambda task, seed, p: _moe(task, seed, p, **PREVIOUS_DEFAULTS), is_moe=True, role="ablation"),
+        ModelSpec("moe_classic", _names("MoE classic sparse"),
+                  lambda task, seed, p: _moe(task, seed, p, **CLASSIC_SPARSE), is_moe=True, role="ablation"),
         ModelSpec("mlp", {"regression": "MLPRegressor", "classification": "MLPClassifier"}, _mlp),
         ModelSpec("linear", {"regression": "Ridge", "classification": "LogisticRegression"}, _linear,
                   aliases=("ridge", "logreg", "logistic")),
@@ -214,7 +214,7 @@ MODEL_NOTES = {
     "moe_noisy_topk": "the default MoE with a noisy sparse gate, router='noisy_topk' (top-2 of 8; an option)",
     "moe_label_smoothing": "the default MoEClassifier with label_smoothing=0.1 (an option; classification only)",
     "moe_subsample": "the default MoE with expert_subsample=0.5: each expert trains on a random half of every batch",
-    "moe_previous": "the previous defaults: " + ", ".join(f"{k}={v!r}" for k, v in PREVIOUS_DEFAULTS.items()),
+    "moe_classic": "a classic sparse MoE: " + ", ".join(f"{k}={v!r}" for k, v in CLASSIC_SPARSE.items()),
     "mlp": "scikit-learn MLPRegressor / MLPClassifier(max_iter=2000, early_stopping=True)",
     "linear": "Ridge() / LogisticRegression(max_iter=2000)",
     "hgb": "HistGradientBoostingRegressor / Classifier at their defaults",
