@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from sklearn_moe import MoERegressor
+from sklearn_moe._training import build_module
 from sklearn_moe.nn import MixtureOfExperts
 from sklearn_moe.nn.dispatch import padded_layout, plan_dispatch
 from sklearn_moe.nn.layouts import choose_layout, staircase_layout
@@ -318,7 +319,7 @@ def squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def _plain_loop_epochs(model, X, y, epochs, batch_size, device, seed) -> list[float]:
     """Train a fresh copy of ``model``'s architecture with a hand-written loop."""
     torch.manual_seed(seed)
-    module = model._build_module(X.shape[1], device)
+    module = build_module(model, X.shape[1], device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=model.learning_rate, weight_decay=model.weight_decay,
                                   fused=True)
     x_all = torch.as_tensor((X - X.mean(0)) / X.std(0), dtype=torch.float32, device=device)

@@ -24,6 +24,12 @@ def _silent(*args, **kwargs):
     pass
 
 
+#: Hyperparameters that MixtureOfExperts takes as they are, under the same names.
+_MODULE_PARAMETERS = ("router", "activation", "dropout", "layer_norm", "skip_connections", "temperature",
+                      "capacity_factor", "balance_loss", "shared_expert", "expert_dropout", "capacity_overflow",
+                      "top_p", "learned_threshold", "expert_grad_scaling", "expert_type")
+
+
 def build_module(params, n_features: int, device, layout=None, bins=None) -> MixtureOfExperts:
     """The network the hyperparameters of ``params`` describe, for its fitted outputs.
 
@@ -47,29 +53,15 @@ def build_module(params, n_features: int, device, layout=None, bins=None) -> Mix
         n_outputs=params._n_outputs,
         n_experts=params.n_experts,
         top_k=min(params.top_k, params.n_experts),  # so n_experts=1 needs no top_k=1 beside it
-        router=params.router,
         expert_hidden=tuple(params.expert_hidden),
-        activation=params.activation,
-        dropout=params.dropout,
-        layer_norm=params.layer_norm,
-        skip_connections=params.skip_connections,
-        temperature=params.temperature,
-        capacity_factor=params.capacity_factor,
-        balance_loss=params.balance_loss,
-        shared_expert=params.shared_expert,
         gate_hidden=tuple(params.gate_hidden),
-        expert_dropout=params.expert_dropout,
-        capacity_overflow=params.capacity_overflow,
-        top_p=params.top_p,
-        learned_threshold=params.learned_threshold,
         n_groups=min(params.n_groups, params.n_experts),
         diversity_loss=params.diversity_coef > 0,
-        expert_grad_scaling=params.expert_grad_scaling,
-        expert_type=params.expert_type,
         numeric_embedding=embedding,
         embedding_columns=columns.tolist() if embedding else None,
         embedding_bins=bins,
         embedding_n_bins=n_bins.tolist() if embedding == "piecewise_linear" and bins is None else None,
+        **{name: getattr(params, name) for name in _MODULE_PARAMETERS},
     ).to(device)
 
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 
-import torch
 from skorch.callbacks import Callback
 
-from .diagnostics import load_imbalance
+from .diagnostics import load_imbalance, row_entropy
 
 
 class RoutingMetrics(Callback):
@@ -34,8 +33,7 @@ class RoutingMetrics(Callback):
         counts = y_pred.expert_counts.detach()
         self._counts = counts if self._counts is None else self._counts + counts
         gates = y_pred.gates.detach()
-        entropy = -torch.where(gates > 0, gates * gates.clamp_min(1e-30).log(), 0.0).sum()
-        self._entropy_sum = self._entropy_sum + entropy
+        self._entropy_sum = self._entropy_sum + row_entropy(gates).sum()
         self._rows += gates.shape[0]
         self._dropped = self._dropped + y_pred.n_dropped.detach()
 

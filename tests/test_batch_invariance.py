@@ -82,6 +82,9 @@ def test_module_predictions_and_gates_are_bitwise_batch_invariant(expert_type, r
     with torch.inference_mode():
         full, gates = module.predict(x), module.route(x)
         full_shuffled = module.predict(shuffled)
+        mixed = module(x)
+    assert torch.equal(full, mixed.output) and torch.equal(gates, mixed.gates)  # the mixture itself
+    with torch.inference_mode():
         for size, rows in rows_in_batches(x, SIZES):
             assert torch.equal(module.predict(rows), full[:size]), size
             assert torch.equal(module.route(rows), gates[:size]), size
@@ -98,6 +101,7 @@ def test_fitted_estimators_predict_each_row_alike_alone_and_in_a_batch(estimator
     methods = ["predict", "route"] + (["predict_proba"] if estimator_class is MoEClassifier else [])
     for method in methods:
         whole = getattr(model, method)(X)
+        assert len(np.unique(whole, axis=0)) > 1  # the rows' own predictions, not one constant
         one_by_one = np.concatenate([getattr(model, method)(X[i:i + 1]) for i in range(30)])
         in_sevens = np.concatenate([getattr(model, method)(X[i:i + 7]) for i in range(0, 70, 7)])
         np.testing.assert_array_equal(one_by_one, whole[:30])

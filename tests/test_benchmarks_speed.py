@@ -102,3 +102,13 @@ def test_multiply_adds_of_dense_adapter_experts_count_every_expert_and_the_embed
     width = 3 * 16
     # dense router on the embedded input, then all 4 experts: shared 48 -> 5 -> 5 and a 5 -> 1 head
     assert speed.multiply_adds_per_row(model) == expected_embedding + width * 4 + 4 * (width * 5 + 5 * 5 + 5)
+
+
+def test_wrapper_overhead_times_the_estimator_and_a_plain_loop_over_the_same_network(monkeypatch):
+    built = []
+    original = speed.build_module
+    monkeypatch.setattr(speed, "build_module", lambda *args: built.append(original(*args)) or built[-1])
+    result = speed.wrapper_overhead(n_rows=300, n_features=4, epochs=2, repeats=1, batch_size=64)
+    assert result["ratio"] == pytest.approx(result["estimator_epoch_s"] / result["plain_loop_epoch_s"])
+    (module,) = built  # the plain loop's network: the fitted estimator's architecture, fresh
+    assert isinstance(module, MixtureOfExperts) and module.n_features == 4 and module.training

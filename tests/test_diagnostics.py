@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sklearn_moe.diagnostics import expert_utilization, load_imbalance, routing_entropy
+from sklearn_moe.diagnostics import expert_utilization, load_imbalance, routing_entropy, row_entropy
 
 
 def test_expert_utilization_is_each_experts_share():
@@ -32,3 +32,20 @@ def test_routing_entropy_is_the_mean_per_row_entropy():
     assert routing_entropy(gates) == pytest.approx(expected)
     assert routing_entropy(torch.tensor(gates, dtype=torch.float32)) == pytest.approx(expected, rel=1e-6)
     assert math.isnan(routing_entropy(np.zeros((0, 4))))
+    per_row = [0.0, math.log(2), math.log(4), uneven]
+    np.testing.assert_allclose(row_entropy(gates), per_row)
+    on_device = row_entropy(torch.tensor(gates, dtype=torch.float32))
+    assert isinstance(on_device, torch.Tensor) and on_device.shape == (4,)
+    np.testing.assert_allclose(on_device.numpy(), per_row, rtol=1e-6)
+
+
+def test_training_history_records_the_mean_row_entropy_of_the_gates(regression_data):
+    from sklearn_moe import MoERegressor
+
+    from .conftest import FAST
+
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, router="topk", max_epochs=1, early_stopping=False, random_state=0,
+                                learning_rate=1e-12, weight_decay=0.0)).fit(X, y)
+    # With a vanishing learning rate the gates after the epoch are the gates seen in training.
+    assert model.history_["routing_entropy"].iloc[-1] == pytest.approx(routing_entropy(model.route(X)), rel=1e-5)

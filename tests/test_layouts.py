@@ -110,6 +110,7 @@ def test_large_eval_batches_take_the_sorted_layout_with_the_same_predictions(mon
                         lambda self, *args: calls.append(1) or original(self, *args))
     with torch.inference_mode():
         large = module.predict(x)
+        assert torch.equal(large, module(x).output)  # the mixture itself
     assert calls, "a batch with enough rows per expert must take the sorted layout"
     calls.clear()
     with torch.inference_mode():

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dispatch import padded_layout, plan_dispatch, run_buffer
 from .products import batched_linear, needs_autograd, row_invariant_addmm
 
 ACTIVATIONS = {
@@ -435,9 +436,9 @@ class AdapterExperts(_ExpertMLP):
         """Row ``i`` through expert ``experts[i]``'s output head.
 
         One output: a gathered weight row per row, multiplied elementwise. More outputs:
-        the rows are laid out by expert in a buffer padded to the busiest expert, and every
-        head runs as one batched matmul (gathering a weight matrix per row would move
-        ``rows * width * outputs`` values).
+        the rows are dispatched as in :mod:`.dispatch`, by expert into a buffer padded to the
+        busiest expert, and every head runs as one batched matmul (gathering a weight matrix
+        per row would move ``rows * width * outputs`` values).
         """
         if self.out_features == 1:
             weight = self.head_weight[:, :, 0].index_select(0, experts).to(h.dtype)
@@ -445,16 +446,14 @@ class AdapterExperts(_ExpertMLP):
             return (h * weight).sum(dim=1, keepdim=True) + bias
         if h.shape[0] == 0:
             return h.new_zeros(0, self.out_features)
-        counts = torch.bincount(experts, minlength=self.n_experts)
-        n_slots = int(counts.max())
-        order = torch.argsort(experts.to(torch.int32), stable=True)
-        first = torch.cumsum(counts, 0) - counts
-        slots = torch.empty_like(order).scatter_(0, order, torch.arange(h.shape[0], device=h.device)) - first[experts]
-        positions = experts * n_slots + slots
-        buffer = h.new_zeros(self.n_experts * n_slots, h.shape[1]).index_put((positions,), h)
-        out = batched_linear(buffer.view(self.n_experts, n_slots, -1), self.head_weight.to(h.dtype),
-                             self.head_bias.to(h.dtype))
-        return out.reshape(-1, self.out_features).index_select(0, positions)
+        plan = plan_dispatch(experts.unsqueeze(1), h.new_ones(h.shape[0], 1), self.n_experts)
+        weight, bias = self.head_weight.to(h.dtype), self.head_bias.to(h.dtype)
+
+        def heads(blocks, block_experts):  # the padded layout's one block: every expert in order
+            return [batched_linear(blocks[0], weight, bias)]
+
+        outputs = run_buffer(h, heads, plan, padded_layout(plan), self.out_features)  # in plan (expert) order
+        return outputs.new_zeros(outputs.shape).index_copy(0, plan.rows, outputs)
 
     def _norm(self, index: int, h: torch.Tensor, select) -> torch.Tensor:
         if not len(self.norm_weights):
