@@ -16,7 +16,14 @@ from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, P
 
 from ._data import TensorTable
 from ._net import MoENet, PredefinedSplit, drop_callbacks, report_interruption
-from .callbacks import AuxFreeBalancing, LearningRateShape, RoutingMetrics
+from .callbacks import (
+    AuxFreeBalancing,
+    EpochLine,
+    ExpertGradientNorms,
+    LearningRateShape,
+    RoutingMetrics,
+    StepTimes,
+)
 from .nn import MixtureOfExperts
 
 
@@ -96,6 +103,8 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
     sink = print if params.verbose else _silent
     callbacks = [
         ("routing", RoutingMetrics()),
+        ("expert_grad_norm", ExpertGradientNorms()),
+        ("step_times", StepTimes()),
         ("lr_scheduler", _lr_scheduler(params, monitor, n_train)),
         ("early_stopping", EarlyStopping(
             monitor=monitor, patience=params.n_iter_no_change, threshold=params.tol,
@@ -106,7 +115,7 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
     if params.balance_loss == "aux_free":
         callbacks.append(("aux_free_balancing", AuxFreeBalancing(params.balance_coef)))
     if params.verbose:
-        callbacks.append(("progress_bar", ProgressBar()))
+        callbacks += [("progress_bar", ProgressBar()), ("epoch_line", EpochLine())]
     callbacks.extend(extra_callbacks)
     return MoENet(
         module,
@@ -122,6 +131,7 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
         callbacks=callbacks,
         device=device,
         verbose=int(params.verbose),
+        callbacks__print_log=None,  # EpochLine prints instead: the metrics' lists make a table unreadable
         warm_start=True,
         balance_coef=params.balance_coef,
         z_loss_coef=params.z_loss_coef,

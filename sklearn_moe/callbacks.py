@@ -3,58 +3,279 @@
 from __future__ import annotations
 
 import math
+import time
 
+import torch
 from skorch.callbacks import Callback
 
-from .diagnostics import load_imbalance, row_entropy
+from .diagnostics import (
+    expert_specialization,
+    expert_utilization,
+    gate_share,
+    load_cv,
+    load_entropy,
+    load_imbalance,
+    per_expert_mean,
+    routing_instability,
+    row_entropy,
+    target_bins,
+)
 
 
 class RoutingMetrics(Callback):
-    """Record per-epoch routing metrics of the training batches in the net's history.
+    """Record per-epoch routing metrics in the net's history, on the training batches and
+    on the validation split.
 
-    Columns added each epoch: the batch-size-weighted means of the batch keys
-    ``task_loss``, ``balance_loss``, ``z_loss`` and ``diversity_loss`` (those recorded by the
-    net's ``get_loss``),
-    ``load_imbalance`` (busiest expert's share over the mean
-    share, 1 = perfect balance), ``routing_entropy`` (mean per-row gate entropy, nats) and
-    ``dropped_fraction`` (share of assignments dropped by the capacity cap).
+    Training columns: the batch-size-weighted means of the batch keys ``task_loss``,
+    ``balance_loss``, ``z_loss`` and ``diversity_loss`` (those recorded by the net's
+    ``get_loss``); ``expert_share`` (each expert's share of the routed rows, a list),
+    ``gate_share`` (its share of the gate mass, a list), ``load_entropy``, ``load_cv``,
+    ``load_imbalance`` (busiest expert's share over the mean share), ``routing_entropy``
+    (mean per-row gate entropy, nats) and ``dropped_fraction`` (share of assignments
+    dropped by the capacity cap). See :mod:`sklearn_moe.diagnostics` for the formulas.
+
+    Validation columns (when there is a validation split): ``valid_expert_share``,
+    ``valid_gate_share``, ``valid_load_entropy``, ``valid_load_cv``,
+    ``valid_load_imbalance``, ``valid_routing_entropy``; ``valid_routing_instability``
+    (share of validation rows whose top-1 expert changed since the last epoch; NaN on the
+    first), ``valid_specialization`` (normalised mutual information between the top-1
+    expert and the class, or the decile of a regression target) and ``valid_expert_loss``
+    (the mixture's loss on the rows each expert serves first, a list; NaN where none).
     """
-
-    def on_epoch_begin(self, net, **kwargs):
-        # Accumulated on the model's device: no host synchronisation per batch.
-        self._counts = None
-        self._entropy_sum = 0.0
-        self._rows = 0
-        self._dropped = 0
-
-    def on_batch_end(self, net, batch=None, training=None, y_pred=None, **kwargs):
-        if not training or y_pred is None:
-            return
-        counts = y_pred.expert_counts.detach()
-        self._counts = counts if self._counts is None else self._counts + counts
-        gates = y_pred.gates.detach()
-        self._entropy_sum = self._entropy_sum + row_entropy(gates).sum()
-        self._rows += gates.shape[0]
-        self._dropped = self._dropped + y_pred.n_dropped.detach()
 
     averaged_keys = ("task_loss", "balance_loss", "z_loss", "diversity_loss")
 
-    def on_epoch_end(self, net, **kwargs):
-        if self._counts is None:
+    def initialize(self):
+        self._previous_top1 = None
+        self._reset()
+        return super().initialize()
+
+    def on_train_begin(self, net, **kwargs):
+        self._previous_top1 = None
+
+    def _reset(self):
+        # Accumulated on the model's device: no host synchronisation per batch.
+        self._train = _RoutingTally()
+        self._valid = _RoutingTally()
+        self._valid_top1, self._valid_targets, self._valid_losses = [], [], []
+
+    def on_epoch_begin(self, net, **kwargs):
+        self._reset()
+
+    def on_batch_end(self, net, batch=None, training=None, y_pred=None, **kwargs):
+        if y_pred is None:
             return
+        gates = y_pred.gates.detach()
+        if training:
+            self._train.add(y_pred.expert_counts.detach(), gates, y_pred.n_dropped.detach())
+            return
+        self._valid.add(y_pred.expert_counts.detach(), gates, None)
+        targets = batch[1]
+        self._valid_top1.append(gates.argmax(dim=1))
+        self._valid_targets.append(targets.detach())
+        with torch.no_grad():
+            losses = net.criterion_(y_pred.output.float(), targets)
+        self._valid_losses.append(losses.reshape(losses.shape[0], -1).mean(dim=1))
+
+    def on_epoch_end(self, net, **kwargs):
         batches = [b for b in net.history[-1, "batches"] if "train_batch_size" in b]
         sizes = [b["train_batch_size"] for b in batches]
         for key in self.averaged_keys:
             values = [b[key] for b in batches if key in b]
-            if len(values) == len(sizes):
+            if values and len(values) == len(sizes):
                 net.history.record(key, sum(v * s for v, s in zip(values, sizes)) / sum(sizes))
-        total = int(self._counts.sum())
-        net.history.record("load_imbalance", load_imbalance(self._counts))
-        net.history.record("routing_entropy", float(self._entropy_sum) / max(self._rows, 1))
-        net.history.record("dropped_fraction", int(self._dropped) / max(total, 1))
+        if self._train.rows:
+            for key, value in self._train.metrics().items():
+                net.history.record(key, value)
+        if self._valid.rows:
+            for key, value in self._valid.metrics().items():
+                if key != "dropped_fraction":
+                    net.history.record(f"valid_{key}", value)
+            self._record_validation_routing(net)
         # Device tensors must not outlive the epoch: a pickled CUDA tensor left here would
         # make a CUDA-trained model impossible to unpickle on a machine without CUDA.
+        self._reset()
+
+    def _record_validation_routing(self, net):
+        top1 = torch.cat(self._valid_top1).cpu().numpy()
+        targets = torch.cat(self._valid_targets).cpu().numpy()
+        groups = targets if targets.dtype.kind in "iub" else target_bins(targets)
+        n_experts = net.module_.n_experts
+        losses = torch.cat(self._valid_losses).cpu().numpy()
+        instability = float("nan")
+        if self._previous_top1 is not None and self._previous_top1.shape == top1.shape:
+            instability = routing_instability(self._previous_top1, top1)
+        net.history.record("valid_routing_instability", instability)
+        net.history.record("valid_specialization", expert_specialization(top1, groups))
+        net.history.record("valid_expert_loss", per_expert_mean(losses, top1, n_experts).tolist())
+        self._previous_top1 = top1
+
+
+class _RoutingTally:
+    """Per-epoch sums of routing counts, gate mass, row entropies and drops (on device)."""
+
+    def __init__(self):
+        self.counts = self.gate_mass = None
+        self.entropy = self.dropped = 0.0
+        self.rows = 0
+
+    def add(self, counts, gates, dropped):
+        self.counts = counts if self.counts is None else self.counts + counts
+        mass = gates.sum(dim=0)
+        self.gate_mass = mass if self.gate_mass is None else self.gate_mass + mass
+        self.entropy = self.entropy + row_entropy(gates).sum()
+        self.rows += gates.shape[0]
+        if dropped is not None:
+            self.dropped = self.dropped + dropped
+
+    def metrics(self) -> dict:
+        counts = self.counts.cpu().numpy()
+        total = int(counts.sum())
+        return {
+            "expert_share": expert_utilization(counts).tolist(),
+            "gate_share": gate_share(self.gate_mass.unsqueeze(0)).tolist(),
+            "load_entropy": load_entropy(counts),
+            "load_cv": load_cv(counts),
+            "load_imbalance": load_imbalance(counts),
+            "routing_entropy": float(self.entropy) / max(self.rows, 1),
+            "dropped_fraction": int(self.dropped) / max(total, 1),
+        }
+
+
+class ExpertGradientNorms(Callback):
+    """Record ``expert_grad_norm``: each expert's gradient norm, averaged over the epoch's
+    training batches (a list, one value per expert).
+
+    The norm of expert ``e`` is ``sqrt(sum_p ||grad p[e]||^2)`` over the parameters that
+    belong to one expert each (``experts.expert_parameters()``: for adapter experts their
+    scalings, biases, norms and heads, not the shared weights), before gradient clipping.
+    A starved expert shows as a norm near zero.
+    """
+
+    def on_epoch_begin(self, net, **kwargs):
+        self._sum, self._batches = None, 0
+
+    def on_grad_computed(self, net, named_parameters=None, training=None, **kwargs):
+        squares = None
+        for parameter in net.module_.experts.expert_parameters():
+            if parameter.grad is None:
+                continue
+            square = parameter.grad.detach().float().reshape(parameter.shape[0], -1).square().sum(dim=1)
+            squares = square if squares is None else squares + square
+        if squares is not None:
+            norms = squares.sqrt()
+            self._sum = norms if self._sum is None else self._sum + norms
+            self._batches += 1
+
+    def on_epoch_end(self, net, **kwargs):
+        if self._sum is not None:
+            net.history.record("expert_grad_norm", (self._sum / self._batches).cpu().tolist())
         self.on_epoch_begin(net)
+
+
+class StepTimes(Callback):
+    """Record where the training batches' time goes, in seconds per epoch: ``router_s``
+    and ``experts_s`` (their forward passes, the shared expert's included) and
+    ``optimizer_s`` (the optimizer steps). The rest of an epoch's ``dur`` is the backward
+    pass, the losses and the data.
+
+    Timed by forward hooks on the router and the experts, and from the end of the gradient
+    computation to the optimizer's step post-hook (gradient clipping included); the hooks
+    are removed when training ends. On a GPU the spans are CUDA events, read once an epoch;
+    on the CPU, wall-clock time.
+    """
+
+    keys = ("router_s", "experts_s", "optimizer_s")
+
+    def on_train_begin(self, net, **kwargs):
+        module = net.module_
+        self._cuda = next(module.parameters()).is_cuda
+        self._open, self._spans = {}, {key: [] for key in self.keys}
+        timed = {"router_s": [module.router], "experts_s": [module.experts]}
+        if module.shared_expert is not None:
+            timed["experts_s"].append(module.shared_expert)
+        self._handles = []
+        for key, modules in timed.items():
+            for part in modules:
+                self._handles.append(part.register_forward_pre_hook(_TimerHook(self, key, start=True)))
+                self._handles.append(part.register_forward_hook(_TimerHook(self, key, start=False)))
+        self._handles.append(net.optimizer_.register_step_post_hook(_TimerHook(self, "optimizer_s", start=False)))
+
+    def on_grad_computed(self, net, training=None, **kwargs):
+        # skorch steps the optimizer with a closure that runs forward and backward and ends
+        # by notifying this: the update itself (and gradient clipping) comes after.
+        if hasattr(self, "_spans"):
+            self._mark("optimizer_s", start=True)
+
+    def _mark(self, key, start):
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        else:
+            event = time.perf_counter()
+        if start:
+            self._open[key] = event
+        elif key in self._open:
+            self._spans[key].append((self._open.pop(key), event))
+
+    def on_epoch_end(self, net, **kwargs):
+        if not hasattr(self, "_spans"):
+            return
+        if self._cuda:
+            torch.cuda.synchronize()
+        for key, spans in self._spans.items():
+            if self._cuda:
+                total = sum(begin.elapsed_time(end) for begin, end in spans) / 1e3
+            else:
+                total = sum(end - begin for begin, end in spans)
+            net.history.record(key, total)
+            spans.clear()
+
+    def on_train_end(self, net, **kwargs):
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        self._handles, self._open, self._spans = [], {}, {key: [] for key in self.keys}
+
+
+class _TimerHook:
+    """A forward (pre-)hook or optimizer step post-hook that marks a span of :class:`StepTimes`;
+    forward passes in evaluation mode (validation) are not timed."""
+
+    def __init__(self, timer: StepTimes, key: str, start: bool):
+        self.timer, self.key, self.start = timer, key, start
+
+    def __call__(self, owner, *args):
+        if isinstance(owner, torch.nn.Module) and not owner.training:
+            return None
+        self.timer._mark(self.key, self.start)
+        return None
+
+
+class EpochLine(Callback):
+    """``verbose=1``: print one compact line per epoch (under skorch's progress bar).
+
+    ``epoch   3  loss 0.1621  valid 0.0484  load_cv 0.000  entropy 1.500  0.08s``: the
+    training loss, the validation loss (when there is a split), the training batches'
+    load coefficient of variation and mean per-row routing entropy, and the epoch's time.
+    A ``*`` marks a new best validation (or training) loss.
+
+    Parameters
+    ----------
+    sink : callable, default=print
+    """
+
+    def __init__(self, sink=print):
+        self.sink = sink
+
+    def on_epoch_end(self, net, **kwargs):
+        row = net.history[-1]
+        parts = [f"epoch {row['epoch']:>3}", f"loss {row.get('train_loss', float('nan')):.4f}"]
+        if "valid_loss" in row:
+            parts.append(f"valid {row['valid_loss']:.4f}")
+        parts += [f"load_cv {row.get('load_cv', float('nan')):.3f}",
+                  f"entropy {row.get('routing_entropy', float('nan')):.3f}", f"{row.get('dur', 0.0):.2f}s"]
+        best = row.get("valid_loss_best", row.get("train_loss_best", False))
+        self.sink("  ".join(parts) + ("  *" if best else ""))
 
 
 class AuxFreeBalancing(Callback):

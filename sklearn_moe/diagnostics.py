@@ -63,3 +63,114 @@ def routing_entropy(gates) -> float:
     """
     gates = _as_numpy(gates)
     return float(row_entropy(gates).mean()) if gates.shape[0] else float("nan")
+
+
+def gate_share(gates) -> np.ndarray:
+    """Each expert's share of the gate mass: ``sum_i g_ie / sum_ie g_ie``, shape (n_experts,).
+
+    Under a dense router every expert serves every row, and this, not the routed rows, says
+    how much each one contributes. All zeros for no rows.
+    """
+    mass = _as_numpy(gates).sum(axis=0)
+    total = mass.sum()
+    return mass / total if total > 0 else np.zeros_like(mass)
+
+
+def load_entropy(counts) -> float:
+    """Entropy (nats) of the experts' load shares ``p_e`` (:func:`expert_utilization`):
+    ``-sum_e p_e log p_e``. ``log(n_experts)`` at perfect balance, 0 when one expert takes
+    everything; NaN when nothing was routed."""
+    share = expert_utilization(counts)
+    if share.sum() == 0:
+        return float("nan")
+    share = share[share > 0]
+    return float(-(share * np.log(share)).sum())
+
+
+def load_cv(counts) -> float:
+    """Coefficient of variation of the experts' loads: ``std(c) / mean(c)`` (population
+    standard deviation). 0 at perfect balance, ``sqrt(n_experts - 1)`` when one expert
+    takes everything; NaN when nothing was routed."""
+    counts = _as_numpy(counts)
+    mean = counts.mean() if counts.size else 0.0
+    return float(counts.std() / mean) if mean > 0 else float("nan")
+
+
+def routing_instability(previous_top1, top1) -> float:
+    """Share of rows whose first-choice expert changed: ``mean(previous_top1 != top1)``.
+
+    Parameters
+    ----------
+    previous_top1, top1 : array of shape (n,), int
+        Each row's top-1 expert at two points of training (the same rows in the same order).
+    """
+    previous_top1, top1 = np.asarray(previous_top1), np.asarray(top1)
+    if previous_top1.shape != top1.shape:
+        raise ValueError(f"previous_top1 has shape {previous_top1.shape}, top1 {top1.shape}: not the same rows")
+    return float((previous_top1 != top1).mean()) if top1.size else float("nan")
+
+
+def expert_specialization(top1, target_groups) -> float:
+    """Normalised mutual information between each row's top-1 expert ``E`` and its target
+    group ``Y`` (class, or quantile bin of a regression target, :func:`target_bins`).
+
+    ``NMI = I(E; Y) / ((H(E) + H(Y)) / 2)``, with the entropies and the mutual information
+    ``I(E; Y) = sum_ey p(e, y) log(p(e, y) / (p(e) p(y)))`` of the empirical joint
+    distribution (scikit-learn's ``normalized_mutual_info_score`` with the arithmetic mean).
+    1: the expert tells the target group exactly (and back); 0: independent, or a single
+    expert or a single group (nothing to tell).
+
+    Parameters
+    ----------
+    top1 : array of shape (n,), int
+    target_groups : array of shape (n,)
+        Any hashable labels.
+    """
+    top1, target_groups = np.asarray(top1), np.asarray(target_groups)
+    if top1.shape != target_groups.shape:
+        raise ValueError(f"top1 has shape {top1.shape}, target_groups {target_groups.shape}: not the same rows")
+    if top1.size == 0:
+        return float("nan")
+    _, experts = np.unique(top1, return_inverse=True)
+    _, groups = np.unique(target_groups, return_inverse=True)
+    joint = np.zeros((experts.max() + 1, groups.max() + 1))
+    np.add.at(joint, (experts, groups), 1.0)
+    joint /= joint.sum()
+    p_expert, p_group = joint.sum(axis=1), joint.sum(axis=0)
+    h_expert, h_group = -(p_expert * np.log(p_expert)).sum(), -(p_group * np.log(p_group)).sum()
+    if h_expert == 0 or h_group == 0:
+        return 0.0
+    nonzero = joint > 0
+    mutual = (joint[nonzero] * np.log(joint[nonzero] / np.outer(p_expert, p_group)[nonzero])).sum()
+    return float(np.clip(mutual / ((h_expert + h_group) / 2), 0.0, 1.0))
+
+
+def target_bins(y, n_bins: int = 10) -> np.ndarray:
+    """Quantile bin (0 .. n_bins - 1) of each regression target, for
+    :func:`expert_specialization`; a 2-d target is binned on its first column.
+
+    Bin edges are the ``1/n_bins .. (n_bins-1)/n_bins`` quantiles, so the bins hold about
+    equal numbers of rows (ties can merge bins).
+    """
+    y = _as_numpy(y)
+    y = y[:, 0] if y.ndim == 2 else y
+    if y.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    edges = np.quantile(y, np.linspace(0, 1, n_bins + 1)[1:-1])
+    return np.searchsorted(edges, y, side="right").astype(np.int64)
+
+
+def per_expert_mean(values, top1, n_experts: int) -> np.ndarray:
+    """Mean of ``values`` over the rows each expert serves first: shape (n_experts,),
+    ``mean_{i: top1_i = e} values_i``; NaN for an expert that serves no row.
+
+    With per-row losses it is each expert's loss on its own rows.
+    """
+    values = _as_numpy(values).reshape(-1)
+    top1 = np.asarray(top1).reshape(-1)
+    if values.shape != top1.shape:
+        raise ValueError(f"values has {values.size} rows, top1 {top1.size}: not the same rows")
+    sums = np.bincount(top1, weights=values, minlength=n_experts)
+    counts = np.bincount(top1, minlength=n_experts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)

@@ -257,6 +257,10 @@ class StackedExperts(_ExpertMLP):
         """Every expert on every row: Tensor of shape (n_experts, n, out_features)."""
         return self(x.unsqueeze(0).expand(self.n_experts, -1, -1))
 
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The parameters that belong to one expert each, expert on axis 0: all of them."""
+        return list(self.parameters())
+
     def forward_sorted(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Run the experts on rows sorted by expert, without padding.
 
@@ -390,18 +394,22 @@ class AdapterExperts(_ExpertMLP):
         self.head_weight = nn.Parameter(torch.empty(n_experts, widths[-1], out_features).uniform_(-bound, bound))
         self.head_bias = nn.Parameter(torch.empty(n_experts, out_features).uniform_(-bound, bound))
 
-    def forward(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        """Run row ``i`` of ``x`` through expert ``experts[i]``.
+    def forward(self, x: torch.Tensor, experts: torch.Tensor | None = None) -> torch.Tensor:
+        """Run row ``i`` of ``x`` through expert ``experts[i]``, or every row through every
+        expert.
 
         Parameters
         ----------
         x : Tensor of shape (m, in_features)
-        experts : Tensor of shape (m,), int64
+        experts : Tensor of shape (m,), int64, or None
+            None: every expert on every row (:meth:`all_experts`).
 
         Returns
         -------
-        Tensor of shape (m, out_features)
+        Tensor of shape (m, out_features), or (n_experts, m, out_features) for ``experts=None``
         """
+        if experts is None:
+            return self._all_experts(x)
         return self._heads(self._hidden(x, lambda p: p.index_select(0, experts)), experts)
 
     def all_experts(self, x: torch.Tensor) -> torch.Tensor:
@@ -410,6 +418,15 @@ class AdapterExperts(_ExpertMLP):
         The adapters broadcast over an expert axis instead of being gathered per row, and
         the heads run as one batched matmul.
         """
+        return self(x)
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """The parameters that belong to one expert each, expert on axis 0: the scalings,
+        biases, norms and heads (not the shared weights)."""
+        return [*self.in_scales, *self.out_scales, *self.biases, *self.norm_weights, *self.norm_biases,
+                self.head_weight, self.head_bias]
+
+    def _all_experts(self, x: torch.Tensor) -> torch.Tensor:
         h = self._hidden(x.unsqueeze(0), lambda p: p.unsqueeze(1))
         if h.shape[0] == 1:  # no hidden layers: the same input for every expert
             h = h.expand(self.n_experts, -1, -1)
