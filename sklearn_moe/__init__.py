@@ -3,8 +3,9 @@
 from ._classifier import MoEClassifier
 from ._guard import TrainingDivergedError
 from ._regressor import MoERegressor
+from .callbacks import ExpertCollapseWarning
 from .persistence import load
 
 __version__ = "0.1.0"
 
-__all__ = ["MoEClassifier", "MoERegressor", "TrainingDivergedError", "__version__", "load"]
+__all__ = ["ExpertCollapseWarning", "MoEClassifier", "MoERegressor", "TrainingDivergedError", "__version__", "load"]

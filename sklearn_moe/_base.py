@@ -9,6 +9,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._data import TensorTable
+from ._expert_methods import ExpertMethods
 from ._net import named_callbacks
 from ._parameters import PARAMETER_CONSTRAINTS, check_hyperparameters
 from ._scaling import fit_robust_scaler, scale_features
@@ -22,7 +23,7 @@ _PREDICT_BATCH_SIZE = 16384
 _MIN_VALIDATION_ROWS = 2
 
 
-class BaseMoE(BaseEstimator):
+class BaseMoE(ExpertMethods, BaseEstimator):
     """Shared implementation of :class:`MoERegressor` and :class:`MoEClassifier`.
 
     Subclasses provide ``_encode_targets`` (the training targets and the fitted target
@@ -46,6 +47,8 @@ class BaseMoE(BaseEstimator):
         top_k=2,
         router="softmax",
         temperature=1.0,
+        temperature_final=None,
+        temperature_schedule="cosine",
         capacity_factor=None,
         balance_loss="switch",
         balance_coef=1e-2,
@@ -64,6 +67,9 @@ class BaseMoE(BaseEstimator):
         n_groups=2,
         diversity_coef=0.0,
         expert_grad_scaling=False,
+        collapse_threshold=0.1,
+        collapse_patience=5,
+        collapse_recovery=False,
         expert_type="adapter",
         expert_loss="per_expert",
         expert_subsample=1.0,
@@ -89,6 +95,8 @@ class BaseMoE(BaseEstimator):
         self.top_k = top_k
         self.router = router
         self.temperature = temperature
+        self.temperature_final = temperature_final
+        self.temperature_schedule = temperature_schedule
         self.capacity_factor = capacity_factor
         self.balance_loss = balance_loss
         self.balance_coef = balance_coef
@@ -107,6 +115,9 @@ class BaseMoE(BaseEstimator):
         self.n_groups = n_groups
         self.diversity_coef = diversity_coef
         self.expert_grad_scaling = expert_grad_scaling
+        self.collapse_threshold = collapse_threshold
+        self.collapse_patience = collapse_patience
+        self.collapse_recovery = collapse_recovery
         self.expert_type = expert_type
         self.expert_loss = expert_loss
         self.expert_subsample = expert_subsample

@@ -8,7 +8,7 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._net import module_device
-from .callbacks import LR_SCHEDULES
+from .callbacks import LR_SCHEDULES, TEMPERATURE_SCHEDULES
 from .nn import ACTIVATIONS, OVERFLOW_POLICIES, ROUTERS
 from .nn.embeddings import NUMERIC_EMBEDDINGS
 from .nn.losses import BALANCE_LOSSES, EXPERT_LOSSES
@@ -19,7 +19,9 @@ PARAMETER_CONSTRAINTS: dict = {
     "top_k": [Interval(Integral, 1, None, closed="left")],
     "router": [StrOptions(set(ROUTERS))],
     "temperature": [Interval(Real, 0, None, closed="neither")],
-    "capacity_factor": [None, Interval(Real, 1, None, closed="left")],
+    "temperature_final": [None, Interval(Real, 0, None, closed="neither")],
+    "temperature_schedule": [StrOptions(set(TEMPERATURE_SCHEDULES))],
+    "capacity_factor": [None, Interval(Real, 1, None, closed="left"), StrOptions({"auto"})],
     "balance_loss": [StrOptions(set(BALANCE_LOSSES)), None],
     "balance_coef": [Interval(Real, 0, None, closed="left")],
     "z_loss_coef": [Interval(Real, 0, None, closed="left")],
@@ -33,6 +35,9 @@ PARAMETER_CONSTRAINTS: dict = {
     "n_groups": [Interval(Integral, 1, None, closed="left")],
     "diversity_coef": [Interval(Real, 0, None, closed="left")],
     "expert_grad_scaling": ["boolean"],
+    "collapse_threshold": [None, Interval(Real, 0, 1, closed="neither")],
+    "collapse_patience": [Interval(Integral, 1, None, closed="left")],
+    "collapse_recovery": ["boolean"],
     "expert_type": [StrOptions(set(EXPERT_TYPES))],
     "expert_loss": [StrOptions(set(EXPERT_LOSSES))],
     "expert_subsample": [Interval(Real, 0, 1, closed="right")],
@@ -79,11 +84,25 @@ PARAMETERS = """\
         ensemble; what the gate adds is measured against it). Prediction is noise-free for
         every router.
     temperature : float, default=1.0
-        Router softmax temperature (> 0); lower is sharper.
-    capacity_factor : float or None, default=None
+        Router softmax temperature (> 0); lower is sharper. With ``temperature_final``, the
+        temperature of the first epoch.
+    temperature_final : float or None, default=None
+        Anneal the router's temperature from ``temperature`` (first epoch) to this value
+        (epoch ``max_epochs``), once per epoch, along ``temperature_schedule``; the history
+        records it as ``temperature``, and the model predicts with the temperature of the
+        epoch whose weights it keeps. A high start lets every expert see rows before the
+        gate sharpens. None: constant.
+    temperature_schedule : {"cosine", "linear", "exponential"}, default="cosine"
+        At training progress ``t`` in [0, 1]: ``"linear"``: ``T0 + (T1 - T0) t``;
+        ``"cosine"``: ``T1 + (T0 - T1) (1 + cos(pi t)) / 2``; ``"exponential"``:
+        ``T0 (T1 / T0)^t``.
+    capacity_factor : float, "auto" or None, default=None
         In training only, cap each expert at ``ceil(capacity_factor * batch * top_k /
-        n_experts)`` rows per batch (>= 1); ``None`` is dropless. Prediction is always
-        dropless and independent of the batch.
+        n_experts)`` rows per batch (>= 1); ``None`` is dropless. ``"auto"`` adjusts it to
+        the observed load: dropless in the first epoch, then each epoch the 90th
+        percentile of the last epoch's per-batch busiest-over-mean load
+        (:class:`~sklearn_moe.callbacks.AdaptiveCapacity`; ``history_["capacity_factor"]``).
+        Prediction is always dropless and independent of the batch.
     capacity_overflow : {"drop", "reroute"}, default="drop"
         A row's assignment past an expert's capacity: ``"drop"`` falls back to the row's
         other experts (and the shared expert; a row left with none has a zero routed
@@ -130,6 +149,18 @@ PARAMETERS = """\
     expert_grad_scaling : bool, default=False
         Multiply each expert's gradient by ``mean_load / load_e`` of the batch (at most
         ``n_experts``), so rarely chosen experts learn as fast as busy ones.
+    collapse_threshold : float in (0, 1) or None, default=0.1
+        Collapse detection: an expert whose share of the training routing (of the routed
+        rows for a sparse router, of the gate mass for a dense one) stays below this
+        fraction of an equal share (``1 / n_experts``) for ``collapse_patience`` epochs in a
+        row raises an :class:`~sklearn_moe.ExpertCollapseWarning` naming it. None: no
+        detection.
+    collapse_patience : int, default=5
+        Epochs an expert must stay starved before the warning (and the recovery).
+    collapse_recovery : bool, default=False
+        On detected collapse, re-initialise each starved expert as a perturbed copy of the
+        busiest one, the two sharing its routing (growth by splitting; see
+        :meth:`sklearn_moe.nn.MixtureOfExperts.split_expert`).
     expert_type : {"adapter", "independent"}, default="adapter"
         ``"independent"``: every expert is an MLP with its own weights. ``"adapter"``: the
         experts share one MLP's weights and differ by their own elementwise scaling of

@@ -13,16 +13,20 @@ import numpy as np
 import pandas as pd
 import torch
 from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, ProgressBar
+from skorch.history import History
 
 from ._data import TensorTable
 from ._net import MoENet, PredefinedSplit, drop_callbacks, report_interruption
 from .callbacks import (
+    AdaptiveCapacity,
     AuxFreeBalancing,
+    CollapseMonitor,
     EpochLine,
     ExpertGradientNorms,
     LearningRateShape,
     RoutingMetrics,
     StepTimes,
+    TemperatureAnnealing,
 )
 from .nn import MixtureOfExperts
 
@@ -33,7 +37,7 @@ def _silent(*args, **kwargs):
 
 #: Hyperparameters that MixtureOfExperts takes as they are, under the same names.
 _MODULE_PARAMETERS = ("router", "activation", "dropout", "layer_norm", "skip_connections", "temperature",
-                      "capacity_factor", "balance_loss", "shared_expert", "expert_dropout", "capacity_overflow",
+                      "balance_loss", "shared_expert", "expert_dropout", "capacity_overflow",
                       "top_p", "learned_threshold", "expert_grad_scaling", "expert_type")
 
 
@@ -68,6 +72,7 @@ def build_module(params, n_features: int, device, layout=None, bins=None) -> Mix
         embedding_columns=columns.tolist() if embedding else None,
         embedding_bins=bins,
         embedding_n_bins=n_bins.tolist() if embedding == "piecewise_linear" and bins is None else None,
+        capacity_factor=None if params.capacity_factor == "auto" else params.capacity_factor,
         **{name: getattr(params, name) for name in _MODULE_PARAMETERS},
     ).to(device)
 
@@ -112,6 +117,14 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
     ]
     if params.max_grad_norm is not None:
         callbacks.append(("gradient_clipping", GradientNormClipping(params.max_grad_norm)))
+    if params.capacity_factor == "auto":
+        callbacks.append(("capacity", AdaptiveCapacity()))
+    if params.temperature_final is not None:
+        callbacks.append(("temperature", TemperatureAnnealing(params.temperature, params.temperature_final,
+                                                              params.temperature_schedule, params.max_epochs)))
+    if params.collapse_threshold is not None:
+        callbacks.append(("collapse", CollapseMonitor(params.collapse_threshold, params.collapse_patience,
+                                                      params.collapse_recovery)))
     if params.balance_loss == "aux_free":
         callbacks.append(("aux_free_balancing", AuxFreeBalancing(params.balance_coef)))
     if params.verbose:
@@ -142,6 +155,25 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
         # With one expert there is nothing to diversify: it trains on every row.
         expert_subsample=params.expert_subsample if params.n_experts > 1 else 1.0,
     )
+
+
+def rebuilt_module(params, state: dict, device) -> MixtureOfExperts:
+    """The fitted network of ``params`` (its hyperparameters and fitted encodings) with the
+    weights ``state``, in eval mode; building it leaves the caller's random state alone."""
+    with torch.random.fork_rng(devices=[]):  # building initialises weights before the load
+        module = build_module(params, params.n_features_in_, device)
+    module.load_state_dict(state, strict=True)
+    return module.eval()
+
+
+def fitted_net(params, module, device, batch_size: int, history_records) -> MoENet:
+    """The net a fitted estimator keeps around a trained ``module``: it predicts and holds
+    the history (a warm start trains a new one)."""
+    net = build_net(params, module, device, batch_size)
+    net.initialize()  # keeps the given module instance and its weights
+    net.batch_size = batch_size
+    net.history = History([{"batches": [], **epoch} for epoch in history_records])
+    return net
 
 
 def history_frame(history) -> pd.DataFrame:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
+import numpy as np
 import torch
 from skorch.callbacks import Callback
 
@@ -276,6 +278,155 @@ class EpochLine(Callback):
                   f"entropy {row.get('routing_entropy', float('nan')):.3f}", f"{row.get('dur', 0.0):.2f}s"]
         best = row.get("valid_loss_best", row.get("train_loss_best", False))
         self.sink("  ".join(parts) + ("  *" if best else ""))
+
+
+TEMPERATURE_SCHEDULES = ("cosine", "linear", "exponential")
+
+
+def annealed_temperature(start: float, final: float, schedule: str, progress: float) -> float:
+    """The router temperature at training progress ``progress`` in [0, 1] (see the
+    estimators' ``temperature_schedule``)."""
+    t = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return start + (final - start) * t
+    if schedule == "cosine":
+        return final + (start - final) * (1 + math.cos(math.pi * t)) / 2
+    if schedule == "exponential":
+        return start * (final / start) ** t
+    raise ValueError(f"schedule must be one of {TEMPERATURE_SCHEDULES}, got {schedule!r}")
+
+
+class TemperatureAnnealing(Callback):
+    """Set the router's temperature at the start of every epoch, from ``start`` (epoch 1)
+    to ``final`` (epoch ``max_epochs``) along ``schedule`` (:func:`annealed_temperature`),
+    and record it in the history as ``temperature``.
+
+    The temperature is a buffer of the router, so early stopping's restored weights come
+    with the temperature of their epoch, and a saved model keeps it.
+
+    Parameters
+    ----------
+    start, final : float
+    schedule : {"cosine", "linear", "exponential"}
+    max_epochs : int
+    """
+
+    def __init__(self, start: float, final: float, schedule: str, max_epochs: int):
+        self.start = start
+        self.final = final
+        self.schedule = schedule
+        self.max_epochs = max_epochs
+
+    def on_epoch_begin(self, net, **kwargs):
+        epoch = len(net.history)  # the row of this epoch exists already
+        progress = (epoch - 1) / max(self.max_epochs - 1, 1)
+        temperature = annealed_temperature(self.start, self.final, self.schedule, progress)
+        net.module_.router.temperature.fill_(temperature)
+        net.history.record("temperature", temperature)
+
+
+class AdaptiveCapacity(Callback):
+    """``capacity_factor="auto"``: set each epoch's capacity from the load of the last.
+
+    The first epoch is dropless. During an epoch the callback records, for every training
+    batch, the busiest expert's routed load over the mean load (before any cap); the next
+    epoch's capacity factor is the ``quantile`` of those ratios (at least 1). Most batches
+    then fit with nothing dropped, while the busiest expert of an unusually skewed batch is
+    capped. The history records the factor of each epoch as ``capacity_factor`` (NaN when
+    dropless); prediction stays dropless.
+
+    Parameters
+    ----------
+    quantile : float, default=0.9
+    """
+
+    def __init__(self, quantile: float = 0.9):
+        self.quantile = quantile
+
+    def on_train_begin(self, net, **kwargs):
+        net.module_.capacity_factor = None
+
+    def on_epoch_begin(self, net, **kwargs):
+        self._ratios = []
+        factor = net.module_.capacity_factor
+        net.history.record("capacity_factor", float("nan") if factor is None else factor)
+
+    def on_batch_end(self, net, training=None, y_pred=None, **kwargs):
+        if training and y_pred is not None:
+            counts = y_pred.expert_counts.detach().float()
+            self._ratios.append(counts.max() / counts.mean().clamp_min(1e-12))
+
+    def on_epoch_end(self, net, **kwargs):
+        if self._ratios:
+            ratios = torch.stack(self._ratios).cpu().numpy()
+            net.module_.capacity_factor = max(1.0, float(np.quantile(ratios, self.quantile)))
+        self._ratios = []
+
+    def on_train_end(self, net, **kwargs):
+        net.module_.capacity_factor = None  # the fitted module is dropless, as the parameter says
+
+
+class ExpertCollapseWarning(UserWarning):
+    """Training routed (almost) nothing to some experts for several epochs in a row."""
+
+
+class CollapseMonitor(Callback):
+    """Warn when experts starve, and optionally revive them by splitting the busiest.
+
+    At the end of every epoch each expert's share of the training routing is read from the
+    history (``gate_share`` for a dense router, ``expert_share`` for a sparse one). An
+    expert below ``threshold / n_experts`` for ``patience`` epochs in a row is starved: an
+    :class:`ExpertCollapseWarning` names it. With ``recovery``, each starved expert is then
+    re-initialised as a perturbed copy of the busiest expert
+    (:meth:`~sklearn_moe.nn.MixtureOfExperts.split_expert`), its count restarts, and the
+    epoch's history records the revived experts in ``revived_experts``.
+
+    Parameters
+    ----------
+    threshold : float
+        Fraction of an equal share below which an expert counts as starved.
+    patience : int
+    recovery : bool, default=False
+        The copies' perturbation draws from torch's global generator, which the estimators
+        seed from ``random_state`` for the fit.
+    """
+
+    def __init__(self, threshold: float, patience: int, recovery: bool = False):
+        self.threshold = threshold
+        self.patience = patience
+        self.recovery = recovery
+
+    def on_train_begin(self, net, **kwargs):
+        self._starved_for = None
+        self._warned = set()
+
+    def on_epoch_end(self, net, **kwargs):
+        module = net.module_
+        row = net.history[-1]
+        key = "gate_share" if module.router.is_dense else "expert_share"
+        if module.n_experts < 2 or key not in row:
+            return
+        share = np.asarray(row[key], dtype=np.float64)
+        starved = share < self.threshold / module.n_experts
+        self._starved_for = np.where(starved, (0 if self._starved_for is None else self._starved_for) + 1, 0)
+        collapsed = [int(e) for e in np.flatnonzero(self._starved_for >= self.patience)]
+        if not collapsed:
+            return
+        busiest = int(share.argmax())
+        if self.recovery:
+            module.split_expert(busiest, collapsed)
+            self._starved_for[collapsed] = 0
+            net.history.record("revived_experts", collapsed)
+        new = [e for e in collapsed if e not in self._warned]
+        if new or self.recovery:
+            self._warned.update(collapsed)
+            shares = ", ".join(f"{share[e]:.3g}" for e in collapsed)
+            action = (f"re-initialised as copies of expert {busiest}" if self.recovery else
+                      "raise balance_coef, or set collapse_recovery=True to re-initialise them")
+            warnings.warn(
+                f"Expert(s) {collapsed} received less than {self.threshold:g} of an equal share of the "
+                f"routing for {self.patience} epochs (shares {shares}): the router has collapsed onto "
+                f"fewer experts; {action}.", ExpertCollapseWarning, stacklevel=2)
 
 
 class AuxFreeBalancing(Callback):

@@ -84,7 +84,7 @@ def load_entropy(counts) -> float:
     if share.sum() == 0:
         return float("nan")
     share = share[share > 0]
-    return float(-(share * np.log(share)).sum())
+    return float(-(share * np.log(share)).sum()) + 0.0  # + 0.0: no "-0.0" for one expert
 
 
 def load_cv(counts) -> float:

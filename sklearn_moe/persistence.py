@@ -34,15 +34,14 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
 from sklearn.utils.validation import check_is_fitted
-from skorch.history import History
 
 from ._parameters import check_hyperparameters
-from ._training import build_module, build_net, history_frame
+from ._training import build_module, fitted_net, history_frame, rebuilt_module
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
 FORMAT_NAME = "sklearn-moe"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 _VERSION_1_PARAMS = {"expert_type": "independent", "expert_loss": "mixture", "numeric_embedding": None,
                      "lr_schedule": "plateau", "router_lr_scale": 1.0, "expert_subsample": 1.0}
 # Parameters that files of a format version below the key did not store, per kind, with the
@@ -50,6 +49,14 @@ _VERSION_1_PARAMS = {"expert_type": "independent", "expert_loss": "mixture", "nu
 _ADDED_PARAMS = {
     2: {"MoERegressor": _VERSION_1_PARAMS, "MoEClassifier": _VERSION_1_PARAMS},
     3: {"MoEClassifier": {"label_smoothing": 0.0}},
+    4: {kind: {"collapse_threshold": 0.1, "collapse_patience": 5, "collapse_recovery": False,
+               "temperature_final": None, "temperature_schedule": "cosine"}
+        for kind in ("MoERegressor", "MoEClassifier")},
+}
+# Tensors that files of a format version below the key did not store, with how to make them
+# from the estimator: the router's temperature was a fixed hyperparameter then.
+_ADDED_TENSORS = {
+    4: {"router.temperature": lambda estimator: torch.tensor(float(estimator.temperature))},
 }
 _METADATA_KEY = "sklearn-moe"
 _KINDS = ("MoERegressor", "MoEClassifier")
@@ -219,8 +226,10 @@ def load(path, device="cpu"):
             document = _parse_document(handle.metadata() or {})
             estimator, resolved_device = _new_estimator(document, device)
             expected = _expected_state(estimator)
-            _check_tensors(handle, expected)
-            state = {name: handle.get_tensor(name) for name in expected}
+            added = {name: make(estimator) for version, tensors in _ADDED_TENSORS.items()
+                     if document["format_version"] < version for name, make in tensors.items()}
+            _check_tensors(handle, {name: tensor for name, tensor in expected.items() if name not in added})
+            state = {name: added[name] if name in added else handle.get_tensor(name) for name in expected}
     except SafetensorError as error:
         raise ValueError(f"{os.fspath(path)!r} is not a valid sklearn-moe file: {error}") from error
     for name, tensor in state.items():
@@ -402,16 +411,7 @@ def _check_tensors(handle, expected: dict) -> None:
 
 
 def _assemble(estimator, document: dict, state: dict, device: str):
-    with torch.random.fork_rng(devices=[]):  # building initialises weights: leave the caller's RNG alone
-        module = build_module(estimator, estimator.n_features_in_, device)
-    module.load_state_dict(state, strict=True)
-    module.eval()
-    batch_size = document["net"]["batch_size"]
-    # The net of a loaded model predicts and holds the history; a warm start trains a new one.
-    net = build_net(estimator, module, device, batch_size)
-    net.initialize()  # keeps the given module instance: its loaded weights stay
-    net.batch_size = batch_size
-    net.history = History([{"batches": [], **epoch} for epoch in document["history"]])
-    estimator.net_ = net
-    estimator.history_ = history_frame(net.history)
+    module = rebuilt_module(estimator, state, device)
+    estimator.net_ = fitted_net(estimator, module, device, document["net"]["batch_size"], document["history"])
+    estimator.history_ = history_frame(estimator.net_.history)
     return estimator

@@ -18,3 +18,15 @@ def test_demo_prints_scores_times_and_the_default_moes_comparisons(capsys, monke
     assert "| regime |" in out and "| concrete |" in out
     assert len(re.findall(r"-?\d\.\d{4} ± \d\.\d{4}", out)) == 10  # 2 data sets x 5 models
     assert "The default MoE beats MoE n_experts=1 on" in out and "The default MoE beats MoE router=uniform on" in out
+
+
+def test_training_dynamics_reports_prunes_and_writes_its_figures(tmp_path, capsys):
+    from examples.training_dynamics import main
+
+    result = main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Routing report on the held-out rows" in out and "prune_experts(0.02)" in out
+    assert list(result["report"].columns) == ["share", "mean_gate", "n_rows", "score", "distinguishing_features"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        f"training_dynamics_{name}.png" for name in ("curves", "embedding", "heatmap", "utilization")]
+    assert result["model"].history_["temperature"].iloc[0] == 2.0

@@ -35,7 +35,7 @@ from sklearn_moe.nn.embeddings import (
 from sklearn_moe.nn.experts import AdapterExperts, StackedExperts
 from sklearn_moe.nn.losses import per_expert_loss
 from sklearn_moe.nn.routers import UniformRouter
-from sklearn_moe.persistence import FORMAT_VERSION
+from sklearn_moe.persistence import _ADDED_TENSORS, FORMAT_VERSION
 
 from .conftest import FAST
 from .test_nn import assert_capacity_drops_in_training_only, inputs, skew_router
@@ -780,15 +780,28 @@ def test_pickle_round_trip(classification_data, estimator, params):
 
 
 def rewrite_metadata(source, target, edit):
+    """Rewrite a saved file's document with ``edit``; the tensors that the edited format
+    version did not store yet are left out too."""
     with safetensors.safe_open(str(source), framework="pt") as handle:
         document = json.loads(handle.metadata()[KEY])
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     edit(document)
+    for version, added in _ADDED_TENSORS.items():
+        if document["format_version"] < version:
+            tensors = {name: tensor for name, tensor in tensors.items() if name not in added}
     safetensors.torch.save_file(tensors, str(target), metadata={KEY: json.dumps(document)})
     return target
 
 
+def as_version_3(document):
+    document["format_version"] = 3
+    for name in ("collapse_threshold", "collapse_patience", "collapse_recovery", "temperature_final",
+                 "temperature_schedule"):
+        document["params"].pop(name, None)
+
+
 def as_version_2(document):
+    as_version_3(document)
     document["format_version"] = 2
     document["params"].pop("label_smoothing", None)
 
@@ -835,6 +848,23 @@ def test_version_2_classifier_file_loads_without_label_smoothing(tmp_path, class
     unversioned = rewrite_metadata(tmp_path / "v3.moe", tmp_path / "bad.moe",
                                    lambda d: (as_version_2(d), d.update(format_version=3)))
     with pytest.raises(ValueError, match=r"missing \['label_smoothing'\]"):
+        sklearn_moe.load(unversioned)
+
+
+@pytest.mark.parametrize("estimator", [MoERegressor, MoEClassifier])
+def test_version_3_file_loads_with_collapse_defaults_and_its_fixed_temperature(tmp_path, classification_data,
+                                                                                 estimator):
+    X, y = regression_data(120) if estimator is MoERegressor else classification_data
+    model = estimator(**dict(ADAPTER, max_epochs=3, temperature=0.7, collapse_patience=2)).fit(X, y)
+    model.save(tmp_path / "v4.moe")
+    loaded = sklearn_moe.load(rewrite_metadata(tmp_path / "v4.moe", tmp_path / "v3.moe", as_version_3))
+    assert (loaded.collapse_threshold, loaded.collapse_patience, loaded.collapse_recovery) == (0.1, 5, False)
+    assert float(loaded.module_.router.temperature) == pytest.approx(0.7)
+    assert_same_predictions(loaded, model, X)
+    # a version-4 file must carry the temperature tensor
+    unversioned = rewrite_metadata(tmp_path / "v4.moe", tmp_path / "bad.moe",
+                                   lambda d: (as_version_3(d), d.update(format_version=4)))
+    with pytest.raises(ValueError, match="missing"):
         sklearn_moe.load(unversioned)
 
 

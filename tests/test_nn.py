@@ -703,7 +703,8 @@ def test_temperature_divides_logits(name):
     torch.manual_seed(0)
     cold = make_router(name, 5, 4, 2, 1.0)
     hot = make_router(name, 5, 4, 2, 2.0)
-    hot.load_state_dict(cold.state_dict())
+    hot.gate.load_state_dict(cold.gate.state_dict())
+    assert float(hot.temperature) == 2.0 and "temperature" in hot.state_dict()  # saved with the weights
     x = inputs(11)
     a, b = cold(x), hot(x)
     torch.testing.assert_close(b.logits, a.logits / 2, rtol=0, atol=0)

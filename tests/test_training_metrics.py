@@ -172,3 +172,41 @@ def test_epoch_line_marks_a_new_best():
         net.history.record(key, value)
     EpochLine(sink=printed.append).on_epoch_end(net)
     assert printed == ["epoch   4  loss 0.5000  valid 0.2500  load_cv 0.100  entropy 1.250  0.50s  *"]
+
+
+def test_adaptive_capacity_follows_the_last_epochs_batch_loads():
+    from sklearn_moe.callbacks import AdaptiveCapacity
+
+    net = fake_net()
+    net.module_.capacity_factor = 3.0
+    callback = AdaptiveCapacity(quantile=0.5)
+    callback.on_train_begin(net)
+    assert net.module_.capacity_factor is None  # the first epoch is dropless
+    for loads in ([[4, 0, 0, 0], [2, 2, 0, 0], [1, 1, 1, 1]], [[1, 1, 1, 1]]):
+        net.history.new_epoch()
+        callback.on_epoch_begin(net)
+        for counts in loads:
+            y_pred = output([[1.0, 0.0, 0.0, 0.0]], counts=counts)
+            callback.on_batch_end(net, training=True, y_pred=y_pred)
+            callback.on_batch_end(net, training=False, y_pred=output([[0.0, 1.0, 0.0, 0.0]], counts=[0, 9, 0, 0]))
+        callback.on_epoch_end(net)
+    # busiest over mean per batch: 4, 2, 1 -> median 2; then 1 -> 1 (never below 1)
+    assert math.isnan(net.history[0]["capacity_factor"]) and net.history[1]["capacity_factor"] == 2.0
+    assert net.module_.capacity_factor == 1.0
+    callback.on_train_end(net)
+    assert net.module_.capacity_factor is None
+
+
+def test_auto_capacity_caps_a_skewed_router_in_training_only(regression_data, tmp_path):
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, router="topk", top_k=1, capacity_factor="auto", max_epochs=4,
+                                early_stopping=False, balance_coef=0.0)).fit(X, y)
+    factors = model.history_["capacity_factor"]
+    assert math.isnan(factors.iloc[0]) and (factors.iloc[1:] >= 1).all()
+    assert model.module_.capacity_factor is None  # prediction is dropless
+    model.save(tmp_path / "auto.moe")
+    from sklearn_moe import load
+
+    loaded = load(tmp_path / "auto.moe")
+    assert loaded.capacity_factor == "auto"
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -296,6 +297,54 @@ class MixtureOfExperts(nn.Module):
         if self.training or n >= MIN_EVAL_ROWS:
             return compute(x)
         return compute(torch.cat((x, x.new_zeros(MIN_EVAL_ROWS - n, x.shape[1]))))[:n]
+
+    def expert_state_names(self) -> list[str]:
+        """The state-dict entries that hold one slice per expert on axis 0 (the experts' own
+        parameters and the router's per-expert rows): what :meth:`split_expert` copies and
+        what keeping a subset of the experts slices."""
+        own = {id(p) for p in self.experts.expert_parameters()}
+        names = [f"experts.{name}" for name, p in self.experts.named_parameters() if id(p) in own]
+        return names + [f"router.{name}" for name in self.router.expert_state_names()]
+
+    @torch.no_grad()
+    def split_expert(self, source: int, targets, noise: float = 0.01, generator=None) -> None:
+        """Overwrite the experts ``targets`` with perturbed copies of expert ``source``, the
+        copies and ``source`` sharing its routing (growth by splitting).
+
+        Every per-expert tensor (:meth:`expert_state_names`) of a target becomes
+        ``source``'s times ``1 + noise * N(0, 1)`` elementwise (the router's gate rows too,
+        so that rows come to prefer one copy or another), and the logits of ``source`` and
+        its ``m`` copies drop by ``log(1 + m)`` (their gate biases by ``temperature * log(1 +
+        m)``): together they start with the softmax weight ``source`` had against the other
+        experts.
+
+        Parameters
+        ----------
+        source : int
+        targets : int or sequence of int
+            Experts to overwrite, distinct and other than ``source``.
+        noise : float, default=0.01
+        generator : torch.Generator, optional
+            Source of the perturbation (default: torch's global generator).
+        """
+        targets = [int(targets)] if isinstance(targets, int) else [int(t) for t in targets]
+        experts = [source, *targets]
+        if len(set(experts)) != len(experts) or not all(0 <= e < self.n_experts for e in experts):
+            raise ValueError(f"source and targets must be distinct experts in [0, {self.n_experts}), "
+                             f"got {source} and {targets}")
+        state = dict(self.named_parameters()) | dict(self.named_buffers())
+        gate_biases = {f"router.{name}" for name in self.router.expert_state_names()
+                       if name.endswith(".bias") and not name.startswith("noise")}
+        for name in self.expert_state_names():
+            tensor = state[name]
+            for target in targets:
+                copy = tensor[source].clone()
+                if copy.is_floating_point() and name not in gate_biases and name != "router.selection_bias":
+                    draw = torch.randn(copy.shape, generator=generator).to(copy.device, copy.dtype)
+                    copy = copy * (1 + noise * draw)
+                tensor[target] = copy
+            if name in gate_biases:  # logits are the gate's output over the temperature
+                tensor[experts] = tensor[source] - self.router.temperature * math.log(len(experts))
 
     def _active_weights(self, routing):
         """Which chosen experts take part (dynamic k, expert dropout) and their gate weights."""

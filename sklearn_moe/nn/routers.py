@@ -74,7 +74,8 @@ class Router(nn.Module):
     top_k : int
         Experts per row (ignored by dense routers).
     temperature : float, default=1.0
-        Logits are divided by it: below 1 sharpens the routing, above 1 flattens it.
+        Logits are divided by it: below 1 sharpens the routing, above 1 flattens it. Kept
+        as the buffer ``temperature`` (a 0-d tensor) that annealing may change in training.
     gate_hidden : tuple of int, default=()
         Hidden layer sizes of an MLP gate (ReLU); ``()`` is a linear gate.
     """
@@ -88,7 +89,8 @@ class Router(nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.n_experts = n_experts
         self.top_k = top_k
-        self.temperature = float(temperature)
+        # A buffer, so that a temperature annealed in training is saved with the weights.
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
         self.gate = _make_gate(n_features, n_experts, tuple(gate_hidden))
         # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores that
         # *select* experts, never to the gate weights. Zero unless a trainer updates it.
@@ -96,6 +98,15 @@ class Router(nn.Module):
 
     #: Whether the router has a gate that training updates (False: fixed weights).
     learned = True
+
+    def expert_state_names(self) -> list[str]:
+        """The router's state-dict entries with one row per expert (axis 0): the gate's
+        output layer and the selection bias."""
+        names = ["selection_bias"]
+        if self.gate is not None:
+            last = "gate" if isinstance(self.gate, nn.Linear) else f"gate.{len(self.gate) - 1}"
+            names += [f"{last}.weight", f"{last}.bias"]
+        return names
 
     @torch.no_grad()
     def update_selection_bias(self, expert_counts: torch.Tensor, rate: float) -> None:
@@ -206,6 +217,9 @@ class NoisyTopKRouter(TopKRouter):
         nn.init.zeros_(self.noise.weight)
         nn.init.zeros_(self.noise.bias)
 
+    def expert_state_names(self) -> list[str]:
+        return [*super().expert_state_names(), "noise.weight", "noise.bias"]
+
     def _noise_std(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             return nn.functional.softplus(self.noise(x.float())) / self.temperature + 1e-6
@@ -272,6 +286,10 @@ class TopPRouter(Router):
     @property
     def is_dense(self) -> bool:
         return False
+
+    def expert_state_names(self) -> list[str]:
+        names = super().expert_state_names()
+        return names if self.threshold_logit is None else [*names, "threshold_logit"]
 
     def forward(self, x: torch.Tensor) -> Routing:
         logits = self.compute_logits(x)

@@ -1,0 +1,198 @@
+"""Figures of a fitted estimator's training and routing (needs matplotlib: the ``plot`` extra).
+
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot, so nothing
+is ever shown and no global figure state is touched: save it with ``fig.savefig(path)``,
+or display it in a notebook by leaving it as a cell's value.
+
+- :func:`plot_training_curves`: the losses and the auxiliary losses per epoch;
+- :func:`plot_expert_utilization`: each expert's share of the routing per epoch;
+- :func:`plot_routing_heatmap`: experts against classes or target deciles;
+- :func:`plot_routing_embedding`: a 2-D projection of the inputs, coloured by expert;
+- :func:`plot_expert_count_curve`: the cross-validated score per expert count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .diagnostics import target_bins
+
+__all__ = [
+    "plot_expert_count_curve",
+    "plot_expert_utilization",
+    "plot_routing_embedding",
+    "plot_routing_heatmap",
+    "plot_training_curves",
+]
+
+_AUX_LOSSES = ("balance_loss", "z_loss", "diversity_loss")
+
+
+def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("sklearn_moe.plotting needs matplotlib: pip install 'sklearn-moe[plot]'") from error
+    figure = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = figure.subplots(1, ncols)
+    return figure, np.atleast_1d(axes)
+
+
+def _history(estimator):
+    history = getattr(estimator, "history_", None)
+    if history is None or len(history) == 0:
+        raise ValueError("the estimator has no training history: fit it first.")
+    return history
+
+
+def plot_training_curves(estimator):
+    """Training and validation loss per epoch, and the auxiliary losses beside them.
+
+    Parameters
+    ----------
+    estimator : fitted MoERegressor or MoEClassifier
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Two axes: the losses (``train_loss``, ``valid_loss`` when there was a validation
+        split), and the auxiliary losses that training recorded.
+    """
+    history = _history(estimator)
+    figure, (losses, aux) = _figure(ncols=2, width=5.0)
+    epochs = history["epoch"].to_numpy()
+    for key in ("train_loss", "valid_loss"):
+        if key in history:
+            losses.plot(epochs, history[key].to_numpy(dtype=float), marker=".", label=key)
+    losses.set(xlabel="epoch", ylabel="loss", title="training objective")
+    for key in _AUX_LOSSES:
+        if key in history:
+            aux.plot(epochs, history[key].to_numpy(dtype=float), marker=".", label=key)
+    aux.set(xlabel="epoch", ylabel="auxiliary loss", title="auxiliary losses")
+    for axes in (losses, aux):
+        axes.grid(alpha=0.3)
+        if axes.get_lines():
+            axes.legend(fontsize=8)
+    return figure
+
+
+def plot_expert_utilization(estimator, share: str = "auto"):
+    """Each expert's share of the routing per epoch, as a stacked area.
+
+    Parameters
+    ----------
+    estimator : fitted MoERegressor or MoEClassifier
+    share : {"auto", "gate_share", "expert_share", "valid_gate_share", "valid_expert_share"}
+        The history column: ``"auto"`` is the gate mass for a dense router and the routed
+        rows for a sparse one, on the training batches.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    history = _history(estimator)
+    if share == "auto":
+        share = "gate_share" if estimator.module_.router.is_dense else "expert_share"
+    if share not in history:
+        raise ValueError(f"the history has no {share!r} column; it has {sorted(history.columns)}.")
+    records = history[share].dropna()
+    shares = np.vstack([np.asarray(record, dtype=float) for record in records])
+    figure, (axes,) = _figure(width=6.5)
+    axes.stackplot(history.loc[records.index, "epoch"].to_numpy(), shares.T,
+                   labels=[f"expert {e}" for e in range(shares.shape[1])], alpha=0.85)
+    axes.set(xlabel="epoch", ylabel=share.replace("_", " "), ylim=(0, 1), title="expert utilization")
+    axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    return figure
+
+
+def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
+    """Which expert serves which part of the target: experts against classes or deciles.
+
+    Cell ``(e, g)`` is the share of group ``g``'s rows (a class, or a quantile bin of a
+    regression target) whose first choice is expert ``e``; every column sums to 1.
+
+    Parameters
+    ----------
+    estimator : fitted MoERegressor or MoEClassifier
+    X : array-like of shape (n_samples, n_features)
+    y : array-like of shape (n_samples,)
+    n_bins : int, default=10
+        Quantile bins of a regression target.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    top1 = estimator.route(X).argmax(axis=1)
+    n_experts = estimator.module_.n_experts
+    if hasattr(estimator, "classes_"):
+        groups = np.searchsorted(estimator.classes_, np.asarray(y))
+        labels = [str(c) for c in estimator.classes_]
+        group_name = "class"
+    else:
+        groups = target_bins(np.asarray(y, dtype=float), n_bins)
+        labels = [str(g + 1) for g in range(int(groups.max()) + 1)]
+        group_name = "target quantile bin (1 = lowest)"
+    table = np.zeros((n_experts, len(labels)))
+    np.add.at(table, (top1, groups), 1.0)
+    table /= np.maximum(table.sum(axis=0, keepdims=True), 1.0)
+    figure, (axes,) = _figure(width=1.2 + 0.5 * len(labels), height=1.2 + 0.45 * n_experts)
+    image = axes.imshow(table, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    axes.set_xticks(range(len(labels)), labels)
+    axes.set_yticks(range(n_experts), [str(e) for e in range(n_experts)])
+    axes.set(xlabel=group_name, ylabel="expert (first choice)", title="routing by target")
+    figure.colorbar(image, ax=axes, label="share of the column's rows")
+    return figure
+
+
+def plot_routing_embedding(estimator, X, max_points: int = 5000, random_state=0):
+    """A 2-D principal-component projection of the (scaled) inputs, each row coloured by
+    its first-choice expert.
+
+    Parameters
+    ----------
+    estimator : fitted MoERegressor or MoEClassifier
+    X : array-like of shape (n_samples, n_features)
+    max_points : int, default=5000
+        Rows drawn at random beyond this many.
+    random_state : int, default=0
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    from sklearn.decomposition import PCA
+
+    inputs = estimator._scaled_input(X).detach().cpu().numpy()
+    top1 = estimator._gates(estimator._scaled_input(X)).argmax(axis=1)
+    if inputs.shape[0] > max_points:
+        keep = np.random.default_rng(random_state).choice(inputs.shape[0], max_points, replace=False)
+        inputs, top1 = inputs[keep], top1[keep]
+    n_components = min(2, inputs.shape[1])
+    points = PCA(n_components=n_components, random_state=random_state).fit_transform(inputs)
+    if n_components == 1:
+        points = np.column_stack([points[:, 0], np.zeros(len(points))])
+    figure, (axes,) = _figure(width=5.5, height=4.5)
+    for expert in np.unique(top1):
+        rows = top1 == expert
+        axes.scatter(points[rows, 0], points[rows, 1], s=6, alpha=0.7, label=f"expert {expert}")
+    axes.set(xlabel="principal component 1", ylabel="principal component 2", title="inputs by first-choice expert")
+    axes.legend(fontsize=7, markerscale=2)
+    return figure
+
+
+def plot_expert_count_curve(selection):
+    """The cross-validated score per expert count of :func:`sklearn_moe.tuning.select_n_experts`,
+    with the chosen count marked (:meth:`~sklearn_moe.tuning.NExpertsSelection.plot`).
+
+    Parameters
+    ----------
+    selection : NExpertsSelection
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    figure, (axes,) = _figure()
+    selection.plot(ax=axes)
+    return figure

@@ -1,0 +1,180 @@
+"""Collapse detection and recovery, splitting experts, and pruning them after training."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from skorch.callbacks import Callback
+
+from sklearn_moe import ExpertCollapseWarning, MoEClassifier, MoERegressor, load
+from sklearn_moe._scaling import scale_features
+from sklearn_moe.diagnostics import load_entropy
+from sklearn_moe.nn import MixtureOfExperts
+
+from .conftest import FAST
+
+
+class FavourExperts(Callback):
+    """Start training with a router that sends every row to the first ``n`` experts."""
+
+    def __init__(self, n=1):
+        self.n = n
+
+    def on_train_begin(self, net, **kwargs):
+        gate = net.module_.router.gate
+        with torch.no_grad():
+            gate.weight.mul_(0.01)
+            gate.bias.zero_()
+            gate.bias[: self.n] = 5.0
+
+
+def collapsing_fit(X, y, recovery, expert_type="independent"):
+    model = MoERegressor(**dict(FAST, router="topk", top_k=1, expert_type=expert_type, balance_coef=0.0,
+                                z_loss_coef=0.0, max_epochs=30, early_stopping=False, random_state=0,
+                                collapse_patience=3, collapse_recovery=recovery))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(X, y, callbacks=[FavourExperts()])
+    return model, [w for w in caught if issubclass(w.category, ExpertCollapseWarning)]
+
+
+@pytest.mark.parametrize("expert_type", ["independent", "adapter"])
+def test_forced_collapse_warns_and_recovery_spreads_the_load(expert_type, regression_data):
+    X, y = regression_data
+    collapsed, warned = collapsing_fit(X, y, recovery=False, expert_type=expert_type)
+    assert len(warned) == 1
+    message = str(warned[0].message)
+    assert "Expert(s) [1, 2, 3]" in message and "3 epochs" in message and "collapse_recovery=True" in message
+    assert collapsed.history_["expert_share"].iloc[-1] == [1.0, 0.0, 0.0, 0.0]
+    revived, warned = collapsing_fit(X, y, recovery=True, expert_type=expert_type)
+    assert warned and "re-initialised as copies of expert 0" in str(warned[0].message)
+    assert revived.history_["revived_experts"].dropna().iloc[0] == [1, 2, 3]
+    final = [load_entropy(share) for share in (collapsed.history_["expert_share"].iloc[-1],
+                                               revived.history_["expert_share"].iloc[-1])]
+    assert final[1] > final[0] + 0.2
+
+
+@pytest.mark.parametrize("router", ["softmax", "uniform"])
+def test_balanced_training_does_not_warn(router, regression_data):
+    X, y = regression_data
+    model = MoERegressor(n_experts=4, router=router, balance_coef=0.1, max_epochs=12, random_state=0,
+                         collapse_patience=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExpertCollapseWarning)
+        model.fit(X, y)
+    assert min(min(share) for share in model.history_["gate_share"]) > 0.1 / 4
+
+
+def test_detection_can_be_switched_off(regression_data):
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, router="topk", top_k=1, balance_coef=0.0, max_epochs=8, early_stopping=False,
+                                random_state=0, collapse_threshold=None, collapse_patience=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExpertCollapseWarning)
+        model.fit(X, y, callbacks=[FavourExperts()])
+    assert "collapse" not in dict(model.net_.callbacks_)
+
+
+def test_collapse_parameters_are_validated():
+    X, y = np.zeros((20, 2)), np.zeros(20)
+    for bad in (dict(collapse_threshold=0.0), dict(collapse_threshold=1.0), dict(collapse_patience=0),
+                dict(collapse_recovery="yes")):
+        with pytest.raises(ValueError, match=f"'{next(iter(bad))}' parameter of MoERegressor"):
+            MoERegressor(max_epochs=1, **bad).fit(X, y)
+
+
+@pytest.mark.parametrize("router", ["softmax", "topk", "noisy_topk", "top_p", "switch"])
+@pytest.mark.parametrize("expert_type", ["independent", "adapter"])
+def test_split_expert_copies_the_source_and_halves_its_gate_mass(expert_type, router):
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 2, n_experts=4, router=router, expert_type=expert_type, learned_threshold=True,
+                              temperature=0.7).eval()
+    x = torch.randn(50, 4)
+    with torch.no_grad():
+        before = module.router(x).probs
+        module.split_expert(1, [3], noise=0.0)
+        after = module.router(x).probs
+    # expert 3's own logit is gone; the pair shares what expert 1 had against the others
+    torch.testing.assert_close(after[:, 1] + after[:, 3], before[:, 1] / (1 - before[:, 3]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after[:, 1], after[:, 3])
+    state = module.state_dict()
+    for name in module.expert_state_names():
+        torch.testing.assert_close(state[name][3], state[name][1])
+    with pytest.raises(ValueError, match="distinct experts"):
+        module.split_expert(1, [1])
+
+
+def test_split_expert_perturbs_the_copies():
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 1, n_experts=3, router="topk", expert_type="independent")
+    module.split_expert(0, [1, 2], noise=0.1, generator=torch.Generator().manual_seed(0))
+    weight = module.experts.hidden[0].weight
+    assert not torch.equal(weight[1], weight[0]) and not torch.equal(weight[1], weight[2])
+    torch.testing.assert_close(weight[1], weight[0], rtol=0.5, atol=0.0)
+    bias = module.router.gate.bias
+    torch.testing.assert_close(bias[1], bias[0])  # the three share the gate mass equally
+    torch.testing.assert_close(bias[2], bias[0])
+
+
+def starved_model(estimator_class, router, X, y, expert_type="adapter"):
+    model = estimator_class(**dict(FAST, n_experts=6, router=router, expert_type=expert_type, balance_coef=0.0,
+                                   z_loss_coef=0.0, max_epochs=10, random_state=0, collapse_threshold=None))
+    return model.fit(X, y, callbacks=[FavourExperts(n=2)])
+
+
+def expert_spread(model, X):
+    """Per row, the largest difference between two experts' outputs, in the target's units."""
+    module = model.module_
+    x = torch.as_tensor(scale_features(X, model._x_mean, model._x_scale), dtype=torch.float32)
+    with torch.no_grad():
+        outputs = module.experts.all_experts(module._embed(x))[..., 0]
+    return (outputs.max(dim=0).values - outputs.min(dim=0).values).numpy() * model._y_scale[0]
+
+
+@pytest.mark.parametrize("router", ["softmax", "topk"])
+@pytest.mark.parametrize("expert_type", ["independent", "adapter"])
+def test_pruning_starved_experts_keeps_the_predictions(expert_type, router, regression_data, tmp_path):
+    X, y = regression_data
+    model = starved_model(MoERegressor, router, X, y, expert_type)
+    share, before, gates, spread = model.expert_load_.copy(), model.predict(X), model.route(X), expert_spread(model, X)
+    assert (share[2:] < 0.05).all()
+    assert model.prune_experts(0.05) is model
+    assert model.n_experts == 2 and model.module_.n_experts == 2
+    assert model.route(X).shape == (len(X), 2)
+    np.testing.assert_allclose(model.expert_load_, share[:2] / share[:2].sum())
+    after = model.predict(X)
+    # the documented bound: the removed experts' gate weight on the row times the experts' spread
+    removed = gates[:, 2:].sum(axis=1)
+    assert (np.abs(after - before) <= removed * spread * (1 + 1e-4) + 1e-5).all()
+    assert np.abs(after - before).max() < 0.05 * y.std()
+    path = tmp_path / "pruned.moe"
+    model.save(path)
+    np.testing.assert_array_equal(load(path).predict(X), after)
+    assert load(path).n_experts == 2
+
+
+def test_pruning_a_classifier_and_training_on(classification_data):
+    X, y = classification_data
+    model = starved_model(MoEClassifier, "softmax", X, y)
+    proba = model.predict_proba(X)
+    model.prune_experts(0.05)
+    np.testing.assert_allclose(model.predict_proba(X), proba, atol=0.05)
+    model.set_params(warm_start=True, max_epochs=2).fit(X, y)  # trains on with two experts
+    assert model.route(X).shape == (len(X), 2)
+
+
+def test_prune_experts_rejects_what_it_cannot_do(regression_data):
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, max_epochs=2, random_state=0)).fit(X, y)
+    assert model.prune_experts(0.0) is model and model.n_experts == FAST["n_experts"]  # nothing below 0
+    for bad in (-0.1, 1.0, "0.1", True):
+        with pytest.raises(ValueError, match="threshold must be a share"):
+            model.prune_experts(bad)
+    with pytest.raises(ValueError, match="every expert"):
+        model.prune_experts(0.99)
+    hierarchical = MoERegressor(**dict(FAST, router="hierarchical", max_epochs=2, random_state=0)).fit(X, y)
+    with pytest.raises(ValueError, match="hierarchical"):
+        hierarchical.prune_experts(0.01)
+    with pytest.raises(Exception, match="not fitted"):
+        MoERegressor().prune_experts(0.01)

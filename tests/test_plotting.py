@@ -1,0 +1,94 @@
+"""sklearn_moe.plotting: figures built from a fitted model, returned and never shown."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("matplotlib")
+from matplotlib.figure import Figure  # noqa: E402
+
+from sklearn_moe import MoEClassifier, MoERegressor  # noqa: E402
+from sklearn_moe.plotting import (  # noqa: E402
+    plot_expert_count_curve,
+    plot_expert_utilization,
+    plot_routing_embedding,
+    plot_routing_heatmap,
+    plot_training_curves,
+)
+from sklearn_moe.tuning import NExpertsSelection  # noqa: E402
+
+from .conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def fitted(request):
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(200, 4))
+    y = X[:, 0] * 2 + np.sin(3 * X[:, 1])
+    return MoERegressor(**dict(FAST, router="topk", max_epochs=4)).fit(X, y), X, y
+
+
+def test_training_curves_show_the_losses_and_the_auxiliary_losses(fitted):
+    model, _, _ = fitted
+    figure = plot_training_curves(model)
+    assert isinstance(figure, Figure)
+    losses, aux = figure.axes[:2]
+    assert [line.get_label() for line in losses.get_lines()] == ["train_loss", "valid_loss"]
+    np.testing.assert_allclose(losses.get_lines()[0].get_ydata(), model.history_["train_loss"])
+    assert {line.get_label() for line in aux.get_lines()} == {"balance_loss", "z_loss"}
+
+
+def test_utilization_stacks_each_experts_share(fitted):
+    model, _, _ = fitted
+    figure = plot_expert_utilization(model)
+    (axes,) = figure.axes
+    assert len(axes.collections) == model.n_experts  # one band per expert
+    assert axes.get_ylabel() == "expert share"  # a sparse router: the routed rows
+    top = axes.collections[-1].get_paths()[0].vertices[:, 1].max()
+    assert top == pytest.approx(1.0)  # the bands stack to the whole
+    with pytest.raises(ValueError, match="no 'nonsense' column"):
+        plot_expert_utilization(model, share="nonsense")
+
+
+def test_heatmap_columns_are_shares_of_each_target_bin(fitted):
+    model, X, y = fitted
+    figure = plot_routing_heatmap(model, X, y, n_bins=5)
+    table = figure.axes[0].images[0].get_array()
+    assert table.shape == (model.n_experts, 5)
+    np.testing.assert_allclose(table.sum(axis=0), 1.0)
+    top1 = model.route(X).argmax(axis=1)
+    lowest = y <= np.quantile(y, 0.2)
+    np.testing.assert_allclose(table[:, 0], np.bincount(top1[lowest], minlength=model.n_experts) / lowest.sum())
+
+
+def test_heatmap_of_a_classifier_has_a_column_per_class():
+    rng = np.random.RandomState(1)
+    X = rng.normal(size=(150, 3))
+    y = np.where(X[:, 0] > 0, "yes", "no")
+    model = MoEClassifier(**dict(FAST, max_epochs=3)).fit(X, y)
+    axes = plot_routing_heatmap(model, X, y).axes[0]
+    assert [label.get_text() for label in axes.get_xticklabels()] == ["no", "yes"]
+    np.testing.assert_allclose(axes.images[0].get_array().sum(axis=0), 1.0)
+
+
+def test_embedding_colours_every_row_by_its_expert(fitted):
+    model, X, _ = fitted
+    axes = plot_routing_embedding(model, X).axes[0]
+    top1 = model.route(X).argmax(axis=1)
+    sizes = sorted(len(collection.get_offsets()) for collection in axes.collections)
+    assert sizes == sorted(np.bincount(top1)[np.bincount(top1) > 0])
+    few = plot_routing_embedding(model, X, max_points=50).axes[0]
+    assert sum(len(c.get_offsets()) for c in few.collections) == 50
+
+
+def test_expert_count_curve_marks_the_chosen_count():
+    table = pd.DataFrame({"n_experts": [1, 2, 4], "mean_score": [0.5, 0.8, 0.81], "std_score": [0.05, 0.02, 0.02],
+                          "sem_score": [0.02, 0.01, 0.01]}).set_index("n_experts", drop=False)
+    selection = NExpertsSelection(table, 2, None, "one_se", None)
+    axes = plot_expert_count_curve(selection).axes[0]
+    assert any(line.get_label() == "chosen (one_se): 2" for line in axes.get_lines())
+
+
+def test_plots_need_a_fitted_model():
+    with pytest.raises(ValueError, match="fit it first"):
+        plot_training_curves(MoERegressor())
