@@ -12,6 +12,7 @@ from skorch.callbacks import Callback, EarlyStopping
 
 from ._data import BatchIterator
 from ._guard import NonFiniteLoss, TrainingGuard, check_finite_loss
+from .nn.density import mixture_nll, per_expert_mixture_nll
 from .nn.losses import per_expert_loss
 
 
@@ -71,12 +72,17 @@ class MoENet(NeuralNet):
         return torch.autocast(torch.device(device).type, dtype=self.autocast_dtype)
 
     def get_loss(self, y_pred, y_true, X=None, training=False):
-        output = y_pred.output.float()
-        if training and self.expert_loss == "per_expert":
-            output = output.detach()  # recorded only; the objective is per_expert_loss
-        per_row = self.criterion_(output, y_true)
-        if per_row.ndim > 1:
-            per_row = per_row.mean(dim=tuple(range(1, per_row.ndim)))
+        density = self.module_.output == "mixture_density"
+        per_expert = training and self.expert_loss == "per_expert"  # then the task loss is recorded only
+        if density:
+            assignments = y_pred.assignments
+            outputs = assignments.outputs.detach() if per_expert else assignments.outputs
+            per_row = mixture_nll(outputs, assignments.rows, assignments.weights, y_true)
+        else:
+            output = y_pred.output.float()
+            per_row = self.criterion_(output.detach() if per_expert else output, y_true)
+            if per_row.ndim > 1:
+                per_row = per_row.mean(dim=tuple(range(1, per_row.ndim)))
         sample_weight = X.get("sample_weight") if isinstance(X, Mapping) else None
         task_loss = per_row.mean() if sample_weight is None else (per_row * sample_weight).mean()
         if not training:
@@ -87,8 +93,12 @@ class MoENet(NeuralNet):
             mask = None
             if self.expert_subsample < 1:
                 mask = torch.rand(assignments.rows.shape, device=assignments.rows.device) < self.expert_subsample
-            objective = per_expert_loss(self.criterion_, assignments.outputs, assignments.rows, assignments.weights,
-                                        y_true, sample_weight, mask)
+            if density:
+                objective = per_expert_mixture_nll(assignments.outputs, assignments.rows, assignments.weights, y_true,
+                                                   sample_weight, mask)
+            else:
+                objective = per_expert_loss(self.criterion_, assignments.outputs, assignments.rows,
+                                            assignments.weights, y_true, sample_weight, mask)
         loss = objective + self.balance_coef * y_pred.balance_loss + self.z_loss_coef * y_pred.z_loss
         terms = {"task_loss": task_loss, "balance_loss": y_pred.balance_loss, "z_loss": y_pred.z_loss}
         if self.diversity_coef > 0:

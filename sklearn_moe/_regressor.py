@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 from sklearn.base import RegressorMixin
+from sklearn.utils._param_validation import StrOptions
 from torch import nn
 
 from ._base import BaseMoE
+from ._density_methods import DensityMethods
 from ._parameters import PARAMETERS
 from ._scaling import fit_standardizer
+from .nn.density import OUTPUTS
 
 
-class MoERegressor(RegressorMixin, BaseMoE):
+class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     __doc__ = (
         """Mixture-of-Experts neural network regressor.
 
@@ -28,7 +33,17 @@ class MoERegressor(RegressorMixin, BaseMoE):
     ----------
 """
         + PARAMETERS
-        + """
+        + """    output : {"point", "mixture_density"}, default="point"
+        ``"mixture_density"``: every expert predicts a Gaussian (a mean and a standard
+        deviation, floored) per target and the gate mixes them; training minimises the
+        mixture's negative log-likelihood (``expert_loss="per_expert"``: each expert's own,
+        weighted by its gate, and the mixture's for the gate: every expert then fits the
+        whole conditional distribution, so for a target with several modes at the same
+        input use ``expert_loss="mixture"``, under which the experts split the modes).
+        ``predict`` returns the
+        mixture's mean; ``predict(X, return_std=True)``, ``predict_quantiles``,
+        ``sample``, ``predict_distribution`` and ``score_nll`` describe the distribution.
+
     Attributes
     ----------
     net_ : skorch.NeuralNet
@@ -60,6 +75,20 @@ class MoERegressor(RegressorMixin, BaseMoE):
     )
 
     _fitted_attributes = BaseMoE._fitted_attributes + ("_y_mean", "_y_scale", "_y_ndim")
+    _parameter_constraints: dict = {**BaseMoE._parameter_constraints, "output": [StrOptions(set(OUTPUTS))]}
+
+    def __init__(self, *, output="point", **params):
+        super().__init__(**params)
+        self.output = output
+
+    # scikit-learn reads an estimator's parameters off its constructor's signature: the
+    # shared ones, then this one.
+    _shared = inspect.signature(BaseMoE.__init__)
+    __init__.__signature__ = _shared.replace(parameters=[
+        *_shared.parameters.values(),
+        inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, default="point"),
+    ])
+    del _shared
 
     def _target_validation_kwargs(self):
         return {"multi_output": True, "y_numeric": True}
@@ -114,18 +143,25 @@ class MoERegressor(RegressorMixin, BaseMoE):
         """
         return self._fit(X, y, sample_weight, callbacks)
 
-    def predict(self, X):
+    def predict(self, X, return_std=False):
         """Predict targets.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+        return_std : bool, default=False
+            Also return the standard deviation of each row's predictive mixture (as
+            ``GaussianProcessRegressor`` does); needs ``output="mixture_density"``.
 
         Returns
         -------
-        ndarray of shape (n_samples,) or (n_samples, n_targets), float64
-            Same dimensionality as the ``y`` given to ``fit``.
+        y_pred : ndarray of shape (n_samples,) or (n_samples, n_targets), float64
+            Same dimensionality as the ``y`` given to ``fit``; with
+            ``output="mixture_density"``, the mixture's mean.
+        y_std : ndarray of the same shape, with ``return_std=True``
         """
+        if return_std:
+            return self._predict_std(X)
         y = self._raw_output(X) * self._y_scale + self._y_mean
         return y.ravel() if self._y_ndim == 1 else y
 

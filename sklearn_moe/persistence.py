@@ -50,7 +50,8 @@ _ADDED_PARAMS = {
     2: {"MoERegressor": _VERSION_1_PARAMS, "MoEClassifier": _VERSION_1_PARAMS},
     3: {"MoEClassifier": {"label_smoothing": 0.0}},
     4: {kind: {"collapse_threshold": 0.1, "collapse_patience": 5, "collapse_recovery": False,
-               "temperature_final": None, "temperature_schedule": "cosine"}
+               "temperature_final": None, "temperature_schedule": "cosine",
+               **({"output": "point"} if kind == "MoERegressor" else {})}
         for kind in ("MoERegressor", "MoEClassifier")},
 }
 # Tensors that files of a format version below the key did not store, with how to make them

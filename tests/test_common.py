@@ -38,6 +38,8 @@ def expected_failed_checks(estimator):
         MoERegressor(**dict(FAST, expert_type="adapter", router="uniform", shared_expert=True)),
         MoEClassifier(**dict(FAST, expert_type="independent", expert_loss="per_expert", router="noisy_topk",
                              numeric_embedding="piecewise_linear")),
+        MoERegressor(**dict(FAST, output="mixture_density", router="topk", capacity_factor="auto",
+                            temperature_final=0.5)),
     ],
     expected_failed_checks=expected_failed_checks,
 )

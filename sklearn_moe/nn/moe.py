@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .density import OUTPUTS, split_outputs
 from .dispatch import (
     OVERFLOW_POLICIES,
     ExpertAssignments,
@@ -167,6 +168,10 @@ class MixtureOfExperts(nn.Module):
     embedding_n_bins : sequence of int, optional
         ``"piecewise_linear"`` without ``embedding_bins``: bins per column, the edges to be
         loaded with ``load_state_dict``.
+    output : {"point", "mixture_density"}, default="point"
+        ``"mixture_density"``: every expert outputs a Gaussian per target (a mean and a
+        raw scale, :mod:`sklearn_moe.nn.density`); :attr:`MoEOutput.output` is the
+        mixture's mean and the assignments carry the raw outputs for the likelihood.
     """
 
     def __init__(
@@ -200,8 +205,11 @@ class MixtureOfExperts(nn.Module):
         embedding_columns=None,
         embedding_bins=None,
         embedding_n_bins=None,
+        output: str = "point",
     ):
         super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if expert_type not in EXPERT_TYPES:
             raise ValueError(f"expert_type must be one of {EXPERT_TYPES}, got {expert_type!r}")
         if balance_loss is not None and balance_loss not in BALANCE_LOSSES:
@@ -224,6 +232,9 @@ class MixtureOfExperts(nn.Module):
         self.diversity_rows = diversity_rows
         self.expert_grad_scaling = expert_grad_scaling
         self.expert_type = expert_type
+        self.output = output
+        # A mixture-density expert outputs a mean and a raw scale per target.
+        self.expert_width = 2 * n_outputs if output == "mixture_density" else n_outputs
         self.embedding = None
         width = n_features
         if numeric_embedding is not None:
@@ -234,7 +245,7 @@ class MixtureOfExperts(nn.Module):
             width = self.embedding.out_features
         self.router = make_router(router, width, n_experts, top_k, temperature, tuple(gate_hidden),
                                   top_p=top_p, learned_threshold=learned_threshold, n_groups=n_groups)
-        expert_args = (width, n_outputs, tuple(expert_hidden), activation, dropout, layer_norm,
+        expert_args = (width, self.expert_width, tuple(expert_hidden), activation, dropout, layer_norm,
                        skip_connections, output_init_scale)
         if expert_type == "adapter":
             first_scaling = "random_signs" if self.embedding is None else "normal"
@@ -290,6 +301,30 @@ class MixtureOfExperts(nn.Module):
             return self._gates(routing, *self._active_weights(routing))
 
         return self._evaluate(x, gates)
+
+    def predict_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``output="mixture_density"``: each row's mixture, as gate weights and every
+        expert's Gaussian (see :mod:`sklearn_moe.nn.density`).
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+
+        Returns
+        -------
+        weights : Tensor of shape (n, n_experts)
+            The gate weights (:meth:`route`): zero for experts a sparse router did not choose.
+        means, scales : Tensors of shape (n, n_experts, n_outputs)
+        """
+        if self.output != "mixture_density":
+            raise ValueError(f"predict_distribution needs output='mixture_density'; this module has {self.output!r}")
+        weights = self.route(x)
+        h = self._embed(x)
+        outputs = self.experts.all_experts(h)
+        if self.shared_expert is not None:
+            outputs = outputs + self.shared_expert(h.unsqueeze(0))
+        means, scales = split_outputs(outputs.transpose(0, 1), self.n_outputs)
+        return weights, means.float(), scales
 
     def _evaluate(self, x: torch.Tensor, compute) -> torch.Tensor:
         """``compute(x)``, on at least :data:`MIN_EVAL_ROWS` rows in evaluation mode."""
@@ -380,6 +415,8 @@ class MixtureOfExperts(nn.Module):
             shared = self.shared_expert(x.unsqueeze(0))[0]
             output = output + shared
             assignments = assignments._replace(outputs=assignments.outputs + shared.index_select(0, assignments.rows))
+        if self.output == "mixture_density":
+            output = output[:, :self.n_outputs]  # the mixture's mean (the raw scales do not mix linearly)
         return _Mixed(output, routing, active, weights, plan_counts, n_dropped, assignments)
 
     def _dispatch(self, x: torch.Tensor, routing, active, weights):
@@ -410,7 +447,7 @@ class MixtureOfExperts(nn.Module):
             grad_scale = self._grad_scale(counts)
         if independent:
             layout = choose_layout(plan, self.training, x.device.type)
-            outputs = expert_outputs(x, self.experts, plan, self.n_outputs, layout)
+            outputs = expert_outputs(x, self.experts, plan, self.expert_width, layout)
         else:
             outputs = self.experts(x.index_select(0, rows), experts)
         assignments = assignments_with_outputs(rows, experts, flat_weights, outputs, n, grad_scale)

@@ -1,0 +1,115 @@
+"""Predictive distributions on the suite's regression sets: NLL, 90% interval coverage and
+width, and CRPS.
+
+    python -m benchmarks.uncertainty [--datasets ...] [--folds 3] [--max-rows 2000]
+
+Every model sees the accuracy suite's subsample, folds and preprocessing
+(:func:`benchmarks.accuracy._suite_data`, :func:`benchmarks.datasets.preprocessor`):
+
+- ``moe_density``: ``MoERegressor(output="mixture_density")``, its other parameters at
+  their defaults;
+- ``moe_gaussian``: the default (point) ``MoERegressor`` with a constant-variance Gaussian
+  around its prediction, the variance of its training residuals;
+- ``hgb_quantile``: ``HistGradientBoostingRegressor(loss="quantile")``, one model per
+  quantile level (5% and 95% for the interval; every level below for the CRPS).
+
+The CRPS is estimated the same way for every model, from its quantiles at the levels
+0.05, 0.10, ..., 0.95: twice the mean pinball loss over the levels (a Riemann sum of
+``CRPS = 2 * integral_0^1 pinball_q dq``). The NLL needs a density, so it is reported for
+the two MoE models only. Lower is better for NLL, width and CRPS; coverage should be 0.90.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import norm
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.pipeline import make_pipeline
+
+from sklearn_moe import MoERegressor
+
+from .accuracy import SUITES, _suite_data
+from .datasets import DATASETS, preprocessor
+from .machine import describe_machine
+
+LEVELS = np.round(np.arange(0.05, 0.951, 0.05), 2)
+INTERVAL = (0.05, 0.95)
+MODELS = ("moe_density", "moe_gaussian", "hgb_quantile")
+RESULTS = Path(__file__).parent / "results" / "uncertainty"
+
+
+def pinball(y: np.ndarray, quantiles: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Mean pinball loss per level: ``mean_i max(q (y_i - x_iq), (q - 1) (y_i - x_iq))``."""
+    error = y[:, None] - quantiles
+    return np.maximum(levels * error, (levels - 1) * error).mean(axis=0)
+
+
+def fold_scores(y: np.ndarray, quantiles: np.ndarray, nll: float | None) -> dict:
+    """NLL, interval coverage and width, and CRPS from the quantiles at :data:`LEVELS`."""
+    low, high = (quantiles[:, int(np.flatnonzero(np.isclose(LEVELS, q))[0])] for q in INTERVAL)
+    return {"nll": np.nan if nll is None else nll, "coverage": float(np.mean((y >= low) & (y <= high))),
+            "width": float(np.mean(high - low)), "crps": float(2 * pinball(y, quantiles, LEVELS).mean())}
+
+
+def run_fold(name: str, model: str, X_train, y_train, X_test, y_test, seed: int) -> dict:
+    prep = preprocessor(X_train).fit(X_train)
+    train, test = prep.transform(X_train), prep.transform(X_test)
+    start = time.perf_counter()
+    if model == "moe_density":
+        moe = MoERegressor(output="mixture_density", random_state=seed).fit(train, y_train)
+        quantiles, nll = moe.predict_quantiles(test, LEVELS), moe.score_nll(test, y_test)
+    elif model == "moe_gaussian":
+        moe = MoERegressor(random_state=seed).fit(train, y_train)
+        sd = float(np.sqrt(np.mean((moe.predict(train) - y_train) ** 2)))
+        mean = moe.predict(test)
+        quantiles = mean[:, None] + sd * norm.ppf(LEVELS)[None, :]
+        nll = float(np.mean(-norm.logpdf(y_test, mean, sd)))
+    else:
+        quantiles = np.column_stack([
+            make_pipeline(HistGradientBoostingRegressor(loss="quantile", quantile=q, random_state=seed))
+            .fit(train, y_train).predict(test) for q in LEVELS])
+        quantiles = np.maximum.accumulate(quantiles, axis=1)  # separate models can cross
+        nll = None
+    return {"dataset": name, "model": model, **fold_scores(np.asarray(y_test, dtype=float), quantiles, nll),
+            "fit_time_s": time.perf_counter() - start}
+
+
+def main(argv=None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    regression = [d for d in SUITES["full"] if DATASETS[d].task == "regression"]
+    parser.add_argument("--datasets", nargs="*", default=regression)
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--max-rows", type=int, default=2000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.datasets:
+        X, y, splits = _suite_data(name, args.folds, 1, args.max_rows, args.seed)
+        for fold, (train, test) in enumerate(splits):
+            for model in MODELS:
+                row = run_fold(name, model, X.iloc[train], y[train], X.iloc[test], y[test], args.seed)
+                rows.append({**row, "fold": fold})
+                print(f"{name} fold {fold} {model}: coverage {row['coverage']:.3f} crps {row['crps']:.4g}",
+                      flush=True)
+    frame = pd.DataFrame(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(args.out / "uncertainty.csv", index=False)
+    table = frame.groupby(["dataset", "model"])[["nll", "coverage", "width", "crps", "fit_time_s"]].mean()
+    command = "python -m benchmarks.uncertainty " + " ".join(argv or [])
+    text = (f"# Predictive distributions\n\nCommand: `{command.strip()}`. Machine: {describe_machine()}.\n\n"
+            f"{args.folds}-fold CV (seed {args.seed}) on the accuracy suite's subsamples (at most "
+            f"{args.max_rows} rows); means over the folds. NLL and CRPS are in the target's units; "
+            "coverage of the 5-95% interval (nominal 0.90).\n\n" + table.to_markdown(floatfmt=".4g") + "\n")
+    (args.out / "uncertainty.md").write_text(text)
+    print(text)
+    return frame
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""MoERegressor's predictive-distribution methods (``output="mixture_density"``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.special import ndtr
+from sklearn.utils import check_random_state
+
+from .nn.density import mixture_moments
+
+
+class DensityMethods:
+    """``predict(X, return_std=True)``, ``predict_quantiles``, ``sample``,
+    ``predict_distribution`` and ``score_nll`` of a mixture-density regressor."""
+
+    def predict_distribution(self, X) -> dict:
+        """Each row's predictive mixture, in the target's units.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        dict
+            ``weights``: ndarray (n_samples, n_experts), the gate weights (rows sum to 1;
+            zero for experts a sparse router did not choose); ``means`` and ``scales``:
+            ndarrays (n_samples, n_experts), or (n_samples, n_experts, n_targets) for a 2-d
+            ``y``, each expert's Gaussian mean and standard deviation.
+        """
+        weights, means, scales = self._distribution(X)
+        if self._y_ndim == 1:
+            means, scales = means[..., 0], scales[..., 0]
+        return {"weights": weights, "means": means, "scales": scales}
+
+    def predict_quantiles(self, X, q) -> np.ndarray:
+        """Quantiles of each row's predictive mixture.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        q : float or array-like of floats in (0, 1)
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_quantiles), or (n_samples, n_targets, n_quantiles)
+        for a 2-d ``y``; nondecreasing in ``q`` for every row.
+        """
+        levels = np.atleast_1d(np.asarray(q, dtype=np.float64))
+        if levels.ndim != 1 or not np.all((levels > 0) & (levels < 1)):
+            raise ValueError(f"q must be probabilities in (0, 1), got {q!r}.")
+        weights, means, scales = self._distribution(X)
+        order = np.argsort(levels, kind="stable")
+        low = (means - 12 * scales).min(axis=1)
+        high = (means + 12 * scales).max(axis=1)
+        results = np.empty((*low.shape, levels.size))
+        for position in order:  # bisection on the mixture's CDF, to float64 resolution
+            lo, hi = low.copy(), high.copy()
+            for _ in range(80):
+                mid = (lo + hi) / 2
+                cdf = (weights[:, :, None] * ndtr((mid[:, None, :] - means) / scales)).sum(axis=1)
+                below = cdf < levels[position]
+                lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+            results[..., position] = (lo + hi) / 2
+        results[..., order] = np.maximum.accumulate(results[..., order], axis=-1)  # monotone in q
+        return results[:, 0, :] if self._y_ndim == 1 else results
+
+    def sample(self, X, n_samples: int = 1, random_state=None) -> np.ndarray:
+        """Draws from each row's predictive mixture.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples_X, n_features)
+        n_samples : int, default=1
+        random_state : int, RandomState or None, default=None
+
+        Returns
+        -------
+        ndarray of shape (n_samples_X, n_samples), or (n_samples_X, n_samples, n_targets)
+        for a 2-d ``y``.
+        """
+        if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
+        rng = check_random_state(random_state)
+        weights, means, scales = self._distribution(X)
+        cumulative = np.cumsum(weights, axis=1)
+        draws = rng.uniform(size=(weights.shape[0], n_samples)) * cumulative[:, -1:]
+        experts = np.minimum((draws[:, :, None] > cumulative[:, None, :]).sum(axis=2), weights.shape[1] - 1)
+        rows = np.arange(weights.shape[0])[:, None]
+        values = means[rows, experts] + scales[rows, experts] * rng.standard_normal((*experts.shape, means.shape[2]))
+        return values[..., 0] if self._y_ndim == 1 else values
+
+    def score_nll(self, X, y) -> float:
+        """Mean negative log-likelihood of ``y`` under the predictive mixtures, in the
+        target's units (lower is better): ``-mean_i log p(y_i | x_i)``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_targets)
+
+        Returns
+        -------
+        float
+        """
+        weights, means, scales = self._distribution(X)
+        y = np.asarray(y, dtype=np.float64).reshape(weights.shape[0], -1)
+        if y.shape[1] != means.shape[2]:
+            raise ValueError(f"y has {y.shape[1]} targets; the model predicts {means.shape[2]}.")
+        z = (y[:, None, :] - means) / scales
+        log_terms = (np.log(np.maximum(weights, np.finfo(np.float64).tiny))
+                     + (-0.5 * z**2 - np.log(scales) - 0.5 * np.log(2 * np.pi)).sum(axis=2))
+        peak = log_terms.max(axis=1, keepdims=True)
+        return float(-(peak[:, 0] + np.log(np.exp(log_terms - peak).sum(axis=1))).mean())
+
+    def _predict_std(self, X) -> tuple[np.ndarray, np.ndarray]:
+        weights, means, scales = self._distribution(X)
+        mean, std = mixture_moments(*(torch.as_tensor(a) for a in (weights, means, scales)))
+        mean, std = mean.numpy(), std.numpy()
+        return (mean[:, 0], std[:, 0]) if self._y_ndim == 1 else (mean, std)
+
+    def _distribution(self, X):
+        """Gate weights (n, E) and the experts' means and scales (n, E, k), float64, in the
+        target's units."""
+        if self.output != "mixture_density":
+            raise ValueError(f"{type(self).__name__} predicts distributions only with output='mixture_density'; "
+                             f"this one has output={self.output!r}.")
+        X_scaled = self._scaled_input(X)
+        with torch.inference_mode(), self.net_.autocast(X_scaled.device):
+            weights, means, scales = self.module_.predict_distribution(X_scaled)
+        weights = weights.double().cpu().numpy()
+        weights = weights / weights.sum(axis=1, keepdims=True)
+        y_scale = np.where(self._y_scale > 0, self._y_scale, 1.0)
+        means = means.double().cpu().numpy() * y_scale + self._y_mean
+        scales = scales.double().cpu().numpy() * y_scale
+        return weights, means, scales
