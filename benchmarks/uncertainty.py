@@ -100,15 +100,22 @@ def main(argv=None) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "uncertainty.csv", index=False)
-    table = frame.groupby(["dataset", "model"])[["nll", "coverage", "width", "crps", "fit_time_s"]].mean()
-    command = "python -m benchmarks.uncertainty " + " ".join(argv or [])
-    text = (f"# Predictive distributions\n\nCommand: `{command.strip()}`. Machine: {describe_machine()}.\n\n"
-            f"{args.folds}-fold CV (seed {args.seed}) on the accuracy suite's subsamples (at most "
-            f"{args.max_rows} rows); means over the folds. NLL and CRPS are in the target's units; "
-            "coverage of the 5-95% interval (nominal 0.90).\n\n" + table.to_markdown(floatfmt=".4g") + "\n")
+    command = ("python -m benchmarks.uncertainty " + " ".join(argv or [])).strip()
+    text = report(frame, command, describe_machine(), args.folds, args.seed, args.max_rows)
     (args.out / "uncertainty.md").write_text(text)
     print(text)
     return frame
+
+
+def report(frame: pd.DataFrame, command: str, machine: str, folds: int, seed: int, max_rows: int) -> str:
+    """The markdown report of a run's per-fold ``frame``: means per data set and model."""
+    table = (frame.groupby(["dataset", "model"], sort=True)[["nll", "coverage", "width", "crps", "fit_time_s"]]
+             .mean().reset_index())
+    return (f"# Predictive distributions\n\nCommand: `{command}`. Machine: {machine}.\n\n"
+            f"{folds}-fold CV (seed {seed}) on the accuracy suite's subsamples (at most {max_rows} rows); "
+            "means over the folds. NLL and CRPS are in the target's units (lower is better); coverage of "
+            "the 5-95% interval (nominal 0.90); NLL needs a density (the MoE models only).\n\n"
+            + table.to_markdown(index=False, floatfmt=".4g") + "\n")
 
 
 if __name__ == "__main__":
