@@ -2,6 +2,8 @@
 
 import re
 
+import numpy as np
+
 
 def test_demo_prints_scores_times_and_the_default_moes_comparisons(capsys, monkeypatch):
     import benchmarks.accuracy as accuracy
@@ -30,3 +32,14 @@ def test_training_dynamics_reports_prunes_and_writes_its_figures(tmp_path, capsy
     assert sorted(path.name for path in tmp_path.iterdir()) == [
         f"training_dynamics_{name}.png" for name in ("curves", "embedding", "heatmap", "utilization")]
     assert result["model"].history_["temperature"].iloc[0] == 2.0
+
+
+def test_predictive_distributions_scores_both_problems_and_writes_the_figure(tmp_path, capsys):
+    from examples.predictive_distributions import main
+
+    result = main(["--quick", "--out", str(tmp_path)])
+    assert set(result["scores"]) == {"heteroscedastic", "bimodal"}
+    for scores in result["scores"].values():
+        assert 0 <= scores["coverage"] <= 1 and np.isfinite(scores["nll"]) and np.isfinite(scores["gaussian_nll"])
+    assert result["figure"] == tmp_path / "predictive_distributions.png" and result["figure"].exists()
+    assert "90% interval covers" in capsys.readouterr().out
