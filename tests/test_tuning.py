@@ -72,6 +72,20 @@ def test_space_covers_the_moe_hyperparameters():
             classifier_space["moeclassifier__label_smoothing"].high) == (0.0, 0.2)
 
 
+def test_space_can_search_a_regressors_output(regression_data):
+    space = search_space(MoERegressor(), outputs=("point", "mixture_density"))
+    assert space["output"].choices == ("point", "mixture_density")
+    assert "output" not in search_space(MoERegressor(), outputs=("mixture_density",))  # fixed: the estimator's own
+    with pytest.raises(ValueError, match="outputs applies to regressors"):
+        search_space(MoEClassifier(), outputs=("point", "mixture_density"))
+    for bad in ((), ("gaussian",), ("point", "point")):
+        with pytest.raises(ValueError, match="outputs must be distinct values"):
+            search_space(MoERegressor(), outputs=bad)
+    X, y = regression_data
+    drawn = MoERegressor(max_epochs=2, random_state=0).set_params(output=space["output"].choices[1]).fit(X, y)
+    assert drawn.predict_quantiles(X[:3], 0.5).shape == (3, 1)
+
+
 @pytest.mark.parametrize("make, prefix", [
     (lambda moe: moe, ""),
     (lambda moe: make_pipeline(StandardScaler(), moe), "moeregressor__"),

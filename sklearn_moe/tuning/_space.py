@@ -16,6 +16,7 @@ from sklearn.base import is_classifier
 from sklearn.pipeline import Pipeline
 
 from .._base import BaseMoE
+from ..nn.density import OUTPUTS
 
 #: Routers of the default space: the ones whose behaviour the space's parameters fully
 #: describe. ``"top_p"`` and ``"hierarchical"`` need ``top_p`` / ``n_groups`` as well; add
@@ -99,9 +100,15 @@ def base_space(
     expert_widths=DEFAULT_EXPERT_WIDTHS,
     expert_depths=DEFAULT_EXPERT_DEPTHS,
     classifier: bool = False,
+    outputs=("point",),
 ) -> dict[str, BaseDistribution]:
-    """The unprefixed default space (with ``label_smoothing`` for a classifier); see
-    :func:`search_space`."""
+    """The unprefixed default space (with ``label_smoothing`` for a classifier, and
+    ``output`` for a regressor given several ``outputs``); see :func:`search_space`."""
+    outputs = tuple(outputs)
+    if not outputs or not set(outputs) <= set(OUTPUTS) or len(set(outputs)) != len(outputs):
+        raise ValueError(f"outputs must be distinct values of {OUTPUTS}; got {outputs!r}.")
+    if classifier and outputs != ("point",):
+        raise ValueError("outputs applies to regressors: a classifier has no output parameter.")
     _check_positive_int("max_experts", max_experts)
     _check_positive_int("max_top_k", max_top_k)
     if max_top_k > max_experts:
@@ -137,6 +144,8 @@ def base_space(
     }
     if classifier:
         space["label_smoothing"] = FloatDistribution(0.0, 0.2)
+    if len(outputs) > 1:
+        space["output"] = CategoricalDistribution(outputs)
     return space
 
 
@@ -150,6 +159,7 @@ def search_space(
     expert_depths=DEFAULT_EXPERT_DEPTHS,
     include=None,
     exclude=(),
+    outputs=("point",),
 ) -> dict[str, BaseDistribution]:
     """Optuna distributions over the MoE hyperparameters of ``estimator``.
 
@@ -178,6 +188,7 @@ def search_space(
     ``numeric_embedding``     "piecewise_linear", "periodic" or None
     ``lr_schedule``           "flat_cosine", "cosine" or "plateau"
     ``label_smoothing``       float in [0, 0.2] (classifiers only)
+    ``output``                one of ``outputs``, when it holds several (regressors only)
     ========================  ==========================================================
 
     ``"top_p"`` and ``"hierarchical"`` routers are left out by default because their own
@@ -200,6 +211,10 @@ def search_space(
         Keep only these parameters (unprefixed names).
     exclude : sequence of str, default=()
         Leave these parameters out, e.g. the ones you fix on the estimator.
+    outputs : sequence of {"point", "mixture_density"}, default=("point",)
+        A regressor's ``output`` values to search; with one value ``output`` is not
+        searched (the estimator's own applies). Scores compare the mixture's mean
+        either way.
 
     Returns
     -------
@@ -225,7 +240,7 @@ def search_space(
     >>> search = OptunaSearchCV(pipe, space, n_trials=5, cv=3)  # doctest: +SKIP
     """
     prefix, moe = find_moe_step(estimator)
-    space = base_space(max_experts, max_top_k, routers, expert_widths, expert_depths, is_classifier(moe))
+    space = base_space(max_experts, max_top_k, routers, expert_widths, expert_depths, is_classifier(moe), outputs)
     for label, names in (("include", include), ("exclude", exclude)):
         if isinstance(names, str):
             raise ValueError(f"{label} must be a sequence of parameter names, not a string; got {names!r}.")
