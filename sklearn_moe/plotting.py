@@ -163,8 +163,9 @@ def plot_routing_embedding(estimator, X, max_points: int = 5000, random_state=0)
     """
     from sklearn.decomposition import PCA
 
-    inputs = estimator._scaled_input(X).detach().cpu().numpy()
-    top1 = estimator._gates(estimator._scaled_input(X)).argmax(axis=1)
+    X_scaled = estimator._scaled_input(X)  # validated and scaled once, for the gates and the projection
+    inputs = X_scaled.detach().cpu().numpy()
+    top1 = estimator._gates(X_scaled).argmax(axis=1)
     if inputs.shape[0] > max_points:
         keep = np.random.default_rng(random_state).choice(inputs.shape[0], max_points, replace=False)
         inputs, top1 = inputs[keep], top1[keep]
