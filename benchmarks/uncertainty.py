@@ -56,8 +56,10 @@ def fold_scores(y: np.ndarray, quantiles: np.ndarray, nll: float | None) -> dict
             "width": float(np.mean(high - low)), "crps": float(2 * pinball(y, quantiles, LEVELS).mean())}
 
 
-def run_fold(name: str, model: str, X_train, y_train, X_test, y_test, seed: int) -> dict:
-    prep = preprocessor(X_train).fit(X_train)
+def run_fold(name: str, model: str, X, y, train, test, seed: int) -> dict:
+    """Fit on the rows ``train`` of ``(X, y)`` and score on the rows ``test``."""
+    X_train, y_train, X_test, y_test = X.iloc[train], y[train], X.iloc[test], y[test]
+    prep = preprocessor(X).fit(X_train)  # X: which columns need an imputer
     train, test = prep.transform(X_train), prep.transform(X_test)
     start = time.perf_counter()
     if model == "moe_density":
@@ -93,7 +95,7 @@ def main(argv=None) -> pd.DataFrame:
         X, y, splits = _suite_data(name, args.folds, 1, args.max_rows, args.seed)
         for fold, (train, test) in enumerate(splits):
             for model in MODELS:
-                row = run_fold(name, model, X.iloc[train], y[train], X.iloc[test], y[test], args.seed)
+                row = run_fold(name, model, X, y, train, test, args.seed)
                 rows.append({**row, "fold": fold})
                 print(f"{name} fold {fold} {model}: coverage {row['coverage']:.3f} crps {row['crps']:.4g}",
                       flush=True)

@@ -192,8 +192,12 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         self.net_ = net
         self.n_iter_ = len(net.history)
         self.history_ = history_frame(net.history)
+        self._after_training(valid_table)
         self.expert_load_ = self._expert_load(table.X)
         return self
+
+    def _after_training(self, valid_table) -> None:
+        """Fit what is fitted on the validation rows (``None`` without) once training ends."""
 
     def _split(self, table, targets, seed):
         """Hold out ``validation_fraction`` of the rows for early stopping, when enough."""

@@ -9,7 +9,7 @@ import numpy as np
 from scipy.special import log_softmax, softmax
 from sklearn.base import ClassifierMixin
 from sklearn.model_selection import StratifiedShuffleSplit
-from sklearn.utils._param_validation import Interval
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
@@ -37,6 +37,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         n_classes`` on every class, in [0, 1). Early stopping monitors the same smoothed
         loss on the validation rows. Predictions are unchanged in kind; the probabilities of
         a smoothed model are less confident.
+    mixing : {"logits", "probabilities"}, default="logits"
+        What the gate mixes. ``"logits"``: the experts' class logits, then one softmax.
+        ``"probabilities"``: the experts' class probabilities (each expert's softmax), a
+        mixture of categorical distributions, trained on its log-likelihood.
 
     Attributes
     ----------
@@ -67,11 +71,13 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     _parameter_constraints: dict = {
         **BaseMoE._parameter_constraints,
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
+        "mixing": [StrOptions({"logits", "probabilities"})],
     }
 
-    def __init__(self, *, label_smoothing=0.0, **params):
+    def __init__(self, *, label_smoothing=0.0, mixing="logits", **params):
         super().__init__(**params)
         self.label_smoothing = label_smoothing
+        self.mixing = mixing
 
     # scikit-learn reads an estimator's parameters off its constructor's signature: the
     # shared ones, then this one.
@@ -79,6 +85,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     __init__.__signature__ = _shared.replace(parameters=[
         *_shared.parameters.values(),
         inspect.Parameter("label_smoothing", inspect.Parameter.KEYWORD_ONLY, default=0.0),
+        inspect.Parameter("mixing", inspect.Parameter.KEYWORD_ONLY, default="logits"),
     ])
     del _shared
 
@@ -124,6 +131,9 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
 
     def _criterion(self):
         return nn.CrossEntropyLoss(reduction="none", label_smoothing=self.label_smoothing)
+
+    def _module_output(self) -> str:
+        return "categorical_mixture" if self.mixing == "probabilities" else "point"
 
     def fit(self, X, y, sample_weight=None, callbacks=None):
         """Fit the model.

@@ -7,12 +7,36 @@ import torch
 from scipy.special import ndtr
 from sklearn.utils import check_random_state
 
-from .nn.density import mixture_moments
+from .nn.density import calibrated_scale, mixture_moments, mixture_nll_dense
 
 
 class DensityMethods:
     """``predict(X, return_std=True)``, ``predict_quantiles``, ``sample``,
-    ``predict_distribution`` and ``score_nll`` of a mixture-density regressor."""
+    ``predict_distribution`` and ``score_nll`` of a mixture-density regressor, and the
+    recalibration of its spread on the validation rows."""
+
+    @property
+    def scale_calibration_(self) -> float:
+        """``output="mixture_density"``: the factor every expert's standard deviation is
+        multiplied by, fitted after training on the validation rows (1.0 without them)."""
+        if not self.__sklearn_is_fitted__() or self.output != "mixture_density":
+            raise AttributeError("scale_calibration_ is fitted only with output='mixture_density'.")
+        return float(self.module_.scale_calibration)
+
+    def _after_training(self, valid_table) -> None:
+        """Fit the spread's recalibration (:func:`~sklearn_moe.nn.density.calibrated_scale`):
+        trained on the likelihood of the training rows, the experts' scales shrink to fit
+        them; the validation rows, held out of training, measure the spread new rows see."""
+        if self.output != "mixture_density":
+            return
+        module = self.module_
+        module.scale_calibration.fill_(1.0)
+        if valid_table is None:
+            return
+        with torch.inference_mode(), self.net_.autocast(valid_table.X.device):
+            weights, means, scales = module.predict_distribution(valid_table.X)
+        module.scale_calibration.fill_(calibrated_scale(weights, means, scales, valid_table.y,
+                                                        valid_table.sample_weight))
 
     def predict_distribution(self, X) -> dict:
         """Each row's predictive mixture, in the target's units.
@@ -108,11 +132,8 @@ class DensityMethods:
         y = np.asarray(y, dtype=np.float64).reshape(weights.shape[0], -1)
         if y.shape[1] != means.shape[2]:
             raise ValueError(f"y has {y.shape[1]} targets; the model predicts {means.shape[2]}.")
-        z = (y[:, None, :] - means) / scales
-        log_terms = (np.log(np.maximum(weights, np.finfo(np.float64).tiny))
-                     + (-0.5 * z**2 - np.log(scales) - 0.5 * np.log(2 * np.pi)).sum(axis=2))
-        peak = log_terms.max(axis=1, keepdims=True)
-        return float(-(peak[:, 0] + np.log(np.exp(log_terms - peak).sum(axis=1))).mean())
+        nll = mixture_nll_dense(*(torch.as_tensor(a) for a in (weights, means, scales, y)))
+        return float(nll.mean())
 
     def _predict_std(self, X) -> tuple[np.ndarray, np.ndarray]:
         weights, means, scales = self._distribution(X)

@@ -12,7 +12,7 @@ from skorch.callbacks import Callback, EarlyStopping
 
 from ._data import BatchIterator
 from ._guard import NonFiniteLoss, TrainingGuard, check_finite_loss
-from .nn.density import mixture_nll, per_expert_mixture_nll
+from .nn.density import mixture_log_probabilities, mixture_nll, per_expert_mixture_nll
 from .nn.losses import per_expert_loss
 
 
@@ -97,8 +97,9 @@ class MoENet(NeuralNet):
                 objective = per_expert_mixture_nll(assignments.outputs, assignments.rows, assignments.weights, y_true,
                                                    sample_weight, mask)
             else:
+                mixture = mixture_log_probabilities if self.module_.output == "categorical_mixture" else None
                 objective = per_expert_loss(self.criterion_, assignments.outputs, assignments.rows,
-                                            assignments.weights, y_true, sample_weight, mask)
+                                            assignments.weights, y_true, sample_weight, mask, mixture)
         loss = objective + self.balance_coef * y_pred.balance_loss + self.z_loss_coef * y_pred.z_loss
         terms = {"task_loss": task_loss, "balance_loss": y_pred.balance_loss, "z_loss": y_pred.z_loss}
         if self.diversity_coef > 0:

@@ -13,7 +13,7 @@ from ._base import BaseMoE
 from ._density_methods import DensityMethods
 from ._parameters import PARAMETERS
 from ._scaling import fit_standardizer
-from .nn.density import OUTPUTS
+from .nn.density import REGRESSOR_OUTPUTS
 
 
 class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
@@ -75,7 +75,7 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     )
 
     _fitted_attributes = BaseMoE._fitted_attributes + ("_y_mean", "_y_scale", "_y_ndim")
-    _parameter_constraints: dict = {**BaseMoE._parameter_constraints, "output": [StrOptions(set(OUTPUTS))]}
+    _parameter_constraints: dict = {**BaseMoE._parameter_constraints, "output": [StrOptions(set(REGRESSOR_OUTPUTS))]}
 
     def __init__(self, *, output="point", **params):
         super().__init__(**params)
@@ -118,6 +118,9 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
 
     def _criterion(self):
         return nn.MSELoss(reduction="none")
+
+    def _module_output(self) -> str:
+        return self.output
 
     def fit(self, X, y, sample_weight=None, callbacks=None):
         """Fit the model.

@@ -73,7 +73,7 @@ def build_module(params, n_features: int, device, layout=None, bins=None) -> Mix
         embedding_bins=bins,
         embedding_n_bins=n_bins.tolist() if embedding == "piecewise_linear" and bins is None else None,
         capacity_factor=None if params.capacity_factor == "auto" else params.capacity_factor,
-        output=getattr(params, "output", "point"),  # a regressor's
+        output=params._module_output(),
         **{name: getattr(params, name) for name in _MODULE_PARAMETERS},
     ).to(device)
 

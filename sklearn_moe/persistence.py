@@ -41,7 +41,7 @@ from ._training import build_module, fitted_net, history_frame, rebuilt_module
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
 FORMAT_NAME = "sklearn-moe"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 _VERSION_1_PARAMS = {"expert_type": "independent", "expert_loss": "mixture", "numeric_embedding": None,
                      "lr_schedule": "plateau", "router_lr_scale": 1.0, "expert_subsample": 1.0}
 # Parameters that files of a format version below the key did not store, per kind, with the
@@ -53,11 +53,14 @@ _ADDED_PARAMS = {
                "temperature_final": None, "temperature_schedule": "cosine",
                **({"output": "point"} if kind == "MoERegressor" else {})}
         for kind in ("MoERegressor", "MoEClassifier")},
+    5: {"MoEClassifier": {"mixing": "logits"}},
 }
 # Tensors that files of a format version below the key did not store, with how to make them
-# from the estimator: the router's temperature was a fixed hyperparameter then.
+# from the estimator: the router's temperature was a fixed hyperparameter then, and a
+# mixture density's spread was not recalibrated.
 _ADDED_TENSORS = {
     4: {"router.temperature": lambda estimator: torch.tensor(float(estimator.temperature))},
+    5: {"scale_calibration": lambda estimator: torch.tensor(1.0)},
 }
 _METADATA_KEY = "sklearn-moe"
 _KINDS = ("MoERegressor", "MoEClassifier")

@@ -40,6 +40,8 @@ def expected_failed_checks(estimator):
                              numeric_embedding="piecewise_linear")),
         MoERegressor(**dict(FAST, output="mixture_density", router="topk", capacity_factor="auto",
                             temperature_final=0.5)),
+        MoEClassifier(**dict(FAST, mixing="probabilities", router="topk", shared_expert=True,
+                             expert_loss="per_expert")),
     ],
     expected_failed_checks=expected_failed_checks,
 )

@@ -10,6 +10,7 @@ from sklearn_moe import MoEClassifier, MoERegressor, load
 from sklearn_moe.nn import MixtureOfExperts
 from sklearn_moe.nn.density import (
     SCALE_FLOOR,
+    calibrated_scale,
     expert_scales,
     mixture_moments,
     mixture_nll,
@@ -52,6 +53,44 @@ def test_loss_and_gradients_stay_finite_at_the_scale_floor_and_far_away():
     assert torch.isfinite(nll).all() and nll[0] > 1e10
     nll.sum().backward()
     assert torch.isfinite(raw.grad).all() and torch.isfinite(weights.grad).all()
+
+
+def test_calibrated_scale_is_the_likelihood_optimum():
+    rng = np.random.RandomState(0)
+    n = 500
+    means, scales = torch.as_tensor(rng.normal(size=(n, 1, 1))), torch.as_tensor(rng.uniform(0.5, 2, size=(n, 1, 1)))
+    target = means[:, 0] + 2.5 * scales[:, 0] * torch.as_tensor(rng.normal(size=(n, 1)))
+    weights = torch.ones(n, 1)
+    # one Gaussian per row: the optimal factor is sqrt(mean(z^2)) in closed form
+    optimum = float(((target - means[:, 0]) / scales[:, 0]).square().mean().sqrt())
+    assert calibrated_scale(weights, means, scales, target) == pytest.approx(optimum, rel=1e-5)
+    # a row of weight 0 does not count; no weight at all keeps the spread as it is
+    far = torch.cat([target[:-1], target[-1:] + 1e3])
+    sample_weight = torch.cat([torch.ones(n - 1), torch.zeros(1)])
+    optimum_without_last = float(((target[:-1] - means[:-1, 0]) / scales[:-1, 0]).square().mean().sqrt())
+    assert calibrated_scale(weights, means, scales, far, sample_weight) == pytest.approx(optimum_without_last,
+                                                                                         rel=1e-5)
+    assert calibrated_scale(weights, means, scales, target, torch.zeros(n)) == 1.0
+    # bounded: a spread far too wide stops at the smallest factor
+    assert calibrated_scale(weights, means, scales * 100, target) == pytest.approx(0.125, rel=1e-6)
+
+
+def test_spread_is_recalibrated_on_the_validation_rows(tmp_path):
+    X, y = heteroscedastic(300, 2)
+    params = dict(FAST, output="mixture_density", router="topk", max_epochs=5)
+    model = MoERegressor(**params).fit(X, y)
+    factor = model.scale_calibration_
+    assert factor != 1.0 and float(model.module_.scale_calibration) == factor
+    scales = model.predict_distribution(X)["scales"]
+    model.module_.scale_calibration.fill_(1.0)
+    np.testing.assert_allclose(model.predict_distribution(X)["scales"] * factor, scales, rtol=1e-6)
+    model.module_.scale_calibration.fill_(factor)
+    model.save(tmp_path / "calibrated.moe")
+    assert load(tmp_path / "calibrated.moe").scale_calibration_ == factor
+    # no validation rows, nothing to calibrate on
+    assert MoERegressor(**params, early_stopping=False).fit(X, y).scale_calibration_ == 1.0
+    # a point regressor has no spread
+    assert not hasattr(MoERegressor(**dict(FAST, max_epochs=2)).fit(X, y), "scale_calibration_")
 
 
 def test_mixture_moments_by_hand():

@@ -793,7 +793,14 @@ def rewrite_metadata(source, target, edit):
     return target
 
 
+def as_version_4(document):
+    document["format_version"] = 4
+    if document["kind"] == "MoEClassifier":
+        document["params"].pop("mixing", None)
+
+
 def as_version_3(document):
+    as_version_4(document)
     document["format_version"] = 3
     for name in ("collapse_threshold", "collapse_patience", "collapse_recovery", "temperature_final",
                  "temperature_schedule"):
@@ -865,6 +872,27 @@ def test_version_3_file_loads_with_collapse_defaults_and_its_fixed_temperature(t
     unversioned = rewrite_metadata(tmp_path / "v4.moe", tmp_path / "bad.moe",
                                    lambda d: (as_version_3(d), d.update(format_version=4)))
     with pytest.raises(ValueError, match="missing"):
+        sklearn_moe.load(unversioned)
+
+
+def test_version_4_files_load_unrecalibrated_and_mixing_logits(tmp_path, classification_data):
+    X, y = classification_data
+    classifier = MoEClassifier(**dict(ADAPTER, max_epochs=3)).fit(X, y)
+    classifier.save(tmp_path / "c5.moe")
+    loaded = sklearn_moe.load(rewrite_metadata(tmp_path / "c5.moe", tmp_path / "c4.moe", as_version_4))
+    assert loaded.mixing == "logits"
+    assert_same_predictions(loaded, classifier, X)
+    X, y = regression_data(120)
+    density = MoERegressor(**dict(ADAPTER, max_epochs=3, output="mixture_density")).fit(X, y)
+    assert density.scale_calibration_ != 1.0
+    density.save(tmp_path / "r5.moe")
+    loaded = sklearn_moe.load(rewrite_metadata(tmp_path / "r5.moe", tmp_path / "r4.moe", as_version_4))
+    assert loaded.scale_calibration_ == 1.0
+    np.testing.assert_array_equal(loaded.predict(X), density.predict(X))
+    # a version-5 file must carry the mixing
+    unversioned = rewrite_metadata(tmp_path / "c5.moe", tmp_path / "bad.moe",
+                                   lambda d: (as_version_4(d), d.update(format_version=5)))
+    with pytest.raises(ValueError, match=r"missing \['mixing'\]"):
         sklearn_moe.load(unversioned)
 
 

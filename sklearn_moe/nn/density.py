@@ -6,6 +6,11 @@ by ``n_targets`` raw scales; its standard deviations are ``softplus(raw) + SCALE
 density is the gate-weighted mixture ``p(y) = sum_e g_e prod_j N(y_j | mu_ej, sigma_ej)``.
 Its negative log-likelihood is computed in log space with a log-sum-exp over the row's
 experts (:func:`mixture_nll`), so that tiny scales and far targets stay finite.
+
+With ``output="categorical_mixture"`` (classification) an expert's output row holds class
+logits and the gate mixes the experts' class probabilities,
+``p(c) = sum_e g_e softmax(o_e)_c``, kept in log space
+(:func:`mixture_log_probabilities`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import torch.nn.functional as F
 
 from .dispatch import normalize_per_row
 
-OUTPUTS = ("point", "mixture_density")
+OUTPUTS = ("point", "mixture_density", "categorical_mixture")
+#: The outputs of a regressor (``MoERegressor(output=...)``).
+REGRESSOR_OUTPUTS = OUTPUTS[:2]
 #: Smallest standard deviation an expert can predict (in the standardised target's units).
 SCALE_FLOOR = 1e-3
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -41,6 +48,45 @@ def gaussian_log_likelihood(outputs: torch.Tensor, target: torch.Tensor) -> torc
     return (-0.5 * z.square() - scale.log() - _HALF_LOG_2PI).sum(dim=1)
 
 
+def _row_logsumexp(log_terms: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """``log sum_(a: r_a = i) exp(t_a)`` per row ``i`` of the terms ``log_terms`` (m, ...),
+    each row's largest term factored out; a row without terms gets ``log(tiny)``."""
+    shape = (n_rows, *log_terms.shape[1:])
+    index = rows.view(-1, *([1] * (log_terms.ndim - 1))).expand_as(log_terms)
+    peak = torch.full(shape, -torch.inf, device=log_terms.device).scatter_reduce(0, index, log_terms.detach(), "amax")
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    shifted = (log_terms - peak.index_select(0, rows)).exp()
+    total = torch.zeros(shape, device=log_terms.device).index_add(0, rows, shifted)
+    return peak + total.clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def _log_weights(weights: torch.Tensor) -> torch.Tensor:
+    return weights.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def mixture_log_probabilities(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n_rows: int
+                              ) -> torch.Tensor:
+    """Log class probabilities of each row's mixture of the experts' categorical
+    distributions: ``log sum_(a: r_a = i) g_a softmax(o_a)``, as a log-sum-exp.
+
+    Parameters
+    ----------
+    outputs : Tensor of shape (m, n_classes)
+        Class logits of the ``(row, expert)`` assignments.
+    rows : Tensor of shape (m,), int64
+    weights : Tensor of shape (m,)
+        Gate weights (each row's sum to 1).
+    n_rows : int
+
+    Returns
+    -------
+    Tensor of shape (n_rows, n_classes), float32
+        Normalised log-probabilities: a valid input to a softmax or a cross-entropy.
+    """
+    log_terms = _log_weights(weights).unsqueeze(1) + torch.log_softmax(outputs.float(), dim=1)
+    return _row_logsumexp(log_terms, rows, n_rows)
+
+
 def mixture_nll(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, target: torch.Tensor
                 ) -> torch.Tensor:
     """Negative log-likelihood of each row's target under its mixture of experts.
@@ -61,13 +107,8 @@ def mixture_nll(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor
     -------
     Tensor of shape (n,), float32
     """
-    n = target.shape[0]
-    log_terms = (weights.float().clamp_min(torch.finfo(torch.float32).tiny).log()
-                 + gaussian_log_likelihood(outputs, target.index_select(0, rows)))
-    peak = torch.full((n,), -torch.inf, device=target.device).scatter_reduce(0, rows, log_terms.detach(), "amax")
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = torch.zeros(n, device=target.device).index_add(0, rows, (log_terms - peak.index_select(0, rows)).exp())
-    return -(peak + total.clamp_min(torch.finfo(torch.float32).tiny).log())
+    log_terms = _log_weights(weights) + gaussian_log_likelihood(outputs, target.index_select(0, rows))
+    return -_row_logsumexp(log_terms, rows, target.shape[0])
 
 
 def per_expert_mixture_nll(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, target: torch.Tensor,
@@ -92,6 +133,76 @@ def per_expert_mixture_nll(outputs: torch.Tensor, rows: torch.Tensor, weights: t
         expert_terms = expert_terms * sample_weight.index_select(0, rows)
         gate_terms = gate_terms * sample_weight
     return expert_terms.sum() / n + gate_terms.mean()
+
+
+def mixture_nll_dense(weights: torch.Tensor, means: torch.Tensor, scales: torch.Tensor, target: torch.Tensor
+                      ) -> torch.Tensor:
+    """Negative log-likelihood of each row's target under its mixture, from every expert's
+    Gaussian: :func:`mixture_nll` for the layout of :meth:`MixtureOfExperts.predict_distribution`.
+
+    Parameters
+    ----------
+    weights : Tensor of shape (n, n_experts)
+    means, scales : Tensors of shape (n, n_experts, n_targets)
+    target : Tensor of shape (n, n_targets)
+
+    Returns
+    -------
+    Tensor of shape (n,), in the dtype of ``means``
+    """
+    z = (target.unsqueeze(1) - means) / scales
+    log_terms = (weights.clamp_min(torch.finfo(weights.dtype).tiny).log()
+                 + (-0.5 * z.square() - scales.log() - _HALF_LOG_2PI).sum(dim=2))
+    return -torch.logsumexp(log_terms, dim=1)
+
+
+def calibrated_scale(weights: torch.Tensor, means: torch.Tensor, scales: torch.Tensor, target: torch.Tensor,
+                     sample_weight: torch.Tensor | None = None, bounds: tuple[float, float] = (0.125, 8.0)
+                     ) -> float:
+    """The factor ``s`` by which every expert's standard deviation is multiplied to minimise
+    the mean negative log-likelihood of ``target`` (held-out rows): a one-parameter
+    recalibration of the predictive spread, as temperature scaling is for a classifier.
+
+    A grid of ``log s`` over ``bounds`` finds the basin, a golden-section search refines it.
+
+    Parameters
+    ----------
+    weights : Tensor of shape (n, n_experts)
+    means, scales : Tensors of shape (n, n_experts, n_targets)
+    target : Tensor of shape (n, n_targets)
+    sample_weight : Tensor of shape (n,), optional
+    bounds : (float, float), default=(0.125, 8.0)
+        Smallest and largest factor.
+
+    Returns
+    -------
+    float
+    """
+    weights, means, scales, target = (t.double() for t in (weights, means, scales, target))
+    row_weight = torch.ones_like(target[:, 0]) if sample_weight is None else sample_weight.double()
+    if not row_weight.sum() > 0:
+        return 1.0
+
+    def loss(log_factor: float) -> float:
+        nll = mixture_nll_dense(weights, means, scales * math.exp(log_factor), target)
+        return float((nll * row_weight).sum() / row_weight.sum())
+
+    grid = torch.linspace(math.log(bounds[0]), math.log(bounds[1]), 49).tolist()
+    best = min(range(len(grid)), key=lambda i: loss(grid[i]))
+    low, high = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    loss_a, loss_b = loss(a), loss(b)
+    for _ in range(40):
+        if loss_a < loss_b:
+            high, b, loss_b = b, a, loss_a
+            a = high - ratio * (high - low)
+            loss_a = loss(a)
+        else:
+            low, a, loss_a = a, b, loss_b
+            b = low + ratio * (high - low)
+            loss_b = loss(b)
+    return math.exp((low + high) / 2)
 
 
 def mixture_moments(weights: torch.Tensor, means: torch.Tensor, scales: torch.Tensor

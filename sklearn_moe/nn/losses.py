@@ -159,7 +159,7 @@ EXPERT_LOSSES = ("mixture", "per_expert")
 
 def per_expert_loss(
     criterion, outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, target: torch.Tensor,
-    sample_weight: torch.Tensor | None = None, expert_mask: torch.Tensor | None = None,
+    sample_weight: torch.Tensor | None = None, expert_mask: torch.Tensor | None = None, mixture=None,
 ) -> torch.Tensor:
     """Each chosen expert trained on its own loss; the gate on the mixture's.
 
@@ -190,6 +190,10 @@ def per_expert_loss(
         Which assignments the experts train on; a row's gate weights in the first term are
         renormalised over its kept assignments (a row with none teaches the experts
         nothing). The gate's term keeps every assignment.
+    mixture : callable, optional
+        ``mixture(outputs, rows, weights, n)`` -> the rows' mixtures (n, n_outputs), e.g.
+        :func:`~sklearn_moe.nn.density.mixture_log_probabilities`; by default the
+        gate-weighted sum of the outputs.
 
     Returns
     -------
@@ -197,8 +201,11 @@ def per_expert_loss(
     """
     n = target.shape[0]
     weights = weights.float()
-    mixture_for_gate = outputs.new_zeros(n, outputs.shape[1], dtype=torch.float32).index_add(
-        0, rows, outputs.detach().float() * weights.unsqueeze(1))
+    if mixture is None:
+        mixture_for_gate = outputs.new_zeros(n, outputs.shape[1], dtype=torch.float32).index_add(
+            0, rows, outputs.detach().float() * weights.unsqueeze(1))
+    else:
+        mixture_for_gate = mixture(outputs.detach(), rows, weights, n)
     expert_weights = weights.detach()
     if expert_mask is not None:
         expert_weights = normalize_per_row(expert_weights * expert_mask, rows, n)

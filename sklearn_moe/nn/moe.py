@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .density import OUTPUTS, split_outputs
+from .density import OUTPUTS, mixture_log_probabilities, split_outputs
 from .dispatch import (
     OVERFLOW_POLICIES,
     ExpertAssignments,
@@ -168,10 +168,14 @@ class MixtureOfExperts(nn.Module):
     embedding_n_bins : sequence of int, optional
         ``"piecewise_linear"`` without ``embedding_bins``: bins per column, the edges to be
         loaded with ``load_state_dict``.
-    output : {"point", "mixture_density"}, default="point"
+    output : {"point", "mixture_density", "categorical_mixture"}, default="point"
         ``"mixture_density"``: every expert outputs a Gaussian per target (a mean and a
         raw scale, :mod:`sklearn_moe.nn.density`); :attr:`MoEOutput.output` is the
         mixture's mean and the assignments carry the raw outputs for the likelihood.
+        ``"categorical_mixture"`` (classification): every expert outputs class logits and
+        the gate mixes the experts' class probabilities; :attr:`MoEOutput.output` holds the
+        mixture's log-probabilities. ``"point"`` mixes the experts' outputs (for a
+        classifier, their logits) linearly.
     """
 
     def __init__(
@@ -235,6 +239,10 @@ class MixtureOfExperts(nn.Module):
         self.output = output
         # A mixture-density expert outputs a mean and a raw scale per target.
         self.expert_width = 2 * n_outputs if output == "mixture_density" else n_outputs
+        if output == "mixture_density":
+            # Multiplies every expert's standard deviation in predict_distribution: a
+            # recalibration fitted on held-out rows after training (1 in training).
+            self.register_buffer("scale_calibration", torch.tensor(1.0))
         self.embedding = None
         width = n_features
         if numeric_embedding is not None:
@@ -315,6 +323,7 @@ class MixtureOfExperts(nn.Module):
         weights : Tensor of shape (n, n_experts)
             The gate weights (:meth:`route`): zero for experts a sparse router did not choose.
         means, scales : Tensors of shape (n, n_experts, n_outputs)
+            The scales are multiplied by the buffer ``scale_calibration``.
         """
         if self.output != "mixture_density":
             raise ValueError(f"predict_distribution needs output='mixture_density'; this module has {self.output!r}")
@@ -324,7 +333,7 @@ class MixtureOfExperts(nn.Module):
         if self.shared_expert is not None:
             outputs = outputs + self.shared_expert(h.unsqueeze(0))
         means, scales = split_outputs(outputs.transpose(0, 1), self.n_outputs)
-        return weights, means.float(), scales
+        return weights, means.float(), scales * self.scale_calibration
 
     def _evaluate(self, x: torch.Tensor, compute) -> torch.Tensor:
         """``compute(x)``, on at least :data:`MIN_EVAL_ROWS` rows in evaluation mode."""
@@ -417,6 +426,8 @@ class MixtureOfExperts(nn.Module):
             assignments = assignments._replace(outputs=assignments.outputs + shared.index_select(0, assignments.rows))
         if self.output == "mixture_density":
             output = output[:, :self.n_outputs]  # the mixture's mean (the raw scales do not mix linearly)
+        elif self.output == "categorical_mixture":
+            output = mixture_log_probabilities(assignments.outputs, assignments.rows, assignments.weights, n)
         return _Mixed(output, routing, active, weights, plan_counts, n_dropped, assignments)
 
     def _dispatch(self, x: torch.Tensor, routing, active, weights):

@@ -16,7 +16,7 @@ from sklearn.base import is_classifier
 from sklearn.pipeline import Pipeline
 
 from .._base import BaseMoE
-from ..nn.density import OUTPUTS
+from ..nn.density import REGRESSOR_OUTPUTS as OUTPUTS
 
 #: Routers of the default space: the ones whose behaviour the space's parameters fully
 #: describe. ``"top_p"`` and ``"hierarchical"`` need ``top_p`` / ``n_groups`` as well; add
