@@ -14,7 +14,6 @@ expected calibration error of the top class (15 equal-width confidence bins); an
 
 from __future__ import annotations
 
-import argparse
 import time
 import warnings
 from pathlib import Path
@@ -25,9 +24,8 @@ from sklearn.metrics import accuracy_score, log_loss
 
 from sklearn_moe import ExpertCollapseWarning, MoEClassifier
 
-from .accuracy import SUITES, _suite_data
-from .datasets import DATASETS, preprocessor
-from .machine import describe_machine
+from .datasets import preprocessor
+from .variants import run_variants
 
 MIXINGS = ("logits", "probabilities")
 RESULTS = Path(__file__).parent / "results" / "class_mixing"
@@ -70,36 +68,14 @@ def run_fold(name: str, mixing: str, X, y, train, test, seed: int) -> dict:
     collapsed = any(issubclass(w.category, ExpertCollapseWarning) for w in caught)
     proba = model.predict_proba(prep.transform(X_test))
     y_index = np.searchsorted(model.classes_, y_test)
-    return {"dataset": name, "mixing": mixing, **fold_scores(y_index, proba), "collapsed": collapsed,
-            "fit_time_s": fit_time}
+    scores = fold_scores(y_index, proba)
+    return {"dataset": name, "mixing": mixing, **scores, "collapsed": collapsed, "fit_time_s": fit_time,
+            "summary": f"log loss {scores['log_loss']:.4f} accuracy {scores['accuracy']:.4f}"}
 
 
 def main(argv=None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    classification = [d for d in SUITES["full"] if DATASETS[d].task == "classification"]
-    parser.add_argument("--datasets", nargs="*", default=classification)
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--max-rows", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    rows = []
-    for name in args.datasets:
-        X, y, splits = _suite_data(name, args.folds, 1, args.max_rows, args.seed)
-        for fold, (train, test) in enumerate(splits):
-            for mixing in MIXINGS:
-                row = run_fold(name, mixing, X, y, train, test, args.seed)
-                rows.append({**row, "fold": fold})
-                print(f"{name} fold {fold} {mixing}: log loss {row['log_loss']:.4f} "
-                      f"accuracy {row['accuracy']:.4f}", flush=True)
-    frame = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out / "class_mixing.csv", index=False)
-    command = ("python -m benchmarks.class_mixing " + " ".join(argv or [])).strip()
-    text = report(frame, command, describe_machine(), args.folds, args.seed, args.max_rows)
-    (args.out / "class_mixing.md").write_text(text)
-    print(text)
-    return frame
+    return run_variants("class_mixing", __doc__.split("\n\n")[0], "classification", MIXINGS, run_fold, report,
+                        RESULTS, argv)
 
 
 def report(frame: pd.DataFrame, command: str, machine: str, folds: int, seed: int, max_rows: int) -> str:

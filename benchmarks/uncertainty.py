@@ -21,7 +21,6 @@ the two MoE models only. Lower is better for NLL, width and CRPS; coverage shoul
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -33,9 +32,8 @@ from sklearn.pipeline import make_pipeline
 
 from sklearn_moe import MoERegressor
 
-from .accuracy import SUITES, _suite_data
-from .datasets import DATASETS, preprocessor
-from .machine import describe_machine
+from .datasets import preprocessor
+from .variants import run_variants
 
 LEVELS = np.round(np.arange(0.05, 0.951, 0.05), 2)
 INTERVAL = (0.05, 0.95)
@@ -77,36 +75,15 @@ def run_fold(name: str, model: str, X, y, train, test, seed: int) -> dict:
             .fit(train, y_train).predict(test) for q in LEVELS])
         quantiles = np.maximum.accumulate(quantiles, axis=1)  # separate models can cross
         nll = None
-    return {"dataset": name, "model": model, **fold_scores(np.asarray(y_test, dtype=float), quantiles, nll),
-            "fit_time_s": time.perf_counter() - start}
+    fit_time = time.perf_counter() - start
+    scores = fold_scores(np.asarray(y_test, dtype=float), quantiles, nll)
+    return {"dataset": name, "model": model, **scores, "fit_time_s": fit_time,
+            "summary": f"coverage {scores['coverage']:.3f} crps {scores['crps']:.4g}"}
 
 
 def main(argv=None) -> pd.DataFrame:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    regression = [d for d in SUITES["full"] if DATASETS[d].task == "regression"]
-    parser.add_argument("--datasets", nargs="*", default=regression)
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--max-rows", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    rows = []
-    for name in args.datasets:
-        X, y, splits = _suite_data(name, args.folds, 1, args.max_rows, args.seed)
-        for fold, (train, test) in enumerate(splits):
-            for model in MODELS:
-                row = run_fold(name, model, X, y, train, test, args.seed)
-                rows.append({**row, "fold": fold})
-                print(f"{name} fold {fold} {model}: coverage {row['coverage']:.3f} crps {row['crps']:.4g}",
-                      flush=True)
-    frame = pd.DataFrame(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(args.out / "uncertainty.csv", index=False)
-    command = ("python -m benchmarks.uncertainty " + " ".join(argv or [])).strip()
-    text = report(frame, command, describe_machine(), args.folds, args.seed, args.max_rows)
-    (args.out / "uncertainty.md").write_text(text)
-    print(text)
-    return frame
+    return run_variants("uncertainty", __doc__.split("\n\n")[0], "regression", MODELS, run_fold, report,
+                        RESULTS, argv)
 
 
 def report(frame: pd.DataFrame, command: str, machine: str, folds: int, seed: int, max_rows: int) -> str:

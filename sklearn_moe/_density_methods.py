@@ -9,6 +9,12 @@ from sklearn.utils import check_random_state
 
 from .nn.density import calibrated_scale, mixture_moments, mixture_nll_dense
 
+#: The range of the spread's recalibration factor. It only widens: trained on the likelihood
+#: of the training rows, a model's spread fits them, and new rows are not, on average,
+#: predicted better than those; a factor below 1 on the validation rows reflects their luck
+#: (and early stopping having chosen the epoch on them) rather than too wide a spread.
+CALIBRATION_BOUNDS = (1.0, 8.0)
+
 
 class DensityMethods:
     """``predict(X, return_std=True)``, ``predict_quantiles``, ``sample``,
@@ -18,7 +24,8 @@ class DensityMethods:
     @property
     def scale_calibration_(self) -> float:
         """``output="mixture_density"``: the factor every expert's standard deviation is
-        multiplied by, fitted after training on the validation rows (1.0 without them)."""
+        multiplied by, fitted after training on the validation rows (at least 1; 1.0
+        without them)."""
         if not self.__sklearn_is_fitted__() or self.output != "mixture_density":
             raise AttributeError("scale_calibration_ is fitted only with output='mixture_density'.")
         return float(self.module_.scale_calibration)
@@ -36,7 +43,7 @@ class DensityMethods:
         with torch.inference_mode(), self.net_.autocast(valid_table.X.device):
             weights, means, scales = module.predict_distribution(valid_table.X)
         module.scale_calibration.fill_(calibrated_scale(weights, means, scales, valid_table.y,
-                                                        valid_table.sample_weight))
+                                                        valid_table.sample_weight, bounds=CALIBRATION_BOUNDS))
 
     def predict_distribution(self, X) -> dict:
         """Each row's predictive mixture, in the target's units.

@@ -43,6 +43,8 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         ``predict`` returns the
         mixture's mean; ``predict(X, return_std=True)``, ``predict_quantiles``,
         ``sample``, ``predict_distribution`` and ``score_nll`` describe the distribution.
+        After training, the spread is recalibrated on the validation rows (see
+        ``scale_calibration_``).
 
     Attributes
     ----------
@@ -62,6 +64,11 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     expert_load_ : ndarray of shape (n_experts,)
         Share of the training rows' routing per expert (sums to 1): fraction of routing
         assignments for sparse routers, mean gate weight for the dense router.
+    scale_calibration_ : float
+        ``output="mixture_density"`` only: the factor, at least 1, by which every expert's
+        standard deviation is multiplied, chosen after training to minimise the negative
+        log-likelihood of the validation rows (1.0 with ``early_stopping=False``, which
+        holds none out).
 
     Examples
     --------

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sklearn_moe import MoEClassifier, MoERegressor, load
+from sklearn_moe._data import TensorTable
 from sklearn_moe.nn import MixtureOfExperts
 from sklearn_moe.nn.density import (
     SCALE_FLOOR,
@@ -71,22 +72,37 @@ def test_calibrated_scale_is_the_likelihood_optimum():
     assert calibrated_scale(weights, means, scales, far, sample_weight) == pytest.approx(optimum_without_last,
                                                                                          rel=1e-5)
     assert calibrated_scale(weights, means, scales, target, torch.zeros(n)) == 1.0
-    # bounded: a spread far too wide stops at the smallest factor
-    assert calibrated_scale(weights, means, scales * 100, target) == pytest.approx(0.125, rel=1e-6)
+    # bounded: a spread far too wide stops at the smallest factor, exactly
+    assert calibrated_scale(weights, means, scales * 100, target) == 0.125
+    assert calibrated_scale(weights, means, scales, target, bounds=(3.0, 8.0)) == 3.0
 
 
 def test_spread_is_recalibrated_on_the_validation_rows(tmp_path):
     X, y = heteroscedastic(300, 2)
     params = dict(FAST, output="mixture_density", router="topk", max_epochs=5)
     model = MoERegressor(**params).fit(X, y)
+    assert model.scale_calibration_ >= 1.0 and float(model.module_.scale_calibration) == model.scale_calibration_
+    # held-out rows three times as spread as the training rows: the factor widens the spread
+    X_scaled = model._scaled_input(X)
+    with torch.no_grad():
+        mean = model.module_.predict(X_scaled)
+    wide = TensorTable(X_scaled, mean + 3 * (torch.as_tensor((y - model._y_mean) / model._y_scale,
+                                                              dtype=torch.float32)[:, None] - mean))
+    model._after_training(wide)
     factor = model.scale_calibration_
-    assert factor != 1.0 and float(model.module_.scale_calibration) == factor
-    scales = model.predict_distribution(X)["scales"]
+    assert 2 < factor < 8
     model.module_.scale_calibration.fill_(1.0)
-    np.testing.assert_allclose(model.predict_distribution(X)["scales"] * factor, scales, rtol=1e-6)
+    with torch.no_grad():
+        raw = model.module_.predict_distribution(X_scaled)
+    assert factor == pytest.approx(calibrated_scale(*raw, wide.y, bounds=(1.0, 8.0)), rel=1e-6)  # a float32 buffer
     model.module_.scale_calibration.fill_(factor)
+    np.testing.assert_allclose(model.predict_distribution(X)["scales"],
+                               raw[2].double().numpy()[..., 0] * factor * model._y_scale, rtol=1e-5)
     model.save(tmp_path / "calibrated.moe")
-    assert load(tmp_path / "calibrated.moe").scale_calibration_ == factor
+    assert load(tmp_path / "calibrated.moe").scale_calibration_ == pytest.approx(factor, rel=1e-7)
+    # held-out rows predicted better than the training rows never narrow the spread
+    model._after_training(TensorTable(X_scaled, mean))
+    assert model.scale_calibration_ == 1.0
     # no validation rows, nothing to calibrate on
     assert MoERegressor(**params, early_stopping=False).fit(X, y).scale_calibration_ == 1.0
     # a point regressor has no spread

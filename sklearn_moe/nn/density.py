@@ -202,7 +202,10 @@ def calibrated_scale(weights: torch.Tensor, means: torch.Tensor, scales: torch.T
             low, a, loss_a = a, b, loss_b
             b = low + ratio * (high - low)
             loss_b = loss(b)
-    return math.exp((low + high) / 2)
+    best = (low + high) / 2
+    if loss(grid[0]) <= loss(best):  # the optimum lies at (or beyond) the lower bound
+        return bounds[0]
+    return min(math.exp(best), bounds[1])
 
 
 def mixture_moments(weights: torch.Tensor, means: torch.Tensor, scales: torch.Tensor
