@@ -90,6 +90,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         random_state=None,
         verbose=0,
         warm_start=False,
+        callbacks=None,
     ):
         self.n_experts = n_experts
         self.top_k = top_k
@@ -138,6 +139,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.warm_start = warm_start
+        self.callbacks = callbacks
 
     # ------------------------------------------------------------------ validation
     def _validate_X(self, X, y="no_validation", reset=False, **kwargs):
@@ -147,6 +149,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
     # ------------------------------------------------------------------ fitting
     def _fit(self, X, y, sample_weight=None, callbacks=None):
         reuse = self.warm_start and self.__sklearn_is_fitted__()
+        named_callbacks(self.callbacks, "callback")  # a clear error before any work
         extra_callbacks = named_callbacks(callbacks)
         try:
             return self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import pickle
 import warnings
 from collections.abc import Iterable, Mapping
 
@@ -169,15 +170,16 @@ def module_device(device: str) -> str:
     return device
 
 
-def named_callbacks(callbacks) -> list[tuple[str, Callback]]:
-    """Validate ``fit(..., callbacks=...)``: skorch callbacks or ``(name, callback)`` pairs."""
+def named_callbacks(callbacks, prefix: str = "fit_callback") -> list[tuple[str, Callback]]:
+    """Validate ``callbacks`` (the parameter, or ``fit(..., callbacks=...)``): skorch
+    callbacks or ``(name, callback)`` pairs; a plain one is named ``{prefix}_{position}``."""
     if callbacks is None:
         return []
-    if isinstance(callbacks, Callback) or not isinstance(callbacks, Iterable):
+    if isinstance(callbacks, (Callback, str)) or not isinstance(callbacks, Iterable):
         raise TypeError(f"callbacks must be a list of skorch Callback instances; got {callbacks!r}.")
     named = []
     for position, item in enumerate(callbacks):
-        name, callback = item if isinstance(item, tuple) and len(item) == 2 else (f"fit_callback_{position}", item)
+        name, callback = item if isinstance(item, tuple) and len(item) == 2 else (f"{prefix}_{position}", item)
         if not isinstance(callback, Callback):
             raise TypeError(
                 f"callbacks[{position}] is {callback!r}, not a skorch.callbacks.Callback instance "
@@ -203,6 +205,21 @@ def report_interruption(net) -> None:
         UserWarning,
         stacklevel=4,
     )
+
+
+def drop_unpicklable_callbacks(net, names: set[str]) -> None:
+    """Remove the callbacks ``names`` that cannot be pickled from a trained ``net``, with a
+    warning each, so that the fitted model still pickles."""
+    unpicklable = set()
+    for name, callback in net.callbacks_:
+        if name in names:
+            try:
+                pickle.dumps(callback)
+            except Exception as error:  # noqa: BLE001 - whatever pickling raises
+                unpicklable.add(name)
+                warnings.warn(f"Callback {name!r} ({type(callback).__name__}) cannot be pickled ({error}); it "
+                              "is removed from the fitted model, which stays picklable.", UserWarning, stacklevel=4)
+    drop_callbacks(net, unpicklable)
 
 
 def drop_callbacks(net, names: set[str]) -> None:

@@ -62,6 +62,7 @@ PARAMETER_CONSTRAINTS: dict = {
     "random_state": ["random_state"],
     "verbose": ["verbose"],
     "warm_start": ["boolean"],
+    "callbacks": [None, list, tuple],
 }
 
 
@@ -229,6 +230,15 @@ PARAMETERS = """\
     warm_start : bool, default=False
         Continue training the fitted model instead of starting afresh; the input scaling
         and the target encoding (scaling, or classes) of the first fit are kept.
+    callbacks : list of skorch.callbacks.Callback, default=None
+        Extra skorch callbacks for every fit (plain instances or ``(name, callback)``
+        pairs), run after the built-in ones: loggers such as
+        ``skorch.callbacks.TensorBoard`` or ``skorch.callbacks.MLflowLogger``, or your own.
+        The instances themselves are used (and initialised) by the training net. They stay
+        on the fitted model's ``net_`` when they can be pickled; one that cannot (a logger
+        holding an open writer, say) is removed after training with a warning, so that the
+        model still pickles. :meth:`save` does not store them. ``fit(callbacks=...)`` adds
+        callbacks for one fit only.
 """
 
 

@@ -16,7 +16,14 @@ from skorch.callbacks import EarlyStopping, GradientNormClipping, LRScheduler, P
 from skorch.history import History
 
 from ._data import TensorTable
-from ._net import MoENet, PredefinedSplit, drop_callbacks, report_interruption
+from ._net import (
+    MoENet,
+    PredefinedSplit,
+    drop_callbacks,
+    drop_unpicklable_callbacks,
+    named_callbacks,
+    report_interruption,
+)
 from .callbacks import (
     AdaptiveCapacity,
     AuxFreeBalancing,
@@ -91,6 +98,7 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
     net.fit(train_table, y=None)
     module.eval()
     drop_callbacks(net, {name for name, _ in extra_callbacks})
+    drop_unpicklable_callbacks(net, {name for name, _ in named_callbacks(params.callbacks, "callback")})
     if net.interrupted_:
         report_interruption(net)
     net.train_split = None  # don't keep (and pickle) the validation rows
@@ -130,6 +138,7 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
         callbacks.append(("aux_free_balancing", AuxFreeBalancing(params.balance_coef)))
     if params.verbose:
         callbacks += [("progress_bar", ProgressBar()), ("epoch_line", EpochLine())]
+    callbacks.extend(named_callbacks(params.callbacks, "callback"))
     callbacks.extend(extra_callbacks)
     return MoENet(
         module,

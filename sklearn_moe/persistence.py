@@ -28,6 +28,7 @@ import json
 import math
 import os
 import secrets
+import warnings
 
 import numpy as np
 import safetensors.torch
@@ -53,7 +54,7 @@ _ADDED_PARAMS = {
                "temperature_final": None, "temperature_schedule": "cosine",
                **({"output": "point"} if kind == "MoERegressor" else {})}
         for kind in ("MoERegressor", "MoEClassifier")},
-    5: {"MoEClassifier": {"mixing": "logits"}},
+    5: {"MoERegressor": {"callbacks": None}, "MoEClassifier": {"mixing": "logits", "callbacks": None}},
 }
 # Tensors that files of a format version below the key did not store, with how to make them
 # from the estimator: the router's temperature was a fixed hyperparameter then, and a
@@ -133,7 +134,7 @@ def save(estimator, path) -> None:
         "format_version": FORMAT_VERSION,
         "library_version": __version__,
         "kind": kind,
-        "params": {name: _encode_param(name, value) for name, value in estimator.get_params(deep=False).items()},
+        "params": {name: _encode_param(name, value) for name, value in _stored_params(estimator).items()},
         "fitted": fitted,
         "history": [{k: v for k, v in epoch.items() if k != "batches"} for epoch in estimator.net_.history],
         "net": {"batch_size": int(estimator.net_.batch_size)},
@@ -142,6 +143,15 @@ def save(estimator, path) -> None:
     # .cpu() so that a model trained on a GPU saves (and later loads) anywhere.
     tensors = {name: t.detach().cpu().contiguous() for name, t in estimator.module_.state_dict().items()}
     _write_atomic(path, safetensors.torch.save(tensors, metadata={_METADATA_KEY: text, "format": "pt"}))
+
+
+def _stored_params(estimator) -> dict:
+    """The hyperparameters to store: all but the callbacks, which are code."""
+    params = estimator.get_params(deep=False)
+    if params["callbacks"]:
+        warnings.warn(f"save() does not store callbacks ({params['callbacks']!r}): they are code, and the safe "
+                      "format holds none; the loaded model has callbacks=None.", UserWarning, stacklevel=3)
+    return {**params, "callbacks": None}
 
 
 def _encode_param(name, value):

@@ -795,6 +795,7 @@ def rewrite_metadata(source, target, edit):
 
 def as_version_4(document):
     document["format_version"] = 4
+    document["params"].pop("callbacks", None)
     if document["kind"] == "MoEClassifier":
         document["params"].pop("mixing", None)
 
@@ -889,10 +890,10 @@ def test_version_4_files_load_unrecalibrated_and_mixing_logits(tmp_path, classif
     loaded = sklearn_moe.load(rewrite_metadata(tmp_path / "r5.moe", tmp_path / "r4.moe", as_version_4))
     assert loaded.scale_calibration_ == 1.0
     np.testing.assert_array_equal(loaded.predict(X), density.predict(X))
-    # a version-5 file must carry the mixing
+    # a version-5 file must carry them
     unversioned = rewrite_metadata(tmp_path / "c5.moe", tmp_path / "bad.moe",
                                    lambda d: (as_version_4(d), d.update(format_version=5)))
-    with pytest.raises(ValueError, match=r"missing \['mixing'\]"):
+    with pytest.raises(ValueError, match=r"missing \['callbacks', 'mixing'\]"):
         sklearn_moe.load(unversioned)
 
 
