@@ -6,13 +6,14 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._data import TensorTable
 from ._expert_methods import ExpertMethods
 from ._net import named_callbacks
 from ._parameters import PARAMETER_CONSTRAINTS, check_hyperparameters
 from ._scaling import fit_robust_scaler, scale_features
+from ._tabular import TABLE_STATE, encode_for_fit, encode_for_predict, is_encoded
 from ._training import build_module, history_frame, train
 from ._validation import relative_sample_weight, validate_input
 from .diagnostics import expert_utilization
@@ -36,7 +37,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
     #: ``feature_names_in_``, which it stores its own way) use this list.
     _fitted_attributes: tuple = ("net_", "n_iter_", "history_", "expert_load_", "n_features_in_",
                                  "feature_names_in_", "_x_mean", "_x_scale", "_n_outputs", "_embedding_columns",
-                                 "_embedding_n_bins")
+                                 "_embedding_n_bins", *TABLE_STATE)
 
     _parameter_constraints: dict = PARAMETER_CONSTRAINTS
 
@@ -91,6 +92,8 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         verbose=0,
         warm_start=False,
         callbacks=None,
+        categorical_features="from_dtype",
+        handle_missing="native",
     ):
         self.n_experts = n_experts
         self.top_k = top_k
@@ -140,6 +143,8 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         self.verbose = verbose
         self.warm_start = warm_start
         self.callbacks = callbacks
+        self.categorical_features = categorical_features
+        self.handle_missing = handle_missing
 
     # ------------------------------------------------------------------ validation
     def _validate_X(self, X, y="no_validation", reset=False, **kwargs):
@@ -161,7 +166,10 @@ class BaseMoE(ExpertMethods, BaseEstimator):
 
     def _fit_unguarded(self, X, y, sample_weight, reuse, extra_callbacks=()):
         device = check_hyperparameters(self)
-        X, y = self._validate_X(X, y, reset=not reuse, **self._target_validation_kwargs())
+        X, raw = encode_for_fit(self, X, reuse)
+        X, y = self._validate_X(X, y, reset=not reuse or raw is not None, **self._target_validation_kwargs())
+        if raw is not None:  # the raw table's columns, not the encoded ones
+            validate_data(self, raw, reset=True, skip_check_array=True)
         if sample_weight is not None:
             sample_weight = relative_sample_weight(sample_weight, X)
         targets, target_encoding = self._encode_targets(y, sample_weight, reset=not reuse)
@@ -236,6 +244,8 @@ class BaseMoE(ExpertMethods, BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.sparse = True  # densified, up to a size limit
+        tags.input_tags.allow_nan = self.handle_missing == "native"
+        tags.input_tags.categorical = True
         return tags
 
     # ------------------------------------------------------------------ prediction
@@ -250,9 +260,14 @@ class BaseMoE(ExpertMethods, BaseEstimator):
     def _scaled_input(self, X) -> torch.Tensor:
         if not self.__sklearn_is_fitted__():
             check_is_fitted(self)  # raises NotFittedError with scikit-learn's message
-        if not self._is_plain_valid_input(X):
-            X = self._validate_X(X, reset=False)
-        return torch.as_tensor(scale_features(X, self._x_mean, self._x_scale), device=self.net_.device)
+        if self._is_plain_valid_input(X):
+            return torch.as_tensor(scale_features(X, self._x_mean, self._x_scale), device=self.net_.device)
+        if is_encoded(self):
+            X = encode_for_predict(self, X)
+        else:  # a missing value, not seen in fit, gets the column's centre
+            X = self._validate_X(X, reset=False, ensure_all_finite="allow-nan" if self.handle_missing == "native"
+                                 else True)
+        return torch.as_tensor(np.nan_to_num(scale_features(X, self._x_mean, self._x_scale)), device=self.net_.device)
 
     def _is_plain_valid_input(self, X) -> bool:
         """The common prediction input that needs no conversion: a finite 2-d float ndarray
@@ -260,6 +275,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         takes microseconds, where ``validate_data`` takes about 0.3 ms (a third of a 1-row
         predict); any other input goes through ``validate_data`` and its errors."""
         return (type(X) is np.ndarray and X.ndim == 2 and X.dtype.kind == "f" and X.shape[0] > 0
+                and not is_encoded(self)
                 and X.shape[1] == self.n_features_in_ and not hasattr(self, "feature_names_in_")
                 and bool(np.isfinite(X).all()))
 

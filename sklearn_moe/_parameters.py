@@ -63,6 +63,8 @@ PARAMETER_CONSTRAINTS: dict = {
     "verbose": ["verbose"],
     "warm_start": ["boolean"],
     "callbacks": [None, list, tuple],
+    "categorical_features": [StrOptions({"from_dtype"}), None, "array-like"],
+    "handle_missing": [StrOptions({"native", "error"})],
 }
 
 
@@ -239,6 +241,18 @@ PARAMETERS = """\
         holding an open writer, say) is removed after training with a warning, so that the
         model still pickles. :meth:`save` does not store them. ``fit(callbacks=...)`` adds
         callbacks for one fit only.
+    categorical_features : "from_dtype", array-like or None, default="from_dtype"
+        The categorical columns, encoded inside the estimator so that a raw DataFrame can be
+        fitted as it is. ``"from_dtype"``: a DataFrame's columns of pandas ``category``,
+        ``object``, ``string`` and ``bool`` dtypes; or a boolean mask, column indices or
+        column names; ``None``: none. Each becomes one input per category seen in fit (at
+        most 256) plus one for a missing value, a category of its own; a category unseen in
+        fit sets none of them, without error.
+    handle_missing : {"native", "error"}, default="native"
+        Missing numeric values (NaN). ``"native"``: a column with missing values in fit
+        gets an indicator input beside it and its missing values the column's median in
+        fit; a missing value in a column that had none in fit gets the column's centre.
+        ``"error"``: NaN in ``X`` is an error.
 """
 
 

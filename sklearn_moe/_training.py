@@ -171,7 +171,7 @@ def rebuilt_module(params, state: dict, device) -> MixtureOfExperts:
     """The fitted network of ``params`` (its hyperparameters and fitted encodings) with the
     weights ``state``, in eval mode; building it leaves the caller's random state alone."""
     with torch.random.fork_rng(devices=[]):  # building initialises weights before the load
-        module = build_module(params, params.n_features_in_, device)
+        module = build_module(params, params._x_mean.shape[0], device)
     module.load_state_dict(state, strict=True)
     return module.eval()
 

@@ -90,9 +90,9 @@ def _non_finite_error(name: str, error: ValueError, X) -> ValueError:
     shown = ", ".join(repr(c) for c in columns[:10]) + (", ..." if len(columns) > 10 else "")
     where = f" NaN or infinity in column(s) {shown}." if columns else ""
     return ValueError(
-        f"{str(error).splitlines()[0]}{where} {name} needs finite inputs: impute "
-        "missing values first (e.g. sklearn.impute.SimpleImputer in a Pipeline) or drop those rows; "
-        "HistGradientBoosting handles NaN natively."
+        f"{str(error).splitlines()[0]}{where} {name} needs finite inputs: set handle_missing='native' to "
+        "encode missing values (NaN), or impute them first (e.g. sklearn.impute.SimpleImputer in a Pipeline) "
+        "or drop those rows."
     )
 
 

@@ -29,6 +29,7 @@ import math
 import os
 import secrets
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import safetensors.torch
@@ -37,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from sklearn.utils.validation import check_is_fitted
 
 from ._parameters import check_hyperparameters
+from ._tabular import empty_state, encoded_width
 from ._training import build_module, fitted_net, history_frame, rebuilt_module
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
@@ -54,7 +56,9 @@ _ADDED_PARAMS = {
                "temperature_final": None, "temperature_schedule": "cosine",
                **({"output": "point"} if kind == "MoERegressor" else {})}
         for kind in ("MoERegressor", "MoEClassifier")},
-    5: {"MoERegressor": {"callbacks": None}, "MoEClassifier": {"mixing": "logits", "callbacks": None}},
+    5: {kind: {"callbacks": None, "categorical_features": "from_dtype", "handle_missing": "error",
+               **({"mixing": "logits"} if kind == "MoEClassifier" else {})}
+        for kind in ("MoERegressor", "MoEClassifier")},
 }
 # Tensors that files of a format version below the key did not store, with how to make them
 # from the estimator: the router's temperature was a fixed hyperparameter then, and a
@@ -320,6 +324,8 @@ def _restore_fitted(estimator, document: dict) -> None:
     if document["format_version"] == 1:  # no numeric embeddings then
         empty = _encode_array("", np.zeros(0, dtype=np.int64))
         fitted = {"_embedding_columns": empty, "_embedding_n_bins": empty, **fitted}
+    if document["format_version"] < 5:  # numeric input only then
+        fitted = {**{name: _encode_array(name, value) for name, value in empty_state().items()}, **fitted}
     required = set(_required_fitted(kind))
     unknown = sorted(set(fitted) - required - set(_OPTIONAL_FITTED))
     missing = sorted(required - set(fitted))
@@ -327,14 +333,17 @@ def _restore_fitted(estimator, document: dict) -> None:
         raise _invalid(f"fitted attributes do not match: unknown {unknown}, missing {missing}.")
     values = {name: fitted[name] if name in _INT_FITTED else _decode_array(name, fitted[name]) for name in fitted}
     n_features, n_outputs = values["n_features_in_"], values["_n_outputs"]
+    width = _checked_table_width(values, n_features)  # the encoded input's columns
     expected = {
         "n_features_in_": ("int", None), "n_iter_": ("int", None), "_n_outputs": ("int", None),
         "_y_ndim": ("int", None),
-        "_x_mean": ("f8", (n_features,)), "_x_scale": ("f8", (n_features,)),
+        "_x_mean": ("f8", (width,)), "_x_scale": ("f8", (width,)),
         "_y_mean": ("f8", (n_outputs,)), "_y_scale": ("f8", (n_outputs,)),
         "expert_load_": ("f8", (estimator.n_experts,)),
         "feature_names_in_": ("OU", (n_features,)), "classes_": ("biufUO", None),
         "_embedding_columns": ("i", None), "_embedding_n_bins": ("i", None),
+        "_table_categorical": ("i", None), "_table_offsets": ("i", None), "_table_missing": ("i", None),
+        "_table_categories": ("U", None), "_table_fill": ("f8", None),
     }
     for name, value in values.items():
         kinds, shape = expected[name]
@@ -347,7 +356,7 @@ def _restore_fitted(estimator, document: dict) -> None:
                 shape is None or value.shape == shape)
         if not ok:
             raise _invalid(f"fitted attribute {name} is malformed.")
-    _check_embedding_layout(estimator, values["_embedding_columns"], values["_embedding_n_bins"], n_features)
+    _check_embedding_layout(estimator, values["_embedding_columns"], values["_embedding_n_bins"], width)
     if values["n_iter_"] != len(document["history"]):
         raise _invalid("n_iter_ differs from the number of history records.")
     if kind == "MoEClassifier":
@@ -358,6 +367,27 @@ def _restore_fitted(estimator, document: dict) -> None:
         raise _invalid("_y_ndim does not match the number of outputs.")
     for name, value in values.items():
         setattr(estimator, name, value)
+
+
+def _checked_table_width(values: dict, n_features) -> int:
+    """The encoded input's width under the stored table encoding, which must be consistent."""
+    try:
+        categorical, offsets = values["_table_categorical"], values["_table_offsets"]
+        missing, fill = values["_table_missing"], values["_table_fill"]
+        n_numeric = n_features - categorical.size
+        ok = (categorical.ndim == offsets.ndim == missing.ndim == fill.ndim == 1
+              and offsets.size == categorical.size + 1 and offsets[0] == 0 and (np.diff(offsets) >= 0).all()
+              and offsets[-1] == values["_table_categories"].size
+              and np.array_equal(categorical, np.unique(categorical))
+              and (categorical.size == 0 or 0 <= categorical[0] <= categorical[-1] < n_features)
+              and np.array_equal(missing, np.unique(missing))
+              and (missing.size == 0 or 0 <= missing[0] <= missing[-1] < n_numeric)
+              and fill.size in ({0, n_numeric} if categorical.size or missing.size else {0}))
+    except (KeyError, AttributeError, TypeError, IndexError):
+        ok = False
+    if not ok:
+        raise _invalid("the table encoding (_table_* attributes) is malformed.")
+    return encoded_width(n_features, SimpleNamespace(**values))
 
 
 def _check_embedding_layout(estimator, columns: np.ndarray, n_bins: np.ndarray, n_features: int) -> None:
@@ -407,7 +437,7 @@ def _expected_state(estimator) -> dict:
     """The state_dict the saved hyperparameters describe, built on the meta device (no memory)."""
     try:
         with torch.device("meta"):
-            skeleton = build_module(estimator, estimator.n_features_in_, "meta")
+            skeleton = build_module(estimator, estimator._x_mean.shape[0], "meta")
     except (RuntimeError, ValueError, OverflowError) as error:  # e.g. sizes whose storage overflows
         raise _invalid(f"its parameters describe no buildable network ({error}).") from error
     return skeleton.state_dict()

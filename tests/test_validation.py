@@ -1,5 +1,6 @@
 """Bad input and bad hyperparameters get a clear error."""
 
+import copy
 import re
 
 import numpy as np
@@ -63,7 +64,7 @@ def _with_value(X, value, row=3, col=1):
 def test_non_finite_X_in_fit(estimator_class, value, message):
     X, y = _data(estimator_class)
     with pytest.raises(ValueError, match=message):
-        estimator_class(**TINY).fit(_with_value(X, value), y)
+        estimator_class(**TINY, handle_missing="error").fit(_with_value(X, value), y)
 
 
 @by_method
@@ -73,7 +74,7 @@ def test_non_finite_X_in_fit(estimator_class, value, message):
     ids=["nan", "inf"],
 )
 def test_non_finite_X_in_predict(fitted_models, estimator_class, method, value, message):
-    model = fitted_models[estimator_class]
+    model = copy.deepcopy(fitted_models[estimator_class]).set_params(handle_missing="error")
     X, _ = _data(estimator_class)
     with pytest.raises(ValueError, match=message):
         getattr(model, method)(_with_value(X, value))
@@ -161,7 +162,7 @@ def test_string_column_without_encoder_in_fit(estimator_class):
     frame = _frame_with_strings()
     _, y = _data(estimator_class)
     with pytest.raises(ValueError, match="ColumnTransformer") as excinfo:
-        estimator_class(**TINY).fit(frame, y)
+        estimator_class(**TINY, categorical_features=None).fit(frame, y)
     message = str(excinfo.value)
     assert "'city'" in message
     assert "'age'" not in message and "'income'" not in message
@@ -346,7 +347,7 @@ def test_router_topk_accepts_top_k_equal_to_n_experts(estimator_class):
 def test_failed_fit_leaves_estimator_unfitted(estimator_class):
     X, y = _data(estimator_class)
     frame = pd.DataFrame(X, columns=["a", "b", "c"])
-    model = estimator_class(**TINY).fit(frame, y)
+    model = estimator_class(**TINY, handle_missing="error").fit(frame, y)
     model.predict(frame)
     with pytest.raises(ValueError, match="Input X contains NaN"):
         model.fit(_with_value(X, np.nan), y)
@@ -381,6 +382,8 @@ def test_non_finite_error_names_the_dataframe_columns():
     frame.loc[4, "income"] = np.nan
     frame.loc[7, "height"] = np.inf
     with pytest.raises(ValueError, match=r"column\(s\) 'income', 'height'.*SimpleImputer"):
+        MoERegressor(**TINY, handle_missing="error").fit(frame, y)
+    with pytest.raises(ValueError, match=r"infinity in column\(s\) 'height'"):  # NaN is a value, infinity is not
         MoERegressor(**TINY).fit(frame, y)
 
 
@@ -388,7 +391,8 @@ def test_non_finite_error_names_the_dataframe_columns():
 def test_non_finite_error_names_the_column_index_at_predict(fitted_models, estimator_class, method):
     X, _ = _data(estimator_class)
     with pytest.raises(ValueError, match=r"Input X contains NaN.*column\(s\) 2\b"):
-        getattr(fitted_models[estimator_class], method)(_with_value(X, np.nan, col=2))
+        getattr(copy.deepcopy(fitted_models[estimator_class]).set_params(handle_missing="error"), method)(
+            _with_value(X, np.nan, col=2))
 
 
 @by_name

@@ -1,0 +1,231 @@
+"""Raw tables in ``fit`` and ``predict``: categorical columns and missing values, encoded
+inside the estimator.
+
+A categorical column becomes one indicator per category seen in fit plus one for a missing
+value (a category of its own); a category unseen in fit sets none of them. A numeric column
+with missing values in fit gets an indicator column beside it, and its missing values the
+column's median in fit. The encoding's fitted state is plain arrays (the estimator's
+``_table_*`` attributes), so that :mod:`sklearn_moe.persistence` stores it as it stores the
+scaling.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+#: Most categories a categorical column may have (each is an input column of the experts).
+MAX_CATEGORIES = 256
+HANDLE_MISSING = ("native", "error")
+TABLE_STATE = ("_table_categorical", "_table_categories", "_table_offsets", "_table_missing", "_table_fill")
+
+
+def empty_state() -> dict:
+    """The state of a model fitted without encoding (numeric input, nothing missing)."""
+    ints = np.zeros(0, dtype=np.int64)
+    return {"_table_categorical": ints, "_table_categories": np.zeros(0, dtype=str),
+            "_table_offsets": np.zeros(1, dtype=np.int64), "_table_missing": ints,
+            "_table_fill": np.zeros(0, dtype=np.float64)}
+
+
+def is_encoded(estimator) -> bool:
+    """Whether ``estimator`` was fitted with a categorical or missing-value encoding."""
+    return bool(estimator._table_categorical.size or estimator._table_missing.size)
+
+
+def categorical_mask(X, categorical_features) -> np.ndarray:
+    """Which columns of ``X`` are categorical (bool array of length ``n_features``).
+
+    ``"from_dtype"``: a DataFrame's columns of pandas ``category``, ``object``, ``string``
+    and ``bool`` dtypes (none for an array); ``None``: none; else a boolean mask, column
+    indices or (for a DataFrame) column names.
+    """
+    n_features = _shape(X)[1]
+    if categorical_features is None:
+        return np.zeros(n_features, dtype=bool)
+    if isinstance(categorical_features, str):
+        if categorical_features != "from_dtype":
+            raise ValueError(f"categorical_features must be 'from_dtype', None, a boolean mask, column indices or "
+                             f"column names; got {categorical_features!r}.")
+        if not isinstance(X, pd.DataFrame):
+            return np.zeros(n_features, dtype=bool)
+        return np.array([is_bool_dtype(dtype) or not is_numeric_dtype(dtype) for dtype in X.dtypes])
+    given = np.asarray(categorical_features)
+    if given.dtype == bool:
+        if given.shape != (n_features,):
+            raise ValueError(f"categorical_features as a boolean mask needs {n_features} entries (one per column); "
+                             f"got {given.shape[0] if given.ndim == 1 else given.shape}.")
+        return given.copy()
+    mask = np.zeros(n_features, dtype=bool)
+    if given.dtype.kind in "iu":
+        if given.size and not ((given >= -n_features) & (given < n_features)).all():
+            raise ValueError(f"categorical_features has column indices outside [0, {n_features}): "
+                             f"{given[(given < -n_features) | (given >= n_features)].tolist()}.")
+        mask[given] = True
+        return mask
+    if given.dtype.kind in "UO":
+        columns = list(X.columns) if isinstance(X, pd.DataFrame) else []
+        unknown = [name for name in given.tolist() if name not in columns]
+        if unknown:
+            raise ValueError(f"categorical_features names columns that X does not have: {unknown}"
+                             + ("" if columns else " (X has no column names: pass a DataFrame, or column indices)")
+                             + ".")
+        mask[[columns.index(name) for name in given.tolist()]] = True
+        return mask
+    raise ValueError(f"categorical_features must be 'from_dtype', None, a boolean mask, column indices or column "
+                     f"names; got {categorical_features!r}.")
+
+
+def fit_table_encoding(X, mask: np.ndarray, handle_missing: str) -> dict:
+    """The encoding's state for the raw table ``X`` with categorical columns ``mask``."""
+    frame = _as_frame(X)
+    categorical = np.flatnonzero(mask)
+    categories, offsets = [], [0]
+    for column in categorical:
+        values = _category_strings(frame.iloc[:, column])
+        seen = np.unique(values[values != _MISSING])
+        if seen.size > MAX_CATEGORIES:
+            raise ValueError(
+                f"Categorical column {_name(frame, column)} has {seen.size} categories, more than "
+                f"{MAX_CATEGORIES}; group rare ones, encode it yourself (e.g. TargetEncoder) or drop it.")
+        categories.extend(seen.tolist())
+        offsets.append(offsets[-1] + seen.size)
+    numeric = _numeric_values(frame, ~mask)
+    missing = np.isnan(numeric)
+    with_missing = np.flatnonzero(missing.any(axis=0))
+    if with_missing.size and handle_missing == "error":
+        names = [_name(frame, column) for column in np.flatnonzero(~mask)[with_missing][:10]]
+        raise ValueError(f"Input X contains NaN in column(s) {', '.join(names)}; handle_missing='error'. Set "
+                         "handle_missing='native' to encode missing values, or impute them first.")
+    fill = np.zeros(numeric.shape[1])
+    for j in with_missing:
+        present = numeric[~missing[:, j], j]
+        fill[j] = float(np.median(present)) if present.size else 0.0
+    return {"_table_categorical": categorical.astype(np.int64),
+            "_table_categories": np.asarray(categories, dtype=str),
+            "_table_offsets": np.asarray(offsets, dtype=np.int64),
+            "_table_missing": with_missing.astype(np.int64), "_table_fill": fill}
+
+
+def encode_table(X, state) -> np.ndarray:
+    """The numeric matrix of the raw table ``X`` under a fitted encoding (``state``: an object
+    with the ``_table_*`` attributes): the numeric columns (missing values filled), their
+    missing-value indicators, then every categorical column's indicators. float64."""
+    frame = _as_frame(X)
+    mask = np.zeros(frame.shape[1], dtype=bool)
+    mask[state._table_categorical] = True
+    numeric = _numeric_values(frame, ~mask)
+    missing = np.isnan(numeric)
+    if missing.any():
+        numeric = np.where(missing, state._table_fill[None, :] if state._table_fill.size else 0.0, numeric)
+    blocks = [numeric, missing[:, state._table_missing].astype(np.float64)]
+    offsets = state._table_offsets
+    for position, column in enumerate(state._table_categorical):
+        known = state._table_categories[offsets[position]:offsets[position + 1]]
+        values = _category_strings(frame.iloc[:, column])
+        index = np.searchsorted(known, values)
+        found = (index < known.size) & (known[np.minimum(index, max(known.size - 1, 0))] == values) \
+            if known.size else np.zeros(values.shape, dtype=bool)
+        one_hot = np.zeros((len(values), known.size + 1))
+        one_hot[np.flatnonzero(found), index[found]] = 1.0
+        one_hot[:, -1] = values == _MISSING
+        blocks.append(one_hot)
+    return np.concatenate(blocks, axis=1)
+
+
+_MISSING = "\x00missing"  # no category's string form
+
+
+def _as_frame(X) -> pd.DataFrame:
+    if isinstance(X, pd.DataFrame):
+        return X
+    values = np.asarray(X, dtype=object) if not hasattr(X, "toarray") else X.toarray()
+    if values.ndim != 2:
+        raise ValueError(f"Expected a 2-d table X; got an array of shape {values.shape}.")
+    return pd.DataFrame(values)
+
+
+def _name(frame: pd.DataFrame, column: int) -> str:
+    return repr(frame.columns[column])
+
+
+def _category_strings(series: pd.Series) -> np.ndarray:
+    """A column's values as strings, a missing value as :data:`_MISSING`."""
+    missing = series.isna().to_numpy()
+    values = series.astype(object).to_numpy()
+    return np.array([_MISSING if is_missing else str(value) for value, is_missing in zip(values, missing)],
+                    dtype=object).astype(str)
+
+
+def _numeric_values(frame: pd.DataFrame, columns: np.ndarray) -> np.ndarray:
+    """The columns ``columns`` (bool mask) as float64, missing values as NaN."""
+    chosen = frame.iloc[:, np.flatnonzero(columns)]
+    try:
+        values = chosen.to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError) as error:
+        bad = [repr(name) for name in chosen.columns
+               if not (is_numeric_dtype(chosen[name].dtype) and not is_bool_dtype(chosen[name].dtype))
+               and pd.to_numeric(chosen[name], errors="coerce").isna().sum() > chosen[name].isna().sum()]
+        raise ValueError(f"Column(s) {', '.join(bad) or '(unknown)'} of X are neither numeric nor marked categorical "
+                         f"({error}); mark them in categorical_features (the default 'from_dtype' takes a "
+                         "DataFrame's category, object, string and bool columns).") from error
+    if np.isinf(values).any():
+        names = [repr(chosen.columns[j]) for j in np.flatnonzero(np.isinf(values).any(axis=0))[:10]]
+        raise ValueError(f"Input X contains infinity in column(s) {', '.join(names)}; replace it with a finite "
+                         "value or NaN (a missing value).")
+    return values
+
+
+def encoded_width(n_features: int, state) -> int:
+    """Columns of the encoded matrix of a raw table of ``n_features`` columns."""
+    n_categorical = state._table_categorical.size
+    return (n_features - n_categorical + state._table_missing.size
+            + int(state._table_offsets[-1]) + n_categorical)
+
+
+def encode_for_fit(estimator, X, reuse: bool):
+    """``(X to validate, raw X or None)`` at the start of a fit: the encoded matrix and the raw
+    table when the table has categorical columns or (``handle_missing="native"``) missing
+    values, the encoding's state set on ``estimator``; else ``X`` itself and ``None``."""
+    if reuse:
+        return (encode_for_predict(estimator, X), X) if is_encoded(estimator) else (X, None)
+    if hasattr(X, "toarray") or len(_shape(X)) != 2:  # sparse (numeric), or not a table: validation says
+        vars(estimator).update(empty_state())
+        return X, None
+    mask = categorical_mask(X, estimator.categorical_features)
+    if not (mask.any() or (estimator.handle_missing == "native" and _has_missing(X))):
+        vars(estimator).update(empty_state())
+        return X, None
+    vars(estimator).update(fit_table_encoding(X, mask, estimator.handle_missing))
+    return encode_table(X, estimator), X
+
+
+def encode_for_predict(estimator, X) -> np.ndarray:
+    """The encoded matrix of a raw table at prediction, its columns checked against fit's."""
+    from sklearn.utils.validation import validate_data
+
+    validate_data(estimator, X, reset=False, skip_check_array=True)  # the columns' names and number
+    n_features = _shape(X)[1] if len(_shape(X)) == 2 else -1
+    if n_features != estimator.n_features_in_:
+        raise ValueError(f"X has {n_features} features, but {type(estimator).__name__} is expecting "
+                         f"{estimator.n_features_in_} features as input.")
+    return encode_table(X, estimator)
+
+
+def _shape(X) -> tuple:
+    """``X.shape``, for array-likes without one (lists, objects with ``__array__``)."""
+    shape = getattr(X, "shape", None)
+    return tuple(shape) if shape is not None else np.asarray(X, dtype=object).shape
+
+
+def _has_missing(X) -> bool:
+    if hasattr(X, "toarray"):  # sparse: NaN stored explicitly
+        data = getattr(X, "data", np.zeros(0))
+        return data.dtype.kind == "f" and bool(np.isnan(data).any())
+    if isinstance(X, pd.DataFrame):
+        return bool(X.isna().to_numpy().any())
+    values = np.asarray(X)
+    if values.dtype.kind == "f":
+        return bool(np.isnan(values).any())
+    return values.dtype.kind == "O" and bool(pd.isna(values).any())
