@@ -1,0 +1,307 @@
+"""The ``sklearn-moe`` command line: fit, predict, inspect and demo without writing Python.
+
+::
+
+    sklearn-moe fit DATA.csv --target COL [--task auto] [--cv 5] [--tune N_TRIALS] --out DIR
+    sklearn-moe predict DIR DATA.csv > predictions.csv
+    sklearn-moe info DIR
+    sklearn-moe demo
+
+``fit`` reads the table as it is (categorical columns and missing values are encoded inside
+the model), cross-validates the MoE against baselines (HistGradientBoosting, a linear model
+and scikit-learn's MLP) on the same folds, prints the table, then fits on every row and
+writes ``DIR/model.moe`` (the safe format), ``DIR/summary.json`` and, with matplotlib,
+``DIR/training_curves.png`` and ``DIR/expert_utilization.png``.
+
+Exit status: 0 on success, 2 for a bad command line, 3 for bad input (a missing or
+unreadable file, an unknown column, wrong types, an unreadable model file), 1 otherwise.
+Errors are one line on standard error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+EXIT_INPUT = 3
+MODEL_FILE, SUMMARY_FILE = "model.moe", "summary.json"
+
+
+class InputError(Exception):
+    """A problem with the user's input, reported as one line with exit status 3."""
+
+
+def read_table(path) -> pd.DataFrame:
+    """A CSV or parquet file as a DataFrame, its text columns as categories."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such file: {path}")
+    try:
+        frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+    except Exception as error:  # noqa: BLE001 - whatever the reader raises, it is the file
+        raise InputError(f"cannot read {path}: {' '.join(str(error).split())}") from error
+    if frame.empty:
+        raise InputError(f"{path} has no rows")
+    return frame
+
+
+def split_target(frame: pd.DataFrame, target: str, task: str):
+    """``(X, y, task)``; ``task="auto"``: classification for a text, boolean or integer
+    target with at most 20 values."""
+    if target not in frame:
+        raise InputError(f"unknown column {target!r}; the columns are {list(frame.columns)}")
+    y = frame[target]
+    if y.isna().any():
+        raise InputError(f"the target column {target!r} has {int(y.isna().sum())} missing values")
+    X = frame.drop(columns=target)
+    if task == "auto":
+        numeric = pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y)
+        task = "classification" if (not numeric or pd.api.types.is_integer_dtype(y)) and y.nunique() <= 20 \
+            else "regression"
+    if task == "regression" and not pd.api.types.is_numeric_dtype(y):
+        raise InputError(f"the target column {target!r} is not numeric; use --task classification")
+    return X, y.to_numpy(), task
+
+
+def baselines(task: str, seed: int) -> dict:
+    """Non-MoE models that take the same raw table (their own encoding in a pipeline)."""
+    from sklearn.compose import make_column_selector, make_column_transformer
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.neural_network import MLPClassifier, MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
+
+    def encoded(model, categories):
+        numbers = make_pipeline(SimpleImputer(strategy="median"), StandardScaler())
+        text = make_pipeline(SimpleImputer(strategy="most_frequent"), categories)
+        return make_pipeline(make_column_transformer(
+            (text, make_column_selector(dtype_exclude="number")),
+            (numbers, make_column_selector(dtype_include="number"))), model)
+
+    ordinal = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1)
+    one_hot = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
+    if task == "classification":
+        return {"hist_gradient_boosting": encoded(HistGradientBoostingClassifier(random_state=seed), ordinal),
+                "logistic_regression": encoded(LogisticRegression(max_iter=1000), one_hot),
+                "mlp": encoded(MLPClassifier(max_iter=300, early_stopping=True, random_state=seed), one_hot)}
+    return {"hist_gradient_boosting": encoded(HistGradientBoostingRegressor(random_state=seed), ordinal),
+            "ridge": encoded(Ridge(), one_hot),
+            "mlp": encoded(MLPRegressor(max_iter=300, early_stopping=True, random_state=seed), one_hot)}
+
+
+def cross_validate_models(models: dict, X, y, task: str, cv: int, seed: int) -> pd.DataFrame:
+    """Every model's mean and standard deviation of the test score (R² or accuracy) and fit
+    time over the same ``cv`` folds, with a progress line per fit on standard error."""
+    from sklearn.base import clone
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    splitter = (StratifiedKFold if task == "classification" else KFold)(cv, shuffle=True, random_state=seed)
+    folds = list(splitter.split(X, y))
+    rows = []
+    for name, model in models.items():
+        scores, times = [], []
+        for index, (train, test) in enumerate(folds, 1):
+            _progress(f"cross-validating {name}: fold {index}/{cv}")
+            fitted = clone(model)
+            start = time.perf_counter()
+            fitted.fit(X.iloc[train], y[train])
+            times.append(time.perf_counter() - start)
+            scores.append(fitted.score(X.iloc[test], y[test]))
+        rows.append({"model": name, "score": float(np.mean(scores)), "score_std": float(np.std(scores)),
+                     "fit_time_s": float(np.mean(times))})
+    _progress("")
+    return pd.DataFrame(rows).sort_values("score", ascending=False, ignore_index=True)
+
+
+def fit_command(args) -> int:
+    from sklearn_moe import MoEClassifier, MoERegressor
+
+    X, y, task = split_target(read_table(args.data), args.target, args.task)
+    if args.cv < 2 or args.cv > len(y):
+        raise InputError(f"--cv must be between 2 and the number of rows ({len(y)}); got {args.cv}")
+    out = Path(args.out)
+    params = {"random_state": args.seed, **({"max_epochs": args.max_epochs} if args.max_epochs else {})}
+    moe = (MoEClassifier if task == "classification" else MoERegressor)(**params)
+    if args.tune:
+        moe = _tuned(moe, X, y, args)
+    table = cross_validate_models({"moe": moe, **baselines(task, args.seed)}, X, y, task, args.cv, args.seed)
+    metric = "accuracy" if task == "classification" else "R²"
+    print(f"{args.cv}-fold cross-validation, {task} ({metric}, higher is better):")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    _progress("fitting the MoE on every row")
+    moe.fit(X, y)
+    _progress("")
+    out.mkdir(parents=True, exist_ok=True)
+    moe.save(out / MODEL_FILE)
+    summary = {"task": task, "target": args.target, "data": str(args.data), "cv": args.cv, "metric": metric,
+               "cross_validation": table.to_dict(orient="records"), "n_rows": int(len(y)),
+               "columns": [str(c) for c in X.columns]}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    written = [MODEL_FILE, SUMMARY_FILE] + _plots(moe, out)
+    print(f"wrote {', '.join(str(out / name) for name in written)}")
+    return 0
+
+
+def _tuned(moe, X, y, args):
+    try:
+        from sklearn_moe.tuning import tune
+    except ImportError as error:
+        raise InputError(f"--tune needs Optuna: pip install 'sklearn-moe[tune]' ({error})") from error
+    _progress(f"tuning: {args.tune} trials")
+    result = tune(moe, X, y, n_trials=args.tune, cv=args.cv, random_state=args.seed, refit=False)
+    _progress("")
+    print(f"tuning: best {args.cv}-fold score {result.best_score:.4f} with {result.best_params}")
+    return moe.set_params(**result.best_params)
+
+
+def _plots(model, out: Path) -> list[str]:
+    try:
+        from sklearn_moe.plotting import plot_expert_utilization, plot_training_curves
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install 'sklearn-moe[plot]')", file=sys.stderr)
+        return []
+    names = []
+    for name, plot in (("training_curves.png", plot_training_curves), ("expert_utilization.png",
+                                                                        plot_expert_utilization)):
+        plot(model).figure.savefig(out / name, dpi=100, bbox_inches="tight")
+        names.append(name)
+    return names
+
+
+def load_model(directory):
+    """The model and summary of a ``fit --out`` directory."""
+    import sklearn_moe
+
+    directory = Path(directory)
+    if not (directory / MODEL_FILE).is_file():
+        raise InputError(f"no model in {directory}: expected {directory / MODEL_FILE} (written by sklearn-moe fit)")
+    try:
+        model = sklearn_moe.load(directory / MODEL_FILE)
+    except ValueError as error:
+        raise InputError(f"unreadable model file {directory / MODEL_FILE}: {error}") from error
+    summary_path = directory / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    return model, summary
+
+
+def predict_command(args) -> int:
+    model, summary = load_model(args.model_dir)
+    frame = read_table(args.data)
+    X = frame.drop(columns=[summary["target"]]) if summary.get("target") in frame else frame
+    missing = [name for name in getattr(model, "feature_names_in_", []) if name not in X]
+    if missing:
+        raise InputError(f"{args.data} lacks the model's column(s) {missing}")
+    if hasattr(model, "feature_names_in_"):
+        X = X[list(model.feature_names_in_)]
+    try:
+        predictions = pd.DataFrame({"prediction": model.predict(X)})
+        if hasattr(model, "predict_proba"):
+            probabilities = model.predict_proba(X)
+            for index, label in enumerate(model.classes_):
+                predictions[f"probability_{label}"] = probabilities[:, index]
+    except (ValueError, TypeError) as error:
+        raise InputError(f"cannot predict on {args.data}: {' '.join(str(error).split())}") from error
+    predictions.to_csv(sys.stdout, index=False)
+    return 0
+
+
+def info_command(args) -> int:
+    model, summary = load_model(args.model_dir)
+    print(f"{type(model).__name__}: {model.n_features_in_} input columns, {model.n_experts} experts, "
+          f"router {model.router!r}, {model.n_iter_} epochs")
+    if summary:
+        best = summary["cross_validation"][0] if summary.get("cross_validation") else None
+        moe = next((row for row in summary.get("cross_validation", []) if row["model"] == "moe"), None)
+        print(f"target {summary['target']!r} ({summary['task']}), {summary['n_rows']} rows")
+        if moe:
+            print(f"{summary['cv']}-fold {summary['metric']}: MoE {moe['score']:.4f} ± {moe['score_std']:.4f}; "
+                  f"best {best['model']} {best['score']:.4f}")
+    last = model.history_.iloc[-1]
+    print("routing: expert load " + " ".join(f"{share:.2f}" for share in model.expert_load_)
+          + (f"; routing entropy {last['routing_entropy']:.3f}" if "routing_entropy" in last else ""))
+    defaults = type(model)().get_params()
+    changed = {name: value for name, value in model.get_params().items() if value != defaults[name]}
+    print("parameters (not at their defaults): " + (", ".join(f"{k}={v!r}" for k, v in changed.items()) or "none"))
+    return 0
+
+
+def demo_command(args) -> int:
+    """Fit and cross-validate on scikit-learn's bundled diabetes data (no download)."""
+    from sklearn.datasets import load_diabetes
+
+    frame = load_diabetes(as_frame=True).frame
+    with tempfile.TemporaryDirectory() as scratch:
+        data = Path(scratch) / "diabetes.csv"
+        frame.to_csv(data, index=False)
+        out = Path(args.out) if args.out else Path(scratch) / "model"
+        print(f"demo: {len(frame)} rows of scikit-learn's diabetes data, target 'target'")
+        status = fit_command(argparse.Namespace(data=data, target="target", task="regression", cv=args.cv,
+                                                tune=0, out=out, seed=0, max_epochs=args.max_epochs))
+    return status
+
+
+def _progress(text: str) -> None:
+    if sys.stderr.isatty():
+        print(f"\r\033[K{text}", end="" if text else "", file=sys.stderr, flush=True)
+    elif text:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sklearn-moe", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fit = commands.add_parser("fit", help="cross-validate against baselines, then fit and save the model")
+    fit.add_argument("data", help="CSV or parquet file")
+    fit.add_argument("--target", required=True, help="the column to predict")
+    fit.add_argument("--task", choices=("auto", "regression", "classification"), default="auto")
+    fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
+    fit.add_argument("--tune", type=int, default=0, metavar="N_TRIALS", help="tune with Optuna first")
+    fit.add_argument("--out", required=True, help="directory for the model, its summary and plots")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--max-epochs", type=int, help="override the MoE's max_epochs")
+    predict = commands.add_parser("predict", help="predict a table's rows with a fitted model (CSV to stdout)")
+    predict.add_argument("model_dir", help="directory written by sklearn-moe fit")
+    predict.add_argument("data", help="CSV or parquet file")
+    info = commands.add_parser("info", help="a fitted model's parameters, score and routing")
+    info.add_argument("model_dir")
+    demo = commands.add_parser("demo", help="fit and cross-validate on bundled data (scikit-learn's diabetes)")
+    demo.add_argument("--cv", type=int, default=3)
+    demo.add_argument("--out", help="keep the model in this directory")
+    demo.add_argument("--max-epochs", type=int)
+    return parser
+
+
+COMMANDS = {"fit": fit_command, "predict": predict_command, "info": info_command, "demo": demo_command}
+
+
+def main(argv=None) -> int:
+    """Entry point of ``sklearn-moe``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as error:
+        print(f"sklearn-moe: error: {error}", file=sys.stderr)
+        return EXIT_INPUT
+    except ValueError as error:  # the estimators' input errors (wrong types, bad values)
+        print(f"sklearn-moe: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("sklearn-moe: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader closed the pipe (e.g. `| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The ``sklearn-moe`` console script, run as a subprocess on CSV files."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+SCRIPT = shutil.which("sklearn-moe", path=str(Path(sys.executable).parent))
+pytestmark = pytest.mark.skipif(SCRIPT is None, reason="the console script is not installed (pip install -e .)")
+
+
+def run(*args, cwd):
+    return subprocess.run([SCRIPT, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A raw table (a text column, missing values), a table to predict, and a fitted model."""
+    path = tmp_path_factory.mktemp("cli")
+    rng = np.random.RandomState(0)
+    n = 120
+    frame = pd.DataFrame({"a": rng.normal(size=n), "city": rng.choice(["x", "y", "z"], n), "b": rng.normal(size=n)})
+    frame.loc[::7, "b"] = np.nan
+    frame["price"] = frame["a"] * 2 + (frame["city"] == "x") + 0.1 * rng.normal(size=n)
+    frame.to_csv(path / "train.csv", index=False)
+    frame.drop(columns="price").head(6).assign(city=["x", "y", "new", None, "z", "x"]).to_csv(path / "new.csv",
+                                                                                              index=False)
+    frame.assign(label=np.where(frame["price"] > 0, "up", "down")).drop(columns="price").to_csv(
+        path / "labels.csv", index=False)
+    fitted = run("fit", "train.csv", "--target", "price", "--cv", "2", "--max-epochs", "3", "--out", "model",
+                 cwd=path)
+    assert fitted.returncode == 0, fitted.stderr
+    return path, fitted
+
+
+def test_fit_prints_the_table_and_writes_the_model(workdir):
+    path, fitted = workdir
+    for model in ("moe", "hist_gradient_boosting", "ridge", "mlp"):
+        assert model in fitted.stdout
+    assert "2-fold cross-validation, regression" in fitted.stdout
+    summary = json.loads((path / "model" / "summary.json").read_text())
+    assert summary["task"] == "regression" and summary["target"] == "price" and summary["columns"] == ["a", "city", "b"]
+    assert {row["model"] for row in summary["cross_validation"]} == {"moe", "hist_gradient_boosting", "ridge", "mlp"}
+    assert (path / "model" / "model.moe").is_file()
+    assert "fold 1/2" in fitted.stderr  # progress
+
+
+def test_predict_writes_csv_to_stdout(workdir):
+    path, _ = workdir
+    predicted = run("predict", "model", "new.csv", cwd=path)
+    assert predicted.returncode == 0, predicted.stderr
+    lines = predicted.stdout.strip().splitlines()
+    assert lines[0] == "prediction" and len(lines) == 7  # unseen and missing categories included
+    assert np.isfinite([float(v) for v in lines[1:]]).all()
+    # the training table, target column included: the target is left out
+    assert run("predict", "model", "train.csv", cwd=path).returncode == 0
+
+
+def test_info_prints_parameters_score_and_routing(workdir):
+    path, _ = workdir
+    info = run("info", "model", cwd=path)
+    assert info.returncode == 0, info.stderr
+    assert "MoERegressor: 3 input columns" in info.stdout and "2-fold R²: MoE" in info.stdout
+    assert "routing: expert load" in info.stdout and "max_epochs=3" in info.stdout
+
+
+def test_a_text_target_is_a_classification(workdir):
+    path, _ = workdir
+    fitted = run("fit", "labels.csv", "--target", "label", "--cv", "2", "--max-epochs", "2", "--out", "clf", cwd=path)
+    assert fitted.returncode == 0, fitted.stderr
+    assert "classification (accuracy" in fitted.stdout and "logistic_regression" in fitted.stdout
+    predicted = run("predict", "clf", "labels.csv", cwd=path).stdout.splitlines()
+    assert predicted[0] == "prediction,probability_down,probability_up" and predicted[1].split(",")[0] in ("up", "down")
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (("fit", "missing.csv", "--target", "price", "--out", "m"), 3, "no such file: missing.csv"),
+    (("fit", "train.csv", "--target", "cost", "--out", "m"), 3, "unknown column 'cost'"),
+    (("fit", "labels.csv", "--target", "label", "--task", "regression", "--out", "m"), 3, "is not numeric"),
+    (("fit", "train.csv", "--target", "price", "--cv", "1", "--out", "m"), 3, "--cv must be between 2"),
+    (("predict", "nowhere", "new.csv"), 3, "no model in nowhere"),
+    (("predict", "broken", "new.csv"), 3, "unreadable model file"),
+    (("predict", "model", "lacking.csv"), 3, "lacks the model's column(s) ['city']"),
+    (("predict", "model", "wrong_types.csv"), 3, "cannot predict on wrong_types.csv"),
+    (("fit", "train.csv"), 2, "the following arguments are required: --target, --out"),
+    (("train",), 2, "invalid choice: 'train'"),
+])
+def test_errors_are_one_line_with_an_exit_status(workdir, args, status, message):
+    path, _ = workdir
+    (path / "broken").mkdir(exist_ok=True)
+    (path / "broken" / "model.moe").write_text("not a model")
+    pd.read_csv(path / "new.csv").drop(columns="city").to_csv(path / "lacking.csv", index=False)
+    pd.read_csv(path / "new.csv").assign(a="many").to_csv(path / "wrong_types.csv", index=False)
+    result = run(*args, cwd=path)
+    assert result.returncode == status
+    assert message in result.stderr
+    if status == 3:
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith("sklearn-moe: error: ")
+
+
+@pytest.mark.slow
+def test_demo_runs_on_bundled_data(tmp_path):
+    demo = run("demo", "--cv", "2", "--max-epochs", "3", "--out", "demo_model", cwd=tmp_path)
+    assert demo.returncode == 0, demo.stderr
+    assert "scikit-learn's diabetes data" in demo.stdout and "moe" in demo.stdout
+    assert (tmp_path / "demo_model" / "model.moe").is_file()
+
+
+@pytest.mark.slow
+def test_fit_can_tune_first(workdir):
+    pytest.importorskip("optuna")
+    path, _ = workdir
+    tuned = run("fit", "train.csv", "--target", "price", "--cv", "2", "--max-epochs", "2", "--tune", "2", "--out",
+                "tuned", cwd=path)
+    assert tuned.returncode == 0, tuned.stderr
+    assert "tuning: best 2-fold score" in tuned.stdout and (path / "tuned" / "model.moe").is_file()
