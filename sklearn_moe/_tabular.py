@@ -31,7 +31,8 @@ def empty_state() -> dict:
 
 def is_encoded(estimator) -> bool:
     """Whether ``estimator`` was fitted with a categorical or missing-value encoding."""
-    return bool(estimator._table_categorical.size or estimator._table_missing.size)
+    categorical = getattr(estimator, "_table_categorical", None)  # None: pickled by an older version
+    return categorical is not None and bool(categorical.size or estimator._table_missing.size)
 
 
 def categorical_mask(X, categorical_features) -> np.ndarray:
