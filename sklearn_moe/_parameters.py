@@ -235,7 +235,7 @@ PARAMETERS = """\
     callbacks : list of skorch.callbacks.Callback, default=None
         Extra skorch callbacks for every fit (plain instances or ``(name, callback)``
         pairs), run after the built-in ones: loggers such as
-        ``skorch.callbacks.TensorBoard`` or ``skorch.callbacks.MLflowLogger``, or your own.
+        ``skorch.callbacks.TensorBoard`` or ``skorch.callbacks.MlflowLogger``, or your own.
         The instances themselves are used (and initialised) by the training net. They stay
         on the fitted model's ``net_`` when they can be pickled; one that cannot (a logger
         holding an open writer, say) is removed after training with a warning, so that the

@@ -125,11 +125,9 @@ def encode_table(X, state) -> np.ndarray:
     for position, column in enumerate(state._table_categorical):
         known = state._table_categories[offsets[position]:offsets[position + 1]]
         values = _category_strings(frame.iloc[:, column])
-        index = np.searchsorted(known, values)
-        found = (index < known.size) & (known[np.minimum(index, max(known.size - 1, 0))] == values) \
-            if known.size else np.zeros(values.shape, dtype=bool)
+        codes = pd.Categorical(values, categories=known).codes  # -1: unseen or missing
         one_hot = np.zeros((len(values), known.size + 1))
-        one_hot[np.flatnonzero(found), index[found]] = 1.0
+        one_hot[np.flatnonzero(codes >= 0), codes[codes >= 0]] = 1.0
         one_hot[:, -1] = values == _MISSING
         blocks.append(one_hot)
     return np.concatenate(blocks, axis=1)
@@ -153,10 +151,7 @@ def _name(frame: pd.DataFrame, column: int) -> str:
 
 def _category_strings(series: pd.Series) -> np.ndarray:
     """A column's values as strings, a missing value as :data:`_MISSING`."""
-    missing = series.isna().to_numpy()
-    values = series.astype(object).to_numpy()
-    return np.array([_MISSING if is_missing else str(value) for value, is_missing in zip(values, missing)],
-                    dtype=object).astype(str)
+    return np.where(series.isna().to_numpy(), _MISSING, series.astype(object).astype(str).to_numpy()).astype(str)
 
 
 def _numeric_values(frame: pd.DataFrame, columns: np.ndarray) -> np.ndarray:
@@ -207,10 +202,6 @@ def encode_for_predict(estimator, X) -> np.ndarray:
     from sklearn.utils.validation import validate_data
 
     validate_data(estimator, X, reset=False, skip_check_array=True)  # the columns' names and number
-    n_features = _shape(X)[1] if len(_shape(X)) == 2 else -1
-    if n_features != estimator.n_features_in_:
-        raise ValueError(f"X has {n_features} features, but {type(estimator).__name__} is expecting "
-                         f"{estimator.n_features_in_} features as input.")
     return encode_table(X, estimator)
 
 

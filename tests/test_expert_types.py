@@ -823,6 +823,20 @@ def as_version_1(document):
         del document["fitted"][name]
 
 
+def load_as_version(model, X, tmp_path, downgrade, version: int, missing: str):
+    """Save ``model``, load it rewritten by ``downgrade`` as a file of format ``version``, and
+    check that it predicts as ``model`` does; the same document labelled ``version + 1`` must
+    be rejected with ``missing`` (what the newer format must carry). Returns the loaded model."""
+    model.save(tmp_path / "new.moe")
+    loaded = sklearn_moe.load(rewrite_metadata(tmp_path / "new.moe", tmp_path / "old.moe", downgrade))
+    assert_same_predictions(loaded, model, X)
+    unversioned = rewrite_metadata(tmp_path / "new.moe", tmp_path / "bad.moe",
+                                   lambda d: (downgrade(d), d.update(format_version=version + 1)))
+    with pytest.raises(ValueError, match=missing):
+        sklearn_moe.load(unversioned)
+    return loaded
+
+
 @pytest.mark.parametrize("estimator", [MoERegressor, MoEClassifier])
 def test_version_1_file_loads_with_the_old_behaviour(tmp_path, classification_data, estimator):
     if estimator is MoERegressor:
@@ -832,31 +846,17 @@ def test_version_1_file_loads_with_the_old_behaviour(tmp_path, classification_da
     old_behaviour = dict(expert_type="independent", expert_loss="mixture", numeric_embedding=None,
                          lr_schedule="plateau", router_lr_scale=1.0)
     model = estimator(**dict(FAST, expert_hidden=(8,), max_epochs=3, **old_behaviour)).fit(X, y)
-    model.save(tmp_path / "v2.moe")
-    old = rewrite_metadata(tmp_path / "v2.moe", tmp_path / "v1.moe", as_version_1)
-    loaded = sklearn_moe.load(old)
-    assert_same_predictions(loaded, model, X)
+    # a version-2 file must carry the new parameters: the defaults apply to version 1 only
+    loaded = load_as_version(model, X, tmp_path, as_version_1, 1, "missing")
     assert isinstance(loaded.module_.experts, StackedExperts)
     assert loaded._embedding_columns.dtype == np.int64 and loaded._embedding_columns.shape == (0,)
-    # a version-2 file must carry the new parameters: the defaults apply to version 1 only
-    unversioned = rewrite_metadata(tmp_path / "v2.moe", tmp_path / "bad.moe",
-                                   lambda d: (as_version_1(d), d.update(format_version=2)))
-    with pytest.raises(ValueError, match="missing"):
-        sklearn_moe.load(unversioned)
 
 
 def test_version_2_classifier_file_loads_without_label_smoothing(tmp_path, classification_data):
     X, y = classification_data
     model = MoEClassifier(**dict(ADAPTER, max_epochs=3)).fit(X, y)
-    model.save(tmp_path / "v3.moe")
-    loaded = sklearn_moe.load(rewrite_metadata(tmp_path / "v3.moe", tmp_path / "v2.moe", as_version_2))
+    loaded = load_as_version(model, X, tmp_path, as_version_2, 2, r"missing \['label_smoothing'\]")
     assert loaded.label_smoothing == 0.0
-    assert_same_predictions(loaded, model, X)
-    # a version-3 file must carry it
-    unversioned = rewrite_metadata(tmp_path / "v3.moe", tmp_path / "bad.moe",
-                                   lambda d: (as_version_2(d), d.update(format_version=3)))
-    with pytest.raises(ValueError, match=r"missing \['label_smoothing'\]"):
-        sklearn_moe.load(unversioned)
 
 
 @pytest.mark.parametrize("estimator", [MoERegressor, MoEClassifier])
@@ -864,25 +864,18 @@ def test_version_3_file_loads_with_collapse_defaults_and_its_fixed_temperature(t
                                                                                  estimator):
     X, y = regression_data(120) if estimator is MoERegressor else classification_data
     model = estimator(**dict(ADAPTER, max_epochs=3, temperature=0.7, collapse_patience=2)).fit(X, y)
-    model.save(tmp_path / "v4.moe")
-    loaded = sklearn_moe.load(rewrite_metadata(tmp_path / "v4.moe", tmp_path / "v3.moe", as_version_3))
+    # a version-4 file must carry the temperature tensor
+    loaded = load_as_version(model, X, tmp_path, as_version_3, 3, "missing")
     assert (loaded.collapse_threshold, loaded.collapse_patience, loaded.collapse_recovery) == (0.1, 5, False)
     assert float(loaded.module_.router.temperature) == pytest.approx(0.7)
-    assert_same_predictions(loaded, model, X)
-    # a version-4 file must carry the temperature tensor
-    unversioned = rewrite_metadata(tmp_path / "v4.moe", tmp_path / "bad.moe",
-                                   lambda d: (as_version_3(d), d.update(format_version=4)))
-    with pytest.raises(ValueError, match="missing"):
-        sklearn_moe.load(unversioned)
 
 
 def test_version_4_files_load_unrecalibrated_and_mixing_logits(tmp_path, classification_data):
     X, y = classification_data
     classifier = MoEClassifier(**dict(ADAPTER, max_epochs=3)).fit(X, y)
-    classifier.save(tmp_path / "c5.moe")
-    loaded = sklearn_moe.load(rewrite_metadata(tmp_path / "c5.moe", tmp_path / "c4.moe", as_version_4))
+    # a version-5 file must carry them
+    loaded = load_as_version(classifier, X, tmp_path, as_version_4, 4, r"missing \['callbacks', 'mixing'\]")
     assert loaded.mixing == "logits"
-    assert_same_predictions(loaded, classifier, X)
     X, y = regression_data(120)
     density = MoERegressor(**dict(ADAPTER, max_epochs=3, output="mixture_density")).fit(X, y)
     density.module_.scale_calibration.fill_(1.5)
@@ -890,11 +883,6 @@ def test_version_4_files_load_unrecalibrated_and_mixing_logits(tmp_path, classif
     loaded = sklearn_moe.load(rewrite_metadata(tmp_path / "r5.moe", tmp_path / "r4.moe", as_version_4))
     assert loaded.scale_calibration_ == 1.0
     np.testing.assert_array_equal(loaded.predict(X), density.predict(X))
-    # a version-5 file must carry them
-    unversioned = rewrite_metadata(tmp_path / "c5.moe", tmp_path / "bad.moe",
-                                   lambda d: (as_version_4(d), d.update(format_version=5)))
-    with pytest.raises(ValueError, match=r"missing \['callbacks', 'mixing'\]"):
-        sklearn_moe.load(unversioned)
 
 
 def test_version_1_file_with_an_embedding_layout_is_rejected(tmp_path):

@@ -44,8 +44,13 @@ def gaussian_log_likelihood(outputs: torch.Tensor, target: torch.Tensor) -> torc
     """``sum_j log N(y_j | mu_j, sigma_j)`` per row of raw expert ``outputs`` (m, 2 k) and
     ``target`` (m, k): Tensor of shape (m,), float32."""
     mean, scale = split_outputs(outputs.float(), target.shape[1])
-    z = (target.float() - mean) / scale
-    return (-0.5 * z.square() - scale.log() - _HALF_LOG_2PI).sum(dim=1)
+    return _gaussian_log_density(mean, scale, target.float()).sum(dim=1)
+
+
+def _gaussian_log_density(mean: torch.Tensor, scale: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``log N(target | mean, scale)``, elementwise."""
+    z = (target - mean) / scale
+    return -0.5 * z.square() - scale.log() - _HALF_LOG_2PI
 
 
 def _row_logsumexp(log_terms: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -150,9 +155,8 @@ def mixture_nll_dense(weights: torch.Tensor, means: torch.Tensor, scales: torch.
     -------
     Tensor of shape (n,), in the dtype of ``means``
     """
-    z = (target.unsqueeze(1) - means) / scales
     log_terms = (weights.clamp_min(torch.finfo(weights.dtype).tiny).log()
-                 + (-0.5 * z.square() - scales.log() - _HALF_LOG_2PI).sum(dim=2))
+                 + _gaussian_log_density(means, scales, target.unsqueeze(1)).sum(dim=2))
     return -torch.logsumexp(log_terms, dim=1)
 
 
