@@ -18,9 +18,18 @@ def _as_numpy(values) -> np.ndarray:
 
 
 def expert_utilization(counts) -> np.ndarray:
-    """Share of routing assignments per expert, shape (n_experts,), summing to 1.
+    """Share of routing assignments per expert.
 
-    All zeros when nothing was routed.
+    Parameters
+    ----------
+    counts : array-like or Tensor of shape (n_experts,)
+        Number of rows (or assignments) routed to each expert.
+
+    Returns
+    -------
+    ndarray of shape (n_experts,), float64
+        Each expert's share of the assignments, summing to 1; all zeros when nothing was
+        routed.
     """
     counts = _as_numpy(counts)
     total = counts.sum()
@@ -28,24 +37,38 @@ def expert_utilization(counts) -> np.ndarray:
 
 
 def load_imbalance(counts) -> float:
-    """Busiest expert's load over the mean load: 1 is perfect balance, ``n_experts`` is
-    total collapse onto one expert. NaN when nothing was routed."""
+    """Busiest expert's load over the mean load.
+
+    Parameters
+    ----------
+    counts : array-like or Tensor of shape (n_experts,)
+        Number of rows (or assignments) routed to each expert.
+
+    Returns
+    -------
+    float
+        ``max(c) / mean(c)``: 1 is perfect balance, ``n_experts`` is total collapse onto one
+        expert; NaN when nothing was routed.
+    """
     share = expert_utilization(counts)
     return float(share.max() * share.size) if share.sum() > 0 else float("nan")
 
 
 def row_entropy(gates):
-    """Entropy (nats) of each row's gate weights: ``-sum_e g_e log g_e`` over the experts
-    with ``g_e > 0``.
+    """Entropy (nats) of each row's gate weights.
+
+    The entropy is ``-sum_e g_e log g_e`` over the experts with ``g_e > 0``.
 
     Parameters
     ----------
-    gates : Tensor or array of shape (n, n_experts)
+    gates : Tensor or array-like of shape (n, n_experts)
+        Each row's gate weights over the experts (non-negative, rows summing to 1).
 
     Returns
     -------
-    Tensor of shape (n,) on the gates' device (no host synchronisation), or a float64
-    array for array input.
+    Tensor or ndarray of shape (n,)
+        Each row's entropy: a tensor on the gates' device and of their dtype for tensor input
+        (no host synchronisation), or a float64 array for array input.
     """
     if isinstance(gates, torch.Tensor):
         return -torch.where(gates > 0, gates * gates.clamp_min(torch.finfo(gates.dtype).tiny).log(), 0.0).sum(dim=1)
@@ -55,21 +78,38 @@ def row_entropy(gates):
 
 
 def routing_entropy(gates) -> float:
-    """Mean per-row entropy (nats) of the gate weights, shape (n, n_experts)
-    (:func:`row_entropy`).
+    """Mean per-row entropy (nats) of the gate weights (:func:`row_entropy`).
 
-    0 when every row uses one expert; ``log(k)`` for an even split over ``k`` experts. NaN
-    for no rows.
+    Parameters
+    ----------
+    gates : array-like or Tensor of shape (n, n_experts)
+        Each row's gate weights over the experts (non-negative, rows summing to 1).
+
+    Returns
+    -------
+    float
+        0 when every row uses one expert; ``log(k)`` for an even split over ``k`` experts.
+        NaN for no rows.
     """
     gates = _as_numpy(gates)
     return float(row_entropy(gates).mean()) if gates.shape[0] else float("nan")
 
 
 def gate_share(gates) -> np.ndarray:
-    """Each expert's share of the gate mass: ``sum_i g_ie / sum_ie g_ie``, shape (n_experts,).
+    """Each expert's share of the gate mass: ``sum_i g_ie / sum_ie g_ie``.
 
     Under a dense router every expert serves every row, and this, not the routed rows, says
-    how much each one contributes. All zeros for no rows.
+    how much each one contributes.
+
+    Parameters
+    ----------
+    gates : array-like or Tensor of shape (n, n_experts)
+        Each row's gate weights over the experts.
+
+    Returns
+    -------
+    ndarray of shape (n_experts,), float64
+        Each expert's share of the total gate weight, summing to 1; all zeros for no rows.
     """
     mass = _as_numpy(gates).sum(axis=0)
     total = mass.sum()
@@ -77,9 +117,22 @@ def gate_share(gates) -> np.ndarray:
 
 
 def load_entropy(counts) -> float:
-    """Entropy (nats) of the experts' load shares ``p_e`` (:func:`expert_utilization`):
-    ``-sum_e p_e log p_e``. ``log(n_experts)`` at perfect balance, 0 when one expert takes
-    everything; NaN when nothing was routed."""
+    """Entropy (nats) of the experts' load shares.
+
+    With ``p_e`` the load shares of :func:`expert_utilization`, the entropy is
+    ``-sum_e p_e log p_e``.
+
+    Parameters
+    ----------
+    counts : array-like or Tensor of shape (n_experts,)
+        Number of rows (or assignments) routed to each expert.
+
+    Returns
+    -------
+    float
+        ``log(n_experts)`` at perfect balance, 0 when one expert takes everything; NaN when
+        nothing was routed.
+    """
     share = expert_utilization(counts)
     if share.sum() == 0:
         return float("nan")
@@ -88,9 +141,19 @@ def load_entropy(counts) -> float:
 
 
 def load_cv(counts) -> float:
-    """Coefficient of variation of the experts' loads: ``std(c) / mean(c)`` (population
-    standard deviation). 0 at perfect balance, ``sqrt(n_experts - 1)`` when one expert
-    takes everything; NaN when nothing was routed."""
+    """Coefficient of variation of the experts' loads.
+
+    Parameters
+    ----------
+    counts : array-like or Tensor of shape (n_experts,)
+        Number of rows (or assignments) routed to each expert.
+
+    Returns
+    -------
+    float
+        ``std(c) / mean(c)`` (population standard deviation): 0 at perfect balance,
+        ``sqrt(n_experts - 1)`` when one expert takes everything; NaN when nothing was routed.
+    """
     counts = _as_numpy(counts)
     mean = counts.mean() if counts.size else 0.0
     return float(counts.std() / mean) if mean > 0 else float("nan")
@@ -103,6 +166,16 @@ def routing_instability(previous_top1, top1) -> float:
     ----------
     previous_top1, top1 : array of shape (n,), int
         Each row's top-1 expert at two points of training (the same rows in the same order).
+
+    Returns
+    -------
+    float
+        The share of rows whose top-1 expert differs, in [0, 1]; NaN for no rows.
+
+    Raises
+    ------
+    ValueError
+        If the two arrays do not have the same shape.
     """
     previous_top1, top1 = np.asarray(previous_top1), np.asarray(top1)
     if previous_top1.shape != top1.shape:
@@ -111,8 +184,10 @@ def routing_instability(previous_top1, top1) -> float:
 
 
 def expert_specialization(top1, target_groups) -> float:
-    """Normalised mutual information between each row's top-1 expert ``E`` and its target
-    group ``Y`` (class, or quantile bin of a regression target, :func:`target_bins`).
+    """Normalised mutual information between the rows' top-1 experts and target groups.
+
+    The target group ``Y`` of a row is its class, or the quantile bin of a regression target
+    (:func:`target_bins`); ``E`` is its top-1 expert.
 
     ``NMI = I(E; Y) / ((H(E) + H(Y)) / 2)``, with the entropies and the mutual information
     ``I(E; Y) = sum_ey p(e, y) log(p(e, y) / (p(e) p(y)))`` of the empirical joint
@@ -122,9 +197,20 @@ def expert_specialization(top1, target_groups) -> float:
 
     Parameters
     ----------
-    top1 : array of shape (n,), int
-    target_groups : array of shape (n,)
-        Any hashable labels.
+    top1 : array-like of shape (n,), int
+        Each row's top-1 (first-choice) expert.
+    target_groups : array-like of shape (n,)
+        Each row's target group; any hashable labels.
+
+    Returns
+    -------
+    float
+        The normalised mutual information in [0, 1]; NaN for no rows.
+
+    Raises
+    ------
+    ValueError
+        If ``top1`` and ``target_groups`` do not have the same shape.
     """
     top1, target_groups = np.asarray(top1), np.asarray(target_groups)
     if top1.shape != target_groups.shape:
@@ -146,11 +232,22 @@ def expert_specialization(top1, target_groups) -> float:
 
 
 def target_bins(y, n_bins: int = 10) -> np.ndarray:
-    """Quantile bin (0 .. n_bins - 1) of each regression target, for
-    :func:`expert_specialization`; a 2-d target is binned on its first column.
+    """Quantile bin of each regression target, for :func:`expert_specialization`.
 
     Bin edges are the ``1/n_bins .. (n_bins-1)/n_bins`` quantiles, so the bins hold about
     equal numbers of rows (ties can merge bins).
+
+    Parameters
+    ----------
+    y : array-like or Tensor of shape (n,) or (n, n_targets)
+        Regression targets; a 2-d target is binned on its first column.
+    n_bins : int, default=10
+        Number of quantile bins.
+
+    Returns
+    -------
+    ndarray of shape (n,), int64
+        Each row's bin, in ``0 .. n_bins - 1``.
     """
     y = _as_numpy(y)
     y = y[:, 0] if y.ndim == 2 else y
@@ -161,10 +258,29 @@ def target_bins(y, n_bins: int = 10) -> np.ndarray:
 
 
 def per_expert_mean(values, top1, n_experts: int) -> np.ndarray:
-    """Mean of ``values`` over the rows each expert serves first: shape (n_experts,),
-    ``mean_{i: top1_i = e} values_i``; NaN for an expert that serves no row.
+    """Mean of ``values`` over the rows each expert serves first.
 
-    With per-row losses it is each expert's loss on its own rows.
+    Expert ``e`` gets ``mean_{i: top1_i = e} values_i``. With per-row losses it is each
+    expert's loss on its own rows.
+
+    Parameters
+    ----------
+    values : array-like or Tensor of shape (n,)
+        One value per row (e.g. the row's loss); flattened.
+    top1 : array-like of shape (n,), int
+        Each row's top-1 (first-choice) expert, in ``0 .. n_experts - 1``.
+    n_experts : int
+        Number of experts (the length of the result).
+
+    Returns
+    -------
+    ndarray of shape (n_experts,), float64
+        Each expert's mean value; NaN for an expert that serves no row.
+
+    Raises
+    ------
+    ValueError
+        If ``values`` and ``top1`` do not have the same number of rows.
     """
     values = _as_numpy(values).reshape(-1)
     top1 = np.asarray(top1).reshape(-1)
