@@ -25,8 +25,9 @@ from .diagnostics import (
 
 
 class RoutingMetrics(Callback):
-    """Record per-epoch routing metrics in the net's history, on the training batches and
-    on the validation split.
+    """Record per-epoch routing metrics in the net's history.
+
+    The metrics are computed on the training batches and on the validation split.
 
     Training columns: the batch-size-weighted means of the batch keys ``task_loss``,
     ``balance_loss``, ``z_loss`` and ``diversity_loss`` (those recorded by the net's
@@ -48,11 +49,27 @@ class RoutingMetrics(Callback):
     averaged_keys = ("task_loss", "balance_loss", "z_loss", "diversity_loss")
 
     def initialize(self):
+        """Clear the state of any previous fit.
+
+        Returns
+        -------
+        RoutingMetrics
+            This callback.
+        """
         self._previous_top1 = None
         self._reset()
         return super().initialize()
 
     def on_train_begin(self, net, **kwargs):
+        """Forget the previous fit's top-1 experts, so that instability starts at NaN.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         self._previous_top1 = None
 
     def _reset(self):
@@ -62,9 +79,37 @@ class RoutingMetrics(Callback):
         self._valid_top1, self._valid_targets, self._valid_losses = [], [], []
 
     def on_epoch_begin(self, net, **kwargs):
+        """Start the epoch's tallies from zero.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         self._reset()
 
     def on_batch_end(self, net, batch=None, training=None, y_pred=None, **kwargs):
+        """Add the batch's routing to the training or the validation tally.
+
+        For a validation batch also keep each row's top-1 expert, target and loss, on the
+        device, for the epoch's specialization and per-expert loss.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        batch : tuple of Tensor, optional
+            The batch ``(X, y)``; ``y`` holds the (scaled) targets.
+        training : bool, optional
+            Whether the batch is a training batch (False for a validation batch).
+        y_pred : MoEOutput, optional
+            The module's output on the batch (:class:`sklearn_moe.nn.MoEOutput`); nothing is
+            recorded when it is None.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         if y_pred is None:
             return
         gates = y_pred.gates.detach()
@@ -80,6 +125,15 @@ class RoutingMetrics(Callback):
         self._valid_losses.append(losses.reshape(losses.shape[0], -1).mean(dim=1))
 
     def on_epoch_end(self, net, **kwargs):
+        """Record the epoch's averaged losses and routing metrics in the history.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         batches = [b for b in net.history[-1, "batches"] if "train_batch_size" in b]
         sizes = [b["train_batch_size"] for b in batches]
         for key in self.averaged_keys:
@@ -145,8 +199,9 @@ class _RoutingTally:
 
 
 class ExpertGradientNorms(Callback):
-    """Record ``expert_grad_norm``: each expert's gradient norm, averaged over the epoch's
-    training batches (a list, one value per expert).
+    """Record each expert's gradient norm, averaged over the epoch's training batches.
+
+    The history column ``expert_grad_norm`` holds a list, one value per expert.
 
     The norm of expert ``e`` is ``sqrt(sum_p ||grad p[e]||^2)`` over the parameters that
     belong to one expert each (``experts.expert_parameters()``: for adapter experts their
@@ -155,9 +210,32 @@ class ExpertGradientNorms(Callback):
     """
 
     def on_epoch_begin(self, net, **kwargs):
+        """Start the epoch's sum of gradient norms from zero.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         self._sum, self._batches = None, 0
 
     def on_grad_computed(self, net, named_parameters=None, training=None, **kwargs):
+        """Add each expert's gradient norm of this step (before clipping) to the sum.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        named_parameters : iterable of (str, Parameter), optional
+            The module's named parameters, as skorch passes them; not used (the gradients are
+            read from ``experts.expert_parameters()``).
+        training : bool, optional
+            Whether the gradients come from a training step (skorch passes True); not used.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         squares = None
         for parameter in net.module_.experts.expert_parameters():
             if parameter.grad is None:
@@ -170,16 +248,26 @@ class ExpertGradientNorms(Callback):
             self._batches += 1
 
     def on_epoch_end(self, net, **kwargs):
+        """Record the epoch's mean gradient norms as ``expert_grad_norm``, then reset.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         if self._sum is not None:
             net.history.record("expert_grad_norm", (self._sum / self._batches).cpu().tolist())
         self.on_epoch_begin(net)
 
 
 class StepTimes(Callback):
-    """Record where the training batches' time goes, in seconds per epoch: ``router_s``
-    and ``experts_s`` (their forward passes, the shared expert's included) and
-    ``optimizer_s`` (the optimizer steps). The rest of an epoch's ``dur`` is the backward
-    pass, the losses and the data.
+    """Record where the training batches' time goes, in seconds per epoch.
+
+    The history columns are ``router_s`` and ``experts_s`` (their forward passes, the shared
+    expert's included) and ``optimizer_s`` (the optimizer steps). The rest of an epoch's
+    ``dur`` is the backward pass, the losses and the data.
 
     Timed by forward hooks on the router and the experts, and from the end of the gradient
     computation to the optimizer's step post-hook (gradient clipping included); the hooks
@@ -190,6 +278,15 @@ class StepTimes(Callback):
     keys = ("router_s", "experts_s", "optimizer_s")
 
     def on_train_begin(self, net, **kwargs):
+        """Register the timing hooks on the router, the experts and the optimizer.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         module = net.module_
         self._cuda = next(module.parameters()).is_cuda
         self._open, self._spans = {}, {key: [] for key in self.keys}
@@ -204,6 +301,17 @@ class StepTimes(Callback):
         self._handles.append(net.optimizer_.register_step_post_hook(_TimerHook(self, "optimizer_s", start=False)))
 
     def on_grad_computed(self, net, training=None, **kwargs):
+        """Open the optimizer span: the gradients are ready, the update comes next.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        training : bool, optional
+            Whether the gradients come from a training step (skorch passes True); not used.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         # skorch steps the optimizer with a closure that runs forward and backward and ends
         # by notifying this: the update itself (and gradient clipping) comes after.
         if hasattr(self, "_spans"):
@@ -221,6 +329,15 @@ class StepTimes(Callback):
             self._spans[key].append((self._open.pop(key), event))
 
     def on_epoch_end(self, net, **kwargs):
+        """Record the epoch's total seconds per span (``router_s``, ``experts_s``, ``optimizer_s``).
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         if not hasattr(self, "_spans"):
             return
         if self._cuda:
@@ -234,6 +351,15 @@ class StepTimes(Callback):
             spans.clear()
 
     def on_train_end(self, net, **kwargs):
+        """Remove the timing hooks and drop the recorded spans.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         for handle in getattr(self, "_handles", []):
             handle.remove()
         self._handles, self._open, self._spans = [], {}, {key: [] for key in self.keys}
@@ -264,12 +390,22 @@ class EpochLine(Callback):
     Parameters
     ----------
     sink : callable, default=print
+        Called with each epoch's line (a str).
     """
 
     def __init__(self, sink=print):
         self.sink = sink
 
     def on_epoch_end(self, net, **kwargs):
+        """Pass the epoch's line to ``sink``.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         row = net.history[-1]
         parts = [f"epoch {row['epoch']:>3}", f"loss {row.get('train_loss', float('nan')):.4f}"]
         if "valid_loss" in row:
@@ -284,8 +420,32 @@ TEMPERATURE_SCHEDULES = ("cosine", "linear", "exponential")
 
 
 def annealed_temperature(start: float, final: float, schedule: str, progress: float) -> float:
-    """The router temperature at training progress ``progress`` in [0, 1] (see the
-    estimators' ``temperature_schedule``)."""
+    """Compute the router temperature at a point of training.
+
+    See the estimators' ``temperature_schedule``.
+
+    Parameters
+    ----------
+    start : float
+        Temperature at the start of training (``progress=0``).
+    final : float
+        Temperature at the end of training (``progress=1``).
+    schedule : {"cosine", "linear", "exponential"}
+        Path from ``start`` to ``final``: a half cosine, a straight line, or a geometric
+        interpolation ``start * (final / start) ** progress``.
+    progress : float
+        Training progress in [0, 1]; values outside are clipped.
+
+    Returns
+    -------
+    float
+        The temperature.
+
+    Raises
+    ------
+    ValueError
+        If ``schedule`` is not one of the names above.
+    """
     t = min(max(progress, 0.0), 1.0)
     if schedule == "linear":
         return start + (final - start) * t
@@ -297,18 +457,25 @@ def annealed_temperature(start: float, final: float, schedule: str, progress: fl
 
 
 class TemperatureAnnealing(Callback):
-    """Set the router's temperature at the start of every epoch, from ``start`` (epoch 1)
-    to ``final`` (epoch ``max_epochs``) along ``schedule`` (:func:`annealed_temperature`),
-    and record it in the history as ``temperature``.
+    """Anneal the router's temperature over the epochs.
+
+    At the start of every epoch the temperature is set, from ``start`` (epoch 1) to ``final``
+    (epoch ``max_epochs``) along ``schedule`` (:func:`annealed_temperature`), and recorded in
+    the history as ``temperature``.
 
     The temperature is a buffer of the router, so early stopping's restored weights come
     with the temperature of their epoch, and a saved model keeps it.
 
     Parameters
     ----------
-    start, final : float
+    start : float
+        Temperature of the first epoch.
+    final : float
+        Temperature of epoch ``max_epochs`` (and of any later one).
     schedule : {"cosine", "linear", "exponential"}
+        Path from ``start`` to ``final`` (:func:`annealed_temperature`).
     max_epochs : int
+        Epoch at which ``final`` is reached.
     """
 
     def __init__(self, start: float, final: float, schedule: str, max_epochs: int):
@@ -318,6 +485,15 @@ class TemperatureAnnealing(Callback):
         self.max_epochs = max_epochs
 
     def on_epoch_begin(self, net, **kwargs):
+        """Set the router's temperature for this epoch and record it as ``temperature``.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         epoch = len(net.history)  # the row of this epoch exists already
         progress = (epoch - 1) / max(self.max_epochs - 1, 1)
         temperature = annealed_temperature(self.start, self.final, self.schedule, progress)
@@ -338,31 +514,83 @@ class AdaptiveCapacity(Callback):
     Parameters
     ----------
     quantile : float, default=0.9
+        Quantile, in [0, 1], of the last epoch's per-batch load ratios that becomes the next
+        epoch's capacity factor.
     """
 
     def __init__(self, quantile: float = 0.9):
         self.quantile = quantile
 
     def on_train_begin(self, net, **kwargs):
+        """Make the first epoch dropless.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         net.module_.capacity_factor = None
 
     def on_epoch_begin(self, net, **kwargs):
+        """Record the epoch's capacity factor as ``capacity_factor`` (NaN when dropless).
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         self._ratios = []
         factor = net.module_.capacity_factor
         net.history.record("capacity_factor", float("nan") if factor is None else factor)
 
     def on_batch_end(self, net, training=None, y_pred=None, **kwargs):
+        """Keep a training batch's busiest-expert load over its mean load.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        training : bool, optional
+            Whether the batch is a training batch (False for a validation batch).
+        y_pred : MoEOutput, optional
+            The module's output on the batch (:class:`sklearn_moe.nn.MoEOutput`); nothing is
+            recorded when it is None.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         if training and y_pred is not None:
             counts = y_pred.expert_counts.detach().float()
             self._ratios.append(counts.max() / counts.mean().clamp_min(1e-12))
 
     def on_epoch_end(self, net, **kwargs):
+        """Set the next epoch's capacity factor to the ``quantile`` of the load ratios (at least 1).
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         if self._ratios:
             ratios = torch.stack(self._ratios).cpu().numpy()
             net.module_.capacity_factor = max(1.0, float(np.quantile(ratios, self.quantile)))
         self._ratios = []
 
     def on_train_end(self, net, **kwargs):
+        """Leave the fitted module dropless.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         net.module_.capacity_factor = None  # the fitted module is dropless, as the parameter says
 
 
@@ -386,7 +614,10 @@ class CollapseMonitor(Callback):
     threshold : float
         Fraction of an equal share below which an expert counts as starved.
     patience : int
+        Number of consecutive epochs an expert must stay below the threshold to count as
+        starved.
     recovery : bool, default=False
+        Whether to re-initialise starved experts as perturbed copies of the busiest one.
         The copies' perturbation draws from torch's global generator, which the estimators
         seed from ``random_state`` for the fit.
     """
@@ -397,10 +628,34 @@ class CollapseMonitor(Callback):
         self.recovery = recovery
 
     def on_train_begin(self, net, **kwargs):
+        """Reset the per-expert starvation counts and the experts already warned about.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         self._starved_for = None
         self._warned = set()
 
     def on_epoch_end(self, net, **kwargs):
+        """Count starved epochs per expert; warn about, and optionally revive, starved experts.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+
+        Warns
+        -----
+        ExpertCollapseWarning
+            Naming the experts starved for ``patience`` epochs (once per expert without
+            ``recovery``, on every revival with it).
+        """
         module = net.module_
         row = net.history[-1]
         key = "gate_share" if module.router.is_dense else "expert_share"
@@ -447,6 +702,22 @@ class AuxFreeBalancing(Callback):
         self.rate = rate
 
     def on_batch_end(self, net, batch=None, training=None, y_pred=None, **kwargs):
+        """Nudge the router's selection biases from a training batch's routing counts.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        batch : tuple of Tensor, optional
+            The batch ``(X, y)``; not used.
+        training : bool, optional
+            Whether the batch is a training batch (False for a validation batch).
+        y_pred : MoEOutput, optional
+            The module's output on the batch (:class:`sklearn_moe.nn.MoEOutput`), whose
+            ``expert_counts`` drive the update; nothing changes when it is None.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
         if training and y_pred is not None:
             net.module_.router.update_selection_bias(y_pred.expert_counts, self.rate)
 
@@ -469,6 +740,8 @@ class LearningRateShape:
     total_steps : int
         Optimizer steps of ``max_epochs`` epochs.
     flat_fraction : float, default=0.5
+        Share of training, in [0, 1), held at 1 by ``"flat_cosine"``; ignored by the other
+        kinds.
     """
 
     def __init__(self, kind: str, total_steps: int, flat_fraction: float = 0.5):
