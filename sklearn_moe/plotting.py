@@ -46,17 +46,23 @@ def _history(estimator):
 
 
 def plot_training_curves(estimator):
-    """Training and validation loss per epoch, and the auxiliary losses beside them.
+    """Plot the training and validation loss per epoch, and the auxiliary losses beside them.
 
     Parameters
     ----------
-    estimator : fitted MoERegressor or MoEClassifier
+    estimator : MoERegressor or MoEClassifier
+        A fitted estimator.
 
     Returns
     -------
     matplotlib.figure.Figure
         Two axes: the losses (``train_loss``, ``valid_loss`` when there was a validation
         split), and the auxiliary losses that training recorded.
+
+    Raises
+    ------
+    ValueError
+        If the estimator has no training history (it was not fitted).
     """
     history = _history(estimator)
     figure, (losses, aux) = _figure(ncols=2, width=5.0)
@@ -77,11 +83,12 @@ def plot_training_curves(estimator):
 
 
 def plot_expert_utilization(estimator, share: str = "auto"):
-    """Each expert's share of the routing per epoch, as a stacked area.
+    """Plot each expert's share of the routing per epoch, as a stacked area.
 
     Parameters
     ----------
-    estimator : fitted MoERegressor or MoEClassifier
+    estimator : MoERegressor or MoEClassifier
+        A fitted estimator.
     share : {"auto", "gate_share", "expert_share", "valid_gate_share", "valid_expert_share"}
         The history column: ``"auto"`` is the gate mass for a dense router and the routed
         rows for a sparse one, on the training batches.
@@ -89,6 +96,13 @@ def plot_expert_utilization(estimator, share: str = "auto"):
     Returns
     -------
     matplotlib.figure.Figure
+        One axes: the epochs against the experts' stacked shares, which sum to 1.
+
+    Raises
+    ------
+    ValueError
+        If the estimator has no training history, or the history has no ``share`` column
+        (e.g. a validation column without a validation split).
     """
     history = _history(estimator)
     if share == "auto":
@@ -106,22 +120,28 @@ def plot_expert_utilization(estimator, share: str = "auto"):
 
 
 def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
-    """Which expert serves which part of the target: experts against classes or deciles.
+    """Plot which expert serves which part of the target: experts against classes or deciles.
 
     Cell ``(e, g)`` is the share of group ``g``'s rows (a class, or a quantile bin of a
     regression target) whose first choice is expert ``e``; every column sums to 1.
 
     Parameters
     ----------
-    estimator : fitted MoERegressor or MoEClassifier
+    estimator : MoERegressor or MoEClassifier
+        A fitted estimator.
     X : array-like of shape (n_samples, n_features)
+        Input rows, as for ``predict``.
     y : array-like of shape (n_samples,)
+        Their targets: class labels (among the classifier's ``classes_``), or regression
+        targets binned into ``n_bins`` quantile bins.
     n_bins : int, default=10
         Quantile bins of a regression target.
 
     Returns
     -------
     matplotlib.figure.Figure
+        One axes: the heatmap of the table, experts as rows and groups as columns, with a
+        colour bar.
     """
     top1 = estimator.route(X).argmax(axis=1)
     n_experts = estimator.module_.n_experts
@@ -146,20 +166,25 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
 
 
 def plot_routing_embedding(estimator, X, max_points: int = 5000, random_state=0):
-    """A 2-D principal-component projection of the (scaled) inputs, each row coloured by
-    its first-choice expert.
+    """Plot the inputs' 2-D principal-component projection, coloured by first-choice expert.
+
+    The projection is of the inputs as the model sees them (encoded and scaled).
 
     Parameters
     ----------
-    estimator : fitted MoERegressor or MoEClassifier
+    estimator : MoERegressor or MoEClassifier
+        A fitted estimator.
     X : array-like of shape (n_samples, n_features)
+        Input rows, as for ``predict``.
     max_points : int, default=5000
         Rows drawn at random beyond this many.
-    random_state : int, default=0
+    random_state : int or None, default=0
+        Seed of the random row sample and of the PCA.
 
     Returns
     -------
     matplotlib.figure.Figure
+        One axes: a scatter plot of the projected rows, one colour per first-choice expert.
     """
     from sklearn.decomposition import PCA
 
@@ -183,16 +208,20 @@ def plot_routing_embedding(estimator, X, max_points: int = 5000, random_state=0)
 
 
 def plot_expert_count_curve(selection):
-    """The cross-validated score per expert count of :func:`sklearn_moe.tuning.select_n_experts`,
-    with the chosen count marked (:meth:`~sklearn_moe.tuning.NExpertsSelection.plot`).
+    """Plot the cross-validated score per expert count, with the chosen count marked.
+
+    The figure holds :meth:`~sklearn_moe.tuning.NExpertsSelection.plot`.
 
     Parameters
     ----------
     selection : NExpertsSelection
+        The result of :func:`sklearn_moe.tuning.select_n_experts`.
 
     Returns
     -------
     matplotlib.figure.Figure
+        One axes: the mean score ± its standard deviation per candidate count, the
+        one-standard-error threshold and the chosen count.
     """
     figure, (axes,) = _figure()
     selection.plot(ax=axes)
