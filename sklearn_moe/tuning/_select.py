@@ -15,7 +15,7 @@ RULES = ("one_se", "best")
 
 
 def one_standard_error_rule(cv_results: pd.DataFrame, rule: str = "one_se") -> int:
-    """The chosen expert count from a table of cross-validated scores.
+    """Choose the expert count from a table of cross-validated scores.
 
     Parameters
     ----------
@@ -31,6 +31,12 @@ def one_standard_error_rule(cv_results: pd.DataFrame, rule: str = "one_se") -> i
     Returns
     -------
     int
+        The chosen value of the ``n_experts`` column.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``rule``, missing columns, or no finite mean score.
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}; got {rule!r}.")
@@ -50,6 +56,19 @@ def one_standard_error_rule(cv_results: pd.DataFrame, rule: str = "one_se") -> i
 class NExpertsSelection:
     """The result of :func:`select_n_experts`.
 
+    Parameters
+    ----------
+    cv_results : pandas.DataFrame
+        Stored as ``cv_results_``.
+    best_n_experts : int
+        Stored as ``best_n_experts_``.
+    best_estimator : estimator or None
+        Stored as ``best_estimator_``.
+    rule : {"one_se", "best"}
+        The rule that chose ``best_n_experts``.
+    scoring : str, callable or None
+        The scorer of the cross-validation (``None``: the estimator's ``score``).
+
     Attributes
     ----------
     cv_results_ : pandas.DataFrame
@@ -61,7 +80,9 @@ class NExpertsSelection:
         The estimator with ``n_experts=best_n_experts_``, refitted on all data (``None``
         with ``refit=False``).
     rule : str
+        The rule that chose ``best_n_experts_``.
     scoring : str, callable or None
+        The scorer of the cross-validation.
     """
 
     def __init__(self, cv_results, best_n_experts, best_estimator, rule, scoring):
@@ -76,7 +97,7 @@ class NExpertsSelection:
                 f"candidates={list(self.cv_results_.index)})")
 
     def plot(self, ax=None):
-        """Mean cross-validated score ± std per candidate, the chosen count marked.
+        """Plot the mean cross-validated score ± std per candidate, the chosen count marked.
 
         The dotted line is the one-standard-error threshold (best mean minus its standard
         error). Needs matplotlib (``pip install 'sklearn-moe[plot]'``).
@@ -89,6 +110,12 @@ class NExpertsSelection:
         Returns
         -------
         matplotlib.axes.Axes
+            The axes drawn on (``ax``, or the new figure's).
+
+        Raises
+        ------
+        ImportError
+            If matplotlib is not installed.
         """
         try:
             import matplotlib.pyplot as plt
@@ -143,14 +170,20 @@ def select_n_experts(estimator, X, y, candidates=(1, 2, 4, 8, 16), cv=5, rule="o
     estimator : estimator
         A MoE estimator or a Pipeline (or other meta-estimator) holding exactly one.
     X : array-like of shape (n_samples, n_features)
+        Training inputs.
     y : array-like of shape (n_samples,) or (n_samples, n_targets)
+        Training targets.
     candidates : sequence of int, default=(1, 2, 4, 8, 16)
+        Expert counts to compare, each >= 1 and distinct (1 is the non-MoE ablation).
     cv : int, cross-validation generator or iterable, default=5
+        As in :func:`sklearn.model_selection.cross_validate` (stratified folds for a
+        classifier given an int); every candidate is scored on the same folds.
     rule : {"one_se", "best"}, default="one_se"
         See :func:`one_standard_error_rule`.
     scoring : str or callable, optional
         A scikit-learn scorer (greater is better); ``None`` is the estimator's ``score``.
-    groups : array-like, optional
+    groups : array-like of shape (n_samples,), optional
+        Group labels for a group-aware ``cv`` splitter.
     refit : bool, default=True
         Refit the chosen count on all of X, y as ``best_estimator_``.
     n_jobs : int, optional

@@ -161,7 +161,7 @@ def search_space(
     exclude=(),
     outputs=("point",),
 ) -> dict[str, BaseDistribution]:
-    """Optuna distributions over the MoE hyperparameters of ``estimator``.
+    """Build Optuna distributions over the MoE hyperparameters of ``estimator``.
 
     The space is static (the same distributions for every trial), as
     ``optuna_integration.OptunaSearchCV`` needs, and every combination of its values is a
@@ -202,11 +202,16 @@ def search_space(
     estimator : estimator
         A MoE estimator or a Pipeline (or other meta-estimator) holding exactly one.
     max_experts : int, default=16
+        Largest ``n_experts``; at least ``max_top_k``.
     max_top_k : int, default=2
         Largest ``top_k``; also the smallest ``n_experts``.
     routers : sequence of str, default=("topk", "noisy_topk", "softmax", "switch")
+        The ``router`` choices (names of the estimators' ``router`` parameter); not empty.
     expert_widths : sequence of int, default=(16, 32, 64, 128)
+        Hidden-layer widths of the ``expert_hidden`` choices; positive, not empty.
     expert_depths : sequence of int, default=(1, 2)
+        Hidden-layer counts of the ``expert_hidden`` choices; positive, not empty. Every
+        width is combined with every depth.
     include : sequence of str, optional
         Keep only these parameters (unprefixed names).
     exclude : sequence of str, default=()

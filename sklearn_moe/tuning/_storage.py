@@ -35,7 +35,7 @@ JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 
 
 def make_storage(storage=None, *, heartbeat_interval=10, grace_period=60):
-    """An Optuna storage from what :func:`~sklearn_moe.tuning.tune` accepts as ``storage``.
+    """Open an Optuna storage from what :func:`~sklearn_moe.tuning.tune` accepts as ``storage``.
 
     Parameters
     ----------
@@ -54,6 +54,7 @@ def make_storage(storage=None, *, heartbeat_interval=10, grace_period=60):
     Returns
     -------
     optuna.storages.BaseStorage
+        An in-memory, journal-file or RDB storage, or ``storage`` itself if it is one.
 
     Raises
     ------

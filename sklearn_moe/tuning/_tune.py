@@ -30,7 +30,9 @@ from ._storage import fail_stale_trials, heartbeat_enabled, logger, make_storage
 class TuneResult:
     """What :func:`tune` returns; unpacks as ``best_estimator, study = tune(...)``.
 
-    Attributes
+    Each parameter is kept as the attribute of the same name.
+
+    Parameters
     ----------
     best_estimator : estimator or None
         A clone of the estimator with the best trial's parameters, refitted on all of X, y
@@ -241,7 +243,9 @@ def tune(
         A :class:`~sklearn_moe.MoERegressor` / :class:`~sklearn_moe.MoEClassifier`, or a
         Pipeline holding one; the search space's keys are prefixed for its step.
     X : array-like of shape (n_samples, n_features)
+        Training inputs.
     y : array-like of shape (n_samples,) or (n_samples, n_targets)
+        Training targets.
     n_trials : int, default=20
         Total number of trials of the study (all workers together).
     cv : int, cross-validation generator or iterable, default=5
