@@ -58,7 +58,9 @@ class ExpertGroup(NamedTuple):
 class DispatchPlan(NamedTuple):
     """Where each kept assignment goes.
 
-    Attributes
+    Each parameter is kept as the field of the same name.
+
+    Parameters
     ----------
     rows, experts, slots : Tensor of shape (m,), int64
         Source row, expert, and slot among that expert's assignments, sorted by expert.
@@ -98,7 +100,25 @@ class BufferLayout(NamedTuple):
 
 
 def expert_capacity(capacity_factor: float, n_rows: int, top_k: int, n_experts: int) -> int:
-    """Slots per expert: ``ceil(capacity_factor * n_rows * top_k / n_experts)``."""
+    """Compute the slots per expert: ``ceil(capacity_factor * n_rows * top_k / n_experts)``.
+
+    Parameters
+    ----------
+    capacity_factor : float
+        Multiple of an even share of the assignments that one expert may take (>= 1 in
+        the estimators).
+    n_rows : int
+        Rows in the batch.
+    top_k : int
+        Assignments per row.
+    n_experts : int
+        Number of experts.
+
+    Returns
+    -------
+    int
+        The most assignments one expert keeps; at least 1.
+    """
     return max(1, math.ceil(capacity_factor * n_rows * top_k / n_experts))
 
 
@@ -116,8 +136,11 @@ def plan_dispatch(
     Parameters
     ----------
     indices : Tensor of shape (n, k), int64
+        Each row's chosen experts, in order of preference.
     weights : Tensor of shape (n, k)
+        The gate weights of those choices.
     n_experts : int
+        Number of experts (the length of the plan's counts).
     capacity : int, optional
         Most assignments per expert; ``None`` keeps every assignment (dropless).
     active : Tensor of shape (n, k), bool, optional
@@ -127,6 +150,18 @@ def plan_dispatch(
         What happens to assignments past ``capacity`` (see the module docstring).
     ranking : Tensor of shape (n, n_experts), int64, optional
         Every row's experts, best first; required by ``overflow="reroute"``.
+
+    Returns
+    -------
+    DispatchPlan
+        The kept assignments, stably sorted by expert, with their slots, weights
+        (renormalised per row when capacity removed some) and the per-expert counts before
+        and after the cap.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``overflow``, or ``overflow="reroute"`` without ``ranking``.
     """
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
@@ -369,11 +404,25 @@ def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPl
                      grad_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Run the experts on their assigned rows and return the gate-weighted sum per row.
 
-    The parameters are those of :func:`dispatch_assignments`.
+    Parameters
+    ----------
+    x : Tensor of shape (n, features)
+        The batch's rows.
+    experts : StackedExperts
+        Called as ``experts(blocks, block_experts)`` on the buffer's blocks.
+    plan : DispatchPlan
+        The assignments to run (:func:`plan_dispatch` on the batch's routing).
+    n_outputs : int
+        Width of an expert's output.
+    grad_scale : Tensor of shape (n_experts,), optional
+        Multiplies the gradient reaching each expert's output (hence its parameters); the
+        forward value is unchanged.
 
     Returns
     -------
     Tensor of shape (n, n_outputs)
+        Each row's gate-weighted sum of its experts' outputs (non-finite outputs masked,
+        :func:`mask_failed_experts`); zero for a row with no kept assignment.
     """
     return combine(dispatch_assignments(x, experts, plan, n_outputs, grad_scale), x.shape[0])
 
@@ -405,7 +454,21 @@ class _ScaleGradient(torch.autograd.Function):
 
 
 def scale_gradient(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the incoming gradient by ``scale`` (broadcast)."""
+    """Pass ``tensor`` through unchanged, multiplying its incoming gradient by ``scale``.
+
+    Parameters
+    ----------
+    tensor : Tensor
+        The values to pass through.
+    scale : Tensor
+        Broadcast against ``tensor`` and multiplied into its gradient in the backward pass;
+        no gradient flows into ``scale`` (it is detached).
+
+    Returns
+    -------
+    Tensor
+        A view of ``tensor`` with the same values.
+    """
     return _ScaleGradient.apply(tensor, scale.detach())
 
 
@@ -426,10 +489,25 @@ def dense_assignments(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Te
 
 
 def dense_combine(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor) -> torch.Tensor:
-    """Every expert on every row, mixed by ``gates`` of shape (n, n_experts).
+    """Run every expert on every row and mix the outputs by ``gates``.
 
     With a sparse router's gates this is the same mixture as :func:`dispatch_combine` (up
     to the rounding of matmuls of other shapes); see :func:`dense_assignments`.
+
+    Parameters
+    ----------
+    x : Tensor of shape (n, features)
+        The batch's rows.
+    experts : StackedExperts
+        Whose ``all_experts(x)`` gives every expert's output on every row.
+    gates : Tensor of shape (n, n_experts)
+        Each row's gate weights (zero for experts not chosen).
+
+    Returns
+    -------
+    Tensor of shape (n, n_outputs)
+        Each row's gate-weighted sum of the experts' outputs; an expert's non-finite output
+        is masked where its gate is not 0 (:func:`mask_failed_experts`).
     """
     return combine(dense_assignments(x, experts, gates), x.shape[0])
 

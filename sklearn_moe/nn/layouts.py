@@ -37,11 +37,12 @@ SORTED_MIN_ROWS_PER_EXPERT = 64
 
 
 def choose_layout(plan: DispatchPlan, training: bool, device_type: str) -> str:
-    """The layout of :data:`LAYOUTS` that runs ``plan`` fastest.
+    """Choose the layout of :data:`LAYOUTS` that runs ``plan`` fastest.
 
     Parameters
     ----------
     plan : DispatchPlan
+        The batch's assignments (:func:`~.dispatch.plan_dispatch`).
     training : bool
         Whether the experts run in training (autograd, dropout) or evaluation.
     device_type : str
@@ -66,20 +67,30 @@ def choose_layout(plan: DispatchPlan, training: bool, device_type: str) -> str:
 
 def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
                    layout: str = "padded") -> torch.Tensor:
-    """The independent experts' outputs for the plan's assignments, in plan order.
+    """Run the independent experts on the plan's assignments.
 
     Parameters
     ----------
     x : Tensor of shape (n, features)
+        The batch's rows.
     experts : StackedExperts
+        The independent experts.
     plan : DispatchPlan
+        The assignments to run (:func:`~.dispatch.plan_dispatch`).
     n_outputs : int
+        Width of an expert's output.
     layout : {"padded", "staircase", "sorted"}, default="padded"
         See the module docstring; ``"sorted"`` applies no dropout (evaluation only).
 
     Returns
     -------
     Tensor of shape (m, n_outputs)
+        Each assignment's expert output, in plan order (``m`` kept assignments).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``layout``.
     """
     if layout == "sorted":
         return experts.forward_sorted(x.index_select(0, plan.rows), plan.kept_counts.tolist())
@@ -101,7 +112,7 @@ def staircase_layout(plan: DispatchPlan) -> BufferLayout:
 
 
 def plan_layout(counts: np.ndarray, gather_cost: int = 24, block_cost: int | None = None) -> list[int]:
-    """Slot thresholds of the buffer's blocks: ``[t_1, t_2, ..., t_L]``, increasing.
+    """Plan the slot thresholds of the buffer's blocks: ``[t_1, t_2, ..., t_L]``, increasing.
 
     Block 1 holds slots ``[0, t_1)`` of every expert (weights used in place); block ``l``
     holds slots ``[t_(l-1), t_l)`` of the experts with more than ``t_(l-1)`` assignments
@@ -114,13 +125,22 @@ def plan_layout(counts: np.ndarray, gather_cost: int = 24, block_cost: int | Non
     ----------
     counts : array of shape (n_experts,), int
         Assignments per expert.
-    gather_cost, block_cost : int
-        Costs, in buffer rows, of one more expert in an upper block and of one more block.
-        An expert's matrix in a batched matmul costs about 20 rows on its own (measured on
-        2 EPYC cores with 128-wide layers: the library packs each matrix), plus the copy of
-        its gathered weights. A block costs every layer's extra calls forward and backward:
-        at 4 to 16 experts and batches of 256 rows, a two-block staircase that saved a
-        quarter of the rows was 10-18% slower per step than one padded block.
+    gather_cost : int, default=24
+        Cost, in buffer rows, of one more expert in an upper block. An expert's matrix in a
+        batched matmul costs about 20 rows on its own (measured on 2 EPYC cores with
+        128-wide layers: the library packs each matrix), plus the copy of its gathered
+        weights.
+    block_cost : int, optional
+        Cost, in buffer rows, of one more block; by default a quarter of the assignments,
+        and at least 8. A block costs every layer's extra calls forward and backward: at 4
+        to 16 experts and batches of 256 rows, a two-block staircase that saved a quarter of
+        the rows was 10-18% slower per step than one padded block.
+
+    Returns
+    -------
+    list of int
+        The increasing thresholds, at most :data:`MAX_GROUPS` of them, the last the largest
+        count; empty when no expert has an assignment. One threshold is the padded layout.
     """
     counts = np.asarray(counts, dtype=np.int64)
     if counts.size == 0 or counts.max() == 0:

@@ -33,12 +33,15 @@ def switch_balance_loss(
     indices : Tensor of shape (n, k)
         Chosen experts.
     mask : Tensor of shape (n,), bool, optional
+        Rows that count, e.g. those with a non-zero sample weight; all when None.
     active : Tensor of shape (n, k), bool, optional
         Which assignments count (dynamic-k routing); all when None.
 
     Returns
     -------
-    Tensor, scalar
+    Tensor
+        The scalar loss, of the dtype of ``probs``: 1 for uniform routing, ``n_experts`` at
+        total collapse; 0 when no row counts.
     """
     probs = _masked_rows(probs, mask)
     indices = _masked_rows(indices, mask)
@@ -58,11 +61,14 @@ def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     Parameters
     ----------
     logits : Tensor of shape (n, n_experts)
+        The router's logits (before the softmax).
     mask : Tensor of shape (n,), bool, optional
+        Rows that count, e.g. those with a non-zero sample weight; all when None.
 
     Returns
     -------
-    Tensor, scalar
+    Tensor
+        The scalar loss (non-negative); 0 when no row counts.
     """
     logits = _masked_rows(logits, mask)
     if logits.shape[0] == 0:
@@ -75,6 +81,18 @@ def squared_cv(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 
     Computed from the variance, never from a standard deviation: the gradient of ``std``
     at perfect balance (std = 0) is NaN, that of the variance is 0.
+
+    Parameters
+    ----------
+    values : Tensor
+        The values (e.g. per-expert loads), all elements taken together.
+    eps : float, default=1e-10
+        Added to ``mean^2`` so that all-zero values give 0, not NaN.
+
+    Returns
+    -------
+    Tensor
+        The scalar squared coefficient of variation; 0 for fewer than 2 values.
     """
     if values.numel() < 2:
         return values.new_zeros(())
@@ -96,10 +114,12 @@ def cv2_balance_loss(
         Per-row probability (or indicator) that each expert was chosen; the load is its
         column sum. The noisy top-k router's smooth estimate makes this term differentiable.
     mask : Tensor of shape (n,), bool, optional
+        Rows that count, e.g. those with a non-zero sample weight; all when None.
 
     Returns
     -------
-    Tensor, scalar
+    Tensor
+        The scalar loss: 0 at perfect balance, and when no row counts.
     """
     gates, load = _masked_rows(gates, mask), _masked_rows(load, mask)
     if gates.shape[0] == 0:
@@ -139,10 +159,13 @@ def expert_diversity_loss(expert_outputs: torch.Tensor) -> torch.Tensor:
     Parameters
     ----------
     expert_outputs : Tensor of shape (n_experts, m, n_outputs)
+        Every expert's output on the same ``m`` rows.
 
     Returns
     -------
-    Tensor, scalar (0 with fewer than 2 experts or 2 rows)
+    Tensor
+        The scalar loss, in [0, 1] (computed in float32); 0 with fewer than 2 experts or
+        2 rows.
     """
     n_experts, m = expert_outputs.shape[:2]
     if n_experts < 2 or m < 2:
