@@ -64,7 +64,22 @@ class StackedLinear(nn.Module):
         nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, blocks: list[torch.Tensor], block_experts: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        """Map each block ``(n_j, rows_j, in)`` to ``(n_j, rows_j, out)`` (see the module docstring)."""
+        """Map each block ``(n_j, rows_j, in)`` to ``(n_j, rows_j, out)`` (see the module docstring).
+
+        Parameters
+        ----------
+        blocks : list of Tensor
+            Block ``j`` has shape ``(n_j, rows_j, in_features)``: its slice ``i`` goes through
+            layer ``block_experts[j][i]``.
+        block_experts : list of (Tensor of shape (n_j,), int64, or None)
+            The layers of each block's slices; None stands for every layer in index order
+            (``n_j = n_experts``, weights used in place).
+
+        Returns
+        -------
+        list of Tensor
+            Block ``j``'s outputs, of shape ``(n_j, rows_j, out_features)``.
+        """
         weights = select_experts(self.weight, block_experts)
         biases = select_experts(self.bias, block_experts)
         return [batched_linear(x, w, b) for x, w, b in zip(blocks, weights, biases)]
@@ -187,17 +202,28 @@ class StackedExperts(_ExpertMLP):
     Parameters
     ----------
     n_experts : int
-    in_features, out_features : int
-    expert_hidden : tuple of int
+        Number of experts.
+    in_features : int
+        Width of an expert's input.
+    out_features : int
+        Width of an expert's output.
+    expert_hidden : tuple of int, default=(128,)
         Hidden layer sizes; ``()`` makes each expert a linear model.
     activation : str, default="relu"
         One of :data:`ACTIVATIONS`.
     dropout : float, default=0.0
+        Dropout probability after every hidden activation, in training.
     layer_norm : bool, default=False
         Normalise the input of every hidden layer after the first and of the output layer.
     skip_connections : bool, default=True
         Residual connections between hidden layers of equal width.
     output_init_scale : float, default=0.1
+        Multiplier on the output layer's default uniform initialisation.
+
+    Raises
+    ------
+    ValueError
+        If ``activation`` is not one of :data:`ACTIVATIONS`.
     """
 
     def __init__(
@@ -235,8 +261,9 @@ class StackedExperts(_ExpertMLP):
 
         Returns
         -------
-        Tensor of shape (n_experts, rows, out_features), or a list of blocks ``(n_j, rows_j,
-        out_features)``.
+        Tensor or list of Tensor
+            For a tensor ``x``, a tensor of shape ``(n_experts, rows, out_features)``; for a
+            list of blocks, block ``j``'s outputs of shape ``(n_j, rows_j, out_features)``.
         """
         if isinstance(x, torch.Tensor):
             h, block_experts = [x], [None]
@@ -254,11 +281,28 @@ class StackedExperts(_ExpertMLP):
         return out[0] if isinstance(x, torch.Tensor) else out
 
     def all_experts(self, x: torch.Tensor) -> torch.Tensor:
-        """Every expert on every row: Tensor of shape (n_experts, n, out_features)."""
+        """Run every expert on every row.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, in_features)
+            The rows.
+
+        Returns
+        -------
+        Tensor of shape (n_experts, n, out_features)
+            Slice ``e`` is expert ``e``'s output on every row.
+        """
         return self(x.unsqueeze(0).expand(self.n_experts, -1, -1))
 
     def expert_parameters(self) -> list[nn.Parameter]:
-        """The parameters that belong to one expert each, expert on axis 0: all of them."""
+        """List the parameters that belong to one expert each, expert on axis 0.
+
+        Returns
+        -------
+        list of torch.nn.Parameter
+            All the parameters: independent experts share none.
+        """
         return list(self.parameters())
 
     def forward_sorted(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -273,11 +317,14 @@ class StackedExperts(_ExpertMLP):
         Parameters
         ----------
         x : Tensor of shape (sum(counts), in_features)
+            The rows, sorted by expert.
         counts : list of int, length n_experts
+            Rows per expert, in expert order.
 
         Returns
         -------
         Tensor of shape (sum(counts), out_features)
+            Each row's output from its expert, in the order of ``x``.
         """
         outputs, start = [], 0
         for expert, count in enumerate(counts):
