@@ -18,7 +18,9 @@ from .products import RowInvariantLinear
 class Routing(NamedTuple):
     """The routing decision for one batch.
 
-    Attributes
+    Each parameter is kept as the field of the same name.
+
+    Parameters
     ----------
     logits : Tensor of shape (n, n_experts)
         Router logits divided by the temperature, float32.
@@ -29,13 +31,13 @@ class Routing(NamedTuple):
     weights : Tensor of shape (n, k)
         Gate weights of the chosen experts; each row sums to 1. Whether every row uses
         every expert is the router's :attr:`Router.is_dense`.
-    selection_probs : Tensor of shape (n, n_experts) or None
+    selection_probs : Tensor of shape (n, n_experts) or None, optional
         Differentiable probability that each expert is selected for each row (the noisy
         top-k router's smooth load estimate); None where selection is deterministic.
-    active : Tensor of shape (n, k), bool, or None
+    active : Tensor of shape (n, k), bool, or None, optional
         Which of the ``k`` candidate columns a row really uses (dynamic-k routers: the
         others have weight 0); None when all are used.
-    scores : Tensor of shape (n, n_experts) or None
+    scores : Tensor of shape (n, n_experts) or None, optional
         The scores that ranked the experts (with any selection bias and noise): a row's
         next choices, for rerouting capacity overflow. None for dense routing.
     """
@@ -70,14 +72,21 @@ class Router(nn.Module):
     Parameters
     ----------
     n_features : int
+        Width of the router's input (the model's embedded input row).
     n_experts : int
+        Number of experts to route among.
     top_k : int
-        Experts per row (ignored by dense routers).
+        Experts per row, in ``[1, n_experts]`` (ignored by dense routers).
     temperature : float, default=1.0
         Logits are divided by it: below 1 sharpens the routing, above 1 flattens it. Kept
         as the buffer ``temperature`` (a 0-d tensor) that annealing may change in training.
     gate_hidden : tuple of int, default=()
         Hidden layer sizes of an MLP gate (ReLU); ``()`` is a linear gate.
+
+    Raises
+    ------
+    ValueError
+        If ``top_k`` is not in ``[1, n_experts]`` or ``temperature`` is not positive.
     """
 
     def __init__(self, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0,
@@ -100,8 +109,13 @@ class Router(nn.Module):
     learned = True
 
     def expert_state_names(self) -> list[str]:
-        """The router's state-dict entries with one row per expert (axis 0): the gate's
-        output layer and the selection bias."""
+        """List the router's state-dict entries with one row per expert (axis 0).
+
+        Returns
+        -------
+        list of str
+            The names of the selection bias and of the gate's output layer (weight and bias).
+        """
         names = ["selection_bias"]
         if self.gate is not None:
             last = "gate" if isinstance(self.gate, nn.Linear) else f"gate.{len(self.gate) - 1}"
@@ -110,7 +124,15 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update_selection_bias(self, expert_counts: torch.Tensor, rate: float) -> None:
-        """``b_e += rate * sign(mean_load - load_e)``: favour under-loaded experts."""
+        """Favour under-loaded experts: ``b_e += rate * sign(mean_load - load_e)``.
+
+        Parameters
+        ----------
+        expert_counts : Tensor of shape (n_experts,)
+            Each expert's load (routed assignments) in the last batch.
+        rate : float
+            Step added to (or subtracted from) each expert's selection bias.
+        """
         load = expert_counts.to(self.selection_bias.dtype)
         self.selection_bias += rate * torch.sign(load.mean() - load)
 
@@ -120,7 +142,18 @@ class Router(nn.Module):
         return self.top_k == self.n_experts
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Router logits, always in float32 (also under mixed-precision autocast)."""
+        """Compute the router logits, always in float32 (also under mixed-precision autocast).
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The batch's (embedded) input rows.
+
+        Returns
+        -------
+        Tensor of shape (n, n_experts), float32
+            The gate's output divided by the temperature.
+        """
         # Entering a disabled autocast costs more than the gate itself on a 1-row predict.
         float32 = (torch.autocast(device_type=x.device.type, enabled=False)
                    if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
@@ -128,15 +161,64 @@ class Router(nn.Module):
             return self.gate(x.float()) / self.temperature
 
     def forward(self, x: torch.Tensor) -> Routing:  # pragma: no cover - abstract
+        """Route a batch; each routing rule (subclass) implements it.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The batch's (embedded) input rows.
+
+        Returns
+        -------
+        Routing
+            The batch's routing decision.
+
+        Raises
+        ------
+        NotImplementedError
+            Always: the base class has no routing rule.
+        """
         raise NotImplementedError
 
 
 class SoftmaxRouter(Router):
-    """Dense soft mixture: every expert gets its softmax weight; ``top_k`` is not used."""
+    """Dense soft mixture: every expert gets its softmax weight; ``top_k`` is not used.
+
+    Parameters
+    ----------
+    n_features : int
+        Width of the router's input (the model's embedded input row).
+    n_experts : int
+        Number of experts to route among.
+    top_k : int
+        Not used (every row gets every expert), but must be in ``[1, n_experts]``.
+    temperature : float, default=1.0
+        Softmax temperature, > 0 (see :class:`Router`).
+    gate_hidden : tuple of int, default=()
+        Hidden layer sizes of an MLP gate (ReLU); ``()`` is a linear gate.
+
+    Raises
+    ------
+    ValueError
+        If ``top_k`` is not in ``[1, n_experts]`` or ``temperature`` is not positive.
+    """
 
     is_dense = True
 
     def forward(self, x: torch.Tensor) -> Routing:
+        """Give every row every expert, weighted by the softmax of the logits.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The batch's (embedded) input rows.
+
+        Returns
+        -------
+        Routing
+            The batch's logits, full softmax, chosen experts and gate weights; ``indices``
+            lists every expert and ``weights`` is ``probs``.
+        """
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         indices = torch.arange(self.n_experts, device=x.device).expand(x.shape[0], -1)
@@ -159,9 +241,34 @@ class UniformRouter(Router):
         self.gate = None
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Return zero logits: there is no gate.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The batch's (embedded) input rows.
+
+        Returns
+        -------
+        Tensor of shape (n, n_experts), float32
+            Zeros.
+        """
         return x.new_zeros(x.shape[0], self.n_experts, dtype=torch.float32)
 
     def forward(self, x: torch.Tensor) -> Routing:
+        """Give every row every expert, each with weight ``1 / n_experts``.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The batch's (embedded) input rows.
+
+        Returns
+        -------
+        Routing
+            The batch's logits, full softmax, chosen experts and gate weights; ``indices``
+            lists every expert and ``weights`` is ``probs``.
+        """
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         indices = torch.arange(self.n_experts, device=x.device).expand(x.shape[0], -1)
@@ -177,16 +284,62 @@ class TopKRouter(Router):
     the weight is ``p / stop_gradient(p)``: still exactly 1, but with the gradient of
     ``log p`` (the direction of the Switch Transformer's ``p * expert(x)`` without scaling
     the output by ``p``).
+
+    Parameters
+    ----------
+    n_features : int
+        Width of the router's input (the model's embedded input row).
+    n_experts : int
+        Number of experts to route among.
+    top_k : int
+        Experts per row, in ``[1, n_experts]``.
+    temperature : float, default=1.0
+        Softmax temperature, > 0 (see :class:`Router`).
+    gate_hidden : tuple of int, default=()
+        Hidden layer sizes of an MLP gate (ReLU); ``()`` is a linear gate.
+
+    Raises
+    ------
+    ValueError
+        If ``top_k`` is not in ``[1, n_experts]`` or ``temperature`` is not positive.
     """
 
     def selection_scores(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The scores that pick (and weigh) the experts, and ``Routing.selection_probs``.
+        """Return the scores that pick (and weigh) the experts, and ``Routing.selection_probs``.
 
         Here the clean logits, and None: selection is deterministic.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The batch's (embedded) input rows.
+        logits : Tensor of shape (n, n_experts)
+            The batch's logits (:meth:`compute_logits`).
+
+        Returns
+        -------
+        scores : Tensor of shape (n, n_experts)
+            The scores that rank the experts (before the selection bias) and whose softmax
+            over the chosen ones gives the gate weights.
+        selection_probs : Tensor of shape (n, n_experts) or None
+            Each expert's probability of being selected where selection is random; None here.
         """
         return logits, None
 
     def forward(self, x: torch.Tensor) -> Routing:
+        """Route each row to the ``top_k`` experts of highest score (plus selection bias).
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The batch's (embedded) input rows.
+
+        Returns
+        -------
+        Routing
+            The batch's logits, full softmax, chosen experts and gate weights, with the
+            ranking ``scores`` for rerouting.
+        """
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         scores, selection_probs = self.selection_scores(x, logits)
@@ -208,6 +361,24 @@ class NoisyTopKRouter(TopKRouter):
     paper's smooth load estimate ``P(expert e is chosen) = Phi((logit_e - threshold_e) /
     noise_std_e)``, where ``threshold_e`` is the k-th largest noisy score among the other
     experts; the ``"cv2"`` balance loss uses it.
+
+    Parameters
+    ----------
+    n_features : int
+        Width of the router's input (the model's embedded input row).
+    n_experts : int
+        Number of experts to route among.
+    top_k : int
+        Experts per row, in ``[1, n_experts]``.
+    temperature : float, default=1.0
+        Softmax temperature, > 0 (see :class:`Router`).
+    gate_hidden : tuple of int, default=()
+        Hidden layer sizes of an MLP gate (ReLU); ``()`` is a linear gate.
+
+    Raises
+    ------
+    ValueError
+        If ``top_k`` is not in ``[1, n_experts]`` or ``temperature`` is not positive.
     """
 
     def __init__(self, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0,
@@ -218,6 +389,13 @@ class NoisyTopKRouter(TopKRouter):
         nn.init.zeros_(self.noise.bias)
 
     def expert_state_names(self) -> list[str]:
+        """List the router's state-dict entries with one row per expert (axis 0).
+
+        Returns
+        -------
+        list of str
+            The names of the selection bias, the gate's output layer and the noise layer.
+        """
         return [*super().expert_state_names(), "noise.weight", "noise.bias"]
 
     def _noise_std(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,6 +403,25 @@ class NoisyTopKRouter(TopKRouter):
             return nn.functional.softplus(self.noise(x.float())) / self.temperature + 1e-6
 
     def selection_scores(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the noisy scores that pick (and weigh) the experts, and their smooth load estimate.
+
+        In evaluation there is no noise: the clean logits, and None.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The batch's (embedded) input rows.
+        logits : Tensor of shape (n, n_experts)
+            The batch's logits (:meth:`compute_logits`).
+
+        Returns
+        -------
+        scores : Tensor of shape (n, n_experts)
+            In training, the logits plus learned-scale Gaussian noise; else the logits.
+        selection_probs : Tensor of shape (n, n_experts) or None
+            In training with ``top_k < n_experts``, each expert's probability of being among
+            the row's ``top_k`` (the paper's smooth load estimate); else None.
+        """
         if not self.training:
             return logits, None
         noise_std = self._noise_std(x)
@@ -241,9 +438,29 @@ class NoisyTopKRouter(TopKRouter):
 
 
 class SwitchRouter(TopKRouter):
-    """Switch Transformer routing (Fedus et al., 2021): top-1, with the router input
-    multiplied by uniform noise in ``[1 - jitter, 1 + jitter]`` in training. ``top_k`` is
-    not used."""
+    """Switch Transformer routing (Fedus et al., 2021): top-1, with jitter on the router input.
+
+    In training the router input is multiplied by uniform noise in ``[1 - jitter,
+    1 + jitter]``.
+
+    Parameters
+    ----------
+    n_features : int
+        Width of the router's input (the model's embedded input row).
+    n_experts : int
+        Number of experts to route among.
+    top_k : int, default=1
+        Not used: one expert per row.
+    temperature : float, default=1.0
+        Softmax temperature, > 0 (see :class:`Router`).
+    gate_hidden : tuple of int, default=()
+        Hidden layer sizes of an MLP gate (ReLU); ``()`` is a linear gate.
+
+    Raises
+    ------
+    ValueError
+        If ``temperature`` is not positive.
+    """
 
     jitter = 1e-2
 
@@ -252,14 +469,28 @@ class SwitchRouter(TopKRouter):
         super().__init__(n_features, n_experts, 1, temperature, gate_hidden)
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Compute the router logits in float32, on the jittered input in training.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The batch's (embedded) input rows.
+
+        Returns
+        -------
+        Tensor of shape (n, n_experts), float32
+            The gate's output divided by the temperature.
+        """
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         return super().compute_logits(x)
 
 
 class TopPRouter(Router):
-    """Dynamic k (top-p routing, Huang et al. 2024): each row takes its most probable experts
-    until their probabilities add up to ``top_p``, at most ``top_k`` of them.
+    """Dynamic k (top-p routing, Huang et al. 2024): each row takes experts until ``top_p``.
+
+    Each row takes its most probable experts until their probabilities add up to ``top_p``,
+    at most ``top_k`` of them.
 
     Confident rows use one expert, uncertain rows several. With ``learned_threshold=True``
     the rule is per expert instead: a row also uses expert ``e`` (among its ``top_k`` best)
@@ -268,6 +499,29 @@ class TopPRouter(Router):
     keep/skip decision passes the gradient of ``sigmoid((p_e - threshold_e) / 0.1)`` to
     the threshold (straight-through). A row always keeps its best expert. Gate weights are
     the kept experts' probabilities, renormalised.
+
+    Parameters
+    ----------
+    n_features : int
+        Width of the router's input (the model's embedded input row).
+    n_experts : int
+        Number of experts to route among.
+    top_k : int
+        Experts per row, in ``[1, n_experts]`` (the most a row may use).
+    temperature : float, default=1.0
+        Softmax temperature, > 0 (see :class:`Router`).
+    gate_hidden : tuple of int, default=()
+        Hidden layer sizes of an MLP gate (ReLU); ``()`` is a linear gate.
+    top_p : float, default=0.5
+        Probability mass, in (0, 1], that a row's kept experts reach.
+    learned_threshold : bool, default=False
+        Use a learned per-expert probability threshold instead of ``top_p``.
+
+    Raises
+    ------
+    ValueError
+        If ``top_k`` is not in ``[1, n_experts]``, ``temperature`` is not positive, or
+        ``top_p`` is not in (0, 1].
     """
 
     threshold_sharpness = 0.1
@@ -285,13 +539,35 @@ class TopPRouter(Router):
 
     @property
     def is_dense(self) -> bool:
+        """Whether every row uses every expert: never, the number of experts is per row."""
         return False
 
     def expert_state_names(self) -> list[str]:
+        """List the router's state-dict entries with one row per expert (axis 0).
+
+        Returns
+        -------
+        list of str
+            The names of the selection bias, the gate's output layer and, with
+            ``learned_threshold``, the threshold logits.
+        """
         names = super().expert_state_names()
         return names if self.threshold_logit is None else [*names, "threshold_logit"]
 
     def forward(self, x: torch.Tensor) -> Routing:
+        """Route each row to its most probable experts until their mass reaches ``top_p``.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The batch's (embedded) input rows.
+
+        Returns
+        -------
+        Routing
+            The batch's logits, full softmax, chosen experts and gate weights, with
+            ``active`` marking the candidates each row keeps and the ranking ``scores``.
+        """
         logits = self.compute_logits(x)
         probs = logits.softmax(dim=-1)
         ranking_scores = logits + self.selection_bias
@@ -329,6 +605,28 @@ class HierarchicalRouter(Router):
     renormalised weight (1, carrying the gradient of ``log q_g``). Dense (``top_k ==
     n_experts``): every expert, weighted by ``p_e`` (the soft hierarchical mixture).
     ``Routing.logits`` (for the z-loss) is the sum of the two levels' logits.
+
+    Parameters
+    ----------
+    n_features : int
+        Width of the router's input (the model's embedded input row).
+    n_experts : int
+        Number of experts to route among.
+    top_k : int
+        Experts per row, in ``[1, n_experts]``; ``top_k == n_experts`` is the dense mixture,
+        and a sparse row takes at most the smallest group's size.
+    temperature : float, default=1.0
+        Softmax temperature, > 0 (see :class:`Router`).
+    gate_hidden : tuple of int, default=()
+        Hidden layer sizes of an MLP gate (ReLU); ``()`` is a linear gate.
+    n_groups : int, default=2
+        Number of expert groups, in ``[1, n_experts]``.
+
+    Raises
+    ------
+    ValueError
+        If ``top_k`` or ``n_groups`` is not in ``[1, n_experts]``, or ``temperature`` is not
+        positive.
     """
 
     def __init__(self, n_features: int, n_experts: int, top_k: int, temperature: float = 1.0,
@@ -342,6 +640,19 @@ class HierarchicalRouter(Router):
         self.experts_per_row = min(top_k, n_experts // n_groups)
 
     def forward(self, x: torch.Tensor) -> Routing:
+        """Route each row to its best group, and there to its best experts (or all, dense).
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The batch's (embedded) input rows.
+
+        Returns
+        -------
+        Routing
+            The batch's logits, full softmax, chosen experts and gate weights, with the
+            ranking ``scores`` for rerouting when sparse.
+        """
         expert_logits = self.compute_logits(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
             group_logits = self.group_gate(x.float()) / self.temperature
@@ -391,9 +702,35 @@ def make_router(name: str, n_features: int, n_experts: int, top_k: int, temperat
                 gate_hidden: tuple[int, ...] = (), **options) -> Router:
     """Build the router registered under ``name``.
 
-    ``options`` are router-specific settings (``top_p`` and ``learned_threshold`` for
-    ``"top_p"``, ``n_groups`` for ``"hierarchical"``); the ones another router takes are
-    ignored, so callers can pass every setting whatever the router.
+    Parameters
+    ----------
+    name : str
+        A key of :data:`ROUTERS`: ``"softmax"``, ``"topk"``, ``"noisy_topk"``, ``"switch"``,
+        ``"top_p"``, ``"hierarchical"`` or ``"uniform"``.
+    n_features : int
+        Width of the router's input (the model's embedded input row).
+    n_experts : int
+        Number of experts to route among.
+    top_k : int
+        Experts per row, in ``[1, n_experts]``.
+    temperature : float, default=1.0
+        Softmax temperature, > 0 (see :class:`Router`).
+    gate_hidden : tuple of int, default=()
+        Hidden layer sizes of an MLP gate (ReLU); ``()`` is a linear gate.
+    **options
+        Router-specific settings (``top_p`` and ``learned_threshold`` for ``"top_p"``,
+        ``n_groups`` for ``"hierarchical"``); the ones another router takes are ignored, so
+        callers can pass every setting whatever the router.
+
+    Returns
+    -------
+    Router
+        A new router of the class registered under ``name``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``name``, or settings the router rejects.
     """
     try:
         router_cls = ROUTERS[name]
