@@ -15,8 +15,8 @@ from .datasets import DATASETS
 from .machine import describe_machine
 
 
-def run_variants(module: str, description: str, task: str, variants: Sequence[str], run_fold: Callable,
-                 report: Callable, out: Path, argv=None) -> pd.DataFrame:
+def run_variants(module: str, description: str, task: str | None, variants: Sequence[str], run_fold: Callable,
+                 report: Callable, out: Path, argv=None, datasets: Sequence[str] | None = None) -> pd.DataFrame:
     """Parse the command line, cross-validate every variant and write the results.
 
     Parameters
@@ -25,8 +25,9 @@ def run_variants(module: str, description: str, task: str, variants: Sequence[st
         The benchmark's module name (``benchmarks.<module>``); also the results' file stem.
     description : str
         The command line's help text.
-    task : {"regression", "classification"}
-        The suite's data sets of this task are the default ``--datasets``.
+    task : {"regression", "classification"} or None
+        The suite's data sets of this task are the default ``--datasets`` (``None``: those
+        named by ``datasets``).
     variants : sequence of str
     run_fold : callable
         ``run_fold(name, variant, X, y, train, test, seed)`` -> dict of scores for one fold;
@@ -36,6 +37,8 @@ def run_variants(module: str, description: str, task: str, variants: Sequence[st
     out : Path
         Default output folder.
     argv : list of str, optional
+    datasets : sequence of str, optional
+        The default ``--datasets`` when ``task`` is None.
 
     Returns
     -------
@@ -43,7 +46,8 @@ def run_variants(module: str, description: str, task: str, variants: Sequence[st
         One row per data set, fold and variant.
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--datasets", nargs="*", default=[d for d in SUITES["full"] if DATASETS[d].task == task])
+    default = list(datasets) if task is None else [d for d in SUITES["full"] if DATASETS[d].task == task]
+    parser.add_argument("--datasets", nargs="*", default=default)
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--max-rows", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)

@@ -13,7 +13,7 @@ from ._expert_methods import ExpertMethods
 from ._net import named_callbacks
 from ._parameters import PARAMETER_CONSTRAINTS, check_hyperparameters
 from ._scaling import fit_robust_scaler, scale_features
-from ._tabular import TABLE_STATE, encode_for_fit, encode_for_predict, is_encoded
+from ._tabular import TABLE_STATE, encode_for_fit, encode_for_predict, is_encoded, n_code_columns
 from ._training import build_module, history_frame, train
 from ._validation import relative_sample_weight, validate_input
 from .diagnostics import expert_utilization
@@ -93,6 +93,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         warm_start=False,
         callbacks=None,
         categorical_features="from_dtype",
+        one_hot_max_categories=8,
         handle_missing="native",
     ):
         self.n_experts = n_experts
@@ -144,6 +145,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         self.warm_start = warm_start
         self.callbacks = callbacks
         self.categorical_features = categorical_features
+        self.one_hot_max_categories = one_hot_max_categories
         self.handle_missing = handle_missing
 
     # ------------------------------------------------------------------ validation
@@ -177,8 +179,8 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         if reuse:
             x_mean, x_scale = self._x_mean, self._x_scale
         else:
-            x_mean, x_scale = fit_robust_scaler(X, sample_weight)
-        X_scaled = scale_features(X, x_mean, x_scale)
+            x_mean, x_scale = fit_robust_scaler(X, sample_weight, n_code_columns(self))
+        X_scaled = scale_features(X, x_mean, x_scale, n_code_columns(self))
 
         rng = check_random_state(self.random_state)
         init_seed, shuffle_seed, split_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=3))
@@ -226,7 +228,8 @@ class BaseMoE(ExpertMethods, BaseEstimator):
 
     def _embedding_layout(self, X_scaled: np.ndarray, seed: int):
         """``((columns, n_bins), bins)`` of the numeric embedding (see :func:`fit_embedding_layout`)."""
-        X = torch.from_numpy(np.ascontiguousarray(X_scaled, dtype=np.float32))
+        numeric = X_scaled[:, :X_scaled.shape[1] - n_code_columns(self)]  # not the category codes
+        X = torch.from_numpy(np.ascontiguousarray(numeric, dtype=np.float32))
         columns, n_bins, bins = fit_embedding_layout(X, self.numeric_embedding, torch.Generator().manual_seed(seed))
         return (np.asarray(columns, dtype=np.int64), np.asarray(n_bins, dtype=np.int64)), bins
 
@@ -267,7 +270,8 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         else:  # a missing value, not seen in fit, gets the column's centre
             X = self._validate_X(X, reset=False, ensure_all_finite="allow-nan" if self.handle_missing == "native"
                                  else True)
-        return torch.as_tensor(np.nan_to_num(scale_features(X, self._x_mean, self._x_scale)), device=self.net_.device)
+        X_scaled = scale_features(X, self._x_mean, self._x_scale, n_code_columns(self))
+        return torch.as_tensor(np.nan_to_num(X_scaled), device=self.net_.device)
 
     def _is_plain_valid_input(self, X) -> bool:
         """The common prediction input that needs no conversion: a finite 2-d float ndarray

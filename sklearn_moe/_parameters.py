@@ -64,6 +64,7 @@ PARAMETER_CONSTRAINTS: dict = {
     "warm_start": ["boolean"],
     "callbacks": [None, list, tuple],
     "categorical_features": [StrOptions({"from_dtype"}), None, "array-like"],
+    "one_hot_max_categories": [Interval(Integral, 0, None, closed="left"), None],
     "handle_missing": [StrOptions({"native", "error"})],
 }
 
@@ -245,9 +246,17 @@ PARAMETERS = """\
         The categorical columns, encoded inside the estimator so that a raw DataFrame can be
         fitted as it is. ``"from_dtype"``: a DataFrame's columns of pandas ``category``,
         ``object``, ``string`` and ``bool`` dtypes; or a boolean mask, column indices or
-        column names; ``None``: none. Each becomes one input per category seen in fit (at
-        most 256) plus one for a missing value, a category of its own; a category unseen in
-        fit sets none of them, without error.
+        column names; ``None``: none. A missing value is a category of its own, and a
+        category unseen in fit is accepted at prediction, without error. How each column is
+        encoded depends on ``one_hot_max_categories``.
+    one_hot_max_categories : int or None, default=8
+        A categorical column with at most this many categories seen in fit becomes one input
+        per category plus one for a missing value (one-hot; a category unseen in fit sets
+        none of them); at most 256 categories. A column with more gets a learned embedding:
+        8 values per category, trained with the network and shared by the router and every
+        expert, with a missing value its own category and every category unseen in fit
+        mapped to a reserved all-zero vector. ``0`` embeds every categorical column;
+        ``None`` one-hot encodes every one.
     handle_missing : {"native", "error"}, default="native"
         Missing numeric values (NaN). ``"native"``: a column with missing values in fit
         gets an indicator input beside it and its missing values the column's median in

@@ -78,13 +78,19 @@ def weighted_quantiles(values: np.ndarray, quantiles, sample_weight: np.ndarray 
     return np.array(result)
 
 
-def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = None, n_passthrough: int = 0
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """Column centres and scales for the inputs: median and interquartile range / 1.349.
 
     Robust to outliers and skew, and equal to mean and standard deviation for normal data.
     Columns whose interquartile range is zero (e.g. rare one-hot columns) fall back to mean
-    and standard deviation, and constant columns to a scale of 1.
+    and standard deviation, and constant columns to a scale of 1. The last ``n_passthrough``
+    columns (category codes) get centre 0 and scale 1, which :func:`scale_features` leaves
+    alone.
     """
+    if n_passthrough:
+        mean, scale = fit_robust_scaler(values[:, :-n_passthrough], sample_weight)
+        return np.concatenate((mean, np.zeros(n_passthrough))), np.concatenate((scale, np.ones(n_passthrough)))
     median, q25, q75 = weighted_quantiles(values, (0.5, 0.25, 0.75), sample_weight)
     spread = (q75 - q25) / _IQR_PER_STD
     mean, std = fit_standardizer(values, sample_weight)
@@ -92,8 +98,10 @@ def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = Non
     return np.where(robust, median, mean), np.where(robust, spread, std)
 
 
-def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, n_passthrough: int = 0) -> np.ndarray:
     """Centre, scale, then smoothly clip ``X``; returns float32.
+
+    The last ``n_passthrough`` columns (category codes) pass through unchanged.
 
     Centring and scaling are float64 (columns far from float32's range stay exact); the
     clip ``t / sqrt(1 + t^2)`` runs in float32, which holds its result, with ``|t| >= 1e8``
@@ -103,6 +111,9 @@ def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.nda
     where each torch call costs more). Both run the same operations in the same order;
     torch's vectorised square root can differ from numpy's in the last bit.
     """
+    if n_passthrough:
+        head = scale_features(X[:, :-n_passthrough], mean[:-n_passthrough], scale[:-n_passthrough])
+        return np.concatenate((head, np.asarray(X[:, -n_passthrough:], dtype=np.float32)), axis=1)
     # Divided in two steps: scale * SMOOTH_CLIP can overflow for scales near float64's maximum.
     inverse = (1.0 / np.asarray(scale, dtype=np.float64)) / SMOOTH_CLIP
     mean = np.asarray(mean, dtype=np.float64)

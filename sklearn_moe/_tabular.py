@@ -1,12 +1,19 @@
 """Raw tables in ``fit`` and ``predict``: categorical columns and missing values, encoded
 inside the estimator.
 
-A categorical column becomes one indicator per category seen in fit plus one for a missing
-value (a category of its own); a category unseen in fit sets none of them. A numeric column
-with missing values in fit gets an indicator column beside it, and its missing values the
-column's median in fit. The encoding's fitted state is plain arrays (the estimator's
-``_table_*`` attributes), so that :mod:`sklearn_moe.persistence` stores it as it stores the
-scaling.
+A categorical column with at most ``one_hot_max_categories`` categories seen in fit becomes
+one indicator per category plus one for a missing value (a category of its own); a category
+unseen in fit sets none of them. A column with more categories becomes one integer code,
+which the network replaces by a learned vector (:class:`~sklearn_moe.nn.CategoricalEmbedding`):
+code 0 is reserved for a category unseen in fit, ``1..K`` are the categories seen, ``K + 1``
+a missing value. A numeric column with missing values in fit gets an indicator column beside
+it, and its missing values the column's median in fit.
+
+The encoded matrix is, in order: the numeric columns, their missing-value indicators, the
+one-hot columns' indicators, then the embedded columns' codes. The codes are the last
+columns so that scaling and the numeric embedding leave them alone. The encoding's fitted
+state is plain arrays (the estimator's ``_table_*`` attributes), so that
+:mod:`sklearn_moe.persistence` stores it as it stores the scaling.
 """
 
 from __future__ import annotations
@@ -15,18 +22,43 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
-#: Most categories a categorical column may have (each is an input column of the experts).
-MAX_CATEGORIES = 256
+#: Most categories a one-hot encoded column may have (each is an input column of the experts).
+MAX_ONE_HOT_CATEGORIES = 256
+#: Most categories an embedded column may have (each is a row of the embedding table).
+MAX_EMBEDDED_CATEGORIES = 1_000_000
 HANDLE_MISSING = ("native", "error")
-TABLE_STATE = ("_table_categorical", "_table_categories", "_table_offsets", "_table_missing", "_table_fill")
+TABLE_STATE = ("_table_categorical", "_table_categories", "_table_offsets", "_table_embedded", "_table_missing",
+               "_table_fill")
 
 
 def empty_state() -> dict:
     """The state of a model fitted without encoding (numeric input, nothing missing)."""
     ints = np.zeros(0, dtype=np.int64)
     return {"_table_categorical": ints, "_table_categories": np.zeros(0, dtype=str),
-            "_table_offsets": np.zeros(1, dtype=np.int64), "_table_missing": ints,
+            "_table_offsets": np.zeros(1, dtype=np.int64), "_table_embedded": ints, "_table_missing": ints,
             "_table_fill": np.zeros(0, dtype=np.float64)}
+
+
+def embedded_positions(state) -> np.ndarray:
+    """Positions, within ``_table_categorical``, of the columns with a learned embedding
+    (none for a model pickled before embeddings existed)."""
+    embedded = getattr(state, "_table_embedded", None)
+    return np.zeros(0, dtype=np.int64) if embedded is None else embedded
+
+
+def n_code_columns(state) -> int:
+    """Number of embedded columns: the encoded matrix's last columns, holding codes."""
+    return int(embedded_positions(state).size)
+
+
+def category_cardinalities(state) -> list[int]:
+    """Codes per embedded column: its categories seen in fit, plus the reserved code 0 and
+    the code of a missing value (see the module docstring)."""
+    positions = embedded_positions(state)
+    if not positions.size:
+        return []
+    counts = np.diff(state._table_offsets)
+    return [int(counts[position]) + 2 for position in positions]
 
 
 def is_encoded(estimator) -> bool:
@@ -78,20 +110,27 @@ def categorical_mask(X, categorical_features) -> np.ndarray:
                      f"names; got {categorical_features!r}.")
 
 
-def fit_table_encoding(X, mask: np.ndarray, handle_missing: str) -> dict:
-    """The encoding's state for the raw table ``X`` with categorical columns ``mask``."""
+def fit_table_encoding(X, mask: np.ndarray, handle_missing: str, one_hot_max_categories: int | None = None) -> dict:
+    """The encoding's state for the raw table ``X`` with categorical columns ``mask``;
+    columns with more than ``one_hot_max_categories`` categories are embedded (``None``:
+    none are)."""
     frame = _as_frame(X)
     categorical = np.flatnonzero(mask)
-    categories, offsets = [], [0]
-    for column in categorical:
+    categories, offsets, embedded = [], [0], []
+    for position, column in enumerate(categorical):
         values = _category_strings(frame.iloc[:, column])
         seen = np.unique(values[values != _MISSING])
-        if seen.size > MAX_CATEGORIES:
-            raise ValueError(
-                f"Categorical column {_name(frame, column)} has {seen.size} categories, more than "
-                f"{MAX_CATEGORIES}; group rare ones, encode it yourself (e.g. TargetEncoder) or drop it.")
+        embed = one_hot_max_categories is not None and seen.size > one_hot_max_categories
+        limit = MAX_EMBEDDED_CATEGORIES if embed else MAX_ONE_HOT_CATEGORIES
+        if seen.size > limit:
+            advice = ("set one_hot_max_categories to a number below it, so that a learned embedding encodes it"
+                      if not embed else "group rare ones, encode it yourself (e.g. TargetEncoder) or drop it")
+            raise ValueError(f"Categorical column {_name(frame, column)} has {seen.size} categories, more than "
+                             f"{limit} for {'an embedded' if embed else 'a one-hot encoded'} column; {advice}.")
         categories.extend(seen.tolist())
         offsets.append(offsets[-1] + seen.size)
+        if embed:
+            embedded.append(position)
     numeric = _numeric_values(frame, ~mask)
     missing = np.isnan(numeric)
     with_missing = np.flatnonzero(missing.any(axis=0))
@@ -106,13 +145,15 @@ def fit_table_encoding(X, mask: np.ndarray, handle_missing: str) -> dict:
     return {"_table_categorical": categorical.astype(np.int64),
             "_table_categories": np.asarray(categories, dtype=str),
             "_table_offsets": np.asarray(offsets, dtype=np.int64),
+            "_table_embedded": np.asarray(embedded, dtype=np.int64),
             "_table_missing": with_missing.astype(np.int64), "_table_fill": fill}
 
 
 def encode_table(X, state) -> np.ndarray:
     """The numeric matrix of the raw table ``X`` under a fitted encoding (``state``: an object
     with the ``_table_*`` attributes): the numeric columns (missing values filled), their
-    missing-value indicators, then every categorical column's indicators. float64."""
+    missing-value indicators, the one-hot columns' indicators, then the embedded columns'
+    codes. float64."""
     frame = _as_frame(X)
     mask = np.zeros(frame.shape[1], dtype=bool)
     mask[state._table_categorical] = True
@@ -122,14 +163,21 @@ def encode_table(X, state) -> np.ndarray:
         numeric = np.where(missing, state._table_fill[None, :] if state._table_fill.size else 0.0, numeric)
     blocks = [numeric, missing[:, state._table_missing].astype(np.float64)]
     offsets = state._table_offsets
+    embedded = set(embedded_positions(state).tolist())
+    codes_of_embedded = []
     for position, column in enumerate(state._table_categorical):
         known = state._table_categories[offsets[position]:offsets[position + 1]]
         values = _category_strings(frame.iloc[:, column])
-        codes = pd.Categorical(values, categories=known).codes  # -1: unseen or missing
+        codes = pd.Index(known).get_indexer(values)  # -1: unseen or missing
+        is_missing = values == _MISSING
+        if position in embedded:
+            codes_of_embedded.append(np.where(is_missing, known.size + 1, codes + 1).astype(np.float64))
+            continue
         one_hot = np.zeros((len(values), known.size + 1))
         one_hot[np.flatnonzero(codes >= 0), codes[codes >= 0]] = 1.0
-        one_hot[:, -1] = values == _MISSING
+        one_hot[:, -1] = is_missing
         blocks.append(one_hot)
+    blocks.extend(codes[:, None] for codes in codes_of_embedded)
     return np.concatenate(blocks, axis=1)
 
 
@@ -175,9 +223,10 @@ def _numeric_values(frame: pd.DataFrame, columns: np.ndarray) -> np.ndarray:
 
 def encoded_width(n_features: int, state) -> int:
     """Columns of the encoded matrix of a raw table of ``n_features`` columns."""
-    n_categorical = state._table_categorical.size
-    return (n_features - n_categorical + state._table_missing.size
-            + int(state._table_offsets[-1]) + n_categorical)
+    counts = np.diff(state._table_offsets)
+    one_hot_categories = int(counts.sum() - counts[embedded_positions(state)].sum())
+    # A one-hot column has its categories and a missing slot; an embedded column one code.
+    return n_features + state._table_missing.size + one_hot_categories
 
 
 def encode_for_fit(estimator, X, reuse: bool):
@@ -193,7 +242,7 @@ def encode_for_fit(estimator, X, reuse: bool):
     if not (mask.any() or (estimator.handle_missing == "native" and _has_missing(X))):
         vars(estimator).update(empty_state())
         return X, None
-    vars(estimator).update(fit_table_encoding(X, mask, estimator.handle_missing))
+    vars(estimator).update(fit_table_encoding(X, mask, estimator.handle_missing, estimator.one_hot_max_categories))
     return encode_table(X, estimator), X
 
 

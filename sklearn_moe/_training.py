@@ -24,6 +24,7 @@ from ._net import (
     named_callbacks,
     report_interruption,
 )
+from ._tabular import category_cardinalities
 from .callbacks import (
     AdaptiveCapacity,
     AuxFreeBalancing,
@@ -79,6 +80,7 @@ def build_module(params, n_features: int, device, layout=None, bins=None) -> Mix
         embedding_columns=columns.tolist() if embedding else None,
         embedding_bins=bins,
         embedding_n_bins=n_bins.tolist() if embedding == "piecewise_linear" and bins is None else None,
+        category_cardinalities=category_cardinalities(params),
         capacity_factor=None if params.capacity_factor == "auto" else params.capacity_factor,
         output=params._module_output(),
         **{name: getattr(params, name) for name in _MODULE_PARAMETERS},

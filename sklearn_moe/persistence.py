@@ -44,7 +44,7 @@ from ._training import build_module, fitted_net, history_frame, rebuilt_module
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
 FORMAT_NAME = "sklearn-moe"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 _VERSION_1_PARAMS = {"expert_type": "independent", "expert_loss": "mixture", "numeric_embedding": None,
                      "lr_schedule": "plateau", "router_lr_scale": 1.0, "expert_subsample": 1.0}
 # Parameters that files of a format version below the key did not store, per kind, with the
@@ -59,6 +59,7 @@ _ADDED_PARAMS = {
     5: {kind: {"callbacks": None, "categorical_features": "from_dtype", "handle_missing": "error",
                **({"mixing": "logits"} if kind == "MoEClassifier" else {})}
         for kind in ("MoERegressor", "MoEClassifier")},
+    6: {kind: {"one_hot_max_categories": None} for kind in ("MoERegressor", "MoEClassifier")},
 }
 # Tensors that files of a format version below the key did not store, with how to make them
 # from the estimator: the router's temperature was a fixed hyperparameter then, and a
@@ -326,6 +327,8 @@ def _restore_fitted(estimator, document: dict) -> None:
         fitted = {"_embedding_columns": empty, "_embedding_n_bins": empty, **fitted}
     if document["format_version"] < 5:  # numeric input only then
         fitted = {**{name: _encode_array(name, value) for name, value in empty_state().items()}, **fitted}
+    if document["format_version"] < 6:  # every categorical column one-hot encoded then
+        fitted = {"_table_embedded": _encode_array("_table_embedded", np.zeros(0, dtype=np.int64)), **fitted}
     required = set(_required_fitted(kind))
     unknown = sorted(set(fitted) - required - set(_OPTIONAL_FITTED))
     missing = sorted(required - set(fitted))
@@ -343,6 +346,7 @@ def _restore_fitted(estimator, document: dict) -> None:
         "feature_names_in_": ("OU", (n_features,)), "classes_": ("biufUO", None),
         "_embedding_columns": ("i", None), "_embedding_n_bins": ("i", None),
         "_table_categorical": ("i", None), "_table_offsets": ("i", None), "_table_missing": ("i", None),
+        "_table_embedded": ("i", None),
         "_table_categories": ("U", None), "_table_fill": ("f8", None),
     }
     for name, value in values.items():
@@ -373,13 +377,15 @@ def _checked_table_width(values: dict, n_features) -> int:
     """The encoded input's width under the stored table encoding, which must be consistent."""
     try:
         categorical, offsets = values["_table_categorical"], values["_table_offsets"]
-        missing, fill = values["_table_missing"], values["_table_fill"]
+        missing, fill, embedded = values["_table_missing"], values["_table_fill"], values["_table_embedded"]
         n_numeric = n_features - categorical.size
         ok = (categorical.ndim == offsets.ndim == missing.ndim == fill.ndim == 1
               and offsets.size == categorical.size + 1 and offsets[0] == 0 and (np.diff(offsets) >= 0).all()
               and offsets[-1] == values["_table_categories"].size
               and np.array_equal(categorical, np.unique(categorical))
               and (categorical.size == 0 or 0 <= categorical[0] <= categorical[-1] < n_features)
+              and embedded.ndim == 1 and np.array_equal(embedded, np.unique(embedded))
+              and (embedded.size == 0 or 0 <= embedded[0] <= embedded[-1] < categorical.size)
               and np.array_equal(missing, np.unique(missing))
               and (missing.size == 0 or 0 <= missing[0] <= missing[-1] < n_numeric)
               and fill.size in ({0, n_numeric} if categorical.size or missing.size else {0}))

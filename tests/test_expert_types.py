@@ -6,6 +6,7 @@ import math
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 import safetensors
 import safetensors.torch
@@ -793,7 +794,14 @@ def rewrite_metadata(source, target, edit):
     return target
 
 
+def as_version_5(document):
+    document["format_version"] = 5
+    document["params"].pop("one_hot_max_categories", None)
+    document["fitted"].pop("_table_embedded", None)
+
+
 def as_version_4(document):
+    as_version_5(document)
     document["format_version"] = 4
     document["params"].pop("callbacks", None)
     if document["kind"] == "MoEClassifier":
@@ -883,6 +891,16 @@ def test_version_4_files_load_unrecalibrated_and_mixing_logits(tmp_path, classif
     loaded = sklearn_moe.load(rewrite_metadata(tmp_path / "r5.moe", tmp_path / "r4.moe", as_version_4))
     assert loaded.scale_calibration_ == 1.0
     np.testing.assert_array_equal(loaded.predict(X), density.predict(X))
+
+
+def test_version_5_files_load_with_every_categorical_column_one_hot(tmp_path):
+    rng = np.random.RandomState(0)
+    frame = pd.DataFrame({"x": rng.normal(size=120), "city": rng.choice(list("abcdefghijkl"), 120)})
+    y = frame["x"].to_numpy() + (frame["city"] == "a")
+    model = MoERegressor(**dict(ADAPTER, max_epochs=3), one_hot_max_categories=None).fit(frame, y)
+    # a version-6 file must carry the parameter
+    loaded = load_as_version(model, frame, tmp_path, as_version_5, 5, r"missing \['one_hot_max_categories'\]")
+    assert loaded.one_hot_max_categories is None and loaded._table_embedded.tolist() == []
 
 
 def test_version_1_file_with_an_embedding_layout_is_rejected(tmp_path):

@@ -342,6 +342,7 @@ def test_tampered_kind_imports_and_runs_nothing(saved, tmp_path, monkeypatch, ki
     (lambda d: d["fitted"].update(_y_mean={"dtype": "|V8", "shape": [1], "data": [0]}), "_y_mean"),
     (lambda d: d["fitted"].update(classes_={"dtype": "<i8", "shape": [2], "data": [0, 1]}), r"unknown \['classes_'\]"),
     (lambda d: d["fitted"].pop("_x_scale"), r"missing \['_x_scale'\]"),
+    (lambda d: d["fitted"].update(_table_embedded={"dtype": "<i8", "shape": [1], "data": [0]}), "table encoding"),
     (lambda d: d["fitted"].update(n_iter_=10**6), "n_iter_"),
     (lambda d: d.update(history={}), "history"),
     (lambda d: d.update(extra="x"), "keys"),

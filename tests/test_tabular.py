@@ -10,7 +10,15 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 import sklearn_moe
 from sklearn_moe import MoEClassifier, MoERegressor
-from sklearn_moe._tabular import MAX_CATEGORIES, categorical_mask, encode_table, fit_table_encoding
+from sklearn_moe._tabular import (
+    MAX_ONE_HOT_CATEGORIES,
+    categorical_mask,
+    category_cardinalities,
+    encode_table,
+    encoded_width,
+    fit_table_encoding,
+    n_code_columns,
+)
 
 from .conftest import FAST
 
@@ -55,6 +63,76 @@ def test_encoding_by_hand():
     np.testing.assert_array_equal(encoded, expected)
     unseen = encode_table(pd.DataFrame({"x": [2.0], "c": ["z"]}), fitted)
     np.testing.assert_array_equal(unseen, [[2.0, 0.0, 0.0, 0.0, 0.0]])  # an unseen category sets none
+
+
+def test_embedded_columns_become_codes_after_every_other_input():
+    frame = pd.DataFrame({"c": ["b", "a", None, "b"], "x": [1.0, np.nan, 3.0, 5.0], "d": ["u", "v", "u", "u"]})
+    state = fit_table_encoding(frame, np.array([True, False, True]), "native", one_hot_max_categories=1)
+    assert state["_table_embedded"].tolist() == [0, 1]  # positions among the categorical columns
+    # "d" with 1 category stays one-hot
+    state = fit_table_encoding(frame.assign(d="u"), np.array([True, False, True]), "native", one_hot_max_categories=1)
+    assert state["_table_embedded"].tolist() == [0]
+
+    class Fitted:
+        pass
+
+    fitted = Fitted()
+    vars(fitted).update(state)
+    assert category_cardinalities(fitted) == [2 + 2] and n_code_columns(fitted) == 1
+    encoded = encode_table(frame.assign(d="u"), fitted)
+    #                     x  x missing  d=u  d missing  c code (0 unseen, 1 a, 2 b, 3 missing)
+    expected = np.array([[1.0, 0.0, 1.0, 0.0, 2.0],
+                         [3.0, 1.0, 1.0, 0.0, 1.0],
+                         [3.0, 0.0, 1.0, 0.0, 3.0],
+                         [5.0, 0.0, 1.0, 0.0, 2.0]])
+    np.testing.assert_array_equal(encoded, expected)
+    unseen = encode_table(pd.DataFrame({"c": ["z"], "x": [2.0], "d": ["w"]}), fitted)
+    np.testing.assert_array_equal(unseen, [[2.0, 0.0, 0.0, 0.0, 0.0]])
+    assert encoded_width(3, fitted) == 5
+
+
+def test_an_embedded_column_is_learned_saved_and_takes_unseen_categories(tmp_path):
+    rng = np.random.RandomState(0)
+    n, n_shops = 800, 30
+    effects = np.linspace(-2.0, 2.0, n_shops)
+    shop = rng.randint(n_shops, size=n)
+    frame = pd.DataFrame({"shop": [f"shop{i}" for i in shop], "x": rng.normal(size=n),
+                          "kind": rng.choice(["a", "b"], n)})
+    y = effects[shop] + frame["x"].to_numpy() + 0.1 * rng.normal(size=n)
+    model = MoERegressor(**dict(FAST, max_epochs=60)).fit(frame, y)
+    assert model._table_embedded.tolist() == [0]  # 30 categories > 8; "kind" is one-hot
+    assert model.module_.category_embedding.cardinalities == [n_shops + 2]
+    # the codes are not scaled: the scaler leaves the last column alone
+    assert model._x_mean[-1] == 0.0 and model._x_scale[-1] == 1.0
+    first, last = frame.assign(shop="shop0"), frame.assign(shop=f"shop{n_shops - 1}")
+    assert np.mean(model.predict(last) - model.predict(first)) == pytest.approx(4.0, abs=0.8)
+    assert model.score(frame, y) > 0.9
+    model.save(tmp_path / "embedded.moe")
+    loaded = sklearn_moe.load(tmp_path / "embedded.moe")
+    unseen = frame.head(5).assign(shop="shop999")
+    np.testing.assert_array_equal(loaded.predict(unseen), model.predict(unseen))
+    np.testing.assert_array_equal(loaded.predict(frame), model.predict(frame))
+    # an unseen category is the reserved all-zero vector: the same prediction whichever it is
+    np.testing.assert_array_equal(model.predict(unseen), model.predict(unseen.assign(shop="elsewhere")))
+
+
+@pytest.mark.parametrize("options", [dict(one_hot_max_categories=0, numeric_embedding="periodic"),
+                                     dict(one_hot_max_categories=0, numeric_embedding=None, expert_type="adapter"),
+                                     dict(one_hot_max_categories=2, expert_type="adapter")])
+def test_embeddings_combine_with_numeric_embeddings_and_adapter_experts(options):
+    frame, y = raw_frame(missing=0.1)
+    model = MoERegressor(**QUICK, **options).fit(frame, y)
+    n_embedded = 3 if options["one_hot_max_categories"] == 0 else 2  # size, city, member / size, city
+    assert model._table_embedded.size == n_embedded
+    assert np.isfinite(model.predict(frame.head(10).assign(city="Quito"))).all()
+
+
+def test_one_hot_max_categories_none_is_the_one_hot_encoding():
+    frame, y = raw_frame()
+    one_hot = MoERegressor(**QUICK, one_hot_max_categories=None).fit(frame, y)
+    assert one_hot._table_embedded.size == 0 and one_hot.module_.category_embedding is None
+    with pytest.raises(ValueError, match="one_hot_max_categories"):
+        MoERegressor(**QUICK, one_hot_max_categories=-1).fit(frame, y)
 
 
 def test_categorical_features_forms():
@@ -117,9 +195,13 @@ def test_missing_values_native_or_error():
         complete.set_params(handle_missing="error").predict(numeric)
 
 
-def test_too_many_categories_and_unmarked_strings_are_errors():
-    frame = pd.DataFrame({"id": [f"user{i}" for i in range(MAX_CATEGORIES + 1)], "x": 1.0})
-    with pytest.raises(ValueError, match=f"'id' has {MAX_CATEGORIES + 1} categories"):
+def test_too_many_categories_and_unmarked_strings_are_errors(monkeypatch):
+    frame = pd.DataFrame({"id": [f"user{i}" for i in range(MAX_ONE_HOT_CATEGORIES + 1)], "x": 1.0})
+    with pytest.raises(ValueError, match=f"'id' has {MAX_ONE_HOT_CATEGORIES + 1} categories, more than "
+                                         f"{MAX_ONE_HOT_CATEGORIES} for a one-hot.*set one_hot_max_categories"):
+        MoERegressor(**QUICK, one_hot_max_categories=None).fit(frame, np.zeros(len(frame)))
+    monkeypatch.setattr(sklearn_moe._tabular, "MAX_EMBEDDED_CATEGORIES", 100)
+    with pytest.raises(ValueError, match="'id' has 257 categories, more than 100 for an embedded column"):
         MoERegressor(**QUICK).fit(frame, np.zeros(len(frame)))
     frame, y = raw_frame(50)
     with pytest.raises(ValueError, match=r"'city'.*neither numeric nor marked categorical"):

@@ -9,6 +9,7 @@ from .dispatch import (
     plan_dispatch,
     scale_gradient,
 )
+from .embeddings import CategoricalEmbedding, NumericEmbedding
 from .experts import ACTIVATIONS, StackedExperts, StackedLinear
 from .layouts import LAYOUTS, choose_layout, expert_outputs, plan_layout
 from .losses import cv2_balance_loss, expert_diversity_loss, router_z_loss, squared_cv, switch_balance_loss
@@ -28,6 +29,7 @@ from .routers import (
 
 __all__ = [
     "ACTIVATIONS",
+    "CategoricalEmbedding",
     "OVERFLOW_POLICIES",
     "DispatchPlan",
     "HierarchicalRouter",
@@ -35,6 +37,7 @@ __all__ = [
     "MixtureOfExperts",
     "MoEOutput",
     "NoisyTopKRouter",
+    "NumericEmbedding",
     "ROUTERS",
     "Router",
     "Routing",

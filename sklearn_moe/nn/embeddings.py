@@ -19,6 +19,7 @@ gain nothing from an embedding and pass through unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -81,11 +82,18 @@ def quantile_bins(X: torch.Tensor, n_bins: int = N_BINS, generator: torch.Genera
     if X.shape[0] > MAX_BIN_ROWS:
         X = X[torch.randperm(X.shape[0], generator=generator)[:MAX_BIN_ROWS].to(X.device)]
     n_bins = max(2, min(n_bins, X.shape[0] - 1))
-    with warnings.catch_warnings():
-        # A column whose quantiles collapse to two edges has one bin: that is min-max scaling,
-        # which rtdl_num_embeddings warns about; it is what a 3-valued column should get.
-        warnings.filterwarnings("ignore", message=".*just two bin edges.*")
+    with _single_bins_allowed():
         return compute_bins(X.float(), n_bins=n_bins)
+
+
+@contextlib.contextmanager
+def _single_bins_allowed():
+    # A column whose quantiles collapse to two edges has one bin: that is min-max scaling,
+    # which rtdl_num_embeddings warns about (computing the bins and building the embedding);
+    # it is what a 3-valued column should get.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*just two bin edges.*")
+        yield
 
 
 def fit_embedding_layout(X: torch.Tensor, kind: str | None, generator: torch.Generator | None = None):
@@ -170,7 +178,7 @@ class NumericEmbedding(nn.Module):
             self.n_bins = [int(edges.shape[0]) - 1 for edges in bins]
             # Built on the CPU even under a meta-device context (a saved model's skeleton):
             # rtdl_num_embeddings reads the edges' values while building.
-            with torch.device("cpu"):
+            with torch.device("cpu"), _single_bins_allowed():
                 self.embedding = rtdl_num_embeddings.PiecewiseLinearEmbeddings(
                     [edges.float().cpu() for edges in bins], self.d_embedding, activation=False, version="B")
 
@@ -197,3 +205,65 @@ class NumericEmbedding(nn.Module):
         if self.others.shape[0] == 0:
             return embedded
         return torch.cat((embedded, x.index_select(1, self.others).to(embedded.dtype)), dim=1)
+
+
+#: Width of a categorical column's learned embedding (as RealMLP's).
+D_CATEGORY_EMBEDDING = 8
+
+
+class CategoricalEmbedding(nn.Module):
+    """Learned embeddings of integer-coded categorical columns.
+
+    Column ``j`` holds codes in ``[0, cardinalities[j])``; each code has a learned vector of
+    ``d_embedding`` values, except code 0, which is reserved for a category unseen in
+    training and maps to zeros (it has no vector to learn from). Codes arrive as floats, the
+    way the rest of the input does, and are exact up to ``2**24``. All columns share one
+    table, offset per column, so that a forward pass is a single lookup.
+
+    Parameters
+    ----------
+    cardinalities : sequence of int
+        Codes per column, each at least 2 (the reserved code and one category).
+    d_embedding : int, default=8
+        Width of every vector.
+    """
+
+    def __init__(self, cardinalities, d_embedding: int = D_CATEGORY_EMBEDDING):
+        super().__init__()
+        cardinalities = [int(c) for c in cardinalities]
+        if not cardinalities or min(cardinalities) < 2 or max(cardinalities) > 2**24:
+            raise ValueError(f"cardinalities must be at least one count, each in [2, 2**24]; got {cardinalities}")
+        self.cardinalities = cardinalities
+        self.d_embedding = int(d_embedding)
+        starts = torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0)
+        self.register_buffer("starts", starts, persistent=False)
+        self.table = nn.Embedding(sum(cardinalities), self.d_embedding)
+        bound = self.d_embedding ** -0.5  # as rtdl's embeddings: uniform in +-1/sqrt(d)
+        nn.init.uniform_(self.table.weight, -bound, bound)
+
+    @property
+    def n_columns(self) -> int:
+        """Number of categorical columns."""
+        return len(self.cardinalities)
+
+    @property
+    def out_features(self) -> int:
+        """Width of the output: ``n_columns * d_embedding``."""
+        return self.n_columns * self.d_embedding
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """The columns' vectors side by side.
+
+        Parameters
+        ----------
+        codes : Tensor of shape (n, n_columns)
+            Integer codes, as any dtype; 0 for a category unseen in training.
+
+        Returns
+        -------
+        Tensor of shape (n, n_columns * d_embedding)
+            Zeros where a code is 0.
+        """
+        codes = codes.long()
+        vectors = self.table(codes + self.starts) * (codes > 0).unsqueeze(-1).to(self.table.weight.dtype)
+        return vectors.flatten(1)

@@ -19,7 +19,7 @@ from .dispatch import (
     flat_assignments,
     plan_dispatch,
 )
-from .embeddings import NumericEmbedding
+from .embeddings import CategoricalEmbedding, NumericEmbedding
 from .experts import AdapterExperts, StackedExperts
 from .layouts import choose_layout, expert_outputs
 from .losses import BALANCE_LOSSES, expert_diversity_loss, router_z_loss
@@ -168,6 +168,12 @@ class MixtureOfExperts(nn.Module):
     embedding_n_bins : sequence of int, optional
         ``"piecewise_linear"`` without ``embedding_bins``: bins per column, the edges to be
         loaded with ``load_state_dict``.
+    category_cardinalities : sequence of int, optional
+        The last ``len(category_cardinalities)`` columns of the input hold integer category
+        codes, one column per categorical feature, code 0 reserved for a category unseen in
+        training (:class:`CategoricalEmbedding`); each column is replaced by its learned
+        vector before the router and the experts. The numeric embedding, if any, applies to
+        the columns before them (``embedding_columns`` index those).
     output : {"point", "mixture_density", "categorical_mixture"}, default="point"
         ``"mixture_density"``: every expert outputs a Gaussian per target (a mean and a
         raw scale, :mod:`sklearn_moe.nn.density`); :attr:`MoEOutput.output` is the
@@ -209,6 +215,7 @@ class MixtureOfExperts(nn.Module):
         embedding_columns=None,
         embedding_bins=None,
         embedding_n_bins=None,
+        category_cardinalities=None,
         output: str = "point",
     ):
         super().__init__()
@@ -243,22 +250,35 @@ class MixtureOfExperts(nn.Module):
             # Multiplies every expert's standard deviation in predict_distribution: a
             # recalibration fitted on held-out rows after training (1 in training).
             self.register_buffer("scale_calibration", torch.tensor(1.0))
+        self.category_embedding = None
+        n_numeric = n_features
+        if category_cardinalities is not None and len(category_cardinalities):
+            if not 0 < len(category_cardinalities) <= n_features:
+                raise ValueError(f"category_cardinalities names {len(category_cardinalities)} code columns; the "
+                                 f"input has {n_features}")
+            self.category_embedding = CategoricalEmbedding(category_cardinalities)
+            n_numeric = n_features - self.category_embedding.n_columns
         self.embedding = None
-        width = n_features
+        width = n_numeric
+        chunks = [1] * n_numeric
         if numeric_embedding is not None:
             if embedding_columns is None:
                 raise ValueError("numeric_embedding needs embedding_columns")
-            self.embedding = NumericEmbedding(numeric_embedding, n_features, embedding_columns, embedding_bins,
+            self.embedding = NumericEmbedding(numeric_embedding, n_numeric, embedding_columns, embedding_bins,
                                               embedding_n_bins)
-            width = self.embedding.out_features
+            width, chunks = self.embedding.out_features, self.embedding.chunks
+        if self.category_embedding is not None:
+            width += self.category_embedding.out_features
+            chunks += [self.category_embedding.d_embedding] * self.category_embedding.n_columns
+        embedded = self.embedding is not None or self.category_embedding is not None
         self.router = make_router(router, width, n_experts, top_k, temperature, tuple(gate_hidden),
                                   top_p=top_p, learned_threshold=learned_threshold, n_groups=n_groups)
         expert_args = (width, self.expert_width, tuple(expert_hidden), activation, dropout, layer_norm,
                        skip_connections, output_init_scale)
         if expert_type == "adapter":
-            first_scaling = "random_signs" if self.embedding is None else "normal"
-            chunks = None if self.embedding is None else self.embedding.chunks
-            self.experts = AdapterExperts(n_experts, *expert_args, first_scaling=first_scaling, input_chunks=chunks)
+            first_scaling = "normal" if embedded else "random_signs"
+            self.experts = AdapterExperts(n_experts, *expert_args, first_scaling=first_scaling,
+                                          input_chunks=chunks if embedded else None)
         else:
             self.experts = StackedExperts(n_experts, *expert_args)
         self.shared_expert = StackedExperts(1, *expert_args) if shared_expert else None
@@ -407,7 +427,12 @@ class MixtureOfExperts(nn.Module):
         return routing.probs.new_zeros(routing.probs.shape).scatter(1, routing.indices, weights)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.embedding is None else self.embedding(x)
+        if self.category_embedding is None:
+            return x if self.embedding is None else self.embedding(x)
+        n_numeric = x.shape[1] - self.category_embedding.n_columns
+        numeric = x[:, :n_numeric] if self.embedding is None else self.embedding(x[:, :n_numeric])
+        categories = self.category_embedding(x[:, n_numeric:])
+        return torch.cat((numeric.to(categories.dtype), categories), dim=1)
 
     def _mix(self, x: torch.Tensor) -> _Mixed:
         routing = self.router(x)
