@@ -141,14 +141,14 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Numeric features (encode categorical columns first, e.g. with a
-            ``ColumnTransformer``).
+            Training inputs: numeric columns, and the categorical ones that
+            ``categorical_features`` names (by default a DataFrame's category, string,
+            object and bool columns), encoded inside the estimator.
         y : array-like of shape (n_samples,)
             Class labels (integers or strings), at least two classes.
         sample_weight : array-like of shape (n_samples,), optional
             Non-negative weights of the rows in the loss (not in the routing losses, where
             zero-weight rows are left out).
-
         callbacks : list of skorch.callbacks.Callback, optional
             Extra skorch callbacks for this fit only (plain instances or ``(name, callback)``
             pairs), e.g. to report per-epoch validation losses to an Optuna trial. They run
@@ -156,23 +156,28 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
 
         Returns
         -------
-        self : MoEClassifier
+        MoEClassifier
+            The fitted estimator (``self``).
         """
         return self._fit(X, y, sample_weight, callbacks)
 
     def score(self, X, y, sample_weight=None):
-        """Mean accuracy on ``X`` and ``y``.
+        """Return the mean accuracy on ``X`` and ``y``.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Input rows, with the columns (and, for a DataFrame, the column names) seen in
+            ``fit``.
         y : array-like of shape (n_samples,)
             True labels, all of them among ``classes_``.
         sample_weight : array-like of shape (n_samples,), optional
+            Weights of the rows in the mean; equal weights when None.
 
         Returns
         -------
         float
+            The (weighted) share of rows whose predicted label is the true one.
 
         Raises
         ------
@@ -192,11 +197,13 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         return super().score(X, y, sample_weight=sample_weight)
 
     def predict_proba(self, X):
-        """Class probabilities.
+        """Predict class probabilities.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Input rows, with the columns (and, for a DataFrame, the column names) seen in
+            ``fit``.
 
         Returns
         -------
@@ -206,7 +213,20 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         return softmax(self._raw_output(X), axis=1)
 
     def predict_log_proba(self, X):
-        """Logarithm of :meth:`predict_proba`."""
+        """Predict the logarithm of the class probabilities (:meth:`predict_proba`).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Input rows, with the columns (and, for a DataFrame, the column names) seen in
+            ``fit``.
+
+        Returns
+        -------
+        ndarray of shape (n_samples, n_classes), float64
+            The log-probabilities, computed stably from the logits; columns follow
+            ``classes_``.
+        """
         return log_softmax(self._raw_output(X), axis=1)
 
     def predict(self, X):
@@ -215,10 +235,13 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Input rows, with the columns (and, for a DataFrame, the column names) seen in
+            ``fit``.
 
         Returns
         -------
         ndarray of shape (n_samples,)
+            Each row's most probable class, an element of ``classes_``.
         """
         logits = self._raw_output(X)
         return self.classes_[np.argmax(logits, axis=1)]

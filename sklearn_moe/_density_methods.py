@@ -23,9 +23,16 @@ class DensityMethods:
 
     @property
     def scale_calibration_(self) -> float:
-        """``output="mixture_density"``: the factor every expert's standard deviation is
-        multiplied by, fitted after training on the validation rows (at least 1; 1.0
-        without them)."""
+        """Factor every expert's standard deviation is multiplied by (``output="mixture_density"``).
+
+        It is fitted after training on the validation rows: at least 1, and 1.0 without
+        them.
+
+        Raises
+        ------
+        AttributeError
+            If the estimator is not fitted, or not with ``output="mixture_density"``.
+        """
         if not self.__sklearn_is_fitted__() or self.output != "mixture_density":
             raise AttributeError("scale_calibration_ is fitted only with output='mixture_density'.")
         return float(self.module_.scale_calibration)
@@ -46,11 +53,13 @@ class DensityMethods:
                                                         valid_table.sample_weight, bounds=CALIBRATION_BOUNDS))
 
     def predict_distribution(self, X) -> dict:
-        """Each row's predictive mixture, in the target's units.
+        """Predict each row's mixture of Gaussians, in the target's units.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Input rows, with the columns (and, for a DataFrame, the column names) seen in
+            ``fit``.
 
         Returns
         -------
@@ -59,6 +68,11 @@ class DensityMethods:
             zero for experts a sparse router did not choose); ``means`` and ``scales``:
             ndarrays (n_samples, n_experts), or (n_samples, n_experts, n_targets) for a 2-d
             ``y``, each expert's Gaussian mean and standard deviation.
+
+        Raises
+        ------
+        ValueError
+            If the estimator's ``output`` is not ``"mixture_density"``.
         """
         weights, means, scales = self._distribution(X)
         if self._y_ndim == 1:
@@ -66,17 +80,28 @@ class DensityMethods:
         return {"weights": weights, "means": means, "scales": scales}
 
     def predict_quantiles(self, X, q) -> np.ndarray:
-        """Quantiles of each row's predictive mixture.
+        """Predict quantiles of each row's predictive mixture.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-        q : float or array-like of floats in (0, 1)
+            Input rows, with the columns (and, for a DataFrame, the column names) seen in
+            ``fit``.
+        q : float or array-like of float
+            The quantile levels, each in (0, 1), in any order.
 
         Returns
         -------
-        ndarray of shape (n_samples, n_quantiles), or (n_samples, n_targets, n_quantiles)
-        for a 2-d ``y``; nondecreasing in ``q`` for every row.
+        ndarray
+            Of shape (n_samples, n_quantiles), or (n_samples, n_targets, n_quantiles) for a
+            2-d ``y``, float64, in the target's units; the last axis follows ``q``, and the
+            values are nondecreasing in ``q`` for every row.
+
+        Raises
+        ------
+        ValueError
+            If a level is not in (0, 1), or the estimator's ``output`` is not
+            ``"mixture_density"``.
         """
         levels = np.atleast_1d(np.asarray(q, dtype=np.float64))
         if levels.ndim != 1 or not np.all((levels > 0) & (levels < 1)):
@@ -98,18 +123,30 @@ class DensityMethods:
         return results[:, 0, :] if self._y_ndim == 1 else results
 
     def sample(self, X, n_samples: int = 1, random_state=None) -> np.ndarray:
-        """Draws from each row's predictive mixture.
+        """Draw samples from each row's predictive mixture.
 
         Parameters
         ----------
         X : array-like of shape (n_samples_X, n_features)
+            Input rows, with the columns (and, for a DataFrame, the column names) seen in
+            ``fit``.
         n_samples : int, default=1
-        random_state : int, RandomState or None, default=None
+            Number of draws per row.
+        random_state : int, RandomState instance or None, default=None
+            Seed or generator of the draws (an expert by its gate weight, then its
+            Gaussian); None uses NumPy's global generator.
 
         Returns
         -------
-        ndarray of shape (n_samples_X, n_samples), or (n_samples_X, n_samples, n_targets)
-        for a 2-d ``y``.
+        ndarray
+            Of shape (n_samples_X, n_samples), or (n_samples_X, n_samples, n_targets) for a
+            2-d ``y``, float64, in the target's units.
+
+        Raises
+        ------
+        ValueError
+            If ``n_samples`` is not a positive int, or the estimator's ``output`` is not
+            ``"mixture_density"``.
         """
         if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
             raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
@@ -123,17 +160,29 @@ class DensityMethods:
         return values[..., 0] if self._y_ndim == 1 else values
 
     def score_nll(self, X, y) -> float:
-        """Mean negative log-likelihood of ``y`` under the predictive mixtures, in the
-        target's units (lower is better): ``-mean_i log p(y_i | x_i)``.
+        """Score ``y`` by its mean negative log-likelihood under the predictive mixtures.
+
+        The score is ``-mean_i log p(y_i | x_i)``, with the densities in the target's units;
+        lower is better.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Input rows, with the columns (and, for a DataFrame, the column names) seen in
+            ``fit``.
         y : array-like of shape (n_samples,) or (n_samples, n_targets)
+            The observed targets, with as many targets as in ``fit``.
 
         Returns
         -------
         float
+            The mean negative log-likelihood (nats).
+
+        Raises
+        ------
+        ValueError
+            If ``y`` has another number of targets than the model predicts, or the
+            estimator's ``output`` is not ``"mixture_density"``.
         """
         weights, means, scales = self._distribution(X)
         y = np.asarray(y, dtype=np.float64).reshape(weights.shape[0], -1)

@@ -27,11 +27,13 @@ class ExpertMethods:
         Parameters
         ----------
         threshold : float in [0, 1), default=0.01
+            Smallest share of the routing an expert must have to be kept.
 
         Returns
         -------
         self
-            With fewer experts, or unchanged when none is below ``threshold``.
+            The estimator, with fewer experts, or unchanged when none is below
+            ``threshold``.
 
         Raises
         ------
@@ -41,14 +43,17 @@ class ExpertMethods:
         return prune_experts(self, threshold)
 
     def routing_report(self, X, y=None, n_top_features=3):
-        """What each expert does on ``X``: one row per expert.
+        """Report what each expert does on ``X``: one row per expert.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Input rows, with the columns (and, for a DataFrame, the column names) seen in
+            ``fit``.
         y : array-like of shape (n_samples,), optional
             With targets, each expert's ``score`` on the rows it serves.
         n_top_features : int, default=3
+            Number of inputs listed in ``distinguishing_features``.
 
         Returns
         -------

@@ -135,13 +135,15 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
-            Numeric features (encode categorical columns first, e.g. with a
-            ``ColumnTransformer``).
+            Training inputs: numeric columns, and the categorical ones that
+            ``categorical_features`` names (by default a DataFrame's category, string,
+            object and bool columns), encoded inside the estimator.
         y : array-like of shape (n_samples,) or (n_samples, n_targets)
+            Numeric targets, standardised inside the estimator; predictions have the same
+            dimensionality.
         sample_weight : array-like of shape (n_samples,), optional
             Non-negative weights of the rows in the task loss (not in the routing losses,
             where zero-weight rows are left out).
-
         callbacks : list of skorch.callbacks.Callback, optional
             Extra skorch callbacks for this fit only (plain instances or ``(name, callback)``
             pairs), e.g. to report per-epoch validation losses to an Optuna trial. They run
@@ -149,7 +151,8 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
 
         Returns
         -------
-        self : MoERegressor
+        MoERegressor
+            The fitted estimator (``self``).
         """
         return self._fit(X, y, sample_weight, callbacks)
 
@@ -159,6 +162,8 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Input rows, with the columns (and, for a DataFrame, the column names) seen in
+            ``fit``.
         return_std : bool, default=False
             Also return the standard deviation of each row's predictive mixture (as
             ``GaussianProcessRegressor`` does); needs ``output="mixture_density"``.
@@ -168,7 +173,9 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         y_pred : ndarray of shape (n_samples,) or (n_samples, n_targets), float64
             Same dimensionality as the ``y`` given to ``fit``; with
             ``output="mixture_density"``, the mixture's mean.
-        y_std : ndarray of the same shape, with ``return_std=True``
+        y_std : ndarray of the same shape as ``y_pred``, float64
+            Only with ``return_std=True``: the standard deviation of each row's predictive
+            mixture.
         """
         if return_std:
             return self._predict_std(X)
