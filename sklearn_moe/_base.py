@@ -319,11 +319,13 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         save(self, path)
 
     def route(self, X) -> np.ndarray:
-        """Gate weights of every expert for every row.
+        """Compute the gate weights of every expert for every row.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            Input rows, with the columns (and, for a DataFrame, the column names) seen in
+            ``fit``.
 
         Returns
         -------

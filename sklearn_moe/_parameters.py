@@ -107,11 +107,6 @@ PARAMETERS = """\
         percentile of the last epoch's per-batch busiest-over-mean load
         (:class:`~sklearn_moe.callbacks.AdaptiveCapacity`; ``history_["capacity_factor"]``).
         Prediction is always dropless and independent of the batch.
-    capacity_overflow : {"drop", "reroute"}, default="drop"
-        A row's assignment past an expert's capacity: ``"drop"`` falls back to the row's
-        other experts (and the shared expert; a row left with none has a zero routed
-        output for that step); ``"reroute"`` moves it, with its gate weight, to the row's
-        next-ranked expert that still has room.
     balance_loss : {"switch", "cv2", "aux_free"} or None, default="switch"
         Load-balancing loss: ``"switch"`` (Switch Transformer, 1 at perfect balance for any
         ``top_k``) or ``"cv2"`` (Shazeer et al.'s importance + load squared coefficient of
@@ -139,6 +134,11 @@ PARAMETERS = """\
     expert_dropout : float, default=0.0
         In training, drop each of a row's chosen experts with this probability (keeping at
         least one) and renormalise its gate weights; in [0, 1).
+    capacity_overflow : {"drop", "reroute"}, default="drop"
+        With a ``capacity_factor``, a row's assignment past an expert's capacity:
+        ``"drop"`` falls back to the row's other experts (and the shared expert; a row left
+        with none has a zero routed output for that step); ``"reroute"`` moves it, with its
+        gate weight, to the row's next-ranked expert that still has room.
     top_p : float, default=0.5
         ``router="top_p"``: the probability mass a row's experts must reach, in (0, 1].
     learned_threshold : bool, default=False
@@ -191,6 +191,8 @@ PARAMETERS = """\
         layer learn step- and wave-like functions of each feature. Binary columns
         (one-hot indicators) pass through unchanged.
     max_epochs : int, default=60
+        Most training epochs (passes over the training rows); early stopping may end
+        training sooner.
     batch_size : int or "auto", default="auto"
         Rows per optimizer step. ``"auto"`` is about ``n_train / 32`` rounded down to a power
         of 2 and kept within [32, 256]: small data sets get enough steps per epoch.
@@ -215,8 +217,13 @@ PARAMETERS = """\
         best weights. With too few rows for a split the training loss is monitored. When False,
         training stops once the training loss stalls, as in scikit-learn's MLP.
     validation_fraction : float, default=0.1
+        Share of the training rows held out for early stopping, in (0, 1) (stratified by
+        class for the classifier when every class has enough rows).
     n_iter_no_change : int, default=16
+        Epochs without an improvement of the monitored loss (the validation loss, else the
+        training loss) by at least ``tol`` after which training stops.
     tol : float, default=0.0001
+        Smallest relative decrease of the monitored loss that counts as an improvement.
     max_grad_norm : float or None, default=1.0
         Gradient norm clipping; None disables it.
     device : {"auto", "cpu", "cuda"} or str, default="auto"
