@@ -43,11 +43,14 @@ IGNORED = {
 def _import(name):
     try:
         return importlib.import_module(name)
-    except ModuleNotFoundError as error:
-        # A public module that does not exist (yet), or whose optional extra is not installed;
-        # a broken import of an existing module still fails.
-        if error.name and (name == error.name or name.startswith(error.name + ".")
-                           or not error.name.startswith("sklearn_moe")):
+    except ImportError as error:
+        # A public module that does not exist (yet), or whose optional extra is not installed
+        # (sklearn_moe.tuning re-raises the missing Optuna as an ImportError with a hint); a
+        # broken import of an existing module still fails.
+        missing = error if isinstance(error, ModuleNotFoundError) else error.__cause__
+        if isinstance(missing, ModuleNotFoundError) and missing.name and (
+                name == missing.name or name.startswith(missing.name + ".")
+                or not missing.name.startswith("sklearn_moe")):
             return None
         raise
 
