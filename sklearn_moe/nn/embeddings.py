@@ -193,13 +193,17 @@ class NumericEmbedding(nn.Module):
         return [self.d_embedding] * self.columns.shape[0] + [1] * self.others.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Parameters
+        """Embed the chosen columns and pass the others through.
+
+        Parameters
         ----------
         x : Tensor of shape (n, n_features)
+            The input rows.
 
         Returns
         -------
         Tensor of shape (n, out_features)
+            The embedded columns' vectors side by side, then the other columns.
         """
         embedded = self.embedding(x.index_select(1, self.columns).float()).flatten(1)
         if self.others.shape[0] == 0:

@@ -39,7 +39,9 @@ EXPERT_TYPES = ("independent", "adapter")
 class MoEOutput(NamedTuple):
     """What :meth:`MixtureOfExperts.forward` returns.
 
-    Attributes
+    A named tuple: each parameter below is kept as the field of the same name.
+
+    Parameters
     ----------
     output : Tensor of shape (n, n_outputs)
         The prediction (first field, which is all skorch's ``predict`` keeps).
@@ -92,6 +94,7 @@ class MixtureOfExperts(nn.Module):
     n_outputs : int
         Output width (regression targets, or class logits).
     n_experts : int, default=8
+        Number of routed experts.
     top_k : int, default=2
         Experts per row for sparse routers.
     router : {"softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"}, default="topk"
@@ -107,20 +110,19 @@ class MixtureOfExperts(nn.Module):
     expert_hidden : tuple of int, default=(128,)
         Hidden layer sizes of every expert.
     activation : str, default="relu"
+        Hidden activation of every expert, one of :data:`~sklearn_moe.nn.ACTIVATIONS`.
     dropout : float, default=0.0
+        Dropout probability after every hidden layer of every expert, in training.
     layer_norm : bool, default=False
+        Layer normalisation before every hidden activation of the experts.
     skip_connections : bool, default=True
+        Residual connections around the experts' hidden layers of equal width.
     temperature : float, default=1.0
         Router softmax temperature.
     capacity_factor : float or None, default=None
         In training only, caps each expert at ``ceil(capacity_factor * n * top_k /
         n_experts)`` rows per batch; ``None`` is dropless. Evaluation is always dropless, so a
         row's prediction never depends on the other rows of its batch.
-    capacity_overflow : {"drop", "reroute"}, default="drop"
-        What happens to a row's assignment past an expert's capacity: ``"drop"`` falls back
-        to the row's other experts (and the shared expert); ``"reroute"`` sends it, with its
-        gate weight, to the row's next-ranked expert that has room. See
-        :mod:`sklearn_moe.nn.dispatch`.
     balance_loss : {"switch", "cv2", "aux_free"} or None, default="switch"
         Which load-balancing loss :class:`MoEOutput` carries (weighting is the trainer's):
         the Switch loss (1 at perfect balance) or Shazeer's importance + load ``CV^2``
@@ -138,6 +140,11 @@ class MixtureOfExperts(nn.Module):
         (never all of them: the first choice stays if every one was drawn), and the row's
         remaining gate weights are renormalised. A regulariser against rows leaning on one
         expert.
+    capacity_overflow : {"drop", "reroute"}, default="drop"
+        What happens to a row's assignment past an expert's capacity: ``"drop"`` falls back
+        to the row's other experts (and the shared expert); ``"reroute"`` sends it, with its
+        gate weight, to the row's next-ranked expert that has room. See
+        :mod:`sklearn_moe.nn.dispatch`.
     top_p : float, default=0.5
         Probability mass threshold of ``router="top_p"``.
     learned_threshold : bool, default=False
@@ -148,6 +155,7 @@ class MixtureOfExperts(nn.Module):
         Compute :attr:`MoEOutput.diversity_loss` in training: every expert is also run on the
         first ``diversity_rows`` rows of the batch.
     diversity_rows : int, default=64
+        Rows of the batch on which every expert runs for the diversity loss.
     expert_grad_scaling : bool, default=False
         In training, multiply the gradient reaching each expert by ``mean_count / count_e``
         (clipped to ``[0, n_experts]``), where ``count_e`` is the number of rows routed to it
@@ -289,8 +297,15 @@ class MixtureOfExperts(nn.Module):
         Parameters
         ----------
         x : Tensor of shape (n, n_features)
+            The input rows (category codes last, when the module has
+            ``category_cardinalities``).
         sample_weight : Tensor of shape (n,), optional
             Rows with zero weight are left out of the auxiliary losses.
+
+        Returns
+        -------
+        MoEOutput
+            The mixture's output and the routing's auxiliary terms.
         """
         x = self._embed(x)
         mixed = self._mix(x)
@@ -312,17 +327,29 @@ class MixtureOfExperts(nn.Module):
         Parameters
         ----------
         x : Tensor of shape (n, n_features)
+            The input rows.
 
         Returns
         -------
         Tensor of shape (n, n_outputs)
+            The mixture's output (for ``output="categorical_mixture"``, log-probabilities).
         """
         return self._evaluate(x, lambda rows: self._mix(self._embed(rows)).output)
 
     def route(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate weights alone: Tensor of shape (n, n_experts), zero for experts not chosen.
+        """The gate weights alone.
 
         Batch-invariant in evaluation mode, as :meth:`predict`.
+
+        Parameters
+        ----------
+        x : Tensor of shape (n, n_features)
+            The input rows.
+
+        Returns
+        -------
+        Tensor of shape (n, n_experts)
+            Every row's gate weights, zero for experts not chosen.
         """
         def gates(rows):
             routing = self.router(self._embed(rows))
@@ -331,12 +358,15 @@ class MixtureOfExperts(nn.Module):
         return self._evaluate(x, gates)
 
     def predict_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``output="mixture_density"``: each row's mixture, as gate weights and every
-        expert's Gaussian (see :mod:`sklearn_moe.nn.density`).
+        """Each row's mixture of Gaussians, for ``output="mixture_density"``.
+
+        The mixture is given as gate weights and every expert's Gaussian (see
+        :mod:`sklearn_moe.nn.density`).
 
         Parameters
         ----------
         x : Tensor of shape (n, n_features)
+            The input rows.
 
         Returns
         -------
@@ -363,17 +393,25 @@ class MixtureOfExperts(nn.Module):
         return compute(torch.cat((x, x.new_zeros(MIN_EVAL_ROWS - n, x.shape[1]))))[:n]
 
     def expert_state_names(self) -> list[str]:
-        """The state-dict entries that hold one slice per expert on axis 0 (the experts' own
-        parameters and the router's per-expert rows): what :meth:`split_expert` copies and
-        what keeping a subset of the experts slices."""
+        """The state-dict entries that hold one slice per expert on axis 0.
+
+        These are the experts' own parameters and the router's per-expert rows: what
+        :meth:`split_expert` copies and what keeping a subset of the experts slices.
+
+        Returns
+        -------
+        list of str
+            State-dict keys of this module.
+        """
         own = {id(p) for p in self.experts.expert_parameters()}
         names = [f"experts.{name}" for name, p in self.experts.named_parameters() if id(p) in own]
         return names + [f"router.{name}" for name in self.router.expert_state_names()]
 
     @torch.no_grad()
     def split_expert(self, source: int, targets, noise: float = 0.01, generator=None) -> None:
-        """Overwrite the experts ``targets`` with perturbed copies of expert ``source``, the
-        copies and ``source`` sharing its routing (growth by splitting).
+        """Overwrite the experts ``targets`` with perturbed copies of expert ``source``.
+
+        The copies and ``source`` share its routing (growth by splitting).
 
         Every per-expert tensor (:meth:`expert_state_names`) of a target becomes
         ``source``'s times ``1 + noise * N(0, 1)`` elementwise (the router's gate rows too,
@@ -385,9 +423,11 @@ class MixtureOfExperts(nn.Module):
         Parameters
         ----------
         source : int
+            The expert to copy.
         targets : int or sequence of int
             Experts to overwrite, distinct and other than ``source``.
         noise : float, default=0.01
+            Relative standard deviation of the multiplicative perturbation.
         generator : torch.Generator, optional
             Source of the perturbation (default: torch's global generator).
         """
