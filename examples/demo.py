@@ -1,4 +1,7 @@
-"""The main demo: what the default MoE does, against its own ablations and two baselines.
+"""The main demo: the default MoE against its own ablations and two baselines
+==========================================================================
+
+Run it::
 
     make demo          # or: python -m examples.demo   (about 90 s on 2 CPU cores)
 

@@ -1,4 +1,7 @@
-"""GridSearchCV over the router and top_k of a MoE inside a Pipeline.
+"""GridSearchCV over the router and top_k of a MoE inside a Pipeline
+=================================================================
+
+Run it::
 
     python -m examples.grid_search_pipeline           # about 90 s on 2 CPU cores
     python -m examples.grid_search_pipeline --quick   # a tiny configuration, seconds
@@ -42,7 +45,7 @@ def main(argv=None):
     pandas.DataFrame
         One row per configuration: router, top_k, mean and std test R^2, mean fit time, rank.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rows and epochs, 2 folds")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)

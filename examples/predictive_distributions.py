@@ -1,4 +1,7 @@
-"""Predictive distributions: a mixture of Gaussians from a mixture of experts.
+"""Predictive distributions: a mixture of Gaussians from a mixture of experts
+==========================================================================
+
+Run it::
 
     python -m examples.predictive_distributions           # about half a minute on 2 CPU cores
     python -m examples.predictive_distributions --quick   # a tiny configuration, seconds
@@ -24,9 +27,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm
 
+from examples import FIGURES
 from sklearn_moe import MoERegressor
 
-DEFAULT_OUT = Path(__file__).parent / "figures"
+DEFAULT_OUT = FIGURES
 
 
 def heteroscedastic_data(n, random_state=0):
@@ -51,7 +55,7 @@ def main(argv=None):
     """Fit both problems, print the scores and write the figure, with the command-line
     arguments ``argv`` (default: ``sys.argv``); returns a dict of scores per problem and
     the figure's path."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rows and epochs: seconds")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"figure folder (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)

@@ -1,4 +1,7 @@
-"""Regime switching: a top-k MoE against dense MLPs with the same active parameter count.
+"""Regime switching: a top-k MoE against dense MLPs with the same active parameter count
+=====================================================================================
+
+Run it::
 
     python -m examples.regime_switching               # about a minute on 2 CPU cores
     python -m examples.regime_switching --quick       # a tiny configuration, seconds
@@ -43,9 +46,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 
+from examples import FIGURES
 from sklearn_moe import MoERegressor
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "figures"
+DEFAULT_OUT = FIGURES
 
 #: The regime functions of the three "function" features ``a, b, c``, in regime order.
 REGIME_FUNCTIONS = {
@@ -457,7 +461,7 @@ def main(argv=None):
         rows and ``attrs["routing_purity"]`` the share of those rows whose top expert is the
         one most of their regime goes to.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--n-samples", type=int, default=None, help="rows of data (default 2000; 300 with --quick)")
     parser.add_argument("--n-regimes", type=int, default=4, help="number of regimes, 2..6 (default 4)")
     parser.add_argument("--quick", action="store_true", help="tiny and fast: few rows and epochs, 2 folds")

@@ -1,4 +1,7 @@
-"""Choosing the number of experts by cross-validation, with the one-standard-error rule.
+"""Choosing the number of experts by cross-validation, with the one-standard-error rule
+====================================================================================
+
+Run it::
 
     python -m examples.select_n_experts           # about a minute on 2 CPU cores
     python -m examples.select_n_experts --quick   # a tiny configuration, seconds
@@ -28,11 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from examples import FIGURES
 from examples.regime_switching import CLASSIC_MOE
 from sklearn_moe import MoERegressor
 from sklearn_moe.tuning import select_n_experts
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "figures"
+DEFAULT_OUT = FIGURES
 MAPS = np.array([[3, 0], [-3, 0], [0, 3], [0, -3]])
 
 
@@ -75,7 +79,7 @@ def main(argv=None):
     sklearn_moe.tuning.NExpertsSelection
         ``attrs``-like extra: ``result.figure`` is the written file.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rows and epochs, candidates (1, 2, 4)")
     parser.add_argument("--n-regimes", type=int, default=4)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"figure folder (default {DEFAULT_OUT})")

@@ -1,5 +1,9 @@
-"""Training dynamics on regime-switching data: routing metrics, annealing, collapse, the
-routing report, pruning and the plots.
+"""Training dynamics on regime-switching data
+============================================
+
+Routing metrics, annealing, collapse, the routing report, pruning and the plots.
+
+Run it::
 
     python -m examples.training_dynamics           # about half a minute on 2 CPU cores
     python -m examples.training_dynamics --quick   # a tiny configuration, seconds
@@ -21,6 +25,8 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
+from examples import FIGURES
+from examples.regime_switching import make_regime_data
 from sklearn_moe import MoERegressor
 from sklearn_moe.plotting import (
     plot_expert_utilization,
@@ -29,9 +35,7 @@ from sklearn_moe.plotting import (
     plot_training_curves,
 )
 
-from .regime_switching import make_regime_data
-
-DEFAULT_OUT = Path(__file__).parent / "figures"
+DEFAULT_OUT = FIGURES
 METRICS = ["train_loss", "valid_loss", "temperature", "load_cv", "load_entropy", "routing_entropy",
            "valid_routing_instability", "valid_specialization"]
 
@@ -40,7 +44,7 @@ def main(argv=None):
     """Fit, report, prune and plot, with the command-line arguments ``argv`` (default:
     ``sys.argv``); returns a dict of ``model`` (pruned), ``report`` (the routing report
     before pruning), ``r2`` (held-out R^2 before and after) and ``figures`` (paths)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rows and epochs: seconds")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"figure folder (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)

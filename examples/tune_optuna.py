@@ -1,4 +1,7 @@
-"""Optuna tuning of a MoE with per-epoch pruning, and the study's visualisations.
+"""Optuna tuning of a MoE with per-epoch pruning, and the study's visualisations
+=============================================================================
+
+Run it::
 
     python -m examples.tune_optuna                        # about a minute on 2 CPU cores
     python -m examples.tune_optuna --quick                # a tiny configuration, seconds
@@ -25,11 +28,12 @@ import optuna
 import torch
 from sklearn.model_selection import KFold
 
+from examples import FIGURES
 from examples.regime_switching import CLASSIC_MOE, make_regime_data
 from sklearn_moe import MoERegressor
 from sklearn_moe.tuning import search_space, tune
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "figures"
+DEFAULT_OUT = FIGURES
 
 
 def save_figures(study, out):
@@ -85,7 +89,7 @@ def main(argv=None):
     sklearn_moe.tuning.TuneResult
         With ``figures`` (the written files) added.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.partition("\n")[0])
     parser.add_argument("--quick", action="store_true", help="few rows, epochs and trials")
     parser.add_argument("--n-trials", type=int, default=None, help="trials (default 30; 6 with --quick)")
     parser.add_argument("--storage", help="journal file (*.log) or database URL to share the study")
