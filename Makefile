@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast lint bench bench-full speed clean
+.PHONY: setup demo test test-fast lint bench bench-full speed docs clean
 
 setup: $(VENV)/.installed
 
@@ -36,5 +36,14 @@ bench-full: setup
 speed: setup
 	$(PY) -m benchmarks.speed --part all
 
+# The HTML documentation in docs/_build/html, warnings as errors (installs the docs extra).
+docs: $(VENV)/.docs-installed
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -e ".[docs]"
+	touch $@
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf docs/_build docs/api/generated docs/auto_examples docs/sg_execution_times.rst

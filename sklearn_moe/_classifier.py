@@ -49,7 +49,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     net_ : skorch.NeuralNet
     module_ : sklearn_moe.nn.MixtureOfExperts
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
     n_iter_ : int
     history_ : pandas.DataFrame
         One row per epoch of losses and routing metrics (see :class:`MoERegressor`).

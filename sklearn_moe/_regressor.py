@@ -53,7 +53,7 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     module_ : sklearn_moe.nn.MixtureOfExperts
         The fitted network.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Defined only when X has string feature names.
     n_iter_ : int
         Epochs run.
