@@ -522,12 +522,18 @@ class MixtureOfExperts(nn.Module):
             counts = plan_counts if plan_counts is not None else torch.bincount(experts, minlength=self.n_experts)
             grad_scale = self._grad_scale(counts)
         if independent:
-            layout = choose_layout(plan, self.training, x.device.type)
-            outputs = expert_outputs(x, self.experts, plan, self.expert_width, layout)
+            outputs = self._independent_outputs(x, plan)
         else:
             outputs = self.experts(x.index_select(0, rows), experts)
         assignments = assignments_with_outputs(rows, experts, flat_weights, outputs, n, grad_scale)
         return assignments, plan_counts, n_dropped
+
+    def _independent_outputs(self, x: torch.Tensor, plan) -> torch.Tensor:
+        """The independent experts' outputs for ``plan``'s assignments, in plan order: Tensor
+        of shape (m, expert_width). A hook: :class:`sklearn_moe.distributed.ExpertParallelMoE`
+        sends the rows to the ranks that hold their experts here."""
+        layout = choose_layout(plan, self.training, x.device.type)
+        return expert_outputs(x, self.experts, plan, self.expert_width, layout)
 
     def _routing_counts(self, routing, active, mask, plan_counts) -> torch.Tensor:
         """Assignments per expert, leaving out inactive ones and zero-weight rows."""
