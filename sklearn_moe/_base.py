@@ -17,6 +17,7 @@ from ._tabular import TABLE_STATE, encode_for_fit, encode_for_predict, is_encode
 from ._training import build_module, history_frame, train
 from ._validation import relative_sample_weight, validate_input
 from .diagnostics import expert_utilization
+from .distributed.data_parallel import agree_on_seeds, check_same_data, shard_rows
 from .nn import MixtureOfExperts
 from .nn.embeddings import fit_embedding_layout
 
@@ -183,13 +184,17 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         X_scaled = scale_features(X, x_mean, x_scale, n_code_columns(self))
 
         rng = check_random_state(self.random_state)
-        init_seed, shuffle_seed, split_seed = (int(s) for s in rng.randint(0, 2**31 - 1, size=3))
+        init_seed, shuffle_seed, split_seed = agree_on_seeds(tuple(int(s) for s in rng.randint(0, 2**31 - 1, size=3)))
+        check_same_data(X_scaled, targets)
         layout, bins = (None, None) if reuse else self._embedding_layout(X_scaled, init_seed)
         weights = None
         if sample_weight is not None:
             weights = torch.as_tensor(sample_weight / sample_weight.mean(), dtype=torch.float32, device=device)
         table = TensorTable(torch.as_tensor(X_scaled, device=device), torch.as_tensor(targets, device=device), weights)
         train_table, valid_table = self._split(table, targets, split_seed)
+        shard = shard_rows(len(train_table))  # data-parallel: this process's training rows
+        if shard is not None:
+            train_table = train_table.subset(torch.as_tensor(shard, device=device))
 
         generator = torch.Generator()
         generator.manual_seed(shuffle_seed)

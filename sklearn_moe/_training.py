@@ -36,6 +36,7 @@ from .callbacks import (
     StepTimes,
     TemperatureAnnealing,
 )
+from .distributed.data_parallel import GradientAveraging, active_group
 from .nn import MixtureOfExperts
 
 
@@ -99,7 +100,7 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
     net.initialize()
     net.fit(train_table, y=None)
     module.eval()
-    drop_callbacks(net, {name for name, _ in extra_callbacks})
+    drop_callbacks(net, {name for name, _ in extra_callbacks} | {"data_parallel"})
     drop_unpicklable_callbacks(net, {name for name, _ in named_callbacks(params.callbacks, "callback")})
     if net.interrupted_:
         report_interruption(net)
@@ -117,11 +118,17 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
     has_valid = valid_table is not None
     monitor = "valid_loss" if has_valid else "train_loss"
     sink = print if params.verbose else _silent
+    parallel = active_group()
+    # Data-parallel: each process's batch is its share of the single-process one.
+    world_size = 1 if parallel is None else parallel.world_size
+    size = max(1, batch_size(params.batch_size, n_train * world_size) // world_size)
     callbacks = [
         ("routing", RoutingMetrics()),
         ("expert_grad_norm", ExpertGradientNorms()),
         ("step_times", StepTimes()),
-        ("lr_scheduler", _lr_scheduler(params, monitor, n_train)),
+        # after the metrics are recorded, before anything acts on them or on the gradients
+        *([("data_parallel", GradientAveraging(parallel))] if parallel is not None else []),
+        ("lr_scheduler", _lr_scheduler(params, monitor, n_train, size)),
         ("early_stopping", EarlyStopping(
             monitor=monitor, patience=params.n_iter_no_change, threshold=params.tol,
             threshold_mode="rel", load_best=params.early_stopping, sink=sink)),
@@ -151,7 +158,7 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
         optimizer__fused=True,
         optimizer__param_groups=[("router.*", {"lr": params.learning_rate * params.router_lr_scale})],
         max_epochs=params.max_epochs,
-        batch_size=batch_size(params.batch_size, n_train),
+        batch_size=size,
         train_split=PredefinedSplit(valid_table) if has_valid else None,
         callbacks=callbacks,
         device=device,
@@ -208,10 +215,10 @@ def batch_size(setting, n_train: int) -> int:
     return min(setting, n_train)
 
 
-def _lr_scheduler(params, monitor: str, n_train: int) -> LRScheduler:
+def _lr_scheduler(params, monitor: str, n_train: int, size: int) -> LRScheduler:
     if params.lr_schedule == "plateau":
         return LRScheduler(policy="ReduceLROnPlateau", monitor=monitor, mode="min", factor=0.3,
                            patience=max(1, params.n_iter_no_change // 3), threshold=params.tol)
-    steps = params.max_epochs * max(1, -(-n_train // batch_size(params.batch_size, n_train)))
+    steps = params.max_epochs * max(1, -(-n_train // size))
     return LRScheduler(policy=torch.optim.lr_scheduler.LambdaLR, step_every="batch",
                        lr_lambda=LearningRateShape(params.lr_schedule, steps))

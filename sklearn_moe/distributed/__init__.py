@@ -1,5 +1,7 @@
-"""Training on ``torch.distributed``: expert parallelism (:mod:`.expert_parallel`)."""
+"""Training on ``torch.distributed``: data parallelism (:mod:`.data_parallel`, started by
+``torchrun -m sklearn_moe.distributed.fit``) and expert parallelism (:mod:`.expert_parallel`)."""
 
+from .data_parallel import DataParallelGroup, GradientAveraging, data_parallel
 from .expert_parallel import (
     CommStats,
     ExpertParallelMoE,
@@ -12,8 +14,11 @@ from .expert_parallel import (
 
 __all__ = [
     "CommStats",
+    "DataParallelGroup",
     "ExpertParallelMoE",
+    "GradientAveraging",
     "ShardedExperts",
+    "data_parallel",
     "expert_shards",
     "gather_experts",
     "reduce_gradients",

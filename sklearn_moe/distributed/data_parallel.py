@@ -1,0 +1,330 @@
+"""Data-parallel fitting over the processes of a ``torch.distributed`` group.
+
+Every process calls ``fit`` on the same data inside :func:`data_parallel`; each trains on its
+own shard of the training rows, and the gradients are averaged over the processes before
+every optimizer step, which is what :class:`torch.nn.parallel.DistributedDataParallel` does:
+
+- The seeds the fit draws (initialisation, batch order, validation split) are rank 0's, so
+  every process builds the same network, holds out the same validation rows and starts
+  from the same weights (rank 0's, broadcast when training begins).
+- The training rows are dealt out round-robin, ``rows[rank::world_size]``, each shard cut to
+  the smallest one's length (at most ``world_size - 1`` rows go unused), and each process's
+  batch is the single-process batch size divided by the number of processes: an epoch has
+  as many optimizer steps, each over as many rows, as a single-process fit's.
+- After every backward pass, the gradients of all the network's parameters are summed over
+  the processes in one flat all-reduce and divided by their number (a parameter without a
+  gradient on a process, such as an expert no row of its batch chose, counts as zero
+  there, and keeps no gradient where it had none on every process). Gradient clipping and
+  the optimizer step then see the average, the same on every process.
+- Every process evaluates the whole validation set, and at each epoch's end the processes
+  take rank 0's weights, buffers and history row before early stopping, the learning-rate
+  schedule and the other callbacks decide anything: every process stops at the same epoch
+  and keeps the same weights. The training metrics of the history are rank 0's shard's.
+
+The fitted estimator on every process is an ordinary one: the synchronisation is removed
+when training ends, so it pickles, saves and predicts on one machine. The wrappers a
+``DistributedDataParallel`` module needs do not fit the estimator's own use of its module,
+which is why the averaging is a callback rather than that class.
+
+Start the processes with ``torchrun`` (see :mod:`sklearn_moe.distributed.fit`) or any other
+way that initialises the default process group; gloo on CPU, NCCL on GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from skorch.callbacks import Callback
+
+__all__ = ["DataParallelGroup", "GradientAveraging", "active_group", "data_parallel"]
+
+_ACTIVE: list[DataParallelGroup] = []
+
+
+@dataclass(frozen=True)
+class DataParallelGroup:
+    """The processes a data-parallel fit runs on.
+
+    Parameters
+    ----------
+    group : ProcessGroup or None
+        The ``torch.distributed`` group (``None``: the default group).
+    rank : int
+        This process's rank in ``group``.
+    world_size : int
+        Number of processes in ``group``.
+    """
+
+    group: object
+    rank: int
+    world_size: int
+
+    def broadcast_object(self, value):
+        """``value`` as rank 0 holds it, on every process.
+
+        Parameters
+        ----------
+        value : object
+            Any picklable object (only rank 0's is used).
+
+        Returns
+        -------
+        object
+            Rank 0's ``value``.
+        """
+        holder = [value]
+        dist.broadcast_object_list(holder, src=self.global_rank(0), group=self.group)
+        return holder[0]
+
+    def global_rank(self, rank: int) -> int:
+        """The global rank of ``rank`` in this group.
+
+        Parameters
+        ----------
+        rank : int
+            A rank in the group.
+
+        Returns
+        -------
+        int
+            Its rank in the default group.
+        """
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def shard(self, n_rows: int) -> np.ndarray:
+        """This process's training rows among ``n_rows``: every ``world_size``-th one from
+        ``rank`` on, cut so that every process has as many.
+
+        Parameters
+        ----------
+        n_rows : int
+            Rows to deal out.
+
+        Returns
+        -------
+        ndarray of int64
+            Row positions, ``n_rows // world_size`` of them.
+        """
+        return np.arange(self.rank, n_rows, self.world_size)[:n_rows // self.world_size]
+
+
+def active_group() -> DataParallelGroup | None:
+    """The group of the innermost :func:`data_parallel` block, or ``None`` outside one.
+
+    Returns
+    -------
+    DataParallelGroup or None
+        Where fits in this process run data-parallel.
+    """
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def data_parallel(group=None):
+    """Fit estimators data-parallel over the processes of ``group`` inside this block.
+
+    Every process of the group must enter the block and call ``fit`` with the same
+    estimator parameters, the same ``X`` and ``y`` (and ``sample_weight``) in the same order;
+    a fit checks the data's shape and sum against rank 0's and raises ``ValueError`` on a
+    difference.
+
+    Parameters
+    ----------
+    group : ProcessGroup, optional
+        The ``torch.distributed`` group; default: the default group, which must be
+        initialised (``torch.distributed.init_process_group``, done by ``torchrun``
+        scripts).
+
+    Yields
+    ------
+    DataParallelGroup
+        The group, with this process's rank.
+
+    Raises
+    ------
+    RuntimeError
+        If ``torch.distributed`` is unavailable or its default group is not initialised.
+
+    Examples
+    --------
+    In a script started by ``torchrun --nproc-per-node 2 script.py``::
+
+        import torch.distributed as dist
+        from sklearn_moe import MoERegressor
+        from sklearn_moe.distributed import data_parallel
+
+        dist.init_process_group("gloo")
+        with data_parallel():
+            model = MoERegressor(random_state=0).fit(X, y)
+        if dist.get_rank() == 0:
+            model.save("model.moe")
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("data_parallel needs an initialised torch.distributed process group: start the processes "
+                           "with torchrun and call torch.distributed.init_process_group first.")
+    parallel = DataParallelGroup(group, dist.get_rank(group), dist.get_world_size(group))
+    _ACTIVE.append(parallel)
+    try:
+        yield parallel
+    finally:
+        _ACTIVE.pop()
+
+
+def agree_on_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
+    """Rank 0's ``seeds`` inside a :func:`data_parallel` block; ``seeds`` outside one.
+
+    Parameters
+    ----------
+    seeds : tuple of int
+        The seeds this process drew.
+
+    Returns
+    -------
+    tuple of int
+        The seeds every process uses.
+    """
+    parallel = active_group()
+    return seeds if parallel is None else tuple(parallel.broadcast_object(seeds))
+
+
+def check_same_data(X: np.ndarray, y: np.ndarray) -> None:
+    """Raise ``ValueError`` unless every process of the active group has rank 0's data.
+
+    Compares the shapes and the float64 sums of ``X`` and ``y`` (a cheap fingerprint);
+    a no-op outside a :func:`data_parallel` block.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, n_features)
+        The scaled training input.
+    y : ndarray
+        The encoded targets.
+
+    Raises
+    ------
+    ValueError
+        If this process's data differ from rank 0's.
+    """
+    parallel = active_group()
+    if parallel is None:
+        return
+    mine = (X.shape, y.shape, float(np.nansum(X, dtype=np.float64)), float(np.nansum(y, dtype=np.float64)))
+    theirs = parallel.broadcast_object(mine)
+    if mine[:2] != theirs[:2] or not np.allclose(mine[2:], theirs[2:], rtol=1e-9, atol=0.0):
+        raise ValueError(f"Process {parallel.rank} of the data-parallel fit has other data than rank 0 (shapes "
+                         f"{mine[:2]} against {theirs[:2]}): every process must fit the same X and y.")
+
+
+def shard_rows(n_rows: int) -> np.ndarray | None:
+    """This process's training rows inside a :func:`data_parallel` block, else ``None``.
+
+    Parameters
+    ----------
+    n_rows : int
+        Training rows of the fit.
+
+    Returns
+    -------
+    ndarray of int64 or None
+        :meth:`DataParallelGroup.shard`.
+
+    Raises
+    ------
+    ValueError
+        If there are fewer training rows than processes.
+    """
+    parallel = active_group()
+    if parallel is None:
+        return None
+    if n_rows < parallel.world_size:
+        raise ValueError(f"A data-parallel fit over {parallel.world_size} processes needs at least as many training "
+                         f"rows; got {n_rows}.")
+    return parallel.shard(n_rows)
+
+
+class GradientAveraging(Callback):
+    """Average the gradients over the processes of a data-parallel fit, and keep the
+    processes in step at every epoch's end (see the module docstring).
+
+    A fit-only callback: the estimator adds it first in its list inside a
+    :func:`data_parallel` block and removes it when training ends.
+
+    Parameters
+    ----------
+    parallel : DataParallelGroup
+        The processes.
+    """
+
+    def __init__(self, parallel: DataParallelGroup):
+        self.parallel = parallel
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        """Start every process from rank 0's weights and buffers.
+
+        Parameters
+        ----------
+        net : MoENet
+            The net being trained.
+        X, y : object, optional
+            The training data (unused).
+        **kwargs
+            Other skorch arguments (unused).
+        """
+        self._broadcast_state(net.module_)
+
+    def on_grad_computed(self, net, named_parameters, X=None, y=None, training=None, **kwargs):
+        """Replace every gradient by its average over the processes.
+
+        Parameters
+        ----------
+        net : MoENet
+            The net being trained.
+        named_parameters : iterable of (str, Parameter)
+            The parameters whose gradients were computed.
+        X, y : object, optional
+            The batch (unused).
+        training : bool, optional
+            Whether the step trains (unused).
+        **kwargs
+            Other skorch arguments (unused).
+        """
+        parameters = [p for _, p in named_parameters]
+        if not parameters:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                          for p in parameters]
+                         + [torch.tensor([float(p.grad is not None) for p in parameters], device=parameters[0].device)])
+        dist.all_reduce(flat, group=self.parallel.group)
+        has_gradient = flat[-len(parameters):] > 0
+        flat = flat[:-len(parameters)] / self.parallel.world_size
+        offset = 0
+        for parameter, present in zip(parameters, has_gradient.tolist()):
+            size = parameter.numel()
+            if present:
+                parameter.grad = flat[offset:offset + size].view_as(parameter).to(parameter.dtype)
+            offset += size
+
+    def on_epoch_end(self, net, **kwargs):
+        """Take rank 0's weights, buffers and history row before any later callback acts.
+
+        Parameters
+        ----------
+        net : MoENet
+            The net being trained.
+        **kwargs
+            Other skorch arguments (unused).
+        """
+        self._broadcast_state(net.module_)
+        row = self.parallel.broadcast_object(dict(net.history[-1]))
+        net.history[-1].clear()
+        net.history[-1].update(row)
+
+    def _broadcast_state(self, module: torch.nn.Module) -> None:
+        source = self.parallel.global_rank(0)
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=source, group=self.parallel.group)

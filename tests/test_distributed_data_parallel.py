@@ -1,0 +1,117 @@
+"""Data-parallel fitting (:mod:`sklearn_moe.distributed.data_parallel`) over two gloo
+processes on this machine, started by torchrun, against a single-process fit."""
+
+import json
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch.distributed as dist
+from sklearn.datasets import make_friedman1
+
+import sklearn_moe
+from sklearn_moe import MoERegressor
+from sklearn_moe.distributed.data_parallel import DataParallelGroup, data_parallel
+from sklearn_moe.distributed.fit import main as fit_main
+from sklearn_moe.distributed.fit import parse_params
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+PARAMS = dict(random_state=0, max_epochs=25, n_experts=4, expert_hidden=(32,), batch_size=64)
+
+
+def torchrun(*args, cwd):
+    """Run ``torchrun --standalone --nproc-per-node 2`` (a free port of its choosing)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def friedman(n=900):
+    X, y = make_friedman1(n, noise=0.3, random_state=0)
+    return X[:600], y[:600], X[600:], y[600:]
+
+
+def test_shards_deal_rows_round_robin_with_equal_lengths():
+    shards = [DataParallelGroup(None, rank, 3).shard(11) for rank in range(3)]
+    assert [s.tolist() for s in shards] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # rows 9 and 10 unused
+
+
+def test_parse_params_reads_json_values_else_strings():
+    assert parse_params(["n_experts=16", "expert_hidden=[64,64]", "router=switch", "layer_norm=true"]) == {
+        "n_experts": 16, "expert_hidden": (64, 64), "router": "switch", "layer_norm": True}
+    with pytest.raises(sklearn_moe.cli.InputError, match="NAME=VALUE"):
+        parse_params(["n_experts"])
+
+
+def test_data_parallel_needs_a_process_group_and_the_entry_point_torchrun(capsys):
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="initialised torch.distributed process group"):
+        with data_parallel():
+            pass
+    assert fit_main(["data.csv", "--target", "y", "--out", "out"]) == 2
+    assert "start it with torchrun" in capsys.readouterr().err
+
+
+WORKER = """
+import pickle, sys
+import numpy as np, torch.distributed as dist
+from sklearn_moe import MoERegressor
+from sklearn_moe.distributed import data_parallel
+
+data = np.load("data.npz")
+dist.init_process_group("gloo")
+with data_parallel() as parallel:
+    model = MoERegressor(**{params!r}).fit(data["X"], data["y"])
+np.save(f"prediction_{{parallel.rank}}.npy", model.predict(data["X_test"]))
+if parallel.rank == 0:
+    with open("model.pkl", "wb") as handle:
+        pickle.dump(model, handle)
+    model.save("model.moe")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::sklearn_moe.ExpertCollapseWarning")
+def test_two_processes_reach_the_single_process_score_and_return_an_ordinary_estimator(tmp_path):
+    X, y, X_test, y_test = friedman()
+    np.savez(tmp_path / "data.npz", X=X, y=y, X_test=X_test)
+    (tmp_path / "worker.py").write_text(textwrap.dedent(WORKER.format(params=PARAMS)))
+    result = torchrun("worker.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # both processes end with the same model
+    np.testing.assert_array_equal(np.load(tmp_path / "prediction_0.npy"), np.load(tmp_path / "prediction_1.npy"))
+    with open(tmp_path / "model.pkl", "rb") as handle:
+        pickled = pickle.load(handle)
+    loaded = sklearn_moe.load(tmp_path / "model.moe")
+    prediction = np.load(tmp_path / "prediction_0.npy")
+    np.testing.assert_array_equal(pickled.predict(X_test), prediction)
+    np.testing.assert_array_equal(loaded.predict(X_test), prediction)
+    assert not any(name == "data_parallel" for name, _ in pickled.net_.callbacks_)
+    single = MoERegressor(**PARAMS).fit(X, y)
+    parallel_score, single_score = pickled.score(X_test, y_test), single.score(X_test, y_test)
+    assert parallel_score > 0.8 and abs(parallel_score - single_score) < 0.03, (parallel_score, single_score)
+
+
+@pytest.mark.slow
+def test_the_torchrun_entry_point_writes_a_model_on_rank_0(tmp_path):
+    X, y, X_test, y_test = friedman()
+    frame = pd.DataFrame(X, columns=[f"x{i}" for i in range(X.shape[1])]).assign(
+        kind=np.where(X[:, 0] > 0.5, "high", "low"), y=y)
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    result = torchrun("-m", "sklearn_moe.distributed.fit", "train.csv", "--target", "y", "--out", "out",
+                      "--max-epochs", 10, "--param", "n_experts=4", "--param", "expert_hidden=[32]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["backend"] == "gloo" and summary["task"] == "regression"
+    model = sklearn_moe.load(tmp_path / "out" / "model.moe")
+    assert model.n_experts == 4 and model.expert_hidden == (32,) and summary["epochs"] == model.n_iter_ <= 10
+    assert np.isfinite(model.predict(frame.drop(columns="y"))).all()
+    bad = torchrun("-m", "sklearn_moe.distributed.fit", "train.csv", "--target", "nope", "--out", "out", cwd=tmp_path)
+    assert bad.returncode != 0 and "unknown column 'nope'" in bad.stderr
