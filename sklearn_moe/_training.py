@@ -36,7 +36,7 @@ from .callbacks import (
     StepTimes,
     TemperatureAnnealing,
 )
-from .distributed.data_parallel import GradientAveraging, active_group
+from .distributed.data_parallel import GradientAveraging, active_group, shard_for_training, whole_after_training
 from .nn import MixtureOfExperts
 
 
@@ -96,10 +96,14 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
     the fit-only ``extra_callbacks`` removed, no validation rows or early-stopping weight
     copies kept. An interrupted fit (KeyboardInterrupt) is reported as a warning.
     """
-    net = build_net(params, module, device, len(train_table), valid_table, generator, extra_callbacks)
+    trained = shard_for_training(module)  # module itself unless its experts are sharded
+    net = build_net(params, trained, device, len(train_table), valid_table, generator, extra_callbacks)
     net.initialize()
     net.fit(train_table, y=None)
-    module.eval()
+    trained.eval()
+    if trained is not module:  # every process gets the whole network, and an optimizer for it
+        net.module_ = whole_after_training(trained, module)
+        net.initialize_optimizer()
     drop_callbacks(net, {name for name, _ in extra_callbacks} | {"data_parallel"})
     drop_unpicklable_callbacks(net, {name for name, _ in named_callbacks(params.callbacks, "callback")})
     if net.interrupted_:
@@ -121,19 +125,21 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
     parallel = active_group()
     # Data-parallel: each process's batch is its share of the single-process one.
     world_size = 1 if parallel is None else parallel.world_size
+    expert_parallel = parallel is not None and parallel.expert_parallel  # then GradientAveraging clips
     size = max(1, batch_size(params.batch_size, n_train * world_size) // world_size)
     callbacks = [
         ("routing", RoutingMetrics()),
         ("expert_grad_norm", ExpertGradientNorms()),
         ("step_times", StepTimes()),
         # after the metrics are recorded, before anything acts on them or on the gradients
-        *([("data_parallel", GradientAveraging(parallel))] if parallel is not None else []),
+        *([("data_parallel", GradientAveraging(parallel, params.max_grad_norm if expert_parallel else None))]
+          if parallel is not None else []),
         ("lr_scheduler", _lr_scheduler(params, monitor, n_train, size)),
         ("early_stopping", EarlyStopping(
             monitor=monitor, patience=params.n_iter_no_change, threshold=params.tol,
             threshold_mode="rel", load_best=params.early_stopping, sink=sink)),
     ]
-    if params.max_grad_norm is not None:
+    if params.max_grad_norm is not None and not expert_parallel:
         callbacks.append(("gradient_clipping", GradientNormClipping(params.max_grad_norm)))
     if params.capacity_factor == "auto":
         callbacks.append(("capacity", AdaptiveCapacity()))

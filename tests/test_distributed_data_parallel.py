@@ -18,6 +18,7 @@ from sklearn_moe import MoERegressor
 from sklearn_moe.distributed.data_parallel import DataParallelGroup, data_parallel
 from sklearn_moe.distributed.fit import main as fit_main
 from sklearn_moe.distributed.fit import parse_params
+from sklearn_moe.nn import MixtureOfExperts
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with gloo is not available")
@@ -48,6 +49,15 @@ def test_parse_params_reads_json_values_else_strings():
         parse_params(["n_experts"])
 
 
+def test_adapter_experts_cannot_be_sharded_and_say_so(tmp_path):
+    X, y, _, _ = friedman()
+    np.savez(tmp_path / "data.npz", X=X, y=y, X_test=X[:5])
+    (tmp_path / "worker.py").write_text(textwrap.dedent(WORKER.format(params=dict(PARAMS, max_epochs=1),
+                                                                      expert_parallel=True)))
+    result = torchrun("worker.py", cwd=tmp_path)
+    assert result.returncode != 0 and "expert_type='adapter' experts share one backbone" in result.stderr
+
+
 def test_data_parallel_needs_a_process_group_and_the_entry_point_torchrun(capsys):
     if dist.is_initialized():
         pytest.skip("a process group is initialised in this process")
@@ -66,7 +76,7 @@ from sklearn_moe.distributed import data_parallel
 
 data = np.load("data.npz")
 dist.init_process_group("gloo")
-with data_parallel() as parallel:
+with data_parallel(expert_parallel={expert_parallel!r}) as parallel:
     model = MoERegressor(**{params!r}).fit(data["X"], data["y"])
 np.save(f"prediction_{{parallel.rank}}.npy", model.predict(data["X_test"]))
 if parallel.rank == 0:
@@ -79,10 +89,14 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::sklearn_moe.ExpertCollapseWarning")
-def test_two_processes_reach_the_single_process_score_and_return_an_ordinary_estimator(tmp_path):
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_two_processes_reach_the_single_process_score_and_return_an_ordinary_estimator(tmp_path, expert_parallel):
     X, y, X_test, y_test = friedman()
     np.savez(tmp_path / "data.npz", X=X, y=y, X_test=X_test)
-    (tmp_path / "worker.py").write_text(textwrap.dedent(WORKER.format(params=PARAMS)))
+    # sharded experts must be independent ones; the single-process fit has the same
+    params = dict(PARAMS, expert_type="independent") if expert_parallel else PARAMS
+    (tmp_path / "worker.py").write_text(textwrap.dedent(WORKER.format(params=params,
+                                                                      expert_parallel=expert_parallel)))
     result = torchrun("worker.py", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # both processes end with the same model
@@ -94,7 +108,8 @@ def test_two_processes_reach_the_single_process_score_and_return_an_ordinary_est
     np.testing.assert_array_equal(pickled.predict(X_test), prediction)
     np.testing.assert_array_equal(loaded.predict(X_test), prediction)
     assert not any(name == "data_parallel" for name, _ in pickled.net_.callbacks_)
-    single = MoERegressor(**PARAMS).fit(X, y)
+    assert type(pickled.module_) is MixtureOfExperts  # every expert, gathered when sharded
+    single = MoERegressor(**params).fit(X, y)
     parallel_score, single_score = pickled.score(X_test, y_test), single.score(X_test, y_test)
     assert parallel_score > 0.8 and abs(parallel_score - single_score) < 0.03, (parallel_score, single_score)
 
@@ -106,10 +121,12 @@ def test_the_torchrun_entry_point_writes_a_model_on_rank_0(tmp_path):
         kind=np.where(X[:, 0] > 0.5, "high", "low"), y=y)
     frame.to_csv(tmp_path / "train.csv", index=False)
     result = torchrun("-m", "sklearn_moe.distributed.fit", "train.csv", "--target", "y", "--out", "out",
-                      "--max-epochs", 10, "--param", "n_experts=4", "--param", "expert_hidden=[32]", cwd=tmp_path)
+                      "--max-epochs", 10, "--param", "n_experts=4", "--param", "expert_hidden=[32]",
+                      "--param", "expert_type=independent", "--expert-parallel", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["backend"] == "gloo" and summary["task"] == "regression"
+    assert summary["expert_parallel"] is True
     model = sklearn_moe.load(tmp_path / "out" / "model.moe")
     assert model.n_experts == 4 and model.expert_hidden == (32,) and summary["epochs"] == model.n_iter_ <= 10
     assert np.isfinite(model.predict(frame.drop(columns="y"))).all()

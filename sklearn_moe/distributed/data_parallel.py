@@ -21,6 +21,16 @@ every optimizer step, which is what :class:`torch.nn.parallel.DistributedDataPar
   schedule and the other callbacks decide anything: every process stops at the same epoch
   and keeps the same weights. The training metrics of the history are rank 0's shard's.
 
+With ``expert_parallel=True`` the network's experts are sharded over the processes as
+well (:class:`~sklearn_moe.distributed.ExpertParallelMoE`: each process holds a block of
+the experts and rows travel to their experts' processes and back). Only the replicated
+parts (embeddings, router, shared expert) are then averaged and kept in step; an expert's
+gradient already sums over every process's rows, and is divided by the number of
+processes. Gradient clipping then takes the norm over every expert and the replicated
+parts (one all-reduce of the experts' squared norms). When training ends, rank 0 gathers
+the experts and every process receives the whole network. Adapter experts share their
+backbone and cannot be sharded: fit them data-parallel only.
+
 The fitted estimator on every process is an ordinary one: the synchronisation is removed
 when training ends, so it pickles, saves and predicts on one machine. The wrappers a
 ``DistributedDataParallel`` module needs do not fit the estimator's own use of its module,
@@ -40,7 +50,8 @@ import torch
 import torch.distributed as dist
 from skorch.callbacks import Callback
 
-__all__ = ["DataParallelGroup", "GradientAveraging", "active_group", "data_parallel"]
+__all__ = ["DataParallelGroup", "GradientAveraging", "active_group", "data_parallel", "shard_for_training",
+           "whole_after_training"]
 
 _ACTIVE: list[DataParallelGroup] = []
 
@@ -57,11 +68,14 @@ class DataParallelGroup:
         This process's rank in ``group``.
     world_size : int
         Number of processes in ``group``.
+    expert_parallel : bool, default=False
+        Shard the experts over the processes too.
     """
 
     group: object
     rank: int
     world_size: int
+    expert_parallel: bool = False
 
     def broadcast_object(self, value):
         """``value`` as rank 0 holds it, on every process.
@@ -124,7 +138,7 @@ def active_group() -> DataParallelGroup | None:
 
 
 @contextlib.contextmanager
-def data_parallel(group=None):
+def data_parallel(group=None, expert_parallel: bool = False):
     """Fit estimators data-parallel over the processes of ``group`` inside this block.
 
     Every process of the group must enter the block and call ``fit`` with the same
@@ -138,6 +152,9 @@ def data_parallel(group=None):
         The ``torch.distributed`` group; default: the default group, which must be
         initialised (``torch.distributed.init_process_group``, done by ``torchrun``
         scripts).
+    expert_parallel : bool, default=False
+        Also shard the experts over the processes (independent experts only, at least one
+        per process); see the module docstring.
 
     Yields
     ------
@@ -166,7 +183,7 @@ def data_parallel(group=None):
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("data_parallel needs an initialised torch.distributed process group: start the processes "
                            "with torchrun and call torch.distributed.init_process_group first.")
-    parallel = DataParallelGroup(group, dist.get_rank(group), dist.get_world_size(group))
+    parallel = DataParallelGroup(group, dist.get_rank(group), dist.get_world_size(group), bool(expert_parallel))
     _ACTIVE.append(parallel)
     try:
         yield parallel
@@ -246,21 +263,77 @@ def shard_rows(n_rows: int) -> np.ndarray | None:
     return parallel.shard(n_rows)
 
 
+def shard_for_training(module):
+    """``module`` as this process trains it inside a :func:`data_parallel` block: its
+    experts sharded with ``expert_parallel=True``, else itself.
+
+    Parameters
+    ----------
+    module : MixtureOfExperts
+        The network every process built alike.
+
+    Returns
+    -------
+    MixtureOfExperts
+        An :class:`~sklearn_moe.distributed.ExpertParallelMoE` or ``module``.
+    """
+    parallel = active_group()
+    if parallel is None or not parallel.expert_parallel:
+        return module
+    from .expert_parallel import shard_experts
+
+    return shard_experts(module, parallel.group, src=0)
+
+
+def whole_after_training(trained, module):
+    """The whole trained network on every process: ``trained`` unless its experts are
+    sharded, else ``module`` (the unsharded network of the same configuration) loaded with
+    the experts gathered from every process.
+
+    Parameters
+    ----------
+    trained : MixtureOfExperts
+        The module that was trained (:func:`shard_for_training`'s result).
+    module : MixtureOfExperts
+        The unsharded network it came from.
+
+    Returns
+    -------
+    MixtureOfExperts
+        An ordinary module holding every expert, in ``trained``'s mode.
+    """
+    from .expert_parallel import ExpertParallelMoE, gather_experts
+
+    if not isinstance(trained, ExpertParallelMoE):
+        return trained
+    parallel = active_group()
+    gathered = gather_experts(trained, dst=0)
+    state = parallel.broadcast_object(None if gathered is None else {k: v.cpu() for k, v in
+                                                                     gathered.state_dict().items()})
+    module.load_state_dict(state)
+    return module.train(trained.training)
+
+
 class GradientAveraging(Callback):
     """Average the gradients over the processes of a data-parallel fit, and keep the
     processes in step at every epoch's end (see the module docstring).
 
-    A fit-only callback: the estimator adds it first in its list inside a
-    :func:`data_parallel` block and removes it when training ends.
+    A fit-only callback: the estimator adds it to its list inside a :func:`data_parallel`
+    block, after the metrics' callbacks and before every callback that acts on them or on
+    the gradients, and removes it when training ends.
 
     Parameters
     ----------
     parallel : DataParallelGroup
         The processes.
+    max_grad_norm : float, optional
+        With sharded experts: clip the gradients to this global norm (over every expert of
+        every process and the replicated parts). Without, clipping is the estimator's own.
     """
 
-    def __init__(self, parallel: DataParallelGroup):
+    def __init__(self, parallel: DataParallelGroup, max_grad_norm: float | None = None):
         self.parallel = parallel
+        self.max_grad_norm = max_grad_norm
 
     def on_train_begin(self, net, X=None, y=None, **kwargs):
         """Start every process from rank 0's weights and buffers.
@@ -295,6 +368,13 @@ class GradientAveraging(Callback):
         parameters = [p for _, p in named_parameters]
         if not parameters:
             return
+        if self.parallel.expert_parallel:
+            from .expert_parallel import reduce_gradients
+
+            reduce_gradients(net.module_, "mean")
+            if self.max_grad_norm is not None:
+                self._clip_global_norm(net.module_, parameters)
+            return
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                           for p in parameters]
                          + [torch.tensor([float(p.grad is not None) for p in parameters], device=parameters[0].device)])
@@ -324,7 +404,36 @@ class GradientAveraging(Callback):
         net.history[-1].update(row)
 
     def _broadcast_state(self, module: torch.nn.Module) -> None:
+        """Every process takes rank 0's parameters and buffers (its own experts' excepted)."""
         source = self.parallel.global_rank(0)
+        own = _sharded_expert_tensors(module)
         with torch.no_grad():
             for tensor in [*module.parameters(), *module.buffers()]:
-                dist.broadcast(tensor.data, src=source, group=self.parallel.group)
+                if id(tensor) not in own:
+                    dist.broadcast(tensor.data, src=source, group=self.parallel.group)
+
+    def _clip_global_norm(self, module, parameters) -> None:
+        """Scale every gradient by ``min(1, max_norm / (norm + 1e-6))``, ``norm`` over every
+        process's experts and the replicated parameters, as ``clip_grad_norm_`` would on one
+        process."""
+        own = _sharded_expert_tensors(module)
+        with_grad = [p for p in parameters if p.grad is not None]
+        if not with_grad:
+            return
+        squares = torch.stack([p.grad.detach().float().pow(2).sum() for p in with_grad])
+        is_own = torch.tensor([id(p) in own for p in with_grad], device=squares.device)
+        experts = squares[is_own].sum()
+        dist.all_reduce(experts, group=self.parallel.group)
+        norm = (experts + squares[~is_own].sum()).sqrt()
+        factor = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in with_grad:
+            p.grad.mul_(factor.to(p.grad.dtype))
+
+
+def _sharded_expert_tensors(module) -> set[int]:
+    """``id``s of this process's own expert parameters and buffers (none unless sharded)."""
+    from .expert_parallel import ExpertParallelMoE
+
+    if not isinstance(module, ExpertParallelMoE):
+        return set()
+    return {id(t) for t in [*module.experts.parameters(), *module.experts.buffers()]}

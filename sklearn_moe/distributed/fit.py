@@ -3,13 +3,16 @@
 ::
 
     torchrun --nproc-per-node 2 -m sklearn_moe.distributed.fit DATA.csv --target COL --out DIR \\
-        [--task auto] [--seed 0] [--max-epochs N] [--param NAME=VALUE ...] [--backend auto]
+        [--task auto] [--seed 0] [--max-epochs N] [--param NAME=VALUE ...] [--expert-parallel]
+        [--backend auto]
 
 Every process reads the table (categorical columns and missing values are encoded inside
 the model, as by ``sklearn-moe fit``), and the processes fit one model together
 (:func:`~sklearn_moe.distributed.data_parallel`); rank 0 writes ``DIR/model.moe`` (the safe
 format, loadable on any single machine with :func:`sklearn_moe.load`) and
 ``DIR/summary.json`` (the task, the processes, the epochs and the best validation loss).
+``--expert-parallel`` also shards the experts over the processes (independent experts only:
+``--param expert_type=independent``).
 
 On several machines, start the same command on each with ``torchrun``'s rendezvous options
 (``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``); the data file must be readable on
@@ -91,7 +94,7 @@ def fit(args) -> int:
         model = estimator_class(**params)
     except TypeError as error:
         raise InputError(f"bad --param: {error}") from error
-    with data_parallel() as parallel:
+    with data_parallel(expert_parallel=args.expert_parallel) as parallel:
         model.fit(X, y)
     if parallel.rank == 0:
         out = Path(args.out)
@@ -101,6 +104,7 @@ def fit(args) -> int:
         best = float(history["valid_loss"].min()) if "valid_loss" in history else None
         summary = {"task": task, "target": args.target, "data": str(args.data), "n_rows": int(len(y)),
                    "columns": [str(c) for c in X.columns], "world_size": parallel.world_size,
+                   "expert_parallel": parallel.expert_parallel,
                    "backend": dist.get_backend(), "epochs": int(model.n_iter_), "best_valid_loss": best}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         print(f"{parallel.world_size} processes, {model.n_iter_} epochs, best validation loss {best}; "
@@ -118,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-epochs", type=int, default=None)
     parser.add_argument("--param", action="append", metavar="NAME=VALUE", help="an estimator parameter")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="also shard the experts over the processes (needs --param expert_type=independent)")
     parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
     return parser
 
