@@ -110,8 +110,9 @@ class DataParallelGroup:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def shard(self, n_rows: int) -> np.ndarray:
-        """This process's training rows among ``n_rows``: every ``world_size``-th one from
-        ``rank`` on, cut so that every process has as many.
+        """Choose this process's training rows among ``n_rows``.
+
+        Every ``world_size``-th row from ``rank`` on, cut so that every process has as many.
 
         Parameters
         ----------
@@ -315,8 +316,9 @@ def whole_after_training(trained, module):
 
 
 class GradientAveraging(Callback):
-    """Average the gradients over the processes of a data-parallel fit, and keep the
-    processes in step at every epoch's end (see the module docstring).
+    """Average the gradients over the processes of a data-parallel fit.
+
+    It also keeps the processes in step at every epoch's end (see the module docstring).
 
     A fit-only callback: the estimator adds it to its list inside a :func:`data_parallel`
     block, after the metrics' callbacks and before every callback that acts on them or on
