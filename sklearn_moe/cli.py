@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+__all__ = ["main"]  # the command line is the interface; the helpers serve it
+
 EXIT_INPUT = 3
 MODEL_FILE, SUMMARY_FILE = "model.moe", "summary.json"
 
@@ -285,7 +287,19 @@ COMMANDS = {"fit": fit_command, "predict": predict_command, "info": info_command
 
 
 def main(argv=None) -> int:
-    """Entry point of ``sklearn-moe``; returns the exit status."""
+    """Run the ``sklearn-moe`` command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 3 for bad input, 130 when interrupted, 1 otherwise
+        (argparse exits with 2 for a bad command line).
+    """
     args = _parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -25,6 +25,8 @@ MODULES = (
     "sklearn_moe.persistence",
     "sklearn_moe.tuning",
     "sklearn_moe.distributed",
+    "sklearn_moe.distributed.fit",
+    "sklearn_moe.cli",
 )
 
 # The checks not required, each for a reason:

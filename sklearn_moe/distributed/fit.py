@@ -38,6 +38,8 @@ import torch.distributed as dist
 from ..cli import EXIT_INPUT, MODEL_FILE, SUMMARY_FILE, InputError, read_table, split_target
 from .data_parallel import data_parallel
 
+__all__ = ["main"]
+
 
 def parse_params(pairs) -> dict:
     """``NAME=VALUE`` strings as estimator parameters (a VALUE that parses as JSON is JSON).
