@@ -13,6 +13,29 @@ An expert output that is not finite (a diverged expert) is masked: the (row, exp
 assignment gets weight 0, the row's other weights are renormalised, and a
 ``RuntimeWarning`` names the expert.
 
+Host synchronisation
+--------------------
+On a GPU, reading a tensor's value on the host (``int(t)``, ``bool(t)``, ``t.tolist()``),
+selecting with a boolean mask, or ``torch.bincount`` (whose CUDA kernel reads the largest
+value to size its output) makes the host wait for the device. What here needs none:
+
+- the plan of a dropless routing without inactive assignments: its ``n * k`` assignments
+  have a size known on the host, the counts per expert are a scatter-add
+  (:func:`count_experts`), the sort, slots and offsets stay on the device; with
+  ``plan_dispatch(..., sync_free=True)`` the busiest expert's count ``n_slots`` is not read
+  (None), and the layouts of :mod:`.layouts` that need no such size run it;
+- :func:`combine`, :func:`normalize_per_row`, :func:`scale_gradient`;
+- the masking of non-finite outputs given a device ``tally`` (:func:`mask_failed_experts`):
+  every output passes through ``torch.where``, and the failed assignments are counted per
+  expert on the device for a warning issued later, where reading is free.
+
+What reads sizes, by design: the padded layout's ``n_slots``; a capacity cap (whether any
+expert overflows, and the kept assignments, a data-dependent number) and rerouting (a loop
+until every overflowing assignment is placed); inactive assignments (dynamic-k routing,
+expert dropout), left out of the plan by a boolean mask; and the masking of non-finite
+outputs without a tally, which warns at once. The module runs its training steps on a GPU
+without any of these where the routing allows (see :mod:`.moe`).
+
 A ``capacity`` (training only) caps the assignments per expert. Assignments are ranked
 choice-major: every row's first choice outranks any row's second choice, then by row order.
 What happens to an assignment past the cap is the overflow policy: ``"drop"`` removes it and
@@ -68,8 +91,9 @@ class DispatchPlan(NamedTuple):
         Gate weight of the assignment (renormalised if capacity dropped some).
     counts : Tensor of shape (n_experts,), int64
         Assignments per expert as routed, before the capacity cap.
-    n_slots : int
-        Largest number of assignments kept by one expert.
+    n_slots : int or None
+        Largest number of assignments kept by one expert; None in a plan made with
+        ``sync_free=True``, which does not read it on the host.
     kept_counts : Tensor of shape (n_experts,), int64
         Assignments per expert after the capacity cap: the lengths of the expert runs of
         ``rows``.
@@ -80,7 +104,7 @@ class DispatchPlan(NamedTuple):
     slots: torch.Tensor
     weights: torch.Tensor
     counts: torch.Tensor
-    n_slots: int
+    n_slots: int | None
     kept_counts: torch.Tensor
 
 
@@ -130,6 +154,7 @@ def plan_dispatch(
     active: torch.Tensor | None = None,
     overflow: str = "drop",
     ranking: torch.Tensor | None = None,
+    sync_free: bool = False,
 ) -> DispatchPlan:
     """Sort the assignments of ``indices`` (n, k) by expert and give each a buffer row.
 
@@ -150,6 +175,10 @@ def plan_dispatch(
         What happens to assignments past ``capacity`` (see the module docstring).
     ranking : Tensor of shape (n, n_experts), int64, optional
         Every row's experts, best first; required by ``overflow="reroute"``.
+    sync_free : bool, default=False
+        Leave ``n_slots`` unread (None): reading the busiest expert's count makes the host
+        wait for a GPU. Without ``capacity`` and ``active`` nothing else in the plan is
+        read on the host either (see the module docstring).
 
     Returns
     -------
@@ -167,7 +196,7 @@ def plan_dispatch(
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     n = indices.shape[0]
     flat_rows, flat_experts, flat_weights = flat_assignments(indices, weights, active)
-    counts = torch.bincount(flat_experts, minlength=n_experts)
+    counts = count_experts(flat_experts, n_experts)
     if capacity is not None and flat_experts.numel() and capacity < int(counts.max()):
         keep = _rank_within_expert(flat_experts, n_experts) < capacity
         dropped = ~keep
@@ -175,19 +204,21 @@ def plan_dispatch(
             if ranking is None:
                 raise ValueError("overflow='reroute' needs the routers' ranking of every expert")
             extra = _reroute(flat_rows[dropped], flat_weights[dropped], indices, active, ranking,
-                             capacity - torch.bincount(flat_experts[keep], minlength=n_experts))
+                             capacity - count_experts(flat_experts[keep], n_experts))
             flat_rows = torch.cat((flat_rows[keep], extra[0]))
             flat_experts = torch.cat((flat_experts[keep], extra[1]))
             flat_weights = torch.cat((flat_weights[keep], extra[2]))
         else:
-            flat_rows, flat_experts, flat_weights = flat_rows[keep], flat_experts[keep], flat_weights[keep]
+            kept = keep.nonzero().squeeze(1)  # one selection for the three
+            flat_rows, flat_experts = flat_rows.index_select(0, kept), flat_experts.index_select(0, kept)
+            flat_weights = flat_weights.index_select(0, kept)
         flat_weights = normalize_per_row(flat_weights, flat_rows, n)
     order = _stable_order(flat_experts)
     rows, experts = flat_rows.index_select(0, order), flat_experts.index_select(0, order)
     expert_weights = flat_weights.index_select(0, order)
-    kept_counts = torch.bincount(experts, minlength=n_experts)
+    kept_counts = count_experts(experts, n_experts)
     slots = _rank_in_sorted(experts, kept_counts)
-    n_slots = int(kept_counts.max()) if experts.numel() else 0
+    n_slots = None if sync_free else (int(kept_counts.max()) if experts.numel() else 0)
     return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, kept_counts)
 
 
@@ -195,8 +226,11 @@ def padded_layout(plan: DispatchPlan) -> BufferLayout:
     """The reference buffer: one block, every expert's slice padded to the busiest expert's
     ``plan.n_slots`` slots."""
     n_experts = plan.kept_counts.shape[0]
-    groups = (ExpertGroup(None, n_experts, 0, plan.n_slots, 0),) if plan.n_slots else ()
-    return BufferLayout(plan.experts * plan.n_slots + plan.slots, groups)
+    n_slots = plan.n_slots
+    if n_slots is None:  # a sync-free plan: the one read of the padded layout
+        n_slots = int(plan.kept_counts.max()) if plan.experts.numel() else 0
+    groups = (ExpertGroup(None, n_experts, 0, n_slots, 0),) if n_slots else ()
+    return BufferLayout(plan.experts * n_slots + plan.slots, groups)
 
 
 def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
@@ -240,8 +274,9 @@ def flat_assignments(indices: torch.Tensor, weights: torch.Tensor, active: torch
     rows = torch.arange(n, device=indices.device).repeat(k)
     experts, weights = _choice_major(indices), _choice_major(weights)
     if active is not None:
-        keep = _choice_major(active)
-        rows, experts, weights = rows[keep], experts[keep], weights[keep]
+        # One selection (one host read of its size on a GPU) for the three.
+        keep = _choice_major(active).nonzero().squeeze(1)
+        rows, experts, weights = (t.index_select(0, keep) for t in (rows, experts, weights))
     return rows, experts, weights
 
 
@@ -249,6 +284,29 @@ def _choice_major(table: torch.Tensor) -> torch.Tensor:
     """``table.t().reshape(-1)``: column 0, then column 1, ... (5x faster than the strided
     copy on CPU at 16k rows)."""
     return torch.cat(table.unbind(1))
+
+
+def count_experts(experts: torch.Tensor, n_experts: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Count the assignments per expert, without a host synchronisation.
+
+    ``torch.bincount(experts, minlength=n_experts)`` for ids in ``[0, n_experts)``, as a
+    scatter-add: on CUDA ``bincount`` reads the largest id on the host to size its output.
+
+    Parameters
+    ----------
+    experts : Tensor of shape (m,), int64
+        Expert ids, each in ``[0, n_experts)``.
+    n_experts : int
+        Length of the result.
+    weights : Tensor of shape (m,), bool or integer, optional
+        Count assignment ``i`` ``weights[i]`` times (a boolean mask counts the True ones).
+
+    Returns
+    -------
+    Tensor of shape (n_experts,), int64
+    """
+    counted = torch.ones_like(experts) if weights is None else weights.to(torch.int64)
+    return torch.zeros(n_experts, dtype=torch.int64, device=experts.device).scatter_add_(0, experts, counted)
 
 
 def _stable_order(experts: torch.Tensor) -> torch.Tensor:
@@ -259,7 +317,7 @@ def _stable_order(experts: torch.Tensor) -> torch.Tensor:
 def _rank_within_expert(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
     """For each assignment, how many earlier assignments (in order) chose the same expert."""
     order = _stable_order(experts)
-    counts = torch.bincount(experts, minlength=n_experts)
+    counts = count_experts(experts, n_experts)
     sorted_rank = _rank_in_sorted(experts[order], counts)
     return torch.empty_like(sorted_rank).scatter_(0, order, sorted_rank)
 
@@ -299,7 +357,7 @@ def _reroute(rows, weights, indices, active, ranking, room):
         placed_experts.append(candidates[accepted])
         placed_weights.append(weights[accepted])
         used[rows[accepted], candidates[accepted]] = True
-        room -= torch.bincount(candidates[accepted], minlength=n_experts)
+        room -= count_experts(candidates[accepted], n_experts)
         pointer = pointer + 1
         waiting = ~accepted & (pointer < n_experts)
         rows, weights, pointer = rows[waiting], weights[waiting], pointer[waiting]
@@ -336,30 +394,72 @@ def combine(assignments: ExpertAssignments, n_rows: int) -> torch.Tensor:
     return weighted.new_zeros(n_rows, weighted.shape[1]).index_add(0, assignments.rows, weighted)
 
 
-def mask_failed_experts(assignments: ExpertAssignments, n_rows: int) -> ExpertAssignments:
+def mask_failed_experts(assignments: ExpertAssignments, n_rows: int,
+                        tally: torch.Tensor | None = None) -> ExpertAssignments:
     """Mask non-finite expert outputs (a diverged expert).
 
     Such an output gets weight 0 and its row's other weights are renormalised, with a
     ``RuntimeWarning`` naming the experts; an assignment that already had weight 0 (an
     expert not chosen for the row) does not count, and is silently zeroed. Nothing changes
     (and nothing is copied) when every output is finite.
+
+    Parameters
+    ----------
+    assignments : ExpertAssignments
+        The experts' outputs and the assignments' gate weights.
+    n_rows : int
+        Rows of the batch.
+    tally : Tensor of shape (n_experts,), int64, optional
+        Mask without reading anything on the host: every output passes through
+        ``torch.where``, the weights are renormalised where any assignment failed (the same
+        values as without a tally), and each expert's failed assignments are added to
+        ``tally`` in place, for the caller to report (:func:`warn_failed_experts`) where
+        reading it is free. No warning here.
+
+    Returns
+    -------
+    ExpertAssignments
     """
     finite = torch.isfinite(assignments.outputs).all(dim=1)
+    if tally is not None:
+        failed = ~finite & (assignments.weights != 0)
+        tally.scatter_add_(0, assignments.experts, failed.to(tally.dtype))
+        outputs = torch.where(finite.unsqueeze(1), assignments.outputs, 0.0)
+        renormalised = normalize_per_row(torch.where(finite, assignments.weights, 0.0), assignments.rows, n_rows)
+        weights = torch.where(failed.any(), renormalised, assignments.weights)
+        return assignments._replace(weights=weights, outputs=outputs)
     if bool(finite.all()):
         return assignments
-    failed = ~finite & (assignments.weights != 0)
     outputs = torch.where(finite.unsqueeze(1), assignments.outputs, 0.0)
     weights = assignments.weights
+    failed = ~finite & (weights != 0)
     if bool(failed.any()):
-        _warn_failed_experts(assignments.experts[failed])
+        failed_experts = assignments.experts[failed]
+        _warn_failed_experts(sorted(set(failed_experts.tolist())), failed_experts.numel(), stacklevel=3)
         weights = torch.where(finite, weights, 0.0)
         weights = normalize_per_row(weights, assignments.rows, n_rows)
     return assignments._replace(weights=weights, outputs=outputs)
 
 
+def warn_failed_experts(tally: torch.Tensor) -> None:
+    """Warn about the failed assignments counted in a ``tally`` of
+    :func:`mask_failed_experts` (one host read), and reset it to zeros.
+
+    Parameters
+    ----------
+    tally : Tensor of shape (n_experts,), int64
+        Failed assignments per expert.
+    """
+    counts = tally.tolist()
+    if any(counts):
+        tally.zero_()
+        _warn_failed_experts([e for e, count in enumerate(counts) if count], sum(counts), stacklevel=4)
+
+
 def assignments_with_outputs(rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                              outputs: torch.Tensor, n_rows: int,
-                             grad_scale: torch.Tensor | None = None) -> ExpertAssignments:
+                             grad_scale: torch.Tensor | None = None,
+                             tally: torch.Tensor | None = None) -> ExpertAssignments:
     """The :class:`ExpertAssignments` of experts' ``outputs`` for (row, expert, weight)
     assignments, non-finite outputs masked (:func:`mask_failed_experts`).
 
@@ -371,10 +471,12 @@ def assignments_with_outputs(rows: torch.Tensor, experts: torch.Tensor, weights:
     grad_scale : Tensor of shape (n_experts,), optional
         Multiplies the gradient reaching each expert's output (hence its parameters);
         the forward value is unchanged.
+    tally : Tensor of shape (n_experts,), int64, optional
+        Mask without host reads, counting failures here (see :func:`mask_failed_experts`).
     """
     if grad_scale is not None:
         outputs = scale_gradient(outputs, grad_scale[experts].unsqueeze(1))
-    return mask_failed_experts(ExpertAssignments(rows, experts, weights, outputs), n_rows)
+    return mask_failed_experts(ExpertAssignments(rows, experts, weights, outputs), n_rows, tally)
 
 
 def dispatch_assignments(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
@@ -472,12 +574,14 @@ def scale_gradient(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _ScaleGradient.apply(tensor, scale.detach())
 
 
-def dense_assignments(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor) -> ExpertAssignments:
+def dense_assignments(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor,
+                      tally: torch.Tensor | None = None) -> ExpertAssignments:
     """Every expert on every row, weighted by ``gates`` of shape (n, n_experts).
 
     ``experts.all_experts(x)`` gives the outputs; the assignments are expert-major (all
     rows of expert 0, then of expert 1, ...). An expert whose gate is 0 for a row does not
-    count for it, even if its output there is not finite (:func:`mask_failed_experts`).
+    count for it, even if its output there is not finite (:func:`mask_failed_experts`, to
+    which ``tally`` goes).
     """
     n, n_experts = gates.shape
     expert_out = experts.all_experts(x)  # (E, n, out)
@@ -485,7 +589,7 @@ def dense_assignments(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Te
     expert_ids = torch.arange(n_experts, device=x.device).repeat_interleave(n)
     assignments = ExpertAssignments(rows, expert_ids, gates.t().reshape(-1),
                                      expert_out.reshape(n_experts * n, expert_out.shape[-1]))
-    return mask_failed_experts(assignments, n)
+    return mask_failed_experts(assignments, n, tally)
 
 
 def dense_combine(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor) -> torch.Tensor:
@@ -512,11 +616,10 @@ def dense_combine(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor
     return combine(dense_assignments(x, experts, gates), x.shape[0])
 
 
-def _warn_failed_experts(failed_experts: torch.Tensor) -> None:
-    experts = sorted(set(failed_experts.tolist()))
+def _warn_failed_experts(experts: list[int], n_failed: int, stacklevel: int) -> None:
     warnings.warn(
-        f"Expert(s) {experts} produced non-finite output for {failed_experts.numel()} routed "
+        f"Expert(s) {experts} produced non-finite output for {n_failed} routed "
         "row(s); those outputs were masked and the rows' remaining gate weights renormalised.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
     )

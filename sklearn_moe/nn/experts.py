@@ -11,6 +11,12 @@ Dispatch can also pass a list of blocks, each with the experts it holds (``None`
 them, weights used in place; else an index tensor, weights gathered): each block runs as
 its own batched matmul. Topping up the busiest experts in extra blocks needs less padding
 than one block padded to the busiest expert.
+
+:meth:`StackedExperts.forward_grouped` runs expert-sorted rows instead, each expert's
+group of rows at its offset, as one ``torch._grouped_mm`` per layer: the layout of a GPU
+that runs that product as one kernel (:mod:`.layouts`). Nothing in it reads a device value
+on the host; neither does :meth:`StackedExperts.forward` (its block sizes are the
+caller's).
 """
 
 from __future__ import annotations
@@ -21,8 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._sync import avoid_host_reads, compute_dtype
 from .dispatch import padded_layout, plan_dispatch, run_buffer
+from .layouts import blocked_layout
 from .products import batched_linear, needs_autograd, row_invariant_addmm
+
+#: Widths of a grouped product's operands are padded to a multiple of this: its kernel needs
+#: 16-byte aligned row strides (8 bfloat16 values).
+GROUPED_WIDTH_ALIGN = 8
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -83,6 +95,60 @@ class StackedLinear(nn.Module):
         weights = select_experts(self.weight, block_experts)
         biases = select_experts(self.bias, block_experts)
         return [batched_linear(x, w, b) for x, w, b in zip(blocks, weights, biases)]
+
+    def grouped(self, x: torch.Tensor, offsets: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
+        """Map expert-sorted rows ``(m, in)`` to ``(m, out)`` with one grouped product.
+
+        Rows ``offsets[e - 1] .. offsets[e] - 1`` go through layer ``e`` (``torch._grouped_mm``
+        in the dtype products run in, autocast's where it is on, with its autocast
+        disabled); ``row_experts`` gives each row's layer, for the biases. The widths are
+        zero-padded to multiples of :data:`GROUPED_WIDTH_ALIGN` for the product.
+
+        Parameters
+        ----------
+        x : Tensor of shape (m, in_features)
+            The rows, sorted by layer.
+        offsets : Tensor of shape (n_experts,), int32
+            End of each layer's group of rows; the last is ``m``.
+        row_experts : Tensor of shape (m,), int64
+            Every row's layer.
+
+        Returns
+        -------
+        Tensor of shape (m, out_features)
+            Each row's output from its layer.
+        """
+        dtype = compute_dtype(x)
+        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        n_in, n_out = weight.shape[1:]
+        pad_in, pad_out = -n_in % GROUPED_WIDTH_ALIGN, -n_out % GROUPED_WIDTH_ALIGN
+        x = x.to(dtype)
+        if pad_in:
+            x, weight = F.pad(x, (0, pad_in)), F.pad(weight, (0, 0, 0, pad_in))
+        if pad_out:
+            weight = F.pad(weight, (0, pad_out))
+        with torch.autocast(x.device.type, enabled=False):
+            out = _contiguous_grad(torch._grouped_mm(x.contiguous(), weight.contiguous(), offs=offsets))
+        if pad_out:
+            out = out[:, :n_out]
+        return out + bias.index_select(0, row_experts)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """The identity, whose backward makes the gradient contiguous (a grouped product's
+    backward needs 16-byte aligned strides, which an expanded gradient lacks)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _contiguous_grad(tensor: torch.Tensor) -> torch.Tensor:
+    return _ContiguousGrad.apply(tensor) if tensor.requires_grad else tensor
 
 
 class _SelectExperts(torch.autograd.Function):
@@ -168,6 +234,11 @@ class StackedLayerNorm(nn.Module):
         weights = select_experts(self.weight, block_experts)
         biases = select_experts(self.bias, block_experts)
         return [torch.addcmul(b, F.layer_norm(x, x.shape[-1:]), w) for x, w, b in zip(blocks, weights, biases)]
+
+    def grouped(self, x: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
+        """Normalise rows ``(m, width)``, row ``i`` with expert ``row_experts[i]``'s affine map."""
+        return torch.addcmul(self.bias[:, 0].index_select(0, row_experts), F.layer_norm(x, x.shape[-1:]),
+                             self.weight[:, 0].index_select(0, row_experts))
 
 
 class _ExpertMLP(nn.Module):
@@ -279,6 +350,44 @@ class StackedExperts(_ExpertMLP):
             h = self._norm(-1, h, block_experts)
         out = self.output(h, block_experts)
         return out[0] if isinstance(x, torch.Tensor) else out
+
+    def forward_grouped(self, x: torch.Tensor, offsets: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
+        """Run expert-sorted rows through their experts, one grouped product per layer.
+
+        The same network as :meth:`forward` (norms, activations, dropout, residuals), on
+        rows grouped by expert instead of a padded buffer (:func:`~.layouts.grouped_layout`).
+        Nothing here reads a device value on the host; on a GPU it is meant for bfloat16
+        under autocast on devices where ``torch._grouped_mm`` has its fused kernel
+        (:func:`~._sync.grouped_mm_supported`), else PyTorch reads the offsets on the host.
+
+        Parameters
+        ----------
+        x : Tensor of shape (m, in_features)
+            The rows, expert ``e``'s in rows ``offsets[e - 1] .. offsets[e] - 1``; each group
+            a multiple of :data:`~.layouts.GROUP_ALIGN` rows.
+        offsets : Tensor of shape (n_experts,), int32
+            End of each expert's group; the last is ``m``.
+        row_experts : Tensor of shape (m,), int64
+            Every row's expert.
+
+        Returns
+        -------
+        Tensor of shape (m, out_features)
+            Each row's output from its expert, in the order of ``x`` (padding rows included).
+        """
+        h = x
+        for i, layer in enumerate(self.hidden):
+            inputs = self._norm_grouped(i - 1, h, row_experts) if i > 0 else h
+            z = self._act(layer.grouped(inputs, offsets, row_experts))
+            if self.training and self.dropout > 0:
+                z = F.dropout(z, self.dropout, training=True)
+            h = h + z if self.residual[i] else z
+        if self.hidden:
+            h = self._norm_grouped(-1, h, row_experts)
+        return self.output.grouped(h, offsets, row_experts)
+
+    def _norm_grouped(self, index: int, h: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
+        return self.norms[index].grouped(h, row_experts) if len(self.norms) else h
 
     def all_experts(self, x: torch.Tensor) -> torch.Tensor:
         """Run every expert on every row.
@@ -502,7 +611,10 @@ class AdapterExperts(_ExpertMLP):
         One output: a gathered weight row per row, multiplied elementwise. More outputs:
         the rows are dispatched as in :mod:`.dispatch`, by expert into a buffer padded to the
         busiest expert, and every head runs as one batched matmul (gathering a weight matrix
-        per row would move ``rows * width * outputs`` values).
+        per row would move ``rows * width * outputs`` values). In training on a GPU, where
+        reading the busiest expert's count would make the host wait, the buffer is the
+        ``"blocked"`` layout of :mod:`.layouts` instead, each block through its expert's
+        gathered head.
         """
         if self.out_features == 1:
             weight = self.head_weight[:, :, 0].index_select(0, experts).to(h.dtype)
@@ -510,13 +622,18 @@ class AdapterExperts(_ExpertMLP):
             return (h * weight).sum(dim=1, keepdim=True) + bias
         if h.shape[0] == 0:
             return h.new_zeros(0, self.out_features)
-        plan = plan_dispatch(experts.unsqueeze(1), h.new_ones(h.shape[0], 1), self.n_experts)
+        sync_free = avoid_host_reads(h.device, self.training)
+        plan = plan_dispatch(experts.unsqueeze(1), h.new_ones(h.shape[0], 1), self.n_experts, sync_free=sync_free)
         weight, bias = self.head_weight.to(h.dtype), self.head_bias.to(h.dtype)
 
-        def heads(blocks, block_experts):  # the padded layout's one block: every expert in order
-            return [batched_linear(blocks[0], weight, bias)]
+        def heads(blocks, block_experts):  # one block: every expert in order (padded), or one per block
+            ids = block_experts[0]
+            if ids is None:
+                return [batched_linear(blocks[0], weight, bias)]
+            return [batched_linear(blocks[0], weight.index_select(0, ids), bias.index_select(0, ids))]
 
-        outputs = run_buffer(h, heads, plan, padded_layout(plan), self.out_features)  # in plan (expert) order
+        layout = blocked_layout(plan) if sync_free else padded_layout(plan)
+        outputs = run_buffer(h, heads, plan, layout, self.out_features)  # in plan (expert) order
         return outputs.new_zeros(outputs.shape).index_copy(0, plan.rows, outputs)
 
     def _norm(self, index: int, h: torch.Tensor, select) -> torch.Tensor:

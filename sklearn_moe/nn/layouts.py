@@ -18,25 +18,51 @@ rounding.
   contiguous run of the expert-sorted rows, with no padding at all
   (:meth:`~.experts.StackedExperts.forward_sorted`): one plain matmul per expert and layer,
   cheap next to products this tall (at 8 experts, 16k rows predict 3.7x faster).
+- ``"blocked"`` (training on a GPU): every buffer size is known on the host, so nothing
+  waits for the device. Each expert's rows fill whole blocks of ``block_rows`` rows
+  (:func:`blocked_layout`); the number of blocks is bounded by ``m / block_rows +
+  n_experts`` whatever the routing, and every block runs as one slice of a batched matmul
+  over the gathered weights of its expert. With ``block_rows`` the mean load rounded up to
+  a power of two, the buffer holds at most about twice the assignments.
+- ``"grouped"`` (training on a GPU whose PyTorch runs ``torch._grouped_mm`` as one fused
+  kernel: bfloat16 on compute capability 9.0 or 10.0, see
+  :func:`~._sync.grouped_mm_supported`): the expert-sorted rows, each expert's group
+  padded to a multiple of :data:`GROUP_ALIGN` rows, go through one grouped matrix product
+  per layer whose group offsets stay on the device (:func:`grouped_layout`,
+  :meth:`~.experts.StackedExperts.forward_grouped`): no padding to the busiest expert and
+  no gathered weights.
+
+Host synchronisation: ``"blocked"`` and ``"grouped"`` read nothing on the host; they run
+the plans that :func:`~.dispatch.plan_dispatch` makes with ``sync_free=True`` (whose
+``n_slots`` is None), which :func:`choose_layout` gives them. ``"padded"`` reads the
+busiest expert's count (a plan's ``n_slots``), ``"staircase"`` the counts of every expert
+and ``"sorted"`` the rows per expert: CPU layouts, or evaluation, where that is free or a
+copy to the host follows anyway.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .dispatch import BufferLayout, DispatchPlan, ExpertGroup, padded_layout, run_buffer
 
-LAYOUTS = ("padded", "staircase", "sorted")
+LAYOUTS = ("padded", "staircase", "sorted", "blocked", "grouped")
 MAX_GROUPS = 4
 # Planning a staircase costs host time every step: worth it only for large batches with
 # much padding to save.
 STAIRCASE_MIN_ASSIGNMENTS = 512
 STAIRCASE_MIN_PADDING = 0.25
 SORTED_MIN_ROWS_PER_EXPERT = 64
+#: ``"grouped"``: every expert's group of rows is a multiple of this many rows (and at
+#: least this many): a grouped product's weight gradient splits the rows' axis at the group
+#: offsets, which its kernel needs 16-byte aligned (8 bfloat16 values).
+GROUP_ALIGN = 8
 
 
-def choose_layout(plan: DispatchPlan, training: bool, device_type: str) -> str:
+def choose_layout(plan: DispatchPlan, training: bool, device_type: str, grouped: bool = False) -> str:
     """Choose the layout of :data:`LAYOUTS` that runs ``plan`` fastest.
 
     Parameters
@@ -47,15 +73,22 @@ def choose_layout(plan: DispatchPlan, training: bool, device_type: str) -> str:
         Whether the experts run in training (autograd, dropout) or evaluation.
     device_type : str
         ``x.device.type`` of the batch.
+    grouped : bool, default=False
+        Whether the experts' products can run as ``torch._grouped_mm`` without host reads
+        (:func:`~._sync.grouped_mm_supported`); used for a sync-free plan only.
 
     Returns
     -------
     str
+        For a plan made with ``sync_free=True`` (``n_slots`` None): ``"grouped"`` if
+        ``grouped``, else ``"blocked"``; neither reads a size on the host. Else
         ``"padded"`` on a GPU; on the CPU, ``"staircase"`` in training when there are at
         least :data:`STAIRCASE_MIN_ASSIGNMENTS` assignments and one block would pad them by
         more than :data:`STAIRCASE_MIN_PADDING`, ``"sorted"`` in evaluation when the
         experts average at least :data:`SORTED_MIN_ROWS_PER_EXPERT` assignments.
     """
+    if plan.n_slots is None:
+        return "grouped" if grouped else "blocked"
     if device_type != "cpu":
         return "padded"
     n_kept, n_experts = plan.rows.shape[0], plan.kept_counts.shape[0]
@@ -79,8 +112,10 @@ def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan
         The assignments to run (:func:`~.dispatch.plan_dispatch`).
     n_outputs : int
         Width of an expert's output.
-    layout : {"padded", "staircase", "sorted"}, default="padded"
+    layout : {"padded", "staircase", "sorted", "blocked", "grouped"}, default="padded"
         See the module docstring; ``"sorted"`` applies no dropout (evaluation only).
+        ``"grouped"`` needs :class:`~.experts.StackedExperts` (its
+        :meth:`~.experts.StackedExperts.forward_grouped`).
 
     Returns
     -------
@@ -98,7 +133,103 @@ def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan
         return run_buffer(x, experts, plan, staircase_layout(plan), n_outputs)
     if layout == "padded":
         return run_buffer(x, experts, plan, padded_layout(plan), n_outputs)
+    if layout == "blocked":
+        return run_buffer(x, experts, plan, blocked_layout(plan), n_outputs)
+    if layout == "grouped":
+        grouped = grouped_layout(plan)
+        buffer = x.new_zeros(grouped.n_rows, x.shape[1]).index_put((grouped.positions,), x.index_select(0, plan.rows))
+        return experts.forward_grouped(buffer, grouped.offsets, grouped.row_experts)[grouped.positions]
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def block_rows(n_assignments: int, n_experts: int) -> int:
+    """Rows per block of :func:`blocked_layout`: the mean load per expert rounded up to a
+    power of two, at least 8."""
+    mean = -(-n_assignments // max(n_experts, 1))
+    return max(8, 1 << max(mean - 1, 0).bit_length())
+
+
+def blocked_layout(plan: DispatchPlan, rows_per_block: int | None = None) -> BufferLayout:
+    """A buffer of whole blocks per expert, of sizes known on the host.
+
+    Expert ``e``'s ``c_e`` assignments fill ``ceil(c_e / B)`` blocks of ``B`` rows, one
+    expert's blocks after the other's; the buffer holds ``(m + n_experts * (B - 1)) // B``
+    blocks, as many as the most uneven routing of ``m`` assignments needs, the unused ones
+    at its end (zero rows, run through the last expert and never read). Nothing here reads
+    a device value on the host.
+
+    Parameters
+    ----------
+    plan : DispatchPlan
+        The assignments, sorted by expert (``n_slots`` is not used).
+    rows_per_block : int, optional
+        ``B``; by default :func:`block_rows` of the plan's sizes.
+
+    Returns
+    -------
+    BufferLayout
+        One group whose ``experts`` holds each block's expert (``first_slot`` is 0).
+    """
+    m, n_experts = plan.rows.shape[0], plan.kept_counts.shape[0]
+    rows = rows_per_block or block_rows(m, n_experts)
+    n_blocks = (m + n_experts * (rows - 1)) // rows
+    if m == 0:
+        return BufferLayout(plan.slots, ())
+    blocks = (plan.kept_counts + (rows - 1)) // rows
+    ends = torch.cumsum(blocks, 0)
+    positions = (ends - blocks).index_select(0, plan.experts) * rows + plan.slots
+    every_block = torch.arange(n_blocks, device=ends.device)
+    block_experts = torch.searchsorted(ends, every_block, right=True).clamp_max_(n_experts - 1)
+    return BufferLayout(positions, (ExpertGroup(block_experts, n_blocks, 0, rows, 0),))
+
+
+class GroupedLayout(NamedTuple):
+    """Where a plan's assignments sit in the buffer of the ``"grouped"`` layout.
+
+    Attributes
+    ----------
+    positions : Tensor of shape (m,), int64
+        Buffer row of each assignment, in plan order.
+    offsets : Tensor of shape (n_experts,), int32
+        End of each expert's group of rows (``torch._grouped_mm``'s ``offs``); the last is
+        ``n_rows``.
+    row_experts : Tensor of shape (n_rows,), int64
+        The expert of every buffer row.
+    n_rows : int
+        Rows of the buffer.
+    """
+
+    positions: torch.Tensor
+    offsets: torch.Tensor
+    row_experts: torch.Tensor
+    n_rows: int
+
+
+def grouped_layout(plan: DispatchPlan, align: int = GROUP_ALIGN) -> GroupedLayout:
+    """The expert-sorted rows, each expert's group padded to a multiple of ``align`` rows
+    (at least ``align``), in a buffer of ``ceil(m / align) * align + n_experts * align``
+    rows: a size known on the host, which no routing exceeds. The last expert's group takes
+    the rows left over. Nothing here reads a device value on the host.
+
+    Parameters
+    ----------
+    plan : DispatchPlan
+        The assignments, sorted by expert (``n_slots`` is not used).
+    align : int, default=GROUP_ALIGN
+
+    Returns
+    -------
+    GroupedLayout
+    """
+    m, n_experts = plan.rows.shape[0], plan.kept_counts.shape[0]
+    n_rows = -(-m // align) * align + n_experts * align
+    sizes = (plan.kept_counts.clamp_min(1) + (align - 1)) // align * align
+    ends = torch.cumsum(sizes, 0)
+    ends = torch.cat((ends[:-1], ends.new_full((1,), n_rows)))  # the last group takes the rest
+    starts = torch.cat((ends.new_zeros(1), ends[:-1]))
+    positions = starts.index_select(0, plan.experts) + plan.slots
+    row_experts = torch.searchsorted(ends, torch.arange(n_rows, device=ends.device), right=True)
+    return GroupedLayout(positions, ends.to(torch.int32), row_experts, n_rows)
 
 
 def staircase_layout(plan: DispatchPlan) -> BufferLayout:

@@ -2,17 +2,24 @@
 
 Every function takes an optional boolean ``mask`` of shape ``(n,)``: rows where it is False
 (e.g. rows with zero sample weight, or padding) do not count.
+
+Host synchronisation: none. Masked rows are set aside with ``torch.where`` and counted on
+the device, never selected with the mask (a selection's size is read on the host, which on
+a GPU waits for the device); what a masked row holds, even a non-finite value, never
+reaches the loss or its gradient.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .dispatch import normalize_per_row
+from .dispatch import count_experts, normalize_per_row
 
 
-def _masked_rows(tensor: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return tensor if mask is None else tensor[mask]
+def _masked_sum(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the rows (dim 0) where ``mask`` is True."""
+    keep = mask.view(-1, *([1] * (tensor.ndim - 1)))
+    return torch.where(keep, tensor, 0).sum(dim=0)
 
 
 def switch_balance_loss(
@@ -43,15 +50,21 @@ def switch_balance_loss(
         The scalar loss, of the dtype of ``probs``: 1 for uniform routing, ``n_experts`` at
         total collapse; 0 when no row counts.
     """
-    probs = _masked_rows(probs, mask)
-    indices = _masked_rows(indices, mask)
     n_experts = probs.shape[-1]
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    chosen = indices.reshape(-1) if active is None else indices[_masked_rows(active, mask)]
-    counts = torch.bincount(chosen, minlength=n_experts).to(probs.dtype)
-    fraction_routed = counts / counts.sum()
-    mean_prob = probs.mean(dim=0)
+    counted = active
+    if mask is not None:
+        rows = mask.unsqueeze(1).expand_as(indices)
+        counted = rows if counted is None else counted & rows
+    weights = None if counted is None else counted.reshape(-1)
+    counts = count_experts(indices.reshape(-1), n_experts, weights).to(probs.dtype)
+    # No row counting: every fraction 0, hence the loss 0 (the clamp only avoids 0 / 0).
+    fraction_routed = counts / (counts.sum() if counted is None else counts.sum().clamp_min(1))
+    if mask is None:
+        mean_prob = probs.mean(dim=0)
+    else:
+        mean_prob = _masked_sum(probs, mask) / mask.sum().clamp_min(1)
     return n_experts * torch.dot(fraction_routed, mean_prob)
 
 
@@ -70,10 +83,12 @@ def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     Tensor
         The scalar loss (non-negative); 0 when no row counts.
     """
-    logits = _masked_rows(logits, mask)
     if logits.shape[0] == 0:
         return logits.new_zeros(())
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    if mask is None:
+        return torch.logsumexp(logits, dim=-1).square().mean()
+    squares = torch.logsumexp(torch.where(mask.unsqueeze(1), logits, 0), dim=-1).square()
+    return _masked_sum(squares, mask) / mask.sum().clamp_min(1)
 
 
 def squared_cv(values: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -121,10 +136,12 @@ def cv2_balance_loss(
     Tensor
         The scalar loss: 0 at perfect balance, and when no row counts.
     """
-    gates, load = _masked_rows(gates, mask), _masked_rows(load, mask)
     if gates.shape[0] == 0:
         return gates.new_zeros(())
-    return squared_cv(gates.sum(dim=0)) + squared_cv(load.sum(dim=0))
+    if mask is None:
+        return squared_cv(gates.sum(dim=0)) + squared_cv(load.sum(dim=0))
+    # No row counting: all-zero sums, whose squared CV is 0.
+    return squared_cv(_masked_sum(gates, mask)) + squared_cv(_masked_sum(load, mask))
 
 
 def routing_switch_loss(routing, gates: torch.Tensor, mask: torch.Tensor | None, active) -> torch.Tensor:

@@ -1,4 +1,29 @@
-"""MixtureOfExperts: router + stacked experts + combine, returning a :class:`MoEOutput`."""
+"""MixtureOfExperts: router + stacked experts + combine, returning a :class:`MoEOutput`.
+
+Host synchronisation
+--------------------
+A training forward on a GPU reads nothing on the host for the default configuration and
+its common variants: the dense routers (``"softmax"``, ``"uniform"``) and the sparse
+ones with a fixed number of experts per row (``"topk"``, ``"noisy_topk"``, ``"switch"``,
+``"hierarchical"``), independent or adapter experts, a shared expert, gradient scaling,
+sample weights, every balance loss and the z-loss, the mixture-density and categorical
+outputs. Such a batch's ``n * k`` assignments have a size known on the host; the counts
+per expert are scatter-adds, the independent experts run in a layout whose sizes are known
+on the host (``"blocked"``, or ``"grouped"`` where PyTorch runs ``torch._grouped_mm`` as one
+kernel: bfloat16 autocast on compute capability 9.0 or 10.0; see :mod:`.layouts`), masked
+rows enter the losses through ``torch.where`` rather than a boolean selection, and a
+non-finite expert output is masked without a host read: the failures are counted per
+expert on the device and reported, as the same ``RuntimeWarning``, when the module leaves
+training mode (``module.eval()``, ``module.train(False)``).
+
+What still reads a size on the host in training, because the number of assignments kept
+depends on the data and :class:`MoEOutput` carries exactly the kept ones: a capacity cap
+(``capacity_factor``; rerouting loops until every overflowing assignment is placed),
+dynamic-k routing (``"top_p"``) and ``expert_dropout``; also the diversity loss with
+sample weights (it takes the first weighted rows). On the CPU, and in evaluation
+anywhere, the engine reads sizes where that is simpler or faster: there reading is free, or
+a copy to the host follows anyway. :func:`~._sync.avoid_host_reads` decides.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +33,19 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ._sync import avoid_host_reads, compute_dtype, grouped_mm_supported
 from .density import OUTPUTS, mixture_log_probabilities, split_outputs
 from .dispatch import (
     OVERFLOW_POLICIES,
     ExpertAssignments,
     assignments_with_outputs,
     combine,
+    count_experts,
     dense_assignments,
     expert_capacity,
     flat_assignments,
     plan_dispatch,
+    warn_failed_experts,
 )
 from .embeddings import CategoricalEmbedding, NumericEmbedding
 from .experts import AdapterExperts, StackedExperts
@@ -290,6 +318,48 @@ class MixtureOfExperts(nn.Module):
         else:
             self.experts = StackedExperts(n_experts, *expert_args)
         self.shared_expert = StackedExperts(1, *expert_args) if shared_expert else None
+        # Failed (non-finite) expert outputs counted on the device in sync-free training,
+        # reported when the module leaves training mode; never saved, copied or moved.
+        self._failed_outputs = None
+
+    def train(self, mode: bool = True) -> MixtureOfExperts:
+        """Set training mode (``mode=True``) or evaluation mode, as :meth:`torch.nn.Module.train`.
+
+        Leaving training mode first reports, as a ``RuntimeWarning``, the non-finite expert
+        outputs that training steps on a GPU masked without reading anything on the host
+        (see the module docstring).
+
+        Parameters
+        ----------
+        mode : bool, default=True
+            Training mode if True, evaluation mode if False.
+
+        Returns
+        -------
+        MixtureOfExperts
+            This module.
+        """
+        if not mode:
+            self._report_failed_outputs()
+        return super().train(mode)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_failed_outputs"] = None  # a device tally, not part of the model
+        return state
+
+    def _report_failed_outputs(self) -> None:
+        tally = getattr(self, "_failed_outputs", None)
+        if tally is not None:
+            warn_failed_experts(tally)
+
+    def _failure_tally(self, device: torch.device) -> torch.Tensor:
+        """The device tally of failed outputs that sync-free training adds to."""
+        tally = getattr(self, "_failed_outputs", None)
+        if tally is None or tally.device != device:
+            self._report_failed_outputs()
+            tally = self._failed_outputs = torch.zeros(self.n_experts, dtype=torch.int64, device=device)
+        return tally
 
     def forward(self, x: torch.Tensor, sample_weight: torch.Tensor | None = None) -> MoEOutput:
         """Route and mix.
@@ -478,12 +548,13 @@ class MixtureOfExperts(nn.Module):
         routing = self.router(x)
         active, weights = self._active_weights(routing)
         n = x.shape[0]
+        tally = self._failure_tally(x.device) if avoid_host_reads(x.device, self.training) else None
         small_eval = self.expert_type == "independent" and not self.training and n <= DENSE_EVAL_MAX_ROWS
         if self.router.is_dense or small_eval:
-            assignments = dense_assignments(x, self.experts, self._gates(routing, active, weights))
+            assignments = dense_assignments(x, self.experts, self._gates(routing, active, weights), tally)
             plan_counts, n_dropped = None, torch.zeros((), dtype=torch.long, device=x.device)
         else:
-            assignments, plan_counts, n_dropped = self._dispatch(x, routing, active, weights)
+            assignments, plan_counts, n_dropped = self._dispatch(x, routing, active, weights, tally)
         output = combine(assignments, n)
         if self.shared_expert is not None:
             shared = self.shared_expert(x.unsqueeze(0))[0]
@@ -495,9 +566,11 @@ class MixtureOfExperts(nn.Module):
             output = mixture_log_probabilities(assignments.outputs, assignments.rows, assignments.weights, n)
         return _Mixed(output, routing, active, weights, plan_counts, n_dropped, assignments)
 
-    def _dispatch(self, x: torch.Tensor, routing, active, weights):
+    def _dispatch(self, x: torch.Tensor, routing, active, weights, tally=None):
         """Sparse routing: the experts' outputs for the chosen (row, expert) pairs, the counts
-        per expert as routed (None: count ``routing.indices``) and the number dropped."""
+        per expert as routed (None: count ``routing.indices``) and the number dropped.
+        With a failure ``tally`` (sync-free training), no size is read on the host where the
+        routing allows (see the module docstring)."""
         n = x.shape[0]
         independent = self.expert_type == "independent"
         capacity = None
@@ -510,7 +583,7 @@ class MixtureOfExperts(nn.Module):
             if capacity is not None and self.capacity_overflow == "reroute":
                 ranking = routing.scores.argsort(dim=1, descending=True)
             plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active, self.capacity_overflow,
-                                 ranking)
+                                 ranking, sync_free=tally is not None)
             rows, experts, flat_weights = plan.rows, plan.experts, plan.weights
             plan_counts, n_dropped = plan.counts, plan.counts.sum() - plan.rows.shape[0]
         else:
@@ -519,20 +592,21 @@ class MixtureOfExperts(nn.Module):
             rows, experts, flat_weights = flat_assignments(routing.indices, weights, active)
         grad_scale = None
         if self.training and self.expert_grad_scaling:
-            counts = plan_counts if plan_counts is not None else torch.bincount(experts, minlength=self.n_experts)
+            counts = plan_counts if plan_counts is not None else count_experts(experts, self.n_experts)
             grad_scale = self._grad_scale(counts)
         if independent:
             outputs = self._independent_outputs(x, plan)
         else:
             outputs = self.experts(x.index_select(0, rows), experts)
-        assignments = assignments_with_outputs(rows, experts, flat_weights, outputs, n, grad_scale)
+        assignments = assignments_with_outputs(rows, experts, flat_weights, outputs, n, grad_scale, tally)
         return assignments, plan_counts, n_dropped
 
     def _independent_outputs(self, x: torch.Tensor, plan) -> torch.Tensor:
         """The independent experts' outputs for ``plan``'s assignments, in plan order: Tensor
         of shape (m, expert_width). A hook: :class:`sklearn_moe.distributed.ExpertParallelMoE`
         sends the rows to the ranks that hold their experts here."""
-        layout = choose_layout(plan, self.training, x.device.type)
+        grouped = plan.n_slots is None and grouped_mm_supported(x.device, compute_dtype(x))
+        layout = choose_layout(plan, self.training, x.device.type, grouped)
         return expert_outputs(x, self.experts, plan, self.expert_width, layout)
 
     def _routing_counts(self, routing, active, mask, plan_counts) -> torch.Tensor:
@@ -542,10 +616,10 @@ class MixtureOfExperts(nn.Module):
             rows = mask.unsqueeze(1).expand_as(routing.indices)
             counted = rows if counted is None else counted & rows
         if counted is not None:
-            return torch.bincount(routing.indices[counted], minlength=self.n_experts)
+            return count_experts(routing.indices.reshape(-1), self.n_experts, counted.reshape(-1))
         if plan_counts is not None:
             return plan_counts
-        return torch.bincount(routing.indices.reshape(-1), minlength=self.n_experts)
+        return count_experts(routing.indices.reshape(-1), self.n_experts)
 
     def _grad_scale(self, counts: torch.Tensor) -> torch.Tensor:
         mean_count = counts.sum().float() / self.n_experts

@@ -1,0 +1,317 @@
+"""No host synchronisation inside a training step: what a GPU would wait for, found on the CPU.
+
+The engine takes its GPU training paths on the CPU inside ``sync_free_paths()``; the
+detector of :mod:`tests.host_sync` records every operation that would make the host wait
+for a GPU. A training step (forward, loss, backward, optimizer step) of the default
+configuration and of the main router, expert and output variants must record none; the
+variants whose number of kept assignments depends on the data (capacity, dynamic k, expert
+dropout) record exactly the documented reads. The sync-free paths must compute what the
+CPU paths compute.
+"""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import sklearn_moe.nn.moe as moe_module
+from sklearn_moe.nn import MixtureOfExperts, choose_layout, expert_outputs, plan_dispatch
+from sklearn_moe.nn._sync import avoid_host_reads, sync_free_paths
+from sklearn_moe.nn.density import mixture_nll
+from sklearn_moe.nn.losses import per_expert_loss
+
+from .host_sync import HostSyncDetector
+
+N_ROWS = 256
+
+# ---------------------------------------------------------------------------------------
+# The detector itself
+# ---------------------------------------------------------------------------------------
+
+
+def test_the_detector_sees_what_a_gpu_would_wait_for():
+    x = torch.randn(6)
+    ids = torch.tensor([2, 0, 1])
+    mask = x > 0
+    cases = {
+        "_local_scalar_dense": [lambda: x[0].item(), lambda: bool(mask.any()), lambda: int(ids.max()),
+                                lambda: float(x.sum()), lambda: f"{x.sum():.2f}"],
+        "tolist": [lambda: ids.tolist()],
+        "cpu": [lambda: ids.cpu()],
+        "numpy": [lambda: ids.numpy()],
+        "to_cpu": [lambda: x.to("cpu")],
+        "nonzero": [lambda: mask.nonzero(), lambda: torch.where(mask)],
+        "boolean_mask_index": [lambda: x[mask]],
+        "bincount": [lambda: torch.bincount(ids, minlength=4)],
+        "unique": [lambda: torch.unique(ids)],
+        "repeat_interleave": [lambda: torch.arange(3).repeat_interleave(ids)],
+        "masked_select": [lambda: x.masked_select(mask)],
+        "tensor_from_host_data": [lambda: torch.tensor([1.0, 2.0]), lambda: torch.as_tensor(np.ones(2))],
+        "cuda_synchronize": [lambda: torch.cuda.synchronize()],
+    }
+    for op, calls in cases.items():
+        for call in calls:
+            with HostSyncDetector() as detector:
+                call()
+            assert op in {s.op for s in detector.syncs}, op
+            assert all(s.where.startswith("tests/test_host_sync.py") for s in detector.syncs)
+
+
+def test_the_detector_lets_device_side_work_pass():
+    x = torch.randn(6, requires_grad=True)
+    ids = torch.tensor([2, 0, 1])
+    with HostSyncDetector() as detector:
+        y = x.index_select(0, ids) * 2
+        torch.arange(3).repeat_interleave(ids, output_size=3)
+        torch.zeros(4, dtype=torch.long).scatter_add_(0, ids, torch.ones_like(ids))
+        torch.where(x > 0, x, 0.0).sum().backward()
+        torch.nn.utils.clip_grad_norm_([x], 1.0)  # moves norms to the gradients' device, not the host
+        y.sum().backward()
+    assert detector.syncs == [], detector.report()
+
+
+# ---------------------------------------------------------------------------------------
+# A training step of the module
+# ---------------------------------------------------------------------------------------
+
+SYNC_FREE_CONFIGS = {
+    "topk-independent": dict(router="topk"),  # the speed benchmark's configuration
+    "softmax-adapter": dict(router="softmax", expert_type="adapter"),  # the estimators' default
+    "topk-adapter-3-outputs": dict(router="topk", expert_type="adapter", n_outputs=3),
+    "switch-shared-grad-scaling": dict(router="switch", shared_expert=True, expert_grad_scaling=True),
+    "noisy-cv2-layer-norm": dict(router="noisy_topk", balance_loss="cv2", layer_norm=True, dropout=0.1),
+    "hierarchical-aux-free": dict(router="hierarchical", n_groups=2, balance_loss="aux_free"),
+    "uniform-adapter": dict(router="uniform", expert_type="adapter"),
+    "diversity": dict(router="topk", diversity_loss=True, diversity_rows=32),
+    "mixture-density": dict(router="topk", output="mixture_density"),
+    "categorical-mixture": dict(router="topk", output="categorical_mixture", n_outputs=3),
+    "piecewise-linear": dict(router="softmax", expert_type="adapter", numeric_embedding="piecewise_linear",
+                             embedding_columns=[0, 1, 2], embedding_n_bins=[4, 4, 4]),
+}
+# The reads that remain by design: the kept assignments are a data-dependent number.
+DOCUMENTED_SYNCS = {
+    "top-p": (dict(router="top_p"), {("nonzero", "flat_assignments")}),
+    "expert-dropout": (dict(router="topk", expert_dropout=0.3), {("nonzero", "flat_assignments")}),
+    "capacity-drop": (dict(router="topk", capacity_factor=1.0),
+                      {("_local_scalar_dense", "plan_dispatch"), ("nonzero", "plan_dispatch")}),
+}
+
+
+def _module(n_outputs=1, seed=0, **options):
+    torch.manual_seed(seed)
+    return MixtureOfExperts(6, n_outputs, n_experts=8, top_k=2, expert_hidden=(16, 16), **options).train()
+
+
+def _loss(module, out, y, sample_weight=None):
+    assignments = out.assignments
+    if module.output == "mixture_density":
+        task = mixture_nll(assignments.outputs, assignments.rows, assignments.weights, y).mean()
+    elif module.output == "categorical_mixture":
+        task = torch.nn.functional.nll_loss(out.output, y.argmax(dim=1))
+    else:
+        task = per_expert_loss(torch.nn.MSELoss(reduction="none"), assignments.outputs.float(), assignments.rows,
+                               assignments.weights, y, sample_weight)
+    return task + 1e-2 * out.balance_loss + 1e-3 * out.z_loss + 0.1 * out.diversity_loss
+
+
+def _training_step(module, optimizer, x, y, sample_weight=None, autocast=False):
+    """forward, loss, backward and a fused AdamW step, as the estimators train."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = module(x, sample_weight=sample_weight)
+    loss = _loss(module, out, y, sample_weight)
+    loss.backward()
+    if module.router.__class__.__name__ != "UniformRouter" and module.balance_loss == "aux_free":
+        module.router.update_selection_bias(out.expert_counts, 1e-2)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out, loss
+
+
+def _detect_step(options, sample_weight=False, autocast=False):
+    options = dict(options)
+    module = _module(options.pop("n_outputs", 1), **options)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(N_ROWS, 6, generator=generator)
+    y = torch.randn(N_ROWS, module.n_outputs, generator=generator)
+    weight = (torch.arange(N_ROWS) % 5 != 0).float() if sample_weight else None
+    with sync_free_paths():
+        _training_step(module, optimizer, x, y, weight, autocast)  # a first step builds the lazy state
+        with HostSyncDetector() as detector:
+            _training_step(module, optimizer, x, y, weight, autocast)
+    return detector
+
+
+@pytest.mark.parametrize("name", SYNC_FREE_CONFIGS)
+def test_a_training_step_reads_nothing_on_the_host(name):
+    detector = _detect_step(SYNC_FREE_CONFIGS[name])
+    assert detector.syncs == [], detector.report()
+
+
+@pytest.mark.parametrize("name", ["topk-independent", "softmax-adapter", "topk-adapter-3-outputs"])
+def test_a_training_step_with_sample_weights_or_bf16_autocast_reads_nothing(name):
+    for detector in (_detect_step(SYNC_FREE_CONFIGS[name], sample_weight=True),
+                     _detect_step(SYNC_FREE_CONFIGS[name], autocast=True)):
+        assert detector.syncs == [], detector.report()
+
+
+def test_the_grouped_layout_reads_nothing_on_the_host(monkeypatch):
+    monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda device, dtype: True)
+    calls = []
+    original = moe_module.expert_outputs
+    monkeypatch.setattr(moe_module, "expert_outputs", lambda *args: calls.append(args[-1]) or original(*args))
+    detector = _detect_step(dict(router="topk", layer_norm=True))
+    assert set(calls) == {"grouped"}
+    assert detector.syncs == [], detector.report()
+
+
+@pytest.mark.parametrize("name", DOCUMENTED_SYNCS)
+def test_the_variants_with_data_dependent_sizes_read_only_what_is_documented(name):
+    options, expected = DOCUMENTED_SYNCS[name]
+    detector = _detect_step(options)
+    found = {(s.op, s.where.rsplit(" in ", 1)[1]) for s in detector.syncs}
+    assert found == expected, detector.report()
+
+
+def test_evaluation_and_the_cpu_paths_are_unchanged():
+    assert not avoid_host_reads(torch.device("cpu"), training=True)
+    assert avoid_host_reads(torch.device("cuda"), training=True)
+    assert not avoid_host_reads(torch.device("cuda"), training=False)
+    with sync_free_paths():
+        assert avoid_host_reads(torch.device("cpu"), training=True)
+        assert not avoid_host_reads(torch.device("cpu"), training=False)
+    assert not avoid_host_reads(torch.device("cpu"), training=True)
+
+
+# ---------------------------------------------------------------------------------------
+# The sync-free paths compute what the CPU paths compute
+# ---------------------------------------------------------------------------------------
+
+
+def _forward_backward(module, x, y, sample_weight, sync_free, seed=3):
+    module = copy.deepcopy(module)
+    torch.manual_seed(seed)  # the same noise, jitter and dropout on both paths
+    if sync_free:
+        with sync_free_paths():
+            out = module(x, sample_weight=sample_weight)
+            loss = _loss(module, out, y, sample_weight)
+            loss.backward()
+    else:
+        out = module(x, sample_weight=sample_weight)
+        loss = _loss(module, out, y, sample_weight)
+        loss.backward()
+    return out, loss, {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["topk-independent", "topk-adapter-3-outputs", "switch-shared-grad-scaling",
+                                  "hierarchical-aux-free", "mixture-density", "softmax-adapter"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["blocked", "grouped"])
+def test_sync_free_training_equals_the_cpu_paths(name, grouped, monkeypatch):
+    monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda device, dtype: grouped)
+    options = dict(SYNC_FREE_CONFIGS[name])
+    module = _module(options.pop("n_outputs", 1), **options)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(600, 6, generator=generator)  # enough rows for the CPU's staircase layout
+    y = torch.randn(600, module.n_outputs, generator=generator)
+    weight = (torch.arange(600) % 7 != 0).float()
+    reference, reference_loss, reference_grads = _forward_backward(module, x, y, weight, sync_free=False)
+    out, loss, grads = _forward_backward(module, x, y, weight, sync_free=True)
+    for field in ("output", "gates", "balance_loss", "z_loss"):
+        torch.testing.assert_close(getattr(out, field), getattr(reference, field), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out.expert_counts, reference.expert_counts)
+    assert int(out.n_dropped) == int(reference.n_dropped) == 0
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == reference_grads.keys()
+    for key, grad in reference_grads.items():
+        torch.testing.assert_close(grads[key], grad, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_sync_free_masking_of_a_failed_expert_is_the_same_and_warns_on_leaving_training():
+    module = _module(router="topk")
+    with torch.no_grad():
+        module.experts.output.bias[3] = float("nan")
+    x = torch.randn(200, 6, generator=torch.Generator().manual_seed(4))
+    with pytest.warns(RuntimeWarning, match=r"Expert\(s\) \[3\]"):
+        reference = module(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing while training
+        with sync_free_paths():
+            out = module(x)
+            out.output.sum().backward()
+    torch.testing.assert_close(out.output, reference.output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.assignments.weights, reference.assignments.weights, rtol=0, atol=0)
+    assert torch.isfinite(out.output).all()
+    n_failed = int((reference.assignments.experts == 3).sum())  # every row routed to expert 3
+    with pytest.warns(RuntimeWarning, match=rf"Expert\(s\) \[3\] produced non-finite output for {n_failed} routed"):
+        module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module.eval()  # reported once
+        pickled = copy.deepcopy(module)
+    assert pickled._failed_outputs is None
+
+
+# ---------------------------------------------------------------------------------------
+# The layouts that read nothing: their structure
+# ---------------------------------------------------------------------------------------
+
+
+def _plan(n_rows=300, n_experts=6, skew=1.5):
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(n_rows, n_experts, generator=generator) + torch.linspace(skew, -skew, n_experts)
+    top = logits.topk(2, dim=1)
+    return plan_dispatch(top.indices, top.values.softmax(dim=1), n_experts, sync_free=True)
+
+
+def test_a_sync_free_plan_leaves_n_slots_unread_and_gets_a_sync_free_layout():
+    plan = _plan()
+    assert plan.n_slots is None
+    assert choose_layout(plan, training=True, device_type="cuda") == "blocked"
+    assert choose_layout(plan, training=True, device_type="cuda", grouped=True) == "grouped"
+    assert choose_layout(plan, training=True, device_type="cpu") == "blocked"
+    read = plan_dispatch(torch.arange(12).remainder(6).view(6, 2), torch.full((6, 2), 0.5), 6)
+    assert choose_layout(read, training=True, device_type="cuda", grouped=True) == "padded"
+
+
+@pytest.mark.parametrize("skew", [0.0, 1.5, 30.0])
+def test_the_blocked_layout_holds_whole_blocks_of_one_expert(skew):
+    from sklearn_moe.nn.layouts import block_rows, blocked_layout
+
+    plan = _plan(skew=skew)
+    layout = blocked_layout(plan)
+    (group,) = layout.groups
+    m, n_experts = plan.rows.shape[0], 6
+    rows = block_rows(m, n_experts)
+    assert group.n_slots == rows and group.n_experts == (m + n_experts * (rows - 1)) // rows
+    assert layout.positions.unique().numel() == m  # one buffer row each
+    block = layout.positions // rows
+    assert torch.equal(group.experts[block], plan.experts)  # every assignment in a block of its expert
+    needed = ((plan.kept_counts + rows - 1) // rows).sum()
+    assert int(needed) <= group.n_experts
+    assert torch.equal(group.experts, group.experts.sort().values)
+
+
+@pytest.mark.parametrize("skew", [0.0, 1.5, 30.0])
+def test_the_grouped_layout_pads_every_group_to_whole_alignment_units(skew):
+    from sklearn_moe.nn.layouts import GROUP_ALIGN, grouped_layout
+
+    plan = _plan(skew=skew)
+    layout = grouped_layout(plan)
+    m = plan.rows.shape[0]
+    assert layout.n_rows == -(-m // GROUP_ALIGN) * GROUP_ALIGN + 6 * GROUP_ALIGN
+    ends = layout.offsets.long()
+    assert layout.offsets.dtype == torch.int32 and int(ends[-1]) == layout.n_rows
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1))
+    assert bool((sizes % GROUP_ALIGN == 0).all()) and bool((sizes >= torch.clamp(plan.kept_counts, min=1)).all())
+    assert torch.equal(layout.row_experts[layout.positions], plan.experts)
+    assert layout.positions.unique().numel() == m
+    assert torch.equal(layout.row_experts, torch.repeat_interleave(torch.arange(6), sizes))
+
+
+def test_the_sync_free_layouts_of_an_empty_batch():
+    module = _module(router="topk")
+    plan = plan_dispatch(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), 8, sync_free=True)
+    for layout in ("blocked", "grouped"):
+        assert expert_outputs(torch.zeros(0, 6), module.experts, plan, 1, layout).shape == (0, 1)
