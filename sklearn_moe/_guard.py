@@ -5,15 +5,28 @@ net rolls back to the weights and optimizer state of the last good epoch, lowers
 learning rate and runs the epoch again, a bounded number of times. A KeyboardInterrupt
 rolls back to the last completed epoch, so the model never keeps the weights of half a
 step.
+
+Host synchronisation: reading a batch's loss on the host (to record it, and to check that
+it is finite) makes the host wait for a GPU. :class:`LossLedger` reads the losses of a
+training epoch on a GPU without waiting: each batch's values are copied to pinned host
+memory asynchronously and read once the copy has landed, at a later step or at the end of
+the epoch's batches. A non-finite training loss then raises at that point instead of
+before its own step's backward; the epoch is rolled back all the same, and the steps in
+between go with it, so the guarantee holds: no weights that a non-finite loss touched are
+kept. On the CPU every value is read at once, as before. The checks of an epoch's end (its
+mean losses, its weights) read the host once per epoch.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import warnings
 
 import torch
+
+from .nn._sync import avoid_host_reads
 
 MAX_ROLLBACKS = 3
 LR_FACTOR_AFTER_ROLLBACK = 0.1
@@ -30,10 +43,85 @@ class NonFiniteLoss(Exception):
 def check_finite_loss(values: torch.Tensor, names: tuple[str, ...]) -> list[float]:
     """Host copy of the loss terms ``values`` (one synchronisation); raise on a non-finite one."""
     host = values.tolist()
-    bad = [f"{name}={value}" for name, value in zip(names, host) if not math.isfinite(value)]
+    _raise_if_not_finite(host, names)
+    return host
+
+
+def _raise_if_not_finite(values: list[float], names: tuple[str, ...]) -> None:
+    bad = [f"{name}={value}" for name, value in zip(names, values) if not math.isfinite(value)]
     if bad:
         raise NonFiniteLoss(f"non-finite training loss ({', '.join(bad)})")
-    return host
+
+
+class LossLedger:
+    """Per-batch loss values on their way to the history, read without waiting for a GPU.
+
+    :meth:`add` takes a batch's values as one device tensor and the batch's history record
+    (a dict). On the CPU (and on devices other than CUDA) they are read and recorded at
+    once. On CUDA they are copied to pinned host memory without blocking; :meth:`settle`
+    records the copies that have landed, in order, and ``settle(wait=True)`` waits for all.
+    Inside :func:`~sklearn_moe.nn._sync.sync_free_paths` the CPU behaves as a GPU whose
+    copies land only at ``settle(wait=True)`` (for tests). Values added with ``check`` raise
+    :class:`NonFiniteLoss` when read, if one is not finite (and the ledger forgets the rest:
+    the epoch is rolled back).
+    """
+
+    def __init__(self):
+        self._pending = collections.deque()
+
+    def add(self, values: torch.Tensor, keys: tuple[str, ...], record: dict,
+            check: tuple[str, ...] | None = None) -> None:
+        """Record ``values`` under ``keys`` in ``record``, now or once copied to the host.
+
+        Parameters
+        ----------
+        values : Tensor of shape (k,)
+            The batch's values (detached), on the model's device.
+        keys : tuple of str
+            Their keys in ``record``.
+        record : dict
+            The batch's history record (``net.history[-1]["batches"][-1]``).
+        check : tuple of str, optional
+            Names of the values for the error message; when given, a non-finite value
+            raises :class:`NonFiniteLoss` when read.
+        """
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            landed = torch.cuda.Event()
+            landed.record()
+        elif avoid_host_reads(values.device, training=True):  # sync_free_paths on the CPU:
+            host, landed = values.clone(), None  # read at the end of the batches, as if in flight
+        else:
+            self._record(values.tolist(), keys, record, check)
+            return
+        self._pending.append((landed, host, keys, record, check))
+
+    def settle(self, wait: bool = False) -> None:
+        """Record the values whose copies have landed (all of them with ``wait``), in order.
+
+        Raises
+        ------
+        NonFiniteLoss
+            For a non-finite checked value.
+        """
+        while self._pending:
+            landed, host, keys, record, check = self._pending[0]
+            if not wait and (landed is None or not landed.query()):
+                return
+            if landed is not None:
+                landed.synchronize()
+            self._pending.popleft()
+            self._record(host.tolist(), keys, record, check)
+
+    def _record(self, values: list[float], keys, record: dict, check) -> None:
+        if check is not None:
+            try:
+                _raise_if_not_finite(values, check)
+            except NonFiniteLoss:
+                self._pending.clear()
+                raise
+        record.update(zip(keys, values))
 
 
 class TrainingGuard:

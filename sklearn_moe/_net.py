@@ -10,9 +10,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from skorch import NeuralNet
 from skorch.callbacks import Callback, EarlyStopping
+from skorch.dataset import get_len
 
 from ._data import BatchIterator
-from ._guard import NonFiniteLoss, TrainingGuard, check_finite_loss
+from ._guard import LossLedger, NonFiniteLoss, TrainingGuard, check_finite_loss
 from .nn.density import mixture_log_probabilities, mixture_nll, per_expert_mixture_nll
 from .nn.losses import per_expert_loss
 
@@ -106,13 +107,49 @@ class MoENet(NeuralNet):
         if self.diversity_coef > 0:
             loss = loss + self.diversity_coef * y_pred.diversity_loss
             terms["diversity_loss"] = y_pred.diversity_loss
-        # One host synchronisation for every term; a non-finite one stops the step before
-        # backward, and fit_loop rolls the epoch back.
-        values = check_finite_loss(torch.stack([t.detach().float() for t in (loss, *terms.values())]),
-                                   ("loss", *terms))
-        for name, value in zip(terms, values[1:]):
-            self.history.record_batch(name, value)
+        values = torch.stack([t.detach().float() for t in (loss, *terms.values())])
+        ledger = getattr(self, "_ledger", None)
+        if ledger is None:  # outside the epoch loop: read (and check) at once
+            for name, value in zip(terms, check_finite_loss(values, ("loss", *terms))[1:]):
+                self.history.record_batch(name, value)
+            return loss
+        # The batch's loss (train_loss) and its terms, read when the copy to the host has
+        # landed (at once on the CPU): a non-finite one raises then, before this step's
+        # backward on the CPU, at a later step or the end of the epoch's batches on a GPU;
+        # either way fit_loop rolls the epoch back.
+        ledger.settle()
+        ledger.add(values, ("train_loss", *terms), self.history[-1]["batches"][-1], check=("loss", *terms))
         return loss
+
+    def run_single_epoch(self, iterator, training, prefix, step_fn, **fit_params):
+        """skorch's loop over one epoch's batches, recording each batch's loss through a
+        :class:`~sklearn_moe._guard.LossLedger` instead of reading it on the host at once.
+
+        skorch's own loop reads every batch's loss with ``.item()``, which on a GPU makes the
+        host wait for the device at every step. Here the training losses come from
+        :meth:`get_loss` and the validation losses from the steps, copied to the host
+        without blocking; all are in the history (and checked) once the loop ends, before
+        ``on_epoch_end``. Everything else is skorch's: hooks, batch sizes, batch count.
+        """
+        if iterator is None:
+            return
+        self._ledger = LossLedger()
+        try:
+            batch_count = 0
+            for batch in iterator:
+                self.notify("on_batch_begin", batch=batch, training=training)
+                step = step_fn(batch, **fit_params)
+                if not training:  # a training step's loss went through get_loss
+                    self._ledger.add(step["loss"].detach().float().reshape(1), (prefix + "_loss",),
+                                     self.history[-1]["batches"][-1])
+                batch_size = get_len(batch[0]) if isinstance(batch, (tuple, list)) else get_len(batch)
+                self.history.record_batch(prefix + "_batch_size", batch_size)
+                self.notify("on_batch_end", batch=batch, training=training, **step)
+                batch_count += 1
+            self._ledger.settle(wait=True)
+        finally:
+            del self._ledger
+        self.history.record(prefix + "_batch_count", batch_count)
 
     def fit_loop(self, X, y=None, epochs=None, **fit_params):
         """skorch's epoch loop, one epoch at a time, guarded against numerical faults and

@@ -6,7 +6,7 @@ for a GPU. A training step (forward, loss, backward, optimizer step) of the defa
 configuration and of the main router, expert and output variants must record none; the
 variants whose number of kept assignments depends on the data (capacity, dynamic k, expert
 dropout) record exactly the documented reads. The sync-free paths must compute what the
-CPU paths compute.
+CPU paths compute, and the estimators' deferred loss check must keep its guarantees.
 """
 
 import copy
@@ -15,14 +15,18 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from skorch.callbacks import Callback
 
 import sklearn_moe.nn.moe as moe_module
+from sklearn_moe import MoEClassifier, MoERegressor, TrainingDivergedError
+from sklearn_moe._guard import MAX_ROLLBACKS
 from sklearn_moe.nn import MixtureOfExperts, choose_layout, expert_outputs, plan_dispatch
 from sklearn_moe.nn._sync import avoid_host_reads, sync_free_paths
 from sklearn_moe.nn.density import mixture_nll
 from sklearn_moe.nn.losses import per_expert_loss
 
 from .host_sync import HostSyncDetector
+from .test_training_faults import BATCHES_PER_EPOCH, PARAMS, PoisonOutput
 
 N_ROWS = 256
 
@@ -315,3 +319,83 @@ def test_the_sync_free_layouts_of_an_empty_batch():
     plan = plan_dispatch(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), 8, sync_free=True)
     for layout in ("blocked", "grouped"):
         assert expert_outputs(torch.zeros(0, 6), module.experts, plan, 1, layout).shape == (0, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# The estimators: a training step reads nothing, and the deferred loss check holds
+# ---------------------------------------------------------------------------------------
+
+
+class StepDetector(Callback):
+    """Run the detector over one training step: from its batch's start to the end of every
+    callback's ``on_batch_end`` (forward, losses, backward, clipping, optimizer step, the
+    learning-rate schedule and the routing metrics)."""
+
+    def __init__(self, step=3):
+        self.step = step
+
+    def initialize(self):
+        self.count, self.detector, self.syncs = -1, None, None
+        return super().initialize()
+
+    def on_batch_begin(self, net, training=None, **kwargs):
+        if training:
+            self.count += 1
+            if self.count == self.step:
+                self.detector = HostSyncDetector().__enter__()
+
+    def on_batch_end(self, net, training=None, **kwargs):
+        if training and self.detector is not None:
+            self.detector.__exit__(None, None, None)
+            self.syncs, self.report, self.detector = self.detector.syncs, self.detector.report(), None
+
+
+@pytest.mark.parametrize("options", [{}, {"router": "topk", "expert_type": "independent", "balance_loss": "aux_free"},
+                                     {"sample_weight": True}, {"classifier": True}],
+                         ids=["default", "topk-independent-aux-free", "sample-weight", "classifier"])
+def test_an_estimator_training_step_reads_nothing_on_the_host(options, regression_data):
+    X, y = regression_data
+    options = dict(options)
+    fit_params = {"sample_weight": np.linspace(0.5, 2.0, len(y))} if options.pop("sample_weight", False) else {}
+    estimator_class = MoEClassifier if options.pop("classifier", False) else MoERegressor
+    target = (y > 0).astype(int) if estimator_class is MoEClassifier else y
+    probe = StepDetector()
+    with sync_free_paths():
+        estimator_class(**dict(PARAMS, max_epochs=1, **options)).fit(X, target, callbacks=[probe], **fit_params)
+    assert probe.syncs == [], probe.report
+
+
+def test_the_default_estimator_fits_the_same_on_the_sync_free_paths(regression_data):
+    X, y = regression_data
+    reference = MoERegressor(**dict(PARAMS, max_epochs=3)).fit(X, y)
+    with sync_free_paths():
+        model = MoERegressor(**dict(PARAMS, max_epochs=3)).fit(X, y)
+    np.testing.assert_array_equal(model.history_["train_loss"], reference.history_["train_loss"])
+    np.testing.assert_array_equal(model.history_["task_loss"], reference.history_["task_loss"])
+    np.testing.assert_array_equal(model.predict(X), reference.predict(X))
+
+
+def test_a_deferred_nan_loss_still_rolls_the_epoch_back(regression_data):
+    X, y = regression_data
+    poison = PoisonOutput({BATCHES_PER_EPOCH * 2 + 3})  # fourth batch of the third epoch
+    model = MoERegressor(**PARAMS)
+    with sync_free_paths(), pytest.warns(RuntimeWarning, match="non-finite training loss .* epoch 3: rolled back"):
+        model.fit(X, y, callbacks=[poison])
+    # Checked at the end of the epoch's batches (where a GPU's copies have landed): the
+    # poisoned epoch ran to its end before its rollback and rerun.
+    assert poison.count + 1 == BATCHES_PER_EPOCH * (PARAMS["max_epochs"] + 1)
+    assert model.n_iter_ == PARAMS["max_epochs"]
+    assert list(model.history_["epoch"]) == list(range(1, PARAMS["max_epochs"] + 1))
+    assert np.isfinite(model.history_["train_loss"]).all()
+    assert model.net_.optimizer_.param_groups[0]["lr"] == pytest.approx(PARAMS["learning_rate"] * 0.1)
+    assert np.isfinite(model.predict(X)).all()
+
+
+def test_a_deferred_persistent_divergence_still_raises(regression_data):
+    X, y = regression_data
+    model = MoERegressor(**PARAMS)
+    with sync_free_paths(), pytest.warns(RuntimeWarning, match="rolled back") as record:
+        with pytest.raises(TrainingDivergedError, match="Training diverged"):
+            model.fit(X, y, callbacks=[PoisonOutput(range(10_000))])
+    assert len([w for w in record if "rolled back" in str(w.message)]) == MAX_ROLLBACKS
+    assert not hasattr(model, "net_")
