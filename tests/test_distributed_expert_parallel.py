@@ -66,6 +66,10 @@ SCENARIOS = {
     # under bf16 autocast: outputs travel in bf16, also from rank 1, whose experts get no row.
     "idle_experts_bf16": _scenario(dict(n_experts=4, top_k=1, expert_hidden=(8,)), [0.0, 0.5, -100.0, -100.0],
                                    (6, 3), autocast=True, tolerance=(2e-2, 2e-2)),
+    # embedded input (the rows need gradients) and rank 1's experts get no row: rank 1 must
+    # still join the backward exchange of the rows.
+    "idle_experts_embedded": _scenario(dict(n_experts=4, top_k=1, expert_hidden=(8,), numeric_embedding="periodic",
+                                            embedding_columns=[0, 1]), [0.0, 0.5, -100.0, -100.0], (6, 3)),
     # capacity in training: applied to each rank's batch, rows past it rerouted.
     "capacity": _scenario(dict(n_experts=4, top_k=2, expert_hidden=(8,), capacity_factor=1.0,
                                capacity_overflow="reroute"), [2.0, 1.0, 0.0, 0.0], (10, 7), reference="per_batch"),
@@ -280,6 +284,7 @@ def test_scenarios_route_as_intended(results):
     assert 4 not in top1 and top1.count(0) > top1.count(1)
     assert 3 not in sum(routed["top2_embedded"], [])
     assert routed["idle_rank"][1] == [] and not {2, 3} & set(routed["idle_rank"][0])
+    assert not {2, 3} & set(sum(routed["idle_experts_embedded"], []))
     assert results[0]["top1_uneven"]["range"] == (0, 3) and results[1]["top1_uneven"]["range"] == (3, 5)
     bf16 = [results[r]["idle_experts_bf16"] for r in range(WORLD_SIZE)]
     assert bf16[0]["pairs"]["assignments.outputs"][0].dtype == torch.bfloat16

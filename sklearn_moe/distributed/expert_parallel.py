@@ -381,9 +381,10 @@ class ShardedExperts(nn.Module):
         ``local_ids[i]``), in the order of ``rows``."""
         m = rows.shape[0]
         if m == 0:
-            # Through the weights all the same, so that the outputs take part in autograd as
-            # on the ranks that received rows (each backward is a collective).
-            return self.local(rows.new_zeros(self.n_local, 0, rows.shape[1])).reshape(0, self.out_features)
+            # Through the weights and the (empty) received rows all the same, so that the
+            # outputs and the rows' exchange take part in autograd as on the ranks that
+            # received rows: each backward is a collective every rank must join.
+            return self.local(rows.reshape(self.n_local, 0, rows.shape[1])).reshape(0, self.out_features)
         plan = plan_dispatch(local_ids.unsqueeze(1), rows.new_ones(m, 1), self.n_local)
         layout = choose_layout(plan, self.training, rows.device.type)
         outputs = expert_outputs(rows, self.local, plan, self.out_features, layout)  # in plan (expert) order
