@@ -9,7 +9,12 @@
   not with ``n_experts``. ``--expert-type adapter`` times shared-backbone experts instead,
   and beside them, in the same run, the PyPI ``mixture-of-experts`` layer (top-2 gating
   over one-hidden-layer experts) and this library's layer in the same configuration
-  (one hidden layer of the same width, as many outputs as inputs).
+  (one hidden layer of the same width, as many outputs as inputs). ``--precision bf16``
+  runs the steps under bfloat16 autocast (on a GPU that supports it, the independent
+  experts then run as grouped matrix products); ``--graph`` (CUDA) also times the full
+  step captured once in a CUDA graph and replayed, which only a step without host
+  synchronisation allows (a failed capture is reported, not raised). Each row names the
+  dispatch layout the step used.
 - ``overhead``: seconds per epoch of ``MoERegressor.fit`` against a plain PyTorch loop
   training the same module with the same batches, losses, clipping and optimizer.
 - ``predict``: single-row latency and 100k-row throughput of ``MoERegressor.predict``
@@ -41,8 +46,9 @@ import torch
 from sklearn_moe import MoERegressor
 from sklearn_moe._training import build_module
 from sklearn_moe.nn import MixtureOfExperts
+from sklearn_moe.nn._sync import avoid_host_reads, grouped_mm_supported
 from sklearn_moe.nn.dispatch import padded_layout, plan_dispatch
-from sklearn_moe.nn.layouts import choose_layout, staircase_layout
+from sklearn_moe.nn.layouts import blocked_layout, choose_layout, grouped_layout, staircase_layout
 from sklearn_moe.nn.losses import per_expert_loss
 
 from .machine import describe_machine
@@ -96,26 +102,29 @@ def _block_medians(steps: dict, blocks: int, calls: int) -> dict:
 
 def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: tuple[int, ...] = (128, 128),
                    top_k: int = 2, expert_counts=EXPERT_COUNTS, rounds: int = 30, device: str = "cpu",
-                   expert_type: str = "independent") -> dict:
+                   expert_type: str = "independent", precision: str = "float32", graph: bool = False) -> dict:
     """Seconds per training step of a MixtureOfExperts, per n_experts.
 
     Three timings each: forward+backward, the full step (with a fused AdamW update) and the
     router's forward+backward alone. For independent experts, two more: as the floor that
     dispatch cannot beat, the experts' forward+backward alone on a perfectly balanced
     buffer (every expert ``batch_size * top_k / n_experts`` rows, no routing, no
-    dispatch); and the experts alone on the blocks that dispatch lays out for the actual
+    dispatch); and the experts alone in the layout that dispatch uses for the actual
     routing (its padding and gathered weights, without the routing, the rows' gathers and
     the combine). For adapter experts, the PyPI ``mixture-of-experts`` layer's
     forward+backward and this library's in the same configuration (see
     :func:`_pypi_steps`). The modules are freshly initialised (routing as uneven as at the
     start of training) and in training mode, with the Switch balance and z-loss terms in
-    the loss.
+    the loss. ``precision="bf16"`` runs every forward under bfloat16 autocast. With
+    ``graph`` on CUDA, the full step is also captured in a CUDA graph (with a capturable
+    fused AdamW) and its replay timed.
     """
     device = torch.device(device)
+    autocast = precision == "bf16"
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, n_features, generator=generator).to(device)
     y = torch.randn(batch_size, 1, generator=generator).to(device)
-    steps, counts = {}, {}
+    steps, counts, layouts, graph_errors = {}, {}, {}, {}
     independent = expert_type == "independent"
     pypi = not independent and _pypi_moe_available()
     for n_experts in expert_counts:
@@ -123,7 +132,7 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
         module = MixtureOfExperts(n_features, 1, n_experts=n_experts, top_k=top_k, expert_hidden=expert_hidden,
                                   expert_type=expert_type).to(device).train()
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
-        forward_backward = _training_step(module, x, y)
+        forward_backward = _training_step(module, x, y, autocast)
 
         def full_step(optimizer=optimizer, forward_backward=forward_backward):
             forward_backward()
@@ -131,7 +140,8 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
 
         def router_step(module=module):
             module.zero_grad(set_to_none=True)
-            routing = module.router(x)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                routing = module.router(x)
             (routing.weights.sum() + routing.probs.square().sum()).backward()
 
         steps["forward_backward", n_experts] = forward_backward
@@ -139,10 +149,17 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
         steps["router", n_experts] = router_step
         if independent:
             steps["balanced_experts", n_experts], steps["routed_experts", n_experts] = _experts_alone_steps(
-                module, x, n_experts, batch_size, top_k, n_features, generator)
+                module, x, n_experts, batch_size, top_k, n_features, generator, autocast)
+            layouts[n_experts] = _training_layout(module, x, autocast)
         if pypi:
             steps["pypi", n_experts], steps["matched", n_experts] = _pypi_steps(
                 n_experts, x, expert_hidden[0], top_k, expert_type)
+        if graph and device.type == "cuda":
+            graphed = _graphed_step(module, x, y, autocast)
+            if isinstance(graphed, str):
+                graph_errors[n_experts] = graphed
+            else:
+                steps["graphed_full_step", n_experts] = graphed
         counts[n_experts] = module(x).expert_counts.cpu()
     medians = _interleaved_medians(steps, rounds=rounds, warmup=3, device=device)
     first = expert_counts[0]
@@ -151,56 +168,143 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
         load = counts[n_experts].float()
         row = {"n_experts": n_experts, "busiest_expert_over_mean": float(load.max() / load.mean()),
                "router_ms": 1e3 * medians["router", n_experts]}
+        if n_experts in layouts:
+            row["layout"] = layouts[n_experts]
         for name, label in (("forward_backward", "forward_backward"), ("full_step", "full_step"),
+                            ("graphed_full_step", "graphed_full_step"),
                             ("balanced_experts", "balanced_experts_alone"),
                             ("routed_experts", "routed_experts_alone"), ("pypi", "pypi_forward_backward"),
                             ("matched", "matched_forward_backward")):
-            if (name, n_experts) in medians:
+            if (name, n_experts) in medians and (name, first) in medians:
                 row[f"{label}_ms"] = 1e3 * medians[name, n_experts]
                 row[f"{label}_ratio"] = medians[name, n_experts] / medians[name, first]
+        if n_experts in graph_errors:
+            row["graph_error"] = graph_errors[n_experts]
         if pypi:
             row["matched_over_pypi"] = medians["matched", n_experts] / medians["pypi", n_experts]
         rows.append(row)
-    suffix = "" if independent else f" --expert-type {expert_type}"
-    return {
+    flags = "" if independent else f" --expert-type {expert_type}"
+    flags += "" if device.type == "cpu" else f" --device {device.type}"
+    flags += "" if precision == "float32" else f" --precision {precision}"
+    flags += " --graph" if graph else ""
+    result = {
         "benchmark": "expert_scaling",
-        "command": f"python -m benchmarks.speed --part experts{suffix}",
+        "command": f"python -m benchmarks.speed --part experts{flags}",
         "machine": describe_machine(),
         "device": str(device),
         "config": {"batch_size": batch_size, "n_features": n_features, "expert_hidden": list(expert_hidden),
-                   "top_k": top_k, "rounds": rounds, "expert_type": expert_type},
+                   "top_k": top_k, "rounds": rounds, "expert_type": expert_type, "precision": precision},
         "rows": rows,
     }
+    if device.type == "cuda":
+        result["device_name"] = torch.cuda.get_device_name(device)
+        result["compute_capability"] = list(torch.cuda.get_device_capability(device))
+    result["criterion"] = _criterion(rows)
+    return result
 
 
-def _training_step(module, x, y):
-    """A training step's forward and backward of ``module`` on ``(x, y)``, from no gradients."""
+def _criterion(rows: list[dict]) -> dict:
+    """The step times at 2 and 64 experts and their ratio (for each timing that has both)."""
+    by_count = {row["n_experts"]: row for row in rows}
+    if 2 not in by_count or 64 not in by_count:
+        return {}
+    summary = {}
+    for label in ("forward_backward", "full_step", "graphed_full_step"):
+        key = f"{label}_ms"
+        if key in by_count[2] and key in by_count[64]:
+            summary[label] = {"ms_at_2_experts": by_count[2][key], "ms_at_64_experts": by_count[64][key],
+                              "ratio_64_over_2": by_count[64][key] / by_count[2][key]}
+    return summary
+
+
+def _training_step(module, x, y, autocast: bool = False, cache: bool = True):
+    """A training step's forward and backward of ``module`` on ``(x, y)``, from no gradients
+    (``cache``: autocast's cache of cast weights, which a CUDA graph capture must not use)."""
     def forward_backward():
         # From no gradients, as in a training step: accumulating into existing ones would
         # time a read-modify-write of every parameter, 32x more of them at 64 experts.
         module.zero_grad(set_to_none=True)
-        out = module(x)
-        loss = (out.output - y).square().mean() + 1e-2 * out.balance_loss + 1e-3 * out.z_loss
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=cache):
+            out = module(x)
+        loss = (out.output.float() - y).square().mean() + 1e-2 * out.balance_loss + 1e-3 * out.z_loss
         loss.backward()
     return forward_backward
 
 
-def _experts_alone_steps(module, x, n_experts, batch_size, top_k, n_features, generator):
+def _graphed_step(module, x, y, autocast: bool):
+    """The full training step (forward, backward, a capturable fused AdamW update) captured
+    in a CUDA graph, as a replay callable; or the error message if the capture failed (a
+    host synchronisation inside the step makes it fail)."""
+    try:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True, capturable=True)
+        step = _training_step(module, x, y, autocast, cache=False)
+
+        def full_step():
+            step()
+            optimizer.step()
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # capturable=True run outside a capture
+            for _ in range(3):
+                full_step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        module.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph):
+            full_step()
+        return graph.replay
+    except Exception as error:  # noqa: BLE001 - report any capture failure
+        torch.cuda.synchronize()
+        return f"{type(error).__name__}: {error}"
+
+
+def _training_layout(module: MixtureOfExperts, x: torch.Tensor, autocast: bool) -> str:
+    """The dispatch layout a training step of ``module`` on ``x`` uses."""
+    with torch.no_grad():
+        routing = module.router(x)
+    plan = plan_dispatch(routing.indices, routing.weights, module.n_experts,
+                         sync_free=avoid_host_reads(x.device, training=True))
+    dtype = torch.bfloat16 if autocast else x.dtype
+    grouped = plan.n_slots is None and grouped_mm_supported(x.device, dtype)
+    return choose_layout(plan, training=True, device_type=x.device.type, grouped=grouped)
+
+
+def _experts_alone_steps(module, x, n_experts, batch_size, top_k, n_features, generator, autocast=False):
     device = x.device
     balanced = torch.randn(n_experts, batch_size * top_k // n_experts, n_features, generator=generator).to(device)
     balanced_grad = torch.randn(n_experts, balanced.shape[1], 1, generator=generator).to(device)
 
+    def under_autocast(run):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            return run()
+
     def balanced_experts_step():
         module.zero_grad(set_to_none=True)
-        module.experts(balanced).backward(balanced_grad)
+        under_autocast(lambda: module.experts(balanced)).backward(balanced_grad.to(_out_dtype(x, autocast)))
 
+    if _training_layout(module, x, autocast) == "grouped":
+        buffer, offsets, row_experts, grad = _routed_groups(module, x)
+
+        def routed_experts_step():
+            module.zero_grad(set_to_none=True)
+            out = under_autocast(lambda: module.experts.forward_grouped(buffer, offsets, row_experts))
+            out.backward(grad.to(out.dtype))
+
+        return balanced_experts_step, routed_experts_step
     routed_blocks, routed_experts, routed_grads = _routed_layout(module, x)
 
     def routed_experts_step():
         module.zero_grad(set_to_none=True)
-        torch.autograd.backward(module.experts(routed_blocks, routed_experts), routed_grads)
+        outputs = under_autocast(lambda: module.experts(routed_blocks, routed_experts))
+        torch.autograd.backward(outputs, [grad.to(out.dtype) for grad, out in zip(routed_grads, outputs)])
 
     return balanced_experts_step, routed_experts_step
+
+
+def _out_dtype(x: torch.Tensor, autocast: bool) -> torch.dtype:
+    return torch.bfloat16 if autocast else x.dtype
 
 
 def _pypi_moe_available() -> bool:
@@ -237,39 +341,69 @@ def _routed_layout(module: MixtureOfExperts, x: torch.Tensor):
     the combine."""
     with torch.no_grad():
         routing = module.router(x)
-    plan = plan_dispatch(routing.indices, routing.weights, module.n_experts)
-    staircase = choose_layout(plan, training=True, device_type=x.device.type) == "staircase"
-    groups = (staircase_layout(plan) if staircase else padded_layout(plan)).groups
+    sync_free = avoid_host_reads(x.device, training=True)
+    plan = plan_dispatch(routing.indices, routing.weights, module.n_experts, sync_free=sync_free)
+    if sync_free:
+        groups = blocked_layout(plan).groups
+    else:
+        staircase = choose_layout(plan, training=True, device_type=x.device.type) == "staircase"
+        groups = (staircase_layout(plan) if staircase else padded_layout(plan)).groups
     generator = torch.Generator().manual_seed(1)
     blocks = [torch.randn(g.n_experts, g.n_slots, x.shape[1], generator=generator).to(x.device) for g in groups]
     grads = [torch.randn(g.n_experts, g.n_slots, module.n_outputs, generator=generator).to(x.device) for g in groups]
     return blocks, [g.experts for g in groups], grads
 
 
+def _routed_groups(module: MixtureOfExperts, x: torch.Tensor):
+    """The ``"grouped"`` layout's buffer for ``module``'s routing of ``x`` in training,
+    filled with random rows, its offsets and row experts, and a random output gradient."""
+    with torch.no_grad():
+        routing = module.router(x)
+    layout = grouped_layout(plan_dispatch(routing.indices, routing.weights, module.n_experts, sync_free=True))
+    generator = torch.Generator().manual_seed(1)
+    buffer = torch.randn(layout.n_rows, x.shape[1], generator=generator).to(x.device)
+    grad = torch.randn(layout.n_rows, module.n_outputs, generator=generator).to(x.device)
+    return buffer, layout.offsets, layout.row_experts, grad
+
+
 def _print_scaling(result: dict) -> None:
     config = result["config"]
     print(f"# MixtureOfExperts training step, {config['expert_type']} experts, top_k={config['top_k']}, "
           f"batch {config['batch_size']}, {config['n_features']} features, "
-          f"expert_hidden={tuple(config['expert_hidden'])}, {result['device']}")
+          f"expert_hidden={tuple(config['expert_hidden'])}, {config.get('precision', 'float32')}, "
+          f"{result.get('device_name', result['device'])}")
     print(f"# {result['machine']}")
     columns = [("forward_backward", "forward+backward"), ("full_step", "full step"),
+               ("graphed_full_step", "full step, CUDA graph"),
                ("balanced_experts_alone", "balanced experts alone"), ("routed_experts_alone", "routed experts alone"),
                ("pypi_forward_backward", "PyPI mixture-of-experts fwd+bwd"),
                ("matched_forward_backward", "this library, same config, fwd+bwd")]
-    columns = [(key, label) for key, label in columns if f"{key}_ms" in result["rows"][0]]
+    columns = [(key, label) for key, label in columns if any(f"{key}_ms" in row for row in result["rows"])]
     header = ["n_experts"] + [f"{label} (ms) | ratio" for _, label in columns] + ["router alone (ms)",
                                                                                   "busiest expert / mean"]
     if "matched_over_pypi" in result["rows"][0]:
         header.append("this library / PyPI")
+    if "layout" in result["rows"][0]:
+        header.append("layout")
     print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * (1 + 2 * len(columns) + 2 + ("matched_over_pypi" in result["rows"][0])))
+    print("|" + "---|" * (1 + 2 * len(columns) + 2 + ("matched_over_pypi" in result["rows"][0])
+                          + ("layout" in result["rows"][0])))
+    for row in result["rows"]:
+        if "graph_error" in row:
+            print(f"# CUDA graph capture failed at {row['n_experts']} experts: {row['graph_error']}")
     for row in result["rows"]:
         cells = [str(row["n_experts"])]
-        cells += [f"{row[key + '_ms']:.2f} | {row[key + '_ratio']:.2f}x" for key, _ in columns]
+        cells += [f"{row[key + '_ms']:.2f} | {row[key + '_ratio']:.2f}x" if key + "_ms" in row else "- | -"
+                  for key, _ in columns]
         cells += [f"{row['router_ms']:.2f}", f"{row['busiest_expert_over_mean']:.2f}"]
         if "matched_over_pypi" in row:
             cells.append(f"{row['matched_over_pypi']:.2f}x")
+        if "layout" in row:
+            cells.append(row["layout"])
         print("| " + " | ".join(cells) + " |")
+    for label, summary in result.get("criterion", {}).items():
+        print(f"# {label}: {summary['ms_at_2_experts']:.3f} ms at 2 experts, {summary['ms_at_64_experts']:.3f} ms "
+              f"at 64 ({summary['ratio_64_over_2']:.2f}x)")
 
 
 def _regression_data(n_rows: int, n_features: int, seed: int = 0):
@@ -483,7 +617,8 @@ def peak_memory(n_rows: int = 100_000, n_features: int = 32) -> dict:
 
 
 PARTS = {
-    "experts": lambda args: expert_scaling(rounds=args.rounds, device=args.device, expert_type=args.expert_type),
+    "experts": lambda args: expert_scaling(rounds=args.rounds, device=args.device, expert_type=args.expert_type,
+                                           precision=args.precision, graph=args.graph),
     "overhead": lambda args: wrapper_overhead(device=args.device),
     "predict": lambda args: predict_speed(),
     "memory": lambda args: peak_memory(),
@@ -498,6 +633,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--expert-type", choices=("independent", "adapter"), default="independent",
                         help="experts part: the experts timed (default: independent)")
+    parser.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+                        help="experts part: bfloat16 autocast for the steps (default: float32)")
+    parser.add_argument("--graph", action="store_true",
+                        help="experts part on CUDA: also time the full step replayed from a CUDA graph")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results")
     args = parser.parse_args(argv)
     if args.threads:
@@ -512,6 +651,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             print(json.dumps(result, indent=2))
         kind = f"_{args.expert_type}" if part == "experts" and args.expert_type != "independent" else ""
+        kind += f"_{args.precision}" if part == "experts" and args.precision != "float32" else ""
         path = args.out / f"speed_{part}{kind}{suffix}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
