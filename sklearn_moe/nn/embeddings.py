@@ -242,8 +242,11 @@ class CategoricalEmbedding(nn.Module):
         starts = torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0)
         self.register_buffer("starts", starts, persistent=False)
         self.table = nn.Embedding(sum(cardinalities), self.d_embedding)
-        bound = self.d_embedding ** -0.5  # as rtdl's embeddings: uniform in +-1/sqrt(d)
-        nn.init.uniform_(self.table.weight, -bound, bound)
+        # Unit scale, as a one-hot input's and a robustly scaled numeric input's. Against
+        # rtdl's uniform +-1/sqrt(d), 3-fold CV (benchmarks.categorical, every column
+        # embedded past 8 categories): hpc_data accuracy 0.770 against 0.749, sacramento
+        # R^2 0.650 against 0.655.
+        nn.init.normal_(self.table.weight, std=1.0)
 
     @property
     def n_columns(self) -> int:
