@@ -15,6 +15,7 @@ where that is simpler, a prediction ends with a copy to the host anyway.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -73,7 +74,12 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """
     if dtype != torch.bfloat16 or device.type != "cuda" or not hasattr(torch, "_grouped_mm"):
         return False
-    return torch.cuda.get_device_capability(device)[0] in (9, 10)
+    return _major_capability(torch.cuda.current_device() if device.index is None else device.index) in (9, 10)
+
+
+@functools.cache
+def _major_capability(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
