@@ -265,7 +265,8 @@ def _graphed_step(module, x, y, autocast: bool):
             full_step()
         return graph.replay
     except Exception as error:  # noqa: BLE001 - report any capture failure
-        torch.cuda.synchronize()
+        with contextlib.suppress(Exception):  # the failed capture may have left an error behind
+            torch.cuda.synchronize()
         return f"{type(error).__name__}: {error}"
 
 
