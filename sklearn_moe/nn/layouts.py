@@ -22,8 +22,11 @@ rounding.
   waits for the device. Each expert's rows fill whole blocks of ``block_rows`` rows
   (:func:`blocked_layout`); the number of blocks is bounded by ``m / block_rows +
   n_experts`` whatever the routing, and every block runs as one slice of a batched matmul
-  over the gathered weights of its expert. With ``block_rows`` the mean load rounded up to
-  a power of two, the buffer holds at most about twice the assignments.
+  over the gathered weights of its expert. The buffer's size does not depend on the
+  routing: about ``m + n_experts * block_rows`` rows for ``m`` assignments. With
+  ``block_rows`` the mean load rounded up to a power of two (at least 8), that is about
+  twice ``m`` when the mean load is a power of two, under three times ``m`` whenever the
+  mean load is at least 8, and at most ``m + 7 n_experts`` rows below that.
 - ``"grouped"`` (training on a GPU whose PyTorch runs ``torch._grouped_mm`` as one fused
   kernel: bfloat16 on compute capability 9.0 or 10.0, see
   :func:`~._sync.grouped_mm_supported`): the expert-sorted rows, each expert's group
