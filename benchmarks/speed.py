@@ -278,7 +278,10 @@ def _training_layout(module: MixtureOfExperts, x: torch.Tensor, autocast: bool) 
                          sync_free=avoid_host_reads(x.device, training=True))
     dtype = torch.bfloat16 if autocast else x.dtype
     grouped = plan.n_slots is None and grouped_mm_supported(x.device, dtype)
-    return choose_layout(plan, training=True, device_type=x.device.type, grouped=grouped)
+    layout = choose_layout(plan, training=True, device_type=x.device.type, grouped=grouped)
+    if layout == "blocked" and blocked_layout(plan, max_count=x.shape[0]).groups[0].experts is None:
+        return "blocked (one block of the batch's rows per expert)"
+    return layout
 
 
 def _experts_alone_steps(module, x, n_experts, batch_size, top_k, n_features, generator, autocast=False):
@@ -354,7 +357,7 @@ def _routed_layout(module: MixtureOfExperts, x: torch.Tensor):
     sync_free = avoid_host_reads(x.device, training=True)
     plan = plan_dispatch(routing.indices, routing.weights, module.n_experts, sync_free=sync_free)
     if sync_free:
-        groups = blocked_layout(plan).groups
+        groups = blocked_layout(plan, max_count=x.shape[0]).groups
     else:
         staircase = choose_layout(plan, training=True, device_type=x.device.type) == "staircase"
         groups = (staircase_layout(plan) if staircase else padded_layout(plan)).groups

@@ -82,6 +82,7 @@ def test_the_detector_lets_device_side_work_pass():
 
 SYNC_FREE_CONFIGS = {
     "topk-independent": dict(router="topk"),  # the speed benchmark's configuration
+    "two-experts": dict(router="topk", n_experts=2),  # blocked layout: one block per expert
     "softmax-adapter": dict(router="softmax", expert_type="adapter"),  # the estimators' default
     "topk-adapter-3-outputs": dict(router="topk", expert_type="adapter", n_outputs=3),
     "switch-shared-grad-scaling": dict(router="switch", shared_expert=True, expert_grad_scaling=True),
@@ -105,7 +106,7 @@ DOCUMENTED_SYNCS = {
 
 def _module(n_outputs=1, seed=0, **options):
     torch.manual_seed(seed)
-    return MixtureOfExperts(6, n_outputs, n_experts=8, top_k=2, expert_hidden=(16, 16), **options).train()
+    return MixtureOfExperts(6, n_outputs, **{"n_experts": 8, "top_k": 2, "expert_hidden": (16, 16), **options}).train()
 
 
 def _loss(module, out, y, sample_weight=None):
@@ -165,7 +166,7 @@ def test_the_grouped_layout_reads_nothing_on_the_host(monkeypatch):
     monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda device, dtype: True)
     calls = []
     original = moe_module.expert_outputs
-    monkeypatch.setattr(moe_module, "expert_outputs", lambda *args: calls.append(args[-1]) or original(*args))
+    monkeypatch.setattr(moe_module, "expert_outputs", lambda *args: calls.append(args[4]) or original(*args))
     detector = _detect_step(dict(router="topk", layer_norm=True))
     assert set(calls) == {"grouped"}
     assert detector.syncs == [], detector.report()
@@ -209,8 +210,9 @@ def _forward_backward(module, x, y, sample_weight, sync_free, seed=3):
     return out, loss, {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("name", ["topk-independent", "topk-adapter-3-outputs", "switch-shared-grad-scaling",
-                                  "hierarchical-aux-free", "mixture-density", "softmax-adapter"])
+@pytest.mark.parametrize("name", ["topk-independent", "two-experts", "topk-adapter-3-outputs",
+                                  "switch-shared-grad-scaling", "hierarchical-aux-free", "mixture-density",
+                                  "softmax-adapter"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["blocked", "grouped"])
 def test_sync_free_training_equals_the_cpu_paths(name, grouped, monkeypatch):
     monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda device, dtype: grouped)
@@ -295,6 +297,27 @@ def test_the_blocked_layout_holds_whole_blocks_of_one_expert(skew):
     needed = ((plan.kept_counts + rows - 1) // rows).sum()
     assert int(needed) <= group.n_experts
     assert torch.equal(group.experts, group.experts.sort().values)
+
+
+def test_the_blocked_layout_is_one_block_per_expert_when_a_bound_makes_that_smaller():
+    from sklearn_moe.nn.layouts import blocked_layout
+
+    generator = torch.Generator().manual_seed(6)
+    indices = torch.rand(300, 2, generator=generator).argsort(dim=1)  # 2 experts, both on every row
+    plan = plan_dispatch(indices, torch.full((300, 2), 0.5), 2, sync_free=True)
+    layout = blocked_layout(plan, max_count=300)
+    (group,) = layout.groups
+    assert group.experts is None and group.n_experts == 2 and group.n_slots == 300  # exactly the rows
+    assert torch.equal(layout.positions, plan.experts * 300 + plan.slots)
+    wide = _plan()  # 6 experts: one block of the 300 rows each would be larger than the blocks
+    assert blocked_layout(wide, max_count=300).groups[0].experts is not None
+    module = _module(router="topk")
+    module.experts = MixtureOfExperts(6, 1, n_experts=2, top_k=2, expert_hidden=(16, 16)).experts
+    x = torch.randn(300, 6, generator=generator)
+    with torch.no_grad():
+        bounded = expert_outputs(x, module.experts, plan, 1, "blocked", max_count=300)
+        reference = expert_outputs(x, module.experts, plan, 1, "padded")
+    assert torch.equal(bounded, reference)
 
 
 @pytest.mark.parametrize("skew", [0.0, 1.5, 30.0])

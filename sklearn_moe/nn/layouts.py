@@ -102,7 +102,7 @@ def choose_layout(plan: DispatchPlan, training: bool, device_type: str, grouped:
 
 
 def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
-                   layout: str = "padded") -> torch.Tensor:
+                   layout: str = "padded", max_count: int | None = None) -> torch.Tensor:
     """Run the independent experts on the plan's assignments.
 
     Parameters
@@ -119,6 +119,9 @@ def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan
         See the module docstring; ``"sorted"`` applies no dropout (evaluation only).
         ``"grouped"`` needs :class:`~.experts.StackedExperts` (its
         :meth:`~.experts.StackedExperts.forward_grouped`).
+    max_count : int, optional
+        ``"blocked"``: a bound, known on the host, on every expert's assignments (see
+        :func:`blocked_layout`); the other layouts do not use it.
 
     Returns
     -------
@@ -137,7 +140,7 @@ def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan
     if layout == "padded":
         return run_buffer(x, experts, plan, padded_layout(plan), n_outputs)
     if layout == "blocked":
-        return run_buffer(x, experts, plan, blocked_layout(plan), n_outputs)
+        return run_buffer(x, experts, plan, blocked_layout(plan, max_count=max_count), n_outputs)
     if layout == "grouped":
         grouped = grouped_layout(plan)
         buffer = x.new_zeros(grouped.n_rows, x.shape[1]).index_put((grouped.positions,), x.index_select(0, plan.rows))
@@ -152,14 +155,19 @@ def block_rows(n_assignments: int, n_experts: int) -> int:
     return max(8, 1 << max(mean - 1, 0).bit_length())
 
 
-def blocked_layout(plan: DispatchPlan, rows_per_block: int | None = None) -> BufferLayout:
+def blocked_layout(plan: DispatchPlan, rows_per_block: int | None = None,
+                   max_count: int | None = None) -> BufferLayout:
     """A buffer of whole blocks per expert, of sizes known on the host.
 
     Expert ``e``'s ``c_e`` assignments fill ``ceil(c_e / B)`` blocks of ``B`` rows, one
     expert's blocks after the other's; the buffer holds ``(m + n_experts * (B - 1)) // B``
     blocks, as many as the most uneven routing of ``m`` assignments needs, the unused ones
-    at its end (zero rows, run through the last expert and never read). Nothing here reads
-    a device value on the host.
+    at its end (zero rows, run through the last expert and never read). When a bound
+    ``max_count`` on any expert's assignments is known and ``n_experts * max_count`` rows
+    are no more, every expert gets one block of ``max_count`` rows instead, with its
+    weights used in place (the padded layout at a size known on the host: with 2 experts
+    and ``top_k=2``, exactly the batch's rows per expert). Nothing here reads a device
+    value on the host.
 
     Parameters
     ----------
@@ -167,17 +175,25 @@ def blocked_layout(plan: DispatchPlan, rows_per_block: int | None = None) -> Buf
         The assignments, sorted by expert (``n_slots`` is not used).
     rows_per_block : int, optional
         ``B``; by default :func:`block_rows` of the plan's sizes.
+    max_count : int, optional
+        A bound, known on the host, on every expert's assignments: the batch's rows when no
+        row repeats an expert (or a capacity, if smaller).
 
     Returns
     -------
     BufferLayout
-        One group whose ``experts`` holds each block's expert (``first_slot`` is 0).
+        One group whose ``experts`` holds each block's expert (``first_slot`` is 0), or
+        None for every expert in order (one block each).
     """
     m, n_experts = plan.rows.shape[0], plan.kept_counts.shape[0]
     rows = rows_per_block or block_rows(m, n_experts)
     n_blocks = (m + n_experts * (rows - 1)) // rows
     if m == 0:
         return BufferLayout(plan.slots, ())
+    if max_count is not None and n_experts * max_count <= n_blocks * rows:
+        # One block of max_count rows per expert is smaller: the padded layout at a size
+        # known on the host, the weights used in place.
+        return BufferLayout(plan.experts * max_count + plan.slots, (ExpertGroup(None, n_experts, 0, max_count, 0),))
     blocks = (plan.kept_counts + (rows - 1)) // rows
     ends = torch.cumsum(blocks, 0)
     positions = (ends - blocks).index_select(0, plan.experts) * rows + plan.slots

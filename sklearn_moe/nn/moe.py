@@ -607,7 +607,12 @@ class MixtureOfExperts(nn.Module):
         sends the rows to the ranks that hold their experts here."""
         grouped = plan.n_slots is None and grouped_mm_supported(x.device, compute_dtype(x))
         layout = choose_layout(plan, self.training, x.device.type, grouped)
-        return expert_outputs(x, self.experts, plan, self.expert_width, layout)
+        # No router repeats an expert within a row: no expert has more assignments than rows.
+        max_count = x.shape[0]
+        if self.training and self.capacity_factor is not None:
+            max_count = min(max_count, expert_capacity(self.capacity_factor, x.shape[0], self.router.top_k,
+                                                       self.n_experts))
+        return expert_outputs(x, self.experts, plan, self.expert_width, layout, max_count)
 
     def _routing_counts(self, routing, active, mask, plan_counts) -> torch.Tensor:
         """Assignments per expert, leaving out inactive ones and zero-weight rows."""
