@@ -6,9 +6,9 @@ Three ways to give an MoE a table with categorical columns, on the accuracy suit
 sets that have a column of more than 8 categories, with its subsamples and folds
 (:func:`benchmarks.accuracy._suite_data`):
 
-- ``embedded``: the raw frame to ``MoERegressor()`` / ``MoEClassifier()`` at their defaults,
-  which one-hot encode columns of at most 8 categories and give the others a learned
-  embedding (``one_hot_max_categories=8``);
+- ``embedded``: the raw frame to ``MoERegressor(one_hot_max_categories=8)`` /
+  ``MoEClassifier(one_hot_max_categories=8)``, which one-hot encode columns of at most 8
+  categories and give the others a learned embedding (RealMLP's threshold);
 - ``one_hot``: the raw frame with ``one_hot_max_categories=None`` (every column one-hot
   inside the estimator);
 - ``pipeline``: the suite's preprocessing (:func:`benchmarks.datasets.preprocessor`:
@@ -42,10 +42,10 @@ def build(variant: str, task: str, X: pd.DataFrame, seed: int):
     """The model of ``variant`` for ``task``, unfitted."""
     estimator_class = MoERegressor if task == "regression" else MoEClassifier
     if variant == "embedded":
-        return estimator_class(random_state=seed)
+        return estimator_class(random_state=seed, one_hot_max_categories=8)
     if variant == "one_hot":
         return estimator_class(random_state=seed, one_hot_max_categories=None)
-    return make_pipeline(preprocessor(X), estimator_class(random_state=seed))
+    return make_pipeline(preprocessor(X), estimator_class(random_state=seed, one_hot_max_categories=8))
 
 
 def run_fold(name: str, variant: str, X, y, train, test, seed: int) -> dict:

@@ -94,7 +94,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         warm_start=False,
         callbacks=None,
         categorical_features="from_dtype",
-        one_hot_max_categories=8,
+        one_hot_max_categories=256,
         handle_missing="native",
     ):
         self.n_experts = n_experts

@@ -15,6 +15,7 @@ def test_the_variants_differ_only_in_the_encoding():
     assert embedded.one_hot_max_categories == 8 and one_hot.one_hot_max_categories is None
     assert type(one_hot).__name__ == "MoEClassifier"
     assert isinstance(pipeline, Pipeline) and pipeline[-1].get_params() == embedded.get_params()
+    assert embedded.set_params(one_hot_max_categories=256).get_params() == type(embedded)(random_state=0).get_params()
 
 
 def test_report_counts_the_folds_the_embedding_wins():

@@ -99,7 +99,8 @@ def test_an_embedded_column_is_learned_saved_and_takes_unseen_categories(tmp_pat
     frame = pd.DataFrame({"shop": [f"shop{i}" for i in shop], "x": rng.normal(size=n),
                           "kind": rng.choice(["a", "b"], n)})
     y = effects[shop] + frame["x"].to_numpy() + 0.1 * rng.normal(size=n)
-    model = MoERegressor(**dict(FAST, max_epochs=60)).fit(frame, y)
+    assert MoERegressor(**QUICK).fit(frame, y)._table_embedded.tolist() == []  # by default one-hot up to 256
+    model = MoERegressor(**dict(FAST, max_epochs=60), one_hot_max_categories=8).fit(frame, y)
     assert model._table_embedded.tolist() == [0]  # 30 categories > 8; "kind" is one-hot
     assert model.module_.category_embedding.cardinalities == [n_shops + 2]
     # the codes are not scaled: the scaler leaves the last column alone
