@@ -263,7 +263,13 @@ def _graphed_step(module, x, y, autocast: bool):
         module.zero_grad(set_to_none=True)
         with torch.cuda.graph(graph):
             full_step()
-        return graph.replay
+
+        def replay(graph=graph, keep_alive=(optimizer, full_step)):
+            # The graph holds no reference to what it reads and writes: without this one the
+            # optimizer's state would be freed and every replay would write to freed memory.
+            graph.replay()
+
+        return replay
     except Exception as error:  # noqa: BLE001 - report any capture failure
         with contextlib.suppress(Exception):  # the failed capture may have left an error behind
             torch.cuda.synchronize()
