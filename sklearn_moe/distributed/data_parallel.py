@@ -50,8 +50,8 @@ import torch
 import torch.distributed as dist
 from skorch.callbacks import Callback
 
-__all__ = ["DataParallelGroup", "GradientAveraging", "active_group", "data_parallel", "shard_for_training",
-           "whole_after_training"]
+__all__ = ["DataParallelGroup", "GradientAveraging", "active_group", "all_reduce_gradients", "data_parallel",
+           "shard_for_training", "whole_after_training"]
 
 _ACTIVE: list[DataParallelGroup] = []
 
@@ -264,6 +264,42 @@ def shard_rows(n_rows: int) -> np.ndarray | None:
     return parallel.shard(n_rows)
 
 
+def all_reduce_gradients(parameters, group, divisor: int = 1) -> None:
+    """Sum the gradients of ``parameters`` over the processes of ``group``, then divide them
+    by ``divisor``, in one flat all-reduce per dtype.
+
+    A parameter without a gradient on a process counts as zero there; one without a gradient
+    on every process keeps none. Every process of the group must call it with the same
+    parameters in the same order.
+
+    Parameters
+    ----------
+    parameters : list of Parameter
+        The parameters whose gradients to reduce.
+    group : ProcessGroup or None
+        The ``torch.distributed`` group (``None``: the default group).
+    divisor : int, default=1
+        The number to divide the sums by (the group's size for a mean).
+    """
+    if not parameters:
+        return
+    # Which parameters have a gradient on some process: those get one on every process.
+    present = torch.tensor([p.grad is not None for p in parameters], dtype=torch.int32, device=parameters[0].device)
+    dist.all_reduce(present, group=group)
+    chosen = [p for p, flag in zip(parameters, present.tolist()) if flag]
+    for dtype in sorted({p.dtype for p in chosen}, key=str):
+        same = [p for p in chosen if p.dtype == dtype]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in same])
+        dist.all_reduce(flat, group=group)
+        if divisor != 1:
+            flat /= divisor
+        for p, grad in zip(same, flat.split([p.numel() for p in same])):
+            if p.grad is None:
+                p.grad = grad.view_as(p).clone()
+            else:
+                p.grad.copy_(grad.view_as(p))
+
+
 def shard_for_training(module):
     """``module`` as this process trains it inside a :func:`data_parallel` block: its
     experts sharded with ``expert_parallel=True``, else itself.
@@ -377,18 +413,7 @@ class GradientAveraging(Callback):
             if self.max_grad_norm is not None:
                 self._clip_global_norm(net.module_, parameters)
             return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for p in parameters]
-                         + [torch.tensor([float(p.grad is not None) for p in parameters], device=parameters[0].device)])
-        dist.all_reduce(flat, group=self.parallel.group)
-        has_gradient = flat[-len(parameters):] > 0
-        flat = flat[:-len(parameters)] / self.parallel.world_size
-        offset = 0
-        for parameter, present in zip(parameters, has_gradient.tolist()):
-            size = parameter.numel()
-            if present:
-                parameter.grad = flat[offset:offset + size].view_as(parameter).to(parameter.dtype)
-            offset += size
+        all_reduce_gradients(parameters, self.parallel.group, self.parallel.world_size)
 
     def on_epoch_end(self, net, **kwargs):
         """Take rank 0's weights, buffers and history row before any later callback acts.

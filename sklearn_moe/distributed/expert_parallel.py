@@ -86,10 +86,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..nn._sync import compute_dtype
 from ..nn.dispatch import plan_dispatch
 from ..nn.experts import StackedExperts
 from ..nn.layouts import choose_layout, expert_outputs
 from ..nn.moe import MixtureOfExperts
+from .data_parallel import all_reduce_gradients
 
 REDUCTIONS = ("sum", "mean")
 
@@ -339,7 +341,7 @@ class ShardedExperts(nn.Module):
         stats.row_bytes += _remote_bytes(x, send, rank)
         local_ids = torch.arange(self.n_local, device=x.device).repeat(self.world_size)
         local_ids = local_ids.repeat_interleave(received, output_size=rows.shape[0])
-        outputs = self._run_local(rows, local_ids).to(_output_dtype(x))
+        outputs = self._run_local(rows, local_ids).to(compute_dtype(x))
         # 3. outputs back to the rows' ranks, in the order the rows left
         stats.output_bytes += _remote_bytes(outputs, recv, rank)
         return _exchange(outputs, send, recv, group, rank, stats)
@@ -390,14 +392,6 @@ class ShardedExperts(nn.Module):
         outputs = expert_outputs(rows, self.local, plan, self.out_features, layout)  # in plan (expert) order
         inverse = torch.empty_like(plan.rows).scatter_(0, plan.rows, torch.arange(m, device=rows.device))
         return outputs.index_select(0, inverse)
-
-
-def _output_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype expert outputs travel in: the same on every rank, even one without rows."""
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
 
 
 def _slice_experts(experts: StackedExperts, start: int, stop: int) -> StackedExperts:
@@ -708,23 +702,7 @@ def reduce_gradients(module: ExpertParallelMoE, reduction: str = "sum") -> None:
     group, world_size = module.group, module.experts.world_size
     own = {id(p) for p in module.experts.parameters()}
     replicated = [p for p in module.parameters() if p.requires_grad and id(p) not in own]
-    if replicated:
-        # Which parameters have a gradient on some rank: those get one on every rank.
-        present = torch.tensor([p.grad is not None for p in replicated], dtype=torch.int32,
-                               device=replicated[0].device)
-        dist.all_reduce(present, group=group)
-        chosen = [p for p, flag in zip(replicated, present.tolist()) if flag]
-        for dtype in sorted({p.dtype for p in chosen}, key=str):
-            same = [p for p in chosen if p.dtype == dtype]
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in same])
-            dist.all_reduce(flat, group=group)
-            if reduction == "mean":
-                flat /= world_size
-            for p, grad in zip(same, flat.split([p.numel() for p in same])):
-                if p.grad is None:
-                    p.grad = grad.view_as(p).clone()
-                else:
-                    p.grad.copy_(grad.view_as(p))
+    all_reduce_gradients(replicated, group, world_size if reduction == "mean" else 1)
     if reduction == "mean":
         for p in module.experts.parameters():
             if p.grad is not None:

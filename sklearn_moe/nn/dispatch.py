@@ -309,6 +309,36 @@ def count_experts(experts: torch.Tensor, n_experts: int, weights: torch.Tensor |
     return torch.zeros(n_experts, dtype=torch.int64, device=experts.device).scatter_add_(0, experts, counted)
 
 
+def count_routed(indices: torch.Tensor, n_experts: int, active: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Count a batch's routing assignments per expert, leaving out inactive ones and masked rows.
+
+    Parameters
+    ----------
+    indices : Tensor of shape (n, k), int64
+        Every row's chosen experts.
+    n_experts : int
+        Length of the result.
+    active : Tensor of shape (n, k), bool, optional
+        Which assignments take part (dynamic k, expert dropout); all when None.
+    mask : Tensor of shape (n,), bool, optional
+        Which rows count (those of positive sample weight); all when None.
+
+    Returns
+    -------
+    counts : Tensor of shape (n_experts,), int64
+        :func:`count_experts` of the assignments that count.
+    counted : Tensor of shape (n, k), bool, or None
+        Which assignments counted; None when all did.
+    """
+    counted = active
+    if mask is not None:
+        rows = mask.unsqueeze(1).expand_as(indices)
+        counted = rows if counted is None else counted & rows
+    weights = None if counted is None else counted.reshape(-1)
+    return count_experts(indices.reshape(-1), n_experts, weights), counted
+
+
 def _stable_order(experts: torch.Tensor) -> torch.Tensor:
     """The stable sorting permutation of expert ids, sorted as int32 (faster than int64)."""
     return torch.argsort(experts.to(torch.int32), stable=True)

@@ -29,12 +29,8 @@ from torch import nn
 
 from ._sync import avoid_host_reads, compute_dtype
 from .dispatch import padded_layout, plan_dispatch, run_buffer
-from .layouts import blocked_layout
+from .layouts import GROUP_ALIGN, blocked_layout
 from .products import batched_linear, needs_autograd, row_invariant_addmm
-
-#: Widths of a grouped product's operands are padded to a multiple of this: its kernel needs
-#: 16-byte aligned row strides (8 bfloat16 values).
-GROUPED_WIDTH_ALIGN = 8
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -102,7 +98,7 @@ class StackedLinear(nn.Module):
         Rows ``offsets[e - 1] .. offsets[e] - 1`` go through layer ``e`` (``torch._grouped_mm``
         in the dtype products run in, autocast's where it is on, with its autocast
         disabled); ``row_experts`` gives each row's layer, for the biases. The widths are
-        zero-padded to multiples of :data:`GROUPED_WIDTH_ALIGN` for the product.
+        zero-padded to multiples of :data:`GROUP_ALIGN` for the product.
 
         Parameters
         ----------
@@ -121,7 +117,7 @@ class StackedLinear(nn.Module):
         dtype = compute_dtype(x)
         weight, bias = self.weight.to(dtype), self.bias.to(dtype)
         n_in, n_out = weight.shape[1:]
-        pad_in, pad_out = -n_in % GROUPED_WIDTH_ALIGN, -n_out % GROUPED_WIDTH_ALIGN
+        pad_in, pad_out = -n_in % GROUP_ALIGN, -n_out % GROUP_ALIGN
         x = x.to(dtype)
         if pad_in:
             x, weight = F.pad(x, (0, pad_in)), F.pad(weight, (0, 0, 0, pad_in))

@@ -59,9 +59,10 @@ MAX_GROUPS = 4
 STAIRCASE_MIN_ASSIGNMENTS = 512
 STAIRCASE_MIN_PADDING = 0.25
 SORTED_MIN_ROWS_PER_EXPERT = 64
-#: ``"grouped"``: every expert's group of rows is a multiple of this many rows (and at
-#: least this many): a grouped product's weight gradient splits the rows' axis at the group
-#: offsets, which its kernel needs 16-byte aligned (8 bfloat16 values).
+#: ``"grouped"``: the grouped product's kernel needs 16-byte aligned offsets and strides (8
+#: bfloat16 values). Every expert's group of rows is a multiple of this many rows (and at
+#: least this many), since the weight gradient splits the rows' axis at the group offsets;
+#: the operands' widths are padded to a multiple of it (:class:`~.experts.StackedLinear`).
 GROUP_ALIGN = 8
 
 
@@ -155,8 +156,7 @@ def block_rows(n_assignments: int, n_experts: int) -> int:
     return max(8, 1 << max(mean - 1, 0).bit_length())
 
 
-def blocked_layout(plan: DispatchPlan, rows_per_block: int | None = None,
-                   max_count: int | None = None) -> BufferLayout:
+def blocked_layout(plan: DispatchPlan, max_count: int | None = None) -> BufferLayout:
     """A buffer of whole blocks per expert, of sizes known on the host.
 
     Expert ``e``'s ``c_e`` assignments fill ``ceil(c_e / B)`` blocks of ``B`` rows, one
@@ -173,8 +173,6 @@ def blocked_layout(plan: DispatchPlan, rows_per_block: int | None = None,
     ----------
     plan : DispatchPlan
         The assignments, sorted by expert (``n_slots`` is not used).
-    rows_per_block : int, optional
-        ``B``; by default :func:`block_rows` of the plan's sizes.
     max_count : int, optional
         A bound, known on the host, on every expert's assignments: the batch's rows when no
         row repeats an expert (or a capacity, if smaller).
@@ -186,7 +184,7 @@ def blocked_layout(plan: DispatchPlan, rows_per_block: int | None = None,
         None for every expert in order (one block each).
     """
     m, n_experts = plan.rows.shape[0], plan.kept_counts.shape[0]
-    rows = rows_per_block or block_rows(m, n_experts)
+    rows = block_rows(m, n_experts)
     n_blocks = (m + n_experts * (rows - 1)) // rows
     if m == 0:
         return BufferLayout(plan.slots, ())
@@ -224,9 +222,10 @@ class GroupedLayout(NamedTuple):
     n_rows: int
 
 
-def grouped_layout(plan: DispatchPlan, align: int = GROUP_ALIGN) -> GroupedLayout:
-    """The expert-sorted rows, each expert's group padded to a multiple of ``align`` rows
-    (at least ``align``), in a buffer of ``ceil(m / align) * align + n_experts * align``
+def grouped_layout(plan: DispatchPlan) -> GroupedLayout:
+    """The expert-sorted rows, each expert's group padded to a multiple of ``align`` =
+    :data:`GROUP_ALIGN` rows (at least ``align``), in a buffer of ``ceil(m / align) * align
+    + n_experts * align``
     rows: a size known on the host, which no routing exceeds. The last expert's group takes
     the rows left over. Nothing here reads a device value on the host.
 
@@ -234,13 +233,12 @@ def grouped_layout(plan: DispatchPlan, align: int = GROUP_ALIGN) -> GroupedLayou
     ----------
     plan : DispatchPlan
         The assignments, sorted by expert (``n_slots`` is not used).
-    align : int, default=GROUP_ALIGN
 
     Returns
     -------
     GroupedLayout
     """
-    m, n_experts = plan.rows.shape[0], plan.kept_counts.shape[0]
+    m, n_experts, align = plan.rows.shape[0], plan.kept_counts.shape[0], GROUP_ALIGN
     n_rows = -(-m // align) * align + n_experts * align
     sizes = (plan.kept_counts.clamp_min(1) + (align - 1)) // align * align
     ends = torch.cumsum(sizes, 0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import count_experts, normalize_per_row
+from .dispatch import count_routed, normalize_per_row
 
 
 def _masked_sum(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -53,12 +53,8 @@ def switch_balance_loss(
     n_experts = probs.shape[-1]
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    counted = active
-    if mask is not None:
-        rows = mask.unsqueeze(1).expand_as(indices)
-        counted = rows if counted is None else counted & rows
-    weights = None if counted is None else counted.reshape(-1)
-    counts = count_experts(indices.reshape(-1), n_experts, weights).to(probs.dtype)
+    counts, counted = count_routed(indices, n_experts, active, mask)
+    counts = counts.to(probs.dtype)
     # No row counting: every fraction 0, hence the loss 0 (the clamp only avoids 0 / 0).
     fraction_routed = counts / (counts.sum() if counted is None else counts.sum().clamp_min(1))
     if mask is None:

@@ -41,6 +41,7 @@ from .dispatch import (
     assignments_with_outputs,
     combine,
     count_experts,
+    count_routed,
     dense_assignments,
     expert_capacity,
     flat_assignments,
@@ -616,15 +617,9 @@ class MixtureOfExperts(nn.Module):
 
     def _routing_counts(self, routing, active, mask, plan_counts) -> torch.Tensor:
         """Assignments per expert, leaving out inactive ones and zero-weight rows."""
-        counted = active
-        if mask is not None:
-            rows = mask.unsqueeze(1).expand_as(routing.indices)
-            counted = rows if counted is None else counted & rows
-        if counted is not None:
-            return count_experts(routing.indices.reshape(-1), self.n_experts, counted.reshape(-1))
-        if plan_counts is not None:
+        if active is None and mask is None and plan_counts is not None:
             return plan_counts
-        return count_experts(routing.indices.reshape(-1), self.n_experts)
+        return count_routed(routing.indices, self.n_experts, active, mask)[0]
 
     def _grad_scale(self, counts: torch.Tensor) -> torch.Tensor:
         mean_count = counts.sum().float() / self.n_experts
