@@ -596,23 +596,21 @@ class MixtureOfExperts(nn.Module):
             counts = plan_counts if plan_counts is not None else count_experts(experts, self.n_experts)
             grad_scale = self._grad_scale(counts)
         if independent:
-            outputs = self._independent_outputs(x, plan)
+            # No router repeats an expert within a row: no expert keeps more assignments than
+            # rows, nor more than the capacity applied to the plan.
+            outputs = self._independent_outputs(x, plan, n if capacity is None else min(n, capacity))
         else:
             outputs = self.experts(x.index_select(0, rows), experts)
         assignments = assignments_with_outputs(rows, experts, flat_weights, outputs, n, grad_scale, tally)
         return assignments, plan_counts, n_dropped
 
-    def _independent_outputs(self, x: torch.Tensor, plan) -> torch.Tensor:
+    def _independent_outputs(self, x: torch.Tensor, plan, max_count: int) -> torch.Tensor:
         """The independent experts' outputs for ``plan``'s assignments, in plan order: Tensor
-        of shape (m, expert_width). A hook: :class:`sklearn_moe.distributed.ExpertParallelMoE`
-        sends the rows to the ranks that hold their experts here."""
+        of shape (m, expert_width); ``max_count`` bounds every expert's kept assignments. A
+        hook: :class:`sklearn_moe.distributed.ExpertParallelMoE` sends the rows to the ranks
+        that hold their experts here."""
         grouped = plan.n_slots is None and grouped_mm_supported(x.device, compute_dtype(x))
         layout = choose_layout(plan, self.training, x.device.type, grouped)
-        # No router repeats an expert within a row: no expert has more assignments than rows.
-        max_count = x.shape[0]
-        if self.training and self.capacity_factor is not None:
-            max_count = min(max_count, expert_capacity(self.capacity_factor, x.shape[0], self.router.top_k,
-                                                       self.n_experts))
         return expert_outputs(x, self.experts, plan, self.expert_width, layout, max_count)
 
     def _routing_counts(self, routing, active, mask, plan_counts) -> torch.Tensor:
