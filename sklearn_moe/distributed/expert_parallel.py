@@ -91,7 +91,7 @@ from ..nn.dispatch import plan_dispatch
 from ..nn.experts import StackedExperts
 from ..nn.layouts import choose_layout, expert_outputs
 from ..nn.moe import MixtureOfExperts
-from .data_parallel import all_reduce_gradients
+from ._gradients import all_reduce_gradients
 
 REDUCTIONS = ("sum", "mean")
 
