@@ -63,11 +63,21 @@ class LossLedger:
     Inside :func:`~sklearn_moe.nn._sync.sync_free_paths` the CPU behaves as a GPU whose
     copies land only at ``settle(wait=True)`` (for tests). Values added with ``check`` raise
     :class:`NonFiniteLoss` when read, if one is not finite (and the ledger forgets the rest:
-    the epoch is rolled back).
+    the epoch is rolled back). With ``defer``, a non-finite checked value does not raise:
+    every value is recorded and the first fault is kept in :attr:`fault` (a data-parallel
+    fit decides on faults with every process at the epoch's end,
+    :func:`~sklearn_moe.distributed.data_parallel.agree_on_fault`).
+
+    Parameters
+    ----------
+    defer : bool, default=False
+        Keep a fault in :attr:`fault` instead of raising it.
     """
 
-    def __init__(self):
+    def __init__(self, defer: bool = False):
         self._pending = collections.deque()
+        self.defer = defer
+        self.fault: NonFiniteLoss | None = None
 
     def add(self, values: torch.Tensor, keys: tuple[str, ...], record: dict,
             check: tuple[str, ...] | None = None) -> None:
@@ -118,9 +128,11 @@ class LossLedger:
         if check is not None:
             try:
                 _raise_if_not_finite(values, check)
-            except NonFiniteLoss:
-                self._pending.clear()
-                raise
+            except NonFiniteLoss as fault:
+                if not self.defer:
+                    self._pending.clear()
+                    raise
+                self.fault = self.fault or fault
         record.update(zip(keys, values))
 
 
@@ -148,16 +160,17 @@ class TrainingGuard:
         self.net.module_.load_state_dict(self._module_state)
         self.net.optimizer_.load_state_dict(self._optimizer_state)
 
-    def check_epoch(self) -> None:
-        """Raise :class:`NonFiniteLoss` if the finished epoch's losses or weights are not finite."""
+    def epoch_fault(self) -> NonFiniteLoss | None:
+        """The fault of the finished epoch: a non-finite loss or weight, else ``None``."""
         row = self.net.history[-1]
         for key in ("train_loss", "valid_loss"):
             if key in row and not math.isfinite(row[key]):
-                raise NonFiniteLoss(f"non-finite {key} ({row[key]})")
+                return NonFiniteLoss(f"non-finite {key} ({row[key]})")
         names, parameters = zip(*self.net.module_.named_parameters())
         finite = torch.stack([torch.isfinite(p).all() for p in parameters]).tolist()  # one synchronisation
         if not all(finite):
-            raise NonFiniteLoss(f"non-finite weights in {names[finite.index(False)]}")
+            return NonFiniteLoss(f"non-finite weights in {names[finite.index(False)]}")
+        return None
 
     def roll_back(self, fault: NonFiniteLoss) -> None:
         """Undo the failed epoch: last good weights, a lower learning rate, its history row gone.

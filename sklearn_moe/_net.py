@@ -14,6 +14,7 @@ from skorch.dataset import get_len
 
 from ._data import BatchIterator
 from ._guard import LossLedger, NonFiniteLoss, TrainingGuard, check_finite_loss
+from .distributed.data_parallel import active_group, agree_on_fault
 from .nn.density import mixture_log_probabilities, mixture_nll, per_expert_mixture_nll
 from .nn.losses import per_expert_loss
 
@@ -133,7 +134,10 @@ class MoENet(NeuralNet):
         """
         if iterator is None:
             return
-        self._ledger = LossLedger()
+        # Data-parallel: a fault is decided with every process at the epoch's end.
+        self._ledger = LossLedger(defer=active_group() is not None)
+        if training:
+            self._deferred_fault = None
         try:
             batch_count = 0
             for batch in iterator:
@@ -147,6 +151,8 @@ class MoENet(NeuralNet):
                 self.notify("on_batch_end", batch=batch, training=training, **step)
                 batch_count += 1
             self._ledger.settle(wait=True)
+            if training:
+                self._deferred_fault = self._ledger.fault
         finally:
             del self._ledger
         self.history.record(prefix + "_batch_count", batch_count)
@@ -186,11 +192,14 @@ class MoENet(NeuralNet):
 
     def on_epoch_end(self, net, **kwargs):
         """Check the finished epoch before any callback sees it (skorch notifies the net
-        first): a non-finite one raises :class:`~sklearn_moe._guard.NonFiniteLoss`."""
+        first): a non-finite one raises :class:`~sklearn_moe._guard.NonFiniteLoss` (in a
+        data-parallel fit, on every process when one process had a fault)."""
         super().on_epoch_end(net, **kwargs)
         guard = getattr(self, "_guard", None)
         if guard is not None:
-            guard.check_epoch()
+            fault = agree_on_fault(getattr(self, "_deferred_fault", None) or guard.epoch_fault())
+            if fault is not None:
+                raise fault
         self._callbacks_running = True
 
     def infer(self, x, **fit_params):

@@ -36,7 +36,8 @@ from .callbacks import (
     StepTimes,
     TemperatureAnnealing,
 )
-from .distributed.data_parallel import GradientAveraging, active_group, shard_for_training, whole_after_training
+from .distributed.callbacks import EpochAgreement, GradientAveraging, ShardedGradientClipping
+from .distributed.data_parallel import active_group, shard_for_training, whole_after_training
 from .nn import MixtureOfExperts
 
 
@@ -44,6 +45,8 @@ def _silent(*args, **kwargs):
     pass
 
 
+# The fit-only callbacks of a data-parallel fit (sklearn_moe.distributed.callbacks).
+DATA_PARALLEL_CALLBACKS = ("data_parallel", "data_parallel_epoch", "data_parallel_clipping")
 #: Hyperparameters that MixtureOfExperts takes as they are, under the same names.
 _MODULE_PARAMETERS = ("router", "activation", "dropout", "layer_norm", "skip_connections", "temperature",
                       "balance_loss", "shared_expert", "expert_dropout", "capacity_overflow",
@@ -104,7 +107,7 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
     if trained is not module:  # every process gets the whole network, and an optimizer for it
         net.module_ = whole_after_training(trained, module)
         net.initialize_optimizer()
-    drop_callbacks(net, {name for name, _ in extra_callbacks} | {"data_parallel"})
+    drop_callbacks(net, {name for name, _ in extra_callbacks} | set(DATA_PARALLEL_CALLBACKS))
     drop_unpicklable_callbacks(net, {name for name, _ in named_callbacks(params.callbacks, "callback")})
     if net.interrupted_:
         report_interruption(net)
@@ -125,21 +128,24 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
     parallel = active_group()
     # Data-parallel: each process's batch is its share of the single-process one.
     world_size = 1 if parallel is None else parallel.world_size
-    expert_parallel = parallel is not None and parallel.expert_parallel  # then GradientAveraging clips
+    expert_parallel = parallel is not None and parallel.expert_parallel
     size = max(1, batch_size(params.batch_size, n_train * world_size) // world_size)
     callbacks = [
+        # the gradients averaged before anything reads them
+        *([("data_parallel", GradientAveraging(parallel))] if parallel is not None else []),
         ("routing", RoutingMetrics()),
         ("expert_grad_norm", ExpertGradientNorms()),
         ("step_times", StepTimes()),
-        # after the metrics are recorded, before anything acts on them or on the gradients
-        *([("data_parallel", GradientAveraging(parallel, params.max_grad_norm if expert_parallel else None))]
-          if parallel is not None else []),
+        # after the metrics are recorded, before anything acts on them
+        *([("data_parallel_epoch", EpochAgreement(parallel))] if parallel is not None else []),
         ("lr_scheduler", _lr_scheduler(params, monitor, n_train, size)),
         ("early_stopping", EarlyStopping(
             monitor=monitor, patience=params.n_iter_no_change, threshold=params.tol,
             threshold_mode="rel", load_best=params.early_stopping, sink=sink)),
     ]
-    if params.max_grad_norm is not None and not expert_parallel:
+    if params.max_grad_norm is not None and expert_parallel:
+        callbacks.append(("data_parallel_clipping", ShardedGradientClipping(parallel, params.max_grad_norm)))
+    elif params.max_grad_norm is not None:
         callbacks.append(("gradient_clipping", GradientNormClipping(params.max_grad_norm)))
     if params.capacity_factor == "auto":
         callbacks.append(("capacity", AdaptiveCapacity()))

@@ -10,12 +10,15 @@ import textwrap
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import torch.distributed as dist
 from sklearn.datasets import make_friedman1
 
 import sklearn_moe
 from sklearn_moe import MoERegressor
-from sklearn_moe.distributed.data_parallel import DataParallelGroup, data_parallel
+from sklearn_moe._guard import LossLedger, NonFiniteLoss
+from sklearn_moe.distributed.callbacks import merge_history_rows
+from sklearn_moe.distributed.data_parallel import DataParallelGroup, agree_on_fault, data_parallel
 from sklearn_moe.distributed.fit import main as fit_main
 from sklearn_moe.distributed.fit import parse_params
 from sklearn_moe.nn import MixtureOfExperts
@@ -26,10 +29,10 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 PARAMS = dict(random_state=0, max_epochs=25, n_experts=4, expert_hidden=(32,), batch_size=64)
 
 
-def torchrun(*args, cwd):
+def torchrun(*args, cwd, timeout=600):
     """Run ``torchrun --standalone --nproc-per-node 2`` (a free port of its choosing)."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+                           *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def friedman(n=900):
@@ -40,6 +43,40 @@ def friedman(n=900):
 def test_shards_deal_rows_round_robin_with_equal_lengths():
     shards = [DataParallelGroup(None, rank, 3).shard(11) for rank in range(3)]
     assert [s.tolist() for s in shards] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # rows 9 and 10 unused
+
+
+def test_merged_history_row_averages_the_shards_training_metrics():
+    rows = [
+        dict(epoch=2, train_loss=1.0, train_loss_best=True, valid_loss=0.5, expert_share=[0.5, 0.5, 0.0, 0.0],
+             load_entropy=0.69, load_cv=1.0, load_imbalance=2.0, routing_entropy=0.2, dur=1.5,
+             expert_grad_norm=[1.0, 2.0]),
+        dict(epoch=2, train_loss=3.0, train_loss_best=True, valid_loss=0.5, expert_share=[0.0, 0.0, 0.5, 0.5],
+             load_entropy=0.69, load_cv=1.0, load_imbalance=2.0, routing_entropy=0.4, dur=9.0,
+             expert_grad_norm=[3.0, 4.0]),
+    ]
+    merged = merge_history_rows(rows, earlier=[dict(train_loss=1.5)])
+    assert merged["train_loss"] == 2.0 and merged["routing_entropy"] == pytest.approx(0.3)
+    assert merged["expert_share"] == [0.25] * 4
+    # the loads are those of the merged shares (perfect balance), not the shards' means
+    assert merged["load_cv"] == 0.0 and merged["load_imbalance"] == 1.0
+    assert merged["load_entropy"] == pytest.approx(np.log(4))
+    assert merged["train_loss_best"] is False  # 2.0 is not below the earlier 1.5
+    assert merged["dur"] == 1.5 and merged["valid_loss"] == 0.5  # rank 0's
+    assert merged["expert_grad_norm"] == [1.0, 2.0]  # the experts are replicated: rank 0's
+    assert merge_history_rows(rows, [], expert_parallel=True)["expert_grad_norm"] == [1.0, 2.0, 3.0, 4.0]
+    assert merge_history_rows(rows, [])["train_loss_best"] is True
+
+
+def test_a_deferring_ledger_records_a_non_finite_loss_and_keeps_the_fault():
+    strict, deferring, record = LossLedger(), LossLedger(defer=True), {}
+    with pytest.raises(NonFiniteLoss, match="loss=nan"):
+        strict.add(torch.tensor([float("nan")]), ("train_loss",), {}, check=("loss",))
+    deferring.add(torch.tensor([float("nan")]), ("train_loss",), record, check=("loss",))
+    deferring.add(torch.tensor([float("inf")]), ("train_loss",), {}, check=("loss",))
+    assert np.isnan(record["train_loss"]) and "loss=nan" in str(deferring.fault)  # the first fault
+    # outside a data-parallel block a process's fault is its own
+    fault = NonFiniteLoss("x")
+    assert agree_on_fault(fault) is fault and agree_on_fault(None) is None
 
 
 def test_parse_params_reads_json_values_else_strings():
@@ -132,3 +169,56 @@ def test_the_torchrun_entry_point_writes_a_model_on_rank_0(tmp_path):
     assert np.isfinite(model.predict(frame.drop(columns="y"))).all()
     bad = torchrun("-m", "sklearn_moe.distributed.fit", "train.csv", "--target", "nope", "--out", "out", cwd=tmp_path)
     assert bad.returncode != 0 and "unknown column 'nope'" in bad.stderr
+
+
+FAULT_WORKER = """
+import json, sys, warnings
+import numpy as np, torch.distributed as dist
+from skorch.callbacks import Callback
+from sklearn_moe import MoERegressor
+from sklearn_moe.distributed import data_parallel
+
+
+class NaNInputOnRank1(Callback):
+    \"\"\"Put a NaN in one training batch of rank 1 in epoch 3: only that process's loss is
+    non-finite.\"\"\"
+
+    def on_batch_begin(self, net, batch=None, training=None, **kwargs):
+        if training and dist.get_rank() == 1 and len(net.history) == 3 and not getattr(self, "done", False):
+            batch[0]["x"][0, 0] = float("nan")
+            self.done = True
+
+
+data = np.load("data.npz")
+dist.init_process_group("gloo")
+with data_parallel() as parallel, warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = MoERegressor(**{params!r}, callbacks=[("nan", NaNInputOnRank1())]).fit(data["X"], data["y"])
+report = dict(rollbacks=[str(w.message) for w in caught if "rolled back" in str(w.message)],
+              train_loss=[row["train_loss"] for row in model.net_.history], epochs=model.n_iter_,
+              prediction=model.predict(data["X_test"]).tolist())
+with open(f"report_{{parallel.rank}}.json", "w") as handle:
+    json.dump(report, handle)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::sklearn_moe.ExpertCollapseWarning")
+def test_a_non_finite_loss_on_one_process_rolls_back_the_epoch_on_every_process(tmp_path):
+    X, y, X_test, _ = friedman()
+    np.savez(tmp_path / "data.npz", X=X, y=y, X_test=X_test)
+    params = dict(PARAMS, max_epochs=6, early_stopping=False)
+    (tmp_path / "worker.py").write_text(textwrap.dedent(FAULT_WORKER.format(params=params)))
+    # Were the fault rank 1's alone, rank 1 would roll back and lower its learning rate
+    # alone, and its collective calls would no longer pair with rank 0's: the processes
+    # would hang, or exchange mismatched tensors.
+    result = torchrun("worker.py", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"report_{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert len(report["rollbacks"]) == 1, report["rollbacks"]
+        assert "process 1: non-finite training loss" in report["rollbacks"][0]
+        assert report["epochs"] == 6 and np.isfinite(report["train_loss"]).all()
+    assert reports[0]["train_loss"] == reports[1]["train_loss"]
+    assert reports[0]["prediction"] == reports[1]["prediction"]

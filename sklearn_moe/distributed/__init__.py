@@ -1,7 +1,8 @@
 """Training on ``torch.distributed``: data parallelism (:mod:`.data_parallel`, started by
 ``torchrun -m sklearn_moe.distributed.fit``) and expert parallelism (:mod:`.expert_parallel`)."""
 
-from .data_parallel import DataParallelGroup, GradientAveraging, data_parallel
+from .callbacks import EpochAgreement, GradientAveraging, ShardedGradientClipping
+from .data_parallel import DataParallelGroup, data_parallel
 from .expert_parallel import (
     CommStats,
     ExpertParallelMoE,
@@ -15,9 +16,11 @@ from .expert_parallel import (
 __all__ = [
     "CommStats",
     "DataParallelGroup",
+    "EpochAgreement",
     "ExpertParallelMoE",
     "GradientAveraging",
     "ShardedExperts",
+    "ShardedGradientClipping",
     "data_parallel",
     "expert_shards",
     "gather_experts",

@@ -17,9 +17,15 @@ every optimizer step, which is what :class:`torch.nn.parallel.DistributedDataPar
   there, and keeps no gradient where it had none on every process). Gradient clipping and
   the optimizer step then see the average, the same on every process.
 - Every process evaluates the whole validation set, and at each epoch's end the processes
-  take rank 0's weights, buffers and history row before early stopping, the learning-rate
-  schedule and the other callbacks decide anything: every process stops at the same epoch
-  and keeps the same weights. The training metrics of the history are rank 0's shard's.
+  agree on one history row and take rank 0's weights and buffers before early stopping,
+  the learning-rate schedule and the other callbacks decide anything: every process stops
+  at the same epoch and keeps the same weights. The row's training metrics are merged over
+  the processes (the losses and routing shares are their means, which with equal shards
+  are the whole epoch's values; see :class:`~.callbacks.EpochAgreement`).
+- A numerical fault (a non-finite loss or weight) is decided by every process together at
+  the epoch's end (:func:`agree_on_fault`): when one process had one, every process rolls
+  the epoch back and runs it again at a lower learning rate, as a single-process fit
+  does. A process never stops alone, which would leave the others waiting for it.
 
 With ``expert_parallel=True`` the network's experts are sharded over the processes as
 well (:class:`~sklearn_moe.distributed.ExpertParallelMoE`: each process holds a block of
@@ -31,10 +37,11 @@ parts (one all-reduce of the experts' squared norms). When training ends, rank 0
 the experts and every process receives the whole network. Adapter experts share their
 backbone and cannot be sharded: fit them data-parallel only.
 
-The fitted estimator on every process is an ordinary one: the synchronisation is removed
-when training ends, so it pickles, saves and predicts on one machine. The wrappers a
-``DistributedDataParallel`` module needs do not fit the estimator's own use of its module,
-which is why the averaging is a callback rather than that class.
+The synchronisation is the work of three callbacks (:mod:`.callbacks`). The fitted
+estimator on every process is an ordinary one: they are removed when training ends, so it
+pickles, saves and predicts on one machine. The wrappers a ``DistributedDataParallel``
+module needs do not fit the estimator's own use of its module, which is why the averaging
+is a callback rather than that class.
 
 Start the processes with ``torchrun`` (see :mod:`sklearn_moe.distributed.fit`) or any other
 way that initialises the default process group; gloo on CPU, NCCL on GPU.
@@ -46,13 +53,11 @@ import contextlib
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 import torch.distributed as dist
-from skorch.callbacks import Callback
 
-from ._gradients import all_reduce_gradients
+from .._guard import NonFiniteLoss
 
-__all__ = ["DataParallelGroup", "GradientAveraging", "active_group", "data_parallel", "shard_for_training",
+__all__ = ["DataParallelGroup", "active_group", "agree_on_fault", "data_parallel", "shard_for_training",
            "whole_after_training"]
 
 _ACTIVE: list[DataParallelGroup] = []
@@ -317,116 +322,30 @@ def whole_after_training(trained, module):
     return module.train(trained.training)
 
 
-class GradientAveraging(Callback):
-    """Average the gradients over the processes of a data-parallel fit.
 
-    It also keeps the processes in step at every epoch's end (see the module docstring).
+def agree_on_fault(fault: NonFiniteLoss | None) -> NonFiniteLoss | None:
+    """The numerical fault of an epoch as every process of the active group sees it.
 
-    A fit-only callback: the estimator adds it to its list inside a :func:`data_parallel`
-    block, after the metrics' callbacks and before every callback that acts on them or on
-    the gradients, and removes it when training ends.
+    Outside a :func:`data_parallel` block, ``fault`` itself. Inside one, every process
+    passes its own (or ``None``) and every process gets the same answer: ``None`` when no
+    process had a fault, else one :class:`~sklearn_moe._guard.NonFiniteLoss` naming each
+    process that had one. Every process then rolls the epoch back, or none does: a process
+    that stopped alone would leave the others waiting in their next collective call.
 
     Parameters
     ----------
-    parallel : DataParallelGroup
-        The processes.
-    max_grad_norm : float, optional
-        With sharded experts: clip the gradients to this global norm (over every expert of
-        every process and the replicated parts). Without, clipping is the estimator's own.
+    fault : NonFiniteLoss or None
+        This process's fault in the epoch that just ended.
+
+    Returns
+    -------
+    NonFiniteLoss or None
+        The group's fault.
     """
-
-    def __init__(self, parallel: DataParallelGroup, max_grad_norm: float | None = None):
-        self.parallel = parallel
-        self.max_grad_norm = max_grad_norm
-
-    def on_train_begin(self, net, X=None, y=None, **kwargs):
-        """Start every process from rank 0's weights and buffers.
-
-        Parameters
-        ----------
-        net : MoENet
-            The net being trained.
-        X, y : object, optional
-            The training data (unused).
-        **kwargs
-            Other skorch arguments (unused).
-        """
-        self._broadcast_state(net.module_)
-
-    def on_grad_computed(self, net, named_parameters, X=None, y=None, training=None, **kwargs):
-        """Replace every gradient by its average over the processes.
-
-        Parameters
-        ----------
-        net : MoENet
-            The net being trained.
-        named_parameters : iterable of (str, Parameter)
-            The parameters whose gradients were computed.
-        X, y : object, optional
-            The batch (unused).
-        training : bool, optional
-            Whether the step trains (unused).
-        **kwargs
-            Other skorch arguments (unused).
-        """
-        parameters = [p for _, p in named_parameters]
-        if not parameters:
-            return
-        if self.parallel.expert_parallel:
-            from .expert_parallel import reduce_gradients
-
-            reduce_gradients(net.module_, "mean")
-            if self.max_grad_norm is not None:
-                self._clip_global_norm(net.module_, parameters)
-            return
-        all_reduce_gradients(parameters, self.parallel.group, self.parallel.world_size)
-
-    def on_epoch_end(self, net, **kwargs):
-        """Take rank 0's weights, buffers and history row before any later callback acts.
-
-        Parameters
-        ----------
-        net : MoENet
-            The net being trained.
-        **kwargs
-            Other skorch arguments (unused).
-        """
-        self._broadcast_state(net.module_)
-        row = self.parallel.broadcast_object(dict(net.history[-1]))
-        net.history[-1].clear()
-        net.history[-1].update(row)
-
-    def _broadcast_state(self, module: torch.nn.Module) -> None:
-        """Every process takes rank 0's parameters and buffers (its own experts' excepted)."""
-        source = self.parallel.global_rank(0)
-        own = _sharded_expert_tensors(module)
-        with torch.no_grad():
-            for tensor in [*module.parameters(), *module.buffers()]:
-                if id(tensor) not in own:
-                    dist.broadcast(tensor.data, src=source, group=self.parallel.group)
-
-    def _clip_global_norm(self, module, parameters) -> None:
-        """Scale every gradient by ``min(1, max_norm / (norm + 1e-6))``, ``norm`` over every
-        process's experts and the replicated parameters, as ``clip_grad_norm_`` would on one
-        process."""
-        own = _sharded_expert_tensors(module)
-        with_grad = [p for p in parameters if p.grad is not None]
-        if not with_grad:
-            return
-        squares = torch.stack([p.grad.detach().float().pow(2).sum() for p in with_grad])
-        is_own = torch.tensor([id(p) in own for p in with_grad], device=squares.device)
-        experts = squares[is_own].sum()
-        dist.all_reduce(experts, group=self.parallel.group)
-        norm = (experts + squares[~is_own].sum()).sqrt()
-        factor = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in with_grad:
-            p.grad.mul_(factor.to(p.grad.dtype))
-
-
-def _sharded_expert_tensors(module) -> set[int]:
-    """``id``s of this process's own expert parameters and buffers (none unless sharded)."""
-    from .expert_parallel import ExpertParallelMoE
-
-    if not isinstance(module, ExpertParallelMoE):
-        return set()
-    return {id(t) for t in [*module.experts.parameters(), *module.experts.buffers()]}
+    parallel = active_group()
+    if parallel is None:
+        return fault
+    messages = [None] * parallel.world_size
+    dist.all_gather_object(messages, None if fault is None else str(fault), group=parallel.group)
+    faults = [f"process {rank}: {message}" for rank, message in enumerate(messages) if message is not None]
+    return NonFiniteLoss("; ".join(faults)) if faults else None
