@@ -244,14 +244,25 @@ def _graphed_step(module, x, y, autocast: bool):
     """The full training step (forward, backward, a capturable fused AdamW update) captured
     in a CUDA graph, as a replay callable; or the error message if the capture failed (a
     host synchronisation inside the step makes it fail)."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True, capturable=True)
+    step = _training_step(module, x, y, autocast, cache=False)
+
+    def full_step():
+        step()
+        optimizer.step()
+
+    return capture_graph(full_step, module)
+
+
+def capture_graph(full_step, module):
+    """``full_step()`` captured once in a CUDA graph, as a replay callable; or the error
+    message if the capture failed (a host synchronisation inside the step makes it fail).
+
+    ``full_step`` must read and write only tensors that outlive the graph (the module's,
+    its optimizer's, fixed input buffers); it runs three times on a side stream first, and
+    ``module``'s gradients are reset before the capture, so that the graph allocates them.
+    """
     try:
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True, capturable=True)
-        step = _training_step(module, x, y, autocast, cache=False)
-
-        def full_step():
-            step()
-            optimizer.step()
-
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), warnings.catch_warnings():
@@ -264,9 +275,10 @@ def _graphed_step(module, x, y, autocast: bool):
         with torch.cuda.graph(graph):
             full_step()
 
-        def replay(graph=graph, keep_alive=(optimizer, full_step)):
+        def replay(graph=graph, keep_alive=full_step):
             # The graph holds no reference to what it reads and writes: without this one the
-            # optimizer's state would be freed and every replay would write to freed memory.
+            # optimizer (in full_step's closure) and its state would be freed, and every
+            # replay would write to freed memory.
             graph.replay()
 
         return replay

@@ -25,7 +25,7 @@ from sklearn_moe.nn._sync import avoid_host_reads, sync_free_paths
 from sklearn_moe.nn.density import mixture_nll
 from sklearn_moe.nn.losses import per_expert_loss
 
-from .host_sync import HostSyncDetector
+from .host_sync import HostSyncDetector, KernelLaunchCounter
 from .test_training_faults import BATCHES_PER_EPOCH, PARAMS, PoisonOutput
 
 N_ROWS = 256
@@ -153,6 +153,28 @@ def _detect_step(options, sample_weight=False, autocast=False):
 def test_a_training_step_reads_nothing_on_the_host(name):
     detector = _detect_step(SYNC_FREE_CONFIGS[name])
     assert detector.syncs == [], detector.report()
+
+
+def _launches_per_step(n_experts: int) -> KernelLaunchCounter:
+    module = _module(n_experts=n_experts, top_k=2, expert_hidden=(32, 32))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N_ROWS, 6, generator=generator), torch.randn(N_ROWS, 1, generator=generator)
+    with sync_free_paths():
+        _training_step(module, optimizer, x, y)
+        with KernelLaunchCounter() as counter:
+            _training_step(module, optimizer, x, y)
+    return counter
+
+
+def test_a_sync_free_training_step_launches_as_many_kernels_whatever_the_number_of_experts():
+    # Sparse routing's promise on a GPU, where a small step's time is its launches: the
+    # launches of a training step do not grow with the experts (none per expert). (With
+    # few experts the blocked layout is one block per expert, which launches fewer.)
+    counters = {n_experts: _launches_per_step(n_experts) for n_experts in (8, 16, 64, 128)}
+    launches = {n_experts: counter.launches for n_experts, counter in counters.items()}
+    assert len(set(launches.values())) == 1, (launches, counters[128].by_op - counters[8].by_op)
+    assert launches[64] > 100  # the counter sees the forward, the backward and the update
 
 
 @pytest.mark.parametrize("name", ["topk-independent", "softmax-adapter", "topk-adapter-3-outputs"])

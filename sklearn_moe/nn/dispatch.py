@@ -216,7 +216,7 @@ def plan_dispatch(
     order = _stable_order(flat_experts)
     rows, experts = flat_rows.index_select(0, order), flat_experts.index_select(0, order)
     expert_weights = flat_weights.index_select(0, order)
-    kept_counts = count_experts(experts, n_experts)
+    kept_counts = counts if capacity is None else count_experts(experts, n_experts)
     slots = _rank_in_sorted(experts, kept_counts)
     n_slots = None if sync_free else (int(kept_counts.max()) if experts.numel() else 0)
     return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, kept_counts)

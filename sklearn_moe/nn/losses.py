@@ -24,7 +24,7 @@ def _masked_sum(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def switch_balance_loss(
     probs: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None,
-    active: torch.Tensor | None = None,
+    active: torch.Tensor | None = None, counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch Transformer load-balancing loss, normalised so that perfect balance is 1.
 
@@ -43,6 +43,9 @@ def switch_balance_loss(
         Rows that count, e.g. those with a non-zero sample weight; all when None.
     active : Tensor of shape (n, k), bool, optional
         Which assignments count (dynamic-k routing); all when None.
+    counts : Tensor of shape (n_experts,), int64, optional
+        The assignments per expert that count, when the caller has them already:
+        ``count_routed(indices, n_experts, active, mask)[0]``.
 
     Returns
     -------
@@ -53,10 +56,12 @@ def switch_balance_loss(
     n_experts = probs.shape[-1]
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    counts, counted = count_routed(indices, n_experts, active, mask)
+    if counts is None:
+        counts = count_routed(indices, n_experts, active, mask)[0]
     counts = counts.to(probs.dtype)
+    total = counts.sum()
     # No row counting: every fraction 0, hence the loss 0 (the clamp only avoids 0 / 0).
-    fraction_routed = counts / (counts.sum() if counted is None else counts.sum().clamp_min(1))
+    fraction_routed = counts / (total if active is None and mask is None else total.clamp_min(1))
     if mask is None:
         mean_prob = probs.mean(dim=0)
     else:
@@ -140,13 +145,15 @@ def cv2_balance_loss(
     return squared_cv(_masked_sum(gates, mask)) + squared_cv(_masked_sum(load, mask))
 
 
-def routing_switch_loss(routing, gates: torch.Tensor, mask: torch.Tensor | None, active) -> torch.Tensor:
+def routing_switch_loss(routing, gates: torch.Tensor, mask: torch.Tensor | None, active,
+                        counts: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`switch_balance_loss` of a router's output (``Routing``): its full softmax and
-    chosen experts."""
-    return switch_balance_loss(routing.probs, routing.indices, mask, active)
+    chosen experts (``counts``: the assignments per expert that count, if known)."""
+    return switch_balance_loss(routing.probs, routing.indices, mask, active, counts)
 
 
-def routing_cv2_loss(routing, gates: torch.Tensor, mask: torch.Tensor | None, active) -> torch.Tensor:
+def routing_cv2_loss(routing, gates: torch.Tensor, mask: torch.Tensor | None, active,
+                     counts: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`cv2_balance_loss` of a router's output: its gate weights ``gates`` (n,
     n_experts), and as the load the noisy router's smooth selection probabilities, or
     whether each expert was chosen."""
@@ -156,7 +163,8 @@ def routing_cv2_loss(routing, gates: torch.Tensor, mask: torch.Tensor | None, ac
 
 BALANCE_LOSSES = {"switch": routing_switch_loss, "cv2": routing_cv2_loss, "aux_free": None}
 """The ``balance_loss`` names and the loss each computes from ``(routing, gates, mask,
-active)``; ``"aux_free"`` is a selection-bias update, not a loss."""
+active, counts)`` (``counts``, optional: the assignments per expert that count);
+``"aux_free"`` is a selection-bias update, not a loss."""
 
 
 def expert_diversity_loss(expert_outputs: torch.Tensor) -> torch.Tensor:

@@ -384,7 +384,7 @@ class MixtureOfExperts(nn.Module):
         mask = None if sample_weight is None else sample_weight > 0
         gates = self._gates(routing, active, mixed.weights)
         counts = self._routing_counts(routing, active, mask, mixed.plan_counts)
-        balance = self._balance_loss(routing, gates, mask, active)
+        balance = self._balance_loss(routing, gates, mask, active, counts)
         z_loss = router_z_loss(routing.logits, mask) if self.router.learned else x.new_zeros((), dtype=torch.float32)
         diversity = self._diversity_loss(x, mask) if self.training and self.diversity_loss else x.new_zeros(())
         return MoEOutput(mixed.output, gates, balance, z_loss, counts, mixed.n_dropped, diversity, mixed.assignments)
@@ -586,7 +586,9 @@ class MixtureOfExperts(nn.Module):
             plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active, self.capacity_overflow,
                                  ranking, sync_free=tally is not None)
             rows, experts, flat_weights = plan.rows, plan.experts, plan.weights
-            plan_counts, n_dropped = plan.counts, plan.counts.sum() - plan.rows.shape[0]
+            plan_counts = plan.counts
+            if capacity is not None:  # else nothing was dropped
+                n_dropped = plan.counts.sum() - plan.rows.shape[0]
         else:
             # Adapter experts need no expert-sorted layout: every routed row goes through
             # the shared weights as it is.
@@ -636,8 +638,9 @@ class MixtureOfExperts(nn.Module):
         kept[:, 0] |= ~kept.any(dim=1)
         return kept
 
-    def _balance_loss(self, routing, gates: torch.Tensor, mask: torch.Tensor | None, active) -> torch.Tensor:
+    def _balance_loss(self, routing, gates: torch.Tensor, mask: torch.Tensor | None, active,
+                      counts: torch.Tensor) -> torch.Tensor:
         loss = BALANCE_LOSSES.get(self.balance_loss)
         if loss is None:  # None, or "aux_free" (a bias update, not a loss)
             return routing.probs.new_zeros(())
-        return loss(routing, gates, mask, active)
+        return loss(routing, gates, mask, active, counts)

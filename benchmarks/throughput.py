@@ -1,0 +1,191 @@
+"""Training throughput on a large table: a sparse mixture against a dense MLP of the same
+active size.
+
+``python -m benchmarks.throughput`` trains, on ``--rows`` synthetic rows (default 1M, 32
+features, held on the device), a :class:`~sklearn_moe.nn.MixtureOfExperts` of 64 experts
+(two hidden layers of 128) routed top-2, and a plain ``torch.nn`` MLP of two equal hidden
+layers whose width makes its parameter count match the mixture's *active* parameters (the
+router's and two experts' weights and biases: what one row runs through). Both train with
+the same fused AdamW, squared error (plus the mixture's Switch balance and z losses) and
+shuffled batches, one epoch of full batches at a time, alternating between the models over
+``--rounds`` rounds after a few warm-up steps each; each reports the median rows per second
+of its epochs, for every batch size of ``--batch-sizes``. ``ratio`` is the mixture's rows/s
+over the MLP's: sparse routing should let the mixture keep up with the dense network whose
+per-row work it matches.
+
+``--precision bf16`` runs the forwards under bfloat16 autocast; ``--graph`` (CUDA) replays
+each step from a CUDA graph (every batch copied into fixed input buffers first), which the
+mixture's training step allows because it never waits for the device. Results are printed
+and written to ``benchmarks/results/throughput[_bf16][_graph][_cuda].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sklearn_moe.nn import MixtureOfExperts
+
+from .machine import describe_machine
+from .speed import RESULTS, _bf16, _sync, capture_graph
+
+N_FEATURES = 32
+EXPERT_HIDDEN = (128, 128)
+WARMUP_STEPS = 5
+
+
+def active_parameters(module: MixtureOfExperts) -> int:
+    """Parameters one row runs through in a mixture of independent experts: the router's
+    (its noise layer excepted, used in training only) and ``top_k`` experts' weights and
+    biases."""
+    router = sum(p.numel() for name, p in module.router.named_parameters() if not name.startswith("noise"))
+    experts = module.experts
+    per_expert = sum(layer.weight[0].numel() + layer.bias[0].numel() for layer in (*experts.hidden, experts.output))
+    return int(router + module.top_k * per_expert)
+
+
+def dense_width(n_features: int, n_outputs: int, n_parameters: int) -> int:
+    """The width ``h`` of two hidden layers whose MLP has closest to ``n_parameters``
+    parameters: ``(n_features + 1) h + (h + 1) h + (h + 1) n_outputs``."""
+    a, b, c = 1, n_features + 2 + n_outputs, n_outputs - n_parameters
+    root = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
+    return min((math.floor(root), math.ceil(root)),
+               key=lambda h: abs(mlp_parameters(n_features, n_outputs, h) - n_parameters))
+
+
+def mlp_parameters(n_features: int, n_outputs: int, width: int) -> int:
+    """Parameters of the two-hidden-layer MLP of :func:`dense_width`."""
+    return (n_features + 1) * width + (width + 1) * width + (width + 1) * n_outputs
+
+
+def _models(device: torch.device, n_experts: int, top_k: int):
+    torch.manual_seed(0)
+    moe = MixtureOfExperts(N_FEATURES, 1, n_experts=n_experts, top_k=top_k, expert_hidden=EXPERT_HIDDEN).to(device)
+    width = dense_width(N_FEATURES, 1, active_parameters(moe))
+    mlp = torch.nn.Sequential(torch.nn.Linear(N_FEATURES, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                              torch.nn.ReLU(), torch.nn.Linear(width, 1)).to(device)
+    return {"moe": moe.train(), "mlp": mlp.train()}, width
+
+
+def _step(model, x, y, autocast: bool, graph: bool):
+    """A full training step of ``model`` on ``(x, y)`` (a callable of no arguments)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graph)
+    is_moe = isinstance(model, MixtureOfExperts)
+
+    def full_step():
+        model.zero_grad(set_to_none=True)
+        with _bf16(x.device, autocast, cache=not graph):
+            out = model(x)
+        prediction = out.output if is_moe else out
+        loss = (prediction.float() - y).square().mean()
+        if is_moe:
+            loss = loss + 1e-2 * out.balance_loss + 1e-3 * out.z_loss
+        loss.backward()
+        optimizer.step()
+
+    if not graph:
+        return full_step
+    replay = capture_graph(full_step, model)
+    if isinstance(replay, str):
+        raise RuntimeError(f"the {type(model).__name__} step could not be captured in a CUDA graph: {replay}")
+    return replay
+
+
+def _epoch_seconds(step, x_batch, y_batch, X, Y, batch_size, generator) -> float:
+    """Seconds of one shuffled epoch of full batches, each copied into ``x_batch, y_batch``
+    and trained on by ``step()``."""
+    _sync(X.device)
+    start = time.perf_counter()
+    order = torch.randperm(X.shape[0], device=X.device, generator=generator)
+    for first in range(0, X.shape[0] - batch_size + 1, batch_size):
+        rows = order[first:first + batch_size]
+        torch.index_select(X, 0, rows, out=x_batch)
+        torch.index_select(Y, 0, rows, out=y_batch)
+        step()
+    _sync(X.device)
+    return time.perf_counter() - start
+
+
+def throughput(n_rows: int = 1_000_000, batch_sizes=(1024, 8192, 65536), rounds: int = 3, device: str = "cpu",
+               precision: str = "float32", graph: bool = False, n_experts: int = 64, top_k: int = 2) -> dict:
+    """Training rows per second of the mixture and of the dense MLP, per batch size."""
+    device = torch.device(device)
+    if graph and device.type != "cuda":
+        raise ValueError("--graph needs a CUDA device")
+    generator = torch.Generator().manual_seed(0)
+    X = torch.randn(n_rows, N_FEATURES, generator=generator)
+    Y = (X[:, :4].sin().sum(dim=1, keepdim=True) + 0.1 * torch.randn(n_rows, 1, generator=generator))
+    X, Y = X.to(device), Y.to(device)
+    shuffle = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for batch_size in batch_sizes:
+        if batch_size > n_rows:
+            continue
+        models, width = _models(device, n_experts, top_k)
+        x_batch, y_batch = X[:batch_size].clone(), Y[:batch_size].clone()
+        steps = {name: _step(model, x_batch, y_batch, precision == "bf16", graph) for name, model in models.items()}
+        for step in steps.values():
+            for _ in range(WARMUP_STEPS):
+                step()
+        seconds = {name: [] for name in steps}
+        for _ in range(rounds):
+            for name, step in steps.items():
+                seconds[name].append(_epoch_seconds(step, x_batch, y_batch, X, Y, batch_size, shuffle))
+        trained_rows = (n_rows // batch_size) * batch_size
+        rate = {name: trained_rows / statistics.median(values) for name, values in seconds.items()}
+        rows.append({"batch_size": batch_size, "moe_rows_per_s": rate["moe"], "mlp_rows_per_s": rate["mlp"],
+                     "ratio": rate["moe"] / rate["mlp"], "mlp_width": width,
+                     "moe_active_parameters": active_parameters(models["moe"]),
+                     "mlp_parameters": mlp_parameters(N_FEATURES, 1, width),
+                     "moe_parameters": sum(p.numel() for p in models["moe"].parameters()),
+                     "epoch_seconds": {name: values for name, values in seconds.items()}})
+    flags = "" if n_rows == 1_000_000 else f" --rows {n_rows}"
+    flags += "" if device.type == "cpu" else f" --device {device.type}"
+    flags += "" if precision == "float32" else f" --precision {precision}"
+    flags += " --graph" if graph else ""
+    result = {
+        "benchmark": "throughput",
+        "command": f"python -m benchmarks.throughput{flags}",
+        "machine": describe_machine(),
+        "device": str(device),
+        "config": {"n_rows": n_rows, "n_features": N_FEATURES, "n_experts": n_experts, "top_k": top_k,
+                   "expert_hidden": list(EXPERT_HIDDEN), "rounds": rounds, "precision": precision, "graph": graph},
+        "rows": rows,
+    }
+    if device.type == "cuda":
+        result["device_name"] = torch.cuda.get_device_name(device)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 8192, 65536])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("float32", "bf16"), default="float32")
+    parser.add_argument("--graph", action="store_true", help="CUDA: replay every step from a CUDA graph")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
+    args = parser.parse_args(argv)
+    result = throughput(args.rows, tuple(args.batch_sizes), args.rounds, args.device, args.precision, args.graph)
+    for row in result["rows"]:
+        print(f"batch {row['batch_size']:>6}: mixture {row['moe_rows_per_s']:>12,.0f} rows/s, dense MLP (width "
+              f"{row['mlp_width']}) {row['mlp_rows_per_s']:>12,.0f} rows/s, ratio {row['ratio']:.2f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "throughput" + ("" if args.precision == "float32" else f"_{args.precision}")
+    name += "_graph" if args.graph else ""
+    name += "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
+    path = args.out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
