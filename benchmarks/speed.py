@@ -52,6 +52,7 @@ from sklearn_moe.nn.dispatch import padded_layout, plan_dispatch
 from sklearn_moe.nn.layouts import blocked_layout, choose_layout, grouped_layout, staircase_layout
 from sklearn_moe.nn.losses import per_expert_loss
 
+from .launches import KernelLaunchCounter
 from .machine import describe_machine
 
 RESULTS = Path(__file__).parent / "results"
@@ -125,7 +126,7 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, n_features, generator=generator).to(device)
     y = torch.randn(batch_size, 1, generator=generator).to(device)
-    steps, counts, layouts, graph_errors = {}, {}, {}, {}
+    steps, counts, layouts, graph_errors, launches = {}, {}, {}, {}, {}
     independent = expert_type == "independent"
     pypi = not independent and _pypi_moe_available()
     for n_experts in expert_counts:
@@ -162,13 +163,14 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
             else:
                 steps["graphed_full_step", n_experts] = graphed
         counts[n_experts] = module(x).expert_counts.cpu()
+        launches[n_experts] = _launches(full_step, device)
     medians = _interleaved_medians(steps, rounds=rounds, warmup=3, device=device)
     first = expert_counts[0]
     rows = []
     for n_experts in expert_counts:
         load = counts[n_experts].float()
         row = {"n_experts": n_experts, "busiest_expert_over_mean": float(load.max() / load.mean()),
-               "router_ms": 1e3 * medians["router", n_experts]}
+               "router_ms": 1e3 * medians["router", n_experts], "kernel_launches": launches[n_experts]}
         if n_experts in layouts:
             row["layout"] = layouts[n_experts]
         for name, label in (("forward_backward", "forward_backward"), ("full_step", "full_step"),
@@ -204,6 +206,14 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
     return result
 
 
+def _launches(full_step, device: torch.device) -> int:
+    """Kernels one call of ``full_step`` launches (:class:`~benchmarks.launches.KernelLaunchCounter`)."""
+    with KernelLaunchCounter() as counter:
+        full_step()
+    _sync(device)
+    return counter.launches
+
+
 def _criterion(rows: list[dict]) -> dict:
     """The step times at 2 and 64 experts and their ratio (for each timing that has both)."""
     by_count = {row["n_experts"]: row for row in rows}
@@ -215,6 +225,9 @@ def _criterion(rows: list[dict]) -> dict:
         if key in by_count[2] and key in by_count[64]:
             summary[label] = {"ms_at_2_experts": by_count[2][key], "ms_at_64_experts": by_count[64][key],
                               "ratio_64_over_2": by_count[64][key] / by_count[2][key]}
+    summary["kernel_launches"] = {"at_2_experts": by_count[2]["kernel_launches"],
+                                  "at_64_experts": by_count[64]["kernel_launches"],
+                                  "ratio_64_over_2": by_count[64]["kernel_launches"] / by_count[2]["kernel_launches"]}
     return summary
 
 
@@ -410,14 +423,14 @@ def _print_scaling(result: dict) -> None:
                ("pypi_forward_backward", "PyPI mixture-of-experts fwd+bwd"),
                ("matched_forward_backward", "this library, same config, fwd+bwd")]
     columns = [(key, label) for key, label in columns if any(f"{key}_ms" in row for row in result["rows"])]
-    header = ["n_experts"] + [f"{label} (ms) | ratio" for _, label in columns] + ["router alone (ms)",
-                                                                                  "busiest expert / mean"]
+    header = ["n_experts"] + [f"{label} (ms) | ratio" for _, label in columns] + [
+        "router alone (ms)", "busiest expert / mean", "kernel launches"]
     if "matched_over_pypi" in result["rows"][0]:
         header.append("this library / PyPI")
     if "layout" in result["rows"][0]:
         header.append("layout")
     print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * (1 + 2 * len(columns) + 2 + ("matched_over_pypi" in result["rows"][0])
+    print("|" + "---|" * (1 + 2 * len(columns) + 3 + ("matched_over_pypi" in result["rows"][0])
                           + ("layout" in result["rows"][0])))
     for row in result["rows"]:
         if "graph_error" in row:
@@ -426,13 +439,17 @@ def _print_scaling(result: dict) -> None:
         cells = [str(row["n_experts"])]
         cells += [f"{row[key + '_ms']:.2f} | {row[key + '_ratio']:.2f}x" if key + "_ms" in row else "- | -"
                   for key, _ in columns]
-        cells += [f"{row['router_ms']:.2f}", f"{row['busiest_expert_over_mean']:.2f}"]
+        cells += [f"{row['router_ms']:.2f}", f"{row['busiest_expert_over_mean']:.2f}", str(row["kernel_launches"])]
         if "matched_over_pypi" in row:
             cells.append(f"{row['matched_over_pypi']:.2f}x")
         if "layout" in row:
             cells.append(row["layout"])
         print("| " + " | ".join(cells) + " |")
     for label, summary in result.get("criterion", {}).items():
+        if label == "kernel_launches":
+            print(f"# kernel launches: {summary['at_2_experts']} at 2 experts, {summary['at_64_experts']} at 64 "
+                  f"({summary['ratio_64_over_2']:.2f}x)")
+            continue
         print(f"# {label}: {summary['ms_at_2_experts']:.3f} ms at 2 experts, {summary['ms_at_64_experts']:.3f} ms "
               f"at 64 ({summary['ratio_64_over_2']:.2f}x)")
 

@@ -18,6 +18,7 @@ import torch
 from skorch.callbacks import Callback
 
 import sklearn_moe.nn.moe as moe_module
+from benchmarks.launches import KernelLaunchCounter
 from sklearn_moe import MoEClassifier, MoERegressor, TrainingDivergedError
 from sklearn_moe._guard import MAX_ROLLBACKS
 from sklearn_moe.nn import MixtureOfExperts, choose_layout, expert_outputs, plan_dispatch
@@ -25,7 +26,7 @@ from sklearn_moe.nn._sync import avoid_host_reads, sync_free_paths
 from sklearn_moe.nn.density import mixture_nll
 from sklearn_moe.nn.losses import per_expert_loss
 
-from .host_sync import HostSyncDetector, KernelLaunchCounter
+from .host_sync import HostSyncDetector
 from .test_training_faults import BATCHES_PER_EPOCH, PARAMS, PoisonOutput
 
 N_ROWS = 256
