@@ -9,9 +9,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
-# Operators that make no kernel on a GPU besides the views (an allocation, a metadata change).
+# Operators that make no kernel on a GPU besides the views: an allocation, a metadata change,
+# a Python number wrapped as a tensor (on the host, as ``torch.where(mask, x, 0.0)`` does).
 _NO_KERNEL = {aten._unsafe_view.default, aten.empty.memory_format, aten.empty_strided.default,
-              aten._reshape_alias.default}
+              aten._reshape_alias.default, aten.scalar_tensor.default}
 
 
 class KernelLaunchCounter(TorchDispatchMode):

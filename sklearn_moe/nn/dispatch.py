@@ -195,7 +195,12 @@ def plan_dispatch(
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     n = indices.shape[0]
-    flat_rows, flat_experts, flat_weights = flat_assignments(indices, weights, active)
+    if active is None and capacity is None:
+        # Every assignment, choice-major: flat position p holds row p % n (computed from
+        # the sorting order below, a launch instead of three).
+        flat_rows, flat_experts, flat_weights = None, _choice_major(indices), _choice_major(weights)
+    else:
+        flat_rows, flat_experts, flat_weights = flat_assignments(indices, weights, active)
     counts = count_experts(flat_experts, n_experts)
     if capacity is not None and flat_experts.numel() and capacity < int(counts.max()):
         keep = _rank_within_expert(flat_experts, n_experts) < capacity
@@ -214,7 +219,8 @@ def plan_dispatch(
             flat_weights = flat_weights.index_select(0, kept)
         flat_weights = normalize_per_row(flat_weights, flat_rows, n)
     order = _stable_order(flat_experts)
-    rows, experts = flat_rows.index_select(0, order), flat_experts.index_select(0, order)
+    rows = order.remainder(max(n, 1)) if flat_rows is None else flat_rows.index_select(0, order)
+    experts = flat_experts.index_select(0, order)
     expert_weights = flat_weights.index_select(0, order)
     kept_counts = counts if capacity is None else count_experts(experts, n_experts)
     slots = _rank_in_sorted(experts, kept_counts)
@@ -450,7 +456,10 @@ def mask_failed_experts(assignments: ExpertAssignments, n_rows: int,
     -------
     ExpertAssignments
     """
-    finite = torch.isfinite(assignments.outputs).all(dim=1)
+    values = assignments.outputs.detach()
+    # x - x is 0 exactly where x is finite (NaN for NaN and ±inf): two kernels where
+    # torch.isfinite takes four.
+    finite = (values - values).eq(0).all(dim=1)
     if tally is not None:
         failed = ~finite & (assignments.weights != 0)
         tally.scatter_add_(0, assignments.experts, failed.to(tally.dtype))
