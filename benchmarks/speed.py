@@ -187,9 +187,7 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
             row["matched_over_pypi"] = medians["matched", n_experts] / medians["pypi", n_experts]
         rows.append(row)
     flags = "" if independent else f" --expert-type {expert_type}"
-    flags += "" if device.type == "cpu" else f" --device {device.type}"
-    flags += "" if precision == "float32" else f" --precision {precision}"
-    flags += " --graph" if graph else ""
+    flags += device_flags(device, precision, graph)
     result = {
         "benchmark": "expert_scaling",
         "command": f"python -m benchmarks.speed --part experts{flags}",
@@ -204,6 +202,14 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
         result["compute_capability"] = list(torch.cuda.get_device_capability(device))
     result["criterion"] = _criterion(rows)
     return result
+
+
+def device_flags(device: torch.device, precision: str, graph: bool) -> str:
+    """The command-line flags that select ``device``, ``precision`` and ``graph`` (none for
+    the defaults), for a result's recorded command."""
+    flags = "" if device.type == "cpu" else f" --device {device.type}"
+    flags += "" if precision == "float32" else f" --precision {precision}"
+    return flags + (" --graph" if graph else "")
 
 
 def _launches(full_step, device: torch.device) -> int:

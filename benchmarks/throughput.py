@@ -33,7 +33,7 @@ import torch
 from sklearn_moe.nn import MixtureOfExperts
 
 from .machine import describe_machine
-from .speed import RESULTS, _bf16, _sync, capture_graph
+from .speed import RESULTS, _bf16, _sync, capture_graph, device_flags
 
 N_FEATURES = 32
 EXPERT_HIDDEN = (128, 128)
@@ -146,9 +146,7 @@ def throughput(n_rows: int = 1_000_000, batch_sizes=(1024, 8192, 65536), rounds:
                      "moe_parameters": sum(p.numel() for p in models["moe"].parameters()),
                      "epoch_seconds": {name: values for name, values in seconds.items()}})
     flags = "" if n_rows == 1_000_000 else f" --rows {n_rows}"
-    flags += "" if device.type == "cpu" else f" --device {device.type}"
-    flags += "" if precision == "float32" else f" --precision {precision}"
-    flags += " --graph" if graph else ""
+    flags += device_flags(device, precision, graph)
     result = {
         "benchmark": "throughput",
         "command": f"python -m benchmarks.throughput{flags}",
