@@ -71,7 +71,8 @@ class StackedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, blocks: list[torch.Tensor], block_experts: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    def forward(self, blocks: list[torch.Tensor], block_experts: list[torch.Tensor | None],
+                selected: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
         """Map each block ``(n_j, rows_j, in)`` to ``(n_j, rows_j, out)`` (see the module docstring).
 
         Parameters
@@ -82,14 +83,16 @@ class StackedLinear(nn.Module):
         block_experts : list of (Tensor of shape (n_j,), int64, or None)
             The layers of each block's slices; None stands for every layer in index order
             (``n_j = n_experts``, weights used in place).
+        selected : (list of Tensor, list of Tensor), optional
+            The weights and biases of each block, when the caller selected them already
+            (:func:`select_experts`).
 
         Returns
         -------
         list of Tensor
             Block ``j``'s outputs, of shape ``(n_j, rows_j, out_features)``.
         """
-        weights = select_experts(self.weight, block_experts)
-        biases = select_experts(self.bias, block_experts)
+        weights, biases = selected or select_experts([self.weight, self.bias], block_experts)
         return [batched_linear(x, w, b) for x, w, b in zip(blocks, weights, biases)]
 
     def grouped(self, x: torch.Tensor, offsets: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
@@ -148,8 +151,10 @@ def _contiguous_grad(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class _SelectExperts(torch.autograd.Function):
-    """``[stacked if ids is None else stacked[ids] for ids in block_experts]``, whose
-    backward adds the blocks' gradients into one tensor, where ``index_select``'s would
+    """For each of ``n_stacked`` stacked tensors, ``[stacked if ids is None else
+    stacked[ids] for ids in block_experts]``, all in one autograd node (on a GPU each node
+    costs host time in the forward and the backward alike), whose backward adds the
+    blocks' gradients into one tensor per stacked tensor, where ``index_select``'s would
     scatter each into a zero tensor of the full size.
 
     Index tensors that are prefixes of an earlier one (views of its first entries, as the
@@ -157,23 +162,34 @@ class _SelectExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, stacked, *block_experts):
+    def forward(ctx, n_stacked, *args):
+        stacked, block_experts = args[:n_stacked], args[n_stacked:]
         ctx.block_experts = block_experts
-        ctx.n_experts = stacked.shape[0]
+        ctx.n_experts = stacked[0].shape[0]
         ctx.prefix_of = _prefix_sources(block_experts)
         selected = []
-        for ids, source in zip(block_experts, ctx.prefix_of):
-            if ids is None:
-                selected.append(stacked)
-            elif source is None:
-                selected.append(stacked.index_select(0, ids))
-            else:
-                selected.append(selected[source].narrow(0, 0, ids.shape[0]))
+        for tensor in stacked:
+            own = []
+            for ids, source in zip(block_experts, ctx.prefix_of):
+                if ids is None:
+                    own.append(tensor)
+                elif source is None:
+                    own.append(tensor.index_select(0, ids))
+                else:
+                    own.append(own[source].narrow(0, 0, ids.shape[0]))
+            selected += own
         return tuple(selected)
 
     @staticmethod
     def backward(ctx, *grads):
-        grads = list(grads)
+        n_blocks = len(ctx.block_experts)
+        totals = [_SelectExperts._total(ctx, list(grads[start:start + n_blocks]))
+                  for start in range(0, len(grads), n_blocks)]
+        return (None, *totals, *(None for _ in ctx.block_experts))
+
+    @staticmethod
+    def _total(ctx, grads: list[torch.Tensor]) -> torch.Tensor:
+        """One stacked tensor's gradient from its blocks' ``grads``."""
         # Fold a prefix block's gradient into its source's (a fresh matmul gradient) first.
         for index in reversed(range(len(grads))):
             source = ctx.prefix_of[index]
@@ -192,7 +208,7 @@ class _SelectExperts(torch.autograd.Function):
                 total = total + grad
             else:
                 total.index_add_(0, ids, grad)
-        return (total, *(None for _ in ctx.block_experts))
+        return total
 
 
 def _prefix_sources(block_experts) -> list[int | None]:
@@ -211,11 +227,14 @@ def _prefix_sources(block_experts) -> list[int | None]:
     return sources
 
 
-def select_experts(stacked: torch.Tensor, block_experts: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """The slices of ``stacked`` (experts on axis 0) that go with each block."""
+def select_experts(stacked: list[torch.Tensor], block_experts: list[torch.Tensor | None]
+                   ) -> list[list[torch.Tensor]]:
+    """For each tensor of ``stacked`` (experts on axis 0), its slices that go with each block."""
     if all(ids is None for ids in block_experts):
-        return [stacked] * len(block_experts)
-    return list(_SelectExperts.apply(stacked, *block_experts))
+        return [[tensor] * len(block_experts) for tensor in stacked]
+    flat = _SelectExperts.apply(len(stacked), *stacked, *block_experts)
+    n_blocks = len(block_experts)
+    return [list(flat[start:start + n_blocks]) for start in range(0, len(flat), n_blocks)]
 
 
 class StackedLayerNorm(nn.Module):
@@ -226,9 +245,9 @@ class StackedLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(n_experts, 1, width))
         self.bias = nn.Parameter(torch.zeros(n_experts, 1, width))
 
-    def forward(self, blocks: list[torch.Tensor], block_experts: list[torch.Tensor | None]) -> list[torch.Tensor]:
-        weights = select_experts(self.weight, block_experts)
-        biases = select_experts(self.bias, block_experts)
+    def forward(self, blocks: list[torch.Tensor], block_experts: list[torch.Tensor | None],
+                selected: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
+        weights, biases = selected or select_experts([self.weight, self.bias], block_experts)
         return [torch.addcmul(b, F.layer_norm(x, x.shape[-1:]), w) for x, w, b in zip(blocks, weights, biases)]
 
     def grouped(self, x: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
@@ -336,15 +355,19 @@ class StackedExperts(_ExpertMLP):
             h, block_experts = [x], [None]
         else:
             h = list(x)
+        # Every layer's weights for every block, selected at once.
+        layers = [*self.hidden, *self.norms, self.output]
+        selected = select_experts([p for layer in layers for p in (layer.weight, layer.bias)], block_experts)
+        chosen = {layer: (selected[2 * i], selected[2 * i + 1]) for i, layer in enumerate(layers)}
         for i, layer in enumerate(self.hidden):
-            z = layer(self._norm(i - 1, h, block_experts) if i > 0 else h, block_experts)
+            z = layer(self._norm(i - 1, h, block_experts, chosen) if i > 0 else h, block_experts, chosen[layer])
             z = [self._act(block) for block in z]
             if self.training and self.dropout > 0:
                 z = [F.dropout(block, self.dropout, training=True) for block in z]
             h = [a + b for a, b in zip(h, z)] if self.residual[i] else z
         if self.hidden:
-            h = self._norm(-1, h, block_experts)
-        out = self.output(h, block_experts)
+            h = self._norm(-1, h, block_experts, chosen)
+        out = self.output(h, block_experts, chosen[self.output])
         return out[0] if isinstance(x, torch.Tensor) else out
 
     def forward_grouped(self, x: torch.Tensor, offsets: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
@@ -466,8 +489,11 @@ class StackedExperts(_ExpertMLP):
         norm = self.norms[index]
         return torch.addcmul(norm.bias[expert], F.layer_norm(h, h.shape[-1:]), norm.weight[expert])
 
-    def _norm(self, index: int, h: list[torch.Tensor], block_experts) -> list[torch.Tensor]:
-        return self.norms[index](h, block_experts) if len(self.norms) else h
+    def _norm(self, index: int, h: list[torch.Tensor], block_experts, chosen=None) -> list[torch.Tensor]:
+        if not len(self.norms):
+            return h
+        norm = self.norms[index]
+        return norm(h, block_experts, None if chosen is None else chosen[norm])
 
 
 ADAPTER_INITS = ("random_signs", "normal")
