@@ -52,12 +52,14 @@ def batched_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) ->
     layer's). Such layers compute the same products transposed instead, with the rows as
     the long side: ``weight^T x^T`` forward, ``grad^T x`` for the weight gradient, and for
     one output the input gradient as an outer product. Below :data:`NARROW_MIN_ROWS` rows
-    in all the plain call is cheaper than the rearrangement. Without autograd the product
-    is :func:`row_invariant_baddbmm`.
+    in all the plain call is cheaper than the rearrangement; on other devices the plain
+    call is kept (the rearrangement is a Python autograd node, whose host time a GPU step
+    would wait for). Without autograd the product is :func:`row_invariant_baddbmm`.
     """
     if not needs_autograd(x, weight, bias):
         return row_invariant_baddbmm(bias.unsqueeze(1), x, weight)
-    if weight.shape[-1] >= NARROW_MAX_OUTPUTS or x.shape[0] * x.shape[1] < NARROW_MIN_ROWS:
+    if (weight.shape[-1] >= NARROW_MAX_OUTPUTS or x.shape[0] * x.shape[1] < NARROW_MIN_ROWS
+            or x.device.type != "cpu"):
         return torch.baddbmm(bias.unsqueeze(1), x, weight)
     return _NarrowBatchedLinear.apply(x, weight, bias)
 
