@@ -191,7 +191,7 @@ class NaNInputOnRank1(Callback):
 
 data = np.load("data.npz")
 dist.init_process_group("gloo")
-with data_parallel() as parallel, warnings.catch_warnings(record=True) as caught:
+with data_parallel(expert_parallel={expert_parallel!r}) as parallel, warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     model = MoERegressor(**{params!r}, callbacks=[("nan", NaNInputOnRank1())]).fit(data["X"], data["y"])
 report = dict(rollbacks=[str(w.message) for w in caught if "rolled back" in str(w.message)],
@@ -205,11 +205,15 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::sklearn_moe.ExpertCollapseWarning")
-def test_a_non_finite_loss_on_one_process_rolls_back_the_epoch_on_every_process(tmp_path):
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_a_non_finite_loss_on_one_process_rolls_back_the_epoch_on_every_process(tmp_path, expert_parallel):
     X, y, X_test, _ = friedman()
     np.savez(tmp_path / "data.npz", X=X, y=y, X_test=X_test)
     params = dict(PARAMS, max_epochs=6, early_stopping=False)
-    (tmp_path / "worker.py").write_text(textwrap.dedent(FAULT_WORKER.format(params=params)))
+    if expert_parallel:
+        params["expert_type"] = "independent"
+    (tmp_path / "worker.py").write_text(textwrap.dedent(FAULT_WORKER.format(params=params,
+                                                                            expert_parallel=expert_parallel)))
     # Were the fault rank 1's alone, rank 1 would roll back and lower its learning rate
     # alone, and its collective calls would no longer pair with rank 0's: the processes
     # would hang, or exchange mismatched tensors.
