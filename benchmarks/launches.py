@@ -18,7 +18,8 @@ _NO_KERNEL = {aten._unsafe_view.default, aten.empty.memory_format, aten.empty_st
 class KernelLaunchCounter(TorchDispatchMode):
     """Count the aten operators run inside ``with KernelLaunchCounter() as c`` that launch a
     kernel on a GPU (every operator but views, allocations and metadata changes; the
-    backward pass's included): ``c.launches``, and ``c.by_op``, a ``Counter`` by name.
+    backward pass's included; not the profiler's markers): ``c.launches``, and
+    ``c.by_op``, a ``Counter`` by name.
 
     On a GPU a small training step is bound by its launches, eager (the host's time per
     operator) as much as replayed from a CUDA graph (a few microseconds per kernel), so
@@ -31,7 +32,7 @@ class KernelLaunchCounter(TorchDispatchMode):
         self.by_op: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func not in _NO_KERNEL:
+        if func.namespace == "aten" and not func.is_view and func not in _NO_KERNEL:
             self.by_op[str(func)] += 1
         return func(*args, **(kwargs or {}))
 

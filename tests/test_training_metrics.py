@@ -9,6 +9,7 @@ import pytest
 import torch
 from skorch.history import History
 
+from benchmarks.launches import KernelLaunchCounter
 from sklearn_moe import MoEClassifier, MoERegressor
 from sklearn_moe.callbacks import EpochLine, ExpertGradientNorms, RoutingMetrics
 from sklearn_moe.diagnostics import expert_specialization, target_bins
@@ -107,6 +108,31 @@ def test_expert_gradient_norms_by_hand():
         callback.on_grad_computed(net, training=True)
     callback.on_epoch_end(net)
     np.testing.assert_allclose(net.history[-1]["expert_grad_norm"], [10.0, 0.0, 2.0])  # mean of 5 and 15, ...
+
+
+def test_the_metrics_of_a_training_step_launch_a_fixed_number_of_kernels():
+    # On a GPU each kernel the callbacks launch adds to every training step: the gradient
+    # norms take a fixed number however many parameters the experts have.
+    launches = []
+    for hidden in ((4,), (4, 4, 4, 4)):
+        experts = StackedExperts(3, 2, 1, expert_hidden=hidden, layer_norm=True)
+        for p in experts.parameters():
+            p.grad = torch.randn_like(p)
+        net, callback = fake_net(experts=experts), ExpertGradientNorms()
+        callback.on_epoch_begin(net)
+        callback.on_grad_computed(net, training=True)  # the first step starts the sum
+        with KernelLaunchCounter() as counter:
+            callback.on_grad_computed(net, training=True)
+        launches.append(counter.launches)
+    assert launches[0] == launches[1] <= 3, launches
+    routing, net = RoutingMetrics(), fake_net()
+    run_epoch(routing, net, train=[(output([[0.5, 0.5, 0.0]] * 4), 1.0)])
+    net.history.new_epoch()
+    routing.on_epoch_begin(net)
+    y_pred = output([[0.5, 0.5, 0.0], [0.0, 0.25, 0.75]] * 2)
+    with KernelLaunchCounter() as counter:
+        routing.on_batch_end(net, batch=None, training=True, y_pred=y_pred)
+    assert counter.launches <= 6, counter.by_op
 
 
 def test_adapter_experts_report_only_their_own_parameters():
