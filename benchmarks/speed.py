@@ -187,20 +187,22 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
             row["matched_over_pypi"] = medians["matched", n_experts] / medians["pypi", n_experts]
         rows.append(row)
     flags = "" if independent else f" --expert-type {expert_type}"
-    flags += device_flags(device, precision, graph)
-    result = {
-        "benchmark": "expert_scaling",
-        "command": f"python -m benchmarks.speed --part experts{flags}",
-        "machine": describe_machine(),
-        "device": str(device),
-        "config": {"batch_size": batch_size, "n_features": n_features, "expert_hidden": list(expert_hidden),
-                   "top_k": top_k, "rounds": rounds, "expert_type": expert_type, "precision": precision},
-        "rows": rows,
-    }
+    config = {"batch_size": batch_size, "n_features": n_features, "expert_hidden": list(expert_hidden),
+              "top_k": top_k, "rounds": rounds, "expert_type": expert_type, "precision": precision}
+    result = device_result("expert_scaling", "python -m benchmarks.speed --part experts"
+                           + flags + device_flags(device, precision, graph), device, config, rows)
+    result["criterion"] = _criterion(rows)
+    return result
+
+
+def device_result(name: str, command: str, device: torch.device, config: dict, rows: list[dict]) -> dict:
+    """A benchmark's result: its name, command, machine, device (a GPU named, with its
+    compute capability), configuration and rows."""
+    result = {"benchmark": name, "command": command, "machine": describe_machine(), "device": str(device),
+              "config": config, "rows": rows}
     if device.type == "cuda":
         result["device_name"] = torch.cuda.get_device_name(device)
         result["compute_capability"] = list(torch.cuda.get_device_capability(device))
-    result["criterion"] = _criterion(rows)
     return result
 
 

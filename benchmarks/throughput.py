@@ -32,8 +32,7 @@ import torch
 
 from sklearn_moe.nn import MixtureOfExperts
 
-from .machine import describe_machine
-from .speed import RESULTS, _bf16, _sync, capture_graph, device_flags
+from .speed import RESULTS, _bf16, _sync, capture_graph, device_flags, device_result
 
 N_FEATURES = 32
 EXPERT_HIDDEN = (128, 128)
@@ -146,19 +145,10 @@ def throughput(n_rows: int = 1_000_000, batch_sizes=(1024, 8192, 65536), rounds:
                      "moe_parameters": sum(p.numel() for p in models["moe"].parameters()),
                      "epoch_seconds": {name: values for name, values in seconds.items()}})
     flags = "" if n_rows == 1_000_000 else f" --rows {n_rows}"
-    flags += device_flags(device, precision, graph)
-    result = {
-        "benchmark": "throughput",
-        "command": f"python -m benchmarks.throughput{flags}",
-        "machine": describe_machine(),
-        "device": str(device),
-        "config": {"n_rows": n_rows, "n_features": N_FEATURES, "n_experts": n_experts, "top_k": top_k,
-                   "expert_hidden": list(EXPERT_HIDDEN), "rounds": rounds, "precision": precision, "graph": graph},
-        "rows": rows,
-    }
-    if device.type == "cuda":
-        result["device_name"] = torch.cuda.get_device_name(device)
-    return result
+    config = {"n_rows": n_rows, "n_features": N_FEATURES, "n_experts": n_experts, "top_k": top_k,
+              "expert_hidden": list(EXPERT_HIDDEN), "rounds": rounds, "precision": precision, "graph": graph}
+    return device_result("throughput", "python -m benchmarks.throughput" + flags
+                         + device_flags(device, precision, graph), device, config, rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
