@@ -40,6 +40,17 @@ def friedman(n=900):
     return X[:600], y[:600], X[600:], y[600:]
 
 
+def run_workers(tmp_path, script, timeout=600, **fields):
+    """Run ``script`` (formatted with ``fields``) in two processes on the training rows of
+    :func:`friedman` (``data.npz``: ``X``, ``y``, ``X_test``); return the data."""
+    X, y, X_test, y_test = friedman()
+    np.savez(tmp_path / "data.npz", X=X, y=y, X_test=X_test)
+    (tmp_path / "worker.py").write_text(textwrap.dedent(script.format(**fields)))
+    result = torchrun("worker.py", cwd=tmp_path, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return X, y, X_test, y_test
+
+
 def test_shards_deal_rows_round_robin_with_equal_lengths():
     shards = [DataParallelGroup(None, rank, 3).shard(11) for rank in range(3)]
     assert [s.tolist() for s in shards] == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # rows 9 and 10 unused
@@ -128,14 +139,9 @@ dist.destroy_process_group()
 @pytest.mark.filterwarnings("ignore::sklearn_moe.ExpertCollapseWarning")
 @pytest.mark.parametrize("expert_parallel", [False, True])
 def test_two_processes_reach_the_single_process_score_and_return_an_ordinary_estimator(tmp_path, expert_parallel):
-    X, y, X_test, y_test = friedman()
-    np.savez(tmp_path / "data.npz", X=X, y=y, X_test=X_test)
     # sharded experts must be independent ones; the single-process fit has the same
     params = dict(PARAMS, expert_type="independent") if expert_parallel else PARAMS
-    (tmp_path / "worker.py").write_text(textwrap.dedent(WORKER.format(params=params,
-                                                                      expert_parallel=expert_parallel)))
-    result = torchrun("worker.py", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    X, y, X_test, y_test = run_workers(tmp_path, WORKER, params=params, expert_parallel=expert_parallel)
     # both processes end with the same model
     np.testing.assert_array_equal(np.load(tmp_path / "prediction_0.npy"), np.load(tmp_path / "prediction_1.npy"))
     with open(tmp_path / "model.pkl", "rb") as handle:
@@ -207,18 +213,13 @@ dist.destroy_process_group()
 @pytest.mark.filterwarnings("ignore::sklearn_moe.ExpertCollapseWarning")
 @pytest.mark.parametrize("expert_parallel", [False, True])
 def test_a_non_finite_loss_on_one_process_rolls_back_the_epoch_on_every_process(tmp_path, expert_parallel):
-    X, y, X_test, _ = friedman()
-    np.savez(tmp_path / "data.npz", X=X, y=y, X_test=X_test)
     params = dict(PARAMS, max_epochs=6, early_stopping=False)
     if expert_parallel:
         params["expert_type"] = "independent"
-    (tmp_path / "worker.py").write_text(textwrap.dedent(FAULT_WORKER.format(params=params,
-                                                                            expert_parallel=expert_parallel)))
     # Were the fault rank 1's alone, rank 1 would roll back and lower its learning rate
     # alone, and its collective calls would no longer pair with rank 0's: the processes
     # would hang, or exchange mismatched tensors.
-    result = torchrun("worker.py", cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_workers(tmp_path, FAULT_WORKER, timeout=300, params=params, expert_parallel=expert_parallel)
     reports = [json.loads((tmp_path / f"report_{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
         assert len(report["rollbacks"]) == 1, report["rollbacks"]
