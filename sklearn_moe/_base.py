@@ -17,7 +17,7 @@ from ._tabular import TABLE_STATE, encode_for_fit, encode_for_predict, is_encode
 from ._training import build_module, history_frame, train
 from ._validation import relative_sample_weight, validate_input
 from .diagnostics import expert_utilization
-from .distributed.data_parallel import agree_on_seeds, check_same_data, shard_rows
+from .distributed.data_parallel import agree_on_seeds, check_backend, check_same_data, shard_rows
 from .nn import MixtureOfExperts
 from .nn.embeddings import fit_embedding_layout
 
@@ -169,6 +169,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
 
     def _fit_unguarded(self, X, y, sample_weight, reuse, extra_callbacks=()):
         device = check_hyperparameters(self)
+        check_backend(device)
         X, raw = encode_for_fit(self, X, reuse)
         X, y = self._validate_X(X, y, reset=not reuse or raw is not None, **self._target_validation_kwargs())
         if raw is not None:  # the raw table's columns, not the encoded ones

@@ -90,6 +90,28 @@ def test_a_deferring_ledger_records_a_non_finite_loss_and_keeps_the_fault():
     assert agree_on_fault(fault) is fault and agree_on_fault(None) is None
 
 
+@pytest.fixture
+def one_process_group():
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_one_process_group_fits_like_no_group_and_nccl_needs_cuda(one_process_group, monkeypatch):
+    X, y, X_test, _ = friedman()
+    params = dict(PARAMS, max_epochs=3)
+    with data_parallel():
+        parallel = MoERegressor(**params).fit(X, y)
+    alone = MoERegressor(**params).fit(X, y)
+    np.testing.assert_allclose(parallel.predict(X_test), alone.predict(X_test), rtol=1e-5, atol=1e-6)
+    assert not any(name.startswith("data_parallel") for name, _ in parallel.net_.callbacks_)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    with data_parallel(), pytest.raises(ValueError, match="NCCL process group trains on CUDA.*'cpu'"):
+        MoERegressor(**params, device="cpu").fit(X, y)
+
+
 def test_parse_params_reads_json_values_else_strings():
     assert parse_params(["n_experts=16", "expert_hidden=[64,64]", "router=switch", "layer_norm=true"]) == {
         "n_experts": 16, "expert_hidden": (64, 64), "router": "switch", "layer_norm": True}

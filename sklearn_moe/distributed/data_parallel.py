@@ -53,6 +53,7 @@ import contextlib
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from .._guard import NonFiniteLoss
@@ -176,7 +177,9 @@ def data_parallel(group=None, expert_parallel: bool = False):
 
     Examples
     --------
-    In a script started by ``torchrun --nproc-per-node 2 script.py``::
+    In a script started by ``torchrun --nproc-per-node 2 script.py`` (on GPUs: the
+    ``"nccl"`` backend, after ``torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))``, so
+    that ``device="cuda"`` is each process's own GPU)::
 
         import torch.distributed as dist
         from sklearn_moe import MoERegressor
@@ -214,6 +217,30 @@ def agree_on_seeds(seeds: tuple[int, ...]) -> tuple[int, ...]:
     """
     parallel = active_group()
     return seeds if parallel is None else tuple(parallel.broadcast_object(seeds))
+
+
+def check_backend(device) -> None:
+    """Raise ``ValueError`` inside a :func:`data_parallel` block whose group's backend cannot
+    carry tensors on ``device`` (NCCL holds CUDA tensors only); a no-op outside one.
+
+    Parameters
+    ----------
+    device : torch.device or str
+        Where the fit trains.
+
+    Raises
+    ------
+    ValueError
+        For an NCCL group and a device other than CUDA.
+    """
+    parallel = active_group()
+    if parallel is None:
+        return
+    backend = dist.get_backend(parallel.group)
+    if backend == "nccl" and torch.device(device).type != "cuda":
+        raise ValueError(f"A data-parallel fit over an NCCL process group trains on CUDA, but the estimator's "
+                         f"device is {str(device)!r}: set device='cuda' (after torch.cuda.set_device(local_rank)), "
+                         "or use the gloo backend on CPUs.")
 
 
 def check_same_data(X: np.ndarray, y: np.ndarray) -> None:
