@@ -313,3 +313,38 @@ def test_sync_free_cuda_training_matches_the_cpu():
     assert got.expert_counts.cpu().tolist() == expected.expert_counts.tolist()
     for name, grad in expected_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_launch_counter_sees_the_backward_and_the_update_of_a_cuda_step():
+    # The backward of a CUDA step runs in autograd's device thread: the dispatch mode must
+    # still see it, or the benchmark's kernel_launches would miss half the step.
+    from benchmarks.launches import KernelLaunchCounter
+
+    torch.manual_seed(0)
+    module = MixtureOfExperts(6, 1, n_experts=16, top_k=2, expert_hidden=(16, 16)).cuda().train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
+    x, y = torch.randn(256, 6, device="cuda"), torch.randn(256, 1, device="cuda")
+
+    def step():
+        out = module(x)
+        ((out.output - y).square().mean() + 1e-2 * out.balance_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    with KernelLaunchCounter() as counter:
+        step()
+    torch.cuda.synchronize()
+    assert counter.by_op["aten.threshold_backward.default"] == 2, counter.by_op  # two hidden ReLUs
+    assert counter.by_op["aten._fused_adamw_.default"] == 1
+
+
+def test_the_throughput_benchmark_replays_both_models_from_cuda_graphs(tmp_path):
+    from benchmarks import throughput
+
+    result = throughput.main(["--rows", "8192", "--batch-sizes", "1024", "--rounds", "1", "--device", "cuda",
+                              "--graph", "--out", str(tmp_path)])
+    row = result["rows"][0]
+    assert row["moe_rows_per_s"] > 0 and row["mlp_rows_per_s"] > 0
+    assert result["command"].endswith("--device cuda --graph") and "device_name" in result
+    assert (tmp_path / "throughput_graph_cuda.json").exists()
