@@ -359,16 +359,22 @@ class StackedExperts(_ExpertMLP):
         layers = [*self.hidden, *self.norms, self.output]
         selected = select_experts([p for layer in layers for p in (layer.weight, layer.bias)], block_experts)
         chosen = {layer: (selected[2 * i], selected[2 * i + 1]) for i, layer in enumerate(layers)}
+        out = self._network(h, lambda layer, blocks: layer(blocks, block_experts, chosen[layer]))
+        return out[0] if isinstance(x, torch.Tensor) else out
+
+    def _network(self, h: list[torch.Tensor], apply) -> list[torch.Tensor]:
+        """The experts' network on blocks ``h``, each layer and norm run by ``apply(module,
+        blocks)``: hidden layers (norm, product, activation, dropout, residual), the last
+        norm and the output layer."""
         for i, layer in enumerate(self.hidden):
-            z = layer(self._norm(i - 1, h, block_experts, chosen) if i > 0 else h, block_experts, chosen[layer])
+            z = apply(layer, apply(self.norms[i - 1], h) if i > 0 and len(self.norms) else h)
             z = [self._act(block) for block in z]
             if self.training and self.dropout > 0:
                 z = [F.dropout(block, self.dropout, training=True) for block in z]
             h = [a + b for a, b in zip(h, z)] if self.residual[i] else z
-        if self.hidden:
-            h = self._norm(-1, h, block_experts, chosen)
-        out = self.output(h, block_experts, chosen[self.output])
-        return out[0] if isinstance(x, torch.Tensor) else out
+        if self.hidden and len(self.norms):
+            h = apply(self.norms[-1], h)
+        return apply(self.output, h)
 
     def forward_grouped(self, x: torch.Tensor, offsets: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
         """Run expert-sorted rows through their experts, one grouped product per layer.
@@ -394,19 +400,12 @@ class StackedExperts(_ExpertMLP):
         Tensor of shape (m, out_features)
             Each row's output from its expert, in the order of ``x`` (padding rows included).
         """
-        h = x
-        for i, layer in enumerate(self.hidden):
-            inputs = self._norm_grouped(i - 1, h, row_experts) if i > 0 else h
-            z = self._act(layer.grouped(inputs, offsets, row_experts))
-            if self.training and self.dropout > 0:
-                z = F.dropout(z, self.dropout, training=True)
-            h = h + z if self.residual[i] else z
-        if self.hidden:
-            h = self._norm_grouped(-1, h, row_experts)
-        return self.output.grouped(h, offsets, row_experts)
+        def apply(module, rows):
+            if isinstance(module, StackedLayerNorm):
+                return [module.grouped(rows[0], row_experts)]
+            return [module.grouped(rows[0], offsets, row_experts)]
 
-    def _norm_grouped(self, index: int, h: torch.Tensor, row_experts: torch.Tensor) -> torch.Tensor:
-        return self.norms[index].grouped(h, row_experts) if len(self.norms) else h
+        return self._network([x], apply)[0]
 
     def all_experts(self, x: torch.Tensor) -> torch.Tensor:
         """Run every expert on every row.
@@ -488,12 +487,6 @@ class StackedExperts(_ExpertMLP):
             return h
         norm = self.norms[index]
         return torch.addcmul(norm.bias[expert], F.layer_norm(h, h.shape[-1:]), norm.weight[expert])
-
-    def _norm(self, index: int, h: list[torch.Tensor], block_experts, chosen=None) -> list[torch.Tensor]:
-        if not len(self.norms):
-            return h
-        norm = self.norms[index]
-        return norm(h, block_experts, None if chosen is None else chosen[norm])
 
 
 ADAPTER_INITS = ("random_signs", "normal")
