@@ -568,12 +568,17 @@ def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPl
     return combine(dispatch_assignments(x, experts, plan, n_outputs, grad_scale), x.shape[0])
 
 
+def rows_in_buffer(x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, n_buffer_rows: int) -> torch.Tensor:
+    """A zero buffer of ``n_buffer_rows`` rows holding row ``rows[i]`` of ``x`` at row
+    ``positions[i]``: Tensor of shape (n_buffer_rows, features)."""
+    return x.new_zeros(n_buffer_rows, x.shape[1]).index_put((positions,), x.index_select(0, rows))
+
+
 def run_buffer(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, layout: BufferLayout,
                n_outputs: int) -> torch.Tensor:
     """The experts' outputs for the plan's assignments, in plan order, through the blocks of
     a buffer ``layout``: Tensor of shape (m, n_outputs)."""
-    buffer = x.new_zeros(sum(g.n_experts * g.n_slots for g in layout.groups), x.shape[1])
-    buffer = buffer.index_put((layout.positions,), x.index_select(0, plan.rows))
+    buffer = rows_in_buffer(x, plan.rows, layout.positions, sum(g.n_experts * g.n_slots for g in layout.groups))
     blocks = [buffer[g.offset:g.offset + g.n_experts * g.n_slots].view(g.n_experts, g.n_slots, -1)
               for g in layout.groups]
     if not blocks:

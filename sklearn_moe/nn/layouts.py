@@ -50,7 +50,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .dispatch import BufferLayout, DispatchPlan, ExpertGroup, padded_layout, run_buffer
+from .dispatch import BufferLayout, DispatchPlan, ExpertGroup, padded_layout, rows_in_buffer, run_buffer
 
 LAYOUTS = ("padded", "staircase", "sorted", "blocked", "grouped")
 MAX_GROUPS = 4
@@ -144,7 +144,7 @@ def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan
         return run_buffer(x, experts, plan, blocked_layout(plan, max_count=max_count), n_outputs)
     if layout == "grouped":
         grouped = grouped_layout(plan)
-        buffer = x.new_zeros(grouped.n_rows, x.shape[1]).index_put((grouped.positions,), x.index_select(0, plan.rows))
+        buffer = rows_in_buffer(x, plan.rows, grouped.positions, grouped.n_rows)
         return experts.forward_grouped(buffer, grouped.offsets, grouped.row_experts)[grouped.positions]
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
