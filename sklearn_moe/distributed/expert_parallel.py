@@ -87,7 +87,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..nn._sync import compute_dtype
-from ..nn.dispatch import plan_dispatch
+from ..nn.dispatch import in_row_order, plan_dispatch
 from ..nn.experts import StackedExperts
 from ..nn.layouts import choose_layout, expert_outputs
 from ..nn.moe import MixtureOfExperts
@@ -389,9 +389,7 @@ class ShardedExperts(nn.Module):
             return self.local(rows.reshape(self.n_local, 0, rows.shape[1])).reshape(0, self.out_features)
         plan = plan_dispatch(local_ids.unsqueeze(1), rows.new_ones(m, 1), self.n_local)
         layout = choose_layout(plan, self.training, rows.device.type)
-        outputs = expert_outputs(rows, self.local, plan, self.out_features, layout)  # in plan (expert) order
-        inverse = torch.empty_like(plan.rows).scatter_(0, plan.rows, torch.arange(m, device=rows.device))
-        return outputs.index_select(0, inverse)
+        return in_row_order(expert_outputs(rows, self.local, plan, self.out_features, layout), plan)
 
 
 def _slice_experts(experts: StackedExperts, start: int, stop: int) -> StackedExperts:

@@ -574,6 +574,13 @@ def rows_in_buffer(x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
     return x.new_zeros(n_buffer_rows, x.shape[1]).index_put((positions,), x.index_select(0, rows))
 
 
+def in_row_order(outputs: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Outputs of ``plan``'s assignments, given in plan (expert) order, in the order of the
+    rows they came from, for a plan with one assignment per row: Tensor of the shape of
+    ``outputs``."""
+    return outputs.new_zeros(outputs.shape).index_copy(0, plan.rows, outputs)
+
+
 def run_buffer(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, layout: BufferLayout,
                n_outputs: int) -> torch.Tensor:
     """The experts' outputs for the plan's assignments, in plan order, through the blocks of

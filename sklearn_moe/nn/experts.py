@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._sync import avoid_host_reads, compute_dtype
-from .dispatch import padded_layout, plan_dispatch, run_buffer
+from .dispatch import in_row_order, padded_layout, plan_dispatch, run_buffer
 from .layouts import GROUP_ALIGN, blocked_layout
 from .products import batched_linear, needs_autograd, row_invariant_addmm
 
@@ -648,8 +648,7 @@ class AdapterExperts(_ExpertMLP):
             return [batched_linear(blocks[0], weight.index_select(0, ids), bias.index_select(0, ids))]
 
         layout = blocked_layout(plan) if sync_free else padded_layout(plan)
-        outputs = run_buffer(h, heads, plan, layout, self.out_features)  # in plan (expert) order
-        return outputs.new_zeros(outputs.shape).index_copy(0, plan.rows, outputs)
+        return in_row_order(run_buffer(h, heads, plan, layout, self.out_features), plan)
 
     def _norm(self, index: int, h: torch.Tensor, select) -> torch.Tensor:
         if not len(self.norm_weights):
