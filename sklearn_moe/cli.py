@@ -125,15 +125,30 @@ def cross_validate_models(models: dict, X, y, task: str, cv: int, seed: int) -> 
     return pd.DataFrame(rows).sort_values("score", ascending=False, ignore_index=True)
 
 
-def fit_command(args) -> int:
+def new_estimator(task: str, args, **params):
+    """The MoE estimator for ``task``, with the command line's ``--seed`` and
+    ``--max-epochs`` and ``params``."""
     from sklearn_moe import MoEClassifier, MoERegressor
 
+    params = {"random_state": args.seed, **({"max_epochs": args.max_epochs} if args.max_epochs else {}), **params}
+    return (MoEClassifier if task == "classification" else MoERegressor)(**params)
+
+
+def save_model(model, out: Path, args, task: str, X, y, **summary) -> None:
+    """Write ``model`` and its summary (the data's description and ``summary``) to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save(out / MODEL_FILE)
+    summary = {"task": task, "target": args.target, "data": str(args.data), "n_rows": int(len(y)),
+               "columns": [str(c) for c in X.columns], **summary}
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+
+
+def fit_command(args) -> int:
     X, y, task = split_target(read_table(args.data), args.target, args.task)
     if args.cv < 2 or args.cv > len(y):
         raise InputError(f"--cv must be between 2 and the number of rows ({len(y)}); got {args.cv}")
     out = Path(args.out)
-    params = {"random_state": args.seed, **({"max_epochs": args.max_epochs} if args.max_epochs else {})}
-    moe = (MoEClassifier if task == "classification" else MoERegressor)(**params)
+    moe = new_estimator(task, args)
     if args.tune:
         moe = _tuned(moe, X, y, args)
     table = cross_validate_models({"moe": moe, **baselines(task, args.seed)}, X, y, task, args.cv, args.seed)
@@ -143,12 +158,8 @@ def fit_command(args) -> int:
     _progress("fitting the MoE on every row")
     moe.fit(X, y)
     _progress("")
-    out.mkdir(parents=True, exist_ok=True)
-    moe.save(out / MODEL_FILE)
-    summary = {"task": task, "target": args.target, "data": str(args.data), "cv": args.cv, "metric": metric,
-               "cross_validation": table.to_dict(orient="records"), "n_rows": int(len(y)),
-               "columns": [str(c) for c in X.columns]}
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    save_model(moe, out, args, task, X, y, cv=args.cv, metric=metric,
+               cross_validation=table.to_dict(orient="records"))
     written = [MODEL_FILE, SUMMARY_FILE] + _plots(moe, out)
     print(f"wrote {', '.join(str(out / name) for name in written)}")
     return 0

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..cli import EXIT_INPUT, MODEL_FILE, SUMMARY_FILE, InputError, read_table, split_target
+from ..cli import EXIT_INPUT, MODEL_FILE, SUMMARY_FILE, InputError, new_estimator, read_table, save_model, split_target
 from .data_parallel import data_parallel
 
 __all__ = ["main"]
@@ -86,29 +86,20 @@ def fit(args) -> int:
     int
         0 on success.
     """
-    from sklearn_moe import MoEClassifier, MoERegressor
-
     X, y, task = split_target(read_table(args.data), args.target, args.task)
-    params = {"random_state": args.seed, **({"max_epochs": args.max_epochs} if args.max_epochs else {}),
-              **parse_params(args.param)}
-    estimator_class = MoEClassifier if task == "classification" else MoERegressor
     try:
-        model = estimator_class(**params)
+        model = new_estimator(task, args, **parse_params(args.param))
     except TypeError as error:
         raise InputError(f"bad --param: {error}") from error
     with data_parallel(expert_parallel=args.expert_parallel) as parallel:
         model.fit(X, y)
     if parallel.rank == 0:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save(out / MODEL_FILE)
         history = model.history_
         best = float(history["valid_loss"].min()) if "valid_loss" in history else None
-        summary = {"task": task, "target": args.target, "data": str(args.data), "n_rows": int(len(y)),
-                   "columns": [str(c) for c in X.columns], "world_size": parallel.world_size,
-                   "expert_parallel": parallel.expert_parallel,
-                   "backend": dist.get_backend(), "epochs": int(model.n_iter_), "best_valid_loss": best}
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        save_model(model, out, args, task, X, y, world_size=parallel.world_size,
+                   expert_parallel=parallel.expert_parallel, backend=dist.get_backend(),
+                   epochs=int(model.n_iter_), best_valid_loss=best)
         print(f"{parallel.world_size} processes, {model.n_iter_} epochs, best validation loss {best}; "
               f"wrote {out / MODEL_FILE}, {out / SUMMARY_FILE}")
     return 0
