@@ -322,6 +322,24 @@ def test_the_blocked_layout_holds_whole_blocks_of_one_expert(skew):
     assert torch.equal(group.experts, group.experts.sort().values)
 
 
+@pytest.mark.parametrize("n_experts", [4, 16, 64, 128])
+def test_the_blocked_layouts_buffer_stays_near_the_assignments_of_a_large_batch(n_experts):
+    # Every buffer row runs through the experts: past a mean load of 128 the buffer is
+    # under 1.5 times the assignments; below it no block is thinner than 32 rows (or the
+    # mean load), so a small batch does not run as many thin blocks.
+    from sklearn_moe.nn.layouts import block_rows
+
+    for mean_load in (1, 5, 16, 31, 32, 100, 128, 1000, 2048, 5000):
+        m = mean_load * n_experts
+        rows = block_rows(m, n_experts)
+        buffer_rows = (m + n_experts * (rows - 1)) // rows * rows
+        assert rows & (rows - 1) == 0 and rows >= 8
+        if mean_load >= 128:
+            assert buffer_rows < 1.5 * m, (mean_load, rows)
+        else:
+            assert rows >= min(32, mean_load), (mean_load, rows)
+
+
 def test_the_blocked_layout_is_one_block_per_expert_when_a_bound_makes_that_smaller():
     from sklearn_moe.nn.layouts import blocked_layout
 

@@ -24,9 +24,8 @@ rounding.
   n_experts`` whatever the routing, and every block runs as one slice of a batched matmul
   over the gathered weights of its expert. The buffer's size does not depend on the
   routing: about ``m + n_experts * block_rows`` rows for ``m`` assignments. With
-  ``block_rows`` the mean load rounded up to a power of two (at least 8), that is about
-  twice ``m`` when the mean load is a power of two, under three times ``m`` whenever the
-  mean load is at least 8, and at most ``m + 7 n_experts`` rows below that.
+  ``block_rows`` a quarter of the mean load rounded up to a power of two (:func:`block_rows`),
+  that is under ``1.5 m`` for large batches (mean loads of 128 and more).
 - ``"grouped"`` (training on a GPU whose PyTorch runs ``torch._grouped_mm`` as one fused
   kernel: bfloat16 on compute capability 9.0 or 10.0, see
   :func:`~._sync.grouped_mm_supported`): the expert-sorted rows, each expert's group
@@ -150,10 +149,23 @@ def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan
 
 
 def block_rows(n_assignments: int, n_experts: int) -> int:
-    """Rows per block of :func:`blocked_layout`: the mean load per expert rounded up to a
-    power of two, at least 8."""
+    """Rows per block of :func:`blocked_layout`, a power of two: a quarter of the mean load
+    per expert rounded up, but at least 32 (or the mean load rounded up, when that is less)
+    and at least 8.
+
+    The buffer holds ``m + n_experts * (B - 1)`` rows, all of which the experts run. A
+    quarter of the mean load keeps that under ``1.5 m`` (a block of the whole mean load
+    would make it ``2 m`` to ``3 m``: the matrix products of a large batch double); a floor
+    of 32 rows keeps small batches from running many thin blocks, which batched matrix
+    products run at a lower rate and whose gathered weights cost as much as their rows.
+    """
     mean = -(-n_assignments // max(n_experts, 1))
-    return max(8, 1 << max(mean - 1, 0).bit_length())
+    quarter = -(-mean // 4)
+    return max(8, min(_power_of_two_at_least(mean), max(32, _power_of_two_at_least(quarter))))
+
+
+def _power_of_two_at_least(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
 
 
 def blocked_layout(plan: DispatchPlan, max_count: int | None = None) -> BufferLayout:
