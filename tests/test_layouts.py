@@ -122,3 +122,53 @@ def test_large_eval_batches_take_the_sorted_layout_with_the_same_predictions(mon
             module.experts.output.bias[1] = float("nan")
             masked = module.predict(x)
     assert torch.isfinite(masked).all()
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_a_choice_major_plan_gives_every_assignment_the_slot_a_sort_would(sync_free):
+    # expert_order=False ranks each assignment within its expert by a one-hot cumulative
+    # sum instead of a sort: the same (row, expert, slot, weight) assignments, choice-major.
+    module, x, _ = skewed_plan()
+    with torch.no_grad():
+        routing = module.router(x)
+    sorted_plan = plan_dispatch(routing.indices, routing.weights, 6)
+    plan = plan_dispatch(routing.indices, routing.weights, 6, sync_free=sync_free, expert_order=False)
+    assert sorted_plan.by_expert and not plan.by_expert
+    n = x.shape[0]
+    assert torch.equal(plan.rows, torch.arange(2 * n) % n)  # every row's first choice, then its second
+    assert torch.equal(plan.experts, routing.indices.t().reshape(-1))
+    assert torch.equal(plan.counts, sorted_plan.counts) and torch.equal(plan.kept_counts, sorted_plan.kept_counts)
+    assert plan.n_slots == (None if sync_free else sorted_plan.n_slots)
+
+    def by_assignment(p):
+        key = p.experts * n + p.rows
+        order = key.argsort()
+        return p.slots[order], p.weights[order]
+
+    for ours, reference in zip(by_assignment(plan), by_assignment(sorted_plan)):
+        assert torch.equal(ours, reference)
+
+
+def test_a_choice_major_plan_never_takes_the_sorted_layout():
+    module, x, _ = skewed_plan(n_rows=6 * SORTED_MIN_ROWS_PER_EXPERT * 2)
+    module.eval()
+    with torch.no_grad():
+        routing = module.router(x)
+        plan = plan_dispatch(routing.indices, routing.weights, 6, expert_order=False)
+        assert choose_layout(plan, training=False, device_type="cpu") == "padded"
+        assert choose_layout(plan._replace(by_expert=True), training=False, device_type="cpu") == "sorted"
+        with pytest.raises(ValueError, match="sorted by expert"):
+            expert_outputs(x, module.experts, plan, module.n_outputs, "sorted")
+        reference = dispatch_combine(x, module.experts, plan_dispatch(routing.indices, routing.weights, 6), 2)
+        torch.testing.assert_close(layout_combine(module, x, plan, "blocked"), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_the_blocked_layout_of_a_single_expert_holds_its_rows():
+    from sklearn_moe.nn.layouts import blocked_layout
+
+    plan = plan_dispatch(torch.zeros(100, 1, dtype=torch.long), torch.ones(100, 1), 1, sync_free=True,
+                         expert_order=False)
+    layout = blocked_layout(plan)
+    (group,) = layout.groups
+    assert torch.equal(group.experts, torch.zeros(group.n_experts, dtype=torch.long))
+    assert torch.equal(layout.positions, torch.arange(100))

@@ -572,8 +572,9 @@ class ExpertParallelMoE(MixtureOfExperts):
         raise NotImplementedError("split_expert is not supported on an expert-parallel module: gather_experts(), "
                                   "split the single-process module's expert, then shard_experts() again")
 
+    _expert_sorted_plans = True  # sorted by expert, the rows are grouped by the rank that owns it
+
     def _independent_outputs(self, x: torch.Tensor, plan, max_count: int) -> torch.Tensor:
-        # The plan's rows are sorted by expert, so grouped by the rank that owns it.
         return self.experts(x.index_select(0, plan.rows), plan.kept_counts)
 
 

@@ -23,7 +23,9 @@ value to size its output) makes the host wait for the device. What here needs no
   have a size known on the host, the counts per expert are a scatter-add
   (:func:`count_experts`), the sort, slots and offsets stay on the device; with
   ``plan_dispatch(..., sync_free=True)`` the busiest expert's count ``n_slots`` is not read
-  (None), and the layouts of :mod:`.layouts` that need no such size run it;
+  (None), and the layouts of :mod:`.layouts` that need no such size run it. Those layouts
+  place assignments by (expert, slot), so such a plan may skip the sort
+  (``expert_order=False``): its slots come from a cumulative sum of one-hot rows;
 - :func:`combine`, :func:`normalize_per_row`, :func:`scale_gradient`;
 - the masking of non-finite outputs given a device ``tally`` (:func:`mask_failed_experts`):
   every output passes through ``torch.where``, and the failed assignments are counted per
@@ -97,6 +99,10 @@ class DispatchPlan(NamedTuple):
     kept_counts : Tensor of shape (n_experts,), int64
         Assignments per expert after the capacity cap: the lengths of the expert runs of
         ``rows``.
+    by_expert : bool, default=True
+        Whether the assignments are sorted by expert; False for a plan that
+        :func:`plan_dispatch` left choice-major (``expert_order=False``), whose slots are
+        still each assignment's rank within its expert.
     """
 
     rows: torch.Tensor
@@ -106,6 +112,7 @@ class DispatchPlan(NamedTuple):
     counts: torch.Tensor
     n_slots: int | None
     kept_counts: torch.Tensor
+    by_expert: bool = True
 
 
 class BufferLayout(NamedTuple):
@@ -155,6 +162,7 @@ def plan_dispatch(
     overflow: str = "drop",
     ranking: torch.Tensor | None = None,
     sync_free: bool = False,
+    expert_order: bool = True,
 ) -> DispatchPlan:
     """Sort the assignments of ``indices`` (n, k) by expert and give each a buffer row.
 
@@ -179,13 +187,21 @@ def plan_dispatch(
         Leave ``n_slots`` unread (None): reading the busiest expert's count makes the host
         wait for a GPU. Without ``capacity`` and ``active`` nothing else in the plan is
         read on the host either (see the module docstring).
+    expert_order : bool, default=True
+        False: the caller places assignments by (expert, slot) and does not need them
+        grouped by expert (every layout but ``"sorted"``; expert parallelism does need
+        them). A plan without ``capacity`` and ``active`` then skips the sort: the
+        assignments stay choice-major, and each one's slot, its rank within its expert, is
+        read from a cumulative sum of one-hot rows (fewer kernels on a GPU, where a small
+        step's time is its launches). Other plans are sorted all the same.
 
     Returns
     -------
     DispatchPlan
-        The kept assignments, stably sorted by expert, with their slots, weights
-        (renormalised per row when capacity removed some) and the per-expert counts before
-        and after the cap.
+        The kept assignments, stably sorted by expert (choice-major where
+        ``expert_order=False`` allowed it: ``by_expert`` says which), with their slots,
+        weights (renormalised per row when capacity removed some) and the per-expert counts
+        before and after the cap.
 
     Raises
     ------
@@ -195,6 +211,8 @@ def plan_dispatch(
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     n = indices.shape[0]
+    if active is None and capacity is None and not expert_order:
+        return _choice_major_plan(indices, weights, n_experts, sync_free)
     if active is None and capacity is None:
         # Every assignment, choice-major: flat position p holds row p % n (computed from
         # the sorting order below, a launch instead of three).
@@ -226,6 +244,21 @@ def plan_dispatch(
     slots = _rank_in_sorted(experts, kept_counts)
     n_slots = None if sync_free else (int(kept_counts.max()) if experts.numel() else 0)
     return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, kept_counts)
+
+
+def _choice_major_plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int,
+                       sync_free: bool) -> DispatchPlan:
+    """Every assignment, left choice-major, its slot its rank within its expert in that
+    order (the slot a stable sort by expert would give it), without a sort."""
+    n = indices.shape[0]
+    experts = _choice_major(indices)
+    chosen = experts.unsqueeze(1) == torch.arange(n_experts, device=experts.device)
+    running = chosen.cumsum(0)  # (m, n_experts): each expert's assignments so far
+    counts = running[-1] if experts.numel() else experts.new_zeros(n_experts)
+    slots = running.gather(1, experts.unsqueeze(1)).squeeze(1) - 1
+    rows = torch.arange(experts.shape[0], device=experts.device).remainder(max(n, 1))
+    n_slots = None if sync_free else (int(counts.max()) if experts.numel() else 0)
+    return DispatchPlan(rows, experts, slots, _choice_major(weights), counts, n_slots, counts, by_expert=False)
 
 
 def padded_layout(plan: DispatchPlan) -> BufferLayout:

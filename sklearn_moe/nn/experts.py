@@ -638,7 +638,8 @@ class AdapterExperts(_ExpertMLP):
         if h.shape[0] == 0:
             return h.new_zeros(0, self.out_features)
         sync_free = avoid_host_reads(h.device, self.training)
-        plan = plan_dispatch(experts.unsqueeze(1), h.new_ones(h.shape[0], 1), self.n_experts, sync_free=sync_free)
+        plan = plan_dispatch(experts.unsqueeze(1), h.new_ones(h.shape[0], 1), self.n_experts, sync_free=sync_free,
+                             expert_order=not sync_free)
         weight, bias = self.head_weight.to(h.dtype), self.head_bias.to(h.dtype)
 
         def heads(blocks, block_experts):  # one block: every expert in order (padded), or one per block

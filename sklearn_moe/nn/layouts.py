@@ -88,7 +88,8 @@ def choose_layout(plan: DispatchPlan, training: bool, device_type: str, grouped:
         ``"padded"`` on a GPU; on the CPU, ``"staircase"`` in training when there are at
         least :data:`STAIRCASE_MIN_ASSIGNMENTS` assignments and one block would pad them by
         more than :data:`STAIRCASE_MIN_PADDING`, ``"sorted"`` in evaluation when the
-        experts average at least :data:`SORTED_MIN_ROWS_PER_EXPERT` assignments.
+        experts average at least :data:`SORTED_MIN_ROWS_PER_EXPERT` assignments and the
+        plan is sorted by expert (``plan.by_expert``).
     """
     if plan.n_slots is None:
         return "grouped" if grouped else "blocked"
@@ -98,7 +99,8 @@ def choose_layout(plan: DispatchPlan, training: bool, device_type: str, grouped:
     if training:
         uneven = n_experts * plan.n_slots > (1 + STAIRCASE_MIN_PADDING) * n_kept
         return "staircase" if n_kept >= STAIRCASE_MIN_ASSIGNMENTS and uneven else "padded"
-    return "sorted" if n_kept >= SORTED_MIN_ROWS_PER_EXPERT * n_experts else "padded"
+    many_rows = n_kept >= SORTED_MIN_ROWS_PER_EXPERT * n_experts
+    return "sorted" if many_rows and plan.by_expert else "padded"
 
 
 def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
@@ -131,9 +133,11 @@ def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan
     Raises
     ------
     ValueError
-        For an unknown ``layout``.
+        For an unknown ``layout``, or ``"sorted"`` for a plan not sorted by expert.
     """
     if layout == "sorted":
+        if not plan.by_expert:
+            raise ValueError("layout='sorted' needs a plan sorted by expert (plan_dispatch(..., expert_order=True))")
         return experts.forward_sorted(x.index_select(0, plan.rows), plan.kept_counts.tolist())
     if layout == "staircase":
         return run_buffer(x, experts, plan, staircase_layout(plan), n_outputs)
@@ -206,9 +210,10 @@ def blocked_layout(plan: DispatchPlan, max_count: int | None = None) -> BufferLa
         return BufferLayout(plan.experts * max_count + plan.slots, (ExpertGroup(None, n_experts, 0, max_count, 0),))
     blocks = (plan.kept_counts + (rows - 1)) // rows
     ends = torch.cumsum(blocks, 0)
-    positions = (ends - blocks).index_select(0, plan.experts) * rows + plan.slots
+    positions = plan.slots.add((ends - blocks).index_select(0, plan.experts), alpha=rows)
     every_block = torch.arange(n_blocks, device=ends.device)
-    block_experts = torch.searchsorted(ends, every_block, right=True).clamp_max_(n_experts - 1)
+    # Searching all but the last expert's end sends the unused blocks to the last expert.
+    block_experts = torch.searchsorted(ends[:-1], every_block, right=True)
     return BufferLayout(positions, (ExpertGroup(block_experts, n_blocks, 0, rows, 0),))
 
 

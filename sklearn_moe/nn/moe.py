@@ -584,7 +584,8 @@ class MixtureOfExperts(nn.Module):
             if capacity is not None and self.capacity_overflow == "reroute":
                 ranking = routing.scores.argsort(dim=1, descending=True)
             plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active, self.capacity_overflow,
-                                 ranking, sync_free=tally is not None)
+                                 ranking, sync_free=tally is not None,
+                                 expert_order=self._expert_sorted_plans or tally is None)
             rows, experts, flat_weights = plan.rows, plan.experts, plan.weights
             plan_counts = plan.counts
             if capacity is not None:  # else nothing was dropped
@@ -605,6 +606,12 @@ class MixtureOfExperts(nn.Module):
             outputs = self.experts(x.index_select(0, rows), experts)
         assignments = assignments_with_outputs(rows, experts, flat_weights, outputs, n, grad_scale, tally)
         return assignments, plan_counts, n_dropped
+
+    #: Whether :meth:`_independent_outputs` needs its plans sorted by expert. The sync-free
+    #: layouts place assignments by (expert, slot), so a sync-free dropless plan skips the
+    #: sort (elsewhere the sort is cheaper than the one-hot ranks on a CPU, and evaluation's
+    #: ``"sorted"`` layout needs it).
+    _expert_sorted_plans = False
 
     def _independent_outputs(self, x: torch.Tensor, plan, max_count: int) -> torch.Tensor:
         """The independent experts' outputs for ``plan``'s assignments, in plan order: Tensor
