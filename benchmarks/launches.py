@@ -12,6 +12,7 @@ aten = torch.ops.aten
 # Operators that make no kernel on a GPU besides the views: an allocation, a metadata change,
 # a Python number wrapped as a tensor (on the host, as ``torch.where(mask, x, 0.0)`` does).
 _NO_KERNEL = {aten._unsafe_view.default, aten.empty.memory_format, aten.empty_strided.default,
+              aten.new_empty.default, aten.new_empty_strided.default,
               aten._reshape_alias.default, aten.scalar_tensor.default}
 
 

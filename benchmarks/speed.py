@@ -47,7 +47,7 @@ import torch
 from sklearn_moe import MoERegressor
 from sklearn_moe._training import build_module
 from sklearn_moe.nn import MixtureOfExperts
-from sklearn_moe.nn._sync import avoid_host_reads, grouped_mm_supported
+from sklearn_moe.nn._sync import avoid_host_reads, grouped_mm_supported, sync_free_paths
 from sklearn_moe.nn.dispatch import padded_layout, plan_dispatch
 from sklearn_moe.nn.layouts import blocked_layout, choose_layout, grouped_layout, staircase_layout
 from sklearn_moe.nn.losses import per_expert_loss
@@ -104,7 +104,8 @@ def _block_medians(steps: dict, blocks: int, calls: int) -> dict:
 
 def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: tuple[int, ...] = (128, 128),
                    top_k: int = 2, expert_counts=EXPERT_COUNTS, rounds: int = 30, device: str = "cpu",
-                   expert_type: str = "independent", precision: str = "float32", graph: bool = False) -> dict:
+                   expert_type: str = "independent", precision: str = "float32", graph: bool = False,
+                   sync_free: bool = False) -> dict:
     """Seconds per training step of a MixtureOfExperts, per n_experts.
 
     Three timings each: forward+backward, the full step (with a fused AdamW update) and the
@@ -119,8 +120,17 @@ def expert_scaling(batch_size: int = 1024, n_features: int = 32, expert_hidden: 
     start of training) and in training mode, with the Switch balance and z-loss terms in
     the loss. ``precision="bf16"`` runs every forward under bfloat16 autocast. With
     ``graph`` on CUDA, the full step is also captured in a CUDA graph (with a capturable
-    fused AdamW) and its replay timed.
+    fused AdamW) and its replay timed. ``sync_free`` runs every step on the GPU's training
+    paths (:func:`~sklearn_moe.nn._sync.sync_free_paths`) on the CPU too: its
+    ``kernel_launches`` are those of the GPU's step (the times are the CPU's).
     """
+    if sync_free:
+        with sync_free_paths():
+            result = expert_scaling(batch_size, n_features, expert_hidden, top_k, expert_counts, rounds, device,
+                                    expert_type, precision, graph)
+        result["command"] += " --sync-free"
+        result["config"]["sync_free"] = True
+        return result
     device = torch.device(device)
     autocast = precision == "bf16"
     generator = torch.Generator().manual_seed(0)
@@ -674,7 +684,7 @@ def peak_memory(n_rows: int = 100_000, n_features: int = 32) -> dict:
 
 PARTS = {
     "experts": lambda args: expert_scaling(rounds=args.rounds, device=args.device, expert_type=args.expert_type,
-                                           precision=args.precision, graph=args.graph),
+                                           precision=args.precision, graph=args.graph, sync_free=args.sync_free),
     "overhead": lambda args: wrapper_overhead(device=args.device),
     "predict": lambda args: predict_speed(),
     "memory": lambda args: peak_memory(),
@@ -693,6 +703,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="experts part: bfloat16 autocast for the steps (default: float32)")
     parser.add_argument("--graph", action="store_true",
                         help="experts part on CUDA: also time the full step replayed from a CUDA graph")
+    parser.add_argument("--sync-free", action="store_true",
+                        help="experts part: take the GPU's training paths on the CPU too (their kernel launches)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results")
     args = parser.parse_args(argv)
     if args.threads:
@@ -708,6 +720,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(result, indent=2))
         kind = f"_{args.expert_type}" if part == "experts" and args.expert_type != "independent" else ""
         kind += f"_{args.precision}" if part == "experts" and args.precision != "float32" else ""
+        kind += "_sync_free" if part == "experts" and args.sync_free else ""
         path = args.out / f"speed_{part}{kind}{suffix}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")

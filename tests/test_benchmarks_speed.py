@@ -26,6 +26,18 @@ def test_expert_scaling_reports_every_count_relative_to_the_first():
     assert rows[0]["balanced_experts_alone_ratio"] == 1.0 and rows[0]["routed_experts_alone_ratio"] == 1.0
 
 
+def test_expert_scaling_on_the_sync_free_paths_counts_the_gpus_step(tmp_path):
+    result = speed.main(["--part", "experts", "--sync-free", "--rounds", "1", "--out", str(tmp_path)])["experts"]
+    assert result["command"] == "python -m benchmarks.speed --part experts --sync-free"
+    assert result["config"]["sync_free"] is True
+    assert (tmp_path / "speed_experts_sync_free.json").exists()
+    rows = {row["n_experts"]: row for row in result["rows"]}
+    assert rows[64]["layout"] == "blocked" and rows[2]["layout"].startswith("blocked (one block")
+    # Every sparse count launches as many kernels (none per expert)
+    assert len({rows[n]["kernel_launches"] for n in (8, 16, 32, 64, 128)}) == 1
+    assert result["criterion"]["kernel_launches"]["ratio_64_over_2"] > 1
+
+
 def test_routed_layout_holds_every_assignment_of_the_routing():
     torch.manual_seed(0)
     module = MixtureOfExperts(4, 1, n_experts=16, top_k=2, expert_hidden=(8,)).train()

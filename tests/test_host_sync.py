@@ -276,7 +276,7 @@ def test_sync_free_masking_of_a_failed_expert_is_the_same_and_warns_on_leaving_t
             out = module(x)
             out.output.sum().backward()
     torch.testing.assert_close(out.output, reference.output, rtol=1e-5, atol=1e-6)
-    # The sync-free plan keeps the assignments choice-major: compare them by (expert, row).
+    # The sync-free plan keeps the assignments in row order: compare them by (expert, row).
     torch.testing.assert_close(_by_assignment(out.assignments), _by_assignment(reference.assignments), rtol=0, atol=0)
     assert torch.isfinite(out.output).all()
     n_failed = int((reference.assignments.experts == 3).sum())  # every row routed to expert 3

@@ -125,9 +125,9 @@ def test_large_eval_batches_take_the_sorted_layout_with_the_same_predictions(mon
 
 
 @pytest.mark.parametrize("sync_free", [False, True])
-def test_a_choice_major_plan_gives_every_assignment_the_slot_a_sort_would(sync_free):
+def test_a_plan_in_row_order_ranks_each_assignment_within_its_expert(sync_free):
     # expert_order=False ranks each assignment within its expert by a one-hot cumulative
-    # sum instead of a sort: the same (row, expert, slot, weight) assignments, choice-major.
+    # sum instead of a sort: the same (row, expert, weight) assignments, in row order.
     module, x, _ = skewed_plan()
     with torch.no_grad():
         routing = module.router(x)
@@ -135,21 +135,21 @@ def test_a_choice_major_plan_gives_every_assignment_the_slot_a_sort_would(sync_f
     plan = plan_dispatch(routing.indices, routing.weights, 6, sync_free=sync_free, expert_order=False)
     assert sorted_plan.by_expert and not plan.by_expert
     n = x.shape[0]
-    assert torch.equal(plan.rows, torch.arange(2 * n) % n)  # every row's first choice, then its second
-    assert torch.equal(plan.experts, routing.indices.t().reshape(-1))
+    assert torch.equal(plan.rows, torch.arange(2 * n) // 2)  # row 0's two choices, then row 1's, ...
+    assert torch.equal(plan.experts, routing.indices.reshape(-1))
     assert torch.equal(plan.counts, sorted_plan.counts) and torch.equal(plan.kept_counts, sorted_plan.kept_counts)
     assert plan.n_slots == (None if sync_free else sorted_plan.n_slots)
+    for expert in range(6):  # each expert's assignments take slots 0, 1, 2, ... in row order
+        slots = plan.slots[plan.experts == expert]
+        assert torch.equal(slots, torch.arange(slots.shape[0]))
 
-    def by_assignment(p):
-        key = p.experts * n + p.rows
-        order = key.argsort()
-        return p.slots[order], p.weights[order]
+    def weights_by_assignment(p):
+        return p.weights[(p.experts * n + p.rows).argsort()]
 
-    for ours, reference in zip(by_assignment(plan), by_assignment(sorted_plan)):
-        assert torch.equal(ours, reference)
+    assert torch.equal(weights_by_assignment(plan), weights_by_assignment(sorted_plan))
 
 
-def test_a_choice_major_plan_never_takes_the_sorted_layout():
+def test_a_plan_in_row_order_never_takes_the_sorted_layout():
     module, x, _ = skewed_plan(n_rows=6 * SORTED_MIN_ROWS_PER_EXPERT * 2)
     module.eval()
     with torch.no_grad():
@@ -172,3 +172,27 @@ def test_the_blocked_layout_of_a_single_expert_holds_its_rows():
     (group,) = layout.groups
     assert torch.equal(group.experts, torch.zeros(group.n_experts, dtype=torch.long))
     assert torch.equal(layout.positions, torch.arange(100))
+
+
+@pytest.mark.parametrize("block_experts", [[torch.tensor([3, 0, 3, 5, 1])], [torch.tensor([2, 2]), torch.tensor([4])]])
+def test_selecting_experts_for_blocks_has_index_selects_values_and_gradients(block_experts):
+    # One block: every tensor gathered side by side and the gradients scattered end to end
+    # at once; several: one gather per tensor. Either way the values and gradients of
+    # index_select, and gradients with their parameters' strides (autograd keeps them as
+    # they are instead of copying them).
+    from sklearn_moe.nn.experts import select_experts
+
+    generator = torch.Generator().manual_seed(8)
+    stacked = [torch.randn(6, *shape, generator=generator, requires_grad=True) for shape in ((4, 3), (1, 3), (3,), ())]
+    references = [[t.index_select(0, ids) for ids in block_experts] for t in stacked]
+    selected = select_experts(stacked, block_experts)
+    probes = [[torch.randn(s.shape, generator=generator) for s in per_tensor] for per_tensor in references]
+    for ours, reference in zip(selected, references):
+        for a, b in zip(ours, reference):
+            assert torch.equal(a, b)
+    grads = torch.autograd.grad(sum((s * p).sum() for ss, ps in zip(selected, probes) for s, p in zip(ss, ps)), stacked)
+    reference_grads = torch.autograd.grad(
+        sum((s * p).sum() for ss, ps in zip(references, probes) for s, p in zip(ss, ps)), stacked)
+    for grad, reference, tensor in zip(grads, reference_grads, stacked):
+        torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-6)
+        assert grad.stride() == tensor.stride()

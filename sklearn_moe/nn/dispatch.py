@@ -101,8 +101,8 @@ class DispatchPlan(NamedTuple):
         ``rows``.
     by_expert : bool, default=True
         Whether the assignments are sorted by expert; False for a plan that
-        :func:`plan_dispatch` left choice-major (``expert_order=False``), whose slots are
-        still each assignment's rank within its expert.
+        :func:`plan_dispatch` left in row order (``expert_order=False``), whose slots are
+        each assignment's rank within its expert in that order.
     """
 
     rows: torch.Tensor
@@ -191,14 +191,15 @@ def plan_dispatch(
         False: the caller places assignments by (expert, slot) and does not need them
         grouped by expert (every layout but ``"sorted"``; expert parallelism does need
         them). A plan without ``capacity`` and ``active`` then skips the sort: the
-        assignments stay choice-major, and each one's slot, its rank within its expert, is
-        read from a cumulative sum of one-hot rows (fewer kernels on a GPU, where a small
-        step's time is its launches). Other plans are sorted all the same.
+        assignments stay in row order (row 0's choices, then row 1's, ...), and each one's
+        slot, its rank within its expert in that order, is read from a cumulative sum of
+        one-hot rows (fewer kernels on a GPU, where a small step's time is its launches).
+        Other plans are sorted all the same.
 
     Returns
     -------
     DispatchPlan
-        The kept assignments, stably sorted by expert (choice-major where
+        The kept assignments, stably sorted by expert (in row order where
         ``expert_order=False`` allowed it: ``by_expert`` says which), with their slots,
         weights (renormalised per row when capacity removed some) and the per-expert counts
         before and after the cap.
@@ -212,7 +213,7 @@ def plan_dispatch(
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     n = indices.shape[0]
     if active is None and capacity is None and not expert_order:
-        return _choice_major_plan(indices, weights, n_experts, sync_free)
+        return _row_major_plan(indices, weights, n_experts, sync_free)
     if active is None and capacity is None:
         # Every assignment, choice-major: flat position p holds row p % n (computed from
         # the sorting order below, a launch instead of three).
@@ -246,19 +247,19 @@ def plan_dispatch(
     return DispatchPlan(rows, experts, slots, expert_weights, counts, n_slots, kept_counts)
 
 
-def _choice_major_plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int,
-                       sync_free: bool) -> DispatchPlan:
-    """Every assignment, left choice-major, its slot its rank within its expert in that
-    order (the slot a stable sort by expert would give it), without a sort."""
-    n = indices.shape[0]
-    experts = _choice_major(indices)
+def _row_major_plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, sync_free: bool) -> DispatchPlan:
+    """Every assignment in row order (row 0's choices, then row 1's, ...: views of
+    ``indices`` and ``weights``), its slot its rank within its expert in that order, from a
+    cumulative sum instead of a sort."""
+    k = indices.shape[1]
+    experts = indices.reshape(-1)
     chosen = experts.unsqueeze(1) == torch.arange(n_experts, device=experts.device)
     running = chosen.cumsum(0)  # (m, n_experts): each expert's assignments so far
     counts = running[-1] if experts.numel() else experts.new_zeros(n_experts)
     slots = running.gather(1, experts.unsqueeze(1)).squeeze(1) - 1
-    rows = torch.arange(experts.shape[0], device=experts.device).remainder(max(n, 1))
+    rows = torch.arange(experts.shape[0], device=experts.device).div(k, rounding_mode="floor")
     n_slots = None if sync_free else (int(counts.max()) if experts.numel() else 0)
-    return DispatchPlan(rows, experts, slots, _choice_major(weights), counts, n_slots, counts, by_expert=False)
+    return DispatchPlan(rows, experts, slots, weights.reshape(-1), counts, n_slots, counts, by_expert=False)
 
 
 def padded_layout(plan: DispatchPlan) -> BufferLayout:
