@@ -225,7 +225,9 @@ def device_flags(device: torch.device, precision: str, graph: bool) -> str:
 
 
 def _launches(full_step, device: torch.device) -> int:
-    """Kernels one call of ``full_step`` launches (:class:`~benchmarks.launches.KernelLaunchCounter`)."""
+    """Kernels one call of ``full_step`` launches (:class:`~benchmarks.launches.KernelLaunchCounter`),
+    after a first call (which also builds the optimizer's state and any lazy buffers)."""
+    full_step()
     with KernelLaunchCounter() as counter:
         full_step()
     _sync(device)
