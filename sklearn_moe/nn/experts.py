@@ -21,7 +21,6 @@ caller's).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -230,52 +229,30 @@ def _prefix_sources(block_experts) -> list[int | None]:
 
 class _SelectExpertsAtOnce(torch.autograd.Function):
     """``[stacked[ids] for stacked in ...]`` for one index tensor ``ids``, as one gather of
-    the stacked tensors laid side by side, and in the backward one scatter-add of the
-    gradients into one buffer of the tensors laid end to end, which every gradient is a
-    contiguous view of. On a GPU, where a small step's time is its launches, that is two
-    kernels forward and four backward instead of one and two per tensor, at the price of
-    copying the tensors once. The selections are views of the gathered rows."""
+    the stacked tensors laid side by side; the backward adds each tensor's gradient rows
+    into its view of one zero buffer of the tensors laid end to end, which autograd keeps
+    as the parameters' gradients without copying them (contiguous, as the parameters).
+    On a GPU, where a small step's time is its launches, that is two kernels forward and
+    one plus one per tensor backward, instead of one and two per tensor. The selections
+    are views of the gathered rows."""
 
     @staticmethod
     def forward(ctx, ids, *stacked):
         n_experts = stacked[0].shape[0]
         ctx.save_for_backward(ids)
-        ctx.shapes = tuple(tensor.shape for tensor in stacked)
+        ctx.shapes = [tensor.shape for tensor in stacked]
         side_by_side = torch.cat([tensor.reshape(n_experts, -1) for tensor in stacked], dim=1)
         return tuple(_split_rows(side_by_side.index_select(0, ids), ctx.shapes))
 
     @staticmethod
     def backward(ctx, *grads):
         (ids,) = ctx.saved_tensors
-        side_by_side = torch.cat([grad.reshape(ids.shape[0], -1) for grad in grads], dim=1)
-        # Entry (b, c) of the gradients side by side, column c of tensor i (width p_i,
-        # first column o_i), goes to row ids[b] of tensor i end to end:
-        # n_experts * o_i + (c - o_i) + ids[b] * p_i.
-        widths, starts = _end_to_end_columns(ctx.shapes, ids.device)
-        targets = torch.addcmul(starts, ids.unsqueeze(1), widths)
-        end_to_end = side_by_side.new_zeros(sum(shape.numel() for shape in ctx.shapes))
-        end_to_end.index_add_(0, targets.view(-1), side_by_side.view(-1))
-        pieces, start = [], 0
-        for shape in ctx.shapes:
-            pieces.append(end_to_end[start:start + shape.numel()].view(shape))
+        end_to_end = grads[0].new_zeros(sum(shape.numel() for shape in ctx.shapes))
+        totals, start = [], 0
+        for shape, grad in zip(ctx.shapes, grads):
+            totals.append(end_to_end[start:start + shape.numel()].view(shape).index_add_(0, ids, grad))
             start += shape.numel()
-        return (None, *pieces)
-
-
-@functools.lru_cache(maxsize=32)
-def _end_to_end_columns(shapes, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For tensors of ``shapes`` (experts on axis 0) laid side by side, every column's
-    tensor width ``p_i`` and its row 0's place when the tensors lie end to end
-    (``n_experts * o_i + c - o_i``), as int64 Tensors of shape (1, columns) on ``device``;
-    built once per shapes and device, with kernels only (no copy from the host)."""
-    n_experts = shapes[0][0]
-    widths, starts, column = [], [], 0
-    for shape in shapes:
-        width = shape[1:].numel()
-        widths.append(torch.full((width,), width, dtype=torch.int64, device=device))
-        starts.append(torch.arange(width, device=device) + n_experts * column)
-        column += width
-    return torch.cat(widths).unsqueeze(0), torch.cat(starts).unsqueeze(0)
+        return (None, *totals)
 
 
 def _split_rows(side_by_side: torch.Tensor, shapes) -> list[torch.Tensor]:
