@@ -196,3 +196,14 @@ def test_selecting_experts_for_blocks_has_index_selects_values_and_gradients(blo
     for grad, reference, tensor in zip(grads, reference_grads, stacked):
         torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-6)
         assert grad.stride() == tensor.stride()
+
+
+def test_a_plan_whose_one_hot_table_would_be_too_large_is_sorted(monkeypatch):
+    from sklearn_moe.nn import dispatch
+
+    indices = torch.tensor([[3, 1], [1, 0], [3, 2]])
+    weights = torch.full((3, 2), 0.5)
+    assert not plan_dispatch(indices, weights, 4, sync_free=True, expert_order=False).by_expert
+    monkeypatch.setattr(dispatch, "ONE_HOT_MAX_ENTRIES", 6 * 4 - 1)
+    plan = plan_dispatch(indices, weights, 4, sync_free=True, expert_order=False)
+    assert plan.by_expert and torch.equal(plan.experts, torch.tensor([0, 1, 1, 2, 3, 3]))

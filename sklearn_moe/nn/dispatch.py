@@ -56,6 +56,9 @@ from typing import NamedTuple
 import torch
 
 OVERFLOW_POLICIES = ("drop", "reroute")
+#: Largest (assignments x experts) one-hot table a plan without sort builds (int64 running
+#: counts: 128 MiB); past it the plan sorts.
+ONE_HOT_MAX_ENTRIES = 1 << 24
 
 
 class ExpertGroup(NamedTuple):
@@ -193,8 +196,9 @@ def plan_dispatch(
         them). A plan without ``capacity`` and ``active`` then skips the sort: the
         assignments stay in row order (row 0's choices, then row 1's, ...), and each one's
         slot, its rank within its expert in that order, is read from a cumulative sum of
-        one-hot rows (fewer kernels on a GPU, where a small step's time is its launches).
-        Other plans are sorted all the same.
+        one-hot rows (fewer kernels on a GPU, where a small step's time is its launches),
+        when that table has at most :data:`ONE_HOT_MAX_ENTRIES` entries. Other plans are
+        sorted all the same.
 
     Returns
     -------
@@ -212,7 +216,7 @@ def plan_dispatch(
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
     n = indices.shape[0]
-    if active is None and capacity is None and not expert_order:
+    if active is None and capacity is None and not expert_order and indices.numel() * n_experts <= ONE_HOT_MAX_ENTRIES:
         return _row_major_plan(indices, weights, n_experts, sync_free)
     if active is None and capacity is None:
         # Every assignment, choice-major: flat position p holds row p % n (computed from
