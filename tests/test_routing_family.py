@@ -24,7 +24,7 @@ from sklearn_moe.nn import (
     switch_balance_loss,
 )
 from sklearn_moe.nn.dispatch import ExpertGroup, padded_layout
-from sklearn_moe.nn.layouts import staircase_layout
+from sklearn_moe.nn.layouts import MAX_GROUPS, staircase_layout
 
 from .conftest import FAST
 from .test_nn import inputs, make_moe, skew_router
@@ -596,14 +596,14 @@ def test_plan_layout_is_the_optimal_staircase(counts):
         assert thresholds == []
         return
     assert thresholds[-1] == counts.max()
-    assert all(a < b for a, b in zip(thresholds, thresholds[1:])) and len(thresholds) <= 4
+    assert all(a < b for a, b in zip(thresholds, thresholds[1:])) and len(thresholds) <= MAX_GROUPS
     assert staircase_rows(counts, thresholds) <= len(counts) * counts.max()
     # every expert gets at least its count: the first threshold at or above it exists
     assert all(any(t >= c for t in thresholds) for c in counts)
-    # optimal among thresholds taken from the counts (max included), at most 4 blocks
+    # optimal among thresholds taken from the counts (max included), at most MAX_GROUPS blocks
     values = sorted(set(int(c) for c in counts))
     best = min(layout_cost(counts, sorted({*subset, values[-1]}))
-               for size in range(4) for subset in itertools.combinations(values[:-1], size))
+               for size in range(MAX_GROUPS) for subset in itertools.combinations(values[:-1], size))
     assert layout_cost(counts, thresholds) == best
 
 
