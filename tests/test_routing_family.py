@@ -846,3 +846,21 @@ def test_top_p_one_and_edge_values_are_accepted():
     model = MoERegressor(**dict(SHORT, max_epochs=1), router="top_p", top_p=1.0, n_groups=1).fit(X, y)
     assert (model.route(X) > 0).sum(1).min() == 2  # top_p=1 uses top_k experts
     assert math.isfinite(float(model.predict(X[:1])[0]))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_indices_are_topks_on_the_cpu_and_distinct_whatever_the_scores(k):
+    from sklearn_moe.nn._sync import sync_free_paths
+    from sklearn_moe.nn.routers import top_indices
+
+    scores = torch.randn(500, 7, generator=torch.Generator().manual_seed(k))
+    assert torch.equal(top_indices(scores, k), scores.topk(k, dim=1).indices)
+    ties = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    if k <= 2:  # the arg-maxima: the first of tied columns wins
+        assert torch.equal(top_indices(ties, k), torch.tensor([[1, 2], [0, 1]])[:, :k])
+    cornered = torch.tensor([[float("-inf"), float("-inf"), 5.0], [float("-inf")] * 3, [float("nan")] * 3])
+    for row in top_indices(cornered, k):
+        assert len(set(row.tolist())) == k
+    assert int(top_indices(cornered, k)[0, 0]) == 2
+    with sync_free_paths():  # the GPU's path: torch.topk itself
+        assert torch.equal(top_indices(ties, k), ties.topk(k, dim=1).indices)
