@@ -259,13 +259,14 @@ def grouped_layout(plan: DispatchPlan) -> GroupedLayout:
     """
     m, n_experts, align = plan.rows.shape[0], plan.kept_counts.shape[0], GROUP_ALIGN
     n_rows = -(-m // align) * align + n_experts * align
-    sizes = (plan.kept_counts.clamp_min(1) + (align - 1)) // align * align
-    ends = torch.cumsum(sizes, 0)
-    ends = torch.cat((ends[:-1], ends.new_full((1,), n_rows)))  # the last group takes the rest
-    starts = torch.cat((ends.new_zeros(1), ends[:-1]))
-    positions = starts.index_select(0, plan.experts) + plan.slots
-    row_experts = torch.searchsorted(ends, torch.arange(n_rows, device=ends.device), right=True)
-    return GroupedLayout(positions, ends.to(torch.int32), row_experts, n_rows)
+    # Each count rounded up to a multiple of align (align is a power of two), at least align.
+    sizes = torch.bitwise_and(plan.kept_counts + (align - 1), -align).clamp_min_(align)
+    ends = torch.cumsum(sizes, 0, dtype=torch.int32)
+    starts = ends - sizes
+    ends[-1] = n_rows  # the last group takes the rest
+    positions = plan.slots.add(starts.index_select(0, plan.experts))
+    row_experts = torch.searchsorted(ends, torch.arange(n_rows, dtype=torch.int32, device=ends.device), right=True)
+    return GroupedLayout(positions, ends, row_experts, n_rows)
 
 
 def staircase_layout(plan: DispatchPlan) -> BufferLayout:
