@@ -259,7 +259,8 @@ def _row_major_plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int
     experts = indices.reshape(-1)
     chosen = experts.unsqueeze(1) == torch.arange(n_experts, device=experts.device)
     running = chosen.cumsum(0)  # (m, n_experts): each expert's assignments so far
-    counts = running[-1] if experts.numel() else experts.new_zeros(n_experts)
+    # A copy: a view would keep the whole (m, n_experts) table alive as long as the counts.
+    counts = running[-1].clone() if experts.numel() else experts.new_zeros(n_experts)
     slots = running.gather(1, experts.unsqueeze(1)).squeeze(1) - 1
     rows = torch.arange(experts.shape[0], device=experts.device).div(k, rounding_mode="floor")
     n_slots = None if sync_free else (int(counts.max()) if experts.numel() else 0)

@@ -248,22 +248,16 @@ class _SelectExpertsAtOnce(torch.autograd.Function):
     def backward(ctx, *grads):
         (ids,) = ctx.saved_tensors
         end_to_end = grads[0].new_zeros(sum(shape.numel() for shape in ctx.shapes))
-        totals, start = [], 0
-        for shape, grad in zip(ctx.shapes, grads):
-            totals.append(end_to_end[start:start + shape.numel()].view(shape).index_add_(0, ids, grad))
-            start += shape.numel()
-        return (None, *totals)
+        pieces = end_to_end.split([shape.numel() for shape in ctx.shapes])
+        return (None, *(piece.view(shape).index_add_(0, ids, grad)
+                        for piece, shape, grad in zip(pieces, ctx.shapes, grads)))
 
 
 def _split_rows(side_by_side: torch.Tensor, shapes) -> list[torch.Tensor]:
     """Views of the row-aligned pieces of ``side_by_side`` (rows, sum of the pieces'
     sizes), each reshaped to its ``shapes`` entry, with as many rows."""
-    pieces, start = [], 0
-    for shape in shapes:
-        size = shape[1:].numel()
-        pieces.append(side_by_side[:, start:start + size].view(side_by_side.shape[0], *shape[1:]))
-        start += size
-    return pieces
+    pieces = side_by_side.split([shape[1:].numel() for shape in shapes], dim=1)
+    return [piece.view(side_by_side.shape[0], *shape[1:]) for piece, shape in zip(pieces, shapes)]
 
 
 def select_experts(stacked: list[torch.Tensor], block_experts: list[torch.Tensor | None]

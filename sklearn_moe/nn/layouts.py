@@ -190,7 +190,8 @@ def blocked_layout(plan: DispatchPlan, max_count: int | None = None) -> BufferLa
     Parameters
     ----------
     plan : DispatchPlan
-        The assignments, sorted by expert (``n_slots`` is not used).
+        The assignments, in any order: each one's expert and its slot there place it
+        (``n_slots`` is not used).
     max_count : int, optional
         A bound, known on the host, on every expert's assignments: the batch's rows when no
         row repeats an expert (or a capacity, if smaller).
@@ -251,7 +252,8 @@ def grouped_layout(plan: DispatchPlan) -> GroupedLayout:
     Parameters
     ----------
     plan : DispatchPlan
-        The assignments, sorted by expert (``n_slots`` is not used).
+        The assignments, in any order: each one's expert and its slot there place it
+        (``n_slots`` is not used).
 
     Returns
     -------
