@@ -487,15 +487,24 @@ def test_flat_assignments_are_choice_major():
     torch.testing.assert_close(flat, torch.tensor([0.6, 0.7, 0.9, 0.3]))
 
 
-def test_combine_and_mask_failed_experts_by_hand():
+@pytest.mark.parametrize("per_row", [0, 2])  # indexed by rows, or sums over (rows, 2) views
+def test_combine_and_mask_failed_experts_by_hand(per_row):
     assignments = ExpertAssignments(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 2]),
                                     torch.tensor([0.25, 0.75, 0.5, 0.5]),
-                                    torch.tensor([[4.0], [8.0], [2.0], [float("nan")]]))
+                                    torch.tensor([[4.0], [8.0], [2.0], [float("nan")]]), per_row)
     assert mask_failed_experts(assignments._replace(outputs=torch.ones(4, 1)), 2).weights is assignments.weights
     with pytest.warns(RuntimeWarning, match=r"Expert\(s\) \[2\]"):
         masked = mask_failed_experts(assignments, 2)
     torch.testing.assert_close(masked.weights, torch.tensor([0.25, 0.75, 1.0, 0.0]))
     torch.testing.assert_close(combine(masked, 2), torch.tensor([[7.0], [2.0]]))
+    tally = torch.zeros(3, dtype=torch.long)  # the sync-free masking: same values, failures counted
+    masked = mask_failed_experts(assignments, 2, tally)
+    torch.testing.assert_close(masked.weights, torch.tensor([0.25, 0.75, 1.0, 0.0]))
+    torch.testing.assert_close(combine(masked, 2), torch.tensor([[7.0], [2.0]]))
+    assert tally.tolist() == [0, 0, 1]
+    finite = mask_failed_experts(assignments._replace(outputs=torch.ones(4, 1)), 2, tally)
+    torch.testing.assert_close(finite.weights, assignments.weights, rtol=0, atol=0)
+    assert tally.tolist() == [0, 0, 1]
 
 
 def test_dense_assignments_with_adapters():

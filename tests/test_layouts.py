@@ -134,6 +134,7 @@ def test_a_plan_in_row_order_ranks_each_assignment_within_its_expert(sync_free):
     sorted_plan = plan_dispatch(routing.indices, routing.weights, 6)
     plan = plan_dispatch(routing.indices, routing.weights, 6, sync_free=sync_free, expert_order=False)
     assert sorted_plan.by_expert and not plan.by_expert
+    assert sorted_plan.per_row == 0 and plan.per_row == 2
     n = x.shape[0]
     assert torch.equal(plan.rows, torch.arange(2 * n) // 2)  # row 0's two choices, then row 1's, ...
     assert torch.equal(plan.experts, routing.indices.reshape(-1))
@@ -156,7 +157,7 @@ def test_a_plan_in_row_order_never_takes_the_sorted_layout():
         routing = module.router(x)
         plan = plan_dispatch(routing.indices, routing.weights, 6, expert_order=False)
         assert choose_layout(plan, training=False, device_type="cpu") == "padded"
-        assert choose_layout(plan._replace(by_expert=True), training=False, device_type="cpu") == "sorted"
+        assert choose_layout(plan._replace(per_row=0), training=False, device_type="cpu") == "sorted"
         with pytest.raises(ValueError, match="sorted by expert"):
             expert_outputs(x, module.experts, plan, module.n_outputs, "sorted")
         reference = dispatch_combine(x, module.experts, plan_dispatch(routing.indices, routing.weights, 6), 2)
@@ -207,3 +208,26 @@ def test_a_plan_whose_one_hot_table_would_be_too_large_is_sorted(monkeypatch):
     monkeypatch.setattr(dispatch, "ONE_HOT_MAX_ENTRIES", 6 * 4 - 1)
     plan = plan_dispatch(indices, weights, 4, sync_free=True, expert_order=False)
     assert plan.by_expert and torch.equal(plan.experts, torch.tensor([0, 1, 1, 2, 3, 3]))
+
+
+@pytest.mark.parametrize("layout", ["padded", "blocked", "grouped"])
+def test_a_plan_in_row_order_trains_like_a_sorted_plan_input_gradient_included(layout):
+    # Row order broadcasts each row to its k buffer positions and sums each row's k outputs
+    # over a view, where a sorted plan gathers and scatter-adds by row.
+    module, x, _ = skewed_plan()
+    module.train()
+    with torch.no_grad():
+        routing = module.router(x)
+    results = []
+    for plan, name in ((plan_dispatch(routing.indices, routing.weights, 6), "padded"),
+                       (plan_dispatch(routing.indices, routing.weights, 6, expert_order=False), layout)):
+        module.zero_grad()
+        rows = x.clone().requires_grad_()
+        outputs = expert_outputs(rows, module.experts, plan, module.n_outputs, name)
+        assignments = ExpertAssignments(plan.rows, plan.experts, plan.weights, outputs, plan.per_row)
+        out = combine(assignments, x.shape[0])
+        (out * torch.linspace(-1, 1, 2)).sum().backward()
+        results.append((out.detach(), rows.grad, module.experts.output.weight.grad.clone()))
+    assert results[1][1].abs().sum() > 0
+    for ours, reference in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)

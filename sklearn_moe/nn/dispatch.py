@@ -102,10 +102,11 @@ class DispatchPlan(NamedTuple):
     kept_counts : Tensor of shape (n_experts,), int64
         Assignments per expert after the capacity cap: the lengths of the expert runs of
         ``rows``.
-    by_expert : bool, default=True
-        Whether the assignments are sorted by expert; False for a plan that
-        :func:`plan_dispatch` left in row order (``expert_order=False``), whose slots are
-        each assignment's rank within its expert in that order.
+    per_row : int, default=0
+        0 for assignments sorted by expert; ``k`` for a plan that :func:`plan_dispatch`
+        left in row order (``expert_order=False``): row ``i``'s ``k`` assignments are
+        ``i * k`` to ``i * k + k - 1``, and the slots are each assignment's rank within its
+        expert in that order.
     """
 
     rows: torch.Tensor
@@ -115,7 +116,12 @@ class DispatchPlan(NamedTuple):
     counts: torch.Tensor
     n_slots: int | None
     kept_counts: torch.Tensor
-    by_expert: bool = True
+    per_row: int = 0
+
+    @property
+    def by_expert(self) -> bool:
+        """Whether the assignments are sorted by expert (else in row order)."""
+        return not self.per_row
 
 
 class BufferLayout(NamedTuple):
@@ -264,7 +270,7 @@ def _row_major_plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int
     slots = running.gather(1, experts.unsqueeze(1)).squeeze(1) - 1
     rows = torch.arange(experts.shape[0], device=experts.device).div(k, rounding_mode="floor")
     n_slots = None if sync_free else (int(counts.max()) if experts.numel() else 0)
-    return DispatchPlan(rows, experts, slots, weights.reshape(-1), counts, n_slots, counts, by_expert=False)
+    return DispatchPlan(rows, experts, slots, weights.reshape(-1), counts, n_slots, counts, per_row=k)
 
 
 def padded_layout(plan: DispatchPlan) -> BufferLayout:
@@ -278,7 +284,7 @@ def padded_layout(plan: DispatchPlan) -> BufferLayout:
     return BufferLayout(plan.experts * n_slots + plan.slots, groups)
 
 
-def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int, per_row: int = 0) -> torch.Tensor:
     """Assignment ``weights`` divided by their row's total, so each row's weights sum to 1.
 
     A row whose weights are all zero (none kept, or all underflowed) keeps zeros instead of
@@ -290,13 +296,20 @@ def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int) ->
     rows : Tensor of shape (m,), int64
         The row of each assignment, in ``[0, n_rows)``.
     n_rows : int
+    per_row : int, default=0
+        ``k`` for row-major assignments, ``k`` per row (see :class:`ExpertAssignments`):
+        the totals are then sums over a ``(n_rows, k)`` view.
 
     Returns
     -------
     Tensor of shape (m,)
     """
+    tiny = torch.finfo(weights.dtype).tiny
+    if per_row:
+        table = weights.view(n_rows, per_row)
+        return (table / table.sum(dim=1, keepdim=True).clamp_min(tiny)).view(-1)
     totals = weights.new_zeros(n_rows).index_add(0, rows, weights)
-    return weights / totals.index_select(0, rows).clamp_min(torch.finfo(weights.dtype).tiny)
+    return weights / totals.index_select(0, rows).clamp_min(tiny)
 
 
 def flat_assignments(indices: torch.Tensor, weights: torch.Tensor, active: torch.Tensor | None = None
@@ -455,17 +468,25 @@ class ExpertAssignments(NamedTuple):
         assignment was dropped).
     outputs : Tensor of shape (m, n_outputs)
         The expert's output for its row (plus the shared expert's, when there is one).
+    per_row : int, default=0
+        ``k`` when the assignments are row-major, ``k`` for every row: row ``i``'s are
+        ``i * k`` to ``i * k + k - 1`` (``rows`` is ``arange(m) // k``), which lets the
+        per-row sums of :func:`combine` and :func:`normalize_per_row` be reductions of a
+        ``(n, k)`` view; 0 for assignments in any other order.
     """
 
     rows: torch.Tensor
     experts: torch.Tensor
     weights: torch.Tensor
     outputs: torch.Tensor
+    per_row: int = 0
 
 
 def combine(assignments: ExpertAssignments, n_rows: int) -> torch.Tensor:
     """The gate-weighted sum of the assignments' outputs per row: Tensor (n_rows, n_outputs)."""
     weighted = assignments.outputs * assignments.weights.to(assignments.outputs.dtype).unsqueeze(1)
+    if assignments.per_row:
+        return weighted.view(n_rows, assignments.per_row, -1).sum(dim=1)
     return weighted.new_zeros(n_rows, weighted.shape[1]).index_add(0, assignments.rows, weighted)
 
 
@@ -500,10 +521,12 @@ def mask_failed_experts(assignments: ExpertAssignments, n_rows: int,
     # torch.isfinite takes four.
     finite = (values - values).eq(0).all(dim=1)
     if tally is not None:
-        failed = ~finite & (assignments.weights != 0)
+        # For booleans a > b is a and not b: one kernel for ~finite & (weights != 0).
+        failed = (assignments.weights != 0) > finite
         tally.scatter_add_(0, assignments.experts, failed.to(tally.dtype))
         outputs = torch.where(finite.unsqueeze(1), assignments.outputs, 0.0)
-        renormalised = normalize_per_row(torch.where(finite, assignments.weights, 0.0), assignments.rows, n_rows)
+        renormalised = normalize_per_row(torch.where(finite, assignments.weights, 0.0), assignments.rows, n_rows,
+                                         assignments.per_row)
         weights = torch.where(failed.any(), renormalised, assignments.weights)
         return assignments._replace(weights=weights, outputs=outputs)
     if bool(finite.all()):
@@ -515,7 +538,7 @@ def mask_failed_experts(assignments: ExpertAssignments, n_rows: int,
         failed_experts = assignments.experts[failed]
         _warn_failed_experts(sorted(set(failed_experts.tolist())), failed_experts.numel(), stacklevel=3)
         weights = torch.where(finite, weights, 0.0)
-        weights = normalize_per_row(weights, assignments.rows, n_rows)
+        weights = normalize_per_row(weights, assignments.rows, n_rows, assignments.per_row)
     return assignments._replace(weights=weights, outputs=outputs)
 
 
@@ -537,7 +560,7 @@ def warn_failed_experts(tally: torch.Tensor) -> None:
 def assignments_with_outputs(rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                              outputs: torch.Tensor, n_rows: int,
                              grad_scale: torch.Tensor | None = None,
-                             tally: torch.Tensor | None = None) -> ExpertAssignments:
+                             tally: torch.Tensor | None = None, per_row: int = 0) -> ExpertAssignments:
     """The :class:`ExpertAssignments` of experts' ``outputs`` for (row, expert, weight)
     assignments, non-finite outputs masked (:func:`mask_failed_experts`).
 
@@ -551,10 +574,12 @@ def assignments_with_outputs(rows: torch.Tensor, experts: torch.Tensor, weights:
         the forward value is unchanged.
     tally : Tensor of shape (n_experts,), int64, optional
         Mask without host reads, counting failures here (see :func:`mask_failed_experts`).
+    per_row : int, default=0
+        ``k`` for row-major assignments (see :class:`ExpertAssignments`).
     """
     if grad_scale is not None:
         outputs = scale_gradient(outputs, grad_scale[experts].unsqueeze(1))
-    return mask_failed_experts(ExpertAssignments(rows, experts, weights, outputs), n_rows, tally)
+    return mask_failed_experts(ExpertAssignments(rows, experts, weights, outputs, per_row), n_rows, tally)
 
 
 def dispatch_assignments(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
@@ -577,7 +602,8 @@ def dispatch_assignments(x: torch.Tensor, experts: torch.nn.Module, plan: Dispat
         In plan order, non-finite outputs masked (:func:`mask_failed_experts`).
     """
     outputs = run_buffer(x, experts, plan, padded_layout(plan), n_outputs)
-    return assignments_with_outputs(plan.rows, plan.experts, plan.weights, outputs, x.shape[0], grad_scale)
+    return assignments_with_outputs(plan.rows, plan.experts, plan.weights, outputs, x.shape[0], grad_scale,
+                                    per_row=plan.per_row)
 
 
 def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
@@ -607,16 +633,21 @@ def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPl
     return combine(dispatch_assignments(x, experts, plan, n_outputs, grad_scale), x.shape[0])
 
 
-def rows_in_buffer(x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, n_buffer_rows: int) -> torch.Tensor:
-    """A zero buffer of ``n_buffer_rows`` rows holding row ``rows[i]`` of ``x`` at row
-    ``positions[i]``: Tensor of shape (n_buffer_rows, features)."""
-    return x.new_zeros(n_buffer_rows, x.shape[1]).index_put((positions,), x.index_select(0, rows))
+def rows_in_buffer(x: torch.Tensor, plan: DispatchPlan, positions: torch.Tensor, n_buffer_rows: int) -> torch.Tensor:
+    """A zero buffer of ``n_buffer_rows`` rows holding the row of ``x`` of the plan's
+    assignment ``i`` at row ``positions[i]``: Tensor of shape (n_buffer_rows, features)."""
+    buffer = x.new_zeros(n_buffer_rows, x.shape[1])
+    if plan.per_row:  # each row broadcast to its k positions, without gathering the rows first
+        return buffer.index_put((positions.view(-1, plan.per_row),), x.unsqueeze(1))
+    return buffer.index_put((positions,), x.index_select(0, plan.rows))
 
 
 def in_row_order(outputs: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Outputs of ``plan``'s assignments, given in plan (expert) order, in the order of the
     rows they came from, for a plan with one assignment per row: Tensor of the shape of
     ``outputs``."""
+    if not plan.by_expert:  # row-major, one assignment per row: already in row order
+        return outputs
     return outputs.new_zeros(outputs.shape).index_copy(0, plan.rows, outputs)
 
 
@@ -624,7 +655,7 @@ def run_buffer(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, la
                n_outputs: int) -> torch.Tensor:
     """The experts' outputs for the plan's assignments, in plan order, through the blocks of
     a buffer ``layout``: Tensor of shape (m, n_outputs)."""
-    buffer = rows_in_buffer(x, plan.rows, layout.positions, sum(g.n_experts * g.n_slots for g in layout.groups))
+    buffer = rows_in_buffer(x, plan, layout.positions, sum(g.n_experts * g.n_slots for g in layout.groups))
     blocks = [buffer[g.offset:g.offset + g.n_experts * g.n_slots].view(g.n_experts, g.n_slots, -1)
               for g in layout.groups]
     if not blocks:

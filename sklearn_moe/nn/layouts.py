@@ -149,7 +149,7 @@ def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan
         return run_buffer(x, experts, plan, blocked_layout(plan, max_count=max_count), n_outputs)
     if layout == "grouped":
         grouped = grouped_layout(plan)
-        buffer = rows_in_buffer(x, plan.rows, grouped.positions, grouped.n_rows)
+        buffer = rows_in_buffer(x, plan, grouped.positions, grouped.n_rows)
         return experts.forward_grouped(buffer, grouped.offsets, grouped.row_experts)[grouped.positions]
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 

@@ -579,6 +579,7 @@ class MixtureOfExperts(nn.Module):
             capacity = expert_capacity(self.capacity_factor, n, routing.indices.shape[1], self.n_experts)
         n_dropped = torch.zeros((), dtype=torch.long, device=x.device)
         plan = plan_counts = None
+        per_row = 0
         if independent or capacity is not None:
             ranking = None
             if capacity is not None and self.capacity_overflow == "reroute":
@@ -586,7 +587,7 @@ class MixtureOfExperts(nn.Module):
             plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active, self.capacity_overflow,
                                  ranking, sync_free=tally is not None,
                                  expert_order=self._expert_sorted_plans or tally is None)
-            rows, experts, flat_weights = plan.rows, plan.experts, plan.weights
+            rows, experts, flat_weights, per_row = plan.rows, plan.experts, plan.weights, plan.per_row
             plan_counts = plan.counts
             if capacity is not None:  # else nothing was dropped
                 n_dropped = plan.counts.sum() - plan.rows.shape[0]
@@ -604,7 +605,7 @@ class MixtureOfExperts(nn.Module):
             outputs = self._independent_outputs(x, plan, n if capacity is None else min(n, capacity))
         else:
             outputs = self.experts(x.index_select(0, rows), experts)
-        assignments = assignments_with_outputs(rows, experts, flat_weights, outputs, n, grad_scale, tally)
+        assignments = assignments_with_outputs(rows, experts, flat_weights, outputs, n, grad_scale, tally, per_row)
         return assignments, plan_counts, n_dropped
 
     #: Whether :meth:`_independent_outputs` needs its plans sorted by expert. The sync-free
