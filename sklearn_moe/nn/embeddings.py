@@ -37,6 +37,10 @@ FREQUENCY_INIT_SCALE = 0.01
 MAX_PASSTHROUGH_VALUES = 2
 #: Bins are computed from at most this many rows (quantiles of a random subsample).
 MAX_BIN_ROWS = 200_000
+#: Narrowest bin: the encoding divides by each bin's width, and a narrower one (a subnormal
+#: gap, such as the scaled value of 0 next to 0) could make that inf and the encoding NaN.
+#: The columns arrive scaled (about unit spread, clipped to +-3), where such a gap is noise.
+MIN_BIN_WIDTH = 1e-30
 
 
 def embedded_columns(X: torch.Tensor) -> list[int]:
@@ -75,7 +79,8 @@ def quantile_bins(X: torch.Tensor, n_bins: int = N_BINS, generator: torch.Genera
     Returns
     -------
     list of Tensor
-        Per column, the increasing bin edges (at least two).
+        Per column, the increasing bin edges (at least two), none closer than
+        :data:`MIN_BIN_WIDTH` to the next where the column spans more than that.
     """
     from rtdl_num_embeddings import compute_bins
 
@@ -83,7 +88,22 @@ def quantile_bins(X: torch.Tensor, n_bins: int = N_BINS, generator: torch.Genera
         X = X[torch.randperm(X.shape[0], generator=generator)[:MAX_BIN_ROWS].to(X.device)]
     n_bins = max(2, min(n_bins, X.shape[0] - 1))
     with _single_bins_allowed():
-        return compute_bins(X.float(), n_bins=n_bins)
+        return [_without_narrow_bins(edges) for edges in compute_bins(X.float(), n_bins=n_bins)]
+
+
+def _without_narrow_bins(edges: torch.Tensor) -> torch.Tensor:
+    """``edges`` without those closer than :data:`MIN_BIN_WIDTH` to the last one kept (the
+    last edge, the column's maximum, replaces the one before it when they are that close)."""
+    values = edges.tolist()
+    if values[-1] - values[0] < MIN_BIN_WIDTH or all(b - a >= MIN_BIN_WIDTH for a, b in zip(values, values[1:])):
+        return edges
+    kept = [values[0]]
+    for value in values[1:]:
+        if value - kept[-1] >= MIN_BIN_WIDTH:
+            kept.append(value)
+    if kept[-1] != values[-1]:
+        kept[-1] = values[-1]
+    return torch.tensor(kept, dtype=edges.dtype, device=edges.device)
 
 
 @contextlib.contextmanager
