@@ -28,6 +28,7 @@ from sklearn_moe.nn.dispatch import (
 )
 from sklearn_moe.nn.embeddings import (
     D_EMBEDDING,
+    MIN_BIN_WIDTH,
     N_BINS,
     NumericEmbedding,
     embedded_columns,
@@ -487,24 +488,39 @@ def test_flat_assignments_are_choice_major():
     torch.testing.assert_close(flat, torch.tensor([0.6, 0.7, 0.9, 0.3]))
 
 
-@pytest.mark.parametrize("per_row", [0, 2])  # indexed by rows, or sums over (rows, 2) views
-def test_combine_and_mask_failed_experts_by_hand(per_row):
-    assignments = ExpertAssignments(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 2]),
-                                    torch.tensor([0.25, 0.75, 0.5, 0.5]),
-                                    torch.tensor([[4.0], [8.0], [2.0], [float("nan")]]), per_row)
+# The same assignments indexed by row, row-major and choice-major (the grids whose per-row
+# sums are reductions of a view).
+ORDERS = {None: [0, 1, 2, 3], "rows": [0, 1, 2, 3], "experts": [0, 2, 1, 3]}
+
+
+@pytest.mark.parametrize("grid", list(ORDERS))
+def test_combine_and_mask_failed_experts_by_hand(grid):
+    order = torch.tensor(ORDERS[grid])
+    assignments = ExpertAssignments(torch.tensor([0, 0, 1, 1])[order], torch.tensor([0, 1, 0, 2])[order],
+                                    torch.tensor([0.25, 0.75, 0.5, 0.5])[order],
+                                    torch.tensor([[4.0], [8.0], [2.0], [float("nan")]])[order], grid)
     assert mask_failed_experts(assignments._replace(outputs=torch.ones(4, 1)), 2).weights is assignments.weights
     with pytest.warns(RuntimeWarning, match=r"Expert\(s\) \[2\]"):
         masked = mask_failed_experts(assignments, 2)
-    torch.testing.assert_close(masked.weights, torch.tensor([0.25, 0.75, 1.0, 0.0]))
+    torch.testing.assert_close(masked.weights, torch.tensor([0.25, 0.75, 1.0, 0.0])[order])
     torch.testing.assert_close(combine(masked, 2), torch.tensor([[7.0], [2.0]]))
     tally = torch.zeros(3, dtype=torch.long)  # the sync-free masking: same values, failures counted
     masked = mask_failed_experts(assignments, 2, tally)
-    torch.testing.assert_close(masked.weights, torch.tensor([0.25, 0.75, 1.0, 0.0]))
+    torch.testing.assert_close(masked.weights, torch.tensor([0.25, 0.75, 1.0, 0.0])[order])
     torch.testing.assert_close(combine(masked, 2), torch.tensor([[7.0], [2.0]]))
     assert tally.tolist() == [0, 0, 1]
     finite = mask_failed_experts(assignments._replace(outputs=torch.ones(4, 1)), 2, tally)
     torch.testing.assert_close(finite.weights, assignments.weights, rtol=0, atol=0)
     assert tally.tolist() == [0, 0, 1]
+    empty = ExpertAssignments(*(t[:0] for t in assignments[:4]), grid)
+    assert combine(empty, 0).shape == (0, 1)
+
+
+def test_an_unknown_assignment_grid_is_refused():
+    assignments = ExpertAssignments(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.ones(2), torch.ones(2, 1),
+                                    "columns")
+    with pytest.raises(ValueError, match="grid must be None, 'rows' or 'experts', got 'columns'"):
+        combine(assignments, 1)
 
 
 def test_dense_assignments_with_adapters():
@@ -513,8 +529,11 @@ def test_dense_assignments_with_adapters():
     gates = torch.softmax(torch.randn(5, 3, generator=torch.Generator().manual_seed(2)), dim=1)
     a = dense_assignments(x, module, gates)
     assert a.rows.tolist() == list(range(5)) * 3
-    assert a.experts.tolist() == [0] * 5 + [1] * 5 + [2] * 5
+    assert a.experts.tolist() == [0] * 5 + [1] * 5 + [2] * 5 and a.grid is None
     torch.testing.assert_close(combine(a, 5), (module.all_experts(x) * gates.t().unsqueeze(2)).sum(0))
+    expert_major = dense_assignments(x, module, gates, expert_major=True)
+    assert expert_major.grid == "experts"
+    torch.testing.assert_close(combine(expert_major, 5), combine(a, 5))
 
 
 # ---------------------------------------------------------------------------------------
@@ -605,6 +624,19 @@ def test_quantile_bins():
     # few rows: fewer bins than rows
     (edges,) = quantile_bins(torch.randn(10, 1, generator=torch.Generator().manual_seed(1)))
     assert 2 <= edges.shape[0] <= 10 and (edges[1:] > edges[:-1]).all()
+
+
+def test_quantile_bins_drop_subnormal_gaps_whose_encoding_would_be_nan():
+    # A column's 0 scaled next to a subnormal (0 - centre) / huge-scale: rtdl's bins keep
+    # both edges, and the piecewise-linear encoding divides by their gap (inf, then NaN).
+    X = torch.tensor([[0.0], [1.2303355], [1.2303355], [-2.9387331e-39]])
+    (edges,) = quantile_bins(X)
+    assert edges[0] == X.min() and edges[-1] == X.max()
+    assert (edges[1:] - edges[:-1] >= MIN_BIN_WIDTH).all()
+    embedding = NumericEmbedding("piecewise_linear", 1, [0], [edges])
+    assert torch.isfinite(embedding(torch.cat((X, torch.tensor([[-3.0], [3.0]]))))).all()
+    (tight,) = quantile_bins(torch.tensor([[0.0], [5e-31], [1.5e-30], [1.6e-30], [1.0]]))
+    assert tight[0].item() == 0.0 and tight[-1].item() == 1.0 and (tight[1:] - tight[:-1] >= MIN_BIN_WIDTH).all()
 
 
 def test_numeric_embedding_invalid_arguments():

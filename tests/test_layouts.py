@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sklearn_moe.nn import LAYOUTS, choose_layout, dispatch_combine, expert_outputs, plan_dispatch
-from sklearn_moe.nn.dispatch import ExpertAssignments, combine, padded_layout
+from sklearn_moe.nn.dispatch import ExpertAssignments, assignment_grid, combine, padded_layout
 from sklearn_moe.nn.experts import StackedExperts
 from sklearn_moe.nn.layouts import SORTED_MIN_ROWS_PER_EXPERT, STAIRCASE_MIN_ASSIGNMENTS, staircase_layout
 
@@ -224,7 +224,7 @@ def test_a_plan_in_row_order_trains_like_a_sorted_plan_input_gradient_included(l
         module.zero_grad()
         rows = x.clone().requires_grad_()
         outputs = expert_outputs(rows, module.experts, plan, module.n_outputs, name)
-        assignments = ExpertAssignments(plan.rows, plan.experts, plan.weights, outputs, plan.per_row)
+        assignments = ExpertAssignments(plan.rows, plan.experts, plan.weights, outputs, assignment_grid(plan))
         out = combine(assignments, x.shape[0])
         (out * torch.linspace(-1, 1, 2)).sum().backward()
         results.append((out.detach(), rows.grad, module.experts.output.weight.grad.clone()))

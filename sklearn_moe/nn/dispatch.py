@@ -124,6 +124,12 @@ class DispatchPlan(NamedTuple):
         return not self.per_row
 
 
+def assignment_grid(plan: DispatchPlan) -> str | None:
+    """The :class:`ExpertAssignments` ``grid`` of a plan's assignments: ``"rows"`` for a
+    plan in row order, else None."""
+    return "rows" if plan.per_row else None
+
+
 class BufferLayout(NamedTuple):
     """Where a plan's assignments sit in a dispatch buffer.
 
@@ -284,7 +290,8 @@ def padded_layout(plan: DispatchPlan) -> BufferLayout:
     return BufferLayout(plan.experts * n_slots + plan.slots, groups)
 
 
-def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int, per_row: int = 0) -> torch.Tensor:
+def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int, grid: str | None = None
+                      ) -> torch.Tensor:
     """Assignment ``weights`` divided by their row's total, so each row's weights sum to 1.
 
     A row whose weights are all zero (none kept, or all underflowed) keeps zeros instead of
@@ -296,18 +303,18 @@ def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int, pe
     rows : Tensor of shape (m,), int64
         The row of each assignment, in ``[0, n_rows)``.
     n_rows : int
-    per_row : int, default=0
-        ``k`` for row-major assignments, ``k`` per row (see :class:`ExpertAssignments`):
-        the totals are then sums over a ``(n_rows, k)`` view.
+    grid : {None, "rows", "experts"}, default=None
+        How the assignments tile a grid of the rows (see :class:`ExpertAssignments`): the
+        totals are then sums over a view of it.
 
     Returns
     -------
     Tensor of shape (m,)
     """
     tiny = torch.finfo(weights.dtype).tiny
-    if per_row:
-        table = weights.view(n_rows, per_row)
-        return (table / table.sum(dim=1, keepdim=True).clamp_min(tiny)).view(-1)
+    if grid is not None and n_rows:
+        table, dim = _grid_view(weights, n_rows, grid)
+        return (table / table.sum(dim=dim, keepdim=True).clamp_min(tiny)).view(-1)
     totals = weights.new_zeros(n_rows).index_add(0, rows, weights)
     return weights / totals.index_select(0, rows).clamp_min(tiny)
 
@@ -468,25 +475,40 @@ class ExpertAssignments(NamedTuple):
         assignment was dropped).
     outputs : Tensor of shape (m, n_outputs)
         The expert's output for its row (plus the shared expert's, when there is one).
-    per_row : int, default=0
-        ``k`` when the assignments are row-major, ``k`` for every row: row ``i``'s are
-        ``i * k`` to ``i * k + k - 1`` (``rows`` is ``arange(m) // k``), which lets the
-        per-row sums of :func:`combine` and :func:`normalize_per_row` be reductions of a
-        ``(n, k)`` view; 0 for assignments in any other order.
+    grid : {None, "rows", "experts"}, default=None
+        How the ``m = n * k`` assignments tile a grid, ``k`` for each of the ``n`` rows:
+        ``"rows"``, row ``i``'s are ``i * k`` to ``i * k + k - 1`` (row-major: ``rows`` is
+        ``arange(m) // k``); ``"experts"``, every expert's ``n`` rows in turn, in row order
+        (expert-major: every expert on every row, ``rows`` is ``arange(m) % n``). The
+        per-row sums of :func:`combine` and :func:`normalize_per_row` are then reductions
+        of a view instead of additions indexed by row (fewer kernels, whose rounding may
+        depend on the batch's size: evaluation, which is batch-invariant, leaves the grid
+        None). None: in any order.
     """
 
     rows: torch.Tensor
     experts: torch.Tensor
     weights: torch.Tensor
     outputs: torch.Tensor
-    per_row: int = 0
+    grid: str | None = None
+
+
+def _grid_view(values: torch.Tensor, n_rows: int, grid: str) -> tuple[torch.Tensor, int]:
+    """``values`` (m, ...) of assignments on a ``grid`` (see :class:`ExpertAssignments`) as
+    a view with one axis for the rows, and the axis of each row's assignments."""
+    if grid == "rows":
+        return values.view(n_rows, -1, *values.shape[1:]), 1
+    if grid == "experts":
+        return values.view(-1, n_rows, *values.shape[1:]), 0
+    raise ValueError(f"grid must be None, 'rows' or 'experts', got {grid!r}")
 
 
 def combine(assignments: ExpertAssignments, n_rows: int) -> torch.Tensor:
     """The gate-weighted sum of the assignments' outputs per row: Tensor (n_rows, n_outputs)."""
     weighted = assignments.outputs * assignments.weights.to(assignments.outputs.dtype).unsqueeze(1)
-    if assignments.per_row:
-        return weighted.view(n_rows, assignments.per_row, -1).sum(dim=1)
+    if assignments.grid is not None and n_rows:
+        table, dim = _grid_view(weighted, n_rows, assignments.grid)
+        return table.sum(dim=dim)
     return weighted.new_zeros(n_rows, weighted.shape[1]).index_add(0, assignments.rows, weighted)
 
 
@@ -526,7 +548,7 @@ def mask_failed_experts(assignments: ExpertAssignments, n_rows: int,
         tally.scatter_add_(0, assignments.experts, failed.to(tally.dtype))
         outputs = torch.where(finite.unsqueeze(1), assignments.outputs, 0.0)
         renormalised = normalize_per_row(torch.where(finite, assignments.weights, 0.0), assignments.rows, n_rows,
-                                         assignments.per_row)
+                                         assignments.grid)
         weights = torch.where(failed.any(), renormalised, assignments.weights)
         return assignments._replace(weights=weights, outputs=outputs)
     if bool(finite.all()):
@@ -538,7 +560,7 @@ def mask_failed_experts(assignments: ExpertAssignments, n_rows: int,
         failed_experts = assignments.experts[failed]
         _warn_failed_experts(sorted(set(failed_experts.tolist())), failed_experts.numel(), stacklevel=3)
         weights = torch.where(finite, weights, 0.0)
-        weights = normalize_per_row(weights, assignments.rows, n_rows, assignments.per_row)
+        weights = normalize_per_row(weights, assignments.rows, n_rows, assignments.grid)
     return assignments._replace(weights=weights, outputs=outputs)
 
 
@@ -560,7 +582,7 @@ def warn_failed_experts(tally: torch.Tensor) -> None:
 def assignments_with_outputs(rows: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor,
                              outputs: torch.Tensor, n_rows: int,
                              grad_scale: torch.Tensor | None = None,
-                             tally: torch.Tensor | None = None, per_row: int = 0) -> ExpertAssignments:
+                             tally: torch.Tensor | None = None, grid: str | None = None) -> ExpertAssignments:
     """The :class:`ExpertAssignments` of experts' ``outputs`` for (row, expert, weight)
     assignments, non-finite outputs masked (:func:`mask_failed_experts`).
 
@@ -574,12 +596,12 @@ def assignments_with_outputs(rows: torch.Tensor, experts: torch.Tensor, weights:
         the forward value is unchanged.
     tally : Tensor of shape (n_experts,), int64, optional
         Mask without host reads, counting failures here (see :func:`mask_failed_experts`).
-    per_row : int, default=0
-        ``k`` for row-major assignments (see :class:`ExpertAssignments`).
+    grid : {None, "rows", "experts"}, default=None
+        How the assignments tile a grid of the rows (see :class:`ExpertAssignments`).
     """
     if grad_scale is not None:
         outputs = scale_gradient(outputs, grad_scale[experts].unsqueeze(1))
-    return mask_failed_experts(ExpertAssignments(rows, experts, weights, outputs, per_row), n_rows, tally)
+    return mask_failed_experts(ExpertAssignments(rows, experts, weights, outputs, grid), n_rows, tally)
 
 
 def dispatch_assignments(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
@@ -603,7 +625,7 @@ def dispatch_assignments(x: torch.Tensor, experts: torch.nn.Module, plan: Dispat
     """
     outputs = run_buffer(x, experts, plan, padded_layout(plan), n_outputs)
     return assignments_with_outputs(plan.rows, plan.experts, plan.weights, outputs, x.shape[0], grad_scale,
-                                    per_row=plan.per_row)
+                                    grid=assignment_grid(plan))
 
 
 def dispatch_combine(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
@@ -696,20 +718,24 @@ def scale_gradient(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def dense_assignments(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor,
-                      tally: torch.Tensor | None = None) -> ExpertAssignments:
+                      tally: torch.Tensor | None = None, expert_major: bool = False) -> ExpertAssignments:
     """Every expert on every row, weighted by ``gates`` of shape (n, n_experts).
 
     ``experts.all_experts(x)`` gives the outputs; the assignments are expert-major (all
     rows of expert 0, then of expert 1, ...). An expert whose gate is 0 for a row does not
     count for it, even if its output there is not finite (:func:`mask_failed_experts`, to
-    which ``tally`` goes).
+    which ``tally`` goes). ``expert_major=True`` marks them as such (``grid="experts"``):
+    their per-row sums are then reductions of a view, fewer kernels than additions indexed
+    by row, but rounded in an order that may depend on the batch's size, which training
+    allows and batch-invariant evaluation does not.
     """
     n, n_experts = gates.shape
     expert_out = experts.all_experts(x)  # (E, n, out)
     rows = torch.arange(n, device=x.device).repeat(n_experts)
     expert_ids = torch.arange(n_experts, device=x.device).repeat_interleave(n)
     assignments = ExpertAssignments(rows, expert_ids, gates.t().reshape(-1),
-                                     expert_out.reshape(n_experts * n, expert_out.shape[-1]))
+                                     expert_out.reshape(n_experts * n, expert_out.shape[-1]),
+                                    "experts" if expert_major else None)
     return mask_failed_experts(assignments, n, tally)
 
 

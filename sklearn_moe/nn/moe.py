@@ -38,6 +38,7 @@ from .density import OUTPUTS, mixture_log_probabilities, split_outputs
 from .dispatch import (
     OVERFLOW_POLICIES,
     ExpertAssignments,
+    assignment_grid,
     assignments_with_outputs,
     combine,
     count_experts,
@@ -552,7 +553,8 @@ class MixtureOfExperts(nn.Module):
         tally = self._failure_tally(x.device) if avoid_host_reads(x.device, self.training) else None
         small_eval = self.expert_type == "independent" and not self.training and n <= DENSE_EVAL_MAX_ROWS
         if self.router.is_dense or small_eval:
-            assignments = dense_assignments(x, self.experts, self._gates(routing, active, weights), tally)
+            assignments = dense_assignments(x, self.experts, self._gates(routing, active, weights), tally,
+                                            expert_major=self.training)
             plan_counts, n_dropped = None, torch.zeros((), dtype=torch.long, device=x.device)
         else:
             assignments, plan_counts, n_dropped = self._dispatch(x, routing, active, weights, tally)
@@ -579,7 +581,7 @@ class MixtureOfExperts(nn.Module):
             capacity = expert_capacity(self.capacity_factor, n, routing.indices.shape[1], self.n_experts)
         n_dropped = torch.zeros((), dtype=torch.long, device=x.device)
         plan = plan_counts = None
-        per_row = 0
+        grid = None
         if independent or capacity is not None:
             ranking = None
             if capacity is not None and self.capacity_overflow == "reroute":
@@ -587,7 +589,7 @@ class MixtureOfExperts(nn.Module):
             plan = plan_dispatch(routing.indices, weights, self.n_experts, capacity, active, self.capacity_overflow,
                                  ranking, sync_free=tally is not None,
                                  expert_order=self._expert_sorted_plans or tally is None)
-            rows, experts, flat_weights, per_row = plan.rows, plan.experts, plan.weights, plan.per_row
+            rows, experts, flat_weights, grid = plan.rows, plan.experts, plan.weights, assignment_grid(plan)
             plan_counts = plan.counts
             if capacity is not None:  # else nothing was dropped
                 n_dropped = plan.counts.sum() - plan.rows.shape[0]
@@ -605,7 +607,7 @@ class MixtureOfExperts(nn.Module):
             outputs = self._independent_outputs(x, plan, n if capacity is None else min(n, capacity))
         else:
             outputs = self.experts(x.index_select(0, rows), experts)
-        assignments = assignments_with_outputs(rows, experts, flat_weights, outputs, n, grad_scale, tally, per_row)
+        assignments = assignments_with_outputs(rows, experts, flat_weights, outputs, n, grad_scale, tally, grid)
         return assignments, plan_counts, n_dropped
 
     #: Whether :meth:`_independent_outputs` needs its plans sorted by expert. The sync-free
