@@ -25,6 +25,7 @@ from sklearn_moe.nn.dispatch import (
     expert_capacity,
     flat_assignments,
     mask_failed_experts,
+    normalize_per_row,
 )
 from sklearn_moe.nn.embeddings import (
     D_EMBEDDING,
@@ -514,6 +515,17 @@ def test_combine_and_mask_failed_experts_by_hand(grid):
     assert tally.tolist() == [0, 0, 1]
     empty = ExpertAssignments(*(t[:0] for t in assignments[:4]), grid)
     assert combine(empty, 0).shape == (0, 1)
+
+
+@pytest.mark.parametrize("grid", ["rows", "experts"])
+def test_a_grid_sums_outputs_of_any_strides_like_the_indexed_sums(grid):
+    n, k = 5, 3
+    rows = torch.arange(n * k) // k if grid == "rows" else torch.arange(n * k) % n
+    outputs = torch.randn(2, n * k, generator=torch.Generator().manual_seed(0)).t()  # not contiguous
+    weights = torch.rand(n * k, generator=torch.Generator().manual_seed(1))
+    indexed = ExpertAssignments(rows, torch.zeros_like(rows), weights, outputs)
+    torch.testing.assert_close(combine(indexed._replace(grid=grid), n), combine(indexed, n))
+    torch.testing.assert_close(normalize_per_row(weights, rows, n, grid), normalize_per_row(weights, rows, n))
 
 
 def test_an_unknown_assignment_grid_is_refused():

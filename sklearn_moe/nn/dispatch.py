@@ -314,7 +314,7 @@ def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int, gr
     tiny = torch.finfo(weights.dtype).tiny
     if grid is not None and n_rows:
         table, dim = _grid_view(weights, n_rows, grid)
-        return (table / table.sum(dim=dim, keepdim=True).clamp_min(tiny)).view(-1)
+        return (table / table.sum(dim=dim, keepdim=True).clamp_min(tiny)).reshape(-1)
     totals = weights.new_zeros(n_rows).index_add(0, rows, weights)
     return weights / totals.index_select(0, rows).clamp_min(tiny)
 
@@ -497,9 +497,9 @@ def _grid_view(values: torch.Tensor, n_rows: int, grid: str) -> tuple[torch.Tens
     """``values`` (m, ...) of assignments on a ``grid`` (see :class:`ExpertAssignments`) as
     a view with one axis for the rows, and the axis of each row's assignments."""
     if grid == "rows":
-        return values.view(n_rows, -1, *values.shape[1:]), 1
+        return values.reshape(n_rows, -1, *values.shape[1:]), 1
     if grid == "experts":
-        return values.view(-1, n_rows, *values.shape[1:]), 0
+        return values.reshape(-1, n_rows, *values.shape[1:]), 0
     raise ValueError(f"grid must be None, 'rows' or 'experts', got {grid!r}")
 
 
@@ -660,7 +660,7 @@ def rows_in_buffer(x: torch.Tensor, plan: DispatchPlan, positions: torch.Tensor,
     assignment ``i`` at row ``positions[i]``: Tensor of shape (n_buffer_rows, features)."""
     buffer = x.new_zeros(n_buffer_rows, x.shape[1])
     if plan.per_row:  # each row broadcast to its k positions, without gathering the rows first
-        return buffer.index_put((positions.view(-1, plan.per_row),), x.unsqueeze(1))
+        return buffer.index_put((positions.reshape(-1, plan.per_row),), x.unsqueeze(1))
     return buffer.index_put((positions,), x.index_select(0, plan.rows))
 
 
