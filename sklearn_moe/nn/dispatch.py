@@ -56,7 +56,7 @@ from typing import NamedTuple
 import torch
 
 OVERFLOW_POLICIES = ("drop", "reroute")
-#: Largest (assignments x experts) one-hot table a plan without sort builds (int64 running
+#: Largest (experts x assignments) one-hot table a plan without sort builds (int64 running
 #: counts: 128 MiB); past it the plan sorts.
 ONE_HOT_MAX_ENTRIES = 1 << 24
 
@@ -269,13 +269,22 @@ def _row_major_plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int
     cumulative sum instead of a sort."""
     k = indices.shape[1]
     experts = indices.reshape(-1)
-    chosen = experts.unsqueeze(1) == torch.arange(n_experts, device=experts.device)
-    running = chosen.cumsum(0)  # (m, n_experts): each expert's assignments so far
-    # A copy: a view would keep the whole (m, n_experts) table alive as long as the counts.
-    counts = running[-1].clone() if experts.numel() else experts.new_zeros(n_experts)
-    slots = running.gather(1, experts.unsqueeze(1)).squeeze(1) - 1
-    rows = torch.arange(experts.shape[0], device=experts.device).div(k, rounding_mode="floor")
-    n_slots = None if sync_free else (int(counts.max()) if experts.numel() else 0)
+    m = experts.shape[0]
+    rows = torch.arange(m, device=experts.device).div(k, rounding_mode="floor")
+    if m == 0:
+        counts = experts.new_zeros(n_experts)
+        return DispatchPlan(rows, experts, experts, weights.reshape(-1), counts, None if sync_free else 0, counts,
+                            per_row=k)
+    # The one-hot table expert by expert, scanned as one flat sequence: entry (e, p) counts the
+    # assignments of the experts before e, plus e's up to p. (A GPU scans a flat tensor in
+    # parallel, but scans each column of a 2-d one sequentially, one thread per column:
+    # (m, n_experts).cumsum(0) takes m dependent steps.)
+    chosen = torch.arange(n_experts, device=experts.device).unsqueeze(1) == experts  # (n_experts, m)
+    running = chosen.view(-1).cumsum(0).view(n_experts, m)
+    counts = chosen.sum(dim=1)
+    before = running[:, -1] - counts  # assignments of the experts before each one
+    slots = running.gather(0, experts.unsqueeze(0)).squeeze(0) - before.index_select(0, experts) - 1
+    n_slots = None if sync_free else int(counts.max())
     return DispatchPlan(rows, experts, slots, weights.reshape(-1), counts, n_slots, counts, per_row=k)
 
 
@@ -683,7 +692,9 @@ def run_buffer(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, la
     if not blocks:
         return x.new_zeros(0, n_outputs)
     outputs = [block.reshape(-1, block.shape[-1]) for block in experts(blocks, [g.experts for g in layout.groups])]
-    return (torch.cat(outputs) if len(outputs) > 1 else outputs[0])[layout.positions]
+    # index_select, whose gradient is an index_add; indexing's is an accumulating index_put,
+    # which a GPU runs with a sort of the positions.
+    return (torch.cat(outputs) if len(outputs) > 1 else outputs[0]).index_select(0, layout.positions)
 
 
 class _ScaleGradient(torch.autograd.Function):

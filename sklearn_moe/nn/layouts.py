@@ -150,7 +150,8 @@ def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan
     if layout == "grouped":
         grouped = grouped_layout(plan)
         buffer = rows_in_buffer(x, plan, grouped.positions, grouped.n_rows)
-        return experts.forward_grouped(buffer, grouped.offsets, grouped.row_experts)[grouped.positions]
+        outputs = experts.forward_grouped(buffer, grouped.offsets, grouped.row_experts)
+        return outputs.index_select(0, grouped.positions)  # see run_buffer
     raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
