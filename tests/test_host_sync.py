@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from skorch.callbacks import Callback
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import sklearn_moe.nn.moe as moe_module
 from benchmarks.launches import KernelLaunchCounter
@@ -176,6 +177,53 @@ def test_a_sync_free_training_step_launches_as_many_kernels_whatever_the_number_
     launches = {n_experts: counter.launches for n_experts, counter in counters.items()}
     assert len(set(launches.values())) == 1, (launches, counters[128].by_op - counters[8].by_op)
     assert launches[64] > 100  # the counter sees the forward, the backward and the update
+
+
+class _SlowGpuKernels(TorchDispatchMode):
+    """Operators that a GPU runs far below its width: a scan along an axis other than the
+    last of a tensor of several dimensions (PyTorch's CUDA scan then loops over that axis
+    in one thread per column) and an accumulating ``index_put`` (a sort of the indices)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.ops.aten.cumsum.default, torch.ops.aten.cumprod.default):
+            tensor, dim = args[0], args[1]
+            if tensor.dim() > 1 and dim % tensor.dim() != tensor.dim() - 1:
+                self.found.append(f"{func} along axis {dim} of {tuple(tensor.shape)}")
+        if func in (torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+                    torch.ops.aten._index_put_impl_.default):
+            if (args[3] if len(args) > 3 else kwargs.get("accumulate", False)):
+                self.found.append(f"{func} with accumulate=True")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+@pytest.mark.parametrize("name", SYNC_FREE_CONFIGS)
+def test_a_training_step_runs_no_scan_a_gpu_would_serialise(name, grouped, monkeypatch):
+    if grouped:
+        monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda device, dtype: True)
+    options = dict(SYNC_FREE_CONFIGS[name])
+    module = _module(options.pop("n_outputs", 1), **options)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(N_ROWS, 6, generator=generator)
+    y = torch.randn(N_ROWS, module.n_outputs, generator=generator)
+    with sync_free_paths(), _SlowGpuKernels() as slow:
+        _training_step(module, optimizer, x, y, autocast=grouped)
+    assert slow.found == []
+
+
+def test_the_slow_kernel_detector_sees_them():
+    table, rows = torch.ones(5, 3), torch.tensor([0, 0])
+    with _SlowGpuKernels() as slow:
+        table.cumsum(0), table.cumsum(1), table.view(-1).cumsum(0)
+        table.index_put((rows,), torch.ones(2, 3), accumulate=True)
+        table.index_put((rows,), torch.ones(2, 3))
+    assert len(slow.found) == 2 and "axis 0 of (5, 3)" in slow.found[0] and "accumulate" in slow.found[1]
 
 
 @pytest.mark.parametrize("name", ["topk-independent", "softmax-adapter", "topk-adapter-3-outputs"])
@@ -398,15 +446,16 @@ def test_the_sync_free_layouts_of_an_empty_batch():
 
 
 class StepDetector(Callback):
-    """Run the detector over one training step: from its batch's start to the end of every
-    callback's ``on_batch_end`` (forward, losses, backward, clipping, optimizer step, the
-    learning-rate schedule and the routing metrics)."""
+    """Run the detectors (host reads, and kernels a GPU would serialise) over one training
+    step: from its batch's start to the end of every callback's ``on_batch_end`` (forward,
+    losses, backward, clipping, optimizer step, the learning-rate schedule and the routing
+    metrics)."""
 
     def __init__(self, step=3):
         self.step = step
 
     def initialize(self):
-        self.count, self.detector, self.syncs = -1, None, None
+        self.count, self.detector, self.syncs, self.slow_kernels = -1, None, None, None
         return super().initialize()
 
     def on_batch_begin(self, net, training=None, **kwargs):
@@ -414,11 +463,14 @@ class StepDetector(Callback):
             self.count += 1
             if self.count == self.step:
                 self.detector = HostSyncDetector().__enter__()
+                self.slow = _SlowGpuKernels().__enter__()
 
     def on_batch_end(self, net, training=None, **kwargs):
         if training and self.detector is not None:
+            self.slow.__exit__(None, None, None)
             self.detector.__exit__(None, None, None)
             self.syncs, self.report, self.detector = self.detector.syncs, self.detector.report(), None
+            self.slow_kernels = self.slow.found
 
 
 @pytest.mark.parametrize("options", [{}, {"router": "topk", "expert_type": "independent", "balance_loss": "aux_free"},
@@ -434,6 +486,7 @@ def test_an_estimator_training_step_reads_nothing_on_the_host(options, regressio
     with sync_free_paths():
         estimator_class(**dict(PARAMS, max_epochs=1, **options)).fit(X, target, callbacks=[probe], **fit_params)
     assert probe.syncs == [], probe.report
+    assert probe.slow_kernels == []  # nor a scan a GPU would serialise (see _SlowGpuKernels)
 
 
 def test_the_default_estimator_fits_the_same_on_the_sync_free_paths(regression_data):

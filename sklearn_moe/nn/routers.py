@@ -689,10 +689,12 @@ class HierarchicalRouter(Router):
             group_logits = self.group_gate(x.float()) / self.temperature
         in_group = self.group_of_expert.unsqueeze(0) == torch.arange(self.n_groups, device=x.device).unsqueeze(1)
         masked = expert_logits.unsqueeze(1).masked_fill(~in_group, float("-inf"))  # (n, G, E)
-        log_within = expert_logits - masked.logsumexp(dim=2)[:, self.group_of_expert]
+        # Each expert's group's column by index_select, whose gradient is an index_add (that of
+        # indexing is an accumulating index_put, which a GPU runs with a sort).
+        log_within = expert_logits - masked.logsumexp(dim=2).index_select(1, self.group_of_expert)
         log_group = group_logits.log_softmax(dim=1)
-        probs = (log_group[:, self.group_of_expert] + log_within).exp()
-        logits = expert_logits + group_logits[:, self.group_of_expert]
+        probs = (log_group.index_select(1, self.group_of_expert) + log_within).exp()
+        logits = expert_logits + group_logits.index_select(1, self.group_of_expert)
         if self.is_dense:
             indices = torch.arange(self.n_experts, device=x.device).expand(x.shape[0], -1)
             return Routing(logits, probs, indices, probs)
