@@ -50,9 +50,12 @@ def test_forced_collapse_warns_and_recovery_spreads_the_load(expert_type, regres
     revived, warned = collapsing_fit(X, y, recovery=True, expert_type=expert_type)
     assert warned and "re-initialised as copies of expert 0" in str(warned[0].message)
     assert revived.history_["revived_experts"].dropna().iloc[0] == [1, 2, 3]
-    final = [load_entropy(share) for share in (collapsed.history_["expert_share"].iloc[-1],
-                                               revived.history_["expert_share"].iloc[-1])]
-    assert final[1] > final[0] + 0.2
+    # Over the epochs after the first revival (with top_k=1 and no balance loss a revived
+    # mixture may collapse again, and be revived again: a single epoch proves little).
+    first = int(revived.history_["revived_experts"].notna().to_numpy().argmax())
+    entropy = [np.mean([load_entropy(share) for share in model.history_["expert_share"].iloc[first + 1:]])
+               for model in (collapsed, revived)]
+    assert entropy[0] == 0.0 and entropy[1] > 0.2
 
 
 @pytest.mark.parametrize("router", ["softmax", "uniform"])

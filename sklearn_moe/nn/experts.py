@@ -227,6 +227,33 @@ def _prefix_sources(block_experts) -> list[int | None]:
     return sources
 
 
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-time dropout, ``F.dropout(x, p, training=True)``.
+
+    On the CPU the mask is drawn as uniform floats compared with ``1 - p`` instead of by
+    PyTorch's Bernoulli sampler, which takes twice the time (5.9 against 2.8 ms for a
+    million values on 2 Xeon cores; the sampler was a quarter of a default fit's time).
+    The same distribution, from another random stream. Elsewhere ``F.dropout``, one fused
+    kernel on a GPU.
+
+    Parameters
+    ----------
+    x : Tensor
+    p : float
+        Probability of zeroing each value.
+
+    Returns
+    -------
+    Tensor of the shape of ``x``
+    """
+    if x.device.type != "cpu" or not 0 < p < 1:
+        return F.dropout(x, p, training=True)
+    keep = 1.0 - p
+    # float32 draws whatever the dtype: a bfloat16 uniform has 8 bits, too coarse for p.
+    mask = (torch.rand(x.shape, dtype=torch.float32, device=x.device) < keep).to(x.dtype).mul_(1.0 / keep)
+    return x * mask
+
+
 class _SelectExpertsAtOnce(torch.autograd.Function):
     """``[stacked[ids] for stacked in ...]`` for one index tensor ``ids``, as one gather of
     the stacked tensors laid side by side; the backward adds each tensor's gradient rows
@@ -405,7 +432,7 @@ class StackedExperts(_ExpertMLP):
             z = apply(layer, apply(self.norms[i - 1], h) if i > 0 and len(self.norms) else h)
             z = [self._act(block) for block in z]
             if self.training and self.dropout > 0:
-                z = [F.dropout(block, self.dropout, training=True) for block in z]
+                z = [dropout(block, self.dropout) for block in z]
             h = [a + b for a, b in zip(h, z)] if self.residual[i] else z
         if self.hidden and len(self.norms):
             h = apply(self.norms[-1], h)
@@ -649,7 +676,7 @@ class AdapterExperts(_ExpertMLP):
             z = torch.addcmul(select(self.biases[i]).to(z.dtype), z, select(self.out_scales[i]).to(z.dtype))
             z = self._act(z)
             if self.training and self.dropout > 0:
-                z = F.dropout(z, self.dropout, training=True)
+                z = dropout(z, self.dropout)
             h = h + z if self.residual[i] else z
         if len(self.weights):
             h = self._norm(-1, h, select)
