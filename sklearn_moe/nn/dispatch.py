@@ -4,10 +4,11 @@ The ``n * k`` (row, expert) assignments are sorted by expert (:func:`plan_dispat
 gets a slot in its expert's slice of a buffer padded to the busiest expert
 (:func:`padded_layout`), the experts run as one batched matmul over stacked weights
 (:func:`run_buffer`), and the outputs are gathered back and summed per row with
-``index_add_`` (:func:`combine`). No one-hot ``(n, n_experts, capacity)`` tensor is ever
-built. Faster layouts of the same computation (a staircase of blocks for uneven loads,
-unpadded per-expert runs for large evaluation batches) live in :mod:`.layouts`, each
-tested equal to this one.
+``index_add_`` (:func:`combine`), or, where the assignments tile a grid of the rows (every
+row's ``k`` in turn, or every expert on every row), summed over a view of that grid. No
+one-hot ``(n, n_experts, capacity)`` tensor is ever built. Faster layouts of the same
+computation (a staircase of blocks for uneven loads, unpadded per-expert runs for large
+evaluation batches) live in :mod:`.layouts`, each tested equal to this one.
 
 An expert output that is not finite (a diverged expert) is masked: the (row, expert)
 assignment gets weight 0, the row's other weights are renormalised, and a
@@ -25,7 +26,9 @@ value to size its output) makes the host wait for the device. What here needs no
   ``plan_dispatch(..., sync_free=True)`` the busiest expert's count ``n_slots`` is not read
   (None), and the layouts of :mod:`.layouts` that need no such size run it. Those layouts
   place assignments by (expert, slot), so such a plan may skip the sort
-  (``expert_order=False``): its slots come from a cumulative sum of one-hot rows;
+  (``expert_order=False``): its slots come from one cumulative sum over a flat one-hot
+  table (a scan a GPU runs in parallel, where a scan along the first axis of a 2-d table
+  would run one sequential loop per column);
 - :func:`combine`, :func:`normalize_per_row`, :func:`scale_gradient`;
 - the masking of non-finite outputs given a device ``tally`` (:func:`mask_failed_experts`):
   every output passes through ``torch.where``, and the failed assignments are counted per
@@ -207,10 +210,10 @@ def plan_dispatch(
         grouped by expert (every layout but ``"sorted"``; expert parallelism does need
         them). A plan without ``capacity`` and ``active`` then skips the sort: the
         assignments stay in row order (row 0's choices, then row 1's, ...), and each one's
-        slot, its rank within its expert in that order, is read from a cumulative sum of
-        one-hot rows (fewer kernels on a GPU, where a small step's time is its launches),
-        when that table has at most :data:`ONE_HOT_MAX_ENTRIES` entries. Other plans are
-        sorted all the same.
+        slot, its rank within its expert in that order, is read from one cumulative sum
+        over the flattened ``(n_experts, n * k)`` one-hot table (fewer kernels on a GPU,
+        where a small step's time is its launches), when that table has at most
+        :data:`ONE_HOT_MAX_ENTRIES` entries. Other plans are sorted all the same.
 
     Returns
     -------
