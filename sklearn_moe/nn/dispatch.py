@@ -59,8 +59,8 @@ from typing import NamedTuple
 import torch
 
 OVERFLOW_POLICIES = ("drop", "reroute")
-#: Largest (experts x assignments) one-hot table a plan without sort builds (int64 running
-#: counts: 128 MiB); past it the plan sorts.
+#: Largest (experts x assignments) one-hot table a plan without sort builds (int32 running
+#: counts: 64 MiB); past it the plan sorts.
 ONE_HOT_MAX_ENTRIES = 1 << 24
 
 
@@ -283,7 +283,7 @@ def _row_major_plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int
     # parallel, but scans each column of a 2-d one sequentially, one thread per column:
     # (m, n_experts).cumsum(0) takes m dependent steps.)
     chosen = torch.arange(n_experts, device=experts.device).unsqueeze(1) == experts  # (n_experts, m)
-    running = chosen.view(-1).cumsum(0).view(n_experts, m)
+    running = chosen.view(-1).cumsum(0, dtype=torch.int32).view(n_experts, m)  # at most 2**24
     counts = chosen.sum(dim=1)
     before = running[:, -1] - counts  # assignments of the experts before each one
     slots = running.gather(0, experts.unsqueeze(0)).squeeze(0) - before.index_select(0, experts) - 1
