@@ -227,7 +227,7 @@ def _prefix_sources(block_experts) -> list[int | None]:
     return sources
 
 
-def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-time dropout, ``F.dropout(x, p, training=True)``.
 
     On the CPU the mask is drawn as uniform floats compared with ``1 - p`` instead of by
@@ -432,7 +432,7 @@ class StackedExperts(_ExpertMLP):
             z = apply(layer, apply(self.norms[i - 1], h) if i > 0 and len(self.norms) else h)
             z = [self._act(block) for block in z]
             if self.training and self.dropout > 0:
-                z = [dropout(block, self.dropout) for block in z]
+                z = [apply_dropout(block, self.dropout) for block in z]
             h = [a + b for a, b in zip(h, z)] if self.residual[i] else z
         if self.hidden and len(self.norms):
             h = apply(self.norms[-1], h)
@@ -676,7 +676,7 @@ class AdapterExperts(_ExpertMLP):
             z = torch.addcmul(select(self.biases[i]).to(z.dtype), z, select(self.out_scales[i]).to(z.dtype))
             z = self._act(z)
             if self.training and self.dropout > 0:
-                z = dropout(z, self.dropout)
+                z = apply_dropout(z, self.dropout)
             h = h + z if self.residual[i] else z
         if len(self.weights):
             h = self._norm(-1, h, select)
