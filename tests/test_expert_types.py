@@ -1063,3 +1063,23 @@ def test_expert_subsample_draws_per_step_and_leaves_one_expert_alone(regression_
                                   MoERegressor(**several, expert_subsample=0.5).fit(X, y).predict(X))
     with pytest.raises(ValueError, match="expert_subsample"):
         MoERegressor(**several, expert_subsample=0.0).fit(X, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_zeroes_a_fraction_p_and_scales_the_rest(dtype):
+    from sklearn_moe.nn.experts import apply_dropout
+
+    torch.manual_seed(0)
+    x = torch.full((400, 500), 2.0, dtype=dtype, requires_grad=True)
+    out = apply_dropout(x, 0.3)
+    assert out.dtype == dtype
+    zeroed = (out == 0).float().mean().item()
+    assert abs(zeroed - 0.3) < 0.005  # 200,000 draws: 5 standard deviations
+    kept = out[out != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 2.0 / 0.7))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (out / 2.0).detach())  # the mask over 1 - p
+    assert torch.equal(apply_dropout(x, 0.0), x)
+    torch.manual_seed(0)
+    again = apply_dropout(x, 0.3)
+    assert torch.equal(again, out)  # the default generator's stream
