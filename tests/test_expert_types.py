@@ -491,7 +491,7 @@ def test_flat_assignments_are_choice_major():
 
 # The same assignments indexed by row, row-major and choice-major (the grids whose per-row
 # sums are reductions of a view).
-ORDERS = {None: [0, 1, 2, 3], "rows": [0, 1, 2, 3], "experts": [0, 2, 1, 3]}
+ORDERS = {None: [0, 1, 2, 3], "row_major": [0, 1, 2, 3], "choice_major": [0, 2, 1, 3]}
 
 
 @pytest.mark.parametrize("grid", list(ORDERS))
@@ -517,10 +517,10 @@ def test_combine_and_mask_failed_experts_by_hand(grid):
     assert combine(empty, 0).shape == (0, 1)
 
 
-@pytest.mark.parametrize("grid", ["rows", "experts"])
+@pytest.mark.parametrize("grid", ["row_major", "choice_major"])
 def test_a_grid_sums_outputs_of_any_strides_like_the_indexed_sums(grid):
     n, k = 5, 3
-    rows = torch.arange(n * k) // k if grid == "rows" else torch.arange(n * k) % n
+    rows = torch.arange(n * k) // k if grid == "row_major" else torch.arange(n * k) % n
     outputs = torch.randn(2, n * k, generator=torch.Generator().manual_seed(0)).t()  # not contiguous
     weights = torch.rand(n * k, generator=torch.Generator().manual_seed(1))
     indexed = ExpertAssignments(rows, torch.zeros_like(rows), weights, outputs)
@@ -531,7 +531,7 @@ def test_a_grid_sums_outputs_of_any_strides_like_the_indexed_sums(grid):
 def test_an_unknown_assignment_grid_is_refused():
     assignments = ExpertAssignments(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.ones(2), torch.ones(2, 1),
                                     "columns")
-    with pytest.raises(ValueError, match="grid must be None, 'rows' or 'experts', got 'columns'"):
+    with pytest.raises(ValueError, match="grid must be None, 'row_major' or 'choice_major', got 'columns'"):
         combine(assignments, 1)
 
 
@@ -544,7 +544,7 @@ def test_dense_assignments_with_adapters():
     assert a.experts.tolist() == [0] * 5 + [1] * 5 + [2] * 5 and a.grid is None
     torch.testing.assert_close(combine(a, 5), (module.all_experts(x) * gates.t().unsqueeze(2)).sum(0))
     expert_major = dense_assignments(x, module, gates, expert_major=True)
-    assert expert_major.grid == "experts"
+    assert expert_major.grid == "choice_major"
     torch.testing.assert_close(combine(expert_major, 5), combine(a, 5))
 
 

@@ -5,7 +5,8 @@ gets a slot in its expert's slice of a buffer padded to the busiest expert
 (:func:`padded_layout`), the experts run as one batched matmul over stacked weights
 (:func:`run_buffer`), and the outputs are gathered back and summed per row with
 ``index_add_`` (:func:`combine`), or, where the assignments tile a grid of the rows (every
-row's ``k`` in turn, or every expert on every row), summed over a view of that grid. No
+row's ``k`` in turn, or every row's first choice, then every row's second...), summed over
+a view of that grid. No
 one-hot ``(n, n_experts, capacity)`` tensor is ever built. Faster layouts of the same
 computation (a staircase of blocks for uneven loads, unpadded per-expert runs for large
 evaluation batches) live in :mod:`.layouts`, each tested equal to this one.
@@ -128,9 +129,9 @@ class DispatchPlan(NamedTuple):
 
 
 def assignment_grid(plan: DispatchPlan) -> str | None:
-    """The :class:`ExpertAssignments` ``grid`` of a plan's assignments: ``"rows"`` for a
-    plan in row order, else None."""
-    return "rows" if plan.per_row else None
+    """The :class:`ExpertAssignments` ``grid`` of a plan's assignments: ``"row_major"`` for
+    a plan in row order, else None."""
+    return "row_major" if plan.per_row else None
 
 
 class BufferLayout(NamedTuple):
@@ -315,7 +316,7 @@ def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int, gr
     rows : Tensor of shape (m,), int64
         The row of each assignment, in ``[0, n_rows)``.
     n_rows : int
-    grid : {None, "rows", "experts"}, default=None
+    grid : {None, "row_major", "choice_major"}, default=None
         How the assignments tile a grid of the rows (see :class:`ExpertAssignments`): the
         totals are then sums over a view of it.
 
@@ -487,15 +488,15 @@ class ExpertAssignments(NamedTuple):
         assignment was dropped).
     outputs : Tensor of shape (m, n_outputs)
         The expert's output for its row (plus the shared expert's, when there is one).
-    grid : {None, "rows", "experts"}, default=None
+    grid : {None, "row_major", "choice_major"}, default=None
         How the ``m = n * k`` assignments tile a grid, ``k`` for each of the ``n`` rows:
-        ``"rows"``, row ``i``'s are ``i * k`` to ``i * k + k - 1`` (row-major: ``rows`` is
-        ``arange(m) // k``); ``"experts"``, every expert's ``n`` rows in turn, in row order
-        (expert-major: every expert on every row, ``rows`` is ``arange(m) % n``). The
-        per-row sums of :func:`combine` and :func:`normalize_per_row` are then reductions
-        of a view instead of additions indexed by row (fewer kernels, whose rounding may
-        depend on the batch's size: evaluation, which is batch-invariant, leaves the grid
-        None). None: in any order.
+        ``"row_major"``, row ``i``'s are ``i * k`` to ``i * k + k - 1`` (``rows`` is
+        ``arange(m) // k``); ``"choice_major"``, every row's first assignment in row order,
+        then every row's second, ... (``rows`` is ``arange(m) % n``; with every expert on
+        every row, expert by expert). The per-row sums of :func:`combine` and
+        :func:`normalize_per_row` are then reductions of a view instead of additions
+        indexed by row (fewer kernels, whose rounding may depend on the batch's size:
+        evaluation, which is batch-invariant, leaves the grid None). None: in any order.
     """
 
     rows: torch.Tensor
@@ -508,11 +509,11 @@ class ExpertAssignments(NamedTuple):
 def _grid_view(values: torch.Tensor, n_rows: int, grid: str) -> tuple[torch.Tensor, int]:
     """``values`` (m, ...) of assignments on a ``grid`` (see :class:`ExpertAssignments`) as
     a view with one axis for the rows, and the axis of each row's assignments."""
-    if grid == "rows":
+    if grid == "row_major":
         return values.reshape(n_rows, -1, *values.shape[1:]), 1
-    if grid == "experts":
+    if grid == "choice_major":
         return values.reshape(-1, n_rows, *values.shape[1:]), 0
-    raise ValueError(f"grid must be None, 'rows' or 'experts', got {grid!r}")
+    raise ValueError(f"grid must be None, 'row_major' or 'choice_major', got {grid!r}")
 
 
 def combine(assignments: ExpertAssignments, n_rows: int) -> torch.Tensor:
@@ -608,7 +609,7 @@ def assignments_with_outputs(rows: torch.Tensor, experts: torch.Tensor, weights:
         the forward value is unchanged.
     tally : Tensor of shape (n_experts,), int64, optional
         Mask without host reads, counting failures here (see :func:`mask_failed_experts`).
-    grid : {None, "rows", "experts"}, default=None
+    grid : {None, "row_major", "choice_major"}, default=None
         How the assignments tile a grid of the rows (see :class:`ExpertAssignments`).
     """
     if grad_scale is not None:
@@ -738,10 +739,10 @@ def dense_assignments(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Te
     ``experts.all_experts(x)`` gives the outputs; the assignments are expert-major (all
     rows of expert 0, then of expert 1, ...). An expert whose gate is 0 for a row does not
     count for it, even if its output there is not finite (:func:`mask_failed_experts`, to
-    which ``tally`` goes). ``expert_major=True`` marks them as such (``grid="experts"``):
-    their per-row sums are then reductions of a view, fewer kernels than additions indexed
-    by row, but rounded in an order that may depend on the batch's size, which training
-    allows and batch-invariant evaluation does not.
+    which ``tally`` goes). ``expert_major=True`` marks them as such
+    (``grid="choice_major"``): their per-row sums are then reductions of a view, fewer
+    kernels than additions indexed by row, but rounded in an order that may depend on the
+    batch's size, which training allows and batch-invariant evaluation does not.
     """
     n, n_experts = gates.shape
     expert_out = experts.all_experts(x)  # (E, n, out)
@@ -749,7 +750,7 @@ def dense_assignments(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Te
     expert_ids = torch.arange(n_experts, device=x.device).repeat_interleave(n)
     assignments = ExpertAssignments(rows, expert_ids, gates.t().reshape(-1),
                                      expert_out.reshape(n_experts * n, expert_out.shape[-1]),
-                                    "experts" if expert_major else None)
+                                     "choice_major" if expert_major else None)
     return mask_failed_experts(assignments, n, tally)
 
 

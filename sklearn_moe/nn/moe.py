@@ -597,6 +597,8 @@ class MixtureOfExperts(nn.Module):
             # Adapter experts need no expert-sorted layout: every routed row goes through
             # the shared weights as it is.
             rows, experts, flat_weights = flat_assignments(routing.indices, weights, active)
+            if active is None and self.training:  # every row's k choices, choice by choice
+                grid = "choice_major"
         grad_scale = None
         if self.training and self.expert_grad_scaling:
             counts = plan_counts if plan_counts is not None else count_experts(experts, self.n_experts)
