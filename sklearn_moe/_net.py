@@ -102,7 +102,8 @@ class MoENet(NeuralNet):
             else:
                 mixture = mixture_log_probabilities if self.module_.output == "categorical_mixture" else None
                 objective = per_expert_loss(self.criterion_, assignments.outputs, assignments.rows,
-                                            assignments.weights, y_true, sample_weight, mask, mixture)
+                                            assignments.weights, y_true, sample_weight, mask, mixture,
+                                            assignments.grid)
         loss = objective + self.balance_coef * y_pred.balance_loss + self.z_loss_coef * y_pred.z_loss
         terms = {"task_loss": task_loss, "balance_loss": y_pred.balance_loss, "z_loss": y_pred.z_loss}
         if self.diversity_coef > 0:

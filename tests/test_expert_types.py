@@ -528,6 +528,21 @@ def test_a_grid_sums_outputs_of_any_strides_like_the_indexed_sums(grid):
     torch.testing.assert_close(normalize_per_row(weights, rows, n, grid), normalize_per_row(weights, rows, n))
 
 
+@pytest.mark.parametrize("grid", ["row_major", "choice_major"])
+def test_the_per_expert_loss_on_a_grid_is_the_indexed_one(grid):
+    n, k = 6, 2
+    rows = torch.arange(n * k) // k if grid == "row_major" else torch.arange(n * k) % n
+    generator = torch.Generator().manual_seed(3)
+    outputs = torch.randn(n * k, 1, generator=generator, requires_grad=True)
+    weights = torch.rand(n * k, generator=generator)
+    target, mask = torch.randn(n, 1, generator=generator), torch.rand(n * k, generator=generator) < 0.7
+    criterion = torch.nn.MSELoss(reduction="none")
+    losses = [per_expert_loss(criterion, outputs, rows, weights, target, None, mask, grid=g) for g in (None, grid)]
+    torch.testing.assert_close(losses[1], losses[0])
+    grads = [torch.autograd.grad(loss, outputs)[0] for loss in losses]
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_an_unknown_assignment_grid_is_refused():
     assignments = ExpertAssignments(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.ones(2), torch.ones(2, 1),
                                     "columns")

@@ -516,13 +516,33 @@ def _grid_view(values: torch.Tensor, n_rows: int, grid: str) -> tuple[torch.Tens
     raise ValueError(f"grid must be None, 'row_major' or 'choice_major', got {grid!r}")
 
 
+def sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int, grid: str | None = None) -> torch.Tensor:
+    """The assignments' ``values`` (m, ...) summed per row: Tensor (n_rows, ...).
+
+    Parameters
+    ----------
+    values : Tensor of shape (m, ...)
+    rows : Tensor of shape (m,), int64
+        The row of each assignment, in ``[0, n_rows)``.
+    n_rows : int
+    grid : {None, "row_major", "choice_major"}, default=None
+        How the assignments tile a grid of the rows (see :class:`ExpertAssignments`): the
+        sums are then reductions of a view of it.
+
+    Returns
+    -------
+    Tensor of shape (n_rows, ...)
+    """
+    if grid is not None and n_rows:
+        table, dim = _grid_view(values, n_rows, grid)
+        return table.sum(dim=dim)
+    return values.new_zeros(n_rows, *values.shape[1:]).index_add(0, rows, values)
+
+
 def combine(assignments: ExpertAssignments, n_rows: int) -> torch.Tensor:
     """The gate-weighted sum of the assignments' outputs per row: Tensor (n_rows, n_outputs)."""
     weighted = assignments.outputs * assignments.weights.to(assignments.outputs.dtype).unsqueeze(1)
-    if assignments.grid is not None and n_rows:
-        table, dim = _grid_view(weighted, n_rows, assignments.grid)
-        return table.sum(dim=dim)
-    return weighted.new_zeros(n_rows, weighted.shape[1]).index_add(0, assignments.rows, weighted)
+    return sum_per_row(weighted, assignments.rows, n_rows, assignments.grid)
 
 
 def mask_failed_experts(assignments: ExpertAssignments, n_rows: int,

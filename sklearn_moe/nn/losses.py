@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import count_routed, normalize_per_row
+from .dispatch import count_routed, normalize_per_row, sum_per_row
 
 
 def _masked_sum(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -204,6 +204,7 @@ EXPERT_LOSSES = ("mixture", "per_expert")
 def per_expert_loss(
     criterion, outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, target: torch.Tensor,
     sample_weight: torch.Tensor | None = None, expert_mask: torch.Tensor | None = None, mixture=None,
+    grid: str | None = None,
 ) -> torch.Tensor:
     """Each chosen expert trained on its own loss; the gate on the mixture's.
 
@@ -238,6 +239,10 @@ def per_expert_loss(
         ``mixture(outputs, rows, weights, n)`` -> the rows' mixtures (n, n_outputs), e.g.
         :func:`~sklearn_moe.nn.density.mixture_log_probabilities`; by default the
         gate-weighted sum of the outputs.
+    grid : {None, "row_major", "choice_major"}, default=None
+        How the assignments tile a grid of the rows
+        (:class:`~sklearn_moe.nn.dispatch.ExpertAssignments`): the per-row sums are then
+        reductions of a view.
 
     Returns
     -------
@@ -246,13 +251,12 @@ def per_expert_loss(
     n = target.shape[0]
     weights = weights.float()
     if mixture is None:
-        mixture_for_gate = outputs.new_zeros(n, outputs.shape[1], dtype=torch.float32).index_add(
-            0, rows, outputs.detach().float() * weights.unsqueeze(1))
+        mixture_for_gate = sum_per_row(outputs.detach().float() * weights.unsqueeze(1), rows, n, grid)
     else:
         mixture_for_gate = mixture(outputs.detach(), rows, weights, n)
     expert_weights = weights.detach()
     if expert_mask is not None:
-        expert_weights = normalize_per_row(expert_weights * expert_mask, rows, n)
+        expert_weights = normalize_per_row(expert_weights * expert_mask, rows, n, grid)
     expert_terms = _per_row(criterion(outputs.float(), target.index_select(0, rows))) * expert_weights
     gate_terms = _per_row(criterion(mixture_for_gate, target))
     if sample_weight is not None:
