@@ -328,8 +328,7 @@ def normalize_per_row(weights: torch.Tensor, rows: torch.Tensor, n_rows: int, gr
     if grid is not None and n_rows:
         table, dim = _grid_view(weights, n_rows, grid)
         return (table / table.sum(dim=dim, keepdim=True).clamp_min(tiny)).reshape(-1)
-    totals = weights.new_zeros(n_rows).index_add(0, rows, weights)
-    return weights / totals.index_select(0, rows).clamp_min(tiny)
+    return weights / sum_per_row(weights, rows, n_rows).index_select(0, rows).clamp_min(tiny)
 
 
 def flat_assignments(indices: torch.Tensor, weights: torch.Tensor, active: torch.Tensor | None = None
@@ -517,22 +516,10 @@ def _grid_view(values: torch.Tensor, n_rows: int, grid: str) -> tuple[torch.Tens
 
 
 def sum_per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int, grid: str | None = None) -> torch.Tensor:
-    """The assignments' ``values`` (m, ...) summed per row: Tensor (n_rows, ...).
-
-    Parameters
-    ----------
-    values : Tensor of shape (m, ...)
-    rows : Tensor of shape (m,), int64
-        The row of each assignment, in ``[0, n_rows)``.
-    n_rows : int
-    grid : {None, "row_major", "choice_major"}, default=None
-        How the assignments tile a grid of the rows (see :class:`ExpertAssignments`): the
-        sums are then reductions of a view of it.
-
-    Returns
-    -------
-    Tensor of shape (n_rows, ...)
-    """
+    """The assignments' ``values`` (m, ...) summed per row: Tensor (n_rows, ...), by an
+    addition indexed by row, or a reduction of a view where the assignments tile a
+    ``grid`` (see :class:`ExpertAssignments`); ``rows``, ``n_rows`` and ``grid`` as for
+    :func:`normalize_per_row`."""
     if grid is not None and n_rows:
         table, dim = _grid_view(values, n_rows, grid)
         return table.sum(dim=dim)
