@@ -558,9 +558,9 @@ def test_dense_assignments_with_adapters():
     assert a.rows.tolist() == list(range(5)) * 3
     assert a.experts.tolist() == [0] * 5 + [1] * 5 + [2] * 5 and a.grid is None
     torch.testing.assert_close(combine(a, 5), (module.all_experts(x) * gates.t().unsqueeze(2)).sum(0))
-    expert_major = dense_assignments(x, module, gates, expert_major=True)
-    assert expert_major.grid == "choice_major"
-    torch.testing.assert_close(combine(expert_major, 5), combine(a, 5))
+    choice_major = dense_assignments(x, module, gates, choice_major=True)
+    assert choice_major.grid == "choice_major"
+    torch.testing.assert_close(combine(choice_major, 5), combine(a, 5))
 
 
 # ---------------------------------------------------------------------------------------

@@ -136,7 +136,9 @@ def _training_step(module, optimizer, x, y, sample_weight=None, autocast=False):
     return out, loss
 
 
-def _detect_step(options, sample_weight=False, autocast=False):
+def _probe_step(options, probe, sample_weight=False, autocast=False):
+    """Run a sync-free training step of a module of ``options`` inside ``probe`` (a dispatch
+    mode: a detector or a counter), after a first step that builds the lazy state."""
     options = dict(options)
     module = _module(options.pop("n_outputs", 1), **options)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
@@ -145,10 +147,14 @@ def _detect_step(options, sample_weight=False, autocast=False):
     y = torch.randn(N_ROWS, module.n_outputs, generator=generator)
     weight = (torch.arange(N_ROWS) % 5 != 0).float() if sample_weight else None
     with sync_free_paths():
-        _training_step(module, optimizer, x, y, weight, autocast)  # a first step builds the lazy state
-        with HostSyncDetector() as detector:
+        _training_step(module, optimizer, x, y, weight, autocast)
+        with probe:
             _training_step(module, optimizer, x, y, weight, autocast)
-    return detector
+    return probe
+
+
+def _detect_step(options, sample_weight=False, autocast=False):
+    return _probe_step(options, HostSyncDetector(), sample_weight, autocast)
 
 
 @pytest.mark.parametrize("name", SYNC_FREE_CONFIGS)
@@ -158,15 +164,7 @@ def test_a_training_step_reads_nothing_on_the_host(name):
 
 
 def _launches_per_step(n_experts: int) -> KernelLaunchCounter:
-    module = _module(n_experts=n_experts, top_k=2, expert_hidden=(32, 32))
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
-    generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(N_ROWS, 6, generator=generator), torch.randn(N_ROWS, 1, generator=generator)
-    with sync_free_paths():
-        _training_step(module, optimizer, x, y)
-        with KernelLaunchCounter() as counter:
-            _training_step(module, optimizer, x, y)
-    return counter
+    return _probe_step(dict(n_experts=n_experts, top_k=2, expert_hidden=(32, 32)), KernelLaunchCounter())
 
 
 def test_a_sync_free_training_step_launches_as_many_kernels_whatever_the_number_of_experts():
@@ -206,14 +204,7 @@ class _SlowGpuKernels(TorchDispatchMode):
 def test_a_training_step_runs_no_scan_a_gpu_would_serialise(name, grouped, monkeypatch):
     if grouped:
         monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda device, dtype: True)
-    options = dict(SYNC_FREE_CONFIGS[name])
-    module = _module(options.pop("n_outputs", 1), **options)
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(N_ROWS, 6, generator=generator)
-    y = torch.randn(N_ROWS, module.n_outputs, generator=generator)
-    with sync_free_paths(), _SlowGpuKernels() as slow:
-        _training_step(module, optimizer, x, y, autocast=grouped)
+    slow = _probe_step(SYNC_FREE_CONFIGS[name], _SlowGpuKernels(), autocast=grouped)
     assert slow.found == []
 
 

@@ -688,7 +688,7 @@ def in_row_order(outputs: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Outputs of ``plan``'s assignments, given in plan (expert) order, in the order of the
     rows they came from, for a plan with one assignment per row: Tensor of the shape of
     ``outputs``."""
-    if not plan.by_expert:  # row-major, one assignment per row: already in row order
+    if plan.per_row == 1:  # row-major, one assignment per row: already in row order
         return outputs
     return outputs.new_zeros(outputs.shape).index_copy(0, plan.rows, outputs)
 
@@ -740,14 +740,14 @@ def scale_gradient(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def dense_assignments(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor,
-                      tally: torch.Tensor | None = None, expert_major: bool = False) -> ExpertAssignments:
+                      tally: torch.Tensor | None = None, choice_major: bool = False) -> ExpertAssignments:
     """Every expert on every row, weighted by ``gates`` of shape (n, n_experts).
 
     ``experts.all_experts(x)`` gives the outputs; the assignments are expert-major (all
     rows of expert 0, then of expert 1, ...). An expert whose gate is 0 for a row does not
     count for it, even if its output there is not finite (:func:`mask_failed_experts`, to
-    which ``tally`` goes). ``expert_major=True`` marks them as such
-    (``grid="choice_major"``): their per-row sums are then reductions of a view, fewer
+    which ``tally`` goes). ``choice_major=True`` marks them as such (``grid="choice_major"``,
+    expert ``j`` being every row's ``j``-th choice): their per-row sums are then reductions of a view, fewer
     kernels than additions indexed by row, but rounded in an order that may depend on the
     batch's size, which training allows and batch-invariant evaluation does not.
     """
@@ -757,7 +757,7 @@ def dense_assignments(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Te
     expert_ids = torch.arange(n_experts, device=x.device).repeat_interleave(n)
     assignments = ExpertAssignments(rows, expert_ids, gates.t().reshape(-1),
                                      expert_out.reshape(n_experts * n, expert_out.shape[-1]),
-                                     "choice_major" if expert_major else None)
+                                     "choice_major" if choice_major else None)
     return mask_failed_experts(assignments, n, tally)
 
 

@@ -554,7 +554,7 @@ class MixtureOfExperts(nn.Module):
         small_eval = self.expert_type == "independent" and not self.training and n <= DENSE_EVAL_MAX_ROWS
         if self.router.is_dense or small_eval:
             assignments = dense_assignments(x, self.experts, self._gates(routing, active, weights), tally,
-                                            expert_major=self.training)
+                                            choice_major=self.training)
             plan_counts, n_dropped = None, torch.zeros((), dtype=torch.long, device=x.device)
         else:
             assignments, plan_counts, n_dropped = self._dispatch(x, routing, active, weights, tally)
