@@ -12,7 +12,9 @@
 #    parameters, eager and replayed from CUDA graphs (throughput_cuda.json,
 #    throughput_graph_cuda.json, throughput_bf16_graph_cuda.json);
 # 4. the estimator's overhead over a plain loop on the GPU;
-# 5. a CUDA-trained model pickled and saved for the CPU loading test.
+# 5. where the step's time goes at 2 and 64 experts, kernel by kernel (kernel_profile_cuda.json,
+#    kernel_profile_bf16_cuda.json);
+# 6. a CUDA-trained model pickled and saved for the CPU loading test.
 # Needs skorch importable (wheels in .whl/ when the machine has no index). Results go to
 # ${OUT:-benchmarks/results}; about 7 minutes on one H200.
 set -uo pipefail
@@ -36,6 +38,9 @@ for flags in "" "--graph" "--precision bf16 --graph"; do
     python3 -m benchmarks.throughput --device cuda $flags --out "$OUT" 2>&1 | tee -a "$OUT/gpu_speed.log"
 done
 python3 -m benchmarks.speed --part overhead --device cuda --out "$OUT" 2>&1 | tee -a "$OUT/gpu_speed.log"
+for precision in float32 bf16; do
+    python3 -m benchmarks.kernel_profile --device cuda --precision $precision --out "$OUT" 2>&1 | tee -a "$OUT/gpu_speed.log"
+done
 python3 - "$OUT" <<'PY'
 import pickle, sys
 import numpy as np
