@@ -73,8 +73,9 @@ PARAMETERS = """\
     n_experts : int, default=8
         Number of experts. ``n_experts=1`` is a plain MLP (the non-MoE ablation).
     top_k : int, default=2
-        Experts per row for the sparse routers, ``1 <= top_k <= n_experts``. Unused by
-        ``router="softmax"`` and ``"uniform"``.
+        At most this many experts per row for the sparse routers; more than ``n_experts``
+        means every expert (so that a search over ``n_experts`` down to 1 needs no
+        ``top_k`` beside it). Unused by ``router="softmax"`` and ``"uniform"``.
     router : {"softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"}, default="softmax"
         ``"topk"``: each row goes to its ``top_k`` highest-scoring experts, gate weights
         renormalised over them. ``"softmax"``: dense soft mixture, every expert on every row.
