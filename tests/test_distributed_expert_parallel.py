@@ -76,6 +76,10 @@ SCENARIOS = {
     # a dense router, with the diversity loss (every expert on every row).
     "dense": _scenario(dict(n_experts=3, top_k=3, router="softmax", expert_hidden=(8,), diversity_loss=True,
                             diversity_rows=4), None, (5, 4)),
+    # a dense router on a rank with no row: its empty slice of every expert's output
+    # (a mixture density's, with a shared expert) still joins both exchanges.
+    "dense_idle_rank": _scenario(dict(n_experts=4, top_k=4, router="softmax", expert_hidden=(), shared_expert=True,
+                                      output="mixture_density"), None, (0, 5)),
     # evaluation, a few rows: the single-process module runs every expert on every row.
     "eval_small": _scenario(dict(n_experts=4, top_k=2, expert_hidden=(8,)), None, (3, 4), train=False),
     # evaluation of a mixture density, with predict_distribution (every expert on every row).

@@ -366,7 +366,7 @@ class ShardedExperts(nn.Module):
         n = x.shape[0]
         rows = x.unsqueeze(0).expand(self.n_experts, n, x.shape[1]).reshape(self.n_experts * n, x.shape[1])
         counts = torch.full((self.n_experts,), n, dtype=torch.int64, device=x.device)
-        return self(rows, counts).view(self.n_experts, n, -1)
+        return self(rows, counts).view(self.n_experts, n, self.out_features)
 
     def expert_parameters(self) -> list[nn.Parameter]:
         """List this rank's expert parameters, local expert on axis 0.
