@@ -13,6 +13,7 @@ from ._base import BaseMoE
 from ._density_methods import DensityMethods
 from ._parameters import PARAMETERS
 from ._scaling import fit_standardizer
+from ._validation import non_numeric_target_error
 from .nn.density import REGRESSOR_OUTPUTS
 
 
@@ -103,7 +104,10 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     def _encode_targets(self, y, sample_weight, reset):
         """Standardised float32 targets, and the target encoding to keep (``_y_ndim``,
         ``_y_mean`` and ``_y_scale`` on a first fit, and ``_n_outputs``)."""
-        y = np.asarray(y, dtype=np.float64)
+        try:
+            y = np.asarray(y, dtype=np.float64)
+        except (TypeError, ValueError) as error:
+            raise non_numeric_target_error(type(self).__name__, y) from error
         y2d = y.reshape(len(y), -1)
         if reset:
             # A constant target gets scale 0, so that it is predicted exactly.

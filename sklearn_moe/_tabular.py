@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
+from ._validation import non_numeric_columns, non_numeric_error
+
 #: Most categories a one-hot encoded column may have (each is an input column of the experts).
 MAX_ONE_HOT_CATEGORIES = 256
 #: Most categories an embedded column may have (each is a row of the embedding table).
@@ -208,12 +210,7 @@ def _numeric_values(frame: pd.DataFrame, columns: np.ndarray) -> np.ndarray:
     try:
         values = chosen.to_numpy(dtype=np.float64, na_value=np.nan)
     except (TypeError, ValueError) as error:
-        bad = [repr(name) for name in chosen.columns
-               if not (is_numeric_dtype(chosen[name].dtype) and not is_bool_dtype(chosen[name].dtype))
-               and pd.to_numeric(chosen[name], errors="coerce").isna().sum() > chosen[name].isna().sum()]
-        raise ValueError(f"Column(s) {', '.join(bad) or '(unknown)'} of X are neither numeric nor marked categorical "
-                         f"({error}); mark them in categorical_features (the default 'from_dtype' takes a "
-                         "DataFrame's category, object, string and bool columns).") from error
+        raise non_numeric_error(chosen, non_numeric_columns(chosen), error) from error
     if np.isinf(values).any():
         names = [repr(chosen.columns[j]) for j in np.flatnonzero(np.isinf(values).any(axis=0))[:10]]
         raise ValueError(f"Input X contains infinity in column(s) {', '.join(names)}; replace it with a finite "

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from sklearn.exceptions import DataConversionWarning
 from sklearn.utils.validation import _check_sample_weight, validate_data
 
@@ -60,15 +61,126 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
         validated = validate_data(
             estimator, X, y, reset=reset, dtype=np.float64, accept_sparse=("csr", "csc", "coo"), **kwargs
         )
-    except ValueError as error:
-        if "convert" in str(error) and "float" in str(error):
-            raise _string_features_error(type(estimator).__name__, error, X) from error
-        if str(error).startswith("Input X contains"):
+    except (TypeError, ValueError) as error:
+        # A failed conversion to float: text in a column (or a pandas dtype scikit-learn does
+        # not convert when another column holds text), named with what it holds.
+        columns = non_numeric_columns(_table(X))
+        if not columns and _first_text(y) is not None and kwargs.get("y_numeric"):
+            raise non_numeric_target_error(type(estimator).__name__, y) from error
+        if columns or (isinstance(error, ValueError) and "convert" in str(error) and "float" in str(error)):
+            raise non_numeric_error(_table(X), columns, error) from error
+        if isinstance(error, ValueError) and str(error).startswith("Input X contains"):
             raise _non_finite_error(type(estimator).__name__, error, X) from error
         raise
     if isinstance(validated, tuple):
         return (_densify(validated[0], warn=reset), *validated[1:])
     return _densify(validated, warn=reset)
+
+
+def _table(X) -> pd.DataFrame | None:
+    """``X`` as a DataFrame to name its columns in an error (a 2-d array's are its indices);
+    None for sparse or other input."""
+    if isinstance(X, pd.DataFrame):
+        return X
+    if sp.issparse(X) or not hasattr(X, "__len__"):
+        return None
+    values = np.asarray(X, dtype=object)
+    return pd.DataFrame(values) if values.ndim == 2 else None
+
+
+def non_numeric_columns(frame: pd.DataFrame | None) -> list:
+    """The columns of ``frame`` that hold something other than numbers and missing values:
+    those of pandas' ``string`` dtype, and object or category columns with a value that is
+    not a number.
+
+    Parameters
+    ----------
+    frame : DataFrame or None
+        The table (None: no columns).
+
+    Returns
+    -------
+    list
+        Their names, in column order.
+    """
+    if frame is None:
+        return []
+    found = []
+    for position, name in enumerate(frame.columns):
+        column = frame.iloc[:, position]
+        if is_bool_dtype(column.dtype) or (is_numeric_dtype(column.dtype)
+                                            and not isinstance(column.dtype, pd.CategoricalDtype)):
+            continue
+        values = column.astype(object)
+        numbers = pd.to_numeric(values, errors="coerce")
+        if isinstance(column.dtype, pd.StringDtype) or numbers.isna().sum() > values.isna().sum():
+            found.append(name)
+    return found
+
+
+def non_numeric_error(frame: pd.DataFrame | None, columns: list, error: Exception) -> ValueError:
+    """The error for a table whose ``columns`` hold text but are not encoded as categories:
+    what they hold (their first value that is not a number, or ``error``'s message) and the
+    two ways to fix it.
+
+    Parameters
+    ----------
+    frame : DataFrame or None
+        The table.
+    columns : list
+        The names of its columns at fault (:func:`non_numeric_columns`); may be empty.
+    error : Exception
+        The conversion's own error.
+
+    Returns
+    -------
+    ValueError
+    """
+    named = ", ".join(repr(_plain(name)) for name in columns[:10]) + (", ..." if len(columns) > 10 else "")
+    holds = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if columns:
+        column = frame[columns[0]] if frame.columns.is_unique else frame.iloc[:, list(frame.columns).index(columns[0])]
+        values = column.dropna().astype(object)
+        text = values[pd.to_numeric(values, errors="coerce").isna()]
+        holds = (f"{_plain(columns[0])!r} holds {text.iloc[0]!r}" if len(text)
+                 else f"{_plain(columns[0])!r} is of dtype {column.dtype} with no value")
+    return ValueError(
+        f"Column(s) {named or '(unknown)'} of X are neither numeric nor marked categorical ({holds}). Mark them "
+        "in categorical_features (the default 'from_dtype' takes a DataFrame's category, object, string and bool "
+        "columns), or encode them first, e.g. with a OneHotEncoder in a sklearn.compose.ColumnTransformer."
+    )
+
+
+def non_numeric_target_error(name: str, y) -> ValueError:
+    """The error for a regressor's target ``y`` that holds something other than numbers.
+
+    Parameters
+    ----------
+    name : str
+        The estimator's class name.
+    y : array-like
+        The target.
+
+    Returns
+    -------
+    ValueError
+    """
+    return ValueError(f"{name} needs a numeric target y, but y holds {_first_text(y)!r}; a regressor predicts "
+                      "numbers (for class labels, use MoEClassifier).")
+
+
+def _first_text(y):
+    """The first value of ``y`` that is neither a number nor missing; None if there is none
+    (or ``y`` is not given)."""
+    if isinstance(y, str) and y == "no_validation":
+        return None
+    values = pd.Series(np.asarray(y, dtype=object).ravel()).dropna()
+    text = values[pd.to_numeric(values, errors="coerce").isna()]
+    return text.iloc[0] if len(text) else None
+
+
+def _plain(name):
+    return name.item() if hasattr(name, "item") else name
 
 
 def relative_sample_weight(sample_weight, X) -> np.ndarray:
@@ -93,16 +205,4 @@ def _non_finite_error(name: str, error: ValueError, X) -> ValueError:
         f"{str(error).splitlines()[0]}{where} {name} needs finite inputs: set handle_missing='native' to "
         "encode missing values (NaN), or impute them first (e.g. sklearn.impute.SimpleImputer in a Pipeline) "
         "or drop those rows."
-    )
-
-
-def _string_features_error(name: str, error: ValueError, X) -> ValueError:
-    columns = ""
-    if isinstance(X, pd.DataFrame):
-        names = list(X.select_dtypes(exclude=["number", "bool"]).columns)
-        columns = f" Non-numeric columns: {names}."
-    return ValueError(
-        f"{name} needs numeric features, but X contains strings "
-        f"({error}).{columns} Encode categorical columns first, for example with "
-        "sklearn.compose.ColumnTransformer and a OneHotEncoder in a Pipeline."
     )

@@ -178,6 +178,40 @@ def test_string_column_without_encoder_in_predict(estimator_class):
     assert "'city'" in str(excinfo.value)
 
 
+# Columns that scikit-learn's own conversion fails on in ways its message does not name.
+UNCONVERTED_TABLES = {
+    "text column of no value": pd.DataFrame({"age": np.arange(6.0), "note": pd.array([None] * 6, dtype="string")}),
+    "nullable integers beside text": pd.DataFrame({"n": pd.array([1, None, 3, 4, 5, 6], dtype="Int64"),
+                                                   "city": pd.Series(list("abcabc")).astype("category")}),
+}
+
+
+@by_name
+@pytest.mark.parametrize("name", list(UNCONVERTED_TABLES))
+def test_unconverted_columns_are_named_whatever_failed_in_the_conversion(estimator_class, name):
+    frame = UNCONVERTED_TABLES[name]
+    y = np.arange(6.0) if estimator_class is MoERegressor else np.array(["a", "b"] * 3)
+    column = frame.columns[1]
+    with pytest.raises(ValueError, match=f"Column\\(s\\) '{column}' of X are neither numeric nor marked "
+                                         "categorical.*categorical_features"):
+        estimator_class(**TINY, categorical_features=None, handle_missing="error").fit(frame, y)
+
+
+def test_a_text_column_of_an_object_array_is_named_by_its_index():
+    X = np.array([[1.0, "Paris"], [2.0, "Oslo"]] * 5, dtype=object)
+    with pytest.raises(ValueError, match=r"Column\(s\) 1 of X .*\(1 holds 'Paris'\)"):
+        MoERegressor(**TINY, categorical_features=None).fit(X, np.arange(10.0))
+
+
+@pytest.mark.parametrize("y", [np.array(list("abcdef")), np.array(["1", "2", "x", "4", "5", "6"], dtype=object)],
+                         ids=["str", "object"])
+def test_a_regressors_text_target_is_named_as_the_target(y):
+    X = np.random.RandomState(0).normal(size=(6, 2))
+    text = "a" if y[0] == "a" else "x"
+    with pytest.raises(ValueError, match=f"MoERegressor needs a numeric target y, but y holds '{text}'.*MoEClassifier"):
+        MoERegressor(**TINY).fit(X, y)
+
+
 @pytest.mark.parametrize(
     "y",
     [np.array(["only"] * 100), np.zeros(100, dtype=int)],
