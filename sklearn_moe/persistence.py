@@ -11,7 +11,13 @@ A saved model is ONE `safetensors <https://github.com/huggingface/safetensors>`_
   ``expert_load_`` and the input/target scaling; arrays as ``{"dtype", "shape", "data"}``
   with the data as JSON numbers or strings, which round-trip float64 exactly), ``history``
   (the per-epoch records of ``net_.history``, without the per-batch entries) and ``net``
-  (the training net's batch size).
+  (the training net's batch size);
+* the metadata's key ``"sklearn-moe-sha256"`` holds a SHA-256 digest of that document and of
+  every tensor (name, dtype, shape and bytes, in name order), which :func:`load` checks
+  first: a file damaged on disk or in transit (a flipped bit that would otherwise load as a
+  slightly different model) is reported as corrupt. It guards against accidents, not
+  tampering, which the checks below cover. Files written before the digest existed load
+  without it.
 
 Why not pickle: unpickling a file runs whatever code the file names (``__reduce__``), so
 ``pickle.load``/``joblib.load`` of a file from someone else can take over the machine.
@@ -24,6 +30,7 @@ Pickle remains fine for your own files, and is what scikit-learn's tools use.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -69,6 +76,7 @@ _ADDED_TENSORS = {
     5: {"scale_calibration": lambda estimator: torch.tensor(1.0)},
 }
 _METADATA_KEY = "sklearn-moe"
+_DIGEST_KEY = "sklearn-moe-sha256"
 _KINDS = ("MoERegressor", "MoEClassifier")
 _TUPLE_PARAMS = ("expert_hidden", "gate_hidden")
 
@@ -147,7 +155,19 @@ def save(estimator, path) -> None:
     text = json.dumps(document, default=_json_default)
     # .cpu() so that a model trained on a GPU saves (and later loads) anywhere.
     tensors = {name: t.detach().cpu().contiguous() for name, t in estimator.module_.state_dict().items()}
-    _write_atomic(path, safetensors.torch.save(tensors, metadata={_METADATA_KEY: text, "format": "pt"}))
+    metadata = {_METADATA_KEY: text, _DIGEST_KEY: _digest(text, tensors), "format": "pt"}
+    _write_atomic(path, safetensors.torch.save(tensors, metadata=metadata))
+
+
+def _digest(text: str, tensors: dict) -> str:
+    """SHA-256 (hex) of the metadata document ``text`` and of every tensor: its name, dtype,
+    shape and bytes, in name order."""
+    digest = hashlib.sha256(text.encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _stored_params(estimator) -> dict:
@@ -236,12 +256,14 @@ def load(path, device="cpu"):
     Raises
     ------
     ValueError
-        If the file is not a valid sklearn-moe file (truncated, corrupt, a pickle, ...), was
+        If the file is not a valid sklearn-moe file (truncated, corrupt, a pickle, ...), does
+        not match the digest saved with it (damaged after it was written), was
         written by a newer sklearn-moe, or was tampered with (unknown estimator kind,
         unknown or invalid hyperparameters, missing, extra or misshapen tensors).
     """
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
+            _check_digest(handle, path)
             document = _parse_document(handle.metadata() or {})
             estimator, resolved_device = _new_estimator(document, device)
             expected = _expected_state(estimator)
@@ -255,6 +277,19 @@ def load(path, device="cpu"):
         if tensor.dtype != expected[name].dtype:
             raise ValueError(f"Tensor {name!r} has dtype {tensor.dtype}, expected {expected[name].dtype}.")
     return _assemble(estimator, document, state, resolved_device)
+
+
+def _check_digest(handle, path) -> None:
+    """Raise if the file carries a digest (:func:`_digest`) that its contents do not match."""
+    metadata = handle.metadata() or {}
+    saved = metadata.get(_DIGEST_KEY)
+    if saved is None:  # written before files carried one
+        return
+    text = metadata.get(_METADATA_KEY)
+    actual = _digest(text if isinstance(text, str) else "", {name: handle.get_tensor(name) for name in handle.keys()})
+    if saved != actual:
+        raise ValueError(f"{os.fspath(path)!r} is corrupt: its contents do not match the SHA-256 digest saved with "
+                         "them (the file was damaged after it was written). Save the model again from its source.")
 
 
 def _invalid(message: str) -> ValueError:

@@ -411,6 +411,29 @@ def test_corrupt_files_rejected(saved, tmp_path, contents):
         assert isinstance(info.value.__cause__, safetensors.SafetensorError)
 
 
+def test_a_file_damaged_after_saving_is_reported_as_corrupt(saved, tmp_path):
+    with safetensors.safe_open(str(saved), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    assert len(metadata["sklearn-moe-sha256"]) == 64
+    # One bit of the weights flipped: the model would still load, predicting a little differently.
+    data = bytearray(saved.read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "weights.moe").write_bytes(bytes(data))
+    # A number of the metadata changed, the JSON still valid.
+    document = json.loads(metadata[KEY])
+    document["history"][0]["train_loss"] += 1.0
+    safetensors.torch.save_file(tensors, str(tmp_path / "metadata.moe"),
+                                metadata={**metadata, KEY: json.dumps(document)})
+    for name in ("weights.moe", "metadata.moe"):
+        with pytest.raises(ValueError, match="is corrupt: its contents do not match the SHA-256 digest"):
+            load(tmp_path / name)
+    # Written again unchanged, with its digest, it loads.
+    safetensors.torch.save_file(tensors, str(tmp_path / "same.moe"), metadata=metadata)
+    X, _ = _data()
+    assert_same_outputs_and_weights(load(tmp_path / "same.moe"), load(saved), X)
+
+
 class _Bomb:
     """Unpickling this creates a marker file: proof of code execution."""
 
