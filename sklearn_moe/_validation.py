@@ -57,6 +57,9 @@ def _non_finite_columns(X) -> list:
 def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
     """``validate_data`` as float64 (sparse input densified), with errors that name the
     non-numeric or non-finite columns and say how to fix them."""
+    if isinstance(X, pd.DataFrame) and X.shape[1] == 0:  # scikit-learn's own error would not say
+        raise ValueError(f"Found a DataFrame with 0 feature(s) (shape={X.shape}) while a minimum of 1 is required "
+                         f"by {type(estimator).__name__}.")
     try:
         validated = validate_data(
             estimator, X, y, reset=reset, dtype=np.float64, accept_sparse=("csr", "csc", "coo"), **kwargs

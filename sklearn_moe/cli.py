@@ -64,6 +64,8 @@ def split_target(frame: pd.DataFrame, target: str, task: str):
     if y.isna().any():
         raise InputError(f"the target column {target!r} has {int(y.isna().sum())} missing values")
     X = frame.drop(columns=target)
+    if X.shape[1] == 0:
+        raise InputError(f"the table has no column besides the target {target!r} to predict it from")
     if task == "auto":
         numeric = pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y)
         task = "classification" if (not numeric or pd.api.types.is_integer_dtype(y)) and y.nunique() <= 20 \
@@ -130,7 +132,8 @@ def new_estimator(task: str, args, **params):
     ``--max-epochs`` and ``params``."""
     from sklearn_moe import MoEClassifier, MoERegressor
 
-    params = {"random_state": args.seed, **({"max_epochs": args.max_epochs} if args.max_epochs else {}), **params}
+    params = {"random_state": args.seed, **({"max_epochs": args.max_epochs} if args.max_epochs is not None else {}),
+              **params}
     return (MoEClassifier if task == "classification" else MoERegressor)(**params)
 
 
@@ -270,6 +273,19 @@ def _progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def _count(minimum: int):
+    """An argparse type: an int of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sklearn-moe", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -278,10 +294,10 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--target", required=True, help="the column to predict")
     fit.add_argument("--task", choices=("auto", "regression", "classification"), default="auto")
     fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
-    fit.add_argument("--tune", type=int, default=0, metavar="N_TRIALS", help="tune with Optuna first")
+    fit.add_argument("--tune", type=_count(0), default=0, metavar="N_TRIALS", help="tune with Optuna first")
     fit.add_argument("--out", required=True, help="directory for the model, its summary and plots")
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--max-epochs", type=int, help="override the MoE's max_epochs")
+    fit.add_argument("--max-epochs", type=_count(1), help="override the MoE's max_epochs")
     predict = commands.add_parser("predict", help="predict a table's rows with a fitted model (CSV to stdout)")
     predict.add_argument("model_dir", help="directory written by sklearn-moe fit")
     predict.add_argument("data", help="CSV or parquet file")
@@ -290,7 +306,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="fit and cross-validate on bundled data (scikit-learn's diabetes)")
     demo.add_argument("--cv", type=int, default=3)
     demo.add_argument("--out", help="keep the model in this directory")
-    demo.add_argument("--max-epochs", type=int)
+    demo.add_argument("--max-epochs", type=_count(1))
     return parser
 
 

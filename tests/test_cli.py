@@ -87,6 +87,10 @@ def test_a_text_target_is_a_classification(workdir):
     (("predict", "broken", "new.csv"), 3, "unreadable model file"),
     (("predict", "model", "lacking.csv"), 3, "lacks the model's column(s) ['city']"),
     (("predict", "model", "wrong_types.csv"), 3, "cannot predict on wrong_types.csv"),
+    (("fit", "target_only.csv", "--target", "price", "--out", "m"), 3, "no column besides the target 'price'"),
+    (("fit", "train.csv", "--target", "price", "--max-epochs", "0", "--out", "m"), 2,
+     "argument --max-epochs: must be at least 1, got 0"),
+    (("fit", "train.csv", "--target", "price", "--tune", "-1", "--out", "m"), 2, "argument --tune: must be at least 0"),
     (("fit", "train.csv"), 2, "the following arguments are required: --target, --out"),
     (("train",), 2, "invalid choice: 'train'"),
 ])
@@ -96,6 +100,7 @@ def test_errors_are_one_line_with_an_exit_status(workdir, args, status, message)
     (path / "broken" / "model.moe").write_text("not a model")
     pd.read_csv(path / "new.csv").drop(columns="city").to_csv(path / "lacking.csv", index=False)
     pd.read_csv(path / "new.csv").assign(a="many").to_csv(path / "wrong_types.csv", index=False)
+    pd.read_csv(path / "train.csv")[["price"]].to_csv(path / "target_only.csv", index=False)
     result = run(*args, cwd=path)
     assert result.returncode == status
     assert message in result.stderr

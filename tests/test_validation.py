@@ -197,6 +197,13 @@ def test_unconverted_columns_are_named_whatever_failed_in_the_conversion(estimat
         estimator_class(**TINY, categorical_features=None, handle_missing="error").fit(frame, y)
 
 
+@by_name
+def test_a_table_of_no_column_is_refused_as_such(estimator_class):
+    X, y = _data(estimator_class)
+    with pytest.raises(ValueError, match=r"0 feature\(s\) \(shape=\(100, 0\)\) while a minimum of 1 is required"):
+        estimator_class(**TINY).fit(pd.DataFrame(index=range(100)), y)
+
+
 def test_a_text_column_of_an_object_array_is_named_by_its_index():
     X = np.array([[1.0, "Paris"], [2.0, "Oslo"]] * 5, dtype=object)
     with pytest.raises(ValueError, match=r"Column\(s\) 1 of X .*\(1 holds 'Paris'\)"):
