@@ -342,12 +342,22 @@ def test_failed_trials_are_recorded_and_refit_needs_a_completed_one(data, caplog
     (dict(storage="study.txt"), "journal file path"),
     (dict(param_distributions={"n_experts": [1, 2]}), "not an Optuna distribution"),
     (dict(param_distributions={}), "non-empty"),
+    (dict(param_distributions={"n_expert": optuna.distributions.IntDistribution(1, 3)}),
+     "'n_expert', which is not a parameter of MoERegressor"),
     (dict(heartbeat_interval=0), "heartbeat_interval"),
 ])
 def test_tune_rejects_bad_arguments(data, kwargs, match):
     X, y = data
     with pytest.raises(ValueError, match=match):
         tune(MoERegressor(**TINY), X, y, **{"n_trials": 1, "cv": 2, **kwargs})
+
+
+def test_a_pipelines_search_space_names_the_moe_steps_parameters(data):
+    pipeline = make_pipeline(StandardScaler(), MoERegressor(**TINY))
+    with pytest.raises(ValueError, match="'n_experts', which is not a parameter of Pipeline "
+                                         "\\(did you mean 'moeregressor__n_experts'\\?\\)"):
+        tune(pipeline, *data, n_trials=1, cv=2,
+             param_distributions={"n_experts": optuna.distributions.IntDistribution(1, 3)})
 
 
 def test_tune_rejects_estimators_without_moe(data):

@@ -295,11 +295,19 @@ def decode_params(params: Mapping, space: Mapping[str, BaseDistribution]) -> dic
     return decoded
 
 
-def check_space(space) -> dict[str, BaseDistribution]:
-    """Validate a user-given ``param_distributions`` mapping."""
+def check_space(space, estimator) -> dict[str, BaseDistribution]:
+    """Validate a user-given ``param_distributions`` mapping for ``estimator``: Optuna
+    distributions, each keyed by one of the estimator's parameters (before any trial runs,
+    where a wrong name would fail every trial)."""
     if not isinstance(space, Mapping) or not space:
         raise ValueError(f"param_distributions must be a non-empty dict of Optuna distributions; got {space!r}.")
+    valid = estimator.get_params(deep=True)
     for name, distribution in space.items():
+        if name not in valid:
+            close = [key for key in valid if key.endswith(f"__{name}") or key.split("__")[-1] == str(name)]
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"param_distributions has {name!r}, which is not a parameter of "
+                             f"{type(estimator).__name__}{hint}; its parameters are {sorted(valid)}.")
         if not isinstance(distribution, BaseDistribution):
             raise ValueError(
                 f"param_distributions[{name!r}] is {distribution!r}, not an Optuna distribution "

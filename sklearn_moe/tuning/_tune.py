@@ -303,7 +303,7 @@ def tune(
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be None or a positive number of seconds; got {timeout!r}.")
     prefix, moe = find_moe_step(estimator)
-    space = search_space(estimator) if param_distributions is None else check_space(param_distributions)
+    space = search_space(estimator) if param_distributions is None else check_space(param_distributions, estimator)
     max_epochs = space.get(prefix + "max_epochs")
     stride = max(moe.max_epochs, max_epochs.high if isinstance(max_epochs, IntDistribution) else 0)
     pruner = _make_pruner(pruning)
