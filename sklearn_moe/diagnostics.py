@@ -17,6 +17,23 @@ def _as_numpy(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+def _counts(counts) -> np.ndarray:
+    """``counts`` as a float64 vector, checked: one dimension, no negative or missing count."""
+    counts = _as_numpy(counts)
+    if counts.ndim != 1:
+        raise ValueError(f"counts must be one count per expert (1-d); got shape {counts.shape}.")
+    if not (counts >= 0).all():  # also NaN
+        raise ValueError(f"counts must be non-negative numbers; got {counts.tolist()[:20]}.")
+    return counts
+
+
+def _gate_table(gates):
+    """Raise unless ``gates`` is a (rows, experts) table (array or tensor)."""
+    if len(gates.shape) != 2:
+        raise ValueError(f"gates must be a (rows, experts) table; got shape {tuple(gates.shape)}.")
+    return gates
+
+
 def expert_utilization(counts) -> np.ndarray:
     """Share of routing assignments per expert.
 
@@ -30,8 +47,13 @@ def expert_utilization(counts) -> np.ndarray:
     ndarray of shape (n_experts,), float64
         Each expert's share of the assignments, summing to 1; all zeros when nothing was
         routed.
+
+    Raises
+    ------
+    ValueError
+        If ``counts`` is not 1-d, or holds a negative or missing count.
     """
-    counts = _as_numpy(counts)
+    counts = _counts(counts)
     total = counts.sum()
     return counts / total if total > 0 else np.zeros_like(counts)
 
@@ -49,6 +71,11 @@ def load_imbalance(counts) -> float:
     float
         ``max(c) / mean(c)``: 1 is perfect balance, ``n_experts`` is total collapse onto one
         expert; NaN when nothing was routed.
+
+    Raises
+    ------
+    ValueError
+        If ``counts`` is not 1-d, or holds a negative or missing count.
     """
     share = expert_utilization(counts)
     return float(share.max() * share.size) if share.sum() > 0 else float("nan")
@@ -69,12 +96,18 @@ def row_entropy(gates):
     Tensor or ndarray of shape (n,)
         Each row's entropy: a tensor on the gates' device and of their dtype for tensor input
         (no host synchronisation), or a float64 array for array input.
+
+    Raises
+    ------
+    ValueError
+        If ``gates`` is not 2-d.
     """
     if isinstance(gates, torch.Tensor):
-        return torch.special.entr(gates).sum(dim=1)  # entr(0) = 0: two kernels, no masking
-    gates = _as_numpy(gates)
+        return torch.special.entr(_gate_table(gates)).sum(dim=1)  # entr(0) = 0: two kernels, no masking
+    gates = _gate_table(_as_numpy(gates))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return -np.where(gates > 0, gates * np.log(gates), 0.0).sum(axis=1)
+        # 0 log 0 = 0; a NaN weight gives a NaN entropy (as entr does), not 0
+        return -np.where(gates > 0, gates * np.log(gates), np.where(np.isnan(gates), np.nan, 0.0)).sum(axis=1)
 
 
 def routing_entropy(gates) -> float:
@@ -90,8 +123,13 @@ def routing_entropy(gates) -> float:
     float
         0 when every row uses one expert; ``log(k)`` for an even split over ``k`` experts.
         NaN for no rows.
+
+    Raises
+    ------
+    ValueError
+        If ``gates`` is not 2-d.
     """
-    gates = _as_numpy(gates)
+    gates = _gate_table(_as_numpy(gates))
     return float(row_entropy(gates).mean()) if gates.shape[0] else float("nan")
 
 
@@ -110,8 +148,13 @@ def gate_share(gates) -> np.ndarray:
     -------
     ndarray of shape (n_experts,), float64
         Each expert's share of the total gate weight, summing to 1; all zeros for no rows.
+
+    Raises
+    ------
+    ValueError
+        If ``gates`` is not 2-d.
     """
-    mass = _as_numpy(gates).sum(axis=0)
+    mass = _gate_table(_as_numpy(gates)).sum(axis=0)
     total = mass.sum()
     return mass / total if total > 0 else np.zeros_like(mass)
 
@@ -132,6 +175,11 @@ def load_entropy(counts) -> float:
     float
         ``log(n_experts)`` at perfect balance, 0 when one expert takes everything; NaN when
         nothing was routed.
+
+    Raises
+    ------
+    ValueError
+        If ``counts`` is not 1-d, or holds a negative or missing count.
     """
     share = expert_utilization(counts)
     if share.sum() == 0:
@@ -153,8 +201,13 @@ def load_cv(counts) -> float:
     float
         ``std(c) / mean(c)`` (population standard deviation): 0 at perfect balance,
         ``sqrt(n_experts - 1)`` when one expert takes everything; NaN when nothing was routed.
+
+    Raises
+    ------
+    ValueError
+        If ``counts`` is not 1-d, or holds a negative or missing count.
     """
-    counts = _as_numpy(counts)
+    counts = _counts(counts)
     mean = counts.mean() if counts.size else 0.0
     return float(counts.std() / mean) if mean > 0 else float("nan")
 
@@ -248,7 +301,14 @@ def target_bins(y, n_bins: int = 10) -> np.ndarray:
     -------
     ndarray of shape (n,), int64
         Each row's bin, in ``0 .. n_bins - 1``.
+
+    Raises
+    ------
+    ValueError
+        If ``n_bins`` is not a positive int.
     """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int; got {n_bins!r}.")
     y = _as_numpy(y)
     y = y[:, 0] if y.ndim == 2 else y
     if y.size == 0:
@@ -280,12 +340,16 @@ def per_expert_mean(values, top1, n_experts: int) -> np.ndarray:
     Raises
     ------
     ValueError
-        If ``values`` and ``top1`` do not have the same number of rows.
+        If ``values`` and ``top1`` do not have the same number of rows, or ``top1`` holds
+        an expert outside ``0 .. n_experts - 1``.
     """
     values = _as_numpy(values).reshape(-1)
     top1 = np.asarray(top1).reshape(-1)
     if values.shape != top1.shape:
         raise ValueError(f"values has {values.size} rows, top1 {top1.size}: not the same rows")
+    if top1.size and not (0 <= top1.min() and top1.max() < n_experts):
+        raise ValueError(f"top1 must hold experts 0 to n_experts - 1 = {n_experts - 1}; it holds {top1.min()} to "
+                         f"{top1.max()}.")
     sums = np.bincount(top1, weights=values, minlength=n_experts)
     counts = np.bincount(top1, minlength=n_experts)
     with np.errstate(invalid="ignore", divide="ignore"):

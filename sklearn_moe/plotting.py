@@ -38,6 +38,23 @@ def _figure(ncols: int = 1, width: float = 6.0, height: float = 4.0):
     return figure, np.atleast_1d(axes)
 
 
+def _moe(estimator, X=None):
+    """The MoE estimator of ``estimator`` (itself, or the last step of a Pipeline) and ``X``
+    as that step receives it (transformed by the pipeline's earlier steps)."""
+    from sklearn.pipeline import Pipeline
+
+    from ._base import BaseMoE
+
+    if isinstance(estimator, Pipeline) and isinstance(estimator[-1], BaseMoE):
+        if X is not None:
+            X = estimator[:-1].transform(X)
+        estimator = estimator[-1]
+    if not isinstance(estimator, BaseMoE):
+        raise TypeError("sklearn_moe.plotting needs a MoERegressor or MoEClassifier, or a Pipeline ending in one; "
+                        f"got {type(estimator).__name__}.")
+    return estimator, X
+
+
 def _history(estimator):
     history = getattr(estimator, "history_", None)
     if history is None or len(history) == 0:
@@ -45,13 +62,20 @@ def _history(estimator):
     return history
 
 
+def _fitted_moe(estimator, X=None):
+    """:func:`_moe`, for a fitted estimator."""
+    estimator, X = _moe(estimator, X)
+    _history(estimator)
+    return estimator, X
+
+
 def plot_training_curves(estimator):
     """Plot the training and validation loss per epoch, and the auxiliary losses beside them.
 
     Parameters
     ----------
-    estimator : MoERegressor or MoEClassifier
-        A fitted estimator.
+    estimator : MoERegressor, MoEClassifier or Pipeline
+        A fitted estimator, or a fitted Pipeline whose last step is one.
 
     Returns
     -------
@@ -61,10 +85,12 @@ def plot_training_curves(estimator):
 
     Raises
     ------
+    TypeError
+        If ``estimator`` is not a MoE estimator (or a Pipeline ending in one).
     ValueError
         If the estimator has no training history (it was not fitted).
     """
-    history = _history(estimator)
+    history = _history(_moe(estimator)[0])
     figure, (losses, aux) = _figure(ncols=2, width=5.0)
     epochs = history["epoch"].to_numpy()
     for key in ("train_loss", "valid_loss"):
@@ -87,8 +113,8 @@ def plot_expert_utilization(estimator, share: str = "auto"):
 
     Parameters
     ----------
-    estimator : MoERegressor or MoEClassifier
-        A fitted estimator.
+    estimator : MoERegressor, MoEClassifier or Pipeline
+        A fitted estimator, or a fitted Pipeline whose last step is one.
     share : {"auto", "gate_share", "expert_share", "valid_gate_share", "valid_expert_share"}
         The history column: ``"auto"`` is the gate mass for a dense router and the routed
         rows for a sparse one, on the training batches.
@@ -100,10 +126,13 @@ def plot_expert_utilization(estimator, share: str = "auto"):
 
     Raises
     ------
+    TypeError
+        If ``estimator`` is not a MoE estimator (or a Pipeline ending in one).
     ValueError
         If the estimator has no training history, or the history has no ``share`` column
         (e.g. a validation column without a validation split).
     """
+    estimator, _ = _moe(estimator)
     history = _history(estimator)
     if share == "auto":
         share = "gate_share" if estimator.module_.router.is_dense else "expert_share"
@@ -127,8 +156,8 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
 
     Parameters
     ----------
-    estimator : MoERegressor or MoEClassifier
-        A fitted estimator.
+    estimator : MoERegressor, MoEClassifier or Pipeline
+        A fitted estimator, or a fitted Pipeline whose last step is one.
     X : array-like of shape (n_samples, n_features)
         Input rows, as for ``predict``.
     y : array-like of shape (n_samples,)
@@ -142,15 +171,33 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
     matplotlib.figure.Figure
         One axes: the heatmap of the table, experts as rows and groups as columns, with a
         colour bar.
+
+    Raises
+    ------
+    TypeError
+        If ``estimator`` is not a MoE estimator (or a Pipeline ending in one).
+    ValueError
+        If the estimator is not fitted, ``X`` and ``y`` have different numbers of rows, a
+        class label is not among ``classes_``, or ``n_bins`` is not a positive int.
     """
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive int; got {n_bins!r}.")
+    estimator, X = _fitted_moe(estimator, X)
+    y = np.asarray(y)
     top1 = estimator.route(X).argmax(axis=1)
+    if y.shape[0] != top1.shape[0]:
+        raise ValueError(f"X has {top1.shape[0]} rows but y has {y.shape[0]}.")
     n_experts = estimator.module_.n_experts
     if hasattr(estimator, "classes_"):
-        groups = np.searchsorted(estimator.classes_, np.asarray(y))
+        unknown = np.setdiff1d(y, estimator.classes_)
+        if unknown.size:
+            raise ValueError(f"y holds labels the classifier was not fitted on: {unknown[:10].tolist()}; its classes "
+                             f"are {estimator.classes_.tolist()}.")
+        groups = np.searchsorted(estimator.classes_, y)
         labels = [str(c) for c in estimator.classes_]
         group_name = "class"
     else:
-        groups = target_bins(np.asarray(y, dtype=float), n_bins)
+        groups = target_bins(y.astype(float), n_bins)
         labels = [str(g + 1) for g in range(int(groups.max()) + 1)]
         group_name = "target quantile bin (1 = lowest)"
     table = np.zeros((n_experts, len(labels)))
@@ -172,8 +219,8 @@ def plot_routing_embedding(estimator, X, max_points: int = 5000, random_state=0)
 
     Parameters
     ----------
-    estimator : MoERegressor or MoEClassifier
-        A fitted estimator.
+    estimator : MoERegressor, MoEClassifier or Pipeline
+        A fitted estimator, or a fitted Pipeline whose last step is one.
     X : array-like of shape (n_samples, n_features)
         Input rows, as for ``predict``.
     max_points : int, default=5000
@@ -185,11 +232,24 @@ def plot_routing_embedding(estimator, X, max_points: int = 5000, random_state=0)
     -------
     matplotlib.figure.Figure
         One axes: a scatter plot of the projected rows, one colour per first-choice expert.
+
+    Raises
+    ------
+    TypeError
+        If ``estimator`` is not a MoE estimator (or a Pipeline ending in one).
+    ValueError
+        If the estimator is not fitted, ``X`` has fewer than 2 rows, or ``max_points`` is
+        less than 2.
     """
     from sklearn.decomposition import PCA
 
+    if isinstance(max_points, bool) or not isinstance(max_points, (int, np.integer)) or max_points < 2:
+        raise ValueError(f"max_points must be an int of at least 2; got {max_points!r}.")
+    estimator, X = _fitted_moe(estimator, X)
     X_scaled = estimator._scaled_input(X)  # validated and scaled once, for the gates and the projection
     inputs = X_scaled.detach().cpu().numpy()
+    if inputs.shape[0] < 2:
+        raise ValueError(f"a projection needs at least 2 rows of X; got {inputs.shape[0]}.")
     top1 = estimator._gates(X_scaled).argmax(axis=1)
     if inputs.shape[0] > max_points:
         keep = np.random.default_rng(random_state).choice(inputs.shape[0], max_points, replace=False)
@@ -222,7 +282,15 @@ def plot_expert_count_curve(selection):
     matplotlib.figure.Figure
         One axes: the mean score ± its standard deviation per candidate count, the
         one-standard-error threshold and the chosen count.
+
+    Raises
+    ------
+    TypeError
+        If ``selection`` is not a :class:`~sklearn_moe.tuning.NExpertsSelection`.
     """
+    if not callable(getattr(selection, "plot", None)):  # no import of tuning (and Optuna) here
+        raise TypeError(f"selection must be the NExpertsSelection that select_n_experts returns; got "
+                        f"{type(selection).__name__}.")
     figure, (axes,) = _figure()
     selection.plot(ax=axes)
     return figure

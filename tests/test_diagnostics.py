@@ -115,3 +115,25 @@ def test_per_expert_mean_over_each_experts_rows():
     np.testing.assert_allclose(per_expert_mean([1.0, 2.0, 3.0, 4.0], [0, 0, 2, 2], 3), [1.5, np.nan, 3.5])
     with pytest.raises(ValueError, match="not the same rows"):
         per_expert_mean([1.0], [0, 1], 2)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: expert_utilization([-1, 2]), "non-negative"),
+    (lambda: load_cv([1.0, np.nan]), "non-negative"),
+    (lambda: load_imbalance([[1, 2]]), "1-d"),
+    (lambda: routing_entropy([0.5, 0.5]), r"\(rows, experts\) table; got shape \(2,\)"),
+    (lambda: row_entropy(torch.ones(3)), r"\(rows, experts\) table"),
+    (lambda: gate_share([0.5, 0.5]), r"\(rows, experts\) table"),
+    (lambda: target_bins([1.0, 2.0], n_bins=0), "n_bins must be a positive int"),
+    (lambda: per_expert_mean([1.0, 2.0], [0, 5], 2), "experts 0 to n_experts - 1 = 1; it holds 0 to 5"),
+])
+def test_bad_inputs_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_a_missing_gate_weight_gives_a_missing_entropy_on_arrays_as_on_tensors():
+    gates = [[np.nan, 1.0], [0.5, 0.5]]
+    np.testing.assert_array_equal(np.isnan(row_entropy(gates)), [True, False])
+    assert torch.isnan(row_entropy(torch.tensor(gates))[0])
+    assert math.isnan(routing_entropy(gates))

@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 from matplotlib.figure import Figure  # noqa: E402
+from sklearn.linear_model import Ridge  # noqa: E402
 
 from sklearn_moe import MoEClassifier, MoERegressor  # noqa: E402
 from sklearn_moe.plotting import (  # noqa: E402
@@ -92,3 +93,41 @@ def test_expert_count_curve_marks_the_chosen_count():
 def test_plots_need_a_fitted_model():
     with pytest.raises(ValueError, match="fit it first"):
         plot_training_curves(MoERegressor())
+
+
+def test_plots_of_a_pipeline_ending_in_a_moe_see_its_transformed_input(fitted):
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    _, X, y = fitted
+    pipeline = make_pipeline(StandardScaler(), MoERegressor(**dict(FAST, router="topk", max_epochs=2))).fit(
+        X * 100, y)
+    for figure in (plot_training_curves(pipeline), plot_expert_utilization(pipeline),
+                   plot_routing_heatmap(pipeline, X * 100, y), plot_routing_embedding(pipeline, X * 100)):
+        assert isinstance(figure, Figure)
+    heatmap = plot_routing_heatmap(pipeline, X * 100, y).axes[0].images[0].get_array()
+    moe = pipeline[-1]
+    direct = plot_routing_heatmap(moe, pipeline[:-1].transform(X * 100), y).axes[0].images[0].get_array()
+    np.testing.assert_array_equal(heatmap, direct)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m, X, y: plot_training_curves(Ridge().fit(X, y)), TypeError, "Pipeline ending in one; got Ridge"),
+    (lambda m, X, y: plot_routing_heatmap(m, X, y[:10]), ValueError, "X has 200 rows but y has 10"),
+    (lambda m, X, y: plot_routing_heatmap(m, X, y, n_bins=0), ValueError, "n_bins must be a positive int"),
+    (lambda m, X, y: plot_routing_embedding(m, X[:1]), ValueError, "at least 2 rows of X; got 1"),
+    (lambda m, X, y: plot_routing_embedding(m, X, max_points=0), ValueError, "max_points must be an int of at least"),
+    (lambda m, X, y: plot_expert_count_curve("curve"), TypeError, "NExpertsSelection that select_n_experts returns"),
+])
+def test_bad_arguments_are_named(fitted, call, error, match):
+    model, X, y = fitted
+    with pytest.raises(error, match=match):
+        call(model, X, y)
+
+
+def test_a_heatmap_of_labels_the_classifier_never_saw_is_refused():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(60, 3))
+    model = MoEClassifier(**dict(FAST, max_epochs=2)).fit(X, np.where(X[:, 0] > 0, "a", "b"))
+    with pytest.raises(ValueError, match=r"labels the classifier was not fitted on: \['c'\]"):
+        plot_routing_heatmap(model, X, np.where(X[:, 0] > 0, "a", "c"))
