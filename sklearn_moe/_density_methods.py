@@ -181,11 +181,17 @@ class DensityMethods:
         Raises
         ------
         ValueError
-            If ``y`` has another number of targets than the model predicts, or the
-            estimator's ``output`` is not ``"mixture_density"``.
+            If ``y`` has another number of rows than ``X``, another number of targets than
+            the model predicts, or a missing or infinite value, or the estimator's
+            ``output`` is not ``"mixture_density"``.
         """
         weights, means, scales = self._distribution(X)
-        y = np.asarray(y, dtype=np.float64).reshape(weights.shape[0], -1)
+        y = np.asarray(y, dtype=np.float64)
+        if y.shape[0] != weights.shape[0]:
+            raise ValueError(f"X has {weights.shape[0]} rows but y has {y.shape[0]}.")
+        if not np.isfinite(y).all():
+            raise ValueError("Input y contains NaN or infinity; a likelihood needs observed targets.")
+        y = y.reshape(weights.shape[0], -1)
         if y.shape[1] != means.shape[2]:
             raise ValueError(f"y has {y.shape[1]} targets; the model predicts {means.shape[2]}.")
         nll = mixture_nll_dense(*(torch.as_tensor(a) for a in (weights, means, scales, y)))

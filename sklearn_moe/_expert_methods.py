@@ -63,6 +63,15 @@ class ExpertMethods:
             ``score`` (with ``y``: the estimator's ``score`` on those rows; NaN below two)
             and ``distinguishing_features``: the inputs whose mean on those rows differs
             most from the other rows', in standard deviations of the (scaled) input, e.g.
-            ``"x2 (+1.35), x0 (-0.40)"``.
+            ``"x2 (+1.35), x0 (-0.40)"``. The inputs are the model's: a one-hot encoded
+            column's categories (``"city=Paris"``) and the missing-value indicators
+            (``"income (missing)"``) count one by one; an embedded column's codes are left
+            out.
+
+        Raises
+        ------
+        ValueError
+            If ``y`` has another number of rows than ``X``, or ``n_top_features`` is not a
+            non-negative int.
         """
         return routing_report(self, X, y, n_top_features)

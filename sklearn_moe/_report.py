@@ -5,17 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ._tabular import encoded_names, n_code_columns
+
 
 def routing_report(estimator, X, y=None, n_top_features: int = 3) -> pd.DataFrame:
     """One row per expert; see :meth:`BaseMoE.routing_report`."""
+    if isinstance(n_top_features, bool) or not isinstance(n_top_features, (int, np.integer)) or n_top_features < 0:
+        raise ValueError(f"n_top_features must be a non-negative int; got {n_top_features!r}.")
     X_scaled = estimator._scaled_input(X)
     gates = estimator._gates(X_scaled)
     inputs = X_scaled.detach().cpu().numpy().astype(np.float64)
     n_rows, n_experts = gates.shape
+    if y is not None and len(y) != n_rows:
+        raise ValueError(f"X has {n_rows} rows but y has {len(y)}.")
     top1 = gates.argmax(axis=1)
     counts = np.bincount(top1, minlength=n_experts)
-    names = (list(estimator.feature_names_in_) if hasattr(estimator, "feature_names_in_")
-             else [f"x{j}" for j in range(inputs.shape[1])])
+    names = encoded_names(estimator)  # the inputs' columns, categories and missing-value indicators included
+    # An embedded column's codes are labels, whose mean says nothing: left out.
+    n_compared = inputs.shape[1] - n_code_columns(estimator)
+    inputs, names = inputs[:, :n_compared], names[:n_compared]
     records = []
     for expert in range(n_experts):
         served = top1 == expert

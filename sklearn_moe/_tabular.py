@@ -69,6 +69,27 @@ def is_encoded(estimator) -> bool:
     return categorical is not None and bool(categorical.size or estimator._table_missing.size)
 
 
+def encoded_names(estimator) -> list[str]:
+    """A name for every column of the encoded matrix of a fitted ``estimator``, in its order:
+    the numeric columns' names, ``"b (missing)"`` for a missing-value indicator,
+    ``"city=x"`` and ``"city (missing)"`` for a one-hot column's indicators, ``"city"`` for an
+    embedded column's codes. The raw names are ``feature_names_in_``, or ``x0, x1, ...``."""
+    raw = getattr(estimator, "feature_names_in_", None)
+    raw = [str(name) for name in raw] if raw is not None else [f"x{j}" for j in range(estimator.n_features_in_)]
+    if not is_encoded(estimator):
+        return raw
+    categorical = estimator._table_categorical
+    numeric = [name for j, name in enumerate(raw) if j not in set(categorical.tolist())]
+    names = numeric + [f"{numeric[j]} (missing)" for j in estimator._table_missing]
+    offsets, embedded = estimator._table_offsets, set(embedded_positions(estimator).tolist())
+    for position, column in enumerate(categorical):
+        if position not in embedded:
+            names += [f"{raw[column]}={category}" for category in
+                      estimator._table_categories[offsets[position]:offsets[position + 1]]]
+            names.append(f"{raw[column]} (missing)")
+    return names + [raw[categorical[position]] for position in sorted(embedded)]
+
+
 def categorical_mask(X, categorical_features) -> np.ndarray:
     """Which columns of ``X`` are categorical (bool array of length ``n_features``).
 

@@ -121,10 +121,11 @@ def non_numeric_columns(frame: pd.DataFrame | None) -> list:
     return found
 
 
-def non_numeric_error(frame: pd.DataFrame | None, columns: list, error: Exception) -> ValueError:
+def non_numeric_error(frame: pd.DataFrame | None, columns: list, error: Exception) -> ValueError | TypeError:
     """The error for a table whose ``columns`` hold text but are not encoded as categories:
     what they hold (their first value that is not a number, or ``error``'s message) and the
-    two ways to fix it.
+    two ways to fix it. A TypeError (a value that is neither text nor a number, such as a
+    dict, as scikit-learn reports it) stays one, its message kept at the end.
 
     Parameters
     ----------
@@ -137,7 +138,7 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list, error: Exceptio
 
     Returns
     -------
-    ValueError
+    ValueError or TypeError
     """
     named = ", ".join(repr(_plain(name)) for name in columns[:10]) + (", ..." if len(columns) > 10 else "")
     holds = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -147,10 +148,12 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list, error: Exceptio
         text = values[pd.to_numeric(values, errors="coerce").isna()]
         holds = (f"{_plain(columns[0])!r} holds {text.iloc[0]!r}" if len(text)
                  else f"{_plain(columns[0])!r} is of dtype {column.dtype} with no value")
-    return ValueError(
+    kind = TypeError if isinstance(error, TypeError) else ValueError
+    return kind(
         f"Column(s) {named or '(unknown)'} of X are neither numeric nor marked categorical ({holds}). Mark them "
         "in categorical_features (the default 'from_dtype' takes a DataFrame's category, object, string and bool "
         "columns), or encode them first, e.g. with a OneHotEncoder in a sklearn.compose.ColumnTransformer."
+        + (f" ({error})" if kind is TypeError else "")
     )
 
 

@@ -215,6 +215,10 @@ def test_score_nll_in_the_targets_units(density_model):
                                           y)])
     assert model.score_nll(X, y) == pytest.approx(by_hand, rel=1e-6)
     assert model.score_nll(X, y * 10) > model.score_nll(X, y)
+    with pytest.raises(ValueError, match=f"X has {len(X)} rows but y has 5"):
+        model.score_nll(X, y[:5])
+    with pytest.raises(ValueError, match="y contains NaN or infinity"):
+        model.score_nll(X, np.where(np.arange(len(y)) == 3, np.nan, y))
 
 
 def test_multi_target_shapes_and_round_trip(tmp_path):

@@ -70,3 +70,25 @@ def test_report_of_a_classifier_scores_accuracy(classification_data):
 def test_report_needs_a_fitted_model():
     with pytest.raises(Exception, match="not fitted"):
         MoERegressor().routing_report(np.zeros((3, 2)))
+
+
+def test_report_names_the_models_inputs_of_a_raw_table():
+    rng = np.random.RandomState(0)
+    n = 200
+    X = pd.DataFrame({"a": rng.normal(size=n), "city": rng.choice(["Oslo", "Paris"], n), "b": rng.normal(size=n),
+                      "user": rng.choice([f"u{i}" for i in range(30)], n)})
+    X.loc[::4, "b"] = np.nan
+    y = X["a"] + 2 * (X["city"] == "Oslo")
+    model = MoERegressor(**dict(FAST, n_experts=2, router="topk", top_k=1, max_epochs=2),
+                         one_hot_max_categories=5).fit(X, y)
+    report = model.routing_report(X, y, n_top_features=20)
+    named = {part.rsplit(" (", 1)[0] for text in report["distinguishing_features"] if text
+             for part in text.split(", ")}
+    # The one-hot categories and the missing-value indicator, one by one; not the embedded
+    # column's codes (labels, whose mean says nothing).
+    assert named <= {"a", "b", "b (missing)", "city=Oslo", "city=Paris", "city (missing)"}
+    assert {"city=Oslo", "b (missing)"} <= named
+    with pytest.raises(ValueError, match="X has 200 rows but y has 5"):
+        model.routing_report(X, y[:5])
+    with pytest.raises(ValueError, match="n_top_features must be a non-negative int"):
+        model.routing_report(X, n_top_features=-1)
