@@ -79,7 +79,8 @@ def encoded_names(estimator) -> list[str]:
     if not is_encoded(estimator):
         return raw
     categorical = estimator._table_categorical
-    numeric = [name for j, name in enumerate(raw) if j not in set(categorical.tolist())]
+    is_categorical = set(categorical.tolist())
+    numeric = [name for j, name in enumerate(raw) if j not in is_categorical]
     names = numeric + [f"{numeric[j]} (missing)" for j in estimator._table_missing]
     offsets, embedded = estimator._table_offsets, set(embedded_positions(estimator).tolist())
     for position, column in enumerate(categorical):

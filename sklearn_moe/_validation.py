@@ -68,7 +68,7 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
         # A failed conversion to float: text in a column (or a pandas dtype scikit-learn does
         # not convert when another column holds text), named with what it holds.
         columns = non_numeric_columns(_table(X))
-        if not columns and _first_text(y) is not None and kwargs.get("y_numeric"):
+        if kwargs.get("y_numeric") and not columns and _first_text(y) is not None:
             raise non_numeric_target_error(type(estimator).__name__, y) from error
         if columns or (isinstance(error, ValueError) and "convert" in str(error) and "float" in str(error)):
             raise non_numeric_error(_table(X), columns, error) from error
