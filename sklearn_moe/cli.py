@@ -273,7 +273,7 @@ def _progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def _count(minimum: int):
+def int_at_least(minimum: int):
     """An argparse type: an int of at least ``minimum``."""
     def parse(text: str) -> int:
         try:
@@ -294,10 +294,10 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--target", required=True, help="the column to predict")
     fit.add_argument("--task", choices=("auto", "regression", "classification"), default="auto")
     fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
-    fit.add_argument("--tune", type=_count(0), default=0, metavar="N_TRIALS", help="tune with Optuna first")
+    fit.add_argument("--tune", type=int_at_least(0), default=0, metavar="N_TRIALS", help="tune with Optuna first")
     fit.add_argument("--out", required=True, help="directory for the model, its summary and plots")
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--max-epochs", type=_count(1), help="override the MoE's max_epochs")
+    fit.add_argument("--max-epochs", type=int_at_least(1), help="override the MoE's max_epochs")
     predict = commands.add_parser("predict", help="predict a table's rows with a fitted model (CSV to stdout)")
     predict.add_argument("model_dir", help="directory written by sklearn-moe fit")
     predict.add_argument("data", help="CSV or parquet file")
@@ -306,7 +306,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="fit and cross-validate on bundled data (scikit-learn's diabetes)")
     demo.add_argument("--cv", type=int, default=3)
     demo.add_argument("--out", help="keep the model in this directory")
-    demo.add_argument("--max-epochs", type=_count(1))
+    demo.add_argument("--max-epochs", type=int_at_least(1))
     return parser
 
 

@@ -35,7 +35,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..cli import EXIT_INPUT, MODEL_FILE, SUMMARY_FILE, InputError, new_estimator, read_table, save_model, split_target
+from ..cli import (
+    EXIT_INPUT,
+    MODEL_FILE,
+    SUMMARY_FILE,
+    InputError,
+    int_at_least,
+    new_estimator,
+    read_table,
+    save_model,
+    split_target,
+)
 from .data_parallel import data_parallel
 
 __all__ = ["main"]
@@ -113,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="folder for model.moe and summary.json (rank 0)")
     parser.add_argument("--task", choices=["auto", "regression", "classification"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-epochs", type=int, default=None)
+    parser.add_argument("--max-epochs", type=int_at_least(1), default=None)
     parser.add_argument("--param", action="append", metavar="NAME=VALUE", help="an estimator parameter")
     parser.add_argument("--expert-parallel", action="store_true",
                         help="also shard the experts over the processes (needs --param expert_type=independent)")
