@@ -16,7 +16,7 @@ a fused AdamW update, on the device's training paths) at 2 and at 64 experts wit
 
 ``growth`` then lists the kernels whose time per step grew the most from the first expert
 count to the last: what many experts cost over few. The results are printed and written to
-``benchmarks/results/kernel_profile[_bf16][_sync_free]_<device>.json``. ``--sync-free`` takes
+``benchmarks/results/kernel_profile[_bf16][_sync_free][_<device>].json``. ``--sync-free`` takes
 the GPU's training paths on a CPU as well: their kernels, at the CPU's speed.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from sklearn_moe.nn import MixtureOfExperts
 from sklearn_moe.nn._sync import sync_free_paths
 
-from .speed import RESULTS, _sync, _training_step, device_flags, device_result
+from .speed import RESULTS, _sync, _training_step, device_flags, device_result, save_result
 
 #: Profiler entries that are bookkeeping, not work: autograd's wrappers of each backward
 #: function (the kernels they run are counted on their own).
@@ -172,11 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     result = kernel_profile(tuple(args.experts), args.device, args.precision, args.steps, sync_free=args.sync_free)
     _print(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    kind = ("" if args.precision == "float32" else f"_{args.precision}") + ("_sync_free" if args.sync_free else "")
-    path = args.out / f"kernel_profile{kind}_{args.device.split(':')[0]}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_result(result, args.out, "kernel_profile", args.device, "" if args.precision == "float32" else args.precision,
+                "sync_free" if args.sync_free else "")
     return result
 
 

@@ -216,6 +216,18 @@ def device_result(name: str, command: str, device: torch.device, config: dict, r
     return result
 
 
+def save_result(result: dict, out: Path, stem: str, device: str, *tags: str) -> Path:
+    """Write ``result`` as ``out/<stem>[_<tag>...][_<device type>].json`` (empty tags left
+    out; no device suffix on the CPU), say where, and return the path."""
+    name = "_".join([stem, *(tag for tag in tags if tag)])
+    name += "" if device == "cpu" else f"_{device.split(':')[0]}"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def device_flags(device: torch.device, precision: str, graph: bool) -> str:
     """The command-line flags that select ``device``, ``precision`` and ``graph`` (none for
     the defaults), for a result's recorded command."""
@@ -711,21 +723,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
     results = {}
     for part in PARTS if args.part == "all" else (args.part,):
         result = PARTS[part](args)
-        if part == "experts":
+        experts = part == "experts"
+        if experts:
             _print_scaling(result)
         else:
             print(json.dumps(result, indent=2))
-        kind = f"_{args.expert_type}" if part == "experts" and args.expert_type != "independent" else ""
-        kind += f"_{args.precision}" if part == "experts" and args.precision != "float32" else ""
-        kind += "_sync_free" if part == "experts" and args.sync_free else ""
-        path = args.out / f"speed_{part}{kind}{suffix}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
+        save_result(result, args.out, f"speed_{part}", args.device,
+                    args.expert_type if experts and args.expert_type != "independent" else "",
+                    args.precision if experts and args.precision != "float32" else "",
+                    "sync_free" if experts and args.sync_free else "")
         results[part] = result
     return results
 

@@ -22,7 +22,6 @@ and written to ``benchmarks/results/throughput[_bf16][_graph][_cuda].json``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import time
@@ -32,7 +31,7 @@ import torch
 
 from sklearn_moe.nn import MixtureOfExperts
 
-from .speed import RESULTS, _bf16, _sync, capture_graph, device_flags, device_result
+from .speed import RESULTS, _bf16, _sync, capture_graph, device_flags, device_result, save_result
 
 N_FEATURES = 32
 EXPERT_HIDDEN = (128, 128)
@@ -165,13 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
     for row in result["rows"]:
         print(f"batch {row['batch_size']:>6}: mixture {row['moe_rows_per_s']:>12,.0f} rows/s, dense MLP (width "
               f"{row['mlp_width']}) {row['mlp_rows_per_s']:>12,.0f} rows/s, ratio {row['ratio']:.2f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "throughput" + ("" if args.precision == "float32" else f"_{args.precision}")
-    name += "_graph" if args.graph else ""
-    name += "" if args.device == "cpu" else f"_{args.device.split(':')[0]}"
-    path = args.out / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    save_result(result, args.out, "throughput", args.device, "" if args.precision == "float32" else args.precision,
+                "graph" if args.graph else "")
     return result
 
 

@@ -22,6 +22,6 @@ def test_kernel_profile_ranks_each_counts_operators_and_what_grew_with_the_exper
 
 def test_kernel_profile_on_the_sync_free_paths_writes_its_own_file(tmp_path):
     main(["--experts", "2", "4", "--steps", "1", "--sync-free", "--out", str(tmp_path)])
-    result = json.loads((tmp_path / "kernel_profile_sync_free_cpu.json").read_text())
+    result = json.loads((tmp_path / "kernel_profile_sync_free.json").read_text())
     assert result["config"]["sync_free"] and result["command"].endswith("--sync-free")
     assert len(result["rows"]) == 2
