@@ -14,7 +14,7 @@ from ._net import named_callbacks
 from ._parameters import PARAMETER_CONSTRAINTS, check_hyperparameters
 from ._scaling import fit_robust_scaler, scale_features
 from ._tabular import TABLE_STATE, encode_for_fit, encode_for_predict, is_encoded, n_code_columns
-from ._training import build_module, history_frame, train
+from ._training import build_module, history_frame, rebuilt_module, train
 from ._validation import relative_sample_weight, validate_input
 from .diagnostics import expert_utilization
 from .distributed.data_parallel import agree_on_seeds, check_backend, check_same_data, shard_rows
@@ -202,7 +202,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         fork_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(init_seed)
-            module = self.module_ if reuse else build_module(self, X.shape[1], device, layout, bins)
+            module = self._warm_module(device) if reuse else build_module(self, X.shape[1], device, layout, bins)
             net = train(self, module, device, train_table, valid_table, generator, extra_callbacks)
 
         self._x_mean, self._x_scale = x_mean, x_scale
@@ -214,6 +214,22 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         self._after_training(valid_table)
         self.expert_load_ = self._expert_load(table.X)
         return self
+
+    def _warm_module(self, device: str):
+        """The fitted network for a warm start: rebuilt from the current hyperparameters, with
+        the fitted weights. Every hyperparameter that leaves the weights' shapes alone (dropout,
+        the router's kind among those of the same weights, capacity, the device, ...) takes
+        effect; one that changes them cannot, and is an error rather than silently ignored."""
+        try:
+            return rebuilt_module(self, self.module_.state_dict(), device)
+        except RuntimeError as error:  # load_state_dict: missing, unexpected or misshapen weights
+            detail = " ".join(str(error).split())
+            raise ValueError(
+                "warm_start: the hyperparameters now describe another network than the fitted one, whose weights "
+                "do not fit it; a parameter that shapes the network (n_experts, expert_hidden, expert_type, "
+                "gate_hidden, shared_expert, layer_norm, numeric_embedding, output, a router with other weights, ...) "
+                f"cannot change in a warm start. Set it back, or set warm_start=False to start afresh. ({detail[:400]})"
+            ) from error
 
     def _after_training(self, valid_table) -> None:
         """Fit what is fitted on the validation rows (``None`` without) once training ends."""

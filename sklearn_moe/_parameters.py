@@ -240,7 +240,10 @@ PARAMETERS = """\
         0 is silent; 1 shows a progress bar and a per-epoch log.
     warm_start : bool, default=False
         Continue training the fitted model instead of starting afresh; the input scaling
-        and the target encoding (scaling, or classes) of the first fit are kept.
+        and the target encoding (scaling, or classes) of the first fit are kept. The other
+        hyperparameters take effect where they leave the network's weights as they are
+        (``learning_rate``, ``dropout``, ``capacity_factor``, ``device``, ...); changing one
+        that shapes the network (``n_experts``, ``expert_hidden``, ...) is an error.
     callbacks : list of skorch.callbacks.Callback, default=None
         Extra skorch callbacks for every fit (plain instances or ``(name, callback)``
         pairs), run after the built-in ones: loggers such as

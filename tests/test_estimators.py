@@ -583,6 +583,30 @@ def test_warm_start_with_different_number_of_features_raises(regression_data):
     np.testing.assert_array_equal(model.predict(X), before)
 
 
+def test_warm_start_takes_the_new_hyperparameters_that_keep_the_weights(regression_data):
+    X, y = regression_data
+    model = MoERegressor(**dict(SHORT, max_epochs=2, warm_start=True, router="softmax")).fit(X, y)
+    weights = {name: tensor.clone() for name, tensor in model.module_.state_dict().items()}
+    model.set_params(router="topk", dropout=0.3, max_epochs=1, learning_rate=1e-12)
+    model.fit(X, y)
+    assert type(model.module_.router).__name__ == "TopKRouter" and model.module_.experts.dropout == 0.3
+    # A learning rate of 1e-12: the weights are the first fit's, carried over.
+    for name, tensor in model.module_.state_dict().items():
+        torch.testing.assert_close(tensor, weights[name], rtol=0, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("change", [dict(n_experts=3), dict(expert_hidden=(8,)), dict(expert_type="independent"),
+                                    dict(output="mixture_density")], ids=lambda change: next(iter(change)))
+def test_warm_start_refuses_a_change_of_the_networks_shape(regression_data, change):
+    X, y = regression_data
+    model = MoERegressor(**dict(SHORT, max_epochs=2, warm_start=True, expert_type="adapter")).fit(X, y)
+    before = model.predict(X)
+    with pytest.raises(ValueError, match="warm_start: the hyperparameters now describe another network"):
+        model.set_params(**change).fit(X, y)
+    # The fitted model is untouched by the rejected fit.
+    np.testing.assert_array_equal(model.predict(X), before)
+
+
 def test_warm_start_classifier_rejects_new_classes(classification_data):
     X, y = classification_data
     model = MoEClassifier(**dict(SHORT, max_epochs=2, warm_start=True)).fit(X, y)
