@@ -66,8 +66,9 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Each row's ``k`` highest-scoring columns, highest first: ``scores.topk(k, dim=1).indices``.
 
     On the CPU, ``k`` of 1 or 2 are found by arg-maxima instead (a second one with the first
-    masked): PyTorch's CPU top-k takes 2.4x their time on 65,536 rows of 64 scores (18.4
-    against 7.8 ms on 2 Xeon cores). Where scores tie, the first column wins.
+    masked), taken as ``max(dim=1).indices``, which a CPU computes faster than ``argmax``:
+    on 65,536 rows of 64 scores (2 Xeon cores) PyTorch's top-k takes 20.6 ms, the two
+    ``argmax`` 14.8 and the two ``max`` 8.9. Where scores tie, the first column wins.
 
     Parameters
     ----------
@@ -83,10 +84,10 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k > 2 or avoid_host_reads(scores.device, training=True):  # a GPU (or its paths, sync_free_paths)
         return scores.topk(k, dim=1).indices
     scores = scores.detach()
-    first = scores.argmax(dim=1, keepdim=True)
+    first = scores.max(dim=1, keepdim=True).indices
     if k == 1:
         return first
-    second = scores.scatter(1, first, float("-inf")).argmax(dim=1, keepdim=True)
+    second = scores.scatter(1, first, float("-inf")).max(dim=1, keepdim=True).indices
     # A row of -inf beyond its first column would give the first column again.
     second = torch.where(second == first, (first + 1) % scores.shape[1], second)
     return torch.cat((first, second), dim=1)
