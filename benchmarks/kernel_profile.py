@@ -93,9 +93,9 @@ def kernel_times(step, device: torch.device, steps: int) -> dict[str, tuple[floa
 
 
 def profile_experts(n_experts: int, device: torch.device, precision: str = "float32", steps: int = 10,
-                    top: int = 20) -> dict:
-    """The profile row of one expert count (see the module docstring), with every kernel's
-    time in ``"all"``."""
+                    top: int = 20) -> tuple[dict, dict[str, float]]:
+    """The profile row of one expert count (see the module docstring), and every kernel's
+    milliseconds per step by name."""
     step = training_step(n_experts, device, precision)
     for _ in range(3):  # the optimizer's state, lazy buffers, the allocator's pools
         step()
@@ -107,8 +107,7 @@ def profile_experts(n_experts: int, device: torch.device, precision: str = "floa
     return {"n_experts": n_experts, "step_ms": wall, "busy_ms": busy,
             "kernels": sum(calls for _, calls in times.values()),
             "top": [{"name": _short(name), "ms": ms, "calls": calls, "share": ms / busy if busy else 0.0}
-                    for name, (ms, calls) in ranked[:top]],
-            "all": {name: ms for name, (ms, _) in times.items()}}
+                    for name, (ms, calls) in ranked[:top]]}, {name: ms for name, (ms, _) in times.items()}
 
 
 def _short(name: str, width: int = 120) -> str:
@@ -124,23 +123,21 @@ def kernel_profile(expert_counts=(2, 64), device: str = "cpu", precision: str = 
     Returns
     -------
     dict
-        The benchmark's result: ``rows`` (one per expert count, without the full kernel
-        table) and ``growth`` (the kernels whose time per step grew most from the first
-        count to the last, with the two times).
+        The benchmark's result: ``rows`` (one per expert count) and ``growth`` (the
+        kernels whose time per step grew most from the first count to the last, with the
+        two times).
     """
     device = torch.device(device)
     with sync_free_paths() if sync_free else contextlib.nullcontext():
-        rows = [profile_experts(n, device, precision, steps, top) for n in expert_counts]
-    first, last = rows[0].pop("all"), rows[-1].pop("all")
-    for row in rows[1:-1]:
-        row.pop("all")
+        rows, tables = zip(*(profile_experts(n, device, precision, steps, top) for n in expert_counts))
+    first, last = tables[0], tables[-1]
     names = set(first) | set(last)
     growth = sorted(names, key=lambda name: first.get(name, 0.0) - last.get(name, 0.0))[:top]
     config = {"batch_size": 1024, "n_features": 32, "expert_hidden": [128, 128], "top_k": 2, "steps": steps,
               "precision": precision, "sync_free": sync_free}
     result = device_result("kernel_profile", "python -m benchmarks.kernel_profile"
                            + device_flags(device, precision, False) + (" --sync-free" if sync_free else ""),
-                           device, config, rows)
+                           device, config, list(rows))
     result["growth"] = [{"name": _short(name), f"ms_at_{expert_counts[0]}": first.get(name, 0.0),
                          f"ms_at_{expert_counts[-1]}": last.get(name, 0.0)}
                         for name in growth if last.get(name, 0.0) > first.get(name, 0.0)]

@@ -7,6 +7,7 @@ import torch
 from scipy.special import ndtr
 from sklearn.utils import check_random_state
 
+from ._validation import check_int
 from .nn.density import calibrated_scale, mixture_moments, mixture_nll_dense
 
 #: The range of the spread's recalibration factor. It only widens: trained on the likelihood
@@ -148,8 +149,7 @@ class DensityMethods:
             If ``n_samples`` is not a positive int, or the estimator's ``output`` is not
             ``"mixture_density"``.
         """
-        if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}.")
+        check_int("n_samples", n_samples)
         rng = check_random_state(random_state)
         weights, means, scales = self._distribution(X)
         cumulative = np.cumsum(weights, axis=1)

@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 
 from ._tabular import encoded_names, n_code_columns
+from ._validation import check_int
 
 
 def routing_report(estimator, X, y=None, n_top_features: int = 3) -> pd.DataFrame:
     """One row per expert; see :meth:`BaseMoE.routing_report`."""
-    if isinstance(n_top_features, bool) or not isinstance(n_top_features, (int, np.integer)) or n_top_features < 0:
-        raise ValueError(f"n_top_features must be a non-negative int; got {n_top_features!r}.")
+    check_int("n_top_features", n_top_features, minimum=0)
     X_scaled = estimator._scaled_input(X)
     gates = estimator._gates(X_scaled)
     inputs = X_scaled.detach().cpu().numpy().astype(np.float64)

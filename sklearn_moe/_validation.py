@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from numbers import Integral
 
 import numpy as np
 import pandas as pd
@@ -91,7 +92,7 @@ def _table(X) -> pd.DataFrame | None:
     return pd.DataFrame(values) if values.ndim == 2 else None
 
 
-def non_numeric_columns(frame: pd.DataFrame | None) -> list:
+def non_numeric_columns(frame: pd.DataFrame | None) -> list[int]:
     """The columns of ``frame`` that hold something other than numbers and missing values:
     those of pandas' ``string`` dtype, and object or category columns with a value that is
     not a number.
@@ -103,36 +104,35 @@ def non_numeric_columns(frame: pd.DataFrame | None) -> list:
 
     Returns
     -------
-    list
-        Their names, in column order.
+    list of int
+        Their positions, in column order.
     """
     if frame is None:
         return []
     found = []
-    for position, name in enumerate(frame.columns):
+    for position in range(frame.shape[1]):
         column = frame.iloc[:, position]
         if is_bool_dtype(column.dtype) or (is_numeric_dtype(column.dtype)
                                             and not isinstance(column.dtype, pd.CategoricalDtype)):
             continue
-        values = column.astype(object)
-        numbers = pd.to_numeric(values, errors="coerce")
-        if isinstance(column.dtype, pd.StringDtype) or numbers.isna().sum() > values.isna().sum():
-            found.append(name)
+        if isinstance(column.dtype, pd.StringDtype) or _first_text(column) is not None:
+            found.append(position)
     return found
 
 
-def non_numeric_error(frame: pd.DataFrame | None, columns: list, error: Exception) -> ValueError | TypeError:
+def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exception) -> ValueError | TypeError:
     """The error for a table whose ``columns`` hold text but are not encoded as categories:
-    what they hold (their first value that is not a number, or ``error``'s message) and the
-    two ways to fix it. A TypeError (a value that is neither text nor a number, such as a
-    dict, as scikit-learn reports it) stays one, its message kept at the end.
+    what they hold (the first one's first value that is not a number, or ``error``'s
+    message) and the two ways to fix it. A TypeError (a value that is neither text nor a
+    number, such as a dict, as scikit-learn reports it) stays one, its message kept at the
+    end.
 
     Parameters
     ----------
     frame : DataFrame or None
         The table.
-    columns : list
-        The names of its columns at fault (:func:`non_numeric_columns`); may be empty.
+    columns : list of int
+        The positions of its columns at fault (:func:`non_numeric_columns`); may be empty.
     error : Exception
         The conversion's own error.
 
@@ -140,14 +140,14 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list, error: Exceptio
     -------
     ValueError or TypeError
     """
-    named = ", ".join(repr(_plain(name)) for name in columns[:10]) + (", ..." if len(columns) > 10 else "")
+    names = [_plain(frame.columns[position]) for position in columns]
+    named = ", ".join(repr(name) for name in names[:10]) + (", ..." if len(names) > 10 else "")
     holds = str(error).splitlines()[0] if str(error) else type(error).__name__
     if columns:
-        column = frame[columns[0]] if frame.columns.is_unique else frame.iloc[:, list(frame.columns).index(columns[0])]
-        values = column.dropna().astype(object)
-        text = values[pd.to_numeric(values, errors="coerce").isna()]
-        holds = (f"{_plain(columns[0])!r} holds {text.iloc[0]!r}" if len(text)
-                 else f"{_plain(columns[0])!r} is of dtype {column.dtype} with no value")
+        column = frame.iloc[:, columns[0]]
+        text = _first_text(column)
+        what = f"holds {text!r}" if text is not None else f"is of dtype {column.dtype} with no value"
+        holds = f"{names[0]!r} {what}"
     kind = TypeError if isinstance(error, TypeError) else ValueError
     return kind(
         f"Column(s) {named or '(unknown)'} of X are neither numeric nor marked categorical ({holds}). Mark them "
@@ -176,8 +176,8 @@ def non_numeric_target_error(name: str, y) -> ValueError:
 
 
 def _first_text(y):
-    """The first value of ``y`` that is neither a number nor missing; None if there is none
-    (or ``y`` is not given)."""
+    """The first value of ``y`` (a target, or a table's column) that is neither a number nor
+    missing; None if there is none (or ``y`` is not given)."""
     if isinstance(y, str) and y == "no_validation":
         return None
     values = pd.Series(np.asarray(y, dtype=object).ravel()).dropna()
@@ -187,6 +187,15 @@ def _first_text(y):
 
 def _plain(name):
     return name.item() if hasattr(name, "item") else name
+
+
+def check_int(name: str, value, minimum: int = 1):
+    """``value``, checked to be an int (not a bool) of at least ``minimum``; a ValueError
+    naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
+        kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int of at least {minimum}")
+        raise ValueError(f"{name} must be {kind}; got {value!r}.")
+    return value
 
 
 def relative_sample_weight(sample_weight, X) -> np.ndarray:

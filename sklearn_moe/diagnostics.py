@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._validation import check_int
+
 
 def _as_numpy(values) -> np.ndarray:
     if hasattr(values, "detach"):
@@ -307,8 +309,7 @@ def target_bins(y, n_bins: int = 10) -> np.ndarray:
     ValueError
         If ``n_bins`` is not a positive int.
     """
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int; got {n_bins!r}.")
+    check_int("n_bins", n_bins)
     y = _as_numpy(y)
     y = y[:, 0] if y.ndim == 2 else y
     if y.size == 0:

@@ -263,14 +263,14 @@ def load(path, device="cpu"):
     """
     try:
         with safe_open(os.fspath(path), framework="pt") as handle:
-            _check_digest(handle, path)
+            read = _checked_tensors(handle, path)
             document = _parse_document(handle.metadata() or {})
             estimator, resolved_device = _new_estimator(document, device)
             expected = _expected_state(estimator)
             added = {name: make(estimator) for version, tensors in _ADDED_TENSORS.items()
                      if document["format_version"] < version for name, make in tensors.items()}
             _check_tensors(handle, {name: tensor for name, tensor in expected.items() if name not in added})
-            state = {name: added[name] if name in added else handle.get_tensor(name) for name in expected}
+            state = {name: added[name] if name in added else read(name) for name in expected}
     except SafetensorError as error:
         raise ValueError(f"{os.fspath(path)!r} is not a valid sklearn-moe file: {error}") from error
     for name, tensor in state.items():
@@ -279,17 +279,20 @@ def load(path, device="cpu"):
     return _assemble(estimator, document, state, resolved_device)
 
 
-def _check_digest(handle, path) -> None:
-    """Raise if the file carries a digest (:func:`_digest`) that its contents do not match."""
+def _checked_tensors(handle, path):
+    """Raise if the file carries a digest (:func:`_digest`) that its contents do not match;
+    return the reader of its tensors by name: the tensors the check read (read once), or
+    ``handle.get_tensor`` for a file without a digest."""
     metadata = handle.metadata() or {}
     saved = metadata.get(_DIGEST_KEY)
     if saved is None:  # written before files carried one
-        return
+        return handle.get_tensor
     text = metadata.get(_METADATA_KEY)
-    actual = _digest(text if isinstance(text, str) else "", {name: handle.get_tensor(name) for name in handle.keys()})
-    if saved != actual:
+    tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    if _digest(text if isinstance(text, str) else "", tensors) != saved:
         raise ValueError(f"{os.fspath(path)!r} is corrupt: its contents do not match the SHA-256 digest saved with "
                          "them (the file was damaged after it was written). Save the model again from its source.")
+    return tensors.__getitem__
 
 
 def _invalid(message: str) -> ValueError:

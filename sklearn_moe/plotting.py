@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._validation import check_int
 from .diagnostics import target_bins
 
 __all__ = [
@@ -180,8 +181,7 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
         If the estimator is not fitted, ``X`` and ``y`` have different numbers of rows, a
         class label is not among ``classes_``, or ``n_bins`` is not a positive int.
     """
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int; got {n_bins!r}.")
+    check_int("n_bins", n_bins)
     estimator, X = _fitted_moe(estimator, X)
     y = np.asarray(y)
     top1 = estimator.route(X).argmax(axis=1)
@@ -243,8 +243,7 @@ def plot_routing_embedding(estimator, X, max_points: int = 5000, random_state=0)
     """
     from sklearn.decomposition import PCA
 
-    if isinstance(max_points, bool) or not isinstance(max_points, (int, np.integer)) or max_points < 2:
-        raise ValueError(f"max_points must be an int of at least 2; got {max_points!r}.")
+    check_int("max_points", max_points, minimum=2)
     estimator, X = _fitted_moe(estimator, X)
     X_scaled = estimator._scaled_input(X)  # validated and scaled once, for the gates and the projection
     inputs = X_scaled.detach().cpu().numpy()

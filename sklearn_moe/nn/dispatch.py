@@ -747,9 +747,10 @@ def dense_assignments(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Te
     rows of expert 0, then of expert 1, ...). An expert whose gate is 0 for a row does not
     count for it, even if its output there is not finite (:func:`mask_failed_experts`, to
     which ``tally`` goes). ``choice_major=True`` marks them as such (``grid="choice_major"``,
-    expert ``j`` being every row's ``j``-th choice): their per-row sums are then reductions of a view, fewer
-    kernels than additions indexed by row, but rounded in an order that may depend on the
-    batch's size, which training allows and batch-invariant evaluation does not.
+    expert ``j`` being every row's ``j``-th choice): their per-row sums are then reductions
+    of a view, fewer kernels than additions indexed by row, but rounded in an order that may
+    depend on the batch's size, which training allows and batch-invariant evaluation does
+    not.
     """
     n, n_experts = gates.shape
     expert_out = experts.all_experts(x)  # (E, n, out)

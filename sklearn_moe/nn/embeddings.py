@@ -101,8 +101,7 @@ def _without_narrow_bins(edges: torch.Tensor) -> torch.Tensor:
     for value in values[1:]:
         if value - kept[-1] >= MIN_BIN_WIDTH:
             kept.append(value)
-    if kept[-1] != values[-1]:
-        kept[-1] = values[-1]
+    kept[-1] = values[-1]
     return torch.tensor(kept, dtype=edges.dtype, device=edges.device)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from numbers import Integral
 
 from optuna.distributions import (
     BaseDistribution,
@@ -16,6 +15,7 @@ from sklearn.base import is_classifier
 from sklearn.pipeline import Pipeline
 
 from .._base import BaseMoE
+from .._validation import check_int
 from ..nn.density import REGRESSOR_OUTPUTS as OUTPUTS
 
 #: Routers of the default space: the ones whose behaviour the space's parameters fully
@@ -88,11 +88,6 @@ def fit_param_name(estimator, prefix: str, name: str) -> str:
     return prefix + name
 
 
-def _check_positive_int(name, value):
-    if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}.")
-
-
 def base_space(
     max_experts: int = 16,
     max_top_k: int = 2,
@@ -109,15 +104,15 @@ def base_space(
         raise ValueError(f"outputs must be distinct values of {OUTPUTS}; got {outputs!r}.")
     if classifier and outputs != ("point",):
         raise ValueError("outputs applies to regressors: a classifier has no output parameter.")
-    _check_positive_int("max_experts", max_experts)
-    _check_positive_int("max_top_k", max_top_k)
+    check_int("max_experts", max_experts)
+    check_int("max_top_k", max_top_k)
     if max_top_k > max_experts:
         raise ValueError(f"max_top_k={max_top_k} must not exceed max_experts={max_experts}.")
     for name, values in (("routers", routers), ("expert_widths", expert_widths), ("expert_depths", expert_depths)):
         if len(values) == 0:
             raise ValueError(f"{name} must not be empty.")
     for value in (*expert_widths, *expert_depths):
-        _check_positive_int("expert widths and depths", value)
+        check_int("expert widths and depths", value)
     architectures = tuple((width,) * depth for depth in expert_depths for width in expert_widths)
     with warnings.catch_warnings():
         # Tuples are fine in memory; tune() stores them as strings (see suggest()).

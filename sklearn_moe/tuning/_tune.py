@@ -9,7 +9,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from numbers import Integral
 
 import numpy as np
 import optuna
@@ -21,6 +20,7 @@ from sklearn.model_selection import check_cv
 from sklearn.utils import _safe_indexing
 from skorch.callbacks import Callback
 
+from .._validation import check_int
 from ._optuna_private import claimed_trial
 from ._space import check_space, decode_params, find_moe_step, fit_param_name, search_space, suggest
 from ._storage import fail_stale_trials, heartbeat_enabled, logger, make_storage, open_study, pop_ticket
@@ -96,13 +96,6 @@ def _make_pruner(pruning):
     if isinstance(pruning, optuna.pruners.BasePruner):
         return pruning
     raise ValueError(f"pruning must be True, False or an optuna.pruners.BasePruner; got {pruning!r}.")
-
-
-def _check_count(name, value, allow_none=False):
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}; got {value!r}.")
 
 
 class _Objective:
@@ -296,10 +289,9 @@ def tune(
     ValueError
         Bad arguments, no MoE step, or (with ``refit``) no trial of the study completed.
     """
-    _check_count("n_trials", n_trials)
-    _check_count("n_jobs", n_jobs)
-    if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, Integral) or warmup_epochs < 0:
-        raise ValueError(f"warmup_epochs must be a non-negative int; got {warmup_epochs!r}.")
+    check_int("n_trials", n_trials)
+    check_int("n_jobs", n_jobs)
+    check_int("warmup_epochs", warmup_epochs, minimum=0)
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be None or a positive number of seconds; got {timeout!r}.")
     prefix, moe = find_moe_step(estimator)
