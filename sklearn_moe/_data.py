@@ -49,20 +49,32 @@ class BatchIterator:
         Draw a new permutation from ``generator`` at every pass.
     generator : torch.Generator, optional
         Source of the shuffling, so that training is reproducible.
+    n_batches : int, optional
+        Without shuffling: exactly this many batches, in order, their sizes as even as
+        possible (the first ones a row larger), instead of batches of ``batch_size`` rows;
+        at most the table's rows.
 
     When shuffling, a trailing batch of one row is merged into the previous batch: a
     one-row batch gives a noisy step and meaningless batch routing statistics.
     """
 
     def __init__(self, table: TensorTable, batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, n_batches: int | None = None):
+        if n_batches is not None and (shuffle or not 1 <= n_batches <= len(table)):
+            raise ValueError(f"n_batches={n_batches} needs shuffle=False and at most one batch per row "
+                             f"({len(table)} rows)")
         self.table = table
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
+        self.n_batches = n_batches
 
     def _bounds(self) -> list[tuple[int, int]]:
         n, size = len(self.table), self.batch_size
+        if self.n_batches is not None:
+            small, extra = divmod(n, self.n_batches)
+            stops = [(i + 1) * small + min(i + 1, extra) for i in range(self.n_batches)]
+            return list(zip([0, *stops[:-1]], stops))
         bounds = [(start, min(start + size, n)) for start in range(0, n, size)]
         if self.shuffle and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
             bounds[-2:] = [(bounds[-2][0], n)]

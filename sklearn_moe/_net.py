@@ -66,7 +66,10 @@ class MoENet(NeuralNet):
         self.shuffle_generator = shuffle_generator
 
     def get_iterator(self, dataset, training=False):
-        return BatchIterator(dataset, self.batch_size, shuffle=training, generator=self.shuffle_generator)
+        # A data-parallel fit's share of the validation rows: as many batches on every process.
+        n_batches = None if training else getattr(dataset, "n_batches", None)
+        return BatchIterator(dataset, self.batch_size, shuffle=training, generator=self.shuffle_generator,
+                             n_batches=n_batches)
 
     def autocast(self, device: torch.device):
         """The mixed-precision context of the forward pass (a no-op in float32)."""

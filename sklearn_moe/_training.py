@@ -38,6 +38,7 @@ from .callbacks import (
 )
 from .distributed.callbacks import EpochAgreement, GradientAveraging, ShardedGradientClipping
 from .distributed.data_parallel import active_group, shard_for_training, whole_after_training
+from .distributed.validation import shard_validation
 from .nn import MixtureOfExperts
 
 
@@ -161,6 +162,9 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
         callbacks += [("progress_bar", ProgressBar()), ("epoch_line", EpochLine())]
     callbacks.extend(named_callbacks(params.callbacks, "callback"))
     callbacks.extend(extra_callbacks)
+    # Data-parallel: each process evaluates its share of the validation rows, unless
+    # callbacks of the user's own may score them (see distributed.validation).
+    valid_rows = shard_validation(valid_table, size, whole=bool(params.callbacks or extra_callbacks))
     return MoENet(
         module,
         criterion=params._criterion(),
@@ -171,7 +175,7 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
         optimizer__param_groups=[("router.*", {"lr": params.learning_rate * params.router_lr_scale})],
         max_epochs=params.max_epochs,
         batch_size=size,
-        train_split=PredefinedSplit(valid_table) if has_valid else None,
+        train_split=PredefinedSplit(valid_rows) if has_valid else None,
         callbacks=callbacks,
         device=device,
         verbose=int(params.verbose),

@@ -22,6 +22,7 @@ from .diagnostics import (
     row_entropy,
     target_bins,
 )
+from .distributed.validation import ValidationShard
 
 
 class RoutingMetrics(Callback):
@@ -124,13 +125,17 @@ class RoutingMetrics(Callback):
             losses = net.criterion_(y_pred.output.float(), targets)
         self._valid_losses.append(losses.reshape(losses.shape[0], -1).mean(dim=1))
 
-    def on_epoch_end(self, net, **kwargs):
+    def on_epoch_end(self, net, dataset_valid=None, **kwargs):
         """Record the epoch's averaged losses and routing metrics in the history.
 
         Parameters
         ----------
         net : skorch.NeuralNet
             The net being trained.
+        dataset_valid : Dataset, optional
+            The validation rows. In a data-parallel fit whose processes each evaluate a
+            share of them (a :class:`~sklearn_moe.distributed.validation.ValidationShard`),
+            the validation metrics are computed over every process's rows.
         **kwargs : dict
             The other arguments skorch passes to the hook; not used.
         """
@@ -144,6 +149,8 @@ class RoutingMetrics(Callback):
             for key, value in self._train.metrics().items():
                 net.history.record(key, value)
         if self._valid.rows:
+            if isinstance(dataset_valid, ValidationShard):
+                self._gather_validation(dataset_valid)
             for key, value in self._valid.metrics().items():
                 if key != "dropped_fraction":
                     net.history.record(f"valid_{key}", value)
@@ -151,6 +158,12 @@ class RoutingMetrics(Callback):
         # Device tensors must not outlive the epoch: a pickled CUDA tensor left here would
         # make a CUDA-trained model impossible to unpickle on a machine without CUDA.
         self._reset()
+
+    def _gather_validation(self, shard: ValidationShard) -> None:
+        """Replace this process's validation tally and per-row records by every process's."""
+        self._valid = self._valid.summed(shard.sum_over_processes)
+        for records in (self._valid_top1, self._valid_targets, self._valid_losses):
+            records[:] = [shard.gather_rows(torch.cat(records))]
 
     def _record_validation_routing(self, net):
         top1 = torch.cat(self._valid_top1).cpu().numpy()
@@ -183,6 +196,20 @@ class _RoutingTally:
         self.rows += gates.shape[0]
         if dropped is not None:
             self.dropped = self.dropped + dropped
+
+    def summed(self, total) -> _RoutingTally:
+        """The tally whose sums are ``total(sums)``, a function of a float64 tensor (in a
+        data-parallel fit, the sums over the processes)."""
+        n_experts, device = self.counts.shape[0], self.counts.device
+        scalars = [torch.as_tensor(value, dtype=torch.float64, device=device).reshape(1)
+                   for value in (self.entropy, self.dropped, self.rows)]
+        sums = total(torch.cat([self.counts.to(torch.float64), self.gate_mass.to(torch.float64), *scalars]))
+        merged = _RoutingTally()
+        merged.counts = sums[:n_experts].round().long()
+        merged.gate_mass = sums[n_experts:2 * n_experts]
+        merged.entropy, merged.dropped = sums[2 * n_experts], sums[2 * n_experts + 1]
+        merged.rows = int(sums[2 * n_experts + 2])
+        return merged
 
     def metrics(self) -> dict:
         counts = self.counts.cpu().numpy()

@@ -179,6 +179,52 @@ def test_two_processes_reach_the_single_process_score_and_return_an_ordinary_est
     assert parallel_score > 0.8 and abs(parallel_score - single_score) < 0.03, (parallel_score, single_score)
 
 
+VALIDATION_WORKER = """
+import json
+import numpy as np, torch.distributed as dist
+from skorch.callbacks import Callback
+from sklearn_moe import MoERegressor
+from sklearn_moe.distributed import data_parallel
+
+KEYS = ("valid_loss", "valid_expert_share", "valid_gate_share", "valid_routing_entropy", "valid_specialization",
+        "valid_expert_loss", "valid_routing_instability")
+data = np.load("data.npz")
+dist.init_process_group("gloo")
+report = {{}}
+with data_parallel(expert_parallel={expert_parallel!r}) as parallel:
+    # a callback of the user's own: every process evaluates the whole validation set
+    for name, callbacks in (("shared_out", None), ("whole", [("noop", Callback())])):
+        model = MoERegressor(**{params!r}, callbacks=callbacks).fit(data["X"], data["y"])
+        history = model.net_.history
+        report[name] = dict(epochs=model.n_iter_, prediction=model.predict(data["X_test"]).tolist(),
+                            metrics={{key: history[:, key] for key in KEYS}},
+                            rows=sum(b["valid_batch_size"] for b in history[0]["batches"] if "valid_batch_size" in b))
+with open(f"report_{{parallel.rank}}.json", "w") as handle:
+    json.dump(report, handle)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::sklearn_moe.ExpertCollapseWarning")
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_processes_sharing_out_the_validation_rows_record_the_whole_sets_validation(tmp_path, expert_parallel):
+    params = dict(PARAMS, max_epochs=8, expert_type="independent", router="topk", top_k=2)
+    run_workers(tmp_path, VALIDATION_WORKER, params=params, expert_parallel=expert_parallel)
+    reports = [json.loads((tmp_path / f"report_{rank}.json").read_text()) for rank in range(2)]
+    for report in reports:
+        shared, whole = report["shared_out"], report["whole"]
+        # 60 validation rows (a tenth of 600): 30 on each process, or all 60
+        assert shared["rows"] == 30 and whole["rows"] == 60
+        # the same training, and the same validation figures up to float rounding
+        assert shared["epochs"] == whole["epochs"]
+        np.testing.assert_allclose(shared["prediction"], whole["prediction"], rtol=1e-5, atol=1e-6)
+        for key, values in shared["metrics"].items():
+            np.testing.assert_allclose(np.asarray(values, dtype=float), np.asarray(whole["metrics"][key], dtype=float),
+                                       rtol=1e-5, atol=1e-6, err_msg=key)
+    assert reports[0]["shared_out"]["metrics"] == reports[1]["shared_out"]["metrics"]
+
+
 @pytest.mark.slow
 def test_the_torchrun_entry_point_writes_a_model_on_rank_0(tmp_path):
     X, y, X_test, y_test = friedman()

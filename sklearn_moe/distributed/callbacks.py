@@ -10,7 +10,8 @@ removes them when training ends:
   gradient clipping: the norm is taken over every process's experts.
 - :class:`EpochAgreement`, after the metrics' callbacks and before every callback that
   acts on them: at each epoch's end every process records the same history row (the
-  training metrics merged over the processes) and takes rank 0's weights and buffers, so
+  training metrics, and the validation loss where each process evaluated a share of the
+  validation rows, merged over the processes) and takes rank 0's weights and buffers, so
   early stopping, the schedules and collapse recovery decide alike everywhere.
 """
 
@@ -24,6 +25,7 @@ from skorch.callbacks import Callback
 from ..diagnostics import load_cv, load_entropy, load_imbalance
 from ._gradients import all_reduce_gradients
 from .data_parallel import DataParallelGroup
+from .validation import ValidationShard
 
 __all__ = ["EpochAgreement", "GradientAveraging", "ShardedGradientClipping"]
 
@@ -146,14 +148,17 @@ class ShardedGradientClipping(Callback):
 class EpochAgreement(Callback):
     """At every epoch's end, give every process the same history row, weights and buffers.
 
-    The history row is rank 0's (validation metrics, timings, the per-batch records), with
-    the training metrics merged over the processes: the losses, ``routing_entropy``,
-    ``dropped_fraction``, ``expert_share`` and ``gate_share`` are the processes' means
-    (equal shards: the whole epoch's values), ``load_entropy``, ``load_cv`` and
-    ``load_imbalance`` are recomputed from the merged ``expert_share``, ``train_loss_best``
-    from the merged losses, and with sharded experts ``expert_grad_norm`` lists every
-    process's experts in order. The weights and buffers are rank 0's (each process keeps its
-    own sharded experts).
+    The history row is rank 0's (timings, the per-batch records, the validation routing
+    metrics, which :class:`~sklearn_moe.callbacks.RoutingMetrics` computes over every
+    process's validation rows), with the training metrics merged over the processes: the
+    losses, ``routing_entropy``, ``dropped_fraction``, ``expert_share`` and ``gate_share``
+    are the processes' means (equal shards: the whole epoch's values), ``load_entropy``,
+    ``load_cv`` and ``load_imbalance`` are recomputed from the merged ``expert_share``,
+    ``train_loss_best`` from the merged losses, and with sharded experts
+    ``expert_grad_norm`` lists every process's experts in order. Where the processes shared
+    out the validation rows (:mod:`.validation`), ``valid_loss`` is their mean weighted by
+    their rows, and ``valid_loss_best`` follows it. The weights and buffers are rank 0's
+    (each process keeps its own sharded experts).
 
     Parameters
     ----------
@@ -164,25 +169,30 @@ class EpochAgreement(Callback):
     def __init__(self, parallel: DataParallelGroup):
         self.parallel = parallel
 
-    def on_epoch_end(self, net, **kwargs):
+    def on_epoch_end(self, net, dataset_valid=None, **kwargs):
         """Merge the epoch's history row over the processes and take rank 0's weights.
 
         Parameters
         ----------
         net : MoENet
             The net being trained.
+        dataset_valid : Dataset, optional
+            The validation rows: a :class:`~.validation.ValidationShard` when each process
+            evaluated a share of them, whose ``valid_loss`` values are then merged.
         **kwargs
             Other skorch arguments (unused).
         """
         rows = [None] * self.parallel.world_size
         dist.all_gather_object(rows, dict(net.history[-1]), group=self.parallel.group)
-        merged = merge_history_rows(rows, [row for row in net.history[:-1]], self.parallel.expert_parallel)
+        merged = merge_history_rows(rows, [row for row in net.history[:-1]], self.parallel.expert_parallel,
+                                    isinstance(dataset_valid, ValidationShard))
         net.history[-1].clear()
         net.history[-1].update(merged)
         broadcast_state(net.module_, self.parallel)
 
 
-def merge_history_rows(rows: list[dict], earlier: list[dict], expert_parallel: bool = False) -> dict:
+def merge_history_rows(rows: list[dict], earlier: list[dict], expert_parallel: bool = False,
+                       sharded_validation: bool = False) -> dict:
     """One epoch's history row from every process's (see :class:`EpochAgreement`).
 
     Parameters
@@ -190,9 +200,14 @@ def merge_history_rows(rows: list[dict], earlier: list[dict], expert_parallel: b
     rows : list of dict
         Each process's row, in rank order.
     earlier : list of dict
-        The history's earlier rows (already merged), for ``train_loss_best``.
+        The history's earlier rows (already merged), for ``train_loss_best`` and
+        ``valid_loss_best``.
     expert_parallel : bool, default=False
         Whether each process's ``expert_grad_norm`` lists only its own experts.
+    sharded_validation : bool, default=False
+        Whether each process evaluated its own share of the validation rows: ``valid_loss``
+        is then the processes' mean weighted by their validation rows (the sum of their
+        batches' ``valid_batch_size``), the mean over every validation row.
 
     Returns
     -------
@@ -208,9 +223,13 @@ def merge_history_rows(rows: list[dict], earlier: list[dict], expert_parallel: b
         for key, metric in FROM_EXPERT_SHARE.items():
             if key in merged:
                 merged[key] = metric(np.asarray(merged["expert_share"]))
-    if "train_loss_best" in merged:
-        previous = [row["train_loss"] for row in earlier if "train_loss" in row]
-        merged["train_loss_best"] = not previous or merged["train_loss"] < min(previous)
+    if sharded_validation and all("valid_loss" in row for row in rows):
+        sizes = [sum(batch.get("valid_batch_size", 0) for batch in row.get("batches", ())) for row in rows]
+        merged["valid_loss"] = float(np.average([row["valid_loss"] for row in rows], weights=sizes))
+    for key in ("train_loss", "valid_loss"):
+        if f"{key}_best" in merged:
+            previous = [row[key] for row in earlier if key in row]
+            merged[f"{key}_best"] = not previous or merged[key] < min(previous)
     if expert_parallel and all("expert_grad_norm" in row for row in rows):
         merged["expert_grad_norm"] = [norm for row in rows for norm in row["expert_grad_norm"]]
     return merged

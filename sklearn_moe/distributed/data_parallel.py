@@ -16,12 +16,16 @@ every optimizer step, which is what :class:`torch.nn.parallel.DistributedDataPar
   gradient on a process, such as an expert no row of its batch chose, counts as zero
   there, and keeps no gradient where it had none on every process). Gradient clipping and
   the optimizer step then see the average, the same on every process.
-- Every process evaluates the whole validation set, and at each epoch's end the processes
-  agree on one history row and take rank 0's weights and buffers before early stopping,
-  the learning-rate schedule and the other callbacks decide anything: every process stops
-  at the same epoch and keeps the same weights. The row's training metrics are merged over
-  the processes (the losses and routing shares are their means, which with equal shards
-  are the whole epoch's values; see :class:`~.callbacks.EpochAgreement`).
+- The validation rows are shared out too: each process evaluates every ``world_size``-th
+  one, and the epoch's validation loss and routing metrics are computed over all of them
+  (:mod:`.validation`; a fit given callbacks of the user's own evaluates the whole set on
+  every process, so that any score they compute is the whole set's). At each epoch's end
+  the processes agree on one history row and take rank 0's weights and buffers before
+  early stopping, the learning-rate schedule and the other callbacks decide anything:
+  every process stops at the same epoch and keeps the same weights. The row's training
+  metrics are merged over the processes (the losses and routing shares are their means,
+  which with equal shards are the whole epoch's values; see
+  :class:`~.callbacks.EpochAgreement`).
 - A numerical fault (a non-finite loss or weight) is decided by every process together at
   the epoch's end (:func:`agree_on_fault`): when one process had one, every process rolls
   the epoch back and runs it again at a lower learning rate, as a single-process fit
