@@ -52,6 +52,10 @@ def test_row_invariant_product_is_the_product_and_rounds_each_row_alike(n_in, n_
     # product gives its rows the same values as the 2-d product
     assert torch.equal(row_invariant_addmm(bias, x.view(4, 125, n_in), weight), full.view(4, 125, n_out))
     assert torch.equal(row_invariant_baddbmm(bias.view(1, 1, -1), x.unsqueeze(0), weight.unsqueeze(0))[0], full)
+    # no rows (an expert-parallel rank that received none): empty products of the right shape
+    assert row_invariant_addmm(bias, x[:0], weight).shape == (0, n_out)
+    assert row_invariant_addmm(None, x[:0].view(3, 0, n_in), weight).shape == (3, 0, n_out)
+    assert row_invariant_baddbmm(bias.view(1, 1, -1), x[:0].unsqueeze(0), weight.unsqueeze(0)).shape == (1, 0, n_out)
 
 
 def test_plain_products_are_not_batch_invariant_on_these_shapes():

@@ -82,6 +82,9 @@ SCENARIOS = {
                                       output="mixture_density"), None, (0, 5)),
     # evaluation, a few rows: the single-process module runs every expert on every row.
     "eval_small": _scenario(dict(n_experts=4, top_k=2, expert_hidden=(8,)), None, (3, 4), train=False),
+    # evaluation, rank 1's experts get no row (a validation batch in a data-parallel fit)
+    "eval_idle_experts": _scenario(dict(n_experts=4, top_k=1, expert_hidden=(8, 8)), [0.0, 0.5, -100.0, -100.0],
+                                   (9, 7), train=False),
     # evaluation of a mixture density, with predict_distribution (every expert on every row).
     "eval_density": _scenario(dict(n_experts=4, top_k=2, expert_hidden=(8,), output="mixture_density"), None,
                               (9, 6), train=False),
@@ -132,7 +135,8 @@ def _run_scenario(name, rank):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=scenario["autocast"])
 
     parallel.comm_stats.reset()
-    with autocast:
+    # evaluation without autograd, as a validation pass runs (its products take other paths)
+    with autocast, torch.set_grad_enabled(train):
         out = parallel(batches[rank])
         local = single(batches[rank])  # the single-process module on this rank's batch
     for field in FIELDS:

@@ -70,6 +70,8 @@ def row_invariant_baddbmm(bias: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     module docstring). Forward only."""
     n, rows, n_in = x.shape
     n_out = weight.shape[-1]
+    if rows == 0:  # nothing to pad from (an expert-parallel rank that received no row)
+        return torch.baddbmm(bias, x, weight)
     if n_in == 1:
         return x * weight + bias
     padded_rows = max(rows, MIN_ROWS, math.ceil(NAIVE_BMM_MAX_TERMS / max(1, n_in * max(n_out, MIN_OUTPUTS))))
@@ -91,8 +93,8 @@ def row_invariant_addmm(bias: torch.Tensor | None, x: torch.Tensor, weight: torc
     lead, n_in = x.shape[:-1], x.shape[-1]
     flat = x.reshape(-1, n_in)
     rows, n_out = flat.shape[0], weight.shape[-1]
-    if n_in == 1:
-        out = flat * weight
+    if n_in == 1 or rows == 0:  # rows == 0: nothing to pad from
+        out = flat * weight if n_in == 1 else flat @ weight
         return (out if bias is None else out + bias).reshape(*lead, n_out)
     if rows < MIN_ROWS:
         flat = torch.cat((flat, flat[:1].expand(MIN_ROWS - rows, n_in)))
