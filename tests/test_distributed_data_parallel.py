@@ -225,6 +225,37 @@ def test_processes_sharing_out_the_validation_rows_record_the_whole_sets_validat
     assert reports[0]["shared_out"]["metrics"] == reports[1]["shared_out"]["metrics"]
 
 
+COLLAPSE_WORKER = """
+import json, warnings
+import numpy as np, torch.distributed as dist
+from sklearn_moe import MoERegressor
+from sklearn_moe.distributed import data_parallel
+
+data = np.load("data.npz")
+dist.init_process_group("gloo")
+with data_parallel(expert_parallel={expert_parallel!r}) as parallel, warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    model = MoERegressor(**{params!r}).fit(data["X"], data["y"])
+revived = model.history_["revived_experts"].dropna().tolist() if "revived_experts" in model.history_ else []
+with open(f"report_{{parallel.rank}}.json", "w") as handle:
+    json.dump(dict(revived=revived, prediction=model.predict(data["X_test"]).tolist()), handle)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_collapse_recovery_keeps_every_process_on_one_model(tmp_path, expert_parallel):
+    # a threshold that calls some expert starved at every epoch's end, the last one included:
+    # the copies' perturbations are drawn on each process, the processes must still agree
+    params = dict(PARAMS, max_epochs=4, early_stopping=False, expert_type="independent", router="topk",
+                  collapse_threshold=0.9, collapse_patience=1, collapse_recovery=True)
+    run_workers(tmp_path, COLLAPSE_WORKER, params=params, expert_parallel=expert_parallel)
+    reports = [json.loads((tmp_path / f"report_{rank}.json").read_text()) for rank in range(2)]
+    assert len(reports[0]["revived"]) == 4 and reports[0]["revived"] == reports[1]["revived"]
+    np.testing.assert_array_equal(reports[0]["prediction"], reports[1]["prediction"])
+
+
 @pytest.mark.slow
 def test_the_torchrun_entry_point_writes_a_model_on_rank_0(tmp_path):
     X, y, X_test, y_test = friedman()

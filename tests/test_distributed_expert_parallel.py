@@ -220,6 +220,23 @@ def _round_trip(rank):
     return out
 
 
+def _split(rank):
+    """split_expert over the ranks: exact copies from rank 0's expert 1 onto rank 1's experts,
+    and a perturbed copy from rank 1 onto rank 0, each rank drawing from its own generator."""
+    arguments = dict(n_experts=5, top_k=2, expert_hidden=(8,), router="noisy_topk")  # experts 0-2 | 3-4
+    single = _module(arguments, None)
+    parallel = shard_experts(copy.deepcopy(single))
+    parallel.split_expert(1, [3, 4], noise=0.0)
+    single.split_expert(1, [3, 4], noise=0.0)
+    out = {"exact": gather_experts(parallel, dst=0)}
+    if rank == 0:
+        out["exact"] = (_state(out["exact"]), _state(single))
+    parallel.split_expert(4, 0, noise=0.1, generator=torch.Generator().manual_seed(rank))
+    out["router"] = _state(parallel.router)
+    out["perturbed"] = gather_experts(parallel, dst=0)
+    return out
+
+
 def _state(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
@@ -231,7 +248,7 @@ def _errors(rank):
         "too_few_experts": lambda: ExpertParallelMoE(N_FEATURES, N_OUTPUTS, n_experts=1, top_k=1),
         "adapter_from_module": lambda: shard_experts(MixtureOfExperts(N_FEATURES, N_OUTPUTS, expert_type="adapter")),
         "already_parallel": lambda: shard_experts(shard_experts(MixtureOfExperts(N_FEATURES, N_OUTPUTS, n_experts=4))),
-        "split_expert": lambda: shard_experts(MixtureOfExperts(N_FEATURES, N_OUTPUTS, n_experts=4)).split_expert(0, 1),
+        "split_expert": lambda: shard_experts(MixtureOfExperts(N_FEATURES, N_OUTPUTS, n_experts=4)).split_expert(0, 0),
         "reduction": lambda: reduce_gradients(ExpertParallelMoE(N_FEATURES, N_OUTPUTS, n_experts=4), "max"),
         "gather_dst": lambda: gather_experts(ExpertParallelMoE(N_FEATURES, N_OUTPUTS, n_experts=4), dst=2),
         "bad_counts": lambda: ExpertParallelMoE(N_FEATURES, N_OUTPUTS, n_experts=4).experts(
@@ -255,6 +272,7 @@ def _worker(rank, port, out_dir):
         for name in SCENARIOS:
             results[name] = _run_scenario(name, rank)
         results["round_trip"] = _round_trip(rank)
+        results["split"] = _split(rank)
         results["errors"] = _errors(rank)
     except Exception:  # noqa: BLE001 - reported by the test process
         results["traceback"] = traceback.format_exc()
@@ -350,6 +368,19 @@ def test_shard_and_gather_round_trip(results):
     _assert_same_state(*results[0]["round_trip"]["trained_state"])
 
 
+def test_split_expert_copies_an_expert_onto_other_ranks_experts(results):
+    # exact copies: as the single-process module splits
+    _assert_same_state(*results[0]["split"]["exact"])
+    # perturbed, each rank drawing from its own generator: the replicated router stays the
+    # same on every rank, the copy is near its source and not equal to it
+    _assert_same_state(results[0]["split"]["router"], results[1]["split"]["router"])
+    state = results[0]["split"]["perturbed"].state_dict()
+    for name in ("experts.hidden.0.weight", "experts.output.weight"):
+        copy, source = state[name][0], state[name][4]
+        assert not torch.equal(copy, source), name
+        torch.testing.assert_close(copy, source, rtol=0.6, atol=1e-6, msg=name)
+
+
 def test_refusals_inside_a_process_group(results):
     for rank in range(WORLD_SIZE):
         errors = results[rank]["errors"]
@@ -357,7 +388,7 @@ def test_refusals_inside_a_process_group(results):
         assert errors["adapter_from_module"][0] == "ValueError" and "adapter" in errors["adapter_from_module"][1]
         assert errors["too_few_experts"][0] == "ValueError" and "n_experts=1" in errors["too_few_experts"][1]
         assert errors["already_parallel"][0] == "ValueError"
-        assert errors["split_expert"][0] == "NotImplementedError"
+        assert errors["split_expert"][0] == "ValueError" and "distinct experts" in errors["split_expert"][1]
         assert errors["reduction"][0] == "ValueError" and "'max'" in errors["reduction"][1]
         assert errors["gather_dst"][0] == "ValueError"
         assert errors["bad_counts"][0] == "ValueError" and "counts" in errors["bad_counts"][1]

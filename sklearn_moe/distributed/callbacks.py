@@ -158,7 +158,8 @@ class EpochAgreement(Callback):
     ``expert_grad_norm`` lists every process's experts in order. Where the processes shared
     out the validation rows (:mod:`.validation`), ``valid_loss`` is their mean weighted by
     their rows, and ``valid_loss_best`` follows it. The weights and buffers are rank 0's
-    (each process keeps its own sharded experts).
+    (each process keeps its own sharded experts), and again at the next epoch's start and
+    when training ends, whatever the callbacks after this one changed on each process.
 
     Parameters
     ----------
@@ -168,6 +169,37 @@ class EpochAgreement(Callback):
 
     def __init__(self, parallel: DataParallelGroup):
         self.parallel = parallel
+
+    def on_epoch_begin(self, net, **kwargs):
+        """Take rank 0's weights and buffers again before the epoch.
+
+        A callback after this one may have changed them at the last epoch's end, each
+        process on its own (collapse recovery draws its copies' perturbations on each
+        process).
+
+        Parameters
+        ----------
+        net : MoENet
+            The net being trained.
+        **kwargs
+            Other skorch arguments (unused).
+        """
+        broadcast_state(net.module_, self.parallel)
+
+    def on_train_end(self, net, **kwargs):
+        """Take rank 0's weights and buffers after the last epoch.
+
+        As before every epoch (see :meth:`on_epoch_begin`): every process returns the
+        same model.
+
+        Parameters
+        ----------
+        net : MoENet
+            The net being trained.
+        **kwargs
+            Other skorch arguments (unused).
+        """
+        broadcast_state(net.module_, self.parallel)
 
     def on_epoch_end(self, net, dataset_valid=None, **kwargs):
         """Merge the epoch's history row over the processes and take rank 0's weights.

@@ -56,8 +56,9 @@ What is supported and what is refused
   ``ceil(capacity_factor * n_local * top_k / n_experts)`` assignments from each rank).
   ``expert_grad_scaling`` likewise scales by the local batch's counts.
 - ``n_experts`` must be at least the group's size (every rank owns an expert).
-- ``split_expert`` (growth) raises ``NotImplementedError``: gather the experts
-  (:func:`gather_experts`), grow the single-process module, then shard it again.
+- ``split_expert`` (collapse recovery, growth by splitting): a collective call, every rank
+  with the same arguments; the source expert's weights travel from its rank to the ranks
+  of the copies.
 
 Bytes accounting
 ----------------
@@ -90,7 +91,7 @@ from ..nn._sync import compute_dtype
 from ..nn.dispatch import in_row_order, plan_dispatch
 from ..nn.experts import StackedExperts
 from ..nn.layouts import choose_layout, expert_outputs
-from ..nn.moe import MixtureOfExperts
+from ..nn.moe import MixtureOfExperts, copy_perturbed
 from ._gradients import all_reduce_gradients
 
 REDUCTIONS = ("sum", "mean")
@@ -231,6 +232,11 @@ class _AllToAll(torch.autograd.Function):
 
 def _exchange(tensor, output_splits, input_splits, group, rank, stats) -> torch.Tensor:
     return _AllToAll.apply(tensor, output_splits, input_splits, group, rank, stats)
+
+
+def _global_rank(group, rank: int) -> int:
+    """The global rank of ``rank`` in ``group`` (None: the default group)."""
+    return rank if group is None else dist.get_global_rank(group, rank)
 
 
 def _check_distributed(group) -> None:
@@ -504,7 +510,7 @@ class ExpertParallelMoE(MixtureOfExperts):
         start, stop = _local_block(module.n_experts, group)
         if src is not None:
             module = copy.deepcopy(module)
-            source = dist.get_global_rank(group, src) if group is not None else src
+            source = _global_rank(group, src)
             with torch.no_grad():
                 for tensor in [*module.parameters(), *module.buffers()]:
                     dist.broadcast(tensor.data, src=source, group=group)
@@ -549,28 +555,48 @@ class ExpertParallelMoE(MixtureOfExperts):
         """
         return self.experts.shards[self.experts.rank]
 
+    @torch.no_grad()
     def split_expert(self, source: int, targets, noise: float = 0.01, generator=None) -> None:
-        """Refuse growth by splitting: the experts are spread over the ranks.
+        """Overwrite the experts ``targets`` with perturbed copies of expert ``source``.
+
+        As :meth:`~sklearn_moe.nn.MixtureOfExperts.split_expert` does, over the ranks.
+        Every rank of the group must call it with the same arguments. The rank that holds
+        ``source`` sends its weights to every rank; each rank writes the perturbed copies
+        of the targets it holds (each drawn on that rank). The router is replicated: every
+        rank splits its rows, then takes rank 0's, so that it stays the same everywhere.
 
         Parameters
         ----------
         source : int
             The expert to copy.
         targets : int or sequence of int
-            The experts to overwrite.
+            Experts to overwrite, distinct and other than ``source``.
         noise : float, default=0.01
-            Relative perturbation of the copies.
+            Relative standard deviation of the multiplicative perturbation.
         generator : torch.Generator, optional
-            Source of the perturbation.
+            Source of the perturbation (default: torch's global generator).
 
         Raises
         ------
-        NotImplementedError
-            Always: gather the experts (:func:`gather_experts`), split on the single-process
-            module, then shard it again.
+        ValueError
+            If ``source`` and ``targets`` are not distinct experts of the module.
         """
-        raise NotImplementedError("split_expert is not supported on an expert-parallel module: gather_experts(), "
-                                  "split the single-process module's expert, then shard_experts() again")
+        targets = self._split_targets(source, targets)
+        sharded = self.experts
+        group, first = sharded.group, sharded.first_expert
+        owner = next(rank for rank, (start, stop) in enumerate(sharded.shards) if start <= source < stop)
+        mine = [target - first for target in targets if first <= target < first + sharded.n_local]
+        for tensor in sharded.local.expert_parameters():
+            if sharded.rank == owner:
+                row = tensor[source - first].clone()
+            else:
+                row = tensor.new_empty(tensor.shape[1:])
+            dist.broadcast(row, src=_global_rank(group, owner), group=group)
+            copy_perturbed(tensor, row, mine, noise, generator)
+        self._split_router(source, targets, noise, generator)
+        router_state = dict(self.router.named_parameters()) | dict(self.router.named_buffers())
+        for name in self.router.expert_state_names():
+            dist.broadcast(router_state[name].data, src=_global_rank(group, 0), group=group)
 
     _expert_sorted_plans = True  # sorted by expert, the rows are grouped by the rank that owns it
 
@@ -644,7 +670,7 @@ def gather_experts(module: ExpertParallelMoE, dst: int = 0) -> MixtureOfExperts 
     group, rank, world_size = sharded.group, sharded.rank, sharded.world_size
     if not 0 <= dst < world_size:
         raise ValueError(f"dst must be a rank of the group, in [0, {world_size}), got {dst}")
-    target = dist.get_global_rank(group, dst) if group is not None else dst
+    target = _global_rank(group, dst)
     sizes = [stop - start for start, stop in sharded.shards]
     most = max(sizes)
     full = {}

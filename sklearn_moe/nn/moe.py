@@ -66,6 +66,19 @@ DENSE_EVAL_MAX_ROWS = 4
 EXPERT_TYPES = ("independent", "adapter")
 
 
+def copy_perturbed(tensor: torch.Tensor, row: torch.Tensor, targets: list[int], noise: float | None,
+                   generator=None) -> None:
+    """Set ``tensor[t]`` to ``row`` times ``1 + noise * N(0, 1)`` elementwise, a fresh draw
+    for each ``t`` of ``targets`` (in place; ``row`` exactly where ``noise`` is None or the
+    tensor is not floating point: no draw is then made)."""
+    for target in targets:
+        copy = row.clone()
+        if noise is not None and copy.is_floating_point():
+            draw = torch.randn(copy.shape, generator=generator).to(copy.device, copy.dtype)
+            copy = copy * (1 + noise * draw)
+        tensor[target] = copy
+
+
 class MoEOutput(NamedTuple):
     """What :meth:`MixtureOfExperts.forward` returns.
 
@@ -503,24 +516,33 @@ class MixtureOfExperts(nn.Module):
         generator : torch.Generator, optional
             Source of the perturbation (default: torch's global generator).
         """
+        targets = self._split_targets(source, targets)
+        own = {id(p) for p in self.experts.expert_parameters()}
+        for tensor in (p for p in self.experts.parameters() if id(p) in own):
+            copy_perturbed(tensor, tensor[source], targets, noise, generator)
+        self._split_router(source, targets, noise, generator)
+
+    def _split_targets(self, source: int, targets) -> list[int]:
+        """``targets`` of :meth:`split_expert` as a list, checked against ``source``."""
         targets = [int(targets)] if isinstance(targets, int) else [int(t) for t in targets]
         experts = [source, *targets]
         if len(set(experts)) != len(experts) or not all(0 <= e < self.n_experts for e in experts):
             raise ValueError(f"source and targets must be distinct experts in [0, {self.n_experts}), "
                              f"got {source} and {targets}")
-        state = dict(self.named_parameters()) | dict(self.named_buffers())
-        gate_biases = {f"router.{name}" for name in self.router.expert_state_names()
+        return targets
+
+    def _split_router(self, source: int, targets: list[int], noise: float, generator) -> None:
+        """The router's part of :meth:`split_expert`: its per-expert rows copied (the gate
+        rows perturbed), and the gate biases of ``source`` and its copies lowered."""
+        state = dict(self.router.named_parameters()) | dict(self.router.named_buffers())
+        gate_biases = {name for name in self.router.expert_state_names()
                        if name.endswith(".bias") and not name.startswith("noise")}
-        for name in self.expert_state_names():
+        for name in self.router.expert_state_names():
             tensor = state[name]
-            for target in targets:
-                copy = tensor[source].clone()
-                if copy.is_floating_point() and name not in gate_biases and name != "router.selection_bias":
-                    draw = torch.randn(copy.shape, generator=generator).to(copy.device, copy.dtype)
-                    copy = copy * (1 + noise * draw)
-                tensor[target] = copy
+            exact = name in gate_biases or name == "selection_bias"
+            copy_perturbed(tensor, tensor[source], targets, None if exact else noise, generator)
             if name in gate_biases:  # logits are the gate's output over the temperature
-                tensor[experts] = tensor[source] - self.router.temperature * math.log(len(experts))
+                tensor[[source, *targets]] = tensor[source] - self.router.temperature * math.log(1 + len(targets))
 
     def _active_weights(self, routing):
         """Which chosen experts take part (dynamic k, expert dropout) and their gate weights."""
