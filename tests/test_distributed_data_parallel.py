@@ -40,6 +40,19 @@ def friedman(n=900):
     return X[:600], y[:600], X[600:], y[600:]
 
 
+# The end of a worker script that leaves a dict ``report`` (JSON) for the test.
+WRITE_REPORT = """
+with open(f"report_{{parallel.rank}}.json", "w") as handle:
+    json.dump(report, handle)
+dist.destroy_process_group()
+"""
+
+
+def read_reports(tmp_path):
+    """Each process's ``report`` (see :data:`WRITE_REPORT`), in rank order."""
+    return [json.loads((tmp_path / f"report_{rank}.json").read_text()) for rank in range(2)]
+
+
 def run_workers(tmp_path, script, timeout=600, **fields):
     """Run ``script`` (formatted with ``fields``) in two processes on the training rows of
     :func:`friedman` (``data.npz``: ``X``, ``y``, ``X_test``); return the data."""
@@ -199,10 +212,7 @@ with data_parallel(expert_parallel={expert_parallel!r}) as parallel:
         report[name] = dict(epochs=model.n_iter_, prediction=model.predict(data["X_test"]).tolist(),
                             metrics={{key: history[:, key] for key in KEYS}},
                             rows=sum(b["valid_batch_size"] for b in history[0]["batches"] if "valid_batch_size" in b))
-with open(f"report_{{parallel.rank}}.json", "w") as handle:
-    json.dump(report, handle)
-dist.destroy_process_group()
-"""
+""" + WRITE_REPORT
 
 
 @pytest.mark.slow
@@ -211,7 +221,7 @@ dist.destroy_process_group()
 def test_processes_sharing_out_the_validation_rows_record_the_whole_sets_validation(tmp_path, expert_parallel):
     params = dict(PARAMS, max_epochs=8, expert_type="independent", router="topk", top_k=2)
     run_workers(tmp_path, VALIDATION_WORKER, params=params, expert_parallel=expert_parallel)
-    reports = [json.loads((tmp_path / f"report_{rank}.json").read_text()) for rank in range(2)]
+    reports = read_reports(tmp_path)
     for report in reports:
         shared, whole = report["shared_out"], report["whole"]
         # 60 validation rows (a tenth of 600): 30 on each process, or all 60
@@ -237,10 +247,8 @@ with data_parallel(expert_parallel={expert_parallel!r}) as parallel, warnings.ca
     warnings.simplefilter("ignore")
     model = MoERegressor(**{params!r}).fit(data["X"], data["y"])
 revived = model.history_["revived_experts"].dropna().tolist() if "revived_experts" in model.history_ else []
-with open(f"report_{{parallel.rank}}.json", "w") as handle:
-    json.dump(dict(revived=revived, prediction=model.predict(data["X_test"]).tolist()), handle)
-dist.destroy_process_group()
-"""
+report = dict(revived=revived, prediction=model.predict(data["X_test"]).tolist())
+""" + WRITE_REPORT
 
 
 @pytest.mark.slow
@@ -251,7 +259,7 @@ def test_collapse_recovery_keeps_every_process_on_one_model(tmp_path, expert_par
     params = dict(PARAMS, max_epochs=4, early_stopping=False, expert_type="independent", router="topk",
                   collapse_threshold=0.9, collapse_patience=1, collapse_recovery=True)
     run_workers(tmp_path, COLLAPSE_WORKER, params=params, expert_parallel=expert_parallel)
-    reports = [json.loads((tmp_path / f"report_{rank}.json").read_text()) for rank in range(2)]
+    reports = read_reports(tmp_path)
     assert len(reports[0]["revived"]) == 4 and reports[0]["revived"] == reports[1]["revived"]
     np.testing.assert_array_equal(reports[0]["prediction"], reports[1]["prediction"])
 
@@ -302,10 +310,7 @@ with data_parallel(expert_parallel={expert_parallel!r}) as parallel, warnings.ca
 report = dict(rollbacks=[str(w.message) for w in caught if "rolled back" in str(w.message)],
               train_loss=[row["train_loss"] for row in model.net_.history], epochs=model.n_iter_,
               prediction=model.predict(data["X_test"]).tolist())
-with open(f"report_{{parallel.rank}}.json", "w") as handle:
-    json.dump(report, handle)
-dist.destroy_process_group()
-"""
+""" + WRITE_REPORT
 
 
 @pytest.mark.slow
@@ -319,7 +324,7 @@ def test_a_non_finite_loss_on_one_process_rolls_back_the_epoch_on_every_process(
     # alone, and its collective calls would no longer pair with rank 0's: the processes
     # would hang, or exchange mismatched tensors.
     run_workers(tmp_path, FAULT_WORKER, timeout=300, params=params, expert_parallel=expert_parallel)
-    reports = [json.loads((tmp_path / f"report_{rank}.json").read_text()) for rank in (0, 1)]
+    reports = read_reports(tmp_path)
     for report in reports:
         assert len(report["rollbacks"]) == 1, report["rollbacks"]
         assert "process 1: non-finite training loss" in report["rollbacks"][0]

@@ -171,11 +171,11 @@ class EpochAgreement(Callback):
         self.parallel = parallel
 
     def on_epoch_begin(self, net, **kwargs):
-        """Take rank 0's weights and buffers again before the epoch.
+        """Take rank 0's weights and buffers again (before every epoch, and when training ends).
 
         A callback after this one may have changed them at the last epoch's end, each
         process on its own (collapse recovery draws its copies' perturbations on each
-        process).
+        process); so every epoch starts, and every process ends, with the same model.
 
         Parameters
         ----------
@@ -186,20 +186,7 @@ class EpochAgreement(Callback):
         """
         broadcast_state(net.module_, self.parallel)
 
-    def on_train_end(self, net, **kwargs):
-        """Take rank 0's weights and buffers after the last epoch.
-
-        As before every epoch (see :meth:`on_epoch_begin`): every process returns the
-        same model.
-
-        Parameters
-        ----------
-        net : MoENet
-            The net being trained.
-        **kwargs
-            Other skorch arguments (unused).
-        """
-        broadcast_state(net.module_, self.parallel)
+    on_train_end = on_epoch_begin
 
     def on_epoch_end(self, net, dataset_valid=None, **kwargs):
         """Merge the epoch's history row over the processes and take rank 0's weights.
