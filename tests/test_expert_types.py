@@ -1098,3 +1098,6 @@ def test_cpu_dropout_zeroes_a_fraction_p_and_scales_the_rest(dtype):
     torch.manual_seed(0)
     again = apply_dropout(x, 0.3)
     assert torch.equal(again, out)  # the default generator's stream
+    assert not torch.equal(apply_dropout(x, 0.3), out)  # a fresh mask at every call
+    odd = apply_dropout(torch.ones(3, 7, 5, dtype=dtype), 0.5)  # not a whole number of 64-bit words
+    assert odd.shape == (3, 7, 5) and set(odd.unique().tolist()) <= {0.0, 2.0}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -230,11 +231,15 @@ def _prefix_sources(block_experts) -> list[int | None]:
 def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Training-time dropout, ``F.dropout(x, p, training=True)``.
 
-    On the CPU the mask is drawn as uniform floats compared with ``1 - p`` instead of by
-    PyTorch's Bernoulli sampler, which takes twice the time (5.9 against 2.8 ms for a
-    million values on 2 Xeon cores; the sampler was a quarter of a default fit's time).
-    The same distribution, from another random stream. Elsewhere ``F.dropout``, one fused
-    kernel on a GPU.
+    On the CPU the mask is drawn as 16-bit random integers compared with a threshold, from
+    numpy's SFC64 generator seeded by one draw of torch's (so ``torch.manual_seed`` still
+    fixes it): PyTorch's CPU generator draws one value at a time, and its Bernoulli sampler
+    and ``torch.rand`` took 4.9 and 2.8 ms for a (2048, 256) mask on 2 Xeon cores, against
+    0.45 ms here; with the comparison and the scaling, the dropout's forward and backward
+    went from 4.5 to 1.9 ms. ``p`` is rounded to a multiple of 1/65536 (at least that, at
+    most 1 - 1/65536) and the kept values are scaled by the inverse of the rounded keep
+    probability, so the expectation stays ``x``. Elsewhere ``F.dropout``, one fused kernel
+    on a GPU.
 
     Parameters
     ----------
@@ -248,9 +253,12 @@ def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """
     if x.device.type != "cpu" or not 0 < p < 1:
         return F.dropout(x, p, training=True)
-    keep = 1.0 - p
-    # float32 draws whatever the dtype: a bfloat16 uniform has 8 bits, too coarse for p.
-    mask = (torch.rand(x.shape, dtype=torch.float32, device=x.device) < keep).to(x.dtype).mul_(1.0 / keep)
+    kept = min(max(round((1.0 - p) * 65536), 1), 65535)  # of 65536 equally likely 16-bit values
+    n = x.numel()
+    seed = int(torch.randint(0, 2**62, (1,)))
+    words = np.random.SFC64(seed).random_raw(-(-n // 4))  # 64 random bits: four 16-bit values
+    bits = torch.from_numpy(words.view(np.int16)[:n]).view(x.shape)
+    mask = (bits < kept - 32768).to(x.dtype).mul_(65536 / kept)
     return x * mask
 
 
