@@ -40,21 +40,17 @@ import json
 import re
 import statistics
 import sys
-import tempfile
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 
-from .machine import describe_machine
+from .processes import run_ranks
 
 RESULTS = Path(__file__).parent / "results" / "expert_parallel"
 COMMAND = "python -m benchmarks.expert_parallel"
 COUNTER_FIELDS = ("count_bytes", "row_bytes", "output_bytes", "backward_bytes", "rows_sent", "rows_received")
 BOUND_FIELDS = ("rows_out", "outputs_back", "backward")
-TIMEOUT = timedelta(seconds=300)  # of the rendezvous and of every collective
 
 LOWER_BOUND_DEFINITION = (
     "Lower bound of rank r in one step: for every (row, chosen expert) assignment of rank r's batch whose "
@@ -465,24 +461,10 @@ def _run_config(config: dict, n_experts: int, top_k: int, index: int) -> dict:
     }
 
 
-def _worker(rank: int, port: int, world_size: int, config: dict, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(config["threads"])
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=TIMEOUT)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=TIMEOUT)
-    result = {"rank": rank}
-    try:
-        if rank == 0:
-            result["machine"] = describe_machine()
-        result["configs"] = [_run_config(config, n_experts, top_k, index)
-                             for index, (n_experts, top_k) in enumerate(_configurations(config))]
-    except Exception:  # noqa: BLE001 - reported by the parent process
-        result["traceback"] = traceback.format_exc()
-        raise
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-        dist.destroy_process_group()
+def _all_configs(config: dict) -> dict:
+    """One rank's part of the run: every configuration."""
+    return {"configs": [_run_config(config, n_experts, top_k, index)
+                        for index, (n_experts, top_k) in enumerate(_configurations(config))]}
 
 
 def _configurations(config: dict) -> list[tuple[int, int]]:
@@ -563,23 +545,10 @@ def run(world_size: int = 2, batch: int = 1024, n_experts=(8, 16), top_k=(1, 2),
     RuntimeError
         If a rank failed (with its traceback).
     """
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
     config = {"world_size": world_size, "batch": batch, "n_experts": list(n_experts), "top_k": list(top_k),
               "steps": steps, "warmup": warmup, "n_features": n_features, "expert_hidden": list(expert_hidden),
               "n_batches": n_batches, "threads": threads, "lr": lr, "seed": seed}
-    # The rendezvous store listens on a port the system picks, held until the ranks are done: no
-    # other process can take it between choosing it and using it.
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
-    with tempfile.TemporaryDirectory() as out_dir:
-        try:
-            mp.spawn(_worker, args=(store.port, world_size, config, out_dir), nprocs=world_size, join=True)
-        except Exception as error:
-            found = [Path(out_dir, f"rank{rank}.json") for rank in range(world_size)]
-            tracebacks = [json.loads(path.read_text()).get("traceback", "") for path in found if path.exists()]
-            raise RuntimeError("a rank failed:\n" + "\n".join(t for t in tracebacks if t)) from error
-        per_rank = [json.loads(Path(out_dir, f"rank{rank}.json").read_text()) for rank in range(world_size)]
+    per_rank = run_ranks(_all_configs, world_size, config)
     return {
         "benchmark": "expert_parallel",
         "command": command,
