@@ -239,7 +239,8 @@ def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     went from 4.5 to 1.9 ms. ``p`` is rounded to a multiple of 1/65536 (at least that, at
     most 1 - 1/65536) and the kept values are scaled by the inverse of the rounded keep
     probability, so the expectation stays ``x``. Elsewhere ``F.dropout``, one fused kernel
-    on a GPU.
+    on a GPU (and on the CPU inside :func:`~._sync.sync_free_paths`, which takes the GPU's
+    paths: the seed's draw reads a value on the host).
 
     Parameters
     ----------
@@ -251,7 +252,7 @@ def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     -------
     Tensor of the shape of ``x``
     """
-    if x.device.type != "cpu" or not 0 < p < 1:
+    if avoid_host_reads(x.device, training=True) or not 0 < p < 1:
         return F.dropout(x, p, training=True)
     kept = min(max(round((1.0 - p) * 65536), 1), 65535)  # of 65536 equally likely 16-bit values
     n = x.numel()
