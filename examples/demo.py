@@ -3,7 +3,7 @@
 
 Run it::
 
-    make demo          # or: python -m examples.demo   (about a minute on 2 CPU cores)
+    make demo          # or: python -m examples.demo   (a minute or two on 2 CPU cores)
 
 Three-fold cross-validation, the same folds and preprocessing for every model, on two data
 sets (1200 rows at most each):
