@@ -187,8 +187,8 @@ class DensityMethods:
         """
         weights, means, scales = self._distribution(X)
         y = np.asarray(y, dtype=np.float64)
-        if y.shape[0] != weights.shape[0]:
-            raise ValueError(f"X has {weights.shape[0]} rows but y has {y.shape[0]}.")
+        if y.ndim == 0 or y.shape[0] != weights.shape[0]:
+            raise ValueError(f"X has {weights.shape[0]} rows but y has {y.shape[0] if y.ndim else 'none (a scalar)'}.")
         if not np.isfinite(y).all():
             raise ValueError("Input y contains NaN or infinity; a likelihood needs observed targets.")
         y = y.reshape(weights.shape[0], -1)

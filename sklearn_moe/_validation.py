@@ -68,11 +68,12 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
     except (TypeError, ValueError) as error:
         # A failed conversion to float: text in a column (or a pandas dtype scikit-learn does
         # not convert when another column holds text), named with what it holds.
-        columns = non_numeric_columns(_table(X))
+        table = _table(X)
+        columns = non_numeric_columns(table)
         if kwargs.get("y_numeric") and not columns and _first_text(y) is not None:
             raise non_numeric_target_error(type(estimator).__name__, y) from error
         if columns or (isinstance(error, ValueError) and "convert" in str(error) and "float" in str(error)):
-            raise non_numeric_error(_table(X), columns, error) from error
+            raise non_numeric_error(table, columns, error) from error
         if isinstance(error, ValueError) and str(error).startswith("Input X contains"):
             raise _non_finite_error(type(estimator).__name__, error, X) from error
         raise

@@ -217,6 +217,8 @@ def test_score_nll_in_the_targets_units(density_model):
     assert model.score_nll(X, y * 10) > model.score_nll(X, y)
     with pytest.raises(ValueError, match=f"X has {len(X)} rows but y has 5"):
         model.score_nll(X, y[:5])
+    with pytest.raises(ValueError, match="y has none \\(a scalar\\)"):
+        model.score_nll(X, 1.0)
     with pytest.raises(ValueError, match="y contains NaN or infinity"):
         model.score_nll(X, np.where(np.arange(len(y)) == 3, np.nan, y))
 

@@ -1,5 +1,5 @@
-"""The gradient all-reduce shared by data parallelism (:mod:`.data_parallel`) and expert
-parallelism (:mod:`.expert_parallel`)."""
+"""What data parallelism (:mod:`.data_parallel`) and expert parallelism
+(:mod:`.expert_parallel`) share: the gradient all-reduce, and a group's global ranks."""
 
 from __future__ import annotations
 
@@ -41,3 +41,9 @@ def all_reduce_gradients(parameters, group, divisor: int = 1) -> None:
                 p.grad = grad.view_as(p).clone()
             else:
                 p.grad.copy_(grad.view_as(p))
+
+
+def global_rank(group, rank: int) -> int:
+    """The global rank of ``rank`` in ``group`` (None: the default group, where they are
+    the same)."""
+    return rank if group is None else dist.get_global_rank(group, rank)

@@ -61,6 +61,7 @@ import torch
 import torch.distributed as dist
 
 from .._guard import NonFiniteLoss
+from ._gradients import global_rank
 
 __all__ = ["DataParallelGroup", "active_group", "agree_on_fault", "data_parallel", "shard_for_training",
            "whole_after_training"]
@@ -119,7 +120,7 @@ class DataParallelGroup:
         int
             Its rank in the default group.
         """
-        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+        return global_rank(self.group, rank)
 
     def shard(self, n_rows: int) -> np.ndarray:
         """Choose this process's training rows among ``n_rows``.

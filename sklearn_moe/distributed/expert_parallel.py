@@ -92,7 +92,7 @@ from ..nn.dispatch import in_row_order, plan_dispatch
 from ..nn.experts import StackedExperts
 from ..nn.layouts import choose_layout, expert_outputs
 from ..nn.moe import MixtureOfExperts, copy_perturbed
-from ._gradients import all_reduce_gradients
+from ._gradients import all_reduce_gradients, global_rank
 
 REDUCTIONS = ("sum", "mean")
 
@@ -232,11 +232,6 @@ class _AllToAll(torch.autograd.Function):
 
 def _exchange(tensor, output_splits, input_splits, group, rank, stats) -> torch.Tensor:
     return _AllToAll.apply(tensor, output_splits, input_splits, group, rank, stats)
-
-
-def _global_rank(group, rank: int) -> int:
-    """The global rank of ``rank`` in ``group`` (None: the default group)."""
-    return rank if group is None else dist.get_global_rank(group, rank)
 
 
 def _check_distributed(group) -> None:
@@ -510,7 +505,7 @@ class ExpertParallelMoE(MixtureOfExperts):
         start, stop = _local_block(module.n_experts, group)
         if src is not None:
             module = copy.deepcopy(module)
-            source = _global_rank(group, src)
+            source = global_rank(group, src)
             with torch.no_grad():
                 for tensor in [*module.parameters(), *module.buffers()]:
                     dist.broadcast(tensor.data, src=source, group=group)
@@ -591,12 +586,11 @@ class ExpertParallelMoE(MixtureOfExperts):
                 row = tensor[source - first].clone()
             else:
                 row = tensor.new_empty(tensor.shape[1:])
-            dist.broadcast(row, src=_global_rank(group, owner), group=group)
+            dist.broadcast(row, src=global_rank(group, owner), group=group)
             copy_perturbed(tensor, row, mine, noise, generator)
         self._split_router(source, targets, noise, generator)
-        router_state = dict(self.router.named_parameters()) | dict(self.router.named_buffers())
-        for name in self.router.expert_state_names():
-            dist.broadcast(router_state[name].data, src=_global_rank(group, 0), group=group)
+        for tensor in self._router_expert_tensors().values():
+            dist.broadcast(tensor.data, src=global_rank(group, 0), group=group)
 
     _expert_sorted_plans = True  # sorted by expert, the rows are grouped by the rank that owns it
 
@@ -670,7 +664,7 @@ def gather_experts(module: ExpertParallelMoE, dst: int = 0) -> MixtureOfExperts 
     group, rank, world_size = sharded.group, sharded.rank, sharded.world_size
     if not 0 <= dst < world_size:
         raise ValueError(f"dst must be a rank of the group, in [0, {world_size}), got {dst}")
-    target = _global_rank(group, dst)
+    target = global_rank(group, dst)
     sizes = [stop - start for start, stop in sharded.shards]
     most = max(sizes)
     full = {}

@@ -534,15 +534,17 @@ class MixtureOfExperts(nn.Module):
     def _split_router(self, source: int, targets: list[int], noise: float, generator) -> None:
         """The router's part of :meth:`split_expert`: its per-expert rows copied (the gate
         rows perturbed), and the gate biases of ``source`` and its copies lowered."""
-        state = dict(self.router.named_parameters()) | dict(self.router.named_buffers())
-        gate_biases = {name for name in self.router.expert_state_names()
-                       if name.endswith(".bias") and not name.startswith("noise")}
-        for name in self.router.expert_state_names():
-            tensor = state[name]
-            exact = name in gate_biases or name == "selection_bias"
+        for name, tensor in self._router_expert_tensors().items():
+            gate_bias = name.endswith(".bias") and not name.startswith("noise")
+            exact = gate_bias or name == "selection_bias"
             copy_perturbed(tensor, tensor[source], targets, None if exact else noise, generator)
-            if name in gate_biases:  # logits are the gate's output over the temperature
+            if gate_bias:  # logits are the gate's output over the temperature
                 tensor[[source, *targets]] = tensor[source] - self.router.temperature * math.log(1 + len(targets))
+
+    def _router_expert_tensors(self) -> dict[str, torch.Tensor]:
+        """The router's per-expert parameters and buffers (expert on axis 0), by name."""
+        state = dict(self.router.named_parameters()) | dict(self.router.named_buffers())
+        return {name: state[name] for name in self.router.expert_state_names()}
 
     def _active_weights(self, routing):
         """Which chosen experts take part (dynamic k, expert dropout) and their gate weights."""
