@@ -136,6 +136,21 @@ class LossLedger:
         record.update(zip(keys, values))
 
 
+def _copied(value):
+    """A deep copy of an optimizer's state dict: tensors cloned, containers rebuilt.
+
+    ``copy.deepcopy`` does the same at several times the cost per tensor, paid at every
+    epoch's end.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {key: _copied(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(item) for item in value)
+    return copy.deepcopy(value)
+
+
 class TrainingGuard:
     """Snapshots of the last good epoch and the rollback to them.
 
@@ -153,7 +168,7 @@ class TrainingGuard:
     def snapshot(self) -> None:
         """Remember the current weights and optimizer state as the last good ones."""
         self._module_state = {k: v.detach().clone() for k, v in self.net.module_.state_dict().items()}
-        self._optimizer_state = copy.deepcopy(self.net.optimizer_.state_dict())
+        self._optimizer_state = _copied(self.net.optimizer_.state_dict())
 
     def restore(self) -> None:
         """Put back the last good weights and optimizer state."""

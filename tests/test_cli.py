@@ -1,9 +1,11 @@
-"""The ``sklearn-moe`` console script, run as a subprocess on CSV files."""
+"""The ``sklearn-moe`` command line on CSV files: the console script as a subprocess, and
+its ``main`` in this process where only the exit status and the messages are checked."""
 
 import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +80,7 @@ def test_a_text_target_is_a_classification(workdir):
     assert predicted[0] == "prediction,probability_down,probability_up" and predicted[1].split(",")[0] in ("up", "down")
 
 
-@pytest.mark.parametrize("args, status, message", [
+ERRORS = [
     (("fit", "missing.csv", "--target", "price", "--out", "m"), 3, "no such file: missing.csv"),
     (("fit", "train.csv", "--target", "cost", "--out", "m"), 3, "unknown column 'cost'"),
     (("fit", "labels.csv", "--target", "label", "--task", "regression", "--out", "m"), 3, "is not numeric"),
@@ -93,19 +95,48 @@ def test_a_text_target_is_a_classification(workdir):
     (("fit", "train.csv", "--target", "price", "--tune", "-1", "--out", "m"), 2, "argument --tune: must be at least 0"),
     (("fit", "train.csv"), 2, "the following arguments are required: --target, --out"),
     (("train",), 2, "invalid choice: 'train'"),
-])
-def test_errors_are_one_line_with_an_exit_status(workdir, args, status, message):
+]
+# Warnings a plain ``python`` run does not print (its default filters).
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(workdir):
     path, _ = workdir
     (path / "broken").mkdir(exist_ok=True)
     (path / "broken" / "model.moe").write_text("not a model")
     pd.read_csv(path / "new.csv").drop(columns="city").to_csv(path / "lacking.csv", index=False)
     pd.read_csv(path / "new.csv").assign(a="many").to_csv(path / "wrong_types.csv", index=False)
     pd.read_csv(path / "train.csv")[["price"]].to_csv(path / "target_only.csv", index=False)
-    result = run(*args, cwd=path)
-    assert result.returncode == status
-    assert message in result.stderr
-    if status == 3:
-        assert result.stderr.count("\n") == 1 and result.stderr.startswith("sklearn-moe: error: ")
+    return path
+
+
+def _assert_reported(status, stderr, expected_status, message):
+    assert status == expected_status
+    assert message in stderr
+    if expected_status == 3:
+        assert stderr.count("\n") == 1 and stderr.startswith("sklearn-moe: error: ")
+
+
+@pytest.mark.parametrize("args, status, message", ERRORS)
+def test_errors_are_one_line_with_an_exit_status(bad_inputs, monkeypatch, capsys, args, status, message):
+    from sklearn_moe.cli import main
+
+    monkeypatch.chdir(bad_inputs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            returned = main(list(args))
+        except SystemExit as exit_:  # argparse's errors
+            returned = exit_.code
+    _assert_reported(returned, capsys.readouterr().err, status, message)
+    assert not [w for w in caught if not issubclass(w.category, HIDDEN_WARNINGS)]
+
+
+@pytest.mark.parametrize("args, status, message", [ERRORS[4], ERRORS[-1]])
+def test_the_console_script_reports_errors_the_same(bad_inputs, args, status, message):
+    result = run(*args, cwd=bad_inputs)
+    _assert_reported(result.returncode, result.stderr, status, message)
 
 
 @pytest.mark.slow

@@ -759,6 +759,6 @@ def test_scikit_learn_subset_invariance_for_ten_seeds(estimator_class, router, e
     # scikit-learn's own check, at its own tolerance (rtol and atol 1e-7), on fits of the
     # default model: rows predicted in batches of 10 and all 20 at once agree.
     for seed in range(10):
-        model = estimator_class(router=router, expert_type=expert_type, max_epochs=40, random_state=seed,
+        model = estimator_class(router=router, expert_type=expert_type, max_epochs=10, random_state=seed,
                                 device="cpu")
         check_methods_subset_invariance(estimator_class.__name__, model)

