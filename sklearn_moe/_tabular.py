@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
-from ._validation import non_numeric_columns, non_numeric_error
+from ._validation import infinity_message, non_numeric_columns, non_numeric_error
 
 #: Most categories a one-hot encoded column may have (each is an input column of the experts).
 MAX_ONE_HOT_CATEGORIES = 256
@@ -234,9 +234,7 @@ def _numeric_values(frame: pd.DataFrame, columns: np.ndarray) -> np.ndarray:
     except (TypeError, ValueError) as error:
         raise non_numeric_error(chosen, non_numeric_columns(chosen), error) from error
     if np.isinf(values).any():
-        names = [repr(chosen.columns[j]) for j in np.flatnonzero(np.isinf(values).any(axis=0))[:10]]
-        raise ValueError(f"Input X contains infinity in column(s) {', '.join(names)}; replace it with a finite "
-                         "value or NaN (a missing value).")
+        raise ValueError(infinity_message(list(chosen.columns[np.isinf(values).any(axis=0)])))
     return values
 
 

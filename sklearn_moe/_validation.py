@@ -41,14 +41,15 @@ def _densify(X, warn: bool):
     return X.toarray()
 
 
-def _non_finite_columns(X) -> list:
-    """Names (DataFrame) or indices of the columns of X holding NaN or infinity."""
+def _columns_where(X, test) -> list:
+    """Names (DataFrame) or indices of the columns of X with a value where ``test`` (``np.isnan``
+    or ``np.isinf``) holds."""
     try:
         if sp.issparse(X):
             coo = sp.coo_matrix(X)
-            return np.unique(coo.col[~np.isfinite(coo.data.astype(np.float64))]).tolist()
+            return np.unique(coo.col[test(coo.data.astype(np.float64))]).tolist()
         values = X.to_numpy(dtype=np.float64, na_value=np.nan) if isinstance(X, pd.DataFrame) else X
-        bad = ~np.isfinite(np.asarray(values, dtype=np.float64)).all(axis=0)
+        bad = test(np.asarray(values, dtype=np.float64)).any(axis=0)
     except (TypeError, ValueError):
         return []
     names = X.columns if isinstance(X, pd.DataFrame) else np.arange(bad.shape[0])
@@ -75,7 +76,8 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
         if columns or (isinstance(error, ValueError) and "convert" in str(error) and "float" in str(error)):
             raise non_numeric_error(table, columns, error) from error
         if isinstance(error, ValueError) and str(error).startswith("Input X contains"):
-            raise _non_finite_error(type(estimator).__name__, error, X) from error
+            nan_is_missing = getattr(estimator, "handle_missing", None) == "native"
+            raise _non_finite_error(type(estimator).__name__, error, X, nan_is_missing) from error
         raise
     if isinstance(validated, tuple):
         return (_densify(validated[0], warn=reset), *validated[1:])
@@ -213,12 +215,29 @@ def relative_sample_weight(sample_weight, X) -> np.ndarray:
     return sample_weight
 
 
-def _non_finite_error(name: str, error: ValueError, X) -> ValueError:
-    columns = _non_finite_columns(X)
-    shown = ", ".join(repr(c) for c in columns[:10]) + (", ..." if len(columns) > 10 else "")
-    where = f" NaN or infinity in column(s) {shown}." if columns else ""
-    return ValueError(
-        f"{str(error).splitlines()[0]}{where} {name} needs finite inputs: set handle_missing='native' to "
-        "encode missing values (NaN), or impute them first (e.g. sklearn.impute.SimpleImputer in a Pipeline) "
-        "or drop those rows."
-    )
+def _non_finite_error(name: str, error: ValueError, X, nan_is_missing: bool) -> ValueError:
+    """The error for NaN (where it is not a missing value, ``handle_missing="error"``) or
+    infinity in ``X``, naming the columns and saying what to do about each."""
+    infinite = _columns_where(X, np.isinf)
+    missing = [] if nan_is_missing else _columns_where(X, np.isnan)
+    parts = []
+    if missing:
+        parts.append(f"Input X contains NaN in column(s) {_shown(missing)}: set handle_missing='native' to encode "
+                     "missing values, or impute them first (e.g. sklearn.impute.SimpleImputer in a Pipeline) or "
+                     "drop those rows.")
+    if infinite:
+        parts.append(infinity_message(infinite, nan_is_missing))
+    if not parts:
+        parts.append(f"{str(error).splitlines()[0]} {name} needs finite numbers, and NaN only as a missing value "
+                     "(handle_missing='native'): impute or drop the rows with NaN or infinity.")
+    return ValueError(" ".join(parts))
+
+
+def infinity_message(columns: list, nan_is_missing: bool = True) -> str:
+    """What to say of infinite values in ``columns`` of X (names or indices)."""
+    instead = "a finite value or NaN (a missing value)" if nan_is_missing else "a finite value"
+    return f"Input X contains infinity in column(s) {_shown(columns)}; replace it with {instead}."
+
+
+def _shown(columns: list) -> str:
+    return ", ".join(repr(c) for c in columns[:10]) + (", ..." if len(columns) > 10 else "")

@@ -423,10 +423,17 @@ def test_non_finite_error_names_the_dataframe_columns():
     frame = pd.DataFrame(X, columns=["age", "income", "height"])
     frame.loc[4, "income"] = np.nan
     frame.loc[7, "height"] = np.inf
-    with pytest.raises(ValueError, match=r"column\(s\) 'income', 'height'.*SimpleImputer"):
+    with pytest.raises(ValueError, match=r"NaN in column\(s\) 'income': set handle_missing='native'.*SimpleImputer"
+                                         r".* infinity in column\(s\) 'height'; replace it with a finite value\.$"):
         MoERegressor(**TINY, handle_missing="error").fit(frame, y)
-    with pytest.raises(ValueError, match=r"infinity in column\(s\) 'height'"):  # NaN is a value, infinity is not
+    # NaN is a missing value, infinity is not: only the infinity is named, without advice to set what is set
+    message = r"^Input X contains infinity in column\(s\) 'height'; replace it with a finite value or NaN"
+    with pytest.raises(ValueError, match=message) as raised:
         MoERegressor(**TINY).fit(frame, y)
+    assert "income" not in str(raised.value) and "handle_missing" not in str(raised.value)
+    # the same from the array path (no table encoding: every column numeric, none missing)
+    with pytest.raises(ValueError, match=message):
+        MoERegressor(**TINY).fit(frame.fillna(0.0), y)
 
 
 @by_method
