@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
-from ._validation import infinity_message, non_numeric_columns, non_numeric_error
+from ._validation import densify, infinity_message, non_numeric_columns, non_numeric_error
 
 #: Most categories a one-hot encoded column may have (each is an input column of the experts).
 MAX_ONE_HOT_CATEGORIES = 256
@@ -252,9 +252,12 @@ def encode_for_fit(estimator, X, reuse: bool):
     values, the encoding's state set on ``estimator``; else ``X`` itself and ``None``."""
     if reuse:
         return (encode_for_predict(estimator, X), X) if is_encoded(estimator) else (X, None)
-    if hasattr(X, "toarray") or len(_shape(X)) != 2:  # sparse (numeric), or not a table: validation says
-        vars(estimator).update(empty_state())
+    sparse = hasattr(X, "toarray")
+    if len(_shape(X)) != 2 or (sparse and not (estimator.handle_missing == "native" and _has_missing(X))):
+        vars(estimator).update(empty_state())  # not a table, or sparse and numeric: validation says
         return X, None
+    if sparse:  # with missing values, encoded as a dense array's are
+        X = densify(X, warn=True, stacklevel=6)
     mask = categorical_mask(X, estimator.categorical_features)
     if not (mask.any() or (estimator.handle_missing == "native" and _has_missing(X))):
         vars(estimator).update(empty_state())

@@ -20,7 +20,10 @@ NEGLIGIBLE_WEIGHT = 1e-30
 _MAX_DENSE_CELLS = 2**28
 
 
-def _densify(X, warn: bool):
+def densify(X, warn: bool, stacklevel: int = 7):
+    """``X`` as a dense array if it is sparse (a ``ValueError`` if that is too large), with a
+    ``DataConversionWarning`` if ``warn``, attributed ``stacklevel`` frames up (the caller of
+    ``fit``)."""
     if not sp.issparse(X):
         return X
     n_cells = X.shape[0] * X.shape[1]
@@ -36,7 +39,7 @@ def _densify(X, warn: bool):
             f"({X.shape[0]} x {X.shape[1]}, {n_cells * 4 / 2**20:.1f} MiB as float32). Pass dense input to "
             "silence this, e.g. OneHotEncoder(sparse_output=False) or ColumnTransformer(sparse_threshold=0).",
             DataConversionWarning,
-            stacklevel=7,  # the caller of fit()
+            stacklevel=stacklevel,
         )
     return X.toarray()
 
@@ -80,8 +83,8 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
             raise _non_finite_error(type(estimator).__name__, error, X, nan_is_missing) from error
         raise
     if isinstance(validated, tuple):
-        return (_densify(validated[0], warn=reset), *validated[1:])
-    return _densify(validated, warn=reset)
+        return (densify(validated[0], warn=reset), *validated[1:])
+    return densify(validated, warn=reset)
 
 
 def _table(X) -> pd.DataFrame | None:

@@ -475,6 +475,23 @@ def test_sparse_input_is_densified_with_a_warning_in_fit(estimator_class):
     np.testing.assert_array_equal(sparse_model.predict(X_sparse), dense_model.predict(X_sparse.toarray()))
 
 
+@by_name
+def test_missing_values_in_sparse_input_are_encoded_as_in_dense_input(estimator_class):
+    import scipy.sparse as sp
+    from sklearn.exceptions import DataConversionWarning
+
+    X, y = _data(estimator_class)
+    X = X.copy()
+    X[np.random.RandomState(0).uniform(size=X.shape) < 0.1] = np.nan
+    with pytest.warns(DataConversionWarning, match="densified") as caught:
+        sparse_model = estimator_class(**TINY).fit(sp.csr_matrix(X), y)
+    assert caught[0].filename == __file__  # said of the caller's line
+    dense_model = estimator_class(**TINY).fit(X, y)
+    np.testing.assert_array_equal(sparse_model.predict(sp.csr_matrix(X)), dense_model.predict(X))
+    with pytest.raises(ValueError, match=r"Input X contains NaN in column\(s\) 0, 1, 2: set handle_missing='native'"):
+        estimator_class(**TINY, handle_missing="error").fit(sp.csr_matrix(X), y)
+
+
 def test_too_large_sparse_input_is_rejected(monkeypatch):
     import scipy.sparse as sp
 
