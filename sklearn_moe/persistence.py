@@ -30,6 +30,7 @@ Pickle remains fine for your own files, and is what scikit-learn's tools use.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -136,6 +137,7 @@ def save(estimator, path) -> None:
     kind = next((name for name, cls in _kind_classes().items() if type(estimator) is cls), None)
     if kind is None:
         raise TypeError(f"save() stores MoERegressor and MoEClassifier estimators, not {type(estimator).__name__}.")
+    path = _file_name(path, "save")
     check_is_fitted(estimator)
     fitted = {}
     for name in _required_fitted(kind) + _OPTIONAL_FITTED:
@@ -212,9 +214,20 @@ def _json_default(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def _file_name(path, action: str) -> str:
+    """``path`` as a str, or a ``TypeError`` that says what ``action`` takes."""
+    try:
+        return os.fspath(path)
+    except TypeError:
+        raise TypeError(f"{action}() takes a file name (str or os.PathLike), not {type(path).__name__}; for a "
+                        "file object or remote storage, use a local file and copy it.") from None
+
+
 def _write_atomic(path, data: bytes) -> None:
     path = os.fspath(path)
     directory, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(directory):  # else the error would name the temporary file
+        raise FileNotFoundError(errno.ENOENT, f"No such directory to save {name!r} in", directory)
     temporary = os.path.join(directory, f".{name}.{secrets.token_hex(8)}.tmp")
     # O_EXCL: never clobber someone else's file; mode 0o666 lets the umask apply as usual.
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -261,8 +274,11 @@ def load(path, device="cpu"):
         written by a newer sklearn-moe, or was tampered with (unknown estimator kind,
         unknown or invalid hyperparameters, missing, extra or misshapen tensors).
     """
+    path = _file_name(path, "load")
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "A directory, not a file written by save()", path)
     try:
-        with safe_open(os.fspath(path), framework="pt") as handle:
+        with safe_open(path, framework="pt") as handle:
             read = _checked_tensors(handle, path)
             document = _parse_document(handle.metadata() or {})
             estimator, resolved_device = _new_estimator(document, device)
@@ -272,11 +288,26 @@ def load(path, device="cpu"):
             _check_tensors(handle, {name: tensor for name, tensor in expected.items() if name not in added})
             state = {name: added[name] if name in added else read(name) for name in expected}
     except SafetensorError as error:
-        raise ValueError(f"{os.fspath(path)!r} is not a valid sklearn-moe file: {error}") from error
+        hint = _PICKLE_HINT if _starts_like_a_pickle(path) else ""
+        raise ValueError(f"{path!r} is not a valid sklearn-moe file: {str(error).rstrip('.')}.{hint}") from error
     for name, tensor in state.items():
         if tensor.dtype != expected[name].dtype:
             raise ValueError(f"Tensor {name!r} has dtype {tensor.dtype}, expected {expected[name].dtype}.")
     return _assemble(estimator, document, state, resolved_device)
+
+
+_PICKLE_HINT = (" It is a pickle (or joblib) file, which load() never opens: unpickling runs whatever code "
+                "the file names. Only if you trust its source, read it with pickle.load or joblib.load.")
+
+
+def _starts_like_a_pickle(path: str) -> bool:
+    """Whether the file begins as a pickle of protocol 2 or later does (joblib's too)."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(2)
+    except OSError:
+        return False
+    return len(start) == 2 and start[0] == 0x80 and 2 <= start[1] <= 5
 
 
 def _checked_tensors(handle, path):

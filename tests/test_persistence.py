@@ -1,6 +1,7 @@
 """Safe persistence: sklearn_moe.persistence.save / sklearn_moe.load (safetensors + JSON)."""
 
 import importlib.util
+import io
 import json
 import os
 import pathlib
@@ -454,7 +455,7 @@ def test_pickle_file_is_rejected_and_never_unpickled(tmp_path):
     marker = tmp_path / "marker"
     for name, dump in [("model.joblib", joblib.dump), ("model.pkl", lambda obj, p: p.write_bytes(pickle.dumps(obj)))]:
         dump({"bomb": _Bomb(marker), "model": model}, tmp_path / name)
-        with pytest.raises(ValueError, match="not a valid sklearn-moe file"):
+        with pytest.raises(ValueError, match="not a valid sklearn-moe file.* It is a pickle .* never opens"):
             load(tmp_path / name)
     assert not marker.exists()
 
@@ -462,3 +463,17 @@ def test_pickle_file_is_rejected_and_never_unpickled(tmp_path):
 def test_missing_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "nothing.moe")
+
+
+def test_paths_that_cannot_be_written_or_read_say_why(tmp_path):
+    X, y = _data()
+    model = MoERegressor(**QUICK).fit(X, y)
+    with pytest.raises(FileNotFoundError, match="No such directory to save 'model.moe' in") as raised:
+        model.save(tmp_path / "absent" / "model.moe")
+    assert raised.value.filename == str(tmp_path / "absent")
+    for call in (lambda: model.save(io.BytesIO()), lambda: load(io.BytesIO())):
+        with pytest.raises(TypeError, match=r"takes a file name \(str or os.PathLike\), not BytesIO"):
+            call()
+    with pytest.raises(IsADirectoryError, match="not a file written by save"):
+        load(tmp_path)
+    assert os.listdir(tmp_path) == []
