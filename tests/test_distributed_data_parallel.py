@@ -2,6 +2,7 @@
 processes on this machine, started by torchrun, against a single-process fit."""
 
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -30,9 +31,11 @@ PARAMS = dict(random_state=0, max_epochs=25, n_experts=4, expert_hidden=(32,), b
 
 
 def torchrun(*args, cwd, timeout=600):
-    """Run ``torchrun --standalone --nproc-per-node 2`` (a free port of its choosing)."""
+    """Run ``torchrun --standalone --nproc-per-node 2`` (a free port of its choosing), its log
+    folders in ``cwd`` (torchrun leaves them in the temporary directory)."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+                           *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TMPDIR": str(cwd)})
 
 
 def friedman(n=900):
