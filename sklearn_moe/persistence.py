@@ -124,6 +124,10 @@ def save(estimator, path) -> None:
     ------
     sklearn.exceptions.NotFittedError
         If the estimator is not fitted.
+    TypeError
+        If ``path`` is not a file name (a file object, for instance).
+    FileNotFoundError
+        If the directory of ``path`` does not exist.
     ValueError
         If a hyperparameter cannot be stored as JSON (e.g. a ``RandomState`` instance as
         ``random_state``).
@@ -268,6 +272,10 @@ def load(path, device="cpu"):
 
     Raises
     ------
+    TypeError
+        If ``path`` is not a file name (a file object, for instance).
+    FileNotFoundError, IsADirectoryError
+        If there is no such file, or ``path`` is a directory.
     ValueError
         If the file is not a valid sklearn-moe file (truncated, corrupt, a pickle, ...), does
         not match the digest saved with it (damaged after it was written), was
