@@ -24,7 +24,6 @@ what one process of such a fit spends, not a scaling result. Results:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -32,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from .processes import run_ranks
+from .processes import ranks_parser, run_ranks, write_report
 
 RESULTS = Path(__file__).parent / "results" / "data_parallel"
 COMMAND = "python -m benchmarks.data_parallel"
@@ -184,23 +183,15 @@ def main(argv: list[str] | None = None) -> dict:
         What :func:`run` returns.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world-size", type=int, default=2)
+    parser = ranks_parser(__doc__.split("\n\n")[0], RESULTS)
     parser.add_argument("--rows", type=int, default=40000)
     parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
     result = run(world_size=args.world_size, rows=args.rows, validation_fraction=args.validation_fraction,
                  epochs=args.epochs, repeats=args.repeats, threads=args.threads, command=" ".join([COMMAND, *argv]))
-    report = markdown_report(result)
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "data_parallel.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "data_parallel.md").write_text(report)
-    print(f"wrote {args.out / 'data_parallel.json'} and {args.out / 'data_parallel.md'}")
+    write_report(args.out, "data_parallel", json.dumps(result, indent=1), markdown_report(result))
     return result
 
 

@@ -34,7 +34,6 @@ a scaling result. Results: ``expert_parallel.json`` and ``expert_parallel.md`` i
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import re
@@ -45,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .processes import run_ranks
+from .processes import ranks_parser, run_ranks, write_report
 
 RESULTS = Path(__file__).parent / "results" / "expert_parallel"
 COMMAND = "python -m benchmarks.expert_parallel"
@@ -573,8 +572,7 @@ def main(argv: list[str] | None = None) -> dict:
         What :func:`run` returns.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--world-size", type=int, default=2)
+    parser = ranks_parser(__doc__.split("\n\n")[0], RESULTS)
     parser.add_argument("--batch", type=int, default=1024, help="rows of each rank's batch")
     parser.add_argument("--n-experts", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
@@ -582,19 +580,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--n-features", type=int, default=32)
     parser.add_argument("--expert-hidden", type=int, nargs="+", default=[128])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and Markdown")
     args = parser.parse_args(argv)
     result = run(world_size=args.world_size, batch=args.batch, n_experts=args.n_experts, top_k=args.top_k,
                  steps=args.steps, warmup=args.warmup, n_features=args.n_features,
                  expert_hidden=args.expert_hidden, threads=args.threads,
                  command=" ".join([COMMAND, *argv]))
-    report = markdown_report(result)
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "expert_parallel.json").write_text(_compact_json(result) + "\n")
-    (args.out / "expert_parallel.md").write_text(report)
-    print(f"wrote {args.out / 'expert_parallel.json'} and {args.out / 'expert_parallel.md'}")
+    write_report(args.out, "expert_parallel", _compact_json(result), markdown_report(result))
     return result
 
 

@@ -8,6 +8,7 @@ each, runs ``work(config)`` there and returns what every rank's call returned.
 
 from __future__ import annotations
 
+import argparse
 import json
 import tempfile
 import traceback
@@ -77,3 +78,23 @@ def _rank(rank: int, work, port: int, world_size: int, config: dict, out_dir: st
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
         dist.destroy_process_group()
+
+
+def ranks_parser(description: str, results: Path) -> argparse.ArgumentParser:
+    """The command line's parser with the options every multi-process benchmark takes:
+    ``--world-size``, ``--threads`` (per process) and ``--out`` (default ``results``)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--out", type=Path, default=results, help="folder for the JSON and Markdown")
+    return parser
+
+
+def write_report(out: Path, name: str, json_text: str, report: str) -> None:
+    """Print the Markdown ``report``; write it and ``json_text`` as ``out/name.md`` and
+    ``out/name.json``."""
+    print(report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json_text + "\n")
+    (out / f"{name}.md").write_text(report)
+    print(f"wrote {out / (name + '.json')} and {out / (name + '.md')}")
