@@ -16,6 +16,7 @@ from torch import nn
 
 from ._base import BaseMoE
 from ._parameters import PARAMETERS
+from ._validation import check_one_label_per_row
 
 
 class MoEClassifier(ClassifierMixin, BaseMoE):
@@ -145,7 +146,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             ``categorical_features`` names (by default a DataFrame's category, string,
             object and bool columns), encoded inside the estimator.
         y : array-like of shape (n_samples,)
-            Class labels (integers or strings), at least two classes.
+            Class labels (integers or strings), at least two classes; one label per row
+            (for several, see :class:`sklearn.multioutput.MultiOutputClassifier`).
         sample_weight : array-like of shape (n_samples,), optional
             Non-negative weights of the rows in the loss (not in the routing losses, where
             zero-weight rows are left out).
@@ -159,6 +161,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         MoEClassifier
             The fitted estimator (``self``).
         """
+        check_one_label_per_row(type(self).__name__, y)
         return self._fit(X, y, sample_weight, callbacks)
 
     def score(self, X, y, sample_weight=None):
@@ -186,6 +189,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             so the score would silently count them as errors.
         """
         check_is_fitted(self)
+        check_one_label_per_row(type(self).__name__, y)
         labels = np.unique(column_or_1d(y, warn=True))
         unseen = labels[~np.isin(labels, self.classes_)]
         if unseen.size:

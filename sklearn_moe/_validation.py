@@ -163,6 +163,33 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exc
     )
 
 
+def check_one_label_per_row(name: str, y) -> None:
+    """Raise a ``ValueError`` if ``y`` holds more than one label per row (a multilabel or
+    multi-output target), saying how to fit such a target.
+
+    A column vector (shape ``(n_samples, 1)``) passes: scikit-learn's validation ravels it
+    with a ``DataConversionWarning``.
+
+    Parameters
+    ----------
+    name : str
+        The classifier's class name.
+    y : array-like
+        The labels.
+    """
+    try:
+        shape = np.shape(y)
+    except ValueError:  # ragged nested lists: scikit-learn's validation says what is wrong
+        return
+    if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+        raise ValueError(
+            f"{name} predicts one label per row, so y must have shape (n_samples,); got y of shape "
+            f"{shape}. For several labels per row (multilabel or multi-output classification), fit one "
+            f"model per label: sklearn.multioutput.MultiOutputClassifier({name}()), or ClassifierChain "
+            "to let each label's model see the labels before it."
+        )
+
+
 def non_numeric_target_error(name: str, y) -> ValueError:
     """The error for a regressor's target ``y`` that holds something other than numbers.
 

@@ -1,6 +1,7 @@
 """Behaviour of MoERegressor and MoEClassifier as scikit-learn estimators."""
 
 import pickle
+import re
 
 import joblib
 import numpy as np
@@ -613,6 +614,28 @@ def test_warm_start_classifier_rejects_new_classes(classification_data):
     y_new = np.where(np.arange(len(y)) < 20, "maybe", y)
     with pytest.raises(ValueError, match="maybe"):
         model.fit(X, y_new)
+
+
+@pytest.mark.parametrize("labels_shape", [(120, 3), (120, 2, 1)], ids=["multilabel", "3-d"])
+def test_classifier_with_several_labels_per_row_says_how_to_fit_them(classification_data, labels_shape):
+    X, y = classification_data
+    Y = np.random.RandomState(0).randint(0, 2, size=labels_shape)
+    model = MoEClassifier(**dict(SHORT, max_epochs=2))
+    with pytest.raises(ValueError, match=r"one label per row.*shape \(n_samples,\); got y of shape "
+                                         + re.escape(str(labels_shape)) + ".*MultiOutputClassifier"):
+        model.fit(X[:120], Y)
+    assert not hasattr(model, "classes_")
+    model.fit(X, y)
+    with pytest.raises(ValueError, match="MultiOutputClassifier"):
+        model.score(X[:120], Y)
+
+
+def test_classifier_accepts_a_column_vector_of_labels(classification_data):
+    X, y = classification_data
+    with pytest.warns(sklearn.exceptions.DataConversionWarning, match="column-vector y"):
+        column = MoEClassifier(**dict(SHORT, max_epochs=2)).fit(X, y.reshape(-1, 1))
+    flat = MoEClassifier(**dict(SHORT, max_epochs=2)).fit(X, y)
+    np.testing.assert_array_equal(column.predict_proba(X), flat.predict_proba(X))
 
 
 # ---------------------------------------------------------------------------- verbosity
