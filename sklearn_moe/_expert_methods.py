@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ._pruning import prune_experts
+from ._pruning import grow_experts, prune_experts
 from ._report import routing_report
 
 
 class ExpertMethods:
-    """``routing_report`` and ``prune_experts``, shared by the estimators (through
+    """``routing_report``, ``prune_experts`` and ``grow_experts``, shared by the estimators (through
     :class:`~sklearn_moe._base.BaseMoE`)."""
 
     def prune_experts(self, threshold=0.01):
@@ -41,6 +41,48 @@ class ExpertMethods:
             For ``router="hierarchical"``, or when every expert is below ``threshold``.
         """
         return prune_experts(self, threshold)
+
+    def grow_experts(self, n_new=1, noise=0.01, random_state=None):
+        """Add ``n_new`` experts, each a perturbed copy of a busy expert that splits its traffic.
+
+        Growth by splitting: each new expert copies the expert with the largest share of
+        the routing (``expert_load_``) per copy at its turn (one expert can be split
+        several times), its weights and its rows of the router each multiplied by ``1 +
+        noise * N(0, 1)`` elementwise, and the gate logits of the expert and its copies
+        are lowered by ``log(1 + copies)`` so that together they keep the gate weight the
+        expert had (see :meth:`sklearn_moe.nn.MixtureOfExperts.split_expert`). Under the
+        dense ``"softmax"`` gate the predictions therefore change only by the perturbation
+        (not at all with ``noise=0``). Under a sparse router a row that chose a split
+        expert may now choose it and a copy in place of its next choice, and the copy it
+        chooses has a lower gate weight; under ``router="uniform"`` every expert weighs the
+        same, so a split expert and its copies together weigh more than it did: with these
+        routers the predictions change until the model is trained on. ``n_experts`` grows
+        by ``n_new`` (``top_k`` stays), ``expert_load_`` gives each copy an equal part of
+        its source's share, and the model predicts, saves, loads and trains on as any
+        other: train on with ``set_params(warm_start=True).fit(X, y)``, where the
+        perturbation lets the copies specialise (exact copies, ``noise=0``, get the same
+        gradients).
+
+        Parameters
+        ----------
+        n_new : int, default=1
+            Number of experts to add, >= 1.
+        noise : float, default=0.01
+            Relative standard deviation of the copies' perturbation, >= 0.
+        random_state : int, RandomState instance or None, default=None
+            Seeds the perturbation; None draws from numpy's global generator.
+
+        Returns
+        -------
+        self
+            The estimator, with ``n_experts + n_new`` experts.
+
+        Raises
+        ------
+        ValueError
+            For ``router="hierarchical"``, or an ``n_new`` or ``noise`` out of range.
+        """
+        return grow_experts(self, n_new, noise, random_state)
 
     def routing_report(self, X, y=None, n_top_features=3):
         """Report what each expert does on ``X``: one row per expert.

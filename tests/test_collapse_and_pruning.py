@@ -1,4 +1,4 @@
-"""Collapse detection and recovery, splitting experts, and pruning them after training."""
+"""Collapse detection and recovery, splitting experts, and pruning and growing them after training."""
 
 import warnings
 
@@ -181,3 +181,98 @@ def test_prune_experts_rejects_what_it_cannot_do(regression_data):
         hierarchical.prune_experts(0.01)
     with pytest.raises(Exception, match="not fitted"):
         MoERegressor().prune_experts(0.01)
+
+
+# ---------------------------------------------------------------------------- growth
+
+
+def _expert_slices(module, expert):
+    return {name: tensor[expert].clone() for name, tensor in module.state_dict().items()
+            if name in module.expert_state_names()}
+
+
+@pytest.mark.parametrize("expert_type", ["independent", "adapter"])
+def test_growing_under_a_dense_gate_keeps_the_predictions(expert_type, regression_data, tmp_path):
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, n_experts=3, expert_type=expert_type, max_epochs=5, random_state=0)).fit(X, y)
+    before, share, gates = model.predict(X), model.expert_load_.copy(), model.route(X)
+    busiest = int(np.argmax(share))
+    assert model.grow_experts(1, noise=0.0) is model
+    assert model.n_experts == 4 and model.module_.n_experts == 4
+    # The copy is the busiest expert; the two split its gate weight.
+    for name, tensor in _expert_slices(model.module_, 3).items():
+        if not name.endswith("gate.bias"):
+            torch.testing.assert_close(tensor, model.module_.state_dict()[name][busiest], rtol=0, atol=0)
+    after_gates = model.route(X)
+    np.testing.assert_allclose(after_gates[:, [busiest, 3]].sum(axis=1), gates[:, busiest], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(after_gates[:, busiest], after_gates[:, 3], rtol=1e-5)
+    np.testing.assert_allclose(model.predict(X), before, rtol=1e-5, atol=1e-5 * y.std())
+    halved = np.where(np.arange(3) == busiest, share / 2, share)
+    np.testing.assert_allclose(model.expert_load_, np.r_[halved, halved[busiest]])
+    assert model.expert_load_.sum() == pytest.approx(1.0)
+    # With the default perturbation the predictions move by little, and the copies specialise on.
+    model.grow_experts(2, random_state=0)
+    assert model.route(X).shape == (len(X), 6)
+    assert np.abs(model.predict(X) - before).max() < 0.05 * y.std()
+    path = tmp_path / "grown.moe"
+    model.save(path)
+    np.testing.assert_array_equal(load(path).predict(X), model.predict(X))
+    fresh_loss = model.history_["train_loss"].iloc[0]
+    model.set_params(warm_start=True, max_epochs=2).fit(X, y)
+    assert model.n_experts == 6 and len(model.expert_load_) == 6
+    # Trained on from the grown weights, not from a fresh start.
+    assert model.history_["train_loss"].iloc[0] < 0.5 * fresh_loss
+
+
+def test_growth_splits_the_busiest_expert_per_copy_at_each_turn(regression_data):
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, n_experts=3, max_epochs=2, random_state=0)).fit(X, y)
+    model.expert_load_ = np.array([0.5, 0.3, 0.2])
+    originals = [_expert_slices(model.module_, e) for e in range(3)]
+    model.grow_experts(3, noise=0.0)
+    # Turns: 0 (0.5), then 1 (0.3 against 0.25), then 0 (0.25 against 0.2 and 0.15).
+    np.testing.assert_allclose(model.expert_load_, [0.5 / 3, 0.15, 0.2, 0.5 / 3, 0.5 / 3, 0.15])
+    for new, source in zip((3, 4, 5), (0, 0, 1)):
+        copy = _expert_slices(model.module_, new)
+        for name, tensor in originals[source].items():
+            if not name.endswith("gate.bias"):
+                torch.testing.assert_close(copy[name], tensor, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "top_p", "noisy_topk", "uniform"])
+def test_growing_under_other_routers_trains_on(router, regression_data):
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, router=router, balance_loss="aux_free", max_epochs=3, random_state=0)).fit(X, y)
+    model.grow_experts(2, random_state=0)
+    assert model.route(X).shape == (len(X), 6)
+    model.set_params(warm_start=True, max_epochs=2).fit(X, y)
+    assert model.route(X).shape == (len(X), 6) and len(model.expert_load_) == 6
+    assert np.isfinite(model.predict(X)).all()
+
+
+def test_growing_a_classifier_from_one_expert(classification_data):
+    X, y = classification_data
+    model = MoEClassifier(**dict(FAST, n_experts=1, max_epochs=5, random_state=0)).fit(X, y)
+    proba = model.predict_proba(X)
+    model.grow_experts(3, random_state=0)
+    np.testing.assert_allclose(model.predict_proba(X), proba, atol=0.05)
+    np.testing.assert_allclose(model.expert_load_, [0.25] * 4)
+    model.set_params(warm_start=True, max_epochs=2).fit(X, y)
+    assert model.route(X).shape == (len(X), 4)
+
+
+def test_grow_experts_rejects_what_it_cannot_do(regression_data):
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, max_epochs=2, random_state=0)).fit(X, y)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="n_new must be a positive int"):
+            model.grow_experts(bad)
+    for bad in (-0.1, np.inf, np.nan, "0.1", True):
+        with pytest.raises(ValueError, match="noise must be a finite float"):
+            model.grow_experts(1, noise=bad)
+    assert model.n_experts == FAST["n_experts"]
+    hierarchical = MoERegressor(**dict(FAST, router="hierarchical", max_epochs=2, random_state=0)).fit(X, y)
+    with pytest.raises(ValueError, match="hierarchical"):
+        hierarchical.grow_experts(1)
+    with pytest.raises(Exception, match="not fitted"):
+        MoERegressor().grow_experts(1)
