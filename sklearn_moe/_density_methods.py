@@ -186,7 +186,7 @@ class DensityMethods:
             ``output`` is not ``"mixture_density"``.
         """
         weights, means, scales = self._distribution(X)
-        y = np.asarray(y, dtype=np.float64)
+        y = np.array(y, dtype=np.float64)  # a copy: a pandas column's values may be read-only
         if y.ndim == 0 or y.shape[0] != weights.shape[0]:
             raise ValueError(f"X has {weights.shape[0]} rows but y has {y.shape[0] if y.ndim else 'none (a scalar)'}.")
         if not np.isfinite(y).all():

@@ -1,8 +1,10 @@
 """Mixture density outputs: the likelihood, its gradients, and the regressor's distributions."""
 
 import math
+import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -222,6 +224,14 @@ def test_score_nll_in_the_targets_units(density_model):
         model.score_nll(X, 1.0)
     with pytest.raises(ValueError, match="y contains NaN or infinity"):
         model.score_nll(X, np.where(np.arange(len(y)) == 3, np.nan, y))
+
+def test_score_nll_takes_read_only_targets_silently(density_model):
+    model, X, y = density_model
+    read_only = np.array(y)
+    read_only.flags.writeable = False  # as a pandas column's values can be
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.score_nll(X, read_only) == model.score_nll(X, pd.Series(y)) == model.score_nll(X, y)
 
 
 def test_multi_target_shapes_and_round_trip(tmp_path):
