@@ -76,8 +76,9 @@ def split_target(frame: pd.DataFrame, target: str, task: str):
 
 
 def baselines(task: str, seed: int) -> dict:
-    """Non-MoE models that take the same raw table (their own encoding in a pipeline)."""
-    from sklearn.compose import make_column_selector, make_column_transformer
+    """Non-MoE models that take the same raw table (their own encoding in a pipeline; the
+    MLP regressor's target standardised)."""
+    from sklearn.compose import TransformedTargetRegressor, make_column_selector, make_column_transformer
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import LogisticRegression, Ridge
@@ -100,7 +101,11 @@ def baselines(task: str, seed: int) -> dict:
                 "mlp": encoded(MLPClassifier(max_iter=300, early_stopping=True, random_state=seed), one_hot)}
     return {"hist_gradient_boosting": encoded(HistGradientBoostingRegressor(random_state=seed), ordinal),
             "ridge": encoded(Ridge(), one_hot),
-            "mlp": encoded(MLPRegressor(max_iter=300, early_stopping=True, random_state=seed), one_hot)}
+            # The MLP fits a standardised target, as the MoE does: on raw prices (targets far
+            # from 0, in large units) it stops early far from any fit.
+            "mlp": encoded(TransformedTargetRegressor(
+                MLPRegressor(max_iter=300, early_stopping=True, random_state=seed), transformer=StandardScaler()),
+                one_hot)}
 
 
 def cross_validate_models(models: dict, X, y, task: str, cv: int, seed: int) -> pd.DataFrame:
