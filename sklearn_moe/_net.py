@@ -258,8 +258,9 @@ def report_interruption(net) -> None:
 
 
 def drop_unpicklable_callbacks(net, names: set[str]) -> None:
-    """Remove the callbacks ``names`` that cannot be pickled from a trained ``net``, with a
-    warning each, so that the fitted model still pickles."""
+    """Remove the callbacks ``names`` (the estimator's ``callbacks`` parameter's) that cannot
+    be pickled from a trained ``net``, with a warning each: the net then pickles, and the
+    warning says that the parameter, which still holds the object, does not."""
     unpicklable = set()
     for name, callback in net.callbacks_:
         if name in names:
@@ -268,7 +269,10 @@ def drop_unpicklable_callbacks(net, names: set[str]) -> None:
             except Exception as error:  # noqa: BLE001 - whatever pickling raises
                 unpicklable.add(name)
                 warnings.warn(f"Callback {name!r} ({type(callback).__name__}) cannot be pickled ({error}); it "
-                              "is removed from the fitted model, which stays picklable.", UserWarning, stacklevel=4)
+                              "is removed from the trained net (net_), but the estimator's callbacks parameter "
+                              "still holds it, so the estimator pickles only after set_params(callbacks=None). "
+                              "Callbacks passed to fit(X, y, callbacks=[...]) are not kept.",
+                              UserWarning, stacklevel=4)
     drop_callbacks(net, unpicklable)
 
 

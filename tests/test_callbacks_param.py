@@ -51,11 +51,15 @@ def test_callbacks_run_on_every_fit_and_stay_on_the_model(regression_data):
 def test_an_unpicklable_callback_is_used_then_removed_with_a_warning(classification_data):
     X, y = classification_data
     logger = HoldsALock()
-    with pytest.warns(UserWarning, match=r"'callback_0' \(HoldsALock\) cannot be pickled"):
+    with pytest.warns(UserWarning, match=r"'callback_0' \(HoldsALock\) cannot be pickled.*removed from the "
+                                         r"trained net.*set_params\(callbacks=None\).*fit\(X, y, callbacks"):
         model = MoEClassifier(**dict(FAST, max_epochs=3), callbacks=[logger]).fit(X, y)
     assert logger.epochs_ == 3
     assert "callback_0" not in dict(model.net_.callbacks_)
-    model.set_params(callbacks=None)  # the parameter still holds the user's object
+    pickle.dumps(model.net_)
+    with pytest.raises(TypeError, match="pickle"):  # the parameter still holds the user's object
+        pickle.dumps(model)
+    model.set_params(callbacks=None)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(model)).predict(X), model.predict(X))
 
 
