@@ -104,7 +104,9 @@ def _short(message: str, limit: int = 160) -> str:
 
 
 def _iterations(estimator) -> dict:
-    """Epochs or iterations run (``n_iter_``) and, for the MoE, the best validation epoch."""
+    """Epochs or iterations run (``n_iter_``) and, for the MoE, the best validation epoch
+    (of the regressor inside a ``TransformedTargetRegressor``)."""
+    estimator = getattr(estimator, "regressor_", estimator)
     n_iter = getattr(estimator, "n_iter_", None)
     result = {"n_iter": float(np.max(n_iter)) if n_iter is not None else np.nan}
     history = getattr(estimator, "history_", None)

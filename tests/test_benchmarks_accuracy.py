@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from benchmarks.accuracy import CV_SUITES, SUITES, CVSuite, cross_validate_models, main, run_suite
+from benchmarks.accuracy import CV_SUITES, SUITES, CVSuite, _iterations, cross_validate_models, main, run_suite
 from benchmarks.accuracy_report import aggregate, average_ranks, plot, ranked_models, summary_text
 from benchmarks.datasets import DATASETS, column_kinds, preprocessor, subsample
 from benchmarks.models import MODEL_SPECS, PACKAGES, lightgbm_available, package_available, resolve_models
@@ -306,3 +306,14 @@ def test_plot_draws_a_run_of_ablations_only(tmp_path):
     keys = ["moe_plateau", "moe_fast_gate"]  # none of them among the default models
     folds = _fake_folds({key: {"a": [0.5 + i / 10, 0.6], "b": [0.4, 0.3]} for i, key in enumerate(keys)})
     assert plot(aggregate(folds, ranked_models(keys)), tmp_path / "ablations.png").stat().st_size > 0
+
+
+def test_the_mlp_baseline_fits_a_target_far_from_zero_and_reports_its_iterations():
+    # As sacramento's log prices (near 12): fitted to the raw target, scikit-learn's MLP
+    # stops early far from any fit.
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(400, 3))
+    y = 12 + 0.4 * X[:, 0] - 0.2 * X[:, 1] + 0.05 * rng.normal(size=400)
+    mlp = MODEL_SPECS["mlp"].build("regression", 0, {}).fit(X[:300], y[:300])
+    assert 1 - np.mean((mlp.predict(X[300:]) - y[300:]) ** 2) / np.var(y[300:]) > 0.8
+    assert 1 <= _iterations(mlp)["n_iter"] <= 2000
