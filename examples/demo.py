@@ -3,7 +3,7 @@
 
 Run it::
 
-    make demo          # or: python -m examples.demo   (a minute or two on 2 CPU cores)
+    make demo          # or: python -m examples.demo   (two to three minutes on 2 CPU cores)
 
 Three-fold cross-validation, the same folds and preprocessing for every model, on two data
 sets (1200 rows at most each):
@@ -14,9 +14,9 @@ sets (1200 rows at most each):
 
 The models: ``MoERegressor()`` at its defaults; the same with ``n_experts=1`` (one
 network, no mixture) and with ``router="uniform"`` (the same experts averaged, no gate);
-scikit-learn's ``MLPRegressor`` and ``HistGradientBoostingRegressor``. Folds run in two
-processes. Prints R^2 (mean ± std over folds, rank), fit times and which comparisons the
-default MoE wins.
+scikit-learn's ``MLPRegressor`` (fitted to the standardised target) and
+``HistGradientBoostingRegressor``. Folds run in two processes. Prints R^2 (mean ± std over
+folds, rank), fit times and which comparisons the default MoE wins.
 """
 
 from __future__ import annotations
