@@ -177,10 +177,12 @@ def check_one_label_per_row(name: str, y) -> None:
     y : array-like
         The labels.
     """
-    try:
-        shape = np.shape(y)
-    except ValueError:  # ragged nested lists: scikit-learn's validation says what is wrong
-        return
+    shape = getattr(y, "shape", None)
+    if shape is None:
+        try:
+            shape = np.asarray(y, dtype=object).shape
+        except (TypeError, ValueError):  # scikit-learn's validation says what is wrong
+            return
     if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
         raise ValueError(
             f"{name} predicts one label per row, so y must have shape (n_samples,); got y of shape "
