@@ -160,6 +160,16 @@ def test_fit_can_tune_first(workdir):
     assert "tuning: best 2-fold score" in tuned.stdout and (path / "tuned" / "model.moe").is_file()
 
 
+def test_predict_names_the_columns_it_ignores(workdir):
+    path, _ = workdir
+    pd.read_csv(path / "new.csv").assign(row_id=range(6)).to_csv(path / "with_id.csv", index=False)
+    plain, with_id = (run("predict", "model", name, cwd=path) for name in ("new.csv", "with_id.csv"))
+    assert plain.returncode == with_id.returncode == 0, with_id.stderr
+    assert with_id.stdout == plain.stdout
+    assert "ignoring column(s) the model does not use: ['row_id']" in with_id.stderr
+    assert "ignoring" not in plain.stderr
+
+
 def test_the_mlp_baseline_fits_targets_far_from_zero():
     # House prices in dollars: an MLP fitted to the raw target stops early far from any fit
     # (R^2 far below 0), which would make the comparison meaningless.
