@@ -223,7 +223,8 @@ def predict_command(args) -> int:
     if missing:
         raise InputError(f"{args.data} lacks the model's column(s) {missing}")
     if hasattr(model, "feature_names_in_"):
-        unused = [str(name) for name in X.columns if name not in set(model.feature_names_in_)]
+        used = set(model.feature_names_in_)
+        unused = [str(name) for name in X.columns if name not in used]
         if unused:
             print(f"note: ignoring column(s) the model does not use: {unused}", file=sys.stderr)
         X = X[list(model.feature_names_in_)]

@@ -238,9 +238,10 @@ def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     0.45 ms here; with the comparison and the scaling, the dropout's forward and backward
     take 1.9 ms, against 4.5 ms with a ``torch.rand`` mask. ``p`` is rounded to a multiple
     of 1/65536 (at least that, at most 1 - 1/65536) and the kept values are scaled by the
-    inverse of the rounded keep probability, so the expectation stays ``x``. Elsewhere ``F.dropout``, one fused kernel
-    on a GPU (and on the CPU inside :func:`~._sync.sync_free_paths`, which takes the GPU's
-    paths: the seed's draw reads a value on the host).
+    inverse of the rounded keep probability, so the expectation stays ``x``. Elsewhere
+    ``F.dropout``, one fused kernel on a GPU (and on the CPU inside
+    :func:`~._sync.sync_free_paths`, which takes the GPU's paths: the seed's draw reads a
+    value on the host).
 
     Parameters
     ----------
