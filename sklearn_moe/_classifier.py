@@ -1,22 +1,27 @@
-"""MoEClassifier: a Mixture-of-Experts classifier (binary and multiclass)."""
+"""MoEClassifier: a Mixture-of-Experts classifier (binary, multiclass and multilabel)."""
 
 from __future__ import annotations
 
 import inspect
 from numbers import Real
 
+import warnings
+
 import numpy as np
-from scipy.special import log_softmax, softmax
+from scipy.sparse import issparse
+from scipy.special import expit, log_expit, log_softmax, softmax
 from sklearn.base import ClassifierMixin
+from sklearn.exceptions import DataConversionWarning
 from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 
 from ._base import BaseMoE
 from ._parameters import PARAMETERS
 from ._validation import check_one_label_per_row
+from .nn.losses import MultilabelLoss
 
 
 class MoEClassifier(ClassifierMixin, BaseMoE):
@@ -26,7 +31,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     A learned gate weighs ``n_experts`` MLP experts for every row and mixes their class
     logits (see :class:`MoERegressor` for the experts, their training and the gate); trained
     with (sample-weighted) cross-entropy. Labels may be integers or strings; binary and
-    multiclass problems are supported.
+    multiclass problems are supported, and multilabel ones: with ``y`` a 0/1 indicator
+    matrix of shape (n_samples, n_labels), every expert outputs one logit per label, the
+    gate mixes them, and each label is trained on its binary cross-entropy (as
+    scikit-learn's ``MLPClassifier``).
 
     Parameters
     ----------
@@ -35,18 +43,21 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         + """    label_smoothing : float, default=0.0
         Train on the cross-entropy against targets smoothed towards the uniform
         distribution: ``(1 - label_smoothing)`` on the true class plus ``label_smoothing /
-        n_classes`` on every class, in [0, 1). Early stopping monitors the same smoothed
+        n_classes`` on every class, in [0, 1) (multilabel: each label's 0/1 target smoothed
+        towards 1/2, ``y * (1 - label_smoothing) + label_smoothing / 2``). Early stopping monitors the same smoothed
         loss on the validation rows. Predictions are unchanged in kind; the probabilities of
         a smoothed model are less confident.
     mixing : {"logits", "probabilities"}, default="logits"
         What the gate mixes. ``"logits"``: the experts' class logits, then one softmax.
         ``"probabilities"``: the experts' class probabilities (each expert's softmax), a
-        mixture of categorical distributions, trained on its log-likelihood.
+        mixture of categorical distributions, trained on its log-likelihood (multilabel:
+        each label's probability, each expert's sigmoid, mixed by the gate).
 
     Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)
-        Class labels.
+        Class labels; for a multilabel ``y``, the label columns' indices ``0 ..
+        n_labels - 1``, as scikit-learn's ``MLPClassifier``.
     net_ : skorch.NeuralNet
     module_ : sklearn_moe.nn.MixtureOfExperts
     n_features_in_ : int
@@ -68,7 +79,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     """
     )
 
-    _fitted_attributes = BaseMoE._fitted_attributes + ("classes_",)
+    _fitted_attributes = BaseMoE._fitted_attributes + ("classes_", "_y_ndim")
     _parameter_constraints: dict = {
         **BaseMoE._parameter_constraints,
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
@@ -91,11 +102,30 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     del _shared
 
     def _target_validation_kwargs(self):
-        return {}
+        return {"multi_output": True}  # a multilabel indicator matrix; a column vector is raveled below
+
+    @property
+    def _multilabel(self) -> bool:
+        """Whether the model was fitted on a multilabel indicator matrix."""
+        return getattr(self, "_y_ndim", 1) == 2
 
     def _encode_targets(self, y, sample_weight, reset):
-        """Class indices into ``classes_``, and the target encoding to keep (``classes_``
-        on a first fit, and ``_n_outputs``)."""
+        """Class indices into ``classes_`` (or the 0/1 label matrix of a multilabel ``y``),
+        and the target encoding to keep (``classes_`` and ``_y_ndim`` on a first fit, and
+        ``_n_outputs``)."""
+        if issparse(y):
+            y = y.toarray()
+        if y.ndim == 2 and y.shape[1] == 1:
+            warnings.warn("A column-vector y was passed when a 1d array was expected. Please change the shape "
+                          "of y to (n_samples,), for example using ravel().", DataConversionWarning, stacklevel=4)
+            y = y.ravel()
+        multilabel = y.ndim == 2
+        if not reset and multilabel != self._multilabel:
+            fitted = f"a multilabel y of {self.classes_.shape[0]} labels" if self._multilabel else "one label per row"
+            raise ValueError(f"warm_start: the model was fitted on {fitted}, y now has shape {y.shape}; "
+                             "set warm_start=False to start afresh.")
+        if multilabel:
+            return self._encode_label_matrix(y, reset)
         check_classification_targets(y)
         classes, encoded = np.unique(y, return_inverse=True)
         if reset:
@@ -104,7 +134,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                     f"{type(self).__name__} needs samples of at least 2 classes in y, but y "
                     f"contains only one class: {classes[0]!r}."
                 )
-            state = {"classes_": classes}
+            state = {"classes_": classes, "_y_ndim": 1}
         else:
             unknown = np.setdiff1d(classes, self.classes_)
             if unknown.size:
@@ -120,8 +150,26 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             )
         return encoded.astype(np.int64), {**state, "_n_outputs": classes.shape[0]}
 
+    def _encode_label_matrix(self, y, reset):
+        """The 0/1 labels of a multilabel indicator matrix ``y`` as uint8, and the target
+        encoding to keep."""
+        check_one_label_per_row(type(self).__name__, y)  # two values at most, else a clear error
+        values = np.unique(y)
+        if not np.isin(values, (0, 1)).all():
+            raise ValueError(f"A multilabel y must be an indicator matrix of 0 and 1 (1: the row has the label); this "
+                             f"one holds {values.tolist()}. Map it to 0 and 1 first, e.g. (Y == {values.max().item()!r}).")
+        n_labels = y.shape[1]
+        if not reset and n_labels != self.classes_.shape[0]:
+            raise ValueError(f"warm_start: y has {n_labels} labels but the model was fitted on "
+                             f"{self.classes_.shape[0]}; set warm_start=False to start afresh.")
+        state = {"classes_": np.arange(n_labels), "_y_ndim": 2} if reset else {}
+        return np.asarray(y).astype(np.uint8), {**state, "_n_outputs": n_labels}
+
     def _split_order(self, targets, n_valid, rng):
-        """Stratified when every class can appear on both sides, else a plain shuffle."""
+        """Stratified when every class can appear on both sides, else a plain shuffle (and
+        for a multilabel target)."""
+        if targets.ndim == 2:
+            return rng.permutation(len(targets))
         counts = np.bincount(targets)
         present = counts[counts > 0]
         if present.min() < 2 or n_valid < present.size or len(targets) - n_valid < present.size:
@@ -131,10 +179,14 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         return np.concatenate([valid, train])
 
     def _criterion(self):
+        if self._multilabel:
+            return MultilabelLoss(self.label_smoothing)
         return nn.CrossEntropyLoss(reduction="none", label_smoothing=self.label_smoothing)
 
     def _module_output(self) -> str:
-        return "categorical_mixture" if self.mixing == "probabilities" else "point"
+        if self.mixing != "probabilities":
+            return "point"
+        return "bernoulli_mixture" if self._multilabel else "categorical_mixture"
 
     def fit(self, X, y, sample_weight=None, callbacks=None):
         """Fit the model.
@@ -145,9 +197,11 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             Training inputs: numeric columns, and the categorical ones that
             ``categorical_features`` names (by default a DataFrame's category, string,
             object and bool columns), encoded inside the estimator.
-        y : array-like of shape (n_samples,)
-            Class labels (integers or strings), at least two classes; one label per row
-            (for several, see :class:`sklearn.multioutput.MultiOutputClassifier`).
+        y : array-like of shape (n_samples,) or (n_samples, n_labels)
+            Class labels (integers or strings), at least two classes; or a multilabel
+            indicator matrix of 0 and 1 (dense or sparse), one column per label. (For
+            several multiclass labels per row, see
+            :class:`sklearn.multioutput.MultiOutputClassifier`.)
         sample_weight : array-like of shape (n_samples,), optional
             Non-negative weights of the rows in the loss (not in the routing losses, where
             zero-weight rows are left out).
@@ -172,8 +226,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         X : array-like of shape (n_samples, n_features)
             Input rows, with the columns (and, for a DataFrame, the column names) seen in
             ``fit``.
-        y : array-like of shape (n_samples,)
-            True labels, all of them among ``classes_``.
+        y : array-like of shape (n_samples,) or (n_samples, n_labels)
+            True labels, all of them among ``classes_``; for a multilabel model, the
+            indicator matrix (the score is then the subset accuracy: the share of rows
+            whose every label is predicted right).
         sample_weight : array-like of shape (n_samples,), optional
             Weights of the rows in the mean; equal weights when None.
 
@@ -186,10 +242,15 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         ------
         ValueError
             If ``y`` holds labels the model was not fitted on: it can never predict them,
-            so the score would silently count them as errors.
+            so the score would silently count them as errors; or if ``y`` is not a target
+            of the kind the model was fitted on (labels, or an indicator matrix of as many
+            labels).
         """
         check_is_fitted(self)
         check_one_label_per_row(type(self).__name__, y)
+        if self._multilabel or len(np.shape(y)) == 2 and np.shape(y)[1] > 1:
+            self._check_label_matrix(y)
+            return super().score(X, y, sample_weight=sample_weight)
         labels = np.unique(column_or_1d(y, warn=True))
         unseen = labels[~np.isin(labels, self.classes_)]
         if unseen.size:
@@ -199,6 +260,17 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                 "known labels, or refit on data that includes every class."
             )
         return super().score(X, y, sample_weight=sample_weight)
+
+    def _check_label_matrix(self, y) -> None:
+        """Raise a ``ValueError`` unless the model is multilabel and ``y`` is an indicator
+        matrix of its number of labels."""
+        shape = np.shape(y)
+        if not self._multilabel:
+            raise ValueError(f"y has shape {shape}, a multilabel indicator matrix, but the model was fitted on one "
+                             "label per row; score it on y of shape (n_samples,).")
+        if len(shape) != 2 or shape[1] != self.classes_.shape[0]:
+            raise ValueError(f"The model was fitted on a multilabel y of {self.classes_.shape[0]} labels; y must be "
+                             f"an indicator matrix of shape (n_samples, {self.classes_.shape[0]}), got {shape}.")
 
     def predict_proba(self, X):
         """Predict class probabilities.
@@ -212,9 +284,12 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         Returns
         -------
         ndarray of shape (n_samples, n_classes), float64
-            Columns follow ``classes_``.
+            Columns follow ``classes_``. For a multilabel model, each label's probability
+            (its mixed logit's sigmoid), independently of the others: a row's need not sum
+            to 1.
         """
-        return softmax(self._raw_output(X), axis=1)
+        logits = self._raw_output(X)
+        return expit(logits) if self._multilabel else softmax(logits, axis=1)
 
     def predict_log_proba(self, X):
         """Predict the logarithm of the class probabilities (:meth:`predict_proba`).
@@ -231,7 +306,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             The log-probabilities, computed stably from the logits; columns follow
             ``classes_``.
         """
-        return log_softmax(self._raw_output(X), axis=1)
+        logits = self._raw_output(X)
+        return log_expit(logits) if self._multilabel else log_softmax(logits, axis=1)
 
     def predict(self, X):
         """Predict class labels.
@@ -244,8 +320,17 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
 
         Returns
         -------
-        ndarray of shape (n_samples,)
-            Each row's most probable class, an element of ``classes_``.
+        ndarray of shape (n_samples,) or (n_samples, n_labels)
+            Each row's most probable class, an element of ``classes_``; for a multilabel
+            model, the indicator matrix (int64) of the labels whose probability exceeds
+            1/2.
         """
         logits = self._raw_output(X)
+        if self._multilabel:
+            return (logits > 0).astype(np.int64)
         return self.classes_[np.argmax(logits, axis=1)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags

@@ -15,8 +15,12 @@ from skorch.dataset import get_len
 from ._data import BatchIterator
 from ._guard import LossLedger, NonFiniteLoss, TrainingGuard, check_finite_loss
 from .distributed.data_parallel import active_group, agree_on_fault
-from .nn.density import mixture_log_probabilities, mixture_nll, per_expert_mixture_nll
+from .nn.density import mixture_label_logits, mixture_log_probabilities, mixture_nll, per_expert_mixture_nll
 from .nn.losses import per_expert_loss
+
+# The gate's mixture of the experts' outputs under a classifier's mixture outputs (by default
+# the gate-weighted sum), for the per-expert loss.
+_MIXTURES = {"categorical_mixture": mixture_log_probabilities, "bernoulli_mixture": mixture_label_logits}
 
 
 class MoENet(NeuralNet):
@@ -103,7 +107,7 @@ class MoENet(NeuralNet):
                 objective = per_expert_mixture_nll(assignments.outputs, assignments.rows, assignments.weights, y_true,
                                                    sample_weight, mask)
             else:
-                mixture = mixture_log_probabilities if self.module_.output == "categorical_mixture" else None
+                mixture = _MIXTURES.get(self.module_.output)
                 objective = per_expert_loss(self.criterion_, assignments.outputs, assignments.rows,
                                             assignments.weights, y_true, sample_weight, mask, mixture,
                                             assignments.grid)

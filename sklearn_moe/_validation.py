@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from sklearn.exceptions import DataConversionWarning
+from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import _check_sample_weight, validate_data
 
 # Weights below this fraction of the largest vanish in float32 training: they count as 0.
@@ -164,11 +165,13 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exc
 
 
 def check_one_label_per_row(name: str, y) -> None:
-    """Raise a ``ValueError`` if ``y`` holds more than one label per row (a multilabel or
-    multi-output target), saying how to fit such a target.
+    """Raise a ``ValueError`` if ``y`` is neither one label per row nor a multilabel
+    indicator matrix (a multi-output target of other labels, or more than 2 dimensions),
+    saying how to fit such a target.
 
-    A column vector (shape ``(n_samples, 1)``) passes: scikit-learn's validation ravels it
-    with a ``DataConversionWarning``.
+    A column vector (shape ``(n_samples, 1)``) passes: the classifier ravels it with a
+    ``DataConversionWarning``. A 2-d ``y`` of several columns passes when it holds only 0
+    and 1 (scikit-learn's ``"multilabel-indicator"``).
 
     Parameters
     ----------
@@ -183,13 +186,25 @@ def check_one_label_per_row(name: str, y) -> None:
             shape = np.asarray(y, dtype=object).shape
         except (TypeError, ValueError):  # scikit-learn's validation says what is wrong
             return
-    if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
-        raise ValueError(
-            f"{name} predicts one label per row, so y must have shape (n_samples,); got y of shape "
-            f"{shape}. For several labels per row (multilabel or multi-output classification), fit one "
-            f"model per label: sklearn.multioutput.MultiOutputClassifier({name}()), or ClassifierChain "
-            "to let each label's model see the labels before it."
-        )
+    if len(shape) == 2 and shape[1] != 1:
+        try:
+            kind = type_of_target(y)
+        except ValueError:  # scikit-learn's validation says what is wrong
+            return
+        if kind == "multilabel-indicator":
+            return
+        detail = f"a 2-d y must be a multilabel indicator matrix of 0 and 1, but this one is {kind!r}"
+    elif len(shape) > 2:
+        detail = "y must have 1 or 2 dimensions"
+    else:
+        return
+    raise ValueError(
+        f"{name} predicts one label per row (y of shape (n_samples,)) or several binary labels per row (y a "
+        f"multilabel indicator matrix of 0 and 1, of shape (n_samples, n_labels)); got y of shape {shape}: {detail}. "
+        f"For several multiclass labels per row (multi-output classification), fit one model per label: "
+        f"sklearn.multioutput.MultiOutputClassifier({name}()), or ClassifierChain to let each label's model see "
+        "the labels before it."
+    )
 
 
 def non_numeric_target_error(name: str, y) -> ValueError:

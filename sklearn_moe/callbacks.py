@@ -43,7 +43,8 @@ class RoutingMetrics(Callback):
     ``valid_load_imbalance``, ``valid_routing_entropy``; ``valid_routing_instability``
     (share of validation rows whose top-1 expert changed since the last epoch; NaN on the
     first), ``valid_specialization`` (normalised mutual information between the top-1
-    expert and the class, or the decile of a regression target) and ``valid_expert_loss``
+    expert and the class, the set of labels of a multilabel target, or the decile of a
+    regression target) and ``valid_expert_loss``
     (the mixture's loss on the rows each expert serves first, a list; NaN where none).
     """
 
@@ -168,7 +169,12 @@ class RoutingMetrics(Callback):
     def _record_validation_routing(self, net):
         top1 = torch.cat(self._valid_top1).cpu().numpy()
         targets = torch.cat(self._valid_targets).cpu().numpy()
-        groups = targets if targets.dtype.kind in "iub" else target_bins(targets)
+        if targets.dtype.kind not in "iub":
+            groups = target_bins(targets)
+        elif targets.ndim == 2:  # multilabel: each row's set of labels
+            groups = np.unique(targets, axis=0, return_inverse=True)[1].reshape(-1)
+        else:
+            groups = targets
         n_experts = net.module_.n_experts
         losses = torch.cat(self._valid_losses).cpu().numpy()
         instability = float("nan")

@@ -229,7 +229,11 @@ def predict_command(args) -> int:
             print(f"note: ignoring column(s) the model does not use: {unused}", file=sys.stderr)
         X = X[list(model.feature_names_in_)]
     try:
-        predictions = pd.DataFrame({"prediction": model.predict(X)})
+        predicted = model.predict(X)
+        if predicted.ndim == 1:
+            predictions = pd.DataFrame({"prediction": predicted})
+        else:  # a multilabel classifier's labels, a multi-output regressor's targets
+            predictions = pd.DataFrame({f"prediction_{j}": predicted[:, j] for j in range(predicted.shape[1])})
         if hasattr(model, "predict_proba"):
             probabilities = model.predict_proba(X)
             for index, label in enumerate(model.classes_):

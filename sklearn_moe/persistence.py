@@ -52,7 +52,7 @@ from ._training import build_module, fitted_net, history_frame, rebuilt_module
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
 FORMAT_NAME = "sklearn-moe"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 _VERSION_1_PARAMS = {"expert_type": "independent", "expert_loss": "mixture", "numeric_embedding": None,
                      "lr_schedule": "plateau", "router_lr_scale": 1.0, "expert_subsample": 1.0}
 # Parameters that files of a format version below the key did not store, per kind, with the
@@ -406,6 +406,8 @@ def _restore_fitted(estimator, document: dict) -> None:
         fitted = {**{name: _encode_array(name, value) for name, value in empty_state().items()}, **fitted}
     if document["format_version"] < 6:  # every categorical column one-hot encoded then
         fitted = {"_table_embedded": _encode_array("_table_embedded", np.zeros(0, dtype=np.int64)), **fitted}
+    if document["format_version"] < 7 and kind == "MoEClassifier":  # one label per row then
+        fitted = {"_y_ndim": 1, **fitted}
     required = set(_required_fitted(kind))
     unknown = sorted(set(fitted) - required - set(_OPTIONAL_FITTED))
     missing = sorted(required - set(fitted))
@@ -444,6 +446,10 @@ def _restore_fitted(estimator, document: dict) -> None:
         classes = values["classes_"]
         if classes.ndim != 1 or classes.shape[0] < 2 or classes.shape[0] != n_outputs:
             raise _invalid("classes_ must list at least 2 classes, one per output.")
+        if values["_y_ndim"] not in (1, 2) or (
+                values["_y_ndim"] == 2 and not np.array_equal(classes, np.arange(n_outputs))):
+            raise _invalid("_y_ndim must be 1 (one label per row) or 2 (a multilabel model, whose classes_ are "
+                           "the label indices 0, 1, ...).")
     elif values["_y_ndim"] not in (1, 2) or (values["_y_ndim"] == 1 and n_outputs != 1):
         raise _invalid("_y_ndim does not match the number of outputs.")
     for name, value in values.items():

@@ -152,8 +152,9 @@ def plot_expert_utilization(estimator, share: str = "auto"):
 def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
     """Plot which expert serves which part of the target: experts against classes or deciles.
 
-    Cell ``(e, g)`` is the share of group ``g``'s rows (a class, or a quantile bin of a
-    regression target) whose first choice is expert ``e``; every column sums to 1.
+    Cell ``(e, g)`` is the share of group ``g``'s rows (a class, the rows that have a label
+    of a multilabel target, or a quantile bin of a regression target) whose first choice is
+    expert ``e``; every column sums to 1 (a label no row has: 0).
 
     Parameters
     ----------
@@ -161,9 +162,10 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
         A fitted estimator, or a fitted Pipeline whose last step is one.
     X : array-like of shape (n_samples, n_features)
         Input rows, as for ``predict``.
-    y : array-like of shape (n_samples,)
-        Their targets: class labels (among the classifier's ``classes_``), or regression
-        targets binned into ``n_bins`` quantile bins.
+    y : array-like of shape (n_samples,) or (n_samples, n_labels)
+        Their targets: class labels (among the classifier's ``classes_``), a multilabel
+        classifier's indicator matrix, or regression targets binned into ``n_bins`` quantile
+        bins.
     n_bins : int, default=10
         Quantile bins of a regression target.
 
@@ -179,7 +181,8 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
         If ``estimator`` is not a MoE estimator (or a Pipeline ending in one).
     ValueError
         If the estimator is not fitted, ``X`` and ``y`` have different numbers of rows, a
-        class label is not among ``classes_``, or ``n_bins`` is not a positive int.
+        class label is not among ``classes_``, a multilabel classifier's ``y`` is not an
+        indicator matrix of its labels, or ``n_bins`` is not a positive int.
     """
     check_int("n_bins", n_bins)
     estimator, X = _fitted_moe(estimator, X)
@@ -188,20 +191,25 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
     if y.shape[0] != top1.shape[0]:
         raise ValueError(f"X has {top1.shape[0]} rows but y has {y.shape[0]}.")
     n_experts = estimator.module_.n_experts
-    if hasattr(estimator, "classes_"):
+    if getattr(estimator, "_multilabel", False):
+        estimator._check_label_matrix(y)
+        members = y.astype(float)  # row i counts in label j's column when it has label j
+        labels = [str(c) for c in estimator.classes_]
+        group_name = "label"
+    elif hasattr(estimator, "classes_"):
         unknown = np.setdiff1d(y, estimator.classes_)
         if unknown.size:
             raise ValueError(f"y holds labels the classifier was not fitted on: {unknown[:10].tolist()}; its classes "
                              f"are {estimator.classes_.tolist()}.")
-        groups = np.searchsorted(estimator.classes_, y)
+        members = np.eye(estimator.classes_.shape[0])[np.searchsorted(estimator.classes_, y)]
         labels = [str(c) for c in estimator.classes_]
         group_name = "class"
     else:
         groups = target_bins(y.astype(float), n_bins)
         labels = [str(g + 1) for g in range(int(groups.max()) + 1)]
+        members = np.eye(len(labels))[groups]
         group_name = "target quantile bin (1 = lowest)"
-    table = np.zeros((n_experts, len(labels)))
-    np.add.at(table, (top1, groups), 1.0)
+    table = np.eye(n_experts)[top1].T @ members  # (expert, group): rows of the group served first by the expert
     table /= np.maximum(table.sum(axis=0, keepdims=True), 1.0)
     figure, (axes,) = _figure(width=1.2 + 0.5 * len(labels), height=1.2 + 0.45 * n_experts)
     image = axes.imshow(table, aspect="auto", cmap="viridis", vmin=0, vmax=1)

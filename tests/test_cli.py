@@ -1,6 +1,7 @@
 """The ``sklearn-moe`` command line on CSV files: the console script as a subprocess, and
 its ``main`` in this process where only the exit status and the messages are checked."""
 
+import io
 import json
 import shutil
 import subprocess
@@ -168,6 +169,24 @@ def test_predict_names_the_columns_it_ignores(workdir):
     assert with_id.stdout == plain.stdout
     assert "ignoring column(s) the model does not use: ['row_id']" in with_id.stderr
     assert "ignoring" not in plain.stderr
+
+
+def test_predict_writes_a_column_per_output_of_a_multilabel_model(workdir):
+    from sklearn_moe import MoEClassifier
+
+    path, _ = workdir
+    frame = pd.read_csv(path / "train.csv")[["a", "b"]].fillna(0.0)
+    labels = np.column_stack([frame["a"] > 0, frame["b"] > 0]).astype(int)
+    (path / "labels_model").mkdir()
+    model = MoEClassifier(n_experts=2, expert_hidden=(8,), max_epochs=3, random_state=0).fit(frame, labels)
+    model.save(path / "labels_model" / "model.moe")
+    frame.head(5).to_csv(path / "numbers.csv", index=False)
+    predicted = run("predict", "labels_model", "numbers.csv", cwd=path)
+    assert predicted.returncode == 0, predicted.stderr
+    table = pd.read_csv(io.StringIO(predicted.stdout))
+    assert table.columns.tolist() == ["prediction_0", "prediction_1", "probability_0", "probability_1"]
+    np.testing.assert_array_equal(table[["prediction_0", "prediction_1"]], model.predict(frame.head(5)))
+    np.testing.assert_allclose(table[["probability_0", "probability_1"]], model.predict_proba(frame.head(5)))
 
 
 def test_the_mlp_baseline_fits_targets_far_from_zero():

@@ -616,12 +616,13 @@ def test_warm_start_classifier_rejects_new_classes(classification_data):
         model.fit(X, y_new)
 
 
-@pytest.mark.parametrize("labels_shape", [(120, 3), (120, 2, 1)], ids=["multilabel", "3-d"])
-def test_classifier_with_several_labels_per_row_says_how_to_fit_them(classification_data, labels_shape):
+@pytest.mark.parametrize("labels_shape", [(120, 3), (120, 2, 1)], ids=["multiclass-multioutput", "3-d"])
+def test_classifier_with_several_multiclass_labels_per_row_says_how_to_fit_them(classification_data, labels_shape):
+    # (A 0/1 indicator matrix is a multilabel target, which fits: tests/test_multilabel.py.)
     X, y = classification_data
-    Y = np.random.RandomState(0).randint(0, 2, size=labels_shape)
+    Y = np.random.RandomState(0).randint(0, 3, size=labels_shape)
     model = MoEClassifier(**dict(SHORT, max_epochs=2))
-    with pytest.raises(ValueError, match=r"one label per row.*shape \(n_samples,\); got y of shape "
+    with pytest.raises(ValueError, match=r"one label per row.*multilabel indicator matrix.*got y of shape "
                                          + re.escape(str(labels_shape)) + ".*MultiOutputClassifier"):
         model.fit(X[:120], Y)
     assert not hasattr(model, "classes_")

@@ -862,7 +862,14 @@ def rewrite_metadata(source, target, edit):
     return target
 
 
+def as_version_6(document):
+    document["format_version"] = 6
+    if document["kind"] == "MoEClassifier":
+        document["fitted"].pop("_y_ndim", None)
+
+
 def as_version_5(document):
+    as_version_6(document)
     document["format_version"] = 5
     document["params"].pop("one_hot_max_categories", None)
     document["fitted"].pop("_table_embedded", None)
@@ -969,6 +976,15 @@ def test_version_5_files_load_with_every_categorical_column_one_hot(tmp_path):
     # a version-6 file must carry the parameter
     loaded = load_as_version(model, frame, tmp_path, as_version_5, 5, r"missing \['one_hot_max_categories'\]")
     assert loaded.one_hot_max_categories is None and loaded._table_embedded.tolist() == []
+
+
+def test_version_6_classifier_files_load_as_one_label_per_row(tmp_path, classification_data):
+    X, y = classification_data
+    model = MoEClassifier(**dict(ADAPTER, max_epochs=3)).fit(X, y)
+    # a version-7 classifier file must say whether it is multilabel
+    loaded = load_as_version(model, X, tmp_path, as_version_6, 6, r"missing \['_y_ndim'\]")
+    assert loaded._y_ndim == 1 and not loaded._multilabel
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
 
 
 def test_version_1_file_with_an_embedding_layout_is_rejected(tmp_path):

@@ -25,7 +25,7 @@ from sklearn_moe._guard import MAX_ROLLBACKS
 from sklearn_moe.nn import MixtureOfExperts, choose_layout, expert_outputs, plan_dispatch
 from sklearn_moe.nn._sync import avoid_host_reads, sync_free_paths
 from sklearn_moe.nn.density import mixture_nll
-from sklearn_moe.nn.losses import per_expert_loss
+from sklearn_moe.nn.losses import MultilabelLoss, per_expert_loss
 
 from .host_sync import HostSyncDetector
 from .test_training_faults import BATCHES_PER_EPOCH, PARAMS, PoisonOutput
@@ -94,6 +94,7 @@ SYNC_FREE_CONFIGS = {
     "diversity": dict(router="topk", diversity_loss=True, diversity_rows=32),
     "mixture-density": dict(router="topk", output="mixture_density"),
     "categorical-mixture": dict(router="topk", output="categorical_mixture", n_outputs=3),
+    "bernoulli-mixture": dict(router="topk", output="bernoulli_mixture", n_outputs=3),
     "piecewise-linear": dict(router="softmax", expert_type="adapter", numeric_embedding="piecewise_linear",
                              embedding_columns=[0, 1, 2], embedding_n_bins=[4, 4, 4]),
 }
@@ -117,6 +118,8 @@ def _loss(module, out, y, sample_weight=None):
         task = mixture_nll(assignments.outputs, assignments.rows, assignments.weights, y).mean()
     elif module.output == "categorical_mixture":
         task = torch.nn.functional.nll_loss(out.output, y.argmax(dim=1))
+    elif module.output == "bernoulli_mixture":
+        task = MultilabelLoss()(out.output, y > 0).mean()
     else:
         task = per_expert_loss(torch.nn.MSELoss(reduction="none"), assignments.outputs.float(), assignments.rows,
                                assignments.weights, y, sample_weight)

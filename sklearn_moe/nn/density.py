@@ -10,7 +10,11 @@ experts (:func:`mixture_nll`), so that tiny scales and far targets stay finite.
 With ``output="categorical_mixture"`` (classification) an expert's output row holds class
 logits and the gate mixes the experts' class probabilities,
 ``p(c) = sum_e g_e softmax(o_e)_c``, kept in log space
-(:func:`mixture_log_probabilities`).
+(:func:`mixture_log_probabilities`). With ``output="bernoulli_mixture"`` (multilabel
+classification) an expert's output row holds one logit per label and the gate mixes each
+label's probability, ``p_j = sum_e g_e sigmoid(o_ej)``; the mixture is kept as that
+probability's logit, ``log p_j - log(1 - p_j)`` (:func:`mixture_label_logits`), so that a
+sigmoid and a binary cross-entropy read it as they read a point output's logits.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 
 from .dispatch import normalize_per_row
 
-OUTPUTS = ("point", "mixture_density", "categorical_mixture")
+OUTPUTS = ("point", "mixture_density", "categorical_mixture", "bernoulli_mixture")
 #: The outputs of a regressor (``MoERegressor(output=...)``).
 REGRESSOR_OUTPUTS = OUTPUTS[:2]
 #: Smallest standard deviation an expert can predict (in the standardised target's units).
@@ -90,6 +94,35 @@ def mixture_log_probabilities(outputs: torch.Tensor, rows: torch.Tensor, weights
     """
     log_terms = _log_weights(weights).unsqueeze(1) + torch.log_softmax(outputs.float(), dim=1)
     return _row_logsumexp(log_terms, rows, n_rows)
+
+
+def mixture_label_logits(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n_rows: int
+                         ) -> torch.Tensor:
+    """Logit of each row's mixture of the experts' label probabilities: with
+    ``p = sum_(a: r_a = i) g_a sigmoid(o_a)``, ``log p - log(1 - p)``, both terms as
+    log-sum-exps (``1 - sigmoid(o) = sigmoid(-o)``), so that confident experts stay finite.
+
+    Parameters
+    ----------
+    outputs : Tensor of shape (m, n_labels)
+        Label logits of the ``(row, expert)`` assignments.
+    rows : Tensor of shape (m,), int64
+    weights : Tensor of shape (m,)
+        Gate weights (each row's sum to 1).
+    n_rows : int
+
+    Returns
+    -------
+    Tensor of shape (n_rows, n_labels), float32
+        The logits of the mixed probabilities: their sigmoid is the mixture's probability of
+        each label, and a binary cross-entropy on them is the mixture's negative
+        log-likelihood of the labels.
+    """
+    log_weights = _log_weights(weights).unsqueeze(1)
+    outputs = outputs.float()
+    positive = _row_logsumexp(log_weights + F.logsigmoid(outputs), rows, n_rows)
+    negative = _row_logsumexp(log_weights + F.logsigmoid(-outputs), rows, n_rows)
+    return positive - negative
 
 
 def mixture_nll(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, target: torch.Tensor

@@ -1,6 +1,7 @@
-"""Auxiliary routing losses as pure functions.
+"""Auxiliary routing losses as pure functions, the per-expert training loss, and the
+multilabel task loss (:class:`MultilabelLoss`).
 
-Every function takes an optional boolean ``mask`` of shape ``(n,)``: rows where it is False
+Every routing loss takes an optional boolean ``mask`` of shape ``(n,)``: rows where it is False
 (e.g. rows with zero sample weight, or padding) do not count.
 
 Host synchronisation: none. Masked rows are set aside with ``torch.where`` and counted on
@@ -12,6 +13,7 @@ reaches the loss or its gradient.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .dispatch import count_routed, normalize_per_row, sum_per_row
 
@@ -267,3 +269,30 @@ def per_expert_loss(
 
 def _per_row(loss: torch.Tensor) -> torch.Tensor:
     return loss.mean(dim=tuple(range(1, loss.ndim))) if loss.ndim > 1 else loss
+
+
+class MultilabelLoss(torch.nn.Module):
+    """Binary cross-entropy of label logits against 0/1 labels, per row and label
+    (``reduction="none"``): the task loss of multilabel classification.
+
+    Parameters
+    ----------
+    label_smoothing : float, default=0.0
+        Each label's target is smoothed towards 1/2, as a two-class cross-entropy's is
+        towards the uniform distribution: ``y * (1 - label_smoothing) + label_smoothing / 2``.
+
+    Notes
+    -----
+    ``forward(logits, labels)`` takes logits of shape (n, n_labels) and labels of the same
+    shape in any dtype (0 or 1), and returns the loss of shape (n, n_labels), float.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        target = labels.to(logits.dtype)
+        if self.label_smoothing:
+            target = target * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ._sync import avoid_host_reads, compute_dtype, grouped_mm_supported
-from .density import OUTPUTS, mixture_log_probabilities, split_outputs
+from .density import OUTPUTS, mixture_label_logits, mixture_log_probabilities, split_outputs
 from .dispatch import (
     OVERFLOW_POLICIES,
     ExpertAssignments,
@@ -225,13 +225,16 @@ class MixtureOfExperts(nn.Module):
         training (:class:`CategoricalEmbedding`); each column is replaced by its learned
         vector before the router and the experts. The numeric embedding, if any, applies to
         the columns before them (``embedding_columns`` index those).
-    output : {"point", "mixture_density", "categorical_mixture"}, default="point"
+    output : {"point", "mixture_density", "categorical_mixture", "bernoulli_mixture"}, default="point"
         ``"mixture_density"``: every expert outputs a Gaussian per target (a mean and a
         raw scale, :mod:`sklearn_moe.nn.density`); :attr:`MoEOutput.output` is the
         mixture's mean and the assignments carry the raw outputs for the likelihood.
         ``"categorical_mixture"`` (classification): every expert outputs class logits and
         the gate mixes the experts' class probabilities; :attr:`MoEOutput.output` holds the
-        mixture's log-probabilities. ``"point"`` mixes the experts' outputs (for a
+        mixture's log-probabilities. ``"bernoulli_mixture"`` (multilabel classification):
+        every expert outputs one logit per label and the gate mixes each label's
+        probability; :attr:`MoEOutput.output` holds the logits of the mixed probabilities
+        (:func:`~sklearn_moe.nn.density.mixture_label_logits`). ``"point"`` mixes the experts' outputs (for a
         classifier, their logits) linearly.
     """
 
@@ -417,7 +420,8 @@ class MixtureOfExperts(nn.Module):
         Returns
         -------
         Tensor of shape (n, n_outputs)
-            The mixture's output (for ``output="categorical_mixture"``, log-probabilities).
+            The mixture's output (for ``output="categorical_mixture"``, log-probabilities;
+            for ``"bernoulli_mixture"``, the logits of the mixed label probabilities).
         """
         return self._evaluate(x, lambda rows: self._mix(self._embed(rows)).output)
 
@@ -591,6 +595,8 @@ class MixtureOfExperts(nn.Module):
             output = output[:, :self.n_outputs]  # the mixture's mean (the raw scales do not mix linearly)
         elif self.output == "categorical_mixture":
             output = mixture_log_probabilities(assignments.outputs, assignments.rows, assignments.weights, n)
+        elif self.output == "bernoulli_mixture":
+            output = mixture_label_logits(assignments.outputs, assignments.rows, assignments.weights, n)
         return _Mixed(output, routing, active, weights, plan_counts, n_dropped, assignments)
 
     def _dispatch(self, x: torch.Tensor, routing, active, weights, tally=None):
