@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import inspect
-from numbers import Real
-
 import warnings
+from numbers import Real
 
 import numpy as np
 from scipy.sparse import issparse
@@ -14,7 +13,7 @@ from sklearn.base import ClassifierMixin
 from sklearn.exceptions import DataConversionWarning
 from sklearn.model_selection import StratifiedShuffleSplit
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.multiclass import check_classification_targets, type_of_target
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 
@@ -156,8 +155,9 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         check_one_label_per_row(type(self).__name__, y)  # two values at most, else a clear error
         values = np.unique(y)
         if not np.isin(values, (0, 1)).all():
-            raise ValueError(f"A multilabel y must be an indicator matrix of 0 and 1 (1: the row has the label); this "
-                             f"one holds {values.tolist()}. Map it to 0 and 1 first, e.g. (Y == {values.max().item()!r}).")
+            raise ValueError(f"A multilabel y must be an indicator matrix of 0 and 1 (1: the row has the label); "
+                             f"this one holds {values.tolist()}. Map it to 0 and 1 first, e.g. "
+                             f"(Y == {values.max().item()!r}).")
         n_labels = y.shape[1]
         if not reset and n_labels != self.classes_.shape[0]:
             raise ValueError(f"warm_start: y has {n_labels} labels but the model was fitted on "
