@@ -53,7 +53,7 @@ PARAMETER_CONSTRAINTS: dict = {
     "lr_schedule": [StrOptions(set(LR_SCHEDULES))],
     "weight_decay": [Interval(Real, 0, None, closed="left")],
     "early_stopping": ["boolean"],
-    "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+    "validation_fraction": [Interval(Real, 0, 1, closed="left")],
     "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
     "tol": [Interval(Real, 0, None, closed="left")],
     "max_grad_norm": [None, Interval(Real, 0, None, closed="neither")],
@@ -218,8 +218,9 @@ PARAMETERS = """\
         best weights. With too few rows for a split the training loss is monitored. When False,
         training stops once the training loss stalls, as in scikit-learn's MLP.
     validation_fraction : float, default=0.1
-        Share of the training rows held out for early stopping, in (0, 1) (stratified by
-        class for the classifier when every class has enough rows).
+        Share of the training rows held out for early stopping, in [0, 1) (stratified by
+        class for the classifier when every class has enough rows). 0 holds out none:
+        early stopping then monitors the training loss. Unused without early stopping.
     n_iter_no_change : int, default=16
         Epochs without an improvement of the monitored loss (the validation loss, else the
         training loss) by at least ``tol`` after which training stops.

@@ -553,6 +553,15 @@ def test_no_validation_loss_without_early_stopping(estimator_class):
     assert model.n_iter_ == 3
 
 
+def test_validation_fraction_0_trains_on_every_row_and_stops_on_the_training_loss(regression_data):
+    X, y = regression_data
+    model = MoERegressor(**dict(SHORT, max_epochs=200, n_iter_no_change=2, tol=0.5, validation_fraction=0.0))
+    model.fit(X, y)
+    assert "valid_loss" not in model.history_.columns
+    assert model.n_iter_ < 200  # early stopping on the training loss
+    assert (model.history_["train_batch_count"] == -(-len(X) // SHORT["batch_size"])).all()  # no row held out
+
+
 # ---------------------------------------------------------------------------- warm start
 
 
