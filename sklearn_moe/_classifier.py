@@ -42,10 +42,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         + """    label_smoothing : float, default=0.0
         Train on the cross-entropy against targets smoothed towards the uniform
         distribution: ``(1 - label_smoothing)`` on the true class plus ``label_smoothing /
-        n_classes`` on every class, in [0, 1) (multilabel: each label's 0/1 target smoothed
-        towards 1/2, ``y * (1 - label_smoothing) + label_smoothing / 2``). Early stopping monitors the same smoothed
-        loss on the validation rows. Predictions are unchanged in kind; the probabilities of
-        a smoothed model are less confident.
+        n_classes`` on every class, in [0, 1) (multilabel: each label's 0/1 target
+        smoothed towards 1/2, ``y * (1 - label_smoothing) + label_smoothing / 2``). Early
+        stopping monitors the same smoothed loss on the validation rows. Predictions are
+        unchanged in kind; the probabilities of a smoothed model are less confident.
     mixing : {"logits", "probabilities"}, default="logits"
         What the gate mixes. ``"logits"``: the experts' class logits, then one softmax.
         ``"probabilities"``: the experts' class probabilities (each expert's softmax), a
