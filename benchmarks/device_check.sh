@@ -3,7 +3,7 @@
 # 1. the CUDA tests: tests/test_gpu.py (among them training steps of the module and of the
 #    estimator run under torch.cuda.set_sync_debug_mode("error") and a step captured in a
 #    CUDA graph, both of which fail on any host synchronisation, and the grouped-matmul
-#    layout against the padded one) and the estimators' CUDA tests;
+#    layout against the padded one) and the estimators' CUDA tests (multilabel included);
 # 2. the expert-scaling benchmark on the GPU, a training step at batch 1024 for 2 to 128
 #    experts, in float32 and under bf16 autocast, each also replayed from a CUDA graph: its
 #    "criterion" gives the step time at 2 experts and the ratio at 64. It writes
@@ -27,7 +27,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader
 python3 -c "import torch, sklearn, skorch; print('torch', torch.__version__, 'sklearn', sklearn.__version__, 'skorch', skorch.__version__)"
 # Every failure listed (no -x): a device session is too short to rerun for the next one.
-python3 -m pytest tests/test_gpu.py tests/test_estimators.py -m gpu -q -p no:cacheprovider -rf --durations=10 \
+python3 -m pytest tests/test_gpu.py tests/test_estimators.py tests/test_multilabel.py -m gpu -q -p no:cacheprovider -rf --durations=10 \
     2>&1 | tee "$OUT/gpu_tests.log"
 status=$?
 for precision in float32 bf16; do

@@ -247,3 +247,14 @@ def test_the_multilabel_loss_is_the_binary_cross_entropy_of_smoothed_labels():
     smoothed = torch.tensor([[0.95, 0.05], [0.05, 0.95]])
     torch.testing.assert_close(MultilabelLoss(0.1)(logits, labels),
                                F.binary_cross_entropy_with_logits(logits, smoothed, reduction="none"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixing", ["logits", "probabilities"])
+def test_a_multilabel_fit_on_cuda_learns_the_labels(mixing):
+    X, Y = label_data()
+    model = MoEClassifier(**dict(FAST, device="cuda", mixing=mixing)).fit(X, Y)
+    assert model.module_.router.gate.weight.device.type == "cuda"
+    X_test, Y_test = label_data(400, seed=1)
+    assert model.predict(X_test).shape == Y_test.shape
+    assert f1_score(Y_test, model.predict(X_test), average="micro") > 0.85
