@@ -199,9 +199,9 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             object and bool columns), encoded inside the estimator.
         y : array-like of shape (n_samples,) or (n_samples, n_labels)
             Class labels (integers or strings), at least two classes; or a multilabel
-            indicator matrix of 0 and 1 (dense or sparse), one column per label. (For
+            indicator matrix of 0 and 1 (dense or sparse), one column per label. For
             several multiclass labels per row, see
-            :class:`sklearn.multioutput.MultiOutputClassifier`.)
+            :class:`sklearn.multioutput.MultiOutputClassifier`.
         sample_weight : array-like of shape (n_samples,), optional
             Non-negative weights of the rows in the loss (not in the routing losses, where
             zero-weight rows are left out).
