@@ -118,11 +118,10 @@ def mixture_label_logits(outputs: torch.Tensor, rows: torch.Tensor, weights: tor
         each label, and a binary cross-entropy on them is the mixture's negative
         log-likelihood of the labels.
     """
-    log_weights = _log_weights(weights).unsqueeze(1)
     outputs = outputs.float()
-    positive = _row_logsumexp(log_weights + F.logsigmoid(outputs), rows, n_rows)
-    negative = _row_logsumexp(log_weights + F.logsigmoid(-outputs), rows, n_rows)
-    return positive - negative
+    log_terms = _log_weights(weights).view(-1, 1, 1) + F.logsigmoid(torch.stack((outputs, -outputs), dim=1))
+    both = _row_logsumexp(log_terms, rows, n_rows)  # (n_rows, 2, n_labels): log p, log(1 - p)
+    return both[:, 0] - both[:, 1]
 
 
 def mixture_nll(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, target: torch.Tensor
