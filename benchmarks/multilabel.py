@@ -25,6 +25,7 @@ share of wrong labels). Results: ``benchmarks/results/multilabel/``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -160,7 +161,7 @@ def main(argv=None) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "multilabel.csv", index=False)
-    command = ("python -m benchmarks.multilabel " + " ".join(argv or [])).strip()
+    command = ("python -m benchmarks.multilabel " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     text = report(frame, command, describe_machine(), args.folds, len(X), args.seed)
     (args.out / "multilabel.md").write_text(text)
     print(text)

@@ -5,6 +5,7 @@ fold, and writing the per-fold CSV and a markdown report: the loop shared by
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def run_variants(module: str, description: str, task: str | None, variants: Sequ
     frame = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / f"{module}.csv", index=False)
-    command = (f"python -m benchmarks.{module} " + " ".join(argv or [])).strip()
+    command = (f"python -m benchmarks.{module} " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
     text = report(frame, command, describe_machine(), args.folds, args.seed, args.max_rows)
     (args.out / f"{module}.md").write_text(text)
     print(text)
