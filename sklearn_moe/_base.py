@@ -189,8 +189,9 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         check_same_data(X_scaled, targets)
         layout, bins = (None, None) if reuse else self._embedding_layout(X_scaled, init_seed)
         weights = None
-        if sample_weight is not None:
-            weights = torch.as_tensor(sample_weight / sample_weight.mean(), dtype=torch.float32, device=device)
+        loss_weight = self._loss_weight(targets, sample_weight)
+        if loss_weight is not None:
+            weights = torch.as_tensor(loss_weight / loss_weight.mean(), dtype=torch.float32, device=device)
         table = TensorTable(torch.as_tensor(X_scaled, device=device), torch.as_tensor(targets, device=device), weights)
         train_table, valid_table = self._split(table, targets, split_seed)
         shard = shard_rows(len(train_table))  # data-parallel: this process's training rows
@@ -233,6 +234,11 @@ class BaseMoE(ExpertMethods, BaseEstimator):
 
     def _after_training(self, valid_table) -> None:
         """Fit what is fitted on the validation rows (``None`` without) once training ends."""
+
+    def _loss_weight(self, targets, sample_weight):
+        """The rows' weights in the loss (None: equal): ``sample_weight``, which a
+        subclass may combine with weights of its own (the classifier's ``class_weight``)."""
+        return sample_weight
 
     def _split(self, table, targets, seed):
         """Hold out ``validation_fraction`` of the rows for early stopping, when enough."""

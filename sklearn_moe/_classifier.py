@@ -23,6 +23,13 @@ from ._validation import check_one_label_per_row
 from .nn.losses import MultilabelLoss
 
 
+def _check_two_weighted_classes(encoded, weights, source: str) -> None:
+    """Raise a ``ValueError`` unless rows of at least 2 classes have a positive weight."""
+    if weights is not None and np.unique(encoded[weights > 0]).shape[0] < 2:
+        raise ValueError(f"Only one class has a positive weight under {source}; a classifier needs at least 2 "
+                         "classes with positive weight.")
+
+
 class MoEClassifier(ClassifierMixin, BaseMoE):
     __doc__ = (
         """Mixture-of-Experts neural network classifier.
@@ -51,6 +58,13 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         ``"probabilities"``: the experts' class probabilities (each expert's softmax), a
         mixture of categorical distributions, trained on its log-likelihood (multilabel:
         each label's probability, each expert's sigmoid, mixed by the gate).
+    class_weight : dict, "balanced" or None, default=None
+        Weights of the classes in the loss, ``{class_label: weight}`` (classes left out
+        weigh 1), as in scikit-learn's ``LogisticRegression`` and
+        ``HistGradientBoostingClassifier``. ``"balanced"`` weighs each class by ``n_samples
+        / (n_classes * n_samples_of_the_class)`` in the fitted ``y``. Multiplied with
+        ``sample_weight``; early stopping monitors the weighted validation loss. For one
+        label per row only (a multilabel ``y`` is an error).
 
     Attributes
     ----------
@@ -83,12 +97,14 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         **BaseMoE._parameter_constraints,
         "label_smoothing": [Interval(Real, 0, 1, closed="left")],
         "mixing": [StrOptions({"logits", "probabilities"})],
+        "class_weight": [dict, StrOptions({"balanced"}), None],
     }
 
-    def __init__(self, *, label_smoothing=0.0, mixing="logits", **params):
+    def __init__(self, *, label_smoothing=0.0, mixing="logits", class_weight=None, **params):
         super().__init__(**params)
         self.label_smoothing = label_smoothing
         self.mixing = mixing
+        self.class_weight = class_weight
 
     # scikit-learn reads an estimator's parameters off its constructor's signature: the
     # shared ones, then this one.
@@ -97,6 +113,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         *_shared.parameters.values(),
         inspect.Parameter("label_smoothing", inspect.Parameter.KEYWORD_ONLY, default=0.0),
         inspect.Parameter("mixing", inspect.Parameter.KEYWORD_ONLY, default="logits"),
+        inspect.Parameter("class_weight", inspect.Parameter.KEYWORD_ONLY, default=None),
     ])
     del _shared
 
@@ -142,12 +159,38 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                     f"(classes_={self.classes_.tolist()}); set warm_start=False to start afresh."
                 )
             classes, encoded, state = self.classes_, np.searchsorted(self.classes_, y), {}
-        if sample_weight is not None and np.unique(encoded[sample_weight > 0]).shape[0] < 2:
-            raise ValueError(
-                "Only one class has a positive sample_weight; a classifier needs at least 2 "
-                "classes with positive weight."
-            )
+        _check_two_weighted_classes(encoded, sample_weight, "sample_weight")
         return encoded.astype(np.int64), {**state, "_n_outputs": classes.shape[0]}
+
+    def _loss_weight(self, targets, sample_weight):
+        """``sample_weight`` times each row's ``class_weight``."""
+        if self.class_weight is None:
+            return sample_weight
+        if self._multilabel:
+            raise ValueError("class_weight weighs the classes of one label per row; for a multilabel y, weigh the "
+                             "rows with sample_weight instead (e.g. by how rare their labels are).")
+        weights = self._class_weights(targets)[targets]
+        if sample_weight is not None:
+            weights = weights * sample_weight
+        _check_two_weighted_classes(targets, weights, "class_weight and sample_weight")
+        return weights
+
+    def _class_weights(self, targets) -> np.ndarray:
+        """The weight of each class of ``classes_`` under ``class_weight``."""
+        n_classes = self.classes_.shape[0]
+        if isinstance(self.class_weight, str):  # "balanced", over the classes present in y
+            counts = np.bincount(targets, minlength=n_classes)
+            present = counts > 0
+            return np.where(present, len(targets) / (present.sum() * np.maximum(counts, 1)), 0.0)
+        known = set(self.classes_.tolist())
+        unknown = [label for label in self.class_weight if label not in known]
+        if unknown:
+            raise ValueError(f"class_weight names class(es) {unknown[:10]} that are not in y; the classes are "
+                             f"{self.classes_.tolist()[:20]}.")
+        weights = np.array([self.class_weight.get(label, 1.0) for label in self.classes_.tolist()], dtype=object)
+        if not all(isinstance(w, Real) and not isinstance(w, bool) and np.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError(f"class_weight's weights must be finite non-negative numbers; got {self.class_weight!r}.")
+        return weights.astype(np.float64)
 
     def _encode_label_matrix(self, y, reset):
         """The 0/1 labels of a multilabel indicator matrix ``y`` as uint8, and the target

@@ -68,6 +68,7 @@ _ADDED_PARAMS = {
                **({"mixing": "logits"} if kind == "MoEClassifier" else {})}
         for kind in ("MoERegressor", "MoEClassifier")},
     6: {kind: {"one_hot_max_categories": None} for kind in ("MoERegressor", "MoEClassifier")},
+    7: {"MoEClassifier": {"class_weight": None}},
 }
 # Tensors that files of a format version below the key did not store, with how to make them
 # from the estimator: the router's temperature was a fixed hyperparameter then, and a
@@ -80,6 +81,9 @@ _METADATA_KEY = "sklearn-moe"
 _DIGEST_KEY = "sklearn-moe-sha256"
 _KINDS = ("MoERegressor", "MoEClassifier")
 _TUPLE_PARAMS = ("expert_hidden", "gate_hidden")
+# Parameters that may be a dict, stored as a list of [key, value] pairs (JSON object keys are
+# strings, and class labels need not be).
+_DICT_PARAMS = ("class_weight",)
 
 _DOCUMENT_KEYS = {"format", "format_version", "library_version", "kind", "params", "fitted", "history", "net"}
 # Fitted attributes stored elsewhere in the file (the net's weights and history) or only
@@ -188,6 +192,8 @@ def _stored_params(estimator) -> dict:
 def _encode_param(name, value):
     if isinstance(value, np.generic):
         value = value.item()
+    if isinstance(value, dict) and name in _DICT_PARAMS:
+        return [[_encode_param(name, key), _encode_param(name, item)] for key, item in value.items()]
     if isinstance(value, (tuple, list)):
         return [_encode_param(name, item) for item in value]
     if value is None or isinstance(value, _SCALARS):
@@ -386,6 +392,12 @@ def _new_estimator(document: dict, device):
     for name in _TUPLE_PARAMS:
         if isinstance(params[name], list):
             params[name] = tuple(params[name])
+    for name in _DICT_PARAMS:
+        if isinstance(params.get(name), list):
+            if not all(isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], _SCALARS)
+                       for pair in params[name]):
+                raise _invalid(f"parameter {name} must be a list of [key, value] pairs.")
+            params[name] = {key: value for key, value in params[name]}
     estimator = cls(**{**params, "device": "cpu"})
     try:
         check_hyperparameters(estimator)

@@ -866,6 +866,7 @@ def as_version_6(document):
     document["format_version"] = 6
     if document["kind"] == "MoEClassifier":
         document["fitted"].pop("_y_ndim", None)
+        document["params"].pop("class_weight", None)
 
 
 def as_version_5(document):
@@ -978,12 +979,12 @@ def test_version_5_files_load_with_every_categorical_column_one_hot(tmp_path):
     assert loaded.one_hot_max_categories is None and loaded._table_embedded.tolist() == []
 
 
-def test_version_6_classifier_files_load_as_one_label_per_row(tmp_path, classification_data):
+def test_version_6_classifier_files_load_as_one_label_per_row_without_class_weights(tmp_path, classification_data):
     X, y = classification_data
     model = MoEClassifier(**dict(ADAPTER, max_epochs=3)).fit(X, y)
-    # a version-7 classifier file must say whether it is multilabel
-    loaded = load_as_version(model, X, tmp_path, as_version_6, 6, r"missing \['_y_ndim'\]")
-    assert loaded._y_ndim == 1 and not loaded._multilabel
+    # a version-7 classifier file must carry class_weight, and say whether it is multilabel
+    loaded = load_as_version(model, X, tmp_path, as_version_6, 6, r"missing \['class_weight'\]")
+    assert loaded._y_ndim == 1 and not loaded._multilabel and loaded.class_weight is None
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
 
 

@@ -81,7 +81,7 @@ def documented_invalidity(X, y, sample_weight, classification: bool) -> str | No
         if np.unique(y).shape[0] < 2:
             return "needs samples of at least 2 classes"
         if weights is not None and np.unique(y[weights > 0]).shape[0] < 2:
-            return "Only one class has a positive sample_weight"
+            return "Only one class has a positive weight under sample_weight"
     return None
 
 
