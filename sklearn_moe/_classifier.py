@@ -19,7 +19,7 @@ from torch import nn
 
 from ._base import BaseMoE
 from ._parameters import PARAMETERS
-from ._validation import check_one_label_per_row
+from ._validation import check_one_label_per_row, target_shape
 from .nn.losses import MultilabelLoss
 
 
@@ -291,7 +291,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         """
         check_is_fitted(self)
         check_one_label_per_row(type(self).__name__, y)
-        if self._multilabel or len(np.shape(y)) == 2 and np.shape(y)[1] > 1:
+        shape = target_shape(y) or ()
+        if self._multilabel or (len(shape) == 2 and shape[1] > 1):
             self._check_label_matrix(y)
             return super().score(X, y, sample_weight=sample_weight)
         labels = np.unique(column_or_1d(y, warn=True))
@@ -307,10 +308,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     def _check_label_matrix(self, y) -> None:
         """Raise a ``ValueError`` unless the model is multilabel and ``y`` is an indicator
         matrix of its number of labels."""
-        shape = np.shape(y)
+        shape = target_shape(y)
         if not self._multilabel:
             raise ValueError(f"y has shape {shape}, a multilabel indicator matrix, but the model was fitted on one "
-                             "label per row; score it on y of shape (n_samples,).")
+                             "label per row: pass y of shape (n_samples,).")
         if len(shape) != 2 or shape[1] != self.classes_.shape[0]:
             raise ValueError(f"The model was fitted on a multilabel y of {self.classes_.shape[0]} labels; y must be "
                              f"an indicator matrix of shape (n_samples, {self.classes_.shape[0]}), got {shape}.")

@@ -164,6 +164,18 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exc
     )
 
 
+def target_shape(y) -> tuple | None:
+    """The shape of the target ``y``, read without numpy's array functions (scikit-learn's
+    checks pass objects that refuse them); None where ``y`` has none."""
+    shape = getattr(y, "shape", None)
+    if shape is None:
+        try:
+            shape = np.asarray(y, dtype=object).shape
+        except (TypeError, ValueError):
+            return None
+    return tuple(shape)
+
+
 def check_one_label_per_row(name: str, y) -> None:
     """Raise a ``ValueError`` if ``y`` is neither one label per row nor a multilabel
     indicator matrix (a multi-output target of other labels, or more than 2 dimensions),
@@ -180,12 +192,9 @@ def check_one_label_per_row(name: str, y) -> None:
     y : array-like
         The labels.
     """
-    shape = getattr(y, "shape", None)
-    if shape is None:
-        try:
-            shape = np.asarray(y, dtype=object).shape
-        except (TypeError, ValueError):  # scikit-learn's validation says what is wrong
-            return
+    shape = target_shape(y)
+    if shape is None:  # scikit-learn's validation says what is wrong
+        return
     if len(shape) == 2 and shape[1] != 1:
         try:
             kind = type_of_target(y)

@@ -191,7 +191,7 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
     if y.shape[0] != top1.shape[0]:
         raise ValueError(f"X has {top1.shape[0]} rows but y has {y.shape[0]}.")
     n_experts = estimator.module_.n_experts
-    if getattr(estimator, "_multilabel", False):
+    if hasattr(estimator, "classes_") and (estimator._multilabel or y.ndim == 2):
         estimator._check_label_matrix(y)
         members = y.astype(float)  # row i counts in label j's column when it has label j
         labels = [str(c) for c in estimator.classes_]

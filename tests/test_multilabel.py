@@ -197,6 +197,9 @@ def test_heatmap_has_a_column_per_label(fitted):
     np.testing.assert_allclose(table.sum(axis=0), 1.0)
     with pytest.raises(ValueError, match=r"shape \(n_samples, 3\)"):
         plot_routing_heatmap(model, X, Y[:, 0])
+    single = MoEClassifier(**SHORT).fit(X, Y[:, 0])
+    with pytest.raises(ValueError, match=r"fitted on one label per row: pass y of shape \(n_samples,\)"):
+        plot_routing_heatmap(single, X, Y)
 
 
 def test_a_column_vector_is_still_one_label_per_row():
