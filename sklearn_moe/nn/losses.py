@@ -1,8 +1,8 @@
 """Auxiliary routing losses as pure functions, the per-expert training loss, and the
 multilabel task loss (:class:`MultilabelLoss`).
 
-Every routing loss takes an optional boolean ``mask`` of shape ``(n,)``: rows where it is False
-(e.g. rows with zero sample weight, or padding) do not count.
+Every routing loss takes an optional boolean ``mask`` of shape ``(n,)``: rows where it is
+False (e.g. rows with zero sample weight, or padding) do not count.
 
 Host synchronisation: none. Masked rows are set aside with ``torch.where`` and counted on
 the device, never selected with the mask (a selection's size is read on the host, which on
