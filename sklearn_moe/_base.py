@@ -14,7 +14,7 @@ from ._net import named_callbacks
 from ._parameters import PARAMETER_CONSTRAINTS, check_hyperparameters
 from ._scaling import fit_robust_scaler, scale_features
 from ._tabular import TABLE_STATE, encode_for_fit, encode_for_predict, is_encoded, n_code_columns
-from ._training import build_module, history_frame, rebuilt_module, train
+from ._training import PartialFitSettings, build_module, history_frame, rebuilt_module, train
 from ._validation import relative_sample_weight, validate_input
 from .diagnostics import expert_utilization
 from .distributed.data_parallel import agree_on_seeds, check_backend, check_same_data, shard_rows
@@ -155,19 +155,24 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         return validate_input(self, X, y, reset=reset, **kwargs)
 
     # ------------------------------------------------------------------ fitting
-    def _fit(self, X, y, sample_weight=None, callbacks=None):
-        reuse = self.warm_start and self.__sklearn_is_fitted__()
+    def _fit(self, X, y, sample_weight=None, callbacks=None, partial=False, classes=None):
+        reuse = (self.warm_start or partial) and self.__sklearn_is_fitted__()
         named_callbacks(self.callbacks, "callback")  # a clear error before any work
         extra_callbacks = named_callbacks(callbacks)
         try:
-            return self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks)
+            return self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks, partial, classes)
         except BaseException:
             # A failed fit leaves the estimator unfitted, never half fitted.
             if not reuse:
                 self._clear_fitted_state()
             raise
 
-    def _fit_unguarded(self, X, y, sample_weight, reuse, extra_callbacks=()):
+    def _partial_fit(self, X, y, sample_weight=None, classes=None):
+        """One epoch over ``(X, y)`` from the fitted model, or from a new one (see
+        ``partial_fit``)."""
+        return self._fit(X, y, sample_weight, partial=True, classes=classes)
+
+    def _fit_unguarded(self, X, y, sample_weight, reuse, extra_callbacks=(), partial=False, classes=None):
         device = check_hyperparameters(self)
         check_backend(device)
         X, raw = encode_for_fit(self, X, reuse)
@@ -176,7 +181,8 @@ class BaseMoE(ExpertMethods, BaseEstimator):
             validate_data(self, raw, reset=True, skip_check_array=True)
         if sample_weight is not None:
             sample_weight = relative_sample_weight(sample_weight, X)
-        targets, target_encoding = self._encode_targets(y, sample_weight, reset=not reuse)
+        targets, target_encoding = self._encode_targets(y, sample_weight, reset=not reuse, classes=classes,
+                                                        partial=partial)
         vars(self).update(target_encoding)
         if reuse:
             x_mean, x_scale = self._x_mean, self._x_scale
@@ -189,11 +195,11 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         check_same_data(X_scaled, targets)
         layout, bins = (None, None) if reuse else self._embedding_layout(X_scaled, init_seed)
         weights = None
-        loss_weight = self._loss_weight(targets, sample_weight)
+        loss_weight = self._loss_weight(targets, sample_weight, partial)
         if loss_weight is not None:
             weights = torch.as_tensor(loss_weight / loss_weight.mean(), dtype=torch.float32, device=device)
         table = TensorTable(torch.as_tensor(X_scaled, device=device), torch.as_tensor(targets, device=device), weights)
-        train_table, valid_table = self._split(table, targets, split_seed)
+        train_table, valid_table = (table, None) if partial else self._split(table, targets, split_seed)
         shard = shard_rows(len(train_table))  # data-parallel: this process's training rows
         if shard is not None:
             train_table = train_table.subset(torch.as_tensor(shard, device=device))
@@ -201,10 +207,14 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         generator = torch.Generator()
         generator.manual_seed(shuffle_seed)
         fork_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+        continued = self.net_ if partial and reuse else None  # its optimizer's state and history go on
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(init_seed)
             module = self._warm_module(device) if reuse else build_module(self, X.shape[1], device, layout, bins)
-            net = train(self, module, device, train_table, valid_table, generator, extra_callbacks)
+            net = train(PartialFitSettings(self) if partial else self, module, device, train_table, valid_table,
+                        generator, extra_callbacks, epochs=1 if partial else None,
+                        optimizer_state=None if continued is None else continued.optimizer_.state_dict(),
+                        history=None if continued is None else continued.history)
 
         self._x_mean, self._x_scale = x_mean, x_scale
         if not reuse:
@@ -235,7 +245,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
     def _after_training(self, valid_table) -> None:
         """Fit what is fitted on the validation rows (``None`` without) once training ends."""
 
-    def _loss_weight(self, targets, sample_weight):
+    def _loss_weight(self, targets, sample_weight, partial=False):
         """The rows' weights in the loss (None: equal): ``sample_weight``, which a
         subclass may combine with weights of its own (the classifier's ``class_weight``)."""
         return sample_weight

@@ -23,6 +23,14 @@ from ._validation import check_one_label_per_row, target_shape
 from .nn.losses import MultilabelLoss
 
 
+def _checked_classes(classes) -> np.ndarray:
+    """The sorted distinct labels of ``partial_fit``'s ``classes``."""
+    classes = np.asarray(classes)
+    if classes.ndim != 1 or classes.shape[0] == 0:
+        raise ValueError(f"classes must be a 1-d array of the class labels, got shape {classes.shape}.")
+    return np.unique(classes)
+
+
 def _check_two_weighted_classes(encoded, weights, source: str) -> None:
     """Raise a ``ValueError`` unless rows of at least 2 classes have a positive weight."""
     if weights is not None and np.unique(encoded[weights > 0]).shape[0] < 2:
@@ -125,10 +133,11 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         """Whether the model was fitted on a multilabel indicator matrix."""
         return getattr(self, "_y_ndim", 1) == 2
 
-    def _encode_targets(self, y, sample_weight, reset):
+    def _encode_targets(self, y, sample_weight, reset, classes=None, partial=False):
         """Class indices into ``classes_`` (or the 0/1 label matrix of a multilabel ``y``),
         and the target encoding to keep (``classes_`` and ``_y_ndim`` on a first fit, and
-        ``_n_outputs``)."""
+        ``_n_outputs``). ``classes``: every class, given to ``partial_fit`` (whose ``y``
+        need not hold each one, or two)."""
         if issparse(y):
             y = y.toarray()
         if y.ndim == 2 and y.shape[1] == 1:
@@ -138,13 +147,17 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         multilabel = y.ndim == 2
         if not reset and multilabel != self._multilabel:
             fitted = f"a multilabel y of {self.classes_.shape[0]} labels" if self._multilabel else "one label per row"
-            raise ValueError(f"warm_start: the model was fitted on {fitted}, y now has shape {y.shape}; "
-                             "set warm_start=False to start afresh.")
+            raise ValueError(f"The model was fitted on {fitted}, y now has shape {y.shape}, and this fit continues "
+                             "it (warm_start or partial_fit); set warm_start=False and call fit to start afresh.")
         if multilabel:
-            return self._encode_label_matrix(y, reset)
+            return self._encode_label_matrix(y, reset, classes)
         check_classification_targets(y)
-        classes, encoded = np.unique(y, return_inverse=True)
+        present = np.unique(y)
         if reset:
+            if classes is None and partial:
+                raise ValueError("classes must be passed on the first call to partial_fit: every class that any "
+                                 "call's y may hold, e.g. np.unique(y_all).")
+            classes = present if classes is None else _checked_classes(classes)
             if classes.shape[0] < 2:
                 raise ValueError(
                     f"{type(self).__name__} needs samples of at least 2 classes in y, but y "
@@ -152,17 +165,24 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                 )
             state = {"classes_": classes, "_y_ndim": 1}
         else:
-            unknown = np.setdiff1d(classes, self.classes_)
-            if unknown.size:
-                raise ValueError(
-                    f"warm_start: y has classes {unknown.tolist()} not seen in the first fit "
-                    f"(classes_={self.classes_.tolist()}); set warm_start=False to start afresh."
-                )
-            classes, encoded, state = self.classes_, np.searchsorted(self.classes_, y), {}
-        _check_two_weighted_classes(encoded, sample_weight, "sample_weight")
+            if classes is not None and not np.array_equal(_checked_classes(classes), self.classes_):
+                raise ValueError(f"classes={np.asarray(classes).tolist()[:20]} differs from the classes_ of the first "
+                                 f"call, {self.classes_.tolist()[:20]}.")
+            classes, state = self.classes_, {}
+        unknown = np.setdiff1d(present, classes)
+        if unknown.size:
+            raise ValueError(
+                f"y has classes {unknown.tolist()[:10]} that the model does not know (classes_="
+                f"{classes.tolist()[:20]}): a continued fit (warm_start or partial_fit) keeps the classes of the "
+                "first, and partial_fit's first call takes them from its classes. Set warm_start=False and call fit "
+                "to start afresh."
+            )
+        encoded = np.searchsorted(classes, y)
+        if not partial:  # a partial_fit batch may hold a single class
+            _check_two_weighted_classes(encoded, sample_weight, "sample_weight")
         return encoded.astype(np.int64), {**state, "_n_outputs": classes.shape[0]}
 
-    def _loss_weight(self, targets, sample_weight):
+    def _loss_weight(self, targets, sample_weight, partial=False):
         """``sample_weight`` times each row's ``class_weight``."""
         if self.class_weight is None:
             return sample_weight
@@ -172,7 +192,11 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         weights = self._class_weights(targets)[targets]
         if sample_weight is not None:
             weights = weights * sample_weight
-        _check_two_weighted_classes(targets, weights, "class_weight and sample_weight")
+        if partial:  # a partial_fit batch may hold a single class, but needs a weight
+            if not weights.max() > 0:
+                raise ValueError("class_weight and sample_weight give every row of this partial_fit batch weight 0.")
+        else:
+            _check_two_weighted_classes(targets, weights, "class_weight and sample_weight")
         return weights
 
     def _class_weights(self, targets) -> np.ndarray:
@@ -192,9 +216,9 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             raise ValueError(f"class_weight's weights must be finite non-negative numbers; got {self.class_weight!r}.")
         return weights.astype(np.float64)
 
-    def _encode_label_matrix(self, y, reset):
+    def _encode_label_matrix(self, y, reset, classes=None):
         """The 0/1 labels of a multilabel indicator matrix ``y`` as uint8, and the target
-        encoding to keep."""
+        encoding to keep (``classes``, if given, must have one entry per label)."""
         check_one_label_per_row(type(self).__name__, y)  # two values at most, else a clear error
         values = np.unique(y)
         if not np.isin(values, (0, 1)).all():
@@ -202,9 +226,13 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                              f"this one holds {values.tolist()}. Map it to 0 and 1 first, e.g. "
                              f"(Y == {values.max().item()!r}).")
         n_labels = y.shape[1]
+        if classes is not None and len(classes) != n_labels:
+            raise ValueError(f"classes has {len(classes)} entries but the multilabel y has {n_labels} labels "
+                             "(columns); pass one per label, e.g. range(n_labels).")
         if not reset and n_labels != self.classes_.shape[0]:
-            raise ValueError(f"warm_start: y has {n_labels} labels but the model was fitted on "
-                             f"{self.classes_.shape[0]}; set warm_start=False to start afresh.")
+            raise ValueError(f"y has {n_labels} labels but the model was fitted on {self.classes_.shape[0]}, and "
+                             "this fit continues it (warm_start or partial_fit); set warm_start=False and call fit "
+                             "to start afresh.")
         state = {"classes_": np.arange(n_labels), "_y_ndim": 2} if reset else {}
         return np.asarray(y).astype(np.uint8), {**state, "_n_outputs": n_labels}
 
@@ -260,6 +288,49 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         """
         check_one_label_per_row(type(self).__name__, y)
         return self._fit(X, y, sample_weight, callbacks)
+
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
+        """Train one epoch on ``(X, y)``, continuing the fitted model.
+
+        One epoch over ``(X, y)``, from the fitted model, or from a new one on the first
+        call, as scikit-learn's ``MLPClassifier.partial_fit``: for data that arrives in
+        batches or does not fit in memory at once. The first call fixes the input scaling
+        and the target encoding (they are fitted on its rows, so make it representative);
+        every call trains one epoch over its rows in shuffled mini-batches of
+        ``batch_size``, at a constant ``learning_rate`` (``lr_schedule`` spans the epochs of
+        one ``fit``), without a validation split or early stopping, and AdamW goes on from
+        its running averages (fresh after :func:`~sklearn_moe.load`, which stores no
+        optimizer state). ``n_iter_`` counts the calls' epochs and ``history_`` holds one
+        row per epoch; a ``temperature_final`` anneals over them as over ``fit``'s epochs;
+        ``expert_load_`` is measured on the last call's rows.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training inputs, with the columns of the first call.
+        y : array-like of shape (n_samples,) or (n_samples, n_labels)
+            Class labels, among ``classes``; or a multilabel indicator matrix of as many
+            labels as in the first call. A call's rows may hold a single class.
+        sample_weight : array-like of shape (n_samples,), optional
+            Non-negative weights of the rows in the task loss.
+        classes : array-like of shape (n_classes,), optional
+            Every class that any call's ``y`` may hold: required on the first call (as in
+            scikit-learn), optional later (then it must be the same). For a multilabel
+            ``y``, optional: one entry per label.
+
+        Returns
+        -------
+        MoEClassifier
+            The fitted estimator (``self``).
+
+        Raises
+        ------
+        ValueError
+            If the first call has no ``classes`` (one label per row), ``y`` holds a class
+            not in them, or ``X`` does not match the first call's columns.
+        """
+        check_one_label_per_row(type(self).__name__, y)
+        return self._partial_fit(X, y, sample_weight, classes)
 
     def score(self, X, y, sample_weight=None):
         """Return the mean accuracy on ``X`` and ``y``.

@@ -101,7 +101,7 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     def _target_validation_kwargs(self):
         return {"multi_output": True, "y_numeric": True}
 
-    def _encode_targets(self, y, sample_weight, reset):
+    def _encode_targets(self, y, sample_weight, reset, classes=None, partial=False):
         """Standardised float32 targets, and the target encoding to keep (``_y_ndim``,
         ``_y_mean`` and ``_y_scale`` on a first fit, and ``_n_outputs``)."""
         try:
@@ -115,8 +115,8 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
             state = {"_y_ndim": y.ndim, "_y_mean": y_mean, "_y_scale": y_scale}
         elif y2d.shape[1] != self._y_mean.shape[0]:
             raise ValueError(
-                f"warm_start: y has {y2d.shape[1]} targets but the fitted model predicts "
-                f"{self._y_mean.shape[0]}; set warm_start=False to start afresh."
+                f"y has {y2d.shape[1]} targets but the fitted model, which this fit continues (warm_start or "
+                f"partial_fit), predicts {self._y_mean.shape[0]}; set warm_start=False and call fit to start afresh."
             )
         else:
             y_mean, y_scale, state = self._y_mean, self._y_scale, {}
@@ -159,6 +159,42 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
             The fitted estimator (``self``).
         """
         return self._fit(X, y, sample_weight, callbacks)
+
+    def partial_fit(self, X, y, sample_weight=None):
+        """Train one epoch on ``(X, y)``, continuing the fitted model.
+
+        One epoch over ``(X, y)``, from the fitted model, or from a new one on the first
+        call, as scikit-learn's ``MLPRegressor.partial_fit``: for data that arrives in
+        batches or does not fit in memory at once. The first call fixes the input scaling
+        and the target encoding (they are fitted on its rows, so make it representative);
+        every call trains one epoch over its rows in shuffled mini-batches of
+        ``batch_size``, at a constant ``learning_rate`` (``lr_schedule`` spans the epochs of
+        one ``fit``), without a validation split or early stopping, and AdamW goes on from
+        its running averages (fresh after :func:`~sklearn_moe.load`, which stores no
+        optimizer state). ``n_iter_`` counts the calls' epochs and ``history_`` holds one
+        row per epoch; a ``temperature_final`` anneals over them as over ``fit``'s epochs;
+        ``expert_load_`` is measured on the last call's rows.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training inputs, with the columns of the first call.
+        y : array-like of shape (n_samples,) or (n_samples, n_targets)
+            Numeric targets, as many as in the first call.
+        sample_weight : array-like of shape (n_samples,), optional
+            Non-negative weights of the rows in the task loss.
+
+        Returns
+        -------
+        MoERegressor
+            The fitted estimator (``self``).
+
+        Raises
+        ------
+        ValueError
+            If ``X`` or ``y`` do not match the first call's columns or targets.
+        """
+        return self._partial_fit(X, y, sample_weight)
 
     def predict(self, X, return_std=False):
         """Predict targets.

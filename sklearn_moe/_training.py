@@ -93,17 +93,27 @@ def build_module(params, n_features: int, device, layout=None, bins=None) -> Mix
 
 
 def train(params, module, device: str, train_table: TensorTable, valid_table: TensorTable | None,
-          generator: torch.Generator, extra_callbacks=()) -> MoENet:
+          generator: torch.Generator, extra_callbacks=(), epochs: int | None = None,
+          optimizer_state: dict | None = None, history=None) -> MoENet:
     """Train ``module`` on ``train_table`` (early stopping on ``valid_table`` when given).
 
     Returns the trained net, ready to keep on a fitted estimator: the module in eval mode,
     the fit-only ``extra_callbacks`` removed, no validation rows or early-stopping weight
     copies kept. An interrupted fit (KeyboardInterrupt) is reported as a warning.
+    ``epochs``: how many to train (default ``params.max_epochs``). With an
+    ``optimizer_state`` (the ``state_dict()`` of an optimizer of the same network), the
+    optimizer goes on from its running averages, at the learning rates and weight decay of
+    ``params``; with a ``history`` (an earlier net's), the epochs go on after its epochs
+    (numbered on, and the temperature annealed on).
     """
     trained = shard_for_training(module)  # module itself unless its experts are sharded
     net = build_net(params, trained, device, len(train_table), valid_table, generator, extra_callbacks)
     net.initialize()
-    net.fit(train_table, y=None)
+    if optimizer_state is not None:
+        _load_optimizer_state(net.optimizer_, optimizer_state)
+    if history is not None:
+        net.history = History([dict(epoch) for epoch in history])
+    net.fit(train_table, y=None, epochs=epochs)
     trained.eval()
     if trained is not module:  # every process gets the whole network, and an optimizer for it
         net.module_ = whole_after_training(trained, module)
@@ -117,6 +127,35 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
         if isinstance(callback, EarlyStopping):
             callback.best_model_weights_ = None
     return net
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load ``state``'s per-parameter state (AdamW's moments and step counts) into
+    ``optimizer``, keeping ``optimizer``'s hyperparameters (learning rates, weight decay):
+    a schedule may have left the stored ones anywhere."""
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, setting in zip(optimizer.param_groups, settings):
+        for key in [key for key in group if key != "params" and key not in setting]:
+            del group[key]  # e.g. a scheduler's initial_lr
+        group.update(setting)
+        # A scheduler resuming after earlier epochs starts from initial_lr: the current rate.
+        group["initial_lr"] = group["lr"]
+
+
+class PartialFitSettings:
+    """The hyperparameters of an estimator for a ``partial_fit`` epoch: those of
+    ``estimator``, but no early stopping and a constant learning rate (a schedule spans the
+    epochs of one fit)."""
+
+    early_stopping = False
+    lr_schedule = "constant"
+
+    def __init__(self, estimator):
+        self._estimator = estimator
+
+    def __getattr__(self, name):
+        return getattr(self._estimator, name)
 
 
 def build_net(params, module, device: str, n_train: int, valid_table: TensorTable | None = None,

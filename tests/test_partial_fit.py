@@ -1,0 +1,166 @@
+"""partial_fit: one epoch per call from the fitted model, as scikit-learn's MLP estimators
+(scikit-learn's own partial_fit checks run in test_common.py)."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import sklearn_moe
+from sklearn_moe import MoEClassifier, MoERegressor
+
+from .conftest import FAST
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn_moe.callbacks.ExpertCollapseWarning")
+
+
+def regression(n=1200, seed=0):
+    rng = np.random.RandomState(seed)
+    X = rng.normal(size=(n, 4))
+    return X, X[:, 0] * 2 + np.sin(3 * X[:, 1])
+
+
+def stream(model, X, y, passes, n_chunks=4, **kwargs):
+    """``passes`` passes over ``(X, y)`` in ``n_chunks`` partial_fit calls each."""
+    for _ in range(passes):
+        for chunk in np.array_split(np.arange(len(X)), n_chunks):
+            model.partial_fit(X[chunk], y[chunk], **kwargs)
+    return model
+
+
+def test_batches_of_a_stream_train_the_regressor():
+    X, y = regression()
+    model = stream(MoERegressor(**FAST), X[:1000], y[:1000], passes=8)
+    assert model.score(X[1000:], y[1000:]) > 0.9
+    assert model.n_iter_ == 32 and model.history_["epoch"].tolist() == list(range(1, 33))
+    assert "valid_loss" not in model.history_  # no rows held out, no early stopping
+    assert model.history_["train_loss"].iloc[-4:].mean() < 0.2 * model.history_["train_loss"].iloc[:4].mean()
+
+
+def test_the_optimizer_goes_on_at_the_current_learning_rate():
+    X, y = regression(400)
+    model = MoERegressor(**dict(FAST, batch_size=50)).partial_fit(X, y)
+    model.partial_fit(X, y)
+    optimizer = model.net_.optimizer_
+    steps = {float(state["step"]) for state in optimizer.state.values()}
+    assert steps == {16.0}  # AdamW's running averages over both calls' 8 + 8 batches
+    model.set_params(learning_rate=1e-3).partial_fit(X, y)
+    assert [group["lr"] for group in model.net_.optimizer_.param_groups] == pytest.approx(
+        [1e-3 * model.router_lr_scale, 1e-3])
+    assert {float(state["step"]) for state in model.net_.optimizer_.state.values()} == {24.0}
+
+
+def test_partial_fit_continues_a_fit_at_the_learning_rate_not_the_schedules_end():
+    X, y = regression(600)
+    model = MoERegressor(**dict(FAST, lr_schedule="cosine", early_stopping=False, max_epochs=10)).fit(X, y)
+    last_loss = model.history_["train_loss"].iloc[-1]
+    model.partial_fit(X, y)
+    assert model.n_iter_ == 11
+    assert model.net_.optimizer_.param_groups[-1]["lr"] == pytest.approx(model.learning_rate)
+    fresh = MoERegressor(**FAST).partial_fit(X, y)
+    assert model.history_["train_loss"].iloc[-1] < min(2 * last_loss, 0.5 * fresh.history_["train_loss"].iloc[0])
+
+
+def test_the_temperature_anneals_over_the_calls_as_over_fits_epochs():
+    X, y = regression(200)
+    params = dict(FAST, router="topk", temperature=1.0, temperature_final=0.25, max_epochs=4, early_stopping=False)
+    fitted = MoERegressor(**params).fit(X, y)
+    streamed = stream(MoERegressor(**params), X, y, passes=1)
+    np.testing.assert_allclose(streamed.history_["temperature"], fitted.history_["temperature"])
+    assert streamed.history_["temperature"].iloc[-1] == pytest.approx(0.25)
+
+
+def test_the_same_calls_give_the_same_model():
+    X, y = regression(300)
+    first = stream(MoERegressor(**FAST), X, y, passes=2)
+    second = stream(MoERegressor(**FAST), X, y, passes=2)
+    np.testing.assert_array_equal(first.predict(X), second.predict(X))
+
+
+def test_a_refused_call_leaves_the_model_as_it_was():
+    X, y = regression(300)
+    model = MoERegressor(**FAST).partial_fit(X, y)
+    before = model.predict(X)
+    with pytest.raises(ValueError, match="features"):
+        model.partial_fit(X[:, :3], y)
+    with pytest.raises(ValueError, match="y has 2 targets but the fitted model"):
+        model.partial_fit(X, np.column_stack([y, y]))
+    np.testing.assert_array_equal(model.predict(X), before)
+    assert model.n_iter_ == 1
+
+
+def test_pickled_and_loaded_models_train_on(tmp_path):
+    X, y = regression(300)
+    model = MoERegressor(**FAST).partial_fit(X, y)
+    unpickled = pickle.loads(pickle.dumps(model)).partial_fit(X, y)
+    assert unpickled.n_iter_ == 2
+    model.save(tmp_path / "streamed.moe")
+    loaded = sklearn_moe.load(tmp_path / "streamed.moe").partial_fit(X, y)  # a fresh optimizer state
+    assert loaded.n_iter_ == 2
+    assert loaded.history_["train_loss"].iloc[-1] < loaded.history_["train_loss"].iloc[0]
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+def classification(n=800, seed=0):
+    rng = np.random.RandomState(seed)
+    X = rng.normal(size=(n, 3))
+    return X, np.array(["low", "mid", "high"])[np.digitize(X[:, 0] + 0.5 * X[:, 1], [-0.6, 0.6])]
+
+
+def test_the_classifier_learns_every_class_from_batches_of_single_classes():
+    X, y = classification()
+    model = MoEClassifier(**FAST)
+    classes = ["high", "low", "mid"]
+    for _ in range(6):
+        for label in classes:  # each call sees one class only
+            rows = y[:600] == label
+            model.partial_fit(X[:600][rows], y[:600][rows], classes=classes)
+    np.testing.assert_array_equal(model.classes_, classes)
+    assert model.predict_proba(X[600:]).shape == (200, 3)
+    assert model.score(X[600:], y[600:]) > 0.7
+
+
+def test_the_classifier_takes_its_classes_from_the_first_call():
+    X, y = classification()
+    model = MoEClassifier(**FAST)
+    with pytest.raises(ValueError, match="classes must be passed on the first call to partial_fit"):
+        model.partial_fit(X, y)
+    model.partial_fit(X[y != "mid"], y[y != "mid"], classes=np.array(["low", "mid", "high"]))
+    np.testing.assert_array_equal(model.classes_, ["high", "low", "mid"])  # sorted, "mid" included
+    model.partial_fit(X, y)  # later calls need no classes
+    with pytest.raises(ValueError, match=r"classes=\['low', 'mid'\] differs from the classes_ of the first call"):
+        model.partial_fit(X, y, classes=["low", "mid"])
+    with pytest.raises(ValueError, match=r"y has classes \['top'\] that the model does not know"):
+        model.partial_fit(X, np.where(y == "high", "top", y))
+    assert model.n_iter_ == 2
+
+
+def test_a_multilabel_stream_needs_no_classes():
+    X, _ = classification()
+    Y = np.column_stack([X[:, 0] > 0, X[:, 1] > 0]).astype(int)
+    model = stream(MoEClassifier(**FAST), X, Y, passes=3)
+    assert model.predict(X).shape == Y.shape and model._multilabel
+    assert (model.predict(X) == Y).mean() > 0.85
+    with pytest.raises(ValueError, match="classes has 3 entries but the multilabel y has 2 labels"):
+        MoEClassifier(**FAST).partial_fit(X, Y, classes=[0, 1, 2])
+
+
+def test_class_weight_applies_to_single_class_batches():
+    X, y = classification()
+    model = MoEClassifier(**dict(FAST, class_weight={"high": 0.0}))
+    with pytest.raises(ValueError, match="every row of this partial_fit batch weight 0"):
+        model.partial_fit(X[y == "high"], y[y == "high"], classes=["high", "low", "mid"])
+    model.partial_fit(X[y == "low"], y[y == "low"], classes=["high", "low", "mid"])
+    assert model.n_iter_ == 1
+
+
+@pytest.mark.gpu
+def test_partial_fit_on_cuda_goes_on_from_its_optimizer():
+    X, y = regression(400)
+    model = MoERegressor(**dict(FAST, device="cuda", batch_size=50)).partial_fit(X, y).partial_fit(X, y)
+    assert {float(state["step"]) for state in model.net_.optimizer_.state.values()} == {16.0}
+    assert next(model.module_.parameters()).device.type == "cuda"
+    assert torch.isfinite(torch.as_tensor(model.predict(X))).all()
