@@ -236,10 +236,11 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         except RuntimeError as error:  # load_state_dict: missing, unexpected or misshapen weights
             detail = " ".join(str(error).split())
             raise ValueError(
-                "warm_start: the hyperparameters now describe another network than the fitted one, whose weights "
-                "do not fit it; a parameter that shapes the network (n_experts, expert_hidden, expert_type, "
-                "gate_hidden, shared_expert, layer_norm, numeric_embedding, output, a router with other weights, ...) "
-                f"cannot change in a warm start. Set it back, or set warm_start=False to start afresh. ({detail[:400]})"
+                "Continuing the fitted model (warm_start or partial_fit): the hyperparameters now describe another "
+                "network than the fitted one, whose weights do not fit it; a parameter that shapes the network "
+                "(n_experts, expert_hidden, expert_type, gate_hidden, shared_expert, layer_norm, numeric_embedding, "
+                "output, a router with other weights, ...) cannot change in a continued fit. Set it back, or set "
+                f"warm_start=False and call fit to start afresh. ({detail[:400]})"
             ) from error
 
     def _after_training(self, valid_table) -> None:

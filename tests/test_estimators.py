@@ -611,7 +611,7 @@ def test_warm_start_refuses_a_change_of_the_networks_shape(regression_data, chan
     X, y = regression_data
     model = MoERegressor(**dict(SHORT, max_epochs=2, warm_start=True, expert_type="adapter")).fit(X, y)
     before = model.predict(X)
-    with pytest.raises(ValueError, match="warm_start: the hyperparameters now describe another network"):
+    with pytest.raises(ValueError, match="partial_fit.: the hyperparameters now describe another network"):
         model.set_params(**change).fit(X, y)
     # The fitted model is untouched by the rejected fit.
     np.testing.assert_array_equal(model.predict(X), before)

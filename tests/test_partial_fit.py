@@ -86,6 +86,8 @@ def test_a_refused_call_leaves_the_model_as_it_was():
         model.partial_fit(X[:, :3], y)
     with pytest.raises(ValueError, match="y has 2 targets but the fitted model"):
         model.partial_fit(X, np.column_stack([y, y]))
+    with pytest.raises(ValueError, match=r"partial_fit\): the hyperparameters now describe another network"):
+        model.set_params(n_experts=3).partial_fit(X, y)
     np.testing.assert_array_equal(model.predict(X), before)
     assert model.n_iter_ == 1
 
