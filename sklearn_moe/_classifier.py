@@ -18,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 
 from ._base import BaseMoE
-from ._parameters import PARAMETERS
+from ._parameters import PARAMETERS, PARTIAL_FIT
 from ._validation import check_one_label_per_row, target_shape
 from .nn.losses import MultilabelLoss
 
@@ -290,20 +290,11 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         return self._fit(X, y, sample_weight, callbacks)
 
     def partial_fit(self, X, y, sample_weight=None, classes=None):
-        """Train one epoch on ``(X, y)``, continuing the fitted model.
+        check_one_label_per_row(type(self).__name__, y)
+        return self._partial_fit(X, y, sample_weight, classes)
 
-        One epoch over ``(X, y)``, from the fitted model, or from a new one on the first
-        call, as scikit-learn's ``MLPClassifier.partial_fit``: for data that arrives in
-        batches or does not fit in memory at once. The first call fixes the input scaling
-        and the target encoding (they are fitted on its rows, so make it representative);
-        every call trains one epoch over its rows in shuffled mini-batches of
-        ``batch_size``, at a constant ``learning_rate`` (``lr_schedule`` spans the epochs of
-        one ``fit``), without a validation split or early stopping, and AdamW goes on from
-        its running averages (fresh after :func:`~sklearn_moe.load`, which stores no
-        optimizer state). ``n_iter_`` counts the calls' epochs and ``history_`` holds one
-        row per epoch; a ``temperature_final`` anneals over them as over ``fit``'s epochs;
-        ``expert_load_`` is measured on the last call's rows.
-
+    partial_fit.__doc__ = """Train one epoch on ``(X, y)``, continuing the fitted model.
+""" + PARTIAL_FIT + """
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
@@ -329,8 +320,6 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             If the first call has no ``classes`` (one label per row), ``y`` holds a class
             not in them, or ``X`` does not match the first call's columns.
         """
-        check_one_label_per_row(type(self).__name__, y)
-        return self._partial_fit(X, y, sample_weight, classes)
 
     def score(self, X, y, sample_weight=None):
         """Return the mean accuracy on ``X`` and ``y``.

@@ -304,3 +304,18 @@ def check_hyperparameters(estimator) -> str:
             "machine; use device='cpu' or device='auto'."
         )
     return device
+
+#: The description shared by the estimators' ``partial_fit`` docstrings.
+PARTIAL_FIT = """
+        One epoch over ``(X, y)``, from the fitted model, or from a new one on the first
+        call, as the ``partial_fit`` of scikit-learn's MLP estimators: for data that
+        arrives in batches or does not fit in memory at once. The first call fixes the
+        input scaling and the target encoding (they are fitted on its rows, so make it
+        representative); every call trains one epoch over its rows in shuffled mini-batches
+        of ``batch_size``, at a constant ``learning_rate`` (``lr_schedule`` spans the epochs
+        of one ``fit``), without a validation split or early stopping, and AdamW goes on
+        from its running averages (fresh after :func:`~sklearn_moe.load`, which stores no
+        optimizer state). ``n_iter_`` counts the calls' epochs and ``history_`` holds one
+        row per epoch; a ``temperature_final`` anneals over them as over ``fit``'s epochs;
+        ``expert_load_`` is measured on the last call's rows.
+"""

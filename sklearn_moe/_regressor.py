@@ -11,7 +11,7 @@ from torch import nn
 
 from ._base import BaseMoE
 from ._density_methods import DensityMethods
-from ._parameters import PARAMETERS
+from ._parameters import PARAMETERS, PARTIAL_FIT
 from ._scaling import fit_standardizer
 from ._validation import non_numeric_target_error
 from .nn.density import REGRESSOR_OUTPUTS
@@ -161,20 +161,10 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         return self._fit(X, y, sample_weight, callbacks)
 
     def partial_fit(self, X, y, sample_weight=None):
-        """Train one epoch on ``(X, y)``, continuing the fitted model.
+        return self._partial_fit(X, y, sample_weight)
 
-        One epoch over ``(X, y)``, from the fitted model, or from a new one on the first
-        call, as scikit-learn's ``MLPRegressor.partial_fit``: for data that arrives in
-        batches or does not fit in memory at once. The first call fixes the input scaling
-        and the target encoding (they are fitted on its rows, so make it representative);
-        every call trains one epoch over its rows in shuffled mini-batches of
-        ``batch_size``, at a constant ``learning_rate`` (``lr_schedule`` spans the epochs of
-        one ``fit``), without a validation split or early stopping, and AdamW goes on from
-        its running averages (fresh after :func:`~sklearn_moe.load`, which stores no
-        optimizer state). ``n_iter_`` counts the calls' epochs and ``history_`` holds one
-        row per epoch; a ``temperature_final`` anneals over them as over ``fit``'s epochs;
-        ``expert_load_`` is measured on the last call's rows.
-
+    partial_fit.__doc__ = """Train one epoch on ``(X, y)``, continuing the fitted model.
+""" + PARTIAL_FIT + """
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
@@ -194,7 +184,6 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         ValueError
             If ``X`` or ``y`` do not match the first call's columns or targets.
         """
-        return self._partial_fit(X, y, sample_weight)
 
     def predict(self, X, return_std=False):
         """Predict targets.
