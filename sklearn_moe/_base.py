@@ -191,7 +191,10 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         X_scaled = scale_features(X, x_mean, x_scale, n_code_columns(self))
 
         rng = check_random_state(self.random_state)
-        init_seed, shuffle_seed, split_seed = agree_on_seeds(tuple(int(s) for s in rng.randint(0, 2**31 - 1, size=3)))
+        seeds = tuple(int(s) for s in rng.randint(0, 2**31 - 1, size=3))
+        if partial and reuse:  # every call its own batches and dropout masks, reproducibly
+            seeds = tuple(int(np.random.SeedSequence([seed, self.n_iter_]).generate_state(1)[0] >> 1) for seed in seeds)
+        init_seed, shuffle_seed, split_seed = agree_on_seeds(seeds)
         check_same_data(X_scaled, targets)
         layout, bins = (None, None) if reuse else self._embedding_layout(X_scaled, init_seed)
         weights = None
