@@ -177,26 +177,27 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                 "first, and partial_fit's first call takes them from its classes. Set warm_start=False and call fit "
                 "to start afresh."
             )
-        encoded = np.searchsorted(classes, y)
-        if not partial:  # a partial_fit batch may hold a single class
-            _check_two_weighted_classes(encoded, sample_weight, "sample_weight")
-        return encoded.astype(np.int64), {**state, "_n_outputs": classes.shape[0]}
+        return np.searchsorted(classes, y).astype(np.int64), {**state, "_n_outputs": classes.shape[0]}
 
     def _loss_weight(self, targets, sample_weight, partial=False):
-        """``sample_weight`` times each row's ``class_weight``."""
-        if self.class_weight is None:
-            return sample_weight
+        """``sample_weight`` times each row's ``class_weight``, checked to leave rows of 2
+        classes with a positive weight (in a ``partial_fit`` batch, which may hold a single
+        class, some row)."""
         if self._multilabel:
-            raise ValueError("class_weight weighs the classes of one label per row; for a multilabel y, weigh the "
-                             "rows with sample_weight instead (e.g. by how rare their labels are).")
-        weights = self._class_weights(targets)[targets]
-        if sample_weight is not None:
-            weights = weights * sample_weight
-        if partial:  # a partial_fit batch may hold a single class, but needs a weight
-            if not weights.max() > 0:
-                raise ValueError("class_weight and sample_weight give every row of this partial_fit batch weight 0.")
-        else:
-            _check_two_weighted_classes(targets, weights, "class_weight and sample_weight")
+            if self.class_weight is not None:
+                raise ValueError("class_weight weighs the classes of one label per row; for a multilabel y, weigh "
+                                 "the rows with sample_weight instead (e.g. by how rare their labels are).")
+            return sample_weight
+        weights, source = sample_weight, "sample_weight"
+        if self.class_weight is not None:
+            weights = self._class_weights(targets)[targets] * (1.0 if sample_weight is None else sample_weight)
+            source = "class_weight and sample_weight"
+        if weights is None:
+            return None
+        if not partial:
+            _check_two_weighted_classes(targets, weights, source)
+        elif not weights.max() > 0:
+            raise ValueError(f"{source} give every row of this partial_fit batch weight 0.")
         return weights
 
     def _class_weights(self, targets) -> np.ndarray:

@@ -136,11 +136,9 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None
     settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, setting in zip(optimizer.param_groups, settings):
-        for key in [key for key in group if key != "params" and key not in setting]:
-            del group[key]  # e.g. a scheduler's initial_lr
-        group.update(setting)
-        # A scheduler resuming after earlier epochs starts from initial_lr: the current rate.
-        group["initial_lr"] = group["lr"]
+        # A scheduler resuming after earlier epochs starts from initial_lr (a stored one may
+        # be stale): the current rate.
+        group.update(setting, initial_lr=setting["lr"])
 
 
 class PartialFitSettings:
