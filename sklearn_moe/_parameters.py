@@ -114,7 +114,9 @@ PARAMETERS = """\
         variation, 0 at perfect balance; with ``"noisy_topk"`` its load term is the smooth,
         differentiable estimate) or ``"aux_free"`` (DeepSeek-V3: no loss; a per-expert bias
         on expert *selection* moves by ``balance_coef`` after every optimizer step toward
-        the under-loaded experts; gate weights are unaffected).
+        the under-loaded experts; gate weights are unaffected). Under a dense router
+        (``"softmax"``) every expert serves every row: ``"switch"`` is then the constant 1
+        and ``"aux_free"`` selects nothing, and only ``"cv2"`` evens out the gate weights.
     balance_coef : float, default=0.01
         Weight of the balance loss (for ``"aux_free"``: the bias step).
     z_loss_coef : float, default=0.001

@@ -708,11 +708,28 @@ class CollapseMonitor(Callback):
             self._warned.update(collapsed)
             shares = ", ".join(f"{share[e]:.3g}" for e in collapsed)
             action = (f"re-initialised as copies of expert {busiest}" if self.recovery else
-                      "raise balance_coef, or set collapse_recovery=True to re-initialise them")
+                      f"{_balancing_advice(module)}, or set collapse_recovery=True to re-initialise them")
             warnings.warn(
                 f"Expert(s) {collapsed} received less than {self.threshold:g} of an equal share of the "
                 f"routing for {self.patience} epochs (shares {shares}): the router has collapsed onto "
                 f"fewer experts; {action}.", ExpertCollapseWarning, stacklevel=2)
+
+
+def _balancing_advice(module) -> str:
+    """What would even out the routing of ``module`` (a ``MixtureOfExperts``), given its
+    router and balance loss: the advice of :class:`CollapseMonitor`'s warning.
+
+    Under a dense router every expert serves every row, so the ``"switch"`` loss is the
+    constant 1 and the ``"aux_free"`` bias selects nothing: raising ``balance_coef`` would
+    change nothing there, and ``"cv2"`` is the balance loss that evens out the gate weights.
+    """
+    balance_loss = getattr(module, "balance_loss", None)
+    if module.router.is_dense and balance_loss != "cv2":
+        return ('set balance_loss="cv2" (under a dense router the only balance loss that '
+                "evens out the gate weights)")
+    if balance_loss is None:
+        return 'set balance_loss ("switch", "cv2" or "aux_free")'
+    return "raise balance_coef"
 
 
 class AuxFreeBalancing(Callback):

@@ -9,6 +9,7 @@ from skorch.callbacks import Callback
 
 from sklearn_moe import ExpertCollapseWarning, MoEClassifier, MoERegressor, load
 from sklearn_moe._scaling import scale_features
+from sklearn_moe.callbacks import _balancing_advice
 from sklearn_moe.diagnostics import load_entropy
 from sklearn_moe.nn import MixtureOfExperts
 
@@ -58,11 +59,35 @@ def test_forced_collapse_warns_and_recovery_spreads_the_load(expert_type, regres
     assert entropy[0] == 0.0 and entropy[1] > 0.2
 
 
-@pytest.mark.parametrize("router", ["softmax", "uniform"])
-def test_balanced_training_does_not_warn(router, regression_data):
+def test_collapse_under_a_dense_router_advises_the_balance_loss_that_acts_there(regression_data):
     X, y = regression_data
-    model = MoERegressor(n_experts=4, router=router, balance_coef=0.1, max_epochs=12, random_state=0,
-                         collapse_patience=2)
+    model = MoERegressor(**dict(FAST, router="softmax", balance_coef=0.0, z_loss_coef=0.0, max_epochs=6,
+                                early_stopping=False, random_state=0, collapse_patience=3))
+    with pytest.warns(ExpertCollapseWarning) as caught:
+        model.fit(X, y, callbacks=[FavourExperts()])
+    message = str(caught[0].message)
+    assert 'set balance_loss="cv2"' in message and "raise balance_coef" not in message
+
+
+@pytest.mark.parametrize(("router", "balance_loss", "advice"), [
+    ("softmax", "switch", 'set balance_loss="cv2"'),
+    ("softmax", "aux_free", 'set balance_loss="cv2"'),
+    ("softmax", None, 'set balance_loss="cv2"'),
+    ("softmax", "cv2", "raise balance_coef"),
+    ("topk", "switch", "raise balance_coef"),
+    ("topk", "aux_free", "raise balance_coef"),
+    ("topk", None, 'set balance_loss ("switch", "cv2" or "aux_free")'),
+])
+def test_balancing_advice_names_what_acts_under_the_router(router, balance_loss, advice):
+    module = MixtureOfExperts(4, 1, n_experts=4, router=router, balance_loss=balance_loss)
+    assert _balancing_advice(module).startswith(advice)
+
+
+@pytest.mark.parametrize(("router", "balance_loss"), [("softmax", "cv2"), ("uniform", "switch")])
+def test_balanced_training_does_not_warn(router, balance_loss, regression_data):
+    X, y = regression_data
+    model = MoERegressor(n_experts=4, router=router, balance_loss=balance_loss, balance_coef=0.1, max_epochs=12,
+                         random_state=0, collapse_patience=2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ExpertCollapseWarning)
         model.fit(X, y)
