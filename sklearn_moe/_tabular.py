@@ -22,7 +22,14 @@ import numpy as np
 import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
-from ._validation import densify, infinity_message, non_numeric_columns, non_numeric_error
+from ._validation import (
+    date_columns_error,
+    densify,
+    infinity_message,
+    is_date_or_duration,
+    non_numeric_columns,
+    non_numeric_error,
+)
 
 #: Most categories a one-hot encoded column may have (each is an input column of the experts).
 MAX_ONE_HOT_CATEGORIES = 256
@@ -96,8 +103,19 @@ def categorical_mask(X, categorical_features) -> np.ndarray:
 
     ``"from_dtype"``: a DataFrame's columns of pandas ``category``, ``object``, ``string``
     and ``bool`` dtypes (none for an array); ``None``: none; else a boolean mask, column
-    indices or (for a DataFrame) column names.
+    indices or (for a DataFrame) column names. A DataFrame's date and duration columns
+    must be named categorical, else a TypeError says how to turn them into numbers.
     """
+    mask = _categorical_mask(X, categorical_features)
+    if isinstance(X, pd.DataFrame):
+        dates = [position for position, dtype in enumerate(X.dtypes)
+                 if is_date_or_duration(dtype) and not mask[position]]
+        if dates:
+            raise date_columns_error(X, dates)
+    return mask
+
+
+def _categorical_mask(X, categorical_features) -> np.ndarray:
     n_features = _shape(X)[1]
     if categorical_features is None:
         return np.zeros(n_features, dtype=bool)
@@ -107,7 +125,8 @@ def categorical_mask(X, categorical_features) -> np.ndarray:
                              f"column names; got {categorical_features!r}.")
         if not isinstance(X, pd.DataFrame):
             return np.zeros(n_features, dtype=bool)
-        return np.array([is_bool_dtype(dtype) or not is_numeric_dtype(dtype) for dtype in X.dtypes])
+        return np.array([is_bool_dtype(dtype) or not (is_numeric_dtype(dtype) or is_date_or_duration(dtype))
+                         for dtype in X.dtypes])
     given = np.asarray(categorical_features)
     if given.dtype == bool:
         if given.shape != (n_features,):

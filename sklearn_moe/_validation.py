@@ -8,7 +8,7 @@ from numbers import Integral
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from pandas.api.types import is_bool_dtype, is_numeric_dtype
+from pandas.api.types import is_bool_dtype, is_datetime64_any_dtype, is_numeric_dtype, is_timedelta64_dtype
 from sklearn.exceptions import DataConversionWarning
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import _check_sample_weight, validate_data
@@ -161,6 +161,40 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exc
         "in categorical_features (the default 'from_dtype' takes a DataFrame's category, object, string and bool "
         "columns), or encode them first, e.g. with a OneHotEncoder in a sklearn.compose.ColumnTransformer."
         + (f" ({error})" if kind is TypeError else "")
+    )
+
+
+def is_date_or_duration(dtype) -> bool:
+    """Whether a column of ``dtype`` holds dates (``datetime64``, with or without a time
+    zone) or durations (``timedelta64``)."""
+    return is_datetime64_any_dtype(dtype) or is_timedelta64_dtype(dtype)
+
+
+def date_columns_error(frame: pd.DataFrame, columns: list[int]) -> TypeError:
+    """The error for a table whose ``columns`` hold dates or durations that are not marked
+    categorical: neither reading them as nanosecond counts nor as one category per
+    timestamp (where every later date would be unseen) is what a user means, so they
+    choose.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        The table.
+    columns : list of int
+        The positions of the date and duration columns at fault; not empty.
+
+    Returns
+    -------
+    TypeError
+    """
+    names = [_plain(frame.columns[position]) for position in columns]
+    named = ", ".join(repr(name) for name in names[:10]) + (", ..." if len(names) > 10 else "")
+    return TypeError(
+        f"Column(s) {named} of X hold dates or durations ({frame.dtypes.iloc[columns[0]]}), which the MoE reads "
+        "neither as numbers nor as categories on its own. Derive numeric columns from them, e.g. "
+        f"X[{names[0]!r}].dt.year or .dt.dayofweek of a date, or .dt.total_seconds() of a duration; or name "
+        "them in categorical_features to treat every distinct value as a category (values not seen in fit "
+        "then count as unknown)."
     )
 
 

@@ -151,6 +151,19 @@ def test_categorical_features_forms():
             categorical_mask(frame, bad)
 
 
+@pytest.mark.parametrize("categorical_features", ["from_dtype", None, ["city"]])
+def test_date_and_duration_columns_are_an_error_unless_named_categorical(categorical_features):
+    frame, y = raw_frame(40)
+    frame = frame.assign(sold=pd.date_range("2024-01-01", periods=40, freq="D", tz="UTC"),
+                         stay=pd.to_timedelta(np.arange(40), unit="h"))
+    with pytest.raises(TypeError, match=r"Column\(s\) 'sold', 'stay' of X hold dates or durations .*\.dt\.year"):
+        MoERegressor(**QUICK, categorical_features=categorical_features).fit(frame, y)
+    named = MoERegressor(**QUICK, categorical_features=["size", "city", "member", "sold", "stay"]).fit(frame, y)
+    assert named._table_categorical.tolist() == [0, 1, 2, 5, 6]
+    later = frame.assign(sold=frame["sold"] + pd.Timedelta(days=365))  # unseen dates: unknown categories
+    assert np.isfinite(named.predict(later)).all()
+
+
 @pytest.mark.parametrize("estimator", [MoERegressor, MoEClassifier])
 def test_raw_frames_fit_predict_and_take_unseen_categories(estimator):
     frame, y = raw_frame(missing=0.1)
