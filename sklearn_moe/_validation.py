@@ -148,7 +148,7 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exc
     ValueError or TypeError
     """
     names = [_plain(frame.columns[position]) for position in columns]
-    named = ", ".join(repr(name) for name in names[:10]) + (", ..." if len(names) > 10 else "")
+    named = _shown(names)
     holds = str(error).splitlines()[0] if str(error) else type(error).__name__
     if columns:
         column = frame.iloc[:, columns[0]]
@@ -188,10 +188,9 @@ def date_columns_error(frame: pd.DataFrame, columns: list[int]) -> TypeError:
     TypeError
     """
     names = [_plain(frame.columns[position]) for position in columns]
-    named = ", ".join(repr(name) for name in names[:10]) + (", ..." if len(names) > 10 else "")
     return TypeError(
-        f"Column(s) {named} of X hold dates or durations ({frame.dtypes.iloc[columns[0]]}), which the MoE reads "
-        "neither as numbers nor as categories on its own. Derive numeric columns from them, e.g. "
+        f"Column(s) {_shown(names)} of X hold dates or durations ({frame.dtypes.iloc[columns[0]]}), which the MoE "
+        "reads neither as numbers nor as categories on its own. Derive numeric columns from them, e.g. "
         f"X[{names[0]!r}].dt.year or .dt.dayofweek of a date, or .dt.total_seconds() of a duration; or name "
         "them in categorical_features to treat every distinct value as a category (values not seen in fit "
         "then count as unknown)."
