@@ -72,7 +72,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         ``HistGradientBoostingClassifier``. ``"balanced"`` weighs each class by ``n_samples
         / (n_classes * n_samples_of_the_class)`` in the fitted ``y``. Multiplied with
         ``sample_weight``; early stopping monitors the weighted validation loss. For one
-        label per row only (a multilabel ``y`` is an error).
+        label per row only (a multilabel ``y`` is an error); ``partial_fit`` takes a dict
+        only, as one batch does not show the classes' frequencies.
 
     Attributes
     ----------
@@ -188,6 +189,12 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                 raise ValueError("class_weight weighs the classes of one label per row; for a multilabel y, weigh "
                                  "the rows with sample_weight instead (e.g. by how rare their labels are).")
             return sample_weight
+        if partial and isinstance(self.class_weight, str):
+            raise ValueError(
+                'class_weight="balanced" needs the class frequencies of all the data, which a partial_fit batch does '
+                "not show. Compute them once, e.g. dict(zip(classes, sklearn.utils.class_weight.compute_class_weight("
+                '"balanced", classes=classes, y=y_sample))) from a large enough sample of the targets, and pass that '
+                "dict as class_weight.")
         weights, source = sample_weight, "sample_weight"
         if self.class_weight is not None:
             weights = self._class_weights(targets)[targets] * (1.0 if sample_weight is None else sample_weight)

@@ -75,6 +75,20 @@ def test_a_multilabel_y_with_class_weight_is_refused(data):
         MoEClassifier(**dict(FAST, max_epochs=1, class_weight="balanced")).fit(X, np.column_stack([y, 1 - y]))
 
 
+def test_partial_fit_takes_class_weights_as_a_dict_not_balanced(data):
+    X, y = data
+    balanced = MoEClassifier(**dict(FAST, class_weight="balanced"))
+    with pytest.raises(ValueError, match='class_weight="balanced" needs the class frequencies.*compute_class_weight'):
+        balanced.partial_fit(X[:200], y[:200], classes=[0, 1])
+    assert not hasattr(balanced, "classes_")  # a refused first call leaves no fitted state
+    fitted = MoEClassifier(**FAST).partial_fit(X[:200], y[:200], classes=[0, 1])
+    with pytest.raises(ValueError, match='class_weight="balanced"'):
+        fitted.set_params(class_weight="balanced").partial_fit(X[200:400], y[200:400])
+    assert fitted.n_iter_ == 1  # nor does a refused later call train
+    fitted.set_params(class_weight={1: 5.0}).partial_fit(X[200:400], y[200:400])
+    assert fitted.n_iter_ == 2
+
+
 def test_class_weight_survives_clone_save_and_load(data, tmp_path):
     X, y = data
     model = MoEClassifier(**dict(FAST, max_epochs=2, class_weight={np.int64(1): 2.5, 0: 1})).fit(X, y)
