@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import warnings
 from numbers import Real
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import nn
 from ._base import BaseMoE
 from ._parameters import PARAMETERS, PARTIAL_FIT
 from ._validation import check_one_label_per_row, target_shape
+from ._warnings import warn_at_caller
 from .nn.losses import MultilabelLoss
 
 
@@ -142,8 +142,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         if issparse(y):
             y = y.toarray()
         if y.ndim == 2 and y.shape[1] == 1:
-            warnings.warn("A column-vector y was passed when a 1d array was expected. Please change the shape "
-                          "of y to (n_samples,), for example using ravel().", DataConversionWarning, stacklevel=4)
+            warn_at_caller("A column-vector y was passed when a 1d array was expected. Please change the shape "
+                          "of y to (n_samples,), for example using ravel().", DataConversionWarning)
             y = y.ravel()
         multilabel = y.ndim == 2
         if not reset and multilabel != self._multilabel:

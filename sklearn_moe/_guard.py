@@ -22,10 +22,10 @@ from __future__ import annotations
 import collections
 import copy
 import math
-import warnings
 
 import torch
 
+from ._warnings import warn_at_caller
 from .nn._sync import avoid_host_reads
 
 MAX_ROLLBACKS = 3
@@ -218,10 +218,9 @@ class TrainingGuard:
             scheduler = getattr(callback, "lr_scheduler_", None)
             if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
                 scheduler.base_lrs = [rate * LR_FACTOR_AFTER_ROLLBACK for rate in scheduler.base_lrs]
-        warnings.warn(
+        warn_at_caller(
             f"{fault} in epoch {epoch}: rolled back to the weights of the last good epoch and lowered "
             f"the learning rate to {max(group['lr'] for group in self.net.optimizer_.param_groups):.3g} "
             f"(rollback {self.rollbacks} of at most {MAX_ROLLBACKS}).",
             RuntimeWarning,
-            stacklevel=2,
         )

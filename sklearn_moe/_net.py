@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import pickle
-import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -14,6 +13,7 @@ from skorch.dataset import get_len
 
 from ._data import BatchIterator
 from ._guard import LossLedger, NonFiniteLoss, TrainingGuard, check_finite_loss
+from ._warnings import warn_at_caller
 from .distributed.data_parallel import active_group, agree_on_fault
 from .nn.density import mixture_label_logits, mixture_log_probabilities, mixture_nll, per_expert_mixture_nll
 from .nn.losses import per_expert_loss
@@ -254,10 +254,9 @@ def report_interruption(net) -> None:
         kept = f"the best weights so far (epoch {best.best_epoch_})"
     else:
         kept = "the weights of the last completed epoch"
-    warnings.warn(
+    warn_at_caller(
         f"Training was interrupted after {len(net.history)} complete epoch(s); the model keeps {kept}.",
         UserWarning,
-        stacklevel=4,
     )
 
 
@@ -272,11 +271,11 @@ def drop_unpicklable_callbacks(net, names: set[str]) -> None:
                 pickle.dumps(callback)
             except Exception as error:  # noqa: BLE001 - whatever pickling raises
                 unpicklable.add(name)
-                warnings.warn(f"Callback {name!r} ({type(callback).__name__}) cannot be pickled ({error}); it "
+                warn_at_caller(f"Callback {name!r} ({type(callback).__name__}) cannot be pickled ({error}); it "
                               "is removed from the trained net (net_), but the estimator's callbacks parameter "
                               "still holds it, so the estimator pickles only after set_params(callbacks=None). "
                               "Callbacks passed to fit(X, y, callbacks=[...]) are not kept.",
-                              UserWarning, stacklevel=4)
+                              UserWarning)
     drop_callbacks(net, unpicklable)
 
 

@@ -276,7 +276,7 @@ def encode_for_fit(estimator, X, reuse: bool):
         vars(estimator).update(empty_state())  # not a table, or sparse and numeric: validation says
         return X, None
     if sparse:  # with missing values, encoded as a dense array's are
-        X = densify(X, warn=True, stacklevel=6)
+        X = densify(X, warn=True)
     mask = categorical_mask(X, estimator.categorical_features)
     if not (mask.any() or (estimator.handle_missing == "native" and _has_missing(X))):
         vars(estimator).update(empty_state())

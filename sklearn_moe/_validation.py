@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from numbers import Integral
 
 import numpy as np
@@ -13,6 +12,8 @@ from sklearn.exceptions import DataConversionWarning
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import _check_sample_weight, validate_data
 
+from ._warnings import warn_at_caller
+
 # Weights below this fraction of the largest vanish in float32 training: they count as 0.
 NEGLIGIBLE_WEIGHT = 1e-30
 
@@ -21,10 +22,9 @@ NEGLIGIBLE_WEIGHT = 1e-30
 _MAX_DENSE_CELLS = 2**28
 
 
-def densify(X, warn: bool, stacklevel: int = 7):
+def densify(X, warn: bool):
     """``X`` as a dense array if it is sparse (a ``ValueError`` if that is too large), with a
-    ``DataConversionWarning`` if ``warn``, attributed ``stacklevel`` frames up (the caller of
-    ``fit``)."""
+    ``DataConversionWarning`` if ``warn``, said of the line that called ``fit``."""
     if not sp.issparse(X):
         return X
     n_cells = X.shape[0] * X.shape[1]
@@ -35,12 +35,11 @@ def densify(X, warn: bool, stacklevel: int = 7):
             "OneHotEncoder(max_categories=...) or min_frequency) or use fewer rows."
         )
     if warn:
-        warnings.warn(
+        warn_at_caller(
             f"X is a sparse matrix; the experts need dense input, so X was densified "
             f"({X.shape[0]} x {X.shape[1]}, {n_cells * 4 / 2**20:.1f} MiB as float32). Pass dense input to "
             "silence this, e.g. OneHotEncoder(sparse_output=False) or ColumnTransformer(sparse_threshold=0).",
             DataConversionWarning,
-            stacklevel=stacklevel,
         )
     return X.toarray()
 

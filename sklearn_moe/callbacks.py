@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 
 import numpy as np
 import torch
 from skorch.callbacks import Callback
 
+from ._warnings import warn_at_caller
 from .diagnostics import (
     expert_specialization,
     expert_utilization,
@@ -709,10 +709,10 @@ class CollapseMonitor(Callback):
             shares = ", ".join(f"{share[e]:.3g}" for e in collapsed)
             action = (f"re-initialised as copies of expert {busiest}" if self.recovery else
                       f"{_balancing_advice(module)}, or set collapse_recovery=True to re-initialise them")
-            warnings.warn(
+            warn_at_caller(
                 f"Expert(s) {collapsed} received less than {self.threshold:g} of an equal share of the "
                 f"routing for {self.patience} epochs (shares {shares}): the router has collapsed onto "
-                f"fewer experts; {action}.", ExpertCollapseWarning, stacklevel=2)
+                f"fewer experts; {action}.", ExpertCollapseWarning)
 
 
 def _balancing_advice(module) -> str:

@@ -36,7 +36,6 @@ import json
 import math
 import os
 import secrets
-import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -48,6 +47,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._parameters import check_hyperparameters
 from ._tabular import empty_state, encoded_width
 from ._training import build_module, fitted_net, history_frame, rebuilt_module
+from ._warnings import warn_at_caller
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
@@ -184,8 +184,8 @@ def _stored_params(estimator) -> dict:
     """The hyperparameters to store: all but the callbacks, which are code."""
     params = estimator.get_params(deep=False)
     if params["callbacks"]:
-        warnings.warn(f"save() does not store callbacks ({params['callbacks']!r}): they are code, and the safe "
-                      "format holds none; the loaded model has callbacks=None.", UserWarning, stacklevel=3)
+        warn_at_caller(f"save() does not store callbacks ({params['callbacks']!r}): they are code, and the safe "
+                      "format holds none; the loaded model has callbacks=None.", UserWarning)
     return {**params, "callbacks": None}
 
 

@@ -52,8 +52,9 @@ def test_an_unpicklable_callback_is_used_then_removed_with_a_warning(classificat
     X, y = classification_data
     logger = HoldsALock()
     with pytest.warns(UserWarning, match=r"'callback_0' \(HoldsALock\) cannot be pickled.*removed from the "
-                                         r"trained net.*set_params\(callbacks=None\).*fit\(X, y, callbacks"):
+                                         r"trained net.*set_params\(callbacks=None\).*fit\(X, y, callbacks") as caught:
         model = MoEClassifier(**dict(FAST, max_epochs=3), callbacks=[logger]).fit(X, y)
+    assert caught[0].filename == __file__  # said of the line that called fit
     assert logger.epochs_ == 3
     assert "callback_0" not in dict(model.net_.callbacks_)
     pickle.dumps(model.net_)
@@ -66,8 +67,9 @@ def test_an_unpicklable_callback_is_used_then_removed_with_a_warning(classificat
 def test_save_leaves_callbacks_out_with_a_warning(tmp_path, regression_data):
     X, y = regression_data
     model = MoERegressor(**dict(FAST, max_epochs=2), callbacks=[EpochCounter()]).fit(X, y)
-    with pytest.warns(UserWarning, match="does not store callbacks"):
+    with pytest.warns(UserWarning, match="does not store callbacks") as caught:
         model.save(tmp_path / "model.moe")
+    assert caught[0].filename == __file__
     loaded = sklearn_moe.load(tmp_path / "model.moe")
     assert loaded.callbacks is None
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))

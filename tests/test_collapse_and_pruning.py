@@ -46,6 +46,7 @@ def test_forced_collapse_warns_and_recovery_spreads_the_load(expert_type, regres
     collapsed, warned = collapsing_fit(X, y, recovery=False, expert_type=expert_type)
     assert len(warned) == 1
     message = str(warned[0].message)
+    assert warned[0].filename == __file__  # said of the line that called fit, not of skorch's loop
     assert "Expert(s) [1, 2, 3]" in message and "3 epochs" in message and "collapse_recovery=True" in message
     assert collapsed.history_["expert_share"].iloc[-1] == [1.0, 0.0, 0.0, 0.0]
     revived, warned = collapsing_fit(X, y, recovery=True, expert_type=expert_type)

@@ -642,8 +642,9 @@ def test_classifier_with_several_multiclass_labels_per_row_says_how_to_fit_them(
 
 def test_classifier_accepts_a_column_vector_of_labels(classification_data):
     X, y = classification_data
-    with pytest.warns(sklearn.exceptions.DataConversionWarning, match="column-vector y"):
+    with pytest.warns(sklearn.exceptions.DataConversionWarning, match="column-vector y") as caught:
         column = MoEClassifier(**dict(SHORT, max_epochs=2)).fit(X, y.reshape(-1, 1))
+    assert caught[0].filename == __file__  # said of the line that called fit
     flat = MoEClassifier(**dict(SHORT, max_epochs=2)).fit(X, y)
     np.testing.assert_array_equal(column.predict_proba(X), flat.predict_proba(X))
 

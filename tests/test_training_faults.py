@@ -95,7 +95,8 @@ def test_a_nan_loss_rolls_back_and_training_recovers(regression_data):
     model = MoERegressor(**PARAMS)
     with pytest.warns(RuntimeWarning, match="non-finite training loss .* epoch 3: rolled back") as record:
         model.fit(X, y, callbacks=[poison])
-    assert len([w for w in record if "rolled back" in str(w.message)]) == 1
+    rollbacks = [w for w in record if "rolled back" in str(w.message)]
+    assert len(rollbacks) == 1 and rollbacks[0].filename == __file__  # said of the line that called fit
     assert model.n_iter_ == PARAMS["max_epochs"]
     assert list(model.history_["epoch"]) == list(range(1, PARAMS["max_epochs"] + 1))
     assert np.isfinite(model.history_["train_loss"]).all()
@@ -158,8 +159,9 @@ def test_keyboard_interrupt_keeps_the_best_weights_so_far(regression_data):
     epochs = RecordEpochs()
     interrupted_in_epoch = 5
     model = MoERegressor(**PARAMS)
-    with pytest.warns(UserWarning, match="interrupted after 4 complete epoch.*best weights so far"):
+    with pytest.warns(UserWarning, match="interrupted after 4 complete epoch.*best weights so far") as caught:
         model.fit(X, y, callbacks=[epochs, InterruptAt(BATCHES_PER_EPOCH * (interrupted_in_epoch - 1) + 2)])
+    assert caught[0].filename == __file__
     assert model.n_iter_ == interrupted_in_epoch - 1
     assert list(model.history_["epoch"]) == [1, 2, 3, 4]
     assert "train_loss" in model.history_ and np.isfinite(model.history_["train_loss"]).all()
