@@ -46,7 +46,7 @@ from sklearn.model_selection import (
 from sklearn.pipeline import make_pipeline
 
 from .datasets import DATASETS, preprocessor, subsample
-from .machine import describe_machine
+from .machine import command_line, describe_machine
 from .models import MODEL_SPECS, resolve_models
 
 SUITES = {
@@ -401,7 +401,7 @@ def main(argv=None):
         parser.error(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
     custom = any([args.datasets, args.models, args.folds, args.repeats, args.max_rows != -1, args.max_epochs])
     stem = f"accuracy_{args.suite}" + ("_custom" if custom else "")
-    command = "python -m benchmarks.accuracy " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("accuracy", argv)
     threads = args.threads or 1
     protocol = _protocol(args, threads)
     done, earlier_wall_time = None, 0.0

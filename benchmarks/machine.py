@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,6 +25,12 @@ def describe_machine() -> str:
     return (f"{cpu}, {os.cpu_count()} cores, {gpu}; Python {platform.python_version()}, "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), scikit-learn {sklearn.__version__}; "
             f"{describe_code()}")
+
+
+def command_line(module: str, argv=None) -> str:
+    """The command that runs benchmark ``module`` (``"accuracy"``) with the arguments
+    ``argv`` (``None``: this process's), as a report shows it."""
+    return (f"python -m benchmarks.{module} " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
 
 
 def describe_code() -> str:

@@ -25,7 +25,6 @@ share of wrong labels). Results: ``benchmarks/results/multilabel/``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from sklearn.utils import check_random_state
 from sklearn_moe import MoEClassifier
 
 from .datasets import _rdataset, preprocessor
-from .machine import describe_machine
+from .machine import command_line, describe_machine
 from .models import package_available
 
 GENRES = ["Action", "Animation", "Comedy", "Drama", "Documentary", "Romance", "Short"]
@@ -161,7 +160,7 @@ def main(argv=None) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / "multilabel.csv", index=False)
-    command = ("python -m benchmarks.multilabel " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line("multilabel", argv)
     text = report(frame, command, describe_machine(), args.folds, len(X), args.seed)
     (args.out / "multilabel.md").write_text(text)
     print(text)

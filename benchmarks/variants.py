@@ -5,7 +5,6 @@ fold, and writing the per-fold CSV and a markdown report: the loop shared by
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pandas as pd
 
 from .accuracy import SUITES, _suite_data
 from .datasets import DATASETS
-from .machine import describe_machine
+from .machine import command_line, describe_machine
 
 
 def run_variants(module: str, description: str, task: str | None, variants: Sequence[str], run_fold: Callable,
@@ -65,7 +64,7 @@ def run_variants(module: str, description: str, task: str | None, variants: Sequ
     frame = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.out / f"{module}.csv", index=False)
-    command = (f"python -m benchmarks.{module} " + " ".join(sys.argv[1:] if argv is None else argv)).strip()
+    command = command_line(module, argv)
     text = report(frame, command, describe_machine(), args.folds, args.seed, args.max_rows)
     (args.out / f"{module}.md").write_text(text)
     print(text)

@@ -143,7 +143,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             y = y.toarray()
         if y.ndim == 2 and y.shape[1] == 1:
             warn_at_caller("A column-vector y was passed when a 1d array was expected. Please change the shape "
-                          "of y to (n_samples,), for example using ravel().", DataConversionWarning)
+                           "of y to (n_samples,), for example using ravel().", DataConversionWarning)
             y = y.ravel()
         multilabel = y.ndim == 2
         if not reset and multilabel != self._multilabel:

@@ -15,12 +15,8 @@ from ._data import BatchIterator
 from ._guard import LossLedger, NonFiniteLoss, TrainingGuard, check_finite_loss
 from ._warnings import warn_at_caller
 from .distributed.data_parallel import active_group, agree_on_fault
-from .nn.density import mixture_label_logits, mixture_log_probabilities, mixture_nll, per_expert_mixture_nll
+from .nn.density import CLASS_MIXTURES, mixture_nll, per_expert_mixture_nll
 from .nn.losses import per_expert_loss
-
-# The gate's mixture of the experts' outputs under a classifier's mixture outputs (by default
-# the gate-weighted sum), for the per-expert loss.
-_MIXTURES = {"categorical_mixture": mixture_log_probabilities, "bernoulli_mixture": mixture_label_logits}
 
 
 class MoENet(NeuralNet):
@@ -107,7 +103,7 @@ class MoENet(NeuralNet):
                 objective = per_expert_mixture_nll(assignments.outputs, assignments.rows, assignments.weights, y_true,
                                                    sample_weight, mask)
             else:
-                mixture = _MIXTURES.get(self.module_.output)
+                mixture = CLASS_MIXTURES.get(self.module_.output)  # None: the gate-weighted sum
                 objective = per_expert_loss(self.criterion_, assignments.outputs, assignments.rows,
                                             assignments.weights, y_true, sample_weight, mask, mixture,
                                             assignments.grid)
@@ -272,10 +268,10 @@ def drop_unpicklable_callbacks(net, names: set[str]) -> None:
             except Exception as error:  # noqa: BLE001 - whatever pickling raises
                 unpicklable.add(name)
                 warn_at_caller(f"Callback {name!r} ({type(callback).__name__}) cannot be pickled ({error}); it "
-                              "is removed from the trained net (net_), but the estimator's callbacks parameter "
-                              "still holds it, so the estimator pickles only after set_params(callbacks=None). "
-                              "Callbacks passed to fit(X, y, callbacks=[...]) are not kept.",
-                              UserWarning)
+                               "is removed from the trained net (net_), but the estimator's callbacks parameter "
+                               "still holds it, so the estimator pickles only after set_params(callbacks=None). "
+                               "Callbacks passed to fit(X, y, callbacks=[...]) are not kept.",
+                               UserWarning)
     drop_callbacks(net, unpicklable)
 
 

@@ -185,7 +185,7 @@ def _stored_params(estimator) -> dict:
     params = estimator.get_params(deep=False)
     if params["callbacks"]:
         warn_at_caller(f"save() does not store callbacks ({params['callbacks']!r}): they are code, and the safe "
-                      "format holds none; the loaded model has callbacks=None.", UserWarning)
+                       "format holds none; the loaded model has callbacks=None.", UserWarning)
     return {**params, "callbacks": None}
 
 

@@ -191,19 +191,19 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
     if y.shape[0] != top1.shape[0]:
         raise ValueError(f"X has {top1.shape[0]} rows but y has {y.shape[0]}.")
     n_experts = estimator.module_.n_experts
-    if hasattr(estimator, "classes_") and (estimator._multilabel or y.ndim == 2):
-        estimator._check_label_matrix(y)
-        members = y.astype(float)  # row i counts in label j's column when it has label j
+    if hasattr(estimator, "classes_"):
         labels = [str(c) for c in estimator.classes_]
-        group_name = "label"
-    elif hasattr(estimator, "classes_"):
-        unknown = np.setdiff1d(y, estimator.classes_)
-        if unknown.size:
-            raise ValueError(f"y holds labels the classifier was not fitted on: {unknown[:10].tolist()}; its classes "
-                             f"are {estimator.classes_.tolist()}.")
-        members = np.eye(estimator.classes_.shape[0])[np.searchsorted(estimator.classes_, y)]
-        labels = [str(c) for c in estimator.classes_]
-        group_name = "class"
+        if estimator._multilabel or y.ndim == 2:
+            estimator._check_label_matrix(y)
+            members = y.astype(float)  # row i counts in label j's column when it has label j
+            group_name = "label"
+        else:
+            unknown = np.setdiff1d(y, estimator.classes_)
+            if unknown.size:
+                raise ValueError(f"y holds labels the classifier was not fitted on: {unknown[:10].tolist()}; its "
+                                 f"classes are {estimator.classes_.tolist()}.")
+            members = np.eye(estimator.classes_.shape[0])[np.searchsorted(estimator.classes_, y)]
+            group_name = "class"
     else:
         groups = target_bins(y.astype(float), n_bins)
         labels = [str(g + 1) for g in range(int(groups.max()) + 1)]

@@ -262,3 +262,8 @@ def mixture_moments(weights: torch.Tensor, means: torch.Tensor, scales: torch.Te
     mean = (weights * means).sum(dim=1)
     second = (weights * (scales.square() + means.square())).sum(dim=1)
     return mean, (second - mean.square()).clamp_min(0).sqrt()
+
+
+#: The mixtures of the experts' class outputs, per ``output``: each maps the assignments'
+#: ``(outputs, rows, weights, n_rows)`` to the mixture's (log-probabilities or label logits).
+CLASS_MIXTURES = {"categorical_mixture": mixture_log_probabilities, "bernoulli_mixture": mixture_label_logits}

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ._sync import avoid_host_reads, compute_dtype, grouped_mm_supported
-from .density import OUTPUTS, mixture_label_logits, mixture_log_probabilities, split_outputs
+from .density import CLASS_MIXTURES, OUTPUTS, split_outputs
 from .dispatch import (
     OVERFLOW_POLICIES,
     ExpertAssignments,
@@ -234,8 +234,8 @@ class MixtureOfExperts(nn.Module):
         mixture's log-probabilities. ``"bernoulli_mixture"`` (multilabel classification):
         every expert outputs one logit per label and the gate mixes each label's
         probability; :attr:`MoEOutput.output` holds the logits of the mixed probabilities
-        (:func:`~sklearn_moe.nn.density.mixture_label_logits`). ``"point"`` mixes the experts' outputs (for a
-        classifier, their logits) linearly.
+        (:func:`~sklearn_moe.nn.density.mixture_label_logits`). ``"point"`` mixes the
+        experts' outputs (for a classifier, their logits) linearly.
     """
 
     def __init__(
@@ -593,10 +593,8 @@ class MixtureOfExperts(nn.Module):
             assignments = assignments._replace(outputs=assignments.outputs + shared.index_select(0, assignments.rows))
         if self.output == "mixture_density":
             output = output[:, :self.n_outputs]  # the mixture's mean (the raw scales do not mix linearly)
-        elif self.output == "categorical_mixture":
-            output = mixture_log_probabilities(assignments.outputs, assignments.rows, assignments.weights, n)
-        elif self.output == "bernoulli_mixture":
-            output = mixture_label_logits(assignments.outputs, assignments.rows, assignments.weights, n)
+        elif self.output in CLASS_MIXTURES:
+            output = CLASS_MIXTURES[self.output](assignments.outputs, assignments.rows, assignments.weights, n)
         return _Mixed(output, routing, active, weights, plan_counts, n_dropped, assignments)
 
     def _dispatch(self, x: torch.Tensor, routing, active, weights, tally=None):
