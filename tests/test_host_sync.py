@@ -180,6 +180,28 @@ def test_a_sync_free_training_step_launches_as_many_kernels_whatever_the_number_
     assert launches[64] > 100  # the counter sees the forward, the backward and the update
 
 
+class _ExpertTableGathers(TorchDispatchMode):
+    """Count the row gathers (``index_select`` along axis 0) from tensors with one row per
+    expert: the per-expert parameters that a sparse step selects for its routed rows."""
+
+    def __init__(self, n_experts: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gathers = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func == torch.ops.aten.index_select.default and args[1] == 0 and args[0].shape[0] == self.n_experts:
+            self.gathers += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_sparse_adapter_step_gathers_every_adapter_at_once():
+    # Every layer's scalings and biases, its norms and the output head are selected for the
+    # routed rows by one gather (a GPU's step time is its launches), not one each.
+    options = dict(n_experts=64, expert_type="adapter", layer_norm=True)
+    assert _probe_step(options, _ExpertTableGathers(64)).gathers == 1
+
+
 class _SlowGpuKernels(TorchDispatchMode):
     """Operators that a GPU runs far below its width: a scan along an axis other than the
     last of a tensor of several dimensions (PyTorch's CUDA scan then loops over that axis

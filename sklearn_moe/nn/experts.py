@@ -654,7 +654,10 @@ class AdapterExperts(_ExpertMLP):
         """
         if experts is None:
             return self._all_experts(x)
-        return self._heads(self._hidden(x, lambda p: p.index_select(0, experts)), experts)
+        per_expert = self._row_adapters()
+        gathered = {id(p): rows[0] for p, rows in zip(per_expert, select_experts(per_expert, [experts]))
+                    } if per_expert else {}
+        return self._heads(self._hidden(x, lambda p: gathered[id(p)]), experts, gathered)
 
     def all_experts(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on every row: Tensor of shape (n_experts, n, out_features).
@@ -667,8 +670,19 @@ class AdapterExperts(_ExpertMLP):
     def expert_parameters(self) -> list[nn.Parameter]:
         """The parameters that belong to one expert each, expert on axis 0: the scalings,
         biases, norms and heads (not the shared weights)."""
-        return [*self.in_scales, *self.out_scales, *self.biases, *self.norm_weights, *self.norm_biases,
-                self.head_weight, self.head_bias]
+        return [*self._layer_adapters(), self.head_weight, self.head_bias]
+
+    def _layer_adapters(self) -> list[nn.Parameter]:
+        return [*self.in_scales, *self.out_scales, *self.biases, *self.norm_weights, *self.norm_biases]
+
+    def _row_adapters(self) -> list[nn.Parameter]:
+        """The per-expert parameters a row gathers in :meth:`forward`: every layer's
+        scalings, biases and norms, and a single output's head (more outputs run their
+        heads by expert, in :meth:`_heads`). One gather for all of them: on a GPU, where a
+        small step's time is its launches, one per parameter took about 15 more kernels per
+        training step."""
+        heads = [self.head_weight, self.head_bias] if self.out_features == 1 else []
+        return [*self._layer_adapters(), *heads]
 
     def _all_experts(self, x: torch.Tensor) -> torch.Tensor:
         h = self._hidden(x.unsqueeze(0), lambda p: p.unsqueeze(1))
@@ -693,10 +707,11 @@ class AdapterExperts(_ExpertMLP):
             h = self._norm(-1, h, select)
         return h
 
-    def _heads(self, h: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def _heads(self, h: torch.Tensor, experts: torch.Tensor, gathered: dict) -> torch.Tensor:
         """Row ``i`` through expert ``experts[i]``'s output head.
 
-        One output: a gathered weight row per row, multiplied elementwise. More outputs:
+        One output: the head's weight row gathered for each row (in ``gathered``, by the
+        parameter's ``id``), multiplied elementwise. More outputs:
         the rows are dispatched as in :mod:`.dispatch`, by expert into a buffer padded to the
         busiest expert, and every head runs as one batched matmul (gathering a weight matrix
         per row would move ``rows * width * outputs`` values). In training on a GPU, where
@@ -705,8 +720,8 @@ class AdapterExperts(_ExpertMLP):
         gathered head.
         """
         if self.out_features == 1:
-            weight = self.head_weight[:, :, 0].index_select(0, experts).to(h.dtype)
-            bias = self.head_bias.index_select(0, experts).to(h.dtype)
+            weight = gathered[id(self.head_weight)][:, :, 0].to(h.dtype)
+            bias = gathered[id(self.head_bias)].to(h.dtype)
             return (h * weight).sum(dim=1, keepdim=True) + bias
         if h.shape[0] == 0:
             return h.new_zeros(0, self.out_features)
