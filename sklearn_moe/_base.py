@@ -235,7 +235,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         the router's kind among those of the same weights, capacity, the device, ...) takes
         effect; one that changes them cannot, and is an error rather than silently ignored."""
         try:
-            return rebuilt_module(self, self.module_.state_dict(), device)
+            module = rebuilt_module(self, self.module_.state_dict(), device)
         except RuntimeError as error:  # load_state_dict: missing, unexpected or misshapen weights
             detail = " ".join(str(error).split())
             raise ValueError(
@@ -245,6 +245,12 @@ class BaseMoE(ExpertMethods, BaseEstimator):
                 "output, a router with other weights, ...) cannot change in a continued fit. Set it back, or set "
                 f"warm_start=False and call fit to start afresh. ({detail[:400]})"
             ) from error
+        if self.temperature_final is None:
+            # The weights' state holds the temperature they were trained at (annealed, or
+            # an earlier ``temperature``); a continued fit without annealing runs at the
+            # current parameter's. (Annealing sets it every epoch.)
+            module.router.temperature.fill_(float(self.temperature))
+        return module
 
     def _after_training(self, valid_table) -> None:
         """Fit what is fitted on the validation rows (``None`` without) once training ends."""

@@ -96,7 +96,8 @@ PARAMETERS = """\
         (epoch ``max_epochs``), once per epoch, along ``temperature_schedule``; the history
         records it as ``temperature``, and the model predicts with the temperature of the
         epoch whose weights it keeps. A high start lets every expert see rows before the
-        gate sharpens. None: constant.
+        gate sharpens. None: constant (a continued fit, ``warm_start`` or ``partial_fit``,
+        runs at ``temperature``, whatever temperature the fitted model ended at).
     temperature_schedule : {"cosine", "linear", "exponential"}, default="cosine"
         At training progress ``t`` in [0, 1]: ``"linear"``: ``T0 + (T1 - T0) t``;
         ``"cosine"``: ``T1 + (T0 - T1) (1 + cos(pi t)) / 2``; ``"exponential"``:
@@ -245,8 +246,9 @@ PARAMETERS = """\
         Continue training the fitted model instead of starting afresh; the input scaling
         and the target encoding (scaling, or classes) of the first fit are kept. The other
         hyperparameters take effect where they leave the network's weights as they are
-        (``learning_rate``, ``dropout``, ``capacity_factor``, ``device``, ...); changing one
-        that shapes the network (``n_experts``, ``expert_hidden``, ...) is an error.
+        (``learning_rate``, ``dropout``, ``capacity_factor``, ``temperature``, ``device``,
+        ...); changing one that shapes the network (``n_experts``, ``expert_hidden``, ...)
+        is an error.
     callbacks : list of skorch.callbacks.Callback, default=None
         Extra skorch callbacks for every fit (plain instances or ``(name, callback)``
         pairs), run after the built-in ones: loggers such as

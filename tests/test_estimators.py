@@ -605,6 +605,22 @@ def test_warm_start_takes_the_new_hyperparameters_that_keep_the_weights(regressi
         torch.testing.assert_close(tensor, weights[name], rtol=0, atol=1e-9, msg=name)
 
 
+def test_a_continued_fit_without_annealing_runs_at_the_temperature_parameter(regression_data):
+    # The temperature is saved with the weights (annealing changes it); a continued fit
+    # must not silently keep the fitted one when the parameter says otherwise.
+    X, y = regression_data
+    model = MoERegressor(**dict(SHORT, max_epochs=3, warm_start=True, early_stopping=False, temperature=2.0,
+                                temperature_final=0.1)).fit(X, y)
+    assert float(model.module_.router.temperature) == pytest.approx(0.1)
+    model.set_params(temperature_final=None, max_epochs=1).fit(X, y)
+    assert float(model.module_.router.temperature) == 2.0
+    model.set_params(temperature=0.5).partial_fit(X, y)
+    assert float(model.module_.router.temperature) == 0.5
+    sharper = model.route(X).max(axis=1).mean()
+    model.set_params(temperature=5.0, learning_rate=1e-12).fit(X, y)
+    assert model.route(X).max(axis=1).mean() < sharper  # the routing itself follows
+
+
 @pytest.mark.parametrize("change", [dict(n_experts=3), dict(expert_hidden=(8,)), dict(expert_type="independent"),
                                     dict(output="mixture_density")], ids=lambda change: next(iter(change)))
 def test_warm_start_refuses_a_change_of_the_networks_shape(regression_data, change):
