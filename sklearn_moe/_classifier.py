@@ -257,10 +257,16 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         train, valid = next(split.split(np.zeros(len(targets)), targets))
         return np.concatenate([valid, train])
 
-    def _criterion(self):
+    def _criterion(self, label_smoothing=None):
+        smoothing = self.label_smoothing if label_smoothing is None else label_smoothing
         if self._multilabel:
-            return MultilabelLoss(self.label_smoothing)
-        return nn.CrossEntropyLoss(reduction="none", label_smoothing=self.label_smoothing)
+            return MultilabelLoss(smoothing)
+        return nn.CrossEntropyLoss(reduction="none", label_smoothing=smoothing)
+
+    def _comparable_criterion(self):
+        """The per-row loss that configurations are compared on while they train (tuning's
+        pruning): the log loss, without the training-only ``label_smoothing``."""
+        return self._criterion(label_smoothing=0.0)
 
     def _module_output(self) -> str:
         if self.mixing != "probabilities":

@@ -130,6 +130,12 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     def _criterion(self):
         return nn.MSELoss(reduction="none")
 
+    def _comparable_criterion(self):
+        """The per-row loss that configurations are compared on while they train (tuning's
+        pruning): the squared error of the prediction (a density mixture's mean) on the
+        standardised targets, whatever ``output`` trains on."""
+        return nn.MSELoss(reduction="none")
+
     def _module_output(self) -> str:
         return self.output
 

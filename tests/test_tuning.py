@@ -10,6 +10,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from optuna.distributions import CategoricalDistribution, FloatDistribution
@@ -296,6 +297,50 @@ def test_pruning_reports_the_running_mean_over_folds_at_fold_and_epoch_steps():
     net.history.append({"valid_loss": float("nan")})
     with pytest.raises(optuna.TrialPruned, match="non-finite"):
         callback.on_epoch_end(net)
+
+
+class _Output:
+    def __init__(self, output):
+        self.output = output
+
+
+def _epoch_of_batches(callback, net, batches):
+    """One epoch through ``callback``: ``(training, X, y, output)`` batches, then its end."""
+    callback.on_epoch_begin(net)
+    for training, X, y, output in batches:
+        callback.on_batch_end(net, batch=(X, y), training=training, y_pred=_Output(output))
+    net.history.append({"train_loss": 9.0, "valid_loss": 7.0, "task_loss": 8.0})
+    callback.on_epoch_end(net)
+
+
+def test_pruning_compares_trials_on_one_loss_whatever_they_train_on():
+    # Label smoothing changes the training and validation loss; density outputs train on a
+    # likelihood. The pruner must see the same loss for every configuration: the log loss
+    # unsmoothed, the squared error of the (mixture's mean) prediction.
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.5, 0.5, 3.0]])
+    labels = torch.tensor([0, 2, 2])
+    log_loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    noise = torch.zeros(2, 3)
+    for smoothing in (0.0, 0.3):
+        trial = RecordingTrial()
+        callback, net = PruningCallback(trial, 0, 10, [], estimator=MoEClassifier(label_smoothing=smoothing)), FakeNet()
+        callback.on_train_begin(net)
+        # Training batches do not count where there are validation batches, which are
+        # averaged per row over the epoch.
+        _epoch_of_batches(callback, net, [(True, {"X": noise}, labels[:2], noise),
+                                          (False, {"X": logits[:2]}, labels[:2], logits[:2]),
+                                          (False, {"X": logits[2:]}, labels[2:], logits[2:])])
+        assert trial.reports[0] == pytest.approx(-log_loss)
+    for output in ("point", "mixture_density"):
+        trial = RecordingTrial()
+        estimator = MoERegressor(output=output)
+        callback, net = PruningCallback(trial, 0, 10, [], estimator=estimator), FakeNet()
+        callback.on_train_begin(net)
+        prediction, target = torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [4.0]])
+        weights = torch.tensor([0.5, 1.5])
+        # No validation split: the training batches, with their sample weights.
+        _epoch_of_batches(callback, net, [(True, {"X": noise, "sample_weight": weights}, target, prediction)])
+        assert trial.reports[0] == pytest.approx(-(0.5 * 1 + 1.5 * 4) / 2)
 
 
 def test_tune_in_a_pipeline_sets_params_on_the_step_and_prunes_through_it(data):

@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -58,34 +59,65 @@ class PruningCallback(Callback):
     """Reports a fold's per-epoch loss to an Optuna trial and prunes it when told to.
 
     The value reported at ``step = fold * stride + epoch`` is minus the mean, over the folds
-    so far, of the validation loss at that epoch (``valid_loss`` of the estimator's internal
-    early-stopping split; ``task_loss``, the training loss without the routing losses, when
-    there is no split). A fold that stopped early contributes its last loss. Every trial is
-    thus compared with the others at the same fold and epoch, on the same folds' average, and
-    the sign makes greater better, like the study's direction (scikit-learn scores).
+    so far, of a loss at that epoch; the sign makes greater better, like the study's
+    direction (scikit-learn scores). A fold that stopped early contributes its last loss.
+    Every trial is thus compared with the others at the same fold and epoch, on the same
+    folds' average.
+
+    With ``estimator`` (the MoE estimator being fitted) the loss is its
+    ``_comparable_criterion`` on the estimator's internal early-stopping split (on the
+    training batches when there is none): the log loss without label smoothing, or the
+    squared error of the (mixture's mean) prediction, so that trials which train on other
+    losses (``label_smoothing``, ``output="mixture_density"``) are compared on the same one.
+    Without, the net's own ``valid_loss`` (``task_loss`` when there is no split).
     """
 
-    def __init__(self, trial, fold, stride, fold_losses, warmup_epochs=5):
+    def __init__(self, trial, fold, stride, fold_losses, warmup_epochs=5, estimator=None):
         self.trial = trial
         self.fold = fold
         self.stride = stride
         self.fold_losses = fold_losses  # losses of the earlier folds, one list per fold
         self.warmup_epochs = warmup_epochs
+        self.estimator = estimator
 
     def on_train_begin(self, net, **kwargs):
         self.fold_losses.append([])
+        # Built once the estimator knows its targets (a classifier's multilabel or not).
+        self._criterion = None if self.estimator is None else self.estimator._comparable_criterion()
+
+    def on_epoch_begin(self, net, **kwargs):
+        self._totals = {}  # training (bool) -> (sum of the rows' losses, rows), on the device
+
+    def on_batch_end(self, net, batch, training, y_pred=None, **kwargs):
+        if self._criterion is None or y_pred is None:
+            return
+        X, y = batch
+        per_row = self._criterion(y_pred.output.detach().float(), y)
+        if per_row.ndim > 1:
+            per_row = per_row.mean(dim=tuple(range(1, per_row.ndim)))
+        weight = X.get("sample_weight") if isinstance(X, Mapping) else None
+        if weight is not None:
+            per_row = per_row * weight
+        total, rows = self._totals.get(training, (0.0, 0))
+        self._totals[training] = (total + per_row.sum(), rows + per_row.shape[0])
 
     def on_epoch_end(self, net, **kwargs):
-        row = net.history[-1]
-        loss = next((row[key] for key in ("valid_loss", "task_loss", "train_loss") if key in row), None)
         epoch = len(net.history) - 1
+        loss = self._epoch_loss(net.history[-1])
         if loss is None or not math.isfinite(loss):
             raise optuna.TrialPruned(f"non-finite loss {loss} at fold {self.fold}, epoch {epoch}")
-        self.fold_losses[-1].append(float(loss))
+        self.fold_losses[-1].append(loss)
         mean = np.mean([losses[min(epoch, len(losses) - 1)] for losses in self.fold_losses])
         self.trial.report(-float(mean), self.fold * self.stride + epoch)
         if epoch >= self.warmup_epochs and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at fold {self.fold}, epoch {epoch} (mean loss {mean:.4g})")
+
+    def _epoch_loss(self, row) -> float | None:
+        if self._criterion is not None:
+            total, rows = self._totals.get(False) or self._totals.get(True, (None, 0))
+            return float(total) / rows if rows else None  # one read on the host per epoch
+        loss = next((row[key] for key in ("valid_loss", "task_loss", "train_loss") if key in row), None)
+        return None if loss is None else float(loss)
 
 
 def _make_pruner(pruning):
@@ -113,7 +145,8 @@ class _Objective:
             model = clone(configured)
             fit_params = {}
             if self.pruning:
-                fit_params[self.fit_key] = [PruningCallback(trial, fold, self.stride, fold_losses, self.warmup_epochs)]
+                fit_params[self.fit_key] = [PruningCallback(trial, fold, self.stride, fold_losses, self.warmup_epochs,
+                                                            find_moe_step(model)[1])]
             start = time.perf_counter()
             model.fit(_safe_indexing(self.X, train), _safe_indexing(self.y, train), **fit_params)
             fit_times.append(time.perf_counter() - start)
@@ -217,8 +250,10 @@ def tune(
     :func:`search_space`), fits it on each cross-validation fold and scores it with
     ``scoring``; the study maximises the mean score. With ``pruning``, each fold's per-epoch
     validation loss is reported to the trial (see :class:`PruningCallback`: the value at step
-    ``fold * max_epochs + epoch`` is minus the running mean over the folds so far) and a
-    trial the pruner judges worse than the others at the same fold and epoch stops at once.
+    ``fold * max_epochs + epoch`` is minus the running mean over the folds so far; the same
+    loss for every configuration, the log loss without label smoothing or the squared error
+    of the mean prediction) and a trial the pruner judges worse than the others at the same
+    fold and epoch stops at once.
 
     Several processes (or machines) can run ``tune`` on the same ``storage`` and
     ``study_name`` at the same time; they share one study. ``n_trials`` is the study's
