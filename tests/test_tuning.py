@@ -66,7 +66,7 @@ def test_space_covers_the_moe_hyperparameters():
                           "balance_coef", "z_loss_coef", "expert_hidden", "learning_rate", "weight_decay", "dropout",
                           "expert_type", "expert_loss", "numeric_embedding", "lr_schedule"}
     assert space["top_k"].high <= space["n_experts"].low  # every combination valid
-    assert (16, 16) in space["expert_hidden"].choices and (128,) in space["expert_hidden"].choices
+    assert [16, 16] in space["expert_hidden"].choices and [128] in space["expert_hidden"].choices
     classifier_space = search_space(make_pipeline(StandardScaler(), MoEClassifier()))
     assert set(classifier_space) == {f"moeclassifier__{name}" for name in space} | {"moeclassifier__label_smoothing"}
     assert (classifier_space["moeclassifier__label_smoothing"].low,
@@ -158,6 +158,23 @@ def test_sampled_configurations_are_always_valid(max_top_k, extra, seed, tpe, cl
         study.tell(trial, float(params[f"{name}__n_experts"]))
 
 
+def test_the_space_survives_a_storage_and_a_resumed_optuna_search_cv(tmp_path):
+    # OptunaSearchCV asks its trials with the space's distributions as they are; a study
+    # resumed from a storage must accept them, every choice coming back as it went in.
+    from optuna_integration import OptunaSearchCV
+
+    space = search_space(MoERegressor(), include=["n_experts", "expert_hidden"], max_experts=3,
+                         expert_widths=(4, 8), expert_depths=(1,))
+    X, y = np.random.RandomState(0).normal(size=(60, 3)), np.arange(60.0)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for seed in (0, 1):  # the second search resumes the stored study
+        study = optuna.create_study(storage=storage, study_name="s", direction="maximize", load_if_exists=True)
+        search = OptunaSearchCV(MoERegressor(**TINY), space, n_trials=2, cv=2, study=study, random_state=seed,
+                                error_score="raise").fit(X, y)
+        assert search.best_params_["expert_hidden"] in ([4], [8])
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+
+
 def test_tuple_choices_are_stored_as_strings_and_decoded():
     space = search_space(MoERegressor(), include=["expert_hidden"], expert_widths=(8, 16), expert_depths=(1, 2))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -182,7 +199,7 @@ def test_optuna_search_cv_runs_end_to_end_with_the_space(data):
     assert len(search.trials_) == 3 and all(t.state == TrialState.COMPLETE for t in search.trials_)
     assert set(search.best_params_) == set(space)
     best = search.best_estimator_[-1]
-    assert best.top_k <= best.n_experts and isinstance(best.expert_hidden, tuple)
+    assert best.top_k <= best.n_experts and best.expert_hidden in space["moeregressor__expert_hidden"].choices
     assert search.predict(X).shape == y.shape
 
 

@@ -113,9 +113,11 @@ def base_space(
             raise ValueError(f"{name} must not be empty.")
     for value in (*expert_widths, *expert_depths):
         check_int("expert widths and depths", value)
-    architectures = tuple((width,) * depth for depth in expert_depths for width in expert_widths)
+    # Lists: a storage keeps a categorical's choices as JSON, and a study resumed from one
+    # (OptunaSearchCV's) refuses choices that differ from the stored ones, as tuples do
+    # from the lists they come back as. tune() suggests them as strings (see suggest()).
+    architectures = tuple([width] * depth for depth in expert_depths for width in expert_widths)
     with warnings.catch_warnings():
-        # Tuples are fine in memory; tune() stores them as strings (see suggest()).
         warnings.filterwarnings("ignore", message="Choices for a categorical distribution")
         expert_hidden = CategoricalDistribution(architectures)
     space = {
@@ -174,7 +176,8 @@ def search_space(
     ``balance_loss``          "switch", "cv2", "aux_free" or None
     ``balance_coef``          float in [1e-4, 0.1], log (for "aux_free": the bias step)
     ``z_loss_coef``           float in [1e-5, 0.01], log
-    ``expert_hidden``         ``(width,) * depth`` for every width and depth given
+    ``expert_hidden``         ``[width] * depth`` for every width and depth given (lists, which
+                              Optuna's storages keep as they are; :func:`tune` passes tuples)
     ``learning_rate``         float in [1e-4, 0.03], log
     ``weight_decay``          float in [1e-6, 0.01], log
     ``dropout``               float in [0, 0.3]
@@ -256,12 +259,23 @@ def _is_plain(choice) -> bool:
     return choice is None or isinstance(choice, (bool, int, float, str))
 
 
+def _label(choice) -> str:
+    """A choice's name in a storage: its ``repr``, a list's as a tuple's."""
+    return repr(_estimator_value(choice))
+
+
+def _estimator_value(choice):
+    """The value an estimator gets for a choice: a list (an ``expert_hidden``) as a tuple."""
+    return tuple(choice) if isinstance(choice, list) else choice
+
+
 def suggest(trial, name: str, distribution: BaseDistribution):
     """Draw ``name`` from ``distribution`` through the public ``trial.suggest_*`` API.
 
-    Categorical choices that storages cannot hold (tuples such as ``expert_hidden``) are
-    suggested as their ``repr`` strings and mapped back, so the study stays valid on
-    journal and RDB storages shared by several processes.
+    Categorical choices that are not plain values (the lists of ``expert_hidden``) are
+    suggested as strings (a list's ``repr`` as a tuple's) and mapped back, lists as tuples,
+    so every trial's parameters are plain values, valid on journal and RDB storages shared
+    by several processes.
     """
     if isinstance(distribution, IntDistribution):
         return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step,
@@ -273,8 +287,8 @@ def suggest(trial, name: str, distribution: BaseDistribution):
         choices = distribution.choices
         if all(_is_plain(choice) for choice in choices):
             return trial.suggest_categorical(name, choices)
-        labels = [repr(choice) for choice in choices]
-        return choices[labels.index(trial.suggest_categorical(name, labels))]
+        labels = [_label(choice) for choice in choices]
+        return _estimator_value(choices[labels.index(trial.suggest_categorical(name, labels))])
     raise ValueError(f"Unsupported distribution for {name!r}: {distribution!r}.")
 
 
@@ -284,8 +298,8 @@ def decode_params(params: Mapping, space: Mapping[str, BaseDistribution]) -> dic
     for name, value in params.items():
         distribution = space.get(name)
         if isinstance(distribution, CategoricalDistribution) and not all(map(_is_plain, distribution.choices)):
-            labels = [repr(choice) for choice in distribution.choices]
-            value = distribution.choices[labels.index(value)] if value in labels else value
+            labels = [_label(choice) for choice in distribution.choices]
+            value = _estimator_value(distribution.choices[labels.index(value)]) if value in labels else value
         decoded[name] = value
     return decoded
 
