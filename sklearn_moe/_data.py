@@ -8,14 +8,15 @@ data live as tensors and every batch is one fancy-indexing call.
 from __future__ import annotations
 
 import torch
-from torch.utils.data import Dataset
+from skorch.dataset import Dataset
 
 
 class TensorTable(Dataset):
     """Features, optional targets and optional sample weights as aligned tensors.
 
     Batches are ``({"x": X[idx], "sample_weight": w[idx]}, y[idx])``; the dict keys are the
-    keyword arguments of :meth:`MixtureOfExperts.forward`.
+    keyword arguments of :meth:`MixtureOfExperts.forward`. A skorch ``Dataset`` (without
+    its conversions), so that skorch's scoring callbacks find ``X`` and ``y``.
     """
 
     def __init__(self, X: torch.Tensor, y: torch.Tensor | None = None, sample_weight: torch.Tensor | None = None):

@@ -10,13 +10,15 @@ import torch
 from skorch import NeuralNet
 from skorch.callbacks import Callback, EarlyStopping
 from skorch.dataset import get_len
+from skorch.utils import to_device
 
-from ._data import BatchIterator
+from ._data import BatchIterator, TensorTable
 from ._guard import LossLedger, NonFiniteLoss, TrainingGuard, check_finite_loss
 from ._warnings import warn_at_caller
 from .distributed.data_parallel import active_group, agree_on_fault
 from .nn.density import CLASS_MIXTURES, mixture_nll, per_expert_mixture_nll
-from .nn.losses import per_expert_loss
+from .nn.losses import MultilabelLoss, per_expert_loss
+from .nn.moe import MoEOutput
 
 
 class MoENet(NeuralNet):
@@ -205,6 +207,44 @@ class MoENet(NeuralNet):
             if fault is not None:
                 raise fault
         self._callbacks_running = True
+
+    # skorch's scoring callbacks (EpochScoring, BatchScoring) call a scorer with the net and
+    # the rows of a TensorTable (the training or validation split, see get_dataset): the
+    # net predicts as a scikit-learn estimator would, on the network's own targets (class
+    # indices, 0/1 labels, standardised values). Their cache of the batches' outputs (the
+    # MoEOutput named tuples, which skorch's to_device cannot rebuild) is off: they predict.
+
+    def get_dataset(self, X, y=None):
+        """A tensor of encoded rows (a scoring callback's) as a :class:`TensorTable`."""
+        if isinstance(X, torch.Tensor):
+            return TensorTable(X, y)
+        return super().get_dataset(X, y)
+
+    def forward_iter(self, X, training=False, device="cpu"):
+        """The module's prediction (:attr:`MoEOutput.output`) for each batch of ``X``."""
+        dataset = self.get_dataset(X)
+        for batch in self.get_iterator(dataset, training=training):
+            out = self.evaluation_step(batch, training=training)
+            yield to_device((out.output if isinstance(out, MoEOutput) else out).float(), device=device)
+
+    def predict_proba(self, X):
+        """Class probabilities (label probabilities for multilabel); the prediction itself
+        for regression."""
+        output = torch.cat(list(self.forward_iter(X)))
+        if isinstance(self.criterion_, torch.nn.CrossEntropyLoss):
+            output = output.softmax(dim=-1)  # of logits or of log-probabilities alike
+        elif isinstance(self.criterion_, MultilabelLoss):
+            output = output.sigmoid()
+        return output.numpy()
+
+    def predict(self, X):
+        """Class indices (0/1 labels for multilabel); standardised targets for regression."""
+        output = torch.cat(list(self.forward_iter(X)))
+        if isinstance(self.criterion_, torch.nn.CrossEntropyLoss):
+            output = output.argmax(dim=-1)
+        elif isinstance(self.criterion_, MultilabelLoss):
+            output = (output > 0).long()
+        return output.numpy()
 
     def infer(self, x, **fit_params):
         # Batches come from TensorTable already as tensors on the right device.

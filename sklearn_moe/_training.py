@@ -217,6 +217,7 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
         device=device,
         verbose=int(params.verbose),
         callbacks__print_log=None,  # EpochLine prints instead: the metrics' lists make a table unreadable
+        use_caching=False,  # scoring callbacks predict (see MoENet.get_dataset)
         warm_start=True,
         balance_coef=params.balance_coef,
         z_loss_coef=params.z_loss_coef,

@@ -4,7 +4,8 @@ import pickle
 
 import numpy as np
 import pytest
-from skorch.callbacks import Callback
+from sklearn.metrics import get_scorer
+from skorch.callbacks import BatchScoring, Callback, EpochScoring
 
 from sklearn_moe import MoEClassifier, MoERegressor
 
@@ -65,3 +66,29 @@ def test_callback_raising_leaves_estimator_unfitted(regression_data):
     with pytest.raises(KeyError, match="stop requested"):
         model.fit(X, y, callbacks=[StopAtEpoch(2)])
     assert not hasattr(model, "net_")
+
+
+MULTILABEL_ROWS = np.random.RandomState(3).normal(size=(160, 4))
+
+
+@pytest.mark.parametrize("task, scoring", [("regression", "r2"), ("multiclass", "accuracy"),
+                                           ("multilabel", "f1_macro")])
+def test_skorch_scoring_callbacks_score_the_model(task, scoring):
+    # EpochScoring and BatchScoring call a scikit-learn scorer with the net: it predicts as
+    # the estimator does (on the network's own targets), so the last epoch's training
+    # score is the fitted model's on the same rows.
+    X = MULTILABEL_ROWS
+    targets = {"regression": X[:, 0] + np.sin(2 * X[:, 1]), "multiclass": (X[:, 0] > 0) + (X[:, 1] > 0.5).astype(int),
+               "multilabel": np.stack([X[:, 0] > 0, X[:, 1] + X[:, 2] > 0], axis=1).astype(int)}
+    y = targets[task]
+    estimator_class = MoERegressor if task == "regression" else MoEClassifier
+    callbacks = [EpochScoring(scoring, lower_is_better=False, on_train=True, name="epoch_score"),
+                 BatchScoring(scoring, lower_is_better=False, on_train=True, name="batch_score")]
+    model = estimator_class(n_experts=2, expert_hidden=(8,), max_epochs=6, early_stopping=False, random_state=0,
+                            callbacks=callbacks).fit(X, y)
+    assert model.history_["epoch_score"].iloc[-1] == pytest.approx(get_scorer(scoring)(model, X, y), abs=1e-6)
+    assert np.isfinite(model.history_["batch_score"]).all()
+    # And on the validation rows (skorch's default), once per epoch.
+    scored = estimator_class(n_experts=2, expert_hidden=(8,), max_epochs=3, random_state=0,
+                             callbacks=[EpochScoring(scoring, lower_is_better=False)]).fit(X, y)
+    assert scored.history_[scoring].between(-1, 1).all() and len(scored.history_) == 3
