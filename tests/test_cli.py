@@ -89,6 +89,7 @@ ERRORS = [
     (("fit", "train.csv", "--target", "cost", "--out", "m"), 3, "unknown column 'cost'"),
     (("fit", "labels.csv", "--target", "label", "--task", "regression", "--out", "m"), 3, "is not numeric"),
     (("fit", "train.csv", "--target", "price", "--cv", "1", "--out", "m"), 3, "--cv must be between 2"),
+    (("fit", "train.csv", "--target", "price", "--out", "new.csv"), 3, "--out new.csv is a file"),
     (("predict", "nowhere", "new.csv"), 3, "no model in nowhere"),
     (("predict", "broken", "new.csv"), 3, "unreadable model file"),
     (("predict", "model", "lacking.csv"), 3, "lacks the model's column(s) ['city']"),
@@ -137,10 +138,59 @@ def test_errors_are_one_line_with_an_exit_status(bad_inputs, monkeypatch, capsys
     assert not [w for w in caught if not issubclass(w.category, HIDDEN_WARNINGS)]
 
 
-@pytest.mark.parametrize("args, status, message", [ERRORS[4], ERRORS[-1]])
+@pytest.mark.parametrize("args, status, message", [ERRORS[5], ERRORS[-1]])
 def test_the_console_script_reports_errors_the_same(bad_inputs, args, status, message):
     result = run(*args, cwd=bad_inputs)
     _assert_reported(result.returncode, result.stderr, status, message)
+
+
+def test_a_class_rarer_than_the_folds_and_a_failing_baseline_do_not_stop_fit(tmp_path):
+    # A class with one row is missing from one fold's training rows: every model's accuracy
+    # counts it as an error there. On 6 rows the MLP baseline's own early-stopping split
+    # fails: it is left out of the comparison with a note, the MoE is fitted all the same.
+    rng = np.random.RandomState(0)
+    x = rng.normal(size=60)
+    label = np.where(x > 0, "pos", "neg").astype(object)
+    label[0] = "rare"
+    pd.DataFrame({"x": x, "label": label}).to_csv(tmp_path / "rare.csv", index=False)
+    pd.DataFrame({"x": [0.1, 0.5, -1, 2, 0.3, -0.2], "label": list("ababab")}).to_csv(tmp_path / "six.csv",
+                                                                                      index=False)
+    rare = run("fit", "rare.csv", "--target", "label", "--cv", "2", "--max-epochs", "2", "--out", "r", cwd=tmp_path)
+    assert rare.returncode == 0, rare.stderr
+    assert {row["model"] for row in json.loads((tmp_path / "r" / "summary.json").read_text())["cross_validation"]} == {
+        "moe", "logistic_regression", "hist_gradient_boosting", "mlp"}
+    six = run("fit", "six.csv", "--target", "label", "--cv", "3", "--max-epochs", "2", "--out", "s", cwd=tmp_path)
+    assert six.returncode == 0, six.stderr
+    assert "note: mlp left out of the comparison, it failed: The test_size" in six.stderr
+    assert "mlp" not in six.stdout and "moe" in six.stdout and (tmp_path / "s" / "model.moe").exists()
+
+
+def test_date_columns_and_a_model_without_epochs_are_reported(tmp_path, monkeypatch, capsys):
+    from skorch.callbacks import Callback
+
+    import sklearn_moe.cli as cli
+    from sklearn_moe import MoERegressor
+
+    # A date column (as a Parquet file gives it) is the estimator's TypeError: one line, 3.
+    dated = pd.DataFrame({"day": pd.date_range("2024-01-01", periods=20), "a": np.arange(20.0), "y": np.arange(20.0)})
+    monkeypatch.setattr(cli, "read_table", lambda path: dated)
+    assert cli.main(["fit", "dated.parquet", "--target", "y", "--cv", "2", "--out", str(tmp_path / "d")]) == 3
+    assert "'day' of X hold dates or durations" in capsys.readouterr().err
+
+    class Interrupt(Callback):
+        def on_batch_end(self, net, **kwargs):
+            raise KeyboardInterrupt
+
+    # A fit interrupted in its first epoch returns a model with no epoch in its history.
+    X = np.random.RandomState(0).normal(size=(50, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model = MoERegressor(n_experts=2, max_epochs=3).fit(X, X[:, 0], callbacks=[Interrupt()])
+    assert len(model.history_) == 0
+    (tmp_path / "m").mkdir()
+    model.save(tmp_path / "m" / "model.moe")
+    assert cli.main(["info", str(tmp_path / "m")]) == 0
+    assert "0 epochs" in capsys.readouterr().out
 
 
 @pytest.mark.slow
