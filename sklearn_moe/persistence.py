@@ -39,6 +39,7 @@ import secrets
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
@@ -84,6 +85,8 @@ _TUPLE_PARAMS = ("expert_hidden", "gate_hidden")
 # Parameters that may be a dict, stored as a list of [key, value] pairs (JSON object keys are
 # strings, and class labels need not be).
 _DICT_PARAMS = ("class_weight",)
+# Parameters that take an array-like (a numpy array, a pandas Index): stored as a list.
+_ARRAY_PARAMS = ("categorical_features",)
 
 _DOCUMENT_KEYS = {"format", "format_version", "library_version", "kind", "params", "fitted", "history", "net"}
 # Fitted attributes stored elsewhere in the file (the net's weights and history) or only
@@ -192,6 +195,8 @@ def _stored_params(estimator) -> dict:
 def _encode_param(name, value):
     if isinstance(value, np.generic):
         value = value.item()
+    if name in _ARRAY_PARAMS and isinstance(value, (np.ndarray, pd.Index, pd.Series)):
+        value = value.tolist()
     if isinstance(value, dict) and name in _DICT_PARAMS:
         return [[_encode_param(name, key), _encode_param(name, item)] for key, item in value.items()]
     if isinstance(value, (tuple, list)):

@@ -253,6 +253,19 @@ def test_save_rejects_non_json_param_with_a_hint(tmp_path):
     assert load(tmp_path / "model.moe").random_state == 3
 
 
+@pytest.mark.parametrize("as_given", [lambda columns: columns[1:], lambda columns: np.asarray(columns[1:]),
+                                      lambda columns: np.array([False, True, True])],
+                         ids=["index", "names_array", "mask_array"])
+def test_categorical_features_given_as_an_array_are_saved(tmp_path, as_given):
+    rng = np.random.RandomState(0)
+    X = pd.DataFrame({"a": rng.normal(size=60), "b": rng.choice(["x", "y"], 60), "c": rng.choice(["u", "v"], 60)})
+    model = MoERegressor(**{**QUICK, "categorical_features": as_given(X.columns)}).fit(X, X["a"])
+    model.save(tmp_path / "model.moe")
+    loaded = load(tmp_path / "model.moe")
+    assert list(loaded.categorical_features) == list(as_given(X.columns))
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+
+
 def test_failed_save_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
     X, y = _data()
     model = MoERegressor(**QUICK).fit(X, y)
