@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from sklearn.utils import _safe_indexing
 
 from ._tabular import encoded_names, n_code_columns
 from ._validation import check_int
@@ -41,9 +42,8 @@ def _score_on(estimator, X, y, rows: np.ndarray) -> float:
     if rows.sum() < 2:
         return float("nan")
     index = np.flatnonzero(rows)
-    pick = (lambda data: data.iloc[index]) if hasattr(X, "iloc") else (lambda data: np.asarray(data)[index])
-    y_rows = y.iloc[index] if hasattr(y, "iloc") else np.asarray(y)[index]
-    return float(estimator.score(pick(X), y_rows))
+    # Rows of any input the estimators take (a DataFrame, a sparse matrix, a list, ...).
+    return float(estimator.score(_safe_indexing(X, index), _safe_indexing(y, index)))
 
 
 def _distinguishing(inputs: np.ndarray, rows: np.ndarray, names: list, n_top: int) -> str:

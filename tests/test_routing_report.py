@@ -1,9 +1,13 @@
 """routing_report: what each expert does."""
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse
 import torch
+from sklearn.exceptions import DataConversionWarning
 
 from sklearn_moe import MoEClassifier, MoERegressor
 from sklearn_moe._scaling import scale_features
@@ -41,6 +45,16 @@ def test_report_by_hand(regression_data):
     assert report.loc[1, "distinguishing_features"].startswith("x0 (+")
     assert report.loc[0, "distinguishing_features"].startswith("x0 (-")
     assert report.loc[1, "distinguishing_features"].count("(") == 3
+
+
+def test_report_of_sparse_or_list_input_equals_the_dense_one(regression_data):
+    X, y = regression_data
+    model = sign_routed_regressor(X, y)
+    dense = model.routing_report(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DataConversionWarning)  # sparse input is densified
+        pd.testing.assert_frame_equal(model.routing_report(scipy.sparse.csr_matrix(X), y), dense)
+    pd.testing.assert_frame_equal(model.routing_report(X.tolist(), y.tolist()), dense)
 
 
 def test_report_names_dataframe_columns_and_needs_no_target(regression_data):
