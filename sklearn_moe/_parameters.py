@@ -168,7 +168,8 @@ PARAMETERS = """\
     collapse_recovery : bool, default=False
         On detected collapse, re-initialise each starved expert as a perturbed copy of the
         busiest one, the two sharing its routing (growth by splitting; see
-        :meth:`sklearn_moe.nn.MixtureOfExperts.split_expert`).
+        :meth:`sklearn_moe.nn.MixtureOfExperts.split_expert`). Not with
+        ``router="hierarchical"``, whose group gate would keep the copies starved.
     expert_type : {"adapter", "independent"}, default="adapter"
         ``"independent"``: every expert is an MLP with its own weights. ``"adapter"``: the
         experts share one MLP's weights and differ by their own elementwise scaling of
@@ -291,6 +292,14 @@ def check_hyperparameters(estimator) -> str:
     cannot say: hidden sizes, the device); returns the resolved torch device."""
     estimator._validate_params()
     name = type(estimator).__name__
+    if estimator.collapse_recovery and estimator.router == "hierarchical":
+        # As prune_experts and grow_experts: a starved expert's copy stays behind a group
+        # gate that does not pick its group.
+        raise ValueError(
+            f"{name}(collapse_recovery=True) does not support router='hierarchical': a starved expert re-initialised "
+            "as a copy of the busiest one stays in its group, which the group gate still does not choose. Use a flat "
+            "router, or collapse_recovery=False (the collapse warning still reports it)."
+        )
     for param in ("expert_hidden", "gate_hidden"):
         hidden = getattr(estimator, param)
         if not all(isinstance(h, Integral) and not isinstance(h, bool) and h >= 1 for h in hidden):

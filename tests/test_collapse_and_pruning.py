@@ -300,5 +300,8 @@ def test_grow_experts_rejects_what_it_cannot_do(regression_data):
     hierarchical = MoERegressor(**dict(FAST, router="hierarchical", max_epochs=2, random_state=0)).fit(X, y)
     with pytest.raises(ValueError, match="hierarchical"):
         hierarchical.grow_experts(1)
+    # Nor does collapse recovery, which splits experts in training: refused before fitting.
+    with pytest.raises(ValueError, match=r"collapse_recovery=True\) does not support router='hierarchical'"):
+        MoERegressor(**dict(FAST, router="hierarchical", collapse_recovery=True)).fit(X, y)
     with pytest.raises(Exception, match="not fitted"):
         MoERegressor().grow_experts(1)
