@@ -123,7 +123,9 @@ def plot_expert_utilization(estimator, share: str = "auto"):
     Returns
     -------
     matplotlib.figure.Figure
-        One axes: the epochs against the experts' stacked shares, which sum to 1.
+        One axes: the epochs against the experts' stacked shares, which sum to 1; after
+        ``prune_experts`` or ``grow_experts`` and further training, the epochs
+        since (the earlier ones' shares are of other experts).
 
     Raises
     ------
@@ -140,11 +142,17 @@ def plot_expert_utilization(estimator, share: str = "auto"):
     if share not in history:
         raise ValueError(f"the history has no {share!r} column; it has {sorted(history.columns)}.")
     records = history[share].dropna()
+    # After prune_experts or grow_experts (then partial_fit), the earlier epochs' shares are
+    # of other experts: only the epochs since the experts last changed are drawn.
+    sizes = np.array([len(record) for record in records])
+    current = len(sizes) - np.argmax((sizes != sizes[-1])[::-1]) if (sizes != sizes[-1]).any() else 0
+    records = records.iloc[current:]
     shares = np.vstack([np.asarray(record, dtype=float) for record in records])
     figure, (axes,) = _figure(width=6.5)
     axes.stackplot(history.loc[records.index, "epoch"].to_numpy(), shares.T,
                    labels=[f"expert {e}" for e in range(shares.shape[1])], alpha=0.85)
-    axes.set(xlabel="epoch", ylabel=share.replace("_", " "), ylim=(0, 1), title="expert utilization")
+    title = "expert utilization" + (f" (the {shares.shape[1]} experts' epochs)" if current else "")
+    axes.set(xlabel="epoch", ylabel=share.replace("_", " "), ylim=(0, 1), title=title)
     axes.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     return figure
 

@@ -51,6 +51,20 @@ def test_utilization_stacks_each_experts_share(fitted):
         plot_expert_utilization(model, share="nonsense")
 
 
+def test_utilization_after_growing_draws_the_epochs_of_the_current_experts():
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(120, 3))
+    y = X[:, 0] + np.sin(2 * X[:, 1])
+    model = MoERegressor(**dict(FAST, max_epochs=3, early_stopping=False)).fit(X, y)
+    model.grow_experts(2)
+    for _ in range(2):
+        model.partial_fit(X, y)
+    (axes,) = plot_expert_utilization(model).axes
+    assert len(axes.collections) == FAST["n_experts"] + 2
+    assert axes.collections[0].get_paths()[0].vertices[:, 0].min() == 4  # epochs 4 and 5, not 1 to 3
+    assert axes.get_title() == "expert utilization (the 6 experts' epochs)"
+
+
 def test_heatmap_columns_are_shares_of_each_target_bin(fitted):
     model, X, y = fitted
     figure = plot_routing_heatmap(model, X, y, n_bins=5)
