@@ -34,7 +34,9 @@ class RoutingMetrics(Callback):
     ``balance_loss``, ``z_loss`` and ``diversity_loss`` (those recorded by the net's
     ``get_loss``); ``expert_share`` (each expert's share of the routed rows, a list),
     ``gate_share`` (its share of the gate mass, a list), ``load_entropy``, ``load_cv``,
-    ``load_imbalance`` (busiest expert's share over the mean share), ``routing_entropy``
+    ``load_imbalance`` (busiest expert's share over the mean share; the load is the routed
+    rows', or for a dense router, whose every expert serves every row, the gate mass's),
+    ``routing_entropy``
     (mean per-row gate entropy, nats) and ``dropped_fraction`` (share of assignments
     dropped by the capacity cap). See :mod:`sklearn_moe.diagnostics` for the formulas.
 
@@ -146,13 +148,14 @@ class RoutingMetrics(Callback):
             values = [b[key] for b in batches if key in b]
             if values and len(values) == len(sizes):
                 net.history.record(key, sum(v * s for v, s in zip(values, sizes)) / sum(sizes))
+        dense = net.module_.router.is_dense
         if self._train.rows:
-            for key, value in self._train.metrics().items():
+            for key, value in self._train.metrics(dense).items():
                 net.history.record(key, value)
         if self._valid.rows:
             if isinstance(dataset_valid, ValidationShard):
                 self._gather_validation(dataset_valid)
-            for key, value in self._valid.metrics().items():
+            for key, value in self._valid.metrics(dense).items():
                 if key != "dropped_fraction":
                     net.history.record(f"valid_{key}", value)
             self._record_validation_routing(net)
@@ -217,15 +220,18 @@ class _RoutingTally:
         merged.rows = int(sums[2 * n_experts + 2])
         return merged
 
-    def metrics(self) -> dict:
+    def metrics(self, dense: bool = False) -> dict:
+        """The tally's metrics; the load metrics of a ``dense`` router (every expert on
+        every row, equal routed counts by construction) are of its gate mass."""
         counts = self.counts.cpu().numpy()
         total = int(counts.sum())
+        load = self.gate_mass.double().cpu().numpy() if dense else counts
         return {
             "expert_share": expert_utilization(counts).tolist(),
             "gate_share": gate_share(self.gate_mass.unsqueeze(0)).tolist(),
-            "load_entropy": load_entropy(counts),
-            "load_cv": load_cv(counts),
-            "load_imbalance": load_imbalance(counts),
+            "load_entropy": load_entropy(load),
+            "load_cv": load_cv(load),
+            "load_imbalance": load_imbalance(load),
             "routing_entropy": float(self.entropy) / max(self.rows, 1),
             "dropped_fraction": int(self.dropped) / max(total, 1),
         }
@@ -414,9 +420,11 @@ class EpochLine(Callback):
     """``verbose=1``: print one compact line per epoch (under skorch's progress bar).
 
     ``epoch   3  loss 0.1621  valid 0.0484  load_cv 0.000  entropy 1.500  0.08s``: the
-    training loss, the validation loss (when there is a split), the training batches'
-    load coefficient of variation and mean per-row routing entropy, and the epoch's time.
-    A ``*`` marks a new best validation (or training) loss.
+    mixture's loss on the training batches (``task_loss``, as the validation loss is: not
+    the whole objective ``train_loss``, which adds the per-expert and routing losses), the
+    validation loss (when there is a split), the training batches' load coefficient of
+    variation and mean per-row routing entropy, and the epoch's time. A ``*`` marks a new
+    best validation (or training objective) loss.
 
     Parameters
     ----------
@@ -438,7 +446,8 @@ class EpochLine(Callback):
             The other arguments skorch passes to the hook; not used.
         """
         row = net.history[-1]
-        parts = [f"epoch {row['epoch']:>3}", f"loss {row.get('train_loss', float('nan')):.4f}"]
+        loss = row.get("task_loss", row.get("train_loss", float("nan")))
+        parts = [f"epoch {row['epoch']:>3}", f"loss {loss:.4f}"]
         if "valid_loss" in row:
             parts.append(f"valid {row['valid_loss']:.4f}")
         parts += [f"load_cv {row.get('load_cv', float('nan')):.3f}",

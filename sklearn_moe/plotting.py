@@ -70,6 +70,10 @@ def _fitted_moe(estimator, X=None):
     return estimator, X
 
 
+_LOSS_LABELS = {"task_loss": "training rows (task_loss)", "valid_loss": "validation rows (valid_loss)",
+                "train_loss": "training objective (train_loss)"}
+
+
 def plot_training_curves(estimator):
     """Plot the training and validation loss per epoch, and the auxiliary losses beside them.
 
@@ -81,8 +85,11 @@ def plot_training_curves(estimator):
     Returns
     -------
     matplotlib.figure.Figure
-        Two axes: the losses (``train_loss``, ``valid_loss`` when there was a validation
-        split), and the auxiliary losses that training recorded.
+        Two axes. The mixture's loss on the training rows (``task_loss``) and on the
+        validation rows (``valid_loss``, when there was a split), which compare like with
+        like, and, dashed, the whole training objective (``train_loss``: with
+        ``expert_loss="per_expert"`` the experts' own losses as well, and the auxiliary
+        losses). Beside them, the auxiliary losses that training recorded.
 
     Raises
     ------
@@ -94,10 +101,10 @@ def plot_training_curves(estimator):
     history = _history(_moe(estimator)[0])
     figure, (losses, aux) = _figure(ncols=2, width=5.0)
     epochs = history["epoch"].to_numpy()
-    for key in ("train_loss", "valid_loss"):
+    for key, style in (("task_loss", "-"), ("valid_loss", "-"), ("train_loss", "--")):
         if key in history:
-            losses.plot(epochs, history[key].to_numpy(dtype=float), marker=".", label=key)
-    losses.set(xlabel="epoch", ylabel="loss", title="training objective")
+            losses.plot(epochs, history[key].to_numpy(dtype=float), style, marker=".", label=_LOSS_LABELS[key])
+    losses.set(xlabel="epoch", ylabel="loss", title="losses")
     for key in _AUX_LOSSES:
         if key in history:
             aux.plot(epochs, history[key].to_numpy(dtype=float), marker=".", label=key)

@@ -34,8 +34,13 @@ def test_training_curves_show_the_losses_and_the_auxiliary_losses(fitted):
     figure = plot_training_curves(model)
     assert isinstance(figure, Figure)
     losses, aux = figure.axes[:2]
-    assert [line.get_label() for line in losses.get_lines()] == ["train_loss", "valid_loss"]
-    np.testing.assert_allclose(losses.get_lines()[0].get_ydata(), model.history_["train_loss"])
+    # The mixture's loss on the training and validation rows (like with like), and the
+    # training objective dashed.
+    assert [line.get_label() for line in losses.get_lines()] == [
+        "training rows (task_loss)", "validation rows (valid_loss)", "training objective (train_loss)"]
+    for line, key in zip(losses.get_lines(), ["task_loss", "valid_loss", "train_loss"]):
+        np.testing.assert_allclose(line.get_ydata(), model.history_[key])
+    assert losses.get_lines()[2].get_linestyle() == "--"
     assert {line.get_label() for line in aux.get_lines()} == {"balance_loss", "z_loss"}
 
 

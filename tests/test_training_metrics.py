@@ -19,9 +19,9 @@ from sklearn_moe.nn.experts import StackedExperts
 from .conftest import FAST
 
 
-def fake_net(n_experts=3, criterion=None, experts=None):
+def fake_net(n_experts=3, criterion=None, experts=None, dense=False):
     net = SimpleNamespace(history=History(), criterion_=criterion or torch.nn.MSELoss(reduction="none"))
-    net.module_ = SimpleNamespace(n_experts=n_experts, experts=experts)
+    net.module_ = SimpleNamespace(n_experts=n_experts, experts=experts, router=SimpleNamespace(is_dense=dense))
     return net
 
 
@@ -64,6 +64,21 @@ def test_training_routing_metrics_by_hand():
     assert row["dropped_fraction"] == pytest.approx(1 / 4)
     assert row["task_loss"] == pytest.approx((1.0 * 2 + 4.0 * 1) / 3)  # weighted by batch size
     assert not any(key.startswith("valid_") for key in row)
+
+
+def test_the_load_of_a_dense_router_is_its_gate_mass():
+    # Every expert serves every row: equal routed counts say nothing; the gate mass does.
+    callback = RoutingMetrics().initialize()
+    gates = [[0.7, 0.2, 0.1], [0.9, 0.1, 0.0]]
+    row = run_epoch(callback, fake_net(dense=True), train=[(output(gates, counts=[2, 2, 2]), 1.0)],
+                    valid=[(output(gates, counts=[2, 2, 2]), torch.zeros(2, 1))])
+    mass = np.array([1.6, 0.3, 0.1])
+    np.testing.assert_allclose(row["expert_share"], [1 / 3] * 3)
+    for prefix in ("", "valid_"):
+        assert row[f"{prefix}load_cv"] == pytest.approx(mass.std() / mass.mean())
+        assert row[f"{prefix}load_imbalance"] == pytest.approx(1.6 / mass.mean())
+        shares = mass / mass.sum()
+        assert row[f"{prefix}load_entropy"] == pytest.approx(-(shares * np.log(shares)).sum())
 
 
 def test_validation_routing_metrics_by_hand():
@@ -198,6 +213,10 @@ def test_epoch_line_marks_a_new_best():
         net.history.record(key, value)
     EpochLine(sink=printed.append).on_epoch_end(net)
     assert printed == ["epoch   4  loss 0.5000  valid 0.2500  load_cv 0.100  entropy 1.250  0.50s  *"]
+    # The mixture's loss on the training rows, where recorded: what the validation loss is.
+    net.history.record("task_loss", 0.3)
+    EpochLine(sink=printed.append).on_epoch_end(net)
+    assert printed[-1].startswith("epoch   4  loss 0.3000  valid 0.2500")
 
 
 def test_adaptive_capacity_follows_the_last_epochs_batch_loads():
