@@ -95,6 +95,12 @@ _STORED_APART = ("net_", "history_")
 _OPTIONAL_FITTED = ("feature_names_in_",)
 _INT_FITTED = ("n_features_in_", "n_iter_", "_n_outputs", "_y_ndim")
 _SCALARS = (bool, int, float, str)
+_SCALING_CHECKS = {
+    "_x_mean": (np.isfinite, "finite"),
+    "_x_scale": (lambda v: np.isfinite(v) & (v > 0), "finite and positive"),
+    "_y_mean": (np.isfinite, "finite"),
+    "_y_scale": (lambda v: np.isfinite(v) & (v >= 0), "finite and not negative"),  # 0: a constant target
+}
 
 
 def _required_fitted(kind: str) -> tuple:
@@ -456,6 +462,11 @@ def _restore_fitted(estimator, document: dict) -> None:
                 shape is None or value.shape == shape)
         if not ok:
             raise _invalid(f"fitted attribute {name} is malformed.")
+    # The scalings every prediction goes through: a NaN or infinite one (or an input scale
+    # of 0) would load as a model that predicts NaN, inf or garbage.
+    for name, (valid, wanted) in _SCALING_CHECKS.items():
+        if name in values and not valid(values[name]).all():  # a classifier has no target scaling
+            raise _invalid(f"fitted attribute {name} must be {wanted}, as a fit makes it.")
     _check_embedding_layout(estimator, values["_embedding_columns"], values["_embedding_n_bins"], width)
     if values["n_iter_"] != len(document["history"]):
         raise _invalid("n_iter_ differs from the number of history records.")
