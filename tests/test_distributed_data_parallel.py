@@ -128,6 +128,27 @@ def test_a_one_process_group_fits_like_no_group_and_nccl_needs_cuda(one_process_
         MoERegressor(**params, device="cpu").fit(X, y)
 
 
+def test_every_process_must_have_rank_0s_data_in_its_order(monkeypatch):
+    # A fake group whose broadcast returns rank 0's fingerprint (recorded from rank 0's data).
+    from types import SimpleNamespace
+
+    # The module (the package's name data_parallel is the function).
+    data_parallel_module = sys.modules[data_parallel.__module__]
+
+    rng = np.random.RandomState(0)
+    X, y = rng.normal(size=(20, 3)).astype(np.float32), rng.normal(size=20).astype(np.float32)
+    sent = []
+    group = SimpleNamespace(rank=1, broadcast_object=lambda mine: sent.append(mine) or sent[0])
+    monkeypatch.setattr(data_parallel_module, "active_group", lambda: group)
+    data_parallel_module.check_same_data(X, y)  # rank 0's own data: its fingerprint
+    data_parallel_module.check_same_data(X.copy(), y.copy())  # equal data pass
+    order = rng.permutation(20)
+    with pytest.raises(ValueError, match=r"Process 1 .* other data than rank 0 \(other values or another row order"):
+        data_parallel_module.check_same_data(X[order], y[order])  # the same rows, shuffled
+    with pytest.raises(ValueError, match=r"shapes \(\(19, 3\), \(19,\)\) against \(\(20, 3\), \(20,\)\)"):
+        data_parallel_module.check_same_data(X[:19], y[:19])
+
+
 def test_parse_params_reads_json_values_else_strings():
     assert parse_params(["n_experts=16", "expert_hidden=[64,64]", "router=switch", "layer_norm=true"]) == {
         "n_experts": 16, "expert_hidden": (64, 64), "router": "switch", "layer_norm": True}

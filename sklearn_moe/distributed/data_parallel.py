@@ -54,6 +54,7 @@ way that initialises the default process group; gloo on CPU, NCCL on GPU.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -157,8 +158,8 @@ def data_parallel(group=None, expert_parallel: bool = False):
 
     Every process of the group must enter the block and call ``fit`` with the same
     estimator parameters, the same ``X`` and ``y`` (and ``sample_weight``) in the same order;
-    a fit checks the data's shape and sum against rank 0's and raises ``ValueError`` on a
-    difference.
+    a fit checks the data's shape and a digest of its values against rank 0's and raises
+    ``ValueError`` on a difference (another row order included).
 
     Parameters
     ----------
@@ -251,8 +252,8 @@ def check_backend(device) -> None:
 def check_same_data(X: np.ndarray, y: np.ndarray) -> None:
     """Raise ``ValueError`` unless every process of the active group has rank 0's data.
 
-    Compares the shapes and the float64 sums of ``X`` and ``y`` (a cheap fingerprint);
-    a no-op outside a :func:`data_parallel` block.
+    Compares the shapes and a digest of the bytes of ``X`` and ``y``, which sees another
+    row order as well as other values; a no-op outside a :func:`data_parallel` block.
 
     Parameters
     ----------
@@ -269,11 +270,16 @@ def check_same_data(X: np.ndarray, y: np.ndarray) -> None:
     parallel = active_group()
     if parallel is None:
         return
-    mine = (X.shape, y.shape, float(np.nansum(X, dtype=np.float64)), float(np.nansum(y, dtype=np.float64)))
+    digest = hashlib.blake2b(digest_size=16)
+    for array in (X, y):
+        digest.update(np.ascontiguousarray(array).view(np.uint8).ravel())
+    mine = (X.shape, y.shape, digest.hexdigest())
     theirs = parallel.broadcast_object(mine)
-    if mine[:2] != theirs[:2] or not np.allclose(mine[2:], theirs[2:], rtol=1e-9, atol=0.0):
-        raise ValueError(f"Process {parallel.rank} of the data-parallel fit has other data than rank 0 (shapes "
-                         f"{mine[:2]} against {theirs[:2]}): every process must fit the same X and y.")
+    if mine != theirs:
+        what = (f"shapes {mine[:2]} against {theirs[:2]}" if mine[:2] != theirs[:2]
+                else "other values or another row order")
+        raise ValueError(f"Process {parallel.rank} of the data-parallel fit has other data than rank 0 ({what}): "
+                         "every process must fit the same X and y, in the same order.")
 
 
 def shard_rows(n_rows: int) -> np.ndarray | None:
