@@ -279,7 +279,8 @@ def info_command(args) -> int:
     print("routing: expert load " + " ".join(f"{share:.2f}" for share in model.expert_load_)
           + (f"; routing entropy {last['routing_entropy']:.3f}" if "routing_entropy" in last else ""))
     defaults = type(model)().get_params()
-    changed = {name: value for name, value in model.get_params().items() if value != defaults[name]}
+    changed = {name: value for name, value in model.get_params().items()
+               if value != defaults[name] and name != "device"}  # load() chooses the device
     print("parameters (not at their defaults): " + (", ".join(f"{k}={v!r}" for k, v in changed.items()) or "none"))
     return 0
 
@@ -296,6 +297,10 @@ def demo_command(args) -> int:
         print(f"demo: {len(frame)} rows of scikit-learn's diabetes data, target 'target'")
         status = fit_command(argparse.Namespace(data=data, target="target", task="regression", cv=args.cv,
                                                 tune=0, out=out, seed=0, max_epochs=args.max_epochs))
+        if args.out:  # the summary names the data set, not the scratch file just deleted
+            summary = json.loads((out / SUMMARY_FILE).read_text())
+            (out / SUMMARY_FILE).write_text(json.dumps({**summary, "data": "sklearn.datasets.load_diabetes()"},
+                                                       indent=2))
     return status
 
 
@@ -320,12 +325,14 @@ def int_at_least(minimum: int):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sklearn-moe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="sklearn-moe", description=__doc__.split("\n\n")[0].replace("``", ""))
     commands = parser.add_subparsers(dest="command", required=True)
     fit = commands.add_parser("fit", help="cross-validate against baselines, then fit and save the model")
     fit.add_argument("data", help="CSV or parquet file")
     fit.add_argument("--target", required=True, help="the column to predict")
-    fit.add_argument("--task", choices=("auto", "regression", "classification"), default="auto")
+    fit.add_argument("--task", choices=("auto", "regression", "classification"), default="auto",
+                     help="auto (default): a text, boolean or integer target with at most 20 values is a "
+                          "classification, any other a regression")
     fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
     fit.add_argument("--tune", type=int_at_least(0), default=0, metavar="N_TRIALS", help="tune with Optuna first")
     fit.add_argument("--out", required=True, help="directory for the model, its summary and plots")

@@ -199,6 +199,10 @@ def test_demo_runs_on_bundled_data(tmp_path):
     assert demo.returncode == 0, demo.stderr
     assert "scikit-learn's diabetes data" in demo.stdout and "moe" in demo.stdout
     assert (tmp_path / "demo_model" / "model.moe").is_file()
+    summary = json.loads((tmp_path / "demo_model" / "summary.json").read_text())
+    assert summary["data"] == "sklearn.datasets.load_diabetes()"  # not the deleted scratch file
+    info = run("info", "demo_model", cwd=tmp_path)
+    assert "parameters (not at their defaults): max_epochs=3" in info.stdout  # not load()'s device
 
 
 @pytest.mark.slow

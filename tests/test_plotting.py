@@ -107,6 +107,14 @@ def test_expert_count_curve_marks_the_chosen_count():
     selection = NExpertsSelection(table, 2, None, "one_se", None)
     axes = plot_expert_count_curve(selection).axes[0]
     assert any(line.get_label() == "chosen (one_se): 2" for line in axes.get_lines())
+    assert axes.get_ylabel() == "cross-validated score"
+    # A scorer object is named by its function (its repr runs to hundreds of characters).
+    from sklearn.metrics import make_scorer, mean_absolute_error
+
+    for scoring, label in ((make_scorer(mean_absolute_error, greater_is_better=False), "mean_absolute_error"),
+                           ("neg_log_loss", "neg_log_loss"), (lambda model, X, y: 0.0, "score")):
+        selection = NExpertsSelection(table, 2, None, "one_se", scoring)
+        assert plot_expert_count_curve(selection).axes[0].get_ylabel() == f"cross-validated {label}"
 
 
 def test_plots_need_a_fitted_model():

@@ -137,7 +137,7 @@ class NExpertsSelection:
             ax.set_xscale("log", base=2)
         ax.set_xticks(counts, [str(c) for c in counts])
         ax.set_xlabel("n_experts (1 = no mixture)")
-        ax.set_ylabel(f"cross-validated {self.scoring or 'score'}")
+        ax.set_ylabel(f"cross-validated {_scoring_name(self.scoring)}")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         return ax
@@ -153,6 +153,16 @@ def _check_candidates(candidates):
     if len(set(candidates)) != len(candidates):
         raise ValueError(f"candidates has duplicates: {candidates}.")
     return sorted(int(count) for count in candidates)
+
+
+def _scoring_name(scoring) -> str:
+    """A short axis label for ``scoring``: its name, a function's name, or "score" (a
+    scorer object's repr can run to hundreds of characters)."""
+    if isinstance(scoring, str):
+        return scoring
+    function = getattr(scoring, "_score_func", scoring)
+    name = getattr(function, "__name__", None)
+    return name if name and name != "<lambda>" else "score"
 
 
 def select_n_experts(estimator, X, y, candidates=(1, 2, 4, 8, 16), cv=5, rule="one_se", *, scoring=None,
