@@ -231,7 +231,16 @@ def load_model(directory):
     except ValueError as error:
         raise InputError(f"unreadable model file {directory / MODEL_FILE}: {error}") from error
     summary_path = directory / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if not summary_path.is_file():
+        return model, {}
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InputError(f"unreadable summary {summary_path}: {error}") from error
+    missing = [key for key in ("task", "target", "n_rows") if not isinstance(summary, dict) or key not in summary]
+    if missing:
+        raise InputError(f"{summary_path} lacks {missing} (written by sklearn-moe fit; delete it to use the model "
+                         "without it)")
     return model, summary
 
 

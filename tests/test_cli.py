@@ -92,6 +92,8 @@ ERRORS = [
     (("fit", "train.csv", "--target", "price", "--out", "new.csv"), 3, "--out new.csv is a file"),
     (("predict", "nowhere", "new.csv"), 3, "no model in nowhere"),
     (("predict", "broken", "new.csv"), 3, "unreadable model file"),
+    (("info", "bad_summary"), 3, "unreadable summary bad_summary/summary.json"),
+    (("info", "no_task"), 3, "no_task/summary.json lacks ['task']"),
     (("predict", "model", "lacking.csv"), 3, "lacks the model's column(s) ['city']"),
     (("predict", "model", "wrong_types.csv"), 3, "cannot predict on wrong_types.csv"),
     (("fit", "target_only.csv", "--target", "price", "--out", "m"), 3, "no column besides the target 'price'"),
@@ -110,6 +112,9 @@ def bad_inputs(workdir):
     path, _ = workdir
     (path / "broken").mkdir(exist_ok=True)
     (path / "broken" / "model.moe").write_text("not a model")
+    for name, summary in (("bad_summary", "{not json"), ("no_task", json.dumps({"target": "price", "n_rows": 3}))):
+        shutil.copytree(path / "model", path / name, dirs_exist_ok=True)
+        (path / name / "summary.json").write_text(summary)
     pd.read_csv(path / "new.csv").drop(columns="city").to_csv(path / "lacking.csv", index=False)
     pd.read_csv(path / "new.csv").assign(a="many").to_csv(path / "wrong_types.csv", index=False)
     pd.read_csv(path / "train.csv")[["price"]].to_csv(path / "target_only.csv", index=False)
