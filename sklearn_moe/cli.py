@@ -2,7 +2,7 @@
 
 ::
 
-    sklearn-moe fit DATA.csv --target COL [--task auto] [--cv 5] [--tune N_TRIALS] --out DIR
+    sklearn-moe fit DATA.csv --target COL [--task auto] [--cv 5] [--tune N_TRIALS] [--ignore COL ...] --out DIR
     sklearn-moe predict DIR DATA.csv > predictions.csv
     sklearn-moe info DIR
     sklearn-moe demo
@@ -169,8 +169,19 @@ def save_model(model, out: Path, args, task: str, X, y, **summary) -> None:
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
 
+def without_columns(frame: pd.DataFrame, ignore, target: str) -> pd.DataFrame:
+    """``frame`` without the columns named in ``ignore`` (an id, say), each checked."""
+    unknown = [name for name in ignore if name not in frame]
+    if unknown:
+        raise InputError(f"--ignore names unknown column(s) {unknown}; the columns are {list(frame.columns)}")
+    if target in ignore:
+        raise InputError(f"--ignore names the target {target!r}")
+    return frame.drop(columns=list(ignore))
+
+
 def fit_command(args) -> int:
-    X, y, task = split_target(read_table(args.data), args.target, args.task)
+    frame = without_columns(read_table(args.data), args.ignore, args.target)
+    X, y, task = split_target(frame, args.target, args.task)
     if args.cv < 2 or args.cv > len(y):
         raise InputError(f"--cv must be between 2 and the number of rows ({len(y)}); got {args.cv}")
     out = Path(args.out)
@@ -186,7 +197,7 @@ def fit_command(args) -> int:
     _progress("fitting the MoE on every row")
     moe.fit(X, y)
     _progress("")
-    save_model(moe, out, args, task, X, y, cv=args.cv, metric=metric,
+    save_model(moe, out, args, task, X, y, cv=args.cv, metric=metric, ignored=list(args.ignore),
                cross_validation=table.to_dict(orient="records"))
     written = [MODEL_FILE, SUMMARY_FILE] + _plots(moe, out)
     print(f"wrote {', '.join(str(out / name) for name in written)}")
@@ -252,8 +263,8 @@ def predict_command(args) -> int:
     if missing:
         raise InputError(f"{args.data} lacks the model's column(s) {missing}")
     if hasattr(model, "feature_names_in_"):
-        used = set(model.feature_names_in_)
-        unused = [str(name) for name in X.columns if name not in used]
+        used, ignored = set(model.feature_names_in_), set(summary.get("ignored", []))  # fit's --ignore: no note
+        unused = [str(name) for name in X.columns if name not in used and name not in ignored]
         if unused:
             print(f"note: ignoring column(s) the model does not use: {unused}", file=sys.stderr)
         X = X[list(model.feature_names_in_)]
@@ -305,7 +316,7 @@ def demo_command(args) -> int:
         out = Path(args.out) if args.out else Path(scratch) / "model"
         print(f"demo: {len(frame)} rows of scikit-learn's diabetes data, target 'target'")
         status = fit_command(argparse.Namespace(data=data, target="target", task="regression", cv=args.cv,
-                                                tune=0, out=out, seed=0, max_epochs=args.max_epochs))
+                                                tune=0, out=out, seed=0, max_epochs=args.max_epochs, ignore=[]))
         if args.out:  # the summary names the data set, not the scratch file just deleted
             summary = json.loads((out / SUMMARY_FILE).read_text())
             (out / SUMMARY_FILE).write_text(json.dumps({**summary, "data": "sklearn.datasets.load_diabetes()"},
@@ -345,6 +356,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
     fit.add_argument("--tune", type=int_at_least(0), default=0, metavar="N_TRIALS", help="tune with Optuna first")
     fit.add_argument("--out", required=True, help="directory for the model, its summary and plots")
+    fit.add_argument("--ignore", nargs="+", default=[], metavar="COLUMN",
+                     help="columns not to learn from (an id, say); predict ignores them too")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--max-epochs", type=int_at_least(1), help="override the MoE's max_epochs")
     predict = commands.add_parser("predict", help="predict a table's rows with a fitted model (CSV to stdout)")

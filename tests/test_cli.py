@@ -93,6 +93,10 @@ ERRORS = [
     (("predict", "nowhere", "new.csv"), 3, "no model in nowhere"),
     (("predict", "broken", "new.csv"), 3, "unreadable model file"),
     (("info", "bad_summary"), 3, "unreadable summary bad_summary/summary.json"),
+    (("fit", "train.csv", "--target", "price", "--ignore", "nope", "--out", "m"), 3,
+     "--ignore names unknown column(s) ['nope']"),
+    (("fit", "train.csv", "--target", "price", "--ignore", "a", "price", "--out", "m"), 3,
+     "--ignore names the target 'price'"),
     (("info", "no_task"), 3, "no_task/summary.json lacks ['task']"),
     (("predict", "model", "lacking.csv"), 3, "lacks the model's column(s) ['city']"),
     (("predict", "model", "wrong_types.csv"), 3, "cannot predict on wrong_types.csv"),
@@ -168,6 +172,20 @@ def test_a_class_rarer_than_the_folds_and_a_failing_baseline_do_not_stop_fit(tmp
     assert six.returncode == 0, six.stderr
     assert "note: mlp left out of the comparison, it failed: The test_size" in six.stderr
     assert "mlp" not in six.stdout and "moe" in six.stdout and (tmp_path / "s" / "model.moe").exists()
+
+
+def test_ignored_columns_are_left_out_of_fit_and_predict(workdir, tmp_path):
+    path, _ = workdir
+    table = pd.read_csv(path / "train.csv").assign(row_id=np.arange(120), note="x")
+    table.to_csv(tmp_path / "with_id.csv", index=False)
+    fitted = run("fit", "with_id.csv", "--target", "price", "--ignore", "row_id", "note", "--cv", "2",
+                 "--max-epochs", "2", "--out", "m", cwd=tmp_path)
+    assert fitted.returncode == 0, fitted.stderr
+    summary = json.loads((tmp_path / "m" / "summary.json").read_text())
+    assert summary["ignored"] == ["row_id", "note"] and summary["columns"] == ["a", "city", "b"]
+    predicted = run("predict", "m", "with_id.csv", cwd=tmp_path)
+    assert predicted.returncode == 0 and "note:" not in predicted.stderr  # ignored by request: no note
+    assert len(predicted.stdout.splitlines()) == 121
 
 
 def test_date_columns_and_a_model_without_epochs_are_reported(tmp_path, monkeypatch, capsys):
