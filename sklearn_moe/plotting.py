@@ -180,7 +180,8 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
     y : array-like of shape (n_samples,) or (n_samples, n_labels)
         Their targets: class labels (among the classifier's ``classes_``), a multilabel
         classifier's indicator matrix, or regression targets binned into ``n_bins`` quantile
-        bins.
+        bins (of the first target), each column named by its range; tied targets can merge
+        bins, and only those that hold rows are shown.
     n_bins : int, default=10
         Quantile bins of a regression target.
 
@@ -220,15 +221,19 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
             members = np.eye(estimator.classes_.shape[0])[np.searchsorted(estimator.classes_, y)]
             group_name = "class"
     else:
-        groups = target_bins(y.astype(float), n_bins)
-        labels = [str(g + 1) for g in range(int(groups.max()) + 1)]
+        values = y.astype(float)
+        values = values[:, 0] if values.ndim == 2 else values  # binned on the first target
+        # Tied targets merge quantile bins: only the bins that hold rows, named by their range.
+        occupied, groups = np.unique(target_bins(values, n_bins), return_inverse=True)
+        labels = [f"{values[groups == g].min():.3g} to {values[groups == g].max():.3g}" for g in range(len(occupied))]
         members = np.eye(len(labels))[groups]
-        group_name = "target quantile bin (1 = lowest)"
+        group_name = "target range (quantile bins)"
     table = np.eye(n_experts)[top1].T @ members  # (expert, group): rows of the group served first by the expert
     table /= np.maximum(table.sum(axis=0, keepdims=True), 1.0)
     figure, (axes,) = _figure(width=1.2 + 0.5 * len(labels), height=1.2 + 0.45 * n_experts)
     image = axes.imshow(table, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    axes.set_xticks(range(len(labels)), labels)
+    axes.set_xticks(range(len(labels)), labels, rotation=45 if group_name.startswith("target") else 0,
+                    ha="right" if group_name.startswith("target") else "center")
     axes.set_yticks(range(n_experts), [str(e) for e in range(n_experts)])
     axes.set(xlabel=group_name, ylabel="expert (first choice)", title="routing by target")
     figure.colorbar(image, ax=axes, label="share of the column's rows")

@@ -79,6 +79,18 @@ def test_heatmap_columns_are_shares_of_each_target_bin(fitted):
     top1 = model.route(X).argmax(axis=1)
     lowest = y <= np.quantile(y, 0.2)
     np.testing.assert_allclose(table[:, 0], np.bincount(top1[lowest], minlength=model.n_experts) / lowest.sum())
+    first = figure.axes[0].get_xticklabels()[0].get_text()
+    assert first == f"{y[lowest].min():.3g} to {y[lowest].max():.3g}"  # the bin's range of targets
+
+
+def test_heatmap_of_tied_targets_shows_the_bins_that_hold_rows(fitted):
+    model, X, _ = fitted
+    y = np.where(np.arange(len(X)) < 150, 0.0, np.arange(len(X)) - 149.0)  # three quarters tied at 0
+    axes = plot_routing_heatmap(model, X, y, n_bins=10).axes[0]
+    labels = [label.get_text() for label in axes.get_xticklabels()]
+    # The tied rows' bins merged into one (with the next values up to its edge): 3 bins, not 10.
+    assert labels[0] == "0 to 10" and len(labels) == axes.images[0].get_array().shape[1] == 3
+    np.testing.assert_allclose(axes.images[0].get_array().sum(axis=0), 1.0)  # no empty column
 
 
 def test_heatmap_of_a_classifier_has_a_column_per_class():
