@@ -17,7 +17,7 @@ from ._guard import LossLedger, NonFiniteLoss, TrainingGuard, check_finite_loss
 from ._warnings import warn_at_caller
 from .distributed.data_parallel import active_group, agree_on_fault
 from .nn.density import CLASS_MIXTURES, mixture_nll, per_expert_mixture_nll
-from .nn.losses import MultilabelLoss, per_expert_loss
+from .nn.losses import MultilabelLoss, mean_per_row, per_expert_loss
 from .nn.moe import MoEOutput
 
 
@@ -88,9 +88,7 @@ class MoENet(NeuralNet):
             per_row = mixture_nll(outputs, assignments.rows, assignments.weights, y_true)
         else:
             output = y_pred.output.float()
-            per_row = self.criterion_(output.detach() if per_expert else output, y_true)
-            if per_row.ndim > 1:
-                per_row = per_row.mean(dim=tuple(range(1, per_row.ndim)))
+            per_row = mean_per_row(self.criterion_(output.detach() if per_expert else output, y_true))
         sample_weight = X.get("sample_weight") if isinstance(X, Mapping) else None
         task_loss = per_row.mean() if sample_weight is None else (per_row * sample_weight).mean()
         if not training:
@@ -230,7 +228,7 @@ class MoENet(NeuralNet):
     def predict_proba(self, X):
         """Class probabilities (label probabilities for multilabel); the prediction itself
         for regression."""
-        output = torch.cat(list(self.forward_iter(X)))
+        output = self._output(X)
         if isinstance(self.criterion_, torch.nn.CrossEntropyLoss):
             output = output.softmax(dim=-1)  # of logits or of log-probabilities alike
         elif isinstance(self.criterion_, MultilabelLoss):
@@ -239,12 +237,15 @@ class MoENet(NeuralNet):
 
     def predict(self, X):
         """Class indices (0/1 labels for multilabel); standardised targets for regression."""
-        output = torch.cat(list(self.forward_iter(X)))
+        output = self._output(X)
         if isinstance(self.criterion_, torch.nn.CrossEntropyLoss):
             output = output.argmax(dim=-1)
         elif isinstance(self.criterion_, MultilabelLoss):
             output = (output > 0).long()
         return output.numpy()
+
+    def _output(self, X) -> torch.Tensor:
+        return torch.cat(list(self.forward_iter(X)))
 
     def infer(self, x, **fit_params):
         # Batches come from TensorTable already as tensors on the right device.

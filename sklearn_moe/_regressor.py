@@ -134,7 +134,7 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         """The per-row loss that configurations are compared on while they train (tuning's
         pruning): the squared error of the prediction (a density mixture's mean) on the
         standardised targets, whatever ``output`` trains on."""
-        return nn.MSELoss(reduction="none")
+        return self._criterion()
 
     def _module_output(self) -> str:
         return self.output

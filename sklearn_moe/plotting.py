@@ -152,7 +152,8 @@ def plot_expert_utilization(estimator, share: str = "auto"):
     # After prune_experts or grow_experts (then partial_fit), the earlier epochs' shares are
     # of other experts: only the epochs since the experts last changed are drawn.
     sizes = np.array([len(record) for record in records])
-    current = len(sizes) - np.argmax((sizes != sizes[-1])[::-1]) if (sizes != sizes[-1]).any() else 0
+    changed = np.flatnonzero(sizes != sizes[-1])
+    current = changed[-1] + 1 if changed.size else 0
     records = records.iloc[current:]
     shares = np.vstack([np.asarray(record, dtype=float) for record in records])
     figure, (axes,) = _figure(width=6.5)
@@ -232,8 +233,8 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
     table /= np.maximum(table.sum(axis=0, keepdims=True), 1.0)
     figure, (axes,) = _figure(width=1.2 + 0.5 * len(labels), height=1.2 + 0.45 * n_experts)
     image = axes.imshow(table, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    axes.set_xticks(range(len(labels)), labels, rotation=45 if group_name.startswith("target") else 0,
-                    ha="right" if group_name.startswith("target") else "center")
+    ranges = not hasattr(estimator, "classes_")  # long labels: slanted
+    axes.set_xticks(range(len(labels)), labels, rotation=45 if ranges else 0, ha="right" if ranges else "center")
     axes.set_yticks(range(n_experts), [str(e) for e in range(n_experts)])
     axes.set(xlabel=group_name, ylabel="expert (first choice)", title="routing by target")
     figure.colorbar(image, ax=axes, label="share of the column's rows")

@@ -259,15 +259,17 @@ def per_expert_loss(
     expert_weights = weights.detach()
     if expert_mask is not None:
         expert_weights = normalize_per_row(expert_weights * expert_mask, rows, n, grid)
-    expert_terms = _per_row(criterion(outputs.float(), target.index_select(0, rows))) * expert_weights
-    gate_terms = _per_row(criterion(mixture_for_gate, target))
+    expert_terms = mean_per_row(criterion(outputs.float(), target.index_select(0, rows))) * expert_weights
+    gate_terms = mean_per_row(criterion(mixture_for_gate, target))
     if sample_weight is not None:
         expert_terms = expert_terms * sample_weight.index_select(0, rows)
         gate_terms = gate_terms * sample_weight
     return expert_terms.sum() / n + gate_terms.mean()
 
 
-def _per_row(loss: torch.Tensor) -> torch.Tensor:
+def mean_per_row(loss: torch.Tensor) -> torch.Tensor:
+    """An unreduced loss (``reduction="none"``: per row, or per row and output) as one value
+    per row, the mean over its outputs."""
     return loss.mean(dim=tuple(range(1, loss.ndim))) if loss.ndim > 1 else loss
 
 

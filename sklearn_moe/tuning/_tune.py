@@ -22,6 +22,7 @@ from sklearn.utils import _safe_indexing
 from skorch.callbacks import Callback
 
 from .._validation import check_int
+from ..nn.losses import mean_per_row
 from ._optuna_private import claimed_trial
 from ._space import check_space, decode_params, find_moe_step, fit_param_name, search_space, suggest
 from ._storage import fail_stale_trials, heartbeat_enabled, logger, make_storage, open_study, pop_ticket
@@ -92,9 +93,7 @@ class PruningCallback(Callback):
         if self._criterion is None or y_pred is None:
             return
         X, y = batch
-        per_row = self._criterion(y_pred.output.detach().float(), y)
-        if per_row.ndim > 1:
-            per_row = per_row.mean(dim=tuple(range(1, per_row.ndim)))
+        per_row = mean_per_row(self._criterion(y_pred.output.detach().float(), y))
         weight = X.get("sample_weight") if isinstance(X, Mapping) else None
         if weight is not None:
             per_row = per_row * weight
