@@ -108,6 +108,8 @@ class DensityMethods:
         if levels.ndim != 1 or not np.all((levels > 0) & (levels < 1)):
             raise ValueError(f"q must be probabilities in (0, 1), got {q!r}.")
         weights, means, scales = self._distribution(X)
+        constant = self._y_scale == 0  # a point mass: each of its quantiles is its value
+        scales = np.where(constant, 1.0, scales)
         order = np.argsort(levels, kind="stable")
         low = (means - 12 * scales).min(axis=1)
         high = (means + 12 * scales).max(axis=1)
@@ -121,6 +123,7 @@ class DensityMethods:
                 lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
             results[..., position] = (lo + hi) / 2
         results[..., order] = np.maximum.accumulate(results[..., order], axis=-1)  # monotone in q
+        results[:, constant, :] = self._y_mean[constant, None]
         return results[:, 0, :] if self._y_ndim == 1 else results
 
     def sample(self, X, n_samples: int = 1, random_state=None) -> np.ndarray:
@@ -183,8 +186,13 @@ class DensityMethods:
         ValueError
             If ``y`` has another number of rows than ``X``, another number of targets than
             the model predicts, or a missing or infinite value, or the estimator's
-            ``output`` is not ``"mixture_density"``.
+            ``output`` is not ``"mixture_density"``, or the model was fitted on a
+            constant target (a point mass, which has no density).
         """
+        constant = self._y_scale == 0
+        if constant.any():
+            raise ValueError(f"The model was fitted on a constant target ({self._y_mean[constant][0]:g}): its "
+                             "predictive distribution is a point mass, which has no density to score y by.")
         weights, means, scales = self._distribution(X)
         y = np.array(y, dtype=np.float64)  # a copy: a pandas column's values may be read-only
         if y.ndim == 0 or y.shape[0] != weights.shape[0]:
@@ -200,7 +208,8 @@ class DensityMethods:
     def _predict_std(self, X) -> tuple[np.ndarray, np.ndarray]:
         weights, means, scales = self._distribution(X)
         mean, std = mixture_moments(*(torch.as_tensor(a) for a in (weights, means, scales)))
-        mean, std = mean.numpy(), std.numpy()
+        constant = self._y_scale == 0
+        mean, std = np.where(constant, self._y_mean, mean.numpy()), np.where(constant, 0.0, std.numpy())
         return (mean[:, 0], std[:, 0]) if self._y_ndim == 1 else (mean, std)
 
     def _distribution(self, X):
@@ -214,7 +223,8 @@ class DensityMethods:
             weights, means, scales = self.module_.predict_distribution(X_scaled)
         weights = weights.double().cpu().numpy()
         weights = weights / weights.sum(axis=1, keepdims=True)
-        y_scale = np.where(self._y_scale > 0, self._y_scale, 1.0)
-        means = means.double().cpu().numpy() * y_scale + self._y_mean
-        scales = scales.double().cpu().numpy() * y_scale
+        # A constant target (scale 0) is a point mass at its value: every mean is the
+        # value, every scale 0, as ``predict`` gives the value itself.
+        means = means.double().cpu().numpy() * self._y_scale + self._y_mean
+        scales = scales.double().cpu().numpy() * self._y_scale
         return weights, means, scales

@@ -4,6 +4,7 @@ both docstrings' ``Parameters`` section."""
 
 from numbers import Integral, Real
 
+import numpy as np
 import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
@@ -292,6 +293,11 @@ def check_hyperparameters(estimator) -> str:
     cannot say: hidden sizes, the device); returns the resolved torch device."""
     estimator._validate_params()
     name = type(estimator).__name__
+    for param, constraints in estimator._parameter_constraints.items():
+        value = getattr(estimator, param)
+        if (isinstance(value, (bool, np.bool_)) and "boolean" not in constraints
+                and any(isinstance(constraint, Interval) for constraint in constraints)):
+            raise ValueError(f"The '{param}' parameter of {name} is a number; got the bool {value!r} instead.")
     if estimator.collapse_recovery and estimator.router == "hierarchical":
         # As prune_experts and grow_experts: a starved expert's copy stays behind a group
         # gate that does not pick its group.

@@ -127,7 +127,14 @@ def _categorical_mask(X, categorical_features) -> np.ndarray:
             return np.zeros(n_features, dtype=bool)
         return np.array([is_bool_dtype(dtype) or not (is_numeric_dtype(dtype) or is_date_or_duration(dtype))
                          for dtype in X.dtypes])
+    if isinstance(categorical_features, (list, tuple)):
+        kinds = {isinstance(item, str) for item in categorical_features}
+        if len(kinds) > 1:
+            raise ValueError("categorical_features mixes column names and column indices; give one or the other: "
+                             f"{list(categorical_features)!r}.")
     given = np.asarray(categorical_features)
+    if given.size == 0 and given.ndim == 1:  # an empty list: no categorical column
+        return np.zeros(n_features, dtype=bool)
     if given.dtype == bool:
         if given.shape != (n_features,):
             raise ValueError(f"categorical_features as a boolean mask needs {n_features} entries (one per column); "
@@ -178,9 +185,8 @@ def fit_table_encoding(X, mask: np.ndarray, handle_missing: str, one_hot_max_cat
     missing = np.isnan(numeric)
     with_missing = np.flatnonzero(missing.any(axis=0))
     if with_missing.size and handle_missing == "error":
-        names = [_name(frame, column) for column in np.flatnonzero(~mask)[with_missing][:10]]
-        raise ValueError(f"Input X contains NaN in column(s) {', '.join(names)}; handle_missing='error'. Set "
-                         "handle_missing='native' to encode missing values, or impute them first.")
+        names = [_name(frame, column) for column in np.flatnonzero(~mask)[with_missing]]
+        raise ValueError(_missing_values_message(names))
     fill = np.zeros(numeric.shape[1])
     for j in with_missing:
         present = numeric[~missing[:, j], j]
@@ -202,16 +208,19 @@ def encode_table(X, state) -> np.ndarray:
     mask[state._table_categorical] = True
     numeric = _numeric_values(frame, ~mask)
     missing = np.isnan(numeric)
-    if missing.any():
-        numeric = np.where(missing, state._table_fill[None, :] if state._table_fill.size else 0.0, numeric)
-    blocks = [numeric, missing[:, state._table_missing].astype(np.float64)]
+    filled = state._table_missing
+    if missing[:, filled].any():  # the other columns' NaN stay: the scaled input's centre
+        fill = np.full(numeric.shape[1], np.nan)
+        fill[filled] = state._table_fill[filled]
+        numeric = np.where(missing, fill, numeric)
+    blocks = [numeric, missing[:, filled].astype(np.float64)]
     offsets = state._table_offsets
     embedded = set(embedded_positions(state).tolist())
     codes_of_embedded = []
     for position, column in enumerate(state._table_categorical):
         known = state._table_categories[offsets[position]:offsets[position + 1]]
         values = _category_strings(frame.iloc[:, column])
-        codes = pd.Index(known).get_indexer(values)  # -1: unseen or missing
+        codes = _codes(known, values)  # -1: unseen or missing
         is_missing = values == _MISSING
         if position in embedded:
             codes_of_embedded.append(np.where(is_missing, known.size + 1, codes + 1).astype(np.float64))
@@ -225,6 +234,12 @@ def encode_table(X, state) -> np.ndarray:
 
 
 _MISSING = "\x00missing"  # no category's string form
+
+
+def _missing_values_message(names: list[str]) -> str:
+    """The error for missing values under ``handle_missing="error"``, naming their columns."""
+    return (f"Input X contains NaN in column(s) {', '.join(names[:10])}; handle_missing='error'. Set "
+            "handle_missing='native' to encode missing values, or impute them first.")
 
 
 def _as_frame(X) -> pd.DataFrame:
@@ -241,8 +256,36 @@ def _name(frame: pd.DataFrame, column: int) -> str:
 
 
 def _category_strings(series: pd.Series) -> np.ndarray:
-    """A column's values as strings, a missing value as :data:`_MISSING`."""
-    return np.where(series.isna().to_numpy(), _MISSING, series.astype(object).astype(str).to_numpy()).astype(str)
+    """A column's values as category keys (strings), a missing value as :data:`_MISSING`.
+
+    A category is matched by its value: ``1``, ``1.0`` and ``"1.0"`` all have the key
+    ``"1"``, since a column of whole numbers turns float as soon as it holds a missing
+    value, and a row built from floats holds ``1.0`` where fit saw ``1``.
+    """
+    strings = series.astype(object).astype(str).to_numpy().astype(str)
+    return np.where(series.isna().to_numpy(), _MISSING, _whole_number_keys(strings)).astype(str)
+
+
+def _whole_number_keys(strings: np.ndarray) -> np.ndarray:
+    """``strings`` with the trailing zeros of whole numbers written as floats dropped
+    (``"3.0"`` and ``"-0.0"`` become ``"3"`` and ``"0"``)."""
+    keys = pd.Series(strings, dtype=object).str.replace(_WHOLE_FLOAT, r"\1", regex=True)
+    return np.where(keys == "-0", "0", keys.to_numpy(dtype=str))
+
+
+_WHOLE_FLOAT = r"^\+?(-?\d+)\.0+$"
+
+
+def _codes(known: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The position of each of ``values`` among the categories ``known``, -1 where it is not
+    one of them. A model saved before categories were keyed by value may hold ``"1.0"`` and
+    ``"1"`` both: the first of a key's categories takes it."""
+    if not known.size:
+        return np.full(len(values), -1)
+    keys = pd.Index(_whole_number_keys(known))
+    first_of_key = np.flatnonzero(~keys.duplicated(keep="first"))
+    found = keys[first_of_key].get_indexer(values)
+    return np.where(found >= 0, first_of_key[found], -1)
 
 
 def _numeric_values(frame: pd.DataFrame, columns: np.ndarray) -> np.ndarray:
@@ -251,7 +294,10 @@ def _numeric_values(frame: pd.DataFrame, columns: np.ndarray) -> np.ndarray:
     try:
         values = chosen.to_numpy(dtype=np.float64, na_value=np.nan)
     except (TypeError, ValueError) as error:
-        raise non_numeric_error(chosen, non_numeric_columns(chosen), error) from error
+        try:  # an object column's pd.NA or None, which na_value leaves to float()
+            values = chosen.astype(object).where(chosen.notna(), np.nan).to_numpy(dtype=np.float64)
+        except (TypeError, ValueError):
+            raise non_numeric_error(chosen, non_numeric_columns(chosen), error) from error
     if np.isinf(values).any():
         raise ValueError(infinity_message(list(chosen.columns[np.isinf(values).any(axis=0)])))
     return values
@@ -286,11 +332,21 @@ def encode_for_fit(estimator, X, reuse: bool):
 
 
 def encode_for_predict(estimator, X) -> np.ndarray:
-    """The encoded matrix of a raw table at prediction, its columns checked against fit's."""
+    """The encoded matrix of a raw table at prediction, its columns checked against fit's.
+
+    A numeric column that had no missing value in fit keeps its NaN (which the scaled input
+    turns into the column's centre), or, with ``handle_missing="error"``, is an error."""
     from sklearn.utils.validation import validate_data
 
     validate_data(estimator, X, reset=False, skip_check_array=True)  # the columns' names and number
-    return encode_table(X, estimator)
+    encoded = encode_table(X, estimator)
+    if estimator.handle_missing == "error":
+        numeric = np.flatnonzero(~np.isin(np.arange(_shape(X)[1]), estimator._table_categorical))
+        with_nan = np.isnan(encoded[:, :numeric.size]).any(axis=0)
+        if with_nan.any():
+            frame = _as_frame(X)
+            raise ValueError(_missing_values_message([_name(frame, column) for column in numeric[with_nan]]))
+    return encoded
 
 
 def _shape(X) -> tuple:

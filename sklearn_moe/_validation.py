@@ -151,8 +151,14 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exc
     holds = str(error).splitlines()[0] if str(error) else type(error).__name__
     if columns:
         column = frame.iloc[:, columns[0]]
-        text = _first_text(column)
-        what = f"holds {text!r}" if text is not None else f"is of dtype {column.dtype} with no value"
+        text, present = _first_text(column), column.dropna()
+        if text is not None:
+            what = f"holds {text!r}"
+        elif len(present):  # text that reads as numbers, such as '1'
+            what = (f"holds {present.iloc[0]!r} as text (dtype {column.dtype}): pd.to_numeric makes such a "
+                    "column numeric")
+        else:
+            what = f"is of dtype {column.dtype} with no value"
         holds = f"{names[0]!r} {what}"
     kind = TypeError if isinstance(error, TypeError) else ValueError
     return kind(

@@ -250,6 +250,25 @@ def test_multi_target_shapes_and_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.predict_quantiles(X, 0.3), model.predict_quantiles(X, 0.3))
 
 
+def test_a_constant_target_is_a_point_mass():
+    """As ``predict`` gives the constant exactly, so do the distribution's moments,
+    quantiles and samples; a point mass has no density to score by."""
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(120, 3))
+    model = MoERegressor(**dict(FAST, max_epochs=3), output="mixture_density").fit(X, np.c_[np.full(120, 5.0), X[:, 0]])
+    mean, std = model.predict(X[:4], return_std=True)
+    np.testing.assert_array_equal(mean[:, 0], 5.0)
+    np.testing.assert_array_equal(std[:, 0], 0.0)
+    assert (std[:, 1] > 0).all()
+    quantiles = model.predict_quantiles(X[:4], [0.05, 0.95])
+    np.testing.assert_array_equal(quantiles[:, 0, :], 5.0)
+    assert (quantiles[:, 1, 1] > quantiles[:, 1, 0]).all()
+    np.testing.assert_array_equal(model.sample(X[:4], 3, random_state=0)[..., 0], 5.0)
+    np.testing.assert_array_equal(model.predict_distribution(X[:4])["scales"][..., 0], 0.0)
+    with pytest.raises(ValueError, match=r"constant target \(5\).*point mass"):
+        model.score_nll(X[:4], np.c_[np.full(4, 5.0), X[:4, 0]])
+
+
 def test_point_models_say_what_they_lack(regression_data):
     X, y = regression_data
     model = MoERegressor(**dict(FAST, max_epochs=2)).fit(X, y)

@@ -65,6 +65,38 @@ def test_encoding_by_hand():
     np.testing.assert_array_equal(unseen, [[2.0, 0.0, 0.0, 0.0, 0.0]])  # an unseen category sets none
 
 
+def test_categories_are_matched_by_value_not_by_text():
+    # a column of whole numbers turns float with one missing value; "1.0" read as text too
+    frame = pd.DataFrame({"c": [1, 2, 3, 2]})
+    state = fit_table_encoding(frame, np.array([True]), "native")
+    assert state["_table_categories"].tolist() == ["1", "2", "3"]
+
+    class Fitted:
+        pass
+
+    fitted = Fitted()
+    vars(fitted).update(state)
+    as_ints = encode_table(frame, fitted)
+    np.testing.assert_array_equal(encode_table(frame.astype(float), fitted), as_ints)
+    np.testing.assert_array_equal(encode_table(frame.astype(str).replace({"2": "2.0"}), fitted), as_ints)
+    np.testing.assert_array_equal(encode_table(pd.DataFrame({"c": [-0.0, 4.0]}), fitted), np.zeros((2, 4)))
+    # a model keyed by text before (its categories "1.0", "2.0") still knows float and int rows
+    vars(fitted).update(_table_categories=np.array(["1.0", "2.0", "3.0"]))
+    np.testing.assert_array_equal(encode_table(frame.astype(float), fitted), as_ints)
+    np.testing.assert_array_equal(encode_table(frame, fitted), as_ints)
+
+
+def test_a_model_fitted_on_integer_categories_predicts_float_rows_alike():
+    rng = np.random.RandomState(0)
+    frame = pd.DataFrame({"store": rng.randint(0, 3, 240), "z": rng.normal(size=240)})
+    y = np.array([0.0, 10.0, -10.0])[frame["store"]]
+    model = MoERegressor(**QUICK, categorical_features=["store"]).fit(frame, y)
+    rows = frame.head(6)
+    np.testing.assert_array_equal(model.predict(rows.astype({"store": float})), model.predict(rows))
+    with_missing = rows.astype({"store": float}).assign(store=[np.nan, *rows["store"].iloc[1:]])
+    np.testing.assert_array_equal(model.predict(with_missing)[1:], model.predict(rows)[1:])
+
+
 def test_embedded_columns_become_codes_after_every_other_input():
     frame = pd.DataFrame({"c": ["b", "a", None, "b"], "x": [1.0, np.nan, 3.0, 5.0], "d": ["u", "v", "u", "u"]})
     state = fit_table_encoding(frame, np.array([True, False, True]), "native", one_hot_max_categories=1)
@@ -145,8 +177,10 @@ def test_categorical_features_forms():
     assert categorical_mask(frame, from_dtype).tolist() == from_dtype.tolist()
     assert not categorical_mask(frame, None).any()
     assert not categorical_mask(frame.to_numpy(), "from_dtype").any()  # an array has no dtypes per column
+    assert not categorical_mask(frame, []).any() and not categorical_mask(frame, ()).any()
     for bad, message in ((["town"], r"does not have: \['town'\]"), ([7], r"outside \[0, 5\)"),
-                         ([True, False], "needs 5 entries"), ("all", "categorical_features must be")):
+                         ([True, False], "needs 5 entries"), ("all", "categorical_features must be"),
+                         (["city", 1], "mixes column names and column indices")):
         with pytest.raises(ValueError, match=message):
             categorical_mask(frame, bad)
 
@@ -207,6 +241,27 @@ def test_missing_values_native_or_error():
     assert np.isfinite(complete.predict(numeric)).all()
     with pytest.raises(ValueError, match="Input X contains NaN"):
         complete.set_params(handle_missing="error").predict(numeric)
+
+
+@pytest.mark.parametrize("with_categories", [False, True])
+def test_a_missing_value_in_a_column_complete_in_fit_is_the_columns_centre(with_categories):
+    """Also when the table is encoded (a categorical column, or another column's missing
+    values in fit), not the raw value 0; and an error under handle_missing='error'."""
+    frame, y = raw_frame()
+    frame = frame.assign(year=np.random.RandomState(1).uniform(1990, 2020, len(frame)))
+    frame.loc[frame.index[::10], "age"] = np.nan  # missing in fit: the encoding is used
+    if not with_categories:
+        frame = frame[["age", "income", "year"]]
+    model = MoERegressor(**QUICK).fit(frame, y)
+    row = frame.head(1).assign(age=40.0)
+    centre = model._x_mean[list(frame.columns).index("year") - (3 if with_categories else 0)]
+    np.testing.assert_allclose(model.predict(row.assign(year=np.nan)), model.predict(row.assign(year=centre)),
+                               rtol=1e-6)
+    if with_categories:
+        complete = frame.assign(age=frame["age"].fillna(40.0))
+        strict = MoERegressor(**QUICK, handle_missing="error").fit(complete, y)
+        with pytest.raises(ValueError, match="Input X contains NaN in column\\(s\\) 'year'; handle_missing='error'"):
+            strict.predict(row.assign(year=np.nan))
 
 
 def test_too_many_categories_and_unmarked_strings_are_errors(monkeypatch):

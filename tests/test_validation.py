@@ -198,6 +198,28 @@ def test_unconverted_columns_are_named_whatever_failed_in_the_conversion(estimat
         estimator_class(**TINY, categorical_features=None, handle_missing="error").fit(frame, y)
 
 
+def test_numbers_written_as_text_are_named_and_pd_to_numeric_suggested():
+    frame = pd.DataFrame({"n": pd.array(["1", "2", "3"] * 2, dtype="string"), "note": list("abcabc")})
+    with pytest.raises(ValueError, match=r"'n', 'note' .*'n' holds '1' as text \(dtype string\): pd.to_numeric"):
+        MoERegressor(**TINY, categorical_features=None).fit(frame, np.arange(6.0))
+
+
+@by_name
+def test_pd_na_in_an_object_array_is_a_missing_value(estimator_class):
+    X, y = _data(estimator_class)
+    X = X.astype(object)
+    X[0, 0], X[1, 1] = pd.NA, None
+    model = estimator_class(**TINY).fit(X, y)
+    assert model._table_missing.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("param", ["n_experts", "top_k", "max_epochs", "batch_size", "learning_rate", "weight_decay"])
+def test_a_bool_for_a_number_is_refused_by_name(param):
+    X, y = _data(MoERegressor)
+    with pytest.raises(ValueError, match=f"The '{param}' parameter of MoERegressor is a number; got the bool True"):
+        MoERegressor(**TINY).set_params(**{param: True}).fit(X, y)
+
+
 @by_name
 def test_a_table_of_no_column_is_refused_as_such(estimator_class):
     X, y = _data(estimator_class)
