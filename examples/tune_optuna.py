@@ -11,9 +11,9 @@ Run it::
 count and width, top-k, temperature, capacity, balance loss, learning rate, ...), scores each
 by cross-validation and reports every fold's per-epoch validation loss to Optuna, so that the
 median pruner stops a trial as soon as it falls behind the others at the same fold and epoch.
-With ``--storage`` more workers can join the same study from other shells (the command is
-printed). The figures (optimisation history, parameter importances, intermediate values) go
-to ``examples/figures/tune_optuna_*.png``. Data: the regime-switching data of
+With ``--storage`` more workers can join the same study from other shells, each running the
+same command (it is printed). The figures (optimisation history, parameter importances,
+intermediate values) go to ``examples/figures/tune_optuna_*.png``. Data: the regime-switching data of
 ``examples.regime_switching``.
 """
 
@@ -109,9 +109,10 @@ def main(argv=None):
     space = search_space(model, max_experts=8 if args.quick else 16, expert_widths=(16, 32),
                          expert_depths=(1, 2), exclude=["expert_type", "expert_loss", "numeric_embedding",
                                                         "lr_schedule"])
-    if args.storage:
-        print("more workers can join this study with:\n  python -m sklearn_moe.tuning worker "
-              f"--storage {args.storage} --study {args.study} ...  (same data and space)")
+    if args.storage:  # the same command builds the same data and space: another shell joins with it
+        print("more workers can join this study: run the same command in other shells,\n  python -m "
+              f"examples.tune_optuna --storage {args.storage} --study {args.study}"
+              + (" --quick" if args.quick else "") + (f" --n-trials {args.n_trials}" if args.n_trials else ""))
     result = tune(model, X, y, n_trials=n_trials, cv=KFold(3, shuffle=True, random_state=0), scoring="r2",
                   storage=args.storage, study_name=args.study if args.storage else None,
                   param_distributions=space, random_state=0, warmup_epochs=2 if args.quick else 5)

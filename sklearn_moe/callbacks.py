@@ -720,7 +720,8 @@ class CollapseMonitor(Callback):
                       f"{_balancing_advice(module)}, or set collapse_recovery=True to re-initialise them")
             warn_at_caller(
                 f"Expert(s) {collapsed} received less than {self.threshold:g} of an equal share of the "
-                f"routing for {self.patience} epochs (shares {shares}): the router has collapsed onto "
+                f"routing for {self.patience} epochs (their shares {shares}, where an equal share is "
+                f"{1 / len(share):.3g}): the router has collapsed onto "
                 f"fewer experts; {action}.", ExpertCollapseWarning)
 
 

@@ -2,10 +2,11 @@
 
 ::
 
-    sklearn-moe fit DATA.csv --target COL [--task auto] [--cv 5] [--tune N_TRIALS] [--ignore COL ...] --out DIR
-    sklearn-moe predict DIR DATA.csv > predictions.csv
-    sklearn-moe info DIR
-    sklearn-moe demo
+    sklearn-moe fit DATA.csv --target COL [--task auto|regression|classification] [--cv 5] [--tune N_TRIALS]
+                    [--ignore COL ...] [--seed 0] [--max-epochs N] --out DIR
+    sklearn-moe predict MODEL DATA.csv > predictions.csv
+    sklearn-moe info MODEL
+    sklearn-moe demo [--cv 3] [--max-epochs N] [--out DIR]
 
 ``fit`` reads the table as it is (categorical columns and missing values are encoded inside
 the model), cross-validates the MoE against baselines (HistGradientBoosting, a linear model
@@ -200,7 +201,8 @@ def fit_command(args) -> int:
     save_model(moe, out, args, task, X, y, cv=args.cv, metric=metric, ignored=list(args.ignore),
                cross_validation=table.to_dict(orient="records"))
     written = [MODEL_FILE, SUMMARY_FILE] + _plots(moe, out)
-    print(f"wrote {', '.join(str(out / name) for name in written)}")
+    if args.report_files:
+        print(f"wrote {', '.join(str(out / name) for name in written)}")
     return 0
 
 
@@ -230,18 +232,23 @@ def _plots(model, out: Path) -> list[str]:
     return names
 
 
-def load_model(directory):
-    """The model and summary of a ``fit --out`` directory."""
+def load_model(path):
+    """The model and summary of a ``fit --out`` directory, or a model file saved from Python
+    (``model.save(path)``) and no summary."""
     import sklearn_moe
 
-    directory = Path(directory)
-    if not (directory / MODEL_FILE).is_file():
-        raise InputError(f"no model in {directory}: expected {directory / MODEL_FILE} (written by sklearn-moe fit)")
+    path = Path(path)
+    model_file = path if path.is_file() else path / MODEL_FILE
+    if not model_file.is_file():
+        raise InputError(f"no model in {path}: expected {path / MODEL_FILE} (written by sklearn-moe fit) or a model "
+                         "file (written by model.save)")
     try:
-        model = sklearn_moe.load(directory / MODEL_FILE)
+        model = sklearn_moe.load(model_file)
     except ValueError as error:
-        raise InputError(f"unreadable model file {directory / MODEL_FILE}: {error}") from error
-    summary_path = directory / SUMMARY_FILE
+        raise InputError(f"unreadable model file {model_file}: {error}") from error
+    if model_file == path:
+        return model, {}
+    summary_path = path / SUMMARY_FILE
     if not summary_path.is_file():
         return model, {}
     try:
@@ -268,6 +275,11 @@ def predict_command(args) -> int:
         if unused:
             print(f"note: ignoring column(s) the model does not use: {unused}", file=sys.stderr)
         X = X[list(model.feature_names_in_)]
+    else:  # fitted on an array: the table's columns are its columns, in fit's order
+        if X.shape[1] != model.n_features_in_:
+            raise InputError(f"{args.data} has {X.shape[1]} column(s) besides any target, but the model was fitted "
+                             f"without column names on {model.n_features_in_}: give exactly those, in fit's order")
+        X = X.to_numpy()
     try:
         predicted = model.predict(X)
         if predicted.ndim == 1:
@@ -316,7 +328,10 @@ def demo_command(args) -> int:
         out = Path(args.out) if args.out else Path(scratch) / "model"
         print(f"demo: {len(frame)} rows of scikit-learn's diabetes data, target 'target'")
         status = fit_command(argparse.Namespace(data=data, target="target", task="regression", cv=args.cv,
-                                                tune=0, out=out, seed=0, max_epochs=args.max_epochs, ignore=[]))
+                                                tune=0, out=out, seed=0, max_epochs=args.max_epochs, ignore=[],
+                                                report_files=bool(args.out)))
+        if not args.out:
+            print("(the model is not kept: demo --out DIR keeps it)")
         if args.out:  # the summary names the data set, not the scratch file just deleted
             summary = json.loads((out / SUMMARY_FILE).read_text())
             (out / SUMMARY_FILE).write_text(json.dumps({**summary, "data": "sklearn.datasets.load_diabetes()"},
@@ -360,15 +375,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="columns not to learn from (an id, say); predict ignores them too")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--max-epochs", type=int_at_least(1), help="override the MoE's max_epochs")
+    fit.set_defaults(report_files=True)
+    model_help = "directory written by sklearn-moe fit, or a model file written by model.save"
     predict = commands.add_parser("predict", help="predict a table's rows with a fitted model (CSV to stdout)")
-    predict.add_argument("model_dir", help="directory written by sklearn-moe fit")
+    predict.add_argument("model_dir", metavar="MODEL", help=model_help)
     predict.add_argument("data", help="CSV or parquet file")
     info = commands.add_parser("info", help="a fitted model's parameters, score and routing")
-    info.add_argument("model_dir")
+    info.add_argument("model_dir", metavar="MODEL", help=model_help)
     demo = commands.add_parser("demo", help="fit and cross-validate on bundled data (scikit-learn's diabetes)")
-    demo.add_argument("--cv", type=int, default=3)
-    demo.add_argument("--out", help="keep the model in this directory")
-    demo.add_argument("--max-epochs", type=int_at_least(1))
+    demo.add_argument("--cv", type=int, default=3, help="cross-validation folds (default 3)")
+    demo.add_argument("--out", help="keep the model in this directory (else it is not kept)")
+    demo.add_argument("--max-epochs", type=int_at_least(1), help="override the MoE's max_epochs")
     return parser
 
 

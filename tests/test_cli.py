@@ -90,7 +90,8 @@ ERRORS = [
     (("fit", "labels.csv", "--target", "label", "--task", "regression", "--out", "m"), 3, "is not numeric"),
     (("fit", "train.csv", "--target", "price", "--cv", "1", "--out", "m"), 3, "--cv must be between 2"),
     (("fit", "train.csv", "--target", "price", "--out", "new.csv"), 3, "--out new.csv is a file"),
-    (("predict", "nowhere", "new.csv"), 3, "no model in nowhere"),
+    (("predict", "nowhere", "new.csv"), 3, "no model in nowhere: expected nowhere/model.moe (written by "
+                                           "sklearn-moe fit) or a model file (written by model.save)"),
     (("predict", "broken", "new.csv"), 3, "unreadable model file"),
     (("info", "bad_summary"), 3, "unreadable summary bad_summary/summary.json"),
     (("fit", "train.csv", "--target", "price", "--ignore", "nope", "--out", "m"), 3,
@@ -264,6 +265,32 @@ def test_predict_writes_a_column_per_output_of_a_multilabel_model(workdir):
     assert table.columns.tolist() == ["prediction_0", "prediction_1", "probability_0", "probability_1"]
     np.testing.assert_array_equal(table[["prediction_0", "prediction_1"]], model.predict(frame.head(5)))
     np.testing.assert_allclose(table[["probability_0", "probability_1"]], model.predict_proba(frame.head(5)))
+
+
+def test_predict_and_info_take_a_model_file_saved_from_python(workdir, monkeypatch, capsys):
+    """A model fitted on an array (no column names) takes the table's columns in fit's order,
+    without scikit-learn's feature-names warning, and refuses a table of another width."""
+    from sklearn_moe import MoERegressor
+    from sklearn_moe.cli import main
+
+    path, _ = workdir
+    monkeypatch.chdir(path)
+    frame = pd.read_csv(path / "train.csv")[["a", "b"]].fillna(0.0)
+    model = MoERegressor(n_experts=2, expert_hidden=(8,), max_epochs=3, random_state=0).fit(frame.to_numpy(),
+                                                                                           frame["a"].to_numpy())
+    model.save(path / "array.moe")
+    frame.head(5).to_csv(path / "two_columns.csv", index=False)
+    frame.head(5).assign(c=1.0).to_csv(path / "three_columns.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["predict", "array.moe", "two_columns.csv"]) == 0
+    predicted = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    np.testing.assert_allclose(predicted["prediction"], model.predict(frame.head(5).to_numpy()), rtol=1e-6)
+    assert main(["predict", "array.moe", "three_columns.csv"]) == 3
+    assert "has 3 column(s) besides any target, but the model was fitted without column names on 2" in (
+        capsys.readouterr().err)
+    assert main(["info", "array.moe"]) == 0
+    assert "MoERegressor: 2 input columns" in capsys.readouterr().out
 
 
 def test_the_mlp_baseline_fits_targets_far_from_zero():
