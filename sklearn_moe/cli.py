@@ -220,6 +220,8 @@ def _tuned(moe, X, y, args):
 
 def _plots(model, out: Path) -> list[str]:
     try:
+        import matplotlib.pyplot as plt
+
         from sklearn_moe.plotting import plot_expert_utilization, plot_training_curves
     except ImportError:
         print("matplotlib is not installed: no plots (pip install 'sklearn-moe[plot]')", file=sys.stderr)
@@ -227,7 +229,9 @@ def _plots(model, out: Path) -> list[str]:
     names = []
     for name, plot in (("training_curves.png", plot_training_curves), ("expert_utilization.png",
                                                                         plot_expert_utilization)):
-        plot(model).figure.savefig(out / name, dpi=100, bbox_inches="tight")
+        figure = plot(model).figure
+        figure.savefig(out / name, dpi=100, bbox_inches="tight")
+        plt.close(figure)  # main() may run many times in one process
         names.append(name)
     return names
 

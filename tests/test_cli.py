@@ -1,8 +1,10 @@
 """The ``sklearn-moe`` command line on CSV files: the console script as a subprocess, and
 its ``main`` in this process where only the exit status and the messages are checked."""
 
+import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,7 +23,25 @@ pytestmark = pytest.mark.skipif(SCRIPT is None, reason="the console script is no
 
 
 def run(*args, cwd):
+    """The console script in a subprocess: for the tests of the installed command itself."""
     return subprocess.run([SCRIPT, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def run_main(*args, cwd):
+    """``main`` in this process, in ``cwd``: what the console script runs, without the
+    seconds of a new interpreter's imports. Returns what ``run`` does."""
+    from sklearn_moe.cli import main
+
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main([str(arg) for arg in args])
+    except SystemExit as exit_:  # argparse's errors
+        status = exit_.code
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -58,18 +78,18 @@ def test_fit_prints_the_table_and_writes_the_model(workdir):
 
 def test_predict_writes_csv_to_stdout(workdir):
     path, _ = workdir
-    predicted = run("predict", "model", "new.csv", cwd=path)
+    predicted = run_main("predict", "model", "new.csv", cwd=path)
     assert predicted.returncode == 0, predicted.stderr
     lines = predicted.stdout.strip().splitlines()
     assert lines[0] == "prediction" and len(lines) == 7  # unseen and missing categories included
     assert np.isfinite([float(v) for v in lines[1:]]).all()
     # the training table, target column included: the target is left out
-    assert run("predict", "model", "train.csv", cwd=path).returncode == 0
+    assert run_main("predict", "model", "train.csv", cwd=path).returncode == 0
 
 
 def test_info_prints_parameters_score_and_routing(workdir):
     path, _ = workdir
-    info = run("info", "model", cwd=path)
+    info = run_main("info", "model", cwd=path)
     assert info.returncode == 0, info.stderr
     assert "MoERegressor: 3 input columns" in info.stdout and "2-fold R²: MoE" in info.stdout
     assert "routing: expert load" in info.stdout and "max_epochs=3" in info.stdout
@@ -77,10 +97,11 @@ def test_info_prints_parameters_score_and_routing(workdir):
 
 def test_a_text_target_is_a_classification(workdir):
     path, _ = workdir
-    fitted = run("fit", "labels.csv", "--target", "label", "--cv", "2", "--max-epochs", "2", "--out", "clf", cwd=path)
+    fitted = run_main("fit", "labels.csv", "--target", "label", "--cv", "2", "--max-epochs", "2", "--out", "clf",
+                      cwd=path)
     assert fitted.returncode == 0, fitted.stderr
     assert "classification (accuracy" in fitted.stdout and "logistic_regression" in fitted.stdout
-    predicted = run("predict", "clf", "labels.csv", cwd=path).stdout.splitlines()
+    predicted = run_main("predict", "clf", "labels.csv", cwd=path).stdout.splitlines()
     assert predicted[0] == "prediction,probability_down,probability_up" and predicted[1].split(",")[0] in ("up", "down")
 
 
@@ -165,11 +186,12 @@ def test_a_class_rarer_than_the_folds_and_a_failing_baseline_do_not_stop_fit(tmp
     pd.DataFrame({"x": x, "label": label}).to_csv(tmp_path / "rare.csv", index=False)
     pd.DataFrame({"x": [0.1, 0.5, -1, 2, 0.3, -0.2], "label": list("ababab")}).to_csv(tmp_path / "six.csv",
                                                                                       index=False)
-    rare = run("fit", "rare.csv", "--target", "label", "--cv", "2", "--max-epochs", "2", "--out", "r", cwd=tmp_path)
+    rare = run_main("fit", "rare.csv", "--target", "label", "--cv", "2", "--max-epochs", "2", "--out", "r",
+                    cwd=tmp_path)
     assert rare.returncode == 0, rare.stderr
     assert {row["model"] for row in json.loads((tmp_path / "r" / "summary.json").read_text())["cross_validation"]} == {
         "moe", "logistic_regression", "hist_gradient_boosting", "mlp"}
-    six = run("fit", "six.csv", "--target", "label", "--cv", "3", "--max-epochs", "2", "--out", "s", cwd=tmp_path)
+    six = run_main("fit", "six.csv", "--target", "label", "--cv", "3", "--max-epochs", "2", "--out", "s", cwd=tmp_path)
     assert six.returncode == 0, six.stderr
     assert "note: mlp left out of the comparison, it failed: The test_size" in six.stderr
     assert "mlp" not in six.stdout and "moe" in six.stdout and (tmp_path / "s" / "model.moe").exists()
@@ -179,12 +201,12 @@ def test_ignored_columns_are_left_out_of_fit_and_predict(workdir, tmp_path):
     path, _ = workdir
     table = pd.read_csv(path / "train.csv").assign(row_id=np.arange(120), note="x")
     table.to_csv(tmp_path / "with_id.csv", index=False)
-    fitted = run("fit", "with_id.csv", "--target", "price", "--ignore", "row_id", "note", "--cv", "2",
+    fitted = run_main("fit", "with_id.csv", "--target", "price", "--ignore", "row_id", "note", "--cv", "2",
                  "--max-epochs", "2", "--out", "m", cwd=tmp_path)
     assert fitted.returncode == 0, fitted.stderr
     summary = json.loads((tmp_path / "m" / "summary.json").read_text())
     assert summary["ignored"] == ["row_id", "note"] and summary["columns"] == ["a", "city", "b"]
-    predicted = run("predict", "m", "with_id.csv", cwd=tmp_path)
+    predicted = run_main("predict", "m", "with_id.csv", cwd=tmp_path)
     assert predicted.returncode == 0 and "note:" not in predicted.stderr  # ignored by request: no note
     assert len(predicted.stdout.splitlines()) == 121
 
@@ -225,7 +247,7 @@ def test_demo_runs_on_bundled_data(tmp_path):
     assert (tmp_path / "demo_model" / "model.moe").is_file()
     summary = json.loads((tmp_path / "demo_model" / "summary.json").read_text())
     assert summary["data"] == "sklearn.datasets.load_diabetes()"  # not the deleted scratch file
-    info = run("info", "demo_model", cwd=tmp_path)
+    info = run_main("info", "demo_model", cwd=tmp_path)
     assert "parameters (not at their defaults): max_epochs=3" in info.stdout  # not load()'s device
 
 
@@ -233,7 +255,7 @@ def test_demo_runs_on_bundled_data(tmp_path):
 def test_fit_can_tune_first(workdir):
     pytest.importorskip("optuna")
     path, _ = workdir
-    tuned = run("fit", "train.csv", "--target", "price", "--cv", "2", "--max-epochs", "2", "--tune", "2", "--out",
+    tuned = run_main("fit", "train.csv", "--target", "price", "--cv", "2", "--max-epochs", "2", "--tune", "2", "--out",
                 "tuned", cwd=path)
     assert tuned.returncode == 0, tuned.stderr
     assert "tuning: best 2-fold score" in tuned.stdout and (path / "tuned" / "model.moe").is_file()
@@ -242,7 +264,7 @@ def test_fit_can_tune_first(workdir):
 def test_predict_names_the_columns_it_ignores(workdir):
     path, _ = workdir
     pd.read_csv(path / "new.csv").assign(row_id=range(6)).to_csv(path / "with_id.csv", index=False)
-    plain, with_id = (run("predict", "model", name, cwd=path) for name in ("new.csv", "with_id.csv"))
+    plain, with_id = (run_main("predict", "model", name, cwd=path) for name in ("new.csv", "with_id.csv"))
     assert plain.returncode == with_id.returncode == 0, with_id.stderr
     assert with_id.stdout == plain.stdout
     assert "ignoring column(s) the model does not use: ['row_id']" in with_id.stderr
@@ -259,7 +281,7 @@ def test_predict_writes_a_column_per_output_of_a_multilabel_model(workdir):
     model = MoEClassifier(n_experts=2, expert_hidden=(8,), max_epochs=3, random_state=0).fit(frame, labels)
     model.save(path / "labels_model" / "model.moe")
     frame.head(5).to_csv(path / "numbers.csv", index=False)
-    predicted = run("predict", "labels_model", "numbers.csv", cwd=path)
+    predicted = run_main("predict", "labels_model", "numbers.csv", cwd=path)
     assert predicted.returncode == 0, predicted.stderr
     table = pd.read_csv(io.StringIO(predicted.stdout))
     assert table.columns.tolist() == ["prediction_0", "prediction_1", "probability_0", "probability_1"]
