@@ -334,12 +334,12 @@ def demo_command(args) -> int:
         status = fit_command(argparse.Namespace(data=data, target="target", task="regression", cv=args.cv,
                                                 tune=0, out=out, seed=0, max_epochs=args.max_epochs, ignore=[],
                                                 report_files=bool(args.out)))
-        if not args.out:
-            print("(the model is not kept: demo --out DIR keeps it)")
         if args.out:  # the summary names the data set, not the scratch file just deleted
             summary = json.loads((out / SUMMARY_FILE).read_text())
             (out / SUMMARY_FILE).write_text(json.dumps({**summary, "data": "sklearn.datasets.load_diabetes()"},
                                                        indent=2))
+        else:
+            print("(the model is not kept: demo --out DIR keeps it)")
     return status
 
 
