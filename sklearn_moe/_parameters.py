@@ -306,6 +306,14 @@ def check_hyperparameters(estimator) -> str:
             "as a copy of the busiest one stays in its group, which the group gate still does not choose. Use a flat "
             "router, or collapse_recovery=False (the collapse warning still reports it)."
         )
+    if estimator.balance_loss == "aux_free" and estimator.router == "hierarchical":
+        # The bias reranks experts within the chosen group, but the group gate picks the
+        # group unbiased: an unchosen group's biases grow without bound and never win.
+        raise ValueError(
+            f"{name}(balance_loss='aux_free') does not support router='hierarchical': the selection bias only "
+            "reranks the experts of the group the group gate chose, so it cannot move rows between groups. Use "
+            "balance_loss='switch' or 'cv2' with the hierarchical router, or a flat router."
+        )
     for param in ("expert_hidden", "gate_hidden"):
         hidden = getattr(estimator, param)
         if not all(isinstance(h, Integral) and not isinstance(h, bool) and h >= 1 for h in hidden):

@@ -748,7 +748,9 @@ class AuxFreeBalancing(Callback):
     After every optimizer step, nudge each expert's selection bias by ``rate`` toward
     balance: ``b_e += rate * sign(mean_load - load_e)`` from the batch's routing counts
     (rows with zero sample weight not counted). The bias changes which experts are chosen,
-    never the gate weights, so no gradient interferes with the task loss.
+    never the gate weights, so no gradient interferes with the task loss. The scores it
+    biases are the router's softmax probabilities (DeepSeek-V3 biases sigmoid affinities;
+    Wang et al. 2024 apply the rule to softmax gates as well).
 
     Parameters
     ----------

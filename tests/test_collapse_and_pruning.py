@@ -113,6 +113,14 @@ def test_collapse_parameters_are_validated():
             MoERegressor(max_epochs=1, **bad).fit(X, y)
 
 
+def test_aux_free_balancing_is_refused_under_the_hierarchical_router():
+    """Its bias reranks experts only within the group the group gate chose: it cannot move
+    rows between groups."""
+    X, y = np.zeros((20, 2)), np.zeros(20)
+    with pytest.raises(ValueError, match="balance_loss='aux_free'.*router='hierarchical'.*between groups"):
+        MoERegressor(max_epochs=1, router="hierarchical", balance_loss="aux_free").fit(X, y)
+
+
 @pytest.mark.parametrize("router", ["softmax", "topk", "noisy_topk", "top_p", "switch"])
 @pytest.mark.parametrize("expert_type", ["independent", "adapter"])
 def test_split_expert_copies_the_source_and_halves_its_gate_mass(expert_type, router):

@@ -47,6 +47,18 @@ def test_mixture_nll_by_hand():
     assert float(per_expert_mixture_nll(outputs, rows, weights, target)) == pytest.approx(per_expert, rel=1e-5)
 
 
+def test_an_assignment_of_weight_zero_adds_nothing_even_to_a_far_target():
+    """Small evaluation batches list unchosen experts with weight 0: a row's likelihood must
+    not depend on them (it did by float32's smallest weight, which dominates far out)."""
+    outputs = torch.tensor([[0.0, raw_scale(1.0)], [40.0, raw_scale(1.0)]], requires_grad=True)
+    target = torch.tensor([[40.0]])
+    with_zero = mixture_nll(outputs, torch.tensor([0, 0]), torch.tensor([1.0, 0.0]), target)
+    alone = mixture_nll(outputs[:1], torch.tensor([0]), torch.tensor([1.0]), target)
+    torch.testing.assert_close(with_zero, alone)
+    with_zero.sum().backward()
+    assert torch.isfinite(outputs.grad).all() and (outputs.grad[1] == 0).all()
+
+
 def test_loss_and_gradients_stay_finite_at_the_scale_floor_and_far_away():
     raw = torch.tensor([[0.0, -100.0], [0.0, -100.0]], requires_grad=True)  # scales at the floor
     assert torch.allclose(expert_scales(raw[:, 1:]), torch.tensor(SCALE_FLOOR))

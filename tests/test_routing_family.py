@@ -411,6 +411,42 @@ def test_reroute_needs_a_ranking_and_overflow_is_validated():
         make_moe(capacity_overflow="spill")
 
 
+@pytest.mark.parametrize("shared_expert", [False, True])
+@pytest.mark.parametrize("output", ["mixture_density", "categorical_mixture", "bernoulli_mixture"])
+def test_a_row_the_capacity_strips_of_every_expert_is_the_shared_experts_or_zeros(output, shared_expert):
+    """Under a mixture output such a row is a one-component mixture of the output a point
+    model gives it (the shared expert's, else zeros), not a mixture of no component."""
+    from sklearn_moe.nn.density import mixture_nll, split_outputs
+
+    n_outputs = 1 if output == "mixture_density" else 3
+    module = make_moe(n_outputs=n_outputs, top_k=1, router="switch", capacity_factor=1.0, output=output,
+                      shared_expert=shared_expert)
+    skew_router(module)
+    module.train()
+    x = inputs(8)
+    out = module(x)
+    assert int(out.n_dropped) == 6  # capacity ceil(8 / 4) = 2 rows of expert 0
+    assignments = out.assignments
+    served = torch.zeros(8).index_add_(0, assignments.rows[:2], torch.ones(2)) > 0  # the experts' own rows
+    dropped = torch.nonzero(~served).squeeze(1)
+    assert sorted(assignments.rows[2:].tolist()) == dropped.tolist()
+    width = 2 * n_outputs if output == "mixture_density" else n_outputs
+    fallback = module.shared_expert(x.unsqueeze(0))[0] if shared_expert else torch.zeros(8, width)
+    if output == "mixture_density":
+        y = torch.randn(8, 1)
+        mean, scale = split_outputs(fallback[dropped], 1)
+        expected = -torch.distributions.Normal(mean, scale).log_prob(y[dropped]).sum(dim=1)
+        nll = mixture_nll(assignments.outputs, assignments.rows, assignments.weights, y)
+        torch.testing.assert_close(nll[dropped], expected.detach())
+    elif output == "categorical_mixture":
+        torch.testing.assert_close(out.output[dropped], torch.log_softmax(fallback[dropped], dim=1).detach())
+    else:
+        torch.testing.assert_close(out.output[dropped], fallback[dropped].detach())
+    out.output.sum().backward()
+    if shared_expert:  # the shared expert learns from the rows it serves alone
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.shared_expert.parameters())
+
+
 @st.composite
 def overflowing_routings(draw):
     n_experts = draw(st.integers(2, 6))

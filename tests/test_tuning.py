@@ -73,6 +73,12 @@ def test_space_covers_the_moe_hyperparameters():
             classifier_space["moeclassifier__label_smoothing"].high) == (0.0, 0.2)
 
 
+def test_a_space_with_the_hierarchical_router_leaves_out_aux_free_balancing():
+    assert "aux_free" in search_space(MoERegressor())["balance_loss"].choices
+    space = search_space(MoERegressor(), routers=("softmax", "hierarchical"))
+    assert space["balance_loss"].choices == ("switch", "cv2", None)
+
+
 def test_space_can_search_a_regressors_output(regression_data):
     space = search_space(MoERegressor(), outputs=("point", "mixture_density"))
     assert space["output"].choices == ("point", "mixture_density")

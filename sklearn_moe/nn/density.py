@@ -70,7 +70,10 @@ def _row_logsumexp(log_terms: torch.Tensor, rows: torch.Tensor, n_rows: int) -> 
 
 
 def _log_weights(weights: torch.Tensor) -> torch.Tensor:
-    return weights.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+    """``log(weights)``, ``-inf`` for a weight of 0 (an unchosen expert adds nothing) with a
+    zero gradient there, not NaN."""
+    weights = weights.float()
+    return torch.where(weights > 0, weights.clamp_min(torch.finfo(torch.float32).tiny).log(), -torch.inf)
 
 
 def mixture_log_probabilities(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor, n_rows: int
@@ -130,7 +133,9 @@ def mixture_nll(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor
 
     ``nll_i = -log sum_(a: r_a = i) g_a N(y_i | mu_a, sigma_a)`` over the row's
     ``(row r_a, expert)`` assignments with gate weight ``g_a``, computed as a log-sum-exp
-    (each row's largest term factored out). An assignment of weight 0 contributes nothing.
+    (each row's largest term factored out). An assignment of weight 0 contributes nothing,
+    and a row without assignments gets ``-log(tiny)`` (about 87; the module gives every row
+    at least one).
 
     Parameters
     ----------

@@ -33,7 +33,8 @@ def switch_balance_loss(
     ``loss = E * sum_e f_e * P_e`` where ``f_e`` is the fraction of the ``n * k`` routing
     assignments that went to expert ``e`` and ``P_e`` the mean router probability of ``e``
     over the full softmax. Both sum to 1, so uniform routing gives exactly 1 for every
-    ``k``; total collapse onto one expert gives ``E``. Gradients flow through ``P_e`` only.
+    ``k``; total collapse onto ``k`` experts (one, for top-1) gives ``E / k``. Gradients
+    flow through ``P_e`` only.
 
     Parameters
     ----------
@@ -52,8 +53,8 @@ def switch_balance_loss(
     Returns
     -------
     Tensor
-        The scalar loss, of the dtype of ``probs``: 1 for uniform routing, ``n_experts`` at
-        total collapse; 0 when no row counts.
+        The scalar loss, of the dtype of ``probs``: 1 for uniform routing, ``n_experts / k``
+        at total collapse; 0 when no row counts.
     """
     n_experts = probs.shape[-1]
     if probs.shape[0] == 0:

@@ -507,7 +507,9 @@ class MixtureOfExperts(nn.Module):
         so that rows come to prefer one copy or another), and the logits of ``source`` and
         its ``m`` copies drop by ``log(1 + m)`` (their gate biases by ``temperature * log(1 +
         m)``): together they start with the softmax weight ``source`` had against the other
-        experts.
+        experts. That holds where every expert shares one softmax (the flat routers); under
+        ``router="hierarchical"`` a copy in another group shifts the weight between the
+        groups.
 
         Parameters
         ----------
@@ -587,15 +589,37 @@ class MixtureOfExperts(nn.Module):
         else:
             assignments, plan_counts, n_dropped = self._dispatch(x, routing, active, weights, tally)
         output = combine(assignments, n)
+        shared = None
         if self.shared_expert is not None:
             shared = self.shared_expert(x.unsqueeze(0))[0]
             output = output + shared
             assignments = assignments._replace(outputs=assignments.outputs + shared.index_select(0, assignments.rows))
+        if self.output != "point" and self.training and self.capacity_factor is not None and not self.router.is_dense:
+            assignments = self._serve_dropped_rows(assignments, routing, shared, n)
         if self.output == "mixture_density":
             output = output[:, :self.n_outputs]  # the mixture's mean (the raw scales do not mix linearly)
         elif self.output in CLASS_MIXTURES:
             output = CLASS_MIXTURES[self.output](assignments.outputs, assignments.rows, assignments.weights, n)
         return _Mixed(output, routing, active, weights, plan_counts, n_dropped, assignments)
+
+    def _serve_dropped_rows(self, assignments, routing, shared: torch.Tensor | None, n: int):
+        """``assignments`` with one of weight 1 for every row the capacity cap left without
+        an expert, whose output is the shared expert's (zeros without one): the point output
+        of such a row is that output too, and a mixture of no component has no likelihood.
+        Under a capacity the host reads the plan's sizes anyway, so finding the rows costs no
+        extra synchronisation."""
+        served = torch.zeros(n, device=assignments.rows.device).index_add_(
+            0, assignments.rows, torch.ones_like(assignments.rows, dtype=torch.float32))
+        rows = torch.nonzero(served == 0).squeeze(1)
+        if rows.numel() == 0:
+            return assignments
+        outputs = (shared.index_select(0, rows) if shared is not None
+                   else assignments.outputs.new_zeros((rows.shape[0], assignments.outputs.shape[1])))
+        return assignments._replace(
+            rows=torch.cat((assignments.rows, rows)),
+            experts=torch.cat((assignments.experts, routing.indices[rows, 0])),  # their first choice's tally
+            weights=torch.cat((assignments.weights, assignments.weights.new_ones(rows.shape[0]))),
+            outputs=torch.cat((assignments.outputs, outputs.to(assignments.outputs.dtype))), grid=None)
 
     def _dispatch(self, x: torch.Tensor, routing, active, weights, tally=None):
         """Sparse routing: the experts' outputs for the chosen (row, expert) pairs, the counts

@@ -389,7 +389,9 @@ class NoisyTopKRouter(TopKRouter):
 
     In training the experts are ranked and weighted by ``logits + eps * softplus(x W_noise)
     / temperature`` with ``eps ~ N(0, 1)``: a learned, per-expert amount of noise that
-    spreads rows over experts. At prediction there is no noise. ``selection_probs`` is the
+    spreads rows over experts. At prediction there is no noise. With ``top_k >=
+    n_experts`` every expert serves every row with its clean softmax weight (the module
+    then routes densely), so the noise changes nothing there. ``selection_probs`` is the
     paper's smooth load estimate ``P(expert e is chosen) = Phi((logit_e - threshold_e) /
     noise_std_e)``, where ``threshold_e`` is the k-th largest noisy score among the other
     experts; the ``"cv2"`` balance loss uses it.
@@ -530,7 +532,12 @@ class TopPRouter(Router):
     a threshold of ``1 / n_experts``), so how many experts a row uses is learned. The hard
     keep/skip decision passes the gradient of ``sigmoid((p_e - threshold_e) / 0.1)`` to
     the threshold (straight-through). A row always keeps its best expert. Gate weights are
-    the kept experts' probabilities, renormalised.
+    the kept experts' probabilities, renormalised: unlike the paper, which weighs the kept
+    experts by their raw probabilities (a row's outputs then shrink with the probability
+    mass it keeps), so that every row's gate weights sum to 1 as under the other routers.
+    The paper's entropy ("dynamic") loss, which keeps a router from reaching ``top_p`` by
+    spreading its probability thinly over many experts, is not used: the ``top_k`` cap
+    bounds the experts per row instead.
 
     Parameters
     ----------

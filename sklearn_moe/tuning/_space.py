@@ -127,7 +127,9 @@ def base_space(
         "router": CategoricalDistribution(tuple(routers)),
         "temperature": FloatDistribution(0.05, 2.0, log=True),
         "capacity_factor": CategoricalDistribution((None, 1.25, 2.0)),
-        "balance_loss": CategoricalDistribution(("switch", "cv2", "aux_free", None)),
+        # aux_free cannot balance the groups of the hierarchical router, which refuses it.
+        "balance_loss": CategoricalDistribution(("switch", "cv2", *(() if "hierarchical" in routers else ("aux_free",)),
+                                                 None)),
         "balance_coef": FloatDistribution(1e-4, 1e-1, log=True),
         "z_loss_coef": FloatDistribution(1e-5, 1e-2, log=True),
         "expert_hidden": expert_hidden,
@@ -173,7 +175,8 @@ def search_space(
     ``router``                one of ``routers`` (default topk, noisy_topk, softmax, switch)
     ``temperature``           float in [0.05, 2], log
     ``capacity_factor``       None (dropless), 1.25 or 2.0
-    ``balance_loss``          "switch", "cv2", "aux_free" or None
+    ``balance_loss``          "switch", "cv2", "aux_free" (unless ``routers`` holds
+                              "hierarchical") or None
     ``balance_coef``          float in [1e-4, 0.1], log (for "aux_free": the bias step)
     ``z_loss_coef``           float in [1e-5, 0.01], log
     ``expert_hidden``         ``[width] * depth`` for every width and depth given (lists, which
