@@ -606,8 +606,8 @@ class MixtureOfExperts(nn.Module):
         """``assignments`` with one of weight 1 for every row the capacity cap left without
         an expert, whose output is the shared expert's (zeros without one): the point output
         of such a row is that output too, and a mixture of no component has no likelihood.
-        Under a capacity the host reads the plan's sizes anyway, so finding the rows costs no
-        extra synchronisation."""
+        Finding the rows reads their number on the host, as a capacity's plan already does
+        in every training step."""
         served = torch.zeros(n, device=assignments.rows.device).index_add_(
             0, assignments.rows, torch.ones_like(assignments.rows, dtype=torch.float32))
         rows = torch.nonzero(served == 0).squeeze(1)
