@@ -47,6 +47,14 @@ def test_invalid_cardinalities():
         MixtureOfExperts(3, 1, category_cardinalities=[2, 2, 2, 2])
 
 
+@pytest.mark.parametrize("codes", [[[3.0, 1.0]], [[1.5, 1.0]], [[-1.0, 0.0]], [[0.0, 5.0]]])
+def test_a_code_outside_its_column_is_an_error(codes):
+    """Not another column's vector: code 3 of a 3-code column would read the next column's
+    reserved row."""
+    with pytest.raises(RuntimeError, match=r"not a whole number in \[0, cardinality\) of its column"):
+        CategoricalEmbedding([3, 5])(torch.tensor(codes))
+
+
 @pytest.mark.parametrize("numeric_embedding", [None, "periodic"])
 @pytest.mark.parametrize("expert_type", ["independent", "adapter"])
 def test_the_codes_are_embedded_after_the_numeric_columns(numeric_embedding, expert_type):

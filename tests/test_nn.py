@@ -981,10 +981,13 @@ def test_counts_with_expert_dropout_and_sample_weight_count_only_live_assignment
 def test_inference_methods_match_forward_in_eval(router):
     module = make_moe(router=router, n_experts=4, top_k=2, shared_expert=True, expert_dropout=0.3).eval()
     x = inputs(30)
-    full = module(x)
-    torch.testing.assert_close(module.predict(x), full.output, rtol=0, atol=0)
-    torch.testing.assert_close(module.route(x), full.gates, rtol=0, atol=0)
-    torch.testing.assert_close(module.route(x).sum(dim=1), torch.ones(30))
+    with torch.no_grad():  # as predict and route run (with autograd, other kernels may round otherwise)
+        full = module(x)
+    predicted, routed = module.predict(x), module.route(x)
+    assert not predicted.requires_grad and not routed.requires_grad
+    torch.testing.assert_close(predicted, full.output, rtol=0, atol=0)
+    torch.testing.assert_close(routed, full.gates, rtol=0, atol=0)
+    torch.testing.assert_close(routed.sum(dim=1), torch.ones(30))
 
 
 # ---------------------------------------------------------------------------------------
@@ -1016,3 +1019,48 @@ def test_forward_sorted_trains_the_experts_it_uses():
     experts.forward_sorted(torch.randn(4, 4), [4, 0, 0]).sum().backward()
     assert experts.output.weight.grad[0].abs().sum() > 0
     assert experts.output.weight.grad[1:].abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------
+# the module's own checks: its arguments, its input's dtype, its dtype conversions
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(n_features=0), "n_features must be an int >= 1, got 0"),
+    (dict(n_outputs=0), "n_outputs must be an int >= 1, got 0"),
+    (dict(top_k=1.5), "top_k must be an int >= 1, got 1.5"),
+    (dict(expert_hidden=(8, 0)), "expert_hidden sizes must be an int >= 1, got 0"),
+    (dict(gate_hidden=(0,)), "gate_hidden sizes must be an int >= 1, got 0"),
+    (dict(dropout=1.5), r"dropout must be in \[0, 1\), got 1.5"),
+    (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got -0.1"),
+    (dict(output_init_scale=-1.0), "output_init_scale must be > 0, got -1.0"),
+])
+def test_invalid_arguments_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        make_moe(**bad)
+
+
+@pytest.mark.parametrize("expert_type", ["independent", "adapter"])
+def test_integer_input_is_refused_not_truncated(expert_type):
+    """Adapter experts cast their weights to the input's dtype: an integer input gave
+    integer outputs."""
+    module = make_moe(expert_type=expert_type, router="softmax")
+    with pytest.raises(TypeError, match="takes floating-point input.*got torch.int64"):
+        module(torch.ones(4, 5, dtype=torch.long))
+    with pytest.raises(TypeError, match="floating-point"):
+        module.eval().predict(torch.ones(4, 5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("router", ["softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"])
+def test_a_module_converted_to_float64_runs_in_float64(router):
+    """So that gradients can be checked in double precision; half precision is autocast's."""
+    module = make_moe(router=router, n_experts=4).double()
+    x = inputs(8).double().requires_grad_()
+    out = module(x)
+    assert out.output.dtype == torch.float64
+    out.output.sum().backward()
+    assert x.grad.dtype == torch.float64 and torch.isfinite(x.grad).all()
+    if router != "uniform":
+        with pytest.raises(TypeError, match="use torch.autocast for mixed precision"):
+            make_moe(router=router, n_experts=4).half()(inputs(8).half())

@@ -1,5 +1,6 @@
 """Pure-PyTorch Mixture-of-Experts engine (no scikit-learn imports)."""
 
+from .density import mixture_nll
 from .dispatch import (
     OVERFLOW_POLICIES,
     DispatchPlan,
@@ -12,7 +13,14 @@ from .dispatch import (
 from .embeddings import CategoricalEmbedding, NumericEmbedding
 from .experts import ACTIVATIONS, StackedExperts, StackedLinear
 from .layouts import LAYOUTS, choose_layout, expert_outputs, plan_layout
-from .losses import cv2_balance_loss, expert_diversity_loss, router_z_loss, squared_cv, switch_balance_loss
+from .losses import (
+    cv2_balance_loss,
+    expert_diversity_loss,
+    per_expert_loss,
+    router_z_loss,
+    squared_cv,
+    switch_balance_loss,
+)
 from .moe import MixtureOfExperts, MoEOutput
 from .routers import (
     ROUTERS,
@@ -55,6 +63,8 @@ __all__ = [
     "expert_diversity_loss",
     "expert_outputs",
     "make_router",
+    "mixture_nll",
+    "per_expert_loss",
     "plan_dispatch",
     "plan_layout",
     "router_z_loss",

@@ -142,12 +142,16 @@ def mixture_nll(outputs: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor
     outputs : Tensor of shape (m, 2 * n_targets)
         Raw expert outputs (means, then raw scales) of the assignments.
     rows : Tensor of shape (m,), int64
+        Row of each assignment.
     weights : Tensor of shape (m,)
+        Gate weight of each assignment (each row's sum to 1).
     target : Tensor of shape (n, n_targets)
+        The rows' targets.
 
     Returns
     -------
     Tensor of shape (n,), float32
+        Each row's negative log-likelihood (its mean is the density model's task loss).
     """
     log_terms = _log_weights(weights) + gaussian_log_likelihood(outputs, target.index_select(0, rows))
     return -_row_logsumexp(log_terms, rows, target.shape[0])

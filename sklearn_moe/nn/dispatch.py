@@ -790,7 +790,8 @@ def dense_combine(x: torch.Tensor, experts: torch.nn.Module, gates: torch.Tensor
 def _warn_failed_experts(experts: list[int], n_failed: int, stacklevel: int) -> None:
     warnings.warn(
         f"Expert(s) {experts} produced non-finite output for {n_failed} routed "
-        "row(s); those outputs were masked and the rows' remaining gate weights renormalised.",
+        "row(s) (from non-finite weights, or non-finite input rows); those outputs were masked and the rows' "
+        "remaining gate weights renormalised.",
         RuntimeWarning,
         stacklevel=stacklevel,
     )

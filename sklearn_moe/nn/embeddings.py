@@ -260,6 +260,7 @@ class CategoricalEmbedding(nn.Module):
         self.d_embedding = int(d_embedding)
         starts = torch.tensor([0, *cardinalities[:-1]], dtype=torch.long).cumsum(0)
         self.register_buffer("starts", starts, persistent=False)
+        self.register_buffer("limits", torch.tensor(cardinalities, dtype=torch.float32), persistent=False)
         self.table = nn.Embedding(sum(cardinalities), self.d_embedding)
         # Unit scale, as a one-hot input's and a robustly scaled numeric input's. Against
         # rtdl's uniform +-1/sqrt(d), in 3-fold CV with every column past 8 categories
@@ -284,13 +285,19 @@ class CategoricalEmbedding(nn.Module):
         Parameters
         ----------
         codes : Tensor of shape (n, n_columns)
-            Integer codes, as any dtype; 0 for a category unseen in training.
+            Integer codes, as any dtype; 0 for a category unseen in training. A code that
+            is not a whole number in ``[0, cardinalities[j])`` is an error (a
+            ``RuntimeError``, raised on the CPU at once and on a GPU by the device).
 
         Returns
         -------
         Tensor of shape (n, n_columns * d_embedding)
             Zeros where a code is 0.
         """
+        # Checked on the device (no synchronisation): a code past its column's count would
+        # read the next column's vectors.
+        torch._assert_async(((codes >= 0) & (codes < self.limits) & (codes == codes.floor())).all(),
+                            "CategoricalEmbedding: a code is not a whole number in [0, cardinality) of its column")
         codes = codes.long()
         vectors = self.table(codes + self.starts) * (codes > 0).unsqueeze(-1).to(self.table.weight.dtype)
         return vectors.flatten(1)

@@ -72,6 +72,17 @@ class StackedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
+    def extra_repr(self) -> str:
+        """The shapes, as ``nn.Linear`` shows its own.
+
+        Returns
+        -------
+        str
+            ``n_experts=..., in_features=..., out_features=...``.
+        """
+        n_experts, in_features, out_features = self.weight.shape
+        return f"n_experts={n_experts}, in_features={in_features}, out_features={out_features}"
+
     def forward(self, blocks: list[torch.Tensor], block_experts: list[torch.Tensor | None],
                 selected: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> list[torch.Tensor]:
         """Map each block ``(n_j, rows_j, in)`` to ``(n_j, rows_j, out)`` (see the module docstring).

@@ -232,6 +232,7 @@ def per_expert_loss(
     weights : Tensor of shape (m,)
         Gate weight of each assignment.
     target : Tensor of shape (n, ...)
+        The rows' targets, as ``criterion`` takes them.
     sample_weight : Tensor of shape (n,), optional
         Row weights (mean 1 over the training set).
     expert_mask : Tensor of shape (m,), bool, optional
@@ -250,6 +251,7 @@ def per_expert_loss(
     Returns
     -------
     Tensor, scalar
+        The objective to minimise (add the auxiliary losses to it).
     """
     n = target.shape[0]
     weights = weights.float()

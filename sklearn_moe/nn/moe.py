@@ -28,6 +28,7 @@ a copy to the host follows anyway. :func:`~._sync.avoid_host_reads` decides.
 from __future__ import annotations
 
 import math
+from numbers import Integral
 from typing import NamedTuple
 
 import torch
@@ -125,6 +126,22 @@ class _Mixed(NamedTuple):
     plan_counts: torch.Tensor | None
     n_dropped: torch.Tensor
     assignments: ExpertAssignments
+
+
+def _check_sizes(**sizes) -> None:
+    """Raise a ValueError unless every one of ``sizes`` is an int (not a bool) of at least 1."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _floating(x: torch.Tensor) -> torch.Tensor:
+    """``x``, refused unless it is floating point: the adapter experts would cast their
+    weights to an integer input's dtype, the others fail in a matmul."""
+    if not x.is_floating_point():
+        raise TypeError(f"MixtureOfExperts takes floating-point input (category codes as floats too); got {x.dtype}. "
+                        "Convert it with x.float().")
+    return x
 
 
 class MixtureOfExperts(nn.Module):
@@ -236,6 +253,26 @@ class MixtureOfExperts(nn.Module):
         probability; :attr:`MoEOutput.output` holds the logits of the mixed probabilities
         (:func:`~sklearn_moe.nn.density.mixture_label_logits`). ``"point"`` mixes the
         experts' outputs (for a classifier, their logits) linearly.
+
+    Notes
+    -----
+    In a training loop of your own:
+
+    - The input must be floating point (an integer tensor is a ``TypeError``) and finite:
+      it is not checked, since a check would synchronise a GPU. A NaN row makes NaN gate
+      weights, auxiliary losses and gradients; the estimators impute missing values first.
+    - An expert whose output is not finite is masked in the forward pass (its rows fall
+      back to their other experts, with a ``RuntimeWarning``). The backward pass cannot mask
+      it: weights that every expert shares (adapter experts' shared layers, the router, a
+      shared expert) receive NaN gradients from it. Check the weights' finiteness after an
+      optimizer step, as the estimators do (they roll the epoch back).
+    - Precision: float32, or float64 after ``.double()``; for half precision keep the
+      module in float32 and run it under ``torch.autocast`` (the router always computes in
+      float32). ``torch.compile`` works; TorchScript does not (:class:`MoEOutput` holds
+      non-tensor fields, and sparse routing has data-dependent sizes).
+    - ``balance_loss="aux_free"`` under ``router="hierarchical"`` balances only within the
+      chosen group (the estimators refuse the combination).
+    - ``predict`` and ``route`` run without autograd.
     """
 
     def __init__(
@@ -273,6 +310,14 @@ class MixtureOfExperts(nn.Module):
         output: str = "point",
     ):
         super().__init__()
+        _check_sizes(n_features=n_features, n_outputs=n_outputs, n_experts=n_experts, top_k=top_k,
+                     diversity_rows=diversity_rows)
+        for name, widths in (("expert_hidden", expert_hidden), ("gate_hidden", gate_hidden)):
+            _check_sizes(**{f"{name} sizes": width for width in widths})
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not output_init_scale > 0:
+            raise ValueError(f"output_init_scale must be > 0, got {output_init_scale}")
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if expert_type not in EXPERT_TYPES:
@@ -395,7 +440,7 @@ class MixtureOfExperts(nn.Module):
         MoEOutput
             The mixture's output and the routing's auxiliary terms.
         """
-        x = self._embed(x)
+        x = self._embed(_floating(x))
         mixed = self._mix(x)
         routing, active = mixed.routing, mixed.active
         mask = None if sample_weight is None else sample_weight > 0
@@ -474,8 +519,11 @@ class MixtureOfExperts(nn.Module):
         means, scales = split_outputs(outputs.transpose(0, 1), self.n_outputs)
         return weights, means.float(), scales * self.scale_calibration
 
+    @torch.no_grad()
     def _evaluate(self, x: torch.Tensor, compute) -> torch.Tensor:
-        """``compute(x)``, on at least :data:`MIN_EVAL_ROWS` rows in evaluation mode."""
+        """``compute(x)`` without autograd, on at least :data:`MIN_EVAL_ROWS` rows in
+        evaluation mode."""
+        x = _floating(x)
         n = x.shape[0]
         if self.training or n >= MIN_EVAL_ROWS:
             return compute(x)

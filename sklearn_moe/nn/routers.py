@@ -174,7 +174,7 @@ class Router(nn.Module):
         return self.top_k == self.n_experts
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Compute the router logits, always in float32 (also under mixed-precision autocast).
+        """Compute the router logits, in float32 at least (also under mixed-precision autocast).
 
         Parameters
         ----------
@@ -183,14 +183,26 @@ class Router(nn.Module):
 
         Returns
         -------
-        Tensor of shape (n, n_experts), float32
-            The gate's output divided by the temperature.
+        Tensor of shape (n, n_experts)
+            The gate's output divided by the temperature: float32, or float64 for a module
+            converted with ``.double()``.
+
+        Raises
+        ------
+        TypeError
+            If the gate's weights are of a half-precision dtype (``.half()`` or
+            ``.to(torch.bfloat16)``): the router computes in float32, so mixed precision is
+            ``torch.autocast`` around a float32 module.
         """
+        dtype = self.temperature.dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"The router computes in float32 or float64, not {dtype}: keep the module in float32 "
+                            "(or .double()) and use torch.autocast for mixed precision.")
         # Entering a disabled autocast costs more than the gate itself on a 1-row predict.
-        float32 = (torch.autocast(device_type=x.device.type, enabled=False)
-                   if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
-        with float32:
-            return self.gate(x.float()) / self.temperature
+        full_precision = (torch.autocast(device_type=x.device.type, enabled=False)
+                          if torch.is_autocast_enabled(x.device.type) else contextlib.nullcontext())
+        with full_precision:
+            return self.gate(x.to(dtype)) / self.temperature
 
     def forward(self, x: torch.Tensor) -> Routing:  # pragma: no cover - abstract
         """Route a batch; each routing rule (subclass) implements it.
@@ -434,7 +446,7 @@ class NoisyTopKRouter(TopKRouter):
 
     def _noise_std(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return nn.functional.softplus(self.noise(x.float())) / self.temperature + 1e-6
+            return nn.functional.softplus(self.noise(x.to(self.temperature.dtype))) / self.temperature + 1e-6
 
     def selection_scores(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return the noisy scores that pick (and weigh) the experts, and their smooth load estimate.
@@ -694,7 +706,7 @@ class HierarchicalRouter(Router):
         """
         expert_logits = self.compute_logits(x)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            group_logits = self.group_gate(x.float()) / self.temperature
+            group_logits = self.group_gate(x.to(self.temperature.dtype)) / self.temperature
         in_group = self.group_of_expert.unsqueeze(0) == torch.arange(self.n_groups, device=x.device).unsqueeze(1)
         masked = expert_logits.unsqueeze(1).masked_fill(~in_group, float("-inf"))  # (n, G, E)
         # Each expert's group's column by index_select, whose gradient is an index_add (that of
