@@ -76,6 +76,22 @@ def make_module(expert_type, router, variant, n_experts=8):
                             embedding_columns=[0, 1, 2]).eval()
 
 
+@pytest.mark.parametrize("numeric_embedding", ["periodic", "piecewise_linear"])
+@pytest.mark.parametrize("columns", [[0], [0, 2]])
+def test_few_embedded_columns_are_batch_invariant_in_small_batches(numeric_embedding, columns):
+    """The numeric embeddings' plain products round otherwise over fewer than a handful of
+    values: small batches are padded to enough rows for the columns embedded."""
+    torch.manual_seed(0)
+    bins = [torch.linspace(-2, 2, 9) for _ in columns] if numeric_embedding == "piecewise_linear" else None
+    module = MixtureOfExperts(6, 1, n_experts=4, router="softmax", expert_type="adapter", embedding_bins=bins,
+                              numeric_embedding=numeric_embedding, embedding_columns=columns).eval()
+    x = torch.randn(120, 6, generator=torch.Generator().manual_seed(1))
+    full = module.predict(x)
+    for size in (1, 2, 3, 4):
+        for start in range(0, 120 - size, size):
+            assert torch.equal(module.predict(x[start:start + size]), full[start:start + size]), (size, start)
+
+
 @pytest.mark.parametrize("variant", ["plain", "embedded_shared_norm"])
 @pytest.mark.parametrize("router", ROUTERS)
 @pytest.mark.parametrize("expert_type", ["independent", "adapter"])

@@ -60,6 +60,10 @@ from .routers import make_router
 # zero row): the numeric embeddings (rtdl_num_embeddings) run plain float32 products, which
 # take a matrix-vector kernel, rounding differently, for one row; see :mod:`.products`.
 MIN_EVAL_ROWS = 2
+# ... and at least this many embedded values (rows times embedded columns): the periodic
+# embedding's product over them rounded differently below 5 on a 2-core Xeon (a module
+# embedding one column gave 1- to 4-row batches other last bits than a large batch).
+MIN_EVAL_EMBEDDED = 8
 # In evaluation, batches of at most this many rows run every expert on every row (unchosen
 # experts weighted 0): a padded dispatch block has a slot per expert anyway, and skipping
 # the sort-based dispatch takes about a third off a 1-row prediction.
@@ -525,9 +529,11 @@ class MixtureOfExperts(nn.Module):
         evaluation mode."""
         x = _floating(x)
         n = x.shape[0]
-        if self.training or n >= MIN_EVAL_ROWS:
+        embedded = 0 if self.embedding is None else self.embedding.columns.shape[0]
+        min_rows = max(MIN_EVAL_ROWS, -(-MIN_EVAL_EMBEDDED // embedded) if embedded else 0)
+        if self.training or n >= min_rows:
             return compute(x)
-        return compute(torch.cat((x, x.new_zeros(MIN_EVAL_ROWS - n, x.shape[1]))))[:n]
+        return compute(torch.cat((x, x.new_zeros(min_rows - n, x.shape[1]))))[:n]
 
     def expert_state_names(self) -> list[str]:
         """The state-dict entries that hold one slice per expert on axis 0.
