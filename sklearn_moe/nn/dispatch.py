@@ -48,8 +48,8 @@ What happens to an assignment past the cap is the overflow policy: ``"drop"`` re
 renormalises the row's remaining gate weights (the row falls back to its other experts, and
 to the shared expert when there is one; a row that loses every expert gets a zero routed
 output, and under a mixture output a one-component mixture of that output: see
-``MixtureOfExperts``); ``"reroute"`` moves it, with its gate weight, to the row's next-ranked expert that
-still has room, and drops it only when none has.
+``MixtureOfExperts``); ``"reroute"`` moves it, with its gate weight, to the row's
+next-ranked expert that still has room, and drops it only when none has.
 """
 
 from __future__ import annotations

@@ -271,8 +271,8 @@ class MixtureOfExperts(nn.Module):
       shared expert) receive NaN gradients from it. Check the weights' finiteness after an
       optimizer step, as the estimators do (they roll the epoch back).
     - Precision: float32, or float64 after ``.double()``; for half precision keep the
-      module in float32 and run it under ``torch.autocast`` (the router always computes in
-      float32). ``torch.compile`` works; TorchScript does not (:class:`MoEOutput` holds
+      module in float32 and run it under ``torch.autocast`` (the router then still
+      computes in float32). ``torch.compile`` works; TorchScript does not (:class:`MoEOutput` holds
       non-tensor fields, and sparse routing has data-dependent sizes).
     - ``balance_loss="aux_free"`` under ``router="hierarchical"`` balances only within the
       chosen group (the estimators refuse the combination).
