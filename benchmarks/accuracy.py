@@ -13,9 +13,9 @@ installed LightGBM, CatBoost, RealMLP and TabM. Scores: R^2 (regression), accura
 loss (classification), mean +- std over all folds, rank per data set, fit time per fold.
 A suite writes ``<out>/accuracy_<suite>.md`` (tables, summary, machine, command), ``.csv``
 (every fold) and ``.png`` (score against HistGradientBoosting, average ranks). A run
-narrowed by ``--datasets``, ``--models``, ``--folds``, ``--repeats``, ``--max-rows`` or
-``--max-epochs`` writes ``accuracy_<suite>_custom.*`` instead, so it never overwrites the
-suite's committed results. The report is rewritten after every model of every data set, with
+changed by ``--datasets``, ``--models``, ``--folds``, ``--repeats``, ``--max-rows``,
+``--max-epochs``, ``--seed`` or ``--threads`` writes ``accuracy_<suite>_custom.*`` instead, so
+it never overwrites the suite's committed results. The report is rewritten after every model of every data set, with
 the protocol in ``.json``, so an interrupted run leaves a partial report; ``--resume``
 continues it (same protocol required), skipping the (data set, model) pairs already done.
 ``--jobs`` runs folds in that many processes. PyTorch and the BLAS/OpenMP pools of every
@@ -44,6 +44,8 @@ from sklearn.model_selection import (
     RepeatedStratifiedKFold,
 )
 from sklearn.pipeline import make_pipeline
+
+from sklearn_moe.cli import int_at_least
 
 from .datasets import DATASETS, preprocessor, subsample
 from .machine import command_line, describe_machine
@@ -159,6 +161,10 @@ def cross_validate_fold(dataset_name, key, index, folds=3, repeats=1, max_rows=N
         try:
             started = time.perf_counter()
             model.fit(X.iloc[train], y[train])
+            if any(str(w.message).startswith("Training was interrupted") for w in caught):
+                # The estimator kept a usable model of the epochs so far; a benchmark must
+                # not score it as a fold, and the run stops as interrupted.
+                raise KeyboardInterrupt
             row["fit_time_s"] = time.perf_counter() - started
             row.update(_iterations(model[-1]))
             row.update(_score_fold(dataset.task, model, X.iloc[test], y[test]))
@@ -376,18 +382,21 @@ def main(argv=None):
     parser.add_argument("--datasets", nargs="*", help=f"override the suite's datasets; from {sorted(DATASETS)}")
     parser.add_argument("--models", nargs="*", help="a subset of "
                         f"{list(MODEL_SPECS)} (aliases: ridge, logreg, moe1, lgbm)")
-    parser.add_argument("--folds", type=int, help="folds per repeat (default: full 5, others 3)")
-    parser.add_argument("--repeats", type=int, help="CV repeats (default: full 2, others 1)")
-    parser.add_argument("--max-rows", type=int, default=-1,
+    parser.add_argument("--folds", type=int_at_least(2), help="folds per repeat (default: full 5, others 3)")
+    parser.add_argument("--repeats", type=int_at_least(1), help="CV repeats (default: full 2, others 1)")
+    parser.add_argument("--max-rows", type=int_at_least(0), default=-1,
                         help="subsample larger data sets (default: quick 2000, full 20000, demo 1200; 0: no cap)")
-    parser.add_argument("--max-epochs", type=int, help="max_epochs of the MoE models (default: the estimator's)")
-    parser.add_argument("--threads", type=int, help="threads of PyTorch and the BLAS/OpenMP pools (default 1)")
-    parser.add_argument("--jobs", type=int, default=1, help="folds run in this many processes at once, each "
-                        "with --threads threads (default 1)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-epochs", type=int_at_least(1),
+                        help="max_epochs of the MoE models (default: the suite's, else the estimator's)")
+    parser.add_argument("--threads", type=int_at_least(1),
+                        help="threads of PyTorch and the BLAS/OpenMP pools (default 1)")
+    parser.add_argument("--jobs", type=int_at_least(1), default=1, help="folds run in this many processes at "
+                        "once, each with --threads threads (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds, subsamples and models (default 0)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted run "
                         "whose report is in --out (same options), skipping the (data set, model) pairs it has")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                        help="folder of the report (default benchmarks/results, the committed results)")
     args = parser.parse_args(argv)
 
     from .accuracy_report import write_report
@@ -399,7 +408,8 @@ def main(argv=None):
     unknown = [name for name in args.datasets or [] if name not in DATASETS]
     if unknown:
         parser.error(f"unknown dataset(s) {unknown}; choose from {sorted(DATASETS)}")
-    custom = any([args.datasets, args.models, args.folds, args.repeats, args.max_rows != -1, args.max_epochs])
+    custom = any([args.datasets, args.models, args.folds, args.repeats, args.max_rows != -1, args.max_epochs,
+                  args.seed != 0, args.threads not in (None, 1)])
     stem = f"accuracy_{args.suite}" + ("_custom" if custom else "")
     command = command_line("accuracy", argv)
     threads = args.threads or 1

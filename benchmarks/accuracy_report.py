@@ -436,7 +436,8 @@ def write_report(folds: pd.DataFrame, settings: dict, out: Path, stem: str, comm
         f"every model; {cap}. Scores are mean ± std over all {s['folds'] * s['repeats']} folds, (rank) among the "
         "models on that data set (1 = best mean, in bold); fit time is the mean per fold, preprocessing included. "
         f"Every model ran with {s.get('threads', 'default')} thread(s)."
-        + (f" All MoE models ran with {moe} (the suite's cap; the estimator's default is 200 epochs)." if moe else "")
+        + (f" All MoE models ran with {moe} (the estimator's default is {_default_max_epochs()} epochs)."
+           if moe else "")
         + "\n",
         f"Total wall time: {s['wall_time_s'] / 60:.1f} min.\n",
     ]
@@ -477,3 +478,9 @@ def write_report(folds: pd.DataFrame, settings: dict, out: Path, stem: str, comm
     parts.append(f"Machine: {machine}\n\nCommand: `{command}`\n\nPer-fold scores: `{paths['csv'].name}`.\n")
     paths["md"].write_text("\n".join(parts))
     return paths
+
+
+def _default_max_epochs() -> int:
+    from sklearn_moe import MoERegressor
+
+    return MoERegressor().max_epochs

@@ -221,6 +221,37 @@ def test_cli_rejects_unknown_suites_models_and_data_sets(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_an_interrupted_moe_fit_stops_the_run_instead_of_scoring_a_fold(tmp_path):
+    """Ctrl-C in a fit: the estimator keeps a usable model and warns, which a benchmark must
+    not score as a fold; the run stops (its report so far stays, for --resume)."""
+    from skorch.callbacks import Callback
+
+    from benchmarks.accuracy import cross_validate_fold
+
+    class Interrupt(Callback):  # in a batch: a callback's at an epoch's end is early stopping's
+        def on_batch_end(self, net, **kwargs):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate_fold("diabetes", "moe", 0, folds=2, max_rows=120,
+                            moe_params={"max_epochs": 3, "callbacks": [Interrupt()]})
+
+
+def test_a_run_with_another_seed_or_threads_writes_custom_results(monkeypatch, tmp_path):
+    import benchmarks.accuracy as accuracy
+
+    stems = []
+    monkeypatch.setattr(accuracy, "run_suite", lambda *args, **kwargs: (_ for _ in ()).throw(SystemExit(0)))
+    monkeypatch.setattr(accuracy, "load_progress", lambda out, stem, protocol: (stems.append(stem), 0.0))
+    for options in (["--seed", "1"], ["--threads", "2"]):
+        with pytest.raises(SystemExit):
+            accuracy.main(["--suite", "quick", *options, "--resume", "--out", str(tmp_path)])
+    assert stems == ["accuracy_quick_custom"] * 2
+    for bad in (["--folds", "1"], ["--jobs", "0"], ["--max-rows", "-5"], ["--max-epochs", "0"]):
+        with pytest.raises(SystemExit):
+            accuracy.main(["--suite", "quick", *bad, "--out", str(tmp_path)])
+
+
 @pytest.mark.slow
 def test_moe_models_cross_validate_on_a_small_dataset():
     folds = cross_validate_models("boston", ["moe", "moe_uniform", "moe_1expert"], folds=2, max_rows=300,
