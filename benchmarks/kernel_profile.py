@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from sklearn_moe.cli import int_at_least
 from sklearn_moe.nn import MixtureOfExperts
 from sklearn_moe.nn._sync import sync_free_paths
 
@@ -160,8 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=("float32", "bf16"), default="float32")
-    parser.add_argument("--experts", type=int, nargs="+", default=[2, 64], help="expert counts (default: 2 64)")
-    parser.add_argument("--steps", type=int, default=10, help="steps timed and profiled per count")
+    parser.add_argument("--experts", type=int_at_least(1), nargs="+", default=[2, 64],
+                        help="expert counts (default: 2 64)")
+    parser.add_argument("--steps", type=int_at_least(1), default=10, help="steps timed and profiled per count")
     parser.add_argument("--sync-free", action="store_true",
                         help="take the GPU's training paths on any device (their kernels, the CPU's times)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")

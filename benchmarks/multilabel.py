@@ -38,6 +38,7 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.utils import check_random_state
 
 from sklearn_moe import MoEClassifier
+from sklearn_moe.cli import int_at_least
 
 from .datasets import _rdataset, preprocessor
 from .machine import command_line, describe_machine
@@ -142,11 +143,14 @@ def report(frame: pd.DataFrame, command: str, machine: str, folds: int, n_rows: 
 
 def main(argv=None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--max-rows", type=int, default=6000)
-    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--folds", type=int_at_least(2), default=3, help="CV folds (default 3)")
+    parser.add_argument("--max-rows", type=int_at_least(1), default=6000,
+                        help="films subsampled to this many rows (default 6000)")
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS),
+                        help=f"a subset of {list(MODELS)} (default all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds, subsample and models (default 0)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help=f"folder of the results (default {RESULTS}, the committed results)")
     args = parser.parse_args(argv)
     models = [key for key in args.models if key != "lightgbm" or package_available("lightgbm")]
     X, Y = load_movies(args.max_rows, args.seed)

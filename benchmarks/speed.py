@@ -46,6 +46,7 @@ import torch
 
 from sklearn_moe import MoERegressor
 from sklearn_moe._training import build_module
+from sklearn_moe.cli import int_at_least
 from sklearn_moe.nn import MixtureOfExperts
 from sklearn_moe.nn._sync import avoid_host_reads, grouped_mm_supported, sync_free_paths
 from sklearn_moe.nn.dispatch import padded_layout, plan_dispatch
@@ -707,10 +708,16 @@ PARTS = {
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=(*PARTS, "all"), default="all")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--part", choices=(*PARTS, "all"), default="all",
+                        help="experts: step time against the number of experts; overhead: the estimator's epoch "
+                             "against a plain PyTorch loop; predict: prediction latency and throughput; memory: "
+                             "peak memory of a fit (predict and memory: CPU only, fixed sizes); all (default): "
+                             "every part the device runs")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N (experts and overhead)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
+                        help="torch threads (default: torch's own)")
+    parser.add_argument("--rounds", type=int_at_least(1), default=30,
+                        help="experts part: timed rounds per configuration (default 30)")
     parser.add_argument("--expert-type", choices=("independent", "adapter"), default="independent",
                         help="experts part: the experts timed (default: independent)")
     parser.add_argument("--precision", choices=("float32", "bf16"), default="float32",
@@ -721,10 +728,20 @@ def main(argv: list[str] | None = None) -> dict:
                         help="experts part: take the GPU's training paths on the CPU too (their kernel launches)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results")
     args = parser.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device: cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        parser.error(f"--device {args.device!r} is not available here")
+    cpu_only = ("predict", "memory")
+    if device.type != "cpu" and args.part in cpu_only:
+        parser.error(f"--part {args.part} runs on the CPU only")
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}
-    for part in PARTS if args.part == "all" else (args.part,):
+    parts = [part for part in PARTS if device.type == "cpu" or part not in cpu_only]
+    for part in parts if args.part == "all" else (args.part,):
         result = PARTS[part](args)
         experts = part == "experts"
         if experts:

@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from sklearn_moe.cli import int_at_least
 from sklearn_moe.nn import MixtureOfExperts
 
 from .speed import RESULTS, _bf16, _sync, capture_graph, device_flags, device_result, save_result
@@ -36,6 +38,8 @@ from .speed import RESULTS, _bf16, _sync, capture_graph, device_flags, device_re
 N_FEATURES = 32
 EXPERT_HIDDEN = (128, 128)
 WARMUP_STEPS = 5
+#: The batch sizes timed by default.
+BATCH_SIZES = (1024, 8192, 65536)
 
 
 def active_parameters(module: MixtureOfExperts) -> int:
@@ -110,7 +114,7 @@ def _epoch_seconds(step, x_batch, y_batch, X, Y, batch_size, generator) -> float
     return time.perf_counter() - start
 
 
-def throughput(n_rows: int = 1_000_000, batch_sizes=(1024, 8192, 65536), rounds: int = 3, device: str = "cpu",
+def throughput(n_rows: int = 1_000_000, batch_sizes=BATCH_SIZES, rounds: int = 3, device: str = "cpu",
                precision: str = "float32", graph: bool = False, n_experts: int = 64, top_k: int = 2) -> dict:
     """Training rows per second of the mixture and of the dense MLP, per batch size."""
     device = torch.device(device)
@@ -144,6 +148,8 @@ def throughput(n_rows: int = 1_000_000, batch_sizes=(1024, 8192, 65536), rounds:
                      "moe_parameters": sum(p.numel() for p in models["moe"].parameters()),
                      "epoch_seconds": {name: values for name, values in seconds.items()}})
     flags = "" if n_rows == 1_000_000 else f" --rows {n_rows}"
+    flags += "" if tuple(batch_sizes) == BATCH_SIZES else " --batch-sizes " + " ".join(map(str, batch_sizes))
+    flags += "" if rounds == 3 else f" --rounds {rounds}"
     config = {"n_rows": n_rows, "n_features": N_FEATURES, "n_experts": n_experts, "top_k": top_k,
               "expert_hidden": list(EXPERT_HIDDEN), "rounds": rounds, "precision": precision, "graph": graph}
     return device_result("throughput", "python -m benchmarks.throughput" + flags
@@ -152,14 +158,23 @@ def throughput(n_rows: int = 1_000_000, batch_sizes=(1024, 8192, 65536), rounds:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 8192, 65536])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", choices=("float32", "bf16"), default="float32")
+    parser.add_argument("--rows", type=int_at_least(1), default=1_000_000,
+                        help="rows of the synthetic table (default 1,000,000)")
+    parser.add_argument("--batch-sizes", type=int_at_least(1), nargs="+", default=list(BATCH_SIZES),
+                        help="batch sizes timed; those above --rows are left out (default 1024 8192 65536)")
+    parser.add_argument("--rounds", type=int_at_least(1), default=3, help="passes over the rows timed (default 3)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+                        help="bf16: bfloat16 autocast (default float32)")
     parser.add_argument("--graph", action="store_true", help="CUDA: replay every step from a CUDA graph")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON result")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder for the JSON result (default benchmarks/results, the committed results)")
     args = parser.parse_args(argv)
+    too_large = [size for size in args.batch_sizes if size > args.rows]
+    if len(too_large) == len(args.batch_sizes):
+        parser.error(f"every one of --batch-sizes {too_large} exceeds --rows {args.rows}: no full batch to time")
+    if too_large:
+        print(f"note: batch size(s) {too_large} exceed --rows {args.rows} and are left out", file=sys.stderr)
     result = throughput(args.rows, tuple(args.batch_sizes), args.rounds, args.device, args.precision, args.graph)
     for row in result["rows"]:
         print(f"batch {row['batch_size']:>6}: mixture {row['moe_rows_per_s']:>12,.0f} rows/s, dense MLP (width "

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from sklearn_moe.cli import int_at_least
+
 from .accuracy import SUITES, _suite_data
 from .datasets import DATASETS
 from .machine import command_line, describe_machine
@@ -47,11 +49,15 @@ def run_variants(module: str, description: str, task: str | None, variants: Sequ
     """
     parser = argparse.ArgumentParser(description=description)
     default = list(datasets) if task is None else [d for d in SUITES["full"] if DATASETS[d].task == task]
-    parser.add_argument("--datasets", nargs="*", default=default)
-    parser.add_argument("--folds", type=int, default=3)
-    parser.add_argument("--max-rows", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=out)
+    allowed = sorted(name for name, data in DATASETS.items() if task is None or data.task == task)
+    parser.add_argument("--datasets", nargs="*", default=default, choices=allowed, metavar="DATASET",
+                        help=f"data sets, from {allowed} (default {default})")
+    parser.add_argument("--folds", type=int_at_least(2), default=3, help="CV folds (default 3)")
+    parser.add_argument("--max-rows", type=int_at_least(1), default=2000,
+                        help="larger data sets are subsampled to this many rows (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds, subsamples and models (default 0)")
+    parser.add_argument("--out", type=Path, default=out, help=f"folder of the results (default {out}, the "
+                        "committed results)")
     args = parser.parse_args(argv)
     rows = []
     for name in args.datasets:

@@ -130,3 +130,16 @@ def test_wrapper_overhead_times_the_estimator_and_a_plain_loop_over_the_same_net
     assert result["ratio"] == pytest.approx(result["estimator_epoch_s"] / result["plain_loop_epoch_s"])
     (module,) = built  # the plain loop's network: the fitted estimator's architecture, fresh
     assert isinstance(module, MixtureOfExperts) and module.n_features == 4 and module.training
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "foo"], "is not a device"),
+    (["--part", "predict", "--device", "cuda:0"], "runs on the CPU only" if torch.cuda.is_available()
+     else "is not available here"),
+    (["--rounds", "0"], "must be at least 1"),
+])
+def test_bad_options_are_one_line_errors_before_any_work(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        speed.main([*argv, "--out", str(tmp_path / "out")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

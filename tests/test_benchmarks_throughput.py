@@ -35,7 +35,10 @@ def test_throughput_reports_both_models_per_batch_size(tmp_path):
         assert row["ratio"] == pytest.approx(row["moe_rows_per_s"] / row["mlp_rows_per_s"])
         assert abs(row["mlp_parameters"] - row["moe_active_parameters"]) < row["mlp_width"]
         assert len(row["epoch_seconds"]["moe"]) == len(row["epoch_seconds"]["mlp"]) == 1
-    assert result["command"] == "python -m benchmarks.throughput --rows 2048"
+    assert result["command"] == "python -m benchmarks.throughput --rows 2048 --batch-sizes 256 512 4096 --rounds 1"
     assert json.loads((tmp_path / "throughput.json").read_text())["rows"] == result["rows"]
     with pytest.raises(ValueError, match="CUDA"):
         throughput.throughput(n_rows=64, batch_sizes=(32,), graph=True)
+    with pytest.raises(SystemExit):  # no batch size fits: an error, not an empty result
+        throughput.main(["--rows", "500", "--batch-sizes", "1024", "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
