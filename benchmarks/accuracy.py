@@ -15,9 +15,10 @@ A suite writes ``<out>/accuracy_<suite>.md`` (tables, summary, machine, command)
 (every fold) and ``.png`` (score against HistGradientBoosting, average ranks). A run
 changed by ``--datasets``, ``--models``, ``--folds``, ``--repeats``, ``--max-rows``,
 ``--max-epochs``, ``--seed`` or ``--threads`` writes ``accuracy_<suite>_custom.*`` instead, so
-it never overwrites the suite's committed results. The report is rewritten after every model of every data set, with
-the protocol in ``.json``, so an interrupted run leaves a partial report; ``--resume``
-continues it (same protocol required), skipping the (data set, model) pairs already done.
+it never overwrites the suite's committed results. The report is rewritten after every model
+of every data set, with the protocol in ``.json``, so an interrupted run (Ctrl-C, which also
+stops a fit in progress, unscored) leaves a partial report; ``--resume`` continues it (same
+protocol required), skipping the (data set, model) pairs already done.
 ``--jobs`` runs folds in that many processes. PyTorch and the BLAS/OpenMP pools of every
 process get ``--threads`` threads (default 1): the models are small, and on a shared 2-core
 machine two threads per process were several times slower than one.

@@ -92,8 +92,8 @@ def report(frame: pd.DataFrame, command: str, machine: str, folds: int, seed: in
              .mean().reset_index())
     return (f"# Predictive distributions\n\nCommand: `{command}`. Machine: {machine}.\n\n"
             f"{folds}-fold CV (seed {seed}) on the accuracy suite's subsamples (at most {max_rows} rows); "
-            "means over the folds. NLL is in nats per row, CRPS and the interval's width in the target's units "
-            "(both lower is better); coverage of "
+            "means over the folds. NLL (nats per row) and CRPS (the target's units) are lower-is-better; the "
+            "interval's width is in the target's units; coverage of "
             "the 5-95% interval (nominal 0.90); NLL needs a density (the MoE models only).\n\n"
             + table.to_markdown(index=False, floatfmt=".4g") + "\n")
 
