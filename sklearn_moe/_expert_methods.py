@@ -115,5 +115,17 @@ class ExpertMethods:
         ValueError
             If ``y`` has another number of rows than ``X``, or ``n_top_features`` is not a
             non-negative int.
+
+        Examples
+        --------
+        >>> from sklearn.datasets import load_diabetes
+        >>> from sklearn_moe import MoERegressor
+        >>> X, y = load_diabetes(return_X_y=True, as_frame=True)
+        >>> model = MoERegressor(n_experts=3, max_epochs=3, random_state=0).fit(X, y)
+        >>> report = model.routing_report(X, y)
+        >>> list(report.columns)
+        ['share', 'mean_gate', 'n_rows', 'score', 'distinguishing_features']
+        >>> len(report), round(float(report["share"].sum()), 6)
+        (3, 1.0)
         """
         return routing_report(self, X, y, n_top_features)

@@ -298,6 +298,19 @@ def load(path, device="cpu"):
         not match the digest saved with it (damaged after it was written), was
         written by a newer sklearn-moe, or was tampered with (unknown estimator kind,
         unknown or invalid hyperparameters, missing, extra or misshapen tensors).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from sklearn.datasets import load_diabetes
+    >>> from sklearn_moe import MoERegressor, load
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> model = MoERegressor(n_experts=2, max_epochs=2, random_state=0).fit(X, y)
+    >>> path = Path(tempfile.mkdtemp()) / "model.moe"
+    >>> model.save(path)
+    >>> bool((load(path).predict(X) == model.predict(X)).all())
+    True
     """
     path = _file_name(path, "load")
     if os.path.isdir(path):

@@ -97,6 +97,18 @@ def plot_training_curves(estimator):
         If ``estimator`` is not a MoE estimator (or a Pipeline ending in one).
     ValueError
         If the estimator has no training history (it was not fitted).
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_diabetes
+    >>> from sklearn_moe import MoERegressor
+    >>> from sklearn_moe.plotting import plot_training_curves
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> model = MoERegressor(n_experts=2, max_epochs=3, random_state=0).fit(X, y)
+    >>> figure = plot_training_curves(model)
+    >>> len(figure.axes)
+    2
+    >>> figure.savefig("training_curves.png")  # doctest: +SKIP
     """
     history = _history(_moe(estimator)[0])
     figure, (losses, aux) = _figure(ncols=2, width=5.0)

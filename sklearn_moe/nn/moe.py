@@ -277,6 +277,24 @@ class MixtureOfExperts(nn.Module):
     - ``balance_loss="aux_free"`` under ``router="hierarchical"`` balances only within the
       chosen group (the estimators refuse the combination).
     - ``predict`` and ``route`` run without autograd.
+
+    Examples
+    --------
+    One training step of a sparse mixture in a loop of one's own, then inference:
+
+    >>> import torch
+    >>> from sklearn_moe.nn import MixtureOfExperts
+    >>> moe = MixtureOfExperts(n_features=4, n_outputs=1, n_experts=8, top_k=2, router="topk")
+    >>> optimizer = torch.optim.AdamW(moe.parameters(), lr=1e-3)
+    >>> x, y = torch.randn(64, 4), torch.randn(64, 1)
+    >>> out = moe(x)
+    >>> loss = torch.nn.functional.mse_loss(out.output, y) + 0.01 * out.balance_loss + 1e-3 * out.z_loss
+    >>> loss.backward()
+    >>> optimizer.step()
+    >>> out.gates.shape, int((out.gates > 0).sum(dim=1).max())
+    (torch.Size([64, 8]), 2)
+    >>> moe.eval().predict(x[:3]).shape
+    torch.Size([3, 1])
     """
 
     def __init__(

@@ -208,6 +208,18 @@ def select_n_experts(estimator, X, y, candidates=(1, 2, 4, 8, 16), cv=5, rule="o
     ------
     ValueError
         Empty or invalid candidates, an unknown rule, or no MoE step in ``estimator``.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_diabetes
+    >>> from sklearn_moe import MoERegressor
+    >>> from sklearn_moe.tuning import select_n_experts
+    >>> X, y = load_diabetes(return_X_y=True)
+    >>> selection = select_n_experts(MoERegressor(max_epochs=3, random_state=0), X, y, candidates=(1, 2), cv=2)
+    >>> selection.best_n_experts_ in (1, 2), selection.best_estimator_.n_experts == selection.best_n_experts_
+    (True, True)
+    >>> list(selection.cv_results_["n_experts"])
+    [1, 2]
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}; got {rule!r}.")
