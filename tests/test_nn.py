@@ -669,7 +669,6 @@ def test_invalid_activation_names_allowed_values():
     "kwargs, match",
     [
         (dict(top_k=0), "top_k"),
-        (dict(top_k=5), "top_k"),
         (dict(top_k=-1), "top_k"),
         (dict(temperature=0.0), "temperature"),
         (dict(temperature=-1.0), "temperature"),
@@ -1064,3 +1063,14 @@ def test_a_module_converted_to_float64_runs_in_float64(router):
     if router != "uniform":
         with pytest.raises(TypeError, match="use torch.autocast for mixed precision"):
             make_moe(router=router, n_experts=4).half()(inputs(8).half())
+
+
+@pytest.mark.parametrize("router", ["softmax", "uniform", "topk", "noisy_topk", "switch", "top_p"])
+def test_top_k_is_at_most_n_experts_as_in_the_estimators(router):
+    """n_experts=1 needs no top_k=1 beside it; a top_k past n_experts means every expert."""
+    single = make_moe(router=router, n_experts=1)  # top_k=2 by default
+    assert single.top_k == 1
+    torch.testing.assert_close(single(inputs(6)).gates, torch.ones(6, 1))
+    if router in ("topk", "noisy_topk"):
+        every = make_moe(router=router, n_experts=4, top_k=9)
+        assert every.top_k == 4 and (every(inputs(6)).gates > 0).all()

@@ -160,7 +160,9 @@ class MixtureOfExperts(nn.Module):
     n_experts : int, default=8
         Number of routed experts.
     top_k : int, default=2
-        Experts per row for sparse routers.
+        Experts per row for sparse routers, at most: a larger value than ``n_experts``
+        means every expert (as in the estimators, so that ``n_experts=1`` needs no
+        ``top_k=1`` beside it).
     router : {"softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"}, default="topk"
         ``"softmax"`` is the dense soft mixture (every expert on every row, ``top_k``
         unused); ``"topk"`` routes each row to its ``top_k`` best experts with gate weights
@@ -355,6 +357,7 @@ class MixtureOfExperts(nn.Module):
         self.n_features = n_features
         self.n_outputs = n_outputs
         self.n_experts = n_experts
+        top_k = min(top_k, n_experts)
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.balance_loss = balance_loss
