@@ -176,8 +176,16 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         device = check_hyperparameters(self)
         check_backend(device)
         X, raw = encode_for_fit(self, X, reuse)
+        # The encoded matrix has columns of its own: validated without the fitted columns'
+        # checks, which the raw table had (against fit's, in a continued fit), and after
+        # which the raw table's columns are restored (a continued fit keeps fit's).
+        fitted_columns = {name: vars(self)[name] for name in ("n_features_in_", "feature_names_in_")
+                          if name in vars(self)}
         X, y = self._validate_X(X, y, reset=not reuse or raw is not None, **self._target_validation_kwargs())
-        if raw is not None:  # the raw table's columns, not the encoded ones
+        if raw is not None and reuse:
+            vars(self).pop("feature_names_in_", None)
+            vars(self).update(fitted_columns)
+        elif raw is not None:
             validate_data(self, raw, reset=True, skip_check_array=True)
         if sample_weight is not None:
             sample_weight = relative_sample_weight(sample_weight, X)

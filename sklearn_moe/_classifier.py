@@ -165,12 +165,20 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                     f"contains only one class: {classes[0]!r}."
                 )
             state = {"classes_": classes, "_y_ndim": 1}
-        else:
+        elif not partial and present.shape[0] < 2:  # a warm-start fit: one class is not a classification
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes in y, but y contains only one class: "
+                f"{present.tolist()[0]!r}. (partial_fit takes batches of one class.)"
+            )
+        if not reset:
             if classes is not None and not np.array_equal(_checked_classes(classes), self.classes_):
                 raise ValueError(f"classes={np.asarray(classes).tolist()[:20]} differs from the classes_ of the first "
                                  f"call, {self.classes_.tolist()[:20]}.")
             classes, state = self.classes_, {}
         unknown = np.setdiff1d(present, classes)
+        if unknown.size and reset:  # partial_fit's first call
+            raise ValueError(f"y has classes {unknown.tolist()[:10]} that are not among classes="
+                             f"{classes.tolist()[:20]}: pass every class that any call's y may hold.")
         if unknown.size:
             raise ValueError(
                 f"y has classes {unknown.tolist()[:10]} that the model does not know (classes_="

@@ -245,12 +245,17 @@ PARAMETERS = """\
     verbose : int, default=0
         0 is silent; 1 shows a progress bar and a per-epoch log.
     warm_start : bool, default=False
-        Continue training the fitted model instead of starting afresh; the input scaling
-        and the target encoding (scaling, or classes) of the first fit are kept. The other
-        hyperparameters take effect where they leave the network's weights as they are
-        (``learning_rate``, ``dropout``, ``capacity_factor``, ``temperature``, ``device``,
-        ...); changing one that shapes the network (``n_experts``, ``expert_hidden``, ...)
-        is an error.
+        Continue training the fitted model instead of starting afresh; the input scaling,
+        the table's encoding (its categorical columns and categories, and its missing-value
+        indicators: a changed ``categorical_features``, ``one_hot_max_categories`` or
+        ``handle_missing`` has no effect on it) and the target encoding (scaling, or
+        classes) of the first fit are kept. The other hyperparameters take effect where
+        they leave the network's weights as they are (``learning_rate``, ``dropout``,
+        ``capacity_factor``, ``temperature``, ``device``, ...); changing one that shapes
+        the network (``n_experts``, ``expert_hidden``, ...) is an error. Each warm-start
+        fit is a run of its own: ``history_`` and ``n_iter_`` hold its epochs, and
+        ``temperature_final`` anneals again from ``temperature`` (``partial_fit`` extends
+        the history instead).
     callbacks : list of skorch.callbacks.Callback, default=None
         Extra skorch callbacks for every fit (plain instances or ``(name, callback)``
         pairs), run after the built-in ones: loggers such as

@@ -668,7 +668,9 @@ class CollapseMonitor(Callback):
         self.recovery = recovery
 
     def on_train_begin(self, net, **kwargs):
-        """Reset the per-expert starvation counts and the experts already warned about.
+        """Count the starved epochs of the epochs already in the history (a continued fit,
+        such as every ``partial_fit`` call after the first, carries its earlier epochs), and
+        the experts already warned about; none for a new fit.
 
         Parameters
         ----------
@@ -679,6 +681,28 @@ class CollapseMonitor(Callback):
         """
         self._starved_for = None
         self._warned = set()
+        for row in net.history:
+            collapsed = self._count_starved(net.module_, row)
+            if self.recovery:
+                if self._starved_for is not None:
+                    self._starved_for[[e for e in row.get("revived_experts", []) if e < self._starved_for.size]] = 0
+            else:
+                self._warned.update(collapsed)
+
+    def _count_starved(self, module, row) -> list[int]:
+        """Count ``row``'s starved experts into the running counts; the experts starved for
+        ``patience`` epochs. An epoch of another number of experts (before pruning or
+        growth) restarts the counts."""
+        key = "gate_share" if module.router.is_dense else "expert_share"
+        if module.n_experts < 2 or key not in row:
+            return []
+        share = np.asarray(row[key], dtype=np.float64)
+        if share.shape != (module.n_experts,):
+            self._starved_for = None
+            return []
+        starved = share < self.threshold / module.n_experts
+        self._starved_for = np.where(starved, (0 if self._starved_for is None else self._starved_for) + 1, 0)
+        return [int(e) for e in np.flatnonzero(self._starved_for >= self.patience)]
 
     def on_epoch_end(self, net, **kwargs):
         """Count starved epochs per expert; warn about, and optionally revive, starved experts.
@@ -698,15 +722,10 @@ class CollapseMonitor(Callback):
         """
         module = net.module_
         row = net.history[-1]
-        key = "gate_share" if module.router.is_dense else "expert_share"
-        if module.n_experts < 2 or key not in row:
-            return
-        share = np.asarray(row[key], dtype=np.float64)
-        starved = share < self.threshold / module.n_experts
-        self._starved_for = np.where(starved, (0 if self._starved_for is None else self._starved_for) + 1, 0)
-        collapsed = [int(e) for e in np.flatnonzero(self._starved_for >= self.patience)]
+        collapsed = self._count_starved(module, row)
         if not collapsed:
             return
+        share = np.asarray(row["gate_share" if module.router.is_dense else "expert_share"], dtype=np.float64)
         busiest = int(share.argmax())
         if self.recovery:
             module.split_expert(busiest, collapsed)

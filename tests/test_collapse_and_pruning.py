@@ -113,6 +113,27 @@ def test_collapse_parameters_are_validated():
             MoERegressor(max_epochs=1, **bad).fit(X, y)
 
 
+@pytest.mark.parametrize("recovery", [False, True])
+def test_collapse_is_counted_across_partial_fit_calls(recovery, regression_data):
+    """Every partial_fit call is one epoch of its own run: the starved epochs are counted
+    on from the history, so a stream warns (once per expert) and, with recovery, revives."""
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, router="topk", top_k=1, balance_coef=0.0, random_state=0),
+                         collapse_threshold=0.9, collapse_patience=2, collapse_recovery=recovery,
+                         callbacks=[FavourExperts()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            model.partial_fit(X, y)
+    collapse = [w for w in caught if issubclass(w.category, ExpertCollapseWarning)]
+    assert collapse, "no collapse was detected over six one-epoch calls"
+    if recovery:
+        assert "revived_experts" in model.history_
+    else:
+        warned = [int(e) for w in collapse for e in str(w.message).split("]")[0].split("[")[1].split(",")]
+        assert len(warned) == len(set(warned))  # once per expert, not on every call
+
+
 def test_aux_free_balancing_is_refused_under_the_hierarchical_router():
     """Its bias reranks experts only within the group the group gate chose: it cannot move
     rows between groups."""

@@ -165,6 +165,38 @@ def test_the_classifier_takes_its_classes_from_the_first_call():
     assert model.n_iter_ == 2
 
 
+def test_a_first_call_whose_y_is_not_among_its_classes_says_so():
+    X, y = classification()
+    with pytest.raises(ValueError, match=r"y has classes \['mid'\] that are not among classes=\['high', 'low'\]"):
+        MoEClassifier(**FAST).partial_fit(X, y, classes=["low", "high"])
+
+
+def test_a_warm_start_fit_of_one_class_is_refused_as_a_first_fit_is():
+    X, y = classification()
+    model = MoEClassifier(**FAST, warm_start=True).fit(X, y)
+    with pytest.raises(ValueError, match="at least 2 classes in y, but y contains only one class: 'low'"):
+        model.fit(X[y == "low"], y[y == "low"])
+    model.partial_fit(X[y == "low"], y[y == "low"])  # a stream's batch may hold one class
+
+
+def test_a_continued_fit_keeps_the_columns_of_the_first():
+    """An encoded table (a categorical column) continued with an array, or with columns in
+    another order: the fitted names stay, and another order is refused, not learned."""
+    import pandas as pd
+
+    X, y = regression(300)
+    frame = pd.DataFrame(X, columns=list("abcd")).assign(kind=np.where(X[:, 0] > 0, "up", "down"))
+    model = MoERegressor(**FAST).fit(frame, y)
+    with pytest.warns(UserWarning, match="X does not have valid feature names"):
+        model.partial_fit(frame.to_numpy(), y)
+    assert model.feature_names_in_.tolist() == list(frame.columns) and model.n_features_in_ == 5
+    with pytest.raises(ValueError, match="feature names"):
+        model.partial_fit(frame[["b", "a", "c", "d", "kind"]], y)
+    with pytest.raises(ValueError, match="feature names"):
+        model.set_params(warm_start=True).fit(frame[["b", "a", "c", "d", "kind"]], y)
+    assert model.feature_names_in_.tolist() == list(frame.columns)
+
+
 def test_a_multilabel_stream_needs_no_classes():
     X, _ = classification()
     Y = np.column_stack([X[:, 0] > 0, X[:, 1] > 0]).astype(int)
