@@ -85,10 +85,13 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
     n_iter_ : int
+        Epochs run (those of this fit; ``partial_fit`` adds one per call).
     history_ : pandas.DataFrame
         One row per epoch of losses and routing metrics (see :class:`MoERegressor`).
     expert_load_ : ndarray of shape (n_experts,)
-        Share of the training rows' routing per expert (sums to 1).
+        Share of the training rows' routing per expert (sums to 1); after
+        ``grow_experts`` or ``prune_experts`` and before further training, the estimate
+        those methods leave (see :class:`MoERegressor`).
 
     Examples
     --------

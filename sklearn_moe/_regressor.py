@@ -57,14 +57,17 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Defined only when X has string feature names.
     n_iter_ : int
-        Epochs run.
+        Epochs run (those of this fit; ``partial_fit`` adds one per call).
     history_ : pandas.DataFrame
         One row per epoch: ``train_loss`` (with aux losses), ``task_loss``, ``valid_loss``,
         ``balance_loss``, ``z_loss``, ``load_imbalance``, ``routing_entropy``,
         ``dropped_fraction``, ``dur`` and more.
     expert_load_ : ndarray of shape (n_experts,)
         Share of the training rows' routing per expert (sums to 1): fraction of routing
-        assignments for sparse routers, mean gate weight for the dense router.
+        assignments for sparse routers, mean gate weight for the dense router. After
+        ``grow_experts`` or ``prune_experts``, until the model trains again, it is their
+        estimate (a split expert's share divided among its copies; the kept experts'
+        shares renormalised), not a measurement.
     scale_calibration_ : float
         ``output="mixture_density"`` only: the factor, at least 1, by which every expert's
         standard deviation is multiplied, chosen after training to minimise the negative
