@@ -668,9 +668,10 @@ class CollapseMonitor(Callback):
         self.recovery = recovery
 
     def on_train_begin(self, net, **kwargs):
-        """Count the starved epochs of the epochs already in the history (a continued fit,
-        such as every ``partial_fit`` call after the first, carries its earlier epochs), and
-        the experts already warned about; none for a new fit.
+        """Count the starved epochs already in the history, and the experts warned about.
+
+        A continued fit (every ``partial_fit`` call after the first) carries its earlier
+        epochs, so a stream's starvation is counted across calls; a new fit has none.
 
         Parameters
         ----------
