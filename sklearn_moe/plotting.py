@@ -103,8 +103,8 @@ def plot_training_curves(estimator):
     >>> from sklearn.datasets import load_diabetes
     >>> from sklearn_moe import MoERegressor
     >>> from sklearn_moe.plotting import plot_training_curves
-    >>> X, y = load_diabetes(return_X_y=True)
-    >>> model = MoERegressor(n_experts=2, max_epochs=3, random_state=0).fit(X, y)
+    >>> data = load_diabetes(as_frame=True)
+    >>> model = MoERegressor(n_experts=2, max_epochs=3, random_state=0).fit(data.data, data.target)
     >>> figure = plot_training_curves(model)
     >>> len(figure.axes)
     2
