@@ -355,9 +355,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             Input rows, with the columns (and, for a DataFrame, the column names) seen in
             ``fit``.
         y : array-like of shape (n_samples,) or (n_samples, n_labels)
-            True labels, all of them among ``classes_``; for a multilabel model, the
-            indicator matrix (the score is then the subset accuracy: the share of rows
-            whose every label is predicted right).
+            True labels, all of them among ``classes_`` (in cross-validation where a fold
+            may lack a class, pass ``scoring="accuracy"``, which counts such rows as
+            errors); for a multilabel model, the indicator matrix (the score is then the
+            subset accuracy: the share of rows whose every label is predicted right).
         sample_weight : array-like of shape (n_samples,), optional
             Weights of the rows in the mean; equal weights when None.
 
