@@ -176,9 +176,9 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         device = check_hyperparameters(self)
         check_backend(device)
         X, raw = encode_for_fit(self, X, reuse)
-        # The encoded matrix has columns of its own: validated without the fitted columns'
-        # checks, which the raw table had (against fit's, in a continued fit), and after
-        # which the raw table's columns are restored (a continued fit keeps fit's).
+        # An encoded table's matrix is validated as a new one (its columns are not the
+        # raw table's); the estimator then takes the raw table's columns, or, continuing a
+        # fit, keeps its own (encode_for_fit checked the table against them).
         fitted_columns = {name: vars(self)[name] for name in ("n_features_in_", "feature_names_in_")
                           if name in vars(self)}
         X, y = self._validate_X(X, y, reset=not reuse or raw is not None, **self._target_validation_kwargs())

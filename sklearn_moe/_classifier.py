@@ -168,12 +168,12 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                     f"contains only one class: {classes[0]!r}."
                 )
             state = {"classes_": classes, "_y_ndim": 1}
-        elif not partial and present.shape[0] < 2:  # a warm-start fit: one class is not a classification
-            raise ValueError(
-                f"{type(self).__name__} needs samples of at least 2 classes in y, but y contains only one class: "
-                f"{present.tolist()[0]!r}. (partial_fit takes batches of one class.)"
-            )
-        if not reset:
+        else:
+            if not partial and present.shape[0] < 2:  # a warm-start fit: one class is not a classification
+                raise ValueError(
+                    f"{type(self).__name__} needs samples of at least 2 classes in y, but y contains only one "
+                    f"class: {present.tolist()[0]!r}. (partial_fit takes batches of one class.)"
+                )
             if classes is not None and not np.array_equal(_checked_classes(classes), self.classes_):
                 raise ValueError(f"classes={np.asarray(classes).tolist()[:20]} differs from the classes_ of the first "
                                  f"call, {self.classes_.tolist()[:20]}.")

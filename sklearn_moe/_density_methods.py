@@ -108,7 +108,7 @@ class DensityMethods:
         if levels.ndim != 1 or not np.all((levels > 0) & (levels < 1)):
             raise ValueError(f"q must be probabilities in (0, 1), got {q!r}.")
         weights, means, scales = self._distribution(X)
-        constant = self._y_scale == 0  # a point mass: each of its quantiles is its value
+        constant = self._constant_targets  # a point mass: each of its quantiles is its value
         scales = np.where(constant, 1.0, scales)
         order = np.argsort(levels, kind="stable")
         low = (means - 12 * scales).min(axis=1)
@@ -189,7 +189,7 @@ class DensityMethods:
             ``output`` is not ``"mixture_density"``, or the model was fitted on a
             constant target (a point mass, which has no density).
         """
-        constant = self._y_scale == 0
+        constant = self._constant_targets
         if constant.any():
             raise ValueError(f"The model was fitted on a constant target ({self._y_mean[constant][0]:g}): its "
                              "predictive distribution is a point mass, which has no density to score y by.")
@@ -208,9 +208,14 @@ class DensityMethods:
     def _predict_std(self, X) -> tuple[np.ndarray, np.ndarray]:
         weights, means, scales = self._distribution(X)
         mean, std = mixture_moments(*(torch.as_tensor(a) for a in (weights, means, scales)))
-        constant = self._y_scale == 0
+        constant = self._constant_targets
         mean, std = np.where(constant, self._y_mean, mean.numpy()), np.where(constant, 0.0, std.numpy())
         return (mean[:, 0], std[:, 0]) if self._y_ndim == 1 else (mean, std)
+
+    @property
+    def _constant_targets(self) -> np.ndarray:
+        """Which targets were constant in fit (scale 0): their distribution is a point mass."""
+        return self._y_scale == 0
 
     def _distribution(self, X):
         """Gate weights (n, E) and the experts' means and scales (n, E, k), float64, in the

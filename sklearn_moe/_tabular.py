@@ -268,9 +268,12 @@ def _category_strings(series: pd.Series) -> np.ndarray:
 
 def _whole_number_keys(strings: np.ndarray) -> np.ndarray:
     """``strings`` with the trailing zeros of whole numbers written as floats dropped
-    (``"3.0"`` and ``"-0.0"`` become ``"3"`` and ``"0"``)."""
-    keys = pd.Series(strings, dtype=object).str.replace(_WHOLE_FLOAT, r"\1", regex=True)
-    return np.where(keys == "-0", "0", keys.to_numpy(dtype=str))
+    (``"3.0"`` and ``"-0.0"`` become ``"3"`` and ``"0"``). Each distinct string is rewritten
+    once: a column holds far fewer categories than rows."""
+    positions, distinct = pd.factorize(strings)
+    keys = pd.Series(distinct, dtype=object).str.replace(_WHOLE_FLOAT, r"\1", regex=True)
+    keys = np.where(keys == "-0", "0", keys.to_numpy(dtype=str))
+    return keys[positions] if len(strings) else np.asarray(strings, dtype=str)
 
 
 _WHOLE_FLOAT = r"^\+?(-?\d+)\.0+$"
@@ -278,14 +281,17 @@ _WHOLE_FLOAT = r"^\+?(-?\d+)\.0+$"
 
 def _codes(known: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The position of each of ``values`` among the categories ``known``, -1 where it is not
-    one of them. A model saved before categories were keyed by value may hold ``"1.0"`` and
-    ``"1"`` both: the first of a key's categories takes it."""
-    if not known.size:
-        return np.full(len(values), -1)
-    keys = pd.Index(_whole_number_keys(known))
-    first_of_key = np.flatnonzero(~keys.duplicated(keep="first"))
-    found = keys[first_of_key].get_indexer(values)
-    return np.where(found >= 0, first_of_key[found], -1)
+    one of them. Only values not found as they are (an unseen category, or a model whose
+    categories were kept as text, ``"1.0"``, before they were keyed by value) are looked up
+    among ``known``'s keys: there the first of a key's categories takes it."""
+    codes = pd.Index(known).get_indexer(values)
+    unfound = (codes < 0) & (values != _MISSING)
+    if unfound.any() and known.size:
+        keys = pd.Index(_whole_number_keys(known))
+        first_of_key = np.flatnonzero(~keys.duplicated(keep="first"))
+        found = keys[first_of_key].get_indexer(values[unfound])
+        codes[unfound] = np.where(found >= 0, first_of_key[found], -1)
+    return codes
 
 
 def _numeric_values(frame: pd.DataFrame, columns: np.ndarray) -> np.ndarray:

@@ -683,27 +683,27 @@ class CollapseMonitor(Callback):
         self._starved_for = None
         self._warned = set()
         for row in net.history:
-            collapsed = self._count_starved(net.module_, row)
+            _, collapsed = self._count_starved(net.module_, row)
             if self.recovery:
                 if self._starved_for is not None:
                     self._starved_for[[e for e in row.get("revived_experts", []) if e < self._starved_for.size]] = 0
             else:
                 self._warned.update(collapsed)
 
-    def _count_starved(self, module, row) -> list[int]:
-        """Count ``row``'s starved experts into the running counts; the experts starved for
-        ``patience`` epochs. An epoch of another number of experts (before pruning or
-        growth) restarts the counts."""
+    def _count_starved(self, module, row) -> tuple[np.ndarray | None, list[int]]:
+        """Count ``row``'s starved experts into the running counts: the epoch's shares (None
+        if it has none) and the experts starved for ``patience`` epochs. An epoch of another
+        number of experts (before pruning or growth) restarts the counts."""
         key = "gate_share" if module.router.is_dense else "expert_share"
         if module.n_experts < 2 or key not in row:
-            return []
+            return None, []
         share = np.asarray(row[key], dtype=np.float64)
         if share.shape != (module.n_experts,):
             self._starved_for = None
-            return []
+            return share, []
         starved = share < self.threshold / module.n_experts
         self._starved_for = np.where(starved, (0 if self._starved_for is None else self._starved_for) + 1, 0)
-        return [int(e) for e in np.flatnonzero(self._starved_for >= self.patience)]
+        return share, [int(e) for e in np.flatnonzero(self._starved_for >= self.patience)]
 
     def on_epoch_end(self, net, **kwargs):
         """Count starved epochs per expert; warn about, and optionally revive, starved experts.
@@ -723,10 +723,9 @@ class CollapseMonitor(Callback):
         """
         module = net.module_
         row = net.history[-1]
-        collapsed = self._count_starved(module, row)
+        share, collapsed = self._count_starved(module, row)
         if not collapsed:
             return
-        share = np.asarray(row["gate_share" if module.router.is_dense else "expert_share"], dtype=np.float64)
         busiest = int(share.argmax())
         if self.recovery:
             module.split_expert(busiest, collapsed)

@@ -337,7 +337,8 @@ class MixtureOfExperts(nn.Module):
         _check_sizes(n_features=n_features, n_outputs=n_outputs, n_experts=n_experts, top_k=top_k,
                      diversity_rows=diversity_rows)
         for name, widths in (("expert_hidden", expert_hidden), ("gate_hidden", gate_hidden)):
-            _check_sizes(**{f"{name} sizes": width for width in widths})
+            for width in widths:
+                _check_sizes(**{f"{name} sizes": width})
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if not output_init_scale > 0:
@@ -391,6 +392,9 @@ class MixtureOfExperts(nn.Module):
             self.embedding = NumericEmbedding(numeric_embedding, n_numeric, embedding_columns, embedding_bins,
                                               embedding_n_bins)
             width, chunks = self.embedding.out_features, self.embedding.chunks
+        n_embedded = 0 if self.embedding is None else self.embedding.columns.shape[0]
+        # predict and route pad a smaller batch to this many rows (see MIN_EVAL_EMBEDDED)
+        self._min_eval_rows = max(MIN_EVAL_ROWS, -(-MIN_EVAL_EMBEDDED // n_embedded) if n_embedded else 0)
         if self.category_embedding is not None:
             width += self.category_embedding.out_features
             chunks += [self.category_embedding.d_embedding] * self.category_embedding.n_columns
@@ -550,11 +554,9 @@ class MixtureOfExperts(nn.Module):
         evaluation mode."""
         x = _floating(x)
         n = x.shape[0]
-        embedded = 0 if self.embedding is None else self.embedding.columns.shape[0]
-        min_rows = max(MIN_EVAL_ROWS, -(-MIN_EVAL_EMBEDDED // embedded) if embedded else 0)
-        if self.training or n >= min_rows:
+        if self.training or n >= self._min_eval_rows:
             return compute(x)
-        return compute(torch.cat((x, x.new_zeros(min_rows - n, x.shape[1]))))[:n]
+        return compute(torch.cat((x, x.new_zeros(self._min_eval_rows - n, x.shape[1]))))[:n]
 
     def expert_state_names(self) -> list[str]:
         """The state-dict entries that hold one slice per expert on axis 0.
@@ -683,9 +685,7 @@ class MixtureOfExperts(nn.Module):
         of such a row is that output too, and a mixture of no component has no likelihood.
         Finding the rows reads their number on the host, as a capacity's plan already does
         in every training step."""
-        served = torch.zeros(n, device=assignments.rows.device).index_add_(
-            0, assignments.rows, torch.ones_like(assignments.rows, dtype=torch.float32))
-        rows = torch.nonzero(served == 0).squeeze(1)
+        rows = torch.nonzero(torch.bincount(assignments.rows, minlength=n) == 0).squeeze(1)
         if rows.numel() == 0:
             return assignments
         outputs = (shared.index_select(0, rows) if shared is not None

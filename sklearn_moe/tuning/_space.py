@@ -120,6 +120,8 @@ def base_space(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Choices for a categorical distribution")
         expert_hidden = CategoricalDistribution(architectures)
+    # aux_free cannot balance the groups of the hierarchical router, which refuses it.
+    balance_losses = ("switch", "cv2", None) if "hierarchical" in routers else ("switch", "cv2", "aux_free", None)
     space = {
         # Every combination is valid: top_k <= max_top_k <= n_experts.
         "n_experts": IntDistribution(max_top_k, max_experts, log=True),
@@ -127,9 +129,7 @@ def base_space(
         "router": CategoricalDistribution(tuple(routers)),
         "temperature": FloatDistribution(0.05, 2.0, log=True),
         "capacity_factor": CategoricalDistribution((None, 1.25, 2.0)),
-        # aux_free cannot balance the groups of the hierarchical router, which refuses it.
-        "balance_loss": CategoricalDistribution(("switch", "cv2", *(() if "hierarchical" in routers else ("aux_free",)),
-                                                 None)),
+        "balance_loss": CategoricalDistribution(balance_losses),
         "balance_coef": FloatDistribution(1e-4, 1e-1, log=True),
         "z_loss_coef": FloatDistribution(1e-5, 1e-2, log=True),
         "expert_hidden": expert_hidden,
