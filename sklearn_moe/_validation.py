@@ -65,6 +65,7 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
     if isinstance(X, pd.DataFrame) and X.shape[1] == 0:  # scikit-learn's own error would not say
         raise ValueError(f"Found a DataFrame with 0 feature(s) (shape={X.shape}) while a minimum of 1 is required "
                          f"by {type(estimator).__name__}.")
+    X = _missing_as_nan(X)
     try:
         validated = validate_data(
             estimator, X, y, reset=reset, dtype=np.float64, accept_sparse=("csr", "csc", "coo"), **kwargs
@@ -85,6 +86,19 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
     if isinstance(validated, tuple):
         return (densify(validated[0], warn=reset), *validated[1:])
     return densify(validated, warn=reset)
+
+
+def _missing_as_nan(X):
+    """An object ndarray with its ``pd.NA`` (which ``float()`` refuses) as NaN, as fit reads
+    them; any other ``X`` as it is."""
+    if not (isinstance(X, np.ndarray) and X.dtype == object):
+        return X
+    missing = pd.isna(X)
+    if not missing.any():
+        return X
+    X = X.copy()
+    X[missing] = np.nan
+    return X
 
 
 def _table(X) -> pd.DataFrame | None:

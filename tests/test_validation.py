@@ -213,6 +213,17 @@ def test_pd_na_in_an_object_array_is_a_missing_value(estimator_class):
     assert model._table_missing.tolist() == [0, 1]
 
 
+@by_name
+def test_pd_na_in_an_object_array_at_prediction_reads_as_none(estimator_class):
+    X, y = _data(estimator_class)
+    model = estimator_class(**TINY).fit(X, y)
+    with_na, with_none = X[:5].astype(object), X[:5].astype(object)
+    with_na[0, 1], with_none[0, 1] = pd.NA, None
+    np.testing.assert_array_equal(model.predict(with_na), model.predict(with_none))
+    with pytest.raises(ValueError, match="NaN"):
+        estimator_class(**TINY, handle_missing="error").fit(X, y).predict(with_na)
+
+
 @pytest.mark.parametrize("param", ["n_experts", "top_k", "max_epochs", "batch_size", "learning_rate", "weight_decay"])
 def test_a_bool_for_a_number_is_refused_by_name(param):
     X, y = _data(MoERegressor)
