@@ -15,7 +15,7 @@ from ._parameters import PARAMETER_CONSTRAINTS, check_hyperparameters
 from ._scaling import fit_robust_scaler, scale_features
 from ._tabular import TABLE_STATE, encode_for_fit, encode_for_predict, is_encoded, n_code_columns
 from ._training import PartialFitSettings, build_module, history_frame, rebuilt_module, train
-from ._validation import relative_sample_weight, validate_input
+from ._validation import as_pandas, relative_sample_weight, validate_input
 from .diagnostics import expert_utilization
 from .distributed.data_parallel import agree_on_seeds, check_backend, check_same_data, shard_rows
 from .nn import MixtureOfExperts
@@ -175,13 +175,15 @@ class BaseMoE(ExpertMethods, BaseEstimator):
     def _fit_unguarded(self, X, y, sample_weight, reuse, extra_callbacks=(), partial=False, classes=None):
         device = check_hyperparameters(self)
         check_backend(device)
-        X, raw = encode_for_fit(self, X, reuse)
+        X, raw = encode_for_fit(self, as_pandas(X), reuse)
         # An encoded table's matrix is validated as a new one (its columns are not the
         # raw table's); the estimator then takes the raw table's columns, or, continuing a
         # fit, keeps its own (encode_for_fit checked the table against them).
         fitted_columns = {name: vars(self)[name] for name in ("n_features_in_", "feature_names_in_")
                           if name in vars(self)}
-        X, y = self._validate_X(X, y, reset=not reuse or raw is not None, **self._target_validation_kwargs())
+        # A continued fit reads missing values as prediction does; a first fit has encoded them.
+        X, y = self._validate_X(X, y, reset=not reuse or raw is not None, **self._target_validation_kwargs(),
+                                ensure_all_finite=self._new_missing_allowed() if reuse else True)
         if raw is not None and reuse:
             vars(self).pop("feature_names_in_", None)
             vars(self).update(fitted_columns)
@@ -196,7 +198,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
             x_mean, x_scale = self._x_mean, self._x_scale
         else:
             x_mean, x_scale = fit_robust_scaler(X, sample_weight, n_code_columns(self))
-        X_scaled = scale_features(X, x_mean, x_scale, n_code_columns(self))
+        X_scaled = np.nan_to_num(scale_features(X, x_mean, x_scale, n_code_columns(self)))
 
         rng = check_random_state(self.random_state)
         seeds = tuple(int(s) for s in rng.randint(0, 2**31 - 1, size=3))
@@ -321,13 +323,19 @@ class BaseMoE(ExpertMethods, BaseEstimator):
             check_is_fitted(self)  # raises NotFittedError with scikit-learn's message
         if self._is_plain_valid_input(X):
             return torch.as_tensor(scale_features(X, self._x_mean, self._x_scale), device=self.net_.device)
+        X = as_pandas(X)
         if is_encoded(self):
             X = encode_for_predict(self, X)
-        else:  # a missing value, not seen in fit, gets the column's centre
-            X = self._validate_X(X, reset=False, ensure_all_finite="allow-nan" if self.handle_missing == "native"
-                                 else True)
+        else:
+            X = self._validate_X(X, reset=False, ensure_all_finite=self._new_missing_allowed())
         X_scaled = scale_features(X, self._x_mean, self._x_scale, n_code_columns(self))
+        # a missing value in a column that had none in fit: the column's centre
         return torch.as_tensor(np.nan_to_num(X_scaled), device=self.net_.device)
+
+    def _new_missing_allowed(self):
+        """``validate_data``'s ``ensure_all_finite`` for the input of a fitted model, where a
+        missing value in a column that had none in fit becomes the column's centre."""
+        return "allow-nan" if self.handle_missing == "native" else True
 
     def _is_plain_valid_input(self, X) -> bool:
         """The common prediction input that needs no conversion: a finite 2-d float ndarray

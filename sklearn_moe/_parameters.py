@@ -268,8 +268,9 @@ PARAMETERS = """\
     categorical_features : "from_dtype", array-like or None, default="from_dtype"
         The categorical columns, encoded inside the estimator so that a raw DataFrame can be
         fitted as it is. ``"from_dtype"``: a DataFrame's columns of pandas ``category``,
-        ``object``, ``string`` and ``bool`` dtypes; or a boolean mask, column indices or
-        column names; ``None``: none. A missing value is a category of its own, and a
+        ``object``, ``string`` and ``bool`` dtypes, except ``object`` columns of numbers
+        only (``Decimal`` from ``pd.read_sql``, say), which are numeric; or a boolean mask,
+        column indices or column names; ``None``: none. A missing value is a category of its own, and a
         category unseen in fit is accepted at prediction, without error. How each column is
         encoded depends on ``one_hot_max_categories``. Date and duration columns are an
         error unless named here: derive numbers from them (year, day of the week, seconds),
@@ -288,7 +289,8 @@ PARAMETERS = """\
     handle_missing : {"native", "error"}, default="native"
         Missing numeric values (NaN). ``"native"``: a column with missing values in fit
         gets an indicator input beside it and its missing values the column's median in
-        fit; a missing value in a column that had none in fit gets the column's centre.
+        fit; a missing value in a column that had none in fit gets the column's centre
+        (at prediction and in a continued fit).
         ``"error"``: NaN in ``X`` is an error.
 """
 

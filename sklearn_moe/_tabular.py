@@ -23,7 +23,7 @@ import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
 from ._validation import (
-    date_columns_error,
+    check_column_kinds,
     densify,
     infinity_message,
     is_date_or_duration,
@@ -101,17 +101,15 @@ def encoded_names(estimator) -> list[str]:
 def categorical_mask(X, categorical_features) -> np.ndarray:
     """Which columns of ``X`` are categorical (bool array of length ``n_features``).
 
-    ``"from_dtype"``: a DataFrame's columns of pandas ``category``, ``object``, ``string``
-    and ``bool`` dtypes (none for an array); ``None``: none; else a boolean mask, column
-    indices or (for a DataFrame) column names. A DataFrame's date and duration columns
-    must be named categorical, else a TypeError says how to turn them into numbers.
+    ``"from_dtype"``: a DataFrame's columns of pandas ``category``, ``string`` and ``bool``
+    dtypes and its ``object`` columns that hold more than numbers (none for an array);
+    ``None``: none; else a boolean mask, column indices or (for a DataFrame) column names.
+    A DataFrame's date and duration columns must be named categorical, else a TypeError
+    says how to turn them into numbers (and complex columns are a ValueError).
     """
     mask = _categorical_mask(X, categorical_features)
     if isinstance(X, pd.DataFrame):
-        dates = [position for position, dtype in enumerate(X.dtypes)
-                 if is_date_or_duration(dtype) and not mask[position]]
-        if dates:
-            raise date_columns_error(X, dates)
+        check_column_kinds(X, np.flatnonzero(~mask))
     return mask
 
 
@@ -125,8 +123,7 @@ def _categorical_mask(X, categorical_features) -> np.ndarray:
                              f"column names; got {categorical_features!r}.")
         if not isinstance(X, pd.DataFrame):
             return np.zeros(n_features, dtype=bool)
-        return np.array([is_bool_dtype(dtype) or not (is_numeric_dtype(dtype) or is_date_or_duration(dtype))
-                         for dtype in X.dtypes])
+        return np.array([_is_categorical_kind(X.iloc[:, position]) for position in range(n_features)], dtype=bool)
     if isinstance(categorical_features, (list, tuple)):
         kinds = {isinstance(item, str) for item in categorical_features}
         if len(kinds) > 1:
@@ -158,6 +155,22 @@ def _categorical_mask(X, categorical_features) -> np.ndarray:
         return mask
     raise ValueError(f"categorical_features must be 'from_dtype', None, a boolean mask, column indices or column "
                      f"names; got {categorical_features!r}.")
+
+
+def _is_categorical_kind(column: pd.Series) -> bool:
+    """Whether ``"from_dtype"`` takes ``column`` as categorical: a bool, category or string
+    column, or an object column of anything but numbers. An object column of numbers only
+    (ints, floats, or the ``Decimal`` values ``pd.read_sql`` gives for SQL ``NUMERIC``) is
+    numeric: as categories, nearly every value of new rows would be unseen."""
+    dtype = column.dtype
+    if is_bool_dtype(dtype):
+        return True
+    if is_numeric_dtype(dtype) or is_date_or_duration(dtype):
+        return False
+    return not (dtype.kind == "O" and pd.api.types.infer_dtype(column, skipna=True) in _NUMBER_KINDS)
+
+
+_NUMBER_KINDS = frozenset({"integer", "floating", "mixed-integer-float", "decimal"})
 
 
 def fit_table_encoding(X, mask: np.ndarray, handle_missing: str, one_hot_max_categories: int | None = None) -> dict:
@@ -296,6 +309,7 @@ def _codes(known: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 def _numeric_values(frame: pd.DataFrame, columns: np.ndarray) -> np.ndarray:
     """The columns ``columns`` (bool mask) as float64, missing values as NaN."""
+    check_column_kinds(frame, np.flatnonzero(columns))
     chosen = frame.iloc[:, np.flatnonzero(columns)]
     try:
         values = chosen.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -345,6 +359,9 @@ def encode_for_predict(estimator, X) -> np.ndarray:
     from sklearn.utils.validation import validate_data
 
     validate_data(estimator, X, reset=False, skip_check_array=True)  # the columns' names and number
+    if _shape(X)[0] == 0:  # as scikit-learn's check_array says of an array
+        raise ValueError(f"Found array with 0 sample(s) (shape={_shape(X)}) while a minimum of 1 is required by "
+                         f"{type(estimator).__name__}.")
     encoded = encode_table(X, estimator)
     if estimator.handle_missing == "error":
         numeric = np.flatnonzero(~np.isin(np.arange(_shape(X)[1]), estimator._table_categorical))

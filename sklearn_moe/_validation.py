@@ -7,7 +7,13 @@ from numbers import Integral
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from pandas.api.types import is_bool_dtype, is_datetime64_any_dtype, is_numeric_dtype, is_timedelta64_dtype
+from pandas.api.types import (
+    is_bool_dtype,
+    is_complex_dtype,
+    is_datetime64_any_dtype,
+    is_numeric_dtype,
+    is_timedelta64_dtype,
+)
 from sklearn.exceptions import DataConversionWarning
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import _check_sample_weight, validate_data
@@ -66,6 +72,8 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
         raise ValueError(f"Found a DataFrame with 0 feature(s) (shape={X.shape}) while a minimum of 1 is required "
                          f"by {type(estimator).__name__}.")
     X = _missing_as_nan(X)
+    if isinstance(X, pd.DataFrame):
+        check_column_kinds(X, range(X.shape[1]))
     try:
         validated = validate_data(
             estimator, X, y, reset=reset, dtype=np.float64, accept_sparse=("csr", "csc", "coo"), **kwargs
@@ -73,6 +81,8 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
     except (TypeError, ValueError) as error:
         # A failed conversion to float: text in a column (or a pandas dtype scikit-learn does
         # not convert when another column holds text), named with what it holds.
+        if str(error).startswith("Complex data not supported"):  # whose message prints the whole array
+            raise ValueError(_complex_message([])) from error
         table = _table(X)
         columns = non_numeric_columns(table)
         if kwargs.get("y_numeric") and not columns and _first_text(y) is not None:
@@ -178,15 +188,52 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exc
     return kind(
         f"Column(s) {named or '(unknown)'} of X are neither numeric nor marked categorical ({holds}). Mark them "
         "in categorical_features (the default 'from_dtype' takes a DataFrame's category, object, string and bool "
-        "columns), or encode them first, e.g. with a OneHotEncoder in a sklearn.compose.ColumnTransformer."
+        "columns; an array's columns have no dtypes, so name them by index"
+        + (f", e.g. categorical_features=[{names[0]}]" if names and isinstance(names[0], int) else "")
+        + "), or encode them first, e.g. with a OneHotEncoder in a sklearn.compose.ColumnTransformer."
         + (f" ({error})" if kind is TypeError else "")
     )
 
 
 def is_date_or_duration(dtype) -> bool:
     """Whether a column of ``dtype`` holds dates (``datetime64``, with or without a time
-    zone) or durations (``timedelta64``)."""
-    return is_datetime64_any_dtype(dtype) or is_timedelta64_dtype(dtype)
+    zone, or periods) or durations (``timedelta64``)."""
+    return is_datetime64_any_dtype(dtype) or is_timedelta64_dtype(dtype) or isinstance(dtype, pd.PeriodDtype)
+
+
+def check_column_kinds(frame: pd.DataFrame, columns) -> None:
+    """Raise an error if one of ``columns`` (positions) of ``frame``, read as numbers,
+    holds dates or durations (:func:`date_columns_error`, a ``TypeError``) or complex
+    numbers, whose imaginary part a conversion to float would drop (a ``ValueError``)."""
+    columns = list(columns)
+    dtypes = frame.dtypes.iloc[columns]
+    dates = [position for position, dtype in zip(columns, dtypes) if is_date_or_duration(dtype)]
+    if dates:
+        raise date_columns_error(frame, dates)
+    complex_ = [_plain(frame.columns[position]) for position, dtype in zip(columns, dtypes)
+                if is_complex_dtype(dtype)]
+    if complex_:
+        raise ValueError(_complex_message(complex_))
+
+
+def _complex_message(columns: list) -> str:
+    where = f"Column(s) {_shown(columns)} of X hold" if columns else "X holds"
+    return (f"Complex data not supported: {where} complex numbers. Pass their real and imaginary parts (np.real, "
+            "np.imag), or modulus and angle, as columns of their own.")
+
+
+def as_pandas(X):
+    """A dataframe of another library (polars, pyarrow, ...) as a pandas DataFrame, so that
+    its column names and kinds (text, categories, bools, dates) count as a pandas
+    DataFrame's do; anything else as it is."""
+    if isinstance(X, pd.DataFrame) or not (hasattr(X, "to_pandas") and hasattr(X, "columns")):
+        return X
+    try:
+        return X.to_pandas()
+    except ImportError as error:  # polars converts through pyarrow
+        raise ImportError(f"Reading X, a {type(X).__module__}.{type(X).__name__}, as a pandas DataFrame needs "
+                          f"{error.name or 'pyarrow'} (pip install {error.name or 'pyarrow'}); or pass "
+                          "X.to_pandas().") from error
 
 
 def date_columns_error(frame: pd.DataFrame, columns: list[int]) -> TypeError:

@@ -1,0 +1,136 @@
+"""Input kinds beyond numbers, strings and categories: numbers stored as objects, other
+libraries' dataframes, complex numbers, dates at prediction, and missing values in a
+continued fit."""
+
+from decimal import Decimal
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sklearn_moe import MoEClassifier, MoERegressor
+from sklearn_moe._tabular import encoded_names
+
+from .conftest import FAST
+
+TINY = dict(FAST, max_epochs=2)
+
+
+def numbers_and_city(n=120, seed=0):
+    rng = np.random.RandomState(seed)
+    frame = pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n),
+                          "city": rng.choice(["Oslo", "Lima"], n)})
+    return frame, frame["a"].to_numpy() + 3 * frame["b"].to_numpy() + (frame["city"] == "Lima")
+
+
+@pytest.mark.parametrize("as_object", [lambda v: Decimal(f"{v:.6f}"), float], ids=["Decimal", "float"])
+def test_an_object_column_of_numbers_is_numeric(as_object):
+    """As pd.read_sql gives a NUMERIC column: as categories, new rows' values would be unseen."""
+    frame, y = numbers_and_city()
+    stored = frame.assign(b=pd.Series([as_object(v) for v in frame["b"]], dtype=object))
+    stored.loc[3, "b"] = None
+    model = MoERegressor(**TINY).fit(stored, y)
+    assert encoded_names(model)[:3] == ["a", "b", "b (missing)"]
+    plain = MoERegressor(**TINY).fit(frame.assign(b=stored["b"].astype(float)), y)
+    np.testing.assert_array_equal(model.predict(stored), plain.predict(frame.assign(b=stored["b"].astype(float))))
+
+
+def test_an_object_column_of_numbers_and_text_stays_categorical():
+    frame, y = numbers_and_city()
+    mixed = frame.assign(b=pd.Series([1, "two", 3.0] * 40, dtype=object))
+    assert "b=two" in encoded_names(MoERegressor(**TINY).fit(mixed, y))
+
+
+@pytest.mark.parametrize("library", ["polars", "pyarrow"])
+def test_other_libraries_dataframes_read_as_pandas(library):
+    """Their string and bool columns are categorical and their names count, as pandas'."""
+    module = pytest.importorskip(library)
+    frame, y = numbers_and_city()
+    frame = frame.assign(member=frame["a"] > 0)
+    other = module.from_pandas(frame) if library == "polars" else module.Table.from_pandas(frame)
+    reference = MoERegressor(**TINY).fit(frame, y)
+    model = MoERegressor(**TINY).fit(other, y)
+    assert model.feature_names_in_.tolist() == ["a", "b", "city", "member"]
+    np.testing.assert_array_equal(model.predict(other), reference.predict(frame))
+    np.testing.assert_array_equal(reference.route(other), reference.route(frame))
+    named = MoERegressor(**TINY, categorical_features=["city", "member"]).fit(other, y)
+    np.testing.assert_array_equal(named.predict(other), reference.predict(frame))
+
+
+def test_a_polars_date_column_is_refused_as_a_pandas_one():
+    pl = pytest.importorskip("polars")
+    frame, y = numbers_and_city()
+    dated = pl.from_pandas(frame.assign(day=pd.date_range("2020-01-01", periods=len(frame))))
+    with pytest.raises(TypeError, match=r"'day' of X hold dates or durations"):
+        MoERegressor(**TINY).fit(dated, y)
+
+
+@pytest.mark.parametrize("columns", [["a", "z", "city"], ["a", "z"]], ids=["encoded", "plain"])
+def test_complex_columns_are_refused_by_name(columns):
+    frame, y = numbers_and_city()
+    frame = frame.assign(z=frame["a"] + 1j)[columns]
+    with pytest.raises(ValueError, match=r"^Complex data not supported: Column\(s\) 'z' of X hold complex"):
+        MoERegressor(**TINY).fit(frame, y)
+    model = MoERegressor(**TINY).fit(frame.assign(z=1.0), y)
+    with pytest.raises(ValueError, match=r"Column\(s\) 'z' of X hold complex"):
+        model.predict(frame)
+
+
+def test_a_complex_array_is_refused_without_printing_it():
+    X = np.random.RandomState(0).normal(size=(50, 2)) + 1j
+    with pytest.raises(ValueError, match=r"^Complex data not supported: X holds complex numbers\. [^\n]*$"):
+        MoERegressor(**TINY).fit(X, np.arange(50.0))
+
+
+@pytest.mark.parametrize("columns", [["a", "b", "city"], ["a", "b"], ["a"]], ids=["encoded", "plain", "one column"])
+def test_dates_at_prediction_are_refused_as_in_fit(columns):
+    frame, y = numbers_and_city()
+    model = MoERegressor(**TINY).fit(frame[columns], y)
+    for dates in (pd.date_range("2020-01-01", periods=len(frame)), pd.to_timedelta(np.arange(len(frame)), "h")):
+        with pytest.raises(TypeError, match=r"Column\(s\) 'a' of X hold dates or durations"):
+            model.predict(frame[columns].assign(a=dates))
+
+
+def test_period_columns_are_dates():
+    frame, y = numbers_and_city()
+    frame = frame.assign(month=pd.period_range("2010-01", periods=len(frame), freq="M"))
+    with pytest.raises(TypeError, match=r"'month' of X hold dates or durations \(period\[M\]\).*\.dt\.year"):
+        MoERegressor(**TINY).fit(frame, y)
+    named = MoERegressor(**TINY, categorical_features=["city", "month"]).fit(frame, y)
+    assert np.isfinite(named.predict(frame)).all()
+
+
+@pytest.mark.parametrize("columns", [["a", "b", "city"], ["a", "b"]], ids=["encoded", "plain"])
+def test_no_row_at_prediction_is_an_error_for_a_table_as_for_an_array(columns):
+    frame, y = numbers_and_city()
+    model = MoERegressor(**TINY).fit(frame[columns], y)
+    with pytest.raises(ValueError, match=r"Found array with 0 sample\(s\) \(shape=\(0, \d\)\)"):
+        model.predict(frame[columns].iloc[:0])
+
+
+@pytest.mark.parametrize("columns", [["a", "b", "city"], ["a", "b"]], ids=["encoded", "plain"])
+@pytest.mark.parametrize("how", ["partial_fit", "warm_start"])
+def test_a_continued_fit_reads_a_new_missing_value_as_prediction_does(columns, how):
+    """A column complete in the first fit has no missing-value indicator: its NaN in a later
+    batch is the column's centre, as at prediction, not an error."""
+    frame, y = numbers_and_city()
+    later = frame[columns].copy()
+    later.loc[::3, "a"] = np.nan
+    model = MoERegressor(**TINY, warm_start=how == "warm_start")
+    if how == "partial_fit":
+        model.partial_fit(frame[columns][:60], y[:60]).partial_fit(later[60:], y[60:])
+    else:
+        model.fit(frame[columns], y).fit(later, y)
+    assert np.isfinite(model.predict(later)).all()
+    strict = MoERegressor(**TINY, handle_missing="error").partial_fit(frame[columns][:60], y[:60])
+    with pytest.raises(ValueError, match="NaN"):
+        strict.partial_fit(later[60:], y[60:])
+
+
+def test_a_continued_classifier_fit_reads_a_new_missing_value():
+    X = np.random.RandomState(0).normal(size=(80, 3))
+    labels = np.where(X[:, 0] > 0, "yes", "no")
+    model = MoEClassifier(**TINY).partial_fit(X[:40], labels[:40], classes=["no", "yes"])
+    X[50, 1] = np.nan
+    model.partial_fit(X[40:], labels[40:])
+    assert np.isfinite(model.predict_proba(X)).all()
