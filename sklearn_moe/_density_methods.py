@@ -26,8 +26,9 @@ class DensityMethods:
     def scale_calibration_(self) -> float:
         """Factor every expert's standard deviation is multiplied by (``output="mixture_density"``).
 
-        It is fitted after training on the validation rows: at least 1, and 1.0 without
-        them.
+        It is fitted after training on the validation rows: at least 1. A fit without them
+        (``early_stopping=False``, or ``partial_fit``) leaves it as it was: 1.0 on a new
+        model, the earlier factor in a continued fit.
 
         Raises
         ------
@@ -42,12 +43,10 @@ class DensityMethods:
         """Fit the spread's recalibration (:func:`~sklearn_moe.nn.density.calibrated_scale`):
         trained on the likelihood of the training rows, the experts' scales shrink to fit
         them; the validation rows, held out of training, measure the spread new rows see."""
-        if self.output != "mixture_density":
-            return
+        if self.output != "mixture_density" or valid_table is None:
+            return  # a new module's factor is 1; a continued fit keeps its factor
         module = self.module_
         module.scale_calibration.fill_(1.0)
-        if valid_table is None:
-            return
         with torch.inference_mode(), self.net_.autocast(valid_table.X.device):
             weights, means, scales = module.predict_distribution(valid_table.X)
         module.scale_calibration.fill_(calibrated_scale(weights, means, scales, valid_table.y,

@@ -71,8 +71,9 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     scale_calibration_ : float
         ``output="mixture_density"`` only: the factor, at least 1, by which every expert's
         standard deviation is multiplied, chosen after training to minimise the negative
-        log-likelihood of the validation rows (1.0 with ``early_stopping=False``, which
-        holds none out).
+        log-likelihood of the validation rows. A fit that holds none out
+        (``early_stopping=False``, ``partial_fit``) keeps it as it was: 1.0 on a new model,
+        the earlier factor in a continued fit.
 
     Examples
     --------

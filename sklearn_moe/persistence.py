@@ -183,9 +183,10 @@ def _digest(text: str, tensors: dict) -> str:
     shape and bytes, in name order."""
     digest = hashlib.sha256(text.encode())
     for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
+        tensor = tensors[name]
         digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        # a fresh flat copy: a size-1 tensor of stride 0 counts as contiguous, but no view takes it
+        digest.update(tensor.flatten().clone(memory_format=torch.contiguous_format).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

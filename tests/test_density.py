@@ -117,8 +117,11 @@ def test_spread_is_recalibrated_on_the_validation_rows(tmp_path):
     # held-out rows predicted better than the training rows never narrow the spread
     model._after_training(TensorTable(X_scaled, mean))
     assert model.scale_calibration_ == 1.0
-    # no validation rows, nothing to calibrate on
+    # no validation rows, nothing to calibrate on: a new model's factor is 1, a continued
+    # fit's stays
     assert MoERegressor(**params, early_stopping=False).fit(X, y).scale_calibration_ == 1.0
+    model.module_.scale_calibration.fill_(factor)
+    assert model.partial_fit(X, y).scale_calibration_ == pytest.approx(factor, rel=1e-7)
     # a point regressor has no spread
     assert not hasattr(MoERegressor(**dict(FAST, max_epochs=2)).fit(X, y), "scale_calibration_")
 
@@ -129,6 +132,18 @@ def test_mixture_moments_by_hand():
     mean, std = mixture_moments(weights, means, scales)
     assert float(mean) == pytest.approx(3.0)
     assert float(std) == pytest.approx(math.sqrt(0.25 * 1 + 0.75 * (4 + 16) - 9))
+
+
+def test_mixture_std_keeps_its_digits_around_a_large_mean():
+    """A spread of about 1.6 around 1e8 (a timestamp, an amount in cents): the uncentred
+    form's difference of two numbers near 1e16 loses it."""
+    weights = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
+    scales = torch.tensor([[[1.0], [2.0]]], dtype=torch.float64)
+    for offset in (0.0, 1e8):
+        means = torch.tensor([[[0.0], [4.0]]], dtype=torch.float64) + offset
+        mean, std = mixture_moments(weights, means, scales)
+        assert float(mean) == pytest.approx(3.0 + offset, rel=1e-15)
+        assert float(std) == pytest.approx(math.sqrt(0.25 * 1 + 0.75 * (4 + 16) - 9), rel=1e-12)
 
 
 @pytest.mark.parametrize("router", ["softmax", "topk"])

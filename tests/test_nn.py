@@ -967,6 +967,21 @@ def test_expert_dropout_drops_chosen_experts_in_training_only():
         MixtureOfExperts(4, 1, expert_dropout=1.0)
 
 
+@pytest.mark.parametrize("router, top_k, expert_dropout", [
+    ("noisy_topk", 1, 0.0), ("softmax", 2, 0.5), ("topk", 2, 0.5), ("hierarchical", 2, 0.5), ("switch", 1, 0.5)])
+def test_a_low_temperature_trains_without_nan(router, top_k, expert_dropout):
+    """At temperature 1e-4 most gate probabilities underflow to 0: a noisy choice of such an
+    expert, or expert dropout keeping only such experts, must not divide 0 by 0."""
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 1, n_experts=4, top_k=top_k, router=router, expert_hidden=(8,), temperature=1e-4,
+                              expert_dropout=expert_dropout, **({"n_groups": 2} if router == "hierarchical" else {}))
+    out = module(torch.randn(256, 4) * 3)
+    assert torch.isfinite(out.output).all() and torch.isfinite(out.gates).all()
+    torch.testing.assert_close(out.gates.sum(dim=1), torch.ones(256))
+    (out.output.pow(2).mean() + out.balance_loss + out.z_loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("router", ["topk", "softmax"])
 def test_counts_with_expert_dropout_and_sample_weight_count_only_live_assignments(router):
     torch.manual_seed(0)

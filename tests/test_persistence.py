@@ -138,6 +138,20 @@ def test_loaded_model_pickles_clones_and_resaves_the_same(tmp_path):
     assert all(torch.equal(first[1][name], second[1][name]) for name in first[1])
 
 
+def test_a_single_expert_top_p_with_a_learned_threshold_saves(tmp_path):
+    """Also a model whose one-element parameter has stride 0 (as an expanded tensor's
+    clone has), which no byte view takes."""
+    X, y = _data()
+    model = MoERegressor(**dict(QUICK, n_experts=1, router="top_p", learned_threshold=True)).fit(X, y)
+    model.save(tmp_path / "one.moe")
+    assert_same_outputs_and_weights(load(tmp_path / "one.moe"), model, X)
+    with torch.no_grad():
+        model.module_.router.threshold_logit.data = torch.tensor(0.25).expand(1).clone()
+    assert model.module_.router.threshold_logit.stride() == (0,)
+    model.save(tmp_path / "strided.moe")
+    assert_same_outputs_and_weights(load(tmp_path / "strided.moe"), model, X)
+
+
 def test_feature_names_survive_and_are_checked(tmp_path):
     X, y = _data()
     frame = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])])

@@ -256,7 +256,9 @@ def calibrated_scale(weights: torch.Tensor, means: torch.Tensor, scales: torch.T
 def mixture_moments(weights: torch.Tensor, means: torch.Tensor, scales: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard deviation of each row's mixture: ``m = sum_e g_e mu_e`` and
-    ``sd = sqrt(sum_e g_e (sigma_e^2 + mu_e^2) - m^2)``.
+    ``sd = sqrt(sum_e g_e (sigma_e^2 + (mu_e - m)^2))``, the centred form of
+    ``sum_e g_e (sigma_e^2 + mu_e^2) - m^2``, which cancels every digit of a small spread
+    around a large mean.
 
     Parameters
     ----------
@@ -269,8 +271,8 @@ def mixture_moments(weights: torch.Tensor, means: torch.Tensor, scales: torch.Te
     """
     weights = weights.unsqueeze(2)
     mean = (weights * means).sum(dim=1)
-    second = (weights * (scales.square() + means.square())).sum(dim=1)
-    return mean, (second - mean.square()).clamp_min(0).sqrt()
+    variance = (weights * (scales.square() + (means - mean.unsqueeze(1)).square())).sum(dim=1)
+    return mean, variance.sqrt()
 
 
 #: The mixtures of the experts' class outputs, per ``output``: each maps the assignments'

@@ -56,6 +56,9 @@ from .layouts import choose_layout, expert_outputs
 from .losses import BALANCE_LOSSES, expert_diversity_loss, router_z_loss
 from .routers import make_router
 
+# Expert dropout keeps a row's most weighted expert where its survivors would carry less
+# than this share of the row's gate weight.
+MIN_SURVIVING_WEIGHT = 1e-6
 # predict and route evaluate at least this many rows (a one-row batch is padded with a
 # zero row): the numeric embeddings (rtdl_num_embeddings) run plain float32 products, which
 # take a matrix-vector kernel, rounding differently, for one row; see :mod:`.products`.
@@ -540,6 +543,9 @@ class MixtureOfExperts(nn.Module):
         """
         if self.output != "mixture_density":
             raise ValueError(f"predict_distribution needs output='mixture_density'; this module has {self.output!r}")
+        return self._evaluate(x, self._distribution)
+
+    def _distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weights = self.route(x)
         h = self._embed(x)
         outputs = self.experts.all_experts(h)
@@ -550,13 +556,14 @@ class MixtureOfExperts(nn.Module):
 
     @torch.no_grad()
     def _evaluate(self, x: torch.Tensor, compute) -> torch.Tensor:
-        """``compute(x)`` without autograd, on at least :data:`MIN_EVAL_ROWS` rows in
-        evaluation mode."""
+        """``compute(x)`` (a tensor or a tuple of them) without autograd, on at least
+        ``_min_eval_rows`` rows in evaluation mode."""
         x = _floating(x)
         n = x.shape[0]
         if self.training or n >= self._min_eval_rows:
             return compute(x)
-        return compute(torch.cat((x, x.new_zeros(self._min_eval_rows - n, x.shape[1]))))[:n]
+        result = compute(torch.cat((x, x.new_zeros(self._min_eval_rows - n, x.shape[1]))))
+        return tuple(part[:n] for part in result) if isinstance(result, tuple) else result[:n]
 
     def expert_state_names(self) -> list[str]:
         """The state-dict entries that hold one slice per expert on axis 0.
@@ -633,7 +640,7 @@ class MixtureOfExperts(nn.Module):
         """Which chosen experts take part (dynamic k, expert dropout) and their gate weights."""
         active = routing.active
         if self.training and self.expert_dropout > 0:
-            active = self._expert_dropout_mask(routing.indices, active)
+            active = self._expert_dropout_mask(routing.weights, active)
         weights = routing.weights
         if active is not None and active is not routing.active:
             weights = weights * active
@@ -769,13 +776,19 @@ class MixtureOfExperts(nn.Module):
         rows = rows[: self.diversity_rows]
         return expert_diversity_loss(self.experts.all_experts(rows))
 
-    def _expert_dropout_mask(self, indices: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
-        """(n, k) bool: which chosen (active) experts survive; at least each row's first choice."""
-        kept = torch.rand(indices.shape, device=indices.device) >= self.expert_dropout
+    def _expert_dropout_mask(self, weights: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+        """(n, k) bool: which chosen (active) experts survive. Where the survivors carry
+        less than :data:`MIN_SURVIVING_WEIGHT` of the row's weight (none survives, or, at a
+        low temperature, only experts whose weights underflowed), the row's most weighted
+        one survives too: the survivors' weights are divided by their sum, whose gradient
+        is NaN at 0 and overflows near it."""
+        kept = torch.rand(weights.shape, device=weights.device) >= self.expert_dropout
         if active is not None:
             kept &= active
-        kept[:, 0] |= ~kept.any(dim=1)
-        return kept
+        eligible = weights if active is None else weights.masked_fill(~active, -1.0)
+        heaviest = torch.zeros_like(kept).scatter_(1, eligible.argmax(dim=1, keepdim=True), True)
+        weightless = (weights * kept).sum(dim=1, keepdim=True) < MIN_SURVIVING_WEIGHT
+        return kept | (heaviest & weightless)
 
     def _balance_loss(self, routing, gates: torch.Tensor, mask: torch.Tensor | None, active,
                       counts: torch.Tensor) -> torch.Tensor:

@@ -94,8 +94,11 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _unit_weight(p: torch.Tensor) -> torch.Tensor:
-    """``p / stop_gradient(p)``: the value 1, with the gradient of ``log p``."""
-    return p / p.detach()
+    """``p / stop_gradient(p)``: the value 1, with the gradient of ``log p``; also where ``p``
+    underflows to 0 (a low temperature, or a noisy choice the clean probabilities rule
+    out), where ``p / p`` would be NaN."""
+    held = p.detach()
+    return 1 + (p - held) / held.clamp_min(torch.finfo(p.dtype).tiny)
 
 
 class Router(nn.Module):
@@ -585,8 +588,8 @@ class TopPRouter(Router):
         self.top_p = float(top_p)
         self.threshold_logit = None
         if learned_threshold:
-            initial = torch.logit(torch.tensor(1.0 / n_experts)) if n_experts > 1 else torch.tensor(0.0)
-            self.threshold_logit = nn.Parameter(initial.expand(n_experts).clone())
+            initial = float(torch.logit(torch.tensor(1.0 / n_experts))) if n_experts > 1 else 0.0
+            self.threshold_logit = nn.Parameter(torch.full((n_experts,), initial))
 
     @property
     def is_dense(self) -> bool:
