@@ -19,6 +19,7 @@ from sklearn.utils.estimator_checks import check_methods_subset_invariance
 
 from sklearn_moe import MoEClassifier, MoERegressor
 from sklearn_moe._base import _PREDICT_BATCH_SIZE
+from sklearn_moe._data import TensorTable
 from sklearn_moe.nn import MixtureOfExperts
 
 from .conftest import FAST
@@ -427,6 +428,23 @@ def test_unit_and_constant_sample_weights_change_nothing(estimator_class):
             np.testing.assert_allclose(values, expected[name], rtol=1e-6, atol=1e-9, err_msg=name)
         else:
             np.testing.assert_array_equal(values, expected[name], err_msg=name)
+
+
+@pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
+def test_early_stopping_holds_out_rows_of_positive_weight(estimator_class):
+    """With most weights 0, a validation set of weightless rows would score 0 at every epoch
+    and stop training at the first; they stay in training."""
+    X, y = _data_for(estimator_class)
+    weight = np.zeros(len(y))
+    weight[::8] = 1.0  # 25 rows: 2 held out
+    model = estimator_class(**dict(SHORT, max_epochs=2)).fit(X, y, sample_weight=weight)
+    assert (model.history_["valid_loss"] > 0).all()
+    table = TensorTable(torch.zeros(len(y), 1), torch.zeros(len(y)), torch.as_tensor(weight))
+    targets = np.arange(len(y)) % 2
+    for seed in range(5):
+        train, valid = model._split(table, targets, seed)
+        assert len(valid) == 2 and len(train) == len(y) - 2
+        assert (valid.sample_weight > 0).all() and train.sample_weight.sum() == weight.sum() - 2
 
 
 def _conflicting_groups(n=200, seed=0):
