@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import __version__
+
 __all__ = ["main"]  # the command line is the interface; the helpers serve it
 
 EXIT_INPUT = 3
@@ -365,6 +367,7 @@ def int_at_least(minimum: int):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sklearn-moe", description=__doc__.split("\n\n")[0].replace("``", ""))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     fit = commands.add_parser("fit", help="cross-validate against baselines, then fit and save the model")
     fit.add_argument("data", help="CSV or parquet file")

@@ -64,6 +64,13 @@ def workdir(tmp_path_factory):
     return path, fitted
 
 
+def test_version(tmp_path):
+    import sklearn_moe
+
+    result = run_main("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"sklearn-moe {sklearn_moe.__version__}"
+
+
 def test_fit_prints_the_table_and_writes_the_model(workdir):
     path, fitted = workdir
     for model in ("moe", "hist_gradient_boosting", "ridge", "mlp"):
