@@ -70,7 +70,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         Weights of the classes in the loss, ``{class_label: weight}`` (classes left out
         weigh 1), as in scikit-learn's ``LogisticRegression`` and
         ``HistGradientBoostingClassifier``. ``"balanced"`` weighs each class by ``n_samples
-        / (n_classes * n_samples_of_the_class)`` in the fitted ``y``. Multiplied with
+        / (n_classes * n_samples_of_the_class)`` in the fitted ``y`` (rows counted, not
+        their ``sample_weight``, as ``HistGradientBoostingClassifier`` does). Multiplied with
         ``sample_weight``; early stopping monitors the weighted validation loss. For one
         label per row only (a multilabel ``y`` is an error); ``partial_fit`` takes a dict
         only, as one batch does not show the classes' frequencies.
@@ -256,17 +257,21 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         return np.asarray(y).astype(np.uint8), {**state, "_n_outputs": n_labels}
 
     def _split_order(self, targets, n_valid, rng):
-        """Stratified when every class can appear on both sides, else a plain shuffle (and
-        for a multilabel target)."""
+        """Stratified by class, a class of a single row kept in training, when every other
+        class can appear on both sides; else a plain shuffle (and for a multilabel
+        target)."""
         if targets.ndim == 2:
             return rng.permutation(len(targets))
         counts = np.bincount(targets)
-        present = counts[counts > 0]
-        if present.min() < 2 or n_valid < present.size or len(targets) - n_valid < present.size:
+        single = counts[targets] == 1
+        n_classes = np.count_nonzero(counts > 1)
+        n_split = len(targets) - np.count_nonzero(single)
+        if n_classes < 2 or n_valid < n_classes or n_split - n_valid < n_classes:
             return rng.permutation(len(targets))
+        rows = np.flatnonzero(~single)
         split = StratifiedShuffleSplit(n_splits=1, test_size=n_valid, random_state=rng)
-        train, valid = next(split.split(np.zeros(len(targets)), targets))
-        return np.concatenate([valid, train])
+        train, valid = next(split.split(np.zeros(len(rows)), targets[rows]))
+        return np.concatenate([rows[valid], rows[train], np.flatnonzero(single)])
 
     def _criterion(self, label_smoothing=None):
         smoothing = self.label_smoothing if label_smoothing is None else label_smoothing

@@ -224,8 +224,8 @@ PARAMETERS = """\
         training stops once the training loss stalls, as in scikit-learn's MLP.
     validation_fraction : float, default=0.1
         Share of the training rows held out for early stopping, in [0, 1) (stratified by
-        class for the classifier when every class has enough rows), drawn from the rows of
-        positive ``sample_weight``. 0 holds out none: early stopping then monitors the
+        class for the classifier, a class of a single row kept in training), drawn from the
+        rows of positive ``sample_weight``. 0 holds out none: early stopping then monitors the
         training loss. Unused without early stopping.
     n_iter_no_change : int, default=16
         Epochs without an improvement of the monitored loss (the validation loss, else the

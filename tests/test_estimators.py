@@ -447,6 +447,19 @@ def test_early_stopping_holds_out_rows_of_positive_weight(estimator_class):
         assert (valid.sample_weight > 0).all() and train.sample_weight.sum() == weight.sum() - 2
 
 
+def test_a_class_of_one_row_stays_in_training_and_the_others_are_stratified():
+    X, y = _classification()
+    y = y.astype(object)
+    y[5] = "rare"
+    model = MoEClassifier(**dict(SHORT, max_epochs=1)).fit(X, y)
+    targets = np.searchsorted(model.classes_, y)
+    for seed in range(5):
+        order = model._split_order(targets, 20, np.random.RandomState(seed))
+        assert sorted(order) == list(range(len(y))) and 5 not in order[:20]
+        valid_share = np.mean(y[order[:20]] == "yes")
+        assert abs(valid_share - np.mean(y == "yes")) <= 1 / 20
+
+
 def _conflicting_groups(n=200, seed=0):
     """Two groups with the same feature distribution and contradictory targets."""
     rng = np.random.RandomState(seed)
