@@ -225,8 +225,8 @@ PARAMETERS = """\
     validation_fraction : float, default=0.1
         Share of the training rows held out for early stopping, in [0, 1) (stratified by
         class for the classifier, a class of a single row kept in training), drawn from the
-        rows of positive ``sample_weight``. 0 holds out none: early stopping then monitors the
-        training loss. Unused without early stopping.
+        rows of positive ``sample_weight``. 0 holds out none: early stopping then monitors
+        the training loss. Unused without early stopping.
     n_iter_no_change : int, default=16
         Epochs without an improvement of the monitored loss (the validation loss, else the
         training loss) by at least ``tol`` after which training stops.
@@ -271,8 +271,8 @@ PARAMETERS = """\
         fitted as it is. ``"from_dtype"``: a DataFrame's columns of pandas ``category``,
         ``object``, ``string`` and ``bool`` dtypes, except ``object`` columns of numbers
         only (``Decimal`` from ``pd.read_sql``, say), which are numeric; or a boolean mask,
-        column indices or column names; ``None``: none. A missing value is a category of its own, and a
-        category unseen in fit is accepted at prediction, without error. How each column is
+        column indices or column names; ``None``: none. A missing value is a category of
+        its own, and a category unseen in fit is accepted at prediction, without error. How each column is
         encoded depends on ``one_hot_max_categories``. Date and duration columns are an
         error unless named here: derive numbers from them (year, day of the week, seconds),
         or name them to treat every timestamp as a category.
