@@ -7,6 +7,7 @@ One class per routing rule, registered in :data:`ROUTERS` under the name the est
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -588,7 +589,7 @@ class TopPRouter(Router):
         self.top_p = float(top_p)
         self.threshold_logit = None
         if learned_threshold:
-            initial = float(torch.logit(torch.tensor(1.0 / n_experts))) if n_experts > 1 else 0.0
+            initial = -math.log(n_experts - 1) if n_experts > 1 else 0.0  # logit(1 / n_experts)
             self.threshold_logit = nn.Parameter(torch.full((n_experts,), initial))
 
     @property
