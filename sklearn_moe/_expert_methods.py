@@ -52,7 +52,8 @@ class ExpertMethods:
         are lowered by ``log(1 + copies)`` so that together they keep the gate weight the
         expert had (see :meth:`sklearn_moe.nn.MixtureOfExperts.split_expert`). Under the
         dense ``"softmax"`` gate the predictions therefore change only by the perturbation
-        (not at all with ``noise=0``). Under a sparse router a row that chose a split
+        (with ``noise=0`` not at all, up to rounding: float32's, or, with
+        ``precision="bf16"``, bfloat16's, about 1e-3 relative). Under a sparse router a row that chose a split
         expert may now choose it and a copy in place of its next choice, and the copy it
         chooses has a lower gate weight; under ``router="uniform"`` every expert weighs the
         same, so a split expert and its copies together weigh more than it did: with these
