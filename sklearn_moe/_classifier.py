@@ -257,18 +257,19 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         return np.asarray(y).astype(np.uint8), {**state, "_n_outputs": n_labels}
 
     def _split_order(self, targets, n_valid, rng):
-        """Stratified by class, a class of a single row kept in training, when every other
-        class can appear on both sides; else a plain shuffle (and for a multilabel
-        target)."""
+        """A class of a single row kept in training, the other rows stratified by class when
+        each of their classes can appear on both sides, else shuffled (and a multilabel
+        target's rows shuffled)."""
         if targets.ndim == 2:
             return rng.permutation(len(targets))
         counts = np.bincount(targets)
         single = counts[targets] == 1
         n_classes = np.count_nonzero(counts > 1)
-        n_split = len(targets) - np.count_nonzero(single)
-        if n_classes < 2 or n_valid < n_classes or n_split - n_valid < n_classes:
-            return rng.permutation(len(targets))
         rows = np.flatnonzero(~single)
+        if n_classes < 2 or n_valid < n_classes or len(rows) - n_valid < n_classes:
+            if not single.any():
+                return rng.permutation(len(targets))
+            return np.concatenate([rows[rng.permutation(len(rows))], np.flatnonzero(single)])
         split = StratifiedShuffleSplit(n_splits=1, test_size=n_valid, random_state=rng)
         train, valid = next(split.split(np.zeros(len(rows)), targets[rows]))
         return np.concatenate([rows[valid], rows[train], np.flatnonzero(single)])

@@ -270,10 +270,11 @@ PARAMETERS = """\
         The categorical columns, encoded inside the estimator so that a raw DataFrame can be
         fitted as it is. ``"from_dtype"``: a DataFrame's columns of pandas ``category``,
         ``object``, ``string`` and ``bool`` dtypes, except ``object`` columns of numbers
-        only (``Decimal`` from ``pd.read_sql``, say), which are numeric; or a boolean mask,
-        column indices or column names; ``None``: none. A missing value is a category of
-        its own, and a category unseen in fit is accepted at prediction, without error. How each column is
-        encoded depends on ``one_hot_max_categories``. Date and duration columns are an
+        not all whole (floats, ``Decimal`` from ``pd.read_sql``), which are numeric (whole
+        numbers alone, integer codes, stay categorical); or a boolean mask, column indices
+        or column names; ``None``: none. A missing value is a category of its own, and a
+        category unseen in fit is accepted at prediction, without error. How each column
+        is encoded depends on ``one_hot_max_categories``. Date and duration columns are an
         error unless named here: derive numbers from them (year, day of the week, seconds),
         or name them to treat every timestamp as a category.
     one_hot_max_categories : int or None, default=256

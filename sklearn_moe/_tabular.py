@@ -18,6 +18,8 @@ state is plain arrays (the estimator's ``_table_*`` attributes), so that
 
 from __future__ import annotations
 
+from numbers import Number
+
 import numpy as np
 import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
@@ -102,7 +104,7 @@ def categorical_mask(X, categorical_features) -> np.ndarray:
     """Which columns of ``X`` are categorical (bool array of length ``n_features``).
 
     ``"from_dtype"``: a DataFrame's columns of pandas ``category``, ``string`` and ``bool``
-    dtypes and its ``object`` columns that hold more than numbers (none for an array);
+    dtypes and its ``object`` columns but those of numbers not all whole (none for an array);
     ``None``: none; else a boolean mask, column indices or (for a DataFrame) column names.
     A DataFrame's date and duration columns must be named categorical, else a TypeError
     says how to turn them into numbers (and complex columns are a ValueError).
@@ -123,7 +125,8 @@ def _categorical_mask(X, categorical_features) -> np.ndarray:
                              f"column names; got {categorical_features!r}.")
         if not isinstance(X, pd.DataFrame):
             return np.zeros(n_features, dtype=bool)
-        return np.array([_is_categorical_kind(X.iloc[:, position]) for position in range(n_features)], dtype=bool)
+        return np.array([_is_categorical_kind(X.iloc[:, position]) if dtype == np.dtype(object)
+                         else _is_categorical_dtype(dtype) for position, dtype in enumerate(X.dtypes)], dtype=bool)
     if isinstance(categorical_features, (list, tuple)):
         kinds = {isinstance(item, str) for item in categorical_features}
         if len(kinds) > 1:
@@ -157,20 +160,28 @@ def _categorical_mask(X, categorical_features) -> np.ndarray:
                      f"names; got {categorical_features!r}.")
 
 
+def _is_categorical_dtype(dtype) -> bool:
+    """Whether ``"from_dtype"`` takes a column of ``dtype`` (not ``object``) as categorical: a
+    bool, category or string column."""
+    return is_bool_dtype(dtype) or not (is_numeric_dtype(dtype) or is_date_or_duration(dtype))
+
+
 def _is_categorical_kind(column: pd.Series) -> bool:
-    """Whether ``"from_dtype"`` takes ``column`` as categorical: a bool, category or string
-    column, or an object column of anything but numbers. An object column of numbers only
-    (ints, floats, or the ``Decimal`` values ``pd.read_sql`` gives for SQL ``NUMERIC``) is
-    numeric: as categories, nearly every value of new rows would be unseen."""
-    dtype = column.dtype
-    if is_bool_dtype(dtype):
-        return True
-    if is_numeric_dtype(dtype) or is_date_or_duration(dtype):
+    """Whether ``"from_dtype"`` takes the ``object`` column ``column`` as categorical: yes,
+    unless it holds real numbers other than whole numbers only, such as floats or the
+    ``Decimal`` values ``pd.read_sql`` gives for SQL ``NUMERIC``; as categories, nearly every
+    value of new rows would be unseen. Whole numbers alone (``astype(object)`` of integer
+    codes, a way of marking them categorical) stay categorical."""
+    kind = pd.api.types.infer_dtype(column, skipna=True)
+    if kind in ("floating", "mixed-integer-float", "decimal"):
         return False
-    return not (dtype.kind == "O" and pd.api.types.infer_dtype(column, skipna=True) in _NUMBER_KINDS)
+    if kind in ("mixed", "mixed-integer"):  # Decimal beside floats or ints, say
+        values = column.dropna()
+        return not all(isinstance(value, Number) and not isinstance(value, _NOT_REAL) for value in values)
+    return True
 
 
-_NUMBER_KINDS = frozenset({"integer", "floating", "mixed-integer-float", "decimal"})
+_NOT_REAL = (bool, np.bool_, complex, np.complexfloating)
 
 
 def fit_table_encoding(X, mask: np.ndarray, handle_missing: str, one_hot_max_categories: int | None = None) -> dict:

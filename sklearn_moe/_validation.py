@@ -82,7 +82,7 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
         # A failed conversion to float: text in a column (or a pandas dtype scikit-learn does
         # not convert when another column holds text), named with what it holds.
         if str(error).startswith("Complex data not supported"):  # whose message prints the whole array
-            raise ValueError(_complex_message([])) from error
+            raise ValueError(_complex_message([], "X" if _is_complex(X) else "y")) from error
         table = _table(X)
         columns = non_numeric_columns(table)
         if kwargs.get("y_numeric") and not columns and _first_text(y) is not None:
@@ -99,8 +99,18 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
 
 
 def _missing_as_nan(X):
-    """An object ndarray with its ``pd.NA`` (which ``float()`` refuses) as NaN, as fit reads
-    them; any other ``X`` as it is."""
+    """An object ndarray, or a DataFrame's object columns, with their ``pd.NA`` (which
+    ``float()`` refuses) as NaN, as fit reads them; any other ``X`` as it is."""
+    if isinstance(X, pd.DataFrame):
+        objects = [position for position, dtype in enumerate(X.dtypes) if dtype == np.dtype(object)]
+        missing = [position for position in objects if X.iloc[:, position].isna().any()]
+        if not missing:
+            return X
+        X = X.copy()
+        for position in missing:
+            column = X.iloc[:, position]
+            X.isetitem(position, column.where(column.notna(), np.nan))
+        return X
     if not (isinstance(X, np.ndarray) and X.dtype == object):
         return X
     missing = pd.isna(X)
@@ -188,8 +198,8 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exc
     return kind(
         f"Column(s) {named or '(unknown)'} of X are neither numeric nor marked categorical ({holds}). Mark them "
         "in categorical_features (the default 'from_dtype' takes a DataFrame's category, object, string and bool "
-        "columns; an array's columns have no dtypes, so name them by index"
-        + (f", e.g. categorical_features=[{names[0]}]" if names and isinstance(names[0], int) else "")
+        "columns that hold more than numbers; an array's columns have no dtypes, so name them by position"
+        + (f", e.g. categorical_features=[{columns[0]}]" if columns and not isinstance(names[0], str) else "")
         + "), or encode them first, e.g. with a OneHotEncoder in a sklearn.compose.ColumnTransformer."
         + (f" ({error})" if kind is TypeError else "")
     )
@@ -216,24 +226,41 @@ def check_column_kinds(frame: pd.DataFrame, columns) -> None:
         raise ValueError(_complex_message(complex_))
 
 
-def _complex_message(columns: list) -> str:
-    where = f"Column(s) {_shown(columns)} of X hold" if columns else "X holds"
+def _complex_message(columns: list, name: str = "X") -> str:
+    where = f"Column(s) {_shown(columns)} of X hold" if columns else f"{name} holds"
     return (f"Complex data not supported: {where} complex numbers. Pass their real and imaginary parts (np.real, "
             "np.imag), or modulus and angle, as columns of their own.")
+
+
+def _is_complex(values) -> bool:
+    if isinstance(values, pd.DataFrame):
+        return any(is_complex_dtype(dtype) for dtype in values.dtypes)
+    try:
+        return np.iscomplexobj(values)
+    except (TypeError, ValueError):
+        return False
 
 
 def as_pandas(X):
     """A dataframe of another library (polars, pyarrow, ...) as a pandas DataFrame, so that
     its column names and kinds (text, categories, bools, dates) count as a pandas
     DataFrame's do; anything else as it is."""
-    if isinstance(X, pd.DataFrame) or not (hasattr(X, "to_pandas") and hasattr(X, "columns")):
+    if isinstance(X, pd.DataFrame):
+        return X
+    kind = f"{type(X).__module__}.{type(X).__name__}"
+    if hasattr(X, "collect") and hasattr(X, "columns") and not hasattr(X, "to_pandas"):
+        raise TypeError(f"X is a lazy {kind}: pass X.collect(), the table it computes.")
+    if not (hasattr(X, "to_pandas") and hasattr(X, "columns")):
         return X
     try:
-        return X.to_pandas()
+        table = X.to_pandas()
     except ImportError as error:  # polars converts through pyarrow
-        raise ImportError(f"Reading X, a {type(X).__module__}.{type(X).__name__}, as a pandas DataFrame needs "
-                          f"{error.name or 'pyarrow'} (pip install {error.name or 'pyarrow'}); or pass "
-                          "X.to_pandas().") from error
+        raise ImportError(f"Reading X, a {kind}, as a pandas DataFrame needs {error.name or 'pyarrow'} (pip "
+                          f"install {error.name or 'pyarrow'}); or pass X.to_pandas().") from error
+    if not isinstance(table, pd.DataFrame):
+        raise TypeError(f"X, a {kind}, gave a {type(table).__name__} from to_pandas(), not a DataFrame; pass a "
+                        "table (a DataFrame or a 2-d array).")
+    return table
 
 
 def date_columns_error(frame: pd.DataFrame, columns: list[int]) -> TypeError:

@@ -123,6 +123,8 @@ def test_predictive_distributions_are_batch_invariant(expert_type):
         for size, rows in rows_in_batches(x, SIZES):
             for part, whole in zip(module.predict_distribution(rows), full):
                 assert torch.equal(part, whole[:size]), size
+    _, means, scales = module.predict_distribution(x[:1])  # with autograd: differentiable, as forward is
+    assert means.requires_grad and scales.requires_grad
 
 
 @pytest.mark.parametrize("activation", ["gelu", "silu", "elu"])

@@ -460,6 +460,16 @@ def test_a_class_of_one_row_stays_in_training_and_the_others_are_stratified():
         assert abs(valid_share - np.mean(y == "yes")) <= 1 / 20
 
 
+def test_a_class_of_one_row_stays_in_training_beside_a_single_other_class():
+    X = np.random.RandomState(0).normal(size=(60, 2))
+    y = np.array(["no"] * 59 + ["yes"])
+    model = MoEClassifier(**dict(SHORT, max_epochs=1)).fit(X, y)
+    targets = np.searchsorted(model.classes_, y)
+    for seed in range(20):
+        order = model._split_order(targets, 6, np.random.RandomState(seed))
+        assert sorted(order) == list(range(60)) and 59 not in order[:6]
+
+
 def _conflicting_groups(n=200, seed=0):
     """Two groups with the same feature distribution and contradictory targets."""
     rng = np.random.RandomState(seed)

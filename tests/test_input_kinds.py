@@ -41,6 +41,36 @@ def test_an_object_column_of_numbers_and_text_stays_categorical():
     assert "b=two" in encoded_names(MoERegressor(**TINY).fit(mixed, y))
 
 
+def test_an_object_column_of_whole_numbers_stays_categorical():
+    """astype(object) of integer codes marks them categorical; a text value later is an
+    unseen category, not an error."""
+    frame, y = numbers_and_city()
+    codes = frame.assign(store=pd.Series(np.arange(len(frame)) % 3 + 101, dtype=object))
+    model = MoERegressor(**TINY).fit(codes, y)
+    assert [name for name in encoded_names(model) if name.startswith("store")][:3] == [
+        "store=101", "store=102", "store=103"]
+    assert np.isfinite(model.predict(codes.assign(store="N/A"))).all()
+
+
+def test_decimals_beside_floats_or_ints_are_numeric():
+    frame, y = numbers_and_city()
+    mixed = [Decimal(f"{v:.6f}") if i % 2 else (float(v) if i % 4 == 1 else 0) for i, v in enumerate(frame["b"])]
+    model = MoERegressor(**TINY).fit(frame.assign(b=pd.Series(mixed, dtype=object)), y)
+    assert encoded_names(model)[:2] == ["a", "b"]
+
+
+@pytest.mark.parametrize("missing", [pd.NA, None, np.nan])
+@pytest.mark.parametrize("stored", [float, lambda v: Decimal(f"{v:.6f}")], ids=["float", "Decimal"])
+def test_a_missing_value_in_an_object_column_of_numbers_at_prediction_is_its_centre(stored, missing):
+    frame, y = numbers_and_city()
+    numbers = frame[["a", "b"]].assign(b=pd.Series([stored(v) for v in frame["b"]], dtype=object))
+    model = MoERegressor(**TINY).fit(numbers, y)
+    later = numbers.head(3).copy()
+    later.loc[0, "b"] = missing
+    centre = later.assign(b=[model._x_mean[1], later.loc[1, "b"], later.loc[2, "b"]])
+    np.testing.assert_allclose(model.predict(later), model.predict(centre), rtol=1e-6)
+
+
 @pytest.mark.parametrize("library", ["polars", "pyarrow"])
 def test_other_libraries_dataframes_read_as_pandas(library):
     """Their string and bool columns are categorical and their names count, as pandas'."""
@@ -63,6 +93,37 @@ def test_a_polars_date_column_is_refused_as_a_pandas_one():
     dated = pl.from_pandas(frame.assign(day=pd.date_range("2020-01-01", periods=len(frame))))
     with pytest.raises(TypeError, match=r"'day' of X hold dates or durations"):
         MoERegressor(**TINY).fit(dated, y)
+
+
+def test_a_lazy_frame_or_a_to_pandas_that_is_no_table_is_refused_clearly():
+    pl = pytest.importorskip("polars")
+    frame, y = numbers_and_city()
+    with pytest.raises(TypeError, match=r"X is a lazy polars\..*LazyFrame: pass X.collect\(\)"):
+        MoERegressor(**TINY).fit(pl.from_pandas(frame).lazy(), y)
+
+    class SeriesMaker:
+        columns = ["a"]
+
+        def to_pandas(self):
+            return frame["a"]
+
+    with pytest.raises(TypeError, match=r"gave a Series from to_pandas\(\), not a DataFrame"):
+        MoERegressor(**TINY).fit(SeriesMaker(), y)
+
+
+def test_a_complex_target_is_named_as_the_target():
+    frame, y = numbers_and_city()
+    with pytest.raises(ValueError, match=r"^Complex data not supported: y holds complex numbers"):
+        MoERegressor(**TINY).fit(frame[["a", "b"]], y + 1j)
+
+
+@pytest.mark.parametrize("names", [[1, 0], [10, 20]])
+def test_the_hint_for_a_text_column_of_a_frame_with_number_names_gives_its_position(names):
+    frame, y = numbers_and_city()
+    numbered = pd.DataFrame({names[0]: frame["a"], names[1]: frame["city"]})
+    with pytest.raises(ValueError, match=r"e\.g\. categorical_features=\[1\]\)"):
+        MoERegressor(**TINY, categorical_features=None).fit(numbered, y)
+    assert np.isfinite(MoERegressor(**TINY, categorical_features=[1]).fit(numbered, y).predict(numbered)).all()
 
 
 @pytest.mark.parametrize("columns", [["a", "z", "city"], ["a", "z"]], ids=["encoded", "plain"])

@@ -540,9 +540,17 @@ class MixtureOfExperts(nn.Module):
             The gate weights (:meth:`route`): zero for experts a sparse router did not choose.
         means, scales : Tensors of shape (n, n_experts, n_outputs)
             The scales are multiplied by the buffer ``scale_calibration``.
+
+        Notes
+        -----
+        With autograd enabled the outputs carry gradients; without it (``torch.no_grad``,
+        ``torch.inference_mode``), in evaluation mode, a small batch is padded as in
+        :meth:`predict`, so that each row's result does not depend on its batch.
         """
         if self.output != "mixture_density":
             raise ValueError(f"predict_distribution needs output='mixture_density'; this module has {self.output!r}")
+        if torch.is_grad_enabled():  # differentiable, as the module's forward is
+            return self._distribution(x)
         return self._evaluate(x, self._distribution)
 
     def _distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -94,12 +94,13 @@ def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat((first, second), dim=1)
 
 
-def _unit_weight(p: torch.Tensor) -> torch.Tensor:
-    """``p / stop_gradient(p)``: the value 1, with the gradient of ``log p``; also where ``p``
-    underflows to 0 (a low temperature, or a noisy choice the clean probabilities rule
-    out), where ``p / p`` would be NaN."""
-    held = p.detach()
-    return 1 + (p - held) / held.clamp_min(torch.finfo(p.dtype).tiny)
+def _unit_weight(log_p: torch.Tensor) -> torch.Tensor:
+    """``exp(log_p - stop_gradient(log_p))``: the value 1, with the gradient of ``log p``.
+
+    Taken from the log-probability, not as ``p / stop_gradient(p)``: at a low temperature,
+    or for a noisy choice the clean probabilities rule out, ``p`` underflows to 0, where
+    that quotient is 0/0 and its gradient overflows."""
+    return torch.exp(log_p - log_p.detach())
 
 
 class Router(nn.Module):
@@ -394,7 +395,7 @@ class TopKRouter(Router):
         ranking_scores = scores + self.selection_bias
         indices = top_indices(ranking_scores, self.top_k)
         if self.top_k == 1:
-            weights = _unit_weight(probs.gather(1, indices))
+            weights = _unit_weight(logits.log_softmax(dim=-1).gather(1, indices))
         else:
             weights = scores.gather(1, indices).softmax(dim=-1)
         return Routing(logits, probs, indices, weights, selection_probs, scores=ranking_scores)
@@ -642,7 +643,8 @@ class TopPRouter(Router):
         weights = kept / kept.sum(dim=1, keepdim=True)
         # A lone expert's weight is 1 whatever p is: give it the gradient of log p, as top-1 does.
         single = active.sum(dim=1, keepdim=True) == 1
-        weights = torch.where(single, weights * _unit_weight(chosen[:, :1]), weights)
+        weights = torch.where(single, weights * _unit_weight(logits.log_softmax(dim=-1).gather(1, indices[:, :1])),
+                              weights)
         return Routing(logits, probs, indices, weights, active=active, scores=ranking_scores)
 
 
@@ -726,9 +728,9 @@ class HierarchicalRouter(Router):
         outside = self.group_of_expert.unsqueeze(0) != best_group
         ranking_scores = (expert_logits + self.selection_bias).masked_fill(outside, float("-inf"))
         indices = ranking_scores.topk(self.experts_per_row, dim=1).indices
-        group_weight = _unit_weight(log_group.gather(1, best_group).exp())
+        group_weight = _unit_weight(log_group.gather(1, best_group))
         if self.experts_per_row == 1:
-            weights = _unit_weight(log_within.gather(1, indices).exp())
+            weights = _unit_weight(log_within.gather(1, indices))
         else:
             weights = log_within.gather(1, indices).softmax(dim=1)
         # Rerouting goes to the rest of the best group first (in selection order), then to the
