@@ -275,15 +275,15 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         stopping, when enough. Rows of weight 0 stay in training, where they count for
         nothing either: held out, they would make the validation loss 0 at every epoch
         where they are all the validation rows, and the first epoch the best."""
-        weighted = (np.arange(len(table)) if table.sample_weight is None
-                    else np.flatnonzero(table.sample_weight.cpu().numpy() > 0))
+        positive = (np.ones(len(table), dtype=bool) if table.sample_weight is None
+                    else table.sample_weight.cpu().numpy() > 0)
+        weighted = np.flatnonzero(positive)
         n = len(weighted)
         n_valid = int(self.validation_fraction * n)
         if not self.early_stopping or n_valid < _MIN_VALIDATION_ROWS or n - n_valid < 1:
             return table, None
         order = weighted[self._split_order(targets[weighted], n_valid, np.random.RandomState(seed))]
-        if n < len(table):
-            order = np.concatenate([order, np.setdiff1d(np.arange(len(table)), weighted)])
+        order = np.concatenate([order, np.flatnonzero(~positive)])
         index = torch.as_tensor(order, device=table.X.device)
         return table.subset(index[n_valid:]), table.subset(index[:n_valid])
 

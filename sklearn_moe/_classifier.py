@@ -267,12 +267,12 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         n_classes = np.count_nonzero(counts > 1)
         rows = np.flatnonzero(~single)
         if n_classes < 2 or n_valid < n_classes or len(rows) - n_valid < n_classes:
-            if not single.any():
-                return rng.permutation(len(targets))
-            return np.concatenate([rows[rng.permutation(len(rows))], np.flatnonzero(single)])
-        split = StratifiedShuffleSplit(n_splits=1, test_size=n_valid, random_state=rng)
-        train, valid = next(split.split(np.zeros(len(rows)), targets[rows]))
-        return np.concatenate([rows[valid], rows[train], np.flatnonzero(single)])
+            order = rows[rng.permutation(len(rows))]
+        else:
+            split = StratifiedShuffleSplit(n_splits=1, test_size=n_valid, random_state=rng)
+            train, valid = next(split.split(np.zeros(len(rows)), targets[rows]))
+            order = np.concatenate([rows[valid], rows[train]])
+        return np.concatenate([order, np.flatnonzero(single)])
 
     def _criterion(self, label_smoothing=None):
         smoothing = self.label_smoothing if label_smoothing is None else label_smoothing

@@ -53,11 +53,11 @@ class ExpertMethods:
         expert had (see :meth:`sklearn_moe.nn.MixtureOfExperts.split_expert`). Under the
         dense ``"softmax"`` gate the predictions therefore change only by the perturbation
         (with ``noise=0`` not at all, up to rounding: float32's, or, with
-        ``precision="bf16"``, bfloat16's, about 1e-3 relative). Under a sparse router a row that chose a split
-        expert may now choose it and a copy in place of its next choice, and the copy it
-        chooses has a lower gate weight; under ``router="uniform"`` every expert weighs the
-        same, so a split expert and its copies together weigh more than it did: with these
-        routers the predictions change until the model is trained on. ``n_experts`` grows
+        ``precision="bf16"``, bfloat16's, about 1e-3 relative). Under a sparse router a row
+        that chose a split expert may now choose it and a copy in place of its next choice,
+        and the copy it chooses has a lower gate weight; under ``router="uniform"`` every
+        expert weighs the same, so a split expert and its copies together weigh more than it
+        did: with these routers the predictions change until the model is trained on. ``n_experts`` grows
         by ``n_new`` (``top_k`` stays), ``expert_load_`` gives each copy an equal part of
         its source's share, and the model predicts, saves, loads and trains on as any
         other: train on with ``set_params(warm_start=True).fit(X, y)``, where the

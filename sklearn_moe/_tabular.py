@@ -106,16 +106,9 @@ def categorical_mask(X, categorical_features) -> np.ndarray:
     ``"from_dtype"``: a DataFrame's columns of pandas ``category``, ``string`` and ``bool``
     dtypes and its ``object`` columns but those of numbers not all whole (none for an array);
     ``None``: none; else a boolean mask, column indices or (for a DataFrame) column names.
-    A DataFrame's date and duration columns must be named categorical, else a TypeError
-    says how to turn them into numbers (and complex columns are a ValueError).
+    The other columns are read as numbers, where dates, durations and complex numbers are
+    an error (``check_column_kinds``).
     """
-    mask = _categorical_mask(X, categorical_features)
-    if isinstance(X, pd.DataFrame):
-        check_column_kinds(X, np.flatnonzero(~mask))
-    return mask
-
-
-def _categorical_mask(X, categorical_features) -> np.ndarray:
     n_features = _shape(X)[1]
     if categorical_features is None:
         return np.zeros(n_features, dtype=bool)
