@@ -274,9 +274,10 @@ PARAMETERS = """\
         numbers alone, integer codes, stay categorical); or a boolean mask, column indices
         or column names; ``None``: none. A missing value is a category of its own, and a
         category unseen in fit is accepted at prediction, without error. How each column
-        is encoded depends on ``one_hot_max_categories``. Date and duration columns are an
-        error unless named here: derive numbers from them (year, day of the week, seconds),
-        or name them to treat every timestamp as a category.
+        is encoded depends on ``one_hot_max_categories``. Date, time and duration columns
+        (also pyarrow's, and ``object`` columns of ``datetime`` values) are an error unless
+        named here: derive numbers from them (year, day of the week, seconds), or name them
+        to treat every timestamp as a category.
     one_hot_max_categories : int or None, default=256
         A categorical column with at most this many categories seen in fit becomes one input
         per category plus one for a missing value (one-hot; a category unseen in fit sets

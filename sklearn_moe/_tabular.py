@@ -25,6 +25,7 @@ import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 
 from ._validation import (
+    TEMPORAL_KINDS,
     check_column_kinds,
     densify,
     infinity_message,
@@ -164,10 +165,12 @@ def _is_categorical_kind(column: pd.Series) -> bool:
     unless it holds real numbers other than whole numbers only, such as floats or the
     ``Decimal`` values ``pd.read_sql`` gives for SQL ``NUMERIC``; as categories, nearly every
     value of new rows would be unseen. Whole numbers alone (``astype(object)`` of integer
-    codes, a way of marking them categorical) stay categorical."""
+    codes, a way of marking them categorical) stay categorical. Dates, times and durations
+    as Python objects are not categorical either: read as numbers, they are an error, as
+    in a ``datetime64`` column."""
     kind = pd.api.types.infer_dtype(column, skipna=True)
-    if kind in ("floating", "mixed-integer-float", "decimal"):
-        return False
+    if kind in ("floating", "mixed-integer-float", "decimal") or kind in TEMPORAL_KINDS:
+        return False  # dates: read as numbers, where they are an error
     if kind in ("mixed", "mixed-integer"):  # Decimal beside floats or ints, say
         values = column.dropna()
         return not all(isinstance(value, Number) and not isinstance(value, _NOT_REAL) for value in values)

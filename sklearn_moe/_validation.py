@@ -205,21 +205,43 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exc
     )
 
 
+# What pandas' infer_dtype calls an object column of dates, times of day or durations
+# (``datetime.date``, ``datetime.time``, ``Timestamp``, ``timedelta`` values, as
+# ``pd.read_sql`` gives SQL DATE and TIME columns).
+TEMPORAL_KINDS = frozenset({"date", "datetime", "datetime64", "time", "timedelta", "timedelta64", "period"})
+
+
 def is_date_or_duration(dtype) -> bool:
     """Whether a column of ``dtype`` holds dates (``datetime64``, with or without a time
-    zone, or periods) or durations (``timedelta64``)."""
+    zone, or periods), durations (``timedelta64``) or, in pyarrow's types, any of these or
+    times of day."""
+    if isinstance(dtype, pd.ArrowDtype):
+        import pyarrow  # present wherever an ArrowDtype is
+
+        return pyarrow.types.is_temporal(dtype.pyarrow_dtype)
     return is_datetime64_any_dtype(dtype) or is_timedelta64_dtype(dtype) or isinstance(dtype, pd.PeriodDtype)
+
+
+def _temporal_kind(column: pd.Series) -> str | None:
+    """How an error names the dates, times or durations ``column`` holds (its dtype, or
+    the kind of its objects); None if it holds none."""
+    if column.dtype == np.dtype(object):
+        kind = pd.api.types.infer_dtype(column, skipna=True)
+        return f"{kind} objects" if kind in TEMPORAL_KINDS else None
+    return str(column.dtype) if is_date_or_duration(column.dtype) else None
 
 
 def check_column_kinds(frame: pd.DataFrame, columns) -> None:
     """Raise an error if one of ``columns`` (positions) of ``frame``, read as numbers,
-    holds dates or durations (:func:`date_columns_error`, a ``TypeError``) or complex
+    holds dates, times or durations (:func:`date_columns_error`, a ``TypeError``) or complex
     numbers, whose imaginary part a conversion to float would drop (a ``ValueError``)."""
     columns = list(columns)
     dtypes = frame.dtypes.iloc[columns]
-    dates = [position for position, dtype in zip(columns, dtypes) if is_date_or_duration(dtype)]
+    kinds = {position: _temporal_kind(frame.iloc[:, position]) for position, dtype in zip(columns, dtypes)
+             if dtype == np.dtype(object) or is_date_or_duration(dtype)}
+    dates = [position for position, kind in kinds.items() if kind is not None]
     if dates:
-        raise date_columns_error(frame, dates)
+        raise date_columns_error(frame, dates, kinds[dates[0]])
     complex_ = [_plain(frame.columns[position]) for position, dtype in zip(columns, dtypes)
                 if is_complex_dtype(dtype)]
     if complex_:
@@ -263,9 +285,9 @@ def as_pandas(X):
     return table
 
 
-def date_columns_error(frame: pd.DataFrame, columns: list[int]) -> TypeError:
-    """The error for a table whose ``columns`` hold dates or durations that are not marked
-    categorical: neither reading them as nanosecond counts nor as one category per
+def date_columns_error(frame: pd.DataFrame, columns: list[int], kind: str) -> TypeError:
+    """The error for a table whose ``columns`` hold dates, times or durations that are not
+    marked categorical: neither reading them as nanosecond counts nor as one category per
     timestamp (where every later date would be unseen) is what a user means, so they
     choose.
 
@@ -275,6 +297,8 @@ def date_columns_error(frame: pd.DataFrame, columns: list[int]) -> TypeError:
         The table.
     columns : list of int
         The positions of the date and duration columns at fault; not empty.
+    kind : str
+        What the first of them holds, as the message shows it (its dtype, say).
 
     Returns
     -------
@@ -282,11 +306,11 @@ def date_columns_error(frame: pd.DataFrame, columns: list[int]) -> TypeError:
     """
     names = [_plain(frame.columns[position]) for position in columns]
     return TypeError(
-        f"Column(s) {_shown(names)} of X hold dates or durations ({frame.dtypes.iloc[columns[0]]}), which the MoE "
-        "reads neither as numbers nor as categories on its own. Derive numeric columns from them, e.g. "
-        f"X[{names[0]!r}].dt.year or .dt.dayofweek of a date, or .dt.total_seconds() of a duration; or name "
-        "them in categorical_features to treat every distinct value as a category (values not seen in fit "
-        "then count as unknown)."
+        f"Column(s) {_shown(names)} of X hold dates, times or durations ({kind}), which the MoE reads neither as "
+        "numbers nor as categories on its own. Derive numeric columns from them, e.g. "
+        f"X[{names[0]!r}].dt.year or .dt.dayofweek of a date (pd.to_datetime(X[{names[0]!r}]) first where it "
+        "holds Python objects), or .dt.total_seconds() of a duration; or name them in categorical_features to "
+        "treat every distinct value as a category (values not seen in fit then count as unknown)."
     )
 
 

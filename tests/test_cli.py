@@ -228,7 +228,7 @@ def test_date_columns_and_a_model_without_epochs_are_reported(tmp_path, monkeypa
     dated = pd.DataFrame({"day": pd.date_range("2024-01-01", periods=20), "a": np.arange(20.0), "y": np.arange(20.0)})
     monkeypatch.setattr(cli, "read_table", lambda path: dated)
     assert cli.main(["fit", "dated.parquet", "--target", "y", "--cv", "2", "--out", str(tmp_path / "d")]) == 3
-    assert "'day' of X hold dates or durations" in capsys.readouterr().err
+    assert "'day' of X hold dates, times or durations" in capsys.readouterr().err
 
     class Interrupt(Callback):
         def on_batch_end(self, net, **kwargs):

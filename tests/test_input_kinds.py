@@ -2,6 +2,7 @@
 libraries' dataframes, complex numbers, dates at prediction, and missing values in a
 continued fit."""
 
+import datetime
 from decimal import Decimal
 
 import numpy as np
@@ -91,7 +92,7 @@ def test_a_polars_date_column_is_refused_as_a_pandas_one():
     pl = pytest.importorskip("polars")
     frame, y = numbers_and_city()
     dated = pl.from_pandas(frame.assign(day=pd.date_range("2020-01-01", periods=len(frame))))
-    with pytest.raises(TypeError, match=r"'day' of X hold dates or durations"):
+    with pytest.raises(TypeError, match=r"'day' of X hold dates, times or durations"):
         MoERegressor(**TINY).fit(dated, y)
 
 
@@ -148,17 +149,55 @@ def test_dates_at_prediction_are_refused_as_in_fit(columns):
     frame, y = numbers_and_city()
     model = MoERegressor(**TINY).fit(frame[columns], y)
     for dates in (pd.date_range("2020-01-01", periods=len(frame)), pd.to_timedelta(np.arange(len(frame)), "h")):
-        with pytest.raises(TypeError, match=r"Column\(s\) 'a' of X hold dates or durations"):
+        with pytest.raises(TypeError, match=r"Column\(s\) 'a' of X hold dates, times or durations"):
             model.predict(frame[columns].assign(a=dates))
 
 
 def test_period_columns_are_dates():
     frame, y = numbers_and_city()
     frame = frame.assign(month=pd.period_range("2010-01", periods=len(frame), freq="M"))
-    with pytest.raises(TypeError, match=r"'month' of X hold dates or durations \(period\[M\]\).*\.dt\.year"):
+    with pytest.raises(TypeError, match=r"'month' of X hold dates, times or durations \(period\[M\]\).*\.dt\.year"):
         MoERegressor(**TINY).fit(frame, y)
     named = MoERegressor(**TINY, categorical_features=["city", "month"]).fit(frame, y)
     assert np.isfinite(named.predict(frame)).all()
+
+
+def _python_objects(frame, kind):
+    """Dates, times of day or durations as Python objects, as pd.read_sql gives SQL DATE,
+    TIME and INTERVAL columns."""
+    days = [datetime.timedelta(days=int(i)) for i in range(len(frame))]
+    values = {"date": [datetime.date(2020, 1, 1) + day for day in days],
+              "datetime": [datetime.datetime(2020, 1, 1) + day for day in days],
+              "time": [datetime.time(i % 24) for i in range(len(frame))], "timedelta": days}[kind]
+    return pd.Series(values, index=frame.index, dtype=object)
+
+
+@pytest.mark.parametrize("kind", ["date", "datetime", "time", "timedelta"])
+def test_dates_held_as_python_objects_are_dates(kind):
+    """Not one category per day under from_dtype (every later date unseen), nor float()'s
+    error under categorical_features=None or at prediction."""
+    frame, y = numbers_and_city()
+    stored = frame.assign(day=_python_objects(frame, kind))
+    message = rf"Column\(s\) 'day' of X hold dates, times or durations \({kind} objects\).*pd\.to_datetime"
+    for categorical_features in ("from_dtype", None):
+        with pytest.raises(TypeError, match=message):
+            MoERegressor(**TINY, categorical_features=categorical_features).fit(stored, y)
+    numeric = MoERegressor(**TINY).fit(frame.assign(day=np.arange(len(frame), dtype=float)), y)
+    with pytest.raises(TypeError, match=message):
+        numeric.predict(stored)
+    named = MoERegressor(**TINY, categorical_features=["city", "day"]).fit(stored, y)
+    assert np.isfinite(named.predict(stored)).all()
+
+
+@pytest.mark.parametrize("arrow_type", ["duration", "time64", "date32"])
+def test_pyarrow_dates_times_and_durations_are_dates(arrow_type):
+    pa = pytest.importorskip("pyarrow")
+    frame, y = numbers_and_city()
+    kind = {"duration": "timedelta", "time64": "time", "date32": "date"}[arrow_type]
+    typed = {"duration": pa.duration("s"), "time64": pa.time64("us"), "date32": pa.date32()}[arrow_type]
+    stored = frame.assign(day=pd.array(_python_objects(frame, kind).tolist(), dtype=pd.ArrowDtype(typed)))
+    with pytest.raises(TypeError, match=rf"'day' of X hold dates, times or durations \({arrow_type}"):
+        MoERegressor(**TINY).fit(stored, y)
 
 
 @pytest.mark.parametrize("columns", [["a", "b", "city"], ["a", "b"]], ids=["encoded", "plain"])

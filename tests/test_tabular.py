@@ -190,7 +190,7 @@ def test_date_and_duration_columns_are_an_error_unless_named_categorical(categor
     frame, y = raw_frame(40)
     frame = frame.assign(sold=pd.date_range("2024-01-01", periods=40, freq="D", tz="UTC"),
                          stay=pd.to_timedelta(np.arange(40), unit="h"))
-    with pytest.raises(TypeError, match=r"Column\(s\) 'sold', 'stay' of X hold dates or durations .*\.dt\.year"):
+    with pytest.raises(TypeError, match=r"Column\(s\) 'sold', 'stay' of X hold dates, times or durations .*\.dt\.year"):
         MoERegressor(**QUICK, categorical_features=categorical_features).fit(frame, y)
     named = MoERegressor(**QUICK, categorical_features=["size", "city", "member", "sold", "stay"]).fit(frame, y)
     assert named._table_categorical.tolist() == [0, 1, 2, 5, 6]
