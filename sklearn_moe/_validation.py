@@ -413,6 +413,9 @@ def relative_sample_weight(sample_weight, X) -> np.ndarray:
     Only relative weights matter; this keeps sums and means of tiny (subnormal) or huge
     weights from underflowing or overflowing.
     """
+    if sample_weight is not None and _is_complex(sample_weight):  # scikit-learn's message prints the array
+        raise ValueError("Complex data not supported: sample_weight holds complex numbers; weights are real and "
+                         "non-negative.")
     sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
     if not sample_weight.max() > 0:
         raise ValueError("sample_weight must contain at least one positive weight.")

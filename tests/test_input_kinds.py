@@ -138,6 +138,12 @@ def test_complex_columns_are_refused_by_name(columns):
         model.predict(frame)
 
 
+def test_a_complex_sample_weight_is_refused_without_printing_it():
+    weights = np.ones(50) + 1j
+    with pytest.raises(ValueError, match=r"^Complex data not supported: sample_weight holds complex numbers; [^\n]*$"):
+        MoERegressor(**TINY).fit(np.random.RandomState(0).normal(size=(50, 2)), np.arange(50.0), sample_weight=weights)
+
+
 def test_a_complex_array_is_refused_without_printing_it():
     X = np.random.RandomState(0).normal(size=(50, 2)) + 1j
     with pytest.raises(ValueError, match=r"^Complex data not supported: X holds complex numbers\. [^\n]*$"):
