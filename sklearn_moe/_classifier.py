@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from numbers import Real
+from numbers import Integral, Real
 
 import numpy as np
 from scipy.sparse import issparse
@@ -18,7 +18,7 @@ from torch import nn
 
 from ._base import BaseMoE
 from ._parameters import PARAMETERS, PARTIAL_FIT
-from ._validation import check_one_label_per_row, target_shape
+from ._validation import _shown, check_one_label_per_row, target_shape
 from ._warnings import warn_at_caller
 from .nn.losses import MultilabelLoss
 
@@ -246,9 +246,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
                              f"this one holds {values.tolist()}. Map it to 0 and 1 first, e.g. "
                              f"(Y == {values.max().item()!r}).")
         n_labels = y.shape[1]
-        if classes is not None and len(classes) != n_labels:
-            raise ValueError(f"classes has {len(classes)} entries but the multilabel y has {n_labels} labels "
-                             "(columns); pass one per label, e.g. range(n_labels).")
+        if classes is not None and not _is_label_indices(classes, n_labels):
+            given = _shown(np.asarray(classes, dtype=object).ravel().tolist())
+            raise ValueError(f"classes must be the label columns' indices 0 .. {n_labels - 1} of the multilabel y "
+                             f"(classes_ of a multilabel model), e.g. range({n_labels}); got [{given}].")
         if not reset and n_labels != self.classes_.shape[0]:
             raise ValueError(f"y has {n_labels} labels but the model was fitted on {self.classes_.shape[0]}, and "
                              "this fit continues it (warm_start or partial_fit); set warm_start=False and call fit "
@@ -338,7 +339,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         classes : array-like of shape (n_classes,), optional
             Every class that any call's ``y`` may hold: required on the first call (as in
             scikit-learn), optional later (then it must be the same). For a multilabel
-            ``y``, optional: one entry per label.
+            ``y``, optional: the label columns' indices, ``range(n_labels)``.
 
         Returns
         -------
@@ -470,3 +471,12 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         tags = super().__sklearn_tags__()
         tags.classifier_tags.multi_label = True
         return tags
+
+
+def _is_label_indices(classes, n_labels: int) -> bool:
+    """Whether ``classes`` is ``0 .. n_labels - 1``, the classes of a multilabel model."""
+    values = np.asarray(classes, dtype=object).ravel()
+    return values.size == n_labels and all(
+        isinstance(value, Integral) and not isinstance(value, bool) and value == index
+        for index, value in enumerate(values))
+

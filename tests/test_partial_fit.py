@@ -203,8 +203,11 @@ def test_a_multilabel_stream_needs_no_classes():
     model = stream(MoEClassifier(**FAST), X, Y, passes=3)
     assert model.predict(X).shape == Y.shape and model._multilabel
     assert (model.predict(X) == Y).mean() > 0.85
-    with pytest.raises(ValueError, match="classes has 3 entries but the multilabel y has 2 labels"):
-        MoEClassifier(**FAST).partial_fit(X, Y, classes=[0, 1, 2])
+    assert MoEClassifier(**FAST).partial_fit(X, Y, classes=range(2)).classes_.tolist() == [0, 1]
+    # Label names would be dropped silently: a multilabel model's classes_ are the columns' indices.
+    for classes in ([0, 1, 2], ["rain", "wind"], [1, 0], [0.0, 1.5]):
+        with pytest.raises(ValueError, match=r"classes must be the label columns' indices 0 \.\. 1 of the multilabel"):
+            MoEClassifier(**FAST).partial_fit(X, Y, classes=classes)
 
 
 def test_class_weight_applies_to_single_class_batches():
