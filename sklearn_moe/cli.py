@@ -124,6 +124,10 @@ def cross_validate_models(models: dict, X, y, task: str, cv: int, seed: int) -> 
     from sklearn.metrics import get_scorer
     from sklearn.model_selection import KFold, StratifiedKFold
 
+    if task == "classification":
+        # The classes' codes, in the labels' sorted order: the same folds and scores for every
+        # model, and scikit-learn < 1.8's MLPClassifier(early_stopping=True) fails on text labels.
+        y = np.unique(y, return_inverse=True)[1]
     splitter = (StratifiedKFold if task == "classification" else KFold)(cv, shuffle=True, random_state=seed)
     scorer = get_scorer("accuracy" if task == "classification" else "r2")
     with warnings.catch_warnings():
