@@ -242,7 +242,8 @@ PARAMETERS = """\
         GPUs with bf16 tensor cores; on most CPUs it is slower.
     random_state : int, RandomState instance or None, default=None
         Seeds initialisation, shuffling and the validation split. With an int, two fits on
-        the same data and CPU give identical predictions.
+        the same data and CPU, with the same number of PyTorch threads
+        (``torch.get_num_threads()``), give identical predictions.
     verbose : int, default=0
         0 is silent; 1 shows a progress bar and a per-epoch log.
     warm_start : bool, default=False

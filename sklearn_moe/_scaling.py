@@ -108,8 +108,10 @@ def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, n_passthr
     (where it is 1 to float32 precision, and ``t^2`` could overflow) mapped to ``sign(t)``.
     Large inputs go through torch's threaded kernels (numpy's single-threaded passes were
     most of a large prediction's time), small ones through numpy (a few microseconds,
-    where each torch call costs more). Both run the same operations in the same order;
-    torch's vectorised square root can differ from numpy's in the last bit.
+    where each torch call costs more). Both give the same float32 values to the last bit
+    (a row's prediction must not depend on its batch's size): the same operations in the
+    same order, with torch's square root taken in float64, as torch's float32 one is not
+    always correctly rounded, as numpy's is.
     """
     if n_passthrough:
         head = scale_features(X[:, :-n_passthrough], mean[:-n_passthrough], scale[:-n_passthrough])
@@ -135,7 +137,7 @@ def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, n_passthr
     rows = max(1, _BLOCK_VALUES // max(1, x.shape[1]))
     for start in range(0, x.shape[0], rows):
         t = x[start:start + rows].to(torch.float64, copy=True).sub_(mean).mul_(inverse).float()
-        clipped = torch.div(t, t.square().add_(1.0).sqrt_())
+        clipped = torch.div(t, t.square().add_(1.0).double().sqrt_().float())
         saturated = t.abs() >= _CLIP_SATURATED
         if bool(saturated.any()):
             clipped = torch.where(saturated, torch.sign(t), clipped)

@@ -127,6 +127,41 @@ def test_predictive_distributions_are_batch_invariant(expert_type):
     assert means.requires_grad and scales.requires_grad
 
 
+def test_a_learned_top_p_threshold_is_batch_invariant():
+    """Its straight-through term adds 0 exactly: a kept expert's weight is not 1 + s - s,
+    with s a sigmoid that rounds by the CPU kernel's loop."""
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(300, 4))
+    model = MoERegressor(n_experts=4, top_k=2, router="top_p", learned_threshold=True, expert_hidden=(8,),
+                         max_epochs=3, device="cpu", random_state=0).fit(X, X[:, 0] * 2 + np.sin(3 * X[:, 1]))
+    for method in ("predict", "route"):
+        whole = getattr(model, method)(X)
+        np.testing.assert_array_equal(np.concatenate([getattr(model, method)(X[i:i + 1]) for i in range(300)]), whole)
+    module = MixtureOfExperts(6, 1, n_experts=4, router="top_p", top_k=3, learned_threshold=True)
+    module.router(torch.randn(64, 6, generator=torch.Generator().manual_seed(1))).weights[:, 1:].sum().backward()
+    assert module.router.threshold_logit.grad.abs().sum() > 0  # with autograd, the threshold learns
+
+
+def test_a_large_batch_predicts_as_small_ones(regression_data):
+    """Batches of 2**15 values and more are scaled with PyTorch, smaller ones with NumPy."""
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, max_epochs=2, random_state=0)).fit(X, y)
+    big = np.random.RandomState(3).normal(size=(40_000 // X.shape[1], X.shape[1])) * 3
+    in_pieces = np.concatenate([model.predict(big[i:i + 500]) for i in range(0, len(big), 500)])
+    np.testing.assert_array_equal(model.predict(big), in_pieces)
+
+
+def test_bf16_predictive_spreads_are_batch_invariant(regression_data):
+    """The spreads' softplus runs in the CPU's vector loop (under bf16 its input is a
+    contiguous float32 copy, which the scalar loop would take alone)."""
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, output="mixture_density", precision="bf16", max_epochs=3,
+                                random_state=0)).fit(X, y)
+    _, whole = model.predict(X, return_std=True)
+    alone = np.concatenate([model.predict(X[i:i + 1], return_std=True)[1] for i in range(40)])
+    np.testing.assert_array_equal(alone, whole[:40])
+
+
 @pytest.mark.parametrize("activation", ["gelu", "silu", "elu"])
 @pytest.mark.parametrize("expert_type", ["independent", "adapter"])
 def test_activations_that_round_by_kernel_loop_are_batch_invariant(expert_type, activation):

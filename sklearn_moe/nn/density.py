@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import normalize_per_row
+from .products import vector_loop_only
 
 OUTPUTS = ("point", "mixture_density", "categorical_mixture", "bernoulli_mixture")
 #: The outputs of a regressor (``MoERegressor(output=...)``).
@@ -41,7 +42,7 @@ def split_outputs(outputs: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, 
 
 def expert_scales(raw: torch.Tensor) -> torch.Tensor:
     """``softplus(raw) + SCALE_FLOOR``: a positive standard deviation, floored."""
-    return F.softplus(raw.float()) + SCALE_FLOOR
+    return vector_loop_only(F.softplus, raw.float()) + SCALE_FLOOR
 
 
 def gaussian_log_likelihood(outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

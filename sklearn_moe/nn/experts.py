@@ -32,35 +32,15 @@ from torch import nn
 from ._sync import avoid_host_reads, compute_dtype
 from .dispatch import in_row_order, padded_layout, plan_dispatch, run_buffer
 from .layouts import GROUP_ALIGN, blocked_layout
-from .products import batched_linear, needs_autograd, row_invariant_addmm
-
-# A CPU kernel rounds gelu, silu and elu one way in its vector loop and another in its
-# scalar loop, which PyTorch runs on runs of contiguous values too short for a vector: the
-# few values of a small batch, the tail of a run, the narrow rows of a strided view. In
-# evaluation they are computed on a contiguous copy padded to a multiple of this many
-# values, so that every value takes the vector loop, whatever the batch (relu, leaky_relu
-# and tanh round alike in both loops).
-VECTOR_RUN = 64
-
-
-def _vector_loop_only(function, z: torch.Tensor) -> torch.Tensor:
-    """``function(z)``, elementwise, in evaluation on the CPU with every value in the vector
-    loop (see :data:`VECTOR_RUN`)."""
-    if needs_autograd(z) or z.device.type != "cpu":
-        return function(z)
-    flat, n = z.reshape(-1), z.numel()
-    if n % VECTOR_RUN:
-        flat = torch.cat((flat, flat.new_zeros(VECTOR_RUN - n % VECTOR_RUN)))
-    return function(flat)[:n].view(z.shape)
-
+from .products import batched_linear, needs_autograd, row_invariant_addmm, vector_loop_only
 
 ACTIVATIONS = {
     "relu": F.relu,
-    "gelu": functools.partial(_vector_loop_only, F.gelu),
-    "silu": functools.partial(_vector_loop_only, F.silu),
+    "gelu": functools.partial(vector_loop_only, F.gelu),
+    "silu": functools.partial(vector_loop_only, F.silu),
     "tanh": torch.tanh,
     "leaky_relu": F.leaky_relu,
-    "elu": functools.partial(_vector_loop_only, F.elu),
+    "elu": functools.partial(vector_loop_only, F.elu),
 }
 
 IN_PLACE_ACTIVATIONS = {

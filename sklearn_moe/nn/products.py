@@ -38,6 +38,25 @@ NARROW_MAX_OUTPUTS = 16
 NARROW_MIN_ROWS = 256
 
 
+# A CPU kernel rounds gelu, silu, elu and softplus one way in its vector loop and another in its
+# scalar loop, which PyTorch runs on runs of contiguous values too short for a vector: the
+# few values of a small batch, the tail of a run, the narrow rows of a strided view. In
+# evaluation they are computed on a contiguous copy padded to a multiple of this many
+# values, so that every value takes the vector loop, whatever the batch (relu, leaky_relu
+# and tanh round alike in both loops).
+VECTOR_RUN = 64
+
+
+def vector_loop_only(function, z: torch.Tensor) -> torch.Tensor:
+    """``function(z)``, elementwise, in evaluation on the CPU with every value in the vector
+    loop (see :data:`VECTOR_RUN`)."""
+    if needs_autograd(z) or z.device.type != "cpu":
+        return function(z)
+    flat, n = z.reshape(-1), z.numel()
+    if n % VECTOR_RUN:
+        flat = torch.cat((flat, flat.new_zeros(VECTOR_RUN - n % VECTOR_RUN)))
+    return function(flat)[:n].view(z.shape)
+
 def needs_autograd(*tensors: torch.Tensor) -> bool:
     """Whether a product of ``tensors`` records a graph (else it may take a forward-only path)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

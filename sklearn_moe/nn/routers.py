@@ -636,7 +636,7 @@ class TopPRouter(Router):
             threshold = torch.sigmoid(self.threshold_logit)[indices]
             soft = torch.sigmoid((chosen - threshold) / self.threshold_sharpness)
             keep = (chosen >= threshold).to(chosen.dtype)
-            keep = keep + soft - soft.detach()
+            keep = keep + (soft - soft.detach())  # exactly 0 and 1 forward, the soft gradient backward
         keep = torch.cat((torch.ones_like(keep[:, :1]), keep[:, 1:]), dim=1)  # the best expert always
         active = keep.detach() > 0
         kept = chosen * keep
