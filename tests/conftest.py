@@ -1,3 +1,5 @@
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,14 @@ FAST = dict(
     device="cpu",
     random_state=0,
 )
+
+
+
+def needs(*modules: str):
+    """Skip a test, or with ``pytestmark`` a module, whose optional libraries (another extra's:
+    the benchmarks' data sets, matplotlib) are not installed."""
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (pip install -e '.[dev]')")
 
 
 @pytest.fixture

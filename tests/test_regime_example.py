@@ -14,6 +14,8 @@ from examples.regime_switching import (
 )
 from sklearn_moe.nn import MixtureOfExperts
 
+from .conftest import needs
+
 
 @pytest.mark.parametrize("n_regimes", [2, 4, 6])
 def test_regime_data_shapes_determinism_and_regimes(n_regimes):
@@ -80,6 +82,7 @@ def test_matched_dense_models_are_within_10_percent_of_the_moe_active_count():
 
 
 @pytest.mark.slow
+@needs("matplotlib")
 def test_quick_run_writes_figures_and_scores_every_model(tmp_path, capsys):
     results = main(["--quick", "--out", str(tmp_path)])
     assert len(results) == 3

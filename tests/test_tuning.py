@@ -7,21 +7,23 @@ import time
 import warnings
 
 import numpy as np
-import optuna
 import pandas as pd
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from optuna.distributions import CategoricalDistribution, FloatDistribution
-from optuna.trial import TrialState
 from sklearn.compose import TransformedTargetRegressor
 from sklearn.linear_model import Ridge
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from sklearn_moe import MoEClassifier, MoERegressor
-from sklearn_moe.tuning import (
+
+optuna = pytest.importorskip("optuna", reason="the tuning tests need the tune extra")
+from optuna.distributions import CategoricalDistribution, FloatDistribution  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from sklearn_moe.tuning import (  # noqa: E402
     NExpertsSelection,
     TuneResult,
     find_moe_step,
@@ -31,10 +33,10 @@ from sklearn_moe.tuning import (
     select_n_experts,
     tune,
 )
-from sklearn_moe.tuning._optuna_private import HEARTBEAT_KEY, HeartbeatJournalStorage
-from sklearn_moe.tuning._space import decode_params, suggest
-from sklearn_moe.tuning._storage import fail_stale_trials, pop_ticket
-from sklearn_moe.tuning._tune import PruningCallback
+from sklearn_moe.tuning._optuna_private import HEARTBEAT_KEY, HeartbeatJournalStorage  # noqa: E402
+from sklearn_moe.tuning._space import decode_params, suggest  # noqa: E402
+from sklearn_moe.tuning._storage import fail_stale_trials, pop_ticket  # noqa: E402
+from sklearn_moe.tuning._tune import PruningCallback  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 TINY = dict(expert_hidden=(8,), max_epochs=4, batch_size=32, n_iter_no_change=5, device="cpu", random_state=0)

@@ -17,11 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import optuna
 import pytest
-from optuna.trial import TrialState
 
-from sklearn_moe.tuning import make_storage
+optuna = pytest.importorskip("optuna", reason="the tuning tests need the tune extra")
+from optuna.trial import TrialState  # noqa: E402
+
+from sklearn_moe.tuning import make_storage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tuning_distributed")]

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from sklearn_moe.tuning import one_standard_error_rule
+pytest.importorskip("optuna", reason="the tuning tests need the tune extra")
+from sklearn_moe.tuning import one_standard_error_rule  # noqa: E402
 
 
 @pytest.mark.slow
