@@ -479,4 +479,3 @@ def _is_label_indices(classes, n_labels: int) -> bool:
     return values.size == n_labels and all(
         isinstance(value, Integral) and not isinstance(value, bool) and value == index
         for index, value in enumerate(values))
-
