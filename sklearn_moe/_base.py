@@ -21,7 +21,12 @@ from .distributed.data_parallel import agree_on_seeds, check_backend, check_same
 from .nn import MixtureOfExperts
 from .nn.embeddings import fit_embedding_layout
 
-_PREDICT_BATCH_SIZE = 16384
+# Prediction runs in chunks of rows that hold about this many values at the module's widest
+# step (``MixtureOfExperts.values_per_row``), within these row bounds: a wide table's
+# numeric embedding holds dozens of values per input value, which in chunks of the
+# largest size would take gigabytes.
+_CHUNK_VALUES = 1 << 22
+_MIN_CHUNK_ROWS, _MAX_CHUNK_ROWS = 256, 16384
 _MIN_VALIDATION_ROWS = 2
 
 
@@ -354,19 +359,24 @@ class BaseMoE(ExpertMethods, BaseEstimator):
                 and X.shape[1] == self.n_features_in_ and not hasattr(self, "feature_names_in_")
                 and bool(np.isfinite(X).all()))
 
-    def _forward(self, X_scaled: torch.Tensor, method: str) -> np.ndarray:
-        """``module_.predict`` or ``module_.route`` on every row, in eval mode, as float64."""
+    def _forward(self, X_scaled: torch.Tensor, method: str):
+        """``module_.predict``, ``route`` or ``predict_distribution`` on every row, in eval
+        mode, as float64 arrays (a tuple of them for a tuple of tensors), run in chunks of
+        rows (:data:`_CHUNK_VALUES`) and written chunk by chunk into the arrays: a row's
+        result does not depend on the chunk that holds it."""
         module_method = getattr(self.module_, method)
-
-        def compute(x):
-            return module_method(x).double().cpu().numpy()
-
+        n_rows = X_scaled.shape[0]
+        rows = int(np.clip(_CHUNK_VALUES // self.module_.values_per_row, _MIN_CHUNK_ROWS, _MAX_CHUNK_ROWS))
+        arrays = None
         with torch.inference_mode(), self.net_.autocast(X_scaled.device):
-            if X_scaled.shape[0] <= _PREDICT_BATCH_SIZE:
-                return compute(X_scaled)
-            chunks = [compute(X_scaled[start:start + _PREDICT_BATCH_SIZE])
-                      for start in range(0, X_scaled.shape[0], _PREDICT_BATCH_SIZE)]
-        return np.concatenate(chunks, axis=0)
+            for start in range(0, max(n_rows, 1), rows):
+                result = module_method(X_scaled[start:start + rows])
+                parts = result if isinstance(result, tuple) else (result,)
+                if arrays is None:
+                    arrays = tuple(np.empty((n_rows, *part.shape[1:])) for part in parts)
+                for array, part in zip(arrays, parts):
+                    array[start:start + part.shape[0]] = part.to("cpu", torch.float64).numpy()
+        return arrays if isinstance(result, tuple) else arrays[0]
 
     def _raw_output(self, X) -> np.ndarray:
         return self._forward(self._scaled_input(X), "predict")

@@ -222,13 +222,8 @@ class DensityMethods:
         if self.output != "mixture_density":
             raise ValueError(f"{type(self).__name__} predicts distributions only with output='mixture_density'; "
                              f"this one has output={self.output!r}.")
-        X_scaled = self._scaled_input(X)
-        with torch.inference_mode(), self.net_.autocast(X_scaled.device):
-            weights, means, scales = self.module_.predict_distribution(X_scaled)
-        weights = weights.double().cpu().numpy()
+        weights, means, scales = self._forward(self._scaled_input(X), "predict_distribution")
         weights = weights / weights.sum(axis=1, keepdims=True)
         # A constant target (scale 0) is a point mass at its value: every mean is the
         # value, every scale 0, as ``predict`` gives the value itself.
-        means = means.double().cpu().numpy() * self._y_scale + self._y_mean
-        scales = scales.double().cpu().numpy() * self._y_scale
-        return weights, means, scales
+        return weights, means * self._y_scale + self._y_mean, scales * self._y_scale

@@ -50,7 +50,7 @@ from .dispatch import (
     plan_dispatch,
     warn_failed_experts,
 )
-from .embeddings import CategoricalEmbedding, NumericEmbedding
+from .embeddings import N_FREQUENCIES, CategoricalEmbedding, NumericEmbedding
 from .experts import AdapterExperts, StackedExperts
 from .layouts import choose_layout, expert_outputs
 from .losses import BALANCE_LOSSES, expert_diversity_loss, router_z_loss
@@ -482,6 +482,19 @@ class MixtureOfExperts(nn.Module):
         z_loss = router_z_loss(routing.logits, mask) if self.router.learned else x.new_zeros((), dtype=torch.float32)
         diversity = self._diversity_loss(x, mask) if self.training and self.diversity_loss else x.new_zeros(())
         return MoEOutput(mixed.output, gates, balance, z_loss, counts, mixed.n_dropped, diversity, mixed.assignments)
+
+    @property
+    def values_per_row(self) -> int:
+        """About how many values one row's evaluation holds at once, in its widest steps: the
+        input, the numeric embedding's per-bin or per-frequency encoding of every embedded
+        column, the hidden layers of every expert that runs the row. Callers size the chunks
+        of a large prediction by it."""
+        embedding = 0
+        if self.embedding is not None:
+            per_column = max(self.embedding.n_bins) if self.embedding.n_bins else 2 * N_FREQUENCIES
+            embedding = self.embedding.columns.shape[0] * (per_column + self.embedding.d_embedding)
+        running = self.n_experts if self.router.is_dense else self.top_k
+        return self.n_features + embedding + running * max(self.experts.widths)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The mixture's output alone, without the auxiliary terms (for inference).
