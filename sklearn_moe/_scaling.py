@@ -59,14 +59,15 @@ def fit_standardizer(values: np.ndarray, sample_weight: np.ndarray | None = None
 def weighted_quantiles(values: np.ndarray, quantiles, sample_weight: np.ndarray | None = None) -> np.ndarray:
     """Column-wise quantiles (inverted CDF), shape (len(quantiles), n_columns).
 
-    Rows with zero weight do not count.
+    Rows with zero weight do not count. Without weights, numpy's quantiles of the same
+    definition: a partial sort of each column, several times faster than the weighted full
+    sort on a million rows.
     """
     values = np.asarray(values, dtype=np.float64)
-    if sample_weight is not None:
-        keep = np.asarray(sample_weight) > 0
-        values, weights = values[keep], np.asarray(sample_weight, dtype=np.float64)[keep]
-    else:
-        weights = np.ones(values.shape[0])
+    if sample_weight is None:
+        return np.quantile(values, np.atleast_1d(quantiles), axis=0, method="inverted_cdf")
+    keep = np.asarray(sample_weight) > 0
+    values, weights = values[keep], np.asarray(sample_weight, dtype=np.float64)[keep]
     order = np.argsort(values, axis=0, kind="stable")
     cumulative = np.cumsum(weights[order], axis=0)
     cumulative /= cumulative[-1]

@@ -43,8 +43,8 @@ def densify(X, warn: bool):
     if warn:
         warn_at_caller(
             f"X is a sparse matrix; the experts need dense input, so X was densified "
-            f"({X.shape[0]} x {X.shape[1]}, {n_cells * 4 / 2**20:.1f} MiB as float32). Pass dense input to "
-            "silence this, e.g. OneHotEncoder(sparse_output=False) or ColumnTransformer(sparse_threshold=0).",
+            f"({X.shape[0]} x {X.shape[1]}, {n_cells * X.dtype.itemsize / 2**20:.1f} MiB as {X.dtype}). Pass dense "
+            "input to silence this, e.g. OneHotEncoder(sparse_output=False) or ColumnTransformer(sparse_threshold=0).",
             DataConversionWarning,
         )
     return X.toarray()

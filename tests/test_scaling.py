@@ -24,6 +24,15 @@ def test_weighted_quantiles_match_numpy_and_ignore_zero_weights():
     np.testing.assert_array_equal(weighted_quantiles(X, (0.5,), np.r_[2 * np.ones(10), np.ones(991)]), doubled)
 
 
+@pytest.mark.parametrize("n_rows", [1, 2, 3, 4, 7, 10, 101, 1000])
+def test_unweighted_quantiles_equal_those_of_equal_weights(n_rows):
+    """Without weights numpy computes them: the same order statistics, ties included."""
+    X = np.random.RandomState(n_rows).randint(0, 5, size=(n_rows, 3)) + np.r_[0.0, 0.5, 1e9]
+    for weights in (np.ones(n_rows), np.full(n_rows, 0.1)):
+        np.testing.assert_array_equal(weighted_quantiles(X, (0.5, 0.25, 0.75)),
+                                      weighted_quantiles(X, (0.5, 0.25, 0.75), weights))
+
+
 def test_robust_scaler_is_median_and_iqr_with_fallbacks():
     rng = np.random.RandomState(0)
     column = rng.normal(size=1000)

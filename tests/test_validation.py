@@ -502,7 +502,8 @@ def test_sparse_input_is_densified_with_a_warning_in_fit(estimator_class):
 
     X, y = _data(estimator_class)
     X_sparse = sp.csr_matrix(np.where(np.abs(X) > 1, X, 0.0))
-    with pytest.warns(DataConversionWarning, match="densified"):
+    size = rf"{X.shape[0]} x {X.shape[1]}, {X.size * 8 / 2**20:.1f} MiB as float64"  # the array it makes
+    with pytest.warns(DataConversionWarning, match=rf"densified \({size}\)"):
         sparse_model = estimator_class(**TINY).fit(X_sparse, y)
     dense_model = estimator_class(**TINY).fit(X_sparse.toarray(), y)
     np.testing.assert_array_equal(sparse_model.predict(X_sparse), dense_model.predict(X_sparse.toarray()))
