@@ -203,7 +203,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
             x_mean, x_scale = self._x_mean, self._x_scale
         else:
             x_mean, x_scale = fit_robust_scaler(X, sample_weight, n_code_columns(self))
-        X_scaled = np.nan_to_num(scale_features(X, x_mean, x_scale, n_code_columns(self)))
+        X_scaled = np.nan_to_num(scale_features(X, x_mean, x_scale, n_code_columns(self)), copy=False)
 
         rng = check_random_state(self.random_state)
         seeds = tuple(int(s) for s in rng.randint(0, 2**31 - 1, size=3))
@@ -342,7 +342,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
             X = self._validate_X(X, reset=False, ensure_all_finite=self._new_missing_allowed())
         X_scaled = scale_features(X, self._x_mean, self._x_scale, n_code_columns(self))
         # a missing value in a column that had none in fit: the column's centre
-        return torch.as_tensor(np.nan_to_num(X_scaled), device=self.net_.device)
+        return torch.as_tensor(np.nan_to_num(X_scaled, copy=False), device=self.net_.device)
 
     def _new_missing_allowed(self):
         """``validate_data``'s ``ensure_all_finite`` for the input of a fitted model, where a

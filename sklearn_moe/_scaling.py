@@ -15,6 +15,8 @@ SMOOTH_CLIP = 3.0
 _CLIP_SATURATED = 1e8
 # Inputs with at least this many values are scaled with torch's threaded kernels.
 _THREADED_MIN_SIZE = 1 << 15
+# fit_robust_scaler works on blocks of columns of about this many values (128 MiB of float64).
+_SCALER_BLOCK_VALUES = 1 << 24
 _BLOCK_VALUES = 1 << 18
 
 
@@ -92,6 +94,13 @@ def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = Non
     if n_passthrough:
         mean, scale = fit_robust_scaler(values[:, :-n_passthrough], sample_weight)
         return np.concatenate((mean, np.zeros(n_passthrough))), np.concatenate((scale, np.ones(n_passthrough)))
+    step = max(1, _SCALER_BLOCK_VALUES // max(1, values.shape[0]))
+    if values.shape[1] > step:
+        # Each column's statistics are its own; over the whole matrix at once, the sorts'
+        # and the standardizer's temporaries would take several times its size.
+        blocks = [fit_robust_scaler(values[:, start:start + step], sample_weight)
+                  for start in range(0, values.shape[1], step)]
+        return np.concatenate([mean for mean, _ in blocks]), np.concatenate([scale for _, scale in blocks])
     median, q25, q75 = weighted_quantiles(values, (0.5, 0.25, 0.75), sample_weight)
     spread = (q75 - q25) / _IQR_PER_STD
     mean, std = fit_standardizer(values, sample_weight)
@@ -100,7 +109,7 @@ def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = Non
 
 
 def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, n_passthrough: int = 0) -> np.ndarray:
-    """Centre, scale, then smoothly clip ``X``; returns float32.
+    """Centre, scale, then smoothly clip ``X``; returns a new float32 array.
 
     The last ``n_passthrough`` columns (category codes) pass through unchanged.
 

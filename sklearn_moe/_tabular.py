@@ -233,24 +233,30 @@ def encode_table(X, state) -> np.ndarray:
         fill = np.full(numeric.shape[1], np.nan)
         fill[filled] = state._table_fill[filled]
         numeric = np.where(missing, fill, numeric)
-    blocks = [numeric, missing[:, filled].astype(np.float64)]
+    # Written into one matrix, block by block: one-hot columns make it many times the
+    # table's size, and a matrix per block, concatenated, would take it twice.
+    encoded = np.zeros((frame.shape[0], encoded_width(frame.shape[1], state)))
+    encoded[:, :numeric.shape[1]] = numeric
+    at = numeric.shape[1] + filled.size
+    encoded[:, numeric.shape[1]:at] = missing[:, filled]
     offsets = state._table_offsets
-    embedded = set(embedded_positions(state).tolist())
-    codes_of_embedded = []
+    embedded = embedded_positions(state)
+    at_code = encoded.shape[1] - embedded.size
+    rows = np.arange(frame.shape[0])
     for position, column in enumerate(state._table_categorical):
         known = state._table_categories[offsets[position]:offsets[position + 1]]
         values = _category_strings(frame.iloc[:, column])
         codes = _codes(known, values)  # -1: unseen or missing
         is_missing = values == _MISSING
         if position in embedded:
-            codes_of_embedded.append(np.where(is_missing, known.size + 1, codes + 1).astype(np.float64))
+            encoded[:, at_code] = np.where(is_missing, known.size + 1, codes + 1)
+            at_code += 1
             continue
-        one_hot = np.zeros((len(values), known.size + 1))
-        one_hot[np.flatnonzero(codes >= 0), codes[codes >= 0]] = 1.0
-        one_hot[:, -1] = is_missing
-        blocks.append(one_hot)
-    blocks.extend(codes[:, None] for codes in codes_of_embedded)
-    return np.concatenate(blocks, axis=1)
+        seen = codes >= 0
+        encoded[rows[seen], at + codes[seen]] = 1.0
+        encoded[:, at + known.size] = is_missing
+        at += known.size + 1
+    return encoded
 
 
 _MISSING = "\x00missing"  # no category's string form

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import sklearn_moe._scaling as scaling
 from sklearn_moe._scaling import (
     _BLOCK_VALUES,
     SMOOTH_CLIP,
@@ -31,6 +32,20 @@ def test_unweighted_quantiles_equal_those_of_equal_weights(n_rows):
     for weights in (np.ones(n_rows), np.full(n_rows, 0.1)):
         np.testing.assert_array_equal(weighted_quantiles(X, (0.5, 0.25, 0.75)),
                                       weighted_quantiles(X, (0.5, 0.25, 0.75), weights))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_robust_scaler_in_blocks_of_columns_is_the_scaler_of_the_whole(monkeypatch, weighted):
+    """Large matrices are scaled a block of columns at a time, to bound the temporaries."""
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(500, 23)) * np.logspace(-3, 3, 23)
+    X[:, ::4] = X[:, ::4] > 1.2  # indicators: the standard-deviation fallback
+    weights = rng.uniform(size=500) if weighted else None
+    whole = fit_robust_scaler(X, weights)
+    monkeypatch.setattr(scaling, "_SCALER_BLOCK_VALUES", 500 * 5)
+    in_blocks = fit_robust_scaler(X, weights)
+    for part, expected in zip(in_blocks, whole):
+        np.testing.assert_array_equal(part, expected)
 
 
 def test_robust_scaler_is_median_and_iqr_with_fallbacks():
