@@ -47,10 +47,12 @@ class DensityMethods:
             return  # a new module's factor is 1; a continued fit keeps its factor
         module = self.module_
         module.scale_calibration.fill_(1.0)
-        with torch.inference_mode(), self.net_.autocast(valid_table.X.device):
-            weights, means, scales = module.predict_distribution(valid_table.X)
-        module.scale_calibration.fill_(calibrated_scale(weights, means, scales, valid_table.y,
-                                                        valid_table.sample_weight, bounds=CALIBRATION_BOUNDS))
+        # In chunks, as prediction runs; the search itself is in float64, on the CPU.
+        weights, means, scales = (torch.from_numpy(values) for values in
+                                  self._forward(valid_table.X, "predict_distribution"))
+        row_weight = None if valid_table.sample_weight is None else valid_table.sample_weight.cpu()
+        module.scale_calibration.fill_(calibrated_scale(weights, means, scales, valid_table.y.cpu(), row_weight,
+                                                        bounds=CALIBRATION_BOUNDS))
 
     def predict_distribution(self, X) -> dict:
         """Predict each row's mixture of Gaussians, in the target's units.

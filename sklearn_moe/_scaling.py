@@ -94,13 +94,22 @@ def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = Non
     if n_passthrough:
         mean, scale = fit_robust_scaler(values[:, :-n_passthrough], sample_weight)
         return np.concatenate((mean, np.zeros(n_passthrough))), np.concatenate((scale, np.ones(n_passthrough)))
-    step = max(1, _SCALER_BLOCK_VALUES // max(1, values.shape[0]))
-    if values.shape[1] > step:
-        # Each column's statistics are its own; over the whole matrix at once, the sorts'
-        # and the standardizer's temporaries would take several times its size.
-        blocks = [fit_robust_scaler(values[:, start:start + step], sample_weight)
-                  for start in range(0, values.shape[1], step)]
-        return np.concatenate([mean for mean, _ in blocks]), np.concatenate([scale for _, scale in blocks])
+    # Blocks of columns: each column's statistics are its own, and over the whole matrix at
+    # once the sorts' and the standardizer's temporaries would take several times its size.
+    # A block holds two columns at least: numpy sums a lone column in another order.
+    n_columns = values.shape[1]
+    step = max(2, _SCALER_BLOCK_VALUES // max(1, values.shape[0]))
+    starts = list(range(0, n_columns, step))
+    if len(starts) > 1 and n_columns - starts[-1] == 1:
+        starts.pop()
+    bounds = [*starts, n_columns]
+    blocks = [_robust_scaler_block(values[:, start:stop], sample_weight) for start, stop in zip(bounds, bounds[1:])]
+    if len(blocks) == 1:
+        return blocks[0]
+    return np.concatenate([mean for mean, _ in blocks]), np.concatenate([scale for _, scale in blocks])
+
+
+def _robust_scaler_block(values: np.ndarray, sample_weight) -> tuple[np.ndarray, np.ndarray]:
     median, q25, q75 = weighted_quantiles(values, (0.5, 0.25, 0.75), sample_weight)
     spread = (q75 - q25) / _IQR_PER_STD
     mean, std = fit_standardizer(values, sample_weight)

@@ -123,12 +123,13 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
     if net.interrupted_:
         report_interruption(net)
     net.train_split = None  # don't keep (and pickle) the validation rows
-    for _, callback in net.callbacks_:
+    for name, callback in net.callbacks_:
         # Copies of the weights and of the optimizer that a pickle would carry twice; the next
         # fit makes them anew (skorch's LRScheduler builds its scheduler at every train start).
+        # A user's own scheduler callback keeps its scheduler, which they may read.
         if isinstance(callback, EarlyStopping):
             callback.best_model_weights_ = None
-        elif isinstance(callback, LRScheduler):
+        elif isinstance(callback, LRScheduler) and name == "lr_scheduler":
             callback.lr_scheduler_ = None
     return net
 

@@ -308,9 +308,10 @@ def date_columns_error(frame: pd.DataFrame, columns: list[int], kind: str) -> Ty
     return TypeError(
         f"Column(s) {_shown(names)} of X hold dates, times or durations ({kind}), which the MoE reads neither as "
         "numbers nor as categories on its own. Derive numeric columns from them, e.g. "
-        f"X[{names[0]!r}].dt.year or .dt.dayofweek of a date (pd.to_datetime(X[{names[0]!r}]) first where it "
-        "holds Python objects), or .dt.total_seconds() of a duration; or name them in categorical_features to "
-        "treat every distinct value as a category (values not seen in fit then count as unknown)."
+        f"X[{names[0]!r}].dt.year or .dt.dayofweek of a date, .dt.total_seconds() of a duration, or the hour "
+        "of a time of day (Python objects first through pd.to_datetime or pd.to_timedelta; times of day "
+        "through .map(lambda t: t.hour)); or name them in categorical_features to treat every distinct value "
+        "as a category (values not seen in fit then count as unknown)."
     )
 
 

@@ -18,7 +18,6 @@ FAST = dict(
 )
 
 
-
 def needs(*modules: str):
     """Skip a test, or with ``pytestmark`` a module, whose optional libraries (another extra's:
     the benchmarks' data sets, matplotlib) are not installed."""

@@ -222,6 +222,15 @@ def test_callbacks_keep_no_copy_of_the_optimizer(fitted):
                 f"callback {name!r} keeps {attribute!r}")
 
 
+def test_a_users_own_scheduler_callback_keeps_its_scheduler():
+    from skorch.callbacks import LRScheduler
+
+    X, y = _data_for(MoERegressor)
+    own = LRScheduler(policy=torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    model = MoERegressor(**dict(SHORT, max_epochs=2), callbacks=[("halving", own)]).fit(X, y)
+    assert len(dict(model.net_.callbacks_)["halving"].lr_scheduler_.get_last_lr()) > 0
+
+
 def test_pickle_round_trip(fitted):
     model, X, _ = fitted
     restored = pickle.loads(pickle.dumps(model))

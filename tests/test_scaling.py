@@ -34,15 +34,18 @@ def test_unweighted_quantiles_equal_those_of_equal_weights(n_rows):
                                       weighted_quantiles(X, (0.5, 0.25, 0.75), weights))
 
 
+@pytest.mark.parametrize("block_columns", [5, 22, 1])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_the_robust_scaler_in_blocks_of_columns_is_the_scaler_of_the_whole(monkeypatch, weighted):
-    """Large matrices are scaled a block of columns at a time, to bound the temporaries."""
+def test_the_robust_scaler_in_blocks_of_columns_is_the_scaler_of_the_whole(monkeypatch, weighted, block_columns):
+    """Large matrices are scaled a block of columns at a time, to bound the temporaries;
+    never one column alone (22 of 23 would leave one), which numpy sums in another order."""
     rng = np.random.RandomState(0)
-    X = rng.normal(size=(500, 23)) * np.logspace(-3, 3, 23)
+    X = rng.normal(size=(5000, 23)) * np.logspace(-3, 3, 23)
     X[:, ::4] = X[:, ::4] > 1.2  # indicators: the standard-deviation fallback
-    weights = rng.uniform(size=500) if weighted else None
+    X[:, -1] = rng.uniform(size=5000) > 0.97
+    weights = rng.uniform(size=5000) if weighted else None
     whole = fit_robust_scaler(X, weights)
-    monkeypatch.setattr(scaling, "_SCALER_BLOCK_VALUES", 500 * 5)
+    monkeypatch.setattr(scaling, "_SCALER_BLOCK_VALUES", 5000 * block_columns)
     in_blocks = fit_robust_scaler(X, weights)
     for part, expected in zip(in_blocks, whole):
         np.testing.assert_array_equal(part, expected)

@@ -38,6 +38,8 @@ from sklearn_moe.tuning._space import decode_params, suggest  # noqa: E402
 from sklearn_moe.tuning._storage import fail_stale_trials, pop_ticket  # noqa: E402
 from sklearn_moe.tuning._tune import PruningCallback  # noqa: E402
 
+from .conftest import needs  # noqa: E402
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 TINY = dict(expert_hidden=(8,), max_epochs=4, batch_size=32, n_iter_no_change=5, device="cpu", random_state=0)
 SMALL_SPACE = dict(include=["n_experts", "top_k", "router", "learning_rate", "expert_hidden"], max_experts=4,
@@ -511,6 +513,7 @@ def test_select_n_experts_rejects_estimators_without_moe(data):
         select_n_experts(make_pipeline(StandardScaler(), Ridge()), *data, candidates=(1, 2))
 
 
+@needs("matplotlib")
 def test_select_n_experts_in_a_pipeline_table_and_plot(data, tmp_path, monkeypatch):
     import matplotlib
 

@@ -285,6 +285,7 @@ class ShardedExperts(nn.Module):
                              f"{self.n_local} experts, but the local block holds {local.n_experts}")
         self.in_features = local.in_features
         self.out_features = local.out_features
+        self.widths = local.widths
         self.stats = CommStats()
 
     @property

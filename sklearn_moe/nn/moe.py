@@ -485,16 +485,25 @@ class MixtureOfExperts(nn.Module):
 
     @property
     def values_per_row(self) -> int:
-        """About how many values one row's evaluation holds at once, in its widest steps: the
-        input, the numeric embedding's per-bin or per-frequency encoding of every embedded
-        column, the hidden layers of every expert that runs the row. Callers size the chunks
-        of a large prediction by it."""
+        """About how many values one row's evaluation holds at once, at its widest steps.
+
+        The input, the numeric embedding's per-bin or per-frequency encoding of every
+        embedded column, the gate's widest layer, and the widest layer (hidden or output) of
+        every expert that runs the row, the shared expert included. Callers size the chunks
+        of a large prediction by it.
+
+        Returns
+        -------
+        int
+        """
         embedding = 0
         if self.embedding is not None:
             per_column = max(self.embedding.n_bins) if self.embedding.n_bins else 2 * N_FREQUENCIES
             embedding = self.embedding.columns.shape[0] * (per_column + self.embedding.d_embedding)
-        running = self.n_experts if self.router.is_dense else self.top_k
-        return self.n_features + embedding + running * max(self.experts.widths)
+        gate = max((layer.out_features for layer in self.router.modules() if isinstance(layer, nn.Linear)),
+                   default=self.n_experts)
+        running = (self.n_experts if self.router.is_dense else self.top_k) + (self.shared_expert is not None)
+        return self.n_features + embedding + gate + running * max(*self.experts.widths, self.expert_width)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """The mixture's output alone, without the auxiliary terms (for inference).

@@ -57,6 +57,7 @@ def vector_loop_only(function, z: torch.Tensor) -> torch.Tensor:
         flat = torch.cat((flat, flat.new_zeros(VECTOR_RUN - n % VECTOR_RUN)))
     return function(flat)[:n].view(z.shape)
 
+
 def needs_autograd(*tensors: torch.Tensor) -> bool:
     """Whether a product of ``tensors`` records a graph (else it may take a forward-only path)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
