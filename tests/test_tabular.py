@@ -12,6 +12,7 @@ import sklearn_moe
 from sklearn_moe import MoEClassifier, MoERegressor
 from sklearn_moe._tabular import (
     MAX_ONE_HOT_CATEGORIES,
+    _category_strings,
     categorical_mask,
     category_cardinalities,
     encode_table,
@@ -63,6 +64,21 @@ def test_encoding_by_hand():
     np.testing.assert_array_equal(encoded, expected)
     unseen = encode_table(pd.DataFrame({"x": [2.0], "c": ["z"]}), fitted)
     np.testing.assert_array_equal(unseen, [[2.0, 0.0, 0.0, 0.0, 0.0]])  # an unseen category sets none
+
+
+@pytest.mark.parametrize("column", [
+    pd.Series([1.0, 2.5, -0.0, 0.0, np.nan, 3.0, 1e20]), pd.Series([1, None, 3, 1], dtype="Int64"),
+    pd.Series(pd.Categorical([1.0, 2.0, None, 1.0])), pd.Series(pd.Categorical(["x"], categories=["x", "y"])),
+    pd.Series(["a", None, "b", "a"], dtype="string"), pd.Series([True, None, False], dtype="boolean"),
+    pd.Series(pd.date_range("2020-01-01", periods=3, tz="UTC")), pd.Series([], dtype=float),
+    pd.Series([np.nan, np.nan]), pd.Series(np.array([0.1, 1.0], dtype=np.float32))],
+    ids=["float", "Int64", "category", "unused category", "string", "boolean", "dates", "empty", "all missing",
+         "float32"])
+def test_a_typed_columns_keys_written_per_distinct_value_are_those_written_per_row(column):
+    """A column of one dtype keys its distinct values only; an object column, every row."""
+    keys = _category_strings(column)
+    assert keys.dtype.kind == "U"
+    np.testing.assert_array_equal(keys, _category_strings(column.astype(object)))
 
 
 def test_categories_are_matched_by_value_not_by_text():
