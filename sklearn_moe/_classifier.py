@@ -7,7 +7,7 @@ from numbers import Integral, Real
 
 import numpy as np
 from scipy.sparse import issparse
-from scipy.special import expit, log_expit, log_softmax, softmax
+from scipy.special import expit, log_expit, log_softmax
 from sklearn.base import ClassifierMixin
 from sklearn.exceptions import DataConversionWarning
 from sklearn.model_selection import StratifiedShuffleSplit
@@ -425,8 +425,15 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             (its mixed logit's sigmoid), independently of the others: a row's need not sum
             to 1.
         """
-        logits = self._raw_output(X)
-        return expit(logits) if self._multilabel else softmax(logits, axis=1)
+        logits = self._raw_output(X)  # a new array: the probabilities are computed in its place
+        if self._multilabel:
+            return expit(logits, out=logits)
+        # scipy.special.softmax's operations, in place: with many classes its temporaries
+        # took three times the probabilities' memory.
+        logits -= logits.max(axis=1, keepdims=True)
+        np.exp(logits, out=logits)
+        logits /= logits.sum(axis=1, keepdims=True)
+        return logits
 
     def predict_log_proba(self, X):
         """Predict the logarithm of the class probabilities (:meth:`predict_proba`).

@@ -7,6 +7,7 @@ import joblib
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.special
 import sklearn
 import torch
 from sklearn.base import clone
@@ -429,6 +430,8 @@ def test_classifier_labels_and_probabilities(labels):
     assert np.all(proba >= 0)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-10)
     np.testing.assert_allclose(np.exp(model.predict_log_proba(X)), proba, rtol=1e-10, atol=1e-12)
+    # computed in place, as scipy's softmax computes it
+    np.testing.assert_array_equal(proba, scipy.special.softmax(model._raw_output(X), axis=1))
 
     pred = model.predict(X)
     assert pred.shape == (len(X),)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import safetensors
 import scipy.sparse as sp
+import scipy.special
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
@@ -48,6 +49,7 @@ def fitted():
 
 def test_predictions_are_an_indicator_matrix_of_the_labels(fitted):
     model, X, Y = fitted
+    np.testing.assert_array_equal(model.predict_proba(X), scipy.special.expit(model._raw_output(X)))
     np.testing.assert_array_equal(model.classes_, [0, 1, 2])
     predicted = model.predict(X)
     assert predicted.shape == Y.shape and predicted.dtype == np.int64
