@@ -291,9 +291,9 @@ def _category_strings(series: pd.Series) -> np.ndarray:
     if series.dtype != np.dtype(object):
         # One dtype: values group as their strings do (equal values print alike, but for
         # -0.0 and 0.0, whose keys are both "0"), so only the distinct values are written.
-        positions, distinct = pd.factorize(series)  # -1: missing
+        positions, distinct = pd.factorize(series)  # -1, a missing value: the last key
         keys = _whole_number_keys(pd.Series(distinct, dtype=object).astype(str).to_numpy().astype(str))
-        return np.where(positions >= 0, keys[positions] if keys.size else _MISSING, _MISSING).astype(str)
+        return np.append(keys, _MISSING)[positions]
     strings = series.astype(object).astype(str).to_numpy().astype(str)
     return np.where(series.isna().to_numpy(), _MISSING, _whole_number_keys(strings)).astype(str)
 

@@ -41,16 +41,17 @@ NARROW_MIN_ROWS = 256
 # A CPU kernel rounds gelu, silu, elu and softplus one way in its vector loop and another in its
 # scalar loop, which PyTorch runs on runs of contiguous values too short for a vector: the
 # few values of a small batch, the tail of a run, the narrow rows of a strided view. In
-# evaluation they are computed on a contiguous copy padded to a multiple of this many
+# evaluation (without autograd) they are computed on a contiguous copy padded to a multiple of this many
 # values, so that every value takes the vector loop, whatever the batch (relu, leaky_relu
 # and tanh round alike in both loops).
 VECTOR_RUN = 64
 
 
 def vector_loop_only(function, z: torch.Tensor) -> torch.Tensor:
-    """``function(z)``, elementwise, in evaluation on the CPU with every value in the vector
-    loop (see :data:`VECTOR_RUN`)."""
-    if needs_autograd(z) or z.device.type != "cpu":
+    """``function(z)``, elementwise, without autograd (evaluation) on the CPU with every
+    value in the vector loop (see :data:`VECTOR_RUN`); with autograd, training's plain call,
+    on detached values too."""
+    if torch.is_grad_enabled() or z.device.type != "cpu":
         return function(z)
     flat, n = z.reshape(-1), z.numel()
     if n % VECTOR_RUN:
