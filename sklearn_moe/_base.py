@@ -359,11 +359,15 @@ class BaseMoE(ExpertMethods, BaseEstimator):
                 and X.shape[1] == self.n_features_in_ and not hasattr(self, "feature_names_in_")
                 and bool(np.isfinite(X).all()))
 
-    def _forward(self, X_scaled: torch.Tensor, method: str):
+    def _forward(self, X_scaled: torch.Tensor, method: str, reduce=None):
         """``module_.predict``, ``route`` or ``predict_distribution`` on every row, in eval
         mode, as float64 arrays (a tuple of them for a tuple of tensors), run in chunks of
         rows (:data:`_CHUNK_VALUES`) and written chunk by chunk into the arrays: a row's
-        result does not depend on the chunk that holds it."""
+        result does not depend on the chunk that holds it.
+
+        ``reduce``, where given, maps each chunk's tensor to what is kept of it (a class
+        index per row, say), so that the whole output is never held; a reduced floating
+        tensor is kept as float64, any other as its own dtype."""
         module_method = getattr(self.module_, method)
         n_rows = X_scaled.shape[0]
         rows = int(np.clip(_CHUNK_VALUES // self.module_.values_per_row, _MIN_CHUNK_ROWS, _MAX_CHUNK_ROWS))
@@ -371,11 +375,15 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         with torch.inference_mode(), self.net_.autocast(X_scaled.device):
             for start in range(0, max(n_rows, 1), rows):
                 result = module_method(X_scaled[start:start + rows])
+                if reduce is not None:
+                    result = reduce(result)
                 parts = result if isinstance(result, tuple) else (result,)
+                parts = tuple(part.to("cpu", torch.float64 if part.is_floating_point() else part.dtype).numpy()
+                              for part in parts)
                 if arrays is None:
-                    arrays = tuple(np.empty((n_rows, *part.shape[1:])) for part in parts)
+                    arrays = tuple(np.empty((n_rows, *part.shape[1:]), dtype=part.dtype) for part in parts)
                 for array, part in zip(arrays, parts):
-                    array[start:start + part.shape[0]] = part.to("cpu", torch.float64).numpy()
+                    array[start:start + part.shape[0]] = part
         return arrays if isinstance(result, tuple) else arrays[0]
 
     def _raw_output(self, X) -> np.ndarray:

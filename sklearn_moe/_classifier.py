@@ -469,10 +469,12 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             model, the indicator matrix (int64) of the labels whose probability exceeds
             1/2.
         """
-        logits = self._raw_output(X)
+        # Each chunk's logits are reduced to its labels as they come: the whole
+        # (n_samples, n_classes) logit matrix is never held.
+        X_scaled = self._scaled_input(X)
         if self._multilabel:
-            return (logits > 0).astype(np.int64)
-        return self.classes_[np.argmax(logits, axis=1)]
+            return self._forward(X_scaled, "predict", reduce=lambda logits: (logits > 0).long())
+        return self.classes_[self._forward(X_scaled, "predict", reduce=lambda logits: logits.argmax(dim=1))]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -332,6 +332,25 @@ def test_a_wide_table_predicts_in_chunks_of_fewer_rows(monkeypatch):
         np.testing.assert_array_equal(values, model.predict_distribution(X)[name][np.arange(3000) % 300])
 
 
+def test_class_predictions_are_reduced_chunk_by_chunk_to_the_most_probable_labels():
+    """predict keeps each chunk's labels only (never the whole logit matrix): they are the
+    labels of predict_proba's largest column, across chunks, for text labels and multilabel."""
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(300, 400))
+    y = np.array([f"class {i}" for i in range(12)])[np.argsort(X[:, :12], axis=1)[:, -1]]
+    model = MoEClassifier(**dict(FAST, max_epochs=2)).fit(X, y)
+    big = X[np.arange(3000) % 300]  # 12 chunks at this width
+    labels = model.predict(big)
+    assert labels.dtype == model.classes_.dtype
+    np.testing.assert_array_equal(labels, model.classes_[np.argmax(model.predict_proba(big), axis=1)])
+    assert len(set(labels)) > 1
+    indicator = (X[:, :3] > 0).astype(int)
+    multilabel = MoEClassifier(**dict(FAST, max_epochs=2)).fit(X, indicator)
+    flags = multilabel.predict(big)
+    assert flags.dtype == np.int64
+    np.testing.assert_array_equal(flags, (multilabel.predict_proba(big) > 0.5).astype(np.int64))
+
+
 # ---------------------------------------------------------------------------- reproducibility
 
 
