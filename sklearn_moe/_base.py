@@ -204,6 +204,10 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         else:
             x_mean, x_scale = fit_robust_scaler(X, sample_weight, n_code_columns(self))
         X_scaled = np.nan_to_num(scale_features(X, x_mean, x_scale, n_code_columns(self)), copy=False)
+        # Training reads the scaled float32 copy only: the validated (float64) matrix, twice
+        # its size, is not kept alive through the epochs.
+        n_features = X.shape[1]
+        del X
 
         rng = check_random_state(self.random_state)
         seeds = tuple(int(s) for s in rng.randint(0, 2**31 - 1, size=3))
@@ -228,7 +232,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         continued = self.net_ if partial and reuse else None  # its optimizer's state and history go on
         with torch.random.fork_rng(devices=fork_devices):
             torch.manual_seed(init_seed)
-            module = self._warm_module(device) if reuse else build_module(self, X.shape[1], device, layout, bins)
+            module = self._warm_module(device) if reuse else build_module(self, n_features, device, layout, bins)
             net = train(PartialFitSettings(self) if partial else self, module, device, train_table, valid_table,
                         generator, extra_callbacks, epochs=1 if partial else None,
                         optimizer_state=None if continued is None else continued.optimizer_.state_dict(),
