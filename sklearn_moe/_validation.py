@@ -74,6 +74,9 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
     X = _missing_as_nan(X)
     if isinstance(X, pd.DataFrame):
         check_column_kinds(X, range(X.shape[1]))
+    elif isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype.kind in "mM":  # float() would take their counts
+        raise date_columns_error(pd.DataFrame(index=[], columns=range(X.shape[1])), list(range(X.shape[1])),
+                                 str(X.dtype), array=True)
     try:
         validated = validate_data(
             estimator, X, y, reset=reset, dtype=np.float64, accept_sparse=("csr", "csc", "coo"), **kwargs
@@ -87,6 +90,8 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
         columns = non_numeric_columns(table)
         if kwargs.get("y_numeric") and not columns and _first_text(y) is not None:
             raise non_numeric_target_error(type(estimator).__name__, y) from error
+        if columns and not isinstance(X, pd.DataFrame):  # an array's dates, times or durations as objects
+            check_column_kinds(table, columns, array=True)
         if columns or (isinstance(error, ValueError) and "convert" in str(error) and "float" in str(error)):
             raise non_numeric_error(table, columns, error) from error
         if isinstance(error, ValueError) and str(error).startswith("Input X contains"):
@@ -231,17 +236,18 @@ def _temporal_kind(column: pd.Series) -> str | None:
     return str(column.dtype) if is_date_or_duration(column.dtype) else None
 
 
-def check_column_kinds(frame: pd.DataFrame, columns) -> None:
+def check_column_kinds(frame: pd.DataFrame, columns, array: bool = False) -> None:
     """Raise an error if one of ``columns`` (positions) of ``frame``, read as numbers,
     holds dates, times or durations (:func:`date_columns_error`, a ``TypeError``) or complex
-    numbers, whose imaginary part a conversion to float would drop (a ``ValueError``)."""
+    numbers, whose imaginary part a conversion to float would drop (a ``ValueError``).
+    ``array``: ``frame`` holds the columns of a 2-d array, which the message names so."""
     columns = list(columns)
     dtypes = frame.dtypes.iloc[columns]
     kinds = {position: _temporal_kind(frame.iloc[:, position]) for position, dtype in zip(columns, dtypes)
              if dtype == np.dtype(object) or is_date_or_duration(dtype)}
     dates = [position for position, kind in kinds.items() if kind is not None]
     if dates:
-        raise date_columns_error(frame, dates, kinds[dates[0]])
+        raise date_columns_error(frame, dates, kinds[dates[0]], array)
     complex_ = [_plain(frame.columns[position]) for position, dtype in zip(columns, dtypes)
                 if is_complex_dtype(dtype)]
     if complex_:
@@ -285,7 +291,7 @@ def as_pandas(X):
     return table
 
 
-def date_columns_error(frame: pd.DataFrame, columns: list[int], kind: str) -> TypeError:
+def date_columns_error(frame: pd.DataFrame, columns: list[int], kind: str, array: bool = False) -> TypeError:
     """The error for a table whose ``columns`` hold dates, times or durations that are not
     marked categorical: neither reading them as nanosecond counts nor as one category per
     timestamp (where every later date would be unseen) is what a user means, so they
@@ -299,16 +305,20 @@ def date_columns_error(frame: pd.DataFrame, columns: list[int], kind: str) -> Ty
         The positions of the date and duration columns at fault; not empty.
     kind : str
         What the first of them holds, as the message shows it (its dtype, say).
+    array : bool, default=False
+        Whether ``frame`` holds the columns of a 2-d array ``X`` (its examples then take
+        ``pd.Series(X[:, j])``, not ``X[name]``).
 
     Returns
     -------
     TypeError
     """
     names = [_plain(frame.columns[position]) for position in columns]
+    column = f"pd.Series(X[:, {names[0]}])" if array else f"X[{names[0]!r}]"
     return TypeError(
         f"Column(s) {_shown(names)} of X hold dates, times or durations ({kind}), which the MoE reads neither as "
         "numbers nor as categories on its own. Derive numeric columns from them, e.g. "
-        f"X[{names[0]!r}].dt.year or .dt.dayofweek of a date, .dt.total_seconds() of a duration, or the hour "
+        f"{column}.dt.year or .dt.dayofweek of a date, .dt.total_seconds() of a duration, or the hour "
         "of a time of day (Python objects first through pd.to_datetime or pd.to_timedelta; times of day "
         "through .map(lambda t: t.hour)); or name them in categorical_features to treat every distinct value "
         "as a category (values not seen in fit then count as unknown)."

@@ -3,6 +3,7 @@ libraries' dataframes, complex numbers, dates at prediction, and missing values 
 continued fit."""
 
 import datetime
+import re
 from decimal import Decimal
 
 import numpy as np
@@ -157,6 +158,32 @@ def test_dates_at_prediction_are_refused_as_in_fit(columns):
     for dates in (pd.date_range("2020-01-01", periods=len(frame)), pd.to_timedelta(np.arange(len(frame)), "h")):
         with pytest.raises(TypeError, match=r"Column\(s\) 'a' of X hold dates, times or durations"):
             model.predict(frame[columns].assign(a=dates))
+
+
+def test_an_arrays_dates_and_durations_are_refused_as_a_tables_are():
+    """A datetime64 or timedelta64 array would be read as counts of its unit, and dates as
+    Python objects in an object array were 'neither numeric nor categorical'; both get the
+    date error, naming the array's columns by position, in fit and at prediction."""
+    rng = np.random.RandomState(0)
+    numbers = rng.normal(size=(40, 2))
+    day = np.datetime64("2020-01-01") + np.arange(40)
+    objects = numbers.astype(object)
+    objects[:, 1] = [datetime.date(2020, 1, 1) + datetime.timedelta(days=i) for i in range(40)]
+    stamps = np.stack([day, day], axis=1)
+    cases = [(stamps, "0, 1", "datetime64[D]"), ((day - day[0]).astype("m8[s]")[:, None], "0", "timedelta64[s]"),
+             (objects, "1", "date objects")]
+    model = MoERegressor(**TINY).fit(numbers, numbers[:, 0])
+    for X, where, kind in cases:
+        message = (rf"^Column\(s\) {where} of X hold dates, times or durations \({re.escape(kind)}\)"
+                   rf".* pd\.Series\(X\[:, {where[0]}\]\)")
+        with pytest.raises(TypeError, match=message):
+            MoERegressor(**TINY).fit(X, numbers[:, 0])
+        if X.shape[1] == 2:
+            with pytest.raises(TypeError, match=message):
+                model.predict(X)
+    # Named as categories, as the message offers, they fit.
+    dates = MoERegressor(**TINY, categorical_features=[0, 1]).fit(stamps, numbers[:, 0])
+    assert np.isfinite(dates.predict(stamps)).all()
 
 
 def test_period_columns_are_dates():
