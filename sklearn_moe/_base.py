@@ -165,12 +165,17 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         named_callbacks(self.callbacks, "callback")  # a clear error before any work
         extra_callbacks = named_callbacks(callbacks)
         try:
-            return self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks, partial, classes)
+            self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks, partial, classes)
         except BaseException:
             # A failed fit leaves the estimator unfitted, never half fitted.
             if not reuse:
                 self._clear_fitted_state()
             raise
+        if self.net_.interrupted_:
+            # Ctrl-C: the model of the epochs so far is whole and predicts; the interrupt goes
+            # on to what called fit (a loop, cross-validation, a search), which stops too.
+            raise KeyboardInterrupt(self.net_.interrupted_)
+        return self
 
     def _partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over ``(X, y)`` from the fitted model, or from a new one (see

@@ -168,8 +168,9 @@ class MoENet(NeuralNet):
         Each epoch is a call of skorch's own ``fit_loop`` (its split, metadata routing and
         callbacks, with every argument passed on as given). An epoch whose loss or weights
         become non-finite is rolled back and run again with a lower learning rate (see
-        :mod:`sklearn_moe._guard`); a KeyboardInterrupt that is not early stopping's
-        restores the last completed epoch and sets ``interrupted_``.
+        :mod:`sklearn_moe._guard`); a KeyboardInterrupt that no callback raised to stop
+        training (as early stopping does) sets ``interrupted_``, and amid an epoch's steps
+        restores the last completed epoch.
         """
         epochs = epochs if epochs is not None else self.max_epochs
         self._guard = TrainingGuard(self)
@@ -183,9 +184,11 @@ class MoENet(NeuralNet):
                 except NonFiniteLoss as fault:
                     self._guard.roll_back(fault)
                     continue
-                except KeyboardInterrupt:
-                    if not self._callbacks_running:  # the user's, not early stopping's
+                except KeyboardInterrupt as interrupt:
+                    if not self._callbacks_running:  # a Ctrl-C amid the epoch's steps
                         self._guard.restore()
+                        self.interrupted_ = True
+                    elif not _raised_by_a_callback(interrupt):  # one in its callbacks: its steps are done
                         self.interrupted_ = True
                     raise
                 self._guard.snapshot()
@@ -280,7 +283,17 @@ def named_callbacks(callbacks, prefix: str = "fit_callback") -> list[tuple[str, 
     return named
 
 
-def report_interruption(net) -> None:
+def _raised_by_a_callback(interrupt: KeyboardInterrupt) -> bool:
+    """Whether a callback's own code raised ``interrupt``, skorch's way of ending training
+    (early stopping's, say), rather than a Ctrl-C that arrived in whatever a callback was
+    running (a scorer, a logger)."""
+    frame = interrupt.__traceback__
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return isinstance(frame.tb_frame.f_locals.get("self"), Callback)
+
+
+def interruption_message(net) -> str:
     """After a KeyboardInterrupt: forget the unfinished epoch and say which weights were kept."""
     if net.history and "train_loss" not in net.history[-1]:
         del net.history[-1]
@@ -291,10 +304,8 @@ def report_interruption(net) -> None:
         kept = f"the best weights so far (epoch {best.best_epoch_})"
     else:
         kept = "the weights of the last completed epoch"
-    warn_at_caller(
-        f"Training was interrupted after {len(net.history)} complete epoch(s); the model keeps {kept}.",
-        UserWarning,
-    )
+    return (f"Training was interrupted after {len(net.history)} complete epoch(s); the fitted model keeps {kept}, "
+            "and predicts.")
 
 
 def drop_unpicklable_callbacks(net, names: set[str]) -> None:

@@ -21,8 +21,8 @@ from ._net import (
     PredefinedSplit,
     drop_callbacks,
     drop_unpicklable_callbacks,
+    interruption_message,
     named_callbacks,
-    report_interruption,
 )
 from ._tabular import category_cardinalities
 from .callbacks import (
@@ -99,7 +99,8 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
 
     Returns the trained net, ready to keep on a fitted estimator: the module in eval mode,
     the fit-only ``extra_callbacks`` removed, no validation rows or early-stopping weight
-    copies kept. An interrupted fit (KeyboardInterrupt) is reported as a warning.
+    copies kept. After a KeyboardInterrupt, the net's ``interrupted_`` is the message that says
+    which weights it kept (False otherwise), for the caller to raise once its model is whole.
     ``epochs``: how many to train (default ``params.max_epochs``). With an
     ``optimizer_state`` (the ``state_dict()`` of an optimizer of the same network), the
     optimizer goes on from its running averages, at the learning rates and weight decay of
@@ -121,7 +122,7 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
     drop_callbacks(net, {name for name, _ in extra_callbacks} | set(DATA_PARALLEL_CALLBACKS))
     drop_unpicklable_callbacks(net, {name for name, _ in named_callbacks(params.callbacks, "callback")})
     if net.interrupted_:
-        report_interruption(net)
+        net.interrupted_ = interruption_message(net)
     net.train_split = None  # don't keep (and pickle) the validation rows
     for name, callback in net.callbacks_:
         # Copies of the weights and of the optimizer that a pickle would carry twice; the next

@@ -227,8 +227,8 @@ def test_cli_rejects_unknown_suites_models_and_data_sets(tmp_path):
 
 
 def test_an_interrupted_moe_fit_stops_the_run_instead_of_scoring_a_fold(tmp_path):
-    """Ctrl-C in a fit: the estimator keeps a usable model and warns, which a benchmark must
-    not score as a fold; the run stops (its report so far stays, for --resume)."""
+    """Ctrl-C in a fit: the estimator keeps a usable model and raises the interrupt, which a
+    benchmark must not score as a fold; the run stops (its report so far stays, for --resume)."""
     from skorch.callbacks import Callback
 
     from benchmarks.accuracy import cross_validate_fold

@@ -159,9 +159,9 @@ def test_keyboard_interrupt_keeps_the_best_weights_so_far(regression_data):
     epochs = RecordEpochs()
     interrupted_in_epoch = 5
     model = MoERegressor(**PARAMS)
-    with pytest.warns(UserWarning, match="interrupted after 4 complete epoch.*best weights so far") as caught:
+    # The interrupt goes on to the caller once the model is whole, saying what it kept.
+    with pytest.raises(KeyboardInterrupt, match="interrupted after 4 complete epoch.*best weights so far"):
         model.fit(X, y, callbacks=[epochs, InterruptAt(BATCHES_PER_EPOCH * (interrupted_in_epoch - 1) + 2)])
-    assert caught[0].filename == __file__
     assert model.n_iter_ == interrupted_in_epoch - 1
     assert list(model.history_["epoch"]) == [1, 2, 3, 4]
     assert "train_loss" in model.history_ and np.isfinite(model.history_["train_loss"]).all()
@@ -174,7 +174,7 @@ def test_keyboard_interrupt_without_early_stopping_keeps_the_last_completed_epoc
     X, y = regression_data
     epochs = RecordEpochs()
     model = MoERegressor(**{**PARAMS, "early_stopping": False})
-    with pytest.warns(UserWarning, match="interrupted after 2 complete epoch.*last completed epoch"):
+    with pytest.raises(KeyboardInterrupt, match="interrupted after 2 complete epoch.*last completed epoch"):
         model.fit(X, y, callbacks=[epochs, InterruptAt(int(BATCHES_PER_EPOCH * 2.5))])
     _assert_weights_equal(model.module_, epochs.weights[1])
 
@@ -183,7 +183,7 @@ def test_keyboard_interrupt_in_the_first_epoch_keeps_the_initial_weights(classif
     X, y = classification_data
     epochs = RecordEpochs()
     model = MoEClassifier(**PARAMS)
-    with pytest.warns(UserWarning, match="no epoch completed"):
+    with pytest.raises(KeyboardInterrupt, match="no epoch completed"):
         model.fit(X, y, callbacks=[epochs, InterruptAt(1)])
     assert model.n_iter_ == 0
     _assert_weights_equal(model.module_, epochs.initial)
@@ -201,6 +201,60 @@ def test_keyboard_interrupt_outside_training_leaves_the_estimator_unfitted(regre
     with pytest.raises(KeyboardInterrupt):
         model.fit(X, y)
     assert not hasattr(model, "net_")
+
+
+def test_an_interrupted_fit_stops_cross_validation_instead_of_scoring_the_fold(regression_data):
+    """The interrupt reaches what called fit: cross-validation stops at the interrupted fold
+    rather than scoring its cut-short model and going on to the next."""
+    from sklearn.model_selection import cross_validate
+
+    X, y = regression_data
+    model = MoERegressor(**PARAMS, callbacks=[InterruptAt(2)])
+    with pytest.raises(KeyboardInterrupt, match="interrupted after 0 complete epoch"):
+        cross_validate(model, X, y, cv=3, error_score="raise")
+
+
+def test_an_interrupted_partial_fit_keeps_the_model_of_the_calls_before(regression_data):
+    X, y = regression_data
+    model = MoERegressor(**PARAMS).partial_fit(X, y)
+    weights = _weights(model.module_)
+    with pytest.raises(KeyboardInterrupt, match="after 1 complete epoch"):
+        model.set_params(callbacks=[InterruptAt(3)]).partial_fit(X, y)
+    assert model.n_iter_ == 1 and len(model.history_) == 1
+    _assert_weights_equal(model.module_, weights)
+    model.set_params(callbacks=None).partial_fit(X, y)  # and goes on from it
+    assert model.n_iter_ == 2
+
+
+class StopAtEpochEnd(Callback):
+    """Ends training from its own code at the end of the given epoch (skorch's way, as
+    early stopping does), or lets a Ctrl-C arrive in the scorer it runs there."""
+
+    def __init__(self, epoch, ctrl_c_in_scorer=False):
+        self.epoch = epoch
+        self.ctrl_c_in_scorer = ctrl_c_in_scorer
+
+    def on_epoch_end(self, net, **kwargs):
+        if len(net.history) == self.epoch:
+            if self.ctrl_c_in_scorer:
+                _scorer_hit_by_ctrl_c(net)
+            raise KeyboardInterrupt
+
+
+def _scorer_hit_by_ctrl_c(net):
+    raise KeyboardInterrupt  # as a SIGINT raises it, in the code that runs
+
+
+def test_a_ctrl_c_in_an_epoch_end_callback_is_an_interruption_but_a_callbacks_own_stop_is_not(regression_data):
+    X, y = regression_data
+    stopped = MoERegressor(**PARAMS).fit(X, y, callbacks=[StopAtEpochEnd(3)])
+    assert stopped.n_iter_ == 3
+    model, epochs = MoERegressor(**{**PARAMS, "early_stopping": False}), RecordEpochs()
+    # The epoch's steps were done: it counts, with its weights.
+    with pytest.raises(KeyboardInterrupt, match="interrupted after 3 complete epoch.*last completed epoch"):
+        model.fit(X, y, callbacks=[epochs, StopAtEpochEnd(3, ctrl_c_in_scorer=True)])
+    assert model.n_iter_ == 3 and np.isfinite(model.predict(X)).all()
+    _assert_weights_equal(model.module_, epochs.weights[2])
 
 
 def test_early_stopping_is_not_reported_as_an_interruption(regression_data, recwarn):
