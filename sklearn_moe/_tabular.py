@@ -226,7 +226,7 @@ def encode_table(X, state) -> np.ndarray:
     frame = _as_frame(X)
     mask = np.zeros(frame.shape[1], dtype=bool)
     mask[state._table_categorical] = True
-    numeric = _numeric_values(frame, ~mask)
+    numeric = _numeric_values(frame, ~mask, fitted=True)
     missing = np.isnan(numeric)
     filled = state._table_missing
     if missing[:, filled].any():  # the other columns' NaN stay: the scaled input's centre
@@ -326,8 +326,9 @@ def _codes(known: np.ndarray, values: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _numeric_values(frame: pd.DataFrame, columns: np.ndarray) -> np.ndarray:
-    """The columns ``columns`` (bool mask) as float64, missing values as NaN."""
+def _numeric_values(frame: pd.DataFrame, columns: np.ndarray, fitted: bool = False) -> np.ndarray:
+    """The columns ``columns`` (bool mask) as float64, missing values as NaN; ``fitted``: of
+    a fitted encoding's input, whose columns were numbers in fit (for the error)."""
     check_column_kinds(frame, np.flatnonzero(columns))
     chosen = frame.iloc[:, np.flatnonzero(columns)]
     try:
@@ -336,7 +337,7 @@ def _numeric_values(frame: pd.DataFrame, columns: np.ndarray) -> np.ndarray:
         try:  # an object column's pd.NA or None, which na_value leaves to float()
             values = chosen.astype(object).where(chosen.notna(), np.nan).to_numpy(dtype=np.float64)
         except (TypeError, ValueError):
-            raise non_numeric_error(chosen, non_numeric_columns(chosen), error) from error
+            raise non_numeric_error(chosen, non_numeric_columns(chosen), error, fitted) from error
     if np.isinf(values).any():
         raise ValueError(infinity_message(list(chosen.columns[np.isinf(values).any(axis=0)])))
     return values

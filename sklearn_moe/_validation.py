@@ -93,7 +93,8 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
         if columns and not isinstance(X, pd.DataFrame):  # an array's dates, times or durations as objects
             check_column_kinds(table, columns, array=True)
         if columns or (isinstance(error, ValueError) and "convert" in str(error) and "float" in str(error)):
-            raise non_numeric_error(table, columns, error) from error
+            raise non_numeric_error(table, columns, error, fitted=not reset,
+                                    array=not isinstance(X, pd.DataFrame)) from error
         if isinstance(error, ValueError) and str(error).startswith("Input X contains"):
             nan_is_missing = getattr(estimator, "handle_missing", None) == "native"
             raise _non_finite_error(type(estimator).__name__, error, X, nan_is_missing) from error
@@ -165,7 +166,8 @@ def non_numeric_columns(frame: pd.DataFrame | None) -> list[int]:
     return found
 
 
-def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exception) -> ValueError | TypeError:
+def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exception,
+                      fitted: bool = False, array: bool = False) -> ValueError | TypeError:
     """The error for a table whose ``columns`` hold text but are not encoded as categories:
     what they hold (the first one's first value that is not a number, or ``error``'s
     message) and the two ways to fix it. A TypeError (a value that is neither text nor a
@@ -180,12 +182,20 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exc
         The positions of its columns at fault (:func:`non_numeric_columns`); may be empty.
     error : Exception
         The conversion's own error.
+    fitted : bool, default=False
+        Whether the table is a fitted model's input (to predict, or to go on training),
+        whose columns were numeric in fit: then the fix is in the values (or a new fit).
+    array : bool, default=False
+        Whether ``frame`` holds the columns of a 2-d array ``X`` (the fix then takes
+        ``X[:, j]``, not ``X[name]``).
 
     Returns
     -------
     ValueError or TypeError
     """
     names = [_plain(frame.columns[position]) for position in columns]
+    if fitted and columns:
+        return _text_in_fitted_numbers_error(frame, columns, names, error, array)
     named = _shown(names)
     holds = str(error).splitlines()[0] if str(error) else type(error).__name__
     if columns:
@@ -207,6 +217,21 @@ def non_numeric_error(frame: pd.DataFrame | None, columns: list[int], error: Exc
         + (f", e.g. categorical_features=[{columns[0]}]" if columns and not isinstance(names[0], str) else "")
         + "), or encode them first, e.g. with a OneHotEncoder in a sklearn.compose.ColumnTransformer."
         + (f" ({error})" if kind is TypeError else "")
+    )
+
+
+def _text_in_fitted_numbers_error(frame: pd.DataFrame, columns: list[int], names: list, error: Exception,
+                                  array: bool) -> ValueError | TypeError:
+    """:func:`non_numeric_error` for a fitted model's input: the columns were numbers in fit."""
+    found = _first_text_at(frame.iloc[:, columns[0]])
+    where = "" if found is None else f": {names[0]!r} holds {found[1]!r} in row {_plain(found[0])!r}"
+    column = f"X[:, {names[0]}]" if array else f"X[{names[0]!r}]"
+    kind = TypeError if isinstance(error, TypeError) else ValueError
+    return kind(
+        f"Column(s) {_shown(names)} of X held numbers in fit and now hold text{where}. The fitted model reads them "
+        f"as numbers: convert them first (pd.to_numeric({column}, errors='coerce') turns what is not a "
+        "number into missing values, which the model takes as handle_missing says), or fit again with them among "
+        "categorical_features." + (f" ({error})" if kind is TypeError else "")
     )
 
 
@@ -400,9 +425,16 @@ def _first_text(y):
     missing; None if there is none (or ``y`` is not given)."""
     if isinstance(y, str) and y == "no_validation":
         return None
-    values = pd.Series(np.asarray(y, dtype=object).ravel()).dropna()
+    found = _first_text_at(pd.Series(np.asarray(y, dtype=object).ravel()))
+    return None if found is None else found[1]
+
+
+def _first_text_at(column: pd.Series):
+    """``(row label, value)`` of the first value of ``column`` that is neither a number nor
+    missing; None if there is none."""
+    values = column.astype(object).dropna()
     text = values[pd.to_numeric(values, errors="coerce").isna()]
-    return text.iloc[0] if len(text) else None
+    return (text.index[0], text.iloc[0]) if len(text) else None
 
 
 def _plain(name):
