@@ -3,7 +3,7 @@
 ::
 
     sklearn-moe fit DATA.csv --target COL [--task auto|regression|classification] [--cv 5] [--tune N_TRIALS]
-                    [--ignore COL ...] [--seed 0] [--max-epochs N] --out DIR
+                    [--ignore COL ...] [--seed 0] [--max-epochs N] [--param NAME=VALUE ...] --out DIR
     sklearn-moe predict MODEL DATA.csv > predictions.csv
     sklearn-moe info MODEL
     sklearn-moe demo [--cv 3] [--max-epochs N] [--out DIR]
@@ -12,16 +12,19 @@
 the model), cross-validates the MoE against baselines (HistGradientBoosting, a linear model
 and scikit-learn's MLP) on the same folds, prints the table, then fits on every row and
 writes ``DIR/model.moe`` (the safe format), ``DIR/summary.json`` and, with matplotlib,
-``DIR/training_curves.png`` and ``DIR/expert_utilization.png``.
+``DIR/training_curves.png`` and ``DIR/expert_utilization.png``. ``--param`` sets any
+parameter of the MoE (``--param n_experts=4 --param expert_hidden=[64,64]``; see
+:func:`parse_params`).
 
 Exit status: 0 on success, 2 for a bad command line, 3 for bad input (a missing or
-unreadable file, an unknown column, wrong types, an unreadable model file), 1 otherwise.
-Errors are one line on standard error.
+unreadable file, an unknown column, wrong types, an unreadable model file), 130 when
+interrupted, 1 otherwise. Errors are one line on standard error.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -41,7 +44,7 @@ EXIT_INPUT = 3
 MODEL_FILE, SUMMARY_FILE = "model.moe", "summary.json"
 
 
-class InputError(Exception):
+class InputError(ValueError):
     """A problem with the user's input, reported as one line with exit status 3."""
 
 
@@ -59,9 +62,65 @@ def read_table(path) -> pd.DataFrame:
     return frame
 
 
+def infer_task(y: pd.Series) -> str:
+    """``"classification"`` for a target of text, booleans or integers with at most 20
+    distinct values; ``"regression"`` for any other (floats included)."""
+    numeric = pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y)
+    discrete = not numeric or pd.api.types.is_integer_dtype(y)
+    return "classification" if discrete and y.nunique() <= 20 else "regression"
+
+
+def _whole_number_floats(y: pd.Series) -> bool:
+    """Whether ``y`` is a float column of at most 20 whole numbers (as a CSV's column of
+    class codes reads where it has a missing value or was written as 0.0/1.0)."""
+    if not pd.api.types.is_float_dtype(y) or y.nunique() > 20:
+        return False
+    values = y.dropna().to_numpy(dtype=np.float64)
+    return bool(np.isfinite(values).all() and (values == np.round(values)).all())
+
+
+def parse_params(pairs, option: str = "--param") -> dict:
+    """``NAME=VALUE`` strings as estimator parameters.
+
+    A VALUE is read as a Python literal where it is one (``16``, ``0.5``, ``None``,
+    ``(64, 64)``, ``[64, 64]``, ``"cuda"``), else as JSON (``true``, ``null``), else as the
+    text itself (``router=topk``); a list becomes a tuple.
+
+    Parameters
+    ----------
+    pairs : list of str or None
+        The option's arguments.
+    option : str, default="--param"
+        The option's name, for the error.
+
+    Returns
+    -------
+    dict
+        Parameter names and values.
+
+    Raises
+    ------
+    InputError
+        If an entry is not ``NAME=VALUE`` with NAME an identifier.
+    """
+    params = {}
+    for pair in pairs or []:
+        name, equals, text = pair.partition("=")
+        if not equals or not name.isidentifier():
+            raise InputError(f"{option} takes NAME=VALUE (e.g. n_experts=4); got {pair!r}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
+        params[name] = tuple(value) if isinstance(value, list) else value
+    return params
+
+
 def split_target(frame: pd.DataFrame, target: str, task: str):
-    """``(X, y, task)``; ``task="auto"``: classification for a text, boolean or integer
-    target with at most 20 values."""
+    """``(X, y, task)``; ``task="auto"``: :func:`infer_task`."""
     if target not in frame:
         raise InputError(f"unknown column {target!r}; the columns are {list(frame.columns)}")
     y = frame[target]
@@ -71,9 +130,10 @@ def split_target(frame: pd.DataFrame, target: str, task: str):
     if X.shape[1] == 0:
         raise InputError(f"the table has no column besides the target {target!r} to predict it from")
     if task == "auto":
-        numeric = pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y)
-        task = "classification" if (not numeric or pd.api.types.is_integer_dtype(y)) and y.nunique() <= 20 \
-            else "regression"
+        task = infer_task(y)
+        if _whole_number_floats(y):
+            print(f"sklearn-moe: note: the target {target!r} holds {y.nunique()} distinct whole numbers as floats, "
+                  "fitted as a regression; --task classification fits them as classes", file=sys.stderr)
     if task == "regression" and not pd.api.types.is_numeric_dtype(y):
         raise InputError(f"the target column {target!r} is not numeric; use --task classification")
     return X, y.to_numpy(), task
@@ -159,12 +219,20 @@ def cross_validate_models(models: dict, X, y, task: str, cv: int, seed: int) -> 
 
 def new_estimator(task: str, args, **params):
     """The MoE estimator for ``task``, with the command line's ``--seed`` and
-    ``--max-epochs`` and ``params``."""
+    ``--max-epochs``, its ``--param`` settings where it has them, and ``params``."""
     from sklearn_moe import MoEClassifier, MoERegressor
 
     params = {"random_state": args.seed, **({"max_epochs": args.max_epochs} if args.max_epochs is not None else {}),
-              **params}
-    return (MoEClassifier if task == "classification" else MoERegressor)(**params)
+              **parse_params(getattr(args, "param", None)), **params}
+    from sklearn_moe._parameters import check_hyperparameters
+
+    estimator = MoEClassifier if task == "classification" else MoERegressor
+    unknown = sorted(set(params) - set(estimator().get_params()))
+    if unknown:
+        raise InputError(f"--param names no parameter of {estimator.__name__}: {', '.join(unknown)}")
+    model = estimator(**params)
+    check_hyperparameters(model)  # a bad value is an error now, not at the first fold's fit
+    return model
 
 
 def save_model(model, out: Path, args, task: str, X, y, **summary) -> None:
@@ -189,8 +257,8 @@ def without_columns(frame: pd.DataFrame, ignore, target: str) -> pd.DataFrame:
 def fit_command(args) -> int:
     frame = without_columns(read_table(args.data), args.ignore, args.target)
     X, y, task = split_target(frame, args.target, args.task)
-    if args.cv < 2 or args.cv > len(y):
-        raise InputError(f"--cv must be between 2 and the number of rows ({len(y)}); got {args.cv}")
+    if args.cv > len(y):
+        raise InputError(f"--cv must be at most the number of rows ({len(y)}); got {args.cv}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # before the work, not after it
         raise InputError(f"--out {out} is a file; give a directory (new or existing)")
@@ -369,6 +437,13 @@ def int_at_least(minimum: int):
     return parse
 
 
+def add_param_option(parser: argparse.ArgumentParser, *aliases: str) -> None:
+    """The repeatable ``--param NAME=VALUE`` option (:func:`parse_params`)."""
+    parser.add_argument("--param", *aliases, dest="param", action="append", metavar="NAME=VALUE",
+                        help="set a parameter of the MoE, e.g. n_experts=4 or expert_hidden=[64,64] (a Python "
+                             "literal, JSON, or else text such as router=topk); repeatable")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sklearn-moe", description=__doc__.split("\n\n")[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -379,13 +454,14 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--task", choices=("auto", "regression", "classification"), default="auto",
                      help="auto (default): a text, boolean or integer target with at most 20 values is a "
                           "classification, any other a regression")
-    fit.add_argument("--cv", type=int, default=5, help="cross-validation folds (default 5)")
+    fit.add_argument("--cv", type=int_at_least(2), default=5, help="cross-validation folds (default 5)")
     fit.add_argument("--tune", type=int_at_least(0), default=0, metavar="N_TRIALS", help="tune with Optuna first")
     fit.add_argument("--out", required=True, help="directory for the model, its summary and plots")
     fit.add_argument("--ignore", nargs="+", default=[], metavar="COLUMN",
                      help="columns not to learn from (an id, say); predict ignores them too")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--max-epochs", type=int_at_least(1), help="override the MoE's max_epochs")
+    add_param_option(fit)
     fit.set_defaults(report_files=True)
     model_help = "directory written by sklearn-moe fit, or a model file written by model.save"
     predict = commands.add_parser("predict", help="predict a table's rows with a fitted model (CSV to stdout)")
@@ -394,7 +470,7 @@ def _parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="a fitted model's parameters, score and routing")
     info.add_argument("model_dir", metavar="MODEL", help=model_help)
     demo = commands.add_parser("demo", help="fit and cross-validate on bundled data (scikit-learn's diabetes)")
-    demo.add_argument("--cv", type=int, default=3, help="cross-validation folds (default 3)")
+    demo.add_argument("--cv", type=int_at_least(2), default=3, help="cross-validation folds (default 3)")
     demo.add_argument("--out", help="keep the model in this directory (else it is not kept)")
     demo.add_argument("--max-epochs", type=int_at_least(1), help="override the MoE's max_epochs")
     return parser

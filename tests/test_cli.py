@@ -112,11 +112,62 @@ def test_a_text_target_is_a_classification(workdir):
     assert predicted[0] == "prediction,probability_down,probability_up" and predicted[1].split(",")[0] in ("up", "down")
 
 
+def test_fit_sets_the_moes_parameters_from_param_options(workdir):
+    path, _ = workdir
+    fitted = run_main("fit", "train.csv", "--target", "price", "--cv", "2", "--max-epochs", "2", "--param",
+                      "n_experts=2", "--param", "expert_hidden=[8]", "--param", "router=topk", "--param",
+                      "temperature_final=None", "--out", "small", cwd=path)
+    assert fitted.returncode == 0, fitted.stderr
+    from sklearn_moe import load
+
+    params = load(path / "small" / "model.moe").get_params()
+    assert (params["n_experts"], params["expert_hidden"], params["router"]) == (2, (8,), "topk")
+    assert params["max_epochs"] == 2 and params["temperature_final"] is None
+
+
+def test_param_values_are_python_literals_else_json_else_text():
+    from sklearn_moe.cli import InputError, parse_params
+
+    assert parse_params(["n_experts=16", "expert_hidden=[64,64]", "gate_hidden=(32,)", "router=switch",
+                         "layer_norm=true", "shared_expert=True", "temperature_final=None", "device='cuda'",
+                         "learning_rate=1e-3"]) == {
+        "n_experts": 16, "expert_hidden": (64, 64), "gate_hidden": (32,), "router": "switch", "layer_norm": True,
+        "shared_expert": True, "temperature_final": None, "device": "cuda", "learning_rate": 1e-3}
+    assert parse_params(None) == {}
+    for bad in ("n_experts", "=4", "n experts=4"):
+        with pytest.raises(InputError, match="NAME=VALUE"):
+            parse_params([bad])
+
+
+@pytest.mark.parametrize("values, task", [
+    (["a", "b", "a"], "classification"), ([True, False, True], "classification"), ([0, 1, 1, 2], "classification"),
+    ([0.0, 1.0, 1.0], "regression"), ([0.0, 0.5, 1.0], "regression"), (list(range(21)), "regression"),
+])
+def test_the_task_follows_the_targets_values(values, task):
+    from sklearn_moe.cli import infer_task
+
+    assert infer_task(pd.Series(values)) == task
+
+
+def test_a_float_target_of_few_whole_numbers_is_a_regression_with_a_note(workdir, tmp_path):
+    path, _ = workdir
+    frame = pd.read_csv(path / "train.csv")
+    frame.assign(flag=(frame["price"] > 0).astype(float)).drop(columns="price").to_csv(tmp_path / "flags.csv",
+                                                                                     index=False)
+    fitted = run_main("fit", "flags.csv", "--target", "flag", "--cv", "2", "--max-epochs", "1", "--out", "f",
+                      cwd=tmp_path)
+    assert fitted.returncode == 0, fitted.stderr
+    assert "regression (R²" in fitted.stdout
+    assert ("note: the target 'flag' holds 2 distinct whole numbers as floats, fitted as a regression; --task "
+            "classification fits them as classes") in fitted.stderr
+
+
 ERRORS = [
     (("fit", "missing.csv", "--target", "price", "--out", "m"), 3, "no such file: missing.csv"),
     (("fit", "train.csv", "--target", "cost", "--out", "m"), 3, "unknown column 'cost'"),
     (("fit", "labels.csv", "--target", "label", "--task", "regression", "--out", "m"), 3, "is not numeric"),
-    (("fit", "train.csv", "--target", "price", "--cv", "1", "--out", "m"), 3, "--cv must be between 2"),
+    (("fit", "train.csv", "--target", "price", "--cv", "1", "--out", "m"), 2,
+     "argument --cv: must be at least 2, got 1"),
     (("fit", "train.csv", "--target", "price", "--out", "new.csv"), 3, "--out new.csv is a file"),
     (("predict", "nowhere", "new.csv"), 3, "no model in nowhere: expected nowhere/model.moe (written by "
                                            "sklearn-moe fit) or a model file (written by model.save)"),
@@ -130,6 +181,14 @@ ERRORS = [
     (("predict", "model", "lacking.csv"), 3, "lacks the model's column(s) ['city']"),
     (("predict", "model", "wrong_types.csv"), 3, "cannot predict on wrong_types.csv"),
     (("fit", "target_only.csv", "--target", "price", "--out", "m"), 3, "no column besides the target 'price'"),
+    (("fit", "train.csv", "--target", "price", "--cv", "500", "--out", "m"), 3,
+     "--cv must be at most the number of rows (120); got 500"),
+    (("fit", "train.csv", "--target", "price", "--param", "n_experts", "--out", "m"), 3,
+     "--param takes NAME=VALUE (e.g. n_experts=4); got 'n_experts'"),
+    (("fit", "train.csv", "--target", "price", "--param", "experts=4", "--param", "hidden=[8]", "--out", "m"), 3,
+     "--param names no parameter of MoERegressor: experts, hidden"),
+    (("fit", "train.csv", "--target", "price", "--param", "n_experts=0", "--out", "m"), 3,
+     "The 'n_experts' parameter of MoERegressor must be"),
     (("fit", "train.csv", "--target", "price", "--max-epochs", "0", "--out", "m"), 2,
      "argument --max-epochs: must be at least 1, got 0"),
     (("fit", "train.csv", "--target", "price", "--tune", "-1", "--out", "m"), 2, "argument --tune: must be at least 0"),

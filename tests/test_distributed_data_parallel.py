@@ -21,7 +21,6 @@ from sklearn_moe._guard import LossLedger, NonFiniteLoss
 from sklearn_moe.distributed.callbacks import merge_history_rows
 from sklearn_moe.distributed.data_parallel import DataParallelGroup, agree_on_fault, data_parallel
 from sklearn_moe.distributed.fit import main as fit_main
-from sklearn_moe.distributed.fit import parse_params
 from sklearn_moe.nn import MixtureOfExperts
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -147,13 +146,6 @@ def test_every_process_must_have_rank_0s_data_in_its_order(monkeypatch):
         data_parallel_module.check_same_data(X[order], y[order])  # the same rows, shuffled
     with pytest.raises(ValueError, match=r"shapes \(\(19, 3\), \(19,\)\) against \(\(20, 3\), \(20,\)\)"):
         data_parallel_module.check_same_data(X[:19], y[:19])
-
-
-def test_parse_params_reads_json_values_else_strings():
-    assert parse_params(["n_experts=16", "expert_hidden=[64,64]", "router=switch", "layer_norm=true"]) == {
-        "n_experts": 16, "expert_hidden": (64, 64), "router": "switch", "layer_norm": True}
-    with pytest.raises(sklearn_moe.cli.InputError, match="NAME=VALUE"):
-        parse_params(["n_experts"])
 
 
 def test_adapter_experts_cannot_be_sharded_and_say_so(tmp_path):

@@ -76,7 +76,7 @@ def _env():
 
 def _worker(storage, study, n_trials):
     command = [sys.executable, "-m", "sklearn_moe.tuning", "worker", "--storage", storage, "--study", study,
-               "--data", "diabetes", "--n-trials", str(n_trials), "--cv", "2", "--set", "max_epochs=4",
+               "--data", "diabetes", "--n-trials", str(n_trials), "--cv", "2", "--param", "max_epochs=4",
                "--set", "expert_hidden=(8,)", "--set", "random_state=0",
                "--include", "n_experts", "top_k", "learning_rate", "--max-experts", "4",
                "--heartbeat-interval", "1", "--grace-period", "5"]

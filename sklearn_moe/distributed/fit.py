@@ -17,8 +17,8 @@ format, loadable on any single machine with :func:`sklearn_moe.load`) and
 On several machines, start the same command on each with ``torchrun``'s rendezvous options
 (``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``); the data file must be readable on
 every machine. ``--backend auto`` is NCCL when CUDA is available, else gloo. ``--param``
-sets any estimator parameter, its value read as JSON when it parses (``--param n_experts=16
---param expert_hidden=[256,256] --param device="cuda"``), else as a string.
+sets any estimator parameter, as for ``sklearn-moe fit`` (``--param n_experts=16 --param
+expert_hidden=[256,256] --param device=cuda``; :func:`sklearn_moe.cli.parse_params`).
 
 Exit status: 0 on success, 2 for a bad command line, 3 for bad input (see
 :mod:`sklearn_moe.cli`).
@@ -27,7 +27,6 @@ Exit status: 0 on success, 2 for a bad command line, 3 for bad input (see
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ from ..cli import (
     MODEL_FILE,
     SUMMARY_FILE,
     InputError,
+    add_param_option,
     int_at_least,
     new_estimator,
     read_table,
@@ -49,38 +49,6 @@ from ..cli import (
 from .data_parallel import data_parallel
 
 __all__ = ["main"]
-
-
-def parse_params(pairs) -> dict:
-    """``NAME=VALUE`` strings as estimator parameters (a VALUE that parses as JSON is JSON).
-
-    Parameters
-    ----------
-    pairs : list of str
-        The ``--param`` arguments.
-
-    Returns
-    -------
-    dict
-        Parameter names and values.
-
-    Raises
-    ------
-    InputError
-        If an entry has no ``=``.
-    """
-    params = {}
-    for pair in pairs or []:
-        name, equals, value = pair.partition("=")
-        if not equals or not name:
-            raise InputError(f"--param takes NAME=VALUE; got {pair!r}")
-        try:
-            params[name] = json.loads(value)
-        except json.JSONDecodeError:
-            params[name] = value
-        if isinstance(params[name], list):
-            params[name] = tuple(params[name])
-    return params
 
 
 def fit(args) -> int:
@@ -97,10 +65,7 @@ def fit(args) -> int:
         0 on success.
     """
     X, y, task = split_target(read_table(args.data), args.target, args.task)
-    try:
-        model = new_estimator(task, args, **parse_params(args.param))
-    except TypeError as error:
-        raise InputError(f"bad --param: {error}") from error
+    model = new_estimator(task, args)
     with data_parallel(expert_parallel=args.expert_parallel) as parallel:
         model.fit(X, y)
     if parallel.rank == 0:
@@ -124,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", choices=["auto", "regression", "classification"], default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-epochs", type=int_at_least(1), default=None)
-    parser.add_argument("--param", action="append", metavar="NAME=VALUE", help="an estimator parameter")
+    add_param_option(parser)
     parser.add_argument("--expert-parallel", action="store_true",
                         help="also shard the experts over the processes (needs --param expert_type=independent)")
     parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")

@@ -4,7 +4,7 @@ Start as many workers as you like, on one host with a journal file, or on severa
 with a database URL; they share the study and together run ``--n-trials`` trials::
 
     python -m sklearn_moe.tuning worker --storage study.log --study diabetes --data diabetes \\
-        --n-trials 40 --cv 5 --set max_epochs=100
+        --n-trials 40 --cv 5 --param max_epochs=100
     python -m sklearn_moe.tuning worker --storage postgresql+psycopg2://user:pw@db-host/optuna \\
         --study concrete --data concrete.csv --target strength --n-trials 200
     python -m sklearn_moe.tuning summary --storage study.log --study diabetes
@@ -18,12 +18,13 @@ breast_cancer, iris, wine.
 from __future__ import annotations
 
 import argparse
-import ast
 import logging
 import sys
 
 import numpy as np
 import pandas as pd
+
+from ..cli import infer_task, parse_params
 
 BUILTIN = {
     "diabetes": ("load_diabetes", "regressor"),
@@ -47,23 +48,7 @@ def load_data(data: str, target: str | None):
     if target is None or target not in frame:
         raise ValueError(f"--target must name a column of {data}; columns: {list(frame.columns)}.")
     y = frame.pop(target)
-    numeric_y = pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y)
-    classes = y.nunique() <= 20 and (not numeric_y or pd.api.types.is_integer_dtype(y))
-    return frame, y, "classifier" if classes else "regressor"
-
-
-def parse_settings(items) -> dict:
-    """``["max_epochs=50", "expert_hidden=(32, 32)"]`` -> ``{"max_epochs": 50, ...}``."""
-    settings = {}
-    for item in items or ():
-        name, sep, text = item.partition("=")
-        if not sep or not name.isidentifier():
-            raise ValueError(f"--set takes NAME=VALUE (e.g. max_epochs=50); got {item!r}.")
-        try:
-            settings[name] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            settings[name] = text  # a bare string such as router=topk
-    return settings
+    return frame, y, "classifier" if infer_task(y) == "classification" else "regressor"
 
 
 def build_estimator(kind, X, settings):
@@ -97,8 +82,9 @@ def _parser():
     worker.add_argument("--n-trials", type=int, default=20, help="total trials of the study (all workers)")
     worker.add_argument("--cv", type=int, default=5, help="number of folds (default 5)")
     worker.add_argument("--scoring", help="scikit-learn scorer name (default: the estimator's score)")
-    worker.add_argument("--set", action="append", metavar="NAME=VALUE",
-                        help="fix an estimator parameter (it is then not searched); repeatable")
+    worker.add_argument("--param", "--set", dest="param", action="append", metavar="NAME=VALUE",
+                        help="fix an estimator parameter, which is then not searched (as sklearn-moe fit --param: "
+                             "max_epochs=50, expert_hidden=[32,32], router=topk); repeatable")
     worker.add_argument("--include", nargs="+", metavar="NAME", help="search only these parameters")
     worker.add_argument("--max-experts", type=int, default=16)
     worker.add_argument("--no-pruning", action="store_true")
@@ -142,7 +128,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     X, y, kind = load_data(args.data, args.target)
     kind = kind if args.estimator == "auto" else args.estimator
-    settings = parse_settings(args.set)
+    settings = parse_params(args.param)
     estimator = build_estimator(kind, X, settings)
     tunable = base_space(classifier=kind == "classifier")
     fixed = [name for name in settings if name in tunable and name not in (args.include or ())]
