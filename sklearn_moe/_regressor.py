@@ -59,9 +59,10 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     n_iter_ : int
         Epochs run (those of this fit; ``partial_fit`` adds one per call).
     history_ : pandas.DataFrame
-        One row per epoch: ``train_loss`` (with aux losses), ``task_loss``, ``valid_loss``,
-        ``balance_loss``, ``z_loss``, ``load_imbalance``, ``routing_entropy``,
-        ``dropped_fraction``, ``dur`` and more.
+        One row per epoch, labelled by its number (also the ``epoch`` column):
+        ``train_loss`` (with aux losses), ``task_loss``, ``valid_loss``, ``balance_loss``,
+        ``z_loss``, ``load_imbalance``, ``routing_entropy``, ``dropped_fraction``, ``dur``
+        and more.
     expert_load_ : ndarray of shape (n_experts,)
         Share of the training rows' routing per expert (sums to 1): fraction of routing
         assignments for sparse routers, mean gate weight for the dense router. After

@@ -262,7 +262,11 @@ def history_frame(history) -> pd.DataFrame:
     # Plain object column labels: pandas' default string dtype is pyarrow-backed where
     # pyarrow is installed, and a pickle holding it would not load where it is not.
     frame.columns = pd.Index(frame.columns.tolist(), dtype=object)
-    return frame.set_index("epoch", drop=False) if "epoch" in frame else frame
+    if "epoch" not in frame:
+        return frame
+    # Rows labelled by epoch, the index unnamed: an index named as a column makes
+    # reset_index and groupby("epoch") ambiguous.
+    return frame.set_index(pd.Index(frame["epoch"].to_numpy(), name=None))
 
 
 def batch_size(setting, n_train: int) -> int:

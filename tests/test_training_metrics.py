@@ -166,6 +166,9 @@ def test_fitted_history_has_every_metric_and_the_timing_hooks_are_gone(expert_ty
     model = MoERegressor(**dict(FAST, expert_type=expert_type, router="topk", max_epochs=3, random_state=0,
                                 shared_expert=True)).fit(X, y)
     history = model.history_
+    # Rows labelled by epoch; the index is unnamed, so that the epoch column stays unambiguous.
+    assert list(history.index) == list(history["epoch"]) == [1, 2, 3] and history.index.name is None
+    assert list(history.reset_index()["index"]) == [1, 2, 3] and list(history.groupby("epoch").size()) == [1, 1, 1]
     for key in ("expert_share", "gate_share", "valid_expert_share", "valid_gate_share", "expert_grad_norm",
                 "valid_expert_loss"):
         assert all(len(value) == 4 for value in history[key])
