@@ -33,6 +33,7 @@ from ._validation import (
     non_numeric_columns,
     non_numeric_error,
 )
+from ._warnings import warn_at_caller
 
 #: Most categories a one-hot encoded column may have (each is an input column of the experts).
 MAX_ONE_HOT_CATEGORIES = 256
@@ -351,6 +352,42 @@ def encoded_width(n_features: int, state) -> int:
     return n_features + state._table_missing.size + one_hot_categories
 
 
+def warn_of_numbers_as_text(frame: pd.DataFrame, mask: np.ndarray) -> None:
+    """Warn of each text column among ``mask`` (columns ``"from_dtype"`` made categorical)
+    of which most distinct values read as numbers, some of them not whole: a numeric column
+    with a placeholder for missing values (``"?"``, ``"n/a"``), as a CSV reader leaves it.
+    As categories, each number is one of its own, and a new one at prediction is unseen.
+    Whole numbers alone (codes, zip codes, identifiers) are left alone."""
+    for position in np.flatnonzero(mask):
+        column = frame.iloc[:, position]
+        if is_bool_dtype(column.dtype) or isinstance(column.dtype, pd.CategoricalDtype):
+            continue
+        distinct = pd.Series(column.dropna().unique(), dtype=object)
+        if not len(distinct) or not _mostly_numbers(distinct[:1000]):  # a sample first: most text is words
+            continue
+        numbers = pd.to_numeric(distinct.str.strip(), errors="coerce")
+        read = numbers.dropna().to_numpy(dtype=np.float64)
+        if read.size < 0.9 * len(distinct) or not (np.isfinite(read) & (read != np.round(read))).any():
+            continue
+        name = _name(frame, position)
+        other = distinct[numbers.isna()]
+        placeholder = f" (such as {other.iloc[0]!r})" if len(other) else ""
+        warn_at_caller(
+            f"Column {name} holds text of which {read.size} of its {len(distinct)} distinct values read as numbers, "
+            f"such as {distinct[numbers.notna()].iloc[0]!r}; it is encoded as categories (categorical_features="
+            "'from_dtype' takes text columns), each number a category of its own, unseen at prediction if new. If "
+            f"it holds numbers, convert it first: pd.to_numeric(X[{name}], errors='coerce') makes what is not a "
+            f"number{placeholder} a missing value.",
+            UserWarning,
+        )
+
+
+def _mostly_numbers(values: pd.Series) -> bool:
+    """Whether ``values`` are all strings, at least 90% of which read as numbers."""
+    return (all(isinstance(value, str) for value in values)
+            and pd.to_numeric(values.str.strip(), errors="coerce").notna().mean() >= 0.9)
+
+
 def encode_for_fit(estimator, X, reuse: bool):
     """``(X to validate, raw X or None)`` at the start of a fit: the encoded matrix and the raw
     table when the table has categorical columns or (``handle_missing="native"``) missing
@@ -364,6 +401,8 @@ def encode_for_fit(estimator, X, reuse: bool):
     if sparse:  # with missing values, encoded as a dense array's are
         X = densify(X, warn=True)
     mask = categorical_mask(X, estimator.categorical_features)
+    if isinstance(estimator.categorical_features, str):  # "from_dtype" chose the columns
+        warn_of_numbers_as_text(X, mask)
     if not (mask.any() or (estimator.handle_missing == "native" and _has_missing(X))):
         vars(estimator).update(empty_state())
         return X, None

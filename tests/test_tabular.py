@@ -293,6 +293,36 @@ def test_too_many_categories_and_unmarked_strings_are_errors(monkeypatch):
         MoERegressor(**QUICK, categorical_features=["size", "member"]).fit(frame, y)
 
 
+def test_a_text_column_of_decimal_numbers_is_encoded_as_categories_with_a_warning():
+    """A numeric column with a placeholder for missing values, as a CSV reader leaves it:
+    the warning says how to read it as numbers. Text of words, whole-number codes (zip codes,
+    identifiers) and a column named categorical get none."""
+    import warnings
+
+    rng = np.random.RandomState(0)
+    n = 60
+    readings = [f"{value:.1f}" for value in rng.uniform(100, 200, n)]
+    readings[3] = "?"
+    frame = pd.DataFrame({"a": rng.normal(size=n), "water": readings,
+                          "zip": [f"{code:05d}" for code in rng.randint(1000, 99999, n)],
+                          "city": rng.choice(["Oslo", "Lima", "Pune"], n)})
+    y = frame["a"].to_numpy()
+    with pytest.warns(UserWarning) as caught:
+        MoERegressor(**QUICK).fit(frame, y)
+    messages = [str(w.message) for w in caught if "read as numbers" in str(w.message)]
+    assert len(messages) == 1
+    n_distinct = len(set(readings))
+    assert messages[0].startswith(f"Column 'water' holds text of which {n_distinct - 1} of its {n_distinct} distinct "
+                                  "values read as numbers")
+    assert "pd.to_numeric(X['water'], errors='coerce') makes what is not a number (such as '?')" in messages[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*read as numbers")
+        MoERegressor(**QUICK).fit(frame.drop(columns="water"), y)
+        MoERegressor(**QUICK, categorical_features=["water", "zip", "city"]).fit(frame, y)
+        converted = frame.assign(water=pd.to_numeric(frame["water"], errors="coerce"))
+        assert np.isfinite(MoERegressor(**QUICK).fit(converted, y).predict(converted)).all()
+
+
 def test_pipelines_column_transformers_and_cross_validation():
     frame, y = raw_frame(missing=0.05)
     scale_numbers = ColumnTransformer([("numbers", StandardScaler(), ["age", "income"])], remainder="passthrough",
