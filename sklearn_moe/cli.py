@@ -221,11 +221,10 @@ def new_estimator(task: str, args, **params):
     """The MoE estimator for ``task``, with the command line's ``--seed`` and
     ``--max-epochs``, its ``--param`` settings where it has them, and ``params``."""
     from sklearn_moe import MoEClassifier, MoERegressor
+    from sklearn_moe._parameters import check_hyperparameters
 
     params = {"random_state": args.seed, **({"max_epochs": args.max_epochs} if args.max_epochs is not None else {}),
               **parse_params(getattr(args, "param", None)), **params}
-    from sklearn_moe._parameters import check_hyperparameters
-
     estimator = MoEClassifier if task == "classification" else MoERegressor
     unknown = sorted(set(params) - set(estimator().get_params()))
     if unknown:
