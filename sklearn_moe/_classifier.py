@@ -17,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from torch import nn
 
 from ._base import BaseMoE
-from ._parameters import PARAMETERS, PARTIAL_FIT
+from ._parameters import PARAMETERS, PARTIAL_FIT, TRAINING_RAISES
 from ._validation import _shown, check_one_label_per_row, target_shape
 from ._warnings import warn_at_caller
 from .nn.losses import MultilabelLoss
@@ -292,7 +292,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         return "bernoulli_mixture" if self._multilabel else "categorical_mixture"
 
     def fit(self, X, y, sample_weight=None, callbacks=None):
-        """Fit the model.
+        check_one_label_per_row(type(self).__name__, y)
+        return self._fit(X, y, sample_weight, callbacks)
+
+    fit.__doc__ = """Fit the model.
 
         Parameters
         ----------
@@ -317,9 +320,9 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         -------
         MoEClassifier
             The fitted estimator (``self``).
-        """
-        check_one_label_per_row(type(self).__name__, y)
-        return self._fit(X, y, sample_weight, callbacks)
+
+        Raises
+        ------""" + TRAINING_RAISES
 
     def partial_fit(self, X, y, sample_weight=None, classes=None):
         check_one_label_per_row(type(self).__name__, y)
@@ -350,8 +353,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         ------
         ValueError
             If the first call has no ``classes`` (one label per row), ``y`` holds a class
-            not in them, or ``X`` does not match the first call's columns.
-        """
+            not in them, or ``X`` does not match the first call's columns.""" + TRAINING_RAISES
 
     def score(self, X, y, sample_weight=None):
         """Return the mean accuracy on ``X`` and ``y``.

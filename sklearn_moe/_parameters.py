@@ -9,6 +9,7 @@ import torch
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._net import module_device
+from ._tabular import MAX_ONE_HOT_CATEGORIES
 from .callbacks import LR_SCHEDULES, TEMPERATURE_SCHEDULES
 from .nn import ACTIVATIONS, OVERFLOW_POLICIES, ROUTERS
 from .nn.embeddings import NUMERIC_EMBEDDINGS
@@ -65,7 +66,7 @@ PARAMETER_CONSTRAINTS: dict = {
     "warm_start": ["boolean"],
     "callbacks": [None, list, tuple],
     "categorical_features": [StrOptions({"from_dtype"}), None, "array-like"],
-    "one_hot_max_categories": [Interval(Integral, 0, None, closed="left"), None],
+    "one_hot_max_categories": [Interval(Integral, 0, MAX_ONE_HOT_CATEGORIES, closed="both"), None],
     "handle_missing": [StrOptions({"native", "error"})],
 }
 
@@ -76,7 +77,8 @@ PARAMETERS = """\
     top_k : int, default=2
         At most this many experts per row for the sparse routers; more than ``n_experts``
         means every expert (so that a search over ``n_experts`` down to 1 needs no
-        ``top_k`` beside it). Unused by ``router="softmax"`` and ``"uniform"``.
+        ``top_k`` beside it). Unused by ``router="softmax"`` and ``"uniform"``;
+        ``"switch"`` routes one expert per row whatever it is.
     router : {"softmax", "topk", "noisy_topk", "switch", "top_p", "hierarchical", "uniform"}, default="softmax"
         ``"topk"``: each row goes to its ``top_k`` highest-scoring experts, gate weights
         renormalised over them. ``"softmax"``: dense soft mixture, every expert on every row.
@@ -105,7 +107,9 @@ PARAMETERS = """\
         ``T0 (T1 / T0)^t``.
     capacity_factor : float, "auto" or None, default=None
         In training only, cap each expert at ``ceil(capacity_factor * batch * top_k /
-        n_experts)`` rows per batch (>= 1); ``None`` is dropless. ``"auto"`` adjusts it to
+        n_experts)`` rows per batch (>= 1); ``None`` is dropless. Sparse routing only: a
+        dense router (``"softmax"``, ``"uniform"``, or a top-k one with ``top_k >=
+        n_experts``) sends every row to every expert, and nothing is capped. ``"auto"`` adjusts it to
         the observed load: dropless in the first epoch, then each epoch the 90th
         percentile of the last epoch's per-batch busiest-over-mean load
         (:class:`~sklearn_moe.callbacks.AdaptiveCapacity`; ``history_["capacity_factor"]``).
@@ -140,7 +144,7 @@ PARAMETERS = """\
         In training, drop each of a row's chosen experts with this probability (keeping at
         least one) and renormalise its gate weights; in [0, 1).
     capacity_overflow : {"drop", "reroute"}, default="drop"
-        With a ``capacity_factor``, a row's assignment past an expert's capacity:
+        With a ``capacity_factor`` and a sparse router, a row's assignment past an expert's capacity:
         ``"drop"`` falls back to the row's other experts (and the shared expert; a row left
         with none has a zero routed output for that step); ``"reroute"`` moves it, with its
         gate weight, to the row's next-ranked expert that still has room.
@@ -157,7 +161,8 @@ PARAMETERS = """\
         Above 0 it pushes experts to respond differently to the same inputs.
     expert_grad_scaling : bool, default=False
         Multiply each expert's gradient by ``mean_load / load_e`` of the batch (at most
-        ``n_experts``), so rarely chosen experts learn as fast as busy ones.
+        ``n_experts``), so rarely chosen experts learn as fast as busy ones. Sparse routing
+        only (under a dense router every expert sees every row).
     collapse_threshold : float in (0, 1) or None, default=0.1
         Collapse detection: an expert whose share of the training routing (of the routed
         rows for a sparse router, of the gate mass for a dense one) stays below this
@@ -282,7 +287,7 @@ PARAMETERS = """\
     one_hot_max_categories : int or None, default=256
         A categorical column with at most this many categories seen in fit becomes one input
         per category plus one for a missing value (one-hot; a category unseen in fit sets
-        none of them); at most 256 categories. A column with more gets a learned embedding:
+        none of them); at most 256. A column with more gets a learned embedding:
         8 values per category, trained with the network and shared by the router and every
         expert, with a missing value its own category and every category unseen in fit
         mapped to a reserved all-zero vector. ``0`` embeds every categorical column;
@@ -358,4 +363,16 @@ PARTIAL_FIT = """
         optimizer state). ``n_iter_`` counts the calls' epochs and ``history_`` holds one
         row per epoch; a ``temperature_final`` anneals over them as over ``fit``'s epochs;
         ``expert_load_`` is measured on the last call's rows.
+"""
+
+
+# The Raises entries of fit and partial_fit, after any of their own.
+TRAINING_RAISES = """
+        TrainingDivergedError
+            If the loss or the weights stay non-finite after every rollback to the last
+            good epoch at a lower learning rate; the estimator is left as it was before
+            the call (unfitted, for a first fit).
+        KeyboardInterrupt
+            On Ctrl-C during training, raised once the model of the completed epochs is
+            whole: it is fitted and predicts, and its message says which weights it kept.
 """

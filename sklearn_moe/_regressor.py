@@ -11,7 +11,7 @@ from torch import nn
 
 from ._base import BaseMoE
 from ._density_methods import DensityMethods
-from ._parameters import PARAMETERS, PARTIAL_FIT
+from ._parameters import PARAMETERS, PARTIAL_FIT, TRAINING_RAISES
 from ._scaling import fit_standardizer
 from ._validation import non_numeric_target_error
 from .nn.density import REGRESSOR_OUTPUTS
@@ -145,7 +145,9 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         return self.output
 
     def fit(self, X, y, sample_weight=None, callbacks=None):
-        """Fit the model.
+        return self._fit(X, y, sample_weight, callbacks)
+
+    fit.__doc__ = """Fit the model.
 
         Parameters
         ----------
@@ -168,8 +170,9 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         -------
         MoERegressor
             The fitted estimator (``self``).
-        """
-        return self._fit(X, y, sample_weight, callbacks)
+
+        Raises
+        ------""" + TRAINING_RAISES
 
     def partial_fit(self, X, y, sample_weight=None):
         return self._partial_fit(X, y, sample_weight)
@@ -193,8 +196,7 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         Raises
         ------
         ValueError
-            If ``X`` or ``y`` do not match the first call's columns or targets.
-        """
+            If ``X`` or ``y`` do not match the first call's columns or targets.""" + TRAINING_RAISES
 
     def predict(self, X, return_std=False):
         """Predict targets.

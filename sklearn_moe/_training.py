@@ -191,7 +191,7 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
         callbacks.append(("data_parallel_clipping", ShardedGradientClipping(parallel, params.max_grad_norm)))
     elif params.max_grad_norm is not None:
         callbacks.append(("gradient_clipping", GradientNormClipping(params.max_grad_norm)))
-    if params.capacity_factor == "auto":
+    if params.capacity_factor == "auto" and not module.router.is_dense:  # a dense router caps nothing
         callbacks.append(("capacity", AdaptiveCapacity()))
     if params.temperature_final is not None:
         callbacks.append(("temperature", TemperatureAnnealing(params.temperature, params.temperature_final,

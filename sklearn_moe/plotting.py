@@ -201,7 +201,7 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
     Returns
     -------
     matplotlib.figure.Figure
-        One axes: the heatmap of the table, experts as rows and groups as columns, with a
+        Two axes: the heatmap of the table (experts as rows, groups as columns) and its
         colour bar.
 
     Raises

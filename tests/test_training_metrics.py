@@ -258,3 +258,11 @@ def test_auto_capacity_caps_a_skewed_router_in_training_only(regression_data, tm
     loaded = load(tmp_path / "auto.moe")
     assert loaded.capacity_factor == "auto"
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+
+
+@pytest.mark.parametrize("routing", [dict(router="softmax"), dict(router="topk", top_k=4, n_experts=4)])
+def test_auto_capacity_records_no_factor_under_a_dense_router_which_caps_nothing(regression_data, routing):
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, capacity_factor="auto", max_epochs=2, **routing)).fit(X, y)
+    assert "capacity_factor" not in model.history_
+    assert (model.history_["dropped_fraction"] == 0).all()

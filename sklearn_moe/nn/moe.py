@@ -183,14 +183,15 @@ class MixtureOfExperts(nn.Module):
     dropout : float, default=0.0
         Dropout probability after every hidden layer of every expert, in training.
     layer_norm : bool, default=False
-        Layer normalisation before every hidden activation of the experts.
+        Layer normalisation of the input of every expert layer after the first (each later
+        hidden layer and the output layer).
     skip_connections : bool, default=True
         Residual connections around the experts' hidden layers of equal width.
     temperature : float, default=1.0
         Router softmax temperature.
     capacity_factor : float or None, default=None
         In training only, caps each expert at ``ceil(capacity_factor * n * top_k /
-        n_experts)`` rows per batch; ``None`` is dropless. Evaluation is always dropless, so a
+        n_experts)`` rows per batch, under a sparse router; ``None`` is dropless. Evaluation is always dropless, so a
         row's prediction never depends on the other rows of its batch.
     balance_loss : {"switch", "cv2", "aux_free"} or None, default="switch"
         Which load-balancing loss :class:`MoEOutput` carries (weighting is the trainer's):

@@ -174,7 +174,7 @@ def search_space(
     ``top_k``                 int in [1, max_top_k] (unused by "softmax"; "switch" uses 1)
     ``router``                one of ``routers`` (default topk, noisy_topk, softmax, switch)
     ``temperature``           float in [0.05, 2], log
-    ``capacity_factor``       None (dropless), 1.25 or 2.0
+    ``capacity_factor``       None (dropless), 1.25 or 2.0 (unused by "softmax")
     ``balance_loss``          "switch", "cv2", "aux_free" (unless ``routers`` holds
                               "hierarchical") or None
     ``balance_coef``          float in [1e-4, 0.1], log (for "aux_free": the bias step)
