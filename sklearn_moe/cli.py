@@ -281,11 +281,14 @@ def fit_command(args) -> int:
 
 def _tuned(moe, X, y, args):
     try:
-        from sklearn_moe.tuning import tune
+        from sklearn_moe.tuning import search_space, tune
     except ImportError as error:
         raise InputError(f"--tune needs Optuna: pip install 'sklearn-moe[tune]' ({error})") from error
     _progress(f"tuning: {args.tune} trials")
-    result = tune(moe, X, y, n_trials=args.tune, cv=args.cv, random_state=args.seed, refit=False)
+    fixed = parse_params(getattr(args, "param", None))  # set by --param: not searched
+    space = search_space(moe, exclude=[name for name in fixed if name in search_space(moe)])
+    result = tune(moe, X, y, n_trials=args.tune, cv=args.cv, random_state=args.seed, refit=False,
+                  param_distributions=space)
     _progress("")
     print(f"tuning: best {args.cv}-fold score {result.best_score:.4f} with {result.best_params}")
     return moe.set_params(**result.best_params)

@@ -321,10 +321,16 @@ def test_demo_runs_on_bundled_data(tmp_path):
 def test_fit_can_tune_first(workdir):
     pytest.importorskip("optuna")
     path, _ = workdir
-    tuned = run_main("fit", "train.csv", "--target", "price", "--cv", "2", "--max-epochs", "2", "--tune", "2", "--out",
-                "tuned", cwd=path)
+    tuned = run_main("fit", "train.csv", "--target", "price", "--cv", "2", "--max-epochs", "2", "--tune", "2",
+                     "--param", "n_experts=3", "--param", "router=softmax", "--out", "tuned", cwd=path)
     assert tuned.returncode == 0, tuned.stderr
     assert "tuning: best 2-fold score" in tuned.stdout and (path / "tuned" / "model.moe").is_file()
+    # What --param sets is not searched: the tuned model keeps it.
+    from sklearn_moe import load
+
+    params = load(path / "tuned" / "model.moe").get_params()
+    assert (params["n_experts"], params["router"]) == (3, "softmax")
+    assert "n_experts" not in tuned.stdout.split("with", 1)[1] and "'router'" not in tuned.stdout
 
 
 def test_predict_names_the_columns_it_ignores(workdir):
