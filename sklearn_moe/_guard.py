@@ -166,14 +166,16 @@ class TrainingGuard:
         self.snapshot()
 
     def snapshot(self) -> None:
-        """Remember the current weights and optimizer state as the last good ones."""
-        self._module_state = {k: v.detach().clone() for k, v in self.net.module_.state_dict().items()}
-        self._optimizer_state = _copied(self.net.optimizer_.state_dict())
+        """Remember the current weights and optimizer state as the last good ones (in one
+        assignment: an interrupt never leaves half a snapshot)."""
+        module_state = {k: v.detach().clone() for k, v in self.net.module_.state_dict().items()}
+        self._saved = (module_state, _copied(self.net.optimizer_.state_dict()))
 
     def restore(self) -> None:
         """Put back the last good weights and optimizer state."""
-        self.net.module_.load_state_dict(self._module_state)
-        self.net.optimizer_.load_state_dict(self._optimizer_state)
+        module_state, optimizer_state = self._saved
+        self.net.module_.load_state_dict(module_state)
+        self.net.optimizer_.load_state_dict(optimizer_state)
 
     def epoch_fault(self) -> NonFiniteLoss | None:
         """The fault of the finished epoch: a non-finite loss or weight, else ``None``."""

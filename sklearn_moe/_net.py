@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import signal
+import threading
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -168,31 +170,33 @@ class MoENet(NeuralNet):
         Each epoch is a call of skorch's own ``fit_loop`` (its split, metadata routing and
         callbacks, with every argument passed on as given). An epoch whose loss or weights
         become non-finite is rolled back and run again with a lower learning rate (see
-        :mod:`sklearn_moe._guard`); a KeyboardInterrupt that no callback raised to stop
-        training (as early stopping does) sets ``interrupted_``, and amid an epoch's steps
-        restores the last completed epoch.
+        :mod:`sklearn_moe._guard`). A KeyboardInterrupt ends training: amid an epoch's
+        steps, the weights go back to the last completed epoch (whose history row is then
+        the last whole one); once its steps are done (in its callbacks, early stopping's
+        among them), the epoch counts. It sets
+        ``interrupted_`` when it comes from Ctrl-C (a SIGINT during the loop), not when code
+        raised it, as a callback does to end training.
         """
         epochs = epochs if epochs is not None else self.max_epochs
         self._guard = TrainingGuard(self)
         self.interrupted_ = False
         completed = 0
         try:
-            while completed < epochs:
-                self._callbacks_running = False
-                try:
-                    super().fit_loop(X, y, epochs=1, **fit_params)
-                except NonFiniteLoss as fault:
-                    self._guard.roll_back(fault)
-                    continue
-                except KeyboardInterrupt as interrupt:
-                    if not self._callbacks_running:  # a Ctrl-C amid the epoch's steps
-                        self._guard.restore()
-                        self.interrupted_ = True
-                    elif not _raised_by_a_callback(interrupt):  # one in its callbacks: its steps are done
-                        self.interrupted_ = True
-                    raise
-                self._guard.snapshot()
-                completed += 1
+            with _sigint_recorder() as signals:
+                while completed < epochs:
+                    self._callbacks_running = False
+                    try:
+                        super().fit_loop(X, y, epochs=1, **fit_params)
+                    except NonFiniteLoss as fault:
+                        self._guard.roll_back(fault)
+                        continue
+                    self._guard.snapshot()
+                    completed += 1
+        except KeyboardInterrupt:
+            if not self._callbacks_running:  # amid an epoch's steps: back to the last completed epoch
+                self._guard.restore()
+            self.interrupted_ = bool(signals)
+            raise
         finally:
             del self._guard
         return self
@@ -283,20 +287,33 @@ def named_callbacks(callbacks, prefix: str = "fit_callback") -> list[tuple[str, 
     return named
 
 
-def _raised_by_a_callback(interrupt: KeyboardInterrupt) -> bool:
-    """Whether a callback's own code raised ``interrupt``, skorch's way of ending training
-    (early stopping's, say), rather than a Ctrl-C that arrived in whatever a callback was
-    running (a scorer, a logger)."""
-    frame = interrupt.__traceback__
-    while frame.tb_next is not None:
-        frame = frame.tb_next
-    return isinstance(frame.tb_frame.f_locals.get("self"), Callback)
+@contextlib.contextmanager
+def _sigint_recorder():
+    """A list that every SIGINT (Ctrl-C) during the block is appended to, the signal then
+    handled as before (Python's default raises KeyboardInterrupt): told apart from a
+    KeyboardInterrupt that code raised, a callback's way of ending training. Python runs
+    signal handlers in the main thread only, so in another thread, or where SIGINT is
+    ignored or left to the operating system, no Ctrl-C can raise one there: the list stays
+    empty."""
+    received = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield received
+        return
+
+    def record(signum, frame):
+        received.append(signum)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, record)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def interruption_message(net) -> str:
-    """After a KeyboardInterrupt: forget the unfinished epoch and say which weights were kept."""
-    if net.history and "train_loss" not in net.history[-1]:
-        del net.history[-1]
+    """After Ctrl-C: which weights the net kept, as the interrupt's message says it."""
     best = next((cb for _, cb in net.callbacks_ if isinstance(cb, EarlyStopping)), None)
     if not net.history:
         kept = "its initial weights (no epoch completed)"

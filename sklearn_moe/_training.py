@@ -115,6 +115,8 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
     if history is not None:
         net.history = History([dict(epoch) for epoch in history])
     net.fit(train_table, y=None, epochs=epochs)
+    if net.history and "train_loss" not in net.history[-1]:  # an epoch a KeyboardInterrupt cut short
+        del net.history[-1]
     trained.eval()
     if trained is not module:  # every process gets the whole network, and an optimizer for it
         net.module_ = whole_after_training(trained, module)

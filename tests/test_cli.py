@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -289,9 +290,9 @@ def test_date_columns_and_a_model_without_epochs_are_reported(tmp_path, monkeypa
     assert cli.main(["fit", "dated.parquet", "--target", "y", "--cv", "2", "--out", str(tmp_path / "d")]) == 3
     assert "'day' of X hold dates, times or durations" in capsys.readouterr().err
 
-    class Interrupt(Callback):
+    class Interrupt(Callback):  # Ctrl-C
         def on_batch_end(self, net, **kwargs):
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
 
     # A fit interrupted in its first epoch leaves a model with no epoch in its history.
     X = np.random.RandomState(0).normal(size=(50, 2))

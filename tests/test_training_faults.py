@@ -1,5 +1,7 @@
 """Training faults: non-finite losses roll back, divergence raises, Ctrl-C keeps a usable model."""
 
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -58,14 +60,15 @@ class CorruptRouterAfter(TrainingBatchCounter):
 
 
 class InterruptAt(TrainingBatchCounter):
-    """Raise KeyboardInterrupt (as Ctrl-C would) at the given training batch."""
+    """Ctrl-C (a real SIGINT, whose handler raises KeyboardInterrupt) at the given training
+    batch."""
 
     def __init__(self, batch):
         self.batch = batch
 
     def on_batch_end(self, net, training=None, **kwargs):
         if training and self.count == self.batch:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)
 
 
 class RecordEpochs(Callback):
@@ -226,35 +229,58 @@ def test_an_interrupted_partial_fit_keeps_the_model_of_the_calls_before(regressi
     assert model.n_iter_ == 2
 
 
-class StopAtEpochEnd(Callback):
-    """Ends training from its own code at the end of the given epoch (skorch's way, as
-    early stopping does), or lets a Ctrl-C arrive in the scorer it runs there."""
+class StopAt(TrainingBatchCounter):
+    """Ends training from its own code (a KeyboardInterrupt, skorch's way, as early
+    stopping's) at the given training batch, or at the end of the given epoch; with
+    ``ctrl_c``, Ctrl-C arrives there instead (a real SIGINT)."""
 
-    def __init__(self, epoch, ctrl_c_in_scorer=False):
-        self.epoch = epoch
-        self.ctrl_c_in_scorer = ctrl_c_in_scorer
+    def __init__(self, batch=None, epoch=None, ctrl_c=False):
+        self.batch, self.epoch, self.ctrl_c = batch, epoch, ctrl_c
+
+    def on_batch_end(self, net, training=None, **kwargs):
+        if training and self.count == self.batch:
+            self.stop()
 
     def on_epoch_end(self, net, **kwargs):
         if len(net.history) == self.epoch:
-            if self.ctrl_c_in_scorer:
-                _scorer_hit_by_ctrl_c(net)
-            raise KeyboardInterrupt
+            self.stop()
+
+    def stop(self):
+        if self.ctrl_c:
+            signal.raise_signal(signal.SIGINT)
+        raise KeyboardInterrupt
 
 
-def _scorer_hit_by_ctrl_c(net):
-    raise KeyboardInterrupt  # as a SIGINT raises it, in the code that runs
-
-
-def test_a_ctrl_c_in_an_epoch_end_callback_is_an_interruption_but_a_callbacks_own_stop_is_not(regression_data):
+def test_a_callbacks_own_stop_is_no_interruption(regression_data):
+    """Amid an epoch, the last completed epoch's weights and history stay; at an epoch's
+    end, that epoch counts."""
     X, y = regression_data
-    stopped = MoERegressor(**PARAMS).fit(X, y, callbacks=[StopAtEpochEnd(3)])
-    assert stopped.n_iter_ == 3
+    model, epochs = MoERegressor(**{**PARAMS, "early_stopping": False}), RecordEpochs()
+    model.fit(X, y, callbacks=[epochs, StopAt(batch=int(BATCHES_PER_EPOCH * 2.5))])
+    assert model.n_iter_ == 2 and list(model.history_["epoch"]) == [1, 2]
+    _assert_weights_equal(model.module_, epochs.weights[1])
+    assert MoERegressor(**PARAMS).fit(X, y, callbacks=[StopAt(epoch=3)]).n_iter_ == 3
+
+
+def test_a_ctrl_c_in_an_epoch_end_callback_is_an_interruption(regression_data):
+    X, y = regression_data
     model, epochs = MoERegressor(**{**PARAMS, "early_stopping": False}), RecordEpochs()
     # The epoch's steps were done: it counts, with its weights.
     with pytest.raises(KeyboardInterrupt, match="interrupted after 3 complete epoch.*last completed epoch"):
-        model.fit(X, y, callbacks=[epochs, StopAtEpochEnd(3, ctrl_c_in_scorer=True)])
+        model.fit(X, y, callbacks=[epochs, StopAt(epoch=3, ctrl_c=True)])
     assert model.n_iter_ == 3 and np.isfinite(model.predict(X)).all()
     _assert_weights_equal(model.module_, epochs.weights[2])
+
+
+def test_a_callbacks_own_stop_in_a_thread_is_no_interruption(regression_data):
+    """Python runs signal handlers in the main thread only: a fit in another thread records
+    no Ctrl-C, and a callback's stop there is a stop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    X, y = regression_data
+    with ThreadPoolExecutor(1) as pool:
+        model = pool.submit(MoERegressor(**PARAMS).fit, X, y, callbacks=[StopAt(batch=BATCHES_PER_EPOCH + 2)]).result()
+    assert model.n_iter_ == 1
 
 
 def test_early_stopping_is_not_reported_as_an_interruption(regression_data, recwarn):
