@@ -21,7 +21,7 @@ sets any estimator parameter, as for ``sklearn-moe fit`` (``--param n_experts=16
 expert_hidden=[256,256] --param device=cuda``; :func:`sklearn_moe.cli.parse_params`).
 
 Exit status: 0 on success, 2 for a bad command line, 3 for bad input (see
-:mod:`sklearn_moe.cli`).
+:mod:`sklearn_moe.cli`), 130 when interrupted (Ctrl-C; no model is written).
 """
 
 from __future__ import annotations
@@ -124,6 +124,9 @@ def main(argv=None) -> int:
         print(f"sklearn_moe.distributed.fit: error (rank {dist.get_rank()}): {' '.join(str(error).split())}",
               file=sys.stderr)
         return EXIT_INPUT
+    except KeyboardInterrupt:  # Ctrl-C: torchrun passes it to every process; nothing is written
+        print(f"sklearn_moe.distributed.fit: interrupted (rank {dist.get_rank()})", file=sys.stderr)
+        return 130
     finally:
         dist.destroy_process_group()
 
