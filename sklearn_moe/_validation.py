@@ -431,10 +431,14 @@ def _first_text(y):
 
 def _first_text_at(column: pd.Series):
     """``(row label, value)`` of the first value of ``column`` that is neither a number nor
-    missing; None if there is none."""
+    missing, nor text that float() reads (``"NaN"``, ``"inf"``); None if there is none."""
     values = column.astype(object).dropna()
-    text = values[pd.to_numeric(values, errors="coerce").isna()]
-    return (text.index[0], text.iloc[0]) if len(text) else None
+    for label, value in values[pd.to_numeric(values, errors="coerce").isna()].items():
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            return label, value
+    return None
 
 
 def _plain(name):

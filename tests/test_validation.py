@@ -196,6 +196,16 @@ def test_string_column_without_encoder_in_predict(estimator_class):
         encoded.predict(unknown)
 
 
+def test_the_text_named_in_a_fitted_models_error_is_the_first_value_that_is_no_number():
+    """Text that float() reads ("NaN", " 2 ") is not what fails; the message names '?'."""
+    X = pd.DataFrame({"a": [0.5, 1.5, 2.0, 3.0] * 10, "b": np.arange(40.0)})
+    model = MoERegressor(**TINY).fit(X, X["b"])
+    new = X.head(4).astype({"a": object})
+    new["a"] = ["NaN", " 2 ", "?", "n/a"]
+    with pytest.raises(ValueError, match=r"'a' holds '\?' in row 2\."):
+        model.predict(new)
+
+
 # Columns that scikit-learn's own conversion fails on in ways its message does not name.
 UNCONVERTED_TABLES = {
     "text column of no value": pd.DataFrame({"age": np.arange(6.0), "note": pd.array([None] * 6, dtype="string")}),
