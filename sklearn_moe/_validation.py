@@ -74,9 +74,8 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
     X = _missing_as_nan(X)
     if isinstance(X, pd.DataFrame):
         check_column_kinds(X, range(X.shape[1]))
-    elif isinstance(X, np.ndarray) and X.ndim == 2 and X.dtype.kind in "mM":  # float() would take their counts
-        raise date_columns_error(pd.DataFrame(index=[], columns=range(X.shape[1])), list(range(X.shape[1])),
-                                 str(X.dtype), array=True)
+    else:
+        _check_array_kinds(X)
     try:
         validated = validate_data(
             estimator, X, y, reset=reset, dtype=np.float64, accept_sparse=("csr", "csc", "coo"), **kwargs
@@ -277,6 +276,24 @@ def check_column_kinds(frame: pd.DataFrame, columns, array: bool = False) -> Non
                 if is_complex_dtype(dtype)]
     if complex_:
         raise ValueError(_complex_message(complex_))
+
+
+def _check_array_kinds(X) -> None:
+    """:func:`check_column_kinds` for a 2-d array or nested lists: a ``datetime64`` or
+    ``timedelta64`` array, and dates, times or durations in an ``object`` array, which a
+    conversion to float would take as counts of their unit (or refuse with no word of
+    dates)."""
+    try:
+        values = X if isinstance(X, np.ndarray) else np.asarray(X) if isinstance(X, (list, tuple)) else None
+    except (TypeError, ValueError):  # ragged lists, say: the conversion's own error follows
+        return
+    if values is None or values.ndim != 2:
+        return
+    if values.dtype.kind in "mM":
+        raise date_columns_error(pd.DataFrame(index=[], columns=range(values.shape[1])),
+                                 list(range(values.shape[1])), str(values.dtype), array=True)
+    if values.dtype == np.dtype(object):
+        check_column_kinds(pd.DataFrame(values), range(values.shape[1]), array=True)
 
 
 def _complex_message(columns: list, name: str = "X") -> str:

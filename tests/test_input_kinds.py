@@ -170,15 +170,18 @@ def test_an_arrays_dates_and_durations_are_refused_as_a_tables_are():
     objects = numbers.astype(object)
     objects[:, 1] = [datetime.date(2020, 1, 1) + datetime.timedelta(days=i) for i in range(40)]
     stamps = np.stack([day, day], axis=1)
+    scalars = numbers.astype(object)
+    scalars[:, 1] = list(day)  # np.datetime64 objects
     cases = [(stamps, "0, 1", "datetime64[D]"), ((day - day[0]).astype("m8[s]")[:, None], "0", "timedelta64[s]"),
-             (objects, "1", "date objects")]
+             (objects, "1", "date objects"), (stamps.tolist(), "0, 1", "date objects"),  # nested lists
+             (scalars, "1", "datetime64[s]")]
     model = MoERegressor(**TINY).fit(numbers, numbers[:, 0])
     for X, where, kind in cases:
         message = (rf"^Column\(s\) {where} of X hold dates, times or durations \({re.escape(kind)}\)"
                    rf".* pd\.Series\(X\[:, {where[0]}\]\)")
         with pytest.raises(TypeError, match=message):
             MoERegressor(**TINY).fit(X, numbers[:, 0])
-        if X.shape[1] == 2:
+        if np.shape(X)[1] == 2:
             with pytest.raises(TypeError, match=message):
                 model.predict(X)
     # Named as categories, as the message offers, they fit.
