@@ -365,7 +365,7 @@ def warn_of_numbers_as_text(frame: pd.DataFrame, mask: np.ndarray) -> None:
         distinct = pd.Series(column.dropna().unique(), dtype=object)
         if not len(distinct) or not _mostly_numbers(distinct[:1000]):  # a sample first: most text is words
             continue
-        numbers = pd.to_numeric(distinct.str.strip(), errors="coerce")
+        numbers = _as_numbers(distinct)
         read = numbers.dropna().to_numpy(dtype=np.float64)
         if read.size < 0.9 * len(distinct) or not (np.isfinite(read) & (read != np.round(read))).any():
             continue
@@ -373,9 +373,9 @@ def warn_of_numbers_as_text(frame: pd.DataFrame, mask: np.ndarray) -> None:
         other = distinct[numbers.isna()]
         placeholder = f" (such as {other.iloc[0]!r})" if len(other) else ""
         warn_at_caller(
-            f"Column {name} holds text of which {read.size} of its {len(distinct)} distinct values read as numbers, "
-            f"such as {distinct[numbers.notna()].iloc[0]!r}; it is encoded as categories (categorical_features="
-            "'from_dtype' takes text columns), each number a category of its own, unseen at prediction if new. If "
+            f"Column {name} holds text, so it is encoded as categories (categorical_features='from_dtype'), yet "
+            f"{read.size} of its {len(distinct)} distinct values read as numbers, such as "
+            f"{distinct[numbers.notna()].iloc[0]!r}: each is a category of its own, unseen at prediction if new. If "
             f"it holds numbers, convert it first: pd.to_numeric(X[{name}], errors='coerce') makes what is not a "
             f"number{placeholder} a missing value.",
             UserWarning,
@@ -383,9 +383,17 @@ def warn_of_numbers_as_text(frame: pd.DataFrame, mask: np.ndarray) -> None:
 
 
 def _mostly_numbers(values: pd.Series) -> bool:
-    """Whether ``values`` are all strings, at least 90% of which read as numbers."""
-    return (all(isinstance(value, str) for value in values)
-            and pd.to_numeric(values.str.strip(), errors="coerce").notna().mean() >= 0.9)
+    """Whether ``values`` are text and numbers (floats among a ``"?"``, say), at least 90%
+    of which read as numbers."""
+    kinds = [isinstance(value, str) or (isinstance(value, Number) and not isinstance(value, _NOT_REAL))
+             for value in values]
+    return all(kinds) and _as_numbers(values).notna().mean() >= 0.9
+
+
+def _as_numbers(values: pd.Series) -> pd.Series:
+    """``values`` (text and numbers) as floats, NaN where they do not read as a number."""
+    return pd.to_numeric(values.map(lambda value: value.strip() if isinstance(value, str) else value),
+                         errors="coerce")
 
 
 def encode_for_fit(estimator, X, reuse: bool):
