@@ -332,7 +332,7 @@ def test_a_wide_table_predicts_in_chunks_of_fewer_rows(monkeypatch):
         np.testing.assert_array_equal(values, model.predict_distribution(X)[name][np.arange(3000) % 300])
 
 
-def test_class_predictions_are_reduced_chunk_by_chunk_to_the_most_probable_labels():
+def test_class_predictions_are_reduced_chunk_by_chunk_to_the_most_probable_labels(monkeypatch):
     """predict keeps each chunk's labels only (never the whole logit matrix): they are the
     labels of predict_proba's largest column, across chunks, for text labels and multilabel."""
     rng = np.random.RandomState(0)
@@ -340,7 +340,13 @@ def test_class_predictions_are_reduced_chunk_by_chunk_to_the_most_probable_label
     y = np.array([f"class {i}" for i in range(12)])[np.argsort(X[:, :12], axis=1)[:, -1]]
     model = MoEClassifier(**dict(FAST, max_epochs=2)).fit(X, y)
     big = X[np.arange(3000) % 300]  # 12 chunks at this width
+    forwarded = []
+    forward = model._forward
+    monkeypatch.setattr(model, "_forward", lambda *args, **kwargs: forwarded.append(forward(*args, **kwargs))
+                        or forwarded[-1])
     labels = model.predict(big)
+    assert [(out.shape, out.dtype) for out in forwarded] == [((3000,), np.int64)]  # class indices, no logits
+    monkeypatch.undo()
     assert labels.dtype == model.classes_.dtype
     np.testing.assert_array_equal(labels, model.classes_[np.argmax(model.predict_proba(big), axis=1)])
     assert len(set(labels)) > 1
