@@ -202,7 +202,7 @@ def fit_table_encoding(X, mask: np.ndarray, handle_missing: str, one_hot_max_cat
         offsets.append(offsets[-1] + seen.size)
         if embed:
             embedded.append(position)
-    numeric = _numeric_values(frame, ~mask)
+    numeric = _numeric_values(frame, ~mask, array=not isinstance(X, pd.DataFrame))
     missing = np.isnan(numeric)
     with_missing = np.flatnonzero(missing.any(axis=0))
     if with_missing.size and handle_missing == "error":
@@ -227,7 +227,7 @@ def encode_table(X, state) -> np.ndarray:
     frame = _as_frame(X)
     mask = np.zeros(frame.shape[1], dtype=bool)
     mask[state._table_categorical] = True
-    numeric = _numeric_values(frame, ~mask, fitted=True)
+    numeric = _numeric_values(frame, ~mask, fitted=True, array=not isinstance(X, pd.DataFrame))
     missing = np.isnan(numeric)
     filled = state._table_missing
     if missing[:, filled].any():  # the other columns' NaN stay: the scaled input's centre
@@ -327,10 +327,11 @@ def _codes(known: np.ndarray, values: np.ndarray) -> np.ndarray:
     return codes
 
 
-def _numeric_values(frame: pd.DataFrame, columns: np.ndarray, fitted: bool = False) -> np.ndarray:
-    """The columns ``columns`` (bool mask) as float64, missing values as NaN; ``fitted``: of
-    a fitted encoding's input, whose columns were numbers in fit (for the error)."""
-    check_column_kinds(frame, np.flatnonzero(columns))
+def _numeric_values(frame: pd.DataFrame, columns: np.ndarray, fitted: bool = False, array: bool = False) -> np.ndarray:
+    """The columns ``columns`` (bool mask) as float64, missing values as NaN. For the errors:
+    ``fitted``, the input of a fitted encoding, whose columns were numbers in fit;
+    ``array``, ``frame`` holds a 2-d array's columns."""
+    check_column_kinds(frame, np.flatnonzero(columns), array)
     chosen = frame.iloc[:, np.flatnonzero(columns)]
     try:
         values = chosen.to_numpy(dtype=np.float64, na_value=np.nan)
@@ -338,7 +339,7 @@ def _numeric_values(frame: pd.DataFrame, columns: np.ndarray, fitted: bool = Fal
         try:  # an object column's pd.NA or None, which na_value leaves to float()
             values = chosen.astype(object).where(chosen.notna(), np.nan).to_numpy(dtype=np.float64)
         except (TypeError, ValueError):
-            raise non_numeric_error(chosen, non_numeric_columns(chosen), error, fitted) from error
+            raise non_numeric_error(chosen, non_numeric_columns(chosen), error, fitted, array) from error
     if np.isinf(values).any():
         raise ValueError(infinity_message(list(chosen.columns[np.isinf(values).any(axis=0)])))
     return values

@@ -184,6 +184,9 @@ def test_an_arrays_dates_and_durations_are_refused_as_a_tables_are():
         if np.shape(X)[1] == 2:
             with pytest.raises(TypeError, match=message):
                 model.predict(X)
+    # Beside a categorical column (the encoded path), the same words.
+    with pytest.raises(TypeError, match=r"^Column\(s\) 1 of X hold dates.* pd\.Series\(X\[:, 1\]\)"):
+        MoERegressor(**TINY, categorical_features=[0]).fit(stamps, numbers[:, 0])
     # Named as categories, as the message offers, they fit.
     dates = MoERegressor(**TINY, categorical_features=[0, 1]).fit(stamps, numbers[:, 0])
     assert np.isfinite(dates.predict(stamps)).all()
