@@ -170,19 +170,20 @@ class MoENet(NeuralNet):
         Each epoch is a call of skorch's own ``fit_loop`` (its split, metadata routing and
         callbacks, with every argument passed on as given). An epoch whose loss or weights
         become non-finite is rolled back and run again with a lower learning rate (see
-        :mod:`sklearn_moe._guard`). A KeyboardInterrupt ends training: amid an epoch's
-        steps, the weights go back to the last completed epoch (whose history row is then
-        the last whole one); once its steps are done (in its callbacks, early stopping's
-        among them), the epoch counts. It sets
-        ``interrupted_`` when it comes from Ctrl-C (a SIGINT during the loop), not when code
-        raised it, as a callback does to end training.
+        :mod:`sklearn_moe._guard`). A KeyboardInterrupt ends training: raised amid an
+        epoch's steps, the weights go back to the last completed epoch (and ``train`` drops
+        the cut-short epoch's history row); raised once its steps are done (in its
+        callbacks, early stopping's among them), the epoch counts. ``interrupted_`` is set
+        when it came from Ctrl-C (a SIGINT during the loop), not when code raised it, as a
+        callback does to end training.
         """
         epochs = epochs if epochs is not None else self.max_epochs
         self._guard = TrainingGuard(self)
         self.interrupted_ = False
         completed = 0
+        signals = []
         try:
-            with _sigint_recorder() as signals:
+            with _recording_sigint(signals):
                 while completed < epochs:
                     self._callbacks_running = False
                     try:
@@ -288,17 +289,16 @@ def named_callbacks(callbacks, prefix: str = "fit_callback") -> list[tuple[str, 
 
 
 @contextlib.contextmanager
-def _sigint_recorder():
-    """A list that every SIGINT (Ctrl-C) during the block is appended to, the signal then
+def _recording_sigint(received: list):
+    """Append every SIGINT (Ctrl-C) during the block to ``received``, the signal then
     handled as before (Python's default raises KeyboardInterrupt): told apart from a
     KeyboardInterrupt that code raised, a callback's way of ending training. Python runs
     signal handlers in the main thread only, so in another thread, or where SIGINT is
-    ignored or left to the operating system, no Ctrl-C can raise one there: the list stays
-    empty."""
-    received = []
+    ignored or left to the operating system, no Ctrl-C can raise one there: nothing is
+    recorded."""
     previous = signal.getsignal(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        yield received
+        yield
         return
 
     def record(signum, frame):
@@ -307,7 +307,7 @@ def _sigint_recorder():
 
     signal.signal(signal.SIGINT, record)
     try:
-        yield received
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
 
