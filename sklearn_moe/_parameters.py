@@ -109,9 +109,9 @@ PARAMETERS = """\
         In training only, cap each expert at ``ceil(capacity_factor * batch * top_k /
         n_experts)`` rows per batch (>= 1); ``None`` is dropless. Sparse routing only: a
         dense router (``"softmax"``, ``"uniform"``, or a top-k one with ``top_k >=
-        n_experts``) sends every row to every expert, and nothing is capped. ``"auto"`` adjusts it to
-        the observed load: dropless in the first epoch, then each epoch the 90th
-        percentile of the last epoch's per-batch busiest-over-mean load
+        n_experts``) sends every row to every expert, and nothing is capped. ``"auto"``
+        adjusts it to the observed load: dropless in the first epoch, then each epoch the
+        90th percentile of the last epoch's per-batch busiest-over-mean load
         (:class:`~sklearn_moe.callbacks.AdaptiveCapacity`; ``history_["capacity_factor"]``).
         Prediction is always dropless and independent of the batch.
     balance_loss : {"switch", "cv2", "aux_free"} or None, default="switch"
@@ -144,10 +144,11 @@ PARAMETERS = """\
         In training, drop each of a row's chosen experts with this probability (keeping at
         least one) and renormalise its gate weights; in [0, 1).
     capacity_overflow : {"drop", "reroute"}, default="drop"
-        With a ``capacity_factor`` and a sparse router, a row's assignment past an expert's capacity:
-        ``"drop"`` falls back to the row's other experts (and the shared expert; a row left
-        with none has a zero routed output for that step); ``"reroute"`` moves it, with its
-        gate weight, to the row's next-ranked expert that still has room.
+        With a ``capacity_factor`` and a sparse router, a row's assignment past an
+        expert's capacity: ``"drop"`` falls back to the row's other experts (and the shared
+        expert; a row left with none has a zero routed output for that step);
+        ``"reroute"`` moves it, with its gate weight, to the row's next-ranked expert that
+        still has room.
     top_p : float, default=0.5
         ``router="top_p"``: the probability mass a row's experts must reach, in (0, 1].
     learned_threshold : bool, default=False

@@ -368,7 +368,7 @@ def warn_of_numbers_as_text(frame: pd.DataFrame, mask: np.ndarray) -> None:
             continue
         numbers = _as_numbers(distinct)
         read = numbers.dropna().to_numpy(dtype=np.float64)
-        if read.size < 0.9 * len(distinct) or not (np.isfinite(read) & (read != np.round(read))).any():
+        if read.size < _NUMBERS_SHARE * len(distinct) or not (np.isfinite(read) & (read != np.round(read))).any():
             continue
         name = _name(frame, position)
         other = distinct[numbers.isna()]
@@ -383,12 +383,16 @@ def warn_of_numbers_as_text(frame: pd.DataFrame, mask: np.ndarray) -> None:
         )
 
 
+# The share of a text column's distinct values that must read as numbers for the warning.
+_NUMBERS_SHARE = 0.9
+
+
 def _mostly_numbers(values: pd.Series) -> bool:
     """Whether ``values`` are text and numbers (floats among a ``"?"``, say), at least 90%
     of which read as numbers."""
     kinds = [isinstance(value, str) or (isinstance(value, Number) and not isinstance(value, _NOT_REAL))
              for value in values]
-    return all(kinds) and _as_numbers(values).notna().mean() >= 0.9
+    return all(kinds) and _as_numbers(values).notna().mean() >= _NUMBERS_SHARE
 
 
 def _as_numbers(values: pd.Series) -> pd.Series:

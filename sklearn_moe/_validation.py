@@ -89,8 +89,6 @@ def validate_input(estimator, X, y="no_validation", reset=False, **kwargs):
         columns = non_numeric_columns(table)
         if kwargs.get("y_numeric") and not columns and _first_text(y) is not None:
             raise non_numeric_target_error(type(estimator).__name__, y) from error
-        if columns and not isinstance(X, pd.DataFrame):  # an array's dates, times or durations as objects
-            check_column_kinds(table, columns, array=True)
         if columns or (isinstance(error, ValueError) and "convert" in str(error) and "float" in str(error)):
             raise non_numeric_error(table, columns, error, fitted=not reset,
                                     array=not isinstance(X, pd.DataFrame)) from error
@@ -279,15 +277,17 @@ def check_column_kinds(frame: pd.DataFrame, columns, array: bool = False) -> Non
 
 
 def _check_array_kinds(X) -> None:
-    """:func:`check_column_kinds` for a 2-d array or nested lists: a ``datetime64`` or
-    ``timedelta64`` array, and dates, times or durations in an ``object`` array, which a
-    conversion to float would take as counts of their unit (or refuse with no word of
-    dates)."""
+    """:func:`check_column_kinds` for a 2-d array, an array-like or nested lists: a
+    ``datetime64`` or ``timedelta64`` array, and dates, times or durations in an ``object``
+    array, which a conversion to float would take as counts of their unit (or refuse with
+    no word of dates)."""
+    if not (isinstance(X, (list, tuple)) or hasattr(X, "__array__")) or hasattr(X, "toarray"):  # sparse: numbers
+        return
     try:
-        values = X if isinstance(X, np.ndarray) else np.asarray(X) if isinstance(X, (list, tuple)) else None
+        values = np.asarray(X)
     except (TypeError, ValueError):  # ragged lists, say: the conversion's own error follows
         return
-    if values is None or values.ndim != 2:
+    if values.ndim != 2:
         return
     if values.dtype.kind in "mM":
         raise date_columns_error(pd.DataFrame(index=[], columns=range(values.shape[1])),

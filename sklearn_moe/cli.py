@@ -286,7 +286,7 @@ def _tuned(moe, X, y, args):
         raise InputError(f"--tune needs Optuna: pip install 'sklearn-moe[tune]' ({error})") from error
     _progress(f"tuning: {args.tune} trials")
     fixed = parse_params(getattr(args, "param", None))  # set by --param: not searched
-    space = search_space(moe, exclude=[name for name in fixed if name in search_space(moe)])
+    space = {name: distribution for name, distribution in search_space(moe).items() if name not in fixed}
     result = tune(moe, X, y, n_trials=args.tune, cv=args.cv, random_state=args.seed, refit=False,
                   param_distributions=space)
     _progress("")
@@ -439,11 +439,12 @@ def int_at_least(minimum: int):
     return parse
 
 
-def add_param_option(parser: argparse.ArgumentParser, *aliases: str) -> None:
-    """The repeatable ``--param NAME=VALUE`` option (:func:`parse_params`)."""
+def add_param_option(parser: argparse.ArgumentParser, *aliases: str, note: str = "") -> None:
+    """The repeatable ``--param NAME=VALUE`` option (:func:`parse_params`), also named
+    ``aliases``; ``note`` ends its help."""
     parser.add_argument("--param", *aliases, dest="param", action="append", metavar="NAME=VALUE",
                         help="set a parameter of the MoE, e.g. n_experts=4 or expert_hidden=[64,64] (a Python "
-                             "literal, JSON, or else text such as router=topk); repeatable")
+                             f"literal, JSON, or else text such as router=topk); repeatable{note}")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -191,8 +191,9 @@ class MixtureOfExperts(nn.Module):
         Router softmax temperature.
     capacity_factor : float or None, default=None
         In training only, caps each expert at ``ceil(capacity_factor * n * top_k /
-        n_experts)`` rows per batch, under a sparse router; ``None`` is dropless. Evaluation is always dropless, so a
-        row's prediction never depends on the other rows of its batch.
+        n_experts)`` rows per batch, under a sparse router; ``None`` is dropless. Evaluation
+        is always dropless, so a row's prediction never depends on the other rows of its
+        batch.
     balance_loss : {"switch", "cv2", "aux_free"} or None, default="switch"
         Which load-balancing loss :class:`MoEOutput` carries (weighting is the trainer's):
         the Switch loss (1 at perfect balance) or Shazeer's importance + load ``CV^2``

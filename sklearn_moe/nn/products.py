@@ -41,9 +41,9 @@ NARROW_MIN_ROWS = 256
 # A CPU kernel rounds gelu, silu, elu and softplus one way in its vector loop and another in its
 # scalar loop, which PyTorch runs on runs of contiguous values too short for a vector: the
 # few values of a small batch, the tail of a run, the narrow rows of a strided view. In
-# evaluation (without autograd) they are computed on a contiguous copy padded to a multiple of this many
-# values, so that every value takes the vector loop, whatever the batch (relu, leaky_relu
-# and tanh round alike in both loops).
+# evaluation (without autograd) they are computed on a contiguous copy padded to a multiple
+# of this many values, so that every value takes the vector loop, whatever the batch (relu,
+# leaky_relu and tanh round alike in both loops).
 VECTOR_RUN = 64
 
 

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from ..cli import infer_task, parse_params
+from ..cli import add_param_option, infer_task, parse_params
 
 BUILTIN = {
     "diabetes": ("load_diabetes", "regressor"),
@@ -82,9 +82,7 @@ def _parser():
     worker.add_argument("--n-trials", type=int, default=20, help="total trials of the study (all workers)")
     worker.add_argument("--cv", type=int, default=5, help="number of folds (default 5)")
     worker.add_argument("--scoring", help="scikit-learn scorer name (default: the estimator's score)")
-    worker.add_argument("--param", "--set", dest="param", action="append", metavar="NAME=VALUE",
-                        help="fix an estimator parameter, which is then not searched (as sklearn-moe fit --param: "
-                             "max_epochs=50, expert_hidden=[32,32], router=topk); repeatable")
+    add_param_option(worker, "--set", note="; a parameter set so is not searched")
     worker.add_argument("--include", nargs="+", metavar="NAME", help="search only these parameters")
     worker.add_argument("--max-experts", type=int, default=16)
     worker.add_argument("--no-pruning", action="store_true")
