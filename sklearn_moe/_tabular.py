@@ -18,6 +18,7 @@ state is plain arrays (the estimator's ``_table_*`` attributes), so that
 
 from __future__ import annotations
 
+import re
 from numbers import Number
 
 import numpy as np
@@ -356,9 +357,10 @@ def encoded_width(n_features: int, state) -> int:
 def warn_of_numbers_as_text(frame: pd.DataFrame, mask: np.ndarray) -> None:
     """Warn of each text column among ``mask`` (columns ``"from_dtype"`` made categorical)
     of which most distinct values read as numbers, some of them not whole: a numeric column
-    with a placeholder for missing values (``"?"``, ``"n/a"``), as a CSV reader leaves it.
-    As categories, each number is one of its own, and a new one at prediction is unseen.
-    Whole numbers alone (codes, zip codes, identifiers) are left alone."""
+    with a placeholder for missing values (``"?"``, ``"n/a"``), or numbers written with a
+    decimal comma (``"1,5"``), as a CSV reader leaves them. As categories, each number is
+    one of its own, and a new one at prediction is unseen. Whole numbers alone (codes, zip
+    codes, identifiers) are left alone."""
     for position in np.flatnonzero(mask):
         column = frame.iloc[:, position]
         if is_bool_dtype(column.dtype) or isinstance(column.dtype, pd.CategoricalDtype):
@@ -366,25 +368,36 @@ def warn_of_numbers_as_text(frame: pd.DataFrame, mask: np.ndarray) -> None:
         distinct = pd.Series(column.dropna().unique(), dtype=object)
         if not len(distinct) or not _mostly_numbers(distinct[:1000]):  # a sample first: most text is words
             continue
-        numbers = _as_numbers(distinct)
+        numbers, separated = _read_numbers(distinct)
         read = numbers.dropna().to_numpy(dtype=np.float64)
-        if read.size < _NUMBERS_SHARE * len(distinct) or not (np.isfinite(read) & (read != np.round(read))).any():
+        fractions = (np.isfinite(read) & (read != np.round(read))).any()
+        if read.size < _NUMBERS_SHARE * len(distinct) or not (fractions or separated.any()):
             continue
         name = _name(frame, position)
         other = distinct[numbers.isna()]
         placeholder = f" (such as {other.iloc[0]!r})" if len(other) else ""
+        example = distinct[separated if separated.any() else numbers.notna()].iloc[0]
+        advice = (f"If it holds numbers, convert it first: pd.to_numeric(X[{name}], errors='coerce') makes what is not "
+                  f"a number{placeholder} a missing value.")
+        if separated.any():
+            advice = ("If it holds numbers written with a decimal comma or thousands separators, read the file with "
+                      "pd.read_csv(..., decimal=',') or thousands=',' as the file writes them, or convert the column "
+                      f"with pd.to_numeric after removing the separators; what is not a number{placeholder} then "
+                      "becomes a missing value.")
         warn_at_caller(
             f"Column {name} holds text, so it is encoded as categories (categorical_features='from_dtype'), yet "
-            f"{read.size} of its {len(distinct)} distinct values read as numbers, such as "
-            f"{distinct[numbers.notna()].iloc[0]!r}: each is a category of its own, unseen at prediction if new. If "
-            f"it holds numbers, convert it first: pd.to_numeric(X[{name}], errors='coerce') makes what is not a "
-            f"number{placeholder} a missing value.",
+            f"{read.size} of its {len(distinct)} distinct values read as numbers, such as {example!r}: each is a "
+            f"category of its own, unseen at prediction if new. {advice}",
             UserWarning,
         )
 
 
 # The share of a text column's distinct values that must read as numbers for the warning.
 _NUMBERS_SHARE = 0.9
+# Numbers written with separators: thousands grouped by commas ("1,234", "12,345.5"), or a
+# decimal comma with thousands perhaps grouped by points ("1,5", "1.234,5").
+_GROUPED_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
+_DECIMAL_COMMA = re.compile(r"[+-]?(?:\d{1,3}(?:\.\d{3})+|\d*),\d+")
 
 
 def _mostly_numbers(values: pd.Series) -> bool:
@@ -392,13 +405,31 @@ def _mostly_numbers(values: pd.Series) -> bool:
     of which read as numbers."""
     kinds = [isinstance(value, str) or (isinstance(value, Number) and not isinstance(value, _NOT_REAL))
              for value in values]
-    return all(kinds) and _as_numbers(values).notna().mean() >= _NUMBERS_SHARE
+    return all(kinds) and _read_numbers(values)[0].notna().mean() >= _NUMBERS_SHARE
 
 
-def _as_numbers(values: pd.Series) -> pd.Series:
-    """``values`` (text and numbers) as floats, NaN where they do not read as a number."""
-    return pd.to_numeric(values.map(lambda value: value.strip() if isinstance(value, str) else value),
-                         errors="coerce")
+def _read_numbers(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """``values`` (text and numbers) as floats, NaN where they do not read as a number, and
+    which of them are text written with thousands separators or a decimal comma (read as
+    their numbers: ``"1,234.5"`` and ``"1.234,5"`` as 1234.5, ``"1,234"`` as 1234)."""
+    stripped = values.map(lambda value: value.strip() if isinstance(value, str) else value)
+    numbers = pd.to_numeric(stripped, errors="coerce")
+    unread = numbers.isna()
+    plain = stripped[unread].map(_without_separators)
+    separated = pd.Series(False, index=values.index)
+    separated[unread] = plain != stripped[unread]
+    numbers[separated] = pd.to_numeric(plain[separated[unread]], errors="coerce")
+    return numbers, separated
+
+
+def _without_separators(value):
+    if not isinstance(value, str):
+        return value
+    if _GROUPED_THOUSANDS.fullmatch(value):
+        return value.replace(",", "")
+    if _DECIMAL_COMMA.fullmatch(value):
+        return value.replace(".", "").replace(",", ".")
+    return value
 
 
 def encode_for_fit(estimator, X, reuse: bool):

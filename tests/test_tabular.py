@@ -329,6 +329,23 @@ def test_a_text_column_of_decimal_numbers_is_encoded_as_categories_with_a_warnin
         assert np.isfinite(MoERegressor(**QUICK).fit(converted, y).predict(converted)).all()
 
 
+@pytest.mark.parametrize("written, read_csv", [(lambda v: f"{v:.2f}".replace(".", ","), "decimal=','"),
+                                                 (lambda v: f"{v * 100:,.0f}", "thousands=','")])
+def test_text_numbers_with_separators_are_warned_of(written, read_csv):
+    """Numbers written with a decimal comma ("151,25") or grouped thousands ("15,125"), as a
+    CSV reader without decimal=',' or thousands=',' leaves them, are numbers to the warning,
+    whole or not; the warning gives the read_csv options."""
+    rng = np.random.RandomState(0)
+    n = 60
+    values = [written(v) for v in rng.uniform(100, 200, n)]
+    frame = pd.DataFrame({"a": rng.normal(size=n), "price": values})
+    with pytest.warns(UserWarning, match=r"Column 'price' holds text.*read as numbers, such as '\d+,\d+'") as caught:
+        MoERegressor(**QUICK).fit(frame, frame["a"].to_numpy())
+    message = next(str(w.message) for w in caught if "read as numbers" in str(w.message))
+    assert f"{len(set(values))} of its {len(set(values))} distinct values" in message
+    assert "pd.read_csv(..., decimal=',') or thousands=','" in message and read_csv in message
+
+
 def test_pipelines_column_transformers_and_cross_validation():
     frame, y = raw_frame(missing=0.05)
     scale_numbers = ColumnTransformer([("numbers", StandardScaler(), ["age", "income"])], remainder="passthrough",
