@@ -45,6 +45,9 @@ class BaseMoE(ExpertMethods, BaseEstimator):
                                  "feature_names_in_", "_x_mean", "_x_scale", "_n_outputs", "_embedding_columns",
                                  "_embedding_n_bins", *TABLE_STATE)
 
+    #: The fitted target encoding: a continued fit that fails restores it.
+    _target_encoding: tuple = ()
+
     _parameter_constraints: dict = PARAMETER_CONSTRAINTS
 
     def __init__(
@@ -164,12 +167,17 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         reuse = (self.warm_start or partial) and self.__sklearn_is_fitted__()
         named_callbacks(self.callbacks, "callback")  # a clear error before any work
         extra_callbacks = named_callbacks(callbacks)
+        # A continued fit may re-encode the target (a regressor's constant target that now varies).
+        target_encoding = {name: vars(self)[name] for name in self._target_encoding if name in vars(self)}
         try:
             self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks, partial, classes)
         except BaseException:
-            # A failed fit leaves the estimator unfitted, never half fitted.
+            # A failed fit leaves the estimator unfitted, never half fitted; a failed
+            # continued fit leaves the model it continued.
             if not reuse:
                 self._clear_fitted_state()
+            else:
+                vars(self).update(target_encoding)
             raise
         if self.net_.interrupted_:
             # Ctrl-C: the model of the epochs so far is whole and predicts; the interrupt goes

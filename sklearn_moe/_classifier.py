@@ -18,7 +18,7 @@ from torch import nn
 
 from ._base import BaseMoE
 from ._parameters import PARAMETERS, PARTIAL_FIT, TRAINING_RAISES
-from ._validation import _shown, check_one_label_per_row, target_shape
+from ._validation import NEGLIGIBLE_WEIGHT, _shown, check_one_label_per_row, target_shape
 from ._warnings import warn_at_caller
 from .nn.losses import MultilabelLoss
 
@@ -35,7 +35,8 @@ def _check_two_weighted_classes(encoded, weights, source: str) -> None:
     """Raise a ``ValueError`` unless rows of at least 2 classes have a positive weight."""
     if weights is not None and np.unique(encoded[weights > 0]).shape[0] < 2:
         raise ValueError(f"Only one class has a positive weight under {source}; a classifier needs at least 2 "
-                         "classes with positive weight.")
+                         f"classes with positive weight (a weight below {NEGLIGIBLE_WEIGHT:g} of the largest counts as "
+                         "0: it vanishes in float32 training).")
 
 
 class MoEClassifier(ClassifierMixin, BaseMoE):

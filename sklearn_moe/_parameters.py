@@ -257,7 +257,8 @@ PARAMETERS = """\
         the table's encoding (its categorical columns and categories, and its missing-value
         indicators: a changed ``categorical_features``, ``one_hot_max_categories`` or
         ``handle_missing`` has no effect on it) and the target encoding (scaling, or
-        classes) of the first fit are kept. The other hyperparameters take effect where
+        classes) of the first fit are kept, except that a regression target constant in
+        the first fit is encoded afresh once it varies. The other hyperparameters take effect where
         they leave the network's weights as they are (``learning_rate``, ``dropout``,
         ``capacity_factor``, ``temperature``, ``device``, ...); changing one that shapes
         the network (``n_experts``, ``expert_hidden``, ...) is an error. Each warm-start
@@ -357,11 +358,12 @@ PARTIAL_FIT = """
         call, as the ``partial_fit`` of scikit-learn's MLP estimators: for data that
         arrives in batches or does not fit in memory at once. The first call fixes the
         input scaling and the target encoding (they are fitted on its rows, so make it
-        representative); every call trains one epoch over its rows in shuffled mini-batches
-        of ``batch_size``, at a constant ``learning_rate`` (``lr_schedule`` spans the epochs
-        of one ``fit``), without a validation split or early stopping, and AdamW goes on
-        from its running averages (fresh after :func:`~sklearn_moe.load`, which stores no
-        optimizer state). ``n_iter_`` counts the calls' epochs and ``history_`` holds one
+        representative; a regression target constant so far is encoded afresh by the
+        first call whose targets differ); every call trains one epoch over its rows in
+        shuffled mini-batches of ``batch_size``, at a constant ``learning_rate``
+        (``lr_schedule`` spans the epochs of one ``fit``), without a validation split or
+        early stopping, and AdamW goes on from its running averages (fresh after
+        :func:`~sklearn_moe.load`, which stores no optimizer state). ``n_iter_`` counts the calls' epochs and ``history_`` holds one
         row per epoch; a ``temperature_final`` anneals over them as over ``fit``'s epochs;
         ``expert_load_`` is measured on the last call's rows.
 """

@@ -87,7 +87,8 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     """
     )
 
-    _fitted_attributes = BaseMoE._fitted_attributes + ("_y_mean", "_y_scale", "_y_ndim")
+    _target_encoding = ("_y_mean", "_y_scale", "_y_ndim")
+    _fitted_attributes = BaseMoE._fitted_attributes + _target_encoding
     _parameter_constraints: dict = {**BaseMoE._parameter_constraints, "output": [StrOptions(set(REGRESSOR_OUTPUTS))]}
 
     def __init__(self, *, output="point", **params):
@@ -125,6 +126,16 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
             )
         else:
             y_mean, y_scale, state = self._y_mean, self._y_scale, {}
+            # A target constant so far (scale 0: predicted exactly) that now varies gets an
+            # encoding from this call's rows and the constant, else it would be predicted
+            # forever. The network, trained on zeros, maps to the new mean.
+            counted = y2d if sample_weight is None else y2d[sample_weight > 0]
+            refit = (y_scale == 0) & (counted != y_mean).any(axis=0)
+            if refit.any():
+                weights = None if sample_weight is None else np.append(sample_weight, 1.0)
+                new_mean, new_scale = fit_standardizer(np.vstack((y2d, y_mean)), weights, constant_scale=0.0)
+                y_mean, y_scale = np.where(refit, new_mean, y_mean), np.where(refit, new_scale, y_scale)
+                state = {"_y_mean": y_mean, "_y_scale": y_scale}
         if sample_weight is not None:
             # Rows of weight 0 do not count, but a huge target there would still overflow
             # the scaling or the float32 loss (0 * inf = nan): they get the mean.

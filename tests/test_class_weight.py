@@ -69,6 +69,15 @@ def test_bad_class_weights_are_refused_with_a_clear_error(data, class_weight, me
     assert not hasattr(model, "classes_")  # a failed fit leaves no fitted state
 
 
+def test_a_class_of_negligible_weights_is_named_as_such(data):
+    """Weights below 1e-30 of the largest count as 0; the error says so, since they are
+    positive."""
+    X, y = data
+    with pytest.raises(ValueError, match=r"Only one class has a positive weight under sample_weight.*a weight below "
+                                         r"1e-30 of the largest counts as 0"):
+        MoEClassifier(**dict(FAST, max_epochs=1)).fit(X, y, sample_weight=np.where(y == 1, 1e-40, 1.0))
+
+
 def test_a_multilabel_y_with_class_weight_is_refused(data):
     X, y = data
     with pytest.raises(ValueError, match="class_weight weighs the classes of one label per row.*sample_weight"):

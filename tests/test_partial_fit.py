@@ -117,6 +117,39 @@ def test_a_refused_call_leaves_the_model_as_it_was():
     assert model.n_iter_ == 1
 
 
+def test_a_target_constant_in_the_first_call_is_learned_once_it_varies():
+    """A constant target is predicted exactly (scale 0); a later call whose targets vary
+    re-encodes it, instead of predicting the first call's constant forever, for partial_fit
+    and warm_start alike. Each output is re-encoded on its own."""
+    X, y = regression(600)
+    stream_model = MoERegressor(**FAST).partial_fit(X[:50], np.full(50, 3.0))
+    np.testing.assert_array_equal(stream_model.predict(X[:5]), 3.0)
+    stream(stream_model, X[:500], y[:500], passes=6)
+    assert stream_model._y_scale[0] > 0 and stream_model.score(X[500:], y[500:]) > 0.8
+    warm = MoERegressor(**FAST, warm_start=True).fit(X[:500], np.full(500, 3.0))
+    assert warm.fit(X[:500], y[:500]).score(X[500:], y[500:]) > 0.8
+    # Two outputs, the second constant throughout: it stays exact.
+    two = MoERegressor(**FAST).partial_fit(X[:50], np.column_stack([np.full(50, 3.0), np.full(50, -1.0)]))
+    stream(two, X[:500], np.column_stack([y[:500], np.full(500, -1.0)]), passes=6)
+    assert two._y_scale[0] > 0 and two._y_scale[1] == 0
+    np.testing.assert_array_equal(two.predict(X[500:])[:, 1], -1.0)
+    assert np.corrcoef(two.predict(X[500:])[:, 0], y[500:])[0, 1] > 0.9
+
+
+def test_a_failed_call_that_re_encoded_the_target_restores_the_encoding():
+    X, y = regression(300)
+    model = MoERegressor(**FAST).partial_fit(X, np.full(300, 3.0))
+
+    class Fails(Callback):
+        def on_epoch_end(self, net, **kwargs):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        model.set_params(callbacks=[Fails()]).partial_fit(X, y)
+    assert model._y_mean[0] == 3.0 and model._y_scale[0] == 0.0
+    np.testing.assert_array_equal(model.set_params(callbacks=None).predict(X[:5]), 3.0)
+
+
 def test_pickled_and_loaded_models_train_on(tmp_path):
     X, y = regression(300)
     model = MoERegressor(**FAST).partial_fit(X, y)

@@ -629,6 +629,17 @@ def test_extreme_magnitudes_are_handled_by_the_internal_scaling(magnitude):
     np.testing.assert_allclose(scaled / magnitude, reference, rtol=1e-4, atol=1e-4)
 
 
+def test_a_large_offset_on_a_varying_target_or_column_is_scaled_away():
+    """A target or column far from 0 with a small spread (1e13 + N(0, 1)) varies: its spread
+    is the signal, not rounding noise. Shifting X and y gives the same scales and as good a fit."""
+    X, y = _data(MoERegressor)
+    reference = MoERegressor(**FAST).fit(X, y).score(X, y)
+    model = MoERegressor(**FAST).fit(X + 1e10, y + 1e13)
+    assert model._y_scale[0] == pytest.approx(np.std(y), rel=1e-3)
+    np.testing.assert_allclose(model._x_scale, MoERegressor(**FAST).fit(X, y)._x_scale, rtol=1e-3)
+    assert model.score(X + 1e10, y + 1e13) == pytest.approx(reference, abs=0.05)
+
+
 def test_outliers_of_1e30_in_X_do_not_break_the_fit():
     X, y = _data(MoERegressor)
     X = _with_value(X, 1e30)
