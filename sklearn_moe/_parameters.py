@@ -363,9 +363,10 @@ PARTIAL_FIT = """
         shuffled mini-batches of ``batch_size``, at a constant ``learning_rate``
         (``lr_schedule`` spans the epochs of one ``fit``), without a validation split or
         early stopping, and AdamW goes on from its running averages (fresh after
-        :func:`~sklearn_moe.load`, which stores no optimizer state). ``n_iter_`` counts the calls' epochs and ``history_`` holds one
-        row per epoch; a ``temperature_final`` anneals over them as over ``fit``'s epochs;
-        ``expert_load_`` is measured on the last call's rows.
+        :func:`~sklearn_moe.load`, which stores no optimizer state). ``n_iter_`` counts the
+        calls' epochs and ``history_`` holds one row per epoch; a ``temperature_final``
+        anneals over them as over ``fit``'s epochs; ``expert_load_`` is measured on the last
+        call's rows.
 """
 
 
