@@ -48,16 +48,19 @@ class ExpertMethods:
         Growth by splitting: each new expert copies the expert with the largest share of
         the routing (``expert_load_``) per copy at its turn (one expert can be split
         several times), its weights and its rows of the router each multiplied by ``1 +
-        noise * N(0, 1)`` elementwise, and the gate logits of the expert and its copies
-        are lowered by ``log(1 + copies)`` so that together they keep the gate weight the
-        expert had (see :meth:`sklearn_moe.nn.MixtureOfExperts.split_expert`). Under the
-        dense ``"softmax"`` gate the predictions therefore change only by the perturbation
-        (with ``noise=0`` not at all, up to rounding: float32's, or, with
-        ``precision="bf16"``, bfloat16's, about 1e-3 relative). Under a sparse router a row
-        that chose a split expert may now choose it and a copy in place of its next choice,
-        and the copy it chooses has a lower gate weight; under ``router="uniform"`` every
-        expert weighs the same, so a split expert and its copies together weigh more than it
-        did: with these routers the predictions change until the model is trained on. ``n_experts`` grows
+        noise * N(0, 1)`` elementwise. Under a softmax over all experts (``"softmax"``,
+        ``"top_p"``) the gate logits of the expert and its copies are lowered by ``log(1 +
+        copies)`` so that together they keep the gate weight the expert had; under a top-k
+        choice (``"topk"``, ``"noisy_topk"``, ``"switch"``), which ranks the logits, they
+        keep the expert's, so that the copies are chosen where it is (see
+        :meth:`sklearn_moe.nn.MixtureOfExperts.split_expert`). Under the dense
+        ``"softmax"`` gate the predictions therefore change only by the perturbation (with
+        ``noise=0`` not at all, up to rounding: float32's, or, with ``precision="bf16"``,
+        bfloat16's, about 1e-3 relative). Under a top-k choice a row that chose a split
+        expert now chooses it and a copy in place of its next choice where it came first,
+        or one of them where it came later; under ``router="uniform"`` every expert weighs
+        the same, so a split expert and its copies together weigh more than it did: with
+        these routers the predictions change until the model is trained on. ``n_experts`` grows
         by ``n_new`` (``top_k`` stays), ``expert_load_`` gives each copy an equal part of
         its source's share, and the model predicts, saves, loads and trains on as any
         other: train on with ``set_params(warm_start=True).fit(X, y)``, where the

@@ -142,7 +142,7 @@ def test_aux_free_balancing_is_refused_under_the_hierarchical_router():
         MoERegressor(max_epochs=1, router="hierarchical", balance_loss="aux_free").fit(X, y)
 
 
-@pytest.mark.parametrize("router", ["softmax", "topk", "noisy_topk", "top_p", "switch"])
+@pytest.mark.parametrize("router", ["softmax", "top_p"])
 @pytest.mark.parametrize("expert_type", ["independent", "adapter"])
 def test_split_expert_copies_the_source_and_halves_its_gate_mass(expert_type, router):
     torch.manual_seed(0)
@@ -161,6 +161,30 @@ def test_split_expert_copies_the_source_and_halves_its_gate_mass(expert_type, ro
         torch.testing.assert_close(state[name][3], state[name][1])
     with pytest.raises(ValueError, match="distinct experts"):
         module.split_expert(1, [1])
+
+
+@pytest.mark.parametrize("router", ["topk", "noisy_topk", "switch"])
+def test_under_a_top_k_choice_a_split_keeps_the_sources_logits(router):
+    """A top-k choice ranks the logits: the copies take the source's, so that they are
+    chosen where it is. Lowered, the pair fell behind the experts it beat, and a revived
+    expert starved again, then its source, expert after expert."""
+    torch.manual_seed(0)
+    module = MixtureOfExperts(4, 2, n_experts=4, router=router, top_k=2, temperature=0.7).eval()
+    x = torch.randn(200, 4)
+    with torch.no_grad():
+        before = module.router.compute_logits(x)
+        chosen_before = module.router(x).indices
+        module.split_expert(1, [3], noise=0.0)
+        after = module.router.compute_logits(x)
+        chosen_after = module.router(x).indices
+    torch.testing.assert_close(after[:, 1], before[:, 1])
+    torch.testing.assert_close(after[:, 3], before[:, 1])
+    # Where expert 1 was chosen, the pair still is; where it came first, both are (top-2).
+    rows = (chosen_before == 1).any(dim=1)
+    assert rows.any() and ((chosen_after[rows] == 1) | (chosen_after[rows] == 3)).any(dim=1).all()
+    first = before.argmax(dim=1) == 1
+    if router != "switch":  # top-1: the tie goes to one of the pair
+        assert first.any() and ((chosen_after[first] == 3).any(dim=1) & (chosen_after[first] == 1).any(dim=1)).all()
 
 
 def test_split_expert_perturbs_the_copies():

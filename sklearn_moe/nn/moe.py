@@ -54,7 +54,7 @@ from .embeddings import N_FREQUENCIES, CategoricalEmbedding, NumericEmbedding
 from .experts import AdapterExperts, StackedExperts
 from .layouts import choose_layout, expert_outputs
 from .losses import BALANCE_LOSSES, expert_diversity_loss, router_z_loss
-from .routers import make_router
+from .routers import TopKRouter, make_router
 
 # Expert dropout keeps a row's most weighted expert where its survivors would carry less
 # than this share of the row's gate weight.
@@ -625,7 +625,10 @@ class MixtureOfExperts(nn.Module):
         m)``): together they start with the softmax weight ``source`` had against the other
         experts. That holds where every expert shares one softmax (the flat routers); under
         ``router="hierarchical"`` a copy in another group shifts the weight between the
-        groups.
+        groups. A top-k choice (``"topk"``, ``"noisy_topk"``, ``"switch"``) ranks the logits,
+        so there they keep ``source``'s: the copies are chosen where it is, beside it or, as
+        their perturbed gate rows part, instead of it (lowered, all of them would fall behind
+        the experts they beat and stop being chosen).
 
         Parameters
         ----------
@@ -655,12 +658,16 @@ class MixtureOfExperts(nn.Module):
 
     def _split_router(self, source: int, targets: list[int], noise: float, generator) -> None:
         """The router's part of :meth:`split_expert`: its per-expert rows copied (the gate
-        rows perturbed), and the gate biases of ``source`` and its copies lowered."""
+        rows perturbed), and, unless the router chooses by rank, the gate biases of
+        ``source`` and its copies lowered."""
+        # A top-k choice ranks the logits: lowered, the source and its copies would drop
+        # below the experts they beat and stop being chosen, so the copies starve in turn.
+        by_rank = isinstance(self.router, TopKRouter) and not self.router.is_dense
         for name, tensor in self._router_expert_tensors().items():
             gate_bias = name.endswith(".bias") and not name.startswith("noise")
             exact = gate_bias or name == "selection_bias"
             copy_perturbed(tensor, tensor[source], targets, None if exact else noise, generator)
-            if gate_bias:  # logits are the gate's output over the temperature
+            if gate_bias and not by_rank:  # logits are the gate's output over the temperature
                 tensor[[source, *targets]] = tensor[source] - self.router.temperature * math.log(1 + len(targets))
 
     def _router_expert_tensors(self) -> dict[str, torch.Tensor]:
