@@ -3,8 +3,9 @@
 ::
 
     sklearn-moe fit DATA.csv --target COL [--task auto|regression|classification] [--cv 5] [--tune N_TRIALS]
-                    [--ignore COL ...] [--seed 0] [--max-epochs N] [--param NAME=VALUE ...] --out DIR
-    sklearn-moe predict MODEL DATA.csv > predictions.csv
+                    [--ignore COL ...] [--seed 0] [--max-epochs N] [--param NAME=VALUE ...]
+                    [--sep SEP] [--decimal MARK] [--thousands MARK] [--na-values TEXT ...] --out DIR
+    sklearn-moe predict MODEL DATA.csv [--keep COL ...] [--sep ...] > predictions.csv
     sklearn-moe info MODEL
     sklearn-moe demo [--cv 3] [--max-epochs N] [--out DIR]
 
@@ -48,18 +49,64 @@ class InputError(ValueError):
     """A problem with the user's input, reported as one line with exit status 3."""
 
 
-def read_table(path) -> pd.DataFrame:
-    """A CSV or parquet file as a DataFrame, its text columns as categories."""
+#: Suffixes of files read as parquet; every other file is read as CSV (compressed too).
+PARQUET_SUFFIXES = (".parquet", ".pq")
+#: Formats this command line does not read, named in the error instead of a CSV parser's.
+OTHER_FORMATS = (".json", ".jsonl", ".feather", ".arrow", ".xlsx", ".xls", ".ods", ".orc", ".h5", ".hdf5", ".pkl",
+                 ".pickle", ".sav", ".dta", ".sas7bdat")
+
+
+def read_table(path, csv_options: dict | None = None) -> pd.DataFrame:
+    """A CSV or parquet file as a DataFrame.
+
+    A CSV's rows may end in one separator more than the header has fields (as some
+    exporters write); a row with more fields than that is an error, not a shifted table.
+    ``csv_options`` are :func:`csv_options`' ``pandas.read_csv`` arguments.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix in OTHER_FORMATS:
+        raise InputError(f"cannot read {path}: {suffix} files are not read here; give a CSV or parquet file")
     try:
-        frame = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            if suffix in PARQUET_SUFFIXES:
+                frame = pd.read_parquet(path)
+            else:
+                frame = pd.read_csv(path, index_col=False, **(csv_options or {}))
+    except pd.errors.ParserWarning as error:
+        raise InputError(f"cannot read {path}: some rows have more fields than the header; check the separator "
+                         f"(--sep) and the quoting ({' '.join(str(error).split())})") from error
     except Exception as error:  # noqa: BLE001 - whatever the reader raises, it is the file
         raise InputError(f"cannot read {path}: {' '.join(str(error).split())}") from error
     if frame.empty:
         raise InputError(f"{path} has no rows")
     return frame
+
+
+def csv_options(args) -> dict:
+    """The ``pandas.read_csv`` arguments of the command line's ``--sep``, ``--decimal``,
+    ``--thousands`` and ``--na-values``."""
+    sep = getattr(args, "sep", None)
+    options = {"sep": "\t" if sep == "\\t" else sep,  # as typed in a shell: backslash, t
+               "decimal": getattr(args, "decimal", None), "thousands": getattr(args, "thousands", None)}
+    options = {name: value for name, value in options.items() if value is not None}
+    if getattr(args, "na_values", None):
+        options["na_values"] = list(args.na_values)
+    return options
+
+
+def add_csv_options(parser: argparse.ArgumentParser) -> None:
+    """The options of reading a CSV file: ``--sep``, ``--decimal``, ``--thousands``,
+    ``--na-values``."""
+    group = parser.add_argument_group("reading a CSV file")
+    group.add_argument("--sep", help="field separator (default ','; ';' for many European files, '\\t' for TSV)")
+    group.add_argument("--decimal", help="decimal mark of the numbers (default '.')")
+    group.add_argument("--thousands", help="thousands separator of the numbers (default none)")
+    group.add_argument("--na-values", nargs="+", metavar="TEXT",
+                       help="text that marks a missing value, besides the empty field and pandas' own (NA, NaN, ...)")
 
 
 def infer_task(y: pd.Series) -> str:
@@ -125,7 +172,11 @@ def split_target(frame: pd.DataFrame, target: str, task: str):
         raise InputError(f"unknown column {target!r}; the columns are {list(frame.columns)}")
     y = frame[target]
     if y.isna().any():
-        raise InputError(f"the target column {target!r} has {int(y.isna().sum())} missing values")
+        rows = np.flatnonzero(y.isna().to_numpy())
+        raise InputError(f"the target column {target!r} has {rows.size} missing value(s), in row(s) "
+                         f"{_first_rows(rows)}; drop those rows or fill them in")
+    if task != "classification":
+        _check_numbers_as_text(y, target)
     X = frame.drop(columns=target)
     if X.shape[1] == 0:
         raise InputError(f"the table has no column besides the target {target!r} to predict it from")
@@ -139,6 +190,30 @@ def split_target(frame: pd.DataFrame, target: str, task: str):
     return X, y.to_numpy(), task
 
 
+def _first_rows(rows) -> str:
+    """Row positions as the table counts them (1 = the first row after the header), the
+    first five at most."""
+    shown = ", ".join(str(int(row) + 1) for row in rows[:5])
+    return shown + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+
+
+def _check_numbers_as_text(y: pd.Series, target: str) -> None:
+    """Raise an :class:`InputError` for a text target of numbers but for a few rows (a
+    placeholder such as ``"?"``), which would otherwise be fitted as classes."""
+    from ._tabular import _NUMBERS_SHARE, _read_numbers
+
+    if pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
+        return
+    numbers, _ = _read_numbers(pd.Series(y.to_numpy(dtype=object), dtype=object))
+    unread = np.flatnonzero(numbers.isna().to_numpy())
+    if unread.size == 0 or unread.size > (1 - _NUMBERS_SHARE) * len(y):
+        return
+    raise InputError(f"the target column {target!r} holds numbers, but text in {unread.size} row(s), such as "
+                     f"{y.iloc[unread[0]]!r} in row {unread[0] + 1}: give those rows a number or drop them "
+                     f"(--na-values {y.iloc[unread[0]]!r} reads such text as missing), or use --task "
+                     "classification to fit its values as classes")
+
+
 def baselines(task: str, seed: int) -> dict:
     """Non-MoE models that take the same raw table (their own encoding in a pipeline; the
     MLP regressor's target standardised)."""
@@ -148,12 +223,12 @@ def baselines(task: str, seed: int) -> dict:
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.neural_network import MLPClassifier, MLPRegressor
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, OrdinalEncoder, StandardScaler
 
     def encoded(model, categories):
         numbers = make_pipeline(SimpleImputer(strategy="median"), StandardScaler())
         text = make_pipeline(SimpleImputer(strategy="most_frequent"), categories)
-        return make_pipeline(make_column_transformer(
+        return make_pipeline(FunctionTransformer(_with_numpy_dtypes), make_column_transformer(
             (text, make_column_selector(dtype_exclude="number")),
             (numbers, make_column_selector(dtype_include="number"))), model)
 
@@ -170,6 +245,24 @@ def baselines(task: str, seed: int) -> dict:
             "mlp": encoded(TransformedTargetRegressor(
                 MLPRegressor(max_iter=300, early_stopping=True, random_state=seed), transformer=StandardScaler()),
                 one_hot)}
+
+
+def _with_numpy_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with pandas' nullable columns (``boolean``, ``Int64``, ``Float64``,
+    ``string``, as parquet files give them) as NumPy's, ``pd.NA`` as NaN: scikit-learn's
+    imputers and encoders fail on ``pd.NA`` ("boolean value of NA is ambiguous")."""
+    nullable = [name for name, dtype in frame.dtypes.items() if isinstance(dtype, pd.api.extensions.ExtensionDtype)
+                and not isinstance(dtype, (pd.CategoricalDtype, pd.DatetimeTZDtype))]
+    if not nullable:
+        return frame
+    converted = {}
+    for name in nullable:
+        column = frame[name]
+        if pd.api.types.is_numeric_dtype(column.dtype) or pd.api.types.is_bool_dtype(column.dtype):
+            converted[name] = column.astype("float64")
+        else:
+            converted[name] = column.astype(object).where(column.notna(), np.nan)
+    return frame.assign(**converted)
 
 
 def cross_validate_models(models: dict, X, y, task: str, cv: int, seed: int) -> pd.DataFrame:
@@ -254,29 +347,59 @@ def without_columns(frame: pd.DataFrame, ignore, target: str) -> pd.DataFrame:
 
 
 def fit_command(args) -> int:
-    frame = without_columns(read_table(args.data), args.ignore, args.target)
+    out = Path(args.out)
+    check_output_directory(out)  # before the work, not after it
+    frame = without_columns(read_table(args.data, csv_options(args)), args.ignore, args.target)
     X, y, task = split_target(frame, args.target, args.task)
     if args.cv > len(y):
         raise InputError(f"--cv must be at most the number of rows ({len(y)}); got {args.cv}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():  # before the work, not after it
-        raise InputError(f"--out {out} is a file; give a directory (new or existing)")
     moe = new_estimator(task, args)
-    if args.tune:
-        moe = _tuned(moe, X, y, args)
-    table = cross_validate_models({"moe": moe, **baselines(task, args.seed)}, X, y, task, args.cv, args.seed)
-    metric = "accuracy" if task == "classification" else "R²"
-    print(f"{args.cv}-fold cross-validation, {task} ({metric}, higher is better):")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    _progress("fitting the MoE on every row")
-    moe.fit(X, y)
-    _progress("")
+    with warnings.catch_warnings():
+        _warn_of_numbers_as_text(moe, X)
+        if args.tune:
+            moe = _tuned(moe, X, y, args)
+        table = cross_validate_models({"moe": moe, **baselines(task, args.seed)}, X, y, task, args.cv, args.seed)
+        metric = "accuracy" if task == "classification" else "R²"
+        print(f"{args.cv}-fold cross-validation, {task} ({metric}, higher is better):")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        _progress("fitting the MoE on every row")
+        moe.fit(X, y)
+        _progress("")
     save_model(moe, out, args, task, X, y, cv=args.cv, metric=metric, ignored=list(args.ignore),
                cross_validation=table.to_dict(orient="records"))
     written = [MODEL_FILE, SUMMARY_FILE] + _plots(moe, out)
     if args.report_files:
         print(f"wrote {', '.join(str(out / name) for name in written)}")
     return 0
+
+
+def _warn_of_numbers_as_text(moe, X: pd.DataFrame) -> None:
+    """The estimator's warning of text columns of numbers, said once of the whole table
+    with the command line's options for it; the fits that follow, each on its own rows,
+    keep it to themselves (call it in a ``warnings.catch_warnings()`` block)."""
+    from ._tabular import categorical_mask, warn_of_numbers_as_text
+
+    if isinstance(moe.categorical_features, str):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warn_of_numbers_as_text(X, categorical_mask(X, moe.categorical_features))
+        for warning in caught:
+            warnings.warn(warning.message, stacklevel=2)
+        if caught:
+            print("sklearn-moe: note: on the command line, --na-values TEXT reads such text as a missing value, and "
+                  "--decimal and --thousands read numbers written with those marks", file=sys.stderr)
+    warnings.filterwarnings("ignore", message=r"Column .* holds text, so it is encoded as categories")
+
+
+def check_output_directory(out: Path) -> None:
+    """Raise an :class:`InputError` unless ``out`` is, or can be made, a writable directory."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a directory (new or existing)")
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
+    if not existing.is_dir():
+        raise InputError(f"--out {out}: {existing} is a file, so the directory cannot be made")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {existing} is not writable")
 
 
 def _tuned(moe, X, y, args):
@@ -344,16 +467,19 @@ def load_model(path):
 
 def predict_command(args) -> int:
     model, summary = load_model(args.model_dir)
-    frame = read_table(args.data)
+    frame = read_table(args.data, csv_options(args))
+    unknown = [name for name in args.keep if name not in frame]
+    if unknown:
+        raise InputError(f"--keep names unknown column(s) {unknown}; the columns are {list(frame.columns)}")
     X = frame.drop(columns=[summary["target"]]) if summary.get("target") in frame else frame
     missing = [name for name in getattr(model, "feature_names_in_", []) if name not in X]
     if missing:
-        raise InputError(f"{args.data} lacks the model's column(s) {missing}")
+        raise InputError(f"{args.data} lacks the model's column(s) {missing}; its columns are {list(frame.columns)}")
     if hasattr(model, "feature_names_in_"):
         used, ignored = set(model.feature_names_in_), set(summary.get("ignored", []))  # fit's --ignore: no note
         unused = [str(name) for name in X.columns if name not in used and name not in ignored]
         if unused:
-            print(f"note: ignoring column(s) the model does not use: {unused}", file=sys.stderr)
+            print(f"sklearn-moe: note: ignoring column(s) the model does not use: {unused}", file=sys.stderr)
         X = X[list(model.feature_names_in_)]
     else:  # fitted on an array: the table's columns are its columns, in fit's order
         if X.shape[1] != model.n_features_in_:
@@ -372,6 +498,12 @@ def predict_command(args) -> int:
                 predictions[f"probability_{label}"] = probabilities[:, index]
     except (ValueError, TypeError) as error:
         raise InputError(f"cannot predict on {args.data}: {' '.join(str(error).split())}") from error
+    if args.keep:
+        kept = frame[list(args.keep)].reset_index(drop=True)
+        clashes = [name for name in kept.columns if name in predictions]
+        if clashes:
+            raise InputError(f"--keep column(s) {clashes} have the names of prediction columns; rename them")
+        predictions = pd.concat([kept, predictions], axis=1)
     predictions.to_csv(sys.stdout, index=False)
     return 0
 
@@ -426,6 +558,11 @@ def _progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as a line on standard error, as the command's notes are."""
+    print(f"sklearn-moe: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def int_at_least(minimum: int):
     """An argparse type: an int of at least ``minimum``."""
     def parse(text: str) -> int:
@@ -465,11 +602,15 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--max-epochs", type=int_at_least(1), help="override the MoE's max_epochs")
     add_param_option(fit)
+    add_csv_options(fit)
     fit.set_defaults(report_files=True)
     model_help = "directory written by sklearn-moe fit, or a model file written by model.save"
     predict = commands.add_parser("predict", help="predict a table's rows with a fitted model (CSV to stdout)")
     predict.add_argument("model_dir", metavar="MODEL", help=model_help)
     predict.add_argument("data", help="CSV or parquet file")
+    predict.add_argument("--keep", nargs="+", default=[], metavar="COLUMN",
+                         help="columns of the table (an id, say) to write before the predictions")
+    add_csv_options(predict)
     info = commands.add_parser("info", help="a fitted model's parameters, score and routing")
     info.add_argument("model_dir", metavar="MODEL", help=model_help)
     demo = commands.add_parser("demo", help="fit and cross-validate on bundled data (scikit-learn's diabetes)")
@@ -498,7 +639,12 @@ def main(argv=None) -> int:
     """
     args = _parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            if not sys.warnoptions:  # python -W decides where given
+                # Each warning once (not once per fold), as one line of the command's own.
+                warnings.simplefilter("once")
+                warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except InputError as error:
         print(f"sklearn-moe: error: {error}", file=sys.stderr)
         return EXIT_INPUT

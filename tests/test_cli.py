@@ -195,6 +195,18 @@ ERRORS = [
     (("fit", "train.csv", "--target", "price", "--tune", "-1", "--out", "m"), 2, "argument --tune: must be at least 0"),
     (("fit", "train.csv"), 2, "the following arguments are required: --target, --out"),
     (("train",), 2, "invalid choice: 'train'"),
+    (("fit", "extra_fields.csv", "--target", "price", "--out", "m"), 3,
+     "cannot read extra_fields.csv: some rows have more fields than the header; check the separator (--sep)"),
+    (("fit", "train.json", "--target", "price", "--out", "m"), 3,
+     "cannot read train.json: .json files are not read here; give a CSV or parquet file"),
+    (("fit", "placeholder_target.csv", "--target", "price", "--out", "m"), 3,
+     "the target column 'price' holds numbers, but text in 2 row(s), such as '?' in row 3: give those rows a "
+     "number or drop them (--na-values '?' reads such text as missing), or use --task classification"),
+    (("fit", "placeholder_target.csv", "--target", "price", "--na-values", "?", "--out", "m"), 3,
+     "the target column 'price' has 2 missing value(s), in row(s) 3, 6; drop those rows or fill them in"),
+    (("fit", "train.csv", "--target", "price", "--out", "new.csv/m"), 3,
+     "--out new.csv/m: new.csv is a file, so the directory cannot be made"),
+    (("predict", "model", "new.csv", "--keep", "id"), 3, "--keep names unknown column(s) ['id']; the columns are"),
 ]
 # Warnings a plain ``python`` run does not print (its default filters).
 HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
@@ -211,6 +223,11 @@ def bad_inputs(workdir):
     pd.read_csv(path / "new.csv").drop(columns="city").to_csv(path / "lacking.csv", index=False)
     pd.read_csv(path / "new.csv").assign(a="many").to_csv(path / "wrong_types.csv", index=False)
     pd.read_csv(path / "train.csv")[["price"]].to_csv(path / "target_only.csv", index=False)
+    (path / "extra_fields.csv").write_text("a,city,price\n1.0,x,2.0,7\n0.5,y,1.0,8\n")
+    (path / "train.json").write_text(pd.read_csv(path / "train.csv").to_json())
+    pd.read_csv(path / "train.csv").astype({"price": object}).assign(
+        price=lambda t: t["price"].where(~t.index.isin([2, 5]), "?")).to_csv(path / "placeholder_target.csv",
+                                                                         index=False)
     return path
 
 
@@ -240,6 +257,71 @@ def test_errors_are_one_line_with_an_exit_status(bad_inputs, monkeypatch, capsys
 def test_the_console_script_reports_errors_the_same(bad_inputs, args, status, message):
     result = run(*args, cwd=bad_inputs)
     _assert_reported(result.returncode, result.stderr, status, message)
+
+
+def test_csv_options_and_rows_ending_in_a_separator_are_read(workdir):
+    """A European file (';' between fields, decimal commas) reads with --sep and --decimal;
+    rows ending in one separator more than the header (as some exporters write them) keep
+    their columns, where pandas' default made the first field the index and shifted every
+    name one column left."""
+    from argparse import Namespace
+
+    from sklearn_moe.cli import csv_options, read_table
+
+    path, _ = workdir
+    table = pd.read_csv(path / "train.csv")
+    table.to_csv(path / "european.csv", sep=";", decimal=",", index=False)
+    options = csv_options(Namespace(sep=";", decimal=",", thousands=None, na_values=None))
+    pd.testing.assert_frame_equal(read_table(path / "european.csv", options), table)
+    lines = (path / "train.csv").read_text().splitlines()
+    (path / "trailing.csv").write_text("\n".join([lines[0], *(line + "," for line in lines[1:])]) + "\n")
+    pd.testing.assert_frame_equal(read_table(path / "trailing.csv"), table)
+    tab = Namespace(sep="\\t", decimal=None, thousands=None, na_values=["?", "n/a"])
+    assert csv_options(tab) == {"sep": "\t", "na_values": ["?", "n/a"]}  # '\t' as typed in a shell
+
+
+def test_text_numbers_are_warned_of_once_with_the_options_that_read_them(workdir, tmp_path):
+    path, _ = workdir
+    table = pd.read_csv(path / "train.csv").astype({"a": object})
+    table.loc[[3, 9], "a"] = "?"
+    table.to_csv(tmp_path / "placeholder.csv", index=False)
+    fitted = run_main("fit", "placeholder.csv", "--target", "price", "--cv", "3", "--max-epochs", "2", "--out", "m",
+                      cwd=tmp_path)
+    assert fitted.returncode == 0, fitted.stderr
+    warned = [line for line in fitted.stderr.splitlines() if line.startswith("sklearn-moe: warning: Column 'a'")]
+    assert len(warned) == 1 and "holds text, so it is encoded as categories" in warned[0]  # not once per fold
+    assert "note: on the command line, --na-values TEXT reads such text as a missing value" in fitted.stderr
+    quiet = run_main("fit", "placeholder.csv", "--target", "price", "--na-values", "?", "--cv", "2", "--max-epochs",
+                     "2", "--out", "m2", cwd=tmp_path)
+    assert quiet.returncode == 0 and "warning" not in quiet.stderr
+    assert json.loads((tmp_path / "m2" / "summary.json").read_text())["n_rows"] == 120
+
+
+def test_predict_keeps_the_columns_asked_for_before_the_predictions(workdir, tmp_path):
+    path, _ = workdir
+    pd.read_csv(path / "new.csv").assign(id=[f"r{i}" for i in range(6)]).to_csv(tmp_path / "ids.csv", index=False)
+    predicted = run_main("predict", str(path / "model"), "ids.csv", "--keep", "id", "city", cwd=tmp_path)
+    assert predicted.returncode == 0, predicted.stderr
+    output = pd.read_csv(io.StringIO(predicted.stdout))
+    assert list(output.columns) == ["id", "city", "prediction"] and output["id"].tolist() == [f"r{i}" for i in range(6)]
+    plain = pd.read_csv(io.StringIO(run_main("predict", str(path / "model"), "ids.csv", cwd=tmp_path).stdout))
+    np.testing.assert_array_equal(output["prediction"], plain["prediction"])
+    assert "note: ignoring column(s) the model does not use: ['id']" in predicted.stderr
+
+
+def test_baselines_take_pandas_nullable_columns():
+    """Parquet files give nullable columns (boolean, Int64, string) with pd.NA, on which
+    scikit-learn's imputers fail ("boolean value of NA is ambiguous"): the baselines read
+    them as NumPy's, NA as NaN."""
+    rng = np.random.RandomState(0)
+    n = 60
+    frame = pd.DataFrame({"x": rng.normal(size=n),
+                          "flag": pd.array(rng.choice([True, False, None], n), dtype="boolean"),
+                          "count": pd.array(rng.choice([1, 2, None], n), dtype="Int64"),
+                          "kind": pd.array(rng.choice(["u", "v", None], n), dtype="string")})
+    y = frame["x"].to_numpy() * 2
+    for name, model in baselines("regression", 0).items():
+        assert np.isfinite(model.fit(frame, y).predict(frame)).all(), name
 
 
 def test_a_class_rarer_than_the_folds_and_a_failing_baseline_do_not_stop_fit(tmp_path):
@@ -286,7 +368,7 @@ def test_date_columns_and_a_model_without_epochs_are_reported(tmp_path, monkeypa
 
     # A date column (as a Parquet file gives it) is the estimator's TypeError: one line, 3.
     dated = pd.DataFrame({"day": pd.date_range("2024-01-01", periods=20), "a": np.arange(20.0), "y": np.arange(20.0)})
-    monkeypatch.setattr(cli, "read_table", lambda path: dated)
+    monkeypatch.setattr(cli, "read_table", lambda path, options=None: dated)
     assert cli.main(["fit", "dated.parquet", "--target", "y", "--cv", "2", "--out", str(tmp_path / "d")]) == 3
     assert "'day' of X hold dates, times or durations" in capsys.readouterr().err
 

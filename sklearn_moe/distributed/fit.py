@@ -39,7 +39,9 @@ from ..cli import (
     MODEL_FILE,
     SUMMARY_FILE,
     InputError,
+    add_csv_options,
     add_param_option,
+    csv_options,
     int_at_least,
     new_estimator,
     read_table,
@@ -64,7 +66,7 @@ def fit(args) -> int:
     int
         0 on success.
     """
-    X, y, task = split_target(read_table(args.data), args.target, args.task)
+    X, y, task = split_target(read_table(args.data, csv_options(args)), args.target, args.task)
     model = new_estimator(task, args)
     with data_parallel(expert_parallel=args.expert_parallel) as parallel:
         model.fit(X, y)
@@ -90,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-epochs", type=int_at_least(1), default=None)
     add_param_option(parser)
+    add_csv_options(parser)
     parser.add_argument("--expert-parallel", action="store_true",
                         help="also shard the experts over the processes (needs --param expert_type=independent)")
     parser.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto")
