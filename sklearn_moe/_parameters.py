@@ -168,8 +168,8 @@ PARAMETERS = """\
         Collapse detection: an expert whose share of the training routing (of the routed
         rows for a sparse router, of the gate mass for a dense one) stays below this
         fraction of an equal share (``1 / n_experts``) for ``collapse_patience`` epochs in a
-        row raises an :class:`~sklearn_moe.ExpertCollapseWarning` naming it. None: no
-        detection.
+        row is starved; when training ends, one :class:`~sklearn_moe.ExpertCollapseWarning`
+        names the starved experts. None: no detection.
     collapse_patience : int, default=5
         Epochs an expert must stay starved before the warning (and the recovery).
     collapse_recovery : bool, default=False

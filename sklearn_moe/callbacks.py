@@ -643,11 +643,12 @@ class CollapseMonitor(Callback):
 
     At the end of every epoch each expert's share of the training routing is read from the
     history (``gate_share`` for a dense router, ``expert_share`` for a sparse one). An
-    expert below ``threshold / n_experts`` for ``patience`` epochs in a row is starved: an
-    :class:`ExpertCollapseWarning` names it. With ``recovery``, each starved expert is then
-    re-initialised as a perturbed copy of the busiest expert
-    (:meth:`~sklearn_moe.nn.MixtureOfExperts.split_expert`), its count restarts, and the
-    epoch's history records the revived experts in ``revived_experts``.
+    expert below ``threshold / n_experts`` for ``patience`` epochs in a row is starved.
+    With ``recovery``, each starved expert is then re-initialised as a perturbed copy of
+    the busiest expert (:meth:`~sklearn_moe.nn.MixtureOfExperts.split_expert`), its count
+    restarts, and the epoch's history records the revived experts in
+    ``revived_experts``. When training ends, one :class:`ExpertCollapseWarning` names the
+    experts that starved (and the revivals).
 
     Parameters
     ----------
@@ -682,6 +683,7 @@ class CollapseMonitor(Callback):
         """
         self._starved_for = None
         self._warned = set()
+        self._starved, self._revivals = {}, []  # this run's: warned of at its end
         for row in net.history:
             _, collapsed = self._count_starved(net.module_, row)
             if self.recovery:
@@ -706,7 +708,7 @@ class CollapseMonitor(Callback):
         return share, [int(e) for e in np.flatnonzero(self._starved_for >= self.patience)]
 
     def on_epoch_end(self, net, **kwargs):
-        """Count starved epochs per expert; warn about, and optionally revive, starved experts.
+        """Count starved epochs per expert; optionally revive starved experts.
 
         Parameters
         ----------
@@ -714,12 +716,6 @@ class CollapseMonitor(Callback):
             The net being trained.
         **kwargs : dict
             The other arguments skorch passes to the hook; not used.
-
-        Warns
-        -----
-        ExpertCollapseWarning
-            Naming the experts starved for ``patience`` epochs (once per expert without
-            ``recovery``, on every revival with it).
         """
         module = net.module_
         row = net.history[-1]
@@ -731,17 +727,45 @@ class CollapseMonitor(Callback):
             module.split_expert(busiest, collapsed)
             self._starved_for[collapsed] = 0
             net.history.record("revived_experts", collapsed)
-        new = [e for e in collapsed if e not in self._warned]
-        if new or self.recovery:
-            self._warned.update(collapsed)
-            shares = ", ".join(f"{share[e]:.3g}" for e in collapsed)
-            action = (f"re-initialised as copies of expert {busiest}" if self.recovery else
-                      f"{_balancing_advice(module)}, or set collapse_recovery=True to re-initialise them")
-            warn_at_caller(
-                f"Expert(s) {collapsed} received less than {self.threshold:g} of an equal share of the "
-                f"routing for {self.patience} epochs (their shares {shares}, where an equal share is "
-                f"{1 / len(share):.3g}): the router has collapsed onto "
-                f"fewer experts; {action}.", ExpertCollapseWarning)
+            self._revivals.append((collapsed, busiest))
+        for expert in collapsed:
+            if expert not in self._warned or self.recovery:
+                self._starved[expert] = share[expert]
+        self._warned.update(collapsed)
+        self._n_experts = len(share)
+        self._advice = _balancing_advice(module)
+
+    def on_train_end(self, net, **kwargs):
+        """Warn once of the experts that starved in this run, and of their revival.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net being trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+
+        Warns
+        -----
+        ExpertCollapseWarning
+            Naming the experts starved for ``patience`` epochs in this run (each once,
+            and, without ``recovery``, not again in a run that continues this one).
+        """
+        if not self._starved:
+            return
+        experts = sorted(self._starved)
+        if self.recovery:
+            sources = sorted({busiest for _, busiest in self._revivals})
+            source = f"expert {sources[0]}" if len(sources) == 1 else f"the busiest expert (of {sources}, in turn)"
+            count = len(self._revivals)
+            action = f"re-initialised as copies of {source}, {count} revival{'s' if count > 1 else ''} in all"
+        else:
+            action = f"{self._advice}, or set collapse_recovery=True to re-initialise them"
+        shares = ", ".join(f"{self._starved[e]:.3g}" for e in experts)
+        warn_at_caller(
+            f"Expert(s) {experts} received less than {self.threshold:g} of an equal share of the routing for "
+            f"{self.patience} epochs (their shares {shares}, where an equal share is {1 / self._n_experts:.3g}): "
+            f"the router has collapsed onto fewer experts; {action}.", ExpertCollapseWarning)
 
 
 def _balancing_advice(module) -> str:

@@ -50,14 +50,41 @@ def test_forced_collapse_warns_and_recovery_spreads_the_load(expert_type, regres
     assert "Expert(s) [1, 2, 3]" in message and "3 epochs" in message and "collapse_recovery=True" in message
     assert collapsed.history_["expert_share"].iloc[-1] == [1.0, 0.0, 0.0, 0.0]
     revived, warned = collapsing_fit(X, y, recovery=True, expert_type=expert_type)
-    assert warned and "re-initialised as copies of expert 0" in str(warned[0].message)
-    assert revived.history_["revived_experts"].dropna().iloc[0] == [1, 2, 3]
+    revivals = revived.history_["revived_experts"].dropna()
+    assert revivals.iloc[0] == [1, 2, 3]
+    # One warning for the whole fit, however many revivals.
+    assert len(warned) == 1 and "re-initialised as copies of" in str(warned[0].message)
+    assert f"{len(revivals)} revival" in str(warned[0].message)
     # Over the epochs after the first revival (with top_k=1 and no balance loss a revived
     # mixture may collapse again, and be revived again: a single epoch proves little).
     first = int(revived.history_["revived_experts"].notna().to_numpy().argmax())
     entropy = [np.mean([load_entropy(share) for share in model.history_["expert_share"].iloc[first + 1:]])
                for model in (collapsed, revived)]
     assert entropy[0] == 0.0 and entropy[1] > 0.2
+
+
+class NarrowTheFavourites(Callback):
+    """Send every row to the first three experts, then, from epoch 5, to the first one:
+    experts starve in two waves."""
+
+    def on_epoch_begin(self, net, **kwargs):
+        n = 3 if len(net.history) < 5 else 1
+        gate = net.module_.router.gate
+        with torch.no_grad():
+            gate.weight.zero_()
+            gate.bias.fill_(-20.0)
+            gate.bias[:n] = 5.0
+
+
+def test_experts_that_starve_at_different_epochs_are_named_in_one_warning(regression_data):
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, n_experts=4, router="topk", top_k=1, balance_coef=0.0, max_epochs=10,
+                                early_stopping=False, random_state=0, collapse_patience=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(X, y, callbacks=[NarrowTheFavourites()])
+    warned = [w for w in caught if issubclass(w.category, ExpertCollapseWarning)]
+    assert len(warned) == 1 and str(warned[0].message).startswith("Expert(s) [1, 2, 3] received less than")
 
 
 def test_collapse_under_a_dense_router_advises_the_balance_loss_that_acts_there(regression_data):
