@@ -356,40 +356,77 @@ def encoded_width(n_features: int, state) -> int:
 
 def warn_of_numbers_as_text(frame: pd.DataFrame, mask: np.ndarray) -> None:
     """Warn of each text column among ``mask`` (columns ``"from_dtype"`` made categorical)
-    of which most distinct values read as numbers, some of them not whole: a numeric column
-    with a placeholder for missing values (``"?"``, ``"n/a"``), or numbers written with a
-    decimal comma (``"1,5"``), as a CSV reader leaves them. As categories, each number is
-    one of its own, and a new one at prediction is unseen. Whole numbers alone (codes, zip
-    codes, identifiers) are left alone."""
+    of which most distinct values read as numbers, some of them not whole, or as dates.
+
+    A numeric column with a placeholder for missing values (``"?"``, ``"n/a"``), numbers
+    written with a decimal comma (``"1,5"``) and dates (``"2024-01-31"``) are text as a CSV
+    reader leaves them. As categories, each number or date is one of its own, and a new one
+    at prediction is unseen. Whole numbers alone (codes, zip codes, identifiers) are left
+    alone.
+    """
     for position in np.flatnonzero(mask):
         column = frame.iloc[:, position]
         if is_bool_dtype(column.dtype) or isinstance(column.dtype, pd.CategoricalDtype):
             continue
         distinct = pd.Series(column.dropna().unique(), dtype=object)
-        if not len(distinct) or not _mostly_numbers(distinct[:1000]):  # a sample first: most text is words
-            continue
-        numbers, separated = _read_numbers(distinct)
-        read = numbers.dropna().to_numpy(dtype=np.float64)
-        fractions = (np.isfinite(read) & (read != np.round(read))).any()
-        if read.size < _NUMBERS_SHARE * len(distinct) or not (fractions or separated.any()):
+        if not len(distinct):
             continue
         name = _name(frame, position)
-        other = distinct[numbers.isna()]
-        placeholder = f" (such as {other.iloc[0]!r})" if len(other) else ""
-        example = distinct[separated if separated.any() else numbers.notna()].iloc[0]
-        advice = (f"If it holds numbers, convert it first: pd.to_numeric(X[{name}], errors='coerce') makes what is not "
-                  f"a number{placeholder} a missing value.")
-        if separated.any():
-            advice = ("If it holds numbers written with a decimal comma or thousands separators, read the file with "
-                      "pd.read_csv(..., decimal=',') or thousands=',' as the file writes them, or convert the column "
-                      f"with pd.to_numeric after removing the separators; what is not a number{placeholder} then "
-                      "becomes a missing value.")
-        warn_at_caller(
-            f"Column {name} holds text, so it is encoded as categories (categorical_features='from_dtype'), yet "
-            f"{read.size} of its {len(distinct)} distinct values read as numbers, such as {example!r}: each is a "
-            f"category of its own, unseen at prediction if new. {advice}",
-            UserWarning,
-        )
+        # A sample first: most text is words.
+        if _mostly_numbers(distinct[:1000]):
+            _warn_of_numbers(distinct, name)
+        elif _mostly_dates(distinct[:1000]) and _mostly_dates(distinct):
+            dates = distinct[distinct.map(_is_date_text)]
+            warn_at_caller(
+                f"Column {name} holds text, so it is encoded as categories (categorical_features='from_dtype'), yet "
+                f"{len(dates)} of its {len(distinct)} distinct values read as dates, such as {dates.iloc[0]!r}: each "
+                f"is a category of its own, unseen at prediction if new. Derive numeric columns from it, e.g. "
+                f"pd.to_datetime(X[{name}]).dt.year or .dt.dayofweek, or name it in categorical_features to keep "
+                "its values as categories.",
+                UserWarning,
+            )
+
+
+def _warn_of_numbers(distinct: pd.Series, name: str) -> None:
+    """:func:`warn_of_numbers_as_text` for a column of ``distinct`` values, most of which
+    read as numbers: a warning unless they are whole numbers without separators."""
+    numbers, separated = _read_numbers(distinct)
+    read = numbers.dropna().to_numpy(dtype=np.float64)
+    fractions = (np.isfinite(read) & (read != np.round(read))).any()
+    if read.size < _NUMBERS_SHARE * len(distinct) or not (fractions or separated.any()):
+        return
+    other = distinct[numbers.isna()]
+    placeholder = f" (such as {other.iloc[0]!r})" if len(other) else ""
+    example = distinct[separated if separated.any() else numbers.notna()].iloc[0]
+    advice = (f"If it holds numbers, convert it first: pd.to_numeric(X[{name}], errors='coerce') makes what is not "
+              f"a number{placeholder} a missing value.")
+    if separated.any():
+        advice = ("If it holds numbers written with a decimal comma or thousands separators, read the file with "
+                  "pd.read_csv(..., decimal=',') or thousands=',' as the file writes them, or convert the column "
+                  f"with pd.to_numeric after removing the separators; what is not a number{placeholder} then "
+                  "becomes a missing value.")
+    warn_at_caller(
+        f"Column {name} holds text, so it is encoded as categories (categorical_features='from_dtype'), yet "
+        f"{read.size} of its {len(distinct)} distinct values read as numbers, such as {example!r}: each is a "
+        f"category of its own, unseen at prediction if new. {advice}",
+        UserWarning,
+    )
+
+
+# Dates as text: ISO 8601 ("2024-01-31", "2024-01-31T08:00:00Z", "2024/1/31") and day,
+# month and year separated by slashes or points ("31/01/2024", "1.31.24"), with a time perhaps.
+_DATE_TEXT = re.compile(
+    r"(?:\d{4}[-/]\d{1,2}[-/]\d{1,2}|\d{1,2}[/.]\d{1,2}[/.](?:\d{4}|\d{2}))"
+    r"(?:[ T]\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?")
+
+
+def _is_date_text(value) -> bool:
+    return isinstance(value, str) and _DATE_TEXT.fullmatch(value.strip()) is not None
+
+
+def _mostly_dates(values: pd.Series) -> bool:
+    """Whether at least 90% of ``values`` are text that reads as a date."""
+    return values.map(_is_date_text).mean() >= _NUMBERS_SHARE
 
 
 # The share of a text column's distinct values that must read as numbers for the warning.

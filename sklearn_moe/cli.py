@@ -374,9 +374,9 @@ def fit_command(args) -> int:
 
 
 def _warn_of_numbers_as_text(moe, X: pd.DataFrame) -> None:
-    """The estimator's warning of text columns of numbers, said once of the whole table
-    with the command line's options for it; the fits that follow, each on its own rows,
-    keep it to themselves (call it in a ``warnings.catch_warnings()`` block)."""
+    """The estimator's warning of text columns of numbers (or dates), said once of the whole
+    table, with the command line's options for numbers; the fits that follow, each on its
+    own rows, keep it to themselves (call it in a ``warnings.catch_warnings()`` block)."""
     from ._tabular import categorical_mask, warn_of_numbers_as_text
 
     if isinstance(moe.categorical_features, str):
@@ -385,7 +385,7 @@ def _warn_of_numbers_as_text(moe, X: pd.DataFrame) -> None:
             warn_of_numbers_as_text(X, categorical_mask(X, moe.categorical_features))
         for warning in caught:
             warnings.warn(warning.message, stacklevel=2)
-        if caught:
+        if any("read as numbers" in str(warning.message) for warning in caught):
             print("sklearn-moe: note: on the command line, --na-values TEXT reads such text as a missing value, and "
                   "--decimal and --thousands read numbers written with those marks", file=sys.stderr)
     warnings.filterwarnings("ignore", message=r"Column .* holds text, so it is encoded as categories")

@@ -346,6 +346,29 @@ def test_text_numbers_with_separators_are_warned_of(written, read_csv):
     assert "pd.read_csv(..., decimal=',') or thousands=','" in message and read_csv in message
 
 
+def test_a_text_column_of_dates_is_warned_of():
+    """Dates read from a CSV file are text: as categories every date is its own, and each
+    later one unseen. Named in categorical_features, they are kept as categories quietly."""
+    import warnings
+
+    rng = np.random.RandomState(0)
+    n = 60
+    days = pd.date_range("2024-01-01", periods=n).strftime("%Y-%m-%d").tolist()
+    frame = pd.DataFrame({"a": rng.normal(size=n), "day": days,
+                          "stamp": pd.date_range("2024-01-01", periods=n, freq="h").strftime("%d/%m/%Y %H:%M"),
+                          "city": rng.choice(["Oslo", "Lima"], n)})
+    with pytest.warns(UserWarning) as caught:
+        MoERegressor(**QUICK).fit(frame, frame["a"].to_numpy())
+    messages = [str(w.message) for w in caught if "read as dates" in str(w.message)]
+    assert len(messages) == 2 and messages[0].startswith(
+        "Column 'day' holds text, so it is encoded as categories (categorical_features='from_dtype'), yet 60 of its "
+        "60 distinct values read as dates, such as '2024-01-01'")
+    assert "pd.to_datetime(X['day']).dt.year" in messages[0] and "Column 'stamp'" in messages[1]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*read as dates")
+        MoERegressor(**QUICK, categorical_features=["day", "stamp", "city"]).fit(frame, frame["a"].to_numpy())
+
+
 def test_pipelines_column_transformers_and_cross_validation():
     frame, y = raw_frame(missing=0.05)
     scale_numbers = ColumnTransformer([("numbers", StandardScaler(), ["age", "income"])], remainder="passthrough",
