@@ -173,7 +173,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
             self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks, partial, classes)
         except BaseException:
             # A failed fit leaves the estimator unfitted, never half fitted; a failed
-            # continued fit leaves the model it continued.
+            # continued fit restores the target encoding it may have changed.
             if not reuse:
                 self._clear_fitted_state()
             else:

@@ -53,19 +53,20 @@ class ExpertMethods:
         copies)`` so that together they keep the gate weight the expert had; under a top-k
         choice (``"topk"``, ``"noisy_topk"``, ``"switch"``), which ranks the logits, they
         keep the expert's, so that the copies are chosen where it is (see
-        :meth:`sklearn_moe.nn.MixtureOfExperts.split_expert`). Under the dense
-        ``"softmax"`` gate the predictions therefore change only by the perturbation (with
-        ``noise=0`` not at all, up to rounding: float32's, or, with ``precision="bf16"``,
-        bfloat16's, about 1e-3 relative). Under a top-k choice a row that chose a split
-        expert now chooses it and a copy in place of its next choice where it came first,
-        or one of them where it came later; under ``router="uniform"`` every expert weighs
-        the same, so a split expert and its copies together weigh more than it did: with
-        these routers the predictions change until the model is trained on. ``n_experts`` grows
-        by ``n_new`` (``top_k`` stays), ``expert_load_`` gives each copy an equal part of
-        its source's share, and the model predicts, saves, loads and trains on as any
-        other: train on with ``set_params(warm_start=True).fit(X, y)``, where the
-        perturbation lets the copies specialise (exact copies, ``noise=0``, get the same
-        gradients).
+        :meth:`sklearn_moe.nn.MixtureOfExperts.split_expert`). Under the dense ``"softmax"``
+        gate the predictions therefore change only by the perturbation (with ``noise=0`` not
+        at all, up to rounding: float32's, or, with ``precision="bf16"``, bfloat16's, about
+        1e-3 relative). Under a top-k choice a row that chose a split expert now chooses it
+        and a copy in place of its next choice where it came first, or one of them where it
+        came later; under ``router="uniform"`` every expert weighs the same, so a split
+        expert and its copies together weigh more than it did: with these routers the
+        predictions change until the model is trained on. ``n_experts`` grows by ``n_new``
+        (``top_k`` stays), ``expert_load_`` gives each copy an equal part of its source's
+        share (an estimate: under a top-k choice the copies' real shares differ;
+        :meth:`routing_report` measures them), and the model predicts, saves, loads and
+        trains on as any other: train on with ``set_params(warm_start=True).fit(X, y)``,
+        where the perturbation lets the copies specialise (exact copies, ``noise=0``, get
+        the same gradients).
 
         Parameters
         ----------

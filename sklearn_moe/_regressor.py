@@ -132,7 +132,9 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
             counted = y2d if sample_weight is None else y2d[sample_weight > 0]
             refit = (y_scale == 0) & (counted != y_mean).any(axis=0)
             if refit.any():
-                weights = None if sample_weight is None else np.append(sample_weight, 1.0)
+                weights = None  # the constant weighs as an average row
+                if sample_weight is not None:
+                    weights = np.append(sample_weight, sample_weight[sample_weight > 0].mean())
                 new_mean, new_scale = fit_standardizer(np.vstack((y2d, y_mean)), weights, constant_scale=0.0)
                 y_mean, y_scale = np.where(refit, new_mean, y_mean), np.where(refit, new_scale, y_scale)
                 state = {"_y_mean": y_mean, "_y_scale": y_scale}

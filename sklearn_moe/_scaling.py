@@ -28,9 +28,17 @@ _IQR_PER_STD = 1.349
 _TINY_SPREAD = np.finfo(np.float64).tiny / np.finfo(np.float64).eps
 
 
-def _negligible(spread: np.ndarray) -> np.ndarray:
-    """Spreads too small (or not finite) to divide by."""
-    return ~np.isfinite(spread) | (spread <= _TINY_SPREAD)
+def _negligible(spread: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    """Spreads that are rounding noise of values up to ``magnitude`` in size (a few dozen
+    ulps: a column constant but for rounding, ``0.1 * 3`` beside ``0.3``), too small to
+    divide by, or not finite. A spread far below the values' size but above that (1e13 +
+    N(0, 1)) is the signal."""
+    noise = np.maximum(_ROUNDING_ULPS * np.finfo(np.float64).eps * np.abs(magnitude), _TINY_SPREAD)
+    return ~np.isfinite(spread) | (spread <= noise)
+
+
+# Spreads within this many float64 ulps of the values' magnitude are rounding noise.
+_ROUNDING_ULPS = 64
 
 
 def fit_standardizer(values: np.ndarray, sample_weight: np.ndarray | None = None,
@@ -55,11 +63,7 @@ def fit_standardizer(values: np.ndarray, sample_weight: np.ndarray | None = None
     unit_mean = np.average(unit, axis=0, weights=weights)
     unit_spread = np.sqrt(np.average((unit - unit_mean) ** 2, axis=0, weights=weights))
     mean, spread = unit_mean * magnitude, unit_spread * magnitude
-    # Constant by its values, not by its spread: the mean's rounding leaves a constant column
-    # a spread of a few ulps, while a varying one may have a spread far below its mean
-    # (1e13 + N(0, 1)), which is the signal.
-    constant = values.max(axis=0, initial=-np.inf) == values.min(axis=0, initial=np.inf)
-    return mean, np.where(constant | _negligible(spread), constant_scale, spread)
+    return mean, np.where(_negligible(spread, magnitude), constant_scale, spread)
 
 
 def weighted_quantiles(values: np.ndarray, quantiles, sample_weight: np.ndarray | None = None) -> np.ndarray:
@@ -117,7 +121,7 @@ def _robust_scaler_block(values: np.ndarray, sample_weight) -> tuple[np.ndarray,
     median, q25, q75 = weighted_quantiles(values, (0.5, 0.25, 0.75), sample_weight)
     spread = (q75 - q25) / _IQR_PER_STD
     mean, std = fit_standardizer(values, sample_weight)
-    robust = ~_negligible(spread)
+    robust = ~_negligible(spread, np.maximum(np.abs(q25), np.abs(q75)))
     return np.where(robust, median, mean), np.where(robust, spread, std)
 
 

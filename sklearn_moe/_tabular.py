@@ -377,14 +377,21 @@ def warn_of_numbers_as_text(frame: pd.DataFrame, mask: np.ndarray) -> None:
             _warn_of_numbers(distinct, name)
         elif _mostly_dates(distinct[:1000]) and _mostly_dates(distinct):
             dates = distinct[distinct.map(_is_date_text)]
-            warn_at_caller(
-                f"Column {name} holds text, so it is encoded as categories (categorical_features='from_dtype'), yet "
-                f"{len(dates)} of its {len(distinct)} distinct values read as dates, such as {dates.iloc[0]!r}: each "
-                f"is a category of its own, unseen at prediction if new. Derive numeric columns from it, e.g. "
-                f"pd.to_datetime(X[{name}]).dt.year or .dt.dayofweek, or name it in categorical_features to keep "
-                "its values as categories.",
-                UserWarning,
-            )
+            _warn_of_text_column(name, len(dates), len(distinct), "dates", dates.iloc[0],
+                                 f"Derive numeric columns from it, e.g. pd.to_datetime(X[{name}]).dt.year or "
+                                 ".dt.dayofweek, or name it in categorical_features to keep its values as categories.")
+
+
+#: What the warnings of text columns of numbers or dates say of every such column.
+TEXT_COLUMN_WARNING = "holds text, so it is encoded as categories (categorical_features='from_dtype')"
+
+
+def _warn_of_text_column(name: str, n_read: int, n_distinct: int, what: str, example, advice: str) -> None:
+    warn_at_caller(
+        f"Column {name} {TEXT_COLUMN_WARNING}, yet {n_read} of its {n_distinct} distinct values read as {what}, "
+        f"such as {example!r}: each is a category of its own, unseen at prediction if new. {advice}",
+        UserWarning,
+    )
 
 
 def _warn_of_numbers(distinct: pd.Series, name: str) -> None:
@@ -392,36 +399,43 @@ def _warn_of_numbers(distinct: pd.Series, name: str) -> None:
     read as numbers: a warning unless they are whole numbers without separators."""
     numbers, separated = _read_numbers(distinct)
     read = numbers.dropna().to_numpy(dtype=np.float64)
-    fractions = (np.isfinite(read) & (read != np.round(read))).any()
-    if read.size < _NUMBERS_SHARE * len(distinct) or not (fractions or separated.any()):
+    plain = numbers[~separated].dropna().to_numpy(dtype=np.float64)  # a stray "10115,10117" is no fraction
+    fractions = (np.isfinite(plain) & (plain != np.round(plain))).any()
+    written_with_separators = _with_separators(separated)
+    if read.size < _NUMBERS_SHARE * len(distinct) or not (fractions or written_with_separators):
         return
     other = distinct[numbers.isna()]
     placeholder = f" (such as {other.iloc[0]!r})" if len(other) else ""
-    example = distinct[separated if separated.any() else numbers.notna()].iloc[0]
+    example = distinct[separated if written_with_separators else numbers.notna()].iloc[0]
     advice = (f"If it holds numbers, convert it first: pd.to_numeric(X[{name}], errors='coerce') makes what is not "
               f"a number{placeholder} a missing value.")
-    if separated.any():
+    if written_with_separators:
         advice = ("If it holds numbers written with a decimal comma or thousands separators, read the file with "
                   "pd.read_csv(..., decimal=',') or thousands=',' as the file writes them, or convert the column "
                   f"with pd.to_numeric after removing the separators; what is not a number{placeholder} then "
                   "becomes a missing value.")
-    warn_at_caller(
-        f"Column {name} holds text, so it is encoded as categories (categorical_features='from_dtype'), yet "
-        f"{read.size} of its {len(distinct)} distinct values read as numbers, such as {example!r}: each is a "
-        f"category of its own, unseen at prediction if new. {advice}",
-        UserWarning,
-    )
+    _warn_of_text_column(name, read.size, len(distinct), "numbers", example, advice)
 
 
-# Dates as text: ISO 8601 ("2024-01-31", "2024-01-31T08:00:00Z", "2024/1/31") and day,
-# month and year separated by slashes or points ("31/01/2024", "1.31.24"), with a time perhaps.
-_DATE_TEXT = re.compile(
-    r"(?:\d{4}[-/]\d{1,2}[-/]\d{1,2}|\d{1,2}[/.]\d{1,2}[/.](?:\d{4}|\d{2}))"
-    r"(?:[ T]\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?")
+# Dates as text: ISO 8601 ("2024-01-31", "2024-01-31T08:00:00Z", "2024/1/31"), and day and
+# month in either order separated by slashes ("31/01/2024", "1/31/24") or points with a
+# four-digit year ("31.01.2024"), each with a time perhaps; day and month must be in range.
+_TIME_TEXT = r"(?:[ T]\d{1,2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?"
+_YEAR_FIRST = re.compile(r"\d{4}[-/](\d{1,2})[-/](\d{1,2})" + _TIME_TEXT)
+_YEAR_LAST = re.compile(r"(\d{1,2})(?:/(\d{1,2})/(?:\d{4}|\d{2})|\.(\d{1,2})\.\d{4})" + _TIME_TEXT)
 
 
 def _is_date_text(value) -> bool:
-    return isinstance(value, str) and _DATE_TEXT.fullmatch(value.strip()) is not None
+    if not isinstance(value, str):
+        return False
+    value = value.strip()
+    if match := _YEAR_FIRST.fullmatch(value):
+        month, day = int(match[1]), int(match[2])
+        return 1 <= month <= 12 and 1 <= day <= 31
+    if match := _YEAR_LAST.fullmatch(value):
+        first, second = int(match[1]), int(match[2] or match[3])
+        return min(first, second) >= 1 and ((first <= 31 and second <= 12) or (first <= 12 and second <= 31))
+    return False
 
 
 def _mostly_dates(values: pd.Series) -> bool:
@@ -435,6 +449,12 @@ _NUMBERS_SHARE = 0.9
 # decimal comma with thousands perhaps grouped by points ("1,5", "1.234,5").
 _GROUPED_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
 _DECIMAL_COMMA = re.compile(r"[+-]?(?:\d{1,3}(?:\.\d{3})+|\d*),\d+")
+
+
+def _with_separators(separated: pd.Series) -> bool:
+    """Whether values are numbers written with separators: at least a tenth of them (a
+    stray ``"10115,10117"`` among whole-number codes is not)."""
+    return bool(separated.mean() >= 0.1) if len(separated) else False
 
 
 def _mostly_numbers(values: pd.Series) -> bool:

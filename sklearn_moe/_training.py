@@ -114,7 +114,13 @@ def train(params, module, device: str, train_table: TensorTable, valid_table: Te
         _load_optimizer_state(net.optimizer_, optimizer_state)
     if history is not None:
         net.history = History([dict(epoch) for epoch in history])
-    net.fit(train_table, y=None, epochs=epochs)
+    try:
+        net.fit(train_table, y=None, epochs=epochs)
+    except BaseException:
+        monitor = dict(net.callbacks_).get("collapse")
+        if monitor is not None:  # skorch calls no on_train_end for a failed fit; starved experts may be why
+            monitor.warn_of_starved_experts()
+        raise
     if net.history and "train_loss" not in net.history[-1]:  # an epoch a KeyboardInterrupt cut short
         del net.history[-1]
     trained.eval()

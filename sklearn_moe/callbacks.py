@@ -751,7 +751,17 @@ class CollapseMonitor(Callback):
             Naming the experts starved for ``patience`` epochs in this run (each once,
             and, without ``recovery``, not again in a run that continues this one).
         """
-        if not self._starved:
+        self.warn_of_starved_experts()
+
+    def warn_of_starved_experts(self):
+        """The warning of :meth:`on_train_end`, if not yet given: also for a run that
+        failed, where skorch calls no ``on_train_end`` (starved experts may be why).
+
+        Warns
+        -----
+        ExpertCollapseWarning
+        """
+        if not getattr(self, "_starved", None):
             return
         experts = sorted(self._starved)
         if self.recovery:
@@ -766,6 +776,7 @@ class CollapseMonitor(Callback):
             f"Expert(s) {experts} received less than {self.threshold:g} of an equal share of the routing for "
             f"{self.patience} epochs (their shares {shares}, where an equal share is {1 / self._n_experts:.3g}): "
             f"the router has collapsed onto fewer experts; {action}.", ExpertCollapseWarning)
+        self._starved, self._revivals = {}, []
 
 
 def _balancing_advice(module) -> str:

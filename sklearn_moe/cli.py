@@ -28,6 +28,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -59,8 +60,9 @@ OTHER_FORMATS = (".json", ".jsonl", ".feather", ".arrow", ".xlsx", ".xls", ".ods
 def read_table(path, csv_options: dict | None = None) -> pd.DataFrame:
     """A CSV or parquet file as a DataFrame.
 
-    A CSV's rows may end in one separator more than the header has fields (as some
-    exporters write); a row with more fields than that is an error, not a shifted table.
+    Where a CSV's rows have one field more than its header, the first field is a row label
+    (R's ``write.csv``), which is dropped, unless every row's last field is empty: the rows
+    then end in a separator (as some exporters write them), and keep their columns.
     ``csv_options`` are :func:`csv_options`' ``pandas.read_csv`` arguments.
     """
     path = Path(path)
@@ -70,20 +72,24 @@ def read_table(path, csv_options: dict | None = None) -> pd.DataFrame:
     if suffix in OTHER_FORMATS:
         raise InputError(f"cannot read {path}: {suffix} files are not read here; give a CSV or parquet file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", pd.errors.ParserWarning)
-            if suffix in PARQUET_SUFFIXES:
-                frame = pd.read_parquet(path)
-            else:
-                frame = pd.read_csv(path, index_col=False, **(csv_options or {}))
-    except pd.errors.ParserWarning as error:
-        raise InputError(f"cannot read {path}: some rows have more fields than the header; check the separator "
-                         f"(--sep) and the quoting ({' '.join(str(error).split())})") from error
+        frame = pd.read_parquet(path) if suffix in PARQUET_SUFFIXES else _read_csv(path, csv_options or {})
     except Exception as error:  # noqa: BLE001 - whatever the reader raises, it is the file
         raise InputError(f"cannot read {path}: {' '.join(str(error).split())}") from error
     if frame.empty:
         raise InputError(f"{path} has no rows")
     return frame
+
+
+def _read_csv(path: Path, options: dict) -> pd.DataFrame:
+    # Read with index_col=False, pandas drops a last field that is empty in every row (a
+    # trailing separator), and warns of a longer row: the first field is then a label.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pd.errors.ParserWarning)
+        try:
+            return pd.read_csv(path, index_col=False, **options)
+        except pd.errors.ParserWarning:
+            pass
+    return pd.read_csv(path, **options).reset_index(drop=True)
 
 
 def csv_options(args) -> dict:
@@ -200,13 +206,19 @@ def _first_rows(rows) -> str:
 def _check_numbers_as_text(y: pd.Series, target: str) -> None:
     """Raise an :class:`InputError` for a text target of numbers but for a few rows (a
     placeholder such as ``"?"``), which would otherwise be fitted as classes."""
-    from ._tabular import _NUMBERS_SHARE, _read_numbers
+    from ._tabular import _NUMBERS_SHARE, _read_numbers, _with_separators
 
     if pd.api.types.is_numeric_dtype(y) or pd.api.types.is_bool_dtype(y):
         return
-    numbers, _ = _read_numbers(pd.Series(y.to_numpy(dtype=object), dtype=object))
+    numbers, separated = _read_numbers(pd.Series(y.to_numpy(dtype=object), dtype=object))
     unread = np.flatnonzero(numbers.isna().to_numpy())
-    if unread.size == 0 or unread.size > (1 - _NUMBERS_SHARE) * len(y):
+    if unread.size > (1 - _NUMBERS_SHARE) * len(y):
+        return
+    if _with_separators(separated):
+        raise InputError(f"the target column {target!r} holds numbers written with separators, such as "
+                         f"{y[separated.to_numpy()].iloc[0]!r}: read them with --thousands ',' (or --decimal ',' "
+                         "for a decimal comma)")
+    if unread.size == 0:
         return
     raise InputError(f"the target column {target!r} holds numbers, but text in {unread.size} row(s), such as "
                      f"{y.iloc[unread[0]]!r} in row {unread[0] + 1}: give those rows a number or drop them "
@@ -228,9 +240,9 @@ def baselines(task: str, seed: int) -> dict:
     def encoded(model, categories):
         numbers = make_pipeline(SimpleImputer(strategy="median"), StandardScaler())
         text = make_pipeline(SimpleImputer(strategy="most_frequent"), categories)
-        return make_pipeline(FunctionTransformer(_with_numpy_dtypes), make_column_transformer(
-            (text, make_column_selector(dtype_exclude="number")),
-            (numbers, make_column_selector(dtype_include="number"))), model)
+        columns = make_column_transformer((text, make_column_selector(dtype_exclude="number")),
+                                          (numbers, make_column_selector(dtype_include="number")))
+        return make_pipeline(FunctionTransformer(_with_numpy_dtypes, feature_names_out="one-to-one"), columns, model)
 
     ordinal = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1)
     one_hot = OneHotEncoder(handle_unknown="ignore", sparse_output=False)
@@ -377,7 +389,7 @@ def _warn_of_numbers_as_text(moe, X: pd.DataFrame) -> None:
     """The estimator's warning of text columns of numbers (or dates), said once of the whole
     table, with the command line's options for numbers; the fits that follow, each on its
     own rows, keep it to themselves (call it in a ``warnings.catch_warnings()`` block)."""
-    from ._tabular import categorical_mask, warn_of_numbers_as_text
+    from ._tabular import TEXT_COLUMN_WARNING, categorical_mask, warn_of_numbers_as_text
 
     if isinstance(moe.categorical_features, str):
         with warnings.catch_warnings(record=True) as caught:
@@ -385,10 +397,15 @@ def _warn_of_numbers_as_text(moe, X: pd.DataFrame) -> None:
             warn_of_numbers_as_text(X, categorical_mask(X, moe.categorical_features))
         for warning in caught:
             warnings.warn(warning.message, stacklevel=2)
-        if any("read as numbers" in str(warning.message) for warning in caught):
+        said = " ".join(str(warning.message) for warning in caught)
+        if "values read as numbers" in said:
             print("sklearn-moe: note: on the command line, --na-values TEXT reads such text as a missing value, and "
                   "--decimal and --thousands read numbers written with those marks", file=sys.stderr)
-    warnings.filterwarnings("ignore", message=r"Column .* holds text, so it is encoded as categories")
+        if "values read as dates" in said:
+            print("sklearn-moe: note: the command line takes dates as they are; add numeric columns derived from "
+                  "them (the year, the day of the week) to the file, or leave them out with --ignore",
+                  file=sys.stderr)
+    warnings.filterwarnings("ignore", message=f"Column .* {re.escape(TEXT_COLUMN_WARNING)}")
 
 
 def check_output_directory(out: Path) -> None:
@@ -641,8 +658,11 @@ def main(argv=None) -> int:
     try:
         with warnings.catch_warnings():
             if not sys.warnoptions:  # python -W decides where given
-                # Each warning once (not once per fold), as one line of the command's own.
+                # Each warning once (not once per fold), as one line of the command's own;
+                # those Python hides by default stay hidden.
                 warnings.simplefilter("once")
+                for hidden in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                    warnings.simplefilter("ignore", hidden)
                 warnings.showwarning = _show_warning
             return COMMANDS[args.command](args)
     except InputError as error:

@@ -196,7 +196,7 @@ ERRORS = [
     (("fit", "train.csv"), 2, "the following arguments are required: --target, --out"),
     (("train",), 2, "invalid choice: 'train'"),
     (("fit", "extra_fields.csv", "--target", "price", "--out", "m"), 3,
-     "cannot read extra_fields.csv: some rows have more fields than the header; check the separator (--sep)"),
+     "cannot read extra_fields.csv: Error tokenizing data"),
     (("fit", "train.json", "--target", "price", "--out", "m"), 3,
      "cannot read train.json: .json files are not read here; give a CSV or parquet file"),
     (("fit", "placeholder_target.csv", "--target", "price", "--out", "m"), 3,
@@ -207,6 +207,8 @@ ERRORS = [
     (("fit", "train.csv", "--target", "price", "--out", "new.csv/m"), 3,
      "--out new.csv/m: new.csv is a file, so the directory cannot be made"),
     (("predict", "model", "new.csv", "--keep", "id"), 3, "--keep names unknown column(s) ['id']; the columns are"),
+    (("fit", "grouped_target.csv", "--target", "price", "--out", "m"), 3,
+     "the target column 'price' holds numbers written with separators, such as '1,"),
 ]
 # Warnings a plain ``python`` run does not print (its default filters).
 HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
@@ -223,11 +225,13 @@ def bad_inputs(workdir):
     pd.read_csv(path / "new.csv").drop(columns="city").to_csv(path / "lacking.csv", index=False)
     pd.read_csv(path / "new.csv").assign(a="many").to_csv(path / "wrong_types.csv", index=False)
     pd.read_csv(path / "train.csv")[["price"]].to_csv(path / "target_only.csv", index=False)
-    (path / "extra_fields.csv").write_text("a,city,price\n1.0,x,2.0,7\n0.5,y,1.0,8\n")
+    (path / "extra_fields.csv").write_text("a,city,price\n1.0,x,2.0\n0.5,y,1.0,8,9\n")
     (path / "train.json").write_text(pd.read_csv(path / "train.csv").to_json())
     pd.read_csv(path / "train.csv").astype({"price": object}).assign(
         price=lambda t: t["price"].where(~t.index.isin([2, 5]), "?")).to_csv(path / "placeholder_target.csv",
                                                                          index=False)
+    pd.read_csv(path / "train.csv").assign(price=lambda t: [f"{1000 + 100 * v:,.2f}" for v in t["price"]]).to_csv(
+        path / "grouped_target.csv", index=False)
     return path
 
 
@@ -263,7 +267,7 @@ def test_csv_options_and_rows_ending_in_a_separator_are_read(workdir):
     """A European file (';' between fields, decimal commas) reads with --sep and --decimal;
     rows ending in one separator more than the header (as some exporters write them) keep
     their columns, where pandas' default made the first field the index and shifted every
-    name one column left."""
+    name one column left; R's row labels are dropped."""
     from argparse import Namespace
 
     from sklearn_moe.cli import csv_options, read_table
@@ -276,6 +280,10 @@ def test_csv_options_and_rows_ending_in_a_separator_are_read(workdir):
     lines = (path / "train.csv").read_text().splitlines()
     (path / "trailing.csv").write_text("\n".join([lines[0], *(line + "," for line in lines[1:])]) + "\n")
     pd.testing.assert_frame_equal(read_table(path / "trailing.csv"), table)
+    # R's write.csv: a quoted row label before each row, none in the header.
+    (path / "row_names.csv").write_text("\n".join([lines[0], *(f'"{i + 1}",{line}' for i, line in
+                                                              enumerate(lines[1:]))]) + "\n")
+    pd.testing.assert_frame_equal(read_table(path / "row_names.csv"), table)
     tab = Namespace(sep="\\t", decimal=None, thousands=None, na_values=["?", "n/a"])
     assert csv_options(tab) == {"sep": "\t", "na_values": ["?", "n/a"]}  # '\t' as typed in a shell
 
@@ -295,6 +303,23 @@ def test_text_numbers_are_warned_of_once_with_the_options_that_read_them(workdir
                      "2", "--out", "m2", cwd=tmp_path)
     assert quiet.returncode == 0 and "warning" not in quiet.stderr
     assert json.loads((tmp_path / "m2" / "summary.json").read_text())["n_rows"] == 120
+
+
+def test_warnings_python_hides_stay_hidden(monkeypatch, capsys, tmp_path):
+    import warnings as warnings_module
+
+    import sklearn_moe.cli as cli
+
+    def deprecated(args):
+        warnings_module.warn("an API of a dependency is deprecated", DeprecationWarning, stacklevel=2)
+        warnings_module.warn("a model did not converge", UserWarning, stacklevel=2)
+        warnings_module.warn("a model did not converge", UserWarning, stacklevel=2)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "info", deprecated)
+    monkeypatch.setattr(cli.sys, "warnoptions", [])
+    assert cli.main(["info", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == "sklearn-moe: warning: a model did not converge\n"
 
 
 def test_predict_keeps_the_columns_asked_for_before_the_predictions(workdir, tmp_path):

@@ -87,6 +87,24 @@ def test_experts_that_starve_at_different_epochs_are_named_in_one_warning(regres
     assert len(warned) == 1 and str(warned[0].message).startswith("Expert(s) [1, 2, 3] received less than")
 
 
+def test_a_fit_that_fails_still_names_the_experts_that_starved(regression_data):
+    """skorch calls no on_train_end for a failed fit, and starved experts may be why it failed."""
+
+    class FailsLate(Callback):
+        def on_epoch_end(self, net, **kwargs):
+            if len(net.history) == 8:
+                raise RuntimeError("disk full")
+
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, n_experts=4, router="topk", top_k=1, balance_coef=0.0, max_epochs=10,
+                                early_stopping=False, random_state=0, collapse_patience=2))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError, match="disk full"):
+        warnings.simplefilter("always")
+        model.fit(X, y, callbacks=[NarrowTheFavourites(), FailsLate()])
+    warned = [w for w in caught if issubclass(w.category, ExpertCollapseWarning)]
+    assert len(warned) == 1 and str(warned[0].message).startswith("Expert(s) [1, 2, 3]")
+
+
 def test_collapse_under_a_dense_router_advises_the_balance_loss_that_acts_there(regression_data):
     X, y = regression_data
     model = MoERegressor(**dict(FAST, router="softmax", balance_coef=0.0, z_loss_coef=0.0, max_epochs=6,

@@ -64,15 +64,16 @@ def test_robust_scaler_is_median_and_iqr_with_fallbacks():
     assert center[2] == 7.0 and scale[2] == 1.0
 
 
-def test_a_column_is_constant_by_its_values_not_by_its_spread_against_its_mean():
+def test_a_column_is_constant_when_its_spread_is_rounding_noise_of_its_values():
     rng = np.random.RandomState(0)
     offset = 1e13 + rng.normal(size=1000)  # a spread of 1e-13 of the mean
     rounding = np.full(1000, np.pi * 1e13)  # its mean's rounding leaves a spread of a few ulps
-    mean, scale = fit_standardizer(np.c_[offset, rounding], constant_scale=0.0)
-    assert scale[0] == pytest.approx(offset.std(), rel=1e-3) and scale[1] == 0.0
-    center, robust_scale = fit_robust_scaler(np.c_[offset, rounding])
+    ulps = np.where(np.arange(1000) % 2 == 0, 0.1 * 3, 0.3)  # constant but for one ulp
+    mean, scale = fit_standardizer(np.c_[offset, rounding, ulps], constant_scale=0.0)
+    assert scale[0] == pytest.approx(offset.std(), rel=1e-3) and scale[1] == 0.0 and scale[2] == 0.0
+    center, robust_scale = fit_robust_scaler(np.c_[offset, rounding, ulps])
     q25, q75 = np.quantile(offset, [0.25, 0.75], method="inverted_cdf")
-    assert robust_scale[0] == pytest.approx((q75 - q25) / 1.349) and robust_scale[1] == 1.0
+    assert robust_scale[0] == pytest.approx((q75 - q25) / 1.349) and robust_scale[1] == robust_scale[2] == 1.0
 
 
 def test_outliers_are_bounded_by_smooth_clipping():

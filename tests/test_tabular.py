@@ -369,6 +369,25 @@ def test_a_text_column_of_dates_is_warned_of():
         MoERegressor(**QUICK, categorical_features=["day", "stamp", "city"]).fit(frame, frame["a"].to_numpy())
 
 
+def test_codes_that_look_like_numbers_or_dates_here_and_there_are_not_warned_of():
+    """Whole-number codes with a stray separated pair ('10115,10117') or a grouped id
+    ('1,234'), versions ('1.19.14') and classification codes ('56.09.85') are codes."""
+    import warnings
+
+    rng = np.random.RandomState(0)
+    n = 120
+    zips = [str(code) for code in rng.randint(10000, 99999, n)]
+    zips[:2] = ["10115,10117", "20095,20097"]
+    ids = [str(code) for code in rng.randint(1, 999, n)]
+    ids[0] = "1,234"
+    frame = pd.DataFrame({"a": rng.normal(size=n), "zip": zips, "id": ids,
+                          "version": [f"1.{minor}.{patch}" for minor, patch in rng.randint(10, 30, (n, 2))],
+                          "code": [f"{a}.{b:02d}.{c}" for a, b, c in rng.randint(32, 99, (n, 3))]})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*read as (numbers|dates)")
+        MoERegressor(**QUICK).fit(frame, frame["a"].to_numpy())
+
+
 def test_pipelines_column_transformers_and_cross_validation():
     frame, y = raw_frame(missing=0.05)
     scale_numbers = ColumnTransformer([("numbers", StandardScaler(), ["age", "income"])], remainder="passthrough",

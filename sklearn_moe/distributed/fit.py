@@ -41,6 +41,7 @@ from ..cli import (
     InputError,
     add_csv_options,
     add_param_option,
+    check_output_directory,
     csv_options,
     int_at_least,
     new_estimator,
@@ -66,6 +67,7 @@ def fit(args) -> int:
     int
         0 on success.
     """
+    check_output_directory(Path(args.out))  # before the work, not after it
     X, y, task = split_target(read_table(args.data, csv_options(args)), args.target, args.task)
     model = new_estimator(task, args)
     with data_parallel(expert_parallel=args.expert_parallel) as parallel:
