@@ -754,8 +754,10 @@ class CollapseMonitor(Callback):
         self.warn_of_starved_experts()
 
     def warn_of_starved_experts(self):
-        """The warning of :meth:`on_train_end`, if not yet given: also for a run that
-        failed, where skorch calls no ``on_train_end`` (starved experts may be why).
+        """Give the warning of :meth:`on_train_end`, if not yet given.
+
+        Also for a run that failed, where skorch calls no ``on_train_end`` (starved experts
+        may be why).
 
         Warns
         -----
