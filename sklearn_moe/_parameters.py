@@ -227,7 +227,9 @@ PARAMETERS = """\
         Hold out ``validation_fraction`` of the training rows, stop when the validation loss
         has not improved by ``tol`` (relative) for ``n_iter_no_change`` epochs, and restore the
         best weights. With too few rows for a split the training loss is monitored. When False,
-        training stops once the training loss stalls, as in scikit-learn's MLP.
+        training stops once the training loss stalls, as in scikit-learn's MLP, and keeps the
+        last epoch's weights: on a small table the training loss goes on falling long after
+        the model starts to overfit, and a classifier's probabilities grow overconfident.
     validation_fraction : float, default=0.1
         Share of the training rows held out for early stopping, in [0, 1) (stratified by
         class for the classifier, a class of a single row kept in training), drawn from the
