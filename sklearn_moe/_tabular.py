@@ -354,7 +354,7 @@ def encoded_width(n_features: int, state) -> int:
     return n_features + state._table_missing.size + one_hot_categories
 
 
-def warn_of_numbers_as_text(frame: pd.DataFrame, mask: np.ndarray) -> None:
+def warn_of_text_columns(frame: pd.DataFrame, mask: np.ndarray) -> None:
     """Warn of each text column among ``mask`` (columns ``"from_dtype"`` made categorical)
     of which most distinct values read as numbers, some of them not whole, or as dates.
 
@@ -395,7 +395,7 @@ def _warn_of_text_column(name: str, n_read: int, n_distinct: int, what: str, exa
 
 
 def _warn_of_numbers(distinct: pd.Series, name: str) -> None:
-    """:func:`warn_of_numbers_as_text` for a column of ``distinct`` values, most of which
+    """:func:`warn_of_text_columns` for a column of ``distinct`` values, most of which
     read as numbers: a warning unless they are whole numbers without separators."""
     numbers, separated = _read_numbers(distinct)
     read = numbers.dropna().to_numpy(dtype=np.float64)
@@ -454,7 +454,7 @@ _DECIMAL_COMMA = re.compile(r"[+-]?(?:\d{1,3}(?:\.\d{3})+|\d*),\d+")
 def _with_separators(separated: pd.Series) -> bool:
     """Whether values are numbers written with separators: at least a tenth of them (a
     stray ``"10115,10117"`` among whole-number codes is not)."""
-    return bool(separated.mean() >= 0.1) if len(separated) else False
+    return bool(separated.mean() >= 0.1)  # False for none: the mean of none is NaN
 
 
 def _mostly_numbers(values: pd.Series) -> bool:
@@ -503,7 +503,7 @@ def encode_for_fit(estimator, X, reuse: bool):
         X = densify(X, warn=True)
     mask = categorical_mask(X, estimator.categorical_features)
     if isinstance(estimator.categorical_features, str):  # "from_dtype" chose the columns
-        warn_of_numbers_as_text(X, mask)
+        warn_of_text_columns(X, mask)
     if not (mask.any() or (estimator.handle_missing == "native" and _has_missing(X))):
         vars(estimator).update(empty_state())
         return X, None

@@ -683,7 +683,7 @@ class CollapseMonitor(Callback):
         """
         self._starved_for = None
         self._warned = set()
-        self._starved, self._revivals = {}, []  # this run's: warned of at its end
+        self._starved, self._revival_sources = {}, []  # this run's: warned of at its end
         for row in net.history:
             _, collapsed = self._count_starved(net.module_, row)
             if self.recovery:
@@ -727,7 +727,7 @@ class CollapseMonitor(Callback):
             module.split_expert(busiest, collapsed)
             self._starved_for[collapsed] = 0
             net.history.record("revived_experts", collapsed)
-            self._revivals.append((collapsed, busiest))
+            self._revival_sources.append(busiest)
         for expert in collapsed:
             if expert not in self._warned or self.recovery:
                 self._starved[expert] = share[expert]
@@ -767,9 +767,9 @@ class CollapseMonitor(Callback):
             return
         experts = sorted(self._starved)
         if self.recovery:
-            sources = sorted({busiest for _, busiest in self._revivals})
+            sources = sorted(set(self._revival_sources))
             source = f"expert {sources[0]}" if len(sources) == 1 else f"the busiest expert (of {sources}, in turn)"
-            count = len(self._revivals)
+            count = len(self._revival_sources)
             action = f"re-initialised as copies of {source}, {count} revival{'s' if count > 1 else ''} in all"
         else:
             action = f"{self._advice}, or set collapse_recovery=True to re-initialise them"
@@ -778,7 +778,7 @@ class CollapseMonitor(Callback):
             f"Expert(s) {experts} received less than {self.threshold:g} of an equal share of the routing for "
             f"{self.patience} epochs (their shares {shares}, where an equal share is {1 / self._n_experts:.3g}): "
             f"the router has collapsed onto fewer experts; {action}.", ExpertCollapseWarning)
-        self._starved, self._revivals = {}, []
+        self._starved, self._revival_sources = {}, []
 
 
 def _balancing_advice(module) -> str:

@@ -367,7 +367,7 @@ def fit_command(args) -> int:
         raise InputError(f"--cv must be at most the number of rows ({len(y)}); got {args.cv}")
     moe = new_estimator(task, args)
     with warnings.catch_warnings():
-        _warn_of_numbers_as_text(moe, X)
+        _warn_of_text_columns(moe, X)
         if args.tune:
             moe = _tuned(moe, X, y, args)
         table = cross_validate_models({"moe": moe, **baselines(task, args.seed)}, X, y, task, args.cv, args.seed)
@@ -385,16 +385,16 @@ def fit_command(args) -> int:
     return 0
 
 
-def _warn_of_numbers_as_text(moe, X: pd.DataFrame) -> None:
+def _warn_of_text_columns(moe, X: pd.DataFrame) -> None:
     """The estimator's warning of text columns of numbers (or dates), said once of the whole
     table, with the command line's options for numbers; the fits that follow, each on its
     own rows, keep it to themselves (call it in a ``warnings.catch_warnings()`` block)."""
-    from ._tabular import TEXT_COLUMN_WARNING, categorical_mask, warn_of_numbers_as_text
+    from ._tabular import TEXT_COLUMN_WARNING, categorical_mask, warn_of_text_columns
 
     if isinstance(moe.categorical_features, str):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            warn_of_numbers_as_text(X, categorical_mask(X, moe.categorical_features))
+            warn_of_text_columns(X, categorical_mask(X, moe.categorical_features))
         for warning in caught:
             warnings.warn(warning.message, stacklevel=2)
         said = " ".join(str(warning.message) for warning in caught)

@@ -54,7 +54,7 @@ from .embeddings import N_FREQUENCIES, CategoricalEmbedding, NumericEmbedding
 from .experts import AdapterExperts, StackedExperts
 from .layouts import choose_layout, expert_outputs
 from .losses import BALANCE_LOSSES, expert_diversity_loss, router_z_loss
-from .routers import TopKRouter, make_router
+from .routers import make_router
 
 # Expert dropout keeps a row's most weighted expert where its survivors would carry less
 # than this share of the row's gate weight.
@@ -662,7 +662,7 @@ class MixtureOfExperts(nn.Module):
         ``source`` and its copies lowered."""
         # A top-k choice ranks the logits: lowered, the source and its copies would drop
         # below the experts they beat and stop being chosen, so the copies starve in turn.
-        by_rank = isinstance(self.router, TopKRouter) and not self.router.is_dense
+        by_rank = self.router.chooses_by_rank
         for name, tensor in self._router_expert_tensors().items():
             gate_bias = name.endswith(".bias") and not name.startswith("noise")
             exact = gate_bias or name == "selection_bias"

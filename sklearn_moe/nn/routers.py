@@ -178,6 +178,15 @@ class Router(nn.Module):
         """Whether every row uses every expert."""
         return self.top_k == self.n_experts
 
+    @property
+    def chooses_by_rank(self) -> bool:
+        """Whether a row's experts are those of its largest logits (a top-k choice).
+
+        Lowering some logits then moves rows away from those experts rather than sharing
+        out their weight.
+        """
+        return False
+
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Compute the router logits, in float32 at least (also under mixed-precision autocast).
 
@@ -374,6 +383,11 @@ class TopKRouter(Router):
             Each expert's probability of being selected where selection is random; None here.
         """
         return logits, None
+
+    @property
+    def chooses_by_rank(self) -> bool:
+        """Whether a row's experts are those of its largest logits: unless ``top_k`` is all."""
+        return not self.is_dense
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route each row to the ``top_k`` experts of highest score (plus selection bias).
