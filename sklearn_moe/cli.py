@@ -73,6 +73,13 @@ def read_table(path, csv_options: dict | None = None) -> pd.DataFrame:
         raise InputError(f"cannot read {path}: {suffix} files are not read here; give a CSV or parquet file")
     try:
         frame = pd.read_parquet(path) if suffix in PARQUET_SUFFIXES else _read_csv(path, csv_options or {})
+    except UnicodeDecodeError as error:
+        encoding = (csv_options or {}).get("encoding", "utf-8")
+        raise InputError(f"cannot read {path} as {encoding} text (it holds the byte "
+                         f"{error.object[error.start:error.end]!r}): give the file's encoding with --encoding, such "
+                         "as latin-1 or cp1252 for many files written on Windows") from error
+    except LookupError as error:  # an unknown --encoding
+        raise InputError(f"cannot read {path}: {error}") from error
     except Exception as error:  # noqa: BLE001 - whatever the reader raises, it is the file
         raise InputError(f"cannot read {path}: {' '.join(str(error).split())}") from error
     if frame.empty:
@@ -94,10 +101,11 @@ def _read_csv(path: Path, options: dict) -> pd.DataFrame:
 
 def csv_options(args) -> dict:
     """The ``pandas.read_csv`` arguments of the command line's ``--sep``, ``--decimal``,
-    ``--thousands`` and ``--na-values``."""
+    ``--thousands``, ``--na-values`` and ``--encoding``."""
     sep = getattr(args, "sep", None)
     options = {"sep": "\t" if sep == "\\t" else sep,  # as typed in a shell: backslash, t
-               "decimal": getattr(args, "decimal", None), "thousands": getattr(args, "thousands", None)}
+               "decimal": getattr(args, "decimal", None), "thousands": getattr(args, "thousands", None),
+               "encoding": getattr(args, "encoding", None)}
     options = {name: value for name, value in options.items() if value is not None}
     if getattr(args, "na_values", None):
         options["na_values"] = list(args.na_values)
@@ -106,13 +114,15 @@ def csv_options(args) -> dict:
 
 def add_csv_options(parser: argparse.ArgumentParser) -> None:
     """The options of reading a CSV file: ``--sep``, ``--decimal``, ``--thousands``,
-    ``--na-values``."""
+    ``--na-values``, ``--encoding``."""
     group = parser.add_argument_group("reading a CSV file")
     group.add_argument("--sep", help="field separator (default ','; ';' for many European files, '\\t' for TSV)")
     group.add_argument("--decimal", help="decimal mark of the numbers (default '.')")
     group.add_argument("--thousands", help="thousands separator of the numbers (default none)")
     group.add_argument("--na-values", nargs="+", metavar="TEXT",
                        help="text that marks a missing value, besides the empty field and pandas' own (NA, NaN, ...)")
+    group.add_argument("--encoding", help="the file's text encoding (default utf-8; latin-1 or cp1252 for many files "
+                                          "written on Windows)")
 
 
 def infer_task(y: pd.Series) -> str:

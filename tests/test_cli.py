@@ -288,6 +288,23 @@ def test_csv_options_and_rows_ending_in_a_separator_are_read(workdir):
     assert csv_options(tab) == {"sep": "\t", "na_values": ["?", "n/a"]}  # '\t' as typed in a shell
 
 
+def test_a_file_not_in_utf8_is_an_error_naming_the_encoding_option(tmp_path):
+    """A Latin-1 file (as many Windows programs write them) gave pandas' codec message; the
+    error now says what to do, and --encoding reads the file."""
+    from argparse import Namespace
+
+    from sklearn_moe.cli import InputError, csv_options, read_table
+
+    (tmp_path / "latin.csv").write_bytes("city,price\nMünchen,1\nKöln,2\n".encode("latin-1"))
+    with pytest.raises(InputError, match=r"as utf-8 text \(it holds the byte b'\\xfc'\): give the file's encoding "
+                                         r"with --encoding"):
+        read_table(tmp_path / "latin.csv")
+    options = csv_options(Namespace(sep=None, decimal=None, thousands=None, na_values=None, encoding="latin-1"))
+    assert read_table(tmp_path / "latin.csv", options)["city"].tolist() == ["München", "Köln"]
+    with pytest.raises(InputError, match="unknown encoding: klingon"):
+        read_table(tmp_path / "latin.csv", {"encoding": "klingon"})
+
+
 def test_text_numbers_are_warned_of_once_with_the_options_that_read_them(workdir, tmp_path):
     path, _ = workdir
     table = pd.read_csv(path / "train.csv").astype({"a": object})
