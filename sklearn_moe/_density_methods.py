@@ -7,7 +7,7 @@ import torch
 from scipy.special import ndtr
 from sklearn.utils import check_random_state
 
-from ._validation import check_int
+from .nn._checks import check_int
 from .nn.density import calibrated_scale, mixture_moments, mixture_nll_dense
 
 #: The range of the spread's recalibration factor. It only widens: trained on the likelihood

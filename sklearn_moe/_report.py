@@ -7,7 +7,7 @@ import pandas as pd
 from sklearn.utils import _safe_indexing
 
 from ._tabular import encoded_names, n_code_columns
-from ._validation import check_int
+from .nn._checks import check_int
 
 
 def routing_report(estimator, X, y=None, n_top_features: int = 3) -> pd.DataFrame:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -460,15 +458,6 @@ def _first_text_at(column: pd.Series):
 
 def _plain(name):
     return name.item() if hasattr(name, "item") else name
-
-
-def check_int(name: str, value, minimum: int = 1):
-    """``value``, checked to be an int (not a bool) of at least ``minimum``; a ValueError
-    naming ``name`` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int of at least {minimum}")
-        raise ValueError(f"{name} must be {kind}; got {value!r}.")
-    return value
 
 
 def relative_sample_weight(sample_weight, X) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._validation import check_int
+from .nn._checks import check_int
 
 
 def _as_numpy(values) -> np.ndarray:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_int
 from .diagnostics import target_bins
+from .nn._checks import check_int
 
 __all__ = [
     "plot_expert_count_curve",

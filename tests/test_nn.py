@@ -1042,11 +1042,11 @@ def test_forward_sorted_trains_the_experts_it_uses():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(n_features=0), "n_features must be an int >= 1, got 0"),
-    (dict(n_outputs=0), "n_outputs must be an int >= 1, got 0"),
-    (dict(top_k=1.5), "top_k must be an int >= 1, got 1.5"),
-    (dict(expert_hidden=(8, 0)), "expert_hidden sizes must be an int >= 1, got 0"),
-    (dict(gate_hidden=(0,)), "gate_hidden sizes must be an int >= 1, got 0"),
+    (dict(n_features=0), "n_features must be a positive int; got 0"),
+    (dict(n_outputs=0), "n_outputs must be a positive int; got 0"),
+    (dict(top_k=1.5), "top_k must be a positive int; got 1.5"),
+    (dict(expert_hidden=(8, 0)), "expert_hidden sizes must be a positive int; got 0"),
+    (dict(gate_hidden=(0,)), "gate_hidden sizes must be a positive int; got 0"),
     (dict(dropout=1.5), r"dropout must be in \[0, 1\), got 1.5"),
     (dict(dropout=-0.1), r"dropout must be in \[0, 1\), got -0.1"),
     (dict(output_init_scale=-1.0), "output_init_scale must be > 0, got -1.0"),

@@ -28,12 +28,12 @@ a copy to the host follows anyway. :func:`~._sync.avoid_host_reads` decides.
 from __future__ import annotations
 
 import math
-from numbers import Integral
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ._checks import check_int
 from ._sync import avoid_host_reads, compute_dtype, grouped_mm_supported
 from .density import CLASS_MIXTURES, OUTPUTS, split_outputs
 from .dispatch import (
@@ -133,13 +133,6 @@ class _Mixed(NamedTuple):
     plan_counts: torch.Tensor | None
     n_dropped: torch.Tensor
     assignments: ExpertAssignments
-
-
-def _check_sizes(**sizes) -> None:
-    """Raise a ValueError unless every one of ``sizes`` is an int (not a bool) of at least 1."""
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def _floating(x: torch.Tensor) -> torch.Tensor:
@@ -339,11 +332,12 @@ class MixtureOfExperts(nn.Module):
         output: str = "point",
     ):
         super().__init__()
-        _check_sizes(n_features=n_features, n_outputs=n_outputs, n_experts=n_experts, top_k=top_k,
-                     diversity_rows=diversity_rows)
+        for name, size in (("n_features", n_features), ("n_outputs", n_outputs), ("n_experts", n_experts),
+                           ("top_k", top_k), ("diversity_rows", diversity_rows)):
+            check_int(name, size)
         for name, widths in (("expert_hidden", expert_hidden), ("gate_hidden", gate_hidden)):
             for width in widths:
-                _check_sizes(**{f"{name} sizes": width})
+                check_int(f"{name} sizes", width)
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if not output_init_scale > 0:

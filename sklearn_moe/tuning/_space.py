@@ -15,7 +15,7 @@ from sklearn.base import is_classifier
 from sklearn.pipeline import Pipeline
 
 from .._base import BaseMoE
-from .._validation import check_int
+from ..nn._checks import check_int
 from ..nn.density import REGRESSOR_OUTPUTS as OUTPUTS
 
 #: Routers of the default space: the ones whose behaviour the space's parameters fully

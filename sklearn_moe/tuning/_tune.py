@@ -21,7 +21,7 @@ from sklearn.model_selection import check_cv
 from sklearn.utils import _safe_indexing
 from skorch.callbacks import Callback
 
-from .._validation import check_int
+from ..nn._checks import check_int
 from ..nn.losses import mean_per_row
 from ._optuna_private import claimed_trial
 from ._space import check_space, decode_params, find_moe_step, fit_param_name, search_space, suggest
