@@ -23,6 +23,15 @@ from ._warnings import warn_at_caller
 from .nn.losses import MultilabelLoss
 
 
+def _check_indicator_values(y) -> None:
+    """Raise a ``ValueError`` unless the multilabel ``y`` holds only 0 and 1."""
+    values = np.unique(y)
+    if not np.isin(values, (0, 1)).all():
+        raise ValueError(f"A multilabel y must be an indicator matrix of 0 and 1 (1: the row has the label); "
+                         f"this one holds {values.tolist()}. Map it to 0 and 1 first, e.g. "
+                         f"(Y == {values.max().item()!r}).")
+
+
 def _checked_classes(classes) -> np.ndarray:
     """The sorted distinct labels of ``partial_fit``'s ``classes``."""
     classes = np.asarray(classes)
@@ -241,11 +250,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         """The 0/1 labels of a multilabel indicator matrix ``y`` as uint8, and the target
         encoding to keep (``classes``, if given, must have one entry per label)."""
         check_one_label_per_row(type(self).__name__, y)  # two values at most, else a clear error
-        values = np.unique(y)
-        if not np.isin(values, (0, 1)).all():
-            raise ValueError(f"A multilabel y must be an indicator matrix of 0 and 1 (1: the row has the label); "
-                             f"this one holds {values.tolist()}. Map it to 0 and 1 first, e.g. "
-                             f"(Y == {values.max().item()!r}).")
+        _check_indicator_values(y)
         n_labels = y.shape[1]
         if classes is not None and not _is_label_indices(classes, n_labels):
             given = _shown(np.asarray(classes, dtype=object).ravel().tolist())
@@ -389,8 +394,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         check_one_label_per_row(type(self).__name__, y)
         shape = target_shape(y) or ()
         if self._multilabel or (len(shape) == 2 and shape[1] > 1):
-            self._check_label_matrix(y)
-            return super().score(X, y, sample_weight=sample_weight)
+            return super().score(X, self._check_label_matrix(y), sample_weight=sample_weight)
         labels = np.unique(column_or_1d(y, warn=True))
         unseen = labels[~np.isin(labels, self.classes_)]
         if unseen.size:
@@ -401,9 +405,9 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             )
         return super().score(X, y, sample_weight=sample_weight)
 
-    def _check_label_matrix(self, y) -> None:
-        """Raise a ``ValueError`` unless the model is multilabel and ``y`` is an indicator
-        matrix of its number of labels."""
+    def _check_label_matrix(self, y) -> np.ndarray:
+        """``y`` as a dense array; a ``ValueError`` unless the model is multilabel and ``y``
+        is an indicator matrix (of 0 and 1, dense or sparse) of its number of labels."""
         shape = target_shape(y)
         if not self._multilabel:
             raise ValueError(f"y has shape {shape}, a multilabel indicator matrix, but the model was fitted on one "
@@ -411,6 +415,9 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         if len(shape) != 2 or shape[1] != self.classes_.shape[0]:
             raise ValueError(f"The model was fitted on a multilabel y of {self.classes_.shape[0]} labels; y must be "
                              f"an indicator matrix of shape (n_samples, {self.classes_.shape[0]}), got {shape}.")
+        y = y.toarray() if issparse(y) else np.asarray(y)
+        _check_indicator_values(y)
+        return y
 
     def predict_proba(self, X):
         """Predict class probabilities.

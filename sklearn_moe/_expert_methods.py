@@ -97,8 +97,11 @@ class ExpertMethods:
         X : array-like of shape (n_samples, n_features)
             Input rows, with the columns (and, for a DataFrame, the column names) seen in
             ``fit``.
-        y : array-like of shape (n_samples,), optional
-            With targets, each expert's ``score`` on the rows it serves.
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs), optional
+            With targets, each expert's ``score`` on the rows it serves: those ``fit``
+            takes (several targets of a multi-output regressor, scored by their mean R²;
+            a multilabel classifier's indicator matrix, dense or sparse, scored by subset
+            accuracy).
         n_top_features : int, default=3
             Number of inputs listed in ``distinguishing_features``.
 
@@ -118,7 +121,8 @@ class ExpertMethods:
         Raises
         ------
         ValueError
-            If ``y`` has another number of rows than ``X``, or ``n_top_features`` is not a
+            If ``y`` has another number of rows than ``X``, or is not a target of the kind
+            the model was fitted on (see ``score``), or ``n_top_features`` is not a
             non-negative int.
 
         Examples

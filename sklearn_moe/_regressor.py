@@ -109,7 +109,7 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
 
     def _encode_targets(self, y, sample_weight, reset, classes=None, partial=False):
         """Standardised float32 targets, and the target encoding to keep (``_y_ndim``,
-        ``_y_mean`` and ``_y_scale`` on a first fit, and ``_n_outputs``)."""
+        and ``_y_mean`` and ``_y_scale`` on a first fit, and ``_n_outputs``)."""
         try:
             y = np.asarray(y, dtype=np.float64)
         except (TypeError, ValueError) as error:
@@ -125,7 +125,8 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
                 f"partial_fit), predicts {self._y_mean.shape[0]}; set warm_start=False and call fit to start afresh."
             )
         else:
-            y_mean, y_scale, state = self._y_mean, self._y_scale, {}
+            # Predictions take the shape of the latest fit's y: (n,) or (n, 1) for one target.
+            y_mean, y_scale, state = self._y_mean, self._y_scale, {"_y_ndim": y.ndim}
             # A target constant so far (scale 0: predicted exactly) that now varies gets an
             # encoding from this call's rows and the constant, else it would be predicted
             # forever. The network, trained on zeros, maps to the new mean.
@@ -137,7 +138,7 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
                     weights = np.append(sample_weight, sample_weight[sample_weight > 0].mean())
                 new_mean, new_scale = fit_standardizer(np.vstack((y2d, y_mean)), weights, constant_scale=0.0)
                 y_mean, y_scale = np.where(refit, new_mean, y_mean), np.where(refit, new_scale, y_scale)
-                state = {"_y_mean": y_mean, "_y_scale": y_scale}
+                state = {**state, "_y_mean": y_mean, "_y_scale": y_scale}
         if sample_weight is not None:
             # Rows of weight 0 do not count, but a huge target there would still overflow
             # the scaling or the float32 loss (0 * inf = nan): they get the mean.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from sklearn.utils import _safe_indexing
+from sklearn.utils.validation import _num_samples
 
 from ._tabular import encoded_names, n_code_columns
 from .nn._checks import check_int
@@ -17,8 +18,8 @@ def routing_report(estimator, X, y=None, n_top_features: int = 3) -> pd.DataFram
     gates = estimator._gates(X_scaled)
     inputs = X_scaled.detach().cpu().numpy().astype(np.float64)
     n_rows, n_experts = gates.shape
-    if y is not None and len(y) != n_rows:
-        raise ValueError(f"X has {n_rows} rows but y has {len(y)}.")
+    if y is not None and _num_samples(y) != n_rows:
+        raise ValueError(f"X has {n_rows} rows but y has {_num_samples(y)}.")
     top1 = gates.argmax(axis=1)
     counts = np.bincount(top1, minlength=n_experts)
     names = encoded_names(estimator)  # the inputs' columns, categories and missing-value indicators included

@@ -46,7 +46,7 @@ class RoutingMetrics(Callback):
     (share of validation rows whose top-1 expert changed since the last epoch; NaN on the
     first), ``valid_specialization`` (normalised mutual information between the top-1
     expert and the class, the set of labels of a multilabel target, or the decile of a
-    regression target) and ``valid_expert_loss`` (the mixture's loss on the rows each
+    regression target, the first target's for several) and ``valid_expert_loss`` (the mixture's loss on the rows each
     expert serves first, a list; NaN where none).
     """
 

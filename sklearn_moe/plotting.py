@@ -14,6 +14,7 @@ or display it in a notebook by leaving it as a cell's value.
 from __future__ import annotations
 
 import numpy as np
+from scipy.sparse import issparse
 
 from .diagnostics import target_bins
 from .nn._checks import check_int
@@ -215,7 +216,7 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
     """
     check_int("n_bins", n_bins)
     estimator, X = _fitted_moe(estimator, X)
-    y = np.asarray(y)
+    y = y.toarray() if issparse(y) else np.asarray(y)  # a multilabel classifier's y may be sparse
     top1 = estimator.route(X).argmax(axis=1)
     if y.shape[0] != top1.shape[0]:
         raise ValueError(f"X has {top1.shape[0]} rows but y has {y.shape[0]}.")
@@ -223,8 +224,8 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
     if hasattr(estimator, "classes_"):
         labels = [str(c) for c in estimator.classes_]
         if estimator._multilabel or y.ndim == 2:
-            estimator._check_label_matrix(y)
-            members = y.astype(float)  # row i counts in label j's column when it has label j
+            # Row i counts in label j's column when it has label j.
+            members = estimator._check_label_matrix(y).astype(float)
             group_name = "label"
         else:
             unknown = np.setdiff1d(y, estimator.classes_)

@@ -689,6 +689,16 @@ def test_warm_start_continues_training(estimator_class):
     np.testing.assert_allclose(cold.history_["train_loss"].iloc[0], first_fit_start, rtol=1e-6)
 
 
+def test_a_warm_start_fit_predicts_in_the_shape_of_its_own_y(regression_data):
+    """One target given as (n,) or (n, 1): predictions follow the latest fit's y, as after
+    a cold fit, in both directions."""
+    X, y = regression_data
+    model = MoERegressor(**dict(SHORT, max_epochs=1, warm_start=True)).fit(X, y)
+    assert model.predict(X).shape == (len(y),)
+    assert model.fit(X, y[:, None]).predict(X).shape == (len(y), 1)
+    assert model.fit(X, y).predict(X).shape == (len(y),)
+
+
 def test_warm_start_with_different_number_of_features_raises(regression_data):
     X, y = regression_data
     model = MoERegressor(**dict(SHORT, max_epochs=2, warm_start=True)).fit(X, y)

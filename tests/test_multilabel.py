@@ -6,6 +6,7 @@ import pickle
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 import safetensors
 import scipy.sparse as sp
@@ -160,6 +161,24 @@ def test_score_refuses_a_target_of_the_other_kind(fitted):
         single.score(X, Y)
 
 
+def test_scoring_and_diagnostics_refuse_a_label_matrix_of_other_values(fitted):
+    """fit refuses -1/+1 labels, and so do score, the routing report and the heatmap: they
+    had scored such a matrix 0.0 (and drawn shares of -43) without a word."""
+    model, X, Y = fitted
+    for coded in (2 * Y - 1, 2 * Y):
+        with pytest.raises(ValueError, match=r"indicator matrix of 0 and 1.*Map it to 0 and 1"):
+            model.score(X, coded)
+        with pytest.raises(ValueError, match=r"indicator matrix of 0 and 1"):
+            model.routing_report(X, coded)
+
+
+def test_a_sparse_label_matrix_serves_the_diagnostics_as_the_dense_one(fitted):
+    model, X, Y = fitted
+    sparse = sp.csr_matrix(Y)
+    assert model.score(X, sparse) == model.score(X, Y)
+    pd.testing.assert_frame_equal(model.routing_report(X, sparse), model.routing_report(X, Y))
+
+
 def test_a_matrix_of_other_values_than_0_and_1_is_refused():
     X, Y = label_data(60)
     with pytest.raises(ValueError, match="'multiclass-multioutput'.*MultiOutputClassifier"):
@@ -198,6 +217,10 @@ def test_heatmap_has_a_column_per_label(fitted):
     served = np.bincount(top1[has_label_1], minlength=model.n_experts)
     np.testing.assert_allclose(table[:, 1], served / has_label_1.sum())
     np.testing.assert_allclose(table.sum(axis=0), 1.0)
+    sparse = plot_routing_heatmap(model, X, sp.csr_matrix(Y)).axes[0].images[0].get_array()
+    np.testing.assert_array_equal(sparse, table)
+    with pytest.raises(ValueError, match=r"indicator matrix of 0 and 1"):
+        plot_routing_heatmap(model, X, 2 * Y - 1)
     with pytest.raises(ValueError, match=r"shape \(n_samples, 3\)"):
         plot_routing_heatmap(model, X, Y[:, 0])
     single = MoEClassifier(**SHORT).fit(X, Y[:, 0])
