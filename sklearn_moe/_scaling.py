@@ -106,6 +106,8 @@ def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = Non
     # once the sorts' and the standardizer's temporaries would take several times its size.
     # A block holds two columns at least: numpy sums a lone column in another order.
     n_columns = values.shape[1]
+    if n_columns == 0:  # every input a category code
+        return np.zeros(0), np.ones(0)
     step = max(2, _SCALER_BLOCK_VALUES // max(1, values.shape[0]))
     starts = list(range(0, n_columns, step))
     if len(starts) > 1 and n_columns - starts[-1] == 1:

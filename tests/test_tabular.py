@@ -165,6 +165,19 @@ def test_an_embedded_column_is_learned_saved_and_takes_unseen_categories(tmp_pat
     np.testing.assert_array_equal(model.predict(unseen), model.predict(unseen.assign(shop="elsewhere")))
 
 
+@pytest.mark.parametrize("estimator_class", [MoERegressor, MoEClassifier])
+def test_a_table_of_embedded_columns_only_is_learned(estimator_class):
+    """No numeric input is left to scale (an id column alone, embedded): the scaler had
+    failed on its empty column set."""
+    rng = np.random.RandomState(0)
+    shop = rng.randint(300, size=600)
+    frame = pd.DataFrame({"shop": [f"shop{i}" for i in shop]})
+    y = (shop % 2).astype(float) if estimator_class is MoERegressor else shop % 2
+    model = estimator_class(**dict(FAST, max_epochs=30)).fit(frame, y)
+    assert model._table_embedded.tolist() == [0] and model._x_scale.tolist() == [1.0]
+    assert model.score(frame, y) > 0.8
+
+
 @pytest.mark.parametrize("options", [dict(one_hot_max_categories=0, numeric_embedding="periodic"),
                                      dict(one_hot_max_categories=0, numeric_embedding=None, expert_type="adapter"),
                                      dict(one_hot_max_categories=2, expert_type="adapter")])
