@@ -16,12 +16,15 @@ from .nn.embeddings import NUMERIC_EMBEDDINGS
 from .nn.losses import BALANCE_LOSSES, EXPERT_LOSSES
 from .nn.moe import EXPERT_TYPES
 
+#: Temperatures the router can divide by in float32: positive normal float32 numbers.
+TEMPERATURE_RANGE = (float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max))
+
 PARAMETER_CONSTRAINTS: dict = {
     "n_experts": [Interval(Integral, 1, None, closed="left")],
     "top_k": [Interval(Integral, 1, None, closed="left")],
     "router": [StrOptions(set(ROUTERS))],
-    "temperature": [Interval(Real, 0, None, closed="neither")],
-    "temperature_final": [None, Interval(Real, 0, None, closed="neither")],
+    "temperature": [Interval(Real, *TEMPERATURE_RANGE, closed="both")],
+    "temperature_final": [None, Interval(Real, *TEMPERATURE_RANGE, closed="both")],
     "temperature_schedule": [StrOptions(set(TEMPERATURE_SCHEDULES))],
     "capacity_factor": [None, Interval(Real, 1, None, closed="left"), StrOptions({"auto"})],
     "balance_loss": [StrOptions(set(BALANCE_LOSSES)), None],
@@ -92,7 +95,8 @@ PARAMETERS = """\
         ensemble; what the gate adds is measured against it). Prediction is noise-free for
         every router.
     temperature : float, default=1.0
-        Router softmax temperature (> 0); lower is sharper. With ``temperature_final``, the
+        Router softmax temperature (> 0, a normal float32 number: 1.2e-38 to 3.4e38);
+        lower is sharper. With ``temperature_final``, the
         temperature of the first epoch.
     temperature_final : float or None, default=None
         Anneal the router's temperature from ``temperature`` (first epoch) to this value

@@ -487,10 +487,14 @@ def annealed_temperature(start: float, final: float, schedule: str, progress: fl
         If ``schedule`` is not one of the names above.
     """
     t = min(max(progress, 0.0), 1.0)
+    # Weighted sums of the two ends, not differences: each end is returned exactly, and a
+    # temperature between two positive ones stays positive (start + (final - start) * t
+    # gave 0.0 at t=1 for start=1, final=1e-17).
     if schedule == "linear":
-        return start + (final - start) * t
+        return start * (1 - t) + final * t
     if schedule == "cosine":
-        return final + (start - final) * (1 + math.cos(math.pi * t)) / 2
+        weight = (1 + math.cos(math.pi * t)) / 2
+        return start * weight + final * (1 - weight)
     if schedule == "exponential":
         return start * (final / start) ** t
     raise ValueError(f"schedule must be one of {TEMPERATURE_SCHEDULES}, got {schedule!r}")

@@ -24,6 +24,18 @@ def test_schedules_by_hand():
         annealed_temperature(2.0, 0.5, "step", 0.5)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "exponential"])
+@pytest.mark.parametrize("start, final", [(1.0, 1e-17), (1e-17, 1.0), (1e-6, 1e6)])
+def test_the_schedules_end_exactly_at_their_ends_and_stay_positive(schedule, start, final):
+    """Annealing between far-apart temperatures: start + (final - start) * t had given 0.0,
+    a temperature the router divides by, at the linear schedule's end (1 to 1e-17) and the
+    cosine's start (1e-17 to 1)."""
+    assert annealed_temperature(start, final, schedule, 0.0) == start
+    assert annealed_temperature(start, final, schedule, 1.0) == final
+    path = [annealed_temperature(start, final, schedule, t) for t in np.linspace(0, 1, 11)]
+    assert min(path) >= min(start, final) * (1 - 1e-12) and max(path) <= max(start, final) * (1 + 1e-12)
+
+
 def test_each_epoch_trains_at_its_temperature_and_the_model_keeps_the_last(regression_data, tmp_path):
     X, y = regression_data
     model = MoERegressor(**dict(FAST, router="topk", max_epochs=5, early_stopping=False, temperature=2.0,
@@ -50,6 +62,8 @@ def test_early_stopping_keeps_the_temperature_of_the_best_epoch(regression_data)
 
 def test_annealing_parameters_are_validated():
     X, y = np.zeros((20, 2)), np.zeros(20)
-    for bad in (dict(temperature_final=0.0), dict(temperature_final=-1.0), dict(temperature_schedule="step")):
+    # 1e-46 is 0 in the router's float32.
+    for bad in (dict(temperature_final=0.0), dict(temperature_final=-1.0), dict(temperature_schedule="step"),
+                dict(temperature=1e-46), dict(temperature_final=1e39)):
         with pytest.raises(ValueError, match=f"'{next(iter(bad))}' parameter of MoERegressor"):
             MoERegressor(max_epochs=1, **bad).fit(X, y)
