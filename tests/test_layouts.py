@@ -91,6 +91,13 @@ def test_choose_layout():
     assert choose_layout(at_sorted, training=False, device_type="cuda") == "padded"
     below = plan_dispatch(at_sorted.experts[1:].view(-1, 1), torch.ones(at_sorted.rows.shape[0] - 1, 1), 6)
     assert choose_layout(below, training=False, device_type="cpu") == "padded"
+    # Few rows per expert, but one expert with most of them: padding 256 experts to it
+    # would take 256 x 1000 rows for 2000 assignments (prediction was 30x slower).
+    n_experts, n_rows = 256, 1000
+    choices = torch.stack([torch.zeros(n_rows, dtype=torch.long), torch.arange(n_rows) % (n_experts - 1) + 1], 1)
+    uneven = plan_dispatch(choices, torch.full((n_rows, 2), 0.5), n_experts)
+    assert uneven.rows.shape[0] < SORTED_MIN_ROWS_PER_EXPERT * n_experts
+    assert choose_layout(uneven, training=False, device_type="cpu") == "sorted"
 
 
 def test_padded_layout_pads_every_expert_to_the_busiest():

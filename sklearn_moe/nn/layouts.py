@@ -14,10 +14,11 @@ rounding.
   (:func:`plan_layout`): the first holds the first ``t_1`` slots of every expert, with the
   weights used in place; each further block tops up only the experts that have more
   assignments, over their gathered weights.
-- ``"sorted"`` (evaluation on the CPU, many rows per expert): each expert runs on its own
-  contiguous run of the expert-sorted rows, with no padding at all
+- ``"sorted"`` (evaluation on the CPU, many rows per expert or uneven loads): each expert
+  runs on its own contiguous run of the expert-sorted rows, with no padding at all
   (:meth:`~.experts.StackedExperts.forward_sorted`): one plain matmul per expert and layer,
-  cheap next to products this tall (at 8 experts, 16k rows predict 3.7x faster).
+  cheap next to products this tall (at 8 experts, 16k rows predict 3.7x faster), or next
+  to the padding of uneven loads over many experts (at 256, 20k rows predict 30x faster).
 - ``"blocked"`` (training on a GPU): every buffer size is known on the host, so nothing
   waits for the device. Each expert's rows fill whole blocks of ``block_rows`` rows
   (:func:`blocked_layout`); the number of blocks is bounded by ``m / block_rows +
@@ -90,8 +91,10 @@ def choose_layout(plan: DispatchPlan, training: bool, device_type: str, grouped:
         ``"padded"`` on a GPU; on the CPU, ``"staircase"`` in training when there are at
         least :data:`STAIRCASE_MIN_ASSIGNMENTS` assignments and one block would pad them by
         more than :data:`STAIRCASE_MIN_PADDING`, ``"sorted"`` in evaluation when the
-        experts average at least :data:`SORTED_MIN_ROWS_PER_EXPERT` assignments and the
-        plan is sorted by expert (``plan.by_expert``).
+        plan is sorted by expert (``plan.by_expert``) and either the experts average at
+        least :data:`SORTED_MIN_ROWS_PER_EXPERT` assignments or padding every expert to
+        the busiest one would take more rows than the assignments plus that many per
+        expert.
     """
     if plan.n_slots is None:
         return "grouped" if grouped else "blocked"
@@ -101,8 +104,12 @@ def choose_layout(plan: DispatchPlan, training: bool, device_type: str, grouped:
     if training:
         uneven = n_experts * plan.n_slots > (1 + STAIRCASE_MIN_PADDING) * n_kept
         return "staircase" if n_kept >= STAIRCASE_MIN_ASSIGNMENTS and uneven else "padded"
-    many_rows = n_kept >= SORTED_MIN_ROWS_PER_EXPERT * n_experts
-    return "sorted" if many_rows and plan.by_expert else "padded"
+    # One matmul per expert is taken to cost as much as SORTED_MIN_ROWS_PER_EXPERT rows:
+    # worth it with many rows per expert, or where the padding to the busiest expert would
+    # cost more (uneven routing over many experts: 30x slower at 256).
+    per_expert_calls = SORTED_MIN_ROWS_PER_EXPERT * n_experts
+    cheaper = n_kept >= per_expert_calls or n_experts * plan.n_slots > n_kept + per_expert_calls
+    return "sorted" if cheaper and plan.by_expert else "padded"
 
 
 def expert_outputs(x: torch.Tensor, experts: torch.nn.Module, plan: DispatchPlan, n_outputs: int,
