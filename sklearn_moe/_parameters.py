@@ -159,7 +159,9 @@ PARAMETERS = """\
         ``router="top_p"``: instead of ``top_p``, learn a per-expert probability threshold
         (straight-through), so how many experts a row uses is learned.
     n_groups : int, default=2
-        ``router="hierarchical"``: number of expert groups (at most ``n_experts``).
+        ``router="hierarchical"``: number of expert groups; more than ``n_experts`` means
+        one group per expert (as ``top_k``, so that a search over ``n_experts`` needs no
+        ``n_groups`` beside it).
     diversity_coef : float, default=0.0
         Weight of a diversity loss: the mean squared cosine similarity between the experts'
         centred outputs on the first 64 rows of each batch (every expert is run on them).
