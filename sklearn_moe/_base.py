@@ -10,6 +10,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._data import TensorTable
 from ._expert_methods import ExpertMethods
+from ._guard import warn_if_not_learned
 from ._net import named_callbacks
 from ._parameters import PARAMETER_CONSTRAINTS, check_hyperparameters
 from ._scaling import fit_robust_scaler, scale_features
@@ -257,6 +258,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         self.net_ = net
         self.n_iter_ = len(net.history)
         self.history_ = history_frame(net.history)
+        warn_if_not_learned(self.history_, self._constant_prediction_loss(), self)
         self._after_training(valid_table)
         self.expert_load_ = self._expert_load(table.X)
         return self
@@ -283,6 +285,11 @@ class BaseMoE(ExpertMethods, BaseEstimator):
             # current parameter's. (Annealing sets it every epoch.)
             module.router.temperature.fill_(float(self.temperature))
         return module
+
+    def _constant_prediction_loss(self) -> float:
+        """The task loss of a constant prediction (the mean, uniform probabilities): the
+        yardstick of :func:`~._guard.warn_if_not_learned`."""
+        raise NotImplementedError
 
     def _after_training(self, valid_table) -> None:
         """Fit what is fitted on the validation rows (``None`` without) once training ends."""

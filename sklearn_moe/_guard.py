@@ -23,7 +23,9 @@ import collections
 import copy
 import math
 
+import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from ._warnings import warn_at_caller
 from .nn._sync import avoid_host_reads
@@ -226,3 +228,34 @@ class TrainingGuard:
             f"(rollback {self.rollbacks} of at most {MAX_ROLLBACKS}).",
             RuntimeWarning,
         )
+
+
+#: The kept model's loss, over a constant prediction's, above which training is taken to
+#: have diverged without a non-finite value.
+NOT_LEARNED_RATIO = 10.0
+
+
+def warn_if_not_learned(history, constant_loss: float, params) -> None:
+    """Warn (:class:`~sklearn.exceptions.ConvergenceWarning`) where the kept weights' loss
+    is over :data:`NOT_LEARNED_RATIO` times ``constant_loss``, a constant prediction's:
+    with a learning rate far too high the losses can stay finite yet enormous, and the fit
+    would return a model far worse than predicting the mean without a word.
+
+    ``history`` is the estimator's ``history_``: the kept weights are the best validation
+    loss's (early stopping) or the last epoch's (its training task loss)."""
+    validated = "valid_loss" in history
+    column = "valid_loss" if validated else "task_loss"
+    if column not in history:
+        return
+    losses = history[column].to_numpy(dtype=float)
+    losses = losses[np.isfinite(losses)]
+    if not losses.size:
+        return
+    loss = losses.min() if validated else losses[-1]
+    if loss > NOT_LEARNED_RATIO * constant_loss:
+        warn_at_caller(
+            f"Training did not converge: the kept model's {'validation' if validated else 'training'} loss, "
+            f"{loss:.3g}, is over {NOT_LEARNED_RATIO:g} times a constant prediction's ({constant_loss:.3g}), as when "
+            f"training diverges without a non-finite value. Lower learning_rate (now {params.learning_rate:g}) or "
+            f"weight_decay (now {params.weight_decay:g}), or bound the steps with max_grad_norm "
+            f"(now {params.max_grad_norm}).", ConvergenceWarning)

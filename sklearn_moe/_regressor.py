@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import numpy as np
 from sklearn.base import RegressorMixin
@@ -157,6 +158,13 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
 
     def _module_output(self) -> str:
         return self.output
+
+    def _constant_prediction_loss(self) -> float:
+        # The standardised targets' mean: squared error 1 per target; as a density, the
+        # standard normal's negative log-likelihood, summed over the targets.
+        if self.output == "mixture_density":
+            return 0.5 * math.log(2 * math.pi * math.e) * self._n_outputs
+        return 1.0
 
     def fit(self, X, y, sample_weight=None, callbacks=None):
         return self._fit(X, y, sample_weight, callbacks)

@@ -1,10 +1,12 @@
 """Training faults: non-finite losses roll back, divergence raises, Ctrl-C keeps a usable model."""
 
 import signal
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from skorch.callbacks import Callback
 
 from sklearn_moe import MoEClassifier, MoERegressor, TrainingDivergedError
@@ -155,6 +157,22 @@ def test_persistent_divergence_raises_and_leaves_the_estimator_unfitted(
 
 def test_divergence_error_is_a_runtime_error():
     assert issubclass(TrainingDivergedError, RuntimeError)
+
+
+@pytest.mark.parametrize("params", [{}, {"early_stopping": False}])
+@pytest.mark.parametrize("estimator_class", [MoERegressor, MoEClassifier])
+def test_a_finite_but_exploded_fit_is_warned_of(regression_data, estimator_class, params):
+    """learning_rate=10: the losses stay finite but enormous, and the model is far worse than
+    a constant prediction (R² -2e34); the fit had returned it without a word."""
+    X, y = regression_data
+    y = y if estimator_class is MoERegressor else (y > np.median(y)).astype(int)
+    with pytest.warns(ConvergenceWarning, match=r"Training did not converge: the kept model's (validation|training) "
+                                                r"loss, .* is over 10 times a constant prediction's .*learning_rate "
+                                                r"\(now 10\)"):
+        estimator_class(**dict(PARAMS, max_epochs=3, learning_rate=10.0), **params).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        estimator_class(**dict(PARAMS, max_epochs=3), **params).fit(X, y)
 
 
 def test_keyboard_interrupt_keeps_the_best_weights_so_far(regression_data):
