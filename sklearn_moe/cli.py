@@ -507,7 +507,9 @@ def predict_command(args) -> int:
         unused = [str(name) for name in X.columns if name not in used and name not in ignored]
         if unused:
             print(f"sklearn-moe: note: ignoring column(s) the model does not use: {unused}", file=sys.stderr)
-        X = X[list(model.feature_names_in_)]
+        # Rows labelled as the file counts them (1: the first after the header), which the
+        # estimator's errors name.
+        X = X[list(model.feature_names_in_)].set_axis(pd.RangeIndex(1, len(X) + 1))
     else:  # fitted on an array: the table's columns are its columns, in fit's order
         if X.shape[1] != model.n_features_in_:
             raise InputError(f"{args.data} has {X.shape[1]} column(s) besides any target, but the model was fitted "

@@ -180,7 +180,8 @@ ERRORS = [
      "--ignore names the target 'price'"),
     (("info", "no_task"), 3, "no_task/summary.json lacks ['task']"),
     (("predict", "model", "lacking.csv"), 3, "lacks the model's column(s) ['city']"),
-    (("predict", "model", "wrong_types.csv"), 3, "cannot predict on wrong_types.csv"),
+    (("predict", "model", "wrong_types.csv"), 3, "cannot predict on wrong_types.csv: Column(s) 'a' of X held "
+                                                 "numbers in fit and now hold text: 'a' holds 'many' in row 3."),
     (("fit", "target_only.csv", "--target", "price", "--out", "m"), 3, "no column besides the target 'price'"),
     (("fit", "train.csv", "--target", "price", "--cv", "500", "--out", "m"), 3,
      "--cv must be at most the number of rows (120); got 500"),
@@ -223,7 +224,9 @@ def bad_inputs(workdir):
         shutil.copytree(path / "model", path / name, dirs_exist_ok=True)
         (path / name / "summary.json").write_text(summary)
     pd.read_csv(path / "new.csv").drop(columns="city").to_csv(path / "lacking.csv", index=False)
-    pd.read_csv(path / "new.csv").assign(a="many").to_csv(path / "wrong_types.csv", index=False)
+    wrong_types = pd.read_csv(path / "new.csv").astype({"a": object})
+    wrong_types.loc[2, "a"] = "many"  # the third row after the header
+    wrong_types.to_csv(path / "wrong_types.csv", index=False)
     pd.read_csv(path / "train.csv")[["price"]].to_csv(path / "target_only.csv", index=False)
     (path / "extra_fields.csv").write_text("a,city,price\n1.0,x,2.0\n0.5,y,1.0,8,9\n")
     (path / "train.json").write_text(pd.read_csv(path / "train.csv").to_json())
