@@ -206,6 +206,26 @@ def split_target(frame: pd.DataFrame, target: str, task: str):
     return X, y.to_numpy(), task
 
 
+def training_data(path, target: str, task: str, options: dict, ignore=()):
+    """``(X, y, task)`` of a training file: :func:`read_table`, without the ``ignore``
+    columns, split by :func:`split_target`; a classification's labels as the file writes
+    them (:func:`_labels_as_written`)."""
+    X, y, task = split_target(without_columns(read_table(path, options), ignore, target), target, task)
+    if task == "classification":
+        y = _labels_as_written(Path(path), target, options, y)
+    return X, y, task
+
+
+def _labels_as_written(path: Path, target: str, options: dict, y: np.ndarray) -> np.ndarray:
+    """The class labels ``y`` as pandas read them from a CSV where they render as the file
+    writes them, else the file's own text: pandas reads ``"007"`` as 7, ``"01"`` and ``"1"``
+    as one class, and ``"3.5"`` beside ``"1"`` as floats, which are no class labels."""
+    if path.suffix.lower() in PARQUET_SUFFIXES or y.dtype.kind not in "biuf":
+        return y  # a parquet file's types are its own; text labels are read as written
+    written = _read_csv(path, {**options, "dtype": {target: str}})[target].str.strip().to_numpy(dtype=object)
+    return y if (y.astype(str).astype(object) == written).all() else written
+
+
 def _first_rows(rows) -> str:
     """Row positions as the table counts them (1 = the first row after the header), the
     first five at most."""
@@ -299,26 +319,29 @@ def cross_validate_models(models: dict, X, y, task: str, cv: int, seed: int) -> 
     from sklearn.metrics import get_scorer
     from sklearn.model_selection import KFold, StratifiedKFold
 
-    if task == "classification":
-        # The classes' codes, in the labels' sorted order: the same folds and scores for every
-        # model, and scikit-learn < 1.8's MLPClassifier(early_stopping=True) fails on text labels.
-        y = np.unique(y, return_inverse=True)[1]
+    from sklearn_moe._base import BaseMoE
+
+    # The baselines learn the classes' codes, in the labels' sorted order (the same folds and
+    # scores; scikit-learn < 1.8's MLPClassifier(early_stopping=True) fails on text labels);
+    # the MoE learns the labels, which its class_weight names.
+    codes = np.unique(y, return_inverse=True)[1] if task == "classification" else y
     splitter = (StratifiedKFold if task == "classification" else KFold)(cv, shuffle=True, random_state=seed)
     scorer = get_scorer("accuracy" if task == "classification" else "r2")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The least populated class", UserWarning)  # scored as said above
-        folds = list(splitter.split(X, y))
+        folds = list(splitter.split(X, codes))
     rows = []
     for position, (name, model) in enumerate(models.items()):
+        targets = y if isinstance(model, BaseMoE) else codes
         scores, times = [], []
         try:
             for index, (train, test) in enumerate(folds, 1):
                 _progress(f"cross-validating {name}: fold {index}/{cv}")
                 fitted = clone(model)
                 start = time.perf_counter()
-                fitted.fit(X.iloc[train], y[train])
+                fitted.fit(X.iloc[train], targets[train])
                 times.append(time.perf_counter() - start)
-                scores.append(scorer(fitted, X.iloc[test], y[test]))
+                scores.append(scorer(fitted, X.iloc[test], targets[test]))
         except Exception as error:
             _progress("")
             if position == 0:
@@ -371,8 +394,7 @@ def without_columns(frame: pd.DataFrame, ignore, target: str) -> pd.DataFrame:
 def fit_command(args) -> int:
     out = Path(args.out)
     check_output_directory(out)  # before the work, not after it
-    frame = without_columns(read_table(args.data, csv_options(args)), args.ignore, args.target)
-    X, y, task = split_target(frame, args.target, args.task)
+    X, y, task = training_data(args.data, args.target, args.task, csv_options(args), args.ignore)
     if args.cv > len(y):
         raise InputError(f"--cv must be at most the number of rows ({len(y)}); got {args.cv}")
     moe = new_estimator(task, args)

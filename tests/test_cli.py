@@ -113,6 +113,33 @@ def test_a_text_target_is_a_classification(workdir):
     assert predicted[0] == "prediction,probability_down,probability_up" and predicted[1].split(",")[0] in ("up", "down")
 
 
+def test_class_labels_are_the_files_own_text(workdir, tmp_path):
+    """pandas reads "010" as 10, and "01" and "1" as one class: the labels keep the file's
+    text, and the cross-validated MoE learns them, not their codes, so a class_weight names
+    them (it had failed: 'names class(es) ['01'] that are not in y; the classes are [0, 1,
+    2]'). Labels that pandas reads as written stay its numbers."""
+    from sklearn_moe import load
+
+    path, _ = workdir
+    table = pd.read_csv(path / "train.csv")
+    price = table.pop("price")
+    table.assign(label=np.where(price > 0.5, "010", np.where(price < -0.5, "01", "1"))).to_csv(
+        tmp_path / "codes.csv", index=False)
+    fitted = run_main("fit", "codes.csv", "--target", "label", "--task", "classification", "--cv", "2",
+                      "--max-epochs", "2", "--param", "class_weight={'01': 3.0}", "--out", "codes", cwd=tmp_path)
+    assert fitted.returncode == 0, fitted.stderr
+    assert load(tmp_path / "codes" / "model.moe").classes_.tolist() == ["01", "010", "1"]
+    predicted = pd.read_csv(io.StringIO(run_main("predict", "codes", "codes.csv", cwd=tmp_path).stdout), dtype=str)
+    assert list(predicted.columns) == ["prediction", "probability_01", "probability_010", "probability_1"]
+    assert set(predicted["prediction"]) <= {"01", "010", "1"}
+    table.assign(label=np.where(price > 0, 1, 0)).to_csv(tmp_path / "ints.csv", index=False)
+    fitted = run_main("fit", "ints.csv", "--target", "label", "--cv", "2", "--max-epochs", "2", "--out", "ints",
+                      cwd=tmp_path)
+    assert fitted.returncode == 0, fitted.stderr
+    classes = load(tmp_path / "ints" / "model.moe").classes_
+    assert classes.dtype.kind == "i" and classes.tolist() == [0, 1]
+
+
 def test_fit_sets_the_moes_parameters_from_param_options(workdir):
     path, _ = workdir
     fitted = run_main("fit", "train.csv", "--target", "price", "--cv", "2", "--max-epochs", "2", "--param",

@@ -45,9 +45,8 @@ from ..cli import (
     csv_options,
     int_at_least,
     new_estimator,
-    read_table,
     save_model,
-    split_target,
+    training_data,
 )
 from .data_parallel import data_parallel
 
@@ -68,7 +67,7 @@ def fit(args) -> int:
         0 on success.
     """
     check_output_directory(Path(args.out))  # before the work, not after it
-    X, y, task = split_target(read_table(args.data, csv_options(args)), args.target, args.task)
+    X, y, task = training_data(args.data, args.target, args.task, csv_options(args))
     model = new_estimator(task, args)
     with data_parallel(expert_parallel=args.expert_parallel) as parallel:
         model.fit(X, y)
