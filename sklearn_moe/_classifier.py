@@ -80,7 +80,8 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     class_weight : dict, "balanced" or None, default=None
         Weights of the classes in the loss, ``{class_label: weight}`` (classes left out
         weigh 1), as in scikit-learn's ``LogisticRegression`` and
-        ``HistGradientBoostingClassifier``. ``"balanced"`` weighs each class by ``n_samples
+        ``HistGradientBoostingClassifier``; a class not in ``y`` (in a cross-validation
+        fold that lacks a rare class) is unused, with a warning. ``"balanced"`` weighs each class by ``n_samples
         / (n_classes * n_samples_of_the_class)`` in the fitted ``y`` (rows counted, not
         their ``sample_weight``, as ``HistGradientBoostingClassifier`` does). Multiplied with
         ``sample_weight``; early stopping monitors the weighted validation loss. For one
@@ -239,9 +240,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
             return np.where(present, len(targets) / (present.sum() * np.maximum(counts, 1)), 0.0)
         known = set(self.classes_.tolist())
         unknown = [label for label in self.class_weight if label not in known]
-        if unknown:
-            raise ValueError(f"class_weight names class(es) {unknown[:10]} that are not in y; the classes are "
-                             f"{self.classes_.tolist()[:20]}.")
+        if unknown:  # as scikit-learn's classifiers, which a fold lacking a rare class needs
+            warn_at_caller(f"class_weight names class(es) {unknown[:10]} that are not in y (the classes are "
+                           f"{self.classes_.tolist()[:20]}); their weights are unused. If y should hold them, check "
+                           "the labels' spelling and type.", UserWarning)
         weights = np.array([self.class_weight.get(label, 1.0) for label in self.classes_.tolist()], dtype=object)
         if not all(isinstance(w, Real) and not isinstance(w, bool) and np.isfinite(w) and w >= 0 for w in weights):
             raise ValueError(f"class_weight's weights must be finite non-negative numbers; got {self.class_weight!r}.")

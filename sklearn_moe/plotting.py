@@ -223,6 +223,8 @@ def plot_routing_heatmap(estimator, X, y, n_bins: int = 10):
     n_experts = estimator.module_.n_experts
     if hasattr(estimator, "classes_"):
         labels = [str(c) for c in estimator.classes_]
+        if not estimator._multilabel and y.ndim == 2 and y.shape[1] == 1:
+            y = y.ravel()  # a one-column frame of labels, as fit takes it
         if estimator._multilabel or y.ndim == 2:
             # Row i counts in label j's column when it has label j.
             members = estimator._check_label_matrix(y).astype(float)

@@ -54,7 +54,6 @@ def test_class_weight_follows_string_labels_and_leaves_unnamed_classes_at_1(data
 
 
 @pytest.mark.parametrize("class_weight, message", [
-    ({2: 1.0}, r"class\(es\) \[2\] that are not in y; the classes are \[0, 1\]"),
     ({1: -1.0}, "finite non-negative numbers"),
     ({1: float("nan")}, "finite non-negative numbers"),
     ({1: "heavy"}, "finite non-negative numbers"),
@@ -67,6 +66,16 @@ def test_bad_class_weights_are_refused_with_a_clear_error(data, class_weight, me
     with pytest.raises(ValueError, match=message):
         model.fit(X, y)
     assert not hasattr(model, "classes_")  # a failed fit leaves no fitted state
+
+
+def test_a_weight_of_a_class_not_in_y_is_unused_with_a_warning(data):
+    """As scikit-learn's classifiers: a cross-validation fold may lack a rare class that
+    class_weight weighs (the fit had failed there, where LogisticRegression fits)."""
+    X, y = data
+    with pytest.warns(UserWarning, match=r"class\(es\) \[2\] that are not in y \(the classes are \[0, 1\]\); "
+                                         r"their weights are unused"):
+        model = MoEClassifier(**dict(FAST, max_epochs=1, class_weight={1: 3.0, 2: 5.0})).fit(X, y)
+        np.testing.assert_allclose(model._class_weights(y), [1.0, 3.0])
 
 
 def test_a_class_of_negligible_weights_is_named_as_such(data):

@@ -101,6 +101,9 @@ def test_heatmap_of_a_classifier_has_a_column_per_class():
     axes = plot_routing_heatmap(model, X, y).axes[0]
     assert [label.get_text() for label in axes.get_xticklabels()] == ["no", "yes"]
     np.testing.assert_allclose(axes.images[0].get_array().sum(axis=0), 1.0)
+    # A one-column frame of labels, as fit takes it (it was taken for a multilabel matrix).
+    column = plot_routing_heatmap(model, X, pd.DataFrame({"label": y})).axes[0].images[0].get_array()
+    np.testing.assert_array_equal(column, axes.images[0].get_array())
 
 
 def test_embedding_colours_every_row_by_its_expert(fitted):
