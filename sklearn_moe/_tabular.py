@@ -356,13 +356,14 @@ def encoded_width(n_features: int, state) -> int:
 
 def warn_of_text_columns(frame: pd.DataFrame, mask: np.ndarray) -> None:
     """Warn of each text column among ``mask`` (columns ``"from_dtype"`` made categorical)
-    of which most distinct values read as numbers, some of them not whole, or as dates.
+    of which most distinct values read as numbers, some of them not whole or the others a
+    few placeholders, or as dates.
 
     A numeric column with a placeholder for missing values (``"?"``, ``"n/a"``), numbers
     written with a decimal comma (``"1,5"``) and dates (``"2024-01-31"``) are text as a CSV
     reader leaves them. As categories, each number or date is one of its own, and a new one
-    at prediction is unseen. Whole numbers alone (codes, zip codes, identifiers) are left
-    alone.
+    at prediction is unseen. Whole numbers alone, or zero-padded (codes, zip codes,
+    identifiers), are left alone.
     """
     for position in np.flatnonzero(mask):
         column = frame.iloc[:, position]
@@ -396,15 +397,20 @@ def _warn_of_text_column(name: str, n_read: int, n_distinct: int, what: str, exa
 
 def _warn_of_numbers(distinct: pd.Series, name: str) -> None:
     """:func:`warn_of_text_columns` for a column of ``distinct`` values, most of which
-    read as numbers: a warning unless they are whole numbers without separators."""
+    read as numbers: a warning unless they are whole numbers without separators, alone or
+    zero-padded."""
     numbers, separated = _read_numbers(distinct)
     read = numbers.dropna().to_numpy(dtype=np.float64)
     plain = numbers[~separated].dropna().to_numpy(dtype=np.float64)  # a stray "10115,10117" is no fraction
     fractions = (np.isfinite(plain) & (plain != np.round(plain))).any()
     written_with_separators = _with_separators(separated)
-    if read.size < _NUMBERS_SHARE * len(distinct) or not (fractions or written_with_separators):
-        return
     other = distinct[numbers.isna()]
+    # Whole numbers beside a placeholder or two ("?", "n/a") are a numeric column with
+    # missing values; zero-padded ones ("007") are codes.
+    padded = distinct[numbers.notna()].astype(str).str.strip().str.match(r"[+-]?0\d").any()
+    placeholders = 0 < len(other) <= _MAX_PLACEHOLDERS and not padded
+    if read.size < _NUMBERS_SHARE * len(distinct) or not (fractions or written_with_separators or placeholders):
+        return
     placeholder = f" (such as {other.iloc[0]!r})" if len(other) else ""
     example = distinct[separated if written_with_separators else numbers.notna()].iloc[0]
     advice = (f"If it holds numbers, convert it first: pd.to_numeric(X[{name}], errors='coerce') makes what is not "
@@ -445,6 +451,9 @@ def _mostly_dates(values: pd.Series) -> bool:
 
 # The share of a text column's distinct values that must read as numbers for the warning.
 _NUMBERS_SHARE = 0.9
+# Whole numbers are warned of beside at most this many distinct other values: placeholders
+# of missing values, not the letters of codes.
+_MAX_PLACEHOLDERS = 3
 # Numbers written with separators: thousands grouped by commas ("1,234", "12,345.5"), or a
 # decimal comma with thousands perhaps grouped by points ("1,5", "1.234,5").
 _GROUPED_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")

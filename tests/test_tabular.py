@@ -382,6 +382,28 @@ def test_a_text_column_of_dates_is_warned_of():
         MoERegressor(**QUICK, categorical_features=["day", "stamp", "city"]).fit(frame, frame["a"].to_numpy())
 
 
+def test_a_text_column_of_whole_numbers_and_a_placeholder_is_warned_of():
+    """An integer column with '?' for its missing values (as a CSV reader leaves it) is
+    numbers too; zero-padded codes beside an 'n/a' are codes."""
+    import warnings
+
+    rng = np.random.RandomState(0)
+    n = 60
+    sqft = [str(value) for value in rng.randint(500, 3000, n)]
+    sqft[5] = "?"
+    codes = [f"{value:05d}" for value in rng.randint(100, 99999, n)]
+    codes[5] = "n/a"
+    frame = pd.DataFrame({"a": rng.normal(size=n), "sqft": sqft, "code": codes})
+    with pytest.warns(UserWarning) as caught:
+        MoERegressor(**QUICK).fit(frame, frame["a"].to_numpy())
+    messages = [str(w.message) for w in caught if "read as numbers" in str(w.message)]
+    assert len(messages) == 1 and messages[0].startswith("Column 'sqft' holds text")
+    assert "makes what is not a number (such as '?') a missing value" in messages[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*read as numbers")
+        MoERegressor(**QUICK).fit(frame.drop(columns="sqft"), frame["a"].to_numpy())
+
+
 def test_codes_that_look_like_numbers_or_dates_here_and_there_are_not_warned_of():
     """Whole-number codes with a stray separated pair ('10115,10117') or a grouped id
     ('1,234'), versions ('1.19.14') and classification codes ('56.09.85') are codes."""
