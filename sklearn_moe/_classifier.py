@@ -7,6 +7,7 @@ import math
 from numbers import Integral, Real
 
 import numpy as np
+import pandas as pd
 from scipy.sparse import issparse
 from scipy.special import expit, log_expit, log_softmax
 from sklearn.base import ClassifierMixin
@@ -402,7 +403,12 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         shape = target_shape(y) or ()
         if self._multilabel or (len(shape) == 2 and shape[1] > 1):
             return super().score(X, self._check_label_matrix(y), sample_weight=sample_weight)
-        labels = np.unique(column_or_1d(y, warn=True))
+        y = column_or_1d(y, warn=True)
+        missing = pd.isna(y)
+        if missing.any():
+            raise ValueError(f"y has {int(missing.sum())} missing label(s) (NaN, None or pd.NA), the first in row "
+                             f"{int(np.flatnonzero(missing)[0])}; score on the rows with a label.")
+        labels = np.unique(y)
         unseen = labels[~np.isin(labels, self.classes_)]
         if unseen.size:
             raise ValueError(

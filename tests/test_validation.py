@@ -523,6 +523,17 @@ def test_unseen_classes_in_score_are_named(fitted_models):
     assert 0 <= model.score(*_data(MoEClassifier)) <= 1
 
 
+@pytest.mark.parametrize("missing", [None, np.nan, pd.NA])
+def test_missing_labels_in_score_are_named_as_missing(fitted_models, missing):
+    """They were called unseen labels ('[nan] not seen in fit'), or None failed a sort."""
+    model = fitted_models[MoEClassifier]
+    X, y = _data(MoEClassifier)
+    y = pd.Series(y, dtype="string" if missing is pd.NA else object)
+    y[4] = missing
+    with pytest.raises(ValueError, match=r"y has 1 missing label\(s\) \(NaN, None or pd.NA\), the first in row 4"):
+        model.score(X, y)
+
+
 @by_name
 def test_sparse_input_is_densified_with_a_warning_in_fit(estimator_class):
     import scipy.sparse as sp
