@@ -313,17 +313,26 @@ def _whole_number_keys(strings: np.ndarray) -> np.ndarray:
 _WHOLE_FLOAT = r"^\+?(-?\d+)\.0+$"
 
 
+def _value_keys(strings: np.ndarray) -> np.ndarray:
+    """Category keys (:func:`_category_strings`) as values to match: whole numbers without
+    trailing zeros, and a boolean as the number it equals (``"True"`` as ``"1"``), so that
+    a boolean column given as 0/1 (or the reverse) keeps its categories."""
+    keys = _whole_number_keys(np.asarray(strings, dtype=str))
+    return np.where(keys == "True", "1", np.where(keys == "False", "0", keys))
+
+
 def _codes(known: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The position of each of ``values`` among the categories ``known``, -1 where it is not
-    one of them. Only values not found as they are (an unseen category, or a model whose
-    categories were kept as text, ``"1.0"``, before they were keyed by value) are looked up
-    among ``known``'s keys: there the first of a key's categories takes it."""
+    one of them. Only values not found as they are (an unseen category, a model whose
+    categories were kept as text, ``"1.0"``, before they were keyed by value, or booleans
+    given as 0/1) are looked up by :func:`_value_keys`: there the first of a key's
+    categories takes it."""
     codes = pd.Index(known).get_indexer(values)
     unfound = (codes < 0) & (values != _MISSING)
     if unfound.any() and known.size:
-        keys = pd.Index(_whole_number_keys(known))
+        keys = pd.Index(_value_keys(known))
         first_of_key = np.flatnonzero(~keys.duplicated(keep="first"))
-        found = keys[first_of_key].get_indexer(values[unfound])
+        found = keys[first_of_key].get_indexer(_value_keys(values[unfound]))
         codes[unfound] = np.where(found >= 0, first_of_key[found], -1)
     return codes
 

@@ -102,6 +102,21 @@ def test_categories_are_matched_by_value_not_by_text():
     np.testing.assert_array_equal(encode_table(frame, fitted), as_ints)
 
 
+def test_a_boolean_column_given_as_0_and_1_keeps_its_categories():
+    """True == 1: a bool column seen as 0/1 (or the reverse) had matched no category on any
+    row, so the column's information was dropped without a word."""
+    rng = np.random.RandomState(0)
+    frame = pd.DataFrame({"flag": rng.rand(200) > 0.5, "z": rng.normal(size=200)})
+    y = np.where(frame["flag"], 3.0, -3.0) + frame["z"]
+    model = MoERegressor(**QUICK).fit(frame, y)
+    assert model._table_categories.tolist() == ["False", "True"]
+    rows = frame.head(8)
+    for numbers in (rows.astype({"flag": int}), rows.astype({"flag": float})):
+        np.testing.assert_array_equal(model.predict(numbers), model.predict(rows))
+    codes = MoERegressor(**QUICK, categorical_features=["flag"]).fit(frame.astype({"flag": int}), y)
+    np.testing.assert_array_equal(codes.predict(rows), codes.predict(rows.astype({"flag": int})))
+
+
 def test_a_model_fitted_on_integer_categories_predicts_float_rows_alike():
     rng = np.random.RandomState(0)
     frame = pd.DataFrame({"store": rng.randint(0, 3, 240), "z": rng.normal(size=240)})
