@@ -21,6 +21,7 @@ from .diagnostics import expert_utilization
 from .distributed.data_parallel import agree_on_seeds, check_backend, check_same_data, shard_rows
 from .nn import MixtureOfExperts
 from .nn.embeddings import fit_embedding_layout
+from .nn.losses import mean_per_row
 
 # Prediction runs in chunks of rows that hold about this many values at the module's widest
 # step (``MixtureOfExperts.values_per_row``), within these row bounds: a wide table's
@@ -168,17 +169,21 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         reuse = (self.warm_start or partial) and self.__sklearn_is_fitted__()
         named_callbacks(self.callbacks, "callback")  # a clear error before any work
         extra_callbacks = named_callbacks(callbacks)
-        # A continued fit may re-encode the target (a regressor's constant target that now varies).
-        target_encoding = {name: vars(self)[name] for name in self._target_encoding if name in vars(self)}
+        # A continued fit may re-encode the target (a regressor's constant target that now
+        # varies), and its input check takes the columns' names off before it checks y.
+        kept = (*self._target_encoding, "n_features_in_", "feature_names_in_")
+        before = {name: vars(self)[name] for name in kept if name in vars(self)}
         try:
             self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks, partial, classes)
         except BaseException:
             # A failed fit leaves the estimator unfitted, never half fitted; a failed
-            # continued fit restores the target encoding it may have changed.
+            # continued fit restores what it may have changed.
             if not reuse:
                 self._clear_fitted_state()
             else:
-                vars(self).update(target_encoding)
+                for name in kept:
+                    vars(self).pop(name, None)
+                vars(self).update(before)
             raise
         if self.net_.interrupted_:
             # Ctrl-C: the model of the epochs so far is whole and predicts; the interrupt goes
@@ -258,9 +263,12 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         self.net_ = net
         self.n_iter_ = len(net.history)
         self.history_ = history_frame(net.history)
-        warn_if_not_learned(self.history_, self._constant_prediction_loss(), self)
         self._after_training(valid_table)
         self.expert_load_ = self._expert_load(table.X)
+        # Last: a warning raised as an error leaves the fitted model whole.
+        scored = train_table if valid_table is None else valid_table
+        warn_if_not_learned(self.history_, valid_table is not None, self._constant_prediction_loss(train_table, scored),
+                            self)
         return self
 
     def _warm_module(self, device: str):
@@ -286,9 +294,17 @@ class BaseMoE(ExpertMethods, BaseEstimator):
             module.router.temperature.fill_(float(self.temperature))
         return module
 
-    def _constant_prediction_loss(self) -> float:
-        """The task loss of a constant prediction (the mean, uniform probabilities): the
-        yardstick of :func:`~._guard.warn_if_not_learned`."""
+    def _constant_prediction_loss(self, train: TensorTable, scored: TensorTable) -> float:
+        """The task loss on ``scored`` (with its weights) of the best constant prediction on
+        ``train``, the yardstick of :func:`~._guard.warn_if_not_learned`; the encoded
+        targets' units, as the history's losses."""
+        output = self._constant_output(train.y, train.sample_weight)
+        per_row = mean_per_row(self._criterion()(output.expand(len(scored), -1), scored.y))
+        weights = scored.sample_weight
+        return float(per_row.mean() if weights is None else (per_row * weights).mean())
+
+    def _constant_output(self, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """The network output (one row) that is the best constant prediction of ``targets``."""
         raise NotImplementedError
 
     def _after_training(self, valid_table) -> None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import inspect
-import math
 from numbers import Integral, Real
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy.sparse import issparse
 from scipy.special import expit, log_expit, log_softmax
 from sklearn.base import ClassifierMixin
@@ -296,9 +296,14 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         pruning): the log loss, without the training-only ``label_smoothing``."""
         return self._criterion(label_smoothing=0.0)
 
-    def _constant_prediction_loss(self) -> float:
-        # Uniform probabilities, whatever the label smoothing and class weights.
-        return math.log(2) if self._multilabel else math.log(self.classes_.shape[0])
+    def _constant_output(self, targets, weights):
+        # The training rows' class (or label) frequencies, as logits.
+        weights = torch.ones(len(targets), device=targets.device) if weights is None else weights
+        if self._multilabel:
+            rate = ((targets.float() * weights[:, None]).sum(dim=0) / weights.sum()).clamp(1e-6, 1 - 1e-6)
+            return torch.log(rate) - torch.log1p(-rate)
+        counts = torch.bincount(targets, weights=weights, minlength=self.classes_.shape[0])
+        return (counts / counts.sum()).clamp_min(1e-6).log()
 
     def _module_output(self) -> str:
         if self.mixing != "probabilities":

@@ -235,15 +235,16 @@ class TrainingGuard:
 NOT_LEARNED_RATIO = 10.0
 
 
-def warn_if_not_learned(history, constant_loss: float, params) -> None:
+def warn_if_not_learned(history, validated: bool, constant_loss: float, params) -> None:
     """Warn (:class:`~sklearn.exceptions.ConvergenceWarning`) where the kept weights' loss
-    is over :data:`NOT_LEARNED_RATIO` times ``constant_loss``, a constant prediction's:
-    with a learning rate far too high the losses can stay finite yet enormous, and the fit
-    would return a model far worse than predicting the mean without a word.
+    is over :data:`NOT_LEARNED_RATIO` times ``constant_loss``, a constant prediction's on
+    the same rows: with a learning rate far too high the losses can stay finite yet
+    enormous, and the fit would return a model far worse than predicting the mean without
+    a word.
 
-    ``history`` is the estimator's ``history_``: the kept weights are the best validation
-    loss's (early stopping) or the last epoch's (its training task loss)."""
-    validated = "valid_loss" in history
+    ``history`` is the estimator's ``history_``: with ``validated`` (early stopping, a
+    fit's own history) the kept weights are the best validation loss's, else the last
+    epoch's (its training task loss; a ``partial_fit`` call's epoch is the last)."""
     column = "valid_loss" if validated else "task_loss"
     if column not in history:
         return

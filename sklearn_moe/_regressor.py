@@ -6,6 +6,7 @@ import inspect
 import math
 
 import numpy as np
+import torch
 from sklearn.base import RegressorMixin
 from sklearn.utils._param_validation import StrOptions
 from torch import nn
@@ -15,7 +16,7 @@ from ._density_methods import DensityMethods
 from ._parameters import PARAMETERS, PARTIAL_FIT, TRAINING_RAISES
 from ._scaling import fit_standardizer
 from ._validation import non_numeric_target_error
-from .nn.density import REGRESSOR_OUTPUTS
+from .nn.density import REGRESSOR_OUTPUTS, SCALE_FLOOR
 
 
 class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
@@ -159,12 +160,19 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     def _module_output(self) -> str:
         return self.output
 
-    def _constant_prediction_loss(self) -> float:
-        # The standardised targets' mean: squared error 1 per target; as a density, the
-        # standard normal's negative log-likelihood, summed over the targets.
-        if self.output == "mixture_density":
-            return 0.5 * math.log(2 * math.pi * math.e) * self._n_outputs
-        return 1.0
+    def _constant_output(self, targets, weights):
+        return _weighted_mean(targets, weights)
+
+    def _constant_prediction_loss(self, train, scored) -> float:
+        if self.output != "mixture_density":
+            return super()._constant_prediction_loss(train, scored)
+        # One Gaussian per target, the training rows' mean and spread: its negative
+        # log-likelihood, summed over the targets as the mixture's is.
+        mean = _weighted_mean(train.y, train.sample_weight)
+        variance = _weighted_mean((train.y - mean) ** 2, train.sample_weight).clamp_min(SCALE_FLOOR ** 2)
+        per_row = (0.5 * torch.log(2 * math.pi * variance) + (scored.y - mean) ** 2 / (2 * variance)).sum(dim=1)
+        weights = scored.sample_weight
+        return float(per_row.mean() if weights is None else (per_row * weights).mean())
 
     def fit(self, X, y, sample_weight=None, callbacks=None):
         return self._fit(X, y, sample_weight, callbacks)
@@ -250,3 +258,10 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
+
+
+def _weighted_mean(values, weights):
+    """The mean of ``values`` over its rows (dim 0), weighted by ``weights`` where given."""
+    if weights is None:
+        return values.mean(dim=0)
+    return (values * weights[:, None]).sum(dim=0) / weights.sum()

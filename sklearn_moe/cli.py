@@ -4,7 +4,8 @@
 
     sklearn-moe fit DATA.csv --target COL [--task auto|regression|classification] [--cv 5] [--tune N_TRIALS]
                     [--ignore COL ...] [--seed 0] [--max-epochs N] [--param NAME=VALUE ...]
-                    [--sep SEP] [--decimal MARK] [--thousands MARK] [--na-values TEXT ...] --out DIR
+                    [--sep SEP] [--decimal MARK] [--thousands MARK] [--na-values TEXT ...]
+                    [--encoding NAME] --out DIR
     sklearn-moe predict MODEL DATA.csv [--keep COL ...] [--sep ...] > predictions.csv
     sklearn-moe info MODEL
     sklearn-moe demo [--cv 3] [--max-epochs N] [--out DIR]
@@ -529,14 +530,15 @@ def predict_command(args) -> int:
         unused = [str(name) for name in X.columns if name not in used and name not in ignored]
         if unused:
             print(f"sklearn-moe: note: ignoring column(s) the model does not use: {unused}", file=sys.stderr)
-        # Rows labelled as the file counts them (1: the first after the header), which the
-        # estimator's errors name.
-        X = X[list(model.feature_names_in_)].set_axis(pd.RangeIndex(1, len(X) + 1))
+        X = X[list(model.feature_names_in_)]
     else:  # fitted on an array: the table's columns are its columns, in fit's order
         if X.shape[1] != model.n_features_in_:
             raise InputError(f"{args.data} has {X.shape[1]} column(s) besides any target, but the model was fitted "
                              f"without column names on {model.n_features_in_}: give exactly those, in fit's order")
-        X = X.to_numpy()
+        X = X.set_axis(range(X.shape[1]), axis=1)  # positions, as an array's columns are named
+    # Rows labelled as the file counts them (1: the first after the header), which the
+    # estimator's errors name.
+    X = X.set_axis(pd.RangeIndex(1, len(X) + 1))
     try:
         predicted = model.predict(X)
         if predicted.ndim == 1:

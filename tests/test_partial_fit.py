@@ -4,6 +4,7 @@
 import pickle
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from skorch.callbacks import Callback
@@ -148,6 +149,22 @@ def test_a_failed_call_that_re_encoded_the_target_restores_the_encoding():
         model.set_params(callbacks=[Fails()]).partial_fit(X, y)
     assert model._y_mean[0] == 3.0 and model._y_scale[0] == 0.0
     np.testing.assert_array_equal(model.set_params(callbacks=None).predict(X[:5]), 3.0)
+
+
+@pytest.mark.parametrize("call", ["partial_fit", "warm_start"])
+def test_a_continued_fit_that_fails_on_y_keeps_the_columns_names(call):
+    """The input check of an encoded table's continued fit takes feature_names_in_ off before
+    it checks y: a y of another length had left the model matching columns by position, so
+    swapped columns were predicted silently wrong."""
+    X, y = regression(300)
+    frame = pd.DataFrame(X[:, :3], columns=["a", "b", "c"]).assign(kind=np.where(X[:, 3] > 0, "p", "q"))
+    model = MoERegressor(**FAST, warm_start=call == "warm_start").fit(frame, y)
+    continue_fit = model.partial_fit if call == "partial_fit" else model.fit
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        continue_fit(frame, y[:-1])
+    assert model.feature_names_in_.tolist() == ["a", "b", "c", "kind"]
+    with pytest.raises(ValueError, match="Feature names must be in the same order"):
+        model.predict(frame[["b", "a", "c", "kind"]])
 
 
 def test_pickled_and_loaded_models_train_on(tmp_path):

@@ -175,6 +175,30 @@ def test_a_finite_but_exploded_fit_is_warned_of(regression_data, estimator_class
         estimator_class(**dict(PARAMS, max_epochs=3), **params).fit(X, y)
 
 
+def test_the_warning_measures_a_constant_prediction_on_the_same_rows():
+    """The yardstick is a constant prediction's loss on the scored rows with their weights:
+    with one row in 20 of positive weight the validation loss is some 20 times its
+    unweighted value, and a model that learned had been warned of."""
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(2000, 4))
+    y = X[:, 0] + 2 * rng.normal(size=2000)
+    weights = np.where(np.arange(len(y)) % 20 == 0, 1.0, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        model = MoERegressor(**dict(PARAMS, max_epochs=3)).fit(X, y, sample_weight=weights)
+    assert model.history_["valid_loss"].min() > 10  # 10 times the standardised target's mean's loss
+
+
+def test_a_diverging_partial_fit_after_an_early_stopped_fit_is_warned_of(regression_data):
+    """partial_fit adds its epoch to the fit's history: its own training loss is judged, not
+    the fit's best validation loss."""
+    X, y = regression_data
+    model = MoERegressor(**dict(PARAMS, max_epochs=3)).fit(X, y)
+    with pytest.warns(ConvergenceWarning, match="the kept model's training loss"):
+        for _ in range(3):
+            model.set_params(learning_rate=10.0).partial_fit(X, y)
+
+
 def test_keyboard_interrupt_keeps_the_best_weights_so_far(regression_data):
     X, y = regression_data
     epochs = RecordEpochs()
