@@ -295,9 +295,19 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         return module
 
     def _constant_prediction_loss(self, train: TensorTable, scored: TensorTable) -> float:
+        """The yardstick of :func:`~._guard.warn_if_not_learned`, in the history's units: the
+        task loss on ``scored`` (with its weights) of the best constant prediction on
+        ``train``, but at least an uninformed prediction's (:meth:`_uninformed_loss`, times
+        the scored rows' mean weight). A constant can predict some rows all but exactly (a
+        constant target, a batch of one class), where a model that learned still has a
+        loss."""
+        weights = scored.sample_weight
+        floor = self._uninformed_loss() * (1.0 if weights is None else float(weights.mean()))
+        return max(self._measured_constant_loss(train, scored), floor)
+
+    def _measured_constant_loss(self, train: TensorTable, scored: TensorTable) -> float:
         """The task loss on ``scored`` (with its weights) of the best constant prediction on
-        ``train``, the yardstick of :func:`~._guard.warn_if_not_learned`; the encoded
-        targets' units, as the history's losses."""
+        ``train``."""
         output = self._constant_output(train.y, train.sample_weight)
         per_row = mean_per_row(self._criterion()(output.expand(len(scored), -1), scored.y))
         weights = scored.sample_weight
@@ -305,6 +315,11 @@ class BaseMoE(ExpertMethods, BaseEstimator):
 
     def _constant_output(self, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """The network output (one row) that is the best constant prediction of ``targets``."""
+        raise NotImplementedError
+
+    def _uninformed_loss(self) -> float:
+        """The task loss of an uninformed prediction on an average row (the standardised
+        target's mean, uniform probabilities)."""
         raise NotImplementedError
 
     def _after_training(self, valid_table) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from numbers import Integral, Real
 
 import numpy as np
@@ -295,6 +296,9 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         """The per-row loss that configurations are compared on while they train (tuning's
         pruning): the log loss, without the training-only ``label_smoothing``."""
         return self._criterion(label_smoothing=0.0)
+
+    def _uninformed_loss(self) -> float:
+        return math.log(2) if self._multilabel else math.log(self.classes_.shape[0])
 
     def _constant_output(self, targets, weights):
         # The training rows' class (or label) frequencies, as logits.

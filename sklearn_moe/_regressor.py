@@ -163,9 +163,16 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     def _constant_output(self, targets, weights):
         return _weighted_mean(targets, weights)
 
-    def _constant_prediction_loss(self, train, scored) -> float:
+    def _uninformed_loss(self) -> float:
+        # The standardised targets' mean: squared error 1; as a density, the standard
+        # normal's negative log-likelihood, summed over the targets.
+        if self.output == "mixture_density":
+            return 0.5 * math.log(2 * math.pi * math.e) * self._n_outputs
+        return 1.0
+
+    def _measured_constant_loss(self, train, scored) -> float:
         if self.output != "mixture_density":
-            return super()._constant_prediction_loss(train, scored)
+            return super()._measured_constant_loss(train, scored)
         # One Gaussian per target, the training rows' mean and spread: its negative
         # log-likelihood, summed over the targets as the mixture's is.
         mean = _weighted_mean(train.y, train.sample_weight)

@@ -189,6 +189,19 @@ def test_the_warning_measures_a_constant_prediction_on_the_same_rows():
     assert model.history_["valid_loss"].min() > 10  # 10 times the standardised target's mean's loss
 
 
+def test_rows_that_a_constant_predicts_exactly_are_no_divergence(regression_data):
+    """A constant target, or a partial_fit batch of one class: the best constant's loss is
+    all but 0 there, and the yardstick is at least an uninformed prediction's."""
+    X, y = regression_data
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        MoERegressor(**PARAMS).fit(X, np.full(len(y), 3.0))
+        MoERegressor(**dict(PARAMS, output="mixture_density")).fit(X, np.full(len(y), 3.0))
+        classifier = MoEClassifier(**PARAMS)
+        for label in (0, 1, 0, 1):
+            classifier.partial_fit(X, np.full(len(y), label), classes=[0, 1])
+
+
 def test_a_diverging_partial_fit_after_an_early_stopped_fit_is_warned_of(regression_data):
     """partial_fit adds its epoch to the fit's history: its own training loss is judged, not
     the fit's best validation loss."""
