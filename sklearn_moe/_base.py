@@ -23,6 +23,10 @@ from .nn import MixtureOfExperts
 from .nn.embeddings import fit_embedding_layout
 from .nn.losses import mean_per_row
 
+#: Values of the constant prediction's expanded output per chunk of rows
+#: (:meth:`BaseMoE._measured_constant_loss`).
+_CONSTANT_LOSS_VALUES = 1 << 22
+
 # Prediction runs in chunks of rows that hold about this many values at the module's widest
 # step (``MixtureOfExperts.values_per_row``), within these row bounds: a wide table's
 # numeric embedding holds dozens of values per input value, which in chunks of the
@@ -309,9 +313,14 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         """The task loss on ``scored`` (with its weights) of the best constant prediction on
         ``train``."""
         output = self._constant_output(train.y, train.sample_weight)
-        per_row = mean_per_row(self._criterion()(output.expand(len(scored), -1), scored.y))
-        weights = scored.sample_weight
-        return float(per_row.mean() if weights is None else (per_row * weights).mean())
+        criterion, weights, total = self._criterion(), scored.sample_weight, 0.0
+        # In chunks of rows: the expanded output of many rows and classes is large.
+        rows = max(1, _CONSTANT_LOSS_VALUES // output.numel())
+        for start in range(0, len(scored), rows):
+            per_row = mean_per_row(criterion(output.expand(len(scored.y[start:start + rows]), -1),
+                                             scored.y[start:start + rows]))
+            total += float(per_row.sum() if weights is None else (per_row * weights[start:start + rows]).sum())
+        return total / max(len(scored), 1)
 
     def _constant_output(self, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
         """The network output (one row) that is the best constant prediction of ``targets``."""
