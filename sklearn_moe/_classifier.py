@@ -306,8 +306,10 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         if self._multilabel:
             rate = ((targets.float() * weights[:, None]).sum(dim=0) / weights.sum()).clamp(1e-6, 1 - 1e-6)
             return torch.log(rate) - torch.log1p(-rate)
-        counts = torch.bincount(targets, weights=weights, minlength=self.classes_.shape[0])
-        return (counts / counts.sum()).clamp_min(1e-6).log()
+        # On the CPU: CUDA's weighted bincount has no deterministic kernel, an error under
+        # torch.use_deterministic_algorithms(True).
+        counts = torch.bincount(targets.cpu(), weights=weights.cpu(), minlength=self.classes_.shape[0])
+        return (counts / counts.sum()).clamp_min(1e-6).log().to(targets.device)
 
     def _module_output(self) -> str:
         if self.mixing != "probabilities":
