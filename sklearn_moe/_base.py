@@ -312,19 +312,23 @@ class BaseMoE(ExpertMethods, BaseEstimator):
     def _measured_constant_loss(self, train: TensorTable, scored: TensorTable) -> float:
         """The task loss on ``scored`` (with its weights) of the best constant prediction on
         ``train``."""
-        output = self._constant_output(train.y, train.sample_weight)
-        criterion, weights, total = self._criterion(), scored.sample_weight, 0.0
-        # In chunks of rows: the expanded output of many rows and classes is large.
-        rows = max(1, _CONSTANT_LOSS_VALUES // output.numel())
+        constant = self._constant_output(train.y, train.sample_weight)
+        weights, total = scored.sample_weight, 0.0
+        # In chunks of rows: the constant expanded over many rows and classes is large.
+        rows = max(1, _CONSTANT_LOSS_VALUES // self._n_outputs)
         for start in range(0, len(scored), rows):
-            per_row = mean_per_row(criterion(output.expand(len(scored.y[start:start + rows]), -1),
-                                             scored.y[start:start + rows]))
-            total += float(per_row.sum() if weights is None else (per_row * weights[start:start + rows]).sum())
+            chunk = slice(start, start + rows)
+            per_row = self._constant_loss_per_row(constant, scored.y[chunk])
+            total += float(per_row.sum() if weights is None else (per_row * weights[chunk]).sum())
         return total / max(len(scored), 1)
 
-    def _constant_output(self, targets: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    def _constant_output(self, targets: torch.Tensor, weights: torch.Tensor | None):
         """The network output (one row) that is the best constant prediction of ``targets``."""
         raise NotImplementedError
+
+    def _constant_loss_per_row(self, constant, targets: torch.Tensor) -> torch.Tensor:
+        """The task loss of each of ``targets``' rows under the ``constant`` prediction."""
+        return mean_per_row(self._criterion()(constant.expand(len(targets), -1), targets))
 
     def _uninformed_loss(self) -> float:
         """The task loss of an uninformed prediction on an average row (the standardised

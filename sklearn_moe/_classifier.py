@@ -83,12 +83,13 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
         Weights of the classes in the loss, ``{class_label: weight}`` (classes left out
         weigh 1), as in scikit-learn's ``LogisticRegression`` and
         ``HistGradientBoostingClassifier``; a class not in ``y`` (in a cross-validation
-        fold that lacks a rare class) is unused, with a warning. ``"balanced"`` weighs each class by ``n_samples
-        / (n_classes * n_samples_of_the_class)`` in the fitted ``y`` (rows counted, not
-        their ``sample_weight``, as ``HistGradientBoostingClassifier`` does). Multiplied with
-        ``sample_weight``; early stopping monitors the weighted validation loss. For one
-        label per row only (a multilabel ``y`` is an error); ``partial_fit`` takes a dict
-        only, as one batch does not show the classes' frequencies.
+        fold that lacks a rare class) is unused, with a warning. ``"balanced"`` weighs
+        each class by ``n_samples / (n_classes * n_samples_of_the_class)`` in the fitted
+        ``y`` (rows counted, not their ``sample_weight``, as
+        ``HistGradientBoostingClassifier`` does). Multiplied with ``sample_weight``; early
+        stopping monitors the weighted validation loss. For one label per row only (a
+        multilabel ``y`` is an error); ``partial_fit`` takes a dict only, as one batch does
+        not show the classes' frequencies.
 
     Attributes
     ----------

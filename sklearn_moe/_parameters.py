@@ -96,8 +96,7 @@ PARAMETERS = """\
         every router.
     temperature : float, default=1.0
         Router softmax temperature (> 0, a normal float32 number: 1.2e-38 to 3.4e38);
-        lower is sharper. With ``temperature_final``, the
-        temperature of the first epoch.
+        lower is sharper. With ``temperature_final``, the temperature of the first epoch.
     temperature_final : float or None, default=None
         Anneal the router's temperature from ``temperature`` (first epoch) to this value
         (epoch ``max_epochs``), once per epoch, along ``temperature_schedule``; the history

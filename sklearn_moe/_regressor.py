@@ -161,7 +161,18 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         return self.output
 
     def _constant_output(self, targets, weights):
-        return _weighted_mean(targets, weights)
+        mean = _weighted_mean(targets, weights)
+        if self.output != "mixture_density":
+            return mean
+        # One Gaussian per target, of the rows' mean and spread.
+        return mean, _weighted_mean((targets - mean) ** 2, weights).clamp_min(SCALE_FLOOR ** 2)
+
+    def _constant_loss_per_row(self, constant, targets):
+        if self.output != "mixture_density":
+            return super()._constant_loss_per_row(constant, targets)
+        # The Gaussians' negative log-likelihood, summed over the targets as the mixture's is.
+        mean, variance = constant
+        return (0.5 * torch.log(2 * math.pi * variance) + (targets - mean) ** 2 / (2 * variance)).sum(dim=1)
 
     def _uninformed_loss(self) -> float:
         # The standardised targets' mean: squared error 1; as a density, the standard
@@ -169,17 +180,6 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         if self.output == "mixture_density":
             return 0.5 * math.log(2 * math.pi * math.e) * self._n_outputs
         return 1.0
-
-    def _measured_constant_loss(self, train, scored) -> float:
-        if self.output != "mixture_density":
-            return super()._measured_constant_loss(train, scored)
-        # One Gaussian per target, the training rows' mean and spread: its negative
-        # log-likelihood, summed over the targets as the mixture's is.
-        mean = _weighted_mean(train.y, train.sample_weight)
-        variance = _weighted_mean((train.y - mean) ** 2, train.sample_weight).clamp_min(SCALE_FLOOR ** 2)
-        per_row = (0.5 * torch.log(2 * math.pi * variance) + (scored.y - mean) ** 2 / (2 * variance)).sum(dim=1)
-        weights = scored.sample_weight
-        return float(per_row.mean() if weights is None else (per_row * weights).mean())
 
     def fit(self, X, y, sample_weight=None, callbacks=None):
         return self._fit(X, y, sample_weight, callbacks)

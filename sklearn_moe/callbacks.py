@@ -46,8 +46,8 @@ class RoutingMetrics(Callback):
     (share of validation rows whose top-1 expert changed since the last epoch; NaN on the
     first), ``valid_specialization`` (normalised mutual information between the top-1
     expert and the class, the set of labels of a multilabel target, or the decile of a
-    regression target, the first target's for several) and ``valid_expert_loss`` (the mixture's loss on the rows each
-    expert serves first, a list; NaN where none).
+    regression target, the first target's for several) and ``valid_expert_loss`` (the
+    mixture's loss on the rows each expert serves first, a list; NaN where none).
     """
 
     averaged_keys = ("task_loss", "balance_loss", "z_loss", "diversity_loss")
