@@ -262,8 +262,9 @@ PARAMETERS = """\
     warm_start : bool, default=False
         Continue training the fitted model instead of starting afresh; the input scaling,
         the table's encoding (its categorical columns and categories, and its missing-value
-        indicators: a changed ``categorical_features``, ``one_hot_max_categories`` or
-        ``handle_missing`` has no effect on it) and the target encoding (scaling, or
+        indicators: ``categorical_features`` or ``one_hot_max_categories`` changed so that
+        they would encode the table otherwise is an error, and ``handle_missing`` only says
+        whether a missing value is an error) and the target encoding (scaling, or
         classes) of the first fit are kept, except that a regression target constant in
         the first fit is encoded afresh once it varies. The other hyperparameters take effect where
         they leave the network's weights as they are (``learning_rate``, ``dropout``,
