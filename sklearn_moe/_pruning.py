@@ -3,7 +3,7 @@ and :meth:`BaseMoE.grow_experts`."""
 
 from __future__ import annotations
 
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 
 from ._training import fitted_net, history_frame, rebuilt_module
+from .nn._checks import check_int
 
 
 def prune_experts(estimator, threshold: float):
@@ -35,8 +36,7 @@ def grow_experts(estimator, n_new: int, noise: float, random_state):
     """Add ``n_new`` experts, each splitting the traffic of the busiest expert at its turn;
     see :meth:`BaseMoE.grow_experts`."""
     check_is_fitted(estimator)
-    if not isinstance(n_new, Integral) or isinstance(n_new, bool) or n_new < 1:
-        raise ValueError(f"n_new must be a positive int (the number of experts to add), got {n_new!r}.")
+    check_int("n_new (the number of experts to add)", n_new)
     if not isinstance(noise, Real) or isinstance(noise, bool) or not 0 <= noise < np.inf:
         raise ValueError(f"noise must be a finite float >= 0 (the copies' relative perturbation), got {noise!r}.")
     _check_flat_router(estimator, "grow_experts", "adding experts would unbalance its groups")

@@ -389,7 +389,7 @@ def test_grow_experts_rejects_what_it_cannot_do(regression_data):
     X, y = regression_data
     model = MoERegressor(**dict(FAST, max_epochs=2, random_state=0)).fit(X, y)
     for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="n_new must be a positive int"):
+        with pytest.raises(ValueError, match=r"n_new \(the number of experts to add\) must be a positive int"):
             model.grow_experts(bad)
     for bad in (-0.1, np.inf, np.nan, "0.1", True):
         with pytest.raises(ValueError, match="noise must be a finite float"):

@@ -498,9 +498,10 @@ def test_one_se_rule_on_a_hand_made_table():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(rule="median"), "rule"),
     (dict(candidates=()), "at least one"),
-    (dict(candidates=(0, 2)), ">= 1"),
-    (dict(candidates=(2, True)), ">= 1"),
-    (dict(candidates=(2, 2.5)), ">= 1"),
+    (dict(candidates=(0, 2)), r"every candidate expert count \(1 is the non-MoE ablation\) must be a positive int; "
+                               r"got 0"),
+    (dict(candidates=(2, True)), "must be a positive int; got True"),
+    (dict(candidates=(2, 2.5)), "must be a positive int; got 2.5"),
     (dict(candidates=(2, 2)), "duplicates"),
 ])
 def test_select_n_experts_rejects_bad_arguments(data, kwargs, match):

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import numpy as np
 import pandas as pd
 from sklearn.base import is_classifier
 from sklearn.model_selection import GridSearchCV, check_cv
 
+from ..nn._checks import check_int
 from ._space import find_moe_step
 
 RULES = ("one_se", "best")
@@ -148,8 +147,7 @@ def _check_candidates(candidates):
     if not candidates:
         raise ValueError("candidates must contain at least one expert count.")
     for count in candidates:
-        if isinstance(count, bool) or not isinstance(count, Integral) or count < 1:
-            raise ValueError(f"Every candidate must be an int >= 1 (1 is the non-MoE ablation); got {count!r}.")
+        check_int("every candidate expert count (1 is the non-MoE ablation)", count)
     if len(set(candidates)) != len(candidates):
         raise ValueError(f"candidates has duplicates: {candidates}.")
     return sorted(int(count) for count in candidates)
