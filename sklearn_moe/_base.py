@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
@@ -45,11 +47,11 @@ class BaseMoE(ExpertMethods, BaseEstimator):
     """
 
     #: Every attribute a fit sets (the subclasses add their target encoding's): clearing a
-    #: failed fit and persistence (all but ``net_``, ``history_`` and the optional
-    #: ``feature_names_in_``, which it stores its own way) use this list.
+    #: failed fit and persistence (all but ``net_``, ``history_``, ``_encoding_parameters``
+    #: and the optional ``feature_names_in_``, which it stores its own way) use this list.
     _fitted_attributes: tuple = ("net_", "n_iter_", "history_", "expert_load_", "n_features_in_",
                                  "feature_names_in_", "_x_mean", "_x_scale", "_n_outputs", "_embedding_columns",
-                                 "_embedding_n_bins", *TABLE_STATE)
+                                 "_embedding_n_bins", *TABLE_STATE, "_encoding_parameters")
 
     #: The fitted target encoding: a continued fit that fails restores it.
     _target_encoding: tuple = ()
@@ -162,6 +164,17 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         self.categorical_features = categorical_features
         self.one_hot_max_categories = one_hot_max_categories
         self.handle_missing = handle_missing
+
+    @classmethod
+    def _refuse_unknown_parameters(cls, params: dict) -> None:
+        """The TypeError of a keyword that is none of the estimator's parameters, naming the
+        estimator called (not this base class) and the parameters spelt most alike."""
+        known = cls._get_param_names()
+        for name in params:
+            if name not in known:
+                alike = difflib.get_close_matches(name, known, n=3)
+                hint = f"; did you mean {' or '.join(map(repr, alike))}?" if alike else "."
+                raise TypeError(f"{cls.__name__}.__init__() got an unexpected keyword argument {name!r}{hint}")
 
     # ------------------------------------------------------------------ validation
     def _validate_X(self, X, y="no_validation", reset=False, **kwargs):
@@ -379,7 +392,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         return expert_utilization((gates > 0).sum(axis=0))
 
     def _clear_fitted_state(self):
-        for name in (*self._fitted_attributes, "_encoding_parameters"):
+        for name in self._fitted_attributes:
             self.__dict__.pop(name, None)
 
     def __sklearn_tags__(self):

@@ -129,6 +129,7 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
     }
 
     def __init__(self, *, label_smoothing=0.0, mixing="logits", class_weight=None, **params):
+        self._refuse_unknown_parameters(params)
         super().__init__(**params)
         self.label_smoothing = label_smoothing
         self.mixing = mixing

@@ -365,9 +365,11 @@ PARTIAL_FIT = """
         One epoch over ``(X, y)``, from the fitted model, or from a new one on the first
         call, as the ``partial_fit`` of scikit-learn's MLP estimators: for data that
         arrives in batches or does not fit in memory at once. The first call fixes the
-        input scaling and the target encoding (they are fitted on its rows, so make it
-        representative; a regression target constant so far is encoded afresh by the
-        first call whose targets differ); every call trains one epoch over its rows in
+        input scaling, the table's encoding (its categorical columns and their categories:
+        a category first seen in a later call counts as unseen) and the target encoding
+        (they are fitted on its rows, so make it representative; a regression target
+        constant so far is encoded afresh by the first call whose targets differ); every
+        call trains one epoch over its rows in
         shuffled mini-batches of ``batch_size``, at a constant ``learning_rate``
         (``lr_schedule`` spans the epochs of one ``fit``), without a validation split or
         early stopping, and AdamW goes on from its running averages (fresh after

@@ -94,6 +94,7 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
     _parameter_constraints: dict = {**BaseMoE._parameter_constraints, "output": [StrOptions(set(REGRESSOR_OUTPUTS))]}
 
     def __init__(self, *, output="point", **params):
+        self._refuse_unknown_parameters(params)
         super().__init__(**params)
         self.output = output
 

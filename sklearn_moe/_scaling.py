@@ -15,6 +15,7 @@ SMOOTH_CLIP = 3.0
 _CLIP_SATURATED = 1e8
 # Inputs with at least this many values are scaled with torch's threaded kernels.
 _THREADED_MIN_SIZE = 1 << 15
+_TORCH_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 # fit_robust_scaler works on blocks of columns of about this many values (128 MiB of float64).
 _SCALER_BLOCK_VALUES = 1 << 24
 _BLOCK_VALUES = 1 << 18
@@ -156,9 +157,12 @@ def scale_features(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, n_passthr
         if saturated.any():
             clipped = np.where(saturated, np.sign(t), clipped)
         return clipped * np.float32(SMOOTH_CLIP)
+    X = np.asarray(X)
+    if X.dtype not in _TORCH_FLOATS or not X.dtype.isnative or min(X.strides, default=0) < 0:
+        X = np.ascontiguousarray(X, dtype=np.float64)  # what torch cannot take as it is
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only input: it is only read
-        x = torch.as_tensor(np.asarray(X))
+        x = torch.as_tensor(X)
     mean, inverse = torch.from_numpy(mean), torch.from_numpy(inverse)
     scaled = torch.empty(x.shape, dtype=torch.float32)
     # Row blocks of ~1 MiB: the six passes over a block then run in cache (a third faster

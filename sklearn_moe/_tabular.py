@@ -518,13 +518,15 @@ def encode_for_fit(estimator, X, reuse: bool):
         check_encoding_kept(estimator, X)
         return (encode_for_predict(estimator, X), X) if is_encoded(estimator) else (X, None)
     record_encoding_parameters(estimator)
-    sparse = hasattr(X, "toarray")
-    if len(_shape(X)) != 2 or (sparse and not (estimator.handle_missing == "native" and _has_missing(X))):
-        vars(estimator).update(empty_state())  # not a table, or sparse and numeric: validation says
+    if len(_shape(X)) != 2:
+        vars(estimator).update(empty_state())  # not a table: validation says
         return X, None
-    if sparse:  # with missing values, encoded as a dense array's are
-        X = densify(X, warn=True)
     mask = categorical_mask(X, estimator.categorical_features)
+    if hasattr(X, "toarray"):  # sparse: encoded as a dense array is, where there is anything to encode
+        if not (mask.any() or (estimator.handle_missing == "native" and _has_missing(X))):
+            vars(estimator).update(empty_state())
+            return X, None
+        X = densify(X, warn=True)
     if isinstance(estimator.categorical_features, str):  # "from_dtype" chose the columns
         warn_of_text_columns(X, mask)
     if not (mask.any() or (estimator.handle_missing == "native" and _has_missing(X))):

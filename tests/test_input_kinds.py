@@ -273,3 +273,41 @@ def test_a_continued_classifier_fit_reads_a_new_missing_value():
     X[50, 1] = np.nan
     model.partial_fit(X[40:], labels[40:])
     assert np.isfinite(model.predict_proba(X)).all()
+
+
+def test_a_sparse_matrix_with_categorical_columns_named_is_encoded_as_the_dense_one():
+    sparse = pytest.importorskip("scipy.sparse")
+    rng = np.random.RandomState(0)
+    codes = rng.randint(0, 4, 200).astype(float)
+    X = np.c_[codes, rng.normal(size=200)]
+    y = np.array([0.0, 5.0, -3.0, 1.0])[codes.astype(int)] + X[:, 1]
+    dense = MoERegressor(**TINY, categorical_features=[0]).fit(X, y)
+    with pytest.warns(UserWarning, match="densified"):
+        from_sparse = MoERegressor(**TINY, categorical_features=[0]).fit(sparse.csr_matrix(X), y)
+    assert encoded_names(from_sparse) == encoded_names(dense) == ["x1", "x0=0", "x0=1", "x0=2", "x0=3", "x0 (missing)"]
+    np.testing.assert_array_equal(from_sparse.predict(X), dense.predict(X))
+    with pytest.raises(ValueError, match=r"categorical_features has column indices outside \[0, 2\): \[7\]"):
+        MoERegressor(**TINY, categorical_features=[7]).fit(sparse.csr_matrix(X), y)
+
+
+@pytest.mark.parametrize("view", [
+    lambda X: X[::-1], lambda X: X[:, ::-1], lambda X: X.astype(">f8"), lambda X: X.astype(np.longdouble),
+], ids=["rows reversed", "columns reversed", "big-endian", "longdouble"])
+def test_large_arrays_torch_cannot_take_as_they_are_predict_as_their_copies(view):
+    """Views with negative strides, other byte orders and float types that torch has no
+    tensor of, at a size that the threaded scaling takes."""
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(10_000, 4))
+    model = MoERegressor(**TINY).fit(X[:300], X[:300, 0])
+    given = view(X)
+    np.testing.assert_array_equal(model.predict(given), model.predict(np.array(given, dtype=np.float64)))
+    assert np.isfinite(MoERegressor(**TINY).fit(given, X[:, 0]).predict(X[:5])).all()
+
+
+@pytest.mark.parametrize("estimator", [MoERegressor, MoEClassifier])
+def test_a_misspelt_parameter_names_the_estimator_and_the_parameters_spelt_alike(estimator):
+    with pytest.raises(TypeError, match=rf"^{estimator.__name__}.__init__\(\) got an unexpected keyword argument "
+                                        r"'n_expert'; did you mean 'n_experts'"):
+        estimator(n_expert=3)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'zzz'\.$"):
+        estimator(zzz=3)
