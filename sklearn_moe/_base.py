@@ -17,11 +17,19 @@ from ._net import named_callbacks
 from ._parameters import PARAMETER_CONSTRAINTS, check_hyperparameters
 from ._scaling import fit_robust_scaler, scale_features
 from ._tabular import TABLE_STATE, encode_for_fit, encode_for_predict, is_encoded, n_code_columns
-from ._training import PartialFitSettings, build_module, history_frame, rebuilt_module, train
+from ._training import (
+    PartialFitSettings,
+    build_module,
+    default_generators_seeded,
+    history_frame,
+    rebuilt_module,
+    train,
+)
 from ._validation import as_pandas, relative_sample_weight, validate_input
 from .diagnostics import expert_utilization
 from .distributed.data_parallel import agree_on_seeds, check_backend, check_same_data, shard_rows
 from .nn import MixtureOfExperts
+from .nn._random import drawing_from
 from .nn.embeddings import fit_embedding_layout
 from .nn.losses import mean_per_row
 
@@ -264,11 +272,13 @@ class BaseMoE(ExpertMethods, BaseEstimator):
 
         generator = torch.Generator()
         generator.manual_seed(shuffle_seed)
-        fork_devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+        # Training's own draws (dropout, noise, ...) come from a generator of this fit's, so
+        # that fits running at once in threads give what they give one at a time.
+        draws = torch.Generator(device).manual_seed(int(np.random.SeedSequence([init_seed, 1]).generate_state(1)[0]))
         continued = self.net_ if partial and reuse else None  # its optimizer's state and history go on
-        with torch.random.fork_rng(devices=fork_devices):
-            torch.manual_seed(init_seed)
+        with default_generators_seeded(init_seed, device):
             module = self._warm_module(device) if reuse else build_module(self, n_features, device, layout, bins)
+        with drawing_from(draws):
             net = train(PartialFitSettings(self) if partial else self, module, device, train_table, valid_table,
                         generator, extra_callbacks, epochs=1 if partial else None,
                         optimizer_state=None if continued is None else continued.optimizer_.state_dict(),

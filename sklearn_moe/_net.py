@@ -18,6 +18,7 @@ from ._data import BatchIterator, TensorTable
 from ._guard import LossLedger, NonFiniteLoss, TrainingGuard, check_finite_loss
 from ._warnings import warn_at_caller
 from .distributed.data_parallel import active_group, agree_on_fault
+from .nn._random import draw_generator
 from .nn.density import CLASS_MIXTURES, mixture_nll, per_expert_mixture_nll
 from .nn.losses import MultilabelLoss, mean_per_row, per_expert_loss
 from .nn.moe import MoEOutput
@@ -100,7 +101,8 @@ class MoENet(NeuralNet):
             assignments = y_pred.assignments
             mask = None
             if self.expert_subsample < 1:
-                mask = torch.rand(assignments.rows.shape, device=assignments.rows.device) < self.expert_subsample
+                mask = torch.rand(assignments.rows.shape, device=assignments.rows.device,
+                                  generator=draw_generator()) < self.expert_subsample
             if density:
                 objective = per_expert_mixture_nll(assignments.outputs, assignments.rows, assignments.weights, y_true,
                                                    sample_weight, mask)

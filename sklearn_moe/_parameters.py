@@ -254,9 +254,11 @@ PARAMETERS = """\
         (mixed precision: weights, router, losses and optimizer stay float32). Worth it on
         GPUs with bf16 tensor cores; on most CPUs it is slower.
     random_state : int, RandomState instance or None, default=None
-        Seeds initialisation, shuffling and the validation split. With an int, two fits on
-        the same data and CPU, with the same number of PyTorch threads
-        (``torch.get_num_threads()``), give identical predictions.
+        Seeds initialisation, shuffling, the validation split and training's random draws
+        (dropout, router noise, ...), which come from generators of the fit's own: PyTorch's
+        global random state is left as it was. With an int, two fits on the same data and
+        CPU, with the same number of PyTorch threads (``torch.get_num_threads()``), give
+        identical predictions, also when they run at once in threads.
     verbose : int, default=0
         0 is silent; 1 shows a progress bar and a per-epoch log.
     warm_start : bool, default=False

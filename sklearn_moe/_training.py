@@ -9,6 +9,9 @@ from ``params``, the estimator.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 import pandas as pd
 import torch
@@ -89,7 +92,29 @@ def build_module(params, n_features: int, device, layout=None, bins=None) -> Mix
         capacity_factor=None if params.capacity_factor == "auto" else params.capacity_factor,
         output=params._module_output(),
         **{name: getattr(params, name) for name in _MODULE_PARAMETERS},
-    ).to(device)
+    ).to(device, torch.float32)  # whatever torch's default dtype
+
+
+# torch's default generators are one per process and device: building a network draws its
+# weights from them, which a fit seeds. One such block at a time, so that blocks running at
+# once in threads neither draw from each other's seeded generators nor leave one seeded.
+_DEFAULT_GENERATORS_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def default_generators_seeded(seed: int | None, device="cpu"):
+    """Within the block, torch's default generator of the CPU, and of ``device`` where it is
+    a CUDA device, seeded with ``seed`` (``None``: left as they are); after it, as they were
+    before. No other such block runs meanwhile."""
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with _DEFAULT_GENERATORS_LOCK, torch.random.fork_rng(devices=cuda):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            for index in cuda:  # not torch.manual_seed, which seeds every GPU
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
+        yield
 
 
 def train(params, module, device: str, train_table: TensorTable, valid_table: TensorTable | None,
@@ -247,7 +272,7 @@ def build_net(params, module, device: str, n_train: int, valid_table: TensorTabl
 def rebuilt_module(params, state: dict, device) -> MixtureOfExperts:
     """The fitted network of ``params`` (its hyperparameters and fitted encodings) with the
     weights ``state``, in eval mode; building it leaves the caller's random state alone."""
-    with torch.random.fork_rng(devices=[]):  # building initialises weights before the load
+    with default_generators_seeded(None, device):  # building initialises weights before the load
         module = build_module(params, params._x_mean.shape[0], device)
     module.load_state_dict(state, strict=True)
     return module.eval()

@@ -76,6 +76,20 @@ class RoutingMetrics(Callback):
         """
         self._previous_top1 = None
 
+    def on_train_end(self, net, **kwargs):
+        """Forget the last epoch's top-1 experts (one per validation row).
+
+        A fitted model keeps no array of its rows, and its pickle carries none.
+
+        Parameters
+        ----------
+        net : skorch.NeuralNet
+            The net trained.
+        **kwargs : dict
+            The other arguments skorch passes to the hook; not used.
+        """
+        self._previous_top1 = None
+
     def _reset(self):
         # Accumulated on the model's device: no host synchronisation per batch.
         self._train = _RoutingTally()

@@ -47,7 +47,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._parameters import check_hyperparameters
 from ._tabular import empty_state, encoded_width, record_encoding_parameters
-from ._training import build_module, fitted_net, history_frame, rebuilt_module
+from ._training import build_module, default_generators_seeded, fitted_net, history_frame, rebuilt_module
 from ._warnings import warn_at_caller
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
@@ -569,7 +569,8 @@ def _is_int(value, minimum: int) -> bool:
 def _expected_state(estimator) -> dict:
     """The state_dict the saved hyperparameters describe, built on the meta device (no memory)."""
     try:
-        with torch.device("meta"):
+        # (the piecewise-linear embedding is built on the CPU, initialised from its generator)
+        with torch.device("meta"), default_generators_seeded(None):
             skeleton = build_module(estimator, estimator._x_mean.shape[0], "meta")
     except (RuntimeError, ValueError, OverflowError) as error:  # e.g. sizes whose storage overflows
         raise _invalid(f"its parameters describe no buildable network ({error}).") from error

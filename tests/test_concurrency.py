@@ -1,10 +1,14 @@
-"""Thread safety: one fitted estimator serving predictions from several threads."""
+"""Thread safety: one fitted estimator serving predictions from several threads, and fits
+running at once in threads."""
 
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
+import sklearn_moe._scaling
 from sklearn_moe import MoEClassifier, MoERegressor
 
 from .conftest import FAST
@@ -36,3 +40,44 @@ def test_concurrent_predictions_equal_sequential_ones(estimator_class, methods, 
         results = dict(pool.map(run, jobs))
     for job in jobs:
         np.testing.assert_array_equal(results[job], expected[job], err_msg=str(job))
+
+
+# Every training draw: dropout, the noisy router's noise, expert dropout, expert subsampling.
+RANDOM_TRAINING = dict(FAST, max_epochs=3, router="noisy_topk", dropout=0.2, expert_dropout=0.2, expert_subsample=0.7)
+
+
+def test_fits_running_at_once_in_threads_equal_fits_one_at_a_time(regression_data):
+    X, y = regression_data
+    seeds = list(range(4))
+
+    def fit_and_predict(seed):
+        return MoERegressor(**dict(RANDOM_TRAINING, random_state=seed)).fit(X, y).predict(X)
+
+    alone = [fit_and_predict(seed) for seed in seeds]
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
+        at_once = list(pool.map(fit_and_predict, seeds + seeds))
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's generator is its own
+    for seed, predictions in zip(seeds + seeds, at_once):
+        np.testing.assert_array_equal(predictions, alone[seed], err_msg=f"random_state={seed}")
+
+
+def test_prediction_on_large_inputs_leaves_the_warning_filters_alone(regression_data, monkeypatch):
+    """Changing the process-wide filters from threads at once can leave one changed for good:
+    the scaling of a large (read-only) input, which torch would warn of, changes none."""
+    X, y = regression_data
+    model = MoERegressor(**dict(FAST, max_epochs=1)).fit(X, y)
+    large = np.random.RandomState(0).normal(size=(40_000, X.shape[1]))
+    large.flags.writeable = False
+
+    class NoFilterChanges:
+        def __getattr__(self, name):
+            raise AssertionError(f"warnings.{name} used in the scaling")
+
+    monkeypatch.setattr(sklearn_moe._scaling, "warnings", NoFilterChanges(), raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = list(pool.map(model.predict, [large, large]))
+    np.testing.assert_array_equal(results[0], results[1])

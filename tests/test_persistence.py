@@ -510,3 +510,31 @@ def test_paths_that_cannot_be_written_or_read_say_why(tmp_path):
     with pytest.raises(IsADirectoryError, match="not a file written by save"):
         load(tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("numeric_embedding", ["piecewise_linear", "periodic"])
+def test_load_leaves_torchs_random_generator_alone(regression_data, tmp_path, numeric_embedding):
+    MoERegressor(**dict(FAST, max_epochs=1, numeric_embedding=numeric_embedding)).fit(*regression_data).save(
+        tmp_path / "model.moe")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    load(tmp_path / "model.moe")
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.fixture
+def float64_by_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_fit_save_and_load_under_a_float64_default_dtype(regression_data, tmp_path, float64_by_default):
+    model = MoERegressor(**dict(FAST, max_epochs=2)).fit(*regression_data)
+    assert {p.dtype for p in model.module_.parameters()} == {torch.float32}
+    model.save(tmp_path / "model.moe")
+    loaded = load(tmp_path / "model.moe")
+    np.testing.assert_array_equal(loaded.predict(regression_data[0]), model.predict(regression_data[0]))
+    loaded.set_params(warm_start=True).fit(*regression_data)

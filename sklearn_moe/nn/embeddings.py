@@ -20,10 +20,11 @@ gain nothing from an embedding and pass through unchanged.
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 from torch import nn
+
+from ._warnings import ignoring_warnings
 
 NUMERIC_EMBEDDINGS = ("periodic", "piecewise_linear")
 #: Quantile bins per column of the piecewise-linear embedding (fewer with few rows or values).
@@ -110,8 +111,7 @@ def _single_bins_allowed():
     # A column whose quantiles collapse to two edges has one bin: that is min-max scaling,
     # which rtdl_num_embeddings warns about (computing the bins and building the embedding);
     # it is what a 3-valued column should get.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*just two bin edges.*")
+    with ignoring_warnings(".*just two bin edges.*"):
         yield
 
 

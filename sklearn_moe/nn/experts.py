@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._random import draw_generator
 from ._sync import avoid_host_reads, compute_dtype
 from .dispatch import in_row_order, padded_layout, plan_dispatch, run_buffer
 from .layouts import GROUP_ALIGN, blocked_layout
@@ -250,7 +251,8 @@ def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     probability, so the expectation stays ``x``. Elsewhere
     ``F.dropout``, one fused kernel on a GPU (and on the CPU inside
     :func:`~._sync.sync_free_paths`, which takes the GPU's paths: the seed's draw reads a
-    value on the host).
+    value on the host), or, inside :func:`~._random.drawing_from`, whose generator
+    ``F.dropout`` cannot take, a Bernoulli mask drawn from it.
 
     Parameters
     ----------
@@ -262,11 +264,16 @@ def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     -------
     Tensor of the shape of ``x``
     """
-    if avoid_host_reads(x.device, training=True) or not 0 < p < 1:
+    generator = draw_generator()
+    if not 0 < p < 1:
         return F.dropout(x, p, training=True)
+    if avoid_host_reads(x.device, training=True):
+        if generator is None:
+            return F.dropout(x, p, training=True)
+        return x * torch.empty_like(x).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
     kept = min(max(round((1.0 - p) * 65536), 1), 65535)  # of 65536 equally likely 16-bit values
     n = x.numel()
-    seed = int(torch.randint(0, 2**62, (1,)))
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     words = np.random.SFC64(seed).random_raw(-(-n // 4))  # 64 random bits: four 16-bit values
     # numpy compares the 16-bit values, and the bytes of its booleans become floats, where
     # torch's int16 comparison and bool-to-float conversion took 4 to 8 times as long.

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ._checks import check_int
+from ._random import draw_generator
 from ._sync import avoid_host_reads, compute_dtype, grouped_mm_supported
 from .density import CLASS_MIXTURES, OUTPUTS, split_outputs
 from .dispatch import (
@@ -815,7 +816,7 @@ class MixtureOfExperts(nn.Module):
         low temperature, only experts whose weights underflowed), the row's most weighted
         one survives too: the survivors' weights are divided by their sum, whose gradient
         is NaN at 0 and overflows near it."""
-        kept = torch.rand(weights.shape, device=weights.device) >= self.expert_dropout
+        kept = torch.rand(weights.shape, device=weights.device, generator=draw_generator()) >= self.expert_dropout
         if active is not None:
             kept &= active
         eligible = weights if active is None else weights.masked_fill(~active, -1.0)

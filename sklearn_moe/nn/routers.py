@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ._random import draw_generator
 from ._sync import avoid_host_reads
 from .products import RowInvariantLinear
 
@@ -490,7 +491,8 @@ class NoisyTopKRouter(TopKRouter):
         if not self.training:
             return logits, None
         noise_std = self._noise_std(x)
-        noisy = logits + torch.randn_like(logits) * noise_std
+        noisy = logits + torch.randn(logits.shape, dtype=logits.dtype, device=logits.device,
+                                     generator=draw_generator()) * noise_std
         if self.top_k == self.n_experts:
             return noisy, None
         # Threshold for expert e: the k-th largest noisy score among the other experts,
@@ -547,7 +549,7 @@ class SwitchRouter(TopKRouter):
             The gate's output divided by the temperature.
         """
         if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter, generator=draw_generator())
         return super().compute_logits(x)
 
 

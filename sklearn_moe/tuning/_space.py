@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 
 from optuna.distributions import (
@@ -16,6 +15,7 @@ from sklearn.pipeline import Pipeline
 
 from .._base import BaseMoE
 from ..nn._checks import check_int
+from ..nn._warnings import ignoring_warnings
 from ..nn.density import REGRESSOR_OUTPUTS as OUTPUTS
 
 #: Routers of the default space: the ones whose behaviour the space's parameters fully
@@ -117,8 +117,7 @@ def base_space(
     # (OptunaSearchCV's) refuses choices that differ from the stored ones, as tuples do
     # from the lists they come back as. tune() suggests them as strings (see suggest()).
     architectures = tuple([width] * depth for depth in expert_depths for width in expert_widths)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Choices for a categorical distribution")
+    with ignoring_warnings("Choices for a categorical distribution"):
         expert_hidden = CategoricalDistribution(architectures)
     # aux_free cannot balance the groups of the hierarchical router, which refuses it.
     balance_losses = ("switch", "cv2", None) if "hierarchical" in routers else ("switch", "cv2", "aux_free", None)
