@@ -507,7 +507,7 @@ def test_an_estimator_training_step_reads_nothing_on_the_host(options, regressio
 
 def test_the_default_estimator_fits_the_same_on_the_sync_free_paths(regression_data):
     X, y = regression_data
-    # Without dropout, whose masks come from another generator on the GPU's paths (F.dropout)
+    # Without dropout, whose masks are drawn otherwise on the GPU's paths (a Bernoulli mask)
     params = dict(PARAMS, max_epochs=3, dropout=0.0)
     reference = MoERegressor(**params).fit(X, y)
     with sync_free_paths():
