@@ -677,8 +677,8 @@ class CollapseMonitor(Callback):
         starved.
     recovery : bool, default=False
         Whether to re-initialise starved experts as perturbed copies of the busiest one.
-        The copies' perturbation draws from torch's global generator, which the estimators
-        seed from ``random_state`` for the fit.
+        The copies' perturbation draws from the fit's generator of training draws, which
+        the estimators seed from ``random_state`` (torch's global generator outside a fit).
     """
 
     def __init__(self, threshold: float, patience: int, recovery: bool = False):

@@ -81,3 +81,20 @@ def test_prediction_on_large_inputs_leaves_the_warning_filters_alone(regression_
         with ThreadPoolExecutor(max_workers=2) as pool:
             results = list(pool.map(model.predict, [large, large]))
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_a_fit_with_collapse_recovery_depends_on_its_random_state_only(regression_data):
+    """Reviving experts perturbs copies: drawn from the fit's generator, not torch's global one."""
+    X, y = regression_data
+    params = dict(FAST, router="topk", top_k=1, max_epochs=3, early_stopping=False, collapse_threshold=0.99,
+                  collapse_patience=1, collapse_recovery=True)
+    predictions = []
+    for global_seed in (0, 123):
+        torch.manual_seed(global_seed)
+        before = torch.random.get_rng_state()
+        with pytest.warns(UserWarning):  # the experts it revived
+            model = MoERegressor(**params).fit(X, y)
+        assert any(row.get("revived_experts") for row in model.net_.history)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        predictions.append(model.predict(X))
+    np.testing.assert_array_equal(*predictions)

@@ -79,11 +79,15 @@ def copy_perturbed(tensor: torch.Tensor, row: torch.Tensor, targets: list[int], 
                    generator=None) -> None:
     """Set ``tensor[t]`` to ``row`` times ``1 + noise * N(0, 1)`` elementwise, a fresh draw
     for each ``t`` of ``targets`` (in place; ``row`` exactly where ``noise`` is None or the
-    tensor is not floating point: no draw is then made)."""
+    tensor is not floating point: no draw is then made). The draws come from ``generator``,
+    else from this thread's training generator (:func:`~._random.drawing_from`), else from
+    torch's global one."""
+    generator = generator if generator is not None else draw_generator()
+    device = generator.device if generator is not None else "cpu"
     for target in targets:
         copy = row.clone()
         if noise is not None and copy.is_floating_point():
-            draw = torch.randn(copy.shape, generator=generator).to(copy.device, copy.dtype)
+            draw = torch.randn(copy.shape, generator=generator, device=device).to(copy.device, copy.dtype)
             copy = copy * (1 + noise * draw)
         tensor[target] = copy
 
@@ -634,7 +638,8 @@ class MixtureOfExperts(nn.Module):
         noise : float, default=0.01
             Relative standard deviation of the multiplicative perturbation.
         generator : torch.Generator, optional
-            Source of the perturbation (default: torch's global generator).
+            Source of the perturbation (default: the training draws' generator inside
+            :func:`~._random.drawing_from`, as in a fit; else torch's global generator).
         """
         targets = self._split_targets(source, targets)
         own = {id(p) for p in self.experts.expert_parameters()}
