@@ -21,6 +21,7 @@ from ._training import (
     PartialFitSettings,
     build_module,
     default_generators_seeded,
+    float32_by_default,
     history_frame,
     rebuilt_module,
     train,
@@ -177,7 +178,9 @@ class BaseMoE(ExpertMethods, BaseEstimator):
     def _refuse_unknown_parameters(cls, params: dict) -> None:
         """The TypeError of a keyword that is none of the estimator's parameters, naming the
         estimator called (not this base class) and the parameters spelt most alike."""
-        known = cls._get_param_names()
+        # A subclass of ours whose own __init__ passes **params on names only its own.
+        known = sorted(set().union(*(klass._get_param_names() for klass in cls.__mro__
+                                     if isinstance(klass, type) and issubclass(klass, BaseMoE))))
         for name in params:
             if name not in known:
                 alike = difflib.get_close_matches(name, known, n=3)
@@ -391,7 +394,8 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         """``((columns, n_bins), bins)`` of the numeric embedding (see :func:`fit_embedding_layout`)."""
         numeric = X_scaled[:, :X_scaled.shape[1] - n_code_columns(self)]  # not the category codes
         X = torch.from_numpy(np.ascontiguousarray(numeric, dtype=np.float32))
-        columns, n_bins, bins = fit_embedding_layout(X, self.numeric_embedding, torch.Generator().manual_seed(seed))
+        with float32_by_default():  # (rtdl_num_embeddings' quantiles are of the default dtype's levels)
+            columns, n_bins, bins = fit_embedding_layout(X, self.numeric_embedding, torch.Generator().manual_seed(seed))
         return (np.asarray(columns, dtype=np.int64), np.asarray(n_bins, dtype=np.int64)), bins
 
     def _expert_load(self, X_scaled: torch.Tensor) -> np.ndarray:

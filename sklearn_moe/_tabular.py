@@ -550,10 +550,14 @@ def check_encoding_kept(estimator, X) -> None:
     fitted_with = getattr(estimator, "_encoding_parameters", None)
     if fitted_with is None or getattr(estimator, "_table_categorical", None) is None:  # an older model
         return
-    if all(_same_parameter(fitted_with[name], getattr(estimator, name)) for name in ENCODING_PARAMETERS):
+    changed = {name for name in ENCODING_PARAMETERS if not _same_parameter(fitted_with[name], getattr(estimator, name))}
+    if not changed or len(_shape(X)) != 2:  # (not a table: validation says)
         return
     fitted = estimator._table_categorical
-    now = np.flatnonzero(categorical_mask(X, estimator.categorical_features))
+    # Only a changed parameter is checked: the columns' dtypes in this batch may differ from
+    # fit's (a text column all missing reads as numbers), which the fitted encoding copes with.
+    now = np.flatnonzero(categorical_mask(X, estimator.categorical_features)) if "categorical_features" in changed \
+        else fitted
     counts, limit = np.diff(estimator._table_offsets), estimator.one_hot_max_categories
     embedded_now = np.zeros(0, dtype=np.int64) if limit is None else np.flatnonzero(counts > limit)
     if not np.array_equal(now, fitted):

@@ -10,6 +10,7 @@ from ``params``, the estimator.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 import numpy as np
@@ -75,6 +76,28 @@ def build_module(params, n_features: int, device, layout=None, bins=None) -> Mix
     """
     columns, n_bins = layout if layout is not None else (params._embedding_columns, params._embedding_n_bins)
     embedding = params.numeric_embedding if len(columns) else None
+    with float32_by_default():
+        return _built_module(params, n_features, device, columns, n_bins, embedding, bins)
+
+
+@contextlib.contextmanager
+def float32_by_default():
+    """torch's default dtype float32 within the block (built so, a network's initial weights
+    are the same whatever the user's default dtype); as before after it. The default dtype is
+    the process's: it changes only where the user made it other than float32."""
+    previous = torch.get_default_dtype()
+    if previous == torch.float32:
+        yield
+        return
+    with _DEFAULT_GENERATORS_LOCK:
+        torch.set_default_dtype(torch.float32)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
+
+
+def _built_module(params, n_features, device, columns, n_bins, embedding, bins) -> MixtureOfExperts:
     return MixtureOfExperts(
         n_features=n_features,
         n_outputs=params._n_outputs,
@@ -92,13 +115,22 @@ def build_module(params, n_features: int, device, layout=None, bins=None) -> Mix
         capacity_factor=None if params.capacity_factor == "auto" else params.capacity_factor,
         output=params._module_output(),
         **{name: getattr(params, name) for name in _MODULE_PARAMETERS},
-    ).to(device, torch.float32)  # whatever torch's default dtype
+    ).to(device)
 
 
 # torch's default generators are one per process and device: building a network draws its
 # weights from them, which a fit seeds. One such block at a time, so that blocks running at
 # once in threads neither draw from each other's seeded generators nor leave one seeded.
 _DEFAULT_GENERATORS_LOCK = threading.RLock()
+
+
+def _unlock_in_child():
+    # A process forked while another thread held the lock would never get it.
+    global _DEFAULT_GENERATORS_LOCK
+    _DEFAULT_GENERATORS_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """Thread safety: one fitted estimator serving predictions from several threads, and fits
 running at once in threads."""
 
+import os
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -9,7 +11,11 @@ import pytest
 import torch
 
 import sklearn_moe._scaling
+import sklearn_moe._training
+import sklearn_moe.nn._warnings
 from sklearn_moe import MoEClassifier, MoERegressor
+from sklearn_moe._training import default_generators_seeded
+from sklearn_moe.nn._warnings import ignoring_warnings
 
 from .conftest import FAST
 
@@ -98,3 +104,27 @@ def test_a_fit_with_collapse_recovery_depends_on_its_random_state_only(regressio
         assert torch.equal(torch.random.get_rng_state(), before)
         predictions.append(model.predict(X))
     np.testing.assert_array_equal(*predictions)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_process_forked_while_a_thread_holds_the_librarys_locks_can_take_them():
+    """multiprocessing's 'fork' start method copies a lock held by another thread, held for
+    good in the child: the library's locks are made anew there."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with default_generators_seeded(0), ignoring_warnings("nothing"):
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if both locks are free (a timeout, not a hang, if not)
+        locks = (sklearn_moe._training._DEFAULT_GENERATORS_LOCK, sklearn_moe.nn._warnings._FILTERS_LOCK)
+        os._exit(0 if all(lock.acquire(timeout=10) for lock in locks) else 1)
+    release.set()
+    thread.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child could not take the locks"

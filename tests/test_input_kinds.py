@@ -311,3 +311,15 @@ def test_a_misspelt_parameter_names_the_estimator_and_the_parameters_spelt_alike
         estimator(n_expert=3)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'zzz'\.$"):
         estimator(zzz=3)
+
+
+def test_a_subclass_passing_parameters_on_takes_the_estimators_own():
+    class WithExtra(MoERegressor):
+        def __init__(self, extra=1, **params):
+            super().__init__(**params)
+            self.extra = extra
+
+    assert WithExtra(n_experts=3).n_experts == 3
+    with pytest.raises(TypeError, match=r"WithExtra.__init__\(\) got an unexpected keyword argument 'n_expert'; did "
+                                        r"you mean 'n_experts'"):
+        WithExtra(n_expert=3)

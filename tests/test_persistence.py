@@ -523,18 +523,26 @@ def test_load_leaves_torchs_random_generator_alone(regression_data, tmp_path, nu
     assert torch.equal(torch.rand(3), expected)
 
 
-@pytest.fixture
-def float64_by_default():
+@pytest.mark.parametrize("estimator_class, params", [
+    (MoERegressor, {}), (MoERegressor, {"output": "mixture_density"}),
+    (MoEClassifier, {"mixing": "probabilities"}),
+], ids=["regressor", "mixture-density", "classifier-mixing-probabilities"])
+def test_a_float64_default_dtype_fits_saves_and_loads_the_float32_model(regression_data, tmp_path, estimator_class,
+                                                                        params):
+    X, y = regression_data
+    y = (y > 0).astype(int) if estimator_class is MoEClassifier else y
+    params = dict(FAST, max_epochs=2, **params)
+    predict = "predict_proba" if estimator_class is MoEClassifier else "predict"
+    expected = getattr(estimator_class(**params).fit(X, y), predict)(X)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
-def test_fit_save_and_load_under_a_float64_default_dtype(regression_data, tmp_path, float64_by_default):
-    model = MoERegressor(**dict(FAST, max_epochs=2)).fit(*regression_data)
-    assert {p.dtype for p in model.module_.parameters()} == {torch.float32}
-    model.save(tmp_path / "model.moe")
-    loaded = load(tmp_path / "model.moe")
-    np.testing.assert_array_equal(loaded.predict(regression_data[0]), model.predict(regression_data[0]))
-    loaded.set_params(warm_start=True).fit(*regression_data)
+    try:
+        model = estimator_class(**params).fit(X, y)
+        assert {p.dtype for p in model.module_.parameters()} == {torch.float32}
+        np.testing.assert_array_equal(getattr(model, predict)(X), expected)  # the same initial weights too
+        model.save(tmp_path / "model.moe")
+        loaded = load(tmp_path / "model.moe")
+        np.testing.assert_array_equal(getattr(loaded, predict)(X), expected)
+        loaded.set_params(warm_start=True).fit(X, y)
+    finally:
+        torch.set_default_dtype(previous)

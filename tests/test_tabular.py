@@ -482,6 +482,16 @@ def test_a_continued_fit_takes_an_encoding_parameter_that_leaves_the_encoding_as
     np.testing.assert_array_equal(model._table_embedded, [1])
 
 
+def test_a_changed_one_hot_limit_does_not_reread_the_categorical_columns():
+    """A later batch's text column all missing reads as numbers (as a CSV chunk does): the
+    fitted encoding copes, and categorical_features, unchanged, is not checked again."""
+    frame, y = raw_frame()
+    model = MoERegressor(**QUICK, warm_start=True).fit(frame, y)
+    model.set_params(one_hot_max_categories=100).partial_fit(frame.assign(city=np.nan), y)
+    with pytest.raises(ValueError, match="expecting 5 features"):  # not a table: validation's error
+        model.set_params(categorical_features=None).fit(frame["age"].to_numpy(), y)
+
+
 def test_a_loaded_model_refuses_an_encoding_change_in_a_continued_fit(tmp_path):
     frame, y = raw_frame()
     MoERegressor(**QUICK).fit(frame, y).save(tmp_path / "model.moe")

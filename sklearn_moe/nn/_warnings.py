@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 
@@ -12,10 +13,19 @@ import warnings
 _FILTERS_LOCK = threading.RLock()
 
 
+def _unlock_in_child():
+    # A process forked while another thread held the lock would never get it.
+    global _FILTERS_LOCK
+    _FILTERS_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_unlock_in_child)
+
+
 @contextlib.contextmanager
-def ignoring_warnings(message: str):
-    """Inside the block, warnings whose text matches the regular expression ``message``
-    are ignored; the filters are as before afterwards, also with threads."""
+def ignoring_warnings(message: str = "", category: type[Warning] = Warning):
+    """Inside the block, warnings of ``category`` whose text matches the regular expression
+    ``message`` are ignored; the filters are as before afterwards, also with threads."""
     with _FILTERS_LOCK, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=message)
+        warnings.filterwarnings("ignore", message=message, category=category)
         yield

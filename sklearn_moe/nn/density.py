@@ -63,10 +63,11 @@ def _row_logsumexp(log_terms: torch.Tensor, rows: torch.Tensor, n_rows: int) -> 
     each row's largest term factored out; a row without terms gets ``log(tiny)``."""
     shape = (n_rows, *log_terms.shape[1:])
     index = rows.view(-1, *([1] * (log_terms.ndim - 1))).expand_as(log_terms)
-    peak = torch.full(shape, -torch.inf, device=log_terms.device).scatter_reduce(0, index, log_terms.detach(), "amax")
+    peak = torch.full(shape, -torch.inf, dtype=log_terms.dtype, device=log_terms.device).scatter_reduce(
+        0, index, log_terms.detach(), "amax")
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
     shifted = (log_terms - peak.index_select(0, rows)).exp()
-    total = torch.zeros(shape, device=log_terms.device).index_add(0, rows, shifted)
+    total = torch.zeros(shape, dtype=log_terms.dtype, device=log_terms.device).index_add(0, rows, shifted)
     return peak + total.clamp_min(torch.finfo(torch.float32).tiny).log()
 
 

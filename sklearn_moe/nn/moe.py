@@ -87,7 +87,7 @@ def copy_perturbed(tensor: torch.Tensor, row: torch.Tensor, targets: list[int], 
     for target in targets:
         copy = row.clone()
         if noise is not None and copy.is_floating_point():
-            draw = torch.randn(copy.shape, generator=generator, device=device).to(copy.device, copy.dtype)
+            draw = torch.randn(copy.shape, generator=generator, device=device, dtype=copy.dtype).to(copy.device)
             copy = copy * (1 + noise * draw)
         tensor[target] = copy
 

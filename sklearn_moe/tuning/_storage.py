@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 
 import optuna
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
@@ -26,6 +25,7 @@ from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from ..nn._warnings import ignoring_warnings
 from ._optuna_private import BaseHeartbeat, HeartbeatJournalStorage, storage_trial_id
 
 logger = logging.getLogger("sklearn_moe.tuning")
@@ -92,8 +92,7 @@ def _rdb_storage(url, heartbeat_interval, grace_period, attempts=5):
 
     for attempt in range(attempts):
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ExperimentalWarning)
+            with ignoring_warnings(category=ExperimentalWarning):
                 return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_interval,
                                   grace_period=grace_period)
         except (IntegrityError, ProgrammingError):
@@ -109,8 +108,7 @@ def heartbeat_enabled(storage) -> bool:
 def fail_stale_trials(study, storage) -> None:
     """Fail the running trials of workers that stopped sending heartbeats."""
     if heartbeat_enabled(storage):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
+        with ignoring_warnings(category=ExperimentalWarning):
             optuna.storages.fail_stale_trials(study)
 
 
