@@ -179,8 +179,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         """The TypeError of a keyword that is none of the estimator's parameters, naming the
         estimator called (not this base class) and the parameters spelt most alike."""
         # A subclass of ours whose own __init__ passes **params on names only its own.
-        known = sorted(set().union(*(klass._get_param_names() for klass in cls.__mro__
-                                     if isinstance(klass, type) and issubclass(klass, BaseMoE))))
+        known = sorted(set().union(*(klass._get_param_names() for klass in cls.__mro__ if issubclass(klass, BaseMoE))))
         for name in params:
             if name not in known:
                 alike = difflib.get_close_matches(name, known, n=3)
