@@ -10,8 +10,6 @@ from ``params``, the estimator.
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
 
 import numpy as np
 import pandas as pd
@@ -44,6 +42,7 @@ from .distributed.callbacks import EpochAgreement, GradientAveraging, ShardedGra
 from .distributed.data_parallel import active_group, shard_for_training, whole_after_training
 from .distributed.validation import shard_validation
 from .nn import MixtureOfExperts
+from .nn._locks import ForkSafeLock
 
 
 def _silent(*args, **kwargs):
@@ -121,16 +120,7 @@ def _built_module(params, n_features, device, columns, n_bins, embedding, bins) 
 # torch's default generators are one per process and device: building a network draws its
 # weights from them, which a fit seeds. One such block at a time, so that blocks running at
 # once in threads neither draw from each other's seeded generators nor leave one seeded.
-_DEFAULT_GENERATORS_LOCK = threading.RLock()
-
-
-def _unlock_in_child():
-    # A process forked while another thread held the lock would never get it.
-    global _DEFAULT_GENERATORS_LOCK
-    _DEFAULT_GENERATORS_LOCK = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_unlock_in_child)
+_DEFAULT_GENERATORS_LOCK = ForkSafeLock()
 
 
 @contextlib.contextmanager

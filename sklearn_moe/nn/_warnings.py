@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import threading
 import warnings
+
+from ._locks import ForkSafeLock
 
 # warnings.catch_warnings saves the process-wide filters on entry and puts them back on
 # exit: two such blocks overlapping in two threads can leave the first's filter in place
 # for good (silencing that warning for the whole process). One block at a time cannot.
-_FILTERS_LOCK = threading.RLock()
-
-
-def _unlock_in_child():
-    # A process forked while another thread held the lock would never get it.
-    global _FILTERS_LOCK
-    _FILTERS_LOCK = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_unlock_in_child)
+_FILTERS_LOCK = ForkSafeLock()
 
 
 @contextlib.contextmanager
