@@ -8,8 +8,10 @@ A saved model is ONE `safetensors <https://github.com/huggingface/safetensors>`_
   document: ``format`` (``"sklearn-moe"``), ``format_version``, ``library_version``,
   ``kind`` (``"MoERegressor"`` or ``"MoEClassifier"``), ``params`` (``get_params()``),
   ``fitted`` (``n_features_in_``, ``feature_names_in_``, ``classes_``, ``n_iter_``,
-  ``expert_load_`` and the input/target scaling; arrays as ``{"dtype", "shape", "data"}``
-  with the data as JSON numbers or strings, which round-trip float64 exactly), ``history``
+  ``expert_load_``, the input/target scaling and the table encoding; arrays as ``{"dtype",
+  "shape", "data"}`` with the data as JSON numbers or strings, which round-trip float64
+  exactly; and the fit's ``categorical_features`` and ``one_hot_max_categories``, which a
+  continued fit checks the current ones against, stored as ``params`` are), ``history``
   (the per-epoch records of ``net_.history``, without the per-batch entries) and ``net``
   (the training net's batch size);
 * the metadata's key ``"sklearn-moe-sha256"`` holds a SHA-256 digest of that document and of
@@ -43,17 +45,18 @@ import pandas as pd
 import safetensors.torch
 import torch
 from safetensors import SafetensorError, safe_open
+from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
 from ._parameters import check_hyperparameters
-from ._tabular import empty_state, encoded_width, record_encoding_parameters
+from ._tabular import ENCODING_PARAMETERS, empty_state, encoded_width, record_encoding_parameters
 from ._training import build_module, default_generators_seeded, fitted_net, history_frame, rebuilt_module
 from ._warnings import warn_at_caller
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
 FORMAT_NAME = "sklearn-moe"
-FORMAT_VERSION = 7
+FORMAT_VERSION = 8
 _VERSION_1_PARAMS = {"expert_type": "independent", "expert_loss": "mixture", "numeric_embedding": None,
                      "lr_schedule": "plateau", "router_lr_scale": 1.0, "expert_subsample": 1.0}
 # Parameters that files of a format version below the key did not store, per kind, with the
@@ -91,7 +94,7 @@ _ARRAY_PARAMS = ("categorical_features",)
 _DOCUMENT_KEYS = {"format", "format_version", "library_version", "kind", "params", "fitted", "history", "net"}
 # Fitted attributes stored elsewhere in the file (the net's weights and history) or only
 # when present (feature names).
-# The encoding's parameters are stored as the hyperparameters (load records them).
+# The encoding's parameters are stored as parameters are, not as arrays (_encode_param).
 _STORED_APART = ("net_", "history_", "_encoding_parameters")
 _OPTIONAL_FITTED = ("feature_names_in_",)
 _INT_FITTED = ("n_features_in_", "n_iter_", "_n_outputs", "_y_ndim")
@@ -162,6 +165,9 @@ def save(estimator, path) -> None:
         if hasattr(estimator, name):
             value = getattr(estimator, name)
             fitted[name] = int(value) if name in _INT_FITTED else _encode_array(name, value)
+    if getattr(estimator, "_encoding_parameters", None) is not None:  # the fit's, which a continued fit keeps
+        fitted["_encoding_parameters"] = {name: _encode_param(name, value)
+                                          for name, value in estimator._encoding_parameters.items()}
     document = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -432,12 +438,12 @@ def _new_estimator(document: dict, device):
     estimator.set_params(device=device)
     resolved_device = check_hyperparameters(estimator)  # errors here are about `device`, not the file
     _restore_fitted(estimator, document)
-    record_encoding_parameters(estimator)  # the saved parameters stand for those of the fit
     return estimator, resolved_device
 
 
 def _restore_fitted(estimator, document: dict) -> None:
-    fitted, kind = document["fitted"], document["kind"]
+    fitted, kind = dict(document["fitted"]), document["kind"]
+    encoding = fitted.pop("_encoding_parameters", None)
     if document["format_version"] == 1:  # no numeric embeddings then
         empty = _encode_array("", np.zeros(0, dtype=np.int64))
         fitted = {"_embedding_columns": empty, "_embedding_n_bins": empty, **fitted}
@@ -498,6 +504,22 @@ def _restore_fitted(estimator, document: dict) -> None:
         raise _invalid("_y_ndim does not match the number of outputs.")
     for name, value in values.items():
         setattr(estimator, name, value)
+    _restore_encoding_parameters(estimator, encoding)
+
+
+def _restore_encoding_parameters(estimator, stored) -> None:
+    """The fit's encoding parameters (:func:`~._tabular.check_encoding_kept`), as stored; the
+    saved hyperparameters stand for them in a file written before they were stored."""
+    if stored is None:
+        record_encoding_parameters(estimator)
+        return
+    if not isinstance(stored, dict) or set(stored) != set(ENCODING_PARAMETERS):
+        raise _invalid(f"fitted attribute _encoding_parameters must hold {', '.join(ENCODING_PARAMETERS)}.")
+    try:
+        check_hyperparameters(clone(estimator).set_params(**stored))
+    except (ValueError, TypeError) as error:
+        raise _invalid(f"fitted attribute _encoding_parameters is malformed: {error}") from error
+    estimator._encoding_parameters = stored
 
 
 def _checked_table_width(values: dict, n_features) -> int:

@@ -382,6 +382,10 @@ def test_tampered_kind_imports_and_runs_nothing(saved, tmp_path, monkeypatch, ki
     (lambda d: d.update(extra="x"), "keys"),
     (lambda d: d.update(format="pickle"), "format"),
     (lambda d: d.update(format_version="1"), "format_version"),
+    (lambda d: d["fitted"].update(_encoding_parameters={"categorical_features": None}),
+     "_encoding_parameters must hold categorical_features, one_hot_max_categories"),
+    (lambda d: d["fitted"].update(_encoding_parameters={"categorical_features": None, "one_hot_max_categories": -3}),
+     "_encoding_parameters is malformed"),
 ])
 def test_tampered_document_rejected(saved, tmp_path, edit, message):
     path = _rewrite(saved, tmp_path / "tampered.moe", edit)
@@ -546,3 +550,28 @@ def test_a_float64_default_dtype_fits_saves_and_loads_the_float32_model(regressi
         loaded.set_params(warm_start=True).fit(X, y)
     finally:
         torch.set_default_dtype(previous)
+
+
+def test_a_loaded_model_keeps_the_fits_encoding_parameters(tmp_path):
+    """A parameter changed after the fit is saved as the parameter; the continued fit of the
+    loaded model still checks it against the fit's, as the pickled model does."""
+    rng = np.random.RandomState(0)
+    frame = pd.DataFrame({"x": rng.normal(size=120), "city": rng.choice(["Oslo", "Lima", "Pune"], 120)})
+    y = frame["x"].to_numpy() + (frame["city"] == "Lima")
+    model = MoERegressor(**dict(FAST, max_epochs=2)).fit(frame, y).set_params(categorical_features=None)
+    model.save(tmp_path / "model.moe")
+    loaded = load(tmp_path / "model.moe").set_params(warm_start=True)
+    assert loaded.categorical_features is None
+    for continued in (loaded, pickle.loads(pickle.dumps(model)).set_params(warm_start=True)):
+        with pytest.raises(ValueError, match="categorical_features=None reads no column as categorical"):
+            continued.fit(frame, y)
+
+
+def test_a_file_without_the_encoding_parameters_takes_its_saved_ones(saved, tmp_path):
+    """Files written before the fit's encoding parameters were stored."""
+    def as_version_7(document):
+        document["fitted"].pop("_encoding_parameters")
+        document["format_version"] = 7
+
+    loaded = load(_rewrite(saved, tmp_path / "v7.moe", as_version_7))
+    assert loaded._encoding_parameters == {"categorical_features": "from_dtype", "one_hot_max_categories": 256}
