@@ -23,7 +23,7 @@ from ._base import BaseMoE
 from ._parameters import PARAMETERS, PARTIAL_FIT, TRAINING_RAISES
 from ._validation import NEGLIGIBLE_WEIGHT, _shown, check_one_label_per_row, target_shape
 from ._warnings import warn_at_caller
-from .nn.losses import MultilabelLoss
+from .nn.losses import MultilabelLoss, weighted_mean
 
 
 def _check_indicator_values(y) -> None:
@@ -304,13 +304,13 @@ class MoEClassifier(ClassifierMixin, BaseMoE):
 
     def _constant_output(self, targets, weights):
         # The training rows' class (or label) frequencies, as logits.
-        weights = torch.ones(len(targets), device=targets.device) if weights is None else weights
         if self._multilabel:
-            rate = ((targets.float() * weights[:, None]).sum(dim=0) / weights.sum()).clamp(1e-6, 1 - 1e-6)
+            rate = weighted_mean(targets.float(), weights).clamp(1e-6, 1 - 1e-6)
             return torch.log(rate) - torch.log1p(-rate)
         # On the CPU: CUDA's weighted bincount has no deterministic kernel, an error under
         # torch.use_deterministic_algorithms(True).
-        counts = torch.bincount(targets.cpu(), weights=weights.cpu(), minlength=self.classes_.shape[0])
+        counts = torch.bincount(targets.cpu(), weights=None if weights is None else weights.cpu(),
+                                minlength=self.classes_.shape[0])
         return (counts / counts.sum()).clamp_min(1e-6).log().to(targets.device)
 
     def _module_output(self) -> str:

@@ -371,14 +371,13 @@ PARTIAL_FIT = """
         a category first seen in a later call counts as unseen) and the target encoding
         (they are fitted on its rows, so make it representative; a regression target
         constant so far is encoded afresh by the first call whose targets differ); every
-        call trains one epoch over its rows in
-        shuffled mini-batches of ``batch_size``, at a constant ``learning_rate``
-        (``lr_schedule`` spans the epochs of one ``fit``), without a validation split or
-        early stopping, and AdamW goes on from its running averages (fresh after
-        :func:`~sklearn_moe.load`, which stores no optimizer state). ``n_iter_`` counts the
-        calls' epochs and ``history_`` holds one row per epoch; a ``temperature_final``
-        anneals over them as over ``fit``'s epochs; ``expert_load_`` is measured on the last
-        call's rows.
+        call trains one epoch over its rows in shuffled mini-batches of ``batch_size``, at
+        a constant ``learning_rate`` (``lr_schedule`` spans the epochs of one ``fit``),
+        without a validation split or early stopping, and AdamW goes on from its running
+        averages (fresh after :func:`~sklearn_moe.load`, which stores no optimizer state).
+        ``n_iter_`` counts the calls' epochs and ``history_`` holds one row per epoch; a
+        ``temperature_final`` anneals over them as over ``fit``'s epochs; ``expert_load_``
+        is measured on the last call's rows.
 """
 
 

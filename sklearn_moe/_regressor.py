@@ -17,6 +17,7 @@ from ._parameters import PARAMETERS, PARTIAL_FIT, TRAINING_RAISES
 from ._scaling import fit_standardizer
 from ._validation import non_numeric_target_error
 from .nn.density import REGRESSOR_OUTPUTS, SCALE_FLOOR
+from .nn.losses import weighted_mean
 
 
 class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
@@ -162,11 +163,11 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         return self.output
 
     def _constant_output(self, targets, weights):
-        mean = _weighted_mean(targets, weights)
+        mean = weighted_mean(targets, weights)
         if self.output != "mixture_density":
             return mean
         # One Gaussian per target, of the rows' mean and spread.
-        return mean, _weighted_mean((targets - mean) ** 2, weights).clamp_min(SCALE_FLOOR ** 2)
+        return mean, weighted_mean((targets - mean) ** 2, weights).clamp_min(SCALE_FLOOR ** 2)
 
     def _constant_loss_per_row(self, constant, targets):
         if self.output != "mixture_density":
@@ -266,10 +267,3 @@ class MoERegressor(DensityMethods, RegressorMixin, BaseMoE):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
         return tags
-
-
-def _weighted_mean(values, weights):
-    """The mean of ``values`` over its rows (dim 0), weighted by ``weights`` where given."""
-    if weights is None:
-        return values.mean(dim=0)
-    return (values * weights[:, None]).sum(dim=0) / weights.sum()

@@ -522,14 +522,12 @@ def encode_for_fit(estimator, X, reuse: bool):
         vars(estimator).update(empty_state())  # not a table: validation says
         return X, None
     mask = categorical_mask(X, estimator.categorical_features)
-    if hasattr(X, "toarray"):  # sparse: encoded as a dense array is, where there is anything to encode
-        if not (mask.any() or (estimator.handle_missing == "native" and _has_missing(X))):
-            vars(estimator).update(empty_state())
-            return X, None
+    to_encode = mask.any() or (estimator.handle_missing == "native" and _has_missing(X))
+    if to_encode and hasattr(X, "toarray"):  # sparse: encoded as a dense array is
         X = densify(X, warn=True)
     if isinstance(estimator.categorical_features, str):  # "from_dtype" chose the columns
         warn_of_text_columns(X, mask)
-    if not (mask.any() or (estimator.handle_missing == "native" and _has_missing(X))):
+    if not to_encode:
         vars(estimator).update(empty_state())
         return X, None
     vars(estimator).update(fit_table_encoding(X, mask, estimator.handle_missing, estimator.one_hot_max_categories))

@@ -76,7 +76,24 @@ def build_module(params, n_features: int, device, layout=None, bins=None) -> Mix
     columns, n_bins = layout if layout is not None else (params._embedding_columns, params._embedding_n_bins)
     embedding = params.numeric_embedding if len(columns) else None
     with float32_by_default():
-        return _built_module(params, n_features, device, columns, n_bins, embedding, bins)
+        return MixtureOfExperts(
+            n_features=n_features,
+            n_outputs=params._n_outputs,
+            n_experts=params.n_experts,
+            top_k=min(params.top_k, params.n_experts),  # so n_experts=1 needs no top_k=1 beside it
+            expert_hidden=tuple(params.expert_hidden),
+            gate_hidden=tuple(params.gate_hidden),
+            n_groups=min(params.n_groups, params.n_experts),
+            diversity_loss=params.diversity_coef > 0,
+            numeric_embedding=embedding,
+            embedding_columns=columns.tolist() if embedding else None,
+            embedding_bins=bins,
+            embedding_n_bins=n_bins.tolist() if embedding == "piecewise_linear" and bins is None else None,
+            category_cardinalities=category_cardinalities(params),
+            capacity_factor=None if params.capacity_factor == "auto" else params.capacity_factor,
+            output=params._module_output(),
+            **{name: getattr(params, name) for name in _MODULE_PARAMETERS},
+        ).to(device)
 
 
 @contextlib.contextmanager
@@ -94,27 +111,6 @@ def float32_by_default():
             yield
         finally:
             torch.set_default_dtype(previous)
-
-
-def _built_module(params, n_features, device, columns, n_bins, embedding, bins) -> MixtureOfExperts:
-    return MixtureOfExperts(
-        n_features=n_features,
-        n_outputs=params._n_outputs,
-        n_experts=params.n_experts,
-        top_k=min(params.top_k, params.n_experts),  # so n_experts=1 needs no top_k=1 beside it
-        expert_hidden=tuple(params.expert_hidden),
-        gate_hidden=tuple(params.gate_hidden),
-        n_groups=min(params.n_groups, params.n_experts),
-        diversity_loss=params.diversity_coef > 0,
-        numeric_embedding=embedding,
-        embedding_columns=columns.tolist() if embedding else None,
-        embedding_bins=bins,
-        embedding_n_bins=n_bins.tolist() if embedding == "piecewise_linear" and bins is None else None,
-        category_cardinalities=category_cardinalities(params),
-        capacity_factor=None if params.capacity_factor == "auto" else params.capacity_factor,
-        output=params._module_output(),
-        **{name: getattr(params, name) for name in _MODULE_PARAMETERS},
-    ).to(device)
 
 
 # torch's default generators are one per process and device: building a network draws its

@@ -92,9 +92,8 @@ _DICT_PARAMS = ("class_weight",)
 _ARRAY_PARAMS = ("categorical_features",)
 
 _DOCUMENT_KEYS = {"format", "format_version", "library_version", "kind", "params", "fitted", "history", "net"}
-# Fitted attributes stored elsewhere in the file (the net's weights and history) or only
-# when present (feature names).
-# The encoding's parameters are stored as parameters are, not as arrays (_encode_param).
+# Fitted attributes stored elsewhere in the file (the net's weights and history), as
+# parameters are (the fit's encoding parameters), or only when present (feature names).
 _STORED_APART = ("net_", "history_", "_encoding_parameters")
 _OPTIONAL_FITTED = ("feature_names_in_",)
 _INT_FITTED = ("n_features_in_", "n_iter_", "_n_outputs", "_y_ndim")

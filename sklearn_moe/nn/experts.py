@@ -264,12 +264,10 @@ def apply_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     -------
     Tensor of the shape of ``x``
     """
-    generator = draw_generator()
-    if not 0 < p < 1:
+    generator, on_device = draw_generator(), avoid_host_reads(x.device, training=True)
+    if not 0 < p < 1 or (on_device and generator is None):
         return F.dropout(x, p, training=True)
-    if avoid_host_reads(x.device, training=True):
-        if generator is None:
-            return F.dropout(x, p, training=True)
+    if on_device:
         return x * torch.empty_like(x).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
     kept = min(max(round((1.0 - p) * 65536), 1), 65535)  # of 65536 equally likely 16-bit values
     n = x.numel()

@@ -276,6 +276,14 @@ def mean_per_row(loss: torch.Tensor) -> torch.Tensor:
     return loss.mean(dim=tuple(range(1, loss.ndim))) if loss.ndim > 1 else loss
 
 
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """The mean of ``values`` over its rows (dim 0), weighted by ``weights`` (one per row)
+    where given."""
+    if weights is None:
+        return values.mean(dim=0)
+    return (values * weights[:, None]).sum(dim=0) / weights.sum()
+
+
 class MultilabelLoss(torch.nn.Module):
     """Binary cross-entropy of label logits against 0/1 labels, per row and label
     (``reduction="none"``): the task loss of multilabel classification.
