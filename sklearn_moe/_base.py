@@ -201,7 +201,10 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         kept = (*self._target_encoding, "n_features_in_", "feature_names_in_")
         before = {name: vars(self)[name] for name in kept if name in vars(self)}
         try:
-            self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks, partial, classes)
+            # Training needs autograd, also when fit is called under torch.no_grad() or
+            # torch.inference_mode() (say, inside a user's evaluation loop).
+            with torch.inference_mode(False), torch.enable_grad():
+                self._fit_unguarded(X, y, sample_weight, reuse, extra_callbacks, partial, classes)
         except BaseException:
             # A failed fit leaves the estimator unfitted, never half fitted; a failed
             # continued fit restores what it may have changed.

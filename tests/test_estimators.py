@@ -381,6 +381,25 @@ def test_same_random_state_gives_identical_predictions(fitted):
         np.testing.assert_array_equal(again.predict_proba(X), model.predict_proba(X))
 
 
+@pytest.mark.parametrize("grad_mode", [torch.no_grad, torch.inference_mode])
+def test_a_fit_under_a_disabled_autograd_trains_the_same_model(fitted, grad_mode):
+    # As in a user's evaluation loop; continued fits (partial_fit, warm_start) too.
+    model, X, y = fitted
+    model = clone(model).set_params(max_epochs=2, warm_start=True)
+
+    first_call = {"classes": np.unique(y)} if isinstance(model, MoEClassifier) else {}
+
+    def fit_twice():
+        return (clone(model).fit(X, y).fit(X, y).predict(X),
+                clone(model).partial_fit(X, y, **first_call).partial_fit(X, y).predict(X))
+
+    expected = fit_twice()
+    with grad_mode():
+        got = fit_twice()
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+
+
 @pytest.mark.parametrize("estimator_class", ESTIMATORS, ids=lambda c: c.__name__)
 def test_different_random_state_gives_different_weights(estimator_class):
     X, y = _data_for(estimator_class, n=120)
