@@ -25,6 +25,7 @@ from ._training import (
     history_frame,
     rebuilt_module,
     train,
+    zero_untrained_categories,
 )
 from ._validation import as_pandas, relative_sample_weight, validate_input
 from .diagnostics import expert_utilization
@@ -251,7 +252,11 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         if reuse:
             x_mean, x_scale = self._x_mean, self._x_scale
         else:
-            x_mean, x_scale = fit_robust_scaler(X, sample_weight, n_code_columns(self))
+            # A column constant in fit carries nothing the model could learn from: prediction
+            # ignores what it holds later, as the network never saw it vary. partial_fit's
+            # first call keeps it (scale 1), since its later calls may vary it.
+            x_mean, x_scale = fit_robust_scaler(X, sample_weight, n_code_columns(self),
+                                                constant_scale=1.0 if partial else np.inf)
         X_scaled = np.nan_to_num(scale_features(X, x_mean, x_scale, n_code_columns(self)), copy=False)
         # Training reads the scaled float32 copy only: the validated (float64) matrix, twice
         # its size, is not kept alive through the epochs.
@@ -271,6 +276,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
             weights = torch.as_tensor(loss_weight / loss_weight.mean(), dtype=torch.float32, device=device)
         table = TensorTable(torch.as_tensor(X_scaled, device=device), torch.as_tensor(targets, device=device), weights)
         train_table, valid_table = (table, None) if partial else self._split(table, targets, split_seed)
+        every_process_rows = train_table  # before data parallelism shards them
         shard = shard_rows(len(train_table))  # data-parallel: this process's training rows
         if shard is not None:
             train_table = train_table.subset(torch.as_tensor(shard, device=device))
@@ -283,6 +289,8 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         continued = self.net_ if partial and reuse else None  # its optimizer's state and history go on
         with default_generators_seeded(init_seed, device):
             module = self._warm_module(device) if reuse else build_module(self, n_features, device, layout, bins)
+        if not reuse:
+            zero_untrained_categories(module, every_process_rows)
         with drawing_from(draws):
             net = train(PartialFitSettings(self) if partial else self, module, device, train_table, valid_table,
                         generator, extra_callbacks, epochs=1 if partial else None,

@@ -87,18 +87,19 @@ def weighted_quantiles(values: np.ndarray, quantiles, sample_weight: np.ndarray 
     return np.array(result)
 
 
-def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = None, n_passthrough: int = 0
-                      ) -> tuple[np.ndarray, np.ndarray]:
+def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = None, n_passthrough: int = 0,
+                      constant_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Column centres and scales for the inputs: median and interquartile range / 1.349.
 
     Robust to outliers and skew, and equal to mean and standard deviation for normal data.
     Columns whose interquartile range is zero (e.g. rare one-hot columns) fall back to mean
-    and standard deviation, and constant columns to a scale of 1. The last ``n_passthrough``
-    columns (category codes) get centre 0 and scale 1, which :func:`scale_features` leaves
-    alone.
+    and standard deviation, and constant columns (among the rows of positive weight) to
+    ``constant_scale``: ``inf`` scales whatever such a column later holds to 0, the value
+    the network was trained on. The last ``n_passthrough`` columns (category codes) get
+    centre 0 and scale 1, which :func:`scale_features` leaves alone.
     """
     if n_passthrough:
-        mean, scale = fit_robust_scaler(values[:, :-n_passthrough], sample_weight)
+        mean, scale = fit_robust_scaler(values[:, :-n_passthrough], sample_weight, constant_scale=constant_scale)
         return np.concatenate((mean, np.zeros(n_passthrough))), np.concatenate((scale, np.ones(n_passthrough)))
     # Blocks of columns: each column's statistics are its own, and over the whole matrix at
     # once the sorts' and the standardizer's temporaries would take several times its size.
@@ -111,16 +112,17 @@ def fit_robust_scaler(values: np.ndarray, sample_weight: np.ndarray | None = Non
     if len(starts) > 1 and n_columns - starts[-1] == 1:
         starts.pop()
     bounds = [*starts, n_columns]
-    blocks = [_robust_scaler_block(values[:, start:stop], sample_weight) for start, stop in zip(bounds, bounds[1:])]
+    blocks = [_robust_scaler_block(values[:, start:stop], sample_weight, constant_scale)
+              for start, stop in zip(bounds, bounds[1:])]
     if len(blocks) == 1:
         return blocks[0]
     return np.concatenate([mean for mean, _ in blocks]), np.concatenate([scale for _, scale in blocks])
 
 
-def _robust_scaler_block(values: np.ndarray, sample_weight) -> tuple[np.ndarray, np.ndarray]:
+def _robust_scaler_block(values: np.ndarray, sample_weight, constant_scale: float) -> tuple[np.ndarray, np.ndarray]:
     median, q25, q75 = weighted_quantiles(values, (0.5, 0.25, 0.75), sample_weight)
     spread = (q75 - q25) / _IQR_PER_STD
-    mean, std = fit_standardizer(values, sample_weight)
+    mean, std = fit_standardizer(values, sample_weight, constant_scale)
     robust = ~_negligible(spread, np.maximum(np.abs(q25), np.abs(q75)))
     return np.where(robust, median, mean), np.where(robust, spread, std)
 

@@ -6,7 +6,10 @@ one indicator per category plus one for a missing value (a category of its own);
 unseen in fit sets none of them. A column with more categories becomes one integer code,
 which the network replaces by a learned vector (:class:`~sklearn_moe.nn.CategoricalEmbedding`):
 code 0 is reserved for a category unseen in fit, ``1..K`` are the categories seen, ``K + 1``
-a missing value. A numeric column with missing values in fit gets an indicator column beside
+a missing value. An indicator constant in fit is ignored at prediction (its scale is
+infinite), and a code no training row holds gets the unseen category's zeros
+(``_training.zero_untrained_categories``), so that a missing value where fit
+had none reads as an unseen category. A numeric column with missing values in fit gets an indicator column beside
 it, and its missing values the column's median in fit.
 
 The encoded matrix is, in order: the numeric columns, their missing-value indicators, the

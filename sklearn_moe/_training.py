@@ -57,6 +57,18 @@ _MODULE_PARAMETERS = ("router", "activation", "dropout", "layer_norm", "skip_con
                       "top_p", "learned_threshold", "expert_grad_scaling", "expert_type")
 
 
+def zero_untrained_categories(module: MixtureOfExperts, table: TensorTable) -> None:
+    """Zero the learned vectors of the categories (and missing values) that no row of
+    ``table`` of positive weight holds, which training would leave at their random initial
+    values: they then read as an unseen category does (see
+    :meth:`~sklearn_moe.nn.CategoricalEmbedding.zero_unused`)."""
+    embedding = module.category_embedding
+    if embedding is None:
+        return
+    X = table.X if table.sample_weight is None else table.X[table.sample_weight > 0]
+    embedding.zero_unused(X[:, X.shape[1] - embedding.n_columns:])
+
+
 def build_module(params, n_features: int, device, layout=None, bins=None) -> MixtureOfExperts:
     """The network the hyperparameters of ``params`` describe, for its fitted outputs.
 

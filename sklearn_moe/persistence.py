@@ -56,7 +56,7 @@ from ._warnings import warn_at_caller
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "load", "save"]
 
 FORMAT_NAME = "sklearn-moe"
-FORMAT_VERSION = 8
+FORMAT_VERSION = 9
 _VERSION_1_PARAMS = {"expert_type": "independent", "expert_loss": "mixture", "numeric_embedding": None,
                      "lr_schedule": "plateau", "router_lr_scale": 1.0, "expert_subsample": 1.0}
 # Parameters that files of a format version below the key did not store, per kind, with the
@@ -100,7 +100,8 @@ _INT_FITTED = ("n_features_in_", "n_iter_", "_n_outputs", "_y_ndim")
 _SCALARS = (bool, int, float, str)
 _SCALING_CHECKS = {
     "_x_mean": (np.isfinite, "finite"),
-    "_x_scale": (lambda v: np.isfinite(v) & (v > 0), "finite and positive"),
+    # inf (from format version 9): a column constant in fit, which prediction scales to 0
+    "_x_scale": (lambda v: v > 0, "positive (inf for a column constant in fit)"),
     "_y_mean": (np.isfinite, "finite"),
     "_y_scale": (lambda v: np.isfinite(v) & (v >= 0), "finite and not negative"),  # 0: a constant target
 }

@@ -39,6 +39,19 @@ def test_each_code_is_its_row_of_the_table_and_code_0_is_zeros():
         assert bool(grad[row].abs().sum() > 0) == (row in used)  # the reserved rows 0 and 3 learn nothing
 
 
+def test_zero_unused_zeroes_the_vectors_no_row_holds_only():
+    torch.manual_seed(0)
+    embedding = CategoricalEmbedding([3, 5])
+    before = embedding.table.weight.detach().clone()
+    embedding.zero_unused(torch.tensor([[1.0, 4.0], [1.0, 2.0], [0.0, 2.0]]))
+    # The shared table's rows: column 0's codes 0-2, then column 1's codes 0-4.
+    used = torch.tensor([1, 1, 0, 0, 0, 1, 0, 1], dtype=torch.bool)
+    assert torch.equal(embedding.table.weight[used], before[used])
+    assert not embedding.table.weight[~used].any()
+    unseen = embedding(torch.tensor([[0.0, 0.0]]))
+    assert torch.equal(embedding(torch.tensor([[2.0, 3.0]])), unseen)
+
+
 def test_invalid_cardinalities():
     for cardinalities in ([], [1, 4], [2**24 + 1]):
         with pytest.raises(ValueError, match="cardinalities"):

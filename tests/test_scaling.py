@@ -133,3 +133,21 @@ def test_large_inputs_scale_with_torch_like_small_ones_with_numpy(layout):
     np.testing.assert_array_equal(whole, in_pieces)
     np.testing.assert_array_equal(whole[[0, -1], :2], [[SMOOTH_CLIP, -SMOOTH_CLIP]] * 2)
     assert np.abs(whole).max() <= SMOOTH_CLIP
+
+
+def test_an_infinite_constant_scale_maps_whatever_a_constant_column_holds_to_0():
+    rng = np.random.RandomState(0)
+    X = np.c_[rng.normal(size=200), np.full(200, 7.0), np.where(np.arange(200) % 2, 0.1 * 3, 0.3)]
+    centre, scale = fit_robust_scaler(X, constant_scale=np.inf)
+    np.testing.assert_array_equal(fit_robust_scaler(X)[0], centre)
+    assert np.isfinite(scale[0]) and scale[0] == fit_robust_scaler(X)[1][0]
+    assert scale[1] == scale[2] == np.inf
+    # Rows of zero weight do not count: the column is constant among the others.
+    varied = np.c_[X[:, :1], np.r_[np.full(100, 7.0), rng.normal(size=100)]]
+    assert fit_robust_scaler(varied, np.r_[np.ones(100), np.zeros(100)], constant_scale=np.inf)[1][1] == np.inf
+    new = np.c_[X[:, 0], rng.normal(size=200) * 1e6, np.full(200, -3.0)]
+    n_large = 2 * scaling._THREADED_MIN_SIZE // 3 + 1  # through torch's kernels
+    for rows in (new, np.resize(new, (n_large, 3))):
+        scaled = scale_features(rows, centre, scale)
+        assert not scaled[:, 1:].any()
+        np.testing.assert_array_equal(scaled[:, 0], scale_features(rows[:, :1], centre[:1], scale[:1])[:, 0])

@@ -180,6 +180,30 @@ def test_an_embedded_column_is_learned_saved_and_takes_unseen_categories(tmp_pat
     np.testing.assert_array_equal(model.predict(unseen), model.predict(unseen.assign(shop="elsewhere")))
 
 
+def test_an_embedded_value_no_training_row_holds_predicts_as_an_unseen_category():
+    """A missing value where fit had none, or a category whose rows all weigh 0, has a
+    vector that training never moves: it reads as an unseen category, not as its random
+    initial vector."""
+    rng = np.random.RandomState(0)
+    n = 600
+    shop = rng.randint(30, size=n)
+    frame = pd.DataFrame({"shop": [f"shop{i}" for i in shop], "x": rng.normal(size=n)})
+    y = shop / 10 + frame["x"].to_numpy()
+    weight = np.where(shop == 7, 0.0, 1.0)
+    params = dict(FAST, max_epochs=3, one_hot_max_categories=8)
+    model = MoERegressor(**params).fit(frame, y, sample_weight=weight)
+    unseen = model.predict(frame.assign(shop="elsewhere"))
+    np.testing.assert_array_equal(model.predict(frame.assign(shop=None)), unseen)
+    np.testing.assert_array_equal(model.predict(frame.assign(shop="shop7")), unseen)
+    assert not np.allclose(model.predict(frame.assign(shop="shop8")), unseen)
+    # partial_fit: the missing value's vector, zero after a first call without one, learns
+    # from a later call's missing values.
+    with_missing = frame.assign(shop=frame["shop"].where(shop % 3 > 0))
+    model = MoERegressor(**params).partial_fit(frame, y)
+    model.partial_fit(with_missing, np.where(shop % 3 > 0, y, 10.0))
+    assert not np.allclose(model.predict(frame.assign(shop=None)), model.predict(frame.assign(shop="elsewhere")))
+
+
 @pytest.mark.parametrize("estimator_class", [MoERegressor, MoEClassifier])
 def test_a_table_of_embedded_columns_only_is_learned(estimator_class):
     """No numeric input is left to scale (an id column alone, embedded): the scaler had

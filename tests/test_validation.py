@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn.exceptions import NotFittedError
 
+import sklearn_moe
 from sklearn_moe import MoEClassifier, MoERegressor
 
 from .conftest import FAST
@@ -628,6 +629,33 @@ def test_constant_features_and_constant_target():
     np.testing.assert_array_equal(model.predict(X), 3.5)
     constant_X = np.ones((50, 3))
     assert np.isfinite(MoERegressor(**TINY).fit(constant_X, np.arange(50.0)).predict(constant_X)).all()
+
+
+@pytest.mark.parametrize("estimator_class", [MoERegressor, MoEClassifier])
+@pytest.mark.parametrize("embedding", ["piecewise_linear", None])
+def test_a_column_constant_in_fit_is_ignored_whatever_it_later_holds(estimator_class, embedding, tmp_path):
+    """A flag never set in the training rows (or a column all one value there) carries
+    nothing the model learned; the network never saw it vary, so its later values must not
+    move the predictions, as they do not move a tree's."""
+    X, y = _data(estimator_class)
+    frame = pd.DataFrame(X).assign(flag=0.0, kind=np.where(np.arange(len(X)) % 2, "a", "b"))
+    frame.columns = frame.columns.astype(str)
+    model = estimator_class(**dict(FAST, max_epochs=3, numeric_embedding=embedding)).fit(frame, y)
+    # The flag, and the indicator of a missing kind (none in fit)
+    assert np.isinf(model._x_scale).sum() == 2
+    model.save(tmp_path / "model.moe")
+    loaded = sklearn_moe.load(tmp_path / "model.moe")
+    method = "predict" if estimator_class is MoERegressor else "predict_proba"
+    expected = getattr(model, method)(frame)
+    for value in (1.0, -250.0, 1e12, np.nan):
+        np.testing.assert_array_equal(getattr(model, method)(frame.assign(flag=value)), expected)
+        np.testing.assert_array_equal(getattr(loaded, method)(frame.assign(flag=value)), expected)
+    # A missing kind, unseen in fit, is an unseen category.
+    np.testing.assert_array_equal(getattr(model, method)(frame.assign(kind=None)),
+                                  getattr(model, method)(frame.assign(kind="c")))
+    # partial_fit's first call keeps such a column: its later calls may vary it.
+    first_call = {"classes": np.unique(y)} if estimator_class is MoEClassifier else {}
+    assert np.isfinite(estimator_class(**FAST).partial_fit(frame, y, **first_call)._x_scale).all()
 
 
 @pytest.mark.parametrize("magnitude", [1e-30, 1e30, 1e300])

@@ -279,6 +279,24 @@ class CategoricalEmbedding(nn.Module):
         """Width of the output: ``n_columns * d_embedding``."""
         return self.n_columns * self.d_embedding
 
+    @torch.no_grad()
+    def zero_unused(self, codes: torch.Tensor) -> None:
+        """Set to zeros the vectors of the codes that no row of ``codes`` holds.
+
+        Training never moves them (no row reads them), so they would keep their random
+        initial values; zero, they read as an unseen category (code 0) does. For a
+        category or missing value that the training rows lack (it is in the validation
+        rows only, or a column has no missing value in fit), and that prediction may meet.
+
+        Parameters
+        ----------
+        codes : Tensor of shape (n, n_columns)
+            The training rows' codes, as :meth:`forward` takes them.
+        """
+        used = torch.zeros(self.table.num_embeddings, dtype=torch.bool, device=self.table.weight.device)
+        used[(codes.long() + self.starts).flatten()] = True
+        self.table.weight[~used] = 0.0
+
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         """The columns' vectors side by side.
 
