@@ -8,9 +8,9 @@ which the network replaces by a learned vector (:class:`~sklearn_moe.nn.Categori
 code 0 is reserved for a category unseen in fit, ``1..K`` are the categories seen, ``K + 1``
 a missing value. An indicator constant in fit is ignored at prediction (its scale is
 infinite), and a code no training row holds gets the unseen category's zeros
-(``_training.zero_untrained_categories``), so that a missing value where fit
-had none reads as an unseen category. A numeric column with missing values in fit gets an indicator column beside
-it, and its missing values the column's median in fit.
+(``_training.zero_untrained_categories``), so that a missing value where fit had none
+reads as an unseen category. A numeric column with missing values in fit gets an indicator
+column beside it, and its missing values the column's median in fit.
 
 The encoded matrix is, in order: the numeric columns, their missing-value indicators, the
 one-hot columns' indicators, then the embedded columns' codes. The codes are the last
