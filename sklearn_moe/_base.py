@@ -276,7 +276,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
             weights = torch.as_tensor(loss_weight / loss_weight.mean(), dtype=torch.float32, device=device)
         table = TensorTable(torch.as_tensor(X_scaled, device=device), torch.as_tensor(targets, device=device), weights)
         train_table, valid_table = (table, None) if partial else self._split(table, targets, split_seed)
-        every_process_rows = train_table  # before data parallelism shards them
+        unsharded_train_table = train_table  # every process's training rows
         shard = shard_rows(len(train_table))  # data-parallel: this process's training rows
         if shard is not None:
             train_table = train_table.subset(torch.as_tensor(shard, device=device))
@@ -290,7 +290,7 @@ class BaseMoE(ExpertMethods, BaseEstimator):
         with default_generators_seeded(init_seed, device):
             module = self._warm_module(device) if reuse else build_module(self, n_features, device, layout, bins)
         if not reuse:
-            zero_untrained_categories(module, every_process_rows)
+            zero_untrained_categories(module, unsharded_train_table)
         with drawing_from(draws):
             net = train(PartialFitSettings(self) if partial else self, module, device, train_table, valid_table,
                         generator, extra_callbacks, epochs=1 if partial else None,

@@ -65,8 +65,9 @@ def zero_untrained_categories(module: MixtureOfExperts, table: TensorTable) -> N
     embedding = module.category_embedding
     if embedding is None:
         return
-    X = table.X if table.sample_weight is None else table.X[table.sample_weight > 0]
-    embedding.zero_unused(X[:, X.shape[1] - embedding.n_columns:])
+    # The code columns first, then the rows: selecting rows of the whole table would copy it.
+    codes = table.X[:, table.X.shape[1] - embedding.n_columns:]
+    embedding.zero_unused(codes if table.sample_weight is None else codes[table.sample_weight > 0])
 
 
 def build_module(params, n_features: int, device, layout=None, bins=None) -> MixtureOfExperts:
