@@ -108,7 +108,7 @@ def main(argv=None):
     # The classic sparse MoE's space: its training recipe fixed, the routing searched.
     space = search_space(model, max_experts=8 if args.quick else 16, expert_widths=(16, 32),
                          expert_depths=(1, 2), exclude=["expert_type", "expert_loss", "numeric_embedding",
-                                                        "lr_schedule"])
+                                                        "lr_schedule", "router_lr_scale"])
     if args.storage:  # the same command builds the same data and space: another shell joins with it
         print("more workers can join this study: run the same command in other shells,\n  python -m "
               f"examples.tune_optuna --storage {args.storage} --study {args.study}"

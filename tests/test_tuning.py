@@ -67,8 +67,8 @@ def test_import_without_optuna_says_how_to_install(monkeypatch):
 def test_space_covers_the_moe_hyperparameters():
     space = search_space(MoERegressor())
     assert set(space) == {"n_experts", "top_k", "router", "temperature", "capacity_factor", "balance_loss",
-                          "balance_coef", "z_loss_coef", "expert_hidden", "learning_rate", "weight_decay", "dropout",
-                          "expert_type", "expert_loss", "numeric_embedding", "lr_schedule"}
+                          "balance_coef", "z_loss_coef", "expert_hidden", "learning_rate", "router_lr_scale",
+                          "weight_decay", "dropout", "expert_type", "expert_loss", "numeric_embedding", "lr_schedule"}
     assert space["top_k"].high <= space["n_experts"].low  # every combination valid
     assert [16, 16] in space["expert_hidden"].choices and [128] in space["expert_hidden"].choices
     classifier_space = search_space(make_pipeline(StandardScaler(), MoEClassifier()))
@@ -109,7 +109,7 @@ def test_space_is_prefixed_for_the_moe_step(make, prefix):
     estimator = make(MoERegressor())
     assert find_moe_step(estimator)[0] == prefix
     space = search_space(estimator)
-    assert all(key.startswith(prefix) for key in space) and len(space) == 16
+    assert all(key.startswith(prefix) for key in space) and len(space) == 17
     estimator.set_params(**{key: dist.choices[0] if hasattr(dist, "choices") else dist.low
                             for key, dist in space.items()})  # every key is a real parameter
 

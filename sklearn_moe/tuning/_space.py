@@ -133,6 +133,7 @@ def base_space(
         "z_loss_coef": FloatDistribution(1e-5, 1e-2, log=True),
         "expert_hidden": expert_hidden,
         "learning_rate": FloatDistribution(1e-4, 3e-2, log=True),
+        "router_lr_scale": FloatDistribution(0.03, 1.0, log=True),
         "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
         "dropout": FloatDistribution(0.0, 0.3),
         "expert_type": CategoricalDistribution(("adapter", "independent")),
@@ -181,6 +182,8 @@ def search_space(
     ``expert_hidden``         ``[width] * depth`` for every width and depth given (lists, which
                               Optuna's storages keep as they are; :func:`tune` passes tuples)
     ``learning_rate``         float in [1e-4, 0.03], log
+    ``router_lr_scale``       float in [0.03, 1], log: the gate's learning rate over the
+                              experts'
     ``weight_decay``          float in [1e-6, 0.01], log
     ``dropout``               float in [0, 0.3]
     ``expert_type``           "adapter" or "independent"
