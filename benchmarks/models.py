@@ -10,7 +10,8 @@ Roles
   network, the gate replaced by equal weights, independent experts, the mixture's loss,
   no numeric embedding, the plateau schedule, a gate as fast as the experts), one option
   added (experts trained on random halves of each batch), and a classic sparse MoE. They
-  are compared with the default pairwise, not ranked among the other models.
+  are compared with the default pairwise, not ranked among the other models. Some (more
+  experts) run only when ``--models`` names them, not in the quick suite.
 - ``baseline`` and ``peer``: the other models, at their own defaults (scikit-learn's MLP
   regressor fitted to the standardised target, as the networks here are inside); peers are
   the strongest tabular networks (TabM, RealMLP from pytabkit) and CatBoost.
@@ -100,6 +101,8 @@ class ModelSpec:
         Other names accepted by ``--models``.
     role : {"moe", "ablation", "baseline", "peer"}
         See the module docstring.
+    in_quick_suite : bool
+        Whether the quick suite runs it (else only when ``--models`` names it).
     """
 
     key: str
@@ -108,6 +111,7 @@ class ModelSpec:
     is_moe: bool = False
     aliases: tuple = field(default_factory=tuple)
     role: str = "baseline"
+    in_quick_suite: bool = True
 
     @property
     def label(self) -> str:
@@ -191,6 +195,10 @@ MODEL_SPECS = {
                   lambda task, seed, p: _moe(task, seed, p, label_smoothing=0.1), is_moe=True, role="ablation"),
         ModelSpec("moe_classic", _names("MoE classic sparse"),
                   lambda task, seed, p: _moe(task, seed, p, **CLASSIC_SPARSE), is_moe=True, role="ablation"),
+        *(ModelSpec(f"moe_{n}experts", _names(f"MoE n_experts={n}"),
+                    lambda task, seed, p, n=n: _moe(task, seed, p, n_experts=n), is_moe=True, role="ablation",
+                    in_quick_suite=False)
+          for n in (16, 32)),
         ModelSpec("mlp", {"regression": "MLPRegressor", "classification": "MLPClassifier"}, _mlp),
         ModelSpec("linear", {"regression": "Ridge", "classification": "LogisticRegression"}, _linear,
                   aliases=("ridge", "logreg", "logistic")),
@@ -221,6 +229,8 @@ MODEL_NOTES = {
     "moe_noisy_topk": "the default MoE with a noisy sparse gate, router='noisy_topk' (top-2 of 8; an option)",
     "moe_label_smoothing": "the default MoEClassifier with label_smoothing=0.1 (an option; classification only)",
     "moe_subsample": "the default MoE with expert_subsample=0.5: each expert trains on a random half of every batch",
+    "moe_16experts": "the default MoE with n_experts=16 (twice the default's experts; an option)",
+    "moe_32experts": "the default MoE with n_experts=32 (TabM's ensemble size; an option)",
     "moe_classic": "a classic sparse MoE: " + ", ".join(f"{k}={v!r}" for k, v in CLASSIC_SPARSE.items()),
     "mlp": "scikit-learn MLPRegressor / MLPClassifier(max_iter=2000, early_stopping=True), the regressor fitted to "
            "the standardised target (TransformedTargetRegressor with StandardScaler)",

@@ -349,6 +349,14 @@ def test_plot_draws_a_run_of_ablations_only(tmp_path):
     assert plot(aggregate(folds, ranked_models(keys)), tmp_path / "ablations.png").stat().st_size > 0
 
 
+def test_the_more_experts_options_run_only_when_named():
+    assert not {"moe_16experts", "moe_32experts"} & set(CV_SUITES["quick"].models)
+    assert set(CV_SUITES["quick"].models) | {"moe_16experts", "moe_32experts"} == set(MODEL_SPECS)
+    assert resolve_models(["moe_32experts"]) == ["moe_32experts"]
+    assert MODEL_SPECS["moe_32experts"].build("classification", 0, {}).n_experts == 32
+    assert MODEL_SPECS["moe_16experts"].build("regression", 0, {"max_epochs": 3}).n_experts == 16
+
+
 def test_the_mlp_baseline_fits_a_target_far_from_zero_and_reports_its_iterations():
     # As sacramento's log prices (near 12): fitted to the raw target, scikit-learn's MLP
     # stops early far from any fit.
